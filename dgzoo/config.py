@@ -1,0 +1,318 @@
+"""One dataclass holds every field of a training recipe.
+
+A recipe is built in three layers, later ones winning: the defaults below (the embedded ``rotated-digits``
+job), a YAML file given with ``--config``, and command-line flags. The same fields back ``recipes/train.py``
+and ``dgzoo train``; the flags are generated from the dataclass so the two can never drift apart.
+Unknown keys are errors with a suggestion, never silently ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import DGZooError, suggest
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = ("auto", "domainbed", "none")
+PRECISIONS = ("no", "fp16", "bf16")
+SELECTIONS = ("training_domain_validation", "oracle", "last")
+
+
+def recipe_dirs() -> list[Path]:
+    """Where named recipes live: ./recipes/configs, then the one next to the installed package (a checkout)."""
+    return [Path.cwd() / "recipes" / "configs", Path(__file__).resolve().parent.parent / "recipes" / "configs"]
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a dgzoo training run. Defaults train ERM on the embedded rotated-digits dataset."""
+
+    # -- data
+    dataset: str = _f("rotated-digits", "registry name (see `dgzoo datasets list`), Hub repo id, or local path")
+    revision: str | None = _f(None, "dataset revision (branch, tag or commit sha) for Hub datasets")
+    target_domains: list[str] | None = _f(None, "held-out domains (leave-domains-out); the rest are sources")
+    source_domains: list[str] | None = _f(None, "train only on these domains (one domain = single-source)")
+    holdout_fraction: float = _f(0.2, "fraction of every domain held out as its validation ('out') split")
+    split_seed: int | None = _f(None, "seed of the in/out splits (DomainBed's trial seed); defaults to --seed")
+    image_size: int | None = _f(None, "input resolution; defaults to the dataset's native size, else the backbone's")
+    augment: str = _f("auto", "training augmentation: domainbed, none, or auto (the dataset's default)",
+                      choices=AUGMENTATIONS)
+    image_column: str | None = _f(None, "image column name (default: the registry's, else 'image')")
+    label_column: str | None = _f(None, "label column name (default: the registry's, else 'label')")
+    domain_column: str | None = _f(None, "domain column name (default: the registry's, else 'domain')")
+    # -- model
+    backbone: str = _f("resnet18", "any timm model name, e.g. resnet50.tv_in1k or vit_small_patch16_224")
+    pretrained: bool = _f(False, "start from the backbone's pretrained weights (downloads from the Hub)")
+    freeze_bn: bool = _f(False, "keep BatchNorm running statistics fixed (DomainBed's paper setting)")
+    dropout: float = _f(0.0, "dropout before the classifier head")
+    # -- algorithm
+    algorithm: str = _f("erm", "algorithm, optionally with add-ons: erm, erm+gga, equilibrium+gga+iu, ...")
+    hparams: dict[str, Any] = _f({}, "algorithm hyperparameters KEY=VALUE; add-on keys are namespaced (gga.rho=1e-5)")
+    # -- optimisation
+    steps: int = _f(1000, "number of training steps")
+    batch_size: int = _f(32, "images per source domain per step (global, split across processes)")
+    lr: float = _f(1e-3, "learning rate")
+    optimizer: str = _f("adam", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = _f(0.0, "weight decay")
+    momentum: float = _f(0.9, "SGD momentum")
+    lr_schedule: str = _f("constant", "learning-rate schedule", choices=LR_SCHEDULES)
+    seed: int = _f(0, "seed of initialisation, data order and augmentation")
+    mixed_precision: str = _f("no", "mixed precision mode passed to Accelerate", choices=PRECISIONS)
+    # -- evaluation and checkpoints
+    eval_every: int = _f(100, "evaluate every domain's in/out splits every N steps")
+    eval_batch_size: int = _f(128, "evaluation batch size per process")
+    checkpoint_every: int | None = _f(None, "save a resumable Accelerate checkpoint every N steps (default: eval_every)")
+    keep_checkpoints: int = _f(1, "number of resumable checkpoints to keep")
+    selection: str = _f("training_domain_validation", "which step's weights the run exports", choices=SELECTIONS)
+    # -- runtime and output
+    num_workers: int | None = _f(None, "data-loading workers (default: 0 on CPU, 4 per process on GPU)")
+    output_dir: str | None = _f(None, "run directory (default: runs/<dataset>-<backbone>-<algorithm>-<targets>-seed<seed>)")
+    overwrite: bool = _f(False, "replace an existing run in --output-dir")
+    resume: bool = _f(False, "continue the run in --output-dir from its last checkpoint")
+    log_with: str = _f("auto", "Accelerate trackers: auto (TensorBoard when installed), none, or a tracker name")
+    push_to_hub: str | None = _f(None, "after training, publish the run to this Hub repo id")
+    hub_private: bool = _f(False, "create the Hub repo as private")
+    hub_revision: str | None = _f(None, "Hub branch to push to (created if missing); default: main")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build a config from a mapping, rejecting unknown keys with a suggestion."""
+        cfg = cls()
+        cfg.update(values, source=source)
+        return cfg
+
+    def update(self, values: dict[str, Any], source: str = "config") -> None:
+        """Override fields from a mapping (YAML or CLI). ``hparams`` entries are merged key by key."""
+        names = {f.name: f for f in fields(self)}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise DGZooError(f"unknown {source} key '{key}'{suggest(name, names)}; "
+                                 f"run `dgzoo train --help` for the valid keys")
+            if name == "hparams":
+                self.hparams = {**self.hparams, **normalize_hparams(value, source)}
+            else:
+                setattr(self, name, _coerce(names[name], value, source))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        """Load a recipe YAML file (a path, or the name of a file in recipes/configs)."""
+        cfg = cls()
+        cfg.update(load_yaml(path), source=f"config file {path}")
+        return cfg
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def addons(self) -> list[str]:
+        return [p for p in self.algorithm.split("+")[1:]]
+
+    @property
+    def host_algorithm(self) -> str:
+        return self.algorithm.split("+")[0]
+
+    def resolved_split_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
+
+    def resolved_checkpoint_every(self) -> int:
+        return self.checkpoint_every or self.eval_every
+
+    def default_output_dir(self, target_domains: list[str] | None = None) -> str:
+        targets = target_domains or self.target_domains or ["none"]
+        slug = "-".join([Path(self.dataset).name, self.backbone, self.algorithm.replace("+", "_"),
+                         "_".join(targets), f"seed{self.seed}"])
+        return str(Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "_", slug))
+
+    def validate(self) -> None:
+        """Check every field that can be checked without loading data or models."""
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "eval_every": self.eval_every,
+                    "eval_batch_size": self.eval_batch_size, "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
+            if value <= 0:
+                raise DGZooError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise DGZooError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise DGZooError(f"--holdout-fraction must be in (0, 1), got {self.holdout_fraction}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DGZooError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0:
+            raise DGZooError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.image_size is not None and self.image_size < 8:
+            raise DGZooError(f"--image-size must be at least 8 pixels, got {self.image_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise DGZooError(f"--num-workers must be >= 0, got {self.num_workers}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                value = getattr(self, f.name)
+                raise DGZooError(f"--{f.name.replace('_', '-')} '{value}' is not one of {', '.join(choices)}"
+                                 f"{suggest(str(value), choices)}")
+        if self.resume and self.overwrite:
+            raise DGZooError("--resume and --overwrite contradict each other; pass only one")
+        if not self.algorithm or any(not part for part in self.algorithm.split("+")):
+            raise DGZooError(f"--algorithm '{self.algorithm}' is malformed; write NAME or NAME+ADDON, e.g. erm+gga")
+        if self.target_domains and self.source_domains:
+            both = sorted(set(self.target_domains) & set(self.source_domains))
+            if both:
+                raise DGZooError(f"domain(s) {', '.join(both)} are both source and target; a domain can only be one")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file. A bare name such as ``pacs_resnet50_erm`` is looked up in recipes/configs."""
+    candidate = Path(path)
+    if not candidate.exists() and candidate.suffix == "" and candidate.parent == Path("."):
+        for root in recipe_dirs():
+            if (root / f"{path}.yaml").exists():
+                candidate = root / f"{path}.yaml"
+                break
+    if not candidate.exists():
+        known = sorted({p.stem for root in recipe_dirs() if root.exists() for p in root.glob("*.yaml")})
+        raise DGZooError(f"config file '{path}' not found{suggest(str(path), known)}; "
+                         f"give a YAML path or one of: {', '.join(known) or 'none'}")
+    try:
+        data = yaml.safe_load(candidate.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DGZooError(f"config file {candidate} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax")
+    if not isinstance(data, dict):
+        raise DGZooError(f"config file {candidate} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def normalize_hparams(value: Any, source: str = "config") -> dict[str, Any]:
+    """Accept hparams as ``{'gga': {'rho': 1e-5}}``, ``{'gga.rho': 1e-5}`` or ``['gga.rho=1e-5', ...]``."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = value.split()
+    if isinstance(value, (list, tuple)):
+        out: dict[str, Any] = {}
+        for item in value:
+            if "=" not in str(item):
+                raise DGZooError(f"hparam '{item}' in {source} is not KEY=VALUE; write e.g. gga.rho=1e-5")
+            key, raw = str(item).split("=", 1)
+            out[key.strip()] = parse_scalar(raw)
+        return out
+    if isinstance(value, dict):
+        out = {}
+        for key, inner in value.items():
+            if isinstance(inner, dict):
+                out.update({f"{key}.{k}": v for k, v in normalize_hparams(inner, source).items()})
+            else:
+                out[str(key)] = inner
+        return out
+    raise DGZooError(f"hparams in {source} must be a mapping or KEY=VALUE list, got {type(value).__name__}")
+
+
+def parse_scalar(raw: str) -> Any:
+    """Parse a command-line value the way YAML would ('1e-5' -> 1e-05, 'true' -> True, 'a,b' stays text)."""
+    raw = raw.strip()
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+    return value if isinstance(value, (int, float, bool, str, list)) or value is None else raw
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """Return (inner type, optional?) for annotations such as ``int | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    hints = typing.get_type_hints(TrainConfig)
+    tp, optional = _base_type(hints[f.name])
+    flag = f"'{f.name}' in {source}" if "command line" not in source else f"--{f.name.replace('_', '-')}"
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise DGZooError(f"{flag} cannot be empty")
+    origin = typing.get_origin(tp)
+    try:
+        if origin is list:
+            items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+            return [str(v) for v in items]
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1"):
+                return True
+            if str(value).lower() in ("false", "no", "0"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise DGZooError(f"{flag} must be {name}, got {value!r}") from None
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per TrainConfig field. Flags default to 'not given' so YAML values survive."""
+    parser.add_argument("--config", help="recipe YAML file, or a recipe name from recipes/configs")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp, _ = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text += f" (default: {default})" if default not in (None, [], {}) else ""
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if f.name == "hparams":
+            parser.add_argument(flag, nargs="+", metavar="KEY=VALUE", **kw)
+        elif tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, nargs="+", metavar="DOMAIN", **kw)
+        else:
+            parser.add_argument(flag, metavar=f.name.upper(), **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Merge defaults, the ``--config`` file and the flags actually given, then validate."""
+    cfg = TrainConfig.from_yaml(args.config) if getattr(args, "config", None) else TrainConfig()
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)}}
+    cfg.update(given, source="command line")
+    cfg.validate()
+    return cfg
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The resolved recipe as JSON (written to the run directory, so a run can be repeated exactly)."""
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=False)

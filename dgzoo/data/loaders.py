@@ -1,0 +1,133 @@
+"""Per-domain minibatches that are a pure function of (seed, domain, step).
+
+DomainBed draws every training domain's minibatch independently, with replacement, in equal sizes. dgzoo
+keeps those semantics and makes each draw *stateless*: the rows and the augmentation seeds of domain ``d`` at
+step ``t`` come from a generator seeded with ``(seed, d, t)``. Three properties follow without any sampler
+state to save: a resumed run sees exactly the batches the uninterrupted run would have seen; N processes
+each take their contiguous share of the same global batch (so 2 processes train on what 1 process would);
+and the number of data-loading workers never changes the data.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .loading import DGDataset
+
+Key = tuple[int, int, int]  # (domain index, position within the domain's rows, augmentation seed)
+
+
+class DomainImages(Dataset):
+    """Some rows of a :class:`DGDataset` with a transform. Indexed by position, optionally with an augmentation seed."""
+
+    def __init__(self, data: DGDataset, rows: np.ndarray, transform: Callable, domain: str | None = None):
+        self.data, self.rows, self.transform, self.domain = data, np.asarray(rows), transform, domain
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image(self, position: int) -> Any:
+        return self.data.table[int(self.rows[position])][self.data.image_column]
+
+    def label(self, position: int) -> int:
+        return int(self.data.labels[self.rows[position]])
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        position, seed = key if isinstance(key, tuple) else (key, None)
+        image = self.image(position)
+        if seed is None:
+            return self.transform(image), self.label(position)
+        # Seed the transform's randomness from the key, without disturbing the caller's RNG streams.
+        with torch.random.fork_rng(devices=[]):
+            state = random.getstate()
+            try:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                return self.transform(image), self.label(position)
+            finally:
+                random.setstate(state)
+
+
+class MultiDomainSet(Dataset):
+    """Several :class:`DomainImages`, addressed by ``(domain index, position, augmentation seed)`` keys."""
+
+    def __init__(self, domains: Sequence[DomainImages]):
+        self.domains = list(domains)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.domains)
+
+    def __getitem__(self, key: Key) -> tuple[Any, int, int]:
+        d, position, seed = key
+        x, y = self.domains[d][(position, seed)]
+        return x, y, d
+
+
+class StepBatchSampler:
+    """For each step ``t`` in ``[start_step, steps)``, yield this process's keys of every domain's minibatch.
+
+    ``batch_size`` is the global per-domain batch; process ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)``.
+    """
+
+    def __init__(self, domain_sizes: Sequence[int], batch_size: int, seed: int, steps: int, start_step: int = 0,
+                 process_index: int = 0, num_processes: int = 1):
+        if batch_size % num_processes:
+            raise ValueError(f"batch size {batch_size} is not divisible by {num_processes} processes")
+        self.sizes, self.batch_size, self.seed = list(domain_sizes), batch_size, seed
+        self.steps, self.start_step = steps, start_step
+        self.local = batch_size // num_processes
+        self.offset = process_index * self.local
+
+    def keys_at(self, step: int) -> list[Key]:
+        """The keys of this process's share of step ``step`` (all domains, domain-major)."""
+        keys: list[Key] = []
+        for d, n in enumerate(self.sizes):
+            rng = np.random.default_rng([self.seed, d, step])
+            rows = rng.integers(0, n, size=self.batch_size)
+            seeds = rng.integers(0, 2**31 - 1, size=self.batch_size)
+            window = slice(self.offset, self.offset + self.local)
+            keys.extend((d, int(r), int(s)) for r, s in zip(rows[window], seeds[window]))
+        return keys
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        for step in range(self.start_step, self.steps):
+            yield self.keys_at(step)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+
+def collate_domains(samples: list[tuple[Any, int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Stack samples into one ``(x, y)`` minibatch per domain, in domain order.
+
+    A transform may return several views of an image (a list of tensors); they are stacked on dim 1.
+    """
+    by_domain: dict[int, list[tuple[Any, int]]] = {}
+    for x, y, d in samples:
+        by_domain.setdefault(d, []).append((x, y))
+    batches = []
+    for d in sorted(by_domain):
+        xs = [torch.stack(list(x)) if isinstance(x, (list, tuple)) else x for x, _ in by_domain[d]]
+        batches.append((torch.stack(xs), torch.tensor([y for _, y in by_domain[d]], dtype=torch.long)))
+    return batches
+
+
+def train_loader(domains: Sequence[DomainImages], batch_size: int, seed: int, steps: int, start_step: int = 0,
+                 process_index: int = 0, num_processes: int = 1, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """One loader yielding, per step, a list of per-domain ``(x, y)`` minibatches of equal size."""
+    sampler = StepBatchSampler([len(d) for d in domains], batch_size, seed, steps, start_step, process_index,
+                               num_processes)
+    # A private generator: creating the iterator must not draw from the global RNG that checkpoints restore.
+    return DataLoader(MultiDomainSet(domains), batch_sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_domains, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loader(dataset: DomainImages, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A sequential loader over one domain split (sharded across processes by Accelerate when prepared)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,97 @@
+"""Seeded in/out splits and the DG protocols.
+
+Every domain is split once into an ``in`` part (80%: training data for sources, the reported test data for
+targets) and an ``out`` part (20%: validation for sources, the oracle's selection data for targets), exactly
+as DomainBed does. The split of a domain depends only on (split seed, domain name, domain size): not on which
+other domains exist, nor on the order they were listed in, nor on the number of processes.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DGZooError, suggest
+from .loading import DGDataset
+
+
+def seed_hash(*args: object) -> int:
+    """A stable 31-bit integer hash of the arguments (DomainBed's ``misc.seed_hash``)."""
+    digest = hashlib.md5(str(args).encode("utf-8")).hexdigest()
+    return int(digest, 16) % (2**31)
+
+
+def split_rows(rows: np.ndarray, holdout_fraction: float, split_seed: int, domain: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split a domain's row indices into (in, out); ``out`` holds ``int(n * holdout_fraction)`` rows."""
+    perm = np.random.RandomState(seed_hash(split_seed, domain)).permutation(len(rows))
+    n_out = int(len(rows) * holdout_fraction)
+    return np.sort(rows[perm[n_out:]]), np.sort(rows[perm[:n_out]])
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Which domains train the model and which are held out."""
+
+    name: str  # leave-domains-out | single-source | multi-source
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+
+
+def resolve_protocol(data: DGDataset, target_domains: list[str] | None, source_domains: list[str] | None) -> Protocol:
+    """Turn ``--target-domains`` / ``--source-domains`` into a protocol, with one-line errors for bad names."""
+    targets = [_canonical(data, d, "--target-domains") for d in target_domains or []]
+    sources = [_canonical(data, d, "--source-domains") for d in source_domains or []]
+    if not targets and not sources:
+        defaults = data.spec.default_targets if data.spec else None
+        if not defaults:
+            raise DGZooError(f"choose the held-out domain(s) of {data.name} with --target-domains "
+                             f"(one of: {', '.join(data.domains)}) or the training domain(s) with --source-domains")
+        targets = list(defaults)
+    if len(set(targets)) != len(targets) or len(set(sources)) != len(sources):
+        raise DGZooError("a domain is listed twice in --target-domains or --source-domains; list each once")
+    overlap = sorted(set(targets) & set(sources))
+    if overlap:
+        raise DGZooError(f"domain(s) {', '.join(overlap)} are both source and target; a domain can only be one")
+    if not sources:
+        sources = [d for d in data.domains if d not in targets]
+        if not sources:
+            raise DGZooError(f"--target-domains {' '.join(targets)} leaves no source domain to train on; "
+                             f"hold out fewer of: {', '.join(data.domains)}")
+        name = "leave-domains-out"
+    else:
+        if not targets:
+            targets = [d for d in data.domains if d not in sources]
+        if not targets:
+            raise DGZooError(f"--source-domains uses every domain of {data.name}, leaving none to test on; "
+                             f"leave at least one out")
+        name = "single-source" if len(sources) == 1 else "multi-source"
+    order = {d: i for i, d in enumerate(data.domains)}
+    return Protocol(name, tuple(sorted(sources, key=order.get)), tuple(sorted(targets, key=order.get)))
+
+
+def _canonical(data: DGDataset, name: str, flag: str) -> str:
+    found = data.canonical_domain(str(name))
+    if found is None:
+        raise DGZooError(f"{flag}: unknown domain '{name}' in {data.name}{suggest(str(name), data.domains)}; "
+                         f"valid domains: {', '.join(data.domains)}")
+    return found
+
+
+@dataclass
+class DomainSplits:
+    """Row indices of the in and out split of every domain."""
+
+    in_rows: dict[str, np.ndarray]
+    out_rows: dict[str, np.ndarray]
+
+
+def make_splits(data: DGDataset, holdout_fraction: float, split_seed: int) -> DomainSplits:
+    """Split every domain of ``data`` (sources and targets alike) into in/out parts."""
+    in_rows, out_rows = {}, {}
+    for domain, rows in data.rows_by_domain.items():
+        in_rows[domain], out_rows[domain] = split_rows(rows, holdout_fraction, split_seed, domain)
+        if len(in_rows[domain]) == 0:
+            raise DGZooError(f"domain '{domain}' has only {len(rows)} image(s), too few to split; "
+                             f"lower --holdout-fraction or drop the domain")
+    return DomainSplits(in_rows, out_rows)

@@ -1,0 +1,143 @@
+"""The run directory: timm-native weights, results.json, the model card, plots, checkpoints and logs.
+
+Layout (the contract of ``--output-dir``)::
+
+    config.json          timm config (architecture, num_classes, label_names, pretrained_cfg, dgzoo metadata)
+    model.safetensors    plain timm state dict of the selected step
+    README.md            model card
+    results.json         what was trained, how, and how well
+    train_config.json    the resolved recipe (repeat the run with `dgzoo train --config train_config.json`)
+    records.jsonl        one line per evaluation (every domain split), for after-the-fact model selection
+    accuracy_per_domain.png, training_curves.png
+    checkpoints/step_N/  resumable Accelerate checkpoints
+    train.log, logs/     text log and tracker (TensorBoard) logs
+
+Files are written atomically (temporary file, then rename), so an interrupted run never leaves a half-written
+``model.safetensors`` or ``results.json`` behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import DGZooError
+
+RUN_MARKERS = ("train_config.json", "results.json", "checkpoints")
+OUTPUT_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",
+                "records.jsonl", "accuracy_per_domain.png", "training_curves.png", "train.log")
+OUTPUT_DIRS = ("checkpoints", "logs")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see either the old or the new file, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        _default_permissions(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _default_permissions(path: str | Path) -> None:
+    """Give a file made by ``mkstemp`` (mode 0600) the permissions a normal ``open`` would (0666 minus umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def save_model(model: nn.Module, run_dir: str | Path, class_names: list[str], data_config: dict[str, Any],
+               metadata: dict[str, Any]) -> None:
+    """Save ``model`` in timm's Hub layout (``config.json`` + ``model.safetensors``) into ``run_dir``.
+
+    ``metadata`` lands under the ``dgzoo`` key of config.json, which timm ignores when loading.
+    """
+    from timm.models import save_for_hf
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
+        save_for_hf(model, tmp, model_config={"label_names": list(class_names), "dgzoo": metadata},
+                    safe_serialization=True, data_config=data_config)
+        for name in ("model.safetensors", "config.json"):
+            _default_permissions(Path(tmp) / name)
+            os.replace(Path(tmp) / name, run_dir / name)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds (part of) a dgzoo run."""
+    return any((Path(path) / marker).exists() for marker in RUN_MARKERS)
+
+
+def check_output_dir(path: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a directory holding another run unless ``--resume`` or ``--overwrite`` says so.
+
+    Only checks; nothing is deleted here (see :func:`clear_run_dir`), so bad input never costs a run.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DGZooError(f"--output-dir {path} is a file; choose a directory")
+    if resume:
+        if not latest_checkpoint(path):
+            raise DGZooError(f"nothing to resume in {path}: it holds no checkpoint; drop --resume to start a new run")
+        return
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if is_run_dir(path):
+        if not overwrite:
+            raise DGZooError(f"--output-dir {path} already holds a run; pass --resume to continue it, --overwrite "
+                             f"to replace it, or choose another --output-dir")
+        return
+    if not overwrite:
+        raise DGZooError(f"--output-dir {path} is not empty and holds no dgzoo run; choose an empty or new directory")
+
+
+def clear_run_dir(path: str | Path) -> None:
+    """Remove the files of a previous run (``--overwrite``), leaving anything dgzoo did not write."""
+    path = Path(path)
+    for name in OUTPUT_FILES:
+        (path / name).unlink(missing_ok=True)
+    for name in OUTPUT_DIRS:
+        shutil.rmtree(path / name, ignore_errors=True)
+
+
+def checkpoint_dirs(path: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (``checkpoints/step_N``; temporary ones are ignored)."""
+    root = Path(path) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(path: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(path)
+    return dirs[-1] if dirs else None
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The evaluation records of a run (``records.jsonl``), in step order."""
+    path = Path(run_dir) / "records.jsonl"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

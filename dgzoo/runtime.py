@@ -1,0 +1,84 @@
+"""What an algorithm may ask of the distributed runtime, and nothing more.
+
+Algorithms never import Accelerate. They receive a :class:`Runtime` that can run a backward pass (with
+mixed-precision loss scaling), average a tensor across processes, open an autocast region, and unwrap a
+DDP model. :class:`Runtime` itself is the single-process implementation used by unit tests;
+:class:`AccelerateRuntime` is the one the engine passes, backed by an ``accelerate.Accelerator``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+
+class Runtime:
+    """Single-process runtime: plain backward, no-op reductions."""
+
+    num_processes: int = 1
+    process_index: int = 0
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` into ``.grad`` (synchronising gradients across processes for DDP models)."""
+        loss.backward()
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average ``tensor`` in place across processes and return it."""
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``tensor`` in place with process ``src``'s copy and return it."""
+        return tensor
+
+    def autocast(self) -> ContextManager[Any]:
+        """Context for forward passes made outside the prepared model (mixed precision, if enabled)."""
+        return contextlib.nullcontext()
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The bare model under any DDP/compile wrapper (same parameters, no gradient hooks)."""
+        return model
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Average floating-point buffers (BatchNorm running statistics) across processes."""
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                self.all_reduce_mean(buffer.data)
+
+
+class AccelerateRuntime(Runtime):
+    """The runtime the engine uses: everything goes through the given ``accelerate.Accelerator``."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.num_processes = accelerator.num_processes
+        self.process_index = accelerator.process_index
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.num_processes > 1:
+            torch.distributed.all_reduce(tensor)
+            tensor.div_(self.num_processes)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.num_processes > 1:
+            torch.distributed.broadcast(tensor, src)
+        return tensor
+
+    def autocast(self) -> ContextManager[Any]:
+        return self.accelerator.autocast()
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)

@@ -1,0 +1,53 @@
+"""Shared test set-up: isolated caches, the local Hub server fixture, and small-run helpers.
+
+Caches are redirected before anything imports ``datasets`` or ``huggingface_hub`` (both read their cache
+paths at import time), so the suite never reads or writes the user's caches and never needs the network.
+"""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+_CACHE = Path(tempfile.mkdtemp(prefix="dgzoo-test-cache-"))
+os.environ.setdefault("DGZOO_CACHE", str(_CACHE / "dgzoo"))
+os.environ["HF_DATASETS_CACHE"] = str(_CACHE / "datasets")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_server import hub_server  # noqa: E402,F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(tmp_path: Path, **overrides):
+    """A run small enough for a unit test: tiny timm ResNet, 8 images per domain, a few steps."""
+    from dgzoo.config import TrainConfig
+
+    values = dict(backbone="test_resnet", steps=12, batch_size=8, eval_every=6, lr=3e-3, log_with="none",
+                  output_dir=str(tmp_path / "run"), num_workers=0)
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One finished tiny ERM run on rotated-digits, shared by the export/loading tests."""
+    from dgzoo.engine import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(tmp)
+    results = train(cfg)
+    return Path(cfg.output_dir), results
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for a child Python process that sees the same caches and the repo's package."""
+    env = {k: v for k, v in os.environ.items()}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
