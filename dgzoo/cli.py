@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable, Sequence
 
 from .errors import DGZooError
 
 Handler = Callable[[argparse.Namespace], int]
+
+# Modules that add sub-commands. Each defines ``register_cli(subparsers, groups)``, where ``groups`` maps a
+# command group name (e.g. "datasets") to its sub-parsers, and sets ``handler`` on the parsers it adds.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -43,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     datasets = sub.add_parser("datasets", help="known DG datasets")
     datasets_sub = datasets.add_subparsers(dest="datasets_command", required=True)
     datasets_sub.add_parser("list", help="list the datasets dgzoo knows by name").set_defaults(handler=_datasets_list)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register_cli(sub, {"datasets": datasets_sub})
     return parser
 
 

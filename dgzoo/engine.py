@@ -120,6 +120,16 @@ def _trackers(cfg: TrainConfig) -> list[str] | None:
     return [t.strip() for t in cfg.log_with.split(",") if t.strip()]
 
 
+def _multiprocess_cpu() -> bool:
+    """Several processes launched (torchrun / accelerate launch) on a machine without an accelerator.
+
+    Accelerate only forms a gloo process group on CPU when asked to, otherwise each process would silently
+    train alone; dgzoo asks whenever the launcher started several processes and no GPU is visible.
+    """
+    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return not has_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _create_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -163,7 +173,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
 
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, log_with=_trackers(cfg),
+        cpu=_multiprocess_cpu(), mixed_precision=cfg.mixed_precision, log_with=_trackers(cfg),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     if cfg.batch_size % accelerator.num_processes:
         raise DGZooError(f"--batch-size {cfg.batch_size} (per domain, global) must be divisible by the "
@@ -189,7 +199,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     preprocessing = data_config(model, image_size)
     augment = (data.spec.augment if data.spec else "domainbed") if cfg.augment == "auto" else cfg.augment
     splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed())
-    train_tf, eval_tf = train_transform(preprocessing, augment), eval_transform(preprocessing)
+    host_cls, _ = parse_algorithm(cfg.algorithm)
+    train_tf = (host_cls.train_transform(preprocessing, augment, plan.hparams[host_cls.name], len(sources))
+                or train_transform(preprocessing, augment))
+    eval_tf = eval_transform(preprocessing)
     train_sets = [DomainImages(data, splits.in_rows[d], train_tf, d) for d in sources]
     workers = cfg.num_workers if cfg.num_workers is not None else (4 if accelerator.device.type == "cuda" else 0)
     pin = accelerator.device.type == "cuda"
@@ -253,7 +266,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
             runtime.sync_buffers(unwrapped)
             acc = evaluate(model, eval_loaders, accelerator.device, accelerator.gather_for_metrics)
-            record = _make_record(state, acc, sources, targets, steps_per_epoch, scheduler)
+            record = _make_record(state, acc, sources, targets, steps_per_epoch, scheduler, runtime)
             state.interval = {}
             state.records.append(record)
             score = record["source_val_acc"]
@@ -294,14 +307,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _make_record(state: TrainState, acc: dict[str, dict[str, float]], sources: list[str], targets: list[str],
-                 steps_per_epoch: int, scheduler: Any) -> dict[str, Any]:
+                 steps_per_epoch: int, scheduler: Any, runtime: Any) -> dict[str, Any]:
     record: dict[str, Any] = {
         "step": state.step, "epoch": state.step / steps_per_epoch, "acc": acc,
         "source_val_acc": sum(acc[d]["out"] for d in sources) / len(sources),
         "target_acc": sum(acc[d]["in"] for d in targets) / len(targets),
         "lr": scheduler.get_last_lr()[0], "train_seconds": state.train_seconds,
         "images_per_second": state.images / max(state.train_seconds, 1e-9)}
-    record.update({k: sum(v) / len(v) for k, v in state.interval.items()})
+    # Step metrics (e.g. the loss) are measured on each process's share of the batch: average them globally.
+    keys = sorted(state.interval)
+    if keys:
+        means = torch.tensor([sum(state.interval[k]) / len(state.interval[k]) for k in keys], device=runtime.device)
+        record.update(zip(keys, runtime.all_reduce_mean(means).tolist()))
     return record
 
 

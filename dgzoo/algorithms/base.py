@@ -78,6 +78,17 @@ class Algorithm:
         self.runtime = runtime
         self.grad_hooks: list[Callable[[nn.Module], None]] = []
 
+    @classmethod
+    def train_transform(cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any],
+                        num_sources: int) -> Callable | None:
+        """A training transform of the algorithm's own, or None to use the recipe's.
+
+        An algorithm that needs several augmented views of every image (e.g. single-source methods whose
+        "domains" are augmentations) returns a transform giving a list of tensors; its minibatches then hold
+        ``x`` of shape ``[B, views, C, H, W]``. ``preprocessing`` is the backbone's timm data config.
+        """
+        return None
+
     def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         """Take one training step on one minibatch per domain and return scalar metrics."""
         raise NotImplementedError
