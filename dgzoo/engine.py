@@ -200,10 +200,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     augment = (data.spec.augment if data.spec else "domainbed") if cfg.augment == "auto" else cfg.augment
     splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed())
     host_cls, _ = parse_algorithm(cfg.algorithm)
-    train_tf = (host_cls.train_transform(preprocessing, augment, plan.hparams[host_cls.name], len(sources))
-                or train_transform(preprocessing, augment))
+    own_tf = host_cls.train_transform(preprocessing, augment, plan.hparams[host_cls.name], len(sources))
+    train_tf = own_tf or train_transform(preprocessing, augment)
     eval_tf = eval_transform(preprocessing)
-    train_sets = [DomainImages(data, splits.in_rows[d], train_tf, d) for d in sources]
+    random_tf = own_tf is not None or augment != "none"
+    train_sets = [DomainImages(data, splits.in_rows[d], train_tf, d, random=random_tf) for d in sources]
     workers = cfg.num_workers if cfg.num_workers is not None else (4 if accelerator.device.type == "cuda" else 0)
     pin = accelerator.device.type == "cuda"
     eval_loaders = {d: {split: accelerator.prepare_data_loader(eval_loader(

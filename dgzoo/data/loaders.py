@@ -22,10 +22,16 @@ Key = tuple[int, int, int]  # (domain index, position within the domain's rows, 
 
 
 class DomainImages(Dataset):
-    """Some rows of a :class:`DGDataset` with a transform. Indexed by position, optionally with an augmentation seed."""
+    """Some rows of a :class:`DGDataset` with a transform. Indexed by position, optionally with an augmentation seed.
 
-    def __init__(self, data: DGDataset, rows: np.ndarray, transform: Callable, domain: str | None = None):
+    ``random`` says whether the transform draws random numbers; only then is a seed applied per sample (seeding
+    costs more than decoding a small image, so deterministic transforms skip it).
+    """
+
+    def __init__(self, data: DGDataset, rows: np.ndarray, transform: Callable, domain: str | None = None,
+                 random: bool = True):
         self.data, self.rows, self.transform, self.domain = data, np.asarray(rows), transform, domain
+        self.random = random
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -39,17 +45,19 @@ class DomainImages(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
         position, seed = key if isinstance(key, tuple) else (key, None)
         image = self.image(position)
-        if seed is None:
+        if seed is None or not self.random:
             return self.transform(image), self.label(position)
-        # Seed the transform's randomness from the key, without disturbing the caller's RNG streams.
-        with torch.random.fork_rng(devices=[]):
-            state = random.getstate()
-            try:
-                torch.manual_seed(seed)
-                random.seed(seed)
-                return self.transform(image), self.label(position)
-            finally:
-                random.setstate(state)
+        # Seed the transform's randomness (torch and Python's `random`, which timm's crops use) from the key,
+        # then restore both streams so the caller's RNG (dropout, checkpointed by Accelerate) is undisturbed.
+        generator = torch.default_generator
+        torch_state, python_state = generator.get_state(), random.getstate()
+        try:
+            generator.manual_seed(seed)
+            random.seed(seed)
+            return self.transform(image), self.label(position)
+        finally:
+            generator.set_state(torch_state)
+            random.setstate(python_state)
 
 
 class MultiDomainSet(Dataset):
