@@ -167,3 +167,13 @@ def test_collate_stacks_views():
     samples = [([torch.zeros(3, 2, 2)] * 3, 1, 0), ([torch.ones(3, 2, 2)] * 3, 0, 0)]
     (x, y), = collate_domains(samples)
     assert x.shape == (2, 3, 3, 2, 2) and y.tolist() == [1, 0]
+
+
+def test_data_loading_workers_do_not_change_the_data(digits):
+    splits = make_splits(digits, 0.2, 0)
+    sets = [DomainImages(digits, splits.in_rows[d], train_transform(PREPROCESSING, "domainbed")) for d in ("0", "30")]
+    inline = list(train_loader(sets, batch_size=4, seed=5, steps=3, num_workers=0))
+    workers = list(train_loader(sets, batch_size=4, seed=5, steps=3, num_workers=2))
+    for a, b in zip(inline, workers):
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -160,3 +160,10 @@ def test_vit_backbone_trains_on_small_images(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model_args"]["img_size"] == [32, 32]
     assert 0.0 <= results["target_accuracy"] <= 1.0
+
+
+def test_tensorboard_tracker_logs_the_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(tiny_config(tmp_path, steps=2, eval_every=2, log_with="tensorboard"))
+    events = list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    assert events and any(e.stat().st_size > 0 for e in events)
