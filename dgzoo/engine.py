@@ -85,6 +85,8 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     cfg.validate()
     check_backbone(cfg.backbone)
     hparams = resolve_hparams(cfg.algorithm, cfg.hparams)
+    if cfg.output_dir:  # fail before a possibly long dataset download when the answer is already known
+        check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
     output_dir = Path(cfg.output_dir or cfg.default_output_dir(list(protocol.targets)))
@@ -165,6 +167,7 @@ def _device_name(device: torch.device) -> str:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, evaluate and export one run as described by ``cfg``; return its results.json content."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
@@ -172,6 +175,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = plan.output_dir
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
 
+    # Accelerate keeps its settings in a process-wide singleton; a previous run in this process (a sweep, a test,
+    # a notebook) may have used other ones. Reset them, keeping the process group (PartialState) intact.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(
         cpu=_multiprocess_cpu(), mixed_precision=cfg.mixed_precision, log_with=_trackers(cfg),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
