@@ -1,0 +1,572 @@
+"""Sweeps: datasets x algorithms x held-out domains x hyperparameter samples x trial seeds, DomainBed's way.
+
+A sweep spec (YAML) names the grid; :func:`expand` turns it into runs, each a complete
+:class:`~dgzoo.config.TrainConfig` with its own run directory; :func:`run_sweep` trains the missing ones one after
+another (in this process or as subprocesses) or prints their ``accelerate launch`` commands for a cluster.
+
+DomainBed's semantics (``domainbed/scripts/sweep.py`` and ``train.py``), kept exactly:
+
+- **hparam sample 0 is the recipe's defaults**; sample ``k > 0`` draws every searched value from its distribution
+  with ``RandomState(seed_hash(seed_hash(k, trial_seed), key))``: one independent stream per key, so adding a key
+  to a search space never changes the draws of the others, and every algorithm of a sweep gets the same training
+  hyperparameters for the same ``(k, trial)`` (a paired comparison).
+- **the trial seed** fixes the data splits (``split_seed``) and, with the sample, the draws; the run's ``seed``
+  (initialisation, data order, augmentation) is ``seed_hash(dataset, algorithm, test_domains, k, trial)``.
+- **held-out domains**: ``single`` holds out each domain alone; ``single_and_pairs`` adds every pair, which is what
+  leave-one-domain-out model selection needs (``dgzoo report`` uses the pairs only for that).
+
+Runs are resumable: a finished run (``results.json`` present) is skipped; an interrupted one resumes from its
+last checkpoint, or restarts when it has none. A run directory that holds a run trained with other settings is
+an error, never silently reused. ``sweep.json`` (the manifest) records the spec and every run's settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+import shlex
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import __version__
+from .config import TrainConfig, load_yaml, parse_scalar
+from .errors import DGZooError, suggest
+from .export import latest_checkpoint, read_json, write_json
+
+MANIFEST = "sweep.json"
+LAUNCHERS = ("local", "subprocess", "print")
+TEST_DOMAIN_MODES = ("single", "single_and_pairs")
+DEFAULT_LAUNCH_PREFIX = "accelerate launch recipes/train.py"
+TRAINING = "training"  # the search-space key of TrainConfig fields every algorithm trains with
+
+# Fields the sweep itself sets for every run; a spec's ``train`` section may not set them.
+SWEEP_FIELDS = ("dataset", "algorithm", "target_domains", "source_domains", "seed", "split_seed", "output_dir",
+                "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision")
+# Fields every printed command states, even at their defaults, so a command says what it trains on its own.
+ALWAYS_IN_COMMANDS = ("dataset", "algorithm", "target_domains", "seed", "split_seed", "output_dir")
+# Fields that do not change what a run computes: a finished run that differs only in these is the same run.
+NON_RESULT_FIELDS = ("output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision",
+                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every")
+
+
+# ---------------------------------------------------------------------- distributions
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """``U(low, high)``, optionally as an exponent (``10**U(-5, -3.5)``) and truncated to int (``int(2**U(3, 9))``)."""
+
+    low: float
+    high: float
+    base: float | None = None
+    integer: bool = False
+
+    def sample(self, rng: np.random.RandomState) -> float | int:
+        value = rng.uniform(self.low, self.high)
+        value = self.base ** value if self.base is not None else value
+        return int(value) if self.integer else float(value)
+
+    def __str__(self) -> str:
+        text = f"U({_num(self.low)}, {_num(self.high)})"
+        text = f"{_num(self.base)}**{text}" if self.base is not None else text
+        return f"int({text})" if self.integer else text
+
+
+@dataclass(frozen=True)
+class Choice:
+    """``choice(a, b, ...)``: one of the values, each equally likely."""
+
+    values: tuple[Any, ...]
+
+    def sample(self, rng: np.random.RandomState) -> Any:
+        return self.values[rng.randint(len(self.values))]
+
+    def __str__(self) -> str:
+        return f"choice({', '.join(map(str, self.values))})"
+
+
+Distribution = Uniform | Choice
+_UNIFORM = re.compile(r"^(int\()?\s*(?:([0-9.eE+-]+)\s*\*\*\s*)?U\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*\)\s*(\))?$")
+
+
+def parse_distribution(text: Any, key: str) -> Distribution | None:
+    """Parse ``U(a, b)``, ``10**U(a, b)``, ``int(2**U(a, b))``, ``choice(a, b, ...)`` or a YAML list (a choice).
+
+    ``None`` (YAML ``null``) means "not searched": the key keeps the recipe's value in every sample.
+    """
+    if text is None or isinstance(text, (Uniform, Choice)):
+        return text
+    if isinstance(text, (list, tuple)):
+        return Choice(tuple(text))
+    raw = str(text).strip()
+    if raw.startswith("choice(") and raw.endswith(")"):
+        return Choice(tuple(parse_scalar(v) for v in raw[len("choice("):-1].split(",")))
+    match = _UNIFORM.match(raw)
+    if match and bool(match.group(1)) == bool(match.group(5)):
+        try:
+            low, high = float(match.group(3)), float(match.group(4))
+            base = float(match.group(2)) if match.group(2) else None
+        except ValueError:
+            match = None
+        else:
+            return Uniform(low, high, base, integer=bool(match.group(1)))
+    raise DGZooError(f"search distribution for '{key}' is '{raw}'; write U(a, b), 10**U(a, b), int(2**U(a, b)), "
+                     f"choice(a, b, ...) or null")
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+# Random-search distributions, keyed by component (``training`` for TrainConfig fields, else an algorithm or add-on
+# name) and hyperparameter key. Algorithms and add-ons not listed keep their hyperparameters at the defaults
+# (``dgzoo sweep --dry-run`` lists them); add them here, or per sweep in the spec's ``search`` section.
+SEARCH_SPACES: dict[str, dict[str, Distribution | None]] = {
+    # DomainBed's image-dataset distributions (hparams_registry.py); dropout is its ``resnet_dropout``.
+    TRAINING: {"lr": Uniform(-5, -3.5, base=10), "batch_size": Uniform(3, 5.5, base=2, integer=True),
+               "weight_decay": Uniform(-6, -2, base=10), "dropout": Choice((0.0, 0.1, 0.5))},
+}
+
+# Per-dataset replacements of training distributions (None: not searched).
+DATASET_SEARCH_SPACES: dict[str, dict[str, Distribution | None]] = {
+    # rotated-digits is dgzoo's RotatedMNIST: DomainBed's SMALL_IMAGES distributions, weight decay fixed at 0.
+    "rotated-digits": {"lr": Uniform(-4.5, -2.5, base=10), "batch_size": Uniform(3, 9, base=2, integer=True),
+                       "weight_decay": None},
+    "domainnet": {"batch_size": Uniform(3, 5, base=2, integer=True)},
+}
+
+
+def search_space(algorithm: str, dataset: str, overrides: dict[str, Distribution | None] | None = None
+                 ) -> dict[str, Distribution]:
+    """The distributions searched for ``algorithm`` on ``dataset``: training keys bare, algorithm keys namespaced.
+
+    Layers, later winning: :data:`SEARCH_SPACES` (training, then each component of ``host+addon...``),
+    :data:`DATASET_SEARCH_SPACES`, then the spec's ``overrides``. A ``None`` removes a key.
+    """
+    from .algorithms import parse_algorithm
+
+    host, addons = parse_algorithm(algorithm)
+    space: dict[str, Distribution | None] = dict(SEARCH_SPACES.get(TRAINING, {}))
+    for component in (host, *addons):
+        for key, dist in SEARCH_SPACES.get(component.name, {}).items():
+            if key not in component.HPARAMS:
+                raise DGZooError(f"SEARCH_SPACES['{component.name}'] names '{key}', which is not a hyperparameter "
+                                 f"of {component.name}; valid: {', '.join(sorted(component.HPARAMS)) or 'none'}")
+            space[f"{component.name}.{key}"] = dist
+    space.update(DATASET_SEARCH_SPACES.get(_dataset_key(dataset), {}))
+    names = {host.name, *(a.name for a in addons)}
+    for key, dist in (overrides or {}).items():
+        namespace = key.rpartition(".")[0]
+        if not namespace or namespace in names:  # a namespaced key of another algorithm of the sweep
+            space[key] = dist
+    return {k: v for k, v in space.items() if v is not None}
+
+
+def unsearched_hparams(algorithm: str, space: dict[str, Distribution]) -> list[str]:
+    """Hyperparameters of ``algorithm`` with no distribution: every sample keeps their default."""
+    from .algorithms import parse_algorithm
+
+    host, addons = parse_algorithm(algorithm)
+    return [f"{c.name}.{k}" for c in (host, *addons) for k in c.HPARAMS if f"{c.name}.{k}" not in space]
+
+
+def _dataset_key(dataset: str) -> str:
+    from .data import get_spec
+
+    spec = get_spec(dataset)
+    return spec.name if spec else dataset
+
+
+# ---------------------------------------------------------------------- the spec
+
+
+@dataclass
+class SweepSpec:
+    """A sweep: which runs to train (the grid) and the recipe they share."""
+
+    datasets: list[str]
+    algorithms: list[str]
+    output_dir: str
+    test_domains: str | list[Any] = "single"
+    n_hparams: int = 1
+    n_trials: int = 3
+    train: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Distribution | None] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "sweep spec", base_dir: Path | None = None
+                  ) -> "SweepSpec":
+        """Build and validate a spec from a mapping; unknown keys are errors with a suggestion."""
+        names = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in names:
+                raise DGZooError(f"unknown key '{key}' in {source}{suggest(str(key), names)}; "
+                                 f"valid: {', '.join(sorted(names))}")
+        for key in ("datasets", "algorithms"):
+            if not values.get(key):
+                raise DGZooError(f"{source} needs '{key}': a list, e.g. {key}: "
+                                 f"[{'rotated-digits' if key == 'datasets' else 'erm'}]")
+        train = dict(values.get("train") or {})
+        if "config" in train:  # a recipe file the train section starts from
+            recipe = Path(str(train.pop("config")))
+            if base_dir is not None and not recipe.is_absolute() and (base_dir / recipe).exists():
+                recipe = base_dir / recipe
+            train = {**load_yaml(recipe), **train}
+        for key in train:
+            if str(key).replace("-", "_") in SWEEP_FIELDS:
+                raise DGZooError(f"'{key}' cannot be set in the train section of {source}: the sweep sets it for "
+                                 f"every run (use datasets, algorithms, test_domains, n_trials or output_dir)")
+        TrainConfig.from_dict(train, source=f"the train section of {source}")  # unknown keys fail here
+        search = {str(k): parse_distribution(v, str(k)) for k, v in (values.get("search") or {}).items()}
+        train_fields = {f.name for f in fields(TrainConfig)}
+        for key in search:
+            if "." not in key and key not in train_fields:
+                raise DGZooError(f"search key '{key}' in {source} is neither a training setting{suggest(key, train_fields)}"
+                                 f" nor a namespaced algorithm hyperparameter (e.g. gga.rho)")
+            if key in SWEEP_FIELDS:
+                raise DGZooError(f"search key '{key}' in {source} is set by the sweep itself and cannot be searched")
+        counts = {}
+        for key, default in (("n_hparams", 1), ("n_trials", 3)):
+            value = values.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DGZooError(f"{key} in {source} must be an integer, got {value!r}")
+            counts[key] = value
+        spec = cls(datasets=_str_list(values["datasets"]), algorithms=_str_list(values["algorithms"]),
+                   output_dir=str(values.get("output_dir") or ""), test_domains=values.get("test_domains", "single"),
+                   train=train, search=search, **counts)
+        if spec.n_hparams < 1 or spec.n_trials < 1:
+            raise DGZooError(f"n_hparams ({spec.n_hparams}) and n_trials ({spec.n_trials}) in {source} must be >= 1; "
+                             f"n_hparams: 1 trains the defaults only")
+        if isinstance(spec.test_domains, str) and spec.test_domains not in TEST_DOMAIN_MODES:
+            raise DGZooError(f"test_domains '{spec.test_domains}' in {source} is not one of "
+                             f"{', '.join(TEST_DOMAIN_MODES)} or a list{suggest(spec.test_domains, TEST_DOMAIN_MODES)}")
+        if not spec.output_dir:
+            raise DGZooError(f"{source} needs an output_dir (or pass --output-dir)")
+        return spec
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, output_dir: str | None = None) -> "SweepSpec":
+        """Load a spec file; ``output_dir`` defaults to ``sweeps/<file name>``."""
+        path = Path(path)
+        if not path.is_file():
+            raise DGZooError(f"sweep spec '{path}' not found; give the path of a YAML file (see docs/sweeps.md)")
+        values = load_yaml(path)
+        values["output_dir"] = output_dir or values.get("output_dir") or str(Path("sweeps") / path.stem)
+        return cls.from_dict(values, source=f"sweep spec {path}", base_dir=path.parent)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain values (distributions as text), for the manifest."""
+        return {"datasets": self.datasets, "algorithms": self.algorithms, "output_dir": self.output_dir,
+                "test_domains": self.test_domains, "n_hparams": self.n_hparams, "n_trials": self.n_trials,
+                "train": self.train, "search": {k: None if v is None else str(v) for k, v in self.search.items()}}
+
+
+def _str_list(value: Any) -> list[str]:
+    return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+# ---------------------------------------------------------------------- expansion
+
+
+@dataclass
+class SweepRun:
+    """One run of a sweep: where it sits in the grid and its complete recipe."""
+
+    dataset: str
+    algorithm: str
+    test_domains: tuple[str, ...]
+    hparams_seed: int
+    trial_seed: int
+    config: TrainConfig
+    sampled: dict[str, Any]
+    status: str = "new"  # new | done | resume | restart
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    def describe(self) -> str:
+        return (f"{self.dataset} {self.algorithm} held-out {'+'.join(self.test_domains)} "
+                f"hp{self.hparams_seed} trial{self.trial_seed}")
+
+
+def seed_hash(*args: object) -> int:
+    """DomainBed's ``misc.seed_hash`` (shared with the data splits)."""
+    from .data import seed_hash as _seed_hash
+
+    return _seed_hash(*args)
+
+
+def sample_hparams(space: dict[str, Distribution], hparams_seed: int, trial_seed: int) -> dict[str, Any]:
+    """Hyperparameter sample ``hparams_seed`` of trial ``trial_seed``: {} for sample 0 (the defaults)."""
+    if hparams_seed == 0:
+        return {}
+    sample_seed = seed_hash(hparams_seed, trial_seed)
+    return {key: dist.sample(np.random.RandomState(seed_hash(sample_seed, key))) for key, dist in space.items()}
+
+
+def dataset_domains(name: str, train: dict[str, Any]) -> tuple[str, list[str], Callable[[str], str | None]]:
+    """(name, domains in the dataset's order, name -> canonical domain); registry entries need no loading."""
+    from .data import get_spec, load_dg_dataset
+
+    spec = get_spec(name)
+    if spec is not None and spec.kind != "imagefolder":
+        return spec.name, list(spec.domains), spec.canonical_domain
+    data = load_dg_dataset(name, train.get("revision"), train.get("image_column"), train.get("label_column"),
+                           train.get("domain_column"))
+    return (spec.name if spec else name), list(data.domains), data.canonical_domain
+
+
+def test_domain_sets(mode: str | list[Any], domains: list[str], canonical: Callable[[str], str | None],
+                     dataset: str) -> list[tuple[str, ...]]:
+    """The held-out sets: each domain (``single``), plus every pair (``single_and_pairs``, DomainBed's order),
+    or an explicit list whose items are a domain (held out alone) or a list of domains (held out together)."""
+    if mode == "single":
+        return [(d,) for d in domains]
+    if mode == "single_and_pairs":
+        if len(domains) < 3:
+            raise DGZooError(f"test_domains: single_and_pairs needs at least 3 domains; {dataset} has {len(domains)}")
+        return [s for i, d in enumerate(domains) for s in [(d,), *((d, e) for e in domains[i + 1:])]]
+    sets = []
+    for item in mode:
+        names = item if isinstance(item, (list, tuple)) else [item]
+        resolved = []
+        for name in names:
+            domain = canonical(str(name))
+            if domain is None:
+                raise DGZooError(f"test_domains names '{name}', not a domain of {dataset}"
+                                 f"{suggest(str(name), domains)}; domains: {', '.join(domains)}")
+            resolved.append(domain)
+        if len(resolved) >= len(domains):
+            raise DGZooError(f"test_domains {resolved} leaves no source domain of {dataset} to train on")
+        sets.append(tuple(sorted(set(resolved), key=domains.index)))
+    return list(dict.fromkeys(sets))
+
+
+def run_name(dataset: str, algorithm: str, test_domains: Sequence[str], hparams_seed: int, trial_seed: int) -> str:
+    """The run directory name: ``<dataset>-<algorithm>-<held-out>-hp<k>-trial<t>``, filesystem-safe."""
+    slug = "-".join([Path(dataset).name, algorithm.replace("+", "_"), "_".join(test_domains),
+                     f"hp{hparams_seed}", f"trial{trial_seed}"])
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", slug)
+
+
+def expand(spec: SweepSpec) -> list[SweepRun]:
+    """Every run of the sweep, in DomainBed's order (trial, dataset, algorithm, held-out set, hparam sample).
+
+    Each run's config is complete and validated (backbone, algorithm, hyperparameters, domains) before anything
+    trains, so a typo in a spec fails in a second, not after the first few runs.
+    """
+    from .algorithms import resolve_hparams
+    from .models import check_backbone
+
+    base = TrainConfig.from_dict(spec.train, source="the sweep's train section")
+    check_backbone(base.backbone)
+    _check_search_keys(spec)
+    root = Path(spec.output_dir)
+    runs: list[SweepRun] = []
+    grids = {}
+    for dataset in spec.datasets:
+        name, domains, canonical = dataset_domains(dataset, spec.train)
+        grids[dataset] = (name, test_domain_sets(spec.test_domains, domains, canonical, dataset))
+    for trial, dataset, algorithm in itertools.product(range(spec.n_trials), spec.datasets, spec.algorithms):
+        name, test_sets = grids[dataset]
+        space = search_space(algorithm, name, spec.search)
+        for test_domains in test_sets:
+            for k in range(spec.n_hparams):
+                sampled = sample_hparams(space, k, trial)
+                cfg = dataclasses.replace(
+                    base, dataset=dataset, algorithm=algorithm, target_domains=list(test_domains),
+                    seed=seed_hash(name, algorithm, list(test_domains), k, trial), split_seed=trial,
+                    output_dir=str(root / run_name(name, algorithm, test_domains, k, trial)),
+                    hparams=dict(base.hparams))
+                cfg.update({key: value for key, value in sampled.items() if "." not in key}, source="the search")
+                cfg.hparams = {**cfg.hparams, **{key: value for key, value in sampled.items() if "." in key}}
+                cfg.validate()
+                resolve_hparams(cfg.algorithm, cfg.hparams)
+                runs.append(SweepRun(name, algorithm, test_domains, k, trial, cfg, sampled))
+    dirs = [r.output_dir for r in runs]
+    if len(set(dirs)) != len(dirs):
+        clash = next(d for d in dirs if dirs.count(d) > 1)
+        raise DGZooError(f"two runs of the sweep would share the run directory {clash}; give datasets distinct names")
+    return runs
+
+
+def _check_search_keys(spec: SweepSpec) -> None:
+    """Namespaced search keys must name a hyperparameter of a component of one of the sweep's algorithms."""
+    from .algorithms import parse_algorithm
+
+    components: dict[str, Any] = {}
+    for algorithm in spec.algorithms:
+        host, addons = parse_algorithm(algorithm)
+        components.update({c.name: c for c in (host, *addons)})
+    for key in spec.search:
+        namespace, _, name = key.rpartition(".")
+        if not namespace:
+            continue
+        if namespace not in components:
+            raise DGZooError(f"search key '{key}': '{namespace}' is not part of any algorithm of the sweep"
+                             f"{suggest(namespace, components)}; algorithms: {', '.join(spec.algorithms)}")
+        if name not in components[namespace].HPARAMS:
+            declared = components[namespace].HPARAMS
+            raise DGZooError(f"search key '{key}': {namespace} has no hyperparameter '{name}'{suggest(name, declared)};"
+                             f" valid: {', '.join(sorted(declared)) or 'none'}")
+
+
+# ---------------------------------------------------------------------- status and resumption
+
+
+def run_status(run: SweepRun) -> str:
+    """``done`` (finished with these settings), ``resume`` (interrupted, or finished with fewer steps, and has a
+    checkpoint), ``restart`` (started, no usable checkpoint) or ``new``. Raises DGZooError when the directory holds
+    a run trained with other settings."""
+    out = run.output_dir
+    saved_path = out / "train_config.json"
+    if not out.exists() or not any(out.iterdir()):
+        return "new"
+    if not saved_path.exists():
+        return "restart"
+    saved, planned = read_json(saved_path), run.config.to_dict()
+    changed = sorted(k for k in planned if k not in NON_RESULT_FIELDS and saved.get(k) != planned[k])
+    finished = (out / "results.json").exists()
+    if changed == ["steps"] and int(saved["steps"]) < run.config.steps and latest_checkpoint(out):
+        return "resume"  # the spec asks for more steps: train further from the last checkpoint
+    if changed and (finished or latest_checkpoint(out)):
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {planned[k]!r}" for k in changed)
+        raise DGZooError(f"{out} holds a run trained with other settings than this sweep ({diffs}); write the "
+                         f"changed sweep to a new output_dir, or delete that run directory")
+    if changed:
+        return "restart"
+    if finished:
+        return "done"
+    return "resume" if latest_checkpoint(out) else "restart"
+
+
+def plan(runs: list[SweepRun]) -> list[SweepRun]:
+    """Set every run's status and the matching ``resume`` / ``overwrite`` flag of its config."""
+    for run in runs:
+        run.status = run_status(run)
+        run.config.resume = run.status == "resume"
+        run.config.overwrite = run.status == "restart"
+    return runs
+
+
+def status_line(runs: Sequence[SweepRun]) -> str:
+    counts = {s: sum(r.status == s for r in runs) for s in ("done", "resume", "restart", "new")}
+    return (f"{len(runs)} runs: {counts['done']} done, {counts['resume']} to resume, {counts['restart']} to restart, "
+            f"{counts['new']} to start")
+
+
+# ---------------------------------------------------------------------- commands and the manifest
+
+
+def train_command(cfg: TrainConfig, prefix: str = DEFAULT_LAUNCH_PREFIX) -> str:
+    """The shell command that trains ``cfg``: ``prefix`` plus a flag for every setting that is not the default."""
+    defaults = TrainConfig().to_dict()
+    parts = [prefix]
+    for key, value in cfg.to_dict().items():
+        if value == defaults[key] and key not in ALWAYS_IN_COMMANDS:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif value is None:
+            parts.append(f"{flag} none")
+        elif isinstance(value, list):
+            parts.append(" ".join([flag, *(shlex.quote(str(v)) for v in value)]))
+        elif isinstance(value, dict):
+            parts.append(" ".join([flag, *(shlex.quote(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}")
+                                           for k, v in value.items())]))
+        else:
+            parts.append(f"{flag} {shlex.quote(repr(value) if isinstance(value, float) else str(value))}")
+    return " ".join(parts)
+
+
+def write_manifest(spec: SweepSpec, runs: Sequence[SweepRun], prefix: str = DEFAULT_LAUNCH_PREFIX) -> Path:
+    """Write ``sweep.json``: the spec, and for every run its grid position, sampled values, seeds and command."""
+    root = Path(spec.output_dir)
+    manifest = {
+        "dgzoo_version": __version__, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "spec": spec.to_dict(),
+        "runs": [{"run_dir": r.output_dir.name, "dataset": r.dataset, "algorithm": r.algorithm,
+                  "test_domains": list(r.test_domains), "hparams_seed": r.hparams_seed, "trial_seed": r.trial_seed,
+                  "seed": r.config.seed, "sampled": r.sampled,
+                  "command": train_command(_fresh(r.config), prefix)} for r in runs],
+    }
+    write_json(root / MANIFEST, manifest)
+    return root / MANIFEST
+
+
+def _fresh(cfg: TrainConfig) -> TrainConfig:
+    clean = TrainConfig.from_dict(cfg.to_dict())
+    clean.resume = clean.overwrite = False
+    return clean
+
+
+# ---------------------------------------------------------------------- running
+
+
+@dataclass
+class SweepOutcome:
+    """What one invocation of a sweep did."""
+
+    runs: list[SweepRun]
+    trained: list[SweepRun] = field(default_factory=list)
+    failed: list[tuple[SweepRun, str]] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+
+
+def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | None = None, fail_fast: bool = False,
+              log: Callable[[str], None] = print) -> SweepOutcome:
+    """Expand, plan and launch a sweep; return what was trained, what failed and (``print``) the commands.
+
+    ``local`` trains the pending runs one after another in this process; ``subprocess`` runs each command in a
+    fresh process (``launch_prefix``, default ``accelerate launch recipes/train.py``); ``print`` only prints the
+    commands, for a cluster scheduler. A failing run is reported and the sweep goes on, unless ``fail_fast``.
+    """
+    if launcher not in LAUNCHERS:
+        raise DGZooError(f"--launcher '{launcher}' is not one of {', '.join(LAUNCHERS)}{suggest(launcher, LAUNCHERS)}")
+    prefix = launch_prefix or DEFAULT_LAUNCH_PREFIX
+    if launcher == "subprocess" and "recipes/train.py" in prefix and not Path("recipes/train.py").exists():
+        raise DGZooError("recipes/train.py is not in the current directory; run the sweep from a dgzoo checkout or "
+                         "pass --launch-prefix 'accelerate launch -m dgzoo.cli train'")
+    runs = plan(expand(spec))
+    write_manifest(spec, runs, prefix)
+    pending = [r for r in runs if r.status != "done"]
+    outcome = SweepOutcome(runs)
+    # Printed commands form a shell script: status lines become comments.
+    note = (lambda text: log(f"# {text}")) if launcher == "print" else log
+    note(f"sweep {spec.output_dir}: {status_line(runs)}")
+    for index, run in enumerate(pending, 1):
+        command = train_command(run.config, prefix)
+        if launcher == "print":
+            outcome.commands.append(command)
+            log(command)
+            continue
+        log(f"[{index}/{len(pending)}] {run.describe()} ({run.status}) -> {run.output_dir}")
+        try:
+            if launcher == "local":
+                from .engine import train
+
+                train(run.config)
+            else:
+                subprocess.run(shlex.split(command), check=True)
+            outcome.trained.append(run)
+        except Exception as e:  # one failing run must not cost the others
+            if fail_fast:
+                raise
+            reason = f"exit status {e.returncode}" if isinstance(e, subprocess.CalledProcessError) else repr(e)
+            traceback.print_exc(file=sys.stderr)
+            outcome.failed.append((run, reason))
+            log(f"run failed: {run.describe()}: {reason}")
+    if launcher != "print":
+        log(f"sweep {spec.output_dir}: {status_line(plan(runs))}"
+            + (f"; {len(outcome.failed)} failed (rerun the sweep to retry them)" if outcome.failed else ""))
+        log(f"tables: dgzoo report {spec.output_dir}")
+    return outcome

@@ -1,0 +1,228 @@
+"""dgzoo sweep: DomainBed's grid and seeds, resumption after an interruption, commands for a cluster, and the
+report of a real (tiny) sweep on rotated-digits."""
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import dgzoo.engine
+from dgzoo.algorithms import ALGORITHMS, Algorithm, HParam, register_algorithm
+from dgzoo.cli import build_parser, main
+from dgzoo.config import config_from_args
+from dgzoo.errors import DGZooError
+from dgzoo.report import load_runs, report_dirs
+from dgzoo.sweep import (SweepSpec, Uniform, expand, parse_distribution, run_status, run_sweep, seed_hash,
+                         write_manifest)
+
+TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, checkpoint_every=1, batch_size=8, lr=3e-3,
+            eval_batch_size=512, log_with="none", num_workers=0)
+
+
+class SmoothedERM(Algorithm):
+    """Test-only second algorithm: ERM with label smoothing (a hyperparameter of its own to search)."""
+
+    name = "test_smoothed_erm"
+    HPARAMS = {"smoothing": HParam(0.1, "label smoothing of the cross-entropy")}
+
+    def update(self, minibatches, step):
+        x = torch.cat([x for x, _ in minibatches])
+        y = torch.cat([y for _, y in minibatches])
+        loss = F.cross_entropy(self.model(x), y, label_smoothing=self.hparams["smoothing"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.runtime.backward(loss)
+        self.step_optimizer()
+        return {"loss": loss.item()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def second_algorithm():
+    register_algorithm(SmoothedERM)
+    yield SmoothedERM.name
+    ALGORITHMS.pop(SmoothedERM.name)
+
+
+def spec(tmp_path, **values):
+    base = dict(datasets=["rotated-digits"], algorithms=["erm", "test_smoothed_erm"], output_dir=str(tmp_path / "sw"),
+                train=dict(TINY))
+    base.update(values)
+    return SweepSpec.from_dict(base)
+
+
+def test_grid_follows_domainbed_semantics(tmp_path):
+    s = spec(tmp_path, test_domains="single_and_pairs", n_hparams=3, n_trials=2,
+             search={"test_smoothed_erm.smoothing": "U(0, 0.2)", "dropout": None})
+    runs = expand(s)
+    assert len(runs) == 2 * 2 * (6 + 15) * 3  # trials x algorithms x (singles + pairs) x hparam samples
+    assert [r.test_domains for r in runs[:6:3]] == [("0",), ("0", "15")]  # DomainBed's order: 0, 0+15, 0+30, ...
+    assert len({r.output_dir for r in runs}) == len(runs)
+    assert runs[0].output_dir.name == "rotated-digits-erm-0-hp0-trial0"
+    for run in runs:
+        cfg = run.config
+        assert cfg.split_seed == run.trial_seed and cfg.target_domains == list(run.test_domains)
+        assert cfg.seed == seed_hash("rotated-digits", run.algorithm, list(run.test_domains), run.hparams_seed,
+                                     run.trial_seed)
+        if run.hparams_seed == 0:  # sample 0 is the recipe itself
+            assert run.sampled == {} and (cfg.lr, cfg.batch_size, cfg.hparams) == (3e-3, 8, {})
+        else:  # rotated-digits searches DomainBed's small-image distributions; dropout was removed from the search
+            assert 10 ** -4.5 <= cfg.lr <= 10 ** -2.5 and 8 <= cfg.batch_size < 512 and cfg.dropout == 0.0
+            assert ("test_smoothed_erm.smoothing" in run.sampled) == (run.algorithm == "test_smoothed_erm")
+    by_key = {(r.algorithm, r.test_domains, r.hparams_seed, r.trial_seed): r for r in runs}
+    a, b = by_key[("erm", ("0",), 1, 0)], by_key[("test_smoothed_erm", ("75",), 1, 0)]
+    assert a.config.lr == b.config.lr and a.config.batch_size == b.config.batch_size  # paired draws
+    assert by_key[("erm", ("0",), 1, 1)].config.lr != a.config.lr  # the trial seed enters the draws
+    assert [r.config.to_dict() for r in expand(s)] == [r.config.to_dict() for r in runs]  # reproducible
+
+
+def test_distributions_parse_and_sample_in_range():
+    lr = parse_distribution("10**U(-5, -3.5)", "lr")
+    assert lr == Uniform(-5, -3.5, base=10) and str(lr) == "10**U(-5, -3.5)"
+    batch = parse_distribution("int(2**U(3, 5.5))", "batch_size")
+    assert str(batch) == "int(2**U(3, 5.5))"
+    rng = np.random.RandomState(0)
+    assert all(8 <= batch.sample(rng) <= 45 for _ in range(100))
+    assert parse_distribution("choice(0, 0.1, 0.5)", "dropout").values == (0, 0.1, 0.5)
+    assert parse_distribution([1, 2], "x").values == (1, 2) and parse_distribution(None, "x") is None
+    with pytest.raises(DGZooError, match="write U\\(a, b\\), 10\\*\\*U\\(a, b\\)"):
+        parse_distribution("loguniform(1e-5, 1e-3)", "lr")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"algorithm": ["erm"]}, "unknown key 'algorithm' in sweep spec (did you mean: algorithms?)"),
+    ({"train": {"seed": 3}}, "'seed' cannot be set in the train section"),
+    ({"train": {"stepz": 3}}, "unknown the train section of sweep spec key 'stepz' (did you mean: steps?)"),
+    ({"test_domains": ["90"]}, "test_domains names '90', not a domain of rotated-digits"),
+    ({"test_domains": "pairs"}, "test_domains 'pairs' in sweep spec is not one of single, single_and_pairs"),
+    ({"search": {"lrr": "U(0, 1)"}}, "search key 'lrr' in sweep spec is neither a training setting (did you mean: lr?)"),
+    ({"search": {"test_smoothed_erm.smooth": "U(0, 1)"}}, "test_smoothed_erm has no hyperparameter 'smooth'"),
+    ({"n_trials": 0}, "must be >= 1"),
+])
+def test_bad_specs_fail_before_anything_runs(tmp_path, values, message):
+    with pytest.raises(DGZooError) as e:
+        expand(spec(tmp_path, **values))
+    assert message in str(e.value)
+    assert not (tmp_path / "sw").exists()
+
+
+def test_printed_commands_rebuild_the_planned_runs(tmp_path, capsys):
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "datasets": ["rotated-digits"], "algorithms": ["erm", "test_smoothed_erm"], "test_domains": ["75", ["0", "15"]],
+        "n_hparams": 2, "n_trials": 1, "train": TINY, "search": {"test_smoothed_erm.smoothing": "U(0, 0.2)"}}))
+    assert main(["sweep", str(tmp_path / "spec.yaml"), "--launcher", "print",
+                 "--output-dir", str(tmp_path / "sw")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# sweep ") and "8 runs: 0 done" in lines[0]
+    commands = lines[1:]
+    planned = expand(SweepSpec.from_yaml(tmp_path / "spec.yaml", output_dir=str(tmp_path / "sw")))
+    assert len(commands) == len(planned) == 8
+    parser = build_parser()
+    for command, run in zip(commands, planned):
+        words = shlex.split(command)
+        assert words[:3] == ["accelerate", "launch", "recipes/train.py"]
+        assert config_from_args(parser.parse_args(["train", *words[3:]])).to_dict() == run.config.to_dict()
+    manifest = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [r["run_dir"] for r in manifest["runs"]] == [r.output_dir.name for r in planned]
+    assert manifest["spec"]["search"] == {"test_smoothed_erm.smoothing": "U(0, 0.2)"}
+
+
+def test_run_status_reads_the_run_directory(tmp_path):
+    [run] = expand(spec(tmp_path, algorithms=["erm"], test_domains=["75"], n_trials=1))
+    out = run.output_dir
+    assert run_status(run) == "new"
+    out.mkdir(parents=True)
+    (out / "train.log").write_text("")
+    assert run_status(run) == "restart"  # started, no checkpoint
+    (out / "train_config.json").write_text(json.dumps(run.config.to_dict()))
+    (out / "checkpoints" / "step_1").mkdir(parents=True)
+    assert run_status(run) == "resume"
+    (out / "results.json").write_text("{}")
+    assert run_status(run) == "done"
+    longer = expand(spec(tmp_path, algorithms=["erm"], test_domains=["75"], n_trials=1, train={**TINY, "steps": 4}))
+    assert run_status(longer[0]) == "resume"  # more steps asked: train further from the checkpoint
+    changed = expand(spec(tmp_path, algorithms=["erm"], test_domains=["75"], n_trials=1, train={**TINY, "lr": 0.1}))
+    with pytest.raises(DGZooError, match=r"holds a run trained with other settings than this sweep \(lr: 0.003 -> 0.1"):
+        run_status(changed[0])
+
+
+class SimulatedKill(BaseException):
+    """Stops the sweep mid-run the way a kill would: no handler in dgzoo catches it."""
+
+
+@pytest.fixture(scope="module")
+def interrupted_sweep(tmp_path_factory, second_algorithm):
+    """2 algorithms x 2 held-out domains x 2 trial seeds on rotated-digits, killed during its 3rd run, then rerun."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    s = spec(tmp, test_domains=["0", "75"], n_trials=2)
+    planned = expand(s)
+    victim = planned[2].output_dir
+    save_checkpoint, train = dgzoo.engine._save_checkpoint, dgzoo.engine.train
+
+    def killed_after_first_checkpoint(accelerator, out, step, keep):
+        save_checkpoint(accelerator, out, step, keep)
+        if Path(out) == victim and step == 1:
+            raise SimulatedKill
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(dgzoo.engine, "_save_checkpoint", killed_after_first_checkpoint)
+    with pytest.raises(SimulatedKill):
+        run_sweep(s, log=lambda line: None)
+    mp.undo()
+    first = {r.output_dir: (r.output_dir / "results.json").stat().st_mtime_ns for r in planned[:2]}
+    statuses = [run_status(r) for r in planned]
+    calls = []
+
+    def spy(cfg):
+        calls.append((Path(cfg.output_dir), cfg.resume, cfg.overwrite))
+        return train(cfg)
+
+    mp.setattr(dgzoo.engine, "train", spy)
+    outcome = run_sweep(s, log=lambda line: None)
+    mp.undo()
+    return dict(spec=s, planned=planned, statuses=statuses, calls=calls, outcome=outcome, first=first)
+
+
+def test_rerun_of_an_interrupted_sweep_completes_only_what_is_missing(interrupted_sweep):
+    planned, calls = interrupted_sweep["planned"], interrupted_sweep["calls"]
+    assert interrupted_sweep["statuses"] == ["done", "done", "resume"] + ["new"] * 5
+    assert calls == [(planned[2].output_dir, True, False)] + [(r.output_dir, False, False) for r in planned[3:]]
+    assert not interrupted_sweep["outcome"].failed
+    for run_dir, mtime in interrupted_sweep["first"].items():
+        assert (run_dir / "results.json").stat().st_mtime_ns == mtime  # finished runs untouched
+    resumed = planned[2].output_dir
+    assert "resumed from" in (resumed / "train.log").read_text()
+    assert json.loads((resumed / "results.json").read_text())["steps"] == 2
+    assert all(run_status(r) == "done" for r in planned)
+    assert run_sweep(interrupted_sweep["spec"], log=lambda line: None).trained == []  # a third call does nothing
+
+
+def test_report_of_a_real_sweep_has_the_right_shape_and_numbers(interrupted_sweep, tmp_path):
+    root = Path(interrupted_sweep["spec"].output_dir)
+    runs, notes = load_runs([root])
+    assert len(runs) == 8 and notes == [] and {r.hparams_seed for r in runs} == {0}
+    report = report_dirs([root])
+    assert [(t.method, t.dataset) for t in report.tables] == [
+        ("training_domain_validation", "rotated-digits"), ("training_domain_validation", None),
+        ("oracle", "rotated-digits"), ("oracle", None)]
+    assert any("single_and_pairs" in note for note in report.notes)  # no pairs: no leave-one-domain-out table
+    table = report.tables[0]
+    assert table.columns == ["0", "75", "Avg"] and list(table.rows) == ["erm", "test_smoothed_erm"]
+    markdown = report.markdown()
+    for algorithm, cells in table.rows.items():
+        per_domain = []
+        for domain, cell in zip(("0", "75"), cells):
+            accs = [json.loads((r.output_dir / "results.json").read_text())["accuracy"][domain]
+                    for r in interrupted_sweep["planned"] if r.algorithm == algorithm and r.test_domains == (domain,)]
+            per_domain.append(accs)
+            mean, se = 100 * (accs[0] + accs[1]) / 2, 100 * abs(accs[0] - accs[1]) / 2 / 2 ** 0.5
+            assert (cell.mean, cell.se, cell.n) == (pytest.approx(mean), pytest.approx(se), 2)
+        trial_avgs = [100 * (a + b) / 2 for a, b in zip(*per_domain)]
+        assert cells[2].mean == pytest.approx(sum(trial_avgs) / 2)
+        row = " | ".join([algorithm, *(f"{c.mean:.1f} ± {c.se:.1f}" for c in cells)])
+        assert f"| {row} |" in markdown
+    assert main(["report", str(root), "--format", "csv", "--output-dir", str(tmp_path / "out")]) == 0
+    assert len((tmp_path / "out" / "report.csv").read_text().splitlines()) == 1 + 2 * (2 * 3 + 2 * 2)
+    assert (tmp_path / "out" / "accuracy_rotated-digits.png").exists()
