@@ -8,6 +8,7 @@ one entry per domain.
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,44 @@ def model_name(results: dict[str, Any]) -> str:
     return f"{results['backbone']}.{results['algorithm']}.{results['dataset']['name']}-{targets}"
 
 
-def card_data(results: dict[str, Any], repo_id: str | None = None) -> Any:
+def _dataset_spec(results: dict[str, Any]) -> Any:
+    from .data.registry import get_spec
+
+    dataset = results["dataset"]
+    return get_spec(dataset.get("repo_id") or dataset["name"]) if dataset["source"] in ("hub", "builtin") else None
+
+
+def card_license(results: dict[str, Any], override: str | None = None) -> dict[str, str]:
+    """The card's licence fields: ``override`` if given, else the licence of the training data.
+
+    Weights inherit the terms of the data they were fitted to, so a registry dataset's licence is used (a
+    licence the Hub has no id for becomes ``other`` with its name and a link); a dataset dgzoo does not know
+    gives ``unknown``, which ``dgzoo push --license`` replaces.
+    """
+    if override:
+        return {"license": override}
+    spec = _dataset_spec(results)
+    return hub_license(spec.license, spec.homepage) if spec else {"license": "unknown"}
+
+
+def hub_license(text: str, link: str | None = None) -> dict[str, str]:
+    """Card licence fields for a registry licence string: a Hub licence id as is, anything else as ``other``
+    with a ``license_name`` made from the text and ``license_link``."""
+    if re.fullmatch(r"[a-z0-9][a-z0-9.-]*", text):
+        return {"license": text}
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower().removeprefix("other")).strip("-") or "other"
+    return {"license": "other", "license_name": name, **({"license_link": link} if link else {})}
+
+
+def _base_model_license(results: dict[str, Any], run_dir: str | Path | None) -> str | None:
+    """The pretrained backbone's licence, as timm's pretrained config records it in the run's config.json."""
+    if not results.get("base_model") or run_dir is None or not (Path(run_dir) / "config.json").is_file():
+        return None
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    return (config.get("pretrained_cfg") or {}).get("license")
+
+
+def card_data(results: dict[str, Any], repo_id: str | None = None, license: str | None = None) -> Any:
     """Front matter: library, pipeline, tags, datasets, base model, licence and per-domain model-index results."""
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -50,10 +88,18 @@ def card_data(results: dict[str, Any], repo_id: str | None = None) -> Any:
     tags = ["image-classification", "timm", "domain-generalization", "dgzoo", results["host_algorithm"],
             *results["addons"]]
     return ModelCardData(
-        library_name="timm", pipeline_tag="image-classification", license="apache-2.0", tags=tags,
+        library_name="timm", pipeline_tag="image-classification", **card_license(results, license), tags=tags,
         datasets=[dataset["repo_id"]] if dataset.get("repo_id") else None,
         base_model=results.get("base_model"), model_name=repo_id or model_name(results),
         eval_results=eval_results, metrics=["accuracy"])
+
+
+def _dataset_ref(results: dict[str, Any]) -> str:
+    """How ``--dataset`` names the run's data: registry name, Hub repo id or local path."""
+    dataset = results["dataset"]
+    if _dataset_spec(results) is not None:
+        return dataset["name"]
+    return dataset.get("repo_id") or dataset.get("path") or dataset["name"]
 
 
 def reproduce_command(config: dict[str, Any]) -> str:
@@ -85,16 +131,21 @@ def _quote(value: Any) -> str:
 
 
 def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | None = None,
-                run_dir: str | Path | None = None) -> str:
-    """Render the model card for a run. ``repo_id`` (when published) makes the usage code point at the Hub."""
+                run_dir: str | Path | None = None, license: str | None = None) -> str:
+    """Render the model card for a run. ``repo_id`` (when published) makes the usage code point at the Hub;
+    ``license`` overrides the licence taken from the training data."""
     from huggingface_hub import ModelCard
 
     targets, sources = results["target_domains"], results["source_domains"]
+    spec = _dataset_spec(results)
+    citations = list(results["citations"])
+    if spec and spec.citation:
+        citations.append((f"Dataset: {spec.title}", spec.citation))
     roles = {d: "held-out" if d in targets else "source" if d in sources else "unused" for d in results["accuracy"]}
     selections = results["selections"]
     load_id = repo_id or str(Path(run_dir).resolve() if run_dir else "path/to/run")
     card = ModelCard.from_template(
-        card_data(results, repo_id), template_path=str(template_path()),
+        card_data(results, repo_id, license), template_path=str(template_path()),
         model_title=repo_id.split("/")[-1] if repo_id else model_name(results),
         backbone=results["backbone"], algorithm=results["algorithm"], algorithm_title=results["algorithm_title"],
         dataset_title=results["dataset"]["title"], dataset_repo=results["dataset"].get("repo_id"),
@@ -112,7 +163,11 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
         device=results["device"], num_processes=results["num_processes"], seed=results["seed"],
         split_seed=results["split_seed"],
         diagnostics=json.dumps(results["diagnostics"], indent=2) if results.get("diagnostics") else "",
-        citations=results["citations"], dgzoo_version=results["dgzoo_version"])
+        citations=citations, dgzoo_version=results["dgzoo_version"],
+        license=card_license(results, license)["license"], license_override=bool(license),
+        data_license=spec.license if spec else "unknown", base_license=_base_model_license(results, run_dir),
+        eval_domains=" ".join(_quote(d) for d in targets), eval_dataset=_quote(_dataset_ref(results)),
+        eval_split_seed=results["split_seed"], eval_holdout=results["hparams"].get("holdout_fraction", 0.2))
     return str(card)
 
 

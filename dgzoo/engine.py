@@ -85,6 +85,10 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     cfg.validate()
     check_backbone(cfg.backbone)
     hparams = resolve_hparams(cfg.algorithm, cfg.hparams)
+    if cfg.push_to_hub:
+        from .hub import check_push_target
+
+        check_push_target(cfg.push_to_hub, private=cfg.hub_private, revision=cfg.hub_revision)
     if cfg.output_dir:  # fail before a possibly long dataset download when the answer is already known
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)

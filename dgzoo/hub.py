@@ -1,19 +1,39 @@
-"""Load published (or local) dgzoo checkpoints, and publish run directories to the Hugging Face Hub.
+"""Publish run directories to the Hugging Face Hub, and load dgzoo (or any timm) checkpoints back.
 
-A dgzoo checkpoint is a plain timm checkpoint, so loading goes through timm's own ``hf-hub:`` and
-``local-dir:`` sources. dgzoo only adds the evaluation transform and class names, and refuses weights that are
-not safetensors (it never unpickles a downloaded file).
+Publishing (:func:`push_run`; ``dgzoo push`` and the recipe's ``--push-to-hub``) uploads timm's layout
+(``config.json`` + ``model.safetensors``), a model card rendered for the repo, ``results.json``, the evaluation
+records, the recipe and the plots in one commit. Checkpoints and logs stay local. The run directory is only
+read: a push that fails leaves it exactly as it was and says which command retries it.
+
+Tokens come from where huggingface_hub looks (``HF_TOKEN``, then the login stored by ``hf auth login``), or
+from an explicit ``token`` argument. A token is never written to a file, a log, a card or an error message.
+
+Loading (:func:`from_pretrained`) resolves a Hub revision to its commit, checks that the commit holds
+``model.safetensors``, downloads only ``config.json`` and ``model.safetensors`` and builds the model with timm
+from that folder. dgzoo therefore never unpickles a downloaded file, whatever the repo's config asks for.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+import shlex
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
+import numpy as np
 from torch import nn
 
 from .errors import DGZooError
 
 WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+# What a push uploads. Checkpoints (optimizer state, pickled RNG states) and logs are for resuming and
+# debugging on the training machine, and would make every download of the model larger.
+PUBLISHED_FILES = (CONFIG, WEIGHTS, "results.json", "records.jsonl", "train_config.json", "accuracy_per_domain.png",
+                   "training_curves.png")
+SPLITS = ("all", "in", "out")
+_SHA = re.compile(r"[0-9a-f]{40}")
 
 
 class Pretrained(NamedTuple):
@@ -24,63 +44,161 @@ class Pretrained(NamedTuple):
 
     @property
     def class_names(self) -> list[str]:
-        names = self.model.pretrained_cfg.get("label_names") or []
-        return list(names.values()) if isinstance(names, dict) else list(names)
+        return _label_names(self.model)
 
 
-def from_pretrained(name_or_path: str | Path, revision: str | None = None) -> Pretrained:
-    """Load a dgzoo/timm checkpoint from a run directory or a Hub repo id, in eval mode, with its eval transform.
+def _label_names(model: nn.Module) -> list[str]:
+    names = model.pretrained_cfg.get("label_names") or []
+    return list(names.values()) if isinstance(names, dict) else list(names)
 
-    ``revision`` (branch, tag or commit sha) applies to Hub repos. Only ``model.safetensors`` weights are
-    accepted.
+
+# ---------------------------------------------------------------------- repo ids, tokens, errors
+
+
+def check_repo_id(repo_id: str, what: str = "Hub repo id") -> str:
+    """Return ``repo_id`` if it is a valid ``namespace/name`` Hub id, else raise a one-line DGZooError.
+
+    A namespace is required (rather than defaulting to the token's user) so the model card, the usage code and
+    the retry command all name the repo that will actually exist.
     """
-    import timm
-
-    from .data.transforms import eval_transform
-
-    path = Path(str(name_or_path)).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise DGZooError(f"{path} has no config.json; point at a dgzoo run directory or a timm Hub export")
-        if not (path / WEIGHTS).exists():
-            raise DGZooError(f"{path} has no {WEIGHTS}; dgzoo loads safetensors weights only (never pickles)")
-        model = timm.create_model(f"local-dir:{path}", pretrained=True)
-    else:
-        repo_id = str(name_or_path)
-        _check_hub_weights(repo_id, revision)
-        model = timm.create_model(f"hf-hub:{repo_id}" + (f"@{revision}" if revision else ""), pretrained=True)
-    model.eval()
-    return Pretrained(model, eval_transform(timm.data.resolve_model_data_config(model)))
-
-
-def _check_hub_weights(repo_id: str, revision: str | None) -> None:
-    """Refuse a Hub repo that is missing or has no safetensors weights, with a one-line reason."""
-    import huggingface_hub
-    from huggingface_hub import errors as hf_errors
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     try:
-        files = huggingface_hub.list_repo_files(repo_id, revision=revision)
-    except hf_errors.HFValidationError:
-        raise DGZooError(f"'{repo_id}' is neither a local directory nor a valid Hub repo id (org/name)") from None
-    except hf_errors.RevisionNotFoundError:
-        raise DGZooError(f"revision '{revision}' does not exist in the Hub repo {repo_id}; pass an existing "
-                         f"branch, tag or commit sha") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise DGZooError(f"Hub repo '{repo_id}' does not exist or is private; check the id or log in with "
-                         f"`hf auth login`") from None
-    except (hf_errors.HfHubHTTPError, OSError) as e:
-        raise DGZooError(f"cannot reach the Hub at {huggingface_hub.constants.ENDPOINT} to load {repo_id} "
-                         f"({type(e).__name__}); check the connection") from None
-    if WEIGHTS not in files:
-        raise DGZooError(f"Hub repo {repo_id} has no {WEIGHTS}; dgzoo loads safetensors weights only (never pickles)")
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise DGZooError(f"{what} '{repo_id}' is invalid: use USER_OR_ORG/NAME with letters, digits, '-', '_' or "
+                         f"'.', e.g. me/pacs-resnet50-erm") from None
+    if "/" not in repo_id:
+        raise DGZooError(f"{what} '{repo_id}' has no namespace: write it as USER_OR_ORG/{repo_id}")
+    return repo_id
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """The token to use: ``token`` if given, else huggingface_hub's lookup (``HF_TOKEN``, then ``hf auth login``)."""
+    from huggingface_hub import get_token
+
+    return token or get_token()
+
+
+def _check_branch(revision: str | None) -> None:
+    if revision is not None and (_SHA.fullmatch(revision) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", revision)):
+        raise DGZooError(f"Hub revision '{revision}' cannot be pushed to: name a branch (created from main if "
+                         f"missing), e.g. --hub-revision v1")
+
+
+def _is_launch_main() -> bool:
+    """Whether this is the main process of a launch (``RANK`` unset or 0), the only one that talks to the Hub."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def check_push_target(repo_id: str, token: str | None = None, private: bool = False,
+                      revision: str | None = None, repo_type: str = "model") -> str:
+    """Check, before any training or upload, that a push to ``repo_id`` can succeed; return the token to use.
+
+    Offline: the repo id, branch name and the presence of a token. On the main process of a launch also
+    online (one ``whoami`` call, which the Hub rate-limits): the token is valid and may write, its user may
+    write to the namespace, and ``private`` does not meet an existing public repo.
+    """
+    import huggingface_hub
+
+    check_repo_id(repo_id)
+    _check_branch(revision)
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise DGZooError("pushing to the Hub needs the network but HF_HUB_OFFLINE is set; unset it, or train "
+                         "without --push-to-hub and run `dgzoo push RUN_DIR REPO_ID` later")
+    token = resolve_token(token)
+    if not token:
+        raise DGZooError("pushing to the Hub needs a Hugging Face token with write access: run `hf auth login` or "
+                         "set HF_TOKEN (`dgzoo push` also takes --token)")
+    if not _is_launch_main():
+        return token
+    api = huggingface_hub.HfApi(token=token)
+    try:
+        me = api.whoami()
+    except Exception as e:  # noqa: BLE001 - every failure is reported as one line, token scrubbed
+        raise DGZooError(f"could not check the Hugging Face token: {hub_error_reason(e, token)}") from None
+    access = (me.get("auth") or {}).get("accessToken") or {}
+    if access.get("role") == "read":
+        raise DGZooError("the Hugging Face token is read-only; create a token with write access and run "
+                         "`hf auth login` or set HF_TOKEN")
+    namespace = repo_id.split("/")[0]
+    namespaces = [me.get("name")] + [org.get("name") for org in me.get("orgs") or []]
+    if me.get("type") == "user" and namespace not in namespaces:
+        raise DGZooError(f"the token's user {me.get('name')} cannot write to '{namespace}/' (its namespaces: "
+                         f"{', '.join(filter(None, namespaces))}); push to one of those")
+    _check_visibility(api, repo_id, repo_type, private, token)
+    return token
+
+
+def _check_visibility(api: Any, repo_id: str, repo_type: str, private: bool, token: str) -> None:
+    """Refuse to push a run meant to be private into an existing public repo (visibility is set at creation)."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if not private:
+        return
+    try:
+        info = api.repo_info(repo_id, repo_type=repo_type)
+    except RepositoryNotFoundError:
+        return
+    except Exception as e:  # noqa: BLE001
+        raise DGZooError(f"could not read the Hub {repo_type} repo {repo_id}: "
+                         f"{hub_error_reason(e, token)}") from None
+    if not info.private:
+        raise DGZooError(f"Hub {repo_type} repo {repo_id} exists and is public, so --private would not hide this "
+                         f"push; make the repo private in its settings first, or push to a new repo id")
+
+
+def hub_error_reason(error: BaseException, token: str | None = None) -> str:
+    """A one-line, token-free description of a failed Hub call."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf_errors
+
+    transport = getattr(hf_errors, "HTTPError", ())  # httpx's base error: connection refused, timeouts, ...
+    first = str(error).splitlines()[0] if str(error) else ""
+    if isinstance(error, hf_errors.HfHubHTTPError) and error.response is not None:
+        status = error.response.status_code
+        detail = (error.server_message or str(error).splitlines()[0]).strip().rstrip(".")
+        hint = {401: "the token is invalid or expired; run `hf auth login` or set HF_TOKEN",
+                403: "the token may not write to this repo"}.get(status)
+        text = f"HTTP {status}: {detail}" + (f"; {hint}" if hint else "")
+    elif isinstance(error, DGZooError):
+        text = str(error)
+    elif isinstance(error, transport):
+        text = f"cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {first})"
+    else:
+        text = f"{type(error).__name__}: {first}"
+    text = " ".join(text.split())
+    return text.replace(token, "***") if token else text
+
+
+# ---------------------------------------------------------------------- publishing
+
+
+def retry_command(run_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+                  commit_message: str | None = None, license: str | None = None) -> str:
+    """The ``dgzoo push`` command that repeats a push (it never includes the token)."""
+    parts = ["dgzoo", "push", shlex.quote(str(Path(run_dir).resolve())), shlex.quote(repo_id)]
+    if private:
+        parts.append("--private")
+    if revision:
+        parts += ["--revision", shlex.quote(revision)]
+    if commit_message:
+        parts += ["--commit-message", shlex.quote(commit_message)]
+    if license:
+        parts += ["--license", shlex.quote(license)]
+    return " ".join(parts)
 
 
 def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-             commit_message: str | None = None, token: str | None = None) -> str:
-    """Publish a finished run directory to ``repo_id``; return the URL of the commit.
+             commit_message: str | None = None, token: str | None = None, license: str | None = None) -> str:
+    """Publish a finished run directory to the Hub model repo ``repo_id``; return the URL of the commit.
 
-    The model card is re-rendered with the repo id so its usage code loads from the Hub. Checkpoints and
-    logs stay local.
+    ``private`` applies when the repo is created (an existing public repo is refused rather than silently
+    published to). ``revision`` is a branch, created from main when missing. ``license`` overrides the card's
+    licence, which otherwise follows the training data's. The card is re-rendered for the repo so its usage
+    code loads from the Hub; the local README.md is left as it is. Any failure raises a one-line DGZooError
+    that ends with the command that retries the push.
     """
     import huggingface_hub
 
@@ -88,22 +206,232 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
     from .export import read_json
 
     run_dir = Path(run_dir)
-    if not (run_dir / "results.json").exists() or not (run_dir / WEIGHTS).exists():
-        raise DGZooError(f"{run_dir} is not a finished dgzoo run (no results.json or {WEIGHTS}); train it first")
-    results = read_json(run_dir / "results.json")
-    config = read_json(run_dir / "train_config.json")
-    card = render_card(results, config, repo_id=repo_id, run_dir=run_dir)
-    api = huggingface_hub.HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
-    for name in ("config.json", WEIGHTS, "results.json", "records.jsonl", "accuracy_per_domain.png",
-                 "training_curves.png", "train_config.json"):
-        if (run_dir / name).exists():
-            operations.append(huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name)))
-    info = api.create_commit(repo_id, operations=operations, revision=revision,
-                             commit_message=commit_message or f"dgzoo: {results['algorithm']} on "
-                                                              f"{results['dataset']['title']}")
+    if not all((run_dir / name).is_file() for name in ("results.json", "train_config.json", CONFIG, WEIGHTS)):
+        raise DGZooError(f"{run_dir} is not a finished dgzoo run (it needs results.json, train_config.json, {CONFIG} "
+                         f"and {WEIGHTS}); train it first, or point at the run's --output-dir")
+    check_repo_id(repo_id)
+    _check_branch(revision)
+    retry = retry_command(run_dir, repo_id, private, revision, commit_message, license)
+    token = resolve_token(token)
+    try:
+        token = check_push_target(repo_id, token, private, revision)
+        results = read_json(run_dir / "results.json")
+        card = render_card(results, read_json(run_dir / "train_config.json"), repo_id=repo_id, run_dir=run_dir,
+                           license=license)
+        message = commit_message or (f"dgzoo: {results['algorithm']} {results['backbone']} on "
+                                     f"{results['dataset']['title']}, held-out {', '.join(results['target_domains'])}"
+                                     f" {100 * results['target_accuracy']:.1f}%")
+        operations = [huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
+        operations += [huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name))
+                       for name in PUBLISHED_FILES if (run_dir / name).is_file()]
+        api = huggingface_hub.HfApi(token=token)
+        api.create_repo(repo_id, private=private or None, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, operations=operations, revision=revision, commit_message=message)
+    except Exception as e:  # noqa: BLE001 - whatever failed, the user gets one line and the retry command
+        raise DGZooError(f"push of {run_dir} to {repo_id} failed: {hub_error_reason(e, token)}. The run directory "
+                         f"is intact; retry with: {retry}") from None
     return info.commit_url
 
+
+# ---------------------------------------------------------------------- loading
+
+
+def _split_reference(name_or_path: str | Path, revision: str | None) -> tuple[Path | None, str | None, str | None]:
+    """Turn ``DIR``, ``local-dir:DIR``, ``REPO``, ``hf-hub:REPO`` or ``REPO@REV`` into (dir, repo id, revision)."""
+    text = str(name_or_path)
+    if text.startswith("local-dir:"):
+        return Path(text[len("local-dir:"):]).expanduser(), None, None
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path, None, None
+    for prefix in ("hf-hub:", "hf_hub:"):
+        text = text[len(prefix):] if text.startswith(prefix) else text
+    repo_id, _, at = text.partition("@")
+    if at and revision and at != revision:
+        raise DGZooError(f"'{name_or_path}' names revision {at} but revision={revision} was also given; pass one")
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+        raise DGZooError(f"{name_or_path} is not a directory; point at a dgzoo run directory or a Hub repo id")
+    check_repo_id(repo_id, "model")
+    return None, repo_id, revision or at or None
+
+
+def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
+                       token: str | None = None) -> tuple[Path, str | None, str | None]:
+    """Return ``(folder, repo_id, commit sha)``: a local folder holding ``config.json`` + ``model.safetensors``.
+
+    Hub checkpoints are pinned to one commit, checked for safetensors weights, and only those two files are
+    downloaded (into the huggingface_hub cache). With ``HF_HUB_OFFLINE=1`` the cache answers.
+    """
+    folder, repo_id, revision = _split_reference(name_or_path, revision)
+    if folder is not None:
+        if not (folder / CONFIG).is_file():
+            raise DGZooError(f"{folder} has no {CONFIG}; point at a dgzoo run directory or a timm Hub export")
+        if not (folder / WEIGHTS).is_file():
+            raise DGZooError(f"{folder} has no {WEIGHTS}; dgzoo loads safetensors weights only (never pickles)")
+        return folder, None, None
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    token = resolve_token(token)
+    try:
+        if not huggingface_hub.constants.HF_HUB_OFFLINE:
+            info = huggingface_hub.HfApi(token=token).model_info(repo_id, revision=revision)
+            files = {s.rfilename for s in info.siblings or []}
+            if WEIGHTS not in files:
+                pickled = sorted(f for f in files if f.endswith((".bin", ".pth", ".pt", ".ckpt", ".pkl")))
+                raise DGZooError(f"Hub repo {repo_id} has no {WEIGHTS}"
+                                 f"{' (only ' + ', '.join(pickled) + ')' if pickled else ''}; dgzoo loads "
+                                 f"safetensors weights only and never unpickles a download")
+            if CONFIG not in files:
+                raise DGZooError(f"Hub repo {repo_id} has no {CONFIG}, so it is not a timm checkpoint")
+            revision = info.sha
+        paths = [huggingface_hub.hf_hub_download(repo_id, name, revision=revision, token=token)
+                 for name in (CONFIG, WEIGHTS)]
+    except hf_errors.RevisionNotFoundError:
+        raise DGZooError(f"revision '{revision}' does not exist in the Hub repo {repo_id}; pass an existing "
+                         f"branch, tag or commit sha") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise DGZooError(f"Hub repo '{repo_id}' does not exist or is private; check the id, or log in with "
+                         f"`hf auth login` for a private repo") from None
+    except hf_errors.LocalEntryNotFoundError:
+        raise DGZooError(f"{repo_id} is not in the local cache and HF_HUB_OFFLINE is set; unset it to "
+                         f"download") from None
+    except DGZooError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise DGZooError(f"could not load {repo_id} from the Hub: {hub_error_reason(e, token)}") from None
+    return Path(paths[0]).parent, repo_id, revision
+
+
+def _create_from_folder(folder: Path) -> nn.Module:
+    import timm
+
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise DGZooError(f"{folder / CONFIG} is not valid JSON ({e}); re-export or re-download it") from None
+    arch = config.get("architecture")
+    if not arch:
+        raise DGZooError(f"{folder / CONFIG} has no 'architecture', so it is not a timm checkpoint")
+    if not timm.is_model(arch):
+        raise DGZooError(f"the checkpoint's architecture '{arch}' is unknown to timm {timm.__version__}; "
+                         f"upgrade timm")
+    try:
+        return timm.create_model(f"local-dir:{folder}", pretrained=True)
+    except RuntimeError as e:
+        raise DGZooError(f"the weights in {folder / WEIGHTS} do not fit '{arch}' as {CONFIG} describes it "
+                         f"({str(e).splitlines()[0]})") from None
+
+
+def from_pretrained(name_or_path: str | Path, revision: str | None = None, token: str | None = None) -> Pretrained:
+    """Load a dgzoo/timm checkpoint in eval mode with its eval transform (and ``.class_names``).
+
+    ``name_or_path`` is a run directory (``local-dir:`` optional) or a Hub repo id (``hf-hub:`` and
+    ``@revision`` optional); ``revision`` is a branch, tag or commit sha of a Hub repo. The model is the plain
+    timm model that ``timm.create_model("hf-hub:REPO", pretrained=True)`` builds; only safetensors weights are
+    accepted.
+    """
+    import timm
+
+    from .data.transforms import eval_transform
+
+    folder, repo_id, _ = resolve_checkpoint(name_or_path, revision, token)
+    model = _create_from_folder(folder)
+    if repo_id:
+        model.pretrained_cfg["hf_hub_id"] = repo_id  # where it came from, as timm records for hf-hub: loads
+    model.eval()
+    return Pretrained(model, eval_transform(timm.data.resolve_model_data_config(model)))
+
+
+# ---------------------------------------------------------------------- evaluating a checkpoint
+
+
+def label_mapping(model_classes: Sequence[str], data_classes: Sequence[str], num_outputs: int) -> np.ndarray:
+    """Map each dataset class index to the model's output index for the same class name.
+
+    A model whose config has no class names must have as many outputs as the dataset has classes; they are
+    then assumed to be in the same order.
+    """
+    if not model_classes:
+        if num_outputs != len(data_classes):
+            raise DGZooError(f"the model has {num_outputs} outputs and no class names, the dataset {len(data_classes)} "
+                             f"classes; evaluate on a dataset with the model's classes")
+        return np.arange(len(data_classes))
+    index = {name: i for i, name in enumerate(model_classes)}
+    missing = [c for c in data_classes if c not in index]
+    if missing:
+        raise DGZooError(f"the dataset has classes the model does not predict: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}; the model knows: {', '.join(model_classes[:8])}"
+                         f"{' ...' if len(model_classes) > 8 else ''}")
+    return np.array([index[c] for c in data_classes], dtype=np.int64)
+
+
+def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequence[str] | None = None,
+                        split: str = "all", revision: str | None = None, dataset_revision: str | None = None,
+                        split_seed: int = 0, holdout_fraction: float = 0.2, batch_size: int = 128,
+                        device: str | None = None, num_workers: int | None = None,
+                        token: str | None = None) -> dict[str, Any]:
+    """Top-1 accuracy of a checkpoint on domains of any dataset, with the checkpoint's own eval transform.
+
+    ``split`` is ``all`` (every image of the domain), or the ``in``/``out`` part of dgzoo's seeded split
+    (``split_seed``, ``holdout_fraction``) — ``in`` with the run's split seed reproduces the card's held-out
+    numbers. Classes are matched by name. When the checkpoint was trained on this dataset, each domain's role
+    in training is reported, since ``all``/``in`` accuracy of a source domain includes training images.
+    """
+    import dataclasses
+
+    import torch
+
+    from .data import DomainImages, eval_loader, load_dg_dataset, make_splits
+    from .errors import suggest
+    from .evaluation import accuracy
+
+    if split not in SPLITS:
+        raise DGZooError(f"--split '{split}' is not one of {', '.join(SPLITS)}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise DGZooError(f"--holdout-fraction must be in (0, 1), got {holdout_fraction}")
+    folder, repo_id, sha = resolve_checkpoint(name_or_path, revision, token)
+    data = load_dg_dataset(dataset, dataset_revision)
+    chosen = []
+    for name in domains or data.domains:
+        found = data.canonical_domain(str(name))
+        if found is None:
+            raise DGZooError(f"--domains: unknown domain '{name}' in {data.name}{suggest(str(name), data.domains)}; "
+                             f"valid domains: {', '.join(data.domains)}")
+        chosen.append(found)
+    model = _create_from_folder(folder).eval()
+    mapping = label_mapping(_label_names(model), data.class_names, model.num_classes)
+    data = dataclasses.replace(data, labels=mapping[data.labels])
+    if split == "all":
+        rows = data.rows_by_domain
+    else:
+        splits = make_splits(data, holdout_fraction, split_seed)
+        rows = splits.in_rows if split == "in" else splits.out_rows
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    workers = num_workers if num_workers is not None else (4 if device.type == "cuda" else 0)
+    import timm
+
+    from .data.transforms import eval_transform
+
+    transform = eval_transform(timm.data.resolve_model_data_config(model))
+    acc, sizes = {}, {}
+    for d in chosen:
+        images = DomainImages(data, rows[d], transform, d)
+        sizes[d] = len(images)
+        acc[d] = accuracy(model, eval_loader(images, batch_size, workers, device.type == "cuda"), device)
+
+    meta = json.loads((folder / CONFIG).read_text()).get("dgzoo") or {}
+    same_data = bool(meta) and (meta.get("dataset_repo_id") == data.repo_id if data.repo_id
+                                else meta.get("dataset") == data.info()["name"])
+    roles = {d: ("source" if d in meta.get("source_domains", []) else
+                 "held-out" if d in meta.get("target_domains", []) else "unused") if same_data else "" for d in chosen}
+    return {"model": repo_id or str(folder), "revision": sha, "dataset": {k: data.info()[k] for k in
+                                                                         ("name", "repo_id", "revision", "path")},
+            "split": split, "split_seed": split_seed if split != "all" else None,
+            "holdout_fraction": holdout_fraction if split != "all" else None,
+            "accuracy": acc, "images": sizes, "roles": roles,
+            "mean_accuracy": sum(acc.values()) / len(acc)}

@@ -180,7 +180,7 @@ def resolve_hub_revision(repo_id: str, revision: str | None, repo_type: str = "d
     except hf_errors.RepositoryNotFoundError:
         raise DGZooError(f"Hub {repo_type} '{repo_id}' does not exist or is private; check the id, log in with "
                          f"`hf auth login` for private repos, or pass a local path") from None
-    except (hf_errors.HfHubHTTPError, OSError) as e:
+    except (hf_errors.HfHubHTTPError, OSError, getattr(hf_errors, "HTTPError", OSError)) as e:  # + httpx errors
         endpoint = huggingface_hub.constants.ENDPOINT
         raise DGZooError(f"cannot reach the Hub at {endpoint} to load {repo_id} ({type(e).__name__}); check the "
                          f"connection, or set HF_HUB_OFFLINE=1 to use a cached copy") from None
