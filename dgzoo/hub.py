@@ -274,11 +274,13 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
 
+    from .data.loading import resolve_hub_revision
+
     token = resolve_token(token)
+    revision = resolve_hub_revision(repo_id, revision, "model", token)  # a commit sha, unless offline
     try:
         if not huggingface_hub.constants.HF_HUB_OFFLINE:
-            info = huggingface_hub.HfApi(token=token).model_info(repo_id, revision=revision)
-            files = {s.rfilename for s in info.siblings or []}
+            files = set(huggingface_hub.HfApi(token=token).list_repo_files(repo_id, revision=revision))
             if WEIGHTS not in files:
                 pickled = sorted(f for f in files if f.endswith((".bin", ".pth", ".pt", ".ckpt", ".pkl")))
                 raise DGZooError(f"Hub repo {repo_id} has no {WEIGHTS}"
@@ -286,15 +288,8 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
                                  f"safetensors weights only and never unpickles a download")
             if CONFIG not in files:
                 raise DGZooError(f"Hub repo {repo_id} has no {CONFIG}, so it is not a timm checkpoint")
-            revision = info.sha
         paths = [huggingface_hub.hf_hub_download(repo_id, name, revision=revision, token=token)
                  for name in (CONFIG, WEIGHTS)]
-    except hf_errors.RevisionNotFoundError:
-        raise DGZooError(f"revision '{revision}' does not exist in the Hub repo {repo_id}; pass an existing "
-                         f"branch, tag or commit sha") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise DGZooError(f"Hub repo '{repo_id}' does not exist or is private; check the id, or log in with "
-                         f"`hf auth login` for a private repo") from None
     except hf_errors.LocalEntryNotFoundError:
         raise DGZooError(f"{repo_id} is not in the local cache and HF_HUB_OFFLINE is set; unset it to "
                          f"download") from None

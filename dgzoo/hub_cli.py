@@ -99,7 +99,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .data.convert import convert_image_folders, image_folder_root, known_spec, push_dataset, write_parquet
+    from .data.convert import (convert_image_folders, domain_counts, image_folder_root, known_spec, push_dataset,
+                               write_parquet)
     from .hub import check_push_target
 
     if not args.push_to_hub and not args.output_dir:
@@ -110,12 +111,9 @@ def _convert(args: argparse.Namespace) -> int:
                               "dataset") if args.push_to_hub else None
     with image_folder_root(args.source) as root:
         table = convert_image_folders(root)
-        domains = sorted(set(table["domain"]))
-        spec = known_spec(domains)
+        counts = domain_counts(table)
+        domains, spec = list(counts), known_spec(list(counts))
         title = args.title or (spec.title if spec else Path(args.source).name.split(".")[0])
-        counts = {d: 0 for d in domains}
-        for d in table["domain"]:
-            counts[d] += 1
         print(f"{title}: {len(table)} images, {len(table.features['label'].names)} classes, domains "
               + ", ".join(f"{d} ({n})" for d, n in counts.items()))
         if args.output_dir:

@@ -86,7 +86,8 @@ table = io.StringIO()
 with contextlib.redirect_stdout(table):
     out["eval_code"] = main(["eval", model_id, "--dataset", dataset_id, "--domains", "c", "a", "--split", "in",
                              "--split-seed", "0", "--output", out_path])
-out.update(files=sorted(HfApi().list_repo_files(model_id)), class_names=loaded.class_names, training=loaded.model.training, eval_table=table.getvalue(),
+out.update(files=sorted(HfApi().list_repo_files(model_id)), class_names=loaded.class_names,
+           training=loaded.model.training, eval_table=table.getvalue(),
            transform_shape=list(loaded.transform(Image.new("L", (9, 9))).shape),
            card={"library": card.data.library_name, "tags": card.data.tags, "license": card.data.license,
                  "datasets": card.data.datasets, "text": card.text})

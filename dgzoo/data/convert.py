@@ -99,17 +99,20 @@ def convert_image_folders(root: str | Path) -> Any:
     return table
 
 
+def domain_counts(table: Any) -> dict[str, int]:
+    """Images per domain, domains sorted by name."""
+    counts: dict[str, int] = {}
+    for d in table["domain"]:
+        counts[d] = counts.get(d, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def num_shards(table: Any, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
     """How many parquet shards keep each near ``shard_bytes`` (from the image files' sizes on disk)."""
-    total = sum(os.path.getsize(p["path"]) for p in table.select_columns(["image"]).cast_column(
-        "image", _undecoded_image())["image"])
-    return max(1, -(-total // shard_bytes))
-
-
-def _undecoded_image() -> Any:
     import datasets
 
-    return datasets.Image(decode=False)
+    paths = table.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))["image"]
+    return max(1, -(-sum(os.path.getsize(p["path"]) for p in paths) // shard_bytes))
 
 
 def write_parquet(table: Any, output_dir: str | Path, shards: int | None = None) -> list[Path]:
@@ -144,10 +147,8 @@ def dataset_card(table: Any, title: str, source: str, repo_id: str,
     """Front matter fields and body of the dataset card: what is in it, where it came from, how to train on it."""
     from ..cards import hub_license
 
-    counts: dict[str, int] = {}
-    for d in table["domain"]:
-        counts[d] = counts.get(d, 0) + 1
-    domains, classes = sorted(counts), table.features["label"].names
+    counts = domain_counts(table)
+    domains, classes = list(counts), table.features["label"].names
     fields: dict[str, Any] = {"pretty_name": title, "task_categories": ["image-classification"],
                               "tags": ["domain-generalization", "dgzoo"],
                               **hub_license(spec.license if spec else "unknown", spec.homepage if spec else None)}

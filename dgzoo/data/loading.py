@@ -161,7 +161,8 @@ def image_folder_table(root: str | Path) -> Any:
                                        "domain": [e[2] for e in entries]}, features=features)
 
 
-def resolve_hub_revision(repo_id: str, revision: str | None, repo_type: str = "dataset") -> str | None:
+def resolve_hub_revision(repo_id: str, revision: str | None, repo_type: str = "dataset",
+                         token: str | None = None) -> str | None:
     """Resolve a branch or tag to its commit sha so a run loads, and records, exactly one commit.
 
     Returns None when huggingface_hub is in offline mode (the cache then decides). Errors become one-line
@@ -173,7 +174,7 @@ def resolve_hub_revision(repo_id: str, revision: str | None, repo_type: str = "d
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return revision
     try:
-        info = huggingface_hub.HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision)
+        info = huggingface_hub.HfApi(token=token).repo_info(repo_id, repo_type=repo_type, revision=revision)
     except hf_errors.RevisionNotFoundError:
         raise DGZooError(f"revision '{revision}' does not exist in the Hub {repo_type} {repo_id}; "
                          f"pass an existing branch, tag or commit sha with --revision") from None
