@@ -77,7 +77,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
 
     Raises DGZooError when a path does not exist or holds no finished run.
     """
-    manifests: dict[Path, dict[str, Any]] = {}
+    manifests: dict[Path, tuple[Path, dict[str, Any]]] = {}
     found: dict[Path, None] = {}
     unfinished = 0
     for raw in paths:
@@ -88,7 +88,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         for manifest in [*root.rglob("sweep.json"), *(p / "sweep.json" for p in root.resolve().parents)]:
             if manifest.is_file():
                 for entry in read_json(manifest).get("runs", []):
-                    manifests[(manifest.parent / entry["run_dir"]).resolve()] = entry
+                    manifests[(manifest.parent / entry["run_dir"]).resolve()] = (manifest.parent.resolve(), entry)
         for results in root.rglob("results.json"):
             found[results.parent.resolve()] = None
         unfinished += sum(not (c.parent / "results.json").exists() for c in root.rglob("train_config.json"))
@@ -108,12 +108,13 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
     return sorted(runs, key=lambda r: str(r.path)), notes
 
 
-def _run(path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...], entry: dict[str, Any] | None
-         ) -> Run:
+def _run(path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...],
+         sweep: tuple[Path, dict[str, Any]] | None) -> Run:
     dataset = results["dataset"]
-    if entry is not None:
+    if sweep is not None:
+        folder, entry = sweep
         trial, hparams_seed = str(entry["trial_seed"]), int(entry["hparams_seed"])
-        sample = f"hp{hparams_seed}"
+        sample = f"{folder}:hp{hparams_seed}"  # sample k of two different sweeps are different samples
     else:
         split_seed, seed = results.get("split_seed", results["seed"]), results["seed"]
         trial = str(seed) if split_seed == seed else f"{split_seed}/{seed}"

@@ -109,14 +109,12 @@ def parse_distribution(text: Any, key: str) -> Distribution | None:
     if raw.startswith("choice(") and raw.endswith(")"):
         return Choice(tuple(parse_scalar(v) for v in raw[len("choice("):-1].split(",")))
     match = _UNIFORM.match(raw)
-    if match and bool(match.group(1)) == bool(match.group(5)):
+    if match and bool(match.group(1)) == bool(match.group(5)):  # int( ... ) opened and closed
         try:
-            low, high = float(match.group(3)), float(match.group(4))
-            base = float(match.group(2)) if match.group(2) else None
-        except ValueError:
-            match = None
-        else:
-            return Uniform(low, high, base, integer=bool(match.group(1)))
+            return Uniform(float(match.group(3)), float(match.group(4)),
+                           float(match.group(2)) if match.group(2) else None, integer=bool(match.group(1)))
+        except ValueError:  # bounds that are not numbers: the error below says what to write
+            pass
     raise DGZooError(f"search distribution for '{key}' is '{raw}'; write U(a, b), 10**U(a, b), int(2**U(a, b)), "
                      f"choice(a, b, ...) or null")
 
@@ -126,8 +124,9 @@ def _num(value: float) -> str:
 
 
 # Random-search distributions, keyed by component (``training`` for TrainConfig fields, else an algorithm or add-on
-# name) and hyperparameter key. Algorithms and add-ons not listed keep their hyperparameters at the defaults
-# (``dgzoo sweep --dry-run`` lists them); add them here, or per sweep in the spec's ``search`` section.
+# name) and hyperparameter key. Hyperparameters of algorithms and add-ons not listed keep the recipe's value in
+# every sample (``dgzoo sweep --dry-run`` lists them): declare their distributions here (next to the algorithm's
+# research note defaults), or per sweep in the spec's ``search`` section.
 SEARCH_SPACES: dict[str, dict[str, Distribution | None]] = {
     # DomainBed's image-dataset distributions (hparams_registry.py); dropout is its ``resnet_dropout``.
     TRAINING: {"lr": Uniform(-5, -3.5, base=10), "batch_size": Uniform(3, 5.5, base=2, integer=True),
@@ -164,13 +163,13 @@ def search_space(algorithm: str, dataset: str, overrides: dict[str, Distribution
     names = {host.name, *(a.name for a in addons)}
     for key, dist in (overrides or {}).items():
         namespace = key.rpartition(".")[0]
-        if not namespace or namespace in names:  # a namespaced key of another algorithm of the sweep
+        if not namespace or namespace in names:  # keys of the sweep's other algorithms are not this one's
             space[key] = dist
     return {k: v for k, v in space.items() if v is not None}
 
 
 def unsearched_hparams(algorithm: str, space: dict[str, Distribution]) -> list[str]:
-    """Hyperparameters of ``algorithm`` with no distribution: every sample keeps their default."""
+    """Hyperparameters of ``algorithm`` with no distribution: every sample keeps the recipe's value."""
     from .algorithms import parse_algorithm
 
     host, addons = parse_algorithm(algorithm)
@@ -223,7 +222,7 @@ class SweepSpec:
             if str(key).replace("-", "_") in SWEEP_FIELDS:
                 raise DGZooError(f"'{key}' cannot be set in the train section of {source}: the sweep sets it for "
                                  f"every run (use datasets, algorithms, test_domains, n_trials or output_dir)")
-        TrainConfig.from_dict(train, source=f"the train section of {source}")  # unknown keys fail here
+        TrainConfig.from_dict(train, source=f"{source} train")  # unknown keys fail here
         search = {str(k): parse_distribution(v, str(k)) for k, v in (values.get("search") or {}).items()}
         train_fields = {f.name for f in fields(TrainConfig)}
         for key in search:
@@ -324,7 +323,7 @@ def dataset_domains(name: str, train: dict[str, Any]) -> tuple[str, list[str], C
     return (spec.name if spec else name), list(data.domains), data.canonical_domain
 
 
-def test_domain_sets(mode: str | list[Any], domains: list[str], canonical: Callable[[str], str | None],
+def held_out_sets(mode: str | list[Any], domains: list[str], canonical: Callable[[str], str | None],
                      dataset: str) -> list[tuple[str, ...]]:
     """The held-out sets: each domain (``single``), plus every pair (``single_and_pairs``, DomainBed's order),
     or an explicit list whose items are a domain (held out alone) or a list of domains (held out together)."""
@@ -368,16 +367,19 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
 
     base = TrainConfig.from_dict(spec.train, source="the sweep's train section")
     check_backbone(base.backbone)
-    _check_search_keys(spec)
+    _check_namespaced_keys(spec, base.hparams)
     root = Path(spec.output_dir)
     runs: list[SweepRun] = []
     grids = {}
     for dataset in spec.datasets:
         name, domains, canonical = dataset_domains(dataset, spec.train)
-        grids[dataset] = (name, test_domain_sets(spec.test_domains, domains, canonical, dataset))
+        grids[dataset] = (name, held_out_sets(spec.test_domains, domains, canonical, dataset))
     for trial, dataset, algorithm in itertools.product(range(spec.n_trials), spec.datasets, spec.algorithms):
         name, test_sets = grids[dataset]
         space = search_space(algorithm, name, spec.search)
+        # Namespaced recipe hparams (gga.rho=...) apply to the algorithms that have that component only.
+        components = _component_names(algorithm)
+        fixed = {k: v for k, v in base.hparams.items() if "." not in k or k.rpartition(".")[0] in components}
         for test_domains in test_sets:
             for k in range(spec.n_hparams):
                 sampled = sample_hparams(space, k, trial)
@@ -385,7 +387,7 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
                     base, dataset=dataset, algorithm=algorithm, target_domains=list(test_domains),
                     seed=seed_hash(name, algorithm, list(test_domains), k, trial), split_seed=trial,
                     output_dir=str(root / run_name(name, algorithm, test_domains, k, trial)),
-                    hparams=dict(base.hparams))
+                    hparams=dict(fixed))
                 cfg.update({key: value for key, value in sampled.items() if "." not in key}, source="the search")
                 cfg.hparams = {**cfg.hparams, **{key: value for key, value in sampled.items() if "." in key}}
                 cfg.validate()
@@ -398,25 +400,34 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
     return runs
 
 
-def _check_search_keys(spec: SweepSpec) -> None:
-    """Namespaced search keys must name a hyperparameter of a component of one of the sweep's algorithms."""
+def _component_names(algorithm: str) -> set[str]:
+    from .algorithms import parse_algorithm
+
+    host, addons = parse_algorithm(algorithm)
+    return {host.name, *(a.name for a in addons)}
+
+
+def _check_namespaced_keys(spec: SweepSpec, fixed: dict[str, Any]) -> None:
+    """Namespaced keys (search, or the recipe's hparams) must name a hyperparameter of a component of one of the
+    sweep's algorithms: a typo would otherwise be silently ignored by every run."""
     from .algorithms import parse_algorithm
 
     components: dict[str, Any] = {}
     for algorithm in spec.algorithms:
         host, addons = parse_algorithm(algorithm)
         components.update({c.name: c for c in (host, *addons)})
-    for key in spec.search:
-        namespace, _, name = key.rpartition(".")
-        if not namespace:
-            continue
-        if namespace not in components:
-            raise DGZooError(f"search key '{key}': '{namespace}' is not part of any algorithm of the sweep"
-                             f"{suggest(namespace, components)}; algorithms: {', '.join(spec.algorithms)}")
-        if name not in components[namespace].HPARAMS:
+    for where, keys in (("search key", spec.search), ("hparam", fixed)):
+        for key in keys:
+            namespace, _, name = key.rpartition(".")
+            if not namespace:
+                continue
+            if namespace not in components:
+                raise DGZooError(f"{where} '{key}': '{namespace}' is not part of any algorithm of the sweep"
+                                 f"{suggest(namespace, components)}; algorithms: {', '.join(spec.algorithms)}")
             declared = components[namespace].HPARAMS
-            raise DGZooError(f"search key '{key}': {namespace} has no hyperparameter '{name}'{suggest(name, declared)};"
-                             f" valid: {', '.join(sorted(declared)) or 'none'}")
+            if name not in declared:
+                raise DGZooError(f"{where} '{key}': {namespace} has no hyperparameter '{name}'"
+                                 f"{suggest(name, declared)}; valid: {', '.join(sorted(declared)) or 'none'}")
 
 
 # ---------------------------------------------------------------------- status and resumption
@@ -497,16 +508,11 @@ def write_manifest(spec: SweepSpec, runs: Sequence[SweepRun], prefix: str = DEFA
         "runs": [{"run_dir": r.output_dir.name, "dataset": r.dataset, "algorithm": r.algorithm,
                   "test_domains": list(r.test_domains), "hparams_seed": r.hparams_seed, "trial_seed": r.trial_seed,
                   "seed": r.config.seed, "sampled": r.sampled,
-                  "command": train_command(_fresh(r.config), prefix)} for r in runs],
+                  "command": train_command(dataclasses.replace(r.config, resume=False, overwrite=False), prefix)}
+                 for r in runs],
     }
     write_json(root / MANIFEST, manifest)
     return root / MANIFEST
-
-
-def _fresh(cfg: TrainConfig) -> TrainConfig:
-    clean = TrainConfig.from_dict(cfg.to_dict())
-    clean.resume = clean.overwrite = False
-    return clean
 
 
 # ---------------------------------------------------------------------- running
@@ -562,7 +568,8 @@ def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | Non
             if fail_fast:
                 raise
             reason = f"exit status {e.returncode}" if isinstance(e, subprocess.CalledProcessError) else repr(e)
-            traceback.print_exc(file=sys.stderr)
+            if not isinstance(e, (DGZooError, subprocess.CalledProcessError)):  # those already said what went wrong
+                traceback.print_exc(file=sys.stderr)
             outcome.failed.append((run, reason))
             log(f"run failed: {run.describe()}: {reason}")
     if launcher != "print":

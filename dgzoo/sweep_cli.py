@@ -53,18 +53,26 @@ def _sweep(args: argparse.Namespace) -> int:
                   + (", ".join(f"{k} {v}" for k, v in space.items()) or "nothing searched"))
             fixed = unsearched_hparams(algorithm, space)
             if fixed:
-                print(f"  not searched (the defaults in every sample): {', '.join(fixed)}")
+                print(f"  not searched (every sample keeps the recipe's value): {', '.join(fixed)}")
         for run in runs:
             sampled = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in run.sampled.items())
             print(f"{run.status:8} {run.output_dir}  {sampled or '(defaults)'}")
         return 0
-    outcome = run_sweep(spec, args.launcher, args.launch_prefix, args.fail_fast)
+    try:
+        outcome = run_sweep(spec, args.launcher, args.launch_prefix, args.fail_fast)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run the same command again to resume: finished runs are skipped, the interrupted one "
+              f"continues from its last checkpoint", file=sys.stderr)
+        return 130
     return 1 if outcome.failed else 0
 
 
 def _report(args: argparse.Namespace) -> int:
     report = report_dirs(args.dirs, args.selection)
     sys.stdout.write(report.render(args.format))
+    if args.format != "markdown":  # Markdown lists the notes under its tables
+        for note in report.notes:
+            print(f"note: {note}", file=sys.stderr)
     if args.output_dir:
         for path in report.write(args.output_dir):
             print(f"wrote {path}", file=sys.stderr)

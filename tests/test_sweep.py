@@ -55,6 +55,7 @@ def spec(tmp_path, **values):
 
 def test_grid_follows_domainbed_semantics(tmp_path):
     s = spec(tmp_path, test_domains="single_and_pairs", n_hparams=3, n_trials=2,
+             train={**TINY, "hparams": {"test_smoothed_erm.smoothing": 0.05}},
              search={"test_smoothed_erm.smoothing": "U(0, 0.2)", "dropout": None})
     runs = expand(s)
     assert len(runs) == 2 * 2 * (6 + 15) * 3  # trials x algorithms x (singles + pairs) x hparam samples
@@ -66,8 +67,9 @@ def test_grid_follows_domainbed_semantics(tmp_path):
         assert cfg.split_seed == run.trial_seed and cfg.target_domains == list(run.test_domains)
         assert cfg.seed == seed_hash("rotated-digits", run.algorithm, list(run.test_domains), run.hparams_seed,
                                      run.trial_seed)
-        if run.hparams_seed == 0:  # sample 0 is the recipe itself
-            assert run.sampled == {} and (cfg.lr, cfg.batch_size, cfg.hparams) == (3e-3, 8, {})
+        if run.hparams_seed == 0:  # sample 0 is the recipe itself; its namespaced hparams reach their algorithm only
+            smoothing = {"test_smoothed_erm.smoothing": 0.05} if run.algorithm == "test_smoothed_erm" else {}
+            assert run.sampled == {} and (cfg.lr, cfg.batch_size, cfg.hparams) == (3e-3, 8, smoothing)
         else:  # rotated-digits searches DomainBed's small-image distributions; dropout was removed from the search
             assert 10 ** -4.5 <= cfg.lr <= 10 ** -2.5 and 8 <= cfg.batch_size < 512 and cfg.dropout == 0.0
             assert ("test_smoothed_erm.smoothing" in run.sampled) == (run.algorithm == "test_smoothed_erm")
@@ -94,11 +96,12 @@ def test_distributions_parse_and_sample_in_range():
 @pytest.mark.parametrize("values, message", [
     ({"algorithm": ["erm"]}, "unknown key 'algorithm' in sweep spec (did you mean: algorithms?)"),
     ({"train": {"seed": 3}}, "'seed' cannot be set in the train section"),
-    ({"train": {"stepz": 3}}, "unknown the train section of sweep spec key 'stepz' (did you mean: steps?)"),
+    ({"train": {"stepz": 3}}, "unknown sweep spec train key 'stepz' (did you mean: steps?)"),
     ({"test_domains": ["90"]}, "test_domains names '90', not a domain of rotated-digits"),
     ({"test_domains": "pairs"}, "test_domains 'pairs' in sweep spec is not one of single, single_and_pairs"),
     ({"search": {"lrr": "U(0, 1)"}}, "search key 'lrr' in sweep spec is neither a training setting (did you mean: lr?)"),
     ({"search": {"test_smoothed_erm.smooth": "U(0, 1)"}}, "test_smoothed_erm has no hyperparameter 'smooth'"),
+    ({"train": {"hparams": {"gga2.rho": 1}}}, "hparam 'gga2.rho': 'gga2' is not part of any algorithm of the sweep"),
     ({"n_trials": 0}, "must be >= 1"),
 ])
 def test_bad_specs_fail_before_anything_runs(tmp_path, values, message):
