@@ -23,7 +23,7 @@ from .errors import DGZooError, suggest
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
-AUGMENTATIONS = ("auto", "domainbed", "none")
+AUGMENTATIONS = ("auto", "domainbed", "randaugment", "none")
 PRECISIONS = ("no", "fp16", "bf16")
 SELECTIONS = ("training_domain_validation", "oracle", "last")
 
@@ -51,7 +51,7 @@ class TrainConfig:
     holdout_fraction: float = _f(0.2, "fraction of every domain held out as its validation ('out') split")
     split_seed: int | None = _f(None, "seed of the in/out splits (DomainBed's trial seed); defaults to --seed")
     image_size: int | None = _f(None, "input resolution; defaults to the dataset's native size, else the backbone's")
-    augment: str = _f("auto", "training augmentation: domainbed, none, or auto (the dataset's default)",
+    augment: str = _f("auto", "training augmentation: domainbed, randaugment, none, or auto (the dataset's default)",
                       choices=AUGMENTATIONS)
     image_column: str | None = _f(None, "image column name (default: the registry's, else 'image')")
     label_column: str | None = _f(None, "label column name (default: the registry's, else 'label')")

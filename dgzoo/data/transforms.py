@@ -32,6 +32,8 @@ def train_transform(data_config: dict[str, Any], augment: str) -> Callable:
     """The training transform: DomainBed's augmentation, or the eval transform when ``augment == 'none'``."""
     if augment == "none":
         return eval_transform(data_config)
+    if augment == "randaugment":  # RandAugment(num_ops=2, magnitude=9), the views of the DGE paper, then eval
+        return T.Compose([ToRGB(), T.RandAugment(num_ops=2, magnitude=9), eval_transform(data_config)])
     if augment != "domainbed":
         raise ValueError(f"unknown augmentation {augment!r}")
     return T.Compose([ToRGB(), timm.data.create_transform(
