@@ -17,7 +17,8 @@ compute the K gradients:
   forward and backward for all domains. It removes K-1 sets of per-layer calls, which pays where those
   dominate (small models, accelerators with launch overhead) and costs where vmap's batched weight gradients
   are slower than K plain ones (ResNet-18 on CPU: see the benchmark). Results equal the loop's within float
-  tolerance, including the BatchNorm running statistics.
+  tolerance, including the BatchNorm running statistics. It needs equal batch sizes and full precision
+  (vmap's BatchNorm rule rejects a bf16 input with float32 statistics).
 
 BatchNorm. Each domain is normalised with its own batch statistics (one forward per domain, as DomainBed's
 per-domain algorithms do), and a training-mode BatchNorm updates its running statistics once per domain, in
@@ -28,9 +29,9 @@ and the losses are then averaged across processes, so every process compares and
 per-domain gradients (equal to one process on the global batch, up to BatchNorm's per-process batch statistics).
 
 Mixed precision. Forward passes run under ``runtime.autocast()``; parameters and their gradients stay float32,
-so bf16 needs nothing more. fp16 needs loss scaling, whose scaler lives in the optimizer wrapper and would
-unscale gradients written back here a second time, so :func:`check_precision` refuses fp16 with a one-line
-error pointing to bf16.
+so bf16 needs nothing more (loop path). fp16 needs loss scaling, whose scaler lives in the optimizer wrapper and
+would unscale gradients written back here a second time, so :func:`check_precision` refuses fp16 with a
+one-line error pointing to bf16.
 
 Single-source training. When an algorithm's "domains" are K augmented views of the one source domain,
 :class:`RandAugmentViews` makes the views and :func:`split_views` turns a step's ``[B, K, C, H, W]`` minibatches
@@ -147,26 +148,35 @@ def _vmap_gradients(module: nn.Module, minibatches: Sequence[tuple[torch.Tensor,
 
     if len({x.shape for x, _ in minibatches}) != 1:
         raise ValueError("method='vmap' needs minibatches of equal shape; use method='loop'")
+    if _autocast_dtype(runtime) is not None:
+        raise ValueError("method='vmap' does not support mixed precision (vmap's BatchNorm rule rejects a "
+                         "low-precision input with float32 statistics); use method='loop'")
     k = len(minibatches)
     names = {id(p): name for name, p in module.named_parameters()}
     weights = {names[id(p)]: p.detach() for p in params.tensors}
     norms = [(name, m) for name, m in module.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
-    # One copy of the running statistics per domain: inside vmap each domain updates its own copy in place,
-    # exactly as the loop's forward k would from the same starting statistics; they are chained below.
+    # One copy of the running statistics per domain, updated in place inside vmap with momentum 1, so copy k ends
+    # up holding domain k's batch statistics; the K updates are then replayed in domain order, as the loop makes them.
     before = {f"{n}.{s}": b.detach().clone() for n, m in norms for s, b in m.named_buffers(recurse=False)}
     stats = {key: value.unsqueeze(0).repeat(k, *[1] * value.dim()) for key, value in before.items()}
+    momenta = [m.momentum for _, m in norms]
 
     def domain_loss(w: dict[str, torch.Tensor], s: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-        with runtime.autocast():
-            logits = functional_call(module, (w, s), (x,), strict=False)
+        logits = functional_call(module, (w, s), (x,), strict=False)
         loss = loss_fn(logits, y)
         return loss, loss.detach()
 
     xs = torch.stack([x for x, _ in minibatches])
     ys = torch.stack([y for _, y in minibatches])
-    grads, losses = vmap(grad(domain_loss, has_aux=True), in_dims=(None, 0, 0, 0), randomness="different")(
-        weights, stats, xs, ys)
+    try:
+        for _, m in norms:
+            m.momentum = 1.0
+        grads, losses = vmap(grad(domain_loss, has_aux=True), in_dims=(None, 0, 0, 0), randomness="different")(
+            weights, stats, xs, ys)
+    finally:
+        for (_, m), momentum in zip(norms, momenta):
+            m.momentum = momentum
     for p, chunk in zip(params.tensors, out.split(params.numels, dim=1)):
         chunk.copy_(grads[names[id(p)]].reshape(k, -1))
     with torch.no_grad():
@@ -175,31 +185,32 @@ def _vmap_gradients(module: nn.Module, minibatches: Sequence[tuple[torch.Tensor,
                 continue
             count = before.get(f"{name}.num_batches_tracked")
             for stat in ("running_mean", "running_var"):
-                getattr(m, stat).copy_(_chain_updates(before[f"{name}.{stat}"], stats[f"{name}.{stat}"], m, count))
+                getattr(m, stat).copy_(_replay_updates(before[f"{name}.{stat}"], stats[f"{name}.{stat}"],
+                                                       m.momentum, count))
             if count is not None:
                 m.num_batches_tracked.copy_(count + k)
     return losses.float()
 
 
-def _chain_updates(start: torch.Tensor, updated: torch.Tensor, norm: nn.Module,
-                   count: torch.Tensor | None) -> torch.Tensor:
-    """Running statistic after K sequential BatchNorm updates, from K updates each applied to ``start``.
+def _replay_updates(start: torch.Tensor, batch_stats: torch.Tensor, momentum: float | None,
+                    count: torch.Tensor | None) -> torch.Tensor:
+    """A running statistic after BatchNorm's updates with each of the K batch statistics, in order.
 
-    Each copy holds ``(1 - m) start + m stat_k``; the batch statistic ``stat_k`` is recovered and the K updates
-    are replayed in domain order, with BatchNorm's momentum (or its cumulative average when momentum is None).
+    The update is BatchNorm's: an exponential average with ``momentum``, or with None the cumulative average
+    over the ``count`` batches seen before plus these.
     """
-    if norm.momentum is None:
-        n = int(count) if count is not None else 0
-        batch_stats = start + (updated - start) * (n + 1)
-        value = start.clone()
-        for i, stat in enumerate(batch_stats):
-            value += (stat - value) / (n + 1 + i)
-        return value
-    m = norm.momentum
     value = start.clone()
-    for stat_update in updated:  # (1 - m) start + m stat_k
-        value = (1 - m) * value + (stat_update - (1 - m) * start)
+    for i, stat in enumerate(batch_stats):
+        factor = momentum if momentum is not None else 1.0 / (int(count or 0) + 1 + i)
+        value = (1.0 - factor) * value + factor * stat
     return value
+
+
+def _autocast_dtype(runtime: Runtime) -> torch.dtype | None:
+    """The low-precision dtype of ``runtime.autocast()``, or None when it does not autocast."""
+    device = runtime.device.type
+    with runtime.autocast():
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def gram(grads: torch.Tensor) -> torch.Tensor:
@@ -221,14 +232,18 @@ def pairwise_cosine(grads: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (g / norms[:, None] / norms[None, :]).to(grads.dtype)
 
 
-def check_precision(runtime: Runtime) -> None:
-    """Refuse fp16 autocast, whose loss scaling per-domain gradients cannot honour (bf16 is fine)."""
-    device = runtime.device.type
-    with runtime.autocast():
-        fp16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
-    if fp16:
+def check_precision(runtime: Runtime, method: str = "loop") -> None:
+    """Refuse what per-domain gradients cannot do under ``runtime``'s mixed precision, with the fix.
+
+    fp16 is refused (its loss scaler lives in the optimizer wrapper and would unscale the written-back gradient
+    a second time); bf16 is fine with the loop path, not with vmap (see :func:`per_domain_gradients`).
+    """
+    dtype = _autocast_dtype(runtime)
+    if dtype == torch.float16:
         raise DGZooError("per-domain gradient algorithms do not support --mixed-precision fp16 (its loss scaler "
                          "would unscale the combined gradient twice); use --mixed-precision bf16 or no")
+    if dtype is not None and method == "vmap":
+        raise DGZooError("hparam grad_engine=vmap does not support mixed precision; use grad_engine=loop")
 
 
 # ---------------------------------------------------------------------- augmented views as domains
@@ -284,7 +299,7 @@ class DomainGradientAlgorithm(Algorithm):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, num_domains: int,
                  hparams: dict[str, Any], runtime: Runtime):
         super().__init__(model, optimizer, num_domains, hparams, runtime)
-        check_precision(runtime)
+        check_precision(runtime, hparams["grad_engine"])
         self.use_views = self.uses_views(hparams, num_domains)
         self.num_gradients = hparams["views"] if self.use_views else num_domains
         if self.num_gradients < 2:
