@@ -263,10 +263,11 @@ class Report:
     tables: list[Table]
     picks: dict[str, dict[GroupKey, Pick]]
     notes: list[str] = field(default_factory=list)
+    run_count: int = 0
 
     def markdown(self) -> str:
         """All tables as Markdown, each captioned with its dataset, selection method and trial count."""
-        lines = ["Accuracy (%) on held-out domains. " + SE_NOTE + ". Avg: the mean over held-out domains within "
+        lines = [f"{self.run_count} finished runs. Accuracy (%) on held-out domains. " + SE_NOTE + ". Avg: the mean over held-out domains within "
                  "each trial seed, then mean ± standard error; in the averages table the last column is the mean "
                  f"over datasets. {MISSING}: no finished run.", ""]
         for table in self.tables:
@@ -352,6 +353,7 @@ class Report:
                     ax.bar(x + (i - (len(rows) - 1) / 2) * width, [c.mean if c else np.nan for c in cells], width,
                            yerr=[c.se if c and c.se is not None else 0.0 for c in cells], capsize=3, label=row)
                 ax.set_xticks(x, table.columns)
+                ax.set_xlabel("held-out domain")
                 ax.set_title(SELECTION_TITLES[table.method], fontsize=9)
                 ax.set_ylim(0, 100)
             axes[0][0].set_ylabel("held-out accuracy (%), ± standard error")
@@ -388,7 +390,7 @@ def build_report(runs: Sequence[Run], methods: Sequence[str] = SELECTION_METHODS
     titles = {r.dataset: r.dataset_title for r in runs}
     row_algorithm = {r.row: r.algorithm for r in runs}
     rows = sorted(row_algorithm, key=lambda row: (_row_rank(row_algorithm[row]), row))
-    report = Report(tables=[], picks={}, notes=list(notes))
+    report = Report(tables=[], picks={}, notes=list(notes), run_count=len(runs))
     for method in methods:
         picks = select_groups(runs, method)
         if not picks:

@@ -148,7 +148,7 @@ def test_latex_csv_plot_and_cli(tmp_path, capsys):
     selected = list(csv.DictReader(io.StringIO((tmp_path / "out" / "selected_runs.csv").read_text())))
     assert len(selected) == 6 and {r["step"] for r in selected} == {"5"}
     assert (tmp_path / "out" / "accuracy_toy.png").stat().st_size > 0
-    assert (tmp_path / "out" / "report.md").read_text().startswith("Accuracy (%)")
+    assert (tmp_path / "out" / "report.md").read_text().startswith("6 finished runs. Accuracy (%)")
 
 
 def test_runs_outside_a_sweep_group_by_split_seed_and_seed(tmp_path):

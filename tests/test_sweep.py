@@ -132,6 +132,20 @@ def test_printed_commands_rebuild_the_planned_runs(tmp_path, capsys):
     assert manifest["spec"]["search"] == {"test_smoothed_erm.smoothing": "U(0, 0.2)"}
 
 
+def test_dry_run_lists_runs_and_search_spaces_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "datasets": ["rotated-digits"], "algorithms": ["erm", "test_smoothed_erm"], "test_domains": ["75"],
+        "n_hparams": 2, "n_trials": 1, "output_dir": str(tmp_path / "sw"), "train": TINY}))
+    assert main(["sweep", str(tmp_path / "spec.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs: 0 done, 0 to resume, 0 to restart, 4 to start" in out
+    assert ("search space of erm on rotated-digits: lr 10**U(-4.5, -2.5), batch_size int(2**U(3, 9)), "
+            "dropout choice(0.0, 0.1, 0.5)") in out
+    assert "not searched (every sample keeps the recipe's value): test_smoothed_erm.smoothing" in out
+    assert "rotated-digits-erm-75-hp0-trial0  (defaults)" in out
+    assert not (tmp_path / "sw").exists()
+
+
 def test_run_status_reads_the_run_directory(tmp_path):
     [run] = expand(spec(tmp_path, algorithms=["erm"], test_domains=["75"], n_trials=1))
     out = run.output_dir
