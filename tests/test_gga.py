@@ -225,3 +225,36 @@ def test_two_processes_take_the_same_decisions_as_one(tmp_path):
     record = json.loads((tmp_path / "one" / "records.jsonl").read_text().splitlines()[-1])
     assert {"gga/accepted", "gga/score_before", "gga/score_after", "gga/loss_before", "gga/loss_after"} <= set(record)
     assert one["hparams"]["gga.candidates"] == 5 and one["algorithm"] == "erm+gga"
+
+
+@pytest.mark.parametrize("name", ["pacs", "vlcs", "office_home", "terra_incognita", "domainnet"])
+def test_paper_recipes_carry_the_official_setting(name):
+    from dgzoo.config import TrainConfig
+
+    cfg = TrainConfig.from_yaml(ROOT / "recipes" / "configs" / f"{name}_resnet50_gga.yaml")
+    cfg.validate()
+    gga = resolve_hparams(cfg.algorithm, cfg.hparams)["gga"]
+    assert (gga["start"], gga["end"], gga["candidates"], gga["tau"]) == (100, 200, 250, 0.1)
+    assert gga["rho"] == (1e-6 if name == "vlcs" else 1e-5)
+    assert (cfg.backbone, cfg.pretrained, cfg.freeze_bn, cfg.dropout, cfg.optimizer, cfg.batch_size) == (
+        "resnet50.tv_in1k", True, True, 0.5, "adam", 32)
+    assert cfg.lr == {"pacs": 3e-5, "domainnet": 3e-5}.get(name, 1e-5)
+
+
+def test_a_resumed_run_anneals_exactly_as_an_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import tiny_config
+    from dgzoo.engine import train as train_run
+
+    hp = {"gga.start": 1, "gga.end": 3, "gga.candidates": 4, "gga.rho": 2e-3}
+    full = train_run(tiny_config(tmp_path / "full", steps=5, eval_every=5, checkpoint_every=2, algorithm="erm+gga",
+                                 hparams=hp))
+    train_run(tiny_config(tmp_path / "cut", steps=2, eval_every=2, checkpoint_every=2, algorithm="erm+gga",
+                          hparams=hp))
+    resumed = train_run(tiny_config(tmp_path / "cut", steps=5, eval_every=2, checkpoint_every=2, algorithm="erm+gga",
+                                    hparams=hp, resume=True))
+    assert resumed["diagnostics"]["gga"]["steps"] == full["diagnostics"]["gga"]["steps"]
+    a = load_file(tmp_path / "full" / "run" / "checkpoints" / "step_5" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "run" / "checkpoints" / "step_5" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
