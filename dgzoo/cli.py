@@ -12,7 +12,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 # Modules that add sub-commands. Each defines ``register_cli(subparsers, groups)``, where ``groups`` maps a
 # command group name (e.g. "datasets") to its sub-parsers, and sets ``handler`` on the parsers it adds.
-COMMAND_MODULES: tuple[str, ...] = ("dgzoo.hub_cli", "dgzoo.sweep_cli")
+COMMAND_MODULES: tuple[str, ...] = ("dgzoo.hub_cli", "dgzoo.unlearning.cli", "dgzoo.sweep_cli")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1,0 +1,20 @@
+"""Targeted unlearning of a forget set from a trained dgzoo run: SURE, its baselines, and their evaluation.
+
+    >>> from dgzoo.unlearning import UnlearnConfig, unlearn
+    >>> retrain = unlearn(UnlearnConfig("runs/my-run", forget="class=3", method="retrain", output_dir="runs/r3"))
+    >>> results = unlearn(UnlearnConfig("runs/my-run", forget="class=3", method="sure", reference="runs/r3"))
+    >>> results["unlearning"]["comparison"]["forget_acc"]   # unlearned / original / retrain / gap
+
+The unlearned model is written as a normal dgzoo run directory (timm weights, results.json, model card); SURE's
+domain classifier is never part of it. See docs/unlearning.md.
+"""
+from .card import push_unlearned_run, render_unlearn_card
+from .forget import ForgetSpec, UnlearningData, parse_forget_spec, split_for_unlearning
+from .methods import METHOD_CHOICES, METHODS, SURE, GradientReversal, UnlearningMethod, grad_reverse, register_method
+from .recipe import UnlearnConfig, evaluate_model, load_source, plan_unlearning, unlearn
+
+__all__ = [
+    "ForgetSpec", "GradientReversal", "METHODS", "METHOD_CHOICES", "SURE", "UnlearnConfig", "UnlearningData",
+    "UnlearningMethod", "evaluate_model", "grad_reverse", "load_source", "parse_forget_spec", "plan_unlearning",
+    "push_unlearned_run", "register_method", "render_unlearn_card", "split_for_unlearning", "unlearn",
+]

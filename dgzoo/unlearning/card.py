@@ -1,0 +1,145 @@
+"""The model card of an unlearned run (``model_cards/unlearn_card.md``), and publishing the run to the Hub.
+
+The card says what was forgotten (the forget spec, its scenario and size), how (method, settings, diagnostics),
+and how well: every headline number next to the original model and the retrained gold standard. Its front matter
+carries the same ``library_name: timm`` / ``model-index`` metadata as any dgzoo card.
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import DGZooError
+from ..export import read_json
+from .recipe import HEADLINE, UnlearnConfig
+
+PUBLISHED_FILES = ("config.json", "model.safetensors", "results.json", "train_config.json", "unlearn_config.json")
+
+
+def template_path() -> Path:
+    """``model_cards/unlearn_card.md`` in a checkout, else the copy shipped as ``dgzoo.model_cards``."""
+    checkout = Path(__file__).resolve().parents[2] / "model_cards" / "unlearn_card.md"
+    if checkout.exists():
+        return checkout
+    return Path(str(resources.files("dgzoo.model_cards") / "unlearn_card.md"))
+
+
+def model_name(results: dict[str, Any]) -> str:
+    """``<backbone>.<method>-unlearned.<dataset>-<forget spec>``."""
+    spec = results["unlearning"]["forget_spec"].replace(" ", "_").replace("=", "").replace(",", "_")
+    return f"{results['backbone']}.{results['algorithm']}-unlearned.{results['dataset']['name']}-{spec}"
+
+
+def card_data(results: dict[str, Any], repo_id: str | None = None) -> Any:
+    """Front matter: timm library, tags, datasets, base model (the source when it is on the Hub), model-index."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    info, dataset = results["unlearning"], results["dataset"]
+    dataset_type = dataset.get("repo_id") or f"dgzoo/{dataset['name']}"
+    common = dict(task_type="image-classification", dataset_type=dataset_type,
+                  dataset_revision=dataset.get("revision"), metric_type="accuracy")
+    unlearned = info["comparison"]
+    eval_results = [
+        EvalResult(task_name="Domain generalization", dataset_name=f"{dataset['title']} (held-out {domain})",
+                   dataset_config=f"held-out-{domain}", dataset_split="in",
+                   metric_value=round(100 * results["accuracy"][domain], 2), metric_name="held-out-domain accuracy",
+                   **common)
+        for domain in results["target_domains"]]
+    for key in ("forget_acc", "mia_loss", "mia_knn"):
+        value = unlearned[key]["unlearned"]
+        if value is not None:
+            eval_results.append(EvalResult(
+                task_name="Machine unlearning", dataset_name=f"{dataset['title']} (forget set {info['forget_spec']})",
+                dataset_config=f"forget-{info['fingerprint']}", dataset_split="train",
+                metric_value=round(100 * value, 2), metric_name=HEADLINE[key][0], **common))
+    source = info["source"]
+    return ModelCardData(
+        library_name="timm", pipeline_tag="image-classification", license="apache-2.0",
+        tags=["image-classification", "timm", "dgzoo", "machine-unlearning", "domain-generalization",
+              results["algorithm"]],
+        datasets=[dataset["repo_id"]] if dataset.get("repo_id") else None,
+        base_model=source.get("repo_id") or results.get("base_model"), model_name=repo_id or model_name(results),
+        eval_results=eval_results, metrics=["accuracy"])
+
+
+def reproduce_command(config: dict[str, Any]) -> str:
+    """The ``dgzoo unlearn`` command that repeats the run: every setting that differs from the defaults."""
+    defaults = UnlearnConfig(source="", forget="").to_dict()
+    skip = {"source", "forget", "output_dir", "overwrite", "push_to_hub", "hub_private", "num_workers"}
+    parts = [f"dgzoo unlearn {config['source']} --forget {' '.join(config['forget'].split())}"]
+    for key, value in config.items():
+        if key in skip or value == defaults.get(key) or value in (None, {}):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, dict):
+            parts.append(flag + " " + " ".join(f"{k}={v}" for k, v in value.items()))
+        else:
+            parts.append(f"{flag} {value}")
+    return " \\\n    ".join(parts)
+
+
+def render_unlearn_card(results: dict[str, Any], repo_id: str | None = None,
+                        run_dir: str | Path | None = None) -> str:
+    """Render the card of an unlearned run; ``repo_id`` (when published) makes the usage code load from the Hub."""
+    from huggingface_hub import ModelCard
+
+    info = results["unlearning"]
+    load_id = repo_id or str(Path(run_dir).resolve() if run_dir else "path/to/run")
+    config = read_json(Path(run_dir) / "unlearn_config.json") if run_dir else None
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    gap = lambda v: "n/a" if v is None else f"{100 * v:+.1f}"  # noqa: E731
+    rows = [{"label": label, "unlearned": fmt(info["comparison"][key]["unlearned"]),
+             "original": fmt(info["comparison"][key]["original"]), "retrain": fmt(info["comparison"][key]["retrain"]),
+             "gap": gap(info["comparison"][key]["gap_to_retrain"])} for key, (label, _) in HEADLINE.items()]
+    attacks = info["evaluation"]["unlearned"]["attacks"]
+    source = info["source"]
+    card = ModelCard.from_template(
+        card_data(results, repo_id), template_path=str(template_path()),
+        model_title=repo_id.split("/")[-1] if repo_id else model_name(results),
+        backbone=results["backbone"], method=results["algorithm"], method_title=info["method_title"],
+        description=info["description"], forget_spec=info["forget_spec"], scenario=info["scenario"],
+        sizes=info["sizes"],
+        sure_validation=results["hparams"]["validation"] if results["algorithm"] == "sure" else None,
+        dataset_title=results["dataset"]["title"], dataset_repo=results["dataset"].get("repo_id"),
+        source_name=source.get("repo_id") or source["name"], source_is_hub=bool(source.get("repo_id")),
+        source_algorithm=source["algorithm"], source_steps=source["steps"],
+        source_domains=results["source_domains"], target_domains=results["target_domains"],
+        metric_rows=rows, has_reference=info["evaluation"]["retrain"] is not None,
+        attack_rows=[{"name": name, "description": info["attacks"][name], "n": attacks[name]["n"]}
+                     for name in attacks],
+        train_seconds=results["timing"]["train_seconds"], time_fraction=info["time_fraction_of_retrain"],
+        device=results["device"], num_processes=results["num_processes"], steps=results["steps"],
+        recipe_rows=list(results["hparams"].items()),
+        command=reproduce_command(config) if config else "",
+        diagnostics=json.dumps({k: v for k, v in results["diagnostics"].items() if k != "curve"}, indent=2),
+        load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{load_id}", load_id=load_id,
+        class_names=results["class_names"], seed=results["seed"], citations=results["citations"],
+        dgzoo_version=results["dgzoo_version"])
+    return str(card)
+
+
+def push_unlearned_run(run_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+                       token: str | None = None) -> str:
+    """Publish an unlearned run directory to ``repo_id`` with its unlearning card; return the commit URL."""
+    import huggingface_hub
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").exists() or not (run_dir / "model.safetensors").exists():
+        raise DGZooError(f"{run_dir} is not a finished unlearning run (no results.json or model.safetensors)")
+    results = read_json(run_dir / "results.json")
+    if results.get("kind") != "unlearning":
+        raise DGZooError(f"{run_dir} is a training run, not an unlearning run; publish it with `dgzoo push`")
+    card = render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir)
+    api = huggingface_hub.HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    operations = [huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
+    operations += [huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name))
+                   for name in PUBLISHED_FILES if (run_dir / name).exists()]
+    info = api.create_commit(repo_id, operations=operations, revision=revision,
+                             commit_message=f"dgzoo: unlearn {results['unlearning']['forget_spec']} with "
+                                            f"{results['algorithm']}")
+    return info.commit_url
