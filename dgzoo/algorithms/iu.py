@@ -1,0 +1,644 @@
+"""Identify and Unlearn (IU, IUE): post-epoch domain-specific gradient ascent that composes with any algorithm.
+
+Zhao et al., "Unlearning During Training: Domain-Specific Gradient Ascent for Domain Generalization"
+(ICLR 2026). After every epoch of the host algorithm (whose loss is never changed), with the network in eval
+mode so BatchNorm statistics stay put (research note ``iu.md`` A7):
+
+1. **USS** — score every source training sample with influence functions: generalisation ``G_x`` (against the
+   source validation split, A3) and complexity ``C_x`` (:mod:`.influence`), ``U_x = G_x^alpha / C_x`` (A2);
+   the lower-tail MAD outliers ``U_x < median - k MAD`` form the unlearning set ``D_u``. IUE thresholds an
+   exponential moving average of ``U_x`` per sample instead (A8).
+2. **DSCS** — per channel of the chosen layer (default: the features the classifier reads, A4), the variance
+   across source domains of the per-domain activation variances (IDV, A5); the upper-tail MAD outliers form
+   the domain-specific channels ``C_spc`` (A6).
+3. **DSGA** — one pass of plain gradient *ascent* on the cross-entropy of ``D_u`` that moves only the
+   parameter slices writing the channels in ``C_spc`` (A9, A10); the host optimizer's state is untouched.
+
+Every choice the paper leaves open is a hyperparameter below, named after the note's assumption. Under
+several processes every forward pass is sharded and gathered, and scores are broadcast from process 0, so the
+selections and the ascent are identical on every process.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import ConcatDataset, Subset
+
+from ..errors import DGZooError
+from ..models import classifier, features
+from .base import AddOn, EpochContext, HParam, Minibatches, register_addon
+from .influence import FunctionalLoss, chunks, kfac_head_influence, largest_eigenvalue, lissa
+
+logger = logging.getLogger("dgzoo")
+
+CITATION = """@inproceedings{zhao2026iclr-unlearning,
+  title     = {{Unlearning During Training: Domain-Specific Gradient Ascent for Domain Generalization}},
+  author    = {Zhao, Di and Zhang, Jingfeng and Hu, Hongsheng and Fournier-Viger, Philippe and Dobbie, Gillian and Koh, Yun Sing},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2026},
+  url       = {https://mlanthology.org/iclr/2026/zhao2026iclr-unlearning/}
+}"""
+
+
+# ----------------------------------------------------------------------------- selection rules
+
+
+def mad_outliers(values: torch.Tensor, k: float, tail: str) -> torch.Tensor:
+    """Boolean mask of the MAD outliers of ``values``: ``< median - k MAD`` (``tail='lower'``) or ``> median + k MAD``.
+
+    The raw median absolute deviation (no 1.4826 factor), as the paper's rule is stated; the median of an even
+    count is the mean of the two middle values.
+    """
+    median = values.quantile(0.5)
+    mad = (values - median).abs().quantile(0.5)
+    if tail == "lower":
+        return values < median - k * mad
+    if tail == "upper":
+        return values > median + k * mad
+    raise ValueError(f"tail must be 'lower' or 'upper', not {tail!r}")
+
+
+def inter_domain_variance(activations: Sequence[torch.Tensor], with_means: bool = False) -> torch.Tensor:
+    """IDV per channel: the variance across domains of each domain's activation variance.
+
+    ``activations[d]`` is ``[n_d, channels]`` (one scalar per sample and channel). Each domain counts once
+    whatever its size. As a reviewer noted, a channel with equal variances but different means across
+    domains gets IDV 0; ``with_means`` adds the across-domain variance of the means to catch it (not the
+    paper's metric).
+    """
+    variances = torch.stack([a.float().var(0, unbiased=False) for a in activations])
+    idv = variances.var(0, unbiased=False)
+    if with_means:
+        idv = idv + torch.stack([a.float().mean(0) for a in activations]).var(0, unbiased=False)
+    return idv
+
+
+def unlearning_scores(generalisation: torch.Tensor, complexity: torch.Tensor, alpha: float,
+                      transform: str = "minmax", eps: float = 1e-6) -> torch.Tensor:
+    """``U = G^alpha / C``; low means little help to validation for much complexity.
+
+    ``G`` can be negative, so ``transform='minmax'`` first rescales it to ``[eps, 1]`` over the training set
+    (note A2); ``'signed'`` uses ``sign(G) |G|^alpha`` instead.
+    """
+    g = generalisation.double()
+    if transform == "minmax":
+        g = eps + (1 - eps) * (g - g.min()) / (g.max() - g.min()).clamp_min(1e-30)
+        g = g ** alpha
+    elif transform == "signed":
+        g = g.sign() * g.abs() ** alpha
+    else:
+        raise ValueError(f"unknown G transform {transform!r}")
+    return (g / complexity.double().clamp_min(1e-30)).float()
+
+
+# ----------------------------------------------------------------------------- channels and their parameters
+
+
+@dataclass
+class ChannelSlice:
+    """Entries ``index`` of ``param`` along ``dim`` write channels ``channel`` of IU's layer."""
+
+    name: str
+    param: nn.Parameter
+    dim: int
+    index: torch.Tensor
+    channel: torch.Tensor
+
+    def selected(self, channel_mask: torch.Tensor) -> torch.Tensor:
+        """Positions along ``dim`` that write a selected channel."""
+        return self.index[channel_mask[self.channel]]
+
+
+def _writer(prefix: str, module: nn.Module, first_channel: int = 0) -> list[ChannelSlice]:
+    """Output-channel slices of a conv, linear, norm or layer-scale module (its weight/bias/gamma rows)."""
+    slices = []
+    for attr in ("weight", "bias", "gamma"):
+        p = getattr(module, attr, None)
+        if isinstance(p, nn.Parameter) and p.requires_grad:
+            rows = torch.arange(p.shape[0], device=p.device)
+            slices.append(ChannelSlice(f"{prefix}.{attr}", p, 0, rows, rows + first_channel))
+    return slices
+
+
+def _resnet_stage_writers(prefix: str, stage: nn.Module) -> list[ChannelSlice]:
+    """Note A9: every block's last conv + norm of the residual branch, and the shortcut's conv + norm."""
+    from timm.models.resnet import Bottleneck
+
+    slices = []
+    for name, block in stage.named_children():
+        last = ("conv3", "bn3") if isinstance(block, Bottleneck) else ("conv2", "bn2")
+        for attr in last:
+            slices += _writer(f"{prefix}.{name}.{attr}", getattr(block, attr))
+        if getattr(block, "downsample", None) is not None:
+            for sub, module in block.downsample.named_modules():
+                if isinstance(module, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
+                    slices += _writer(f"{prefix}.{name}.downsample.{sub}", module)
+    return slices
+
+
+def _vit_block_writers(prefix: str, block: nn.Module) -> list[ChannelSlice]:
+    """The residual-stream writers of a transformer block: attention and MLP output projections, layer scales."""
+    slices = _writer(f"{prefix}.attn.proj", block.attn.proj) + _writer(f"{prefix}.mlp.fc2", block.mlp.fc2)
+    for attr in ("ls1", "ls2"):
+        if hasattr(getattr(block, attr), "gamma"):
+            slices += _writer(f"{prefix}.{attr}", getattr(block, attr))
+    return slices
+
+
+def _densenet_block_writers(model: nn.Module, name: str) -> list[ChannelSlice]:
+    """A dense block concatenates its input with every layer's new channels: each channel has one writer."""
+    from timm.models.densenet import DenseTransition
+
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    children = list(parent.named_children())
+    position = [n for n, _ in children].index(child)
+    slices: list[ChannelSlice] = []
+    if position and isinstance(children[position - 1][1], DenseTransition):
+        previous = children[position - 1][0]
+        slices += _writer(f"{parent_name}.{previous}.conv", getattr(parent, previous).conv)
+        offset = getattr(parent, previous).conv.out_channels
+    else:
+        offset = next(layer.norm1.num_features for layer in model.get_submodule(name).children())
+    for layer_name, layer in model.get_submodule(name).named_children():
+        slices += _writer(f"{name}.{layer_name}.conv2", layer.conv2, offset)
+        offset += layer.conv2.out_channels
+    return slices
+
+
+class ChannelLayer:
+    """Where IU looks for domain-specific channels, and which parameter slices write each channel.
+
+    ``layer='auto'`` is the pooled feature vector the classifier reads (ResNet: GAP of ``layer4``; DenseNet:
+    GAP of ``features.norm5``; ViT: the final-norm class token), so its activations are the penultimate
+    features themselves. A module name (``layer3``, ``blocks.5``, ``features.denseblock3``) picks an earlier
+    stage; its output is reduced to one scalar per channel by spatial mean (CNNs, note A5) or the class token
+    (ViTs). ``include_head`` adds the classifier's input columns (only for ``auto``, note A9's variant).
+    """
+
+    def __init__(self, model: nn.Module, layer: str = "auto", include_head: bool = False):
+        from timm.models.densenet import DenseBlock, DenseNet
+        from timm.models.resnet import ResNet
+        from timm.models.vision_transformer import Block, VisionTransformer
+
+        self.model, self.layer = model, layer
+        self.module: nn.Module | None = None  # hooked module (None: the penultimate features)
+        if layer == "auto":
+            if isinstance(model, ResNet):
+                self.slices = _resnet_stage_writers("layer4", model.layer4)
+            elif isinstance(model, DenseNet):
+                last = [n for n, m in model.features.named_children() if isinstance(m, DenseBlock)][-1]
+                self.slices = (_densenet_block_writers(model, f"features.{last}")
+                               + _writer("features.norm5", model.features.norm5))
+            elif isinstance(model, VisionTransformer):
+                self.slices = _vit_block_writers(f"blocks.{len(model.blocks) - 1}", model.blocks[-1])
+                for norm in ("norm", "fc_norm"):
+                    self.slices += _writer(norm, getattr(model, norm))
+            else:
+                raise DGZooError(f"iu.layer=auto knows timm ResNet, DenseNet and VisionTransformer backbones, not "
+                                 f"{type(model).__name__}; use one of those backbones with +iu")
+            self.num_channels = model.num_features
+        else:
+            try:
+                module = model.get_submodule(layer)
+            except AttributeError:
+                raise DGZooError(f"iu.layer={layer!r} is not a module of {type(model).__name__}; use 'auto' or a "
+                                 f"stage name such as layer3, blocks.5 or features.denseblock3") from None
+            if isinstance(model, ResNet) and layer in ("layer1", "layer2", "layer3", "layer4"):
+                self.slices = _resnet_stage_writers(layer, module)
+            elif isinstance(model, VisionTransformer) and isinstance(module, Block):
+                self.slices = _vit_block_writers(layer, module)
+            elif isinstance(model, DenseNet) and isinstance(module, DenseBlock):
+                self.slices = _densenet_block_writers(model, layer)
+            else:
+                raise DGZooError(f"iu.layer={layer!r} is not a ResNet stage (layer1..layer4), a ViT block "
+                                 f"(blocks.N) or a DenseNet dense block (features.denseblockN)")
+            self.module = module
+            self.num_channels = 1 + max(int(s.channel.max()) for s in self.slices)
+        if include_head:
+            if layer != "auto":
+                raise DGZooError("iu.include_head=true needs iu.layer=auto: the head's columns are the channels of "
+                                 "the penultimate features only")
+            head = classifier(model)
+            columns = torch.arange(head.in_features, device=head.weight.device)
+            self.slices.append(ChannelSlice("head.weight", head.weight, 1, columns, columns))
+        self.uses_cls_token = getattr(model, "cls_token", None) is not None
+
+    def reduce(self, output: torch.Tensor) -> torch.Tensor:
+        """One scalar per sample and channel from the hooked module's output."""
+        if output.ndim == 4:
+            return output.float().mean((2, 3))
+        return (output[:, 0] if self.uses_cls_token else output.mean(1)).float()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The distinct parameters some slice belongs to, in slice order."""
+        seen: dict[int, nn.Parameter] = {}
+        for s in self.slices:
+            seen.setdefault(id(s.param), s.param)
+        return list(seen.values())
+
+
+def masked_ascent(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor], slices: Sequence[ChannelSlice] | None,
+                  channel_mask: torch.Tensor | None, lr: float) -> None:
+    """``theta += lr * grad`` on the slices writing selected channels only (every parameter when ``slices`` is None).
+
+    Other entries are not written at all, so they stay bit-identical; no optimizer (and no optimizer state)
+    is involved, as note A10 asks.
+    """
+    with torch.no_grad():
+        if slices is None:
+            for p, g in zip(params, grads):
+                p.add_(g.to(p.dtype), alpha=lr)
+            return
+        grad_of = {id(p): g for p, g in zip(params, grads)}
+        for s in slices:
+            index = s.selected(channel_mask)
+            if len(index):
+                s.param.index_add_(s.dim, index, grad_of[id(s.param)].index_select(s.dim, index).to(s.param.dtype),
+                                   alpha=lr)
+
+
+# ----------------------------------------------------------------------------- the add-on
+
+
+@dataclass
+class _Pool:
+    """The source domains' samples of one split, flattened: dataset index -> domain, table row, label."""
+
+    dataset: ConcatDataset
+    domain: torch.Tensor
+    rows: np.ndarray
+    labels: torch.Tensor
+
+    @classmethod
+    def of(cls, domains: Sequence[Any]) -> "_Pool":
+        return cls(ConcatDataset(domains),
+                   torch.cat([torch.full((len(ds),), d, dtype=torch.long) for d, ds in enumerate(domains)]),
+                   np.concatenate([np.asarray(ds.rows) for ds in domains]),
+                   torch.from_numpy(np.concatenate([ds.data.labels[ds.rows] for ds in domains])).long())
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class _Pass:
+    """What one eval-mode forward pass over a pool gives, for every sample (gathered across processes)."""
+
+    features: torch.Tensor  # [N, D] penultimate features
+    logits: torch.Tensor  # [N, classes]
+    activations: torch.Tensor | None  # [N, channels] at IU's layer
+
+
+@register_addon
+class IU(AddOn):
+    """Identify and Unlearn after every epoch (or every ``iu.every`` steps) of any host algorithm."""
+
+    name = "iu"
+    title = "Identify and Unlearn"
+    citation = CITATION
+    HPARAMS = {
+        "every": HParam(0, "run every N training steps; 0 = after every DomainBed epoch, ceil(min source-domain "
+                           "train size / batch size) steps (note A11)"),
+        "start_step": HParam(0, "no IU call before this step; the first call is at the end of epoch 1 (A11)"),
+        "mode": HParam("fast", "influence estimator: fast = closed-form Kronecker-factored influence on the "
+                               "classifier head; faithful = LiSSA inverse-HVPs with exact Hessian-vector products "
+                               "over iu.influence_params (A1)", choices=("fast", "faithful")),
+        "influence_params": HParam("all", "faithful mode's parameter set: every trainable parameter, or the "
+                                          "classifier head (A1)", choices=("all", "head")),
+        "damping": HParam(0.01, "Hessian damping lambda in H + lambda I, both modes (A1)"),
+        "lissa_depth": HParam(100, "LiSSA recursion depth T (A1; Koh & Liang use 100-1000)"),
+        "lissa_scale": HParam(0.0, "LiSSA scale s, which must exceed the Hessian's largest eigenvalue; 0 = 1.5 x "
+                                   "(a 20-step power-iteration estimate on the first Hessian minibatch + damping). "
+                                   "A1's s=25 diverges on networks as soon as they fit (A1)"),
+        "lissa_batch": HParam(256, "training samples per LiSSA Hessian minibatch (A1: 256-512)"),
+        "lissa_repeats": HParam(1, "independent LiSSA recursions averaged (A1)"),
+        "lissa_chunk": HParam(0, "vectors per vectorised LiSSA recursion (memory/speed only, results unchanged); "
+                                 "0 = 512 for the head, 8 for the whole network"),
+        "alpha": HParam(2.0, "exponent on G in U = G^alpha / C, against score-equivalence bias (A2: value not "
+                             "given by the paper)"),
+        "g_transform": HParam("minmax", "make G usable under the power: minmax = rescale to [1e-6, 1] over the "
+                                        "training set; signed = sign(G)|G|^alpha (A2)", choices=("minmax", "signed")),
+        "k": HParam(2.0, "MAD multiplier of both thresholds (stated: 2)"),
+        "layer": HParam("auto", "layer whose channels DSCS ranks and DSGA edits: auto = the features the classifier "
+                                "reads (A4), or a stage/block name (layer3, blocks.5, features.denseblock3)"),
+        "channel_score": HParam("idv", "idv = variance across domains of per-domain channel variances (paper); "
+                                       "idv+means also adds the variance of the per-domain means (a reviewer's "
+                                       "extension)", choices=("idv", "idv+means")),
+        "lr": HParam(1e-3, "DSGA ascent step size eta_u (A10: tune in 1e-4..1e-2)"),
+        "passes": HParam(1, "DSGA passes over the unlearning set (A10)"),
+        "batch_size": HParam(0, "DSGA minibatch size; 0 = the recipe's per-domain batch size (A10)"),
+        "include_head": HParam(False, "DSGA also edits the classifier's columns of the selected channels (A9 "
+                                      "variant)"),
+        "samples": HParam("unlearning_set", "ascend on the unlearning set, or on all training samples (the paper's "
+                                            "DSCS-only ablation)", choices=("unlearning_set", "all")),
+        "params": HParam("channels", "ascend on the selected channels' parameter slices, or on every trainable "
+                                     "parameter (the paper's USS-only ablation)", choices=("channels", "all")),
+    }
+
+    def __init__(self, host: Any, hparams: dict[str, Any], runtime: Any):
+        super().__init__(host, hparams, runtime)
+        self.module = host.module
+        self.layer = ChannelLayer(self.module, hparams["layer"], hparams["include_head"])
+        if not isinstance(classifier(self.module), nn.Linear):
+            raise DGZooError(f"+{self.name} needs a linear classifier head; {type(self.module).__name__}'s is "
+                             f"{type(classifier(self.module)).__name__}")
+        self.context: EpochContext | None = None
+        # The latest call's scores and choices, for inspection: dataset rows of D_u, channel indices of C_spc.
+        self.selected_rows: list[int] = []
+        self.selected_channels: list[int] = []
+        self.scores: torch.Tensor | None = None  # U (IUE: its average) of every training sample, by dataset row:
+        self.score_rows: list[int] = []  # ... the rows, in the same order
+        self.timings: dict[str, float] = {}  # the latest call's seconds per phase
+        self.calls = 0
+        self.ema: dict[int, float] = {}
+        self.history: list[dict[str, float]] = []
+
+    # -- events
+
+    def after_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+        every, done = self.hparams["every"], step + 1
+        # The source data arrive with the first epoch's end, so step-based calls start after epoch 1 (A11).
+        if every and done % every == 0 and done >= self.hparams["start_step"] and self.context is not None:
+            return self.unlearn(self.context, done)
+        return {}
+
+    def on_epoch_end(self, context: EpochContext) -> dict[str, float]:
+        self.context = context
+        if self.hparams["every"] or context.step < self.hparams["start_step"]:
+            return {}
+        return self.unlearn(context, context.step)
+
+    # -- one IU call
+
+    def unlearn(self, context: EpochContext, step: int) -> dict[str, float]:
+        """Run USS, DSCS and DSGA once on the model as it is now; return this call's diagnostics."""
+        hp, was_training = self.hparams, self.module.training
+        self.context = context
+        self.timings = {}
+        tick = time.perf_counter()
+        self.module.eval()
+        try:
+            train, val = _Pool.of(context.source_train), _Pool.of(context.source_val)
+            batch = context.batch_size * len(context.source_domains)
+            seen, val_seen = self._forward(train, batch), self._forward(val, batch)
+            self._lap("forward", tick)
+            chosen, channels, metrics = self._select(train, val, seen, val_seen)
+            self._lap("select", tick)
+            device = seen.logits.device
+            metrics["val_acc_before"] = _accuracy(val_seen.logits, val.labels)
+            if len(chosen):
+                metrics["unlearn_loss_before"] = F.cross_entropy(seen.logits[chosen.to(device)],
+                                                                 train.labels[chosen].to(device)).item()
+            if len(chosen) and (channels is None or channels.any()):
+                self._ascend(train, chosen, channels, hp["batch_size"] or context.batch_size)
+                self._lap("ascent", tick)
+                metrics["val_acc_after"] = _accuracy(self._forward(val, batch).logits, val.labels)
+                metrics["unlearn_loss_after"] = self._loss(train, chosen, batch)
+                self._lap("after", tick)
+            else:
+                metrics["val_acc_after"] = metrics["val_acc_before"]
+        finally:
+            self.module.train(was_training)
+        self.calls += 1
+        metrics["seconds"] = time.perf_counter() - tick
+        self.history.append({"step": step, **metrics})
+        if self.runtime.is_main_process:
+            edited = "all parameters" if channels is None else len(self.selected_channels)
+            logger.info("%s call %d (step %d): |D_u| %d, |C_spc| %s, source val %.4f -> %.4f, %.1f s", self.name,
+                        self.calls, step, len(chosen), edited, metrics["val_acc_before"], metrics["val_acc_after"],
+                        metrics["seconds"])
+        return metrics
+
+    def _lap(self, phase: str, tick: float) -> None:
+        """Seconds since ``tick`` minus the phases already timed (the benchmark's cost breakdown)."""
+        self.timings[phase] = time.perf_counter() - tick - sum(self.timings.values())
+
+    def _select(self, train: _Pool, val: _Pool, seen: _Pass,
+                val_seen: _Pass) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """USS and DSCS: dataset positions of D_u, the channel mask of C_spc (None: no mask), and diagnostics.
+
+        Both come out of process 0, so every process ascends on the same samples and channels.
+        """
+        hp, device, metrics = self.hparams, seen.logits.device, {}
+        if hp["samples"] == "all":
+            unlearn = torch.ones(len(train), dtype=torch.bool, device=device)
+        else:
+            if hp["mode"] == "fast":
+                g, c = kfac_head_influence(seen.features, seen.logits.softmax(1), train.labels.to(device),
+                                           val_seen.features, val_seen.logits.softmax(1), val.labels.to(device),
+                                           hp["damping"])
+            else:
+                g, c, metrics["lissa_scale"] = self._lissa_influence(train, val, seen, val_seen)
+            scores = self.runtime.broadcast(unlearning_scores(g, c, hp["alpha"], hp["g_transform"]))
+            self.scores, self.score_rows = self._smooth(scores, train.rows), train.rows.tolist()
+            unlearn = mad_outliers(self.scores, hp["k"], "lower")
+        chosen = self.runtime.broadcast(unlearn.to(torch.uint8)).bool().nonzero().flatten().cpu()
+        self.selected_rows = train.rows[chosen.numpy()].tolist()
+        metrics["unlearn_samples"] = float(len(chosen))
+        if hp["params"] == "all":
+            self.selected_channels = []
+            return chosen, None, metrics
+        domain = train.domain.to(device)
+        idv = inter_domain_variance([seen.activations[domain == d] for d in range(int(train.domain.max()) + 1)],
+                                    with_means=hp["channel_score"] == "idv+means")
+        channels = self.runtime.broadcast(mad_outliers(idv, hp["k"], "upper").to(torch.uint8)).bool()
+        self.selected_channels = channels.nonzero().flatten().tolist()
+        metrics["channels"] = float(len(self.selected_channels))
+        return chosen, channels, metrics
+
+    def _smooth(self, scores: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """Plain IU: the scores themselves. IUE overrides this with a per-sample moving average."""
+        return scores
+
+    # -- faithful influence (LiSSA)
+
+    def _lissa_influence(self, train: _Pool, val: _Pool, seen: _Pass,
+                         val_seen: _Pass) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(G, C, scale)`` by LiSSA over the chosen parameters; training samples are sharded across processes."""
+        hp, device = self.hparams, seen.logits.device
+        on_head = hp["influence_params"] == "head"
+        if on_head:
+            head = classifier(self.module)
+            loss = FunctionalLoss(head, [n for n, p in head.named_parameters() if p.requires_grad])
+
+            def inputs(pool: _Pool, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                feats = seen.features if pool is train else val_seen.features
+                return feats[index.to(device)], pool.labels[index].to(device)
+        else:
+            loss = FunctionalLoss(self.module, [n for n, p in self.module.named_parameters() if p.requires_grad])
+
+            def inputs(pool: _Pool, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return _load(pool.dataset, index, device)
+
+        chunk = hp["lissa_chunk"] or (512 if on_head else 8)
+        # The Hessian minibatches: one seeded draw per call, the same on every process and for every chunk.
+        generator = torch.Generator().manual_seed(self.calls)
+        hessian = torch.randint(len(train), (hp["lissa_depth"] * hp["lissa_repeats"], hp["lissa_batch"]),
+                                generator=generator)
+
+        def hvp(vectors: torch.Tensor, j: int) -> torch.Tensor:
+            return loss.hvp(*inputs(train, hessian[j]), vectors)
+
+        scale = hp["lissa_scale"] or 1.5 * (largest_eigenvalue(lambda v: hvp(v, 0), loss.numel, seed=self.calls,
+                                                                device=device) + hp["damping"])
+
+        def inverse_hvp(vectors: torch.Tensor) -> torch.Tensor:
+            return lissa(hvp, vectors, hp["lissa_depth"], scale, hp["damping"], hp["lissa_repeats"])
+
+        world, rank = self.runtime.num_processes, self.runtime.process_index
+        g_val = torch.zeros(loss.numel, device=device)
+        for part in chunks(len(val), chunk):
+            index = torch.arange(part.start, part.stop)[rank::world]
+            if len(index):
+                g_val += loss.grad_sum(*inputs(val, index))
+        s_val = inverse_hvp(self.runtime.all_reduce_mean(g_val).mul_(world)[None])[0]
+
+        mine = torch.arange(len(train))[rank::world]
+        generalisation, complexity = torch.zeros(len(train), device=device), torch.zeros(len(train), device=device)
+        for part in chunks(len(mine), chunk):
+            index = mine[part]
+            grads = loss.per_sample_grads(*inputs(train, index))
+            generalisation[index.to(device)] = grads @ s_val
+            complexity[index.to(device)] = inverse_hvp(grads).norm(dim=1)
+        return (self.runtime.all_reduce_mean(generalisation).mul_(world),
+                self.runtime.all_reduce_mean(complexity).mul_(world), scale)
+
+    # -- passes over the data
+
+    @torch.no_grad()
+    def _forward(self, pool: _Pool, batch_size: int) -> _Pass:
+        """Eval-mode features, logits and layer activations of every sample: each process does its share."""
+        world, rank = self.runtime.num_processes, self.runtime.process_index
+        mine = torch.arange(len(pool))[rank::world]
+        captured: list[torch.Tensor] = []
+        hook = (self.layer.module.register_forward_hook(lambda m, i, out: captured.append(self.layer.reduce(out)))
+                if self.layer.module is not None else None)
+        head = classifier(self.module)
+        feats, logits = [], []
+        try:
+            for x, _ in self.context.make_loader(Subset(pool.dataset, mine.tolist()), batch_size):
+                with self.runtime.autocast():
+                    f = features(self.module, x.to(self.runtime.device))
+                    logits.append(head(f).float())
+                feats.append(f.float())
+        finally:
+            if hook is not None:
+                hook.remove()
+        seen = _Pass(self._gather(feats, mine, len(pool), head.in_features),
+                     self._gather(logits, mine, len(pool), head.out_features), None)
+        seen.activations = (self._gather(captured, mine, len(pool), self.layer.num_channels)
+                            if self.layer.module is not None else seen.features)
+        return seen
+
+    def _gather(self, local: list[torch.Tensor], index: torch.Tensor, total: int, dim: int) -> torch.Tensor:
+        """Place this process's rows at their positions; sum over processes (the other rows are zero)."""
+        full = torch.zeros(total, dim, device=self.runtime.device)
+        if local:
+            full[index.to(full.device)] = torch.cat(local)
+        return self.runtime.all_reduce_mean(full).mul_(self.runtime.num_processes)
+
+    def _ascend(self, train: _Pool, chosen: torch.Tensor, channels: torch.Tensor | None, batch_size: int) -> None:
+        """DSGA: plain ascent on the mean cross-entropy of each minibatch of ``chosen``, masked to ``channels``."""
+        hp = self.hparams
+        world, rank = self.runtime.num_processes, self.runtime.process_index
+        if channels is None:
+            params, slices = [p for p in self.module.parameters() if p.requires_grad], None
+        else:
+            params, slices = self.layer.parameters(), self.layer.slices
+        for _ in range(hp["passes"]):
+            for part in chunks(len(chosen), batch_size):
+                mine = chosen[part][rank::world]
+                if len(mine):
+                    x, y = _load(train.dataset, mine, self.runtime.device)
+                    with self.runtime.autocast():
+                        logits = self.module(x)
+                    # The sum over this process's share / the global batch: summed over processes, the mean.
+                    objective = F.cross_entropy(logits.float(), y, reduction="sum") / (part.stop - part.start)
+                    grads = torch.autograd.grad(objective, params)
+                else:
+                    grads = [torch.zeros_like(p) for p in params]
+                if world > 1:
+                    flat = torch.cat([g.reshape(-1) for g in grads])
+                    self.runtime.all_reduce_mean(flat).mul_(world)
+                    grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
+                masked_ascent(params, grads, slices, channels, hp["lr"])
+
+    @torch.no_grad()
+    def _loss(self, pool: _Pool, index: torch.Tensor, batch_size: int) -> float:
+        """Mean cross-entropy over ``index`` (sharded; every process gets the global value)."""
+        world, rank = self.runtime.num_processes, self.runtime.process_index
+        total = torch.zeros(1, device=self.runtime.device)
+        mine = index[rank::world]
+        for part in chunks(len(mine), batch_size):
+            x, y = _load(pool.dataset, mine[part], self.runtime.device)
+            with self.runtime.autocast():
+                total += F.cross_entropy(self.module(x).float(), y, reduction="sum")
+        return (self.runtime.all_reduce_mean(total) * world / len(index)).item()
+
+    # -- state and diagnostics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "history": self.history,
+                "ema_rows": list(self.ema), "ema_values": list(self.ema.values())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = state.get("calls", 0)
+        self.history = list(state.get("history", []))
+        self.ema = dict(zip(state.get("ema_rows", []), state.get("ema_values", [])))
+
+    def summary(self) -> dict[str, Any]:
+        if not self.history:
+            return {"calls": 0}
+        mean = lambda key: float(np.mean([h[key] for h in self.history if key in h]))  # noqa: E731
+        out = {"calls": self.calls, "mode": self.hparams["mode"],
+               "mean_unlearn_samples": mean("unlearn_samples"),
+               "mean_val_acc_change": float(np.mean([h["val_acc_after"] - h["val_acc_before"] for h in self.history])),
+               "seconds": float(sum(h["seconds"] for h in self.history)), "history": self.history}
+        if any("channels" in h for h in self.history):
+            out["mean_channels"] = mean("channels")
+        return out
+
+
+@register_addon
+class IUE(IU):
+    """IU whose unlearning scores are smoothed per sample across calls with an exponential moving average."""
+
+    name = "iue"
+    title = "Identify and Unlearn with EMA scores"
+    HPARAMS = {
+        **IU.HPARAMS,
+        "beta": HParam(0.9, "EMA factor: U_ema = beta U_ema + (1 - beta) U, started at a sample's first score (A8)"),
+        "ema_normalize": HParam(True, "divide each call's scores by their median before averaging, so that the "
+                                      "drift of C's scale over training does not let one epoch dominate (A8)"),
+    }
+
+    def _smooth(self, scores: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        beta = self.hparams["beta"]
+        if self.hparams["ema_normalize"]:
+            scores = scores / scores.quantile(0.5).abs().clamp_min(1e-30)
+        current = scores.double().cpu().tolist()
+        smoothed = []
+        for row, value in zip(rows.tolist(), current):
+            previous = self.ema.get(row)
+            self.ema[row] = value if previous is None else beta * previous + (1 - beta) * value
+            smoothed.append(self.ema[row])
+        return torch.tensor(smoothed, dtype=torch.float32, device=scores.device)
+
+
+def _load(dataset: Any, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack samples ``index`` of ``dataset`` (eval transform) into one batch on ``device``."""
+    samples = [dataset[int(i)] for i in index]
+    return (torch.stack([x for x, _ in samples]).to(device),
+            torch.tensor([y for _, y in samples], dtype=torch.long, device=device))
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1).cpu() == labels).float().mean().item()
