@@ -267,14 +267,15 @@ class Report:
 
     def markdown(self) -> str:
         """All tables as Markdown, each captioned with its dataset, selection method and trial count."""
-        lines = [f"{self.run_count} finished runs. Accuracy (%) on held-out domains. " + SE_NOTE + ". Avg: the mean over held-out domains within "
-                 "each trial seed, then mean ± standard error; in the averages table the last column is the mean "
-                 f"over datasets. {MISSING}: no finished run.", ""]
+        lines = [f"{self.run_count} finished runs. Accuracy (%) on held-out domains. {SE_NOTE}. Avg: the mean over "
+                 "held-out domains within each trial seed, then mean ± standard error; in the averages table the last "
+                 f"column is the mean over datasets. {MISSING}: no finished run.", ""]
         for table in self.tables:
             lines += [f"### {table.title} ({_trials_label(table)})", "",
                       "| Algorithm | " + " | ".join(table.columns) + " |",
                       "|:--|" + "--:|" * len(table.columns)]
-            lines += ["| " + " | ".join([row, *(_format(c) for c in cells)]) + " |" for row, cells in table.rows.items()]
+            lines += ["| " + " | ".join([row, *(_format(c) for c in cells)]) + " |"
+                      for row, cells in table.rows.items()]
             lines.append("")
         lines += [f"- {note}" for note in self.notes]
         return "\n".join(lines).rstrip() + "\n"

@@ -227,8 +227,9 @@ class SweepSpec:
         train_fields = {f.name for f in fields(TrainConfig)}
         for key in search:
             if "." not in key and key not in train_fields:
-                raise DGZooError(f"search key '{key}' in {source} is neither a training setting{suggest(key, train_fields)}"
-                                 f" nor a namespaced algorithm hyperparameter (e.g. gga.rho)")
+                raise DGZooError(f"search key '{key}' in {source} is neither a training setting"
+                                 f"{suggest(key, train_fields)} nor a namespaced algorithm hyperparameter "
+                                 f"(e.g. gga.rho)")
             if key in SWEEP_FIELDS:
                 raise DGZooError(f"search key '{key}' in {source} is set by the sweep itself and cannot be searched")
         counts = {}

@@ -64,8 +64,8 @@ def test_training_domain_validation_picks_the_best_step_then_the_best_sample(tmp
 def test_leave_one_domain_out_validates_on_the_domain_the_pair_runs_held_out(tmp_path):
     # Held-out A. For each sample, the runs holding out {A,B} and {A,C} score a step by their accuracy on B and C.
     for hp, steps in ((0, ((1, 0.6, 0.6), (2, 0.9, 0.7))), (1, ((1, 0.5, 0.5), (2, 0.6, 0.6)))):
-        make_run(tmp_path, f"A-hp{hp}", ["A"], [{"step": s, "acc": acc(A=(0.1 * s + hp / 10, 0.5))} for s, _, _ in steps],
-                 lr=10.0 ** -hp)
+        make_run(tmp_path, f"A-hp{hp}", ["A"],
+                 [{"step": s, "acc": acc(A=(0.1 * s + hp / 10, 0.5))} for s, _, _ in steps], lr=10.0 ** -hp)
         make_run(tmp_path, f"AB-hp{hp}", ["A", "B"], [{"step": s, "acc": acc(B=(b, 0.0))} for s, b, _ in steps],
                  lr=10.0 ** -hp)
         make_run(tmp_path, f"AC-hp{hp}", ["A", "C"], [{"step": s, "acc": acc(C=(c, 0.0))} for s, _, c in steps],

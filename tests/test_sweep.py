@@ -6,48 +6,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 import yaml
 
 import dgzoo.engine
-from dgzoo.algorithms import ALGORITHMS, Algorithm, HParam, register_algorithm
 from dgzoo.cli import build_parser, main
 from dgzoo.config import config_from_args
 from dgzoo.errors import DGZooError
 from dgzoo.report import load_runs, report_dirs
-from dgzoo.sweep import (SweepSpec, Uniform, expand, parse_distribution, run_status, run_sweep, seed_hash,
-                         write_manifest)
+from dgzoo.sweep import SweepSpec, Uniform, expand, parse_distribution, run_status, run_sweep, seed_hash
 
 TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, checkpoint_every=1, batch_size=8, lr=3e-3,
             eval_batch_size=512, log_with="none", num_workers=0)
 
 
-class SmoothedERM(Algorithm):
-    """Test-only second algorithm: ERM with label smoothing (a hyperparameter of its own to search)."""
-
-    name = "test_smoothed_erm"
-    HPARAMS = {"smoothing": HParam(0.1, "label smoothing of the cross-entropy")}
-
-    def update(self, minibatches, step):
-        x = torch.cat([x for x, _ in minibatches])
-        y = torch.cat([y for _, y in minibatches])
-        loss = F.cross_entropy(self.model(x), y, label_smoothing=self.hparams["smoothing"])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.runtime.backward(loss)
-        self.step_optimizer()
-        return {"loss": loss.item()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def second_algorithm():
-    register_algorithm(SmoothedERM)
-    yield SmoothedERM.name
-    ALGORITHMS.pop(SmoothedERM.name)
-
-
 def spec(tmp_path, **values):
-    base = dict(datasets=["rotated-digits"], algorithms=["erm", "test_smoothed_erm"], output_dir=str(tmp_path / "sw"),
+    base = dict(datasets=["rotated-digits"], algorithms=["erm", "equilibrium"], output_dir=str(tmp_path / "sw"),
                 train=dict(TINY))
     base.update(values)
     return SweepSpec.from_dict(base)
@@ -55,8 +28,8 @@ def spec(tmp_path, **values):
 
 def test_grid_follows_domainbed_semantics(tmp_path):
     s = spec(tmp_path, test_domains="single_and_pairs", n_hparams=3, n_trials=2,
-             train={**TINY, "hparams": {"test_smoothed_erm.smoothing": 0.05}},
-             search={"test_smoothed_erm.smoothing": "U(0, 0.2)", "dropout": None})
+             train={**TINY, "hparams": {"equilibrium.alpha": 0.05}},
+             search={"equilibrium.alpha": "U(0, 0.2)", "dropout": None})
     runs = expand(s)
     assert len(runs) == 2 * 2 * (6 + 15) * 3  # trials x algorithms x (singles + pairs) x hparam samples
     assert [r.test_domains for r in runs[:6:3]] == [("0",), ("0", "15")]  # DomainBed's order: 0, 0+15, 0+30, ...
@@ -68,13 +41,13 @@ def test_grid_follows_domainbed_semantics(tmp_path):
         assert cfg.seed == seed_hash("rotated-digits", run.algorithm, list(run.test_domains), run.hparams_seed,
                                      run.trial_seed)
         if run.hparams_seed == 0:  # sample 0 is the recipe itself; its namespaced hparams reach their algorithm only
-            smoothing = {"test_smoothed_erm.smoothing": 0.05} if run.algorithm == "test_smoothed_erm" else {}
-            assert run.sampled == {} and (cfg.lr, cfg.batch_size, cfg.hparams) == (3e-3, 8, smoothing)
+            alpha = {"equilibrium.alpha": 0.05} if run.algorithm == "equilibrium" else {}
+            assert run.sampled == {} and (cfg.lr, cfg.batch_size, cfg.hparams) == (3e-3, 8, alpha)
         else:  # rotated-digits searches DomainBed's small-image distributions; dropout was removed from the search
             assert 10 ** -4.5 <= cfg.lr <= 10 ** -2.5 and 8 <= cfg.batch_size < 512 and cfg.dropout == 0.0
-            assert ("test_smoothed_erm.smoothing" in run.sampled) == (run.algorithm == "test_smoothed_erm")
+            assert ("equilibrium.alpha" in run.sampled) == (run.algorithm == "equilibrium")
     by_key = {(r.algorithm, r.test_domains, r.hparams_seed, r.trial_seed): r for r in runs}
-    a, b = by_key[("erm", ("0",), 1, 0)], by_key[("test_smoothed_erm", ("75",), 1, 0)]
+    a, b = by_key[("erm", ("0",), 1, 0)], by_key[("equilibrium", ("75",), 1, 0)]
     assert a.config.lr == b.config.lr and a.config.batch_size == b.config.batch_size  # paired draws
     assert by_key[("erm", ("0",), 1, 1)].config.lr != a.config.lr  # the trial seed enters the draws
     assert [r.config.to_dict() for r in expand(s)] == [r.config.to_dict() for r in runs]  # reproducible
@@ -99,8 +72,8 @@ def test_distributions_parse_and_sample_in_range():
     ({"train": {"stepz": 3}}, "unknown sweep spec train key 'stepz' (did you mean: steps?)"),
     ({"test_domains": ["90"]}, "test_domains names '90', not a domain of rotated-digits"),
     ({"test_domains": "pairs"}, "test_domains 'pairs' in sweep spec is not one of single, single_and_pairs"),
-    ({"search": {"lrr": "U(0, 1)"}}, "search key 'lrr' in sweep spec is neither a training setting (did you mean: lr?)"),
-    ({"search": {"test_smoothed_erm.smooth": "U(0, 1)"}}, "test_smoothed_erm has no hyperparameter 'smooth'"),
+    ({"search": {"lrr": "U(0, 1)"}}, "search key 'lrr' in sweep spec is neither a training setting (did you mean"),
+    ({"search": {"equilibrium.alpah": "U(0, 1)"}}, "equilibrium has no hyperparameter 'alpah' (did you mean: alpha?)"),
     ({"train": {"hparams": {"gga2.rho": 1}}}, "hparam 'gga2.rho': 'gga2' is not part of any algorithm of the sweep"),
     ({"n_trials": 0}, "must be >= 1"),
 ])
@@ -113,8 +86,8 @@ def test_bad_specs_fail_before_anything_runs(tmp_path, values, message):
 
 def test_printed_commands_rebuild_the_planned_runs(tmp_path, capsys):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
-        "datasets": ["rotated-digits"], "algorithms": ["erm", "test_smoothed_erm"], "test_domains": ["75", ["0", "15"]],
-        "n_hparams": 2, "n_trials": 1, "train": TINY, "search": {"test_smoothed_erm.smoothing": "U(0, 0.2)"}}))
+        "datasets": ["rotated-digits"], "algorithms": ["erm", "equilibrium"], "test_domains": ["75", ["0", "15"]],
+        "n_hparams": 2, "n_trials": 1, "train": TINY, "search": {"equilibrium.alpha": "U(0, 0.2)"}}))
     assert main(["sweep", str(tmp_path / "spec.yaml"), "--launcher", "print",
                  "--output-dir", str(tmp_path / "sw")]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -129,19 +102,21 @@ def test_printed_commands_rebuild_the_planned_runs(tmp_path, capsys):
         assert config_from_args(parser.parse_args(["train", *words[3:]])).to_dict() == run.config.to_dict()
     manifest = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert [r["run_dir"] for r in manifest["runs"]] == [r.output_dir.name for r in planned]
-    assert manifest["spec"]["search"] == {"test_smoothed_erm.smoothing": "U(0, 0.2)"}
+    assert manifest["spec"]["search"] == {"equilibrium.alpha": "U(0, 0.2)"}
 
 
 def test_dry_run_lists_runs_and_search_spaces_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
-        "datasets": ["rotated-digits"], "algorithms": ["erm", "test_smoothed_erm"], "test_domains": ["75"],
+        "datasets": ["rotated-digits"], "algorithms": ["erm", "equilibrium"], "test_domains": ["75"],
         "n_hparams": 2, "n_trials": 1, "output_dir": str(tmp_path / "sw"), "train": TINY}))
     assert main(["sweep", str(tmp_path / "spec.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "4 runs: 0 done, 0 to resume, 0 to restart, 4 to start" in out
     assert ("search space of erm on rotated-digits: lr 10**U(-4.5, -2.5), batch_size int(2**U(3, 9)), "
             "dropout choice(0.0, 0.1, 0.5)") in out
-    assert "not searched (every sample keeps the recipe's value): test_smoothed_erm.smoothing" in out
+    [unsearched] = [line for line in out.splitlines() if "not searched" in line]
+    assert "(every sample keeps the recipe's value): equilibrium.domains," in unsearched
+    assert "equilibrium.alpha" in unsearched
     assert "rotated-digits-erm-75-hp0-trial0  (defaults)" in out
     assert not (tmp_path / "sw").exists()
 
@@ -170,10 +145,10 @@ class SimulatedKill(BaseException):
 
 
 @pytest.fixture(scope="module")
-def interrupted_sweep(tmp_path_factory, second_algorithm):
-    """2 algorithms x 2 held-out domains x 2 trial seeds on rotated-digits, killed during its 3rd run, then rerun."""
+def interrupted_sweep(tmp_path_factory):
+    """erm and pcgrad x 2 held-out domains x 2 trial seeds on rotated-digits, killed in its 3rd run, then rerun."""
     tmp = tmp_path_factory.mktemp("sweep")
-    s = spec(tmp, test_domains=["0", "75"], n_trials=2)
+    s = spec(tmp, algorithms=["erm", "pcgrad"], test_domains=["0", "75"], n_trials=2)
     planned = expand(s)
     victim = planned[2].output_dir
     save_checkpoint, train = dgzoo.engine._save_checkpoint, dgzoo.engine.train
@@ -226,7 +201,7 @@ def test_report_of_a_real_sweep_has_the_right_shape_and_numbers(interrupted_swee
         ("oracle", "rotated-digits"), ("oracle", None)]
     assert any("single_and_pairs" in note for note in report.notes)  # no pairs: no leave-one-domain-out table
     table = report.tables[0]
-    assert table.columns == ["0", "75", "Avg"] and list(table.rows) == ["erm", "test_smoothed_erm"]
+    assert table.columns == ["0", "75", "Avg"] and list(table.rows) == ["erm", "pcgrad"]
     markdown = report.markdown()
     for algorithm, cells in table.rows.items():
         per_domain = []
