@@ -271,3 +271,17 @@ def test_unlearning_a_hub_repo_and_pushing_the_result(trained_run, hub_server, t
     report = json.loads(out.strip().splitlines()[-1])
     assert report["source"]["repo_id"] == source_repo and report["base_model"] == source_repo
     assert report["hub_load"] and report["classes"] == 10
+
+
+def test_cli_forget_flags_combine_and_the_card_repeats_them():
+    from dgzoo.cli import build_parser
+    from dgzoo.unlearning.card import reproduce_command
+    from dgzoo.unlearning.cli import config_from_args
+
+    args = build_parser().parse_args(["unlearn", "--forget", "class=3", "runs/x", "--forget", "domain=15",
+                                      "--hparams", "lambda=0.5"])
+    cfg = config_from_args(args)
+    assert (cfg.source, cfg.forget, cfg.hparams) == ("runs/x", "class=3 domain=15", {"lambda": 0.5})
+    assert parse_forget_spec(cfg.forget).scenario == "class-in-domain"
+    command = reproduce_command(cfg.to_dict())
+    assert command.startswith("dgzoo unlearn runs/x --forget class=3 --forget domain=15") and "lambda=0.5" in command

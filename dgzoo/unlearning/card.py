@@ -68,7 +68,8 @@ def reproduce_command(config: dict[str, Any]) -> str:
     """The ``dgzoo unlearn`` command that repeats the run: every setting that differs from the defaults."""
     defaults = UnlearnConfig(source="", forget="").to_dict()
     skip = {"source", "forget", "output_dir", "overwrite", "push_to_hub", "hub_private", "num_workers"}
-    parts = [f"dgzoo unlearn {config['source']} --forget {' '.join(config['forget'].split())}"]
+    clauses = " ".join(f"--forget {clause}" for clause in config["forget"].replace(";", " ").split())
+    parts = [f"dgzoo unlearn {config['source']} {clauses}"]
     for key, value in config.items():
         if key in skip or value == defaults.get(key) or value in (None, {}):
             continue

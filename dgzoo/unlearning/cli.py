@@ -21,9 +21,10 @@ EXAMPLES = """examples:
 def add_unlearn_arguments(parser: argparse.ArgumentParser) -> None:
     """Every ``dgzoo unlearn`` flag. Unset optional values fall back to the source run's recipe."""
     parser.add_argument("source", help="run directory or Hub repo id of a finished dgzoo run")
-    parser.add_argument("--forget", required=True, nargs="+", metavar="CLAUSE",
+    parser.add_argument("--forget", required=True, action="append", metavar="CLAUSE",
                         help="what to forget: class=C, class=C:FRACTION, domain=D, indices=I,J,K-L, "
-                             "indices-file=PATH (class and domain clauses intersect)")
+                             "indices-file=PATH; repeat the flag to intersect class and domain clauses "
+                             "(--forget class=3 --forget domain=15)")
     parser.add_argument("--method", default="sure", choices=METHOD_CHOICES,
                         help="unlearning method; retrain is the gold standard (default: sure)")
     parser.add_argument("--revision", help="revision of a Hub source (branch, tag or commit sha)")
