@@ -42,7 +42,7 @@ from ..export import atomic_write_text, check_output_dir, clear_run_dir, read_js
 from ..models import create_backbone, data_config, freeze_batchnorm
 from .evaluation import ATTACKS, accuracy, attacks, collect, per_group_accuracy
 from .forget import UnlearningData, parse_forget_spec, split_for_unlearning
-from .methods import METHOD_CHOICES, METHODS, RETRAIN_TITLE, resolve_method_hparams
+from .methods import METHODS, RETRAIN_TITLE, resolve_method_hparams
 
 logger = logging.getLogger("dgzoo.unlearning")
 
