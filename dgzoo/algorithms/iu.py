@@ -337,6 +337,8 @@ class IU(AddOn):
         "batch_size": HParam(0, "DSGA minibatch size; 0 = the recipe's per-domain batch size (A10)"),
         "include_head": HParam(False, "DSGA also edits the classifier's columns of the selected channels (A9 "
                                       "variant)"),
+        "val_after": HParam(True, "measure source-val accuracy and the D_u loss again after the ascent (diagnostics "
+                                  "only; one more forward pass over the validation split)"),
         "samples": HParam("unlearning_set", "ascend on the unlearning set, or on all training samples (the paper's "
                                             "DSCS-only ablation)", choices=("unlearning_set", "all")),
         "params": HParam("channels", "ascend on the selected channels' parameter slices, or on every trainable "
@@ -380,41 +382,52 @@ class IU(AddOn):
 
     def unlearn(self, context: EpochContext, step: int) -> dict[str, float]:
         """Run USS, DSCS and DSGA once on the model as it is now; return this call's diagnostics."""
-        hp, was_training = self.hparams, self.module.training
-        self.context = context
-        self.timings = {}
+        was_training = self.module.training
+        self.context, self.timings = context, {}
         tick = time.perf_counter()
         self.module.eval()
         try:
-            train, val = _Pool.of(context.source_train), _Pool.of(context.source_val)
-            batch = context.batch_size * len(context.source_domains)
-            seen, val_seen = self._forward(train, batch), self._forward(val, batch)
-            self._lap("forward", tick)
-            chosen, channels, metrics = self._select(train, val, seen, val_seen)
-            self._lap("select", tick)
-            device = seen.logits.device
-            metrics["val_acc_before"] = _accuracy(val_seen.logits, val.labels)
-            if len(chosen):
-                metrics["unlearn_loss_before"] = F.cross_entropy(seen.logits[chosen.to(device)],
-                                                                 train.labels[chosen].to(device)).item()
-            if len(chosen) and (channels is None or channels.any()):
-                self._ascend(train, chosen, channels, hp["batch_size"] or context.batch_size)
-                self._lap("ascent", tick)
-                metrics["val_acc_after"] = _accuracy(self._forward(val, batch).logits, val.labels)
-                metrics["unlearn_loss_after"] = self._loss(train, chosen, batch)
-                self._lap("after", tick)
-            else:
-                metrics["val_acc_after"] = metrics["val_acc_before"]
+            metrics = self._unlearn(context, tick)
         finally:
             self.module.train(was_training)
         self.calls += 1
         metrics["seconds"] = time.perf_counter() - tick
         self.history.append({"step": step, **metrics})
-        if self.runtime.is_main_process:
-            edited = "all parameters" if channels is None else len(self.selected_channels)
-            logger.info("%s call %d (step %d): |D_u| %d, |C_spc| %s, source val %.4f -> %.4f, %.1f s", self.name,
-                        self.calls, step, len(chosen), edited, metrics["val_acc_before"], metrics["val_acc_after"],
-                        metrics["seconds"])
+        if self.runtime.is_main_process and "skipped" in metrics:
+            logger.warning("%s call %d (step %d) skipped: the model's outputs are not finite (the host diverged, or "
+                           "an earlier ascent did: lower %s.lr)", self.name, self.calls, step, self.name)
+        elif self.runtime.is_main_process:
+            edited = "all parameters" if "channels" not in metrics else len(self.selected_channels)
+            after = f" -> {metrics['val_acc_after']:.4f}" if "val_acc_after" in metrics else ""
+            logger.info("%s call %d (step %d): |D_u| %d, |C_spc| %s, source val %.4f%s, %.1f s", self.name, self.calls,
+                        step, len(self.selected_rows), edited, metrics["val_acc_before"], after, metrics["seconds"])
+        return metrics
+
+    def _unlearn(self, context: EpochContext, tick: float) -> dict[str, float]:
+        hp = self.hparams
+        train, val = _Pool.of(context.source_train), _Pool.of(context.source_val)
+        batch = context.batch_size * len(context.source_domains)
+        seen, val_seen = self._forward(train, batch), self._forward(val, batch)
+        self._lap("forward", tick)
+        if not (torch.isfinite(seen.logits).all() and torch.isfinite(val_seen.logits).all()):
+            self.selected_rows, self.selected_channels = [], []
+            return {"skipped": 1.0}
+        chosen, channels, metrics = self._select(train, val, seen, val_seen)
+        self._lap("select", tick)
+        device = seen.logits.device
+        metrics["val_acc_before"] = _accuracy(val_seen.logits, val.labels)
+        if len(chosen):
+            metrics["unlearn_loss_before"] = F.cross_entropy(seen.logits[chosen.to(device)],
+                                                             train.labels[chosen].to(device)).item()
+        if len(chosen) and (channels is None or channels.any()):
+            self._ascend(train, chosen, channels, hp["batch_size"] or context.batch_size)
+            self._lap("ascent", tick)
+            if hp["val_after"]:
+                metrics["val_acc_after"] = _accuracy(self._forward(val, batch).logits, val.labels)
+                metrics["unlearn_loss_after"] = self._loss(train, chosen, batch)
+                self._lap("after", tick)
+        elif hp["val_after"]:
+            metrics["val_acc_after"] = metrics["val_acc_before"]
         return metrics
 
     def _lap(self, phase: str, tick: float) -> None:
@@ -595,15 +608,17 @@ class IU(AddOn):
         self.ema = dict(zip(state.get("ema_rows", []), state.get("ema_values", [])))
 
     def summary(self) -> dict[str, Any]:
-        if not self.history:
-            return {"calls": 0}
-        mean = lambda key: float(np.mean([h[key] for h in self.history if key in h]))  # noqa: E731
-        out = {"calls": self.calls, "mode": self.hparams["mode"],
-               "mean_unlearn_samples": mean("unlearn_samples"),
-               "mean_val_acc_change": float(np.mean([h["val_acc_after"] - h["val_acc_before"] for h in self.history])),
+        def mean(values: list[float]) -> float | None:
+            return float(np.mean(values)) if values else None
+
+        calls = [h for h in self.history if "skipped" not in h]
+        out = {"calls": self.calls, "skipped": len(self.history) - len(calls), "mode": self.hparams["mode"],
+               "mean_unlearn_samples": mean([h["unlearn_samples"] for h in calls]),
+               "mean_val_acc_change": mean([h["val_acc_after"] - h["val_acc_before"] for h in calls
+                                            if "val_acc_after" in h]),
                "seconds": float(sum(h["seconds"] for h in self.history)), "history": self.history}
-        if any("channels" in h for h in self.history):
-            out["mean_channels"] = mean("channels")
+        if self.hparams["params"] == "channels":
+            out["mean_channels"] = mean([h["channels"] for h in calls])
         return out
 
 
