@@ -43,15 +43,15 @@ def assert_same_state(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("batchnorm", ["restore", "eval"])
-def test_rho_zero_trains_exactly_the_host(batchnorm):
+@pytest.mark.parametrize("host,batchnorm", [("erm", "restore"), ("erm", "eval"), ("equilibrium", "restore")])
+def test_rho_zero_trains_exactly_the_host(host, batchnorm):
     # Training-mode BatchNorm and dropout: the search's extra passes must leave the running statistics and the
     # host's random stream (its dropout masks) exactly as they would be without GGA.
     window = {"gga.start": 0, "gga.end": 2, "gga.candidates": 4, "gga.rho": 0.0, "gga.batchnorm": batchnorm}
-    erm, _, erm_metrics = train("erm", dropout=0.3)
-    gga, algorithm, gga_metrics = train("erm+gga", window, dropout=0.3)
-    assert_same_state(snapshot(erm), snapshot(gga))
-    assert [m["loss"] for m in erm_metrics] == [m["loss"] for m in gga_metrics]
+    alone, _, host_metrics = train(host, dropout=0.3)
+    gga, algorithm, gga_metrics = train(f"{host}+gga", window, dropout=0.3)
+    assert_same_state(snapshot(alone), snapshot(gga))
+    assert [m["loss"] for m in host_metrics] == [m["loss"] for m in gga_metrics]
     assert algorithm.summary()["gga"]["annealed_steps"] == 3
 
 
@@ -200,8 +200,8 @@ def test_gga_l_noise_is_scaled_by_the_domain_disagreement_on_every_parameter():
 def run_recipe(output_dir, nproc):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     args = ["--backbone", "test_resnet", "--steps", "5", "--eval-every", "5", "--batch-size", "8", "--log-with",
-            "none", "--num-workers", "0", "--freeze-bn", "--algorithm", "erm+gga", "--output-dir", str(output_dir),
-            "--hparams", "gga.start=1", "gga.end=3", "gga.candidates=5", "gga.rho=2e-3"]
+            "none", "--num-workers", "0", "--freeze-bn", "--algorithm", "erm+gga+gga_l", "--output-dir",
+            str(output_dir), "--hparams", "gga.start=1", "gga.end=3", "gga.candidates=5", "gga.rho=2e-3"]
     cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / "recipes" / "train.py"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -209,6 +209,7 @@ def run_recipe(output_dir, nproc):
 
 
 def test_two_processes_take_the_same_decisions_as_one(tmp_path):
+    # GGA-L rides along: its noise must be drawn identically on both processes, or the replicas would drift apart.
     from safetensors.torch import load_file
 
     one, two = run_recipe(tmp_path / "one", 1), run_recipe(tmp_path / "two", 2)
@@ -224,7 +225,10 @@ def test_two_processes_take_the_same_decisions_as_one(tmp_path):
         assert torch.allclose(weights_one[key].float(), weights_two[key].float(), atol=1e-5), key
     record = json.loads((tmp_path / "one" / "records.jsonl").read_text().splitlines()[-1])
     assert {"gga/accepted", "gga/score_before", "gga/score_after", "gga/loss_before", "gga/loss_after"} <= set(record)
-    assert one["hparams"]["gga.candidates"] == 5 and one["algorithm"] == "erm+gga"
+    assert one["hparams"]["gga.candidates"] == 5 and one["algorithm"] == "erm+gga+gga_l"
+    assert one["diagnostics"]["gga_l"]["steps"] == 5
+    assert one["diagnostics"]["gga_l"]["mean_similarity"] == pytest.approx(
+        two["diagnostics"]["gga_l"]["mean_similarity"], abs=1e-5)
 
 
 @pytest.mark.parametrize("name", ["pacs", "vlcs", "office_home", "terra_incognita", "domainnet"])
