@@ -358,9 +358,12 @@ class Report:
                 ax.set_title(SELECTION_TITLES[table.method], fontsize=9)
                 ax.set_ylim(0, 100)
             axes[0][0].set_ylabel("held-out accuracy (%), ± standard error")
-            axes[0][-1].legend(fontsize=8, loc="lower right")
+            # The legend goes under the panels, where it can cover no bar whatever the accuracies.
+            handles, labels = axes[0][0].get_legend_handles_labels()
+            columns = min(len(labels), 4)
+            fig.legend(handles, labels, loc="lower center", ncols=columns, fontsize=8, frameon=False)
             fig.suptitle(tables[0].title.rpartition(" — ")[0], fontsize=10)
-            fig.tight_layout()
+            fig.tight_layout(rect=(0, 0.02 + 0.06 * math.ceil(len(labels) / columns), 1, 1))
             path = out_dir / f"accuracy_{_slug(dataset)}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
