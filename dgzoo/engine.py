@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -126,7 +126,7 @@ def _trackers(cfg: TrainConfig) -> list[str] | None:
     return [t.strip() for t in cfg.log_with.split(",") if t.strip()]
 
 
-def _multiprocess_cpu() -> bool:
+def multiprocess_cpu() -> bool:
     """Several processes launched (torchrun / accelerate launch) on a machine without an accelerator.
 
     Accelerate only forms a gloo process group on CPU when asked to, otherwise each process would silently
@@ -136,20 +136,44 @@ def _multiprocess_cpu() -> bool:
     return not has_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _create_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def create_accelerator(mixed_precision: str, log_with: list[str] | None = None,
+                       project_dir: Path | None = None) -> Any:
+    """An ``accelerate.Accelerator`` for one run of this process (training or unlearning).
+
+    Accelerate keeps its settings in a process-wide singleton; a previous run in this process (a sweep, a test,
+    a notebook) may have used other ones, so they are reset first, keeping the process group (PartialState).
+    Tracker logs go to ``project_dir/logs``.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    project = (ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs"))
+               if project_dir is not None else None)
+    return Accelerator(cpu=multiprocess_cpu(), mixed_precision=mixed_precision, log_with=log_with,
+                       project_config=project)
 
 
-def _lr_lambda(schedule: str, steps: int):
+def create_optimizer(params: Any, optimizer: str, lr: float, weight_decay: float = 0.0,
+                     momentum: float = 0.9) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (with momentum) over ``params``."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_lambda(schedule: str, steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step: constant, or cosine from 1 to 0 over ``steps``."""
     if schedule == "cosine":
         return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
     return lambda step: 1.0
 
 
-def _setup_logging(is_main: bool, output_dir: Path) -> None:
+def setup_logging(is_main: bool, logfile: Path) -> None:
+    """Log to stdout (main process; others only warnings) and, on the main process, to ``logfile``."""
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -157,12 +181,13 @@ def _setup_logging(is_main: bool, output_dir: Path) -> None:
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     if is_main:
-        logfile = logging.FileHandler(output_dir / "train.log")
-        logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(logfile)
+        handler = logging.FileHandler(logfile)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """A readable name of the device a run used (for results.json and the card)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
@@ -170,22 +195,14 @@ def _device_name(device: torch.device) -> str:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, evaluate and export one run as described by ``cfg``; return its results.json content."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     plan = plan_run(cfg)
     out = plan.output_dir
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
 
-    # Accelerate keeps its settings in a process-wide singleton; a previous run in this process (a sweep, a test,
-    # a notebook) may have used other ones. Reset them, keeping the process group (PartialState) intact.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    accelerator = Accelerator(
-        cpu=_multiprocess_cpu(), mixed_precision=cfg.mixed_precision, log_with=_trackers(cfg),
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    accelerator = create_accelerator(cfg.mixed_precision, _trackers(cfg), out)
     if cfg.batch_size % accelerator.num_processes:
         raise DGZooError(f"--batch-size {cfg.batch_size} (per domain, global) must be divisible by the "
                          f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}")
@@ -195,7 +212,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "train_config.json", dump_config(cfg))
     accelerator.wait_for_everyone()
-    _setup_logging(accelerator.is_main_process, out)
+    setup_logging(accelerator.is_main_process, out / "train.log")
     from .runtime import AccelerateRuntime
 
     runtime = AccelerateRuntime(accelerator)
@@ -223,9 +240,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))} for d in data.domains}
 
     # -- optimisation
-    optimizer = _create_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    optimizer = create_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.lr,
+                                 cfg.weight_decay, cfg.momentum)
     model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.lr_schedule, cfg.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.steps))
     algorithm = create_algorithm(cfg.algorithm, model, optimizer, len(sources), cfg.hparams, runtime)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, algorithm, state)
@@ -402,7 +420,7 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Any,
         "timing": {"train_seconds": state.train_seconds,
                    "images_per_second": state.images / max(state.train_seconds, 1e-9),
                    "train_images": state.images, "steps_per_second": state.step / max(state.train_seconds, 1e-9)},
-        "num_processes": accelerator.num_processes, "device": _device_name(accelerator.device),
+        "num_processes": accelerator.num_processes, "device": device_name(accelerator.device),
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

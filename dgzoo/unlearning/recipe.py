@@ -18,10 +18,7 @@ import hashlib
 import json
 import logging
 import math
-import os
-import platform
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -37,6 +34,7 @@ from ..algorithms import EpochContext, create_algorithm, parse_algorithm, resolv
 from ..config import OPTIMIZERS, PRECISIONS, TrainConfig
 from ..data import (DGDataset, DomainImages, eval_loader, eval_transform, load_dg_dataset, make_splits, seed_hash,
                     train_loader, train_transform)
+from ..engine import create_accelerator, create_optimizer, device_name, lr_lambda, setup_logging
 from ..errors import DGZooError
 from ..export import atomic_write_text, check_output_dir, clear_run_dir, read_json, save_model, write_json
 from ..models import create_backbone, data_config, freeze_batchnorm
@@ -285,12 +283,11 @@ def _default_output_dir(cfg: UnlearnConfig, spec_text: str) -> str:
 
 def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
     """Unlearn ``cfg.forget`` from ``cfg.source`` with ``cfg.method``; write the run directory, return results."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     plan = plan_unlearning(cfg)
     out, settings, data = plan.output_dir, plan.settings, plan.data
-    accelerator = Accelerator(cpu=_multiprocess_cpu(), mixed_precision=cfg.mixed_precision)
+    accelerator = create_accelerator(cfg.mixed_precision)
     for key in ("batch_size", "retain_batch_size", "forget_batch_size"):
         if key in settings and settings[key] % accelerator.num_processes:
             raise DGZooError(f"--{key.replace('_', '-')} {settings[key]} must be divisible by the "
@@ -303,7 +300,7 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "unlearn_config.json", cfg.to_dict())
     accelerator.wait_for_everyone()
-    _setup_logging(accelerator.is_main_process, out)
+    setup_logging(accelerator.is_main_process, out / "unlearn.log")
     logger.info("dgzoo %s | unlearn %s from %s with %s (%s)", __version__, plan.sets.description,
                 plan.source.name, cfg.method, plan.sets.spec.scenario)
 
@@ -362,7 +359,7 @@ def _unlearn(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any],
     if settings["freeze_bn"]:
         freeze_batchnorm(model)
     method = METHODS[cfg.method](model, plan.data.num_classes, plan.method_hparams)
-    optimizer = _create_optimizer(settings, method.param_groups(settings["lr"]))
+    optimizer = _optimizer(settings, method.param_groups(settings["lr"]))
     network, optimizer = accelerator.prepare(method, optimizer)
     train_tf = train_transform(preprocessing, plan.augment)
     steps, seed = settings["steps"], settings["seed"]
@@ -420,12 +417,10 @@ def _retrain(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any],
     unseen = np.union1d(plan.sets.validation, plan.sets.test)
     epoch_train = [DomainImages(data, of_domain(plan.sets.retain, d), eval_tf, d) for d in domains]
     epoch_val = [DomainImages(data, of_domain(unseen, d), eval_tf, d) for d in domains]
-    optimizer = _create_optimizer(settings, [p for p in model.parameters() if p.requires_grad])
+    optimizer = _optimizer(settings, [p for p in model.parameters() if p.requires_grad])
     model, optimizer = accelerator.prepare(model, optimizer)
     steps = settings["steps"]
-    schedule = (lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps))) \
-        if settings["lr_schedule"] == "cosine" else (lambda s: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings["lr_schedule"], steps))
     algorithm = create_algorithm(tc.algorithm, model, optimizer, len(domains), tc.hparams,
                                  AccelerateRuntime(accelerator))
     batch_size = settings["batch_size"]
@@ -452,18 +447,13 @@ def _retrain(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any],
     return accelerator.unwrap_model(model), _timing(seconds, steps * batch_size * len(domains), steps), diagnostics
 
 
-def _create_optimizer(settings: dict[str, Any], params: Any) -> torch.optim.Optimizer:
-    lr, wd = settings["lr"], settings["weight_decay"]
-    if settings["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=settings["momentum"], weight_decay=wd)
-    return (torch.optim.AdamW if settings["optimizer"] == "adamw" else torch.optim.Adam)(params, lr=lr,
-                                                                                        weight_decay=wd)
 
 
-def _multiprocess_cpu() -> bool:
-    """Several processes and no accelerator: ask Accelerate for a gloo process group (as the engine does)."""
-    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return not has_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _optimizer(settings: dict[str, Any], params: Any) -> torch.optim.Optimizer:
+    return create_optimizer(params, settings["optimizer"], settings["lr"], settings["weight_decay"],
+                            settings.get("momentum", 0.9))
 
 
 def _timing(seconds: float, images: int, steps: int) -> dict[str, float]:
@@ -580,29 +570,14 @@ def _results(plan: UnlearnPlan, unlearned: dict[str, Any], original: dict[str, A
             "attacks": ATTACKS,
             "time_fraction_of_retrain": None if not retrain_seconds else timing["train_seconds"] / retrain_seconds,
         },
-        "num_processes": accelerator.num_processes, "device": _device_name(accelerator.device),
+        "num_processes": accelerator.num_processes, "device": device_name(accelerator.device),
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
 
 
-def _setup_logging(is_main: bool, output_dir: Path) -> None:
-    logger.handlers.clear()
-    logger.propagate = False
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(console)
-    if is_main:
-        logfile = logging.FileHandler(output_dir / "unlearn.log")
-        logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(logfile)
 
 
 def _log_summary(results: dict[str, Any]) -> None:
