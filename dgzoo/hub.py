@@ -30,8 +30,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # What a push uploads. Checkpoints (optimizer state, pickled RNG states) and logs are for resuming and
 # debugging on the training machine, and would make every download of the model larger.
-PUBLISHED_FILES = (CONFIG, WEIGHTS, "results.json", "records.jsonl", "train_config.json", "accuracy_per_domain.png",
-                   "training_curves.png")
+PUBLISHED_FILES = (CONFIG, WEIGHTS, "results.json", "records.jsonl", "train_config.json", "unlearn_config.json",
+                   "accuracy_per_domain.png", "training_curves.png")
 SPLITS = ("all", "in", "out")
 _SHA = re.compile(r"[0-9a-f]{40}")
 
@@ -202,7 +202,6 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
     """
     import huggingface_hub
 
-    from .cards import render_card
     from .export import read_json
 
     run_dir = Path(run_dir)
@@ -216,11 +215,8 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
     try:
         token = check_push_target(repo_id, token, private, revision)
         results = read_json(run_dir / "results.json")
-        card = render_card(results, read_json(run_dir / "train_config.json"), repo_id=repo_id, run_dir=run_dir,
-                           license=license)
-        message = commit_message or (f"dgzoo: {results['algorithm']} {results['backbone']} on "
-                                     f"{results['dataset']['title']}, held-out {', '.join(results['target_domains'])}"
-                                     f" {100 * results['target_accuracy']:.1f}%")
+        card, default_message = _card_for(run_dir, results, repo_id, license)
+        message = commit_message or default_message
         operations = [huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
         operations += [huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name))
                        for name in PUBLISHED_FILES if (run_dir / name).is_file()]
@@ -233,6 +229,23 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
         raise DGZooError(f"push of {run_dir} to {repo_id} failed: {hub_error_reason(e, token)}. The run directory "
                          f"is intact; retry with: {retry}") from None
     return info.commit_url
+
+
+def _card_for(run_dir: Path, results: dict[str, Any], repo_id: str, license: str | None) -> tuple[str, str]:
+    """The card and default commit message of a run: a training run's, or an unlearning run's (``kind``)."""
+    from .export import read_json
+
+    if results.get("kind") == "unlearning":
+        from .unlearning.card import render_unlearn_card
+
+        return (render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir),
+                f"dgzoo: unlearn {results['unlearning']['forget_spec']} with {results['algorithm']}")
+    from .cards import render_card
+
+    card = render_card(results, read_json(run_dir / "train_config.json"), repo_id=repo_id, run_dir=run_dir,
+                       license=license)
+    return card, (f"dgzoo: {results['algorithm']} {results['backbone']} on {results['dataset']['title']}, held-out "
+                  f"{', '.join(results['target_domains'])} {100 * results['target_accuracy']:.1f}%")
 
 
 # ---------------------------------------------------------------------- loading

@@ -248,12 +248,12 @@ def test_cli_reports_a_bad_forget_set_as_one_line(trained_run, tmp_path, capsys)
 HUB_ROUND_TRIP = r"""
 import json, sys
 from dgzoo.hub import push_run
-from dgzoo.unlearning import UnlearnConfig, push_unlearned_run, unlearn
+from dgzoo.unlearning import UnlearnConfig, unlearn
 source, out, source_repo, target_repo = sys.argv[1:5]
 push_run(source, source_repo)
 results = unlearn(UnlearnConfig(source_repo, "class=3:0.5", method="gradient_ascent", steps=1, output_dir=out,
                                 num_workers=0))
-push_unlearned_run(out, target_repo)
+push_run(out, target_repo)
 import timm
 from huggingface_hub import ModelCard
 model = timm.create_model(f"hf-hub:{target_repo}", pretrained=True)

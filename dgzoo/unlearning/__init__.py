@@ -8,7 +8,7 @@
 The unlearned model is written as a normal dgzoo run directory (timm weights, results.json, model card); SURE's
 domain classifier is never part of it. See docs/unlearning.md.
 """
-from .card import push_unlearned_run, render_unlearn_card
+from .card import render_unlearn_card
 from .forget import ForgetSpec, UnlearningData, parse_forget_spec, split_for_unlearning
 from .methods import METHOD_CHOICES, METHODS, SURE, GradientReversal, UnlearningMethod, grad_reverse, register_method
 from .recipe import UnlearnConfig, evaluate_model, load_source, plan_unlearning, unlearn
@@ -16,5 +16,5 @@ from .recipe import UnlearnConfig, evaluate_model, load_source, plan_unlearning,
 __all__ = [
     "ForgetSpec", "GradientReversal", "METHODS", "METHOD_CHOICES", "SURE", "UnlearnConfig", "UnlearningData",
     "UnlearningMethod", "evaluate_model", "grad_reverse", "load_source", "parse_forget_spec", "plan_unlearning",
-    "push_unlearned_run", "register_method", "render_unlearn_card", "split_for_unlearning", "unlearn",
+    "register_method", "render_unlearn_card", "split_for_unlearning", "unlearn",
 ]

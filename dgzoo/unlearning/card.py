@@ -11,7 +11,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import DGZooError
 from ..export import read_json
 from .recipe import HEADLINE, UnlearnConfig
 
@@ -120,27 +119,3 @@ def render_unlearn_card(results: dict[str, Any], repo_id: str | None = None,
         dgzoo_version=results["dgzoo_version"])
     return str(card)
 
-
-def push_unlearned_run(run_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-                       token: str | None = None) -> str:
-    """Publish an unlearned run directory to ``repo_id`` with its unlearning card; return the commit URL."""
-    import huggingface_hub
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "results.json").exists() or not (run_dir / "model.safetensors").exists():
-        raise DGZooError(f"{run_dir} is not a finished unlearning run (no results.json or model.safetensors)")
-    results = read_json(run_dir / "results.json")
-    if results.get("kind") != "unlearning":
-        raise DGZooError(f"{run_dir} is a training run, not an unlearning run; publish it with `dgzoo push`")
-    card = render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir)
-    api = huggingface_hub.HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
-    operations += [huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name))
-                   for name in PUBLISHED_FILES if (run_dir / name).exists()]
-    info = api.create_commit(repo_id, operations=operations, revision=revision,
-                             commit_message=f"dgzoo: unlearn {results['unlearning']['forget_spec']} with "
-                                            f"{results['algorithm']}")
-    return info.commit_url

@@ -342,9 +342,9 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
         _log_summary(results)
     accelerator.wait_for_everyone()
     if cfg.push_to_hub and accelerator.is_main_process:
-        from .card import push_unlearned_run
+        from ..hub import push_run
 
-        logger.info("published to %s", push_unlearned_run(out, cfg.push_to_hub, private=cfg.hub_private))
+        logger.info("published to %s", push_run(out, cfg.push_to_hub, private=cfg.hub_private))
     return results
 
 
