@@ -159,7 +159,7 @@ def _hub_json(repo_id: str, filename: str, revision: str | None) -> dict[str, An
                          f"can be unlearned") from None
     except hf_errors.HFValidationError:
         raise DGZooError(f"'{repo_id}' is neither a run directory nor a Hub repo id (USER_OR_ORG/NAME)") from None
-    except (hf_errors.HfHubHTTPError, OSError) as e:
+    except (hf_errors.HfHubHTTPError, OSError, getattr(hf_errors, "HTTPError", OSError)) as e:  # + httpx errors
         raise DGZooError(f"cannot download {filename} of {repo_id} from {huggingface_hub.constants.ENDPOINT} "
                          f"({type(e).__name__}); check the connection") from None
 
