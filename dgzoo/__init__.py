@@ -3,6 +3,7 @@
     >>> import dgzoo
     >>> model, transform = dgzoo.from_pretrained("path/to/run-or/hub-repo")
     >>> results = dgzoo.train(dgzoo.TrainConfig(dataset="rotated-digits", algorithm="erm"))
+    >>> dgzoo.push_run("runs/rotated-digits-resnet18-erm-75-seed0", "me/rotated-digits-erm")
 """
 from importlib.metadata import PackageNotFoundError, version
 
@@ -13,7 +14,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from .config import TrainConfig  # noqa: E402
 from .errors import DGZooError  # noqa: E402
-from .hub import Pretrained, from_pretrained  # noqa: E402
+from .hub import Pretrained, evaluate_pretrained, from_pretrained, push_run  # noqa: E402
 
 
 def train(config: TrainConfig) -> dict:
@@ -23,4 +24,5 @@ def train(config: TrainConfig) -> dict:
     return _train(config)
 
 
-__all__ = ["DGZooError", "Pretrained", "TrainConfig", "__version__", "from_pretrained", "train"]
+__all__ = ["DGZooError", "Pretrained", "TrainConfig", "__version__", "evaluate_pretrained", "from_pretrained",
+           "push_run", "train"]
