@@ -218,7 +218,8 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
         card, default_message = _card_for(run_dir, results, repo_id, license)
         message = commit_message or default_message
         operations = [huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
-        operations += [huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name))
+        operations += [huggingface_hub.CommitOperationAdd(path_in_repo=name,
+                                                          path_or_fileobj=_published_bytes(run_dir, name))
                        for name in PUBLISHED_FILES if (run_dir / name).is_file()]
         api = huggingface_hub.HfApi(token=token)
         api.create_repo(repo_id, private=private or None, exist_ok=True)
@@ -229,6 +230,25 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
         raise DGZooError(f"push of {run_dir} to {repo_id} failed: {hub_error_reason(e, token)}. The run directory "
                          f"is intact; retry with: {retry}") from None
     return info.commit_url
+
+
+def _published_bytes(run_dir: Path, name: str) -> bytes:
+    """A run file as published: JSON files lose the absolute local paths they record (home and cache folders
+    are nobody else's business and mean nothing on another machine); they keep the path's last component."""
+    data = (run_dir / name).read_bytes()
+    if name not in ("results.json", "train_config.json", "unlearn_config.json"):
+        return data
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value):
+            return Path(value).name
+        return value
+
+    return (json.dumps(strip(json.loads(data)), indent=2) + "\n").encode()
 
 
 def _card_for(run_dir: Path, results: dict[str, Any], repo_id: str, license: str | None) -> tuple[str, str]:

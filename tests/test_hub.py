@@ -323,3 +323,16 @@ def test_recipe_with_an_invalid_repo_id_fails_before_training(tmp_path):
     with pytest.raises(DGZooError, match="has no namespace: write it as USER_OR_ORG/model"):
         train(tiny_config(tmp_path, push_to_hub="model"))
     assert not (tmp_path / "run").exists()
+
+
+def test_published_json_files_carry_no_local_paths(tmp_path):
+    from dgzoo.hub import _published_bytes
+
+    (tmp_path / "train_config.json").write_text(json.dumps({"dataset": "/home/alice/data/vlcs", "output_dir":
+                                                            "/home/alice/runs/vlcs-erm", "steps": 5}))
+    (tmp_path / "results.json").write_text(json.dumps({"dataset": {"path": "/home/alice/data/vlcs", "name": "vlcs"},
+                                                       "accuracy": {"V": 0.5}}))
+    assert json.loads(_published_bytes(tmp_path, "train_config.json")) == {"dataset": "vlcs",
+                                                                          "output_dir": "vlcs-erm", "steps": 5}
+    assert json.loads(_published_bytes(tmp_path, "results.json"))["dataset"] == {"path": "vlcs", "name": "vlcs"}
+    assert b"alice" not in _published_bytes(tmp_path, "results.json")

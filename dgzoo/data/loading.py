@@ -81,7 +81,7 @@ def load_dg_dataset(name: str, revision: str | None = None, image_column: str | 
     if spec is not None and spec.kind == "builtin":
         path = builtin.BUILDERS[spec.name]()
         table = _read_parquet([path])
-        return _normalize(table, spec.title, "builtin", columns, spec=spec, path=str(path))
+        return _normalize(table, spec.title, "builtin", columns, spec=spec)  # its cache path says nothing
     if local.exists():
         table, source = _read_local(local)
         return _normalize(table, str(local), source, columns, spec=spec, path=str(local.resolve()))
