@@ -5,7 +5,8 @@ backbone at 32 px, Adam, ``--batch-size`` images per domain per step, so a Domai
 ``ceil(min source train size / batch size)`` steps. Round by round, one ERM epoch (the engine's loader with
 its data loading, ``update`` per step) is timed, then one IU call per mode on the model as it is (forward
 passes over the source train and validation splits, scores, channels, ascent, the validation pass after).
-The table gives the median over rounds of (IU call seconds / ERM epoch seconds) with the call's phases.
+The table gives the median over rounds of (IU call seconds / ERM epoch seconds) with the call's phases; the
+"half the samples" row scores a random half of every source domain per call (``iu.score_fraction=0.5``).
 
 ``faithful`` over every parameter needs one LiSSA inverse-HVP per training sample (N/chunk x depth
 Hessian-vector products on ``lissa_batch`` images): far too slow to run here, so its row is extrapolated from
@@ -13,7 +14,8 @@ the measured time of one vectorised HVP, one per-sample-gradient chunk and the f
 
 The agreement of the estimators on the same model (Spearman correlation of U, overlap of the unlearning sets
 ``|A & B| / |A | B|``) is printed under the table: fast vs faithful on the head always; fast vs faithful over
-every parameter with ``--all-params-agreement N`` (N training images per source domain, slow).
+every parameter with ``--all-params-agreement N`` (N training images per source domain, LiSSA shortened by
+``--agreement-lissa``, still slow).
 
     python benchmarks/iu_cost.py
     python benchmarks/iu_cost.py --backbones test_resnet resnet18 --rounds 3 --all-params-agreement 24
@@ -37,6 +39,7 @@ from dgzoo.models import create_backbone, data_config
 
 SOURCES = ["0", "15", "30", "45", "60"]
 MODES = {"fast": {"iu.mode": "fast"},
+         "fast, half the samples": {"iu.mode": "fast", "iu.score_fraction": 0.5},
          "faithful-head": {"iu.mode": "faithful", "iu.influence_params": "head"}}
 
 
@@ -126,6 +129,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--all-params-agreement", type=int, default=0, metavar="N",
                         help="also compare fast with faithful over every parameter on N train images per domain")
+    parser.add_argument("--agreement-lissa", type=int, nargs=2, default=[20, 64], metavar=("DEPTH", "BATCH"),
+                        help="LiSSA depth and Hessian batch of that comparison (the defaults would take hours)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -169,7 +174,7 @@ def main() -> None:
         print(f"faithful-all blocks: one HVP of 8 vectors on {defaults['lissa_batch']} images "
               f"{estimate['hvp_chunk']:.2f} s, of 1 vector {estimate['hvp_one']:.2f} s, per-sample gradients of 8 "
               f"images {estimate['per_sample_chunk']:.3f} s; depth {defaults['lissa_depth']}")
-        agree = agreement(model, context, MODES)
+        agree = agreement(model, context, {m: MODES[m] for m in ("fast", "faithful-head")})
         print(f"fast vs faithful-head on the same weights: Spearman(U) = "
               f"{spearman(agree['fast'][0], agree['faithful-head'][0]):.3f}, D_u overlap = "
               f"{jaccard(agree['fast'][1], agree['faithful-head'][1]):.2f} "
@@ -178,9 +183,12 @@ def main() -> None:
                             "rows": rows, "agreement_head": spearman(agree["fast"][0], agree["faithful-head"][0])}
         if args.all_params_agreement:
             small = setup(backbone, args.batch_size, args.seed, per_domain=args.all_params_agreement)[3]
-            agree = agreement(model, small, {"fast": MODES["fast"], "faithful-all": {"iu.mode": "faithful"}})
+            depth, batch = args.agreement_lissa
+            agree = agreement(model, small, {"fast": MODES["fast"], "faithful-all": {
+                "iu.mode": "faithful", "iu.lissa_depth": depth, "iu.lissa_batch": batch}})
             rho = spearman(agree["fast"][0], agree["faithful-all"][0])
-            print(f"fast vs faithful-all on {sum(len(d) for d in small.source_train)} images: Spearman(U) = "
+            print(f"fast vs faithful-all (LiSSA depth {depth}, Hessian batch {batch}) on "
+                  f"{sum(len(d) for d in small.source_train)} images: Spearman(U) = "
                   f"{rho:.3f}, D_u overlap = {jaccard(agree['fast'][1], agree['faithful-all'][1]):.2f}")
             report[backbone]["agreement_all"] = rho
     if args.json:

@@ -232,6 +232,15 @@ def test_ablations_change_what_is_ascended(fitted):
         algorithm = create_algorithm("erm+iu", model, torch.optim.SGD(model.parameters(), lr=0.1), 3,
                                      {"iu.samples": "all"})
         assert algorithm.on_epoch_end(context)["iu/unlearn_samples"] == 120  # every training sample
+        model.load_state_dict(snapshot)
+        algorithm = create_algorithm("erm+iu", model, torch.optim.SGD(model.parameters(), lr=0.1), 3,
+                                     {"iu.score_fraction": 0.5})
+        algorithm.on_epoch_end(context)
+        scored = algorithm.addons[0].score_rows
+        all_rows = {int(r) for domain in context.source_train for r in domain.rows}
+        assert len(scored) == len(set(scored)) == 60 and set(scored) <= all_rows  # 20 of 40 in each domain
+        with pytest.raises(DGZooError, match="score_fraction=0.0 must be in"):
+            create_algorithm("erm+iu", model, torch.optim.SGD(model.parameters(), lr=0.1), 3, {"iu.score_fraction": 0})
     finally:
         model.load_state_dict(snapshot)
 

@@ -278,11 +278,17 @@ class _Pool:
     labels: torch.Tensor
 
     @classmethod
-    def of(cls, domains: Sequence[Any]) -> "_Pool":
-        return cls(ConcatDataset(domains),
-                   torch.cat([torch.full((len(ds),), d, dtype=torch.long) for d, ds in enumerate(domains)]),
-                   np.concatenate([np.asarray(ds.rows) for ds in domains]),
-                   torch.from_numpy(np.concatenate([ds.data.labels[ds.rows] for ds in domains])).long())
+    def of(cls, domains: Sequence[Any], fraction: float = 1.0, seed: int = 0) -> "_Pool":
+        """All samples of ``domains``, or a seeded random ``fraction`` of each domain (the same on every process)."""
+        generator = torch.Generator().manual_seed(seed)
+        keep = [np.arange(len(ds)) if fraction >= 1 else
+                np.sort(torch.randperm(len(ds), generator=generator)[:max(1, round(fraction * len(ds)))].numpy())
+                for ds in domains]
+        rows = [np.asarray(ds.rows)[k] for ds, k in zip(domains, keep)]
+        return cls(ConcatDataset([Subset(ds, k.tolist()) for ds, k in zip(domains, keep)]),
+                   torch.cat([torch.full((len(k),), d, dtype=torch.long) for d, k in enumerate(keep)]),
+                   np.concatenate(rows),
+                   torch.from_numpy(np.concatenate([ds.data.labels[r] for ds, r in zip(domains, rows)])).long())
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -322,6 +328,9 @@ class IU(AddOn):
         "lissa_repeats": HParam(1, "independent LiSSA recursions averaged (A1)"),
         "lissa_chunk": HParam(0, "vectors per vectorised LiSSA recursion (memory/speed only, results unchanged); "
                                  "0 = 512 for the head, 8 for the whole network"),
+        "score_fraction": HParam(1.0, "fraction of each source domain's training samples scored per call, a fresh "
+                                      "seeded draw each call; 1 = every sample, every epoch, as the paper (subsampling "
+                                      "is the reviewers' suggestion to cut the cost)"),
         "alpha": HParam(2.0, "exponent on G in U = G^alpha / C, against score-equivalence bias (A2: value not "
                              "given by the paper)"),
         "g_transform": HParam("minmax", "make G usable under the power: minmax = rescale to [1e-6, 1] over the "
@@ -347,6 +356,8 @@ class IU(AddOn):
 
     def __init__(self, host: Any, hparams: dict[str, Any], runtime: Any):
         super().__init__(host, hparams, runtime)
+        if not 0 < hparams["score_fraction"] <= 1:
+            raise DGZooError(f"{self.name}.score_fraction={hparams['score_fraction']} must be in (0, 1]")
         self.module = host.module
         self.layer = ChannelLayer(self.module, hparams["layer"], hparams["include_head"])
         if not isinstance(classifier(self.module), nn.Linear):
@@ -405,7 +416,8 @@ class IU(AddOn):
 
     def _unlearn(self, context: EpochContext, tick: float) -> dict[str, float]:
         hp = self.hparams
-        train, val = _Pool.of(context.source_train), _Pool.of(context.source_val)
+        train = _Pool.of(context.source_train, hp["score_fraction"], seed=self.calls)
+        val = _Pool.of(context.source_val)
         batch = context.batch_size * len(context.source_domains)
         seen, val_seen = self._forward(train, batch), self._forward(val, batch)
         self._lap("forward", tick)
