@@ -372,6 +372,9 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
     root = Path(spec.output_dir)
     runs: list[SweepRun] = []
     grids = {}
+    # Validated training values per draw: TrainConfig.update is slow (it resolves type hints per key) and a draw
+    # repeats across algorithms and held-out sets, so each distinct draw is coerced once.
+    coerced: dict[str, dict[str, Any]] = {}
     for dataset in spec.datasets:
         name, domains, canonical = dataset_domains(dataset, spec.train)
         grids[dataset] = (name, held_out_sets(spec.test_domains, domains, canonical, dataset))
@@ -389,15 +392,22 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
                     seed=seed_hash(name, algorithm, list(test_domains), k, trial), split_seed=trial,
                     output_dir=str(root / run_name(name, algorithm, test_domains, k, trial)),
                     hparams=dict(fixed))
-                cfg.update({key: value for key, value in sampled.items() if "." not in key}, source="the search")
+                training = {key: value for key, value in sampled.items() if "." not in key}
+                if repr(training) not in coerced:
+                    probe = TrainConfig()
+                    probe.update(training, source="the search")
+                    coerced[repr(training)] = {key: getattr(probe, key) for key in training}
+                cfg = dataclasses.replace(cfg, **coerced[repr(training)])
                 cfg.hparams = {**cfg.hparams, **{key: value for key, value in sampled.items() if "." in key}}
                 cfg.validate()
                 resolve_hparams(cfg.algorithm, cfg.hparams)
                 runs.append(SweepRun(name, algorithm, test_domains, k, trial, cfg, sampled))
-    dirs = [r.output_dir for r in runs]
-    if len(set(dirs)) != len(dirs):
-        clash = next(d for d in dirs if dirs.count(d) > 1)
-        raise DGZooError(f"two runs of the sweep would share the run directory {clash}; give datasets distinct names")
+    seen: set[Path] = set()
+    for run in runs:
+        if run.output_dir in seen:
+            raise DGZooError(f"two runs of the sweep would share the run directory {run.output_dir}; give datasets "
+                             f"distinct names")
+        seen.add(run.output_dir)
     return runs
 
 
