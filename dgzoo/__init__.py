@@ -4,8 +4,12 @@
     >>> model, transform = dgzoo.from_pretrained("path/to/run-or/hub-repo")
     >>> results = dgzoo.train(dgzoo.TrainConfig(dataset="rotated-digits", algorithm="erm"))
     >>> dgzoo.push_run("runs/rotated-digits-resnet18-erm-75-seed0", "me/rotated-digits-erm")
+
+The heavy parts (torch, timm, the Hub clients) load on first use, so ``dgzoo report`` or ``dgzoo --help`` start fast.
 """
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("dgzoo")
@@ -14,14 +18,15 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from .config import TrainConfig  # noqa: E402
 from .errors import DGZooError  # noqa: E402
-from .hub import Pretrained, evaluate_pretrained, from_pretrained, push_run  # noqa: E402
+
+_LAZY = {"Pretrained": "hub", "evaluate_pretrained": "hub", "from_pretrained": "hub", "push_run": "hub",
+         "train": "engine"}
 
 
-def train(config: TrainConfig) -> dict:
-    """Train one run described by ``config`` and return its results (see :func:`dgzoo.engine.train`)."""
-    from .engine import train as _train
-
-    return _train(config)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'dgzoo' has no attribute {name!r}")
 
 
 __all__ = ["DGZooError", "Pretrained", "TrainConfig", "__version__", "evaluate_pretrained", "from_pretrained",

@@ -10,9 +10,15 @@ from .errors import DGZooError
 
 Handler = Callable[[argparse.Namespace], int]
 
-# Modules that add sub-commands. Each defines ``register_cli(subparsers, groups)``, where ``groups`` maps a
-# command group name (e.g. "datasets") to its sub-parsers, and sets ``handler`` on the parsers it adds.
-COMMAND_MODULES: tuple[str, ...] = ("dgzoo.hub_cli", "dgzoo.unlearning.cli", "dgzoo.sweep_cli")
+# Modules that add sub-commands, with the commands (or command groups) they add. Each defines
+# ``register_cli(subparsers, groups)``, where ``groups`` maps a group name ("datasets") to its sub-parsers, and sets
+# ``handler`` on the parsers it adds. Only the module of the command being run is imported (some import torch,
+# which takes seconds), except for ``--help``, which lists them all.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "dgzoo.hub_cli": ("push", "eval", "datasets"),
+    "dgzoo.unlearning.cli": ("unlearn",),
+    "dgzoo.sweep_cli": ("sweep", "report"),
+}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -36,8 +42,8 @@ def _datasets_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``dgzoo`` argument parser (sub-commands register their own flags)."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``dgzoo`` argument parser; with ``command``, only the modules providing that command are loaded."""
     from .config import add_train_arguments
 
     parser = argparse.ArgumentParser(prog="dgzoo", description="Domain generalization with timm, Accelerate and the Hub.")
@@ -48,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     datasets = sub.add_parser("datasets", help="known DG datasets")
     datasets_sub = datasets.add_subparsers(dest="datasets_command", required=True)
     datasets_sub.add_parser("list", help="list the datasets dgzoo knows by name").set_defaults(handler=_datasets_list)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register_cli(sub, {"datasets": datasets_sub})
+    known = {c for commands in COMMAND_MODULES.values() for c in commands} | {"train"}
+    for module, commands in COMMAND_MODULES.items():
+        if command is None or command not in known or command in commands:
+            importlib.import_module(module).register_cli(sub, {"datasets": datasets_sub})
     return parser
 
 
@@ -63,7 +71,9 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     return run(args.handler, args)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import types
@@ -247,9 +248,14 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+@functools.lru_cache(maxsize=None)
+def _field_types() -> dict[str, Any]:
+    """TrainConfig's resolved field annotations (resolving them is slow, and they never change)."""
+    return typing.get_type_hints(TrainConfig)
+
+
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
-    hints = typing.get_type_hints(TrainConfig)
-    tp, optional = _base_type(hints[f.name])
+    tp, optional = _base_type(_field_types()[f.name])
     flag = f"'{f.name}' in {source}" if "command line" not in source else f"--{f.name.replace('_', '-')}"
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
@@ -286,7 +292,7 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one flag per TrainConfig field. Flags default to 'not given' so YAML values survive."""
     parser.add_argument("--config", help="recipe YAML file, or a recipe name from recipes/configs")
-    hints = typing.get_type_hints(TrainConfig)
+    hints = _field_types()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         tp, _ = _base_type(hints[f.name])
