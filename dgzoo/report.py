@@ -95,11 +95,15 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
     notes = [f"{unfinished} unfinished run(s) skipped"] if unfinished else []
     runs = []
     for path in found:
+        results = read_json(path / "results.json")
+        if results.get("kind") == "unlearning":  # not a DG training run: its own metrics are in results.json
+            notes.append(f"{path} is an unlearning run; skipped")
+            continue
         records = read_records(path)
         if not records:
             notes.append(f"{path} has no evaluation records (records.jsonl); skipped")
             continue
-        runs.append(_run(path, read_json(path / "results.json"), tuple(records), manifests.get(path)))
+        runs.append(_run(path, results, tuple(records), manifests.get(path)))
     if not runs:
         raise DGZooError(f"no finished run (a directory with results.json and records.jsonl) under "
                          f"{', '.join(map(str, paths))}")
