@@ -173,3 +173,12 @@ def test_unfinished_runs_are_skipped_and_empty_dirs_fail(tmp_path):
         load_runs([tmp_path / "empty"])
     with pytest.raises(DGZooError, match="does not exist"):
         load_runs([tmp_path / "nope"])
+
+
+def test_unlearning_runs_are_not_mixed_into_dg_tables(tmp_path):
+    _three_trials(tmp_path)
+    unlearned = make_run(tmp_path, "unlearned", ["C"], [{"step": 5, "acc": acc()}])
+    results = json.loads((unlearned / "results.json").read_text())
+    (unlearned / "results.json").write_text(json.dumps({**results, "kind": "unlearning"}))
+    runs, notes = load_runs([tmp_path])
+    assert len(runs) == 6 and notes == [f"{unlearned.resolve()} is an unlearning run; skipped"]
