@@ -36,6 +36,16 @@ def test_projection_by_hand():
     assert not strict.any()
 
 
+def test_project_test_decides_whose_cosine_is_compared():
+    s = torch.tensor([[0.0, 1.0], [-1.0, -1.0], [-1.0, 2.0], [2.0, -2.0]], dtype=torch.float64)
+    # s3 vs s1: cos 0.89, so s~3 = s3 - 2 s1 = (-1, 0). Then vs s2: cos(s3, s2) = -0.32 but cos(s~3, s2) = 0.71.
+    original, _ = adjust_residuals(gram(s), 0.5, "original")
+    adjusted, fired = adjust_residuals(gram(s), 0.5, "adjusted")
+    assert torch.allclose((original @ s)[2], torch.tensor([-1.0, 0.0], dtype=torch.float64))
+    assert torch.allclose((adjusted @ s)[2], torch.tensor([-0.5, 0.5], dtype=torch.float64))
+    assert fired[2].tolist() == [True, True, False, False]
+
+
 def test_reweighting_reaches_the_exact_box_minimizer():
     adjusted = torch.tensor([[0.8, 1.6], [0.8, -1.6], [-4.0, 0.0]], dtype=torch.float64)
     # w1 s~1 + w2 s~2 + w3 s~3 = 0 needs w1 = w2 and w3 = 0.4 w1; from w = 1 the descent keeps w1 = w2 = 1.
