@@ -9,14 +9,15 @@ that write-back needs no further synchronisation.
 Speed. The physical floor is one forward and one backward over the step's images, what ERM pays. Two paths
 compute the K gradients:
 
-- ``"loop"`` (the default and the reference): one forward and one ``autograd.grad`` per domain. On CPU it runs
-  at the floor: K small batches cost what one big batch costs, and the only extra work is copying each
-  gradient into its row. Pass ``out=`` a reused ``[K, P]`` buffer: a fresh 100 MB tensor costs more in page
-  faults than the copy itself (measured in ``benchmarks/gradient_step.py``).
+- ``"loop"`` (the default and the reference): one forward and one ``autograd.grad`` per domain, each gradient
+  copied into its row of the ``[K, P]`` matrix. Pass ``out=`` a reused buffer: a fresh one (134 MB for ResNet-18
+  and K = 3) costs more in page faults than the copies. From 64 px up a ResNet-18 step is then at the floor; at
+  32 px K separate passes cost 1.3 pooled ones on CPU (weight-bound deep layers), and the copies add ~0.1
+  (``benchmarks/results/gradient_step.md``).
 - ``"vmap"``: ``torch.func.vmap(grad(...))`` over the domain axis with ``functional_call``, i.e. one batched
-  forward and backward for all domains. It removes K-1 sets of per-layer calls, which pays where those
-  dominate (small models, accelerators with launch overhead) and costs where vmap's batched weight gradients
-  are slower than K plain ones (ResNet-18 on CPU: see the benchmark). Results equal the loop's within float
+  forward and backward for all domains. It removes K-1 sets of per-layer calls, which may pay on accelerators
+  where launch overheads dominate; on CPU it measured 1.5-2x slower than the loop, for ResNet-18 and the tiny
+  test_resnet alike (vmap turns K weight gradients into one grouped convolution). Results equal the loop's within float
   tolerance, including the BatchNorm running statistics. It needs equal batch sizes and full precision
   (vmap's BatchNorm rule rejects a bf16 input with float32 statistics).
 
