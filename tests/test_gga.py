@@ -14,6 +14,16 @@ from dgzoo.errors import DGZooError
 from dgzoo.models import classifier_parameter_names, create_backbone
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: extra intra-op threads only add synchronisation, which on a loaded 2-core machine made this
+    # module 4x slower. Restored afterwards, so other modules keep torch's setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def minibatches(k=3, b=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(b, 3, 16, 16, generator=g), torch.randint(0, 5, (b,), generator=g)) for _ in range(k)]
