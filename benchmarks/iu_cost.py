@@ -12,6 +12,9 @@ The table gives the median over rounds of (IU call seconds / ERM epoch seconds) 
 Hessian-vector products on ``lissa_batch`` images): far too slow to run here, so its row is extrapolated from
 the measured time of one vectorised HVP, one per-sample-gradient chunk and the fast call's other phases.
 
+The ascent and the after-ascent diagnostics are also timed on their own for an unlearning set of
+``--unlearn-fraction`` of the samples, since the measured calls may select none.
+
 The agreement of the estimators on the same model (Spearman correlation of U, overlap of the unlearning sets
 ``|A & B| / |A | B|``) is printed under the table: fast vs faithful on the head always; fast vs faithful over
 every parameter with ``--all-params-agreement N`` (N training images per source domain, LiSSA shortened by
@@ -99,6 +102,26 @@ def faithful_all_estimate(model, context, fast_timings: dict, hparams: dict) -> 
             "ascent": fast_timings.get("ascent", 0.0), "after": fast_timings.get("after", 0.0), **timings}
 
 
+def ascent_cost(model, optimizer, context, fraction: float) -> dict[str, float]:
+    """Seconds of the ascent and of the after-ascent diagnostics for an unlearning set of ``fraction`` of the
+    training samples on the channels IU selects now (the measured calls may happen to select no sample)."""
+    iu = create_algorithm("erm+iu", model, optimizer, len(SOURCES), {"iu.lr": 0.0}).addons[0]
+    iu.unlearn(context, context.step)
+    train, val = _Pool.of(context.source_train), _Pool.of(context.source_val)
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:round(fraction * len(train))]
+    channels = torch.zeros(iu.layer.num_channels, dtype=torch.bool)
+    channels[iu.selected_channels] = True
+    batch = context.batch_size * len(SOURCES)
+    model.eval()
+    start = time.perf_counter()
+    iu._ascend(train, chosen, channels, context.batch_size)
+    middle = time.perf_counter()
+    iu._forward(val, batch)
+    iu._loss(train, chosen, batch)
+    model.train()
+    return {"samples": len(chosen), "ascent": middle - start, "after": time.perf_counter() - middle}
+
+
 def agreement(model, context, modes: dict[str, dict]) -> dict[str, torch.Tensor]:
     """U of every training sample and D_u under each mode, on the same weights (the ascent is switched off)."""
     out = {}
@@ -127,6 +150,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--unlearn-fraction", type=float, default=0.05,
+                        help="size of the unlearning set whose ascent and diagnostics are timed on their own")
     parser.add_argument("--all-params-agreement", type=int, default=0, metavar="N",
                         help="also compare fast with faithful over every parameter on N train images per domain")
     parser.add_argument("--agreement-lissa", type=int, nargs=2, default=[20, 64], metavar=("DEPTH", "BATCH"),
@@ -159,6 +184,7 @@ def main() -> None:
             rows[mode] = {"ratio": statistics.median(ratios), "seconds": statistics.median(c["seconds"] for c in runs),
                           **{k: statistics.median(c.get(k, 0.0) for c in runs)
                              for k in ("forward", "select", "ascent", "after", "unlearn_samples", "channels")}}
+        phases = ascent_cost(model, optimizer, context, args.unlearn_fraction)
         estimate = faithful_all_estimate(model, context, calls["fast"][-1], defaults)
         rows["faithful-all (extrapolated)"] = {**estimate, "ratio": estimate["seconds"] / epoch_s}
         n_train = sum(len(d) for d in context.source_train)
@@ -171,6 +197,9 @@ def main() -> None:
             print(f"| {mode} | {row['seconds']:.2f} | {row['ratio']:.3f} | {row['forward']:.2f} | {row['select']:.2f} "
                   f"| {row['ascent']:.2f} | {row['after']:.2f} | {row.get('unlearn_samples', float('nan')):.0f} "
                   f"| {row.get('channels', float('nan')):.0f} |")
+        print(f"an unlearning set of {phases['samples']} samples ({100 * args.unlearn_fraction:.0f}%) adds "
+              f"{phases['ascent']:.2f} s of ascent and {phases['after']:.2f} s of after-ascent diagnostics "
+              f"({phases['ascent'] / epoch_s:.3f} + {phases['after'] / epoch_s:.3f} ERM epochs)")
         print(f"faithful-all blocks: one HVP of 8 vectors on {defaults['lissa_batch']} images "
               f"{estimate['hvp_chunk']:.2f} s, of 1 vector {estimate['hvp_one']:.2f} s, per-sample gradients of 8 "
               f"images {estimate['per_sample_chunk']:.3f} s; depth {defaults['lissa_depth']}")
@@ -180,6 +209,7 @@ def main() -> None:
               f"{jaccard(agree['fast'][1], agree['faithful-head'][1]):.2f} "
               f"({len(agree['fast'][1])} vs {len(agree['faithful-head'][1])} samples)")
         report[backbone] = {"epoch_seconds": epochs, "steps_per_epoch": steps_per_epoch, "calls": calls,
+                            "unlearning_set_phases": phases,
                             "rows": rows, "agreement_head": spearman(agree["fast"][0], agree["faithful-head"][0])}
         if args.all_params_agreement:
             small = setup(backbone, args.batch_size, args.seed, per_domain=args.all_params_agreement)[3]
