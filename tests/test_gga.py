@@ -179,7 +179,7 @@ def test_hyperparameters_are_checked_before_training():
     with pytest.raises(DGZooError, match="gga.rho=-1e-05 must be at least 0"):
         resolve_hparams("erm+gga", {"gga.rho": -1e-5})
     with pytest.raises(DGZooError, match="gga.end=50 is before gga.start=100"):
-        build("erm+gga", {"gga.end": 50})
+        resolve_hparams("erm+gga", {"gga.end": 50})  # at plan time, before the run directory is written
 
 
 def test_gga_l_gamma_zero_trains_exactly_the_host():

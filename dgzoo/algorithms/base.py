@@ -27,11 +27,13 @@ Minibatches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class HParam:
-    """A declared hyperparameter: its default (which fixes its type), what it means, and allowed values."""
+    """A declared hyperparameter: its default (which fixes its type), what it means, and allowed values or range."""
 
     default: Any
     help: str
     choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
 
     def coerce(self, value: Any, key: str) -> Any:
         """Convert ``value`` to this hyperparameter's type, or raise a one-line DGZooError."""
@@ -57,6 +59,10 @@ class HParam:
         if self.choices is not None and value not in self.choices:
             raise DGZooError(f"hparam {key}={value!r} is not one of {', '.join(map(str, self.choices))}"
                              f"{suggest(str(value), map(str, self.choices))}")
+        if self.minimum is not None and value < self.minimum:
+            raise DGZooError(f"hparam {key}={value} must be at least {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise DGZooError(f"hparam {key}={value} must be at most {self.maximum}")
         return value
 
 
@@ -77,6 +83,13 @@ class Algorithm:
         self.hparams = hparams
         self.runtime = runtime
         self.grad_hooks: list[Callable[[nn.Module], None]] = []
+
+    @classmethod
+    def check_hparams(cls, hparams: dict[str, Any]) -> None:
+        """Reject combinations of (individually valid) hyperparameters, with a one-line DGZooError.
+
+        Called when a recipe is validated, before anything is written.
+        """
 
     @classmethod
     def train_transform(cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any],
@@ -135,6 +148,10 @@ class AddOn:
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         self.host, self.hparams, self.runtime = host, hparams, runtime
+
+    @classmethod
+    def check_hparams(cls, hparams: dict[str, Any]) -> None:
+        """Reject combinations of (individually valid) hyperparameters, before anything is written."""
 
     def before_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         return {}
@@ -209,6 +226,8 @@ def resolve_hparams(spec: str, given: dict[str, Any]) -> dict[str, dict[str, Any
             raise DGZooError(f"unknown hparam '{raw_key}' for {namespace}{suggest(key, declared)}; "
                              f"valid: {', '.join(sorted(declared)) or 'none'}")
         resolved[namespace][key] = declared[key].coerce(value, str(raw_key))
+    for component in (host, *addons):
+        component.check_hparams(resolved[component.name])
     return resolved
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -62,26 +61,13 @@ CITATION = """@inproceedings{ballas2025gradient,
 _GGA_NOISE, _GGA_DROPOUT, _GGAL_NOISE, _GGAL_DROPOUT = range(4)
 
 
-@dataclass(frozen=True)
-class AtLeast(HParam):
-    """A numeric hyperparameter with a lower bound, checked when the recipe is validated (before any training)."""
-
-    minimum: float = 0
-
-    def coerce(self, value: Any, key: str) -> Any:
-        value = super().coerce(value, key)
-        if value < self.minimum:
-            raise DGZooError(f"hparam {key}={value} must be at least {self.minimum}")
-        return value
-
-
 _SHARED_HPARAMS = {
     "batchnorm": HParam(
         "restore", "BatchNorm during the extra forward passes: 'restore' normalises with batch statistics as the "
         "host's training forward does, and puts the running statistics back afterwards so the passes leave no "
         "trace; 'eval' normalises with the running statistics. Identical under --freeze-bn (the paper's setting)",
         choices=("restore", "eval")),
-    "parts": AtLeast(
+    "parts": HParam(
         2, "single-source training without augmented views: the batch is dealt into this many interleaved parts "
         "whose gradients stand in for the domains' (a dgzoo extension: the paper has no single-source GGA; with "
         "views, as in single-source equilibrium, the views are the domains)", minimum=2),
@@ -194,13 +180,13 @@ class GGA(AddOn):
     title = "Gradient-Guided Annealing"
     citation = CITATION
     HPARAMS = {
-        "start": AtLeast(100, "first annealed step (0-based, inclusive); the paper anneals only early in training, "
+        "start": HParam(100, "first annealed step (0-based, inclusive); the paper anneals only early in training, "
                          "where it argues conflicting domain gradients pick the basin", minimum=0),
-        "end": AtLeast(200, "last annealed step, inclusive: 100..200 is the paper's 101 annealed steps (the "
+        "end": HParam(200, "last annealed step, inclusive: 100..200 is the paper's 101 annealed steps (the "
                        "official CLI default of 150 was not used for the paper)", minimum=0),
-        "candidates": AtLeast(250, "perturbations searched per annealed step (hard-coded 250 in the official "
+        "candidates": HParam(250, "perturbations searched per annealed step (hard-coded 250 in the official "
                               "code)", minimum=1),
-        "rho": AtLeast(1e-5, "half-width of the uniform noise added to every featurizer weight per candidate, in "
+        "rho": HParam(1e-5, "half-width of the uniform noise added to every featurizer weight per candidate, in "
                        "absolute units (paper: 1e-5 PACS/OfficeHome/TerraIncognita/DomainNet, 1e-6 VLCS)",
                        minimum=0.0),
         "tau": HParam(0.1, "largest rise of the pooled cross-entropy over the last accepted point that an "
@@ -211,11 +197,14 @@ class GGA(AddOn):
         **_SHARED_HPARAMS,
     }
 
-    def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
-        super().__init__(host, hparams, runtime)
+    @classmethod
+    def check_hparams(cls, hparams: dict[str, Any]) -> None:
         if hparams["end"] < hparams["start"]:
             raise DGZooError(f"gga.end={hparams['end']} is before gga.start={hparams['start']}; the annealing "
                              f"window start..end is inclusive, e.g. gga.start=100 gga.end=200")
+
+    def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
+        super().__init__(host, hparams, runtime)
         self.perturbed = [p for _, p in featurizer_parameters(host.module)]
         if not self.perturbed:
             raise DGZooError("GGA perturbs the featurizer, but the backbone has no trainable parameter outside its "
@@ -316,7 +305,7 @@ class GGAL(AddOn):
     title = "Gradient-Guided Annealing, per-step noise (GGA-L)"
     citation = CITATION
     HPARAMS = {
-        "gamma": AtLeast(1e-3, "noise intensity: the noise added to every gradient is gamma * (1 - mean pairwise "
+        "gamma": HParam(1e-3, "noise intensity: the noise added to every gradient is gamma * (1 - mean pairwise "
                          "cosine of the per-domain gradients) * xi (official default; no per-dataset value is "
                          "published)", minimum=0.0),
         "noise": HParam("gaussian", "distribution of xi: 'gaussian' N(0, 1) as the official code; 'uniform' "
