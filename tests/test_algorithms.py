@@ -19,7 +19,13 @@ def counter_addon():
     @register_addon
     class Counter(AddOn):
         name = "counter_test"
-        HPARAMS = {"every": HParam(2, "count every N steps"), "mode": HParam("a", "mode", choices=("a", "b"))}
+        HPARAMS = {"every": HParam(2, "count every N steps", minimum=1), "mode": HParam("a", "mode", choices=("a", "b")),
+                   "limit": HParam(10, "upper limit", maximum=100)}
+
+        @classmethod
+        def check_hparams(cls, hparams):
+            if hparams["every"] > hparams["limit"]:
+                raise DGZooError("counter_test.every exceeds counter_test.limit")
 
         def __init__(self, host, hparams, runtime):
             super().__init__(host, hparams, runtime)
@@ -46,7 +52,13 @@ def test_unknown_names_get_suggestions():
 
 def test_hparams_are_namespaced_coerced_and_validated(counter_addon):
     resolved = resolve_hparams("erm+counter_test", {"counter_test.every": "5", "counter_test.mode": "b"})
-    assert resolved == {"erm": {}, "counter_test": {"every": 5, "mode": "b"}}
+    assert resolved == {"erm": {}, "counter_test": {"every": 5, "mode": "b", "limit": 10}}
+    with pytest.raises(DGZooError, match="counter_test.every=0 must be at least 1"):
+        resolve_hparams("erm+counter_test", {"counter_test.every": 0})
+    with pytest.raises(DGZooError, match="counter_test.limit=101 must be at most 100"):
+        resolve_hparams("erm+counter_test", {"counter_test.limit": 101})
+    with pytest.raises(DGZooError, match="every exceeds"):
+        resolve_hparams("erm+counter_test", {"counter_test.every": 20})
     with pytest.raises(DGZooError, match="must be int"):
         resolve_hparams("erm+counter_test", {"counter_test.every": 2.5})
     with pytest.raises(DGZooError, match="not one of a, b"):
@@ -64,7 +76,8 @@ def test_addons_wrap_the_host_update_in_order(counter_addon):
     assert algorithm.addons[0].calls == [("before", 7), ("after", 7)]
     assert metrics["counter_test/seen"] == 7.0 and "loss" in metrics
     assert algorithm.name == "erm+counter_test" and algorithm.hparams == {"counter_test.every": 2,
-                                                                         "counter_test.mode": "a"}
+                                                                         "counter_test.mode": "a",
+                                                                         "counter_test.limit": 10}
 
 
 def test_erm_steps_reduce_the_loss_on_a_fixed_batch():
