@@ -84,12 +84,15 @@ def test_out_buffer_is_written_in_place():
         per_domain_gradients(model, make_batches(k=2), params, out=buffer)
 
 
-def test_bf16_autocast_gives_float32_gradients_equal_to_backward_passes():
+def test_bf16_autocast_gives_float32_gradients_equal_to_backward_passes(monkeypatch):
     torch.manual_seed(0)
     model = create_backbone("test_resnet", num_classes=5).eval()
     runtime = AutocastRuntime(torch.bfloat16)
     batches = make_batches()
     params = FlatParams.of(model)
+    # oneDNN's bf16 convolution backward intermittently returns NaN on CPUs without native bf16 (seen on an AMD
+    # EPYC, in plain backward passes too); PyTorch's own bf16 kernels are deterministic.
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     grads, _ = per_domain_gradients(model, batches, params, runtime)
     expected, _ = separate_backward_passes(model, batches, runtime.autocast)
     assert grads.dtype == torch.float32
