@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dgzoo.algorithms import create_algorithm
+from dgzoo.algorithms import create_algorithm, resolve_hparams
 from dgzoo.algorithms.gradients import (DomainGradientAlgorithm, FlatParams, RandAugmentViews, gram,
                                         pairwise_cosine, per_domain_gradients, split_views)
 from dgzoo.data.transforms import eval_transform
@@ -157,3 +157,5 @@ def test_views_mode_rules():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(DGZooError, match="at least 2 domains"):
         create_algorithm("pcgrad", model, optimizer, 1, {"domains": "sources"})
+    with pytest.raises(DGZooError, match="views=1 must be at least 2"):
+        resolve_hparams("equilibrium", {"views": 1})  # when the recipe is validated, before anything is written

@@ -167,7 +167,7 @@ class Equilibrium(DomainGradientAlgorithm):
     HPARAMS = {
         **DomainGradientAlgorithm.HPARAMS,
         "alpha": HParam(0.5, "cosine threshold: a domain-specific gradient is projected off another whose cosine "
-                             "with it is strictly above alpha (the paper: 0.5)"),
+                             "with it is strictly above alpha (the paper: 0.5)", minimum=-1.0, maximum=1.0),
         "adjust": HParam(True, "project similar domain-specific gradients apart (Eq. 5); false is the paper's "
                                "'Grad Adjust' ablation"),
         "reweight": HParam(True, "reweight domain-specific gradients toward equilibrium (Eq. 7-8); false fixes "
@@ -176,11 +176,13 @@ class Equilibrium(DomainGradientAlgorithm):
                                            "research note's reading) or 'adjusted' (the running s~_i, as PCGrad) "
                                            "[assumption: the paper is ambiguous]", choices=("original", "adjusted")),
         "pgd_init": HParam(1.0, "initial weight of every domain [assumption: w = 1 is already the equilibrium when "
-                                "no projection fired; w = 0 would never move]"),
+                                "no projection fired; w = 0 would never move]", minimum=0.0, maximum=1.0),
         "pgd_lr": HParam(1.0, "PGD step in units of 1/(2 lambda_max(G)) [assumption: scale-free, cannot overshoot "
-                              "the quadratic; the paper gives no value]"),
-        "pgd_steps": HParam(100, "maximum PGD iterations [assumption; small values leave w unconverged]"),
-        "pgd_tol": HParam(1e-3, "stop PGD once ||sum w_k s~_k|| <= pgd_tol * ||sum s~_k|| [assumption]"),
+                              "the quadratic; the paper gives no value]; PGD diverges from 2 on", minimum=0.0,
+                         maximum=2.0),
+        "pgd_steps": HParam(100, "maximum PGD iterations [assumption; small values leave w unconverged]", minimum=0),
+        "pgd_tol": HParam(1e-3, "stop PGD once ||sum w_k s~_k|| <= pgd_tol * ||sum s~_k|| [assumption]",
+                          minimum=0.0),
         "residual": HParam("adjusted", "Eq. 9 reading: d_k = g_k - w_k s~_k ('adjusted', the paper's symbols) or "
                                        "g_k - w_k s_k ('original') [assumption]", choices=("adjusted", "original")),
         "updates": HParam("sequential", "'sequential': K optimizer steps per iteration, one per domain, all "

@@ -290,9 +290,11 @@ class DomainGradientAlgorithm(Algorithm):
         "domains": HParam("auto", "what a domain is: 'sources' (the source domains), 'views' (K RandAugment views "
                                   "of every image are K pseudo-domains), or 'auto' (views when training on one "
                                   "source domain, else sources)", choices=("auto", "sources", "views")),
-        "views": HParam(3, "K, the number of RandAugment views per image in views mode (the DGE paper: 3)"),
-        "random_ops": HParam(2, "RandAugment operations per view (the DGE paper's random_ops: 2)"),
-        "magnitude": HParam(9, "RandAugment magnitude (torchvision's default 9 of 31 bins; the paper is silent)"),
+        "views": HParam(3, "K, the number of RandAugment views per image in views mode (the DGE paper: 3)",
+                        minimum=2),
+        "random_ops": HParam(2, "RandAugment operations per view (the DGE paper's random_ops: 2)", minimum=1),
+        "magnitude": HParam(9, "RandAugment magnitude (torchvision's default 9 of 31 bins; the paper is silent)",
+                            minimum=0, maximum=30),
         "grad_engine": HParam("loop", "per-domain gradient path: 'loop' (one backward per domain; fastest on "
                                       "CPU) or 'vmap' (torch.func, one vectorised backward)", choices=GRADIENT_METHODS),
     }
@@ -323,8 +325,6 @@ class DomainGradientAlgorithm(Algorithm):
         if augment == "randaugment":
             raise DGZooError(f"{cls.name} already makes RandAugment views of every image; use --augment none (or "
                              f"domainbed) so the views are not augmented twice")
-        if hparams["views"] < 2:
-            raise DGZooError(f"hparam views={hparams['views']} must be at least 2 (views are the domains compared)")
         from ..data.transforms import train_transform
 
         return RandAugmentViews(train_transform(preprocessing, augment), hparams["views"], hparams["random_ops"],
