@@ -93,11 +93,20 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
+    host_cls, _ = parse_algorithm(cfg.algorithm)
+    host_cls.check_recipe(hparams[host_cls.name], resolve_augment(cfg, data), len(protocol.sources))
     output_dir = Path(cfg.output_dir or cfg.default_output_dir(list(protocol.targets)))
     check_output_dir(output_dir, cfg.resume, cfg.overwrite)
     if cfg.resume:
         _check_resume_config(cfg, output_dir)
     return RunPlan(cfg, data, protocol, output_dir, hparams)
+
+
+def resolve_augment(cfg: TrainConfig, data: DGDataset) -> str:
+    """The training augmentation: ``--augment``, or for ``auto`` the dataset's default (DomainBed's otherwise)."""
+    if cfg.augment != "auto":
+        return cfg.augment
+    return data.spec.augment if data.spec else "domainbed"
 
 
 def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:
@@ -225,7 +234,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.freeze_bn:
         freeze_batchnorm(model)
     preprocessing = data_config(model, image_size)
-    augment = (data.spec.augment if data.spec else "domainbed") if cfg.augment == "auto" else cfg.augment
+    augment = resolve_augment(cfg, data)
     splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed())
     host_cls, _ = parse_algorithm(cfg.algorithm)
     own_tf = host_cls.train_transform(preprocessing, augment, plan.hparams[host_cls.name], len(sources))

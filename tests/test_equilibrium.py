@@ -11,9 +11,10 @@ import torch
 
 from conftest import ROOT, subprocess_env, tiny_config
 from dgzoo.algorithms import create_algorithm, resolve_hparams
-from dgzoo.algorithms.equilibrium import adjust_residuals, equilibrium_step, equilibrium_updates, reweight
+from dgzoo.algorithms.equilibrium import adjust_residuals, equilibrium_updates, reweight
 from dgzoo.algorithms.gradients import FlatParams, gram, per_domain_gradients
 from dgzoo.config import TrainConfig
+from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone, data_config, freeze_batchnorm
 
 # Residuals that sum to zero, with cos(s1, s2) = 0.6 > 0.5 (so s1 and s2 are projected apart) and s3 an outlier.
@@ -247,3 +248,11 @@ def _distributed_worker(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     _distributed_worker(Path(sys.argv[1]))
+
+
+def test_views_with_randaugment_recipe_fail_before_anything_is_written(tmp_path):
+    from dgzoo.engine import train
+
+    with pytest.raises(DGZooError, match="views are not augmented twice"):
+        train(tiny_config(tmp_path, algorithm="equilibrium", source_domains=["0"], augment="randaugment"))
+    assert not (tmp_path / "run").exists()

@@ -92,6 +92,11 @@ class Algorithm:
         """
 
     @classmethod
+    def check_recipe(cls, hparams: dict[str, Any], augment: str, num_sources: int) -> None:
+        """Reject hyperparameters that do not fit the recipe (its training augmentation, its number of source
+        domains), with a one-line DGZooError. Called when the recipe is validated, before anything is written."""
+
+    @classmethod
     def train_transform(cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any],
                         num_sources: int) -> Callable | None:
         """A training transform of the algorithm's own, or None to use the recipe's.

@@ -317,14 +317,18 @@ class DomainGradientAlgorithm(Algorithm):
         return hparams["domains"] == "views" or (hparams["domains"] == "auto" and num_sources == 1)
 
     @classmethod
+    def check_recipe(cls, hparams: dict[str, Any], augment: str, num_sources: int) -> None:
+        if cls.uses_views(hparams, num_sources) and augment == "randaugment":
+            raise DGZooError(f"{cls.name} already makes RandAugment views of every image; use --augment none (or "
+                             f"domainbed) so the views are not augmented twice")
+
+    @classmethod
     def train_transform(cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any],
                         num_sources: int) -> Callable | None:
         """In views mode, K RandAugment views of every image, each finished by the recipe's training transform."""
         if not cls.uses_views(hparams, num_sources):
             return None
-        if augment == "randaugment":
-            raise DGZooError(f"{cls.name} already makes RandAugment views of every image; use --augment none (or "
-                             f"domainbed) so the views are not augmented twice")
+        cls.check_recipe(hparams, augment, num_sources)
         from ..data.transforms import train_transform
 
         return RandAugmentViews(train_transform(preprocessing, augment), hparams["views"], hparams["random_ops"],
