@@ -131,6 +131,14 @@ SEARCH_SPACES: dict[str, dict[str, Distribution | None]] = {
     # DomainBed's image-dataset distributions (hparams_registry.py); dropout is its ``resnet_dropout``.
     TRAINING: {"lr": Uniform(-5, -3.5, base=10), "batch_size": Uniform(3, 5.5, base=2, integer=True),
                "weight_decay": Uniform(-6, -2, base=10), "dropout": Choice((0.0, 0.1, 0.5))},
+    # The values the seed paper ablates: the cosine threshold and the number of RandAugment operations.
+    "equilibrium": {"alpha": Choice((0.3, 0.5, 0.7)), "random_ops": Choice((1, 2, 3))},
+    # Around the published noise half-widths (1e-6 VLCS, 1e-5 elsewhere); GGA-L's gamma around its 1e-3 default.
+    "gga": {"rho": Uniform(-6, -4, base=10)},
+    "gga_l": {"gamma": Uniform(-4.5, -2.5, base=10)},
+    # research/iu.md A2 (alpha sweep {0.5, 1, 2, 3}) and A10 (ascent step 1e-4 .. 1e-2); IUE also its EMA.
+    "iu": {"alpha": Choice((0.5, 1.0, 2.0, 3.0)), "lr": Uniform(-4, -2, base=10)},
+    "iue": {"alpha": Choice((0.5, 1.0, 2.0, 3.0)), "lr": Uniform(-4, -2, base=10), "beta": Choice((0.8, 0.9, 0.95))},
 }
 
 # Per-dataset replacements of training distributions (None: not searched).

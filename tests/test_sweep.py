@@ -116,7 +116,8 @@ def test_dry_run_lists_runs_and_search_spaces_and_writes_nothing(tmp_path, capsy
             "dropout choice(0.0, 0.1, 0.5)") in out
     [unsearched] = [line for line in out.splitlines() if "not searched" in line]
     assert "(every sample keeps the recipe's value): equilibrium.domains," in unsearched
-    assert "equilibrium.alpha" in unsearched
+    assert "equilibrium.pgd_steps" in unsearched and "equilibrium.alpha" not in unsearched
+    assert "search space of equilibrium on rotated-digits:" in out and "equilibrium.alpha choice(0.3, 0.5, 0.7)" in out
     assert "rotated-digits-erm-75-hp0-trial0  (defaults)" in out
     assert not (tmp_path / "sw").exists()
 
