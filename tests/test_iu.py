@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import subprocess_env, tiny_config
-from dgzoo.algorithms import EpochContext, create_algorithm
+from dgzoo.algorithms import EpochContext, create_algorithm, resolve_hparams
 from dgzoo.algorithms.influence import FunctionalLoss, kfac_head_influence, largest_eigenvalue, lissa
 from dgzoo.algorithms.iu import ChannelLayer, inter_domain_variance, mad_outliers, masked_ascent, unlearning_scores
 from dgzoo.data import DomainImages, eval_loader, eval_transform, load_dg_dataset
@@ -391,3 +391,25 @@ def test_engine_runs_iue_every_n_steps_and_reports_it(tmp_path):
                for title, bib in results["citations"])
     record = json.loads((tmp_path / "run" / "records.jsonl").read_text().splitlines()[-1])
     assert "iue/unlearn_samples" in record and "iue/seconds" in record
+
+
+@pytest.mark.parametrize("hparams, message", [
+    ({"iu.score_fraction": 0}, "iu.score_fraction=0.0 must be in"),
+    ({"iu.score_fraction": 1.5}, "iu.score_fraction=1.5 must be at most 1.0"),
+    ({"iu.lr": -1e-3}, "iu.lr=-0.001 must be at least 0"),
+    ({"iu.passes": 0}, "iu.passes=0 must be at least 1"),
+    ({"iu.mode": "exact"}, "iu.mode='exact' is not one of fast, faithful"),
+])
+def test_bad_iu_hyperparameters_fail_before_anything_is_written(tmp_path, hparams, message):
+    from dgzoo.engine import train
+
+    cfg = tiny_config(tmp_path, algorithm="erm+iu", hparams=hparams)
+    with pytest.raises(DGZooError, match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_iue_beta_is_a_fraction():
+    assert resolve_hparams("erm+iue", {"iue.beta": 0.5})["iue"]["beta"] == 0.5
+    with pytest.raises(DGZooError, match="iue.beta=1.5 must be at most 1.0"):
+        resolve_hparams("erm+iue", {"iue.beta": 1.5})

@@ -312,38 +312,39 @@ class IU(AddOn):
     citation = CITATION
     HPARAMS = {
         "every": HParam(0, "run every N training steps; 0 = after every DomainBed epoch, ceil(min source-domain "
-                           "train size / batch size) steps (note A11)"),
-        "start_step": HParam(0, "no IU call before this step; the first call is at the end of epoch 1 (A11)"),
+                           "train size / batch size) steps (note A11)", minimum=0),
+        "start_step": HParam(0, "no IU call before this step; the first call is at the end of epoch 1 (A11)",
+                             minimum=0),
         "mode": HParam("fast", "influence estimator: fast = closed-form Kronecker-factored influence on the "
                                "classifier head; faithful = LiSSA inverse-HVPs with exact Hessian-vector products "
                                "over iu.influence_params (A1)", choices=("fast", "faithful")),
         "influence_params": HParam("all", "faithful mode's parameter set: every trainable parameter, or the "
                                           "classifier head (A1)", choices=("all", "head")),
-        "damping": HParam(0.01, "Hessian damping lambda in H + lambda I, both modes (A1)"),
-        "lissa_depth": HParam(100, "LiSSA recursion depth T (A1; Koh & Liang use 100-1000)"),
+        "damping": HParam(0.01, "Hessian damping lambda in H + lambda I, both modes (A1)", minimum=0.0),
+        "lissa_depth": HParam(100, "LiSSA recursion depth T (A1; Koh & Liang use 100-1000)", minimum=1),
         "lissa_scale": HParam(0.0, "LiSSA scale s, which must exceed the Hessian's largest eigenvalue; 0 = 1.5 x "
                                    "(a 20-step power-iteration estimate on the first Hessian minibatch + damping). "
-                                   "A1's s=25 diverges on networks as soon as they fit (A1)"),
-        "lissa_batch": HParam(256, "training samples per LiSSA Hessian minibatch (A1: 256-512)"),
-        "lissa_repeats": HParam(1, "independent LiSSA recursions averaged (A1)"),
+                                   "A1's s=25 diverges on networks as soon as they fit (A1)", minimum=0.0),
+        "lissa_batch": HParam(256, "training samples per LiSSA Hessian minibatch (A1: 256-512)", minimum=1),
+        "lissa_repeats": HParam(1, "independent LiSSA recursions averaged (A1)", minimum=1),
         "lissa_chunk": HParam(0, "vectors per vectorised LiSSA recursion (memory/speed only, results unchanged); "
-                                 "0 = 512 for the head, 8 for the whole network"),
+                                 "0 = 512 for the head, 8 for the whole network", minimum=0),
         "score_fraction": HParam(1.0, "fraction of each source domain's training samples scored per call, a fresh "
                                       "seeded draw each call; 1 = every sample, every epoch, as the paper (subsampling "
-                                      "is the reviewers' suggestion to cut the cost)"),
+                                      "is the reviewers' suggestion to cut the cost)", maximum=1.0),
         "alpha": HParam(2.0, "exponent on G in U = G^alpha / C, against score-equivalence bias (A2: value not "
-                             "given by the paper)"),
+                             "given by the paper)", minimum=0.0),
         "g_transform": HParam("minmax", "make G usable under the power: minmax = rescale to [1e-6, 1] over the "
                                         "training set; signed = sign(G)|G|^alpha (A2)", choices=("minmax", "signed")),
-        "k": HParam(2.0, "MAD multiplier of both thresholds (stated: 2)"),
+        "k": HParam(2.0, "MAD multiplier of both thresholds (stated: 2)", minimum=0.0),
         "layer": HParam("auto", "layer whose channels DSCS ranks and DSGA edits: auto = the features the classifier "
                                 "reads (A4), or a stage/block name (layer3, blocks.5, features.denseblock3)"),
         "channel_score": HParam("idv", "idv = variance across domains of per-domain channel variances (paper); "
                                        "idv+means also adds the variance of the per-domain means (a reviewer's "
                                        "extension)", choices=("idv", "idv+means")),
-        "lr": HParam(1e-3, "DSGA ascent step size eta_u (A10: tune in 1e-4..1e-2)"),
-        "passes": HParam(1, "DSGA passes over the unlearning set (A10)"),
-        "batch_size": HParam(0, "DSGA minibatch size; 0 = the recipe's per-domain batch size (A10)"),
+        "lr": HParam(1e-3, "DSGA ascent step size eta_u (A10: tune in 1e-4..1e-2)", minimum=0.0),
+        "passes": HParam(1, "DSGA passes over the unlearning set (A10)", minimum=1),
+        "batch_size": HParam(0, "DSGA minibatch size; 0 = the recipe's per-domain batch size (A10)", minimum=0),
         "include_head": HParam(False, "DSGA also edits the classifier's columns of the selected channels (A9 "
                                       "variant)"),
         "val_after": HParam(True, "measure source-val accuracy and the D_u loss again after the ascent (diagnostics "
@@ -354,10 +355,16 @@ class IU(AddOn):
                                      "parameter (the paper's USS-only ablation)", choices=("channels", "all")),
     }
 
+    @classmethod
+    def check_hparams(cls, hparams: dict[str, Any]) -> None:
+        """score_fraction is a fraction in (0, 1]: a zero would score no sample and select nothing, silently."""
+        if not 0 < hparams["score_fraction"] <= 1:
+            raise DGZooError(f"hparam {cls.name}.score_fraction={hparams['score_fraction']} must be in (0, 1]; "
+                             f"use 1 to score every sample")
+
     def __init__(self, host: Any, hparams: dict[str, Any], runtime: Any):
         super().__init__(host, hparams, runtime)
-        if not 0 < hparams["score_fraction"] <= 1:
-            raise DGZooError(f"{self.name}.score_fraction={hparams['score_fraction']} must be in (0, 1]")
+        self.check_hparams(hparams)
         self.module = host.module
         self.layer = ChannelLayer(self.module, hparams["layer"], hparams["include_head"])
         if not isinstance(classifier(self.module), nn.Linear):
@@ -642,7 +649,8 @@ class IUE(IU):
     title = "Identify and Unlearn with EMA scores"
     HPARAMS = {
         **IU.HPARAMS,
-        "beta": HParam(0.9, "EMA factor: U_ema = beta U_ema + (1 - beta) U, started at a sample's first score (A8)"),
+        "beta": HParam(0.9, "EMA factor: U_ema = beta U_ema + (1 - beta) U, started at a sample's first score (A8)",
+                       minimum=0.0, maximum=1.0),
         "ema_normalize": HParam(True, "divide each call's scores by their median before averaging, so that the "
                                       "drift of C's scale over training does not let one epoch dominate (A8)"),
     }
