@@ -85,6 +85,9 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     cfg.validate()
     check_backbone(cfg.backbone)
     hparams = resolve_hparams(cfg.algorithm, cfg.hparams)
+    host_cls, addon_classes = parse_algorithm(cfg.algorithm)
+    for component in (host_cls, *addon_classes):
+        component.check_precision(hparams[component.name], cfg.mixed_precision)
     if cfg.push_to_hub:
         from .hub import check_push_target
 
@@ -93,7 +96,6 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
-    host_cls, _ = parse_algorithm(cfg.algorithm)
     host_cls.check_recipe(hparams[host_cls.name], resolve_augment(cfg, data), len(protocol.sources))
     output_dir = Path(cfg.output_dir or cfg.default_output_dir(list(protocol.targets)))
     check_output_dir(output_dir, cfg.resume, cfg.overwrite)

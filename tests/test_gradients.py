@@ -111,6 +111,24 @@ def test_unsupported_precision_is_refused_before_training_with_the_fix():
     create_algorithm("pcgrad", model, optimizer, 3, {}, AutocastRuntime(torch.bfloat16))
 
 
+@pytest.mark.parametrize("algorithm, precision, hparams, message", [
+    ("equilibrium", "fp16", {}, "do not support --mixed-precision fp16"),
+    ("erm+gga_l", "fp16", {}, "do not support --mixed-precision fp16"),
+    ("pcgrad", "bf16", {"grad_engine": "vmap"}, "use grad_engine=loop"),
+])
+def test_unsupported_precision_fails_before_the_run_directory_is_written(tmp_path, algorithm, precision, hparams,
+                                                                        message):
+    from conftest import tiny_config
+    from dgzoo.engine import plan_run
+
+    # On a GPU the runtime check would only fire once the run directory exists; the recipe check must come first.
+    run = tmp_path / "run"
+    with pytest.raises(DGZooError, match=message):
+        plan_run(tiny_config(tmp_path, algorithm=algorithm, mixed_precision=precision, hparams=hparams))
+    assert not run.exists()
+    plan_run(tiny_config(tmp_path, algorithm="erm", mixed_precision=precision))  # ERM trains under either
+
+
 def test_gram_is_accurate_where_float32_dot_products_are_not():
     g = torch.Generator().manual_seed(0)
     grads = torch.randn(3, 2_000_000, generator=g) + 3.0  # large common part: float32 sums lose digits

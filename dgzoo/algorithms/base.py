@@ -97,6 +97,11 @@ class Algorithm:
         domains), with a one-line DGZooError. Called when the recipe is validated, before anything is written."""
 
     @classmethod
+    def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
+        """Reject a ``--mixed-precision`` mode ('no', 'bf16', 'fp16') this algorithm cannot train under, with a
+        one-line DGZooError. Called when the recipe is validated, before anything is written."""
+
+    @classmethod
     def train_transform(cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any],
                         num_sources: int) -> Callable | None:
         """A training transform of the algorithm's own, or None to use the recipe's.
@@ -157,6 +162,10 @@ class AddOn:
     @classmethod
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
         """Reject combinations of (individually valid) hyperparameters, before anything is written."""
+
+    @classmethod
+    def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
+        """Reject a ``--mixed-precision`` mode this add-on cannot run under, before anything is written."""
 
     def before_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         return {}

@@ -44,7 +44,7 @@ from ..models import featurizer_parameters
 from ..runtime import Runtime
 from .base import AddOn, Algorithm, HParam, Minibatches, register_addon
 from .gradients import (GRADIENT_METHODS, FlatParams, check_precision, pairwise_cosine, per_domain_gradients,
-                        split_views)
+                        precision_problem, split_views)
 
 logger = logging.getLogger("dgzoo")
 
@@ -313,9 +313,16 @@ class GGAL(AddOn):
         **_SHARED_HPARAMS,
     }
 
+    @classmethod
+    def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
+        # fp16's loss scale would still be in .grad when the noise is added
+        problem = precision_problem(mixed_precision)
+        if problem:
+            raise DGZooError(problem)
+
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)
-        check_precision(runtime)  # fp16's loss scale would still be in .grad when the noise is added
+        check_precision(runtime)
         self.scored = FlatParams.of(host.module)
         self.seed = run_seed(runtime)
         self.scale: float | None = None  # set for the duration of one update

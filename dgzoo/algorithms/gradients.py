@@ -233,18 +233,27 @@ def pairwise_cosine(grads: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (g / norms[:, None] / norms[None, :]).to(grads.dtype)
 
 
-def check_precision(runtime: Runtime, method: str = "loop") -> None:
-    """Refuse what per-domain gradients cannot do under ``runtime``'s mixed precision, with the fix.
+def precision_problem(mixed_precision: str, method: str = "loop") -> str | None:
+    """Why per-domain gradients cannot be computed under ``mixed_precision`` ('no', 'bf16', 'fp16') with the
+    gradient path ``method``, as a one-line message naming the fix; None when they can.
 
     fp16 is refused (its loss scaler lives in the optimizer wrapper and would unscale the written-back gradient
     a second time); bf16 is fine with the loop path, not with vmap (see :func:`per_domain_gradients`).
     """
+    if mixed_precision == "fp16":
+        return ("per-domain gradient algorithms do not support --mixed-precision fp16 (its loss scaler would "
+                "unscale the combined gradient twice); use --mixed-precision bf16 or no")
+    if mixed_precision != "no" and method == "vmap":
+        return "hparam grad_engine=vmap does not support mixed precision; use grad_engine=loop"
+    return None
+
+
+def check_precision(runtime: Runtime, method: str = "loop") -> None:
+    """Raise :func:`precision_problem`'s message for the precision ``runtime`` actually autocasts to."""
     dtype = _autocast_dtype(runtime)
-    if dtype == torch.float16:
-        raise DGZooError("per-domain gradient algorithms do not support --mixed-precision fp16 (its loss scaler "
-                         "would unscale the combined gradient twice); use --mixed-precision bf16 or no")
-    if dtype is not None and method == "vmap":
-        raise DGZooError("hparam grad_engine=vmap does not support mixed precision; use grad_engine=loop")
+    problem = precision_problem({None: "no", torch.float16: "fp16"}.get(dtype, "bf16"), method)
+    if problem:
+        raise DGZooError(problem)
 
 
 # ---------------------------------------------------------------------- augmented views as domains
@@ -315,6 +324,12 @@ class DomainGradientAlgorithm(Algorithm):
     def uses_views(hparams: dict[str, Any], num_sources: int) -> bool:
         """Whether the domains are augmented views (``domains=views``, or ``auto`` with one source domain)."""
         return hparams["domains"] == "views" or (hparams["domains"] == "auto" and num_sources == 1)
+
+    @classmethod
+    def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
+        problem = precision_problem(mixed_precision, hparams["grad_engine"])
+        if problem:
+            raise DGZooError(problem)
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], augment: str, num_sources: int) -> None:
