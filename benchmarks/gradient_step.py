@@ -119,7 +119,7 @@ def main() -> None:
           f"{params / 1e6:.1f}M parameters, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()}; "
           f"{args.rounds} rounds after {args.warmup} warm-up")
-    print(f"| method | median step (s) | IQR (s) | step / ERM step (median of per-round ratios) |")
+    print("| method | median step (s) | IQR (s) | step / ERM step (median of per-round ratios) |")
     print("|---|---|---|---|")
     erm = times.get("erm")
     for method, values in times.items():

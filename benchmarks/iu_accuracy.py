@@ -84,7 +84,7 @@ def main() -> None:
                         help="algorithm[:key=value,...]; e.g. erm+iu:iu.samples=all")
     parser.add_argument("--targets", nargs="+", default=DOMAINS, help="held-out domains, one at a time")
     parser.add_argument("--backbone", default="test_resnet")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="images per source domain per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=50)

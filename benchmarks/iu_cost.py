@@ -191,8 +191,8 @@ def main() -> None:
         print(f"\n{backbone}: ERM epoch = {steps_per_epoch} steps x {args.batch_size * len(SOURCES)} images = "
               f"{epoch_s:.2f} s (median of {args.rounds}); IU scores {n_train} training images, validates on "
               f"{sum(len(d) for d in context.source_val)}")
-        print(f"| mode | IU call (s) | / ERM epoch | forward passes | scores+channels | ascent | val after |"
-              f" D_u | C_spc |\n|---|---|---|---|---|---|---|---|---|")
+        print("| mode | IU call (s) | / ERM epoch | forward passes | scores+channels | ascent | val after |"
+              " D_u | C_spc |\n|---|---|---|---|---|---|---|---|---|")
         for mode, row in rows.items():
             print(f"| {mode} | {row['seconds']:.2f} | {row['ratio']:.3f} | {row['forward']:.2f} | {row['select']:.2f} "
                   f"| {row['ascent']:.2f} | {row['after']:.2f} | {row.get('unlearn_samples', float('nan')):.0f} "

@@ -61,8 +61,8 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         outcome = run_sweep(spec, args.launcher, args.launch_prefix, args.fail_fast)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; run the same command again to resume: finished runs are skipped, the interrupted one "
-              f"continues from its last checkpoint", file=sys.stderr)
+        print("\ninterrupted; run the same command again to resume: finished runs are skipped, the interrupted one "
+              "continues from its last checkpoint", file=sys.stderr)
         return 130
     return 1 if outcome.failed else 0
 
