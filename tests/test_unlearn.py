@@ -106,6 +106,36 @@ def test_unknown_method_and_hparams_are_one_line_errors():
     assert resolve_method_hparams("sure", {"sure.lambda": "0.5"})["lambda"] == 0.5
 
 
+def test_forget_set_baselines_ascend_or_relabel_and_add_the_retain_term_only_when_weighted():
+    from dgzoo.models import create_backbone
+    from dgzoo.unlearning.methods import METHODS
+
+    torch.manual_seed(0)
+    model = create_backbone("test_resnet", num_classes=4).eval()
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
+    batches = {"forget": (x[:3], y[:3]), "retain": (x[3:], y[3:])}
+    forget_ce = F.cross_entropy(model(x[:3]), y[:3])
+    retain_ce = F.cross_entropy(model(x[3:]), y[3:])
+
+    ascent = METHODS["gradient_ascent"](model, 4, resolve_method_hparams("gradient_ascent", {"forget_bn": "batch"}))
+    assert ascent.batches() == ("forget",)
+    loss, metrics = ascent(batches, 0.0)
+    assert torch.allclose(loss, -forget_ce) and "retain_loss" not in metrics  # NegGrad: minus the forget loss
+    plus = METHODS["gradient_ascent"](model, 4, resolve_method_hparams(
+        "gradient_ascent", {"forget_bn": "batch", "retain_weight": 0.5}))
+    assert plus.batches() == ("forget", "retain")
+    assert torch.allclose(plus(batches, 0.0)[0], -forget_ce + 0.5 * retain_ce)  # NegGrad+
+
+    relabel = METHODS["random_labels"](model, 4, resolve_method_hparams("random_labels", {"forget_bn": "batch"}))
+    torch.manual_seed(1)
+    loss, metrics = relabel(batches, 0.0)
+    torch.manual_seed(1)
+    wrong = (y[:3] + torch.randint(1, 4, (3,))) % 4
+    assert (wrong != y[:3]).all()  # every forget image is trained towards a label that is not its own
+    assert torch.allclose(loss, F.cross_entropy(model(x[:3]), wrong) + retain_ce)  # retain_weight 1 by default
+    assert torch.allclose(metrics["retain_loss"], retain_ce)
+
+
 def test_gradient_reversal_flips_the_discriminator_gradient_into_the_encoder():
     import timm
 

@@ -238,8 +238,29 @@ class Finetune(UnlearningMethod):
         return loss, {"loss": loss.detach(), "retain_loss": loss.detach()}
 
 
+class ForgetSetMethod(UnlearningMethod):
+    """A loss on the forget set, plus ``retain_weight`` x cross-entropy on the retain set when it is non-zero."""
+
+    def batches(self) -> tuple[str, ...]:
+        return ("forget", "retain") if self.hparams["retain_weight"] else ("forget",)
+
+    def forget_loss(self, x_f: torch.Tensor, y_f: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The method's loss on a forget batch and its metrics."""
+        raise NotImplementedError
+
+    def forward(self, batches: Batches, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with batchnorm_mode(self.model, self.hparams["forget_bn"]):
+            loss, metrics = self.forget_loss(*batches["forget"])
+        if self.hparams["retain_weight"]:
+            x_r, y_r = batches["retain"]
+            retain_loss = F.cross_entropy(self.model(x_r), y_r)
+            loss = loss + self.hparams["retain_weight"] * retain_loss
+            metrics["retain_loss"] = retain_loss.detach()
+        return loss, {"loss": loss.detach(), **metrics}
+
+
 @register_method
-class GradientAscent(UnlearningMethod):
+class GradientAscent(ForgetSetMethod):
     """Gradient ascent on the forget set (NegGrad): maximise its cross-entropy."""
 
     name = "gradient_ascent"
@@ -251,25 +272,13 @@ class GradientAscent(UnlearningMethod):
         "forget_bn": HParam("batch", BN_HELP, choices=BN_MODES),
     }
 
-    def batches(self) -> tuple[str, ...]:
-        return ("forget", "retain") if self.hparams["retain_weight"] else ("forget",)
-
-    def forward(self, batches: Batches, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x_f, y_f = batches["forget"]
-        with batchnorm_mode(self.model, self.hparams["forget_bn"]):
-            forget_loss = F.cross_entropy(self.model(x_f), y_f)
-        loss = -forget_loss
-        metrics = {"forget_loss": forget_loss.detach()}
-        if self.hparams["retain_weight"]:
-            x_r, y_r = batches["retain"]
-            retain_loss = F.cross_entropy(self.model(x_r), y_r)
-            loss = loss + self.hparams["retain_weight"] * retain_loss
-            metrics["retain_loss"] = retain_loss.detach()
-        return loss, {"loss": loss.detach(), **metrics}
+    def forget_loss(self, x_f: torch.Tensor, y_f: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        forget_loss = F.cross_entropy(self.model(x_f), y_f)
+        return -forget_loss, {"forget_loss": forget_loss.detach()}
 
 
 @register_method
-class RandomLabels(UnlearningMethod):
+class RandomLabels(ForgetSetMethod):
     """Train the forget set towards uniformly drawn wrong labels, with descent on the retain set."""
 
     name = "random_labels"
@@ -284,22 +293,11 @@ class RandomLabels(UnlearningMethod):
         "forget_bn": HParam("batch", BN_HELP, choices=BN_MODES),
     }
 
-    def batches(self) -> tuple[str, ...]:
-        return ("forget", "retain") if self.hparams["retain_weight"] else ("forget",)
-
-    def forward(self, batches: Batches, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x_f, y_f = batches["forget"]
+    def forget_loss(self, x_f: torch.Tensor, y_f: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # A wrong label for every image: the true one shifted by 1..C-1, uniformly.
         wrong = (y_f + torch.randint(1, self.num_classes, y_f.shape, device=y_f.device)) % self.num_classes
-        with batchnorm_mode(self.model, self.hparams["forget_bn"]):
-            loss = F.cross_entropy(self.model(x_f), wrong)
-        metrics = {"relabelled_loss": loss.detach()}
-        if self.hparams["retain_weight"]:
-            x_r, y_r = batches["retain"]
-            retain_loss = F.cross_entropy(self.model(x_r), y_r)
-            loss = loss + self.hparams["retain_weight"] * retain_loss
-            metrics["retain_loss"] = retain_loss.detach()
-        return loss, {"loss": loss.detach(), **metrics}
+        loss = F.cross_entropy(self.model(x_f), wrong)
+        return loss, {"relabelled_loss": loss.detach()}
 
 
 METHOD_CHOICES = ("sure", "retrain", "finetune", "gradient_ascent", "random_labels")
