@@ -24,6 +24,23 @@ from hub_server import hub_server  # noqa: E402,F401  (fixture)
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def plain_timm_logits(run_dir: Path, x, tmp_path: Path):
+    """Logits of ``x`` from ``timm.create_model("local-dir:RUN_DIR", pretrained=True)`` in a fresh process that
+    never imports dgzoo: what a user without dgzoo gets from the published files."""
+    import subprocess
+
+    import torch
+
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, timm, torch\n"
+            "m = timm.create_model(f'local-dir:{sys.argv[1]}', pretrained=True).eval()\n"
+            "assert 'dgzoo' not in sys.modules\n"
+            "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])\n")
+    subprocess.run([sys.executable, "-c", code, str(run_dir), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                   check=True, env=subprocess_env(), cwd=tmp_path)
+    return torch.load(tmp_path / "y.pt")
+
+
 def tiny_config(tmp_path: Path, **overrides):
     """A run small enough for a unit test: tiny timm ResNet, 8 images per domain, a few steps."""
     from dgzoo.config import TrainConfig

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import subprocess_env, tiny_config
+from conftest import plain_timm_logits, subprocess_env, tiny_config
 from dgzoo.engine import train
 from dgzoo.errors import DGZooError
 
@@ -52,18 +52,12 @@ def test_plain_timm_in_a_fresh_process_gives_the_same_logits(trained_run, tmp_pa
     run_dir, _ = trained_run
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
-    torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, timm, torch\n"
-            "m = timm.create_model(f'local-dir:{sys.argv[1]}', pretrained=True).eval()\n"
-            "assert 'dgzoo' not in sys.modules\n"
-            "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])\n")
-    subprocess.run([sys.executable, "-c", code, str(run_dir), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, env=subprocess_env(), cwd=tmp_path)
+    expected = plain_timm_logits(run_dir, x, tmp_path)
     import dgzoo
 
     model, transform = dgzoo.from_pretrained(run_dir)
     with torch.no_grad():
-        assert torch.allclose(model(x), torch.load(tmp_path / "y.pt"), atol=1e-6)
+        assert torch.allclose(model(x), expected, atol=1e-6)
 
 
 def test_from_pretrained_returns_the_eval_transform_and_class_names(trained_run):
