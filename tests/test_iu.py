@@ -409,6 +409,12 @@ def test_bad_iu_hyperparameters_fail_before_anything_is_written(tmp_path, hparam
     assert not (tmp_path / "run").exists()
 
 
+def test_iu_and_iue_do_not_compose_with_each_other():
+    with pytest.raises(DGZooError, match="lists iu and iue, two variants of one add-on"):
+        resolve_hparams("erm+iu+iue", {})
+    assert set(resolve_hparams("erm+gga+iue", {})) == {"erm", "gga", "iue"}
+
+
 def test_iue_beta_is_a_fraction():
     assert resolve_hparams("erm+iue", {"iue.beta": 0.5})["iue"]["beta"] == 0.5
     with pytest.raises(DGZooError, match="iue.beta=1.5 must be at most 1.0"):

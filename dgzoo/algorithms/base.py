@@ -216,7 +216,14 @@ def parse_algorithm(spec: str) -> tuple[type[Algorithm], list[type[AddOn]]]:
                              f"{', '.join(sorted(ADDONS)) or 'none'}")
     if len(set(addons)) != len(addons):
         raise DGZooError(f"add-on listed twice in '{spec}'; list each once")
-    return ALGORITHMS[host], [ADDONS[a] for a in addons]
+    classes = [ADDONS[a] for a in addons]
+    for i, first in enumerate(classes):
+        for second in classes[i + 1:]:
+            # A subclass is a variant of the same method (iue of iu): both would run, one after the other.
+            if issubclass(first, second) or issubclass(second, first):
+                raise DGZooError(f"'{spec}' lists {first.name} and {second.name}, two variants of one add-on that "
+                                 f"would both run; keep one")
+    return ALGORITHMS[host], classes
 
 
 def resolve_hparams(spec: str, given: dict[str, Any]) -> dict[str, dict[str, Any]]:
