@@ -20,6 +20,7 @@ For every training sample ``x`` IU needs two numbers (research note ``iu.md`` §
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -149,7 +150,11 @@ class FunctionalLoss:
         def one(tangent):
             return jvp(grad(lambda p: self._loss(p, x, y)), (self.params,), (tangent,))[1]
 
-        return self.flatten(vmap(one)(self.unflatten(vectors)), batch_dims=1)
+        with warnings.catch_warnings():
+            # torch's first forward-mode call registers its own decompositions through torch.jit.script, which
+            # warns that TorchScript is deprecated: torch's internals, nothing a user of dgzoo can act on.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+            return self.flatten(vmap(one)(self.unflatten(vectors)), batch_dims=1)
 
 
 def _math_attention() -> contextlib.AbstractContextManager:
