@@ -183,12 +183,26 @@ def lr_lambda(schedule: str, steps: int) -> Callable[[int], float]:
     return lambda step: 1.0
 
 
+class _ProgressAwareHandler(logging.StreamHandler):
+    """A console handler whose lines do not land on the end of a running progress bar: ``tqdm.write`` clears
+    the bar, prints the line and redraws the bar below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # logging must never break training; report it the standard way
+            self.handleError(record)
+
+
 def setup_logging(is_main: bool, logfile: Path) -> None:
     """Log to stdout (main process; others only warnings) and, on the main process, to ``logfile``."""
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    console = logging.StreamHandler(sys.stdout)
+    console = _ProgressAwareHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     if is_main:
