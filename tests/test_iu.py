@@ -419,3 +419,17 @@ def test_iue_beta_is_a_fraction():
     assert resolve_hparams("erm+iue", {"iue.beta": 0.5})["iue"]["beta"] == 0.5
     with pytest.raises(DGZooError, match="iue.beta=1.5 must be at most 1.0"):
         resolve_hparams("erm+iue", {"iue.beta": 1.5})
+
+
+def test_faithful_influence_over_a_whole_large_network_warns_before_the_first_call(caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("dgzoo"), "propagate", True)  # a training run in this process turns it off
+    model = create_backbone("resnet18", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level("WARNING", logger="dgzoo"):
+        create_algorithm("erm+iu", model, optimizer, 3, {"iu.mode": "faithful", "iu.influence_params": "head"})
+        create_algorithm("erm+iu", model, optimizer, 3, {})
+        assert not caplog.records  # the head, and the default fast mode, are cheap
+        create_algorithm("erm+iu", model, optimizer, 3, {"iu.mode": "faithful"})
+    assert "faithful over all 11.2 M trainable parameters" in caplog.text and "influence_params=head" in caplog.text

@@ -370,6 +370,15 @@ class IU(AddOn):
         if not isinstance(classifier(self.module), nn.Linear):
             raise DGZooError(f"+{self.name} needs a linear classifier head; {type(self.module).__name__}'s is "
                              f"{type(classifier(self.module)).__name__}")
+        trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        if (hparams["mode"] == "faithful" and hparams["influence_params"] == "all" and trainable > 1_000_000
+                and runtime.is_main_process):
+            # Measured (benchmarks/results/iu_cost.md): ~5 days per call for ResNet-18 on a CPU. Allowed, since it
+            # is the paper's estimator, but nobody should find out from a call that never ends.
+            logger.warning("%s.mode=faithful over all %.1f M trainable parameters runs 100s of LiSSA steps of "
+                           "exact Hessian-vector products per call: hours to days per epoch. %s.influence_params=head "
+                           "(the classifier head) costs about 10 ERM epochs per call, %s.mode=fast under one",
+                           self.name, trainable / 1e6, self.name, self.name)
         self.context: EpochContext | None = None
         # The latest call's scores and choices, for inspection: dataset rows of D_u, channel indices of C_spc.
         self.selected_rows: list[int] = []
