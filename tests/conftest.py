@@ -41,6 +41,31 @@ def plain_timm_logits(run_dir: Path, x, tmp_path: Path):
     return torch.load(tmp_path / "y.pt")
 
 
+# Failures of torchrun's rendezvous or of gloo's TCP transport on a loaded machine, not of the code under test.
+_LAUNCH_FAILURES = ("RendezvousConnectionError", "DistNetworkError", "DistStoreError", "Address already in use",
+                    "Connection reset by peer", "Connection refused", "Socket Timeout")
+
+
+def run_processes(nproc: int, argv: list, cwd: Path | None = None):
+    """Run the Python script ``argv[0]`` with its arguments as ``nproc`` CPU processes under torchrun (gloo; 1 =
+    plain python), one intra-op thread each, and assert it succeeded (showing the output's tail if not).
+
+    A launch that fails in the process group's set-up, before the test's code ran, is tried once more.
+    """
+    import subprocess
+
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    for attempt in range(2):
+        proc = subprocess.run(launcher + [str(a) for a in argv], capture_output=True, text=True, cwd=cwd,
+                              env=subprocess_env(OMP_NUM_THREADS="1"))
+        output = proc.stdout[-3000:] + proc.stderr[-3000:]
+        if proc.returncode == 0 or attempt or not any(marker in output for marker in _LAUNCH_FAILURES):
+            break
+    assert proc.returncode == 0, output
+    return proc
+
+
 def tiny_config(tmp_path: Path, **overrides):
     """A run small enough for a unit test: tiny timm ResNet, 8 images per domain, a few steps."""
     from dgzoo.config import TrainConfig

@@ -1,22 +1,17 @@
 """Two CPU processes (gloo) on the same global batch train the same model as one process."""
 import json
-import subprocess
-import sys
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, run_processes
 
 
 def run_recipe(output_dir, nproc, *extra):
     """Run recipes/train.py under torchrun with ``nproc`` CPU processes (1 = plain python)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     args = ["--backbone", "test_resnet", "--steps", "6", "--eval-every", "3", "--batch-size", "8", "--log-with",
             "none", "--num-workers", "0", "--output-dir", str(output_dir), *extra]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / "recipes" / "train.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_processes(nproc, [ROOT / "recipes" / "train.py", *args])
     return json.loads((output_dir / "results.json").read_text())
 
 

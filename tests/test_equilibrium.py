@@ -2,14 +2,13 @@
 reweighting, the per-domain update schedules, a single-source run, recipes, and two gloo processes."""
 import copy
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, subprocess_env, tiny_config
+from conftest import ROOT, run_processes, tiny_config
 from dgzoo.algorithms import create_algorithm, resolve_hparams
 from dgzoo.algorithms.equilibrium import adjust_residuals, equilibrium_updates, reweight
 from dgzoo.algorithms.gradients import FlatParams, gram, per_domain_gradients
@@ -199,10 +198,7 @@ def test_recipes_follow_the_paper_settings(name):
 
 
 def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_processes(2, [__file__, tmp_path], cwd=ROOT)
     report = json.loads((tmp_path / "report.json").read_text())
     for key, value in report.items():
         assert value > 1e-3 if key.endswith("_moved") else value < 1e-5, (key, value)

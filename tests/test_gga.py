@@ -1,12 +1,10 @@
 """Gradient-Guided Annealing: the official search semantics, isolation from the host, determinism, DDP, GGA-L."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, run_processes
 from dgzoo.algorithms import create_algorithm, resolve_hparams
 from dgzoo.algorithms.gga import GGA, scoring_groups
 from dgzoo.algorithms.gradients import FlatParams, pairwise_cosine, per_domain_gradients
@@ -208,13 +206,10 @@ def test_gga_l_noise_is_scaled_by_the_domain_disagreement_on_every_parameter():
 
 
 def run_recipe(output_dir, nproc):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     args = ["--backbone", "test_resnet", "--steps", "5", "--eval-every", "5", "--batch-size", "8", "--log-with",
             "none", "--num-workers", "0", "--freeze-bn", "--algorithm", "erm+gga+gga_l", "--output-dir",
             str(output_dir), "--hparams", "gga.start=1", "gga.end=3", "gga.candidates=5", "gga.rho=2e-3"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / "recipes" / "train.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_processes(nproc, [ROOT / "recipes" / "train.py", *args])
     return json.loads((output_dir / "results.json").read_text())
 
 

@@ -1,15 +1,13 @@
 """Identify-and-Unlearn: selection rules, channel writers, masked ascent, influence estimators, DDP, engine."""
 import copy
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import subprocess_env, tiny_config
+from conftest import run_processes, tiny_config
 from dgzoo.algorithms import EpochContext, create_algorithm, resolve_hparams
 from dgzoo.algorithms.influence import FunctionalLoss, kfac_head_influence, largest_eigenvalue, lissa
 from dgzoo.algorithms.iu import ChannelLayer, inter_domain_variance, mad_outliers, masked_ascent, unlearning_scores
@@ -356,11 +354,7 @@ def test_two_processes_select_the_same_samples_and_channels_as_one(tmp_path):
     for nproc in (1, 2):
         out = tmp_path / f"p{nproc}"
         out.mkdir()
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                    if nproc > 1 else [sys.executable])
-        proc = subprocess.run(launcher + [str(script), str(out)], capture_output=True, text=True,
-                              env=subprocess_env(OMP_NUM_THREADS="1"))
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run_processes(nproc, [script, out])
     one = json.loads((tmp_path / "p1" / "selection0.json").read_text())
     for rank in (0, 1):
         two = json.loads((tmp_path / "p2" / f"selection{rank}.json").read_text())
