@@ -177,3 +177,18 @@ def test_data_loading_workers_do_not_change_the_data(digits):
     for a, b in zip(inline, workers):
         for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_an_unreachable_hub_is_a_one_line_error_naming_the_offline_fix(monkeypatch):
+    import socket
+
+    import huggingface_hub
+
+    with socket.socket() as closed:  # a port nothing listens on: connections are refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(DGZooError, match=r"cannot reach the Hub at http://127.0.0.1:\d+ to load flwrlabs/pacs "
+                                         r"\(\w+\); check the connection, or set HF_HUB_OFFLINE=1"):
+        load_dg_dataset("pacs")
