@@ -31,11 +31,11 @@ from typing import Any, Callable
 import torch
 
 from . import __version__
-from .algorithms import EpochContext, create_algorithm, parse_algorithm, resolve_hparams
+from .algorithms import AddOn, Algorithm, EpochContext, create_algorithm, parse_algorithm, resolve_hparams
 from .cards import plot_run, render_card
 from .config import TrainConfig, dump_config
-from .data import (DGDataset, DomainImages, Protocol, eval_loader, eval_transform, load_dg_dataset, make_splits,
-                   resolve_protocol, train_loader, train_transform)
+from .data import (DGDataset, DomainImages, Protocol, eval_loader, eval_transform, load_dg_dataset, loader_workers,
+                   make_splits, resolve_protocol, train_loader, train_transform)
 from .errors import DGZooError
 from .evaluation import SELECTION_METHODS, evaluate, select
 from .export import (atomic_write_text, check_output_dir, checkpoint_dirs, clear_run_dir, latest_checkpoint,
@@ -58,6 +58,9 @@ class RunPlan:
     protocol: Protocol
     output_dir: Path
     hparams: dict[str, dict[str, Any]]
+    host: type[Algorithm]
+    addons: list[type[AddOn]]
+    augment: str  # the resolved training augmentation
 
 
 @dataclass
@@ -96,12 +99,13 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
-    host_cls.check_recipe(hparams[host_cls.name], resolve_augment(cfg, data), len(protocol.sources))
+    augment = resolve_augment(cfg, data)
+    host_cls.check_recipe(hparams[host_cls.name], augment, len(protocol.sources))
     output_dir = Path(cfg.output_dir or cfg.default_output_dir(list(protocol.targets)))
     check_output_dir(output_dir, cfg.resume, cfg.overwrite)
     if cfg.resume:
         _check_resume_config(cfg, output_dir)
-    return RunPlan(cfg, data, protocol, output_dir, hparams)
+    return RunPlan(cfg, data, protocol, output_dir, hparams, host_cls, addon_classes, augment)
 
 
 def resolve_augment(cfg: TrainConfig, data: DGDataset) -> str:
@@ -211,6 +215,12 @@ def setup_logging(is_main: bool, logfile: Path) -> None:
         logger.addHandler(handler)
 
 
+def run_timing(seconds: float, images: int, steps: int) -> dict[str, float]:
+    """results.json's ``timing``: training time and throughput (training images only, evaluation excluded)."""
+    return {"train_seconds": seconds, "images_per_second": images / max(seconds, 1e-9), "train_images": images,
+            "steps_per_second": steps / max(seconds, 1e-9)}
+
+
 def device_name(device: torch.device) -> str:
     """A readable name of the device a run used (for results.json and the card)."""
     if device.type == "cuda":
@@ -250,16 +260,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.freeze_bn:
         freeze_batchnorm(model)
     preprocessing = data_config(model, image_size)
-    augment = resolve_augment(cfg, data)
+    augment = plan.augment
     splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed())
-    host_cls, _ = parse_algorithm(cfg.algorithm)
-    own_tf = host_cls.train_transform(preprocessing, augment, plan.hparams[host_cls.name], len(sources))
+    own_tf = plan.host.train_transform(preprocessing, augment, plan.hparams[plan.host.name], len(sources))
     train_tf = own_tf or train_transform(preprocessing, augment)
     eval_tf = eval_transform(preprocessing)
     random_tf = own_tf is not None or augment != "none"
     train_sets = [DomainImages(data, splits.in_rows[d], train_tf, d, random=random_tf) for d in sources]
-    workers = cfg.num_workers if cfg.num_workers is not None else (4 if accelerator.device.type == "cuda" else 0)
-    pin = accelerator.device.type == "cuda"
+    workers, pin = loader_workers(cfg.num_workers, accelerator.device)
     eval_loaders = {d: {split: accelerator.prepare_data_loader(eval_loader(
         DomainImages(data, rows[d], eval_tf, d), cfg.eval_batch_size, workers, pin))
         for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))} for d in data.domains}
@@ -288,6 +296,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     accelerator.num_processes, accelerator.device)
         accelerator.init_trackers("dgzoo", config=_tracker_config(cfg))
 
+    # What post-epoch add-ons see: the source domains' splits with the evaluation transform.
+    epoch_train = [DomainImages(data, splits.in_rows[d], eval_tf, d) for d in sources]
+    epoch_val = [DomainImages(data, splits.out_rows[d], eval_tf, d) for d in sources]
+
     # -- the loop
     loader = train_loader(train_sets, cfg.batch_size, cfg.seed, cfg.steps, state.step, accelerator.process_index,
                           accelerator.num_processes, workers, pin)
@@ -304,10 +316,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state.images += images_per_step
         if state.step % steps_per_epoch == 0:
             context = EpochContext(epoch=state.step // steps_per_epoch, step=state.step,
-                                   steps_per_epoch=steps_per_epoch, source_domains=sources,
-                                   source_train=[DomainImages(data, splits.in_rows[d], eval_tf, d) for d in sources],
-                                   source_val=[DomainImages(data, splits.out_rows[d], eval_tf, d) for d in sources],
-                                   make_loader=lambda ds, bs: eval_loader(ds, bs, workers, pin),
+                                   steps_per_epoch=steps_per_epoch, source_domains=sources, source_train=epoch_train,
+                                   source_val=epoch_val, make_loader=lambda ds, bs: eval_loader(ds, bs, workers, pin),
                                    batch_size=cfg.batch_size)
             metrics.update(algorithm.on_epoch_end(context))
         state.train_seconds += time.perf_counter() - tick
@@ -344,7 +354,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # -- finalise the run directory
     if cfg.selection != "training_domain_validation" and accelerator.is_main_process:
         save_model(unwrapped, out, data.class_names, preprocessing, metadata)
-    results = _results(cfg, plan, state, algorithm, accelerator, unwrapped, augment, image_size)
+    results = _results(cfg, plan, state, algorithm, accelerator, unwrapped, image_size)
     if accelerator.is_main_process:
         write_json(out / "results.json", results)
         plot_run(results, state.records, out)
@@ -412,16 +422,16 @@ def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Any, accelerator: Any,
-             model: torch.nn.Module, augment: str, image_size: int | None) -> dict[str, Any]:
+             model: torch.nn.Module, image_size: int | None) -> dict[str, Any]:
     import timm
 
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
     selections = {m: select(state.records, m, sources, targets) for m in SELECTION_METHODS}
     chosen = selections[cfg.selection]
-    host, addons = parse_algorithm(cfg.algorithm)
+    host, addons = plan.host, plan.addons
     training = {"lr": cfg.lr, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
                 "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule, "dropout": cfg.dropout,
-                "freeze_bn": cfg.freeze_bn, "augment": augment, "image_size": image_size,
+                "freeze_bn": cfg.freeze_bn, "augment": plan.augment, "image_size": image_size,
                 "holdout_fraction": cfg.holdout_fraction, "mixed_precision": cfg.mixed_precision}
     if cfg.optimizer == "sgd":
         training["momentum"] = cfg.momentum
@@ -442,9 +452,7 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Any,
         "hparams": {**training, **algorithm.hparams},
         "diagnostics": algorithm.summary(),
         "citations": algorithm.citations(),
-        "timing": {"train_seconds": state.train_seconds,
-                   "images_per_second": state.images / max(state.train_seconds, 1e-9),
-                   "train_images": state.images, "steps_per_second": state.step / max(state.train_seconds, 1e-9)},
+        "timing": run_timing(state.train_seconds, state.images, state.step),
         "num_processes": accelerator.num_processes, "device": device_name(accelerator.device),
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -412,7 +412,7 @@ def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequenc
 
     import torch
 
-    from .data import DomainImages, eval_loader, load_dg_dataset, make_splits
+    from .data import DomainImages, eval_loader, load_dg_dataset, loader_workers, make_splits
     from .errors import suggest
     from .evaluation import accuracy
 
@@ -440,7 +440,7 @@ def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequenc
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    workers = num_workers if num_workers is not None else (4 if device.type == "cuda" else 0)
+    workers, pin = loader_workers(num_workers, device)
     import timm
 
     from .data.transforms import eval_transform
@@ -450,7 +450,7 @@ def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequenc
     for d in chosen:
         images = DomainImages(data, rows[d], transform, d)
         sizes[d] = len(images)
-        acc[d] = accuracy(model, eval_loader(images, batch_size, workers, device.type == "cuda"), device)
+        acc[d] = accuracy(model, eval_loader(images, batch_size, workers, pin), device)
 
     meta = json.loads((folder / CONFIG).read_text()).get("dgzoo") or {}
     same_data = bool(meta) and (meta.get("dataset_repo_id") == data.repo_id if data.repo_id

@@ -66,13 +66,41 @@ class HParam:
         return value
 
 
-class Algorithm:
-    """Base class of training algorithms. Subclasses set ``name``, ``HPARAMS`` and implement :meth:`update`."""
+class Component:
+    """What algorithms and add-ons share: a name, a paper, declared hyperparameters and their recipe-time checks,
+    and resumable state and run diagnostics."""
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     citation: ClassVar[str] = ""
     HPARAMS: ClassVar[dict[str, HParam]] = {}
+
+    @classmethod
+    def check_hparams(cls, hparams: dict[str, Any]) -> None:
+        """Reject combinations of (individually valid) hyperparameters, with a one-line DGZooError.
+
+        Called when a recipe is validated, before anything is written.
+        """
+
+    @classmethod
+    def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
+        """Reject a ``--mixed-precision`` mode ('no', 'bf16', 'fp16') this component cannot train under, with a
+        one-line DGZooError. Called when the recipe is validated, before anything is written."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State beyond the model and optimizer that a resumed run needs."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        """Run-level diagnostics for results.json (e.g. how often a projection fired)."""
+        return {}
+
+
+class Algorithm(Component):
+    """Base class of training algorithms. Subclasses set ``name``, ``HPARAMS`` and implement :meth:`update`."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, num_domains: int,
                  hparams: dict[str, Any], runtime: Runtime):
@@ -85,21 +113,9 @@ class Algorithm:
         self.grad_hooks: list[Callable[[nn.Module], None]] = []
 
     @classmethod
-    def check_hparams(cls, hparams: dict[str, Any]) -> None:
-        """Reject combinations of (individually valid) hyperparameters, with a one-line DGZooError.
-
-        Called when a recipe is validated, before anything is written.
-        """
-
-    @classmethod
     def check_recipe(cls, hparams: dict[str, Any], augment: str, num_sources: int) -> None:
         """Reject hyperparameters that do not fit the recipe (its training augmentation, its number of source
         domains), with a one-line DGZooError. Called when the recipe is validated, before anything is written."""
-
-    @classmethod
-    def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
-        """Reject a ``--mixed-precision`` mode ('no', 'bf16', 'fp16') this algorithm cannot train under, with a
-        one-line DGZooError. Called when the recipe is validated, before anything is written."""
 
     @classmethod
     def train_transform(cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any],
@@ -122,17 +138,6 @@ class Algorithm:
             hook(self.module)
         self.optimizer.step()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Algorithm state beyond the model and optimizer that a resumed run needs."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def summary(self) -> dict[str, Any]:
-        """Run-level diagnostics for results.json (e.g. how often a projection fired)."""
-        return {}
-
 
 @dataclass
 class EpochContext:
@@ -148,24 +153,11 @@ class EpochContext:
     batch_size: int
 
 
-class AddOn:
+class AddOn(Component):
     """Base class of add-ons that hook into the training of any host algorithm."""
-
-    name: ClassVar[str] = ""
-    title: ClassVar[str] = ""
-    citation: ClassVar[str] = ""
-    HPARAMS: ClassVar[dict[str, HParam]] = {}
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         self.host, self.hparams, self.runtime = host, hparams, runtime
-
-    @classmethod
-    def check_hparams(cls, hparams: dict[str, Any]) -> None:
-        """Reject combinations of (individually valid) hyperparameters, before anything is written."""
-
-    @classmethod
-    def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
-        """Reject a ``--mixed-precision`` mode this add-on cannot run under, before anything is written."""
 
     def before_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         return {}
@@ -174,15 +166,6 @@ class AddOn:
         return {}
 
     def on_epoch_end(self, context: EpochContext) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def summary(self) -> dict[str, Any]:
         return {}
 
 

@@ -43,8 +43,8 @@ from ..errors import DGZooError
 from ..models import featurizer_parameters
 from ..runtime import Runtime
 from .base import AddOn, Algorithm, HParam, Minibatches, register_addon
-from .gradients import (GRADIENT_METHODS, FlatParams, check_precision, pairwise_cosine, per_domain_gradients,
-                        precision_problem, split_views)
+from .gradients import (GRADIENT_METHODS, FlatParams, check_mixed_precision, check_precision, pairwise_cosine,
+                        per_domain_gradients, split_views)
 
 logger = logging.getLogger("dgzoo")
 
@@ -315,10 +315,7 @@ class GGAL(AddOn):
 
     @classmethod
     def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
-        # fp16's loss scale would still be in .grad when the noise is added
-        problem = precision_problem(mixed_precision)
-        if problem:
-            raise DGZooError(problem)
+        check_mixed_precision(mixed_precision)  # fp16's loss scale would still be in .grad when the noise is added
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)

@@ -233,27 +233,23 @@ def pairwise_cosine(grads: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (g / norms[:, None] / norms[None, :]).to(grads.dtype)
 
 
-def precision_problem(mixed_precision: str, method: str = "loop") -> str | None:
-    """Why per-domain gradients cannot be computed under ``mixed_precision`` ('no', 'bf16', 'fp16') with the
-    gradient path ``method``, as a one-line message naming the fix; None when they can.
+def check_mixed_precision(mixed_precision: str, method: str = "loop") -> None:
+    """Refuse, with a one-line DGZooError naming the fix, a ``mixed_precision`` ('no', 'bf16', 'fp16') under
+    which per-domain gradients cannot be computed with the gradient path ``method``.
 
     fp16 is refused (its loss scaler lives in the optimizer wrapper and would unscale the written-back gradient
     a second time); bf16 is fine with the loop path, not with vmap (see :func:`per_domain_gradients`).
     """
     if mixed_precision == "fp16":
-        return ("per-domain gradient algorithms do not support --mixed-precision fp16 (its loss scaler would "
-                "unscale the combined gradient twice); use --mixed-precision bf16 or no")
+        raise DGZooError("per-domain gradient algorithms do not support --mixed-precision fp16 (its loss scaler "
+                         "would unscale the combined gradient twice); use --mixed-precision bf16 or no")
     if mixed_precision != "no" and method == "vmap":
-        return "hparam grad_engine=vmap does not support mixed precision; use grad_engine=loop"
-    return None
+        raise DGZooError("hparam grad_engine=vmap does not support mixed precision; use grad_engine=loop")
 
 
 def check_precision(runtime: Runtime, method: str = "loop") -> None:
-    """Raise :func:`precision_problem`'s message for the precision ``runtime`` actually autocasts to."""
-    dtype = _autocast_dtype(runtime)
-    problem = precision_problem({None: "no", torch.float16: "fp16"}.get(dtype, "bf16"), method)
-    if problem:
-        raise DGZooError(problem)
+    """:func:`check_mixed_precision` for the precision ``runtime`` actually autocasts to."""
+    check_mixed_precision({None: "no", torch.float16: "fp16"}.get(_autocast_dtype(runtime), "bf16"), method)
 
 
 # ---------------------------------------------------------------------- augmented views as domains
@@ -327,9 +323,7 @@ class DomainGradientAlgorithm(Algorithm):
 
     @classmethod
     def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
-        problem = precision_problem(mixed_precision, hparams["grad_engine"])
-        if problem:
-            raise DGZooError(problem)
+        check_mixed_precision(mixed_precision, hparams["grad_engine"])
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], augment: str, num_sources: int) -> None:

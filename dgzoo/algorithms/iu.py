@@ -364,7 +364,6 @@ class IU(AddOn):
 
     def __init__(self, host: Any, hparams: dict[str, Any], runtime: Any):
         super().__init__(host, hparams, runtime)
-        self.check_hparams(hparams)
         self.module = host.module
         self.layer = ChannelLayer(self.module, hparams["layer"], hparams["include_head"])
         if not isinstance(classifier(self.module), nn.Linear):

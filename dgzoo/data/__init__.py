@@ -1,5 +1,6 @@
 """Data: load DG datasets from the Hub, local files or the embedded set; split; transform; batch per domain."""
-from .loaders import DomainImages, MultiDomainSet, StepBatchSampler, collate_domains, eval_loader, train_loader
+from .loaders import (DomainImages, MultiDomainSet, StepBatchSampler, collate_domains, eval_loader, loader_workers,
+                      train_loader)
 from .loading import DGDataset, image_folder_table, load_dg_dataset, resolve_hub_revision
 from .registry import REGISTRY, DatasetSpec, get_spec, register_dataset
 from .splits import DomainSplits, Protocol, make_splits, resolve_protocol, seed_hash, split_rows
@@ -8,6 +9,6 @@ from .transforms import ToRGB, eval_transform, train_transform
 __all__ = [
     "DGDataset", "DatasetSpec", "DomainImages", "DomainSplits", "MultiDomainSet", "Protocol", "REGISTRY",
     "StepBatchSampler", "ToRGB", "collate_domains", "eval_loader", "eval_transform", "get_spec", "image_folder_table",
-    "load_dg_dataset", "make_splits", "register_dataset", "resolve_hub_revision", "resolve_protocol", "seed_hash",
+    "load_dg_dataset", "loader_workers", "make_splits", "register_dataset", "resolve_hub_revision", "resolve_protocol", "seed_hash",
     "split_rows", "train_loader", "train_transform",
 ]

@@ -135,6 +135,13 @@ def train_loader(domains: Sequence[DomainImages], batch_size: int, seed: int, st
                       collate_fn=collate_domains, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
 
 
+def loader_workers(num_workers: int | None, device: torch.device) -> tuple[int, bool]:
+    """Worker processes and pinned memory for loaders that feed ``device``: ``num_workers`` when given, else 4
+    on CUDA (decoding must keep a GPU busy) and 0 on CPU (the cores are training); pinned memory on CUDA only."""
+    cuda = device.type == "cuda"
+    return (num_workers if num_workers is not None else (4 if cuda else 0)), cuda
+
+
 def eval_loader(dataset: DomainImages, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A sequential loader over one domain split (sharded across processes by Accelerate when prepared)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,

@@ -32,9 +32,9 @@ from torch import nn
 from .. import __version__
 from ..algorithms import EpochContext, create_algorithm, parse_algorithm, resolve_hparams
 from ..config import OPTIMIZERS, PRECISIONS, TrainConfig
-from ..data import (DGDataset, DomainImages, eval_loader, eval_transform, load_dg_dataset, make_splits, seed_hash,
-                    train_loader, train_transform)
-from ..engine import create_accelerator, create_optimizer, device_name, lr_lambda, setup_logging
+from ..data import (DGDataset, DomainImages, eval_loader, eval_transform, load_dg_dataset, loader_workers, make_splits,
+                    seed_hash, train_loader, train_transform)
+from ..engine import create_accelerator, create_optimizer, device_name, lr_lambda, run_timing, setup_logging
 from ..errors import DGZooError
 from ..export import atomic_write_text, check_output_dir, clear_run_dir, read_json, save_model, write_json
 from ..models import create_backbone, data_config, freeze_batchnorm
@@ -307,8 +307,7 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
     source_model = plan.source.model
     preprocessing = data_config(source_model, plan.image_size)
     eval_tf = eval_transform(preprocessing)
-    workers = cfg.num_workers if cfg.num_workers is not None else (4 if accelerator.device.type == "cuda" else 0)
-    pin = accelerator.device.type == "cuda"
+    workers, pin = loader_workers(cfg.num_workers, accelerator.device)
 
     def make_eval_loader(rows: np.ndarray) -> Any:
         return accelerator.prepare_data_loader(eval_loader(DomainImages(data, rows, eval_tf), cfg.eval_batch_size,
@@ -382,7 +381,7 @@ def _unlearn(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any],
         images += sum(sizes[name] for name in streams)
         history.append({k: float(v) for k, v in metrics.items()})
     seconds = time.perf_counter() - tick
-    return accelerator.unwrap_model(network).model, _timing(seconds, images, steps), _summarise(history, accelerator)
+    return accelerator.unwrap_model(network).model, run_timing(seconds, images, steps), _summarise(history, accelerator)
 
 
 def _retrain(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any], workers: int,
@@ -444,21 +443,12 @@ def _retrain(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any],
     seconds = time.perf_counter() - tick
     diagnostics = _summarise(history, accelerator)
     diagnostics["algorithm"] = algorithm.summary()
-    return accelerator.unwrap_model(model), _timing(seconds, steps * batch_size * len(domains), steps), diagnostics
-
-
-
-
+    return accelerator.unwrap_model(model), run_timing(seconds, steps * batch_size * len(domains), steps), diagnostics
 
 
 def _optimizer(settings: dict[str, Any], params: Any) -> torch.optim.Optimizer:
     return create_optimizer(params, settings["optimizer"], settings["lr"], settings["weight_decay"],
                             settings.get("momentum", 0.9))
-
-
-def _timing(seconds: float, images: int, steps: int) -> dict[str, float]:
-    return {"train_seconds": seconds, "images_per_second": images / max(seconds, 1e-9), "train_images": images,
-            "steps_per_second": steps / max(seconds, 1e-9)}
 
 
 def _summarise(history: list[dict[str, float]], accelerator: Any) -> dict[str, Any]:
@@ -574,10 +564,6 @@ def _results(plan: UnlearnPlan, unlearned: dict[str, Any], original: dict[str, A
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-
-
 
 
 def _log_summary(results: dict[str, Any]) -> None:
