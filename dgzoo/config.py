@@ -120,14 +120,6 @@ class TrainConfig:
         return cfg
 
     # ------------------------------------------------------------------ derived values
-    @property
-    def addons(self) -> list[str]:
-        return [p for p in self.algorithm.split("+")[1:]]
-
-    @property
-    def host_algorithm(self) -> str:
-        return self.algorithm.split("+")[0]
-
     def resolved_split_seed(self) -> int:
         return self.seed if self.split_seed is None else self.split_seed
 

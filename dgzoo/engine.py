@@ -34,8 +34,8 @@ from . import __version__
 from .algorithms import AddOn, Algorithm, EpochContext, create_algorithm, parse_algorithm, resolve_hparams
 from .cards import plot_run, render_card
 from .config import TrainConfig, dump_config
-from .data import (DGDataset, DomainImages, Protocol, eval_loader, eval_transform, load_dg_dataset, loader_workers,
-                   make_splits, resolve_protocol, train_loader, train_transform)
+from .data import (DGDataset, DomainImages, DomainSplits, Protocol, eval_loader, eval_transform, load_dg_dataset,
+                   loader_workers, make_splits, resolve_protocol, train_loader, train_transform)
 from .errors import DGZooError
 from .evaluation import SELECTION_METHODS, evaluate, select
 from .export import (atomic_write_text, check_output_dir, checkpoint_dirs, clear_run_dir, latest_checkpoint,
@@ -56,6 +56,7 @@ class RunPlan:
     config: TrainConfig
     data: DGDataset
     protocol: Protocol
+    splits: DomainSplits
     output_dir: Path
     hparams: dict[str, dict[str, Any]]
     host: type[Algorithm]
@@ -99,13 +100,14 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
+    splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed())  # a too-small domain fails here
     augment = resolve_augment(cfg, data)
     host_cls.check_recipe(hparams[host_cls.name], augment, len(protocol.sources))
     output_dir = Path(cfg.output_dir or cfg.default_output_dir(list(protocol.targets)))
     check_output_dir(output_dir, cfg.resume, cfg.overwrite)
     if cfg.resume:
         _check_resume_config(cfg, output_dir)
-    return RunPlan(cfg, data, protocol, output_dir, hparams, host_cls, addon_classes, augment)
+    return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment)
 
 
 def resolve_augment(cfg: TrainConfig, data: DGDataset) -> str:
@@ -261,7 +263,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         freeze_batchnorm(model)
     preprocessing = data_config(model, image_size)
     augment = plan.augment
-    splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed())
+    splits = plan.splits
     own_tf = plan.host.train_transform(preprocessing, augment, plan.hparams[plan.host.name], len(sources))
     train_tf = own_tf or train_transform(preprocessing, augment)
     eval_tf = eval_transform(preprocessing)

@@ -120,6 +120,3 @@ def freeze_batchnorm(model: nn.Module) -> int:
             count += 1
     return count
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -154,10 +154,11 @@ def image_folder_table(root: str | Path) -> Any:
     if not entries:
         raise DGZooError(f"no images found under {root}; expected root/<domain>/<class>/<image>.jpg")
     classes = sorted({c for _, c, _ in entries})
+    index = {c: i for i, c in enumerate(classes)}  # a list lookup per image is quadratic on DomainNet-size folders
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes),
                                   "domain": datasets.Value("string")})
     return datasets.Dataset.from_dict({"image": [e[0] for e in entries],
-                                       "label": [classes.index(e[1]) for e in entries],
+                                       "label": [index[e[1]] for e in entries],
                                        "domain": [e[2] for e in entries]}, features=features)
 
 
