@@ -20,12 +20,12 @@ SELECTION_LABELS = {
 }
 
 
-def template_path() -> Path:
-    """The card template: ``model_cards/model_card.md`` (shipped in the wheel as ``dgzoo.model_cards``)."""
-    checkout = Path(__file__).resolve().parent.parent / "model_cards" / "model_card.md"
+def template_path(name: str = "model_card.md") -> Path:
+    """A card template, ``model_cards/<name>`` in a checkout, else the copy shipped as ``dgzoo.model_cards``."""
+    checkout = Path(__file__).resolve().parent.parent / "model_cards" / name
     if checkout.exists():
         return checkout
-    return Path(str(resources.files("dgzoo.model_cards") / "model_card.md"))
+    return Path(str(resources.files("dgzoo.model_cards") / name))
 
 
 def model_name(results: dict[str, Any]) -> str:

@@ -30,7 +30,8 @@ from .errors import DGZooError
 
 RUN_MARKERS = ("train_config.json", "results.json", "checkpoints")
 OUTPUT_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",
-                "records.jsonl", "accuracy_per_domain.png", "training_curves.png", "train.log")
+                "records.jsonl", "accuracy_per_domain.png", "training_curves.png", "train.log",
+                "unlearn_config.json", "unlearn.log")  # the last two: unlearning runs (dgzoo unlearn)
 OUTPUT_DIRS = ("checkpoints", "logs")
 
 

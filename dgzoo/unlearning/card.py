@@ -7,22 +7,12 @@ carries the same ``library_name: timm`` / ``model-index`` metadata as any dgzoo 
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..cards import template_path
 from ..export import read_json
 from .recipe import HEADLINE, UnlearnConfig
-
-PUBLISHED_FILES = ("config.json", "model.safetensors", "results.json", "train_config.json", "unlearn_config.json")
-
-
-def template_path() -> Path:
-    """``model_cards/unlearn_card.md`` in a checkout, else the copy shipped as ``dgzoo.model_cards``."""
-    checkout = Path(__file__).resolve().parents[2] / "model_cards" / "unlearn_card.md"
-    if checkout.exists():
-        return checkout
-    return Path(str(resources.files("dgzoo.model_cards") / "unlearn_card.md"))
 
 
 def model_name(results: dict[str, Any]) -> str:
@@ -96,7 +86,7 @@ def render_unlearn_card(results: dict[str, Any], repo_id: str | None = None,
     attacks = info["evaluation"]["unlearned"]["attacks"]
     source = info["source"]
     card = ModelCard.from_template(
-        card_data(results, repo_id), template_path=str(template_path()),
+        card_data(results, repo_id), template_path=str(template_path("unlearn_card.md")),
         model_title=repo_id.split("/")[-1] if repo_id else model_name(results),
         backbone=results["backbone"], method=results["algorithm"], method_title=info["method_title"],
         description=info["description"], forget_spec=info["forget_spec"], scenario=info["scenario"],

@@ -20,16 +20,16 @@ and matched test sets are often small.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..evaluation import Gather
 from ..models import classifier, features
 
-Gather = Callable[[Any], Any]
 ATTACKS = {
     "loss": "logistic regression on the per-image cross-entropy loss",
     "representation_knn": "5-nearest-neighbour classifier on standardised penultimate features",

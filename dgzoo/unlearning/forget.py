@@ -59,10 +59,8 @@ class ForgetSpec:
         return "domain"
 
 
-def parse_forget_spec(text: str | list[str]) -> ForgetSpec:
+def parse_forget_spec(text: str) -> ForgetSpec:
     """Parse ``--forget`` clauses (see the module docstring); raise a one-line DGZooError on bad syntax."""
-    if isinstance(text, (list, tuple)):
-        text = " ".join(text)
     clauses = text.replace(";", " ").split()
     if not clauses:
         raise DGZooError(f"--forget is empty; give one of {SYNTAX}")

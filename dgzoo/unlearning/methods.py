@@ -300,15 +300,16 @@ class RandomLabels(ForgetSetMethod):
         return loss, {"relabelled_loss": loss.detach()}
 
 
-METHOD_CHOICES = ("sure", "retrain", "finetune", "gradient_ascent", "random_labels")
+METHOD_CHOICES = (*METHODS, "retrain")  # the built-in methods, for the command line's choices
 RETRAIN_TITLE = "Retraining from scratch on the retain set (gold standard)"
 
 
 def resolve_method_hparams(method: str, given: dict[str, Any]) -> dict[str, Any]:
     """Fill and type-check a method's hyperparameters; unknown keys are one-line errors naming the valid ones."""
-    if method not in METHOD_CHOICES:
-        raise DGZooError(f"unknown unlearning method '{method}'{suggest(method, METHOD_CHOICES)}; "
-                         f"choose one of: {', '.join(METHOD_CHOICES)}")
+    known = (*METHODS, "retrain")  # the live registry: methods added with register_method count too
+    if method not in known:
+        raise DGZooError(f"unknown unlearning method '{method}'{suggest(method, known)}; "
+                         f"choose one of: {', '.join(known)}")
     declared = METHODS[method].HPARAMS if method in METHODS else {}
     if method == "retrain" and given:
         raise DGZooError("--hparams do not apply to --method retrain: it repeats the source run's own recipe "

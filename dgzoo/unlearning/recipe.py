@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -31,10 +30,11 @@ from torch import nn
 
 from .. import __version__
 from ..algorithms import EpochContext, create_algorithm, parse_algorithm, resolve_hparams
-from ..config import OPTIMIZERS, PRECISIONS, TrainConfig
+from ..config import OPTIMIZERS, PRECISIONS, TrainConfig, dump_config
 from ..data import (DGDataset, DomainImages, eval_loader, eval_transform, load_dg_dataset, loader_workers, make_splits,
                     seed_hash, train_loader, train_transform)
-from ..engine import create_accelerator, create_optimizer, device_name, lr_lambda, run_timing, setup_logging
+from ..engine import (create_accelerator, create_optimizer, device_name, lr_lambda, resolve_augment, run_timing,
+                      setup_logging)
 from ..errors import DGZooError
 from ..export import atomic_write_text, check_output_dir, clear_run_dir, read_json, save_model, write_json
 from ..models import create_backbone, data_config, freeze_batchnorm
@@ -46,7 +46,6 @@ logger = logging.getLogger("dgzoo.unlearning")
 
 DEFAULT_STEP_FRACTION = 0.1  # unlearning steps, as a fraction of the source run's steps, when --steps is not given
 DEFAULT_LR_SCALE = 0.3  # unlearning learning rate, as a multiple of the source run's, when --lr is not given
-EXTRA_FILES = ("unlearn_config.json", "unlearn.log")
 HEADLINE = {  # the numbers every table and card shows: key -> (label, where in an evaluation)
     "forget_acc": ("forget accuracy", ("accuracy", "forget")),
     "retain_acc": ("retain accuracy", ("accuracy", "retain")),
@@ -115,8 +114,6 @@ class UnlearnPlan:
     rows: dict[str, np.ndarray]  # the rows of each training set the method draws from
     reference: dict[str, Any] | None
     output_dir: Path
-    image_size: int | None
-    augment: str
 
 
 # ---------------------------------------------------------------------- planning
@@ -188,8 +185,7 @@ def plan_unlearning(cfg: UnlearnConfig) -> UnlearnPlan:
                                 tc.resolved_split_seed(), seed, previously)
     hp = res.get("hparams", {})
     image_size = hp.get("image_size", tc.image_size)
-    augment = hp.get("augment") or ((data.spec.augment if data.spec else "domainbed") if tc.augment == "auto"
-                                    else tc.augment)
+    augment = hp.get("augment") or resolve_augment(tc, data)
     if cfg.method in METHODS:
         method_hparams = METHODS[cfg.method].resolve_hparams(method_hparams, spec.scenario)
     settings = _settings(cfg, tc, len(sources), seed)
@@ -198,7 +194,7 @@ def plan_unlearning(cfg: UnlearnConfig) -> UnlearnPlan:
     if cfg.method == "sure":
         rows["validation"] = _sure_validation(sets, method_hparams["validation"])
     reference = _load_reference(cfg.reference, sets) if cfg.reference else None
-    return UnlearnPlan(cfg, source, data, sets, method_hparams, settings, rows, reference, out, image_size, augment)
+    return UnlearnPlan(cfg, source, data, sets, method_hparams, settings, rows, reference, out)
 
 
 def _check_values(cfg: UnlearnConfig) -> None:
@@ -295,8 +291,6 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         if cfg.overwrite:
             clear_run_dir(out)
-            for name in EXTRA_FILES:
-                (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "unlearn_config.json", cfg.to_dict())
     accelerator.wait_for_everyone()
@@ -305,7 +299,7 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
                 plan.source.name, cfg.method, plan.sets.spec.scenario)
 
     source_model = plan.source.model
-    preprocessing = data_config(source_model, plan.image_size)
+    preprocessing = data_config(source_model, settings["image_size"])
     eval_tf = eval_transform(preprocessing)
     workers, pin = loader_workers(cfg.num_workers, accelerator.device)
 
@@ -334,7 +328,7 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
                     "dgzoo_version": __version__}
         save_model(model, out, data.class_names, preprocessing, metadata)
         write_json(out / "results.json", results)
-        atomic_write_text(out / "train_config.json", json.dumps(plan.source.train_config.to_dict(), indent=2))
+        atomic_write_text(out / "train_config.json", dump_config(plan.source.train_config))
         from .card import render_unlearn_card
 
         atomic_write_text(out / "README.md", render_unlearn_card(results, run_dir=out))
@@ -360,16 +354,17 @@ def _unlearn(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any],
     method = METHODS[cfg.method](model, plan.data.num_classes, plan.method_hparams)
     optimizer = _optimizer(settings, method.param_groups(settings["lr"]))
     network, optimizer = accelerator.prepare(method, optimizer)
-    train_tf = train_transform(preprocessing, plan.augment)
+    augment = settings["augment"]
+    train_tf = train_transform(preprocessing, augment)
     steps, seed = settings["steps"], settings["seed"]
     sizes = {"retain": settings["retain_batch_size"], "forget": settings["forget_batch_size"],
              "validation": settings["forget_batch_size"]}
-    streams = {name: iter(train_loader([DomainImages(plan.data, plan.rows[name], train_tf, name)], sizes[name],
+    streams = {name: iter(train_loader([DomainImages(plan.data, plan.rows[name], train_tf, name,
+                                                     random=augment != "none")], sizes[name],
                                        seed_hash(seed, name), steps, 0, accelerator.process_index,
                                        accelerator.num_processes, workers, pin))
                for name in method.batches()}
     history: list[dict[str, float]] = []
-    images = 0
     tick = time.perf_counter()
     for step in tqdm(range(steps), disable=not accelerator.is_main_process, desc=cfg.method, dynamic_ncols=True):
         batches = {name: tuple(t.to(accelerator.device, non_blocking=True) for t in next(stream)[0])
@@ -378,9 +373,9 @@ def _unlearn(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any],
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
-        images += sum(sizes[name] for name in streams)
         history.append({k: float(v) for k, v in metrics.items()})
     seconds = time.perf_counter() - tick
+    images = steps * sum(sizes[name] for name in streams)
     return accelerator.unwrap_model(network).model, run_timing(seconds, images, steps), _summarise(history, accelerator)
 
 
@@ -396,25 +391,29 @@ def _retrain(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any],
     from ..runtime import AccelerateRuntime
 
     tc, settings, data = plan.source.train_config, plan.settings, plan.data
-    model = create_backbone(tc.backbone, data.num_classes, tc.pretrained, plan.image_size, tc.dropout)
+    model = create_backbone(tc.backbone, data.num_classes, tc.pretrained, settings["image_size"], tc.dropout)
     if tc.freeze_bn:
         freeze_batchnorm(model)
-    domains = [d for d in plan.source.results["source_domains"]
-               if np.any(data.domain_of_row[plan.sets.retain] == data.domains.index(d))]
-
     def of_domain(rows: np.ndarray, domain: str) -> np.ndarray:
         return rows[data.domain_of_row[rows] == data.domains.index(domain)]
 
+    # The source domains that still have retained rows, and those rows.
+    retained = {d: of_domain(plan.sets.retain, d) for d in plan.source.results["source_domains"]}
+    retained = {d: rows for d, rows in retained.items() if len(rows)}
+    domains = list(retained)
+
     host_cls, _ = parse_algorithm(tc.algorithm)
     host_hparams = resolve_hparams(tc.algorithm, tc.hparams)[host_cls.name]
-    train_tf = (host_cls.train_transform(preprocessing, plan.augment, host_hparams, len(domains))
-                or train_transform(preprocessing, plan.augment))
+    augment = settings["augment"]
+    own_tf = host_cls.train_transform(preprocessing, augment, host_hparams, len(domains))
+    train_tf = own_tf or train_transform(preprocessing, augment)
+    random_tf = own_tf is not None or augment != "none"  # as the engine: seed per sample only when it matters
     eval_tf = eval_transform(preprocessing)
-    train_sets = [DomainImages(data, of_domain(plan.sets.retain, d), train_tf, d) for d in domains]
+    train_sets = [DomainImages(data, retained[d], train_tf, d, random=random_tf) for d in domains]
     # What the source run's add-ons saw at the end of an epoch: its training rows (now the retain set) and every
     # unseen row of the source domains, with the evaluation transform.
     unseen = np.union1d(plan.sets.validation, plan.sets.test)
-    epoch_train = [DomainImages(data, of_domain(plan.sets.retain, d), eval_tf, d) for d in domains]
+    epoch_train = [DomainImages(data, retained[d], eval_tf, d) for d in domains]
     epoch_val = [DomainImages(data, of_domain(unseen, d), eval_tf, d) for d in domains]
     optimizer = _optimizer(settings, [p for p in model.parameters() if p.requires_grad])
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -541,7 +540,7 @@ def _results(plan: UnlearnPlan, unlearned: dict[str, Any], original: dict[str, A
                                 "score": unlearned["accuracy"]["test"], "accuracy": per_domain,
                                 "target_accuracy": held_out}},
         "accuracy": per_domain, "target_accuracy": held_out,
-        "hparams": {**{k: v for k, v in plan.settings.items()}, **plan.method_hparams},
+        "hparams": {**plan.settings, **plan.method_hparams},
         "diagnostics": diagnostics,
         "citations": [(title, citation)] if citation else [],
         "timing": timing,
