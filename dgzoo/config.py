@@ -27,6 +27,9 @@ LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("auto", "domainbed", "randaugment", "none")
 PRECISIONS = ("no", "fp16", "bf16")
 SELECTIONS = ("training_domain_validation", "oracle", "last")
+# Fields that do not change what a run computes: runs that differ only in these are the same run.
+NON_RESULT_FIELDS = ("output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision",
+                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every")
 
 
 def recipe_dirs() -> list[Path]:
@@ -309,6 +312,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg.update(given, source="command line")
     cfg.validate()
     return cfg
+
+
+def changed_fields(saved: dict[str, Any], current: dict[str, Any], ignore: Any = NON_RESULT_FIELDS
+                   ) -> tuple[list[str], str]:
+    """The recipe fields (outside ``ignore``) whose value in ``current`` differs from a saved run's, and a
+    ``field: old -> new, ...`` description of them for an error message."""
+    changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
+    return changed, ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
 
 
 def dump_config(cfg: TrainConfig) -> str:

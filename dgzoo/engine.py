@@ -33,7 +33,7 @@ import torch
 from . import __version__
 from .algorithms import AddOn, Algorithm, EpochContext, create_algorithm, parse_algorithm, resolve_hparams
 from .cards import plot_run, render_card
-from .config import TrainConfig, dump_config
+from .config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
 from .data import (DGDataset, DomainImages, DomainSplits, Protocol, eval_loader, eval_transform, load_dg_dataset,
                    loader_workers, make_splits, resolve_protocol, train_loader, train_transform)
 from .errors import DGZooError
@@ -44,9 +44,8 @@ from .models import check_backbone, create_backbone, data_config, freeze_batchno
 
 logger = logging.getLogger("dgzoo")
 
-# Settings a resumed run may change without invalidating its checkpoint.
-RESUMABLE_CHANGES = {"steps", "output_dir", "resume", "overwrite", "push_to_hub", "hub_private", "hub_revision",
-                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every"}
+# Settings a resumed run may change without invalidating its checkpoint: more steps, and what changes no result.
+RESUMABLE_CHANGES = {*NON_RESULT_FIELDS, "steps"}
 
 
 @dataclass
@@ -121,10 +120,9 @@ def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:
     saved_path = output_dir / "train_config.json"
     if not saved_path.exists():
         raise DGZooError(f"{output_dir} has checkpoints but no train_config.json; it was not written by dgzoo train")
-    saved, current = read_json(saved_path), cfg.to_dict()
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    saved = read_json(saved_path)
+    changed, diffs = changed_fields(saved, cfg.to_dict(), RESUMABLE_CHANGES)
     if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise DGZooError(f"cannot resume {output_dir} with a different recipe ({diffs}); resume with the original "
                          f"settings, or start a new run in another --output-dir")
     done_step = saved.get("steps")

@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import DGZooError, suggest
 from .evaluation import select
-from .export import read_json, read_records
+from .export import atomic_write_text, read_json, read_records
 
 SELECTION_METHODS = ("training_domain_validation", "leave_one_domain_out", "oracle")
 SELECTION_TITLES = {
@@ -78,6 +78,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
     Raises DGZooError when a path does not exist or holds no finished run.
     """
     manifests: dict[Path, tuple[Path, dict[str, Any]]] = {}
+    manifest_files: dict[Path, None] = {}
     found: dict[Path, None] = {}
     unfinished = 0
     for raw in paths:
@@ -85,13 +86,16 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         if not root.exists():
             raise DGZooError(f"'{raw}' does not exist; pass run directories or the output_dir of a sweep")
         # The sweep manifest sits in the sweep's folder: under ``root``, or above it for a single run directory.
+        # `dgzoo report sweep/*` names every run of one sweep: collect its manifest once, read it once below.
         for manifest in [*root.rglob("sweep.json"), *(p / "sweep.json" for p in root.resolve().parents)]:
             if manifest.is_file():
-                for entry in read_json(manifest).get("runs", []):
-                    manifests[(manifest.parent / entry["run_dir"]).resolve()] = (manifest.parent.resolve(), entry)
+                manifest_files[manifest.resolve()] = None
         for results in root.rglob("results.json"):
             found[results.parent.resolve()] = None
         unfinished += sum(not (c.parent / "results.json").exists() for c in root.rglob("train_config.json"))
+    for manifest in manifest_files:
+        for entry in read_json(manifest).get("runs", []):
+            manifests[(manifest.parent / entry["run_dir"]).resolve()] = (manifest.parent, entry)
     notes = [f"{unfinished} unfinished run(s) skipped"] if unfinished else []
     runs = []
     for path in found:
@@ -376,8 +380,6 @@ class Report:
 
     def write(self, out_dir: str | Path) -> list[Path]:
         """Write report.md, report.tex, report.csv, selected_runs.csv and the plots into ``out_dir``."""
-        from .export import atomic_write_text
-
         out_dir = Path(out_dir)
         written = []
         for name, text in (("report.md", self.markdown()), ("report.tex", self.latex()), ("report.csv", self.csv()),
@@ -407,13 +409,16 @@ def build_report(runs: Sequence[Run], methods: Sequence[str] = SELECTION_METHODS
                                     "(sweep spec: test_domains: single_and_pairs); none found, table left out")
             continue
         report.picks[method] = picks
+        # (dataset, row, held-out set) -> {trial: the pick's test accuracy}, built once instead of per cell.
+        cell_trials: dict[tuple, dict[int, float]] = defaultdict(dict)
+        for (d, row, targets, trial), pick in picks.items():
+            cell_trials[(d, row, targets)][trial] = pick.test
         averages: dict[str, list[Cell | None]] = {row: [] for row in rows}
         for dataset in datasets:
             labels = ["+".join(s) for s in columns[dataset]]
             table = Table(method, f"{titles[dataset]} — {SELECTION_TITLES[method]}", [*labels, "Avg"], {}, dataset)
             for row in rows:
-                per_column = [{k[3]: p.test for k, p in picks.items() if k[:3] == (dataset, row, s)}
-                              for s in columns[dataset]]
+                per_column = [cell_trials.get((dataset, row, s), {}) for s in columns[dataset]]
                 cells = [Cell.over_trials(list(trials.values())) if trials else None for trials in per_column]
                 complete = set.intersection(*(set(t) for t in per_column))
                 avg = Cell.over_trials([_mean(t[trial] for t in per_column) for trial in sorted(complete)]) \

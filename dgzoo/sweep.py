@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .config import TrainConfig, load_yaml, parse_scalar
+from .config import TrainConfig, changed_fields, load_yaml, parse_scalar
 from .errors import DGZooError, suggest
 from .export import latest_checkpoint, read_json, write_json
 
@@ -51,9 +51,6 @@ SWEEP_FIELDS = ("dataset", "algorithm", "target_domains", "source_domains", "see
                 "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision")
 # Fields every printed command states, even at their defaults, so a command says what it trains on its own.
 ALWAYS_IN_COMMANDS = ("dataset", "algorithm", "target_domains", "seed", "split_seed", "output_dir")
-# Fields that do not change what a run computes: a finished run that differs only in these is the same run.
-NON_RESULT_FIELDS = ("output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision",
-                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every")
 
 
 # ---------------------------------------------------------------------- distributions
@@ -380,9 +377,6 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
     root = Path(spec.output_dir)
     runs: list[SweepRun] = []
     grids = {}
-    # Validated training values per draw: TrainConfig.update is slow (it resolves type hints per key) and a draw
-    # repeats across algorithms and held-out sets, so each distinct draw is coerced once.
-    coerced: dict[str, dict[str, Any]] = {}
     for dataset in spec.datasets:
         name, domains, canonical = dataset_domains(dataset, spec.train)
         grids[dataset] = (name, held_out_sets(spec.test_domains, domains, canonical, dataset))
@@ -392,21 +386,17 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
         # Namespaced recipe hparams (gga.rho=...) apply to the algorithms that have that component only.
         components = _component_names(algorithm)
         fixed = {k: v for k, v in base.hparams.items() if "." not in k or k.rpartition(".")[0] in components}
+        # A sample depends on (search space, k, trial) only, not on the held-out set: draw each once.
+        samples = [sample_hparams(space, k, trial) for k in range(spec.n_hparams)]
         for test_domains in test_sets:
-            for k in range(spec.n_hparams):
-                sampled = sample_hparams(space, k, trial)
+            for k, sampled in enumerate(samples):
                 cfg = dataclasses.replace(
                     base, dataset=dataset, algorithm=algorithm, target_domains=list(test_domains),
                     seed=seed_hash(name, algorithm, list(test_domains), k, trial), split_seed=trial,
                     output_dir=str(root / run_name(name, algorithm, test_domains, k, trial)),
                     hparams=dict(fixed))
-                training = {key: value for key, value in sampled.items() if "." not in key}
-                if repr(training) not in coerced:
-                    probe = TrainConfig()
-                    probe.update(training, source="the search")
-                    coerced[repr(training)] = {key: getattr(probe, key) for key in training}
-                cfg = dataclasses.replace(cfg, **coerced[repr(training)])
-                cfg.hparams = {**cfg.hparams, **{key: value for key, value in sampled.items() if "." in key}}
+                cfg.update({key: value for key, value in sampled.items() if "." not in key}, source="the search")
+                cfg.hparams.update({key: value for key, value in sampled.items() if "." in key})
                 cfg.validate()
                 resolve_hparams(cfg.algorithm, cfg.hparams)
                 runs.append(SweepRun(name, algorithm, test_domains, k, trial, cfg, sampled))
@@ -462,20 +452,19 @@ def run_status(run: SweepRun) -> str:
         return "new"
     if not saved_path.exists():
         return "restart"
-    saved, planned = read_json(saved_path), run.config.to_dict()
-    changed = sorted(k for k in planned if k not in NON_RESULT_FIELDS and saved.get(k) != planned[k])
-    finished = (out / "results.json").exists()
-    if changed == ["steps"] and int(saved["steps"]) < run.config.steps and latest_checkpoint(out):
+    saved = read_json(saved_path)
+    changed, diffs = changed_fields(saved, run.config.to_dict())
+    finished, checkpoint = (out / "results.json").exists(), latest_checkpoint(out)
+    if changed == ["steps"] and int(saved["steps"]) < run.config.steps and checkpoint:
         return "resume"  # the spec asks for more steps: train further from the last checkpoint
-    if changed and (finished or latest_checkpoint(out)):
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {planned[k]!r}" for k in changed)
+    if changed and (finished or checkpoint):
         raise DGZooError(f"{out} holds a run trained with other settings than this sweep ({diffs}); write the "
                          f"changed sweep to a new output_dir, or delete that run directory")
     if changed:
         return "restart"
     if finished:
         return "done"
-    return "resume" if latest_checkpoint(out) else "restart"
+    return "resume" if checkpoint else "restart"
 
 
 def plan(runs: list[SweepRun]) -> list[SweepRun]:
