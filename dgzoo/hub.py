@@ -412,23 +412,18 @@ def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequenc
 
     import torch
 
-    from .data import DomainImages, eval_loader, load_dg_dataset, loader_workers, make_splits
-    from .errors import suggest
+    from .data import DomainImages, eval_loader, load_dg_dataset, loader_workers, make_splits, resolve_domain
     from .evaluation import accuracy
 
     if split not in SPLITS:
         raise DGZooError(f"--split '{split}' is not one of {', '.join(SPLITS)}")
     if not 0.0 < holdout_fraction < 1.0:
         raise DGZooError(f"--holdout-fraction must be in (0, 1), got {holdout_fraction}")
+    if batch_size <= 0:
+        raise DGZooError(f"--batch-size must be positive, got {batch_size}")
     folder, repo_id, sha = resolve_checkpoint(name_or_path, revision, token)
     data = load_dg_dataset(dataset, dataset_revision)
-    chosen = []
-    for name in domains or data.domains:
-        found = data.canonical_domain(str(name))
-        if found is None:
-            raise DGZooError(f"--domains: unknown domain '{name}' in {data.name}{suggest(str(name), data.domains)}; "
-                             f"valid domains: {', '.join(data.domains)}")
-        chosen.append(found)
+    chosen = [resolve_domain(data, str(name), "--domains") for name in domains or data.domains]
     model = _create_from_folder(folder).eval()
     mapping = label_mapping(_label_names(model), data.class_names, model.num_classes)
     data = dataclasses.replace(data, labels=mapping[data.labels])
@@ -452,12 +447,13 @@ def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequenc
         sizes[d] = len(images)
         acc[d] = accuracy(model, eval_loader(images, batch_size, workers, pin), device)
 
-    meta = json.loads((folder / CONFIG).read_text()).get("dgzoo") or {}
+    meta = json.loads((folder / CONFIG).read_text()).get("dgzoo") or {}  # timm's model drops this key
+    info = data.info()
     same_data = bool(meta) and (meta.get("dataset_repo_id") == data.repo_id if data.repo_id
-                                else meta.get("dataset") == data.info()["name"])
+                                else meta.get("dataset") == info["name"])
     roles = {d: ("source" if d in meta.get("source_domains", []) else
                  "held-out" if d in meta.get("target_domains", []) else "unused") if same_data else "" for d in chosen}
-    return {"model": repo_id or str(folder), "revision": sha, "dataset": {k: data.info()[k] for k in
+    return {"model": repo_id or str(folder), "revision": sha, "dataset": {k: info[k] for k in
                                                                          ("name", "repo_id", "revision", "path")},
             "split": split, "split_seed": split_seed if split != "all" else None,
             "holdout_fraction": holdout_fraction if split != "all" else None,

@@ -76,8 +76,6 @@ def _push(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .hub import evaluate_pretrained
 
-    if args.batch_size <= 0:
-        raise DGZooError(f"--batch-size must be positive, got {args.batch_size}")
     results = evaluate_pretrained(
         args.model, args.dataset, args.domains, split=args.split, revision=args.revision,
         dataset_revision=args.dataset_revision, split_seed=args.split_seed, holdout_fraction=args.holdout_fraction,
@@ -99,8 +97,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .data.convert import (convert_image_folders, domain_counts, image_folder_root, known_spec, push_dataset,
-                               write_parquet)
+    from .data.convert import (convert_image_folders, domain_counts, image_folder_root, known_spec, num_shards,
+                               push_dataset, write_parquet)
     from .hub import check_push_target
 
     if not args.push_to_hub and not args.output_dir:
@@ -116,14 +114,15 @@ def _convert(args: argparse.Namespace) -> int:
         title = args.title or (spec.title if spec else Path(args.source).name.split(".")[0])
         print(f"{title}: {len(table)} images, {len(table.features['label'].names)} classes, domains "
               + ", ".join(f"{d} ({n})" for d, n in counts.items()))
+        shards = args.shards or num_shards(table)  # sizing reads every image file's size: once for both outputs
         if args.output_dir:
-            files = write_parquet(table, args.output_dir, args.shards)
+            files = write_parquet(table, args.output_dir, shards)
             print(f"wrote {len(files)} parquet file(s) to {Path(args.output_dir) / 'data'}")
         if args.push_to_hub:
             try:
                 sha = push_dataset(table, args.push_to_hub, title, args.source, private=args.private,
                                    revision=args.revision, commit_message=args.commit_message, token=token,
-                                   shards=args.shards)
+                                   shards=shards)
             except DGZooError:
                 raise
             except Exception as e:  # noqa: BLE001 - reported as one line, token scrubbed

@@ -40,8 +40,8 @@ class Protocol:
 
 def resolve_protocol(data: DGDataset, target_domains: list[str] | None, source_domains: list[str] | None) -> Protocol:
     """Turn ``--target-domains`` / ``--source-domains`` into a protocol, with one-line errors for bad names."""
-    targets = [_canonical(data, d, "--target-domains") for d in target_domains or []]
-    sources = [_canonical(data, d, "--source-domains") for d in source_domains or []]
+    targets = [resolve_domain(data, d, "--target-domains") for d in target_domains or []]
+    sources = [resolve_domain(data, d, "--source-domains") for d in source_domains or []]
     if not targets and not sources:
         defaults = data.spec.default_targets if data.spec else None
         if not defaults:
@@ -70,7 +70,9 @@ def resolve_protocol(data: DGDataset, target_domains: list[str] | None, source_d
     return Protocol(name, tuple(sorted(sources, key=order.get)), tuple(sorted(targets, key=order.get)))
 
 
-def _canonical(data: DGDataset, name: str, flag: str) -> str:
+def resolve_domain(data: DGDataset, name: str, flag: str) -> str:
+    """The dataset's name for a user-given domain (exact, alias or any case), or a one-line error for ``flag``
+    listing the valid domains."""
     found = data.canonical_domain(str(name))
     if found is None:
         raise DGZooError(f"{flag}: unknown domain '{name}' in {data.name}{suggest(str(name), data.domains)}; "
