@@ -258,7 +258,7 @@ def _card_for(run_dir: Path, results: dict[str, Any], repo_id: str, license: str
     if results.get("kind") == "unlearning":
         from .unlearning.card import render_unlearn_card
 
-        return (render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir),
+        return (render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir, license=license),
                 f"dgzoo: unlearn {results['unlearning']['forget_spec']} with {results['algorithm']}")
     from .cards import render_card
 

@@ -295,6 +295,17 @@ def test_unlearning_a_hub_repo_and_pushing_the_result(trained_run, hub_server, t
     assert report["hub_load"] and report["classes"] == 10
 
 
+def test_the_unlearned_card_carries_the_data_licence_unless_the_publisher_overrides_it(unlearned):
+    from huggingface_hub import ModelCard
+
+    from dgzoo.unlearning.card import render_unlearn_card
+
+    tmp, _, results = unlearned
+    assert ModelCard((tmp / "sure" / "README.md").read_text()).data.license == "bsd-3-clause"  # rotated-digits'
+    overridden = ModelCard(render_unlearn_card(results, repo_id="me/x", run_dir=tmp / "sure", license="mit"))
+    assert overridden.data.license == "mit"  # dgzoo push --license
+
+
 def test_cli_forget_flags_combine_and_the_card_repeats_them():
     from dgzoo.cli import build_parser
     from dgzoo.unlearning.card import reproduce_command

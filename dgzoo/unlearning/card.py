@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cards import template_path
+from ..cards import card_license, template_path
 from ..export import read_json
 from .recipe import HEADLINE, UnlearnConfig
 
@@ -21,8 +21,9 @@ def model_name(results: dict[str, Any]) -> str:
     return f"{results['backbone']}.{results['algorithm']}-unlearned.{results['dataset']['name']}-{spec}"
 
 
-def card_data(results: dict[str, Any], repo_id: str | None = None) -> Any:
-    """Front matter: timm library, tags, datasets, base model (the source when it is on the Hub), model-index."""
+def card_data(results: dict[str, Any], repo_id: str | None = None, license: str | None = None) -> Any:
+    """Front matter: timm library, licence (``license``, else the training data's, as any dgzoo card), tags,
+    datasets, base model (the source when it is on the Hub), model-index."""
     from huggingface_hub import EvalResult, ModelCardData
 
     info, dataset = results["unlearning"], results["dataset"]
@@ -45,7 +46,7 @@ def card_data(results: dict[str, Any], repo_id: str | None = None) -> Any:
                 metric_value=round(100 * value, 2), metric_name=HEADLINE[key][0], **common))
     source = info["source"]
     return ModelCardData(
-        library_name="timm", pipeline_tag="image-classification", license="apache-2.0",
+        library_name="timm", pipeline_tag="image-classification", **card_license(results, license),
         tags=["image-classification", "timm", "dgzoo", "machine-unlearning", "domain-generalization",
               results["algorithm"]],
         datasets=[dataset["repo_id"]] if dataset.get("repo_id") else None,
@@ -70,9 +71,10 @@ def reproduce_command(config: dict[str, Any]) -> str:
     return " \\\n    ".join(parts)
 
 
-def render_unlearn_card(results: dict[str, Any], repo_id: str | None = None,
-                        run_dir: str | Path | None = None) -> str:
-    """Render the card of an unlearned run; ``repo_id`` (when published) makes the usage code load from the Hub."""
+def render_unlearn_card(results: dict[str, Any], repo_id: str | None = None, run_dir: str | Path | None = None,
+                        license: str | None = None) -> str:
+    """Render the card of an unlearned run; ``repo_id`` (when published) makes the usage code load from the Hub;
+    ``license`` overrides the training data's licence (``dgzoo push --license``)."""
     from huggingface_hub import ModelCard
 
     info = results["unlearning"]
@@ -86,7 +88,7 @@ def render_unlearn_card(results: dict[str, Any], repo_id: str | None = None,
     attacks = info["evaluation"]["unlearned"]["attacks"]
     source = info["source"]
     card = ModelCard.from_template(
-        card_data(results, repo_id), template_path=str(template_path("unlearn_card.md")),
+        card_data(results, repo_id, license), template_path=str(template_path("unlearn_card.md")),
         model_title=repo_id.split("/")[-1] if repo_id else model_name(results),
         backbone=results["backbone"], method=results["algorithm"], method_title=info["method_title"],
         description=info["description"], forget_spec=info["forget_spec"], scenario=info["scenario"],

@@ -120,29 +120,26 @@ class UnlearnPlan:
 
 
 def load_source(name: str, revision: str | None = None) -> Source:
-    """Load a finished dgzoo run (directory or Hub repo id): model through ``dgzoo.from_pretrained``, plus recipe."""
-    from ..hub import from_pretrained
+    """Load a finished dgzoo run (directory or Hub repo id): model through ``dgzoo.from_pretrained``, plus recipe.
 
-    for prefix in ("local-dir:", "hf-hub:", "hf_hub:"):
-        name = name[len(prefix):] if name.startswith(prefix) else name
-    path = Path(name).expanduser()
-    if not path.is_dir() and "@" in name:
-        name, _, at = name.partition("@")
-        revision = revision or at
-    if path.is_dir():
-        missing = [f for f in ("train_config.json", "results.json") if not (path / f).exists()]
+    A Hub run is pinned to one commit: weights, recipe and results all come from the commit the revision names.
+    """
+    from ..hub import from_pretrained, resolve_checkpoint
+
+    local = Path(name.removeprefix("local-dir:")).expanduser()
+    if local.is_dir():
+        missing = [f for f in ("train_config.json", "results.json") if not (local / f).exists()]
         if missing:
-            raise DGZooError(f"{path} is not a finished dgzoo run (no {', '.join(missing)}); unlearning needs the "
+            raise DGZooError(f"{local} is not a finished dgzoo run (no {', '.join(missing)}); unlearning needs the "
                              f"run's recipe to rebuild the data it trained on")
-    model = from_pretrained(name, revision=revision).model
-    if path.is_dir():
-        recipe, results = read_json(path / "train_config.json"), read_json(path / "results.json")
-        repo_id = None
+    folder, repo_id, sha = resolve_checkpoint(name, revision)
+    model = from_pretrained(repo_id or folder, revision=sha).model
+    if repo_id:
+        recipe, results = _hub_json(repo_id, "train_config.json", sha), _hub_json(repo_id, "results.json", sha)
     else:
-        recipe, results = _hub_json(name, "train_config.json", revision), _hub_json(name, "results.json", revision)
-        repo_id = name
-    config = TrainConfig.from_dict(recipe, source=f"{name}/train_config.json")
-    return Source(name, model, config, results, repo_id, revision)
+        recipe, results = read_json(folder / "train_config.json"), read_json(folder / "results.json")
+    config = TrainConfig.from_dict(recipe, source=f"{repo_id or folder}/train_config.json")
+    return Source(repo_id or str(folder), model, config, results, repo_id, sha)
 
 
 def _hub_json(repo_id: str, filename: str, revision: str | None) -> dict[str, Any]:
