@@ -221,6 +221,19 @@ def run_timing(seconds: float, images: int, steps: int) -> dict[str, float]:
             "steps_per_second": steps / max(seconds, 1e-9)}
 
 
+def start_run_dir(accelerator: Any, out: Path, overwrite: bool, recipe: tuple[str, str], logfile: str) -> None:
+    """The first write of a run, once every check has passed: on the main process empty a replaced run's files
+    (``overwrite``), make ``out`` and write the recipe file ``(name, text)``; then every process logs to
+    ``out/logfile`` (the main one) and the console."""
+    if accelerator.is_main_process:
+        if overwrite:
+            clear_run_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / recipe[0], recipe[1])
+    accelerator.wait_for_everyone()
+    setup_logging(accelerator.is_main_process, out / logfile)
+
+
 def device_name(device: torch.device) -> str:
     """A readable name of the device a run used (for results.json and the card)."""
     if device.type == "cuda":
@@ -241,13 +254,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.batch_size % accelerator.num_processes:
         raise DGZooError(f"--batch-size {cfg.batch_size} (per domain, global) must be divisible by the "
                          f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}")
-    if accelerator.is_main_process:
-        if cfg.overwrite:
-            clear_run_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "train_config.json", dump_config(cfg))
-    accelerator.wait_for_everyone()
-    setup_logging(accelerator.is_main_process, out / "train.log")
+    start_run_dir(accelerator, out, cfg.overwrite, ("train_config.json", dump_config(cfg)), "train.log")
     from .runtime import AccelerateRuntime
 
     runtime = AccelerateRuntime(accelerator)

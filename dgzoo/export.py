@@ -57,8 +57,13 @@ def _default_permissions(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def json_text(data: Any) -> str:
+    """The JSON text dgzoo writes: indented, values JSON lacks (paths) as strings, a final newline."""
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write_text(path, json_text(data))
 
 
 def save_model(model: nn.Module, run_dir: str | Path, class_names: list[str], data_config: dict[str, Any],

@@ -34,9 +34,9 @@ from ..config import OPTIMIZERS, PRECISIONS, TrainConfig, dump_config
 from ..data import (DGDataset, DomainImages, eval_loader, eval_transform, load_dg_dataset, loader_workers, make_splits,
                     seed_hash, train_loader, train_transform)
 from ..engine import (create_accelerator, create_optimizer, device_name, lr_lambda, resolve_augment, run_timing,
-                      setup_logging)
+                      start_run_dir)
 from ..errors import DGZooError
-from ..export import atomic_write_text, check_output_dir, clear_run_dir, read_json, save_model, write_json
+from ..export import atomic_write_text, check_output_dir, json_text, read_json, save_model, write_json
 from ..models import create_backbone, data_config, freeze_batchnorm
 from .evaluation import ATTACKS, Outputs, accuracy, attacks, collect, per_group_accuracy
 from .forget import UnlearningData, parse_forget_spec, split_for_unlearning
@@ -285,13 +285,8 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
         if key in settings and settings[key] % accelerator.num_processes:
             raise DGZooError(f"--{key.replace('_', '-')} {settings[key]} must be divisible by the "
                              f"{accelerator.num_processes} processes")
-    if accelerator.is_main_process:
-        if cfg.overwrite:
-            clear_run_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "unlearn_config.json", cfg.to_dict())
-    accelerator.wait_for_everyone()
-    setup_logging(accelerator.is_main_process, out / "unlearn.log")
+    start_run_dir(accelerator, out, cfg.overwrite,
+                  ("unlearn_config.json", json_text(cfg.to_dict())), "unlearn.log")
     logger.info("dgzoo %s | unlearn %s from %s with %s (%s)", __version__, plan.sets.description,
                 plan.source.name, cfg.method, plan.sets.spec.scenario)
 
