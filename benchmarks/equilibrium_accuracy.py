@@ -53,7 +53,7 @@ def run_one(method: str, seed: int, args: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(args["threads"])
     from dgzoo.config import TrainConfig
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
 
     algorithm, augment, hparams = METHODS[method]
     cfg = TrainConfig.from_dict(dict(

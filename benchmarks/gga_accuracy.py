@@ -5,7 +5,7 @@ Two protocols, DomainBed style:
 - single-source: one source domain (default 0 degrees), the five others are held out (GGA compares two
   interleaved halves of each batch, ``gga.parts=2``: the paper has no single-source GGA).
 
-Every run goes through ``dgzoo.engine.train`` with training-domain validation selection. For each algorithm the
+Every run goes through ``dgzoo.training.engine.train`` with training-domain validation selection. For each algorithm the
 per-seed score is the mean held-out accuracy over the targets of the protocol; the table gives its mean ±
 standard error over seeds, and the per-target means. GGA's acceptance statistics (accepted candidates, steps
 with an accept, score gain, loss change) and GGA-L's mean similarity / noise scale come from results.json.
@@ -30,7 +30,7 @@ DOMAINS = ["0", "15", "30", "45", "60", "75"]
 def run_one(args: argparse.Namespace, algorithm: str, seed: int, targets: list[str] | None,
             sources: list[str] | None, out: Path) -> dict:
     from dgzoo.config import TrainConfig
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
 
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())

@@ -67,7 +67,7 @@ def candidate_cost(backbone: str, domains: int, batch: int, size: int, candidate
     model = create_backbone(backbone, num_classes=10)
     spec = "erm+gga"
     hp = {"gga.start": 0, "gga.end": 10**9, "gga.candidates": candidates, "gga.rho": 1e-5}
-    algorithm = create_algorithm(spec, model, torch.optim.Adam(model.parameters(), lr=1e-5), domains, hp)
+    algorithm = create_algorithm(spec, model, domains, make_optimizer=lambda g: torch.optim.Adam(g, lr=1e-5), hparams=hp)
     gga = algorithm.addons[0]
     batches = minibatches(domains, batch, size, 10, seed=0)
     groups = scoring_groups(batches)
@@ -93,7 +93,7 @@ def candidate_cost(backbone: str, domains: int, batch: int, size: int, candidate
 
 def whole_run(steps: int, start: int, end: int, candidates: int, repeats: int, backbone: str) -> dict:
     from dgzoo.config import TrainConfig
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
 
     times: dict[str, list[float]] = {"erm": [], "erm+gga": []}
     accepted = []

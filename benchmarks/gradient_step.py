@@ -63,7 +63,7 @@ def k_backward_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
 
 def algorithm_step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches,
                    hparams: dict) -> Callable[[], None]:
-    algorithm = create_algorithm(name, model, optimizer, len(batches), hparams)
+    algorithm = create_algorithm(name, model, len(batches), hparams, make_optimizer=lambda _: optimizer)
     counter = iter(range(10**9))
     return lambda: algorithm.update(batches, next(counter))
 

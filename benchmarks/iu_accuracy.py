@@ -4,7 +4,7 @@ Every rotation domain is held out in turn, the five others are the sources. Besi
 two ablations run too (its Table 2): ascent on the unlearning set over *every* parameter (``iu.params=all``,
 "USS only") and ascent on the selected channels with *every* training sample (``iu.samples=all``, "DSCS only").
 
-Every run goes through ``dgzoo.engine.train`` with training-domain validation model selection. A variant's
+Every run goes through ``dgzoo.training.engine.train`` with training-domain validation model selection. A variant's
 per-seed score is its mean held-out accuracy over the targets; the table gives the mean ± standard error over
 seeds and the per-target means. IU's diagnostics come from results.json: IU calls, mean |D_u| and |C_spc| per
 call, mean change of source-validation accuracy per call, and IU's share of the training time.
@@ -43,7 +43,7 @@ def parse_variant(variant: str, shared: list[str]) -> tuple[str, dict[str, str]]
 
 def run_one(args: argparse.Namespace, variant: str, seed: int, target: str, out: Path) -> dict:
     from dgzoo.config import TrainConfig
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
 
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())

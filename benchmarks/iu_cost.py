@@ -105,7 +105,7 @@ def faithful_all_estimate(model, context, fast_timings: dict, hparams: dict) -> 
 def ascent_cost(model, optimizer, context, fraction: float) -> dict[str, float]:
     """Seconds of the ascent and of the after-ascent diagnostics for an unlearning set of ``fraction`` of the
     training samples on the channels IU selects now (the measured calls may happen to select no sample)."""
-    iu = create_algorithm("erm+iu", model, optimizer, len(SOURCES), {"iu.lr": 0.0}).addons[0]
+    iu = create_algorithm("erm+iu", model, len(SOURCES), {"iu.lr": 0.0}, make_optimizer=lambda _: optimizer).addons[0]
     iu.unlearn(context, context.step)
     train, val = _Pool.of(context.source_train), _Pool.of(context.source_val)
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:round(fraction * len(train))]
@@ -126,8 +126,8 @@ def agreement(model, context, modes: dict[str, dict]) -> dict[str, torch.Tensor]
     """U of every training sample and D_u under each mode, on the same weights (the ascent is switched off)."""
     out = {}
     for name, hparams in modes.items():
-        algorithm = create_algorithm("erm+iu", model, torch.optim.SGD(model.parameters(), lr=0.0), len(SOURCES),
-                                     {**hparams, "iu.lr": 0.0})
+        algorithm = create_algorithm("erm+iu", model, len(SOURCES), make_optimizer=lambda g: torch.optim.SGD(g, lr=0.0),
+                                     hparams={**hparams, "iu.lr": 0.0})
         iu = algorithm.addons[0]
         iu.unlearn(context, context.step)
         out[name] = (iu.scores.clone(), set(iu.selected_rows))
@@ -165,13 +165,13 @@ def main() -> None:
     report = {}
     for backbone in args.backbones:
         model, optimizer, epoch, context, steps_per_epoch = setup(backbone, args.batch_size, args.seed)
-        erm = create_algorithm("erm", model, optimizer, len(SOURCES), {})
+        erm = create_algorithm("erm", model, len(SOURCES), {}, make_optimizer=lambda _: optimizer)
         erm_epoch(erm, epoch(0), 0)  # warm-up: IU then sees a partly trained model, as after epoch 1
         epochs, calls = [], {m: [] for m in MODES}
         for r in range(args.rounds):
             epochs.append(erm_epoch(erm, epoch(r + 1), (r + 1) * steps_per_epoch))
             for mode, hparams in MODES.items():
-                iu = create_algorithm("erm+iu", model, optimizer, len(SOURCES), hparams).addons[0]
+                iu = create_algorithm("erm+iu", model, len(SOURCES), hparams, make_optimizer=lambda _: optimizer).addons[0]
                 metrics = iu.unlearn(context, (r + 2) * steps_per_epoch)
                 calls[mode].append({"seconds": metrics["seconds"], **iu.timings,
                                     "unlearn_samples": metrics["unlearn_samples"],

@@ -82,7 +82,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from dgzoo.config import TrainConfig
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
     from dgzoo.unlearning import UnlearnConfig, unlearn
 
     root = Path(args.output_dir)

@@ -58,7 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_backbone(args.backbone, num_classes=10, image_size=args.image_size).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    algorithm = create_algorithm("erm", model, optimizer, args.domains, {})
+    algorithm = create_algorithm("erm", model, args.domains, {}, make_optimizer=lambda _: optimizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext())
 

@@ -19,8 +19,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 from .config import TrainConfig  # noqa: E402
 from .errors import DGZooError  # noqa: E402
 
-_LAZY = {"Pretrained": "hub", "evaluate_pretrained": "hub", "from_pretrained": "hub", "push_run": "hub",
-         "train": "engine"}
+_LAZY = {"Pretrained": "run.hub", "evaluate_pretrained": "training.evaluation", "from_pretrained": "run.hub", "push_run": "run.hub",
+         "train": "training.engine"}
 
 
 def __getattr__(name: str) -> Any:

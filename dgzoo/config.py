@@ -14,13 +14,14 @@ import json
 import re
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import DGZooError, suggest
+from .hparams import SAME, Choice, Distribution, Uniform
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -64,18 +65,24 @@ class TrainConfig:
     backbone: str = _f("resnet18", "any timm model name, e.g. resnet50.tv_in1k or vit_small_patch16_224")
     pretrained: bool = _f(False, "start from the backbone's pretrained weights (downloads from the Hub)")
     freeze_bn: bool = _f(False, "keep BatchNorm running statistics fixed (DomainBed's paper setting)")
-    dropout: float = _f(0.0, "dropout before the classifier head")
+    dropout: float = _f(0.0, "dropout before the classifier head", search=Choice((0.0, 0.1, 0.5)))
     # -- algorithm
     algorithm: str = _f("erm", "algorithm, optionally with add-ons: erm, erm+gga, equilibrium+gga+iu, ...")
     hparams: dict[str, Any] = _f({}, "algorithm hyperparameters KEY=VALUE; add-on keys are namespaced (gga.rho=1e-5)")
     # -- optimisation
     steps: int = _f(1000, "number of training steps")
-    batch_size: int = _f(32, "images per source domain per step (global, split across processes)")
-    lr: float = _f(1e-3, "learning rate")
+    batch_size: int = _f(32, "images per source domain per step (global, split across processes)",
+                         search=Uniform(3, 5.5, base=2, integer=True), small_search=Uniform(3, 9, base=2, integer=True))
+    lr: float = _f(1e-3, "learning rate", search=Uniform(-5, -3.5, base=10), small_search=Uniform(-4.5, -2.5, base=10))
     optimizer: str = _f("adam", "optimizer", choices=OPTIMIZERS)
-    weight_decay: float = _f(0.0, "weight decay")
+    weight_decay: float = _f(0.0, "weight decay", search=Uniform(-6, -2, base=10), small_search=None)
     momentum: float = _f(0.9, "SGD momentum")
-    lr_schedule: str = _f("constant", "learning-rate schedule", choices=LR_SCHEDULES)
+    lr_schedule: str = _f("constant", "learning-rate schedule (timm's), stepped every training step",
+                          choices=LR_SCHEDULES)
+    warmup_steps: int = _f(0, "steps of linear learning-rate warm-up from 0 before the schedule")
+    grad_accumulation: int = _f(1, "split every step's batch into N micro-batches whose gradients are accumulated "
+                                   "(loss hosts; same optimisation, less memory)")
+    clip_grad_norm: float | None = _f(None, "clip the gradient norm before every optimizer step to this value")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     mixed_precision: str = _f("no", "mixed precision mode passed to Accelerate", choices=PRECISIONS)
     # -- evaluation and checkpoints
@@ -142,6 +149,15 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise DGZooError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise DGZooError(f"--warmup-steps must be in [0, --steps), got {self.warmup_steps}")
+        if self.grad_accumulation < 1:
+            raise DGZooError(f"--grad-accumulation must be at least 1, got {self.grad_accumulation}")
+        if self.batch_size % self.grad_accumulation:
+            raise DGZooError(f"--batch-size {self.batch_size} must be divisible by --grad-accumulation "
+                             f"{self.grad_accumulation} (each micro-batch holds batch-size / N images per domain)")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise DGZooError(f"--clip-grad-norm must be positive, got {self.clip_grad_norm}; omit it to not clip")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise DGZooError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if not 0.0 < self.holdout_fraction < 1.0:
@@ -173,7 +189,53 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class UnlearnConfig:
+    """Every setting of an unlearning run (``dgzoo unlearn``). ``None`` means: take the source run's value."""
+
+    source: str
+    forget: str
+    method: str = "sure"
+    revision: str | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    forget_batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    seed: int | None = None
+    validation_fraction: float = 0.5
+    hparams: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None
+    output_dir: str | None = None
+    overwrite: bool = False
+    eval_batch_size: int = 128
+    num_workers: int | None = None
+    mixed_precision: str = "no"
+    push_to_hub: str | None = None
+    hub_private: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 # ---------------------------------------------------------------------- helpers
+
+
+SEARCH_ORDER = ("lr", "batch_size", "weight_decay", "dropout")  # how sweeps list the training distributions
+
+
+def training_search_space(small_images: bool = False) -> dict[str, Distribution]:
+    """DomainBed's random-search distributions of the recipe fields every algorithm trains with (``lr``,
+    ``batch_size``, ``weight_decay``, ``dropout``: its ``resnet_dropout``), for image or small-image datasets."""
+    space = {}
+    for f in sorted(fields(TrainConfig), key=lambda f: SEARCH_ORDER.index(f.name) if f.name in SEARCH_ORDER else 99):
+        dist = f.metadata.get("search")
+        if small_images and f.metadata.get("small_search", SAME) is not SAME:
+            dist = f.metadata["small_search"]
+        if dist is not None:
+            space[f.name] = dist
+    return space
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -318,6 +380,8 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any], ignore: Any =
                    ) -> tuple[list[str], str]:
     """The recipe fields (outside ``ignore``) whose value in ``current`` differs from a saved run's, and a
     ``field: old -> new, ...`` description of them for an error message."""
+    defaults = TrainConfig().to_dict()  # a field added since the run was saved holds its default there
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
     return changed, ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
 

@@ -12,7 +12,7 @@ import sys
 
 from dgzoo.cli import run
 from dgzoo.config import add_train_arguments, config_from_args
-from dgzoo.engine import train
+from dgzoo.training.engine import train
 
 
 def main() -> int:

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from dgzoo.cli import run
-from dgzoo.unlearning.cli import add_unlearn_arguments, config_from_args
+from dgzoo.cli.unlearn import add_unlearn_arguments, config_from_args
 from dgzoo.unlearning.recipe import unlearn
 
 

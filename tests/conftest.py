@@ -79,7 +79,7 @@ def tiny_config(tmp_path: Path, **overrides):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One finished tiny ERM run on rotated-digits, shared by the export/loading tests."""
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
 
     tmp = tmp_path_factory.mktemp("trained")
     cfg = tiny_config(tmp)

@@ -71,7 +71,7 @@ def test_hparams_are_namespaced_coerced_and_validated(counter_addon):
 
 def test_addons_wrap_the_host_update_in_order(counter_addon):
     model = create_backbone("test_resnet", num_classes=5)
-    algorithm = create_algorithm("erm+counter_test", model, torch.optim.SGD(model.parameters(), lr=0.1), 3, {})
+    algorithm = create_algorithm("erm+counter_test", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={})
     metrics = algorithm.update(minibatches(), step=7)
     assert algorithm.addons[0].calls == [("before", 7), ("after", 7)]
     assert metrics["counter_test/seen"] == 7.0 and "loss" in metrics
@@ -83,7 +83,7 @@ def test_addons_wrap_the_host_update_in_order(counter_addon):
 def test_erm_steps_reduce_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = create_backbone("test_resnet", num_classes=5)
-    algorithm = create_algorithm("erm", model, torch.optim.Adam(model.parameters(), lr=1e-2), 3, {})
+    algorithm = create_algorithm("erm", model, 3, make_optimizer=lambda g: torch.optim.Adam(g, lr=1e-2), hparams={})
     batches = minibatches()
     losses = [algorithm.update(batches, step)["loss"] for step in range(15)]
     assert losses[-1] < 0.5 * losses[0]

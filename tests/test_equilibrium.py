@@ -109,8 +109,8 @@ def equilibrium_and_reference(hparams, momentum=0.0):
     torch.manual_seed(0)
     model = create_backbone("test_resnet", num_classes=5).eval()  # fixed BatchNorm: replays see the same model
     reference = copy.deepcopy(model)
-    algorithm = create_algorithm("equilibrium", model, torch.optim.SGD(model.parameters(), lr=0.05,
-                                                                        momentum=momentum), 3, hparams)
+    algorithm = create_algorithm("equilibrium", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.05,
+                                                                        momentum=momentum), hparams=hparams)
     return algorithm, model, reference
 
 
@@ -158,7 +158,7 @@ def test_diagnostics_summary_and_resume_state():
 
 
 def test_single_source_run_uses_randaugment_views_and_reports_diagnostics(tmp_path):
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
 
     results = train(tiny_config(tmp_path, algorithm="equilibrium", source_domains=["0"], steps=3, eval_every=3,
                                 batch_size=4))
@@ -208,7 +208,8 @@ def _distributed_worker(out_dir: Path) -> None:
     """Each of 2 processes holds half of every domain's batch; compare with one process on the whole batch."""
     from accelerate import Accelerator
 
-    from dgzoo.runtime import AccelerateRuntime, Runtime
+    from dgzoo.algorithms.runtime import Runtime
+    from dgzoo.training.runtime import AccelerateRuntime
 
     runtime = AccelerateRuntime(Accelerator(cpu=True))
     rank, world = runtime.process_index, runtime.num_processes
@@ -229,8 +230,8 @@ def _distributed_worker(out_dir: Path) -> None:
         algorithms = []
         for net, rt in zip(nets, (runtime, Runtime())):
             torch.manual_seed(1)  # the same random stream for the 2-process and the 1-process algorithm
-            optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-            algorithms.append(create_algorithm(name, net, optimizer, 3, hparams, rt))
+            algorithms.append(create_algorithm(name, net, 3, hparams, runtime=rt, make_optimizer=lambda g: torch.optim.SGD(
+                g, lr=0.05, momentum=0.9)))
         for step in range(2):
             algorithms[0].update(local, step)
             algorithms[1].update(batches, step)
@@ -247,7 +248,7 @@ if __name__ == "__main__":
 
 
 def test_views_with_randaugment_recipe_fail_before_anything_is_written(tmp_path):
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
 
     with pytest.raises(DGZooError, match="views are not augmented twice"):
         train(tiny_config(tmp_path, algorithm="equilibrium", source_domains=["0"], augment="randaugment"))

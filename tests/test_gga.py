@@ -30,9 +30,10 @@ def minibatches(k=3, b=8, seed=0):
 def build(spec, hparams=None, seed=0, dropout=0.0, optimizer="adam"):
     torch.manual_seed(seed)
     model = create_backbone("test_resnet", num_classes=5, dropout=dropout)
-    opt = (torch.optim.Adam(model.parameters(), lr=1e-3) if optimizer == "adam"
-           else torch.optim.SGD(model.parameters(), lr=1.0))
-    return model, create_algorithm(spec, model, opt, 3, hparams or {})
+    def make(groups):
+        return torch.optim.Adam(groups, lr=1e-3) if optimizer == "adam" else torch.optim.SGD(groups, lr=1.0)
+
+    return model, create_algorithm(spec, model, 3, hparams or {}, make_optimizer=make)
 
 
 def train(spec, hparams=None, steps=3, **kw):
@@ -254,7 +255,7 @@ def test_a_resumed_run_anneals_exactly_as_an_uninterrupted_one(tmp_path):
     from safetensors.torch import load_file
 
     from conftest import tiny_config
-    from dgzoo.engine import train as train_run
+    from dgzoo.training.engine import train as train_run
 
     hp = {"gga.start": 1, "gga.end": 3, "gga.candidates": 4, "gga.rho": 2e-3}
     full = train_run(tiny_config(tmp_path / "full", steps=5, eval_every=5, checkpoint_every=2, algorithm="erm+gga",

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dgzoo.algorithms import create_algorithm, resolve_hparams
+from dgzoo.algorithms import Recipe, create_algorithm, resolve_hparams
 from dgzoo.algorithms.gradients import (DomainGradientAlgorithm, FlatParams, RandAugmentViews, gram,
                                         pairwise_cosine, per_domain_gradients, split_views)
 from dgzoo.data.transforms import eval_transform
 from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone, data_config, freeze_batchnorm
-from dgzoo.runtime import Runtime
+from dgzoo.algorithms.runtime import Runtime
 
 
 class AutocastRuntime(Runtime):
@@ -103,12 +103,11 @@ def test_bf16_autocast_gives_float32_gradients_equal_to_backward_passes(monkeypa
 
 def test_unsupported_precision_is_refused_before_training_with_the_fix():
     model = create_backbone("test_resnet", num_classes=5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(DGZooError, match="use --mixed-precision bf16"):
-        create_algorithm("equilibrium", model, optimizer, 3, {}, AutocastRuntime(torch.float16))
+        create_algorithm("equilibrium", model, 3, {}, runtime=AutocastRuntime(torch.float16))
     with pytest.raises(DGZooError, match="grad_engine=loop"):
-        create_algorithm("pcgrad", model, optimizer, 3, {"grad_engine": "vmap"}, AutocastRuntime(torch.bfloat16))
-    create_algorithm("pcgrad", model, optimizer, 3, {}, AutocastRuntime(torch.bfloat16))
+        create_algorithm("pcgrad", model, 3, {"grad_engine": "vmap"}, runtime=AutocastRuntime(torch.bfloat16))
+    create_algorithm("pcgrad", model, 3, {}, runtime=AutocastRuntime(torch.bfloat16))
 
 
 @pytest.mark.parametrize("algorithm, precision, hparams, message", [
@@ -119,7 +118,7 @@ def test_unsupported_precision_is_refused_before_training_with_the_fix():
 def test_unsupported_precision_fails_before_the_run_directory_is_written(tmp_path, algorithm, precision, hparams,
                                                                         message):
     from conftest import tiny_config
-    from dgzoo.engine import plan_run
+    from dgzoo.training.engine import plan_run
 
     # On a GPU the runtime check would only fire once the run directory exists; the recipe check must come first.
     run = tmp_path / "run"
@@ -169,11 +168,10 @@ def test_views_mode_rules():
     preprocessing = data_config(model, 32)
     assert DomainGradientAlgorithm.uses_views(defaults, num_sources=1)
     assert not DomainGradientAlgorithm.uses_views(defaults, num_sources=3)
-    with pytest.raises(DGZooError, match="--augment none"):
-        DomainGradientAlgorithm.train_transform(preprocessing, "randaugment", defaults, 1)
+    with pytest.raises(DGZooError, match="--augment none"):  # checked with the recipe, before anything is written
+        DomainGradientAlgorithm.check_recipe(defaults, Recipe(num_domains=1, num_classes=5, augment="randaugment"))
     assert DomainGradientAlgorithm.train_transform(preprocessing, "none", defaults, 3) is None
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(DGZooError, match="at least 2 domains"):
-        create_algorithm("pcgrad", model, optimizer, 1, {"domains": "sources"})
+        create_algorithm("pcgrad", model, 1, {"domains": "sources"})
     with pytest.raises(DGZooError, match="views=1 must be at least 2"):
         resolve_hparams("equilibrium", {"views": 1})  # when the recipe is validated, before anything is written

@@ -284,8 +284,8 @@ def test_unsafe_archive_is_refused(tmp_path):
 def test_card_licence_results_per_domain_and_hub_usage(trained_run):
     from huggingface_hub import ModelCard
 
-    from dgzoo.cards import render_card
-    from dgzoo.export import read_json
+    from dgzoo.run.cards import render_card
+    from dgzoo.run.rundir import read_json
 
     run_dir, results = trained_run
     config = read_json(run_dir / "train_config.json")
@@ -302,7 +302,8 @@ def test_card_licence_results_per_domain_and_hub_usage(trained_run):
 
 def test_retry_command_and_push_validation_need_no_network(trained_run, tmp_path, monkeypatch):
     from dgzoo.errors import DGZooError
-    from dgzoo.hub import label_mapping, push_run, retry_command
+    from dgzoo.run.hub import push_run, retry_command
+    from dgzoo.training.evaluation import label_mapping
 
     command = retry_command("runs/my run", "me/x", private=True, revision="v1", commit_message="it's done")
     assert command.endswith("me/x --private --revision v1 --commit-message 'it'\"'\"'s done'")
@@ -317,7 +318,7 @@ def test_retry_command_and_push_validation_need_no_network(trained_run, tmp_path
 
 
 def test_recipe_with_an_invalid_repo_id_fails_before_training(tmp_path):
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
     from dgzoo.errors import DGZooError
 
     with pytest.raises(DGZooError, match="has no namespace: write it as USER_OR_ORG/model"):
@@ -326,7 +327,7 @@ def test_recipe_with_an_invalid_repo_id_fails_before_training(tmp_path):
 
 
 def test_published_json_files_carry_no_local_paths(tmp_path):
-    from dgzoo.hub import _published_bytes
+    from dgzoo.run.hub import _published_bytes
 
     (tmp_path / "train_config.json").write_text(json.dumps({"dataset": "/home/alice/data/vlcs", "output_dir":
                                                             "/home/alice/runs/vlcs-erm", "steps": 5}))

@@ -158,12 +158,12 @@ def test_layer_choices_are_validated():
     model = create_backbone("test_resnet", num_classes=10)
     assert ChannelLayer(model, "layer3").num_channels == model.layer3[-1].bn3.num_features == 192
     with pytest.raises(DGZooError, match="not a module"):
-        create_algorithm("erm+iu", model, torch.optim.SGD(model.parameters(), lr=0.1), 3, {"iu.layer": "layer9"})
+        create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={"iu.layer": "layer9"})
     with pytest.raises(DGZooError, match="include_head=true needs iu.layer=auto"):
         ChannelLayer(model, "layer3", include_head=True)
     other = create_backbone("test_efficientnet", num_classes=10)
     with pytest.raises(DGZooError, match="knows timm ResNet, DenseNet and VisionTransformer"):
-        create_algorithm("erm+iu", other, torch.optim.SGD(other.parameters(), lr=0.1), 3, {})
+        create_algorithm("erm+iu", other, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={})
 
 
 def test_masked_ascent_writes_only_the_selected_slices():
@@ -191,8 +191,8 @@ def test_masked_ascent_writes_only_the_selected_slices():
 
 def test_iu_call_ascends_only_selected_channels_and_raises_the_unlearning_loss(fitted):
     model, context = copy.deepcopy(fitted[0]), fitted[1]
-    algorithm = create_algorithm("erm+iu", model, torch.optim.Adam(model.parameters()), 3,
-                                 {"iu.lr": 0.05, "iu.k": 1.0})
+    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
+                                 hparams={"iu.lr": 0.05, "iu.k": 1.0})
     iu = algorithm.addons[0]
     optimizer_state = copy.deepcopy(algorithm.host.optimizer.state_dict())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -221,38 +221,38 @@ def test_ablations_change_what_is_ascended(fitted):
     model, context = fitted
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        algorithm = create_algorithm("erm+iu", model, torch.optim.SGD(model.parameters(), lr=0.1), 3,
-                                     {"iu.params": "all", "iu.k": 1.0})
+        algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+                                     hparams={"iu.params": "all", "iu.k": 1.0})
         metrics = algorithm.on_epoch_end(context)
         assert "iu/channels" not in metrics and metrics["iu/unlearn_samples"] > 0
         assert all(not torch.equal(p, snapshot[n]) for n, p in model.named_parameters())  # every parameter
         model.load_state_dict(snapshot)
-        algorithm = create_algorithm("erm+iu", model, torch.optim.SGD(model.parameters(), lr=0.1), 3,
-                                     {"iu.samples": "all"})
+        algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+                                     hparams={"iu.samples": "all"})
         assert algorithm.on_epoch_end(context)["iu/unlearn_samples"] == 120  # every training sample
         model.load_state_dict(snapshot)
-        algorithm = create_algorithm("erm+iu", model, torch.optim.SGD(model.parameters(), lr=0.1), 3,
-                                     {"iu.score_fraction": 0.5})
+        algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+                                     hparams={"iu.score_fraction": 0.5})
         algorithm.on_epoch_end(context)
         scored = algorithm.addons[0].score_rows
         all_rows = {int(r) for domain in context.source_train for r in domain.rows}
         assert len(scored) == len(set(scored)) == 60 and set(scored) <= all_rows  # 20 of 40 in each domain
         with pytest.raises(DGZooError, match="score_fraction=0.0 must be in"):
-            create_algorithm("erm+iu", model, torch.optim.SGD(model.parameters(), lr=0.1), 3, {"iu.score_fraction": 0})
+            create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={"iu.score_fraction": 0})
     finally:
         model.load_state_dict(snapshot)
 
 
 def test_iue_smooths_scores_per_sample_and_checkpoints_them(fitted):
     model, _ = fitted
-    algorithm = create_algorithm("erm+iue", model, torch.optim.SGD(model.parameters(), lr=0.1), 3,
-                                 {"iue.beta": 0.5, "iue.ema_normalize": False})
+    algorithm = create_algorithm("erm+iue", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+                                 hparams={"iue.beta": 0.5, "iue.ema_normalize": False})
     iue = algorithm.addons[0]
     first = iue._smooth(torch.tensor([1.0, 2.0]), np.array([10, 11]))
     second = iue._smooth(torch.tensor([3.0, 3.0, 5.0]), np.array([10, 11, 12]))
     assert first.tolist() == [1.0, 2.0] and second.tolist() == [2.0, 2.5, 5.0]  # new rows start at their score
-    clone = create_algorithm("erm+iue", model, torch.optim.SGD(model.parameters(), lr=0.1), 3, {}).addons[0]
-    clone.load_state_dict(iue.state_dict())
+    clone = create_algorithm("erm+iue", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={}).addons[0]
+    clone.load_extra_state(iue.extra_state())
     assert clone.ema == iue.ema == {10: 2.0, 11: 2.5, 12: 5.0}
 
 
@@ -302,8 +302,8 @@ def test_fast_and_faithful_scores_rank_correlate(fitted):
     model, context = fitted
     scores = {}
     for mode in ("fast", "faithful"):
-        algorithm = create_algorithm("erm+iu", model, torch.optim.SGD(model.parameters(), lr=0.1), 3,
-                                     {"iu.mode": mode, "iu.influence_params": "head", "iu.lr": 0.0})
+        algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+                                     hparams={"iu.mode": mode, "iu.influence_params": "head", "iu.lr": 0.0})
         metrics = algorithm.on_epoch_end(context)
         scores[mode] = algorithm.addons[0].scores
     assert metrics["iu/lissa_scale"] > 0  # estimated by power iteration
@@ -318,7 +318,7 @@ from accelerate import Accelerator
 from dgzoo.algorithms import EpochContext, create_algorithm
 from dgzoo.data import DomainImages, eval_loader, eval_transform, load_dg_dataset
 from dgzoo.models import create_backbone, data_config
-from dgzoo.runtime import AccelerateRuntime
+from dgzoo.training.runtime import AccelerateRuntime
 
 accelerator = Accelerator(cpu=True)
 runtime = AccelerateRuntime(accelerator)
@@ -331,19 +331,18 @@ train = [DomainImages(data, data.rows_by_domain[d][:40], tf, d) for d in domains
 val = [DomainImages(data, data.rows_by_domain[d][40:52], tf, d) for d in domains]
 with torch.no_grad():  # BatchNorm statistics of these images, the same on every process
     model.train()(torch.stack([ds[i][0] for ds in train for i in range(len(ds))]))
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-model, optimizer = accelerator.prepare(model, optimizer)
 context = EpochContext(epoch=1, step=8, steps_per_epoch=8, source_domains=list(domains), source_train=train,
                        source_val=val, make_loader=lambda ds, bs: eval_loader(ds, bs), batch_size=16)
 out = {}
 for label, hparams in [("fast", {"iu.k": 1.0, "iu.lr": 0.05}),
                        ("faithful", {"iu.k": 1.0, "iu.mode": "faithful", "iu.influence_params": "head",
                                      "iu.lissa_depth": 10, "iu.lissa_batch": 32, "iu.lissa_chunk": 16})]:
-    algorithm = create_algorithm("erm+iu", model, optimizer, 3, hparams, runtime)
+    algorithm = create_algorithm("erm+iu", model, 3, hparams, runtime=runtime, prepare=accelerator.prepare,
+                                 make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1))
     metrics = algorithm.on_epoch_end(context)
     iu = algorithm.addons[0]
     out[label] = {"rows": iu.selected_rows, "channels": iu.selected_channels, "metrics": metrics}
-torch.save(runtime.unwrap(model).state_dict(), f"{sys.argv[1]}/weights{accelerator.process_index}.pt")
+torch.save(model.state_dict(), f"{sys.argv[1]}/weights{accelerator.process_index}.pt")
 json.dump(out, open(f"{sys.argv[1]}/selection{accelerator.process_index}.json", "w"))
 '''
 
@@ -369,7 +368,7 @@ def test_two_processes_select_the_same_samples_and_channels_as_one(tmp_path):
 
 
 def test_engine_runs_iue_every_n_steps_and_reports_it(tmp_path):
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
 
     # 2 sources of ~240 training images at 64 per step: an epoch is 4 steps. The data reach the add-on at the
     # end of epoch 1, so with iu.every=2 the calls are at steps 6 and 8.
@@ -395,7 +394,7 @@ def test_engine_runs_iue_every_n_steps_and_reports_it(tmp_path):
     ({"iu.mode": "exact"}, "iu.mode='exact' is not one of fast, faithful"),
 ])
 def test_bad_iu_hyperparameters_fail_before_anything_is_written(tmp_path, hparams, message):
-    from dgzoo.engine import train
+    from dgzoo.training.engine import train
 
     cfg = tiny_config(tmp_path, algorithm="erm+iu", hparams=hparams)
     with pytest.raises(DGZooError, match=message):
@@ -420,10 +419,9 @@ def test_faithful_influence_over_a_whole_large_network_warns_before_the_first_ca
 
     monkeypatch.setattr(logging.getLogger("dgzoo"), "propagate", True)  # a training run in this process turns it off
     model = create_backbone("resnet18", num_classes=10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with caplog.at_level("WARNING", logger="dgzoo"):
-        create_algorithm("erm+iu", model, optimizer, 3, {"iu.mode": "faithful", "iu.influence_params": "head"})
-        create_algorithm("erm+iu", model, optimizer, 3, {})
+        create_algorithm("erm+iu", model, 3, {"iu.mode": "faithful", "iu.influence_params": "head"})
+        create_algorithm("erm+iu", model, 3, {})
         assert not caplog.records  # the head, and the default fast mode, are cheap
-        create_algorithm("erm+iu", model, optimizer, 3, {"iu.mode": "faithful"})
+        create_algorithm("erm+iu", model, 3, {"iu.mode": "faithful"})
     assert "faithful over all 11.2 M trainable parameters" in caplog.text and "influence_params=head" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 
 from dgzoo.cli import main
 from dgzoo.errors import DGZooError
-from dgzoo.report import build_report, load_runs, mean_and_standard_error, report_dirs, select_groups
+from dgzoo.experiments.report import build_report, load_runs, mean_and_standard_error, report_dirs, select_groups
 
 DOMAINS = ("A", "B", "C")
 

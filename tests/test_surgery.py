@@ -83,7 +83,7 @@ def test_surgery_step_applies_the_rule_to_the_engine_gradients():
     before = FlatParams.of(model).values()
     for name, expected in (("agr_sum", agr_sum(grads) / 3), ("pcgrad", None)):
         net = copy.deepcopy(model)
-        algorithm = create_algorithm(name, net, torch.optim.SGD(net.parameters(), lr=1.0), 3, {"reduction": "mean"})
+        algorithm = create_algorithm(name, net, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=1.0), hparams={"reduction": "mean"})
         metrics = algorithm.update(batches, step=5)
         if expected is None:  # PCGrad's order comes from the algorithm's per-step generator
             order = torch.randperm(3, generator=algorithm.host.generator(5)).tolist()
@@ -100,8 +100,8 @@ def test_agr_rand_is_reproducible_from_its_seed_and_step():
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
     nets = [copy.deepcopy(model) for _ in range(2)]
-    first = create_algorithm("agr_rand", nets[0], torch.optim.SGD(nets[0].parameters(), lr=0.1), 2, {})
-    second = create_algorithm("agr_rand", nets[1], torch.optim.SGD(nets[1].parameters(), lr=0.1), 2, {})
+    first = create_algorithm("agr_rand", nets[0], 2, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={})
+    second = create_algorithm("agr_rand", nets[1], 2, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={})
     second.load_state_dict(first.state_dict())  # a resumed run continues the same random stream
     first.update(batches, step=3)
     second.update(batches, step=3)

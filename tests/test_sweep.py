@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import yaml
 
-import dgzoo.engine
+import dgzoo.training.engine
 from dgzoo.cli import build_parser, main
 from dgzoo.config import config_from_args
 from dgzoo.errors import DGZooError
-from dgzoo.report import load_runs, report_dirs
-from dgzoo.sweep import SweepSpec, Uniform, expand, parse_distribution, run_status, run_sweep, seed_hash
+from dgzoo.experiments.report import load_runs, report_dirs
+from dgzoo.experiments.sweep import SweepSpec, Uniform, expand, parse_distribution, run_status, run_sweep, seed_hash
 
 TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, checkpoint_every=1, batch_size=8, lr=3e-3,
             eval_batch_size=512, log_with="none", num_workers=0)
@@ -152,7 +152,7 @@ def interrupted_sweep(tmp_path_factory):
     s = spec(tmp, algorithms=["erm", "pcgrad"], test_domains=["0", "75"], n_trials=2)
     planned = expand(s)
     victim = planned[2].output_dir
-    save_checkpoint, train = dgzoo.engine._save_checkpoint, dgzoo.engine.train
+    save_checkpoint, train = dgzoo.training.engine._save_checkpoint, dgzoo.training.engine.train
 
     def killed_after_first_checkpoint(accelerator, out, step, keep):
         save_checkpoint(accelerator, out, step, keep)
@@ -160,7 +160,7 @@ def interrupted_sweep(tmp_path_factory):
             raise SimulatedKill
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(dgzoo.engine, "_save_checkpoint", killed_after_first_checkpoint)
+    mp.setattr(dgzoo.training.engine, "_save_checkpoint", killed_after_first_checkpoint)
     with pytest.raises(SimulatedKill):
         run_sweep(s, log=lambda line: None)
     mp.undo()
@@ -172,7 +172,7 @@ def interrupted_sweep(tmp_path_factory):
         calls.append((Path(cfg.output_dir), cfg.resume, cfg.overwrite))
         return train(cfg)
 
-    mp.setattr(dgzoo.engine, "train", spy)
+    mp.setattr(dgzoo.training.engine, "train", spy)
     outcome = run_sweep(s, log=lambda line: None)
     mp.undo()
     return dict(spec=s, planned=planned, statuses=statuses, calls=calls, outcome=outcome, first=first)

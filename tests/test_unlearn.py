@@ -269,7 +269,7 @@ def test_cli_reports_a_bad_forget_set_as_one_line(trained_run, tmp_path, capsys)
 
 HUB_ROUND_TRIP = r"""
 import json, sys
-from dgzoo.hub import push_run
+from dgzoo.run.hub import push_run
 from dgzoo.unlearning import UnlearnConfig, unlearn
 source, out, source_repo, target_repo = sys.argv[1:5]
 push_run(source, source_repo)
@@ -298,7 +298,7 @@ def test_unlearning_a_hub_repo_and_pushing_the_result(trained_run, hub_server, t
 def test_the_unlearned_card_carries_the_data_licence_unless_the_publisher_overrides_it(unlearned):
     from huggingface_hub import ModelCard
 
-    from dgzoo.unlearning.card import render_unlearn_card
+    from dgzoo.run.unlearning_card import render_unlearn_card
 
     tmp, _, results = unlearned
     assert ModelCard((tmp / "sure" / "README.md").read_text()).data.license == "bsd-3-clause"  # rotated-digits'
@@ -308,8 +308,8 @@ def test_the_unlearned_card_carries_the_data_licence_unless_the_publisher_overri
 
 def test_cli_forget_flags_combine_and_the_card_repeats_them():
     from dgzoo.cli import build_parser
-    from dgzoo.unlearning.card import reproduce_command
-    from dgzoo.unlearning.cli import config_from_args
+    from dgzoo.run.unlearning_card import reproduce_command
+    from dgzoo.cli.unlearn import config_from_args
 
     args = build_parser().parse_args(["unlearn", "--forget", "class=3", "runs/x", "--forget", "domain=15",
                                       "--hparams", "lambda=0.5"])

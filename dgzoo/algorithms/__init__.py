@@ -1,10 +1,21 @@
-"""Algorithms (``erm``, ...) and add-ons (``+gga``, ``+iu``, ...), created by name with :func:`create_algorithm`."""
-from . import erm  # noqa: F401  (registers)
-from . import equilibrium, surgery  # noqa: F401  (registers)
-from . import gga  # noqa: F401  (registers)
-from . import iu  # noqa: F401  (registers)
-from .base import (ADDONS, ALGORITHMS, AddOn, Algorithm, Composition, EpochContext, HParam, create_algorithm,
-                   parse_algorithm, register_addon, register_algorithm, resolve_hparams)
+"""Hosts (``erm``, ``coral``, ...) and add-ons (``+gga``, ``+iu``, ...), created by name with :func:`create_algorithm`.
 
-__all__ = ["ADDONS", "ALGORITHMS", "AddOn", "Algorithm", "Composition", "EpochContext", "HParam",
-           "create_algorithm", "parse_algorithm", "register_addon", "register_algorithm", "resolve_hparams"]
+Layers: :mod:`.runtime` (what an algorithm may ask of the distributed runtime) and :mod:`.base` (the contract) at
+the bottom, :mod:`.registry` (names, validation, composition) above, the per-domain gradient engine
+(:mod:`.gradients`) and the methods, one module per family, on top. Importing this package registers every method
+and the ``dgzoo.algorithms`` entry points of installed plugins.
+"""
+from . import alignment, equilibrium, erm, gga, iu, surgery  # noqa: F401  (register)
+from .base import (AddOn, Algorithm, EpochContext, LossHost, Metrics, Minibatches, Recipe, UpdateHost)
+from .registry import (ADDONS, ALGORITHMS, AlgorithmInfo, Composition, check_algorithm, create_algorithm, describe,
+                       flat_hparams, list_algorithms, load_entry_points, parse_algorithm, register_addon,
+                       register_algorithm, resolve_hparams)
+from .runtime import Runtime
+from ..hparams import HParam
+
+load_entry_points()
+
+__all__ = ["ADDONS", "ALGORITHMS", "AddOn", "Algorithm", "AlgorithmInfo", "Composition", "EpochContext", "HParam",
+           "LossHost", "Metrics", "Minibatches", "Recipe", "Runtime", "UpdateHost", "check_algorithm",
+           "create_algorithm", "describe", "flat_hparams", "list_algorithms", "load_entry_points",
+           "parse_algorithm", "register_addon", "register_algorithm", "resolve_hparams"]

@@ -1,15 +1,26 @@
-"""The algorithm interface, the add-on interface, their registries, and composition.
+"""The algorithm contract: hosts (loss hosts and full-update hosts) and add-ons.
 
-An :class:`Algorithm` is DomainBed's contract: ``update(minibatches, step)`` receives one ``(x, y)`` minibatch
-per source domain, takes its optimisation step, and returns metrics. It gets a model, an optimizer and a
-:class:`~dgzoo.runtime.Runtime`, and knows nothing of Accelerate, files or the Hub.
+An :class:`Algorithm` is a ``torch.nn.Module`` that owns the timm backbone (``self.network``) and every module it adds
+(a discriminator, extra heads, a second network). The engine prepares it whole with Accelerate, so under DDP every
+forward pass an algorithm makes through :meth:`Algorithm.call` (its loss, its features, its discriminator) is
+synchronised, and the exported model is still ``self.network``: the plain timm backbone with plain keys.
 
-An :class:`AddOn` (GGA, IU) hooks into the engine's events around a host algorithm without changing it:
-``before_update`` (e.g. GGA's annealing search during a window of steps), ``after_update``, and
-``on_epoch_end`` (e.g. IU's post-epoch unlearning). ``erm+gga+iu`` is therefore a composition, not a class.
+Two ways to write a host, as DomainBed's ``update(minibatches)``:
 
-Every hyperparameter is declared with :class:`HParam` (default, meaning, allowed values) so that recipes are
-validated before training and the documentation lists every choice a paper left open.
+- :class:`LossHost`: ``loss(minibatches, step) -> (loss, metrics)``. The engine runs it through the prepared
+  module, then does the backward pass, gradient accumulation, clipping and the optimizer step. Most DomainBed
+  methods are a few lines of this (CORAL, MMD, IRM, VREx, GroupDRO, Mixup ...).
+- :class:`UpdateHost`: ``update(minibatches, step) -> metrics`` takes its own steps with ``self.optimizer`` (and
+  any optimizer it declared): per-domain gradients, MLDG's meta step, SAM's two passes, Fish's inner loop.
+
+An :class:`AddOn` (GGA, IU, weight averaging) composes with any host: ``before_update`` / ``after_update`` around
+every step, ``on_epoch_end``, hooks on the host's optimizer step (:meth:`Algorithm.hook_optimizer_step`, so no
+host can step around them), and :meth:`AddOn.evaluated_network` to supply the weights that are evaluated,
+selected and exported.
+
+Every component declares its hyperparameters with :class:`~dgzoo.hparams.HParam` and checks a recipe in
+:meth:`Component.check_hparams` and :meth:`Component.check_recipe`, both called when the recipe is planned, before
+anything is written. Constructors do not validate.
 """
 from __future__ import annotations
 
@@ -19,79 +30,54 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..errors import DGZooError, suggest
-from ..runtime import Runtime
+from ..hparams import HParam
+from .runtime import Runtime
 
 Minibatches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+Metrics = dict[str, float]
 
 
 @dataclass(frozen=True)
-class HParam:
-    """A declared hyperparameter: its default (which fixes its type), what it means, and allowed values or range."""
+class Recipe:
+    """What a component's recipe check may look at, resolved before anything is written.
 
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
+    ``network`` is the backbone as the run will build it, but on the meta device (names and shapes, no values), or
+    None where it could not be built so; checks that need it then run on the real network at construction time.
+    """
 
-    def coerce(self, value: Any, key: str) -> Any:
-        """Convert ``value`` to this hyperparameter's type, or raise a one-line DGZooError."""
-        kind = type(self.default)
-        try:
-            if kind is bool:
-                if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                    value = value.lower() in ("true", "yes", "1")
-                elif not isinstance(value, bool):
-                    raise ValueError(value)
-            elif kind is int:
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise ValueError(value)
-                value = int(value)
-            elif kind is float:
-                if isinstance(value, bool):
-                    raise ValueError(value)
-                value = float(value)
-            elif kind is str:
-                value = str(value)
-        except (TypeError, ValueError):
-            raise DGZooError(f"hparam {key}={value!r} must be {kind.__name__} (default {self.default!r})") from None
-        if self.choices is not None and value not in self.choices:
-            raise DGZooError(f"hparam {key}={value!r} is not one of {', '.join(map(str, self.choices))}"
-                             f"{suggest(str(value), map(str, self.choices))}")
-        if self.minimum is not None and value < self.minimum:
-            raise DGZooError(f"hparam {key}={value} must be at least {self.minimum}")
-        if self.maximum is not None and value > self.maximum:
-            raise DGZooError(f"hparam {key}={value} must be at most {self.maximum}")
-        return value
+    num_domains: int
+    num_classes: int
+    augment: str = "none"
+    mixed_precision: str = "no"
+    small_images: bool = False
+    network: nn.Module | None = None
+    pretrained: bool = False
 
 
 class Component:
-    """What algorithms and add-ons share: a name, a paper, declared hyperparameters and their recipe-time checks,
-    and resumable state and run diagnostics."""
+    """What hosts and add-ons share: a name, a paper, declared hyperparameters and their checks, resumable state,
+    run diagnostics."""
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
+    paper: ClassVar[str] = ""  # short reference, e.g. "Sun & Saenko, ECCV-W 2016"
     citation: ClassVar[str] = ""
     HPARAMS: ClassVar[dict[str, HParam]] = {}
 
     @classmethod
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
-        """Reject combinations of (individually valid) hyperparameters, with a one-line DGZooError.
-
-        Called when a recipe is validated, before anything is written.
-        """
+        """Reject combinations of (individually valid) hyperparameters with a one-line DGZooError."""
 
     @classmethod
-    def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
-        """Reject a ``--mixed-precision`` mode ('no', 'bf16', 'fp16') this component cannot train under, with a
-        one-line DGZooError. Called when the recipe is validated, before anything is written."""
+    def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
+        """Reject hyperparameters that do not fit the recipe (augmentation, number of domains, precision, the
+        backbone's layers), with a one-line DGZooError."""
 
-    def state_dict(self) -> dict[str, Any]:
-        """State beyond the model and optimizer that a resumed run needs."""
+    def extra_state(self) -> dict[str, Any]:
+        """State beyond parameters, buffers and optimizers that a resumed run needs (plain Python values)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
     def summary(self) -> dict[str, Any]:
@@ -99,44 +85,123 @@ class Component:
         return {}
 
 
-class Algorithm(Component):
-    """Base class of training algorithms. Subclasses set ``name``, ``HPARAMS`` and implement :meth:`update`."""
+class Algorithm(Component, nn.Module):
+    """Base of hosts. Subclass :class:`LossHost` or :class:`UpdateHost`, not this class."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, num_domains: int,
-                 hparams: dict[str, Any], runtime: Runtime):
-        self.model = model  # call this for ordinary forward/backward (DDP synchronises its gradients)
-        self.module = runtime.unwrap(model)  # the bare timm model, for functional or per-domain work
-        self.optimizer = optimizer
-        self.num_domains = num_domains
-        self.hparams = hparams
-        self.runtime = runtime
-        self.grad_hooks: list[Callable[[nn.Module], None]] = []
+    KIND: ClassVar[str] = ""
+    # DDP must look for parameters a step did not use (a host whose modules are not all in every loss).
+    FIND_UNUSED_PARAMETERS: ClassVar[bool] = False
 
-    @classmethod
-    def check_recipe(cls, hparams: dict[str, Any], augment: str, num_sources: int) -> None:
-        """Reject hyperparameters that do not fit the recipe (its training augmentation, its number of source
-        domains), with a one-line DGZooError. Called when the recipe is validated, before anything is written."""
+    def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
+        nn.Module.__init__(self)
+        self.network = network
+        self.num_classes, self.num_domains, self.hparams = num_classes, num_domains, dict(hparams)
+        # Set by attach(); object.__setattr__ keeps them out of the module tree (no cycle, no state-dict keys).
+        object.__setattr__(self, "runtime", Runtime())
+        object.__setattr__(self, "optimizers", {})
+        object.__setattr__(self, "_prepared", self)
+
+    # -- wiring, done once by the engine (or a test)
+
+    def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
+        """Parameter groups of each optimizer, by name. ``main`` is the recipe's optimizer (``--optimizer``,
+        ``--lr``, ``--weight-decay``) and gets every trainable parameter by default; a host with a second optimizer
+        (DANN's discriminator) returns it under another name, and a group may set its own ``lr``,
+        ``weight_decay`` or ``betas``."""
+        return {"main": [{"params": [p for p in self.parameters() if p.requires_grad]}]}
+
+    def attach(self, runtime: Runtime, optimizers: dict[str, torch.optim.Optimizer],
+               prepared: nn.Module | None = None) -> None:
+        """Give the algorithm its runtime, optimizers and prepared (DDP-wrapped) self."""
+        object.__setattr__(self, "runtime", runtime)
+        object.__setattr__(self, "optimizers", dict(optimizers))
+        object.__setattr__(self, "_prepared", prepared if prepared is not None else self)
+        self.setup()
+
+    def setup(self) -> None:
+        """Runtime-dependent initialisation, once the algorithm is on its device and attached: buffers on the
+        parameters' device, seeds shared by every process."""
+
+    @property
+    def prepared(self) -> nn.Module:
+        """The module the engine prepared (DDP-wrapped on several processes; ``self`` otherwise)."""
+        return self._prepared
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The main optimizer."""
+        return self.optimizers["main"]
+
+    def hook_optimizer_step(self, hook: Callable[[], None], name: str = "main") -> Any:
+        """Run ``hook`` right before every real step of optimizer ``name`` (not on accumulation micro-steps); an
+        add-on's way to act on each step whatever the host does. Returns torch's removable handle."""
+        optimizer = getattr(self.optimizers[name], "optimizer", self.optimizers[name])  # under Accelerate's wrapper
+        return optimizer.register_step_pre_hook(lambda *_: hook())
+
+    # -- forward passes
+
+    def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Dispatch to ``self.<method>``: the prepared module's one entry point, so DDP sees every pass."""
+        return getattr(self, method)(*args, **kwargs)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run ``self.<method>(*args)`` through the prepared module (DDP synchronises the gradients it produces)."""
+        return self.prepared(method, *args, **kwargs)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the backbone."""
+        return self.network(x)
+
+    def featurize(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (DomainBed's featurizer): pooled, after dropout, before the classifier."""
+        return self.network.forward_head(self.network.forward_features(x), pre_logits=True)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from penultimate features (DomainBed's classifier)."""
+        return self.network.get_classifier()(features)
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate features and logits of one pass."""
+        features = self.featurize(x)
+        return features, self.classify(features)
 
     @classmethod
     def train_transform(cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any],
                         num_sources: int) -> Callable | None:
         """A training transform of the algorithm's own, or None to use the recipe's.
 
-        An algorithm that needs several augmented views of every image (e.g. single-source methods whose
-        "domains" are augmentations) returns a transform giving a list of tensors; its minibatches then hold
-        ``x`` of shape ``[B, views, C, H, W]``. ``preprocessing`` is the backbone's timm data config.
+        An algorithm that needs several augmented views of every image (single-source methods whose "domains" are
+        augmentations) returns a transform giving a list of tensors; its minibatches then hold ``x`` of shape
+        ``[B, views, C, H, W]``. ``preprocessing`` is the backbone's timm data config.
         """
         return None
 
-    def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+
+class LossHost(Algorithm):
+    """A host that is a loss: the engine does backward, accumulation, clipping and the optimizer step."""
+
+    KIND = "loss"
+
+    def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
+        """The loss of one step on one ``(x, y)`` minibatch per source domain, and scalar metrics."""
+        raise NotImplementedError
+
+
+class UpdateHost(Algorithm):
+    """A host that takes its own optimizer steps."""
+
+    KIND = "update"
+
+    def update(self, minibatches: Minibatches, step: int) -> Metrics:
         """Take one training step on one minibatch per domain and return scalar metrics."""
         raise NotImplementedError
 
-    def step_optimizer(self) -> None:
-        """Run the registered gradient hooks (e.g. GGA-L's noise), then ``optimizer.step()``."""
-        for hook in self.grad_hooks:
-            hook(self.module)
-        self.optimizer.step()
+    def backward_step(self, loss: torch.Tensor, name: str = "main") -> None:
+        """Zero optimizer ``name``'s gradients, backpropagate ``loss`` and step: the plain step of an update host."""
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        self.runtime.backward(loss)
+        optimizer.step()
 
 
 @dataclass
@@ -154,153 +219,20 @@ class EpochContext:
 
 
 class AddOn(Component):
-    """Base class of add-ons that hook into the training of any host algorithm."""
+    """Base of add-ons that hook into the training of any host algorithm."""
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         self.host, self.hparams, self.runtime = host, hparams, runtime
 
-    def before_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+    def before_update(self, minibatches: Minibatches, step: int) -> Metrics:
         return {}
 
-    def after_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+    def after_update(self, minibatches: Minibatches, step: int) -> Metrics:
         return {}
 
-    def on_epoch_end(self, context: EpochContext) -> dict[str, float]:
+    def on_epoch_end(self, context: EpochContext) -> Metrics:
         return {}
 
-
-ALGORITHMS: dict[str, type[Algorithm]] = {}
-ADDONS: dict[str, type[AddOn]] = {}
-
-
-def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: make an algorithm available by its ``name``."""
-    ALGORITHMS[cls.name] = cls
-    return cls
-
-
-def register_addon(cls: type[AddOn]) -> type[AddOn]:
-    """Class decorator: make an add-on available by its ``name`` (used as ``host+name``)."""
-    ADDONS[cls.name] = cls
-    return cls
-
-
-def parse_algorithm(spec: str) -> tuple[type[Algorithm], list[type[AddOn]]]:
-    """Split ``host+addon+...`` into classes, with suggestions for misspelled names."""
-    parts = [p.strip().lower() for p in spec.split("+")]
-    host, addons = parts[0], parts[1:]
-    if host not in ALGORITHMS:
-        hint = " (it is an add-on: write erm+" + host + ")" if host in ADDONS else suggest(host, ALGORITHMS)
-        raise DGZooError(f"unknown algorithm '{host}'{hint}; available: {', '.join(sorted(ALGORITHMS))}")
-    for addon in addons:
-        if addon not in ADDONS:
-            hint = " (it is an algorithm, not an add-on)" if addon in ALGORITHMS else suggest(addon, ADDONS)
-            raise DGZooError(f"unknown add-on '{addon}' in '{spec}'{hint}; available add-ons: "
-                             f"{', '.join(sorted(ADDONS)) or 'none'}")
-    if len(set(addons)) != len(addons):
-        raise DGZooError(f"add-on listed twice in '{spec}'; list each once")
-    classes = [ADDONS[a] for a in addons]
-    for i, first in enumerate(classes):
-        for second in classes[i + 1:]:
-            # A subclass is a variant of the same method (iue of iu): both would run, one after the other.
-            if issubclass(first, second) or issubclass(second, first):
-                raise DGZooError(f"'{spec}' lists {first.name} and {second.name}, two variants of one add-on that "
-                                 f"would both run; keep one")
-    return ALGORITHMS[host], classes
-
-
-def resolve_hparams(spec: str, given: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Validate and fill hyperparameters per component: ``{'erm': {...}, 'gga': {...}}``.
-
-    Host keys may be bare (``alpha=0.5``) or namespaced (``equilibrium.alpha=0.5``); add-on keys must carry
-    the add-on's name (``gga.rho=1e-5``). Unknown keys are errors naming the valid ones.
-    """
-    host, addons = parse_algorithm(spec)
-    components = {host.name: host.HPARAMS, **{a.name: a.HPARAMS for a in addons}}
-    resolved = {name: {k: h.default for k, h in declared.items()} for name, declared in components.items()}
-    for raw_key, value in given.items():
-        namespace, _, key = str(raw_key).rpartition(".")
-        namespace = namespace or host.name
-        if namespace not in components:
-            known = [f"{n}.{k}" for n, d in components.items() for k in d]
-            raise DGZooError(f"hparam '{raw_key}' does not belong to '{spec}'{suggest(str(raw_key), known)}; "
-                             f"valid: {', '.join(known) or 'none'}")
-        declared = components[namespace]
-        if key not in declared:
-            raise DGZooError(f"unknown hparam '{raw_key}' for {namespace}{suggest(key, declared)}; "
-                             f"valid: {', '.join(sorted(declared)) or 'none'}")
-        resolved[namespace][key] = declared[key].coerce(value, str(raw_key))
-    for component in (host, *addons):
-        component.check_hparams(resolved[component.name])
-    return resolved
-
-
-def flat_hparams(resolved: dict[str, dict[str, Any]], host: str) -> dict[str, Any]:
-    """Flatten resolved hyperparameters for results.json: host keys bare, add-on keys namespaced."""
-    flat: dict[str, Any] = {}
-    for name, values in resolved.items():
-        for key, value in values.items():
-            flat[key if name == host else f"{name}.{key}"] = value
-    return flat
-
-
-class Composition:
-    """A host algorithm with its add-ons, driven by the engine one step (and one epoch) at a time."""
-
-    def __init__(self, host: Algorithm, addons: list[AddOn], hparams: dict[str, dict[str, Any]]):
-        self.host, self.addons, self.resolved_hparams = host, addons, hparams
-
-    @property
-    def name(self) -> str:
-        return "+".join([self.host.name, *[a.name for a in self.addons]])
-
-    @property
-    def hparams(self) -> dict[str, Any]:
-        return flat_hparams(self.resolved_hparams, self.host.name)
-
-    def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for addon in self.addons:
-            metrics.update(_prefixed(addon.name, addon.before_update(minibatches, step)))
-        metrics.update(self.host.update(minibatches, step))
-        for addon in self.addons:
-            metrics.update(_prefixed(addon.name, addon.after_update(minibatches, step)))
-        return metrics
-
-    def on_epoch_end(self, context: EpochContext) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for addon in self.addons:
-            metrics.update(_prefixed(addon.name, addon.on_epoch_end(context)))
-        return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"host": self.host.state_dict(), **{a.name: a.state_dict() for a in self.addons}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.host.load_state_dict(state.get("host", {}))
-        for addon in self.addons:
-            addon.load_state_dict(state.get(addon.name, {}))
-
-    def summary(self) -> dict[str, Any]:
-        out = {self.host.name: self.host.summary(), **{a.name: a.summary() for a in self.addons}}
-        return {k: v for k, v in out.items() if v}
-
-    def citations(self) -> list[tuple[str, str]]:
-        """(title, BibTeX) of every component that has a paper."""
-        parts: list[Any] = [self.host, *self.addons]
-        return [(p.title or p.name, p.citation) for p in parts if p.citation]
-
-
-def _prefixed(name: str, metrics: dict[str, float]) -> dict[str, float]:
-    return {f"{name}/{k}": v for k, v in metrics.items()}
-
-
-def create_algorithm(spec: str, model: nn.Module, optimizer: torch.optim.Optimizer, num_domains: int,
-                     hparams: dict[str, Any], runtime: Runtime | None = None) -> Composition:
-    """Build ``host+addon+...`` around ``model`` and ``optimizer``; hyperparameters are validated first."""
-    runtime = runtime or Runtime()
-    resolved = resolve_hparams(spec, hparams)
-    host_cls, addon_classes = parse_algorithm(spec)
-    host = host_cls(model, optimizer, num_domains, resolved[host_cls.name], runtime)
-    addons = [cls(host, resolved[cls.name], runtime) for cls in addon_classes]
-    return Composition(host, addons, resolved)
+    def evaluated_network(self) -> nn.Module | None:
+        """The network to evaluate, select and export instead of the host's (an average of weights), or None."""
+        return None

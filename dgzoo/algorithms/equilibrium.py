@@ -24,12 +24,14 @@ The choices the paper leaves open are hyperparameters whose defaults are the res
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from .base import HParam, Minibatches, register_algorithm
+from ..hparams import Choice, HParam
+from .base import Minibatches
+from .registry import register_algorithm
 from .gradients import DomainGradientAlgorithm, gram
 
 _CITATION = """@inproceedings{zhang2024embracing,
@@ -166,8 +168,11 @@ class Equilibrium(DomainGradientAlgorithm):
     citation = _CITATION
     HPARAMS = {
         **DomainGradientAlgorithm.HPARAMS,
+        # The values the paper ablates: the number of RandAugment operations and the cosine threshold.
+        "random_ops": replace(DomainGradientAlgorithm.HPARAMS["random_ops"], search=Choice((1, 2, 3))),
         "alpha": HParam(0.5, "cosine threshold: a domain-specific gradient is projected off another whose cosine "
-                             "with it is strictly above alpha (the paper: 0.5)", minimum=-1.0, maximum=1.0),
+                             "with it is strictly above alpha (the paper: 0.5)", minimum=-1.0, maximum=1.0,
+                        search=Choice((0.3, 0.5, 0.7))),
         "adjust": HParam(True, "project similar domain-specific gradients apart (Eq. 5); false is the paper's "
                                "'Grad Adjust' ablation"),
         "reweight": HParam(True, "reweight domain-specific gradients toward equilibrium (Eq. 7-8); false fixes "
@@ -194,9 +199,12 @@ class Equilibrium(DomainGradientAlgorithm):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.totals: dict[str, float] = {}
+
+    def setup(self) -> None:
+        super().setup()
         self.mean = self.flat.empty()
         self.update_vector = self.flat.empty()
-        self.totals: dict[str, float] = {}
 
     def decide(self, domains: list[tuple[torch.Tensor, torch.Tensor]]
                ) -> tuple[torch.Tensor, torch.Tensor, EquilibriumStep, dict[str, float]]:
@@ -221,7 +229,7 @@ class Equilibrium(DomainGradientAlgorithm):
             self.flat.assign_grad(torch.addmv(mean, residuals.T, coefficients.to(residuals), out=self.update_vector))
         else:  # the common case of no projection and w = 1: d_k is the mean gradient itself
             self.flat.assign_grad(mean)
-        self.step_optimizer()
+        self.optimizer.step()
 
     def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         domains = self.domains(minibatches)
@@ -252,8 +260,8 @@ class Equilibrium(DomainGradientAlgorithm):
         means = {key: value / steps for key, value in self.totals.items() if key not in ("steps", "loss")}
         return {"steps": int(steps), "projected_steps": means.pop("projected"), **means}
 
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"totals": dict(self.totals)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.totals = dict(state.get("totals", {}))

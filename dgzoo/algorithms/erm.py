@@ -1,14 +1,20 @@
-"""Empirical Risk Minimization, DomainBed's baseline: one cross-entropy step on the pooled per-domain batches."""
+"""Empirical Risk Minimization, DomainBed's baseline: cross-entropy on the pooled per-domain batches."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .base import Algorithm, Minibatches, register_algorithm
+from .base import LossHost, Metrics, Minibatches
+from .registry import register_algorithm
+
+
+def pooled(minibatches: Minibatches) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's per-domain minibatches concatenated into one batch."""
+    return torch.cat([x for x, _ in minibatches]), torch.cat([y for _, y in minibatches])
 
 
 @register_algorithm
-class ERM(Algorithm):
+class ERM(LossHost):
     """Concatenate the equal-size per-domain minibatches and minimise their mean cross-entropy.
 
     Each domain therefore weighs the same whatever its size (Vapnik 1992; DomainBed's ``ERM``).
@@ -16,12 +22,8 @@ class ERM(Algorithm):
 
     name = "erm"
     title = "Empirical Risk Minimization"
+    paper = "Vapnik, 1998"
 
-    def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        x = torch.cat([x for x, _ in minibatches])
-        y = torch.cat([y for _, y in minibatches])
-        loss = F.cross_entropy(self.model(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.runtime.backward(loss)
-        self.step_optimizer()
-        return {"loss": loss.item()}
+    def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
+        x, y = pooled(minibatches)
+        return F.cross_entropy(self.predict(x), y), {}

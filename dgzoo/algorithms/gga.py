@@ -17,7 +17,7 @@ release never perturbed the weights and was plain ERM; see docs/gga.md)::
 
 ``host+gga_l`` is GGA-L, the per-step variant of the paper's corrected version: at every step, noise scaled by
 ``gamma * (1 - mean pairwise cosine of the per-domain gradients)`` is added to the gradient of every parameter
-just before the host's optimizer step (through ``host.grad_hooks``).
+just before each of the host's optimizer steps (a step pre-hook on its optimizer, so no host can skip it).
 
 Both are add-ons rather than algorithms so that ``equilibrium+gga`` or ``pcgrad+gga_l`` need no new class, as
 the paper's "X + GGA" tables require. The agreement score always uses plain per-domain cross-entropy gradients
@@ -35,14 +35,16 @@ import logging
 import math
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import DGZooError
 from ..models import featurizer_parameters
-from ..runtime import Runtime
-from .base import AddOn, Algorithm, HParam, Minibatches, register_addon
+from ..hparams import HParam, Uniform
+from .base import AddOn, Algorithm, Minibatches, Recipe
+from .registry import register_addon
+from .runtime import Runtime
+from .seeding import derive_seed, private_rng, run_seed, seed_rng
 from .gradients import (GRADIENT_METHODS, FlatParams, check_mixed_precision, check_precision, pairwise_cosine,
                         per_domain_gradients, split_views)
 
@@ -120,36 +122,6 @@ def domain_agreement(module: nn.Module, groups: Sequence[tuple[torch.Tensor, tor
     return pairwise_cosine(grads)[i, j], (losses * sizes).sum() / sizes.sum()
 
 
-def derive_seed(*words: int) -> int:
-    """A 63-bit seed mixed from non-negative integers (run seed, step, stream), the same on every machine."""
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def run_seed(runtime: Runtime) -> int:
-    """The run's seed (``torch.initial_seed()``: the engine seeds torch with --seed), as process 0 holds it."""
-    seed = torch.tensor([torch.initial_seed() % 2**63], dtype=torch.int64, device=runtime.device)
-    return int(runtime.broadcast(seed).item())
-
-
-def _seed_rng(device: torch.device, seed: int) -> None:
-    torch.random.default_generator.manual_seed(seed)
-    if device.type != "cpu":
-        torch.get_device_module(device.type).manual_seed(seed)
-
-
-@contextlib.contextmanager
-def private_rng(device: torch.device, seed: int) -> Iterator[None]:
-    """Run a block on the global RNGs seeded with ``seed``, then give the caller back its own RNG state.
-
-    The extra forward passes draw dropout masks from here, so they are reproducible and leave the host's
-    random stream exactly as it would be without the add-on.
-    """
-    devices = [] if device.type == "cpu" else [device]
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else None):
-        _seed_rng(device, seed)
-        yield
-
-
 @contextlib.contextmanager
 def extra_passes(module: nn.Module, batchnorm: str) -> Iterator[None]:
     """Make forward passes that must not change the model's state: buffers are saved and restored.
@@ -188,7 +160,7 @@ class GGA(AddOn):
                               "code)", minimum=1),
         "rho": HParam(1e-5, "half-width of the uniform noise added to every featurizer weight per candidate, in "
                        "absolute units (paper: 1e-5 PACS/OfficeHome/TerraIncognita/DomainNet, 1e-6 VLCS)",
-                       minimum=0.0),
+                       minimum=0.0, search=Uniform(-6, -4, base=10)),
         "tau": HParam(0.1, "largest rise of the pooled cross-entropy over the last accepted point that an "
                       "accepted candidate may have, in CE units (hard-coded 0.1 in the official code)"),
         "fix_dropout": HParam(False, "score every candidate of a step under the same dropout masks, so that "
@@ -203,14 +175,17 @@ class GGA(AddOn):
             raise DGZooError(f"gga.end={hparams['end']} is before gga.start={hparams['start']}; the annealing "
                              f"window start..end is inclusive, e.g. gga.start=100 gga.end=200")
 
-    def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
-        super().__init__(host, hparams, runtime)
-        self.perturbed = [p for _, p in featurizer_parameters(host.module)]
-        if not self.perturbed:
+    @classmethod
+    def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
+        if recipe.network is not None and not any(True for _ in featurizer_parameters(recipe.network)):
             raise DGZooError("GGA perturbs the featurizer, but the backbone has no trainable parameter outside its "
                              "classifier head; unfreeze the backbone")
+
+    def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
+        super().__init__(host, hparams, runtime)
+        self.perturbed = [p for _, p in featurizer_parameters(host.network)]
         self.numels = [p.numel() for p in self.perturbed]
-        self.scored = FlatParams.of(host.module)
+        self.scored = FlatParams.of(host.network)
         self.seed = run_seed(runtime)
         self.history: list[dict[str, float]] = []
 
@@ -239,7 +214,7 @@ class GGA(AddOn):
         The values are already averaged across processes; broadcasting them as well makes every process take
         the same decision even if a reduction rounded differently somewhere.
         """
-        cosines, loss = domain_agreement(self.host.module, groups, self.scored, self.runtime, buffer,
+        cosines, loss = domain_agreement(self.host.network, groups, self.scored, self.runtime, buffer,
                                          self.hparams["grad_engine"])
         score_loss = self.runtime.broadcast(torch.stack([cosines.min(), loss]).float())
         score, loss_value = score_loss.tolist()
@@ -247,7 +222,7 @@ class GGA(AddOn):
 
     def anneal(self, groups: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int) -> dict[str, float]:
         """Run the search of one annealed step on ``groups`` and leave the model at the best point found."""
-        module, device = self.host.module, self.perturbed[0].device
+        module, device = self.host.network, self.perturbed[0].device
         tau, fix_dropout = self.hparams["tau"], self.hparams["fix_dropout"]
         theta0 = [p.detach().clone() for p in self.perturbed]
         best: list[torch.Tensor] | None = None
@@ -262,7 +237,7 @@ class GGA(AddOn):
             for _ in range(self.hparams["candidates"]):
                 self._perturb(generator, noise)
                 if fix_dropout:
-                    _seed_rng(device, dropout_seed)
+                    seed_rng(device, dropout_seed)
                 score, loss = self._score(groups, buffer)
                 if score > score_best and loss - loss_best < tau:
                     score_best, loss_best, accepted = score, loss, accepted + 1
@@ -275,10 +250,10 @@ class GGA(AddOn):
         return {"accepted": float(accepted), "score_before": score0, "score_after": score_best,
                 "loss_before": loss0, "loss_after": loss_best, "shift": shift}
 
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed, "history": [dict(h) for h in self.history]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.seed = int(state.get("seed", self.seed))
         self.history = [dict(h) for h in state.get("history", [])]
 
@@ -307,33 +282,33 @@ class GGAL(AddOn):
     HPARAMS = {
         "gamma": HParam(1e-3, "noise intensity: the noise added to every gradient is gamma * (1 - mean pairwise "
                          "cosine of the per-domain gradients) * xi (official default; no per-dataset value is "
-                         "published)", minimum=0.0),
+                         "published)", minimum=0.0, search=Uniform(-4.5, -2.5, base=10)),
         "noise": HParam("gaussian", "distribution of xi: 'gaussian' N(0, 1) as the official code; 'uniform' "
                         "U(0, 1) as the paper's algorithm box states", choices=("gaussian", "uniform")),
         **_SHARED_HPARAMS,
     }
 
     @classmethod
-    def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
-        check_mixed_precision(mixed_precision)  # fp16's loss scale would still be in .grad when the noise is added
+    def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
+        check_mixed_precision(recipe.mixed_precision)  # per-domain gradients of fp16 passes underflow unscaled
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)
         check_precision(runtime)
-        self.scored = FlatParams.of(host.module)
+        self.scored = FlatParams.of(host.network)
         self.seed = run_seed(runtime)
         self.scale: float | None = None  # set for the duration of one update
         self.generator: torch.Generator | None = None
         self.buffers: dict[str, torch.Tensor] = {}  # the [G, P] gradients and the [P] noise, reused every step
         self.totals = {"steps": 0, "similarity": 0.0, "noise_scale": 0.0}
-        host.grad_hooks.append(self._add_noise)
+        host.hook_optimizer_step(self._add_noise)
 
     def before_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         device = self.scored.tensors[0].device
         groups = scoring_groups(minibatches, self.hparams["parts"])
-        with extra_passes(self.host.module, self.hparams["batchnorm"]), \
+        with extra_passes(self.host.network, self.hparams["batchnorm"]), \
                 private_rng(device, derive_seed(self.seed, step, _GGAL_DROPOUT)):
-            cosines, _ = domain_agreement(self.host.module, groups, self.scored, self.runtime,
+            cosines, _ = domain_agreement(self.host.network, groups, self.scored, self.runtime,
                                           self._buffer("grads", len(groups), self.scored.numel),
                                           self.hparams["grad_engine"])
         similarity = float(self.runtime.broadcast(cosines.mean().float().reshape(1)).item())
@@ -354,9 +329,9 @@ class GGAL(AddOn):
         return self.buffers[name]
 
     @torch.no_grad()
-    def _add_noise(self, module: nn.Module) -> None:
-        """Grad hook: add ``scale * xi`` to every gradient (head included, as the official code), identically
-        on every process, before each optimizer step the host takes in this update."""
+    def _add_noise(self) -> None:
+        """Optimizer pre-step hook: add ``scale * xi`` to every gradient (head included, as the official code),
+        identically on every process, before each optimizer step the host takes in this update."""
         if self.scale is None or self.generator is None:
             return
         xi = self._buffer("noise", self.scored.numel)
@@ -368,10 +343,10 @@ class GGAL(AddOn):
             if p.grad is not None:
                 p.grad.add_(chunk.to(p.grad.dtype), alpha=self.scale)
 
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed, "totals": dict(self.totals)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.seed = int(state.get("seed", self.seed))
         self.totals.update(state.get("totals", {}))
 

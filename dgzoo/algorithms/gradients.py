@@ -48,8 +48,9 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..errors import DGZooError
-from ..runtime import Runtime
-from .base import Algorithm, HParam, Minibatches
+from .runtime import Runtime
+from ..hparams import HParam
+from .base import Minibatches, Recipe, UpdateHost
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GRADIENT_METHODS = ("loop", "vmap")
@@ -249,7 +250,7 @@ def check_mixed_precision(mixed_precision: str, method: str = "loop") -> None:
 
 def check_precision(runtime: Runtime, method: str = "loop") -> None:
     """:func:`check_mixed_precision` for the precision ``runtime`` actually autocasts to."""
-    check_mixed_precision({None: "no", torch.float16: "fp16"}.get(_autocast_dtype(runtime), "bf16"), method)
+    check_mixed_precision(runtime.mixed_precision(), method)
 
 
 # ---------------------------------------------------------------------- augmented views as domains
@@ -283,7 +284,7 @@ def split_views(minibatches: Minibatches) -> list[tuple[torch.Tensor, torch.Tens
     return [(torch.cat([x[:, v] for x, _ in minibatches]), y) for v in range(views)]
 
 
-class DomainGradientAlgorithm(Algorithm):
+class DomainGradientAlgorithm(UpdateHost):
     """Base of algorithms that combine per-domain gradients (equilibrium, agr_sum, agr_rand, pcgrad).
 
     It decides what a domain is (the source domains, or K RandAugment views of every image when training on a
@@ -304,17 +305,15 @@ class DomainGradientAlgorithm(Algorithm):
                                       "CPU) or 'vmap' (torch.func, one vectorised backward)", choices=GRADIENT_METHODS),
     }
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, num_domains: int,
-                 hparams: dict[str, Any], runtime: Runtime):
-        super().__init__(model, optimizer, num_domains, hparams, runtime)
-        check_precision(runtime, hparams["grad_engine"])
+    def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
+        super().__init__(network, num_classes, num_domains, hparams)
         self.use_views = self.uses_views(hparams, num_domains)
         self.num_gradients = hparams["views"] if self.use_views else num_domains
-        if self.num_gradients < 2:
-            raise DGZooError(f"{self.name} needs at least 2 domains to compare, got {self.num_gradients}; train on "
-                             f"several source domains or use views (hparam domains=views views=3)")
-        self.flat = FlatParams.of(self.module)
+        self.flat = FlatParams.of(self.network)
         self._buffer: torch.Tensor | None = None
+
+    def setup(self) -> None:
+        check_precision(self.runtime, self.hparams["grad_engine"])
 
     @staticmethod
     def uses_views(hparams: dict[str, Any], num_sources: int) -> bool:
@@ -322,12 +321,13 @@ class DomainGradientAlgorithm(Algorithm):
         return hparams["domains"] == "views" or (hparams["domains"] == "auto" and num_sources == 1)
 
     @classmethod
-    def check_precision(cls, hparams: dict[str, Any], mixed_precision: str) -> None:
-        check_mixed_precision(mixed_precision, hparams["grad_engine"])
-
-    @classmethod
-    def check_recipe(cls, hparams: dict[str, Any], augment: str, num_sources: int) -> None:
-        if cls.uses_views(hparams, num_sources) and augment == "randaugment":
+    def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
+        check_mixed_precision(recipe.mixed_precision, hparams["grad_engine"])
+        views = cls.uses_views(hparams, recipe.num_domains)
+        if (hparams["views"] if views else recipe.num_domains) < 2:
+            raise DGZooError(f"{cls.name} needs at least 2 domains to compare, got {recipe.num_domains}; train on "
+                             f"several source domains or use views (hparam domains=views views=3)")
+        if views and recipe.augment == "randaugment":
             raise DGZooError(f"{cls.name} already makes RandAugment views of every image; use --augment none (or "
                              f"domainbed) so the views are not augmented twice")
 
@@ -337,7 +337,6 @@ class DomainGradientAlgorithm(Algorithm):
         """In views mode, K RandAugment views of every image, each finished by the recipe's training transform."""
         if not cls.uses_views(hparams, num_sources):
             return None
-        cls.check_recipe(hparams, augment, num_sources)
         from ..data.transforms import train_transform
 
         return RandAugmentViews(train_transform(preprocessing, augment), hparams["views"], hparams["random_ops"],
@@ -357,5 +356,5 @@ class DomainGradientAlgorithm(Algorithm):
         """``(grads [K, P], losses [K])`` of the given domains, in the reused buffer (overwritten every call)."""
         if self._buffer is None or self._buffer.shape[0] != len(domains):
             self._buffer = self.flat.empty(len(domains))
-        return per_domain_gradients(self.module, domains, self.flat, self.runtime, out=self._buffer,
+        return per_domain_gradients(self.network, domains, self.flat, self.runtime, out=self._buffer,
                                     method=self.hparams["grad_engine"])

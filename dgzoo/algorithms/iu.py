@@ -33,7 +33,9 @@ from torch.utils.data import ConcatDataset, Subset
 
 from ..errors import DGZooError
 from ..models import classifier, features
-from .base import AddOn, EpochContext, HParam, Minibatches, register_addon
+from ..hparams import Choice, HParam, Uniform
+from .base import AddOn, EpochContext, Minibatches, Recipe
+from .registry import register_addon
 from .influence import FunctionalLoss, chunks, kfac_head_influence, largest_eigenvalue, lissa
 
 logger = logging.getLogger("dgzoo")
@@ -333,7 +335,7 @@ class IU(AddOn):
                                       "seeded draw each call; 1 = every sample, every epoch, as the paper (subsampling "
                                       "is the reviewers' suggestion to cut the cost)", maximum=1.0),
         "alpha": HParam(2.0, "exponent on G in U = G^alpha / C, against score-equivalence bias (A2: value not "
-                             "given by the paper)", minimum=0.0),
+                             "given by the paper)", minimum=0.0, search=Choice((0.5, 1.0, 2.0, 3.0))),
         "g_transform": HParam("minmax", "make G usable under the power: minmax = rescale to [1e-6, 1] over the "
                                         "training set; signed = sign(G)|G|^alpha (A2)", choices=("minmax", "signed")),
         "k": HParam(2.0, "MAD multiplier of both thresholds (stated: 2)", minimum=0.0),
@@ -342,7 +344,8 @@ class IU(AddOn):
         "channel_score": HParam("idv", "idv = variance across domains of per-domain channel variances (paper); "
                                        "idv+means also adds the variance of the per-domain means (a reviewer's "
                                        "extension)", choices=("idv", "idv+means")),
-        "lr": HParam(1e-3, "DSGA ascent step size eta_u (A10: tune in 1e-4..1e-2)", minimum=0.0),
+        "lr": HParam(1e-3, "DSGA ascent step size eta_u (A10: tune in 1e-4..1e-2)", minimum=0.0,
+                     search=Uniform(-4, -2, base=10)),
         "passes": HParam(1, "DSGA passes over the unlearning set (A10)", minimum=1),
         "batch_size": HParam(0, "DSGA minibatch size; 0 = the recipe's per-domain batch size (A10)", minimum=0),
         "include_head": HParam(False, "DSGA also edits the classifier's columns of the selected channels (A9 "
@@ -362,13 +365,21 @@ class IU(AddOn):
             raise DGZooError(f"hparam {cls.name}.score_fraction={hparams['score_fraction']} must be in (0, 1]; "
                              f"use 1 to score every sample")
 
+    @classmethod
+    def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
+        """The channel layer must exist in the backbone and the head must be linear (checked on the meta-device
+        network, before anything is written)."""
+        if recipe.network is None:
+            return
+        ChannelLayer(recipe.network, hparams["layer"], hparams["include_head"])
+        if not isinstance(classifier(recipe.network), nn.Linear):
+            raise DGZooError(f"+{cls.name} needs a linear classifier head; {type(recipe.network).__name__}'s is "
+                             f"{type(classifier(recipe.network)).__name__}")
+
     def __init__(self, host: Any, hparams: dict[str, Any], runtime: Any):
         super().__init__(host, hparams, runtime)
-        self.module = host.module
+        self.module = host.network
         self.layer = ChannelLayer(self.module, hparams["layer"], hparams["include_head"])
-        if not isinstance(classifier(self.module), nn.Linear):
-            raise DGZooError(f"+{self.name} needs a linear classifier head; {type(self.module).__name__}'s is "
-                             f"{type(classifier(self.module)).__name__}")
         trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
         if (hparams["mode"] == "faithful" and hparams["influence_params"] == "all" and trainable > 1_000_000
                 and runtime.is_main_process):
@@ -625,11 +636,11 @@ class IU(AddOn):
 
     # -- state and diagnostics
 
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"calls": self.calls, "history": self.history,
                 "ema_rows": list(self.ema), "ema_values": list(self.ema.values())}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.calls = state.get("calls", 0)
         self.history = list(state.get("history", []))
         self.ema = dict(zip(state.get("ema_rows", []), state.get("ema_values", [])))
@@ -658,7 +669,7 @@ class IUE(IU):
     HPARAMS = {
         **IU.HPARAMS,
         "beta": HParam(0.9, "EMA factor: U_ema = beta U_ema + (1 - beta) U, started at a sample's first score (A8)",
-                       minimum=0.0, maximum=1.0),
+                       minimum=0.0, maximum=1.0, search=Choice((0.8, 0.9, 0.95))),
         "ema_normalize": HParam(True, "divide each call's scores by their median before averaging, so that the "
                                       "drift of C's scale over training does not let one epoch dominate (A8)"),
     }

@@ -14,7 +14,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import HParam, Minibatches, register_algorithm
+from ..hparams import HParam
+from .base import Minibatches
+from .registry import register_algorithm
 from .gradients import DomainGradientAlgorithm, gram
 
 _MANSILLA = """@inproceedings{mansilla2021domain,
@@ -106,8 +108,8 @@ class GradientSurgery(DomainGradientAlgorithm):
                                    "step at the same lr) or their mean (divide by K)", choices=("sum", "mean")),
     }
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def setup(self) -> None:
+        super().setup()
         self.combined = self.flat.empty()  # reused [P] output: a fresh 45 MB vector per step costs page faults
         # One seed for the rule's randomness, identical on every process, then one generator per step from it.
         seed = torch.randint(0, 2**62, (1,), device=self.runtime.device)
@@ -127,13 +129,13 @@ class GradientSurgery(DomainGradientAlgorithm):
         if self.hparams["reduction"] == "mean":
             combined /= grads.shape[0]
         self.flat.assign_grad(combined)
-        self.step_optimizer()
+        self.optimizer.step()
         return {"loss": losses.mean().item(), **metrics}
 
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.seed = state.get("seed", self.seed)
 
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from ..errors import DGZooError
 from .loading import IMAGE_EXTENSIONS, _is_image_folder, image_folder_table
-from .registry import REGISTRY, DatasetSpec
+from .registry import REGISTRY, DatasetSpec, hub_license
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 DEFAULT_SHARD_BYTES = 500 * 2**20  # the size datasets.push_to_hub aims for
@@ -145,8 +145,6 @@ def write_parquet(table: Any, output_dir: str | Path, shards: int | None = None)
 def dataset_card(table: Any, title: str, source: str, repo_id: str,
                  spec: DatasetSpec | None) -> tuple[dict[str, Any], str]:
     """Front matter fields and body of the dataset card: what is in it, where it came from, how to train on it."""
-    from ..cards import hub_license
-
     counts = domain_counts(table)
     domains, classes = list(counts), table.features["label"].names
     fields: dict[str, Any] = {"pretty_name": title, "task_categories": ["image-classification"],

@@ -10,6 +10,8 @@ run says which bytes it trained on and can be repeated with ``--revision SHA``.
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 from ..errors import DGZooError, suggest
@@ -34,6 +36,7 @@ class DatasetSpec:
     splits: tuple[str, ...] | None = None  # Hub splits to concatenate; None = all of them
     image_size: int | None = None  # native training resolution; None = the backbone's default
     augment: str = "domainbed"
+    small_images: bool = False  # DomainBed's small-image datasets (MNIST-like): its other hparam defaults/searches
     default_targets: tuple[str, ...] | None = None
     license: str = "unknown"
     homepage: str = ""
@@ -74,7 +77,7 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 
 register_dataset(DatasetSpec(
-    name="rotated-digits", title="Rotated Digits", kind="builtin",
+    name="rotated-digits", title="Rotated Digits", kind="builtin", small_images=True,
     domains=("0", "15", "30", "45", "60", "75"),
     classes=tuple(str(i) for i in range(10)), num_classes=10, image_size=32, augment="none",
     default_targets=("75",), license="bsd-3-clause",
@@ -149,3 +152,12 @@ def get_spec(name: str) -> DatasetSpec | None:
 def unknown_dataset_error(name: str) -> DGZooError:
     return DGZooError(f"dataset '{name}' is not a registry name, an existing local path or a Hub repo id"
                       f"{suggest(name, REGISTRY)}; run `dgzoo datasets list` for the known ones")
+
+
+def hub_license(text: str, link: str | None = None) -> dict[str, str]:
+    """Card licence fields for a registry licence string: a Hub licence id as is, anything else as ``other``
+    with a ``license_name`` made from the text and ``license_link``."""
+    if re.fullmatch(r"[a-z0-9][a-z0-9.-]*", text):
+        return {"license": text}
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower().removeprefix("other")).strip("-") or "other"
+    return {"license": "other", "license_name": name, **({"license_link": link} if link else {})}

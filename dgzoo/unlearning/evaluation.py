@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..evaluation import Gather
+from ..training.evaluation import Gather
 from ..models import classifier, features
 
 ATTACKS = {

@@ -77,6 +77,9 @@ class UnlearningMethod(nn.Module):
     title: ClassVar[str] = ""
     citation: ClassVar[str] = ""
     HPARAMS: ClassVar[dict[str, HParam]] = {}
+    # A method that is plain training of the source model on the retain set names the training algorithm here; it
+    # then runs on dgzoo's training loop instead of forward().
+    training_algorithm: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module, num_classes: int, hparams: dict[str, Any]):
         super().__init__()
@@ -228,14 +231,7 @@ class Finetune(UnlearningMethod):
     name = "finetune"
     title = "Fine-tuning on the retain set"
     citation = _GOLATKAR
-
-    def batches(self) -> tuple[str, ...]:
-        return ("retain",)
-
-    def forward(self, batches: Batches, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x, y = batches["retain"]
-        loss = F.cross_entropy(self.model(x), y)
-        return loss, {"loss": loss.detach(), "retain_loss": loss.detach()}
+    training_algorithm = "erm"  # cross-entropy on the retain set, on the training loop
 
 
 class ForgetSetMethod(UnlearningMethod):

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,19 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..algorithms import EpochContext, create_algorithm, parse_algorithm, resolve_hparams
-from ..config import OPTIMIZERS, PRECISIONS, TrainConfig, dump_config
+from ..algorithms import ALGORITHMS, Recipe, check_algorithm
+from ..config import OPTIMIZERS, PRECISIONS, TrainConfig, UnlearnConfig, dump_config
 from ..data import (DGDataset, DomainImages, eval_loader, eval_transform, load_dg_dataset, loader_workers, make_splits,
                     seed_hash, train_loader, train_transform)
-from ..engine import (create_accelerator, create_optimizer, device_name, lr_lambda, resolve_augment, run_timing,
-                      start_run_dir)
 from ..errors import DGZooError
-from ..export import atomic_write_text, check_output_dir, json_text, read_json, save_model, write_json
-from ..models import create_backbone, data_config, freeze_batchnorm
+from ..models import create_backbone, data_config, freeze_batchnorm, meta_backbone
+from ..run.hub import from_pretrained, push_run, resolve_checkpoint
+from ..run.rundir import atomic_write_text, check_output_dir, json_text, read_json, save_model, write_json
+from ..run.unlearning_card import HEADLINE, render_unlearn_card
+from ..training.engine import (create_accelerator, device_name, is_small_images, resolve_augment, run_timing,
+                               start_run_dir)
+from ..training.loop import LoopData, Optimisation, TrainState, build_algorithm, fit
+from ..training.optimisation import create_optimizer, create_scheduler
 from .evaluation import ATTACKS, Outputs, accuracy, attacks, collect, per_group_accuracy
 from .forget import UnlearningData, parse_forget_spec, split_for_unlearning
 from .methods import METHODS, RETRAIN_TITLE, resolve_method_hparams
@@ -46,47 +49,8 @@ logger = logging.getLogger("dgzoo.unlearning")
 
 DEFAULT_STEP_FRACTION = 0.1  # unlearning steps, as a fraction of the source run's steps, when --steps is not given
 DEFAULT_LR_SCALE = 0.3  # unlearning learning rate, as a multiple of the source run's, when --lr is not given
-HEADLINE = {  # the numbers every table and card shows: key -> (label, where in an evaluation)
-    "forget_acc": ("forget accuracy", ("accuracy", "forget")),
-    "retain_acc": ("retain accuracy", ("accuracy", "retain")),
-    "validation_acc": ("validation accuracy (matched)", ("accuracy", "validation")),
-    "test_acc": ("test accuracy", ("accuracy", "test")),
-    "matched_test_acc": ("test accuracy (matched)", ("accuracy", "matched_test")),
-    "held_out_acc": ("held-out-domain accuracy", ("accuracy", "held_out")),
-    "mia_loss": ("loss MIA accuracy", ("attacks", "loss")),
-    "mia_knn": ("representation kNN attack accuracy", ("attacks", "representation_knn")),
-    "mia_linear": ("representation linear-probe attack accuracy", ("attacks", "representation_linear")),
-}
 
 
-@dataclass
-class UnlearnConfig:
-    """Every setting of an unlearning run. ``None`` means: take the source run's value."""
-
-    source: str
-    forget: str
-    method: str = "sure"
-    revision: str | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    forget_batch_size: int | None = None
-    lr: float | None = None
-    optimizer: str | None = None
-    weight_decay: float | None = None
-    seed: int | None = None
-    validation_fraction: float = 0.5
-    hparams: dict[str, Any] = field(default_factory=dict)
-    reference: str | None = None
-    output_dir: str | None = None
-    overwrite: bool = False
-    eval_batch_size: int = 128
-    num_workers: int | None = None
-    mixed_precision: str = "no"
-    push_to_hub: str | None = None
-    hub_private: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -114,6 +78,8 @@ class UnlearnPlan:
     rows: dict[str, np.ndarray]  # the rows of each training set the method draws from
     reference: dict[str, Any] | None
     output_dir: Path
+    loop: tuple[str, dict[str, dict[str, Any]], dict[str, np.ndarray]] | None = None  # training-loop methods:
+    # (algorithm, its resolved hparams, training rows per domain)
 
 
 # ---------------------------------------------------------------------- planning
@@ -124,8 +90,6 @@ def load_source(name: str, revision: str | None = None) -> Source:
 
     A Hub run is pinned to one commit: weights, recipe and results all come from the commit the revision names.
     """
-    from ..hub import from_pretrained, resolve_checkpoint
-
     local = Path(name.removeprefix("local-dir:")).expanduser()
     if local.is_dir():
         missing = [f for f in ("train_config.json", "results.json") if not (local / f).exists()]
@@ -167,8 +131,6 @@ def plan_unlearning(cfg: UnlearnConfig) -> UnlearnPlan:
     check_output_dir(out, resume=False, overwrite=cfg.overwrite)
     source = load_source(cfg.source, cfg.revision)
     tc, res = source.train_config, source.results
-    if cfg.method == "retrain":
-        resolve_hparams(tc.algorithm, tc.hparams)  # the source's algorithm must exist in this dgzoo
     data = load_dg_dataset(tc.dataset, res["dataset"].get("revision") or tc.revision, tc.image_column,
                            tc.label_column, tc.domain_column)
     if list(data.class_names) != list(res["class_names"]):
@@ -191,7 +153,31 @@ def plan_unlearning(cfg: UnlearnConfig) -> UnlearnPlan:
     if cfg.method == "sure":
         rows["validation"] = _sure_validation(sets, method_hparams["validation"])
     reference = _load_reference(cfg.reference, sets) if cfg.reference else None
-    return UnlearnPlan(cfg, source, data, sets, method_hparams, settings, rows, reference, out)
+    loop = _loop_plan(cfg, tc, data, sets, sources, augment, image_size)
+    return UnlearnPlan(cfg, source, data, sets, method_hparams, settings, rows, reference, out, loop)
+
+
+def _loop_plan(cfg: UnlearnConfig, tc: TrainConfig, data: DGDataset, sets: UnlearningData, sources: list[str],
+               augment: str, image_size: int | None) -> tuple[str, dict[str, dict[str, Any]], dict[str, np.ndarray]] | None:
+    """What a method that is plain training runs on the training loop, checked now: retrain repeats the source's
+    algorithm on the retained rows of each source domain; a method with a ``training_algorithm`` (finetune: ERM)
+    trains it on the retain set as one domain. None for the other methods."""
+    if cfg.method == "retrain":
+        algorithm, given = tc.algorithm, tc.hparams
+
+        def of_domain(domain: str) -> np.ndarray:
+            return sets.retain[data.domain_of_row[sets.retain] == data.domains.index(domain)]
+
+        rows = {d: r for d, r in ((d, of_domain(d)) for d in sources) if len(r)}
+    elif METHODS[cfg.method].training_algorithm:
+        algorithm, given, rows = METHODS[cfg.method].training_algorithm, {}, {"retain": sets.retain}
+    else:
+        return None
+    recipe = Recipe(num_domains=len(rows), num_classes=data.num_classes, augment=augment,
+                    mixed_precision=cfg.mixed_precision, small_images=is_small_images(data),
+                    network=meta_backbone(tc.backbone, data.num_classes, image_size, tc.dropout),
+                    pretrained=tc.pretrained)
+    return algorithm, check_algorithm(algorithm, given, recipe), rows
 
 
 def _check_values(cfg: UnlearnConfig) -> None:
@@ -306,8 +292,8 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
 
     original = evaluate_now(source_model)
     set_seed(settings["seed"])
-    if cfg.method == "retrain":
-        model, timing, diagnostics = _retrain(plan, accelerator, preprocessing, workers, pin)
+    if plan.loop is not None:
+        model, timing, diagnostics = _train_loop(plan, accelerator, preprocessing, workers, pin)
     else:
         model, timing, diagnostics = _unlearn(plan, accelerator, preprocessing, workers, pin)
     unlearned = evaluate_now(model)
@@ -321,14 +307,10 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
         save_model(model, out, data.class_names, preprocessing, metadata)
         write_json(out / "results.json", results)
         atomic_write_text(out / "train_config.json", dump_config(plan.source.train_config))
-        from .card import render_unlearn_card
-
         atomic_write_text(out / "README.md", render_unlearn_card(results, run_dir=out))
         _log_summary(results)
     accelerator.wait_for_everyone()
     if cfg.push_to_hub and accelerator.is_main_process:
-        from ..hub import push_run
-
         logger.info("published to %s", push_run(out, cfg.push_to_hub, private=cfg.hub_private))
     return results
 
@@ -371,74 +353,60 @@ def _unlearn(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any],
     return accelerator.unwrap_model(network).model, run_timing(seconds, images, steps), _summarise(history, accelerator)
 
 
-def _retrain(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any], workers: int,
-             pin: bool) -> tuple[nn.Module, dict[str, float], dict[str, Any]]:
-    """The gold standard: the source run's DG algorithm and recipe, from a fresh initialisation, on retain only.
+def _train_loop(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any], workers: int,
+                pin: bool) -> tuple[nn.Module, dict[str, float], dict[str, Any]]:
+    """Retrain or fine-tune on dgzoo's training loop (the engine's own, add-ons included).
 
-    The model is created right after seeding, as the engine does, so it starts from the source run's own
-    initialisation (or the same pretrained weights). The last step is kept (no model selection).
+    Retraining is the gold standard: the source run's DG algorithm and recipe, from a fresh initialisation (made
+    right after seeding, as the engine does, so it is the source run's own initialisation or the same pretrained
+    weights), on the retained rows of each source domain. Fine-tuning continues the source model with the
+    method's training algorithm on the retain set. The last step is kept (no model selection).
     """
-    from tqdm.auto import tqdm
-
-    from ..runtime import AccelerateRuntime
-
     tc, settings, data = plan.source.train_config, plan.settings, plan.data
-    model = create_backbone(tc.backbone, data.num_classes, tc.pretrained, settings["image_size"], tc.dropout)
-    if tc.freeze_bn:
-        freeze_batchnorm(model)
-    def of_domain(rows: np.ndarray, domain: str) -> np.ndarray:
-        return rows[data.domain_of_row[rows] == data.domains.index(domain)]
-
-    # The source domains that still have retained rows, and those rows.
-    retained = {d: of_domain(plan.sets.retain, d) for d in plan.source.results["source_domains"]}
-    retained = {d: rows for d, rows in retained.items() if len(rows)}
-    domains = list(retained)
-
-    host_cls, _ = parse_algorithm(tc.algorithm)
-    host_hparams = resolve_hparams(tc.algorithm, tc.hparams)[host_cls.name]
+    algorithm_name, hparams, rows = plan.loop
+    retrain = plan.config.method == "retrain"
+    if retrain:
+        network = create_backbone(tc.backbone, data.num_classes, tc.pretrained, settings["image_size"], tc.dropout)
+        batch_size, seed = settings["batch_size"], settings["seed"]
+    else:
+        network = plan.source.model
+        network.train()
+        batch_size, seed = settings["retain_batch_size"], seed_hash(settings["seed"], "retain")
+    if settings["freeze_bn"]:
+        freeze_batchnorm(network)
+    domains = list(rows)
+    host_cls = ALGORITHMS[algorithm_name.split("+")[0]]
     augment = settings["augment"]
-    own_tf = host_cls.train_transform(preprocessing, augment, host_hparams, len(domains))
+    own_tf = host_cls.train_transform(preprocessing, augment, hparams[host_cls.name], len(domains))
     train_tf = own_tf or train_transform(preprocessing, augment)
     random_tf = own_tf is not None or augment != "none"  # as the engine: seed per sample only when it matters
     eval_tf = eval_transform(preprocessing)
-    train_sets = [DomainImages(data, retained[d], train_tf, d, random=random_tf) for d in domains]
     # What the source run's add-ons saw at the end of an epoch: its training rows (now the retain set) and every
     # unseen row of the source domains, with the evaluation transform.
     unseen = np.union1d(plan.sets.validation, plan.sets.test)
-    epoch_train = [DomainImages(data, retained[d], eval_tf, d) for d in domains]
-    epoch_val = [DomainImages(data, of_domain(unseen, d), eval_tf, d) for d in domains]
-    optimizer = _optimizer(settings, [p for p in model.parameters() if p.requires_grad])
-    model, optimizer = accelerator.prepare(model, optimizer)
+    loop_data = LoopData(
+        domains=domains, train_sets=[DomainImages(data, rows[d], train_tf, d, random=random_tf) for d in domains],
+        epoch_train=[DomainImages(data, rows[d], eval_tf, d) for d in domains],
+        epoch_val=[DomainImages(data, unseen[data.domain_of_row[unseen] == data.domains.index(d)]
+                                if d in data.domains else unseen, eval_tf, d) for d in domains],
+        batch_size=batch_size, seed=seed, workers=workers, pin_memory=pin)
+    settings_opt = Optimisation(settings["optimizer"], settings["lr"], settings["weight_decay"],
+                                settings.get("momentum", 0.9))
+    algorithm = build_algorithm(algorithm_name, network, data.num_classes, len(domains), hparams, accelerator,
+                                settings_opt)
     steps = settings["steps"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings["lr_schedule"], steps))
-    algorithm = create_algorithm(tc.algorithm, model, optimizer, len(domains), tc.hparams,
-                                 AccelerateRuntime(accelerator))
-    batch_size = settings["batch_size"]
-    steps_per_epoch = max(1, math.ceil(min(len(s) for s in train_sets) / batch_size))
-    loader = train_loader(train_sets, batch_size, settings["seed"], steps, 0, accelerator.process_index,
-                          accelerator.num_processes, workers, pin)
-    history: list[dict[str, float]] = []
-    tick = time.perf_counter()
-    for step, minibatches in enumerate(tqdm(loader, disable=not accelerator.is_main_process, desc="retrain",
-                                            dynamic_ncols=True), start=1):
-        minibatches = [(x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True))
-                       for x, y in minibatches]
-        metrics = algorithm.update(minibatches, step - 1)
-        scheduler.step()
-        if step % steps_per_epoch == 0:
-            metrics.update(algorithm.on_epoch_end(EpochContext(
-                epoch=step // steps_per_epoch, step=step, steps_per_epoch=steps_per_epoch, source_domains=domains,
-                source_train=epoch_train, source_val=epoch_val,
-                make_loader=lambda ds, bs: eval_loader(ds, bs, workers, pin), batch_size=batch_size)))
-        history.append({k: float(v) for k, v in metrics.items()})
-    seconds = time.perf_counter() - tick
+    scheduler = create_scheduler(algorithm.host.optimizer, settings.get("lr_schedule", "constant"), steps,
+                                 tc.warmup_steps if retrain else 0)
+    state, history = TrainState(), []
+    fit(algorithm, loop_data, accelerator, scheduler, state, steps, lambda _, metrics: history.append(metrics),
+        desc=plan.config.method)
     diagnostics = _summarise(history, accelerator)
     diagnostics["algorithm"] = algorithm.summary()
-    return accelerator.unwrap_model(model), run_timing(seconds, steps * batch_size * len(domains), steps), diagnostics
+    return algorithm.evaluated_network(), run_timing(state.train_seconds, state.images, steps), diagnostics
 
 
-def _optimizer(settings: dict[str, Any], params: Any) -> torch.optim.Optimizer:
-    return create_optimizer(params, settings["optimizer"], settings["lr"], settings["weight_decay"],
+def _optimizer(settings: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    return create_optimizer(groups, settings["optimizer"], settings["lr"], settings["weight_decay"],
                             settings.get("momentum", 0.9))
 
 

@@ -19,12 +19,14 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
-import numpy as np
 from torch import nn
 
-from .errors import DGZooError
+from ..errors import DGZooError
+from .cards import render_card
+from .rundir import read_json
+from .unlearning_card import render_unlearn_card
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -32,7 +34,6 @@ CONFIG = "config.json"
 # debugging on the training machine, and would make every download of the model larger.
 PUBLISHED_FILES = (CONFIG, WEIGHTS, "results.json", "records.jsonl", "train_config.json", "unlearn_config.json",
                    "accuracy_per_domain.png", "training_curves.png")
-SPLITS = ("all", "in", "out")
 _SHA = re.compile(r"[0-9a-f]{40}")
 
 
@@ -44,10 +45,10 @@ class Pretrained(NamedTuple):
 
     @property
     def class_names(self) -> list[str]:
-        return _label_names(self.model)
+        return label_names(self.model)
 
 
-def _label_names(model: nn.Module) -> list[str]:
+def label_names(model: nn.Module) -> list[str]:
     names = model.pretrained_cfg.get("label_names") or []
     return list(names.values()) if isinstance(names, dict) else list(names)
 
@@ -202,8 +203,6 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
     """
     import huggingface_hub
 
-    from .export import read_json
-
     run_dir = Path(run_dir)
     if not all((run_dir / name).is_file() for name in ("results.json", "train_config.json", CONFIG, WEIGHTS)):
         raise DGZooError(f"{run_dir} is not a finished dgzoo run (it needs results.json, train_config.json, {CONFIG} "
@@ -253,15 +252,9 @@ def _published_bytes(run_dir: Path, name: str) -> bytes:
 
 def _card_for(run_dir: Path, results: dict[str, Any], repo_id: str, license: str | None) -> tuple[str, str]:
     """The card and default commit message of a run: a training run's, or an unlearning run's (``kind``)."""
-    from .export import read_json
-
     if results.get("kind") == "unlearning":
-        from .unlearning.card import render_unlearn_card
-
         return (render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir, license=license),
                 f"dgzoo: unlearn {results['unlearning']['forget_spec']} with {results['algorithm']}")
-    from .cards import render_card
-
     card = render_card(results, read_json(run_dir / "train_config.json"), repo_id=repo_id, run_dir=run_dir,
                        license=license)
     return card, (f"dgzoo: {results['algorithm']} {results['backbone']} on {results['dataset']['title']}, held-out "
@@ -307,7 +300,7 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
 
-    from .data.loading import resolve_hub_revision
+    from ..data.loading import resolve_hub_revision
 
     token = resolve_token(token)
     revision = resolve_hub_revision(repo_id, revision, "model", token)  # a commit sha, unless offline
@@ -333,7 +326,7 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
     return Path(paths[0]).parent, repo_id, revision
 
 
-def _create_from_folder(folder: Path) -> nn.Module:
+def create_from_folder(folder: Path) -> nn.Module:
     import timm
 
     try:
@@ -363,99 +356,13 @@ def from_pretrained(name_or_path: str | Path, revision: str | None = None, token
     """
     import timm
 
-    from .data.transforms import eval_transform
+    from ..data.transforms import eval_transform
 
     folder, repo_id, _ = resolve_checkpoint(name_or_path, revision, token)
-    model = _create_from_folder(folder)
+    model = create_from_folder(folder)
     if repo_id:
         model.pretrained_cfg["hf_hub_id"] = repo_id  # where it came from, as timm records for hf-hub: loads
     model.eval()
     return Pretrained(model, eval_transform(timm.data.resolve_model_data_config(model)))
 
 
-# ---------------------------------------------------------------------- evaluating a checkpoint
-
-
-def label_mapping(model_classes: Sequence[str], data_classes: Sequence[str], num_outputs: int) -> np.ndarray:
-    """Map each dataset class index to the model's output index for the same class name.
-
-    A model whose config has no class names must have as many outputs as the dataset has classes; they are
-    then assumed to be in the same order.
-    """
-    if not model_classes:
-        if num_outputs != len(data_classes):
-            raise DGZooError(f"the model has {num_outputs} outputs and no class names, the dataset {len(data_classes)} "
-                             f"classes; evaluate on a dataset with the model's classes")
-        return np.arange(len(data_classes))
-    index = {name: i for i, name in enumerate(model_classes)}
-    missing = [c for c in data_classes if c not in index]
-    if missing:
-        raise DGZooError(f"the dataset has classes the model does not predict: {', '.join(missing[:5])}"
-                         f"{' ...' if len(missing) > 5 else ''}; the model knows: {', '.join(model_classes[:8])}"
-                         f"{' ...' if len(model_classes) > 8 else ''}")
-    return np.array([index[c] for c in data_classes], dtype=np.int64)
-
-
-def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequence[str] | None = None,
-                        split: str = "all", revision: str | None = None, dataset_revision: str | None = None,
-                        split_seed: int = 0, holdout_fraction: float = 0.2, batch_size: int = 128,
-                        device: str | None = None, num_workers: int | None = None,
-                        token: str | None = None) -> dict[str, Any]:
-    """Top-1 accuracy of a checkpoint on domains of any dataset, with the checkpoint's own eval transform.
-
-    ``split`` is ``all`` (every image of the domain), or the ``in``/``out`` part of dgzoo's seeded split
-    (``split_seed``, ``holdout_fraction``) — ``in`` with the run's split seed reproduces the card's held-out
-    numbers. Classes are matched by name. When the checkpoint was trained on this dataset, each domain's role
-    in training is reported, since ``all``/``in`` accuracy of a source domain includes training images.
-    """
-    import dataclasses
-
-    import torch
-
-    from .data import DomainImages, eval_loader, load_dg_dataset, loader_workers, make_splits, resolve_domain
-    from .evaluation import accuracy
-
-    if split not in SPLITS:
-        raise DGZooError(f"--split '{split}' is not one of {', '.join(SPLITS)}")
-    if not 0.0 < holdout_fraction < 1.0:
-        raise DGZooError(f"--holdout-fraction must be in (0, 1), got {holdout_fraction}")
-    if batch_size <= 0:
-        raise DGZooError(f"--batch-size must be positive, got {batch_size}")
-    folder, repo_id, sha = resolve_checkpoint(name_or_path, revision, token)
-    data = load_dg_dataset(dataset, dataset_revision)
-    chosen = [resolve_domain(data, str(name), "--domains") for name in domains or data.domains]
-    model = _create_from_folder(folder).eval()
-    mapping = label_mapping(_label_names(model), data.class_names, model.num_classes)
-    data = dataclasses.replace(data, labels=mapping[data.labels])
-    if split == "all":
-        rows = data.rows_by_domain
-    else:
-        splits = make_splits(data, holdout_fraction, split_seed)
-        rows = splits.in_rows if split == "in" else splits.out_rows
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
-    workers, pin = loader_workers(num_workers, device)
-    import timm
-
-    from .data.transforms import eval_transform
-
-    transform = eval_transform(timm.data.resolve_model_data_config(model))
-    acc, sizes = {}, {}
-    for d in chosen:
-        images = DomainImages(data, rows[d], transform, d)
-        sizes[d] = len(images)
-        acc[d] = accuracy(model, eval_loader(images, batch_size, workers, pin), device)
-
-    meta = json.loads((folder / CONFIG).read_text()).get("dgzoo") or {}  # timm's model drops this key
-    info = data.info()
-    same_data = bool(meta) and (meta.get("dataset_repo_id") == data.repo_id if data.repo_id
-                                else meta.get("dataset") == info["name"])
-    roles = {d: ("source" if d in meta.get("source_domains", []) else
-                 "held-out" if d in meta.get("target_domains", []) else "unused") if same_data else "" for d in chosen}
-    return {"model": repo_id or str(folder), "revision": sha, "dataset": {k: info[k] for k in
-                                                                         ("name", "repo_id", "revision", "path")},
-            "split": split, "split_seed": split_seed if split != "all" else None,
-            "holdout_fraction": holdout_fraction if split != "all" else None,
-            "accuracy": acc, "images": sizes, "roles": roles,
-            "mean_accuracy": sum(acc.values()) / len(acc)}

@@ -39,9 +39,24 @@ class Runtime:
         """Overwrite ``tensor`` in place with process ``src``'s copy and return it."""
         return tensor
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` concatenated along dim 0 in process order, differentiably: a batch statistic
+        computed on the result is the one-process statistic of the global batch, and its gradient reaches each
+        process's own rows. (DDP averages gradients over processes, so a loss that is the same global statistic on
+        every process gets exactly its one-process gradient.)"""
+        return tensor
+
     def autocast(self) -> ContextManager[Any]:
         """Context for forward passes made outside the prepared model (mixed precision, if enabled)."""
         return contextlib.nullcontext()
+
+    def mixed_precision(self) -> str:
+        """The precision forward passes autocast to: 'no', 'bf16' or 'fp16'."""
+        with self.autocast():
+            device = self.device.type
+            if not torch.is_autocast_enabled(device):
+                return "no"
+            return "fp16" if torch.get_autocast_dtype(device) == torch.float16 else "bf16"
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The bare model under any DDP/compile wrapper (same parameters, no gradient hooks)."""
@@ -52,33 +67,3 @@ class Runtime:
         for buffer in module.buffers():
             if buffer.is_floating_point():
                 self.all_reduce_mean(buffer.data)
-
-
-class AccelerateRuntime(Runtime):
-    """The runtime the engine uses: everything goes through the given ``accelerate.Accelerator``."""
-
-    def __init__(self, accelerator: Any):
-        self.accelerator = accelerator
-        self.device = accelerator.device
-        self.num_processes = accelerator.num_processes
-        self.process_index = accelerator.process_index
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
-
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.num_processes > 1:
-            torch.distributed.all_reduce(tensor)
-            tensor.div_(self.num_processes)
-        return tensor
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self.num_processes > 1:
-            torch.distributed.broadcast(tensor, src)
-        return tensor
-
-    def autocast(self) -> ContextManager[Any]:
-        return self.accelerator.autocast()
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import DGZooError
+from ..errors import DGZooError
 
 RUN_MARKERS = ("train_config.json", "results.json", "checkpoints")
 OUTPUT_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",

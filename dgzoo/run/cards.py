@@ -8,10 +8,12 @@ one entry per domain.
 from __future__ import annotations
 
 import json
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from ..config import TrainConfig
+from ..data.registry import get_spec, hub_license
 
 SELECTION_LABELS = {
     "training_domain_validation": "training-domain validation",
@@ -22,7 +24,7 @@ SELECTION_LABELS = {
 
 def template_path(name: str = "model_card.md") -> Path:
     """A card template, ``model_cards/<name>`` in a checkout, else the copy shipped as ``dgzoo.model_cards``."""
-    checkout = Path(__file__).resolve().parent.parent / "model_cards" / name
+    checkout = Path(__file__).resolve().parents[2] / "model_cards" / name
     if checkout.exists():
         return checkout
     return Path(str(resources.files("dgzoo.model_cards") / name))
@@ -35,8 +37,6 @@ def model_name(results: dict[str, Any]) -> str:
 
 
 def _dataset_spec(results: dict[str, Any]) -> Any:
-    from .data.registry import get_spec
-
     dataset = results["dataset"]
     return get_spec(dataset.get("repo_id") or dataset["name"]) if dataset["source"] in ("hub", "builtin") else None
 
@@ -52,15 +52,6 @@ def card_license(results: dict[str, Any], override: str | None = None) -> dict[s
         return {"license": override}
     spec = _dataset_spec(results)
     return hub_license(spec.license, spec.homepage) if spec else {"license": "unknown"}
-
-
-def hub_license(text: str, link: str | None = None) -> dict[str, str]:
-    """Card licence fields for a registry licence string: a Hub licence id as is, anything else as ``other``
-    with a ``license_name`` made from the text and ``license_link``."""
-    if re.fullmatch(r"[a-z0-9][a-z0-9.-]*", text):
-        return {"license": text}
-    name = re.sub(r"[^a-z0-9]+", "-", text.lower().removeprefix("other")).strip("-") or "other"
-    return {"license": "other", "license_name": name, **({"license_link": link} if link else {})}
 
 
 def _base_model_license(results: dict[str, Any], run_dir: str | Path | None) -> str | None:
@@ -104,8 +95,6 @@ def _dataset_ref(results: dict[str, Any]) -> str:
 
 def reproduce_command(config: dict[str, Any]) -> str:
     """The ``accelerate launch`` command that repeats a run: every setting that differs from the defaults."""
-    from .config import TrainConfig
-
     defaults = TrainConfig().to_dict()
     skip = {"output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision", "log_with",
             "num_workers"}

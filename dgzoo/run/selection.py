@@ -1,4 +1,4 @@
-"""Per-domain accuracy and DomainBed's model-selection methods.
+"""DomainBed's model-selection methods over a run's evaluation records (no torch: reports load fast).
 
 Each evaluation produces a record ``{"step": s, "acc": {domain: {"in": a, "out": b}}, ...}``. A selection
 method picks one record of a run:
@@ -14,37 +14,9 @@ target domain, as DomainBed reports, and the ``out`` split of a source domain.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-import torch
-from torch import nn
-
-Gather = Callable[[Any], Any]
 SELECTION_METHODS = ("training_domain_validation", "oracle", "last")
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: Iterable, device: torch.device, gather: Gather = lambda t: t) -> float:
-    """Top-1 accuracy of ``model`` over ``loader``; ``gather`` collects predictions from all processes."""
-    correct, total = 0, 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        predictions, labels = gather((model(x).argmax(dim=1), y))
-        correct += int((predictions == labels).sum())
-        total += int(labels.numel())
-    return correct / max(total, 1)
-
-
-def evaluate(model: nn.Module, loaders: dict[str, dict[str, Iterable]], device: torch.device,
-             gather: Gather = lambda t: t) -> dict[str, dict[str, float]]:
-    """Accuracy of every domain split: ``{domain: {"in": acc, "out": acc}}``. Restores the model's mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        return {domain: {split: accuracy(model, loader, device, gather) for split, loader in splits.items()}
-                for domain, splits in loaders.items()}
-    finally:
-        model.train(was_training)
 
 
 def reported_accuracy(acc: dict[str, dict[str, float]], sources: Sequence[str]) -> dict[str, float]:

@@ -1,46 +1,51 @@
-"""The training loop, on Accelerate.
+"""Training one run, on Accelerate.
 
 :func:`train` reads top to bottom like an Accelerate example:
 
-1. :func:`plan_run` checks everything that can be wrong with the recipe *before* anything is written:
-   config values, backbone name, algorithm and hyperparameters, dataset, domains, output directory.
-2. The Accelerator, model, data and optimizer are set up; the algorithm (with its add-ons) is composed.
-3. The loop: one ``update`` per step on one minibatch per source domain; add-on epoch events; every
-   ``eval_every`` steps every domain's in/out split is evaluated, the record is written to records.jsonl and
-   the model selected by training-domain validation is exported; every ``checkpoint_every`` steps a
-   resumable checkpoint is saved.
+1. :func:`plan_run` checks everything that can be wrong with the recipe *before* anything is written: config
+   values, backbone name, algorithm and hyperparameters (against the backbone itself, built on the meta device),
+   dataset, domains, output directory.
+2. The Accelerator, network and data are set up; the algorithm (with its add-ons) is composed and prepared.
+3. The loop (:func:`dgzoo.training.loop.fit`): one ``update`` per step on one minibatch per source domain; every
+   ``eval_every`` steps every domain's in/out split is evaluated, the record is written to records.jsonl and the
+   model selected by training-domain validation is exported; every ``checkpoint_every`` steps a resumable
+   checkpoint is saved.
 4. The run directory is finalised: results.json, model card, plots; optionally pushed to the Hub.
 
-The engine knows nothing about any particular algorithm.
+The engine knows no particular algorithm: what it evaluates and exports is the composition's
+``evaluated_network()`` (the host's timm network, or an add-on's average of it).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import shutil
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from torch import nn
 
-from . import __version__
-from .algorithms import AddOn, Algorithm, EpochContext, create_algorithm, parse_algorithm, resolve_hparams
-from .cards import plot_run, render_card
-from .config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
-from .data import (DGDataset, DomainImages, DomainSplits, Protocol, eval_loader, eval_transform, load_dg_dataset,
-                   loader_workers, make_splits, resolve_protocol, train_loader, train_transform)
-from .errors import DGZooError
-from .evaluation import SELECTION_METHODS, evaluate, select
-from .export import (atomic_write_text, check_output_dir, checkpoint_dirs, clear_run_dir, latest_checkpoint,
-                     read_json, save_model, write_json)
-from .models import check_backbone, create_backbone, data_config, freeze_batchnorm
+from .. import __version__
+from ..algorithms import AddOn, Algorithm, Composition, Recipe, check_algorithm, parse_algorithm, resolve_hparams
+from ..config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
+from ..data import (DGDataset, DomainImages, DomainSplits, Protocol, eval_loader, eval_transform, load_dg_dataset,
+                    loader_workers, make_splits, resolve_protocol, train_transform)
+from ..errors import DGZooError
+from ..models import check_backbone, create_backbone, data_config, freeze_batchnorm, meta_backbone
+from ..run.cards import plot_run, render_card
+from ..run.hub import check_push_target, push_run
+from ..run.rundir import (atomic_write_text, check_output_dir, checkpoint_dirs, clear_run_dir, latest_checkpoint,
+                          read_json, save_model, write_json)
+from ..run.selection import SELECTION_METHODS, select
+from .evaluation import evaluate
+from .loop import LoopData, Optimisation, TrainState, build_algorithm, fit
+from .optimisation import create_scheduler, current_lr
 
 logger = logging.getLogger("dgzoo")
 
@@ -61,39 +66,19 @@ class RunPlan:
     host: type[Algorithm]
     addons: list[type[AddOn]]
     augment: str  # the resolved training augmentation
-
-
-@dataclass
-class TrainState:
-    """Loop state saved in every checkpoint (plain Python values only, so it loads with ``weights_only``)."""
-
-    step: int = 0
-    train_seconds: float = 0.0
-    images: int = 0
-    best_score: float = -1.0
-    best_step: int = -1
-    records: list[dict[str, Any]] = field(default_factory=list)
-    interval: dict[str, list[float]] = field(default_factory=dict)  # step metrics since the last evaluation
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+    image_size: int | None  # the resolved input resolution (None: the backbone's own)
 
 
 def plan_run(cfg: TrainConfig) -> RunPlan:
     """Validate a recipe completely, loading the dataset index but writing nothing. Raises DGZooError."""
     cfg.validate()
     check_backbone(cfg.backbone)
-    hparams = resolve_hparams(cfg.algorithm, cfg.hparams)
     host_cls, addon_classes = parse_algorithm(cfg.algorithm)
-    for component in (host_cls, *addon_classes):
-        component.check_precision(hparams[component.name], cfg.mixed_precision)
+    resolve_hparams(cfg.algorithm, cfg.hparams)  # names and types fail before a possibly long dataset download
+    if cfg.grad_accumulation > 1 and host_cls.KIND != "loss":
+        raise DGZooError(f"--grad-accumulation applies to loss hosts; {host_cls.name} takes its own optimizer steps "
+                         f"(per-domain gradients, meta steps); drop the flag or lower --batch-size")
     if cfg.push_to_hub:
-        from .hub import check_push_target
-
         check_push_target(cfg.push_to_hub, private=cfg.hub_private, revision=cfg.hub_revision)
     if cfg.output_dir:  # fail before a possibly long dataset download when the answer is already known
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
@@ -101,12 +86,22 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
     splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed())  # a too-small domain fails here
     augment = resolve_augment(cfg, data)
-    host_cls.check_recipe(hparams[host_cls.name], augment, len(protocol.sources))
+    image_size = cfg.image_size or (data.spec.image_size if data.spec else None)
+    recipe = Recipe(num_domains=len(protocol.sources), num_classes=data.num_classes, augment=augment,
+                    mixed_precision=cfg.mixed_precision, small_images=is_small_images(data),
+                    network=meta_backbone(cfg.backbone, data.num_classes, image_size, cfg.dropout),
+                    pretrained=cfg.pretrained)
+    hparams = check_algorithm(cfg.algorithm, cfg.hparams, recipe)
     output_dir = Path(cfg.output_dir or cfg.default_output_dir(list(protocol.targets)))
     check_output_dir(output_dir, cfg.resume, cfg.overwrite)
     if cfg.resume:
         _check_resume_config(cfg, output_dir)
-    return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment)
+    return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size)
+
+
+def is_small_images(data: DGDataset) -> bool:
+    """DomainBed's small-image datasets (its MNIST-likes): the ones whose hyperparameters it draws differently."""
+    return bool(data.spec and data.spec.small_images)
 
 
 def resolve_augment(cfg: TrainConfig, data: DGDataset) -> str:
@@ -151,40 +146,26 @@ def multiprocess_cpu() -> bool:
     return not has_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def create_accelerator(mixed_precision: str, log_with: list[str] | None = None,
-                       project_dir: Path | None = None) -> Any:
+def create_accelerator(mixed_precision: str, log_with: list[str] | None = None, project_dir: Path | None = None,
+                       find_unused_parameters: bool = False) -> Any:
     """An ``accelerate.Accelerator`` for one run of this process (training or unlearning).
 
     Accelerate keeps its settings in a process-wide singleton; a previous run in this process (a sweep, a test,
     a notebook) may have used other ones, so they are reset first, keeping the process group (PartialState).
-    Tracker logs go to ``project_dir/logs``.
+    Tracker logs go to ``project_dir/logs``. ``find_unused_parameters`` is for hosts whose modules are not all in
+    every loss (DDP then looks for the unused ones each step).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     project = (ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs"))
                if project_dir is not None else None)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     return Accelerator(cpu=multiprocess_cpu(), mixed_precision=mixed_precision, log_with=log_with,
-                       project_config=project)
-
-
-def create_optimizer(params: Any, optimizer: str, lr: float, weight_decay: float = 0.0,
-                     momentum: float = 0.9) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD (with momentum) over ``params``."""
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, weight_decay=weight_decay)
-
-
-def lr_lambda(schedule: str, steps: int) -> Callable[[int], float]:
-    """The learning-rate multiplier at each step: constant, or cosine from 1 to 0 over ``steps``."""
-    if schedule == "cosine":
-        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
-    return lambda step: 1.0
+                       project_config=project, kwargs_handlers=[ddp])
 
 
 class _ProgressAwareHandler(logging.StreamHandler):
@@ -241,104 +222,86 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
 
 
+def check_process_split(batch_size: int, grad_accumulation: int, num_processes: int) -> None:
+    """The global per-domain batch must split evenly over processes and then over micro-batches."""
+    if batch_size % num_processes:
+        raise DGZooError(f"--batch-size {batch_size} (per domain, global) must be divisible by the "
+                         f"{num_processes} processes; use a multiple of {num_processes}")
+    if (batch_size // num_processes) % grad_accumulation:
+        raise DGZooError(f"--batch-size {batch_size} over {num_processes} processes leaves "
+                         f"{batch_size // num_processes} images per process, not divisible by --grad-accumulation "
+                         f"{grad_accumulation}; use a batch size that is a multiple of both")
+
+
+def optimisation(cfg: TrainConfig) -> Optimisation:
+    """The recipe's optimisation settings."""
+    return Optimisation(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.grad_accumulation,
+                        cfg.clip_grad_norm)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, evaluate and export one run as described by ``cfg``; return its results.json content."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     plan = plan_run(cfg)
     out = plan.output_dir
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
 
-    accelerator = create_accelerator(cfg.mixed_precision, _trackers(cfg), out)
-    if cfg.batch_size % accelerator.num_processes:
-        raise DGZooError(f"--batch-size {cfg.batch_size} (per domain, global) must be divisible by the "
-                         f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}")
+    accelerator = create_accelerator(cfg.mixed_precision, _trackers(cfg), out, plan.host.FIND_UNUSED_PARAMETERS)
+    check_process_split(cfg.batch_size, cfg.grad_accumulation, accelerator.num_processes)
     start_run_dir(accelerator, out, cfg.overwrite, ("train_config.json", dump_config(cfg)), "train.log")
-    from .runtime import AccelerateRuntime
-
-    runtime = AccelerateRuntime(accelerator)
     set_seed(cfg.seed)
 
-    # -- model and data
+    # -- network and data
     data = plan.data
-    image_size = cfg.image_size or (data.spec.image_size if data.spec else None)
-    model = create_backbone(cfg.backbone, data.num_classes, cfg.pretrained, image_size, cfg.dropout)
+    network = create_backbone(cfg.backbone, data.num_classes, cfg.pretrained, plan.image_size, cfg.dropout)
     if cfg.freeze_bn:
-        freeze_batchnorm(model)
-    preprocessing = data_config(model, image_size)
-    augment = plan.augment
+        freeze_batchnorm(network)
+    preprocessing = data_config(network, plan.image_size)
     splits = plan.splits
-    own_tf = plan.host.train_transform(preprocessing, augment, plan.hparams[plan.host.name], len(sources))
-    train_tf = own_tf or train_transform(preprocessing, augment)
+    own_tf = plan.host.train_transform(preprocessing, plan.augment, plan.hparams[plan.host.name], len(sources))
+    train_tf = own_tf or train_transform(preprocessing, plan.augment)
     eval_tf = eval_transform(preprocessing)
-    random_tf = own_tf is not None or augment != "none"
-    train_sets = [DomainImages(data, splits.in_rows[d], train_tf, d, random=random_tf) for d in sources]
+    random_tf = own_tf is not None or plan.augment != "none"
     workers, pin = loader_workers(cfg.num_workers, accelerator.device)
     eval_loaders = {d: {split: accelerator.prepare_data_loader(eval_loader(
         DomainImages(data, rows[d], eval_tf, d), cfg.eval_batch_size, workers, pin))
         for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))} for d in data.domains}
+    loop_data = LoopData(
+        domains=sources, train_sets=[DomainImages(data, splits.in_rows[d], train_tf, d, random=random_tf)
+                                     for d in sources],
+        # What post-epoch add-ons see: the source domains' splits with the evaluation transform.
+        epoch_train=[DomainImages(data, splits.in_rows[d], eval_tf, d) for d in sources],
+        epoch_val=[DomainImages(data, splits.out_rows[d], eval_tf, d) for d in sources],
+        batch_size=cfg.batch_size, seed=cfg.seed, workers=workers, pin_memory=pin)
 
-    # -- optimisation
-    optimizer = create_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.lr,
-                                 cfg.weight_decay, cfg.momentum)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.steps))
-    algorithm = create_algorithm(cfg.algorithm, model, optimizer, len(sources), cfg.hparams, runtime)
+    # -- the algorithm and its optimisation
+    algorithm = build_algorithm(cfg.algorithm, network, data.num_classes, len(sources), plan.hparams, accelerator,
+                                optimisation(cfg))
+    scheduler = create_scheduler(algorithm.host.optimizer, cfg.lr_schedule, cfg.steps, cfg.warmup_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, algorithm, state)
-
     if cfg.resume:
         checkpoint = latest_checkpoint(out)
         accelerator.load_state(str(checkpoint))
         logger.info("resumed from %s at step %d", checkpoint, state.step)
-    steps_per_epoch = max(1, math.ceil(min(len(s) for s in train_sets) / cfg.batch_size))
     metadata = {"algorithm": cfg.algorithm, "dataset": data.info()["name"], "dataset_repo_id": data.repo_id,
                 "dataset_revision": data.revision, "source_domains": sources, "target_domains": targets,
                 "protocol": plan.protocol.name, "dgzoo_version": __version__}
-    unwrapped = runtime.unwrap(model)
     if accelerator.is_main_process:
         logger.info("dgzoo %s | %s on %s | sources %s -> held-out %s | %s, %d classes, %d process(es) on %s",
                     __version__, cfg.algorithm, data.name, sources, targets, cfg.backbone, data.num_classes,
                     accelerator.num_processes, accelerator.device)
         accelerator.init_trackers("dgzoo", config=_tracker_config(cfg))
 
-    # What post-epoch add-ons see: the source domains' splits with the evaluation transform.
-    epoch_train = [DomainImages(data, splits.in_rows[d], eval_tf, d) for d in sources]
-    epoch_val = [DomainImages(data, splits.out_rows[d], eval_tf, d) for d in sources]
-
-    # -- the loop
-    loader = train_loader(train_sets, cfg.batch_size, cfg.seed, cfg.steps, state.step, accelerator.process_index,
-                          accelerator.num_processes, workers, pin)
-    images_per_step = cfg.batch_size * len(sources)
-    progress = tqdm(total=cfg.steps, initial=state.step, disable=not accelerator.is_main_process, desc="train",
-                    dynamic_ncols=True)
-    tick = time.perf_counter()
-    for minibatches in loader:
-        minibatches = [(x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True))
-                       for x, y in minibatches]
-        metrics = algorithm.update(minibatches, state.step)
-        scheduler.step()
-        state.step += 1
-        state.images += images_per_step
-        if state.step % steps_per_epoch == 0:
-            context = EpochContext(epoch=state.step // steps_per_epoch, step=state.step,
-                                   steps_per_epoch=steps_per_epoch, source_domains=sources, source_train=epoch_train,
-                                   source_val=epoch_val, make_loader=lambda ds, bs: eval_loader(ds, bs, workers, pin),
-                                   batch_size=cfg.batch_size)
-            metrics.update(algorithm.on_epoch_end(context))
-        state.train_seconds += time.perf_counter() - tick
-        for key, value in metrics.items():
-            state.interval.setdefault(key, []).append(float(value))
-        accelerator.log(metrics, step=state.step)
-        progress.update(1)
-        if "loss" in metrics:
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
-
+    def evaluate_and_checkpoint(state: TrainState, metrics: dict[str, float]) -> None:
         if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-            runtime.sync_buffers(unwrapped)
-            acc = evaluate(model, eval_loaders, accelerator.device, accelerator.gather_for_metrics)
-            record = _make_record(state, acc, sources, targets, steps_per_epoch, scheduler, runtime)
+            network = algorithm.evaluated_network()
+            algorithm.host.runtime.sync_buffers(network)
+            with accelerator.autocast():
+                acc = evaluate(network, eval_loaders, accelerator.device, accelerator.gather_for_metrics)
+            record = _make_record(state, acc, sources, targets, loop_data.steps_per_epoch,
+                                  current_lr(algorithm.host.optimizer))
             state.interval = {}
             state.records.append(record)
             score = record["source_val_acc"]
@@ -348,20 +311,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if accelerator.is_main_process:
                 atomic_write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in state.records))
                 if new_best and cfg.selection == "training_domain_validation":
-                    save_model(unwrapped, out, data.class_names, preprocessing, metadata)
+                    save_model(network, out, data.class_names, preprocessing, metadata)
                 logger.info("step %d: source val %.3f | held-out %.3f%s", state.step, score, record["target_acc"],
                             " (best)" if new_best else "")
             accelerator.log({"eval/source_val_acc": score, "eval/target_acc": record["target_acc"]},
                             step=state.step)
         if state.step % cfg.resolved_checkpoint_every() == 0 or state.step == cfg.steps:
             _save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
-        tick = time.perf_counter()
-    progress.close()
+
+    fit(algorithm, loop_data, accelerator, scheduler, state, cfg.steps, evaluate_and_checkpoint)
 
     # -- finalise the run directory
     if cfg.selection != "training_domain_validation" and accelerator.is_main_process:
-        save_model(unwrapped, out, data.class_names, preprocessing, metadata)
-    results = _results(cfg, plan, state, algorithm, accelerator, unwrapped, image_size)
+        save_model(algorithm.evaluated_network(), out, data.class_names, preprocessing, metadata)
+    results = _results(cfg, plan, state, algorithm, accelerator, network)
     if accelerator.is_main_process:
         write_json(out / "results.json", results)
         plot_run(results, state.records, out)
@@ -371,26 +334,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if cfg.push_to_hub and accelerator.is_main_process:
-        from .hub import push_run
-
         url = push_run(out, cfg.push_to_hub, private=cfg.hub_private, revision=cfg.hub_revision)
         logger.info("published to %s", url)
     return results
 
 
 def _make_record(state: TrainState, acc: dict[str, dict[str, float]], sources: list[str], targets: list[str],
-                 steps_per_epoch: int, scheduler: Any, runtime: Any) -> dict[str, Any]:
+                 steps_per_epoch: int, lr: float) -> dict[str, Any]:
     record: dict[str, Any] = {
         "step": state.step, "epoch": state.step / steps_per_epoch, "acc": acc,
         "source_val_acc": sum(acc[d]["out"] for d in sources) / len(sources),
         "target_acc": sum(acc[d]["in"] for d in targets) / len(targets),
-        "lr": scheduler.get_last_lr()[0], "train_seconds": state.train_seconds,
+        "lr": lr, "train_seconds": state.train_seconds,
         "images_per_second": state.images / max(state.train_seconds, 1e-9)}
-    # Step metrics (e.g. the loss) are measured on each process's share of the batch: average them globally.
-    keys = sorted(state.interval)
-    if keys:
-        means = torch.tensor([sum(state.interval[k]) / len(state.interval[k]) for k in keys], device=runtime.device)
-        record.update(zip(keys, runtime.all_reduce_mean(means).tolist()))
+    # Step metrics are already averaged over processes (fit): here over the steps since the last evaluation.
+    record.update({k: sum(v) / len(v) for k, v in sorted(state.interval.items())})
     return record
 
 
@@ -428,8 +386,8 @@ def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     return flat
 
 
-def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Any, accelerator: Any,
-             model: torch.nn.Module, image_size: int | None) -> dict[str, Any]:
+def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Composition, accelerator: Any,
+             model: nn.Module) -> dict[str, Any]:
     import timm
 
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
@@ -438,10 +396,13 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Any,
     host, addons = plan.host, plan.addons
     training = {"lr": cfg.lr, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
                 "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule, "dropout": cfg.dropout,
-                "freeze_bn": cfg.freeze_bn, "augment": plan.augment, "image_size": image_size,
+                "freeze_bn": cfg.freeze_bn, "augment": plan.augment, "image_size": plan.image_size,
                 "holdout_fraction": cfg.holdout_fraction, "mixed_precision": cfg.mixed_precision}
     if cfg.optimizer == "sgd":
         training["momentum"] = cfg.momentum
+    for key in ("warmup_steps", "grad_accumulation", "clip_grad_norm"):  # listed when they change the recipe
+        if getattr(cfg, key) != getattr(TrainConfig, key):
+            training[key] = getattr(cfg, key)
     data_info = plan.data.info()
     return {
         "algorithm": cfg.algorithm, "host_algorithm": host.name, "addons": [a.name for a in addons],

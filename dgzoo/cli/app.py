@@ -6,7 +6,7 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
-from .errors import DGZooError
+from ..errors import DGZooError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -15,22 +15,22 @@ Handler = Callable[[argparse.Namespace], int]
 # ``handler`` on the parsers it adds. Only the module of the command being run is imported (some import torch,
 # which takes seconds), except for ``--help``, which lists them all.
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
-    "dgzoo.hub_cli": ("push", "eval", "datasets"),
-    "dgzoo.unlearning.cli": ("unlearn",),
-    "dgzoo.sweep_cli": ("sweep", "report"),
+    "dgzoo.cli.hub": ("push", "eval", "datasets"),
+    "dgzoo.cli.unlearn": ("unlearn",),
+    "dgzoo.cli.sweep": ("sweep", "report"),
 }
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import config_from_args
-    from .engine import train
+    from ..config import config_from_args
+    from ..training.engine import train
 
     train(config_from_args(args))
     return 0
 
 
 def _datasets_list(args: argparse.Namespace) -> int:
-    from .data.registry import REGISTRY
+    from ..data.registry import REGISTRY
 
     rows = [("name", "kind", "source", "domains")]
     for spec in REGISTRY.values():
@@ -44,7 +44,7 @@ def _datasets_list(args: argparse.Namespace) -> int:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``dgzoo`` argument parser; with ``command``, only the modules providing that command are loaded."""
-    from .config import add_train_arguments
+    from ..config import add_train_arguments
 
     parser = argparse.ArgumentParser(prog="dgzoo", description="Domain generalization with timm, Accelerate and the Hub.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -33,9 +33,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .errors import DGZooError, suggest
-from .evaluation import select
-from .export import atomic_write_text, read_json, read_records
+from ..errors import DGZooError, suggest
+from ..run.selection import select
+from ..run.rundir import atomic_write_text, read_json, read_records
 
 SELECTION_METHODS = ("training_domain_validation", "leave_one_domain_out", "oracle")
 SELECTION_TITLES = {
@@ -150,7 +150,7 @@ class Pick:
 
 
 def select_in_run(run: Run, method: str) -> Pick:
-    """Training-domain validation or oracle selection inside one run (:func:`dgzoo.evaluation.select`)."""
+    """Training-domain validation or oracle selection inside one run (:func:`dgzoo.training.evaluation.select`)."""
     chosen = select(run.records, method, run.sources, run.targets)
     return Pick(run, chosen["step"], chosen["score"], chosen["target_accuracy"])
 
@@ -492,7 +492,7 @@ def _mean(values: Iterable[float]) -> float:
 
 def _dataset_rank(dataset: str) -> int:
     """Registry order first (as DomainBed lists its datasets), other datasets after."""
-    from .data import REGISTRY
+    from ..data import REGISTRY
 
     names = list(REGISTRY)
     return names.index(dataset) if dataset in names else len(names)
@@ -500,7 +500,7 @@ def _dataset_rank(dataset: str) -> int:
 
 def _row_rank(algorithm: str) -> int:
     """Algorithms in registration order (erm first, as DomainBed's ALGORITHMS), unknown ones after."""
-    from .algorithms import ALGORITHMS
+    from ..algorithms import ALGORITHMS
 
     names = list(ALGORITHMS)
     host = algorithm.split("+")[0]

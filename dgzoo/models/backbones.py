@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from .errors import DGZooError, suggest
+from ..errors import DGZooError, suggest
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
 
@@ -65,6 +65,17 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, image
             raise DGZooError(f"could not load pretrained weights for '{name}' ({type(e).__name__}); check the "
                              f"connection to the Hub or the HF cache, or train with --no-pretrained") from None
         raise
+
+
+def meta_backbone(name: str, num_classes: int, image_size: int | None = None, dropout: float = 0.0) -> nn.Module | None:
+    """The backbone :func:`create_backbone` would build, on the meta device: module names and shapes at no memory or
+    time cost, for checks made before a run writes anything. None when the model cannot be built there (a Hub
+    checkpoint whose config is not cached, an architecture that needs real tensors at construction)."""
+    try:
+        with torch.device("meta"):
+            return create_backbone(name, num_classes, False, image_size, dropout)
+    except Exception:  # noqa: BLE001 - the checks then run on the real network, at construction
+        return None
 
 
 def data_config(model: nn.Module, image_size: int | None = None) -> dict[str, Any]:

@@ -8,8 +8,8 @@ import argparse
 from typing import Any
 
 from ..config import OPTIMIZERS, PRECISIONS, normalize_hparams
-from .methods import METHOD_CHOICES
-from .recipe import UnlearnConfig
+from ..unlearning.methods import METHOD_CHOICES
+from ..config import UnlearnConfig
 
 EXAMPLES = """examples:
   dgzoo unlearn runs/my-run --forget class=3 --method retrain --output-dir runs/retrain-3
@@ -64,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> UnlearnConfig:
 
 
 def _unlearn(args: argparse.Namespace) -> int:
-    from .recipe import unlearn
+    from ..unlearning.recipe import unlearn
 
     unlearn(config_from_args(args))
     return 0

@@ -4,7 +4,7 @@
     dgzoo eval me/pacs-resnet50-erm-sketch --dataset pacs --domains sketch photo
     dgzoo datasets convert VLCS.tar.gz --push-to-hub me/vlcs [--output-dir DIR]
 
-Each command is a thin layer over :mod:`dgzoo.hub` and :mod:`dgzoo.data.convert`.
+Each command is a thin layer over :mod:`dgzoo.run.hub` and :mod:`dgzoo.data.convert`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import DGZooError
+from ..errors import DGZooError
 
 TOKEN_HELP = ("Hugging Face token (default: HF_TOKEN, then the `hf auth login` token; prefer those, since a flag "
               "can end up in the shell history)")
@@ -65,7 +65,7 @@ def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import push_run
+    from ..run.hub import push_run
 
     url = push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
                    commit_message=args.commit_message, token=args.token, license=args.license)
@@ -74,7 +74,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .hub import evaluate_pretrained
+    from ..training.evaluation import evaluate_pretrained
 
     results = evaluate_pretrained(
         args.model, args.dataset, args.domains, split=args.split, revision=args.revision,
@@ -97,9 +97,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .data.convert import (convert_image_folders, domain_counts, image_folder_root, known_spec, num_shards,
+    from ..data.convert import (convert_image_folders, domain_counts, image_folder_root, known_spec, num_shards,
                                push_dataset, write_parquet)
-    from .hub import check_push_target
+    from ..run.hub import check_push_target
 
     if not args.push_to_hub and not args.output_dir:
         raise DGZooError("say where the converted dataset goes: --push-to-hub REPO_ID, --output-dir DIR, or both")
@@ -126,7 +126,7 @@ def _convert(args: argparse.Namespace) -> int:
             except DGZooError:
                 raise
             except Exception as e:  # noqa: BLE001 - reported as one line, token scrubbed
-                from .hub import hub_error_reason
+                from ..run.hub import hub_error_reason
 
                 raise DGZooError(f"pushing the dataset to {args.push_to_hub} failed: {hub_error_reason(e, token)}; "
                                  f"run the same command again") from None

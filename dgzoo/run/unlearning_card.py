@@ -10,9 +10,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cards import card_license, template_path
-from ..export import read_json
-from .recipe import HEADLINE, UnlearnConfig
+from ..config import UnlearnConfig
+from .cards import card_license, template_path
+from .rundir import read_json
+
+HEADLINE = {  # the numbers every table and card shows: key -> (label, where in an evaluation)
+    "forget_acc": ("forget accuracy", ("accuracy", "forget")),
+    "retain_acc": ("retain accuracy", ("accuracy", "retain")),
+    "validation_acc": ("validation accuracy (matched)", ("accuracy", "validation")),
+    "test_acc": ("test accuracy", ("accuracy", "test")),
+    "matched_test_acc": ("test accuracy (matched)", ("accuracy", "matched_test")),
+    "held_out_acc": ("held-out-domain accuracy", ("accuracy", "held_out")),
+    "mia_loss": ("loss MIA accuracy", ("attacks", "loss")),
+    "mia_knn": ("representation kNN attack accuracy", ("attacks", "representation_knn")),
+    "mia_linear": ("representation linear-probe attack accuracy", ("attacks", "representation_linear")),
+}
 
 
 def model_name(results: dict[str, Any]) -> str:

@@ -35,16 +35,20 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import __version__
-from .config import TrainConfig, changed_fields, load_yaml, parse_scalar
-from .errors import DGZooError, suggest
-from .export import latest_checkpoint, read_json, write_json
+from .. import __version__
+from ..algorithms import parse_algorithm, resolve_hparams
+from ..config import TrainConfig, changed_fields, load_yaml, training_search_space
+from ..data import get_spec, load_dg_dataset
+from ..data import seed_hash
+from ..hparams import Distribution, Uniform, parse_distribution
+from ..models import check_backbone
+from ..errors import DGZooError, suggest
+from ..run.rundir import latest_checkpoint, read_json, write_json
 
 MANIFEST = "sweep.json"
 LAUNCHERS = ("local", "subprocess", "print")
 TEST_DOMAIN_MODES = ("single", "single_and_pairs")
 DEFAULT_LAUNCH_PREFIX = "accelerate launch recipes/train.py"
-TRAINING = "training"  # the search-space key of TrainConfig fields every algorithm trains with
 
 # Fields the sweep itself sets for every run; a spec's ``train`` section may not set them.
 SWEEP_FIELDS = ("dataset", "algorithm", "target_domains", "source_domains", "seed", "split_seed", "output_dir",
@@ -53,96 +57,12 @@ SWEEP_FIELDS = ("dataset", "algorithm", "target_domains", "source_domains", "see
 ALWAYS_IN_COMMANDS = ("dataset", "algorithm", "target_domains", "seed", "split_seed", "output_dir")
 
 
-# ---------------------------------------------------------------------- distributions
+# ---------------------------------------------------------------------- search spaces
 
-
-@dataclass(frozen=True)
-class Uniform:
-    """``U(low, high)``, optionally as an exponent (``10**U(-5, -3.5)``) and truncated to int (``int(2**U(3, 9))``)."""
-
-    low: float
-    high: float
-    base: float | None = None
-    integer: bool = False
-
-    def sample(self, rng: np.random.RandomState) -> float | int:
-        value = rng.uniform(self.low, self.high)
-        value = self.base ** value if self.base is not None else value
-        return int(value) if self.integer else float(value)
-
-    def __str__(self) -> str:
-        text = f"U({_num(self.low)}, {_num(self.high)})"
-        text = f"{_num(self.base)}**{text}" if self.base is not None else text
-        return f"int({text})" if self.integer else text
-
-
-@dataclass(frozen=True)
-class Choice:
-    """``choice(a, b, ...)``: one of the values, each equally likely."""
-
-    values: tuple[Any, ...]
-
-    def sample(self, rng: np.random.RandomState) -> Any:
-        return self.values[rng.randint(len(self.values))]
-
-    def __str__(self) -> str:
-        return f"choice({', '.join(map(str, self.values))})"
-
-
-Distribution = Uniform | Choice
-_UNIFORM = re.compile(r"^(int\()?\s*(?:([0-9.eE+-]+)\s*\*\*\s*)?U\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*\)\s*(\))?$")
-
-
-def parse_distribution(text: Any, key: str) -> Distribution | None:
-    """Parse ``U(a, b)``, ``10**U(a, b)``, ``int(2**U(a, b))``, ``choice(a, b, ...)`` or a YAML list (a choice).
-
-    ``None`` (YAML ``null``) means "not searched": the key keeps the recipe's value in every sample.
-    """
-    if text is None or isinstance(text, (Uniform, Choice)):
-        return text
-    if isinstance(text, (list, tuple)):
-        return Choice(tuple(text))
-    raw = str(text).strip()
-    if raw.startswith("choice(") and raw.endswith(")"):
-        return Choice(tuple(parse_scalar(v) for v in raw[len("choice("):-1].split(",")))
-    match = _UNIFORM.match(raw)
-    if match and bool(match.group(1)) == bool(match.group(5)):  # int( ... ) opened and closed
-        try:
-            return Uniform(float(match.group(3)), float(match.group(4)),
-                           float(match.group(2)) if match.group(2) else None, integer=bool(match.group(1)))
-        except ValueError:  # bounds that are not numbers: the error below says what to write
-            pass
-    raise DGZooError(f"search distribution for '{key}' is '{raw}'; write U(a, b), 10**U(a, b), int(2**U(a, b)), "
-                     f"choice(a, b, ...) or null")
-
-
-def _num(value: float) -> str:
-    return f"{value:g}"
-
-
-# Random-search distributions, keyed by component (``training`` for TrainConfig fields, else an algorithm or add-on
-# name) and hyperparameter key. Hyperparameters of algorithms and add-ons not listed keep the recipe's value in
-# every sample (``dgzoo sweep --dry-run`` lists them): declare their distributions here (next to the algorithm's
-# research note defaults), or per sweep in the spec's ``search`` section.
-SEARCH_SPACES: dict[str, dict[str, Distribution | None]] = {
-    # DomainBed's image-dataset distributions (hparams_registry.py); dropout is its ``resnet_dropout``.
-    TRAINING: {"lr": Uniform(-5, -3.5, base=10), "batch_size": Uniform(3, 5.5, base=2, integer=True),
-               "weight_decay": Uniform(-6, -2, base=10), "dropout": Choice((0.0, 0.1, 0.5))},
-    # The values the seed paper ablates: the cosine threshold and the number of RandAugment operations.
-    "equilibrium": {"alpha": Choice((0.3, 0.5, 0.7)), "random_ops": Choice((1, 2, 3))},
-    # Around the published noise half-widths (1e-6 VLCS, 1e-5 elsewhere); GGA-L's gamma around its 1e-3 default.
-    "gga": {"rho": Uniform(-6, -4, base=10)},
-    "gga_l": {"gamma": Uniform(-4.5, -2.5, base=10)},
-    # research/iu.md A2 (alpha sweep {0.5, 1, 2, 3}) and A10 (ascent step 1e-4 .. 1e-2); IUE also its EMA.
-    "iu": {"alpha": Choice((0.5, 1.0, 2.0, 3.0)), "lr": Uniform(-4, -2, base=10)},
-    "iue": {"alpha": Choice((0.5, 1.0, 2.0, 3.0)), "lr": Uniform(-4, -2, base=10), "beta": Choice((0.8, 0.9, 0.95))},
-}
-
-# Per-dataset replacements of training distributions (None: not searched).
+# Per-dataset replacements of the declared distributions (None: not searched). The declarations (HParam's
+# ``search`` / ``small_search``, TrainConfig's field metadata) hold DomainBed's image-dataset and small-image
+# distributions; only what a single dataset does differently lives here.
 DATASET_SEARCH_SPACES: dict[str, dict[str, Distribution | None]] = {
-    # rotated-digits is dgzoo's RotatedMNIST: DomainBed's SMALL_IMAGES distributions, weight decay fixed at 0.
-    "rotated-digits": {"lr": Uniform(-4.5, -2.5, base=10), "batch_size": Uniform(3, 9, base=2, integer=True),
-                       "weight_decay": None},
     "domainnet": {"batch_size": Uniform(3, 5, base=2, integer=True)},
 }
 
@@ -151,20 +71,18 @@ def search_space(algorithm: str, dataset: str, overrides: dict[str, Distribution
                  ) -> dict[str, Distribution]:
     """The distributions searched for ``algorithm`` on ``dataset``: training keys bare, algorithm keys namespaced.
 
-    Layers, later winning: :data:`SEARCH_SPACES` (training, then each component of ``host+addon...``),
-    :data:`DATASET_SEARCH_SPACES`, then the spec's ``overrides``. A ``None`` removes a key.
+    Layers, later winning: the declarations (TrainConfig's searched fields, then each component of
+    ``host+addon...``, for small-image datasets their small-image distributions), :data:`DATASET_SEARCH_SPACES`,
+    then the spec's ``overrides``. A ``None`` removes a key.
     """
-    from .algorithms import parse_algorithm
-
     host, addons = parse_algorithm(algorithm)
-    space: dict[str, Distribution | None] = dict(SEARCH_SPACES.get(TRAINING, {}))
+    spec = get_spec(dataset)
+    small = bool(spec and spec.small_images)
+    space: dict[str, Distribution | None] = dict(training_search_space(small))
     for component in (host, *addons):
-        for key, dist in SEARCH_SPACES.get(component.name, {}).items():
-            if key not in component.HPARAMS:
-                raise DGZooError(f"SEARCH_SPACES['{component.name}'] names '{key}', which is not a hyperparameter "
-                                 f"of {component.name}; valid: {', '.join(sorted(component.HPARAMS)) or 'none'}")
-            space[f"{component.name}.{key}"] = dist
-    space.update(DATASET_SEARCH_SPACES.get(_dataset_key(dataset), {}))
+        for key, declared in component.HPARAMS.items():
+            space[f"{component.name}.{key}"] = declared.search_for(small)
+    space.update(DATASET_SEARCH_SPACES.get(spec.name if spec else dataset, {}))
     names = {host.name, *(a.name for a in addons)}
     for key, dist in (overrides or {}).items():
         namespace = key.rpartition(".")[0]
@@ -175,17 +93,8 @@ def search_space(algorithm: str, dataset: str, overrides: dict[str, Distribution
 
 def unsearched_hparams(algorithm: str, space: dict[str, Distribution]) -> list[str]:
     """Hyperparameters of ``algorithm`` with no distribution: every sample keeps the recipe's value."""
-    from .algorithms import parse_algorithm
-
     host, addons = parse_algorithm(algorithm)
     return [f"{c.name}.{k}" for c in (host, *addons) for k in c.HPARAMS if f"{c.name}.{k}" not in space]
-
-
-def _dataset_key(dataset: str) -> str:
-    from .data import get_spec
-
-    spec = get_spec(dataset)
-    return spec.name if spec else dataset
 
 
 # ---------------------------------------------------------------------- the spec
@@ -302,13 +211,6 @@ class SweepRun:
                 f"hp{self.hparams_seed} trial{self.trial_seed}")
 
 
-def seed_hash(*args: object) -> int:
-    """DomainBed's ``misc.seed_hash`` (shared with the data splits)."""
-    from .data import seed_hash as _seed_hash
-
-    return _seed_hash(*args)
-
-
 def sample_hparams(space: dict[str, Distribution], hparams_seed: int, trial_seed: int) -> dict[str, Any]:
     """Hyperparameter sample ``hparams_seed`` of trial ``trial_seed``: {} for sample 0 (the defaults)."""
     if hparams_seed == 0:
@@ -319,8 +221,6 @@ def sample_hparams(space: dict[str, Distribution], hparams_seed: int, trial_seed
 
 def dataset_domains(name: str, train: dict[str, Any]) -> tuple[str, list[str], Callable[[str], str | None]]:
     """(name, domains in the dataset's order, name -> canonical domain); registry entries need no loading."""
-    from .data import get_spec, load_dg_dataset
-
     spec = get_spec(name)
     if spec is not None and spec.kind != "imagefolder":
         return spec.name, list(spec.domains), spec.canonical_domain
@@ -368,9 +268,6 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
     Each run's config is complete and validated (backbone, algorithm, hyperparameters, domains) before anything
     trains, so a typo in a spec fails in a second, not after the first few runs.
     """
-    from .algorithms import resolve_hparams
-    from .models import check_backbone
-
     base = TrainConfig.from_dict(spec.train, source="the sweep's train section")
     check_backbone(base.backbone)
     _check_namespaced_keys(spec, base.hparams)
@@ -410,8 +307,6 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
 
 
 def _component_names(algorithm: str) -> set[str]:
-    from .algorithms import parse_algorithm
-
     host, addons = parse_algorithm(algorithm)
     return {host.name, *(a.name for a in addons)}
 
@@ -419,8 +314,6 @@ def _component_names(algorithm: str) -> set[str]:
 def _check_namespaced_keys(spec: SweepSpec, fixed: dict[str, Any]) -> None:
     """Namespaced keys (search, or the recipe's hparams) must name a hyperparameter of a component of one of the
     sweep's algorithms: a typo would otherwise be silently ignored by every run."""
-    from .algorithms import parse_algorithm
-
     components: dict[str, Any] = {}
     for algorithm in spec.algorithms:
         host, addons = parse_algorithm(algorithm)
@@ -566,7 +459,7 @@ def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | Non
         log(f"[{index}/{len(pending)}] {run.describe()} ({run.status}) -> {run.output_dir}")
         try:
             if launcher == "local":
-                from .engine import train
+                from ..training.engine import train
 
                 train(run.config)
             else:

@@ -5,8 +5,8 @@ import argparse
 import sys
 from typing import Any
 
-from .report import FORMATS, SELECTION_METHODS, report_dirs
-from .sweep import LAUNCHERS, SweepSpec, expand, plan, run_sweep, search_space, status_line, unsearched_hparams
+from ..experiments.report import FORMATS, SELECTION_METHODS, report_dirs
+from ..experiments.sweep import LAUNCHERS, SweepSpec, expand, plan, run_sweep, search_space, status_line, unsearched_hparams
 
 
 def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:

@@ -1,0 +1,301 @@
+"""The registries of hosts and add-ons, the ``host+addon+...`` grammar, validation in one place, and composition.
+
+Hosts register with :func:`register_algorithm`, add-ons with :func:`register_addon`; a name is taken once. Packages
+outside dgzoo register theirs through the ``dgzoo.algorithms`` entry-point group (each entry names a module or
+class whose import registers it), loaded when :mod:`dgzoo.algorithms` is first imported.
+
+:func:`check_algorithm` is the one place a recipe's algorithm is validated: names, hyperparameters (types, ranges,
+combinations) and each component's fit to the recipe (:class:`~dgzoo.algorithms.base.Recipe`). The engine calls
+it when it plans a run, before anything is written; :func:`create_algorithm` then builds without checking again.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DGZooError, suggest
+from ..hparams import HParam
+from .base import AddOn, Algorithm, Component, EpochContext, Metrics, Minibatches, Recipe
+from .runtime import Runtime
+
+logger = logging.getLogger("dgzoo")
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+ADDONS: dict[str, type[AddOn]] = {}
+ENTRY_POINT_GROUP = "dgzoo.algorithms"
+
+
+def _register(registry: dict[str, Any], other: dict[str, Any], cls: Any, what: str) -> Any:
+    name = cls.name
+    if not name or name != name.lower() or "+" in name or "." in name:
+        raise ValueError(f"{what} {cls.__qualname__} needs a lower-case name without '+' or '.', got {name!r}")
+    taken = registry.get(name) or other.get(name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"{what} name '{name}' is already taken by {taken.__module__}.{taken.__qualname__}; "
+                         f"give {cls.__module__}.{cls.__qualname__} another name")
+    registry[name] = cls
+    return cls
+
+
+def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make a host available by its ``name``. A name already taken is refused."""
+    return _register(ALGORITHMS, ADDONS, cls, "algorithm")
+
+
+def register_addon(cls: type[AddOn]) -> type[AddOn]:
+    """Class decorator: make an add-on available by its ``name`` (used as ``host+name``)."""
+    return _register(ADDONS, ALGORITHMS, cls, "add-on")
+
+
+def load_entry_points() -> list[str]:
+    """Import every ``dgzoo.algorithms`` entry point (their imports register algorithms); return their names.
+
+    A plugin that fails to import is reported as a warning and skipped: one broken package must not break dgzoo.
+    """
+    loaded = []
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+            loaded.append(entry.name)
+        except Exception as e:  # noqa: BLE001 - any failure of a third-party import
+            logger.warning("dgzoo: skipped the algorithm plugin '%s' (%s): %s: %s", entry.name, entry.value,
+                           type(e).__name__, e)
+    return loaded
+
+
+def parse_algorithm(spec: str) -> tuple[type[Algorithm], list[type[AddOn]]]:
+    """Split ``host+addon+...`` into classes, with suggestions for misspelled names."""
+    parts = [p.strip().lower() for p in spec.split("+")]
+    host, addons = parts[0], parts[1:]
+    if host not in ALGORITHMS:
+        hint = " (it is an add-on: write erm+" + host + ")" if host in ADDONS else suggest(host, ALGORITHMS)
+        raise DGZooError(f"unknown algorithm '{host}'{hint}; list them with `dgzoo algorithms`")
+    for addon in addons:
+        if addon not in ADDONS:
+            hint = " (it is an algorithm, not an add-on)" if addon in ALGORITHMS else suggest(addon, ADDONS)
+            raise DGZooError(f"unknown add-on '{addon}' in '{spec}'{hint}; available add-ons: "
+                             f"{', '.join(sorted(ADDONS)) or 'none'}")
+    if len(set(addons)) != len(addons):
+        raise DGZooError(f"add-on listed twice in '{spec}'; list each once")
+    classes = [ADDONS[a] for a in addons]
+    for i, first in enumerate(classes):
+        for second in classes[i + 1:]:
+            # A subclass is a variant of the same method (iue of iu): both would run, one after the other.
+            if issubclass(first, second) or issubclass(second, first):
+                raise DGZooError(f"'{spec}' lists {first.name} and {second.name}, two variants of one add-on that "
+                                 f"would both run; keep one")
+    return ALGORITHMS[host], classes
+
+
+def resolve_hparams(spec: str, given: dict[str, Any], small_images: bool = False) -> dict[str, dict[str, Any]]:
+    """Validate and fill hyperparameters per component: ``{'erm': {...}, 'gga': {...}}``.
+
+    Host keys may be bare (``alpha=0.5``) or namespaced (``equilibrium.alpha=0.5``); add-on keys must carry the
+    add-on's name (``gga.rho=1e-5``). Unknown keys are errors naming the valid ones. Defaults are DomainBed's
+    small-image ones when ``small_images``.
+    """
+    host, addons = parse_algorithm(spec)
+    components = {host.name: host.HPARAMS, **{a.name: a.HPARAMS for a in addons}}
+    resolved = {name: {k: h.default_for(small_images) for k, h in declared.items()}
+                for name, declared in components.items()}
+    for raw_key, value in given.items():
+        namespace, _, key = str(raw_key).rpartition(".")
+        namespace = namespace or host.name
+        if namespace not in components:
+            known = [f"{n}.{k}" for n, d in components.items() for k in d]
+            raise DGZooError(f"hparam '{raw_key}' does not belong to '{spec}'{suggest(str(raw_key), known)}; "
+                             f"valid: {', '.join(known) or 'none'}")
+        declared = components[namespace]
+        if key not in declared:
+            raise DGZooError(f"unknown hparam '{raw_key}' for {namespace}{suggest(key, declared)}; "
+                             f"valid: {', '.join(sorted(declared)) or 'none'}")
+        resolved[namespace][key] = declared[key].coerce(value, str(raw_key))
+    for component in (host, *addons):
+        component.check_hparams(resolved[component.name])
+    return resolved
+
+
+def check_algorithm(spec: str, given: dict[str, Any], recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """Validate ``spec`` and its hyperparameters against ``recipe`` completely; return the resolved hparams.
+
+    The one validation of an algorithm: everything a constructor could find wrong is found here.
+    """
+    resolved = resolve_hparams(spec, given, recipe.small_images)
+    host, addons = parse_algorithm(spec)
+    for component in (host, *addons):
+        component.check_recipe(resolved[component.name], recipe)
+    return resolved
+
+
+def flat_hparams(resolved: dict[str, dict[str, Any]], host: str) -> dict[str, Any]:
+    """Flatten resolved hyperparameters for results.json: host keys bare, add-on keys namespaced."""
+    flat: dict[str, Any] = {}
+    for name, values in resolved.items():
+        for key, value in values.items():
+            flat[key if name == host else f"{name}.{key}"] = value
+    return flat
+
+
+LossStep = Callable[[Algorithm, Minibatches, int], Metrics]
+
+
+def plain_loss_step(host: Algorithm, minibatches: Minibatches, step: int) -> Metrics:
+    """One optimizer step of a loss host: zero, backward, step (the engine's version adds accumulation and
+    clipping)."""
+    loss, metrics = host.call("loss", minibatches, step)
+    host.optimizer.zero_grad(set_to_none=True)
+    host.runtime.backward(loss)
+    host.optimizer.step()
+    return {"loss": float(loss.detach()), **scalars(metrics)}
+
+
+def scalars(metrics: dict[str, Any]) -> Metrics:
+    """Metrics as Python floats (tensors are detached and read)."""
+    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}
+
+
+class Composition:
+    """A host with its add-ons, driven by the engine one step (and one epoch) at a time."""
+
+    def __init__(self, host: Algorithm, addons: list[AddOn], hparams: dict[str, dict[str, Any]],
+                 loss_step: LossStep = plain_loss_step):
+        self.host, self.addons, self.resolved_hparams, self.loss_step = host, addons, hparams, loss_step
+
+    @property
+    def name(self) -> str:
+        return "+".join([self.host.name, *[a.name for a in self.addons]])
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return flat_hparams(self.resolved_hparams, self.host.name)
+
+    def update(self, minibatches: Minibatches, step: int) -> Metrics:
+        """One training step: add-ons before, the host's step, add-ons after."""
+        metrics: Metrics = {}
+        for addon in self.addons:
+            metrics.update(_prefixed(addon.name, addon.before_update(minibatches, step)))
+        if self.host.KIND == "loss":
+            metrics.update(self.loss_step(self.host, minibatches, step))
+        else:
+            metrics.update(scalars(self.host.update(minibatches, step)))
+        for addon in self.addons:
+            metrics.update(_prefixed(addon.name, addon.after_update(minibatches, step)))
+        return metrics
+
+    def on_epoch_end(self, context: EpochContext) -> Metrics:
+        metrics: Metrics = {}
+        for addon in self.addons:
+            metrics.update(_prefixed(addon.name, addon.on_epoch_end(context)))
+        return metrics
+
+    def evaluated_network(self) -> nn.Module:
+        """What is evaluated, selected and exported: the last add-on's averaged network, else the host's."""
+        for addon in reversed(self.addons):
+            network = addon.evaluated_network()
+            if network is not None:
+                return network
+        return self.host.network
+
+    def state_dict(self) -> dict[str, Any]:
+        """The components' extra state (parameters and optimizers are checkpointed by Accelerate)."""
+        return {"host": self.host.extra_state(), **{a.name: a.extra_state() for a in self.addons}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.host.load_extra_state(state.get("host", {}))
+        for addon in self.addons:
+            addon.load_extra_state(state.get(addon.name, {}))
+
+    def summary(self) -> dict[str, Any]:
+        out = {self.host.name: self.host.summary(), **{a.name: a.summary() for a in self.addons}}
+        return {k: v for k, v in out.items() if v}
+
+    def citations(self) -> list[tuple[str, str]]:
+        """(title, BibTeX) of every component that has a paper."""
+        parts: list[Any] = [self.host, *self.addons]
+        return [(p.title or p.name, p.citation) for p in parts if p.citation]
+
+
+def _prefixed(name: str, metrics: Metrics) -> Metrics:
+    return {f"{name}/{k}": float(v) for k, v in metrics.items()}
+
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+Prepare = Callable[..., Any]
+
+
+def default_optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """Adam at lr 1e-3 (dgzoo's recipe default), for algorithms built outside the engine (tests, notebooks)."""
+    return torch.optim.Adam(groups, lr=1e-3)
+
+
+def create_algorithm(spec: str, network: nn.Module, num_domains: int,
+                     hparams: dict[str, Any] | dict[str, dict[str, Any]] | None = None, *,
+                     num_classes: int | None = None, runtime: Runtime | None = None,
+                     make_optimizer: OptimizerFactory = default_optimizer, prepare: Prepare | None = None,
+                     loss_step: LossStep = plain_loss_step, small_images: bool = False,
+                     resolved: bool = False) -> Composition:
+    """Build ``host+addon+...`` around the timm ``network`` for ``num_domains`` training domains.
+
+    ``hparams`` are given ones (validated here, with every recipe check that needs no data:
+    :func:`check_algorithm` on this network) or, with ``resolved=True``, the output of :func:`check_algorithm`.
+    ``num_classes`` defaults to the network's.
+    Each optimizer the host declares is made by ``make_optimizer`` from its groups; ``prepare(host, *optimizers)``
+    (Accelerate's ``prepare``) wraps them, default none. Add-ons are built last, on the attached host.
+    """
+    runtime = runtime or Runtime()
+    host_cls, addon_classes = parse_algorithm(spec)
+    num_classes = network.num_classes if num_classes is None else num_classes
+    if not resolved:
+        recipe = Recipe(num_domains=num_domains, num_classes=num_classes, small_images=small_images,
+                        mixed_precision=runtime.mixed_precision(), network=network)
+        hparams = check_algorithm(spec, hparams or {}, recipe)
+    host = host_cls(network, num_classes, num_domains, hparams[host_cls.name])
+    host.to(runtime.device)
+    groups = host.optimizer_groups()
+    optimizers = [make_optimizer(g) for g in groups.values()]
+    prepared = host
+    if prepare is not None:
+        prepared, *optimizers = prepare(host, *optimizers)
+    host.attach(runtime, dict(zip(groups, optimizers)), prepared)
+    addons = [cls(host, hparams[cls.name], runtime) for cls in addon_classes]
+    return Composition(host, addons, hparams, loss_step)
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """One entry of :func:`list_algorithms`."""
+
+    name: str
+    kind: str  # "loss host", "update host" or "add-on"
+    title: str
+    paper: str
+    hparams: dict[str, HParam]
+    module: str
+
+
+def list_algorithms(kind: str | None = None) -> list[AlgorithmInfo]:
+    """Every registered host and add-on (``kind``: 'host' or 'add-on' to list one of them), sorted by name."""
+    entries: list[tuple[type[Component], str]] = []
+    if kind in (None, "host"):
+        entries += [(cls, f"{cls.KIND} host") for cls in ALGORITHMS.values()]
+    if kind in (None, "add-on"):
+        entries += [(cls, "add-on") for cls in ADDONS.values()]
+    return sorted((AlgorithmInfo(cls.name, what, cls.title or cls.name, cls.paper, dict(cls.HPARAMS), cls.__module__)
+                   for cls, what in entries), key=lambda info: (info.kind == "add-on", info.name))
+
+
+def describe(names: Sequence[str] | None = None) -> str:
+    """A plain-text listing of algorithms (``names``, or every one) with their papers and hyperparameters."""
+    lines = []
+    for info in list_algorithms():
+        if names and info.name not in names:
+            continue
+        lines.append(f"{info.name}  [{info.kind}]  {info.title}" + (f" ({info.paper})" if info.paper else ""))
+        for key, hp in sorted(info.hparams.items()):
+            lines.append(f"    {key}: {hp.help} [{hp.describe()}]")
+    return "\n".join(lines)

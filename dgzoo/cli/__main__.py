@@ -1,0 +1,6 @@
+"""``python -m dgzoo.cli``: the ``dgzoo`` command."""
+import sys
+
+from .app import main
+
+sys.exit(main())

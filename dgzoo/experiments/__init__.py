@@ -1,0 +1,1 @@
+"""Many runs: sweeps (grid, random search, launchers) and DomainBed-style reports over their run directories."""

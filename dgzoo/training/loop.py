@@ -1,0 +1,171 @@
+"""The one training loop, shared by ``dgzoo train``, unlearning's retrain and its fine-tuning.
+
+:func:`build_algorithm` composes ``host+addon+...`` on Accelerate: the host (an ``nn.Module`` owning the timm
+network) and each optimizer it declares are prepared together, so DDP wraps the whole algorithm. :func:`fit` is the
+loop: one ``update`` per step on one minibatch per domain, the schedule, add-on epoch events, metrics averaged over
+processes, and an ``after_step`` callback where the caller evaluates and checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..algorithms import Algorithm, Composition, EpochContext, Minibatches, create_algorithm
+from ..algorithms.registry import scalars
+from ..data import DomainImages, eval_loader, train_loader
+from .optimisation import create_optimizer
+from .runtime import AccelerateRuntime
+
+
+@dataclass
+class TrainState:
+    """Loop state saved in every checkpoint (plain Python values only, so it loads with ``weights_only``)."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    images: int = 0
+    best_score: float = -1.0
+    best_step: int = -1
+    records: list[dict[str, Any]] = field(default_factory=list)
+    interval: dict[str, list[float]] = field(default_factory=dict)  # step metrics since the last evaluation
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """The recipe's optimisation settings, as the loop and :func:`build_algorithm` use them."""
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    grad_accumulation: int = 1
+    clip_grad_norm: float | None = None
+
+
+class AcceleratedLossStep:
+    """A loss host's optimizer step: ``grad_accumulation`` micro-batches (DDP synchronises only the last), the
+    backward pass through Accelerate (fp16 loss scaling), then the step."""
+
+    def __init__(self, accelerator: Any, accumulation: int = 1):
+        self.accelerator, self.accumulation = accelerator, accumulation
+
+    def __call__(self, host: Algorithm, minibatches: Minibatches, step: int) -> dict[str, float]:
+        n = self.accumulation
+        host.optimizer.zero_grad(set_to_none=True)
+        micro = [list(minibatches)] if n == 1 else [
+            [(x.tensor_split(n)[i], y.tensor_split(n)[i]) for x, y in minibatches] for i in range(n)]
+        totals: dict[str, float] = {}
+        for i, chunk in enumerate(micro):
+            last = i == n - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(host.prepared):
+                loss, metrics = host.call("loss", chunk, step)
+                self.accelerator.backward(loss / n if n > 1 else loss)
+            for key, value in {"loss": float(loss.detach()), **scalars(metrics)}.items():
+                totals[key] = totals.get(key, 0.0) + value / n
+        host.optimizer.step()
+        return totals
+
+
+def clip_gradients(host: Algorithm, max_norm: float) -> Callable[[], None]:
+    """An optimizer pre-step hook clipping the gradient norm of the host's parameters (every host, every step)."""
+    params = [p for p in host.parameters() if p.requires_grad]
+    return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def build_algorithm(spec: str, network: torch.nn.Module, num_classes: int, num_domains: int,
+                    hparams: dict[str, dict[str, Any]], accelerator: Any, settings: Optimisation) -> Composition:
+    """``spec`` composed around ``network`` on ``accelerator``, with the recipe's optimizers (``hparams`` as
+    resolved by :func:`~dgzoo.algorithms.check_algorithm`)."""
+
+    def make_optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        return create_optimizer(groups, settings.optimizer, settings.lr, settings.weight_decay, settings.momentum)
+
+    algorithm = create_algorithm(spec, network, num_domains, hparams, num_classes=num_classes, resolved=True,
+                                 runtime=AccelerateRuntime(accelerator), make_optimizer=make_optimizer,
+                                 prepare=accelerator.prepare,
+                                 loss_step=AcceleratedLossStep(accelerator, settings.grad_accumulation))
+    if settings.clip_grad_norm:
+        for name in algorithm.host.optimizers:
+            algorithm.host.hook_optimizer_step(clip_gradients(algorithm.host, settings.clip_grad_norm), name)
+    return algorithm
+
+
+@dataclass
+class LoopData:
+    """What the loop trains on: one training set per domain, and what post-epoch add-ons see."""
+
+    domains: list[str]
+    train_sets: Sequence[DomainImages]
+    epoch_train: Sequence[DomainImages]  # evaluation-transform copies for add-ons (IU)
+    epoch_val: Sequence[DomainImages]
+    batch_size: int
+    seed: int  # of the data order
+    workers: int = 0
+    pin_memory: bool = False
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """DomainBed's epoch: the smallest domain's training set once."""
+        return max(1, math.ceil(min(len(s) for s in self.train_sets) / self.batch_size))
+
+
+def fit(algorithm: Composition, data: LoopData, accelerator: Any, scheduler: Any, state: TrainState, steps: int,
+        after_step: Callable[[TrainState, dict[str, float]], None] | None = None, desc: str = "train") -> None:
+    """Train ``algorithm`` from ``state.step`` to ``steps``; ``after_step(state, metrics)`` ends every step."""
+    from tqdm.auto import tqdm
+
+    loader = train_loader(data.train_sets, data.batch_size, data.seed, steps, state.step, accelerator.process_index,
+                          accelerator.num_processes, data.workers, data.pin_memory)
+    images_per_step = data.batch_size * len(data.train_sets)
+    steps_per_epoch = data.steps_per_epoch
+    runtime = algorithm.host.runtime
+    progress = tqdm(total=steps, initial=state.step, disable=not accelerator.is_local_main_process, desc=desc,
+                    dynamic_ncols=True)
+    tick = time.perf_counter()
+    for minibatches in loader:
+        minibatches = [(x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True))
+                       for x, y in minibatches]
+        metrics = algorithm.update(minibatches, state.step)
+        state.step += 1
+        scheduler.step_update(state.step)
+        state.images += images_per_step
+        if state.step % steps_per_epoch == 0:
+            context = EpochContext(epoch=state.step // steps_per_epoch, step=state.step,
+                                   steps_per_epoch=steps_per_epoch, source_domains=data.domains,
+                                   source_train=list(data.epoch_train), source_val=list(data.epoch_val),
+                                   make_loader=lambda ds, bs: eval_loader(ds, bs, data.workers, data.pin_memory),
+                                   batch_size=data.batch_size)
+            metrics.update(algorithm.on_epoch_end(context))
+        state.train_seconds += time.perf_counter() - tick
+        metrics = process_mean(metrics, runtime)
+        for key, value in metrics.items():
+            state.interval.setdefault(key, []).append(value)
+        accelerator.log(metrics, step=state.step)
+        progress.update(1)
+        if "loss" in metrics:
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+        if after_step is not None:
+            after_step(state, metrics)
+        tick = time.perf_counter()
+    progress.close()
+
+
+def process_mean(metrics: dict[str, float], runtime: Any) -> dict[str, float]:
+    """Step metrics averaged over processes (each measured its share of the batch), keys in a fixed order."""
+    if runtime.num_processes == 1 or not metrics:
+        return {k: float(v) for k, v in metrics.items()}
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], device=runtime.device, dtype=torch.float64)
+    return dict(zip(keys, runtime.all_reduce_mean(values).tolist()))
