@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import re
 import types
 import typing
@@ -144,6 +145,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check every field that can be checked without loading data or models."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DGZooError(f"--{f.name.replace('_', '-')} is {value}; give a finite number")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "eval_every": self.eval_every,
                     "eval_batch_size": self.eval_batch_size, "keep_checkpoints": self.keep_checkpoints}
         for name, value in positive.items():

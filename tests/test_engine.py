@@ -128,6 +128,14 @@ def test_an_existing_run_is_never_overwritten_silently(tmp_path):
     ({"algorithm": "ernm"}, "unknown algorithm 'ernm' (did you mean: erm?)"),
     ({"hparams": {"alpha": 1}}, "unknown hparam 'alpha' for erm"),
     ({"dataset": "no/such-local-dir/../x"}, "not a registry name"),
+    # Checks that need the backbone run on its meta-device copy, before the run directory exists.
+    ({"algorithm": "erm+iu", "hparams": {"iu.layer": "layer9"}}, "iu.layer='layer9' is not a module"),
+    ({"algorithm": "erm+iu", "hparams": {"iu.include_head": True, "iu.layer": "layer3"}}, "needs iu.layer=auto"),
+    ({"algorithm": "equilibrium", "source_domains": ["0"], "hparams": {"domains": "sources"}}, "at least 2 domains"),
+    ({"algorithm": "equilibrium", "mixed_precision": "fp16"}, "use --mixed-precision bf16"),
+    ({"algorithm": "equilibrium", "grad_accumulation": 2}, "applies to loss hosts"),
+    ({"batch_size": 8, "grad_accumulation": 3}, "divisible by --grad-accumulation"),
+    ({"lr": float("nan")}, "--lr"),
 ])
 def test_bad_input_fails_before_anything_is_written(tmp_path, overrides, message):
     cfg = tiny_config(tmp_path, **overrides)

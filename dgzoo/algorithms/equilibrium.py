@@ -165,6 +165,7 @@ class Equilibrium(DomainGradientAlgorithm):
 
     name = "equilibrium"
     title = "Domain Gradient Equilibrium"
+    paper = "Zhang et al., ACM MM 2024"
     citation = _CITATION
     HPARAMS = {
         **DomainGradientAlgorithm.HPARAMS,

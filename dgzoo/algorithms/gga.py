@@ -150,6 +150,7 @@ class GGA(AddOn):
 
     name = "gga"
     title = "Gradient-Guided Annealing"
+    paper = "Ballas & Diou, CVPR 2025"
     citation = CITATION
     HPARAMS = {
         "start": HParam(100, "first annealed step (0-based, inclusive); the paper anneals only early in training, "
@@ -278,6 +279,7 @@ class GGAL(AddOn):
 
     name = "gga_l"
     title = "Gradient-Guided Annealing, per-step noise (GGA-L)"
+    paper = "Ballas & Diou, CVPR 2025"
     citation = CITATION
     HPARAMS = {
         "gamma": HParam(1e-3, "noise intensity: the noise added to every gradient is gamma * (1 - mean pairwise "

@@ -124,7 +124,7 @@ def _writer(prefix: str, module: nn.Module, first_channel: int = 0) -> list[Chan
     for attr in ("weight", "bias", "gamma"):
         p = getattr(module, attr, None)
         if isinstance(p, nn.Parameter) and p.requires_grad:
-            rows = torch.arange(p.shape[0], device=p.device)
+            rows = torch.arange(p.shape[0], device="cpu" if p.is_meta else p.device)  # meta: recipe checks
             slices.append(ChannelSlice(f"{prefix}.{attr}", p, 0, rows, rows + first_channel))
     return slices
 
@@ -229,7 +229,7 @@ class ChannelLayer:
                 raise DGZooError("iu.include_head=true needs iu.layer=auto: the head's columns are the channels of "
                                  "the penultimate features only")
             head = classifier(model)
-            columns = torch.arange(head.in_features, device=head.weight.device)
+            columns = torch.arange(head.in_features, device="cpu" if head.weight.is_meta else head.weight.device)
             self.slices.append(ChannelSlice("head.weight", head.weight, 1, columns, columns))
         self.uses_cls_token = getattr(model, "cls_token", None) is not None
 
@@ -311,6 +311,7 @@ class IU(AddOn):
 
     name = "iu"
     title = "Identify and Unlearn"
+    paper = "Zhao et al., ICLR 2026"
     citation = CITATION
     HPARAMS = {
         "every": HParam(0, "run every N training steps; 0 = after every DomainBed epoch, ceil(min source-domain "

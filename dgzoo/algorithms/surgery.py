@@ -145,6 +145,7 @@ class AgrSum(GradientSurgery):
 
     name = "agr_sum"
     title = "Agr-Sum (Domain Generalization via Gradient Surgery)"
+    paper = "Mansilla et al., ICCV 2021"
     citation = _MANSILLA
 
     def combine(self, grads: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -158,6 +159,7 @@ class AgrRand(GradientSurgery):
 
     name = "agr_rand"
     title = "Agr-Rand (Domain Generalization via Gradient Surgery)"
+    paper = "Mansilla et al., ICCV 2021"
     citation = _MANSILLA
 
     def combine(self, grads: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -171,6 +173,7 @@ class PCGrad(GradientSurgery):
 
     name = "pcgrad"
     title = "PCGrad (Gradient Surgery for Multi-Task Learning)"
+    paper = "Yu et al., NeurIPS 2020"
     citation = _PCGRAD
 
     def combine(self, grads: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
