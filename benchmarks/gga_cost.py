@@ -80,11 +80,11 @@ def candidate_cost(backbone: str, domains: int, batch: int, size: int, candidate
         times["erm"].append(statistics.median(timed(lambda: algorithm.host.update(batches, r)) for _ in range(3)))
         # The per-domain gradient engine alone (the floor of a candidate), into the buffer a candidate reuses.
         times["passes"].append(statistics.median(
-            timed(lambda: per_domain_gradients(algorithm.host.module, groups, gga.scored, out=buffer))
+            timed(lambda: per_domain_gradients(algorithm.host.network, groups, gga.scored, out=buffer))
             for _ in range(3)))
         times["candidate"].append(timed(lambda: gga.anneal(groups, r)) / (candidates + 1))  # theta0 is scored too
         times["official"].append(statistics.median(
-            timed(lambda: official_candidate(algorithm.host.module, batches, 1e-5)) for _ in range(3)))
+            timed(lambda: official_candidate(algorithm.host.network, batches, 1e-5)) for _ in range(3)))
     ratio = {k: statistics.median(t / e for t, e in zip(v, times["erm"])) for k, v in times.items()}
     return {"backbone": backbone, "domains": domains, "batch": batch, "image_size": size,
             **{f"{k}_s": statistics.median(v) for k, v in times.items()},
