@@ -22,6 +22,9 @@ from dgzoo.models import create_backbone, data_config
 HOSTS = sorted(ALGORITHMS)
 # Add-on settings that make each act within the few steps of a contract run (GGA anneals from step 0).
 ADDON_SETTINGS = {"gga": {"gga.start": 0, "gga.end": 1, "gga.candidates": 2}, "gga_l": {}, "iu": {}, "iue": {}}
+# Host settings for the contract runs: DomainBed's SAND-mask default tau=1 masks every entry (|mean sign| - tau <= 0),
+# so at its default it never moves a weight; the contract needs a host that trains.
+HOST_SETTINGS = {"sandmask": {"tau": 0.5}}
 COMPOSITIONS = [f"{host}+{addon}" for host in HOSTS for addon in sorted(ADDONS)]
 NUM_CLASSES, DOMAINS, BATCH = 10, 3, 8
 
@@ -46,7 +49,7 @@ def context():
 
 
 def hparams_of(spec):
-    hparams = {}
+    hparams = dict(HOST_SETTINGS.get(spec.split("+")[0], {}))
     for addon in spec.split("+")[1:]:
         hparams.update(ADDON_SETTINGS.get(addon, {}))
     return hparams
