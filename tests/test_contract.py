@@ -24,7 +24,8 @@ HOSTS = sorted(ALGORITHMS)
 ADDON_SETTINGS = {"gga": {"gga.start": 0, "gga.end": 1, "gga.candidates": 2}, "gga_l": {}, "iu": {}, "iue": {}}
 # Host settings for the contract runs: DomainBed's SAND-mask default tau=1 masks every entry (|mean sign| - tau <= 0),
 # so at its default it never moves a weight; the contract needs a host that trains.
-HOST_SETTINGS = {"sandmask": {"tau": 0.5}}
+# TRM trains as ERM for its first `iters` steps: from step 0 here, so its own update is what is checked.
+HOST_SETTINGS = {"sandmask": {"tau": 0.5}, "trm": {"iters": 0}}
 COMPOSITIONS = [f"{host}+{addon}" for host in HOSTS for addon in sorted(ADDONS)]
 NUM_CLASSES, DOMAINS, BATCH = 10, 3, 8
 
@@ -223,6 +224,7 @@ TWO_PROCESSES = '''
 import json, sys
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from dgzoo.algorithms import ALGORITHMS, Runtime, create_algorithm
 from dgzoo.models import create_backbone, freeze_batchnorm
 from dgzoo.training.loop import AcceleratedLossStep
@@ -231,6 +233,7 @@ from dgzoo.training.runtime import AccelerateRuntime
 torch.set_num_threads(1)
 accelerator = Accelerator(cpu=True)
 rank, world = accelerator.process_index, accelerator.num_processes
+settings = json.loads(sys.argv[2])
 out = {}
 for host in sorted(ALGORITHMS):
     def build(runtime, prepare=None, loss_step=None):
@@ -238,13 +241,17 @@ for host in sorted(ALGORITHMS):
         network = create_backbone("test_resnet", num_classes=10)
         freeze_batchnorm(network)  # batch statistics are per process; the contract is about everything else
         kwargs = {"prepare": prepare, "loss_step": loss_step} if prepare else {}
-        return create_algorithm(host, network, 3, {}, runtime=runtime,
+        return create_algorithm(host, network, 3, settings.get(host, {}), runtime=runtime,
                                 make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), **kwargs)
 
     def data(step):
         g = torch.Generator().manual_seed(step)
         return [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
 
+    print("host", host, flush=True)
+    # as the engine's create_accelerator: DDP looks for unused parameters where the host says some may be
+    accelerator.ddp_handler = DistributedDataParallelKwargs(
+        find_unused_parameters=ALGORITHMS[host].FIND_UNUSED_PARAMETERS)
     single = build(Runtime())
     rng = torch.get_rng_state()
     for step in range(2):
@@ -261,14 +268,17 @@ json.dump(out, open(f"{sys.argv[1]}/diff{rank}.json", "w"))
 '''
 
 # Hosts whose 2-process run follows a documented per-process definition rather than the global batch's.
-PER_PROCESS_BY_DESIGN: dict[str, str] = {}
+PER_PROCESS_BY_DESIGN: dict[str, str] = {
+    "mtl": "its N(0, I) domain embedding is drawn per sample on each process's share of the batch",
+    "sagnet": "style/content partners are drawn within each process's share of the batch, as DomainBed per GPU",
+}
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_for_every_host(tmp_path):
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESSES)
-    run_processes(2, [str(script), str(tmp_path)])
+    run_processes(2, [str(script), str(tmp_path), json.dumps(HOST_SETTINGS)])
     diffs = json.loads((tmp_path / "diff0.json").read_text())
     assert set(diffs) == set(HOSTS)
     wrong = {h: d for h, d in diffs.items() if d > 1e-5 and h not in PER_PROCESS_BY_DESIGN}

@@ -5,7 +5,8 @@ the bottom, :mod:`.registry` (names, validation, composition) above, the per-dom
 (:mod:`.gradients`) and the methods, one module per family, on top. Importing this package registers every method
 and the ``dgzoo.algorithms`` entry points of installed plugins.
 """
-from . import adversarial, alignment, equilibrium, erm, gga, iu, networks, robust, surgery  # noqa: F401  (register)
+from . import (adversarial, alignment, contrastive, equilibrium, erm, gga, invariance, iu, meta,  # noqa: F401
+               networks, robust, surgery)  # importing registers them
 from .base import (AddOn, Algorithm, EpochContext, LossHost, Metrics, Minibatches, Recipe, UpdateHost)
 from .registry import (ADDONS, ALGORITHMS, AlgorithmInfo, Composition, check_algorithm, create_algorithm, describe,
                        flat_hparams, list_algorithms, load_entry_points, parse_algorithm, register_addon,
