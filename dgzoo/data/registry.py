@@ -88,6 +88,20 @@ register_dataset(DatasetSpec(
           "canvas, split disjointly into six rotation domains as in DomainBed's RotatedMNIST."))
 
 register_dataset(DatasetSpec(
+    name="colored-digits", title="Colored Digits", kind="builtin", small_images=True,
+    domains=("+90%", "+80%", "-90%"),  # DomainBed's names; `--target-domains -90` avoids argparse's leading '-'
+    aliases={"+90": "+90%", "+80": "+80%", "-90": "-90%", "90": "+90%", "80": "+80%"},
+    classes=("5-9", "0-4"), num_classes=2, image_size=28, augment="none",
+    default_targets=("-90%",), license="bsd-3-clause",
+    homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#optical-recognition-of-handwritten-digits-dataset",
+    citation="""@article{arjovsky2019invariant, title={Invariant Risk Minimization},
+  author={Arjovsky, Martin and Bottou, L{\\'e}on and Gulrajani, Ishaan and Lopez-Paz, David},
+  journal={arXiv preprint arXiv:1907.02893}, year={2019}}""",
+    notes="Embedded, needs no network: DomainBed's ColoredMNIST on scikit-learn's 1,797 8x8 digits (20x20 on a "
+          "28x28 canvas), dealt into three domains of 599. Label = digit < 5 with 25% label noise; colour (red or "
+          "green channel, blue zero) agrees with the label 90% / 80% / 10% of the time."))
+
+register_dataset(DatasetSpec(
     name="pacs", title="PACS", repo_id="flwrlabs/pacs",
     domains=("art_painting", "cartoon", "photo", "sketch"),
     aliases={"A": "art_painting", "C": "cartoon", "P": "photo", "S": "sketch", "art": "art_painting"},
