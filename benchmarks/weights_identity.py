@@ -1,0 +1,45 @@
+"""The sha256 of every exported tensor of a few short recipes, to check that two dgzoo trees train the same weights.
+
+    PYTHONPATH=/tmp/dgzoo-prev python benchmarks/weights_identity.py prev.json   # a worktree of the previous release
+    python benchmarks/weights_identity.py new.json                               # this tree
+    diff prev.json new.json
+
+Each recipe is the default job (or an algorithm on it), shortened; results land in a temporary directory.
+"""
+import hashlib
+import json
+import sys
+import tempfile
+
+from safetensors.torch import load_file
+
+import dgzoo
+from dgzoo.config import TrainConfig
+
+try:  # a tree from before the layered package (tried first: an editable install may map dgzoo.training)
+    from dgzoo.engine import train
+except ImportError:
+    from dgzoo.training.engine import train
+
+CASES = {
+    "default": dict(steps=200, eval_every=100),
+    "erm+gga": dict(algorithm="erm+gga", steps=40, eval_every=20, hparams={"gga.start": 5, "gga.end": 12, "gga.candidates": 6}),
+    "erm+gga_l": dict(algorithm="erm+gga_l", steps=30, eval_every=15),
+    "erm+iu": dict(algorithm="erm+iu", steps=24, eval_every=12),
+    "equilibrium": dict(algorithm="equilibrium", steps=30, eval_every=15),
+    "pcgrad": dict(algorithm="pcgrad", steps=20, eval_every=10),
+}
+only = sys.argv[2:] or list(CASES)
+out = {}
+root = tempfile.mkdtemp()
+print(dgzoo.__file__, file=sys.stderr)
+for name in only:
+    cfg = TrainConfig.from_dict({**CASES[name], "output_dir": f"{root}/{name}", "log_with": "none"})
+    res = train(cfg)
+    w = load_file(f"{root}/{name}/model.safetensors")
+    h = hashlib.sha256()
+    for k in sorted(w):
+        h.update(k.encode()); h.update(w[k].contiguous().numpy().tobytes())
+    out[name] = {"sha": h.hexdigest(), "target_accuracy": res["target_accuracy"], "step": res["selection"]["step"]}
+    print(name, out[name], file=sys.stderr)
+json.dump(out, open(sys.argv[1], "w"), indent=1)
