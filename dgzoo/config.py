@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import DGZooError, suggest
-from .hparams import SAME, Choice, Distribution, Uniform
+from .hparams import SAME, Choice, Distribution, Uniform, parse_scalar  # noqa: F401  (parse_scalar: part of config's API)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -287,18 +287,6 @@ def normalize_hparams(value: Any, source: str = "config") -> dict[str, Any]:
                 out[str(key)] = inner
         return out
     raise DGZooError(f"hparams in {source} must be a mapping or KEY=VALUE list, got {type(value).__name__}")
-
-
-def parse_scalar(raw: str) -> Any:
-    """Parse a command-line value the way YAML would ('1e-5' -> 1e-05, 'true' -> True, 'a,b' stays text)."""
-    raw = raw.strip()
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
-        return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
-    return value if isinstance(value, (int, float, bool, str, list)) or value is None else raw
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:

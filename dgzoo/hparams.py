@@ -69,7 +69,7 @@ def parse_distribution(text: Any, key: str) -> Distribution | None:
         return Choice(tuple(text))
     raw = str(text).strip()
     if raw.startswith("choice(") and raw.endswith(")"):
-        return Choice(tuple(_scalar(v) for v in raw[len("choice("):-1].split(",")))
+        return Choice(tuple(parse_scalar(v) for v in raw[len("choice("):-1].split(",")))
     match = _UNIFORM.match(raw)
     if match and bool(match.group(1)) == bool(match.group(5)):  # int( ... ) opened and closed
         try:
@@ -85,7 +85,8 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
-def _scalar(raw: str) -> Any:
+def parse_scalar(raw: str) -> Any:
+    """Parse a command-line value the way YAML would ('1e-5' -> 1e-05, 'true' -> True, 'a,b' stays text)."""
     raw = raw.strip()
     try:
         value = yaml.safe_load(raw)
@@ -93,7 +94,7 @@ def _scalar(raw: str) -> Any:
         return raw
     if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
         return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
-    return value
+    return value if isinstance(value, (int, float, bool, str, list)) or value is None else raw
 
 
 class _Same:

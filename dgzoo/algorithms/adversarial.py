@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import feature_dim
 from ..hparams import Choice, HParam, Uniform
 from .base import Metrics, Minibatches, UpdateHost
 from .erm import pooled
@@ -151,8 +152,7 @@ class AbstractDANN(UpdateHost):
 
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(network, num_classes, num_domains, hparams)
-        # the width of featurize()'s output: timm's head_hidden_size where a pre-logits layer sits before the head
-        width = int(getattr(network, "head_hidden_size", None) or network.num_features)
+        width = feature_dim(network)
         self.discriminator = MLP(width, num_domains, self.hparams["mlp_width"], self.hparams["mlp_depth"],
                                  self.hparams["mlp_dropout"])
         self.class_embeddings = nn.Embedding(num_classes, width) if self.CONDITIONAL else None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DGZooError
+from ..models import feature_dim
 from ..hparams import Choice, HParam
 from .base import LossHost, Metrics, Minibatches
 from .erm import pooled
@@ -33,11 +34,6 @@ _SELFREG = """@inproceedings{kim2021selfreg,
 _CAD = """@inproceedings{ruan2022optimal,
   title={Optimal Representations for Covariate Shift},
   author={Ruan, Yangjun and Dubois, Yann and Maddison, Chris J.}, booktitle={ICLR}, year={2022}}"""
-
-
-def feature_dim(network: nn.Module) -> int:
-    """Width of the penultimate features (``forward_head(pre_logits=True)``) of a timm network."""
-    return int(getattr(network, "head_hidden_size", None) or network.num_features)
 
 
 def gather_domains(runtime: Runtime, features: torch.Tensor, minibatches: Minibatches

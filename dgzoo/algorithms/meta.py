@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DGZooError
+from ..models import feature_dim
 from ..hparams import Choice, HParam, Uniform
 from .base import Metrics, Minibatches, Recipe, UpdateHost
-from .contrastive import feature_dim
 from .erm import pooled
 from .gradients import FlatParams, check_mixed_precision, check_precision
 from .registry import register_algorithm

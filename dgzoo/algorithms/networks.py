@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import feature_dim
 from ..hparams import Choice, HParam, Uniform
 from .base import LossHost, Metrics, Minibatches, UpdateHost
 from .erm import pooled
@@ -34,11 +35,6 @@ _MTL = """@article{blanchard2021domain,
 _TRANSFER = """@inproceedings{zhang2021quantifying,
   title={Quantifying and Improving Transferability in Domain Generalization},
   author={Zhang, Guojun and Zhao, Han and Yu, Yaoliang and Poupart, Pascal}, booktitle={NeurIPS}, year={2021}}"""
-
-
-def feature_dim(network: nn.Module) -> int:
-    """Width of the backbone's penultimate features (``forward_head(..., pre_logits=True)``)."""
-    return int(getattr(network, "head_hidden_size", None) or network.num_features)
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:

@@ -92,6 +92,12 @@ def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def feature_dim(model: nn.Module) -> int:
+    """The width of :func:`features`: timm's ``head_hidden_size`` where a pre-logits layer sits before the head,
+    else ``num_features``."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def classifier(model: nn.Module) -> nn.Module:
     """The classification head (DomainBed's classifier)."""
     return model.get_classifier()
