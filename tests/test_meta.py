@@ -123,3 +123,13 @@ def test_fish_moves_meta_lr_of_the_way_to_the_inner_loop(meta_lr):
         optimizer.step()
     for ours, theta, inner in zip(algorithm.host.network.parameters(), start, reference.parameters()):
         assert torch.allclose(ours, theta + meta_lr * (inner - theta), atol=1e-6)
+
+
+def test_mldg_keeps_the_clones_batchnorm_statistics():
+    """Only clones run forward passes; the network's running statistics must follow them (else a network trained
+    from scratch is evaluated with its initial statistics: chance accuracy)."""
+    algorithm, _ = build("mldg", {"n_meta_test": 1})
+    norm = next(m for m in algorithm.host.network.modules() if isinstance(m, nn.BatchNorm2d))
+    before = norm.running_mean.clone()
+    algorithm.update(make_batches(), 0)
+    assert not torch.equal(norm.running_mean, before) and int(norm.num_batches_tracked) == 2

@@ -71,12 +71,13 @@ class MLDG(UpdateHost):
 
     As DomainBed: the inner optimizer is ``torch.optim.Adam`` (fresh at every pair) at the recipe's current
     learning rate and weight decay (those of the main optimizer's first group); each pair's two batches are cut to
-    the smaller size; only clones run forward passes, so the network's own BatchNorm running statistics never
-    change (they stay those of initialisation); the reported loss is ``sum (L_i + beta L_j) / K``.
+    the smaller size; the reported loss is ``sum (L_i + beta L_j) / K``.
 
-    Deliberate differences from DomainBed: the split is drawn from a generator seeded with (run seed, step), the
-    same on every process and after a resume; the inner gradients are averaged over processes; fp16 mixed
-    precision is refused (the outer gradient is written into ``.grad``, which its loss scaler would unscale
+    Deliberate differences from DomainBed: only the clones run forward passes, so the network's BatchNorm running
+    statistics become the mean of the clones' after each step (DomainBed never updates them: its backbones keep
+    BatchNorm frozen, and with ``--freeze-bn`` nothing changes here either); the split is drawn from a generator
+    seeded with (run seed, step), the same on every process and after a resume; the inner gradients are averaged
+    over processes; fp16 mixed precision is refused (the outer gradient is written into ``.grad``, which its loss scaler would unscale
     again; bf16 works); as many source domains as ``n_meta_test`` are refused (no meta-train domain is left).
     """
 
@@ -117,6 +118,7 @@ class MLDG(UpdateHost):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, step))
         total = torch.zeros(self.flat.numel, device=self.flat.tensors[0].device)
         objective = 0.0
+        statistics: list[list[torch.Tensor]] = []
         for i, j in meta_train_test_pairs(k, self.hparams["n_meta_test"], generator):
             (xi, yi), (xj, yj) = minibatches[i], minibatches[j]
             n = min(len(xi), len(xj))
@@ -129,10 +131,21 @@ class MLDG(UpdateHost):
             grad_j, loss_j = self.clone_gradient(clone, params, xj[:n], yj[:n])
             total.add_(grad_i / k).add_(beta * grad_j / k)  # DomainBed's order of operations
             objective += float(loss_i) + beta * float(loss_j)
+            statistics.append([b.detach() for b in clone.buffers()])
         self.optimizer.zero_grad(set_to_none=True)
         self.flat.assign_grad(total)
         self.optimizer.step()
+        self._keep_batch_statistics(statistics)
         return {"loss": objective / k}
+
+    @torch.no_grad()
+    def _keep_batch_statistics(self, statistics: list[list[torch.Tensor]]) -> None:
+        """The network's buffers become the mean of the clones' (BatchNorm running statistics; counters take the
+        largest). DomainBed never updates them, since its backbones keep BatchNorm frozen at pretrained statistics;
+        a network trained from scratch would otherwise be evaluated with its initial statistics."""
+        for index, buffer in enumerate(self.network.buffers()):
+            values = torch.stack([clone[index] for clone in statistics])
+            buffer.copy_(values.float().mean(0).to(buffer.dtype) if buffer.is_floating_point() else values.max(0).values)
 
     def extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed}
