@@ -78,7 +78,8 @@ class MLDG(UpdateHost):
     BatchNorm frozen, and with ``--freeze-bn`` nothing changes here either); the split is drawn from a generator
     seeded with (run seed, step), the same on every process and after a resume; the inner gradients are averaged
     over processes; fp16 mixed precision is refused (the outer gradient is written into ``.grad``, which its loss
-    scaler would unscale again; bf16 works); as many source domains as ``n_meta_test`` are refused (no meta-train domain is left).
+    scaler would unscale again; bf16 works); as many source domains as ``n_meta_test`` are refused (no meta-train
+    domain is left).
     """
 
     name = "mldg"
