@@ -44,7 +44,7 @@ def counter_addon():
 
 
 def test_unknown_names_get_suggestions():
-    with pytest.raises(DGZooError, match=r"unknown algorithm 'ermm' \(did you mean: erm\?\)"):
+    with pytest.raises(DGZooError, match=r"unknown algorithm 'ermm' \(did you mean: erm\b"):
         parse_algorithm("ermm")
     with pytest.raises(DGZooError, match="unknown add-on 'nope'"):
         parse_algorithm("erm+nope")

@@ -125,7 +125,7 @@ def test_an_existing_run_is_never_overwritten_silently(tmp_path):
     ({"backbone": "resnet5O"}, "unknown backbone 'resnet5O' (did you mean: resnet50"),
     ({"target_domains": ["90"]}, "unknown domain '90'"),
     ({"target_domains": ["0", "15", "30", "45", "60", "75"]}, "leaves no source"),
-    ({"algorithm": "ernm"}, "unknown algorithm 'ernm' (did you mean: erm?)"),
+    ({"algorithm": "ernm"}, "unknown algorithm 'ernm' (did you mean: erm"),
     ({"hparams": {"alpha": 1}}, "unknown hparam 'alpha' for erm"),
     ({"dataset": "no/such-local-dir/../x"}, "not a registry name"),
     # Checks that need the backbone run on its meta-device copy, before the run directory exists.
