@@ -70,9 +70,6 @@ def rotated_digits_rows() -> dict[str, list]:
 
 def rotated_digits_path() -> Path:
     """Return the parquet file of rotated-digits, writing it on first use (atomically, so parallel processes agree)."""
-    path = cache_root() / f"rotated-digits-{ROTATED_DIGITS_VERSION}" / "data" / "train-00000-of-00001.parquet"
-    if path.exists():
-        return path
     import datasets
 
     features = datasets.Features({
@@ -80,17 +77,7 @@ def rotated_digits_path() -> Path:
         "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
         "domain": datasets.Value("string"),
     })
-    table = datasets.Dataset.from_dict(rotated_digits_rows(), features=features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".parquet.tmp")
-    os.close(fd)
-    try:
-        table.to_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return _write_builtin(f"rotated-digits-{ROTATED_DIGITS_VERSION}", rotated_digits_rows, features)
 
 
 def colored_digits_rows() -> dict[str, list]:
