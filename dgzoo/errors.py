@@ -13,6 +13,8 @@ from typing import Iterable
 class DGZooError(Exception):
     """A problem with the user's input, reported as one line that says how to fix it."""
 
+    exit_code = 2  # what the command line exits with
+
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
 
@@ -25,3 +27,9 @@ def suggest(word: str, choices: Iterable[str], n: int = 3) -> str:
         lowered = {c.lower(): c for c in choices}
         close = [lowered[c] for c in difflib.get_close_matches(str(word).lower(), list(lowered), n=n, cutoff=0.6)]
     return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+class Interrupted(DGZooError):
+    """The user stopped a command (Ctrl-C); the message says how to continue where it stopped."""
+
+    exit_code = 130  # the shell's convention for SIGINT

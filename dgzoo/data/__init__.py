@@ -5,8 +5,10 @@ from .loading import DGDataset, image_folder_table, load_dg_dataset, resolve_hub
 from .registry import REGISTRY, DatasetSpec, get_spec, register_dataset
 from .splits import DomainSplits, Protocol, make_splits, resolve_domain, resolve_protocol, seed_hash, split_rows
 from .transforms import ToRGB, eval_transform, train_transform
+from .verify import ImageDecodeError, check_images, undecodable_rows
 
 __all__ = [
+    "ImageDecodeError", "check_images", "undecodable_rows",
     "DGDataset", "DatasetSpec", "DomainImages", "DomainSplits", "MultiDomainSet", "Protocol", "REGISTRY",
     "StepBatchSampler", "ToRGB", "collate_domains", "eval_loader", "eval_transform", "get_spec", "image_folder_table",
     "load_dg_dataset", "loader_workers", "make_splits", "register_dataset", "resolve_domain", "resolve_hub_revision", "resolve_protocol", "seed_hash",

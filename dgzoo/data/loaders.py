@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .loading import DGDataset
+from .verify import row_decode_error
 
 Key = tuple[int, int, int]  # (domain index, position within the domain's rows, augmentation seed)
 
@@ -37,7 +38,13 @@ class DomainImages(Dataset):
         return len(self.rows)
 
     def image(self, position: int) -> Any:
-        return self.data.table[int(self.rows[position])][self.data.image_column]
+        row = int(self.rows[position])
+        try:
+            image = self.data.table[row][self.data.image_column]
+            image.load()  # decode here, where a failure can name the row, not lazily inside the transform
+            return image
+        except Exception as e:  # PIL's many error types: any failure here is an unreadable image
+            raise row_decode_error(self.data, row, self.domain, e) from None
 
     def label(self, position: int) -> int:
         return int(self.data.labels[self.rows[position]])

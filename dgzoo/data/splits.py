@@ -8,7 +8,9 @@ other domains exist, nor on the order they were listed in, nor on the number of 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -88,12 +90,26 @@ class DomainSplits:
     out_rows: dict[str, np.ndarray]
 
 
-def make_splits(data: DGDataset, holdout_fraction: float, split_seed: int) -> DomainSplits:
-    """Split every domain of ``data`` (sources and targets alike) into in/out parts."""
+def make_splits(data: DGDataset, holdout_fraction: float, split_seed: int,
+                used: Sequence[str] | None = None) -> DomainSplits:
+    """Split every domain of ``data`` (sources and targets alike) into in/out parts.
+
+    Each ``used`` domain (default: all) must get images on both sides: an empty validation split would be
+    scored 0.0 and averaged into model selection.
+    """
     in_rows, out_rows = {}, {}
     for domain, rows in data.rows_by_domain.items():
         in_rows[domain], out_rows[domain] = split_rows(rows, holdout_fraction, split_seed, domain)
-        if len(in_rows[domain]) == 0:
-            raise DGZooError(f"domain '{domain}' has only {len(rows)} image(s), too few to split; "
-                             f"lower --holdout-fraction or drop the domain")
+        if used is not None and domain not in used:
+            continue
+        if len(rows) < 2:
+            raise DGZooError(f"domain '{domain}' has {len(rows)} image(s), too few for a training and a validation "
+                             f"split; add images, or leave it out with --source-domains and --target-domains")
+        if len(in_rows[domain]) == 0 or len(out_rows[domain]) == 0:
+            needed = math.ceil(1000 / len(rows)) / 1000  # rounded up, so int(n * needed) >= 1 holds
+            fix = (f"raise --holdout-fraction to at least {needed:.3g}" if len(out_rows[domain]) == 0
+                   else "lower --holdout-fraction")
+            raise DGZooError(f"domain '{domain}' has only {len(rows)} image(s): --holdout-fraction {holdout_fraction} "
+                             f"leaves its {'validation' if len(out_rows[domain]) == 0 else 'training'} split empty; "
+                             f"{fix}, or leave the domain out")
     return DomainSplits(in_rows, out_rows)

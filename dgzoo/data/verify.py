@@ -1,0 +1,136 @@
+"""Catch undecodable images before training, and name the image when one slips through anyway.
+
+A corrupt or truncated image otherwise surfaces as a PIL traceback from a DataLoader worker, mid-run (a source
+domain) or at the first evaluation (a held-out domain, after the steps before it were spent). :func:`check_images`
+decodes every image a run will read once, before anything is written, and remembers a dataset it has checked (by
+its table's fingerprint) in dgzoo's cache, so later runs on the same data skip the pass. :class:`ImageDecodeError`
+is the one-line error for both the pass and a decode failure during training.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import DGZooError
+from .builtin import cache_root
+
+logger = logging.getLogger(__name__)
+
+
+class ImageDecodeError(DGZooError):
+    """An image of the dataset cannot be decoded; the message names its domain, row and file."""
+
+    def __init__(self, message: str):
+        # A DataLoader worker re-raises our error in the main process as ``type(e)(worker traceback text)``:
+        # keep only our own line from it.
+        marker = f"{type(self).__name__}: "
+        if "Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1]
+        super().__init__(message)
+
+
+def image_source(table: Any, image_column: str, row: int) -> str:
+    """Where row ``row``'s image comes from: its file path, or the row itself for embedded bytes."""
+    import datasets
+
+    raw = table.cast_column(image_column, datasets.Image(decode=False))[int(row)][image_column]
+    path = raw.get("path") if isinstance(raw, dict) else None
+    return f"file {path}" if path else "embedded bytes"
+
+
+def decode_error(table: Any, image_column: str, row: int) -> str | None:
+    """Why the image of row ``row`` does not decode fully, or None when it does."""
+    import datasets
+
+    raw = table.cast_column(image_column, datasets.Image(decode=False))[int(row)][image_column]
+    return _decode_problem(raw)
+
+
+def _decode_problem(raw: Any) -> str | None:
+    from PIL import Image
+
+    try:
+        if raw is None:
+            return "the image is missing (None)"
+        data = raw.get("bytes") if isinstance(raw, dict) else None
+        source = io.BytesIO(data) if data else (raw.get("path") if isinstance(raw, dict) else raw)
+        if source is None:
+            return "the image has neither bytes nor a path"
+        with Image.open(source) as image:
+            image.load()  # a full decode: truncated files fail here, not at open
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...); all mean "unreadable"
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    return None
+
+
+def undecodable_rows(table: Any, image_column: str, rows: Iterable[int], limit: int = 5,
+                     threads: int | None = None) -> list[tuple[int, str]]:
+    """Up to ``limit`` rows among ``rows`` whose image does not decode, with the reason, in row order.
+
+    Chunks are decoded on a thread pool: PIL releases the GIL while decoding, so threads use every core without
+    copying the table into worker processes.
+    """
+    import datasets
+
+    raw_table = table.cast_column(image_column, datasets.Image(decode=False))
+    rows = np.asarray(list(rows), dtype=np.int64)
+    chunks = [rows[i:i + 512] for i in range(0, len(rows), 512)]
+
+    def scan(chunk: np.ndarray) -> list[tuple[int, str]]:
+        found = []
+        for row, raw in zip(chunk, raw_table.select(chunk)[image_column]):
+            problem = _decode_problem(raw)
+            if problem is not None:
+                found.append((int(row), problem))
+        return found
+
+    workers = threads or min(16, os.cpu_count() or 1)
+    if workers == 1 or len(chunks) <= 1:
+        found = [bad for chunk in chunks for bad in scan(chunk)]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            found = [bad for part in pool.map(scan, chunks) for bad in part]
+    return found[:limit]
+
+
+def _fingerprint(table: Any, image_column: str, rows: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{getattr(table, '_fingerprint', id(table))}:{image_column}".encode())
+    digest.update(np.sort(rows).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def check_images(data: Any, domains: Sequence[str]) -> None:
+    """Decode every image of ``domains`` once; raise :class:`ImageDecodeError` naming the first bad one.
+
+    Checked datasets are remembered in ``<dgzoo cache>/verified/``, so the pass costs once per dataset, not per run.
+    """
+    rows = np.concatenate([data.rows_by_domain[d] for d in domains]) if domains else np.zeros(0, np.int64)
+    marker = cache_root() / "verified" / f"{_fingerprint(data.table, data.image_column, rows)}.json"
+    if marker.exists():
+        return
+    logger.info("checking that the %d images of %s decode (once per dataset)", len(rows), ", ".join(domains))
+    domain_of = {int(r): d for d in domains for r in data.rows_by_domain[d]}
+    bad = undecodable_rows(data.table, data.image_column, rows, limit=1)
+    if bad:
+        row, problem = bad[0]
+        where = image_source(data.table, data.image_column, row)
+        raise ImageDecodeError(f"image of domain '{domain_of[row]}', row {row} ({where}) does not decode ({problem}); "
+                               f"replace or remove it and run again")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"images": int(len(rows)), "domains": list(domains)}) + "\n")
+
+
+def row_decode_error(data: Any, row: int, domain: str | None, cause: BaseException) -> ImageDecodeError:
+    """The one-line error for a row whose image failed to decode while training or evaluating."""
+    problem = decode_error(data.table, data.image_column, row) or f"{type(cause).__name__}: {cause}"
+    where = f"domain '{domain}', " if domain else ""
+    return ImageDecodeError(f"image of {where}row {row} ({image_source(data.table, data.image_column, row)}) does not "
+                            f"decode ({problem}); replace or remove it, then run the command again "
+                            f"(a training run continues from its last checkpoint with --resume)")
