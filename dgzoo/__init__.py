@@ -4,6 +4,7 @@
     >>> model, transform = dgzoo.from_pretrained("path/to/run-or/hub-repo")
     >>> results = dgzoo.train(dgzoo.TrainConfig(dataset="rotated-digits", algorithm="erm"))
     >>> dgzoo.push_run("runs/rotated-digits-resnet18-erm-75-seed0", "me/rotated-digits-erm")
+    >>> dgzoo.list_models(dataset="pacs", held_out="sketch")  # published dgzoo checkpoints on the Hub
 
 The heavy parts (torch, timm, the Hub clients) load on first use, so ``dgzoo report`` or ``dgzoo --help`` start fast.
 """
@@ -20,7 +21,7 @@ from .config import TrainConfig  # noqa: E402
 from .errors import DGZooError  # noqa: E402
 
 _LAZY = {"Pretrained": "run.hub", "evaluate_pretrained": "training.evaluation", "from_pretrained": "run.hub", "push_run": "run.hub",
-         "train": "training.engine"}
+         "train": "training.engine", "list_models": "run.zoo"}
 
 
 def __getattr__(name: str) -> Any:
@@ -30,4 +31,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["DGZooError", "Pretrained", "TrainConfig", "__version__", "evaluate_pretrained", "from_pretrained",
-           "push_run", "train"]
+           "list_models", "push_run", "train"]

@@ -6,8 +6,10 @@ environment comes from :meth:`HubServer.env` (or use :meth:`HubServer.run_python
 
 It implements the subset of the Hub API that those clients use (shapes taken from huggingface_hub 2.4.0):
 repos (create, delete, info, refs, branches), the commit flow (preupload, Git LFS "basic" batch transfer, NDJSON
-commit), listing (tree, paths-info, commits) and file downloads (``/resolve/``, with HEAD and Range). Xet storage is
-not implemented: clients must run with ``HF_HUB_DISABLE_XET=1`` so that LFS files go through the LFS batch API.
+commit), listing (tree, paths-info, commits), file downloads (``/resolve/``, with HEAD and Range), model search
+(``/api/models`` with tag filters and card data), collections, and card metadata validation
+(``/api/validate-yaml``). Xet storage is not implemented: clients must run with ``HF_HUB_DISABLE_XET=1`` so that
+LFS files go through the LFS batch API.
 
 Storage is on disk: content-addressed blobs (by sha256) plus one JSON file per repo (branches) and per commit (the
 full path -> blob map, so resolving any revision is a single lookup). Every request is handled under one lock: the
@@ -62,6 +64,9 @@ _LFS_OBJECT = re.compile(r"^/_lfs/(upload|verify)/([0-9a-f]{64})$")
 _LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".npy", ".npz", ".pkl",
                  ".parquet", ".arrow", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".zip", ".gz", ".tar", ".msgpack")
 _LFS_MIN_SIZE = 10_000
+# Licence ids the Hub accepts in card metadata (the subset dgzoo's cards and tests use).
+_HUB_LICENSES = {"apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0",
+                 "cc0-1.0", "cdla-permissive-1.0", "cdla-permissive-2.0", "openrail", "gpl-3.0", "other", "unknown"}
 _GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in _LFS_SUFFIXES).encode()
 
 
@@ -200,7 +205,11 @@ class HubApp:
         if head == "whoami-v2" and m == "GET":
             return self.whoami(req)
         if head == "validate-yaml" and m == "POST":
-            return Response.json({"errors": [], "warnings": []})
+            return self.validate_yaml(req)
+        if head == "models" and len(segs) == 1 and m == "GET":
+            return self.list_models(req)
+        if head == "collections":
+            return self._route_collections(req, segs[1:])
         if head == "repos" and segs[1:] == ["create"] and m == "POST":
             return self.create_repo(req)
         if head == "repos" and segs[1:] == ["delete"] and m == "DELETE":
@@ -445,6 +454,176 @@ class HubApp:
                         "authors": [{"user": self.user}], "date": commit["date"]})
             commit = commit["parent"] and self.storage.get_commit(repo_type, repo_id, commit["parent"])
         return Response.json(out)
+
+    # ---- model search, card validation and collections --------------------------------------------------------
+    def _model_tags(self, card: dict | None) -> list[str]:
+        """Tags as the Hub lists them: the card's, plus its library, `dataset:X` for each dataset and its licence."""
+        if not card:
+            return []
+        tags = [t for t in card.get("tags") or [] if isinstance(t, str)]
+        if isinstance(card.get("library_name"), str):
+            tags.append(card["library_name"])
+        datasets = card.get("datasets") or []
+        tags += [f"dataset:{d}" for d in ([datasets] if isinstance(datasets, str) else datasets) if isinstance(d, str)]
+        if isinstance(card.get("license"), str):
+            tags.append(f"license:{card['license']}")
+        return list(dict.fromkeys(tags))
+
+    def list_models(self, req: Request) -> Response:
+        """`GET /api/models`: `filter` (repeatable, every one must be a tag), `author`, `search`, `limit`;
+        `cardData`/`full` add the card's front matter and the file list. One page, oldest repo first."""
+        filters = [f for f in req.query.get("filter", []) if f]
+        author, search = req.query.get("author", [""])[0], req.query.get("search", [""])[0]
+        limit = int(req.query.get("limit", ["0"])[0] or 0)
+        out = []
+        for path in sorted(self.storage.repos.glob("models/*/*/repo.json")):
+            repo_id = f"{path.parent.parent.name}/{path.parent.name}"
+            meta = json.loads(path.read_text())
+            if (meta["private"] and not req.authed) or (author and path.parent.parent.name != author):
+                continue
+            if search and search.lower() not in repo_id.lower():
+                continue
+            commit = self._revision("model", repo_id, meta, None)
+            card = self._card_data(commit)
+            tags = self._model_tags(card)
+            if not all(f in tags for f in filters):
+                continue
+            item = {"_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
+                    "author": repo_id.split("/")[0], "sha": commit["id"], "lastModified": commit["date"],
+                    "createdAt": meta["createdAt"], "private": meta["private"], "downloads": 0, "likes": 0,
+                    "tags": tags, "library_name": (card or {}).get("library_name"),
+                    "pipeline_tag": (card or {}).get("pipeline_tag")}
+            if req.flag("cardData") or req.flag("full"):
+                item["cardData"] = card or {}
+            if req.flag("full"):
+                item["siblings"] = [{"rfilename": p} for p in sorted(commit["files"])]
+            out.append((meta["createdAt"], item))
+        items = [item for _, item in sorted(out, key=lambda pair: pair[0])]
+        return Response.json(items[:limit] if limit else items)
+
+    def validate_yaml(self, req: Request) -> Response:
+        """`POST /api/validate-yaml`: 400 with the problems (as the Hub answers) when a card's metadata is invalid.
+
+        Checks a subset of the Hub's rules: the front matter is a YAML mapping; `license` is a Hub licence id, and
+        `other` comes with a `license_name`; every `model-index` result has a task type, a dataset type and name,
+        and metrics with a type and a numeric value; a result's dataset config and split are identifiers (no
+        spaces). It is stricter than the Hub on the last point, on purpose: configs and splits are looked up.
+        """
+        data = req.json()
+        text = data.get("content", "")
+        m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+        errors = []
+        try:
+            meta = yaml.safe_load(m[1]) if (m and yaml is not None) else {}
+        except yaml.YAMLError as e:
+            meta, errors = {}, [f"Invalid YAML: {str(e).splitlines()[0]}"]
+        if not isinstance(meta, dict):
+            meta, errors = {}, ["The metadata is not a YAML mapping"]
+        license = meta.get("license")
+        if license is not None and license not in _HUB_LICENSES:
+            errors.append(f'"license" must be a Hub licence id, got {license!r}')
+        if license == "other" and not meta.get("license_name"):
+            errors.append('"license: other" needs a "license_name"')
+        for model in meta.get("model-index") or []:
+            for result in (model or {}).get("results") or []:
+                task, dataset = result.get("task") or {}, result.get("dataset") or {}
+                if not task.get("type"):
+                    errors.append("a model-index result has no task.type")
+                if not dataset.get("type") or not dataset.get("name"):
+                    errors.append("a model-index result has no dataset.type or dataset.name")
+                for key in ("config", "split"):
+                    value = dataset.get(key)
+                    if value is not None and not re.fullmatch(r"[\w.+-]+", str(value)):
+                        errors.append(f"model-index dataset.{key} {value!r} is not an identifier")
+                metrics = result.get("metrics") or []
+                if not metrics:
+                    errors.append("a model-index result has no metrics")
+                for metric in metrics:
+                    if not metric.get("type") or not isinstance(metric.get("value"), (int, float)):
+                        errors.append("a model-index metric needs a type and a numeric value")
+        if errors:
+            return Response(400, "; ".join(errors).encode(), {"Content-Type": "text/plain"})
+        return Response.json({"errors": [], "warnings": []})
+
+    def _route_collections(self, req: Request, segs: list[str]) -> Response:
+        m = req.method
+        if not segs and m == "POST":
+            return self.create_collection(req)
+        if len(segs) < 2:
+            raise HubError(404, f"Not implemented by the test Hub server: {m} {req.path}")
+        slug, rest = "/".join(segs[:2]), segs[2:]
+        if not rest and m == "GET":
+            return Response.json(self._collection_json(self._collection(req, slug)))
+        if not rest and m == "PATCH":
+            self._require_auth(req)
+            collection = self._collection(req, slug)
+            collection.update({k: v for k, v in req.json().items() if k in ("title", "description", "private",
+                                                                              "position", "theme")})
+            self._save_collection(collection)
+            return Response.json({"success": True, "data": self._collection_json(collection)})
+        if not rest and m == "DELETE":
+            self._require_auth(req)
+            self._collection(req, slug)
+            (self.storage.root / "collections" / f"{slug.replace('/', '--')}.json").unlink()
+            return Response.json({})
+        if rest == ["items"] and m == "POST":
+            self._require_auth(req)
+            collection = self._collection(req, slug)
+            data = req.json()
+            item = data.get("item") or {}
+            if item.get("type") not in ("model", "dataset", "space", "paper", "collection"):
+                raise HubError(400, f"Invalid item type: {item.get('type')}")
+            if item.get("type") in ("model", "dataset", "space") and \
+                    self.storage.get_repo(item["type"], item.get("id", "")) is None:
+                raise HubError(404, f"{item['type']} {item.get('id')} not found", code="RepoNotFound")
+            if any(i["id"] == item.get("id") and i["type"] == item["type"] for i in collection["items"]):
+                raise HubError(409, "Item already exists in this collection")
+            note = data.get("note")
+            collection["items"].append({"_id": uuid.uuid4().hex[:24], "id": item["id"], "type": item["type"],
+                                        "position": len(collection["items"]),
+                                        **({"note": {"html": note, "text": note}} if note else {})})
+            collection["lastUpdated"] = _now()
+            self._save_collection(collection)
+            return Response.json(self._collection_json(collection))
+        raise HubError(404, f"Not implemented by the test Hub server: {m} {req.path}")
+
+    def create_collection(self, req: Request) -> Response:
+        self._require_auth(req)
+        data = req.json()
+        title, namespace = data.get("title") or "", data.get("namespace") or self.user
+        if not title:
+            raise HubError(400, "A collection needs a title")
+        if namespace != self.user:
+            raise HubError(403, f"You cannot create collections in {namespace}")
+        for path in sorted((self.storage.root / "collections").glob(f"{namespace}--*.json")):
+            existing = json.loads(path.read_text())
+            if existing["title"] == title:
+                raise HubError(409, "A collection with this title already exists", extra={"slug": existing["slug"]})
+        words = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "collection"
+        slug = f"{namespace}/{words}-{uuid.uuid4().hex[:24]}"
+        collection = {"slug": slug, "title": title, "description": data.get("description"),
+                      "owner": {"name": namespace, "type": "user"}, "items": [], "lastUpdated": _now(),
+                      "position": 0, "private": bool(data.get("private")), "theme": "default", "upvotes": 0}
+        self._save_collection(collection)
+        return Response.json(self._collection_json(collection))
+
+    def _collection(self, req: Request, slug: str) -> dict:
+        path = self.storage.root / "collections" / f"{slug.replace('/', '--')}.json"
+        if not path.is_file():
+            raise HubError(404, f"Collection {slug} not found")
+        collection = json.loads(path.read_text())
+        if collection["private"] and not req.authed:
+            raise HubError(404, f"Collection {slug} not found")
+        return collection
+
+    def _save_collection(self, collection: dict) -> None:
+        path = self.storage.root / "collections" / f"{collection['slug'].replace('/', '--')}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(collection))
+
+    @staticmethod
+    def _collection_json(collection: dict) -> dict:
+        return {k: v for k, v in collection.items() if k != "description" or v is not None}
 
     # ---- downloads ---------------------------------------------------------------------------------------------
     def resolve_file(self, req: Request, repo_type: str, repo_id: str, revision: str, path: str) -> Response:

@@ -119,7 +119,13 @@ def test_save_to_disk_dataset_with_integer_domains_uses_classlabel_names(tmp_pat
 def test_unknown_dataset_and_missing_path_errors():
     with pytest.raises(DGZooError, match=r"dataset 'rotated-digit' .*did you mean: rotated-digits"):
         load_dg_dataset("rotated-digit")
-    with pytest.raises(DGZooError, match="no parquet copy on the Hub"):
+
+def test_tarball_dataset_offline_without_a_cached_conversion_says_so(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setenv("DGZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DGZooError, match="VLCS at 673d299 is not in dgzoo's cache yet and HF_HUB_OFFLINE is set"):
         load_dg_dataset("vlcs")
 
 

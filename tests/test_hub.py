@@ -136,7 +136,7 @@ def test_dataset_to_hub_to_training_to_hub_to_timm(hub_server, tmp_path):
     assert out["class_names"] == list(CLASSES) and out["training"] is False and out["transform_shape"] == [3, 32, 32]
     assert out["files"] == sorted([".gitattributes", "README.md", "config.json", "model.safetensors", "results.json",
                                    "records.jsonl", "train_config.json", "accuracy_per_domain.png",
-                                   "training_curves.png"])  # no checkpoints, no logs
+                                   "training_curves.png", "samples_per_domain.png"])  # no checkpoints, no logs
     [held_out] = out["eval_results"]
     assert held_out["config"] == "held-out-c" and held_out["type"] == dataset_id
     assert held_out["value"] == pytest.approx(100 * results["accuracy"]["c"], abs=0.01)
@@ -337,3 +337,79 @@ def test_published_json_files_carry_no_local_paths(tmp_path):
                                                                           "output_dir": "vlcs-erm", "steps": 5}
     assert json.loads(_published_bytes(tmp_path, "results.json"))["dataset"] == {"path": "vlcs", "name": "vlcs"}
     assert b"alice" not in _published_bytes(tmp_path, "results.json")
+
+
+REFUSE = r"""
+import contextlib, io, json, sys
+from huggingface_hub import HfApi
+from dgzoo.cli import main
+out = {}
+for name, run_dir, repo in zip(sys.argv[1::3], sys.argv[2::3], sys.argv[3::3]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["push", run_dir, repo])
+    out[name] = [code, err.getvalue(), HfApi().repo_exists(repo)]
+print(json.dumps(out))
+"""
+
+
+def test_push_refuses_nan_truncated_and_unparsable_runs_before_touching_the_hub(hub_server, trained_run, tmp_path):
+    """dgzoo push checks that the run loads as published (config parses, safetensors reads whole and finite, timm
+    builds it) before any Hub call: nothing is created, and the run directory is unchanged."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cases = {}
+    for name in ("nan", "truncated", "config"):
+        run_dir = tmp_path / name
+        shutil.copytree(trained_run[0], run_dir)
+        cases[name] = (run_dir, hub_server.unique_repo_id(f"refused-{name}"))
+    weights = load_file(str(cases["nan"][0] / "model.safetensors"))
+    first = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    save_file(weights, str(cases["nan"][0] / "model.safetensors"))
+    data = (cases["truncated"][0] / "model.safetensors").read_bytes()
+    (cases["truncated"][0] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (cases["config"][0] / "config.json").write_text('{"architecture": "test_resnet", ')
+    before = {name: snapshot(run_dir) for name, (run_dir, _) in cases.items()}
+    start = len(hub_server.requests)
+    args = [str(a) for name, (run_dir, repo) in cases.items() for a in (name, run_dir, repo)]
+    out = last_json(ok(run(hub_server, tmp_path / "hf", [sys.executable, "-c", REFUSE, *args])).stdout)
+    for name, (code, message, exists) in out.items():
+        assert code == 2 and len(message.strip().splitlines()) == 1 and not exists, (name, message)
+        assert "nothing was pushed" in message or "not published" in message, message
+    assert f"holds non-finite weights (1 tensors, e.g. {first})" in out["nan"][1] and "--lr" in out["nan"][1]
+    assert "truncated or corrupt" in out["truncated"][1]
+    assert "config.json is not valid JSON" in out["config"][1]
+    # The only requests are the final existence checks: no whoami, no repo creation, no upload.
+    assert [path for _, path, _ in hub_server.requests[start:]] == [
+        f"/api/models/{repo}" for _, repo in cases.values()]
+    assert {name: snapshot(run_dir) for name, (run_dir, _) in cases.items()} == before
+
+
+def test_server_metadata_check_refuses_what_the_old_cards_wrote(hub_server):
+    """The local Hub's /api/validate-yaml, which every written card passes in the tests, refuses the defects the
+    cards used to have: a config with a space, an invented licence id, `other` without a name."""
+    import urllib.error
+    import urllib.request
+
+    def check(front):
+        body = json.dumps({"repoType": "model", "content": f"---\n{front}\n---\n# card\n"}).encode()
+        request = urllib.request.Request(f"{hub_server.endpoint}/api/validate-yaml", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status, ""
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    result = ("model-index:\n- name: m\n  results:\n  - task: {type: image-classification}\n"
+              "    dataset: {type: flwrlabs/office-home, name: OfficeHome, config: %s, split: train}\n"
+              "    metrics: [{type: accuracy, value: 61.5}]")
+    assert check("license: mit\n" + result % "held-out-real-world") == (200, "")
+    status, message = check("license: mit\n" + result % "'held-out-Real World'")
+    assert status == 400 and "dataset.config 'held-out-Real World' is not an identifier" in message
+    status, message = check("license: fair-use-non-commercial-research")
+    assert status == 400 and "must be a Hub licence id" in message
+    assert check("license: other")[0] == 400
+    assert check("license: other\nlicense_name: fair-use-notice")[0] == 200

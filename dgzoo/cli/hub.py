@@ -1,10 +1,13 @@
-"""``dgzoo push``, ``dgzoo eval`` and ``dgzoo datasets convert``: the Hub side of the command line.
+"""``dgzoo push``, ``dgzoo eval`` and ``dgzoo datasets convert|push``: the Hub side of the command line.
 
     dgzoo push RUN_DIR me/pacs-resnet50-erm-sketch [--private] [--revision BRANCH] [--commit-message MSG]
+    dgzoo push SWEEP_DIR me/pacs-sweep          # every run as me/pacs-sweep-<run>, a results repo, a collection
     dgzoo eval me/pacs-resnet50-erm-sketch --dataset pacs --domains sketch photo
     dgzoo datasets convert VLCS.tar.gz --push-to-hub me/vlcs [--output-dir DIR]
+    dgzoo datasets push vlcs me/vlcs              # a tarball dataset, as dgzoo converted it, to a parquet repo
 
-Each command is a thin layer over :mod:`dgzoo.run.hub` and :mod:`dgzoo.data.convert`.
+Each command is a thin layer over :mod:`dgzoo.run.hub`, :mod:`dgzoo.run.zoo`, :mod:`dgzoo.data.convert` and
+:mod:`dgzoo.data.tarball`.
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ TOKEN_HELP = ("Hugging Face token (default: HF_TOKEN, then the `hf auth login` t
 
 def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     """Add ``push``, ``eval`` and ``datasets convert`` to the ``dgzoo`` parser."""
-    push = subparsers.add_parser("push", help="publish a finished run directory to a Hub model repo")
-    push.add_argument("run_dir", help="the run's --output-dir")
-    push.add_argument("repo_id", help="Hub model repo USER_OR_ORG/NAME (created if missing)")
+    push = subparsers.add_parser("push", help="publish a finished run directory (or every run of a sweep) to the Hub")
+    push.add_argument("run_dir", help="the run's --output-dir, or a sweep's output_dir (it holds sweep.json)")
+    push.add_argument("repo_id", help="Hub model repo USER_OR_ORG/NAME (created if missing); for a sweep, the prefix "
+                                      "of its repos: runs go to NAME-<run>, the report to NAME-results")
     push.add_argument("--private", action="store_true", help="create the repo as private (refused if it exists "
                                                              "and is public)")
     push.add_argument("--revision", help="branch to push to, created from main if missing (default: main)")
@@ -63,10 +67,29 @@ def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     convert.add_argument("--token", help=TOKEN_HELP)
     convert.set_defaults(handler=_convert)
 
+    publish = groups["datasets"].add_parser(
+        "push", help="publish a registry dataset that exists on the Hub only as a tarball (vlcs, terra-incognita) "
+                     "as parquet, as dgzoo converted it")
+    publish.add_argument("dataset", help="registry name of a tarball dataset (see `dgzoo datasets list`)")
+    publish.add_argument("repo_id", help="Hub dataset repo USER_OR_ORG/NAME (created if missing)")
+    publish.add_argument("--revision", help="commit of the source repo to convert (default: dgzoo's pinned commit)")
+    publish.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    publish.add_argument("--token", help=TOKEN_HELP)
+    publish.set_defaults(handler=_datasets_push)
+
 
 def _push(args: argparse.Namespace) -> int:
     from ..run.hub import push_run
 
+    if (Path(args.run_dir) / "sweep.json").is_file():
+        from ..run.zoo import push_sweep
+
+        if args.revision or args.commit_message:
+            raise DGZooError("--revision and --commit-message apply to one run; push a sweep without them")
+        out = push_sweep(args.run_dir, args.repo_id, private=args.private, token=args.token, license=args.license)
+        print(f"published {len(out['models'])} runs of {args.run_dir}, the report in the dataset {out['results']}, "
+              f"and the collection {out['collection_url']}")
+        return 0
     url = push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
                    commit_message=args.commit_message, token=args.token, license=args.license)
     print(f"published {args.run_dir} to {args.repo_id}: {url}")
@@ -132,4 +155,35 @@ def _convert(args: argparse.Namespace) -> int:
                                  f"run the same command again") from None
             print(f"pushed to the Hub dataset {args.push_to_hub} at commit {sha}; train with: dgzoo train "
                   f"--dataset {args.push_to_hub} --target-domains \"{domains[-1]}\"")
+    return 0
+
+
+def _datasets_push(args: argparse.Namespace) -> int:
+    from ..data.convert import push_dataset
+    from ..data.registry import get_spec
+    from ..data.tarball import converted_archive, load_archive
+    from ..run.hub import check_push_target, hub_error_reason
+
+    spec = get_spec(args.dataset)
+    if spec is None or spec.kind != "tarball":
+        from ..data.registry import REGISTRY
+
+        names = ", ".join(s.name for s in REGISTRY.values() if s.kind == "tarball")
+        raise DGZooError(f"'{args.dataset}' is not a tarball dataset of the registry ({names}); convert other image "
+                         f"folders with `dgzoo datasets convert`")
+    token = check_push_target(args.repo_id, args.token, args.private, None, "dataset")
+    table, sha = load_archive(spec, args.revision, token)
+    folder, _ = converted_archive(spec, sha, token)
+    shards = len(list((folder / "data").glob("*.parquet")))
+    source = f"{spec.repo_id}/{spec.archive}@{sha[:12]}"
+    try:
+        pushed = push_dataset(table, args.repo_id, spec.title, source, private=args.private, token=token,
+                              shards=shards, commit_message=f"dgzoo datasets push {spec.name}: {source}")
+    except DGZooError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line, token scrubbed
+        raise DGZooError(f"pushing {spec.name} to {args.repo_id} failed: {hub_error_reason(e, token)}; run the same "
+                         f"command again") from None
+    print(f"pushed {spec.title} ({len(table)} images, from {source}) to the Hub dataset {args.repo_id} at commit "
+          f"{pushed}; train with: dgzoo train --dataset {args.repo_id} --target-domains \"{spec.domains[-1]}\"")
     return 0

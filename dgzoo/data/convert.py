@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DGZooError
-from .loading import IMAGE_EXTENSIONS, _is_image_folder, image_folder_table
+from .folders import IMAGE_EXTENSIONS, image_folder_table, is_image_folder
 from .registry import REGISTRY, DatasetSpec, hub_license
+from .verify import undecodable_rows
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 DEFAULT_SHARD_BYTES = 500 * 2**20  # the size datasets.push_to_hub aims for
@@ -69,7 +70,7 @@ def _extract(archive: Path, target: Path) -> None:
 
 
 def _find_root(path: Path, source: Path) -> Path:
-    while not _is_image_folder(path):
+    while not is_image_folder(path):
         children = [p for p in path.iterdir() if not p.name.startswith(".") and not p.name.startswith("__MACOSX")]
         if len(children) != 1 or not children[0].is_dir():
             raise DGZooError(f"no image folders root/<domain>/<class>/<image> found in {source} (image types: "
@@ -89,13 +90,22 @@ def known_spec(domains: list[str]) -> DatasetSpec | None:
 def convert_image_folders(root: str | Path) -> Any:
     """The ``image``/``label``/``domain`` table of image folders at ``root`` (images referenced by path).
 
-    The bytes are embedded when the table is written (:func:`write_parquet`, :func:`push_dataset`).
+    The bytes are embedded when the table is written (:func:`write_parquet`, :func:`push_dataset`). Every image is
+    decoded once first, so an archive with a corrupt file is refused here, naming the file.
     """
+    import datasets
+
     table = image_folder_table(root)
     spec = known_spec(sorted(set(table["domain"])))
     if spec is not None and spec.classes and tuple(table.features["label"].names) != tuple(sorted(spec.classes)):
         raise DGZooError(f"{root} has {spec.title}'s domains but classes {', '.join(table.features['label'].names)}, "
                          f"not {', '.join(spec.classes)}; check the archive is complete")
+    bad = undecodable_rows(table, "image", range(len(table)))  # never pack (or publish) an image nobody can read
+    if bad:
+        files = ", ".join(f"{table.cast_column('image', datasets.Image(decode=False))[row]['image']['path']} ({why})"
+                          for row, why in bad[:3])
+        raise DGZooError(f"{len(bad)}{'+' if len(bad) >= 5 else ''} image(s) under {root} do not decode: {files}; "
+                         f"replace or remove them and convert again")
     return table
 
 
@@ -115,13 +125,15 @@ def num_shards(table: Any, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
     return max(1, -(-sum(os.path.getsize(p["path"]) for p in paths) // shard_bytes))
 
 
-def write_parquet(table: Any, output_dir: str | Path, shards: int | None = None) -> list[Path]:
+def write_parquet(table: Any, output_dir: str | Path, shards: int | None = None,
+                  progress: str | None = None) -> list[Path]:
     """Write ``table`` with its image bytes embedded as ``output_dir/data/train-*.parquet``; return the files.
 
     Shards are written under temporary names and renamed at the end, so an interrupted conversion never leaves
-    a folder that loads as a partial dataset.
+    a folder that loads as a partial dataset. ``progress`` is the label of a progress bar over the images.
     """
     from datasets.table import embed_table_storage
+    from tqdm.auto import tqdm
 
     data_dir = Path(output_dir) / "data"
     if data_dir.exists() and any(data_dir.glob("*.parquet")):
@@ -129,13 +141,19 @@ def write_parquet(table: Any, output_dir: str | Path, shards: int | None = None)
     data_dir.mkdir(parents=True, exist_ok=True)
     shards = shards or num_shards(table)
     written = []
+    bar = tqdm(total=len(table), desc=progress, unit="img", disable=progress is None)
+
+    def embed(batch: Any) -> Any:  # what datasets.push_to_hub does per shard: read each file into the image column
+        bar.update(batch.num_rows)
+        return embed_table_storage(batch)
+
     for i in range(shards):
         shard = table.shard(num_shards=shards, index=i, contiguous=True)
-        # What datasets.push_to_hub does per shard: read each referenced file into the image column.
-        shard = shard.with_format("arrow").map(embed_table_storage, batched=True, keep_in_memory=True)
+        shard = shard.with_format("arrow").map(embed, batched=True, keep_in_memory=True)
         tmp = data_dir / f".train-{i:05d}-of-{shards:05d}.parquet.tmp"
         shard.with_format(None).to_parquet(str(tmp))
         written.append(tmp)
+    bar.close()
     final = [tmp.with_name(tmp.name[1:-len(".tmp")]) for tmp in written]
     for tmp, path in zip(written, final):
         os.replace(tmp, path)
@@ -149,7 +167,7 @@ def dataset_card(table: Any, title: str, source: str, repo_id: str,
     domains, classes = list(counts), table.features["label"].names
     fields: dict[str, Any] = {"pretty_name": title, "task_categories": ["image-classification"],
                               "tags": ["domain-generalization", "dgzoo"],
-                              **hub_license(spec.license if spec else "unknown", spec.homepage if spec else None)}
+                              **hub_license(spec)}
     rows = "\n".join(f"| {d} | {counts[d]} |" for d in domains)
     body = f"""# {title}
 

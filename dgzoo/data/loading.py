@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import DGZooError
+from .folders import IMAGE_EXTENSIONS, image_folder_table  # noqa: F401  (re-exported)
+from .folders import is_image_folder as _is_image_folder
 from .registry import DatasetSpec, get_spec, unknown_dataset_error
+from .revisions import apply_layout, commit_of, resolve_pinned
 from . import builtin
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -88,9 +90,17 @@ def load_dg_dataset(name: str, revision: str | None = None, image_column: str | 
     if spec is not None and spec.kind == "imagefolder":
         raise DGZooError(f"{spec.title} has no parquet copy on the Hub; download it ({spec.homepage}), extract it and "
                          f"pass the folder root/<domain>/<class>/* with --dataset PATH")
+    if spec is not None and spec.kind == "tarball":  # an archive in a Hub repo, converted once into the cache
+        from .tarball import load_archive
+
+        table, sha = load_archive(spec, revision)
+        return _normalize(table, spec.title, "hub", columns, spec=spec, repo_id=spec.repo_id, revision=sha)
     if spec is not None or _looks_like_repo_id(name):
         repo_id = spec.repo_id if spec else name
-        table, sha = _read_hub(repo_id, revision or (spec.revision if spec else None), spec)
+        table, sha = _read_hub(repo_id, resolve_pinned(spec, revision) if spec else revision, spec)
+        if spec is not None:  # the registry's column mapping at that commit, unless the user named the columns
+            table, columns = apply_layout(table, spec, sha, columns, dict(image=image_column, label=label_column,
+                                                                          domain=domain_column))
         return _normalize(table, spec.title if spec else repo_id, "hub", columns, spec=spec, repo_id=repo_id,
                           revision=sha)
     raise unknown_dataset_error(name)
@@ -132,36 +142,6 @@ def _read_local(path: Path) -> tuple[Any, str]:
                      f"root/<domain>/<class>/*; point --dataset at one of those")
 
 
-def _is_image_folder(root: Path) -> bool:
-    for domain in (p for p in root.iterdir() if p.is_dir()):
-        for cls in (p for p in domain.iterdir() if p.is_dir()):
-            if any(f.suffix.lower() in IMAGE_EXTENSIONS for f in cls.iterdir()):
-                return True
-    return False
-
-
-def image_folder_table(root: str | Path) -> Any:
-    """Index image folders ``root/<domain>/<class>/*`` as a table (paths, decoded lazily), classes sorted by name."""
-    import datasets
-
-    root = Path(root)
-    entries: list[tuple[str, str, str]] = []
-    for domain in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for cls in sorted(p for p in domain.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for f in sorted(cls.iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    entries.append((str(f), cls.name, domain.name))
-    if not entries:
-        raise DGZooError(f"no images found under {root}; expected root/<domain>/<class>/<image>.jpg")
-    classes = sorted({c for _, c, _ in entries})
-    index = {c: i for i, c in enumerate(classes)}  # a list lookup per image is quadratic on DomainNet-size folders
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes),
-                                  "domain": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"image": [e[0] for e in entries],
-                                       "label": [index[e[1]] for e in entries],
-                                       "domain": [e[2] for e in entries]}, features=features)
-
-
 def resolve_hub_revision(repo_id: str, revision: str | None, repo_type: str = "dataset",
                          token: str | None = None) -> str | None:
     """Resolve a branch or tag to its commit sha so a run loads, and records, exactly one commit.
@@ -170,23 +150,10 @@ def resolve_hub_revision(repo_id: str, revision: str | None, repo_type: str = "d
     DGZooErrors that say what to check.
     """
     import huggingface_hub
-    from huggingface_hub import errors as hf_errors
 
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return revision
-    try:
-        info = huggingface_hub.HfApi(token=token).repo_info(repo_id, repo_type=repo_type, revision=revision)
-    except hf_errors.RevisionNotFoundError:
-        raise DGZooError(f"revision '{revision}' does not exist in the Hub {repo_type} {repo_id}; "
-                         f"pass an existing branch, tag or commit sha with --revision") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise DGZooError(f"Hub {repo_type} '{repo_id}' does not exist or is private; check the id, log in with "
-                         f"`hf auth login` for private repos, or pass a local path") from None
-    except (hf_errors.HfHubHTTPError, OSError, getattr(hf_errors, "HTTPError", OSError)) as e:  # + httpx errors
-        endpoint = huggingface_hub.constants.ENDPOINT
-        raise DGZooError(f"cannot reach the Hub at {endpoint} to load {repo_id} ({type(e).__name__}); check the "
-                         f"connection, or set HF_HUB_OFFLINE=1 to use a cached copy") from None
-    return info.sha
+    return commit_of(repo_id, revision, repo_type, token)
 
 
 def _read_hub(repo_id: str, revision: str | None, spec: DatasetSpec | None) -> tuple[Any, str | None]:
@@ -234,11 +201,27 @@ def _column(table: Any, name: str) -> np.ndarray:
     return np.asarray(table.select_columns([name]).with_format("numpy")[name])
 
 
+def _check_present(values: np.ndarray, column: str, role: str, name: str, valid: int | None = None) -> None:
+    """Refuse missing values (None, NaN; for ClassLabel also -1 / out of range): they would become a class or domain
+    of their own, silently."""
+    if values.dtype.kind in "iu":
+        missing = np.flatnonzero((values < 0) | (values >= valid)) if valid is not None else np.zeros(0, np.int64)
+    elif values.dtype.kind == "f":
+        missing = np.flatnonzero(~np.isfinite(values))
+    else:
+        missing = np.flatnonzero([v is None or (isinstance(v, float) and v != v) for v in values.tolist()])
+    if len(missing):
+        raise DGZooError(f"{len(missing)} row(s) of {name} have no {role} in column '{column}' (first: row "
+                         f"{int(missing[0])}); remove or label those rows, or pass the right --{role}-column")
+
+
 def _domain_codes(table: Any, column: str, spec: DatasetSpec | None) -> tuple[list[str], np.ndarray]:
     import datasets
 
     feature = table.features[column]
     values = _column(table, column)
+    _check_present(values, column, "domain", str(spec.name if spec else column),
+                   len(feature.names) if isinstance(feature, datasets.ClassLabel) else None)
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
         raw = [names[int(v)] for v in values]
@@ -260,6 +243,8 @@ def _label_codes(table: Any, column: str, spec: DatasetSpec | None) -> tuple[lis
 
     feature = table.features[column]
     values = _column(table, column)
+    _check_present(values, column, "label", str(spec.name if spec else column),
+                   len(feature.names) if isinstance(feature, datasets.ClassLabel) else None)
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
         if spec is not None and spec.classes and tuple(names) != spec.classes:

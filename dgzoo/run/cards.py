@@ -1,19 +1,25 @@
 """Model cards and plots for a run, rendered from ``model_cards/model_card.md``.
 
 The card's front matter is built with huggingface_hub's :class:`~huggingface_hub.ModelCardData`, with one
-:class:`~huggingface_hub.EvalResult` per held-out domain. The held-out domain goes into the result's
-``dataset_config`` so the Hub (which merges results sharing task, dataset, config, split and revision) keeps
-one entry per domain.
+:class:`~huggingface_hub.EvalResult` per held-out domain. The Hub merges results sharing task, dataset, config,
+split and revision, so each held-out domain gets its own config, a slug (``held-out-real-world``); the result's
+``args`` say what it means (the held-out domain's exact name, the split seed and holdout fraction of dgzoo's
+per-domain split), and its ``split`` is the dataset's own split the images come from (``train``, or
+``train+test`` for DomainNet). A ``dgzoo`` block in the front matter carries what ``dgzoo zoo`` filters and
+groups by (dataset, held-out domains, algorithm, backbone, seeds, and the sweep a run belongs to).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
 from ..data.registry import get_spec, hub_license
+from .rundir import SAMPLES_IMAGE
 
 SELECTION_LABELS = {
     "training_domain_validation": "training-domain validation",
@@ -38,20 +44,100 @@ def model_name(results: dict[str, Any]) -> str:
 
 def _dataset_spec(results: dict[str, Any]) -> Any:
     dataset = results["dataset"]
-    return get_spec(dataset.get("repo_id") or dataset["name"]) if dataset["source"] in ("hub", "builtin") else None
+    if dataset["source"] not in ("hub", "builtin"):
+        return None
+    # By registry name first: one Hub repo may hold several registry datasets (DomainBed_EasyHard's tarballs).
+    return get_spec(dataset["name"]) or (get_spec(dataset["repo_id"]) if dataset.get("repo_id") else None)
 
 
 def card_license(results: dict[str, Any], override: str | None = None) -> dict[str, str]:
     """The card's licence fields: ``override`` if given, else the licence of the training data.
 
-    Weights inherit the terms of the data they were fitted to, so a registry dataset's licence is used (a
-    licence the Hub has no id for becomes ``other`` with its name and a link); a dataset dgzoo does not know
-    gives ``unknown``, which ``dgzoo push --license`` replaces.
+    Weights inherit the terms of the data they were fitted to, so a registry dataset's own licence is used, as
+    its card or site states it (``other`` with the terms' own name and link where the Hub has no id); a dataset
+    dgzoo does not know gives ``unknown``, which ``dgzoo push --license`` replaces.
     """
     if override:
         return {"license": override}
+    return hub_license(_dataset_spec(results))
+
+
+def slug(text: str) -> str:
+    """``Real World`` -> ``real-world``: a name usable as a Hub config (no spaces, lower case)."""
+    return re.sub(r"[^a-z0-9.]+", "-", str(text).lower()).strip("-") or "default"
+
+
+def dataset_split(results: dict[str, Any]) -> str:
+    """The dataset's own split(s) the run's images come from: the registry's concatenated Hub splits (``train+test``
+    for DomainNet, in ``datasets``' split syntax), else ``train``, the only split of the other DG datasets."""
     spec = _dataset_spec(results)
-    return hub_license(spec.license, spec.homepage) if spec else {"license": "unknown"}
+    return "+".join(spec.splits) if spec and spec.splits else "train"
+
+
+def held_out_args(results: dict[str, Any], domain: str) -> dict[str, Any]:
+    """What a held-out result measured: the domain, and the part of it dgzoo's seeded split calls ``in``."""
+    return {"held_out_domain": domain, "source_domains": list(results["source_domains"]),
+            "split": "in", "split_seed": results.get("split_seed", results.get("seed")),
+            "holdout_fraction": results.get("hparams", {}).get("holdout_fraction", 0.2)}
+
+
+def sweep_entry(run_dir: str | Path | None) -> dict[str, Any] | None:
+    """The run's place in a sweep (``sweep.json`` of its parent folder): sweep id, run name, trial and hparams
+    seeds; None for a run outside a sweep. The id hashes the sweep's spec, so it is the same on every machine."""
+    if run_dir is None:
+        return None
+    run_dir = Path(run_dir)
+    manifest = run_dir.parent / "sweep.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    entry = next((r for r in data.get("runs", []) if r.get("run_dir") == run_dir.name), None)
+    if entry is None:
+        return None
+    spec = {**data.get("spec", {}), "output_dir": Path(str(data.get("spec", {}).get("output_dir", ""))).name}
+    sweep_id = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return {"sweep": sweep_id, "run": run_dir.name, "trial_seed": entry["trial_seed"],
+            "hparams_seed": entry["hparams_seed"]}
+
+
+def zoo_metadata(results: dict[str, Any], sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card's ``dgzoo`` block: what ``dgzoo zoo`` lists, filters and groups runs by."""
+    dataset = results["dataset"]
+    meta = {"dataset": dataset["name"], "dataset_repo": dataset.get("repo_id"),
+            "dataset_revision": dataset.get("revision"), "held_out": list(results["target_domains"]),
+            "source_domains": list(results["source_domains"]), "algorithm": results["algorithm"],
+            "backbone": results["backbone"], "selection": results["selection"]["method"],
+            "held_out_accuracy": round(100 * results["target_accuracy"], 4), "seed": results["seed"],
+            "split_seed": results["split_seed"],
+            "holdout_fraction": results["hparams"].get("holdout_fraction", 0.2)}
+    return {**meta, **(sweep or {})}
+
+
+def model_stats(run_dir: str | Path | None) -> dict[str, Any] | None:
+    """Parameters (millions), GMACs per image and input size of a run's model, as timm's model cards list them.
+
+    MACs are counted by ``torch.utils.flop_counter`` on one forward pass at the model's input size (FLOPs / 2).
+    None when the run directory holds no loadable model.
+    """
+    if run_dir is None or not (Path(run_dir) / "config.json").is_file():
+        return None
+    try:
+        import timm
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model = timm.create_model(f"local-dir:{Path(run_dir).resolve()}", pretrained=False).eval()
+        size = tuple(model.pretrained_cfg.get("input_size") or (3, 224, 224))
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, *size))
+    except Exception:  # noqa: BLE001 - the block is informative; a card is still written without it
+        return None
+    return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "gmacs": round(counter.get_total_flops() / 2 / 1e9, 3), "image_size": f"{size[1]} x {size[2]}"}
 
 
 def _base_model_license(results: dict[str, Any], run_dir: str | Path | None) -> str | None:
@@ -62,8 +148,10 @@ def _base_model_license(results: dict[str, Any], run_dir: str | Path | None) -> 
     return (config.get("pretrained_cfg") or {}).get("license")
 
 
-def card_data(results: dict[str, Any], repo_id: str | None = None, license: str | None = None) -> Any:
-    """Front matter: library, pipeline, tags, datasets, base model, licence and per-domain model-index results."""
+def card_data(results: dict[str, Any], repo_id: str | None = None, license: str | None = None,
+              sweep: dict[str, Any] | None = None) -> Any:
+    """Front matter: library, pipeline, tags, datasets, base model, licence, per-domain model-index results and
+    the ``dgzoo`` block (:func:`zoo_metadata`)."""
     from huggingface_hub import EvalResult, ModelCardData
 
     dataset = results["dataset"]
@@ -71,8 +159,9 @@ def card_data(results: dict[str, Any], repo_id: str | None = None, license: str 
     label = SELECTION_LABELS[results["selection"]["method"]]
     eval_results = [
         EvalResult(task_type="image-classification", task_name="Domain generalization", dataset_type=dataset_type,
-                   dataset_name=f"{dataset['title']} (held-out {domain})", dataset_config=f"held-out-{domain}",
-                   dataset_split="in", dataset_revision=dataset.get("revision"), metric_type="accuracy",
+                   dataset_name=f"{dataset['title']} (held-out {domain})", dataset_config=f"held-out-{slug(domain)}",
+                   dataset_split=dataset_split(results), dataset_revision=dataset.get("revision"),
+                   dataset_args=held_out_args(results, domain), metric_type="accuracy",
                    metric_value=round(100 * results["accuracy"][domain], 2),
                    metric_name=f"held-out-domain accuracy ({label})")
         for domain in results["target_domains"]]
@@ -82,7 +171,12 @@ def card_data(results: dict[str, Any], repo_id: str | None = None, license: str 
         library_name="timm", pipeline_tag="image-classification", **card_license(results, license), tags=tags,
         datasets=[dataset["repo_id"]] if dataset.get("repo_id") else None,
         base_model=results.get("base_model"), model_name=repo_id or model_name(results),
-        eval_results=eval_results, metrics=["accuracy"])
+        eval_results=eval_results, metrics=["accuracy"], dgzoo=zoo_metadata(results, sweep))
+
+
+def _license_text(fields: dict[str, str]) -> str:
+    return f"{fields['license_name']}, {fields.get('license_link', '')}".rstrip(", ") if "license_name" in fields \
+        else fields["license"]
 
 
 def _dataset_ref(results: dict[str, Any]) -> str:
@@ -120,9 +214,11 @@ def _quote(value: Any) -> str:
 
 
 def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | None = None,
-                run_dir: str | Path | None = None, license: str | None = None) -> str:
+                run_dir: str | Path | None = None, license: str | None = None,
+                sweep: dict[str, Any] | None = None) -> str:
     """Render the model card for a run. ``repo_id`` (when published) makes the usage code point at the Hub;
-    ``license`` overrides the licence taken from the training data."""
+    ``license`` overrides the licence taken from the training data; ``sweep`` (:func:`sweep_entry`) records the
+    run's place in a sweep."""
     from huggingface_hub import ModelCard
 
     targets, sources = results["target_domains"], results["source_domains"]
@@ -133,8 +229,9 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
     roles = {d: "held-out" if d in targets else "source" if d in sources else "unused" for d in results["accuracy"]}
     selections = results["selections"]
     load_id = repo_id or str(Path(run_dir).resolve() if run_dir else "path/to/run")
+    sweep = sweep if sweep is not None else sweep_entry(run_dir)
     card = ModelCard.from_template(
-        card_data(results, repo_id, license), template_path=str(template_path()),
+        card_data(results, repo_id, license, sweep), template_path=str(template_path()),
         model_title=repo_id.split("/")[-1] if repo_id else model_name(results),
         backbone=results["backbone"], algorithm=results["algorithm"], algorithm_title=results["algorithm_title"],
         dataset_title=results["dataset"]["title"], dataset_repo=results["dataset"].get("repo_id"),
@@ -152,12 +249,25 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
         device=results["device"], num_processes=results["num_processes"], seed=results["seed"],
         split_seed=results["split_seed"],
         diagnostics=json.dumps(results["diagnostics"], indent=2) if results.get("diagnostics") else "",
+        act_rows=act_rows(results),
         citations=citations, dgzoo_version=results["dgzoo_version"],
         license=card_license(results, license)["license"], license_override=bool(license),
-        data_license=spec.license if spec else "unknown", base_license=_base_model_license(results, run_dir),
+        data_license=_license_text(hub_license(spec)), base_license=_base_model_license(results, run_dir),
         eval_domains=" ".join(_quote(d) for d in targets), eval_dataset=_quote(_dataset_ref(results)),
-        eval_split_seed=results["split_seed"], eval_holdout=results["hparams"].get("holdout_fraction", 0.2))
+        eval_split_seed=results["split_seed"], eval_holdout=results["hparams"].get("holdout_fraction", 0.2),
+        stats=model_stats(run_dir), dataset_split=dataset_split(results), dataset_name=_dataset_ref(results),
+        license_fields=card_license(results, license),
+        samples_image=bool(run_dir) and (Path(run_dir) / SAMPLES_IMAGE).is_file())
     return str(card)
+
+
+def act_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(component, diagnostic, value) of every ``diagnostics.<name>.acts`` entry: the card's "does it act" table."""
+    rows = []
+    for name, entry in (results.get("diagnostics") or {}).items():
+        for key, value in (entry.get("acts") or {}).items() if isinstance(entry, dict) else ():
+            rows.append((name, key, f"{value:.4g}"))
+    return rows
 
 
 def plot_run(results: dict[str, Any], records: list[dict[str, Any]], run_dir: str | Path) -> list[Path]:

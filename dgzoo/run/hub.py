@@ -8,6 +8,11 @@ read: a push that fails leaves it exactly as it was and says which command retri
 Tokens come from where huggingface_hub looks (``HF_TOKEN``, then the login stored by ``hf auth login``), or
 from an explicit ``token`` argument. A token is never written to a file, a log, a card or an error message.
 
+Before anything is created on the Hub, a push checks that the run loads as published: ``config.json`` parses,
+``model.safetensors`` reads completely and holds only finite numbers, and timm builds the model from the folder.
+A sweep (:func:`push_sweep`; ``dgzoo push SWEEP_DIR PREFIX``) publishes every finished run as its own repo, the
+``dgzoo report`` tables in a results dataset repo, and a Hub collection holding them all.
+
 Loading (:func:`from_pretrained`) resolves a Hub revision to its commit, checks that the commit holds
 ``model.safetensors``, downloads only ``config.json`` and ``model.safetensors`` and builds the model with timm
 from that folder. dgzoo therefore never unpickles a downloaded file, whatever the repo's config asks for.
@@ -24,8 +29,9 @@ from typing import Any, Callable, NamedTuple
 from torch import nn
 
 from ..errors import DGZooError
-from .cards import render_card
-from .rundir import read_json
+from .cards import card_license, render_card, sweep_entry
+from .claim import claimed_by_another, describe_holder
+from .rundir import SAMPLES_IMAGE, nonfinite_tensors, read_json
 from .unlearning_card import render_unlearn_card
 
 WEIGHTS = "model.safetensors"
@@ -33,7 +39,7 @@ CONFIG = "config.json"
 # What a push uploads. Checkpoints (optimizer state, pickled RNG states) and logs are for resuming and
 # debugging on the training machine, and would make every download of the model larger.
 PUBLISHED_FILES = (CONFIG, WEIGHTS, "results.json", "records.jsonl", "train_config.json", "unlearn_config.json",
-                   "accuracy_per_domain.png", "training_curves.png")
+                   "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE)
 _SHA = re.compile(r"[0-9a-f]{40}")
 
 
@@ -201,40 +207,95 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
     code loads from the Hub; the local README.md is left as it is. Any failure raises a one-line DGZooError
     that ends with the command that retries the push.
     """
-    import huggingface_hub
-
     run_dir = Path(run_dir)
-    if not all((run_dir / name).is_file() for name in ("results.json", "train_config.json", CONFIG, WEIGHTS)):
-        raise DGZooError(f"{run_dir} is not a finished dgzoo run (it needs results.json, train_config.json, {CONFIG} "
-                         f"and {WEIGHTS}); train it first, or point at the run's --output-dir")
+    check_finished_run(run_dir)
     check_repo_id(repo_id)
     _check_branch(revision)
+    check_run_loads(run_dir)
     retry = retry_command(run_dir, repo_id, private, revision, commit_message, license)
     token = resolve_token(token)
     try:
         token = check_push_target(repo_id, token, private, revision)
-        results = read_json(run_dir / "results.json")
-        card, default_message = _card_for(run_dir, results, repo_id, license)
-        message = commit_message or default_message
-        operations = [huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
-        operations += [huggingface_hub.CommitOperationAdd(path_in_repo=name,
-                                                          path_or_fileobj=_published_bytes(run_dir, name))
-                       for name in PUBLISHED_FILES if (run_dir / name).is_file()]
-        api = huggingface_hub.HfApi(token=token)
-        api.create_repo(repo_id, private=private or None, exist_ok=True)
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.create_commit(repo_id, operations=operations, revision=revision, commit_message=message)
+        return upload_run(run_dir, repo_id, private, revision, commit_message, token, license)
     except Exception as e:  # noqa: BLE001 - whatever failed, the user gets one line and the retry command
         raise DGZooError(f"push of {run_dir} to {repo_id} failed: {hub_error_reason(e, token)}. The run directory "
                          f"is intact; retry with: {retry}") from None
-    return info.commit_url
 
 
-def _published_bytes(run_dir: Path, name: str) -> bytes:
+def check_finished_run(run_dir: Path) -> None:
+    """Refuse a directory that is not a finished run (one line naming what is missing)."""
+    if not all((run_dir / name).is_file() for name in ("results.json", "train_config.json", CONFIG, WEIGHTS)):
+        raise DGZooError(f"{run_dir} is not a finished dgzoo run (it needs results.json, train_config.json, {CONFIG} "
+                         f"and {WEIGHTS}); train it first, or point at the run's --output-dir")
+
+
+def check_run_loads(run_dir: str | Path) -> None:
+    """Check that a run's published files load, so that nothing broken (or diverged) is ever created on the Hub.
+
+    ``config.json`` must parse, ``model.safetensors`` must read completely (a truncated file does not) and hold
+    only finite numbers, and timm must build the model from the folder with those weights. Raises a one-line
+    DGZooError naming the file and the fix; reads only.
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    holder = claimed_by_another(run_dir)
+    if holder is not None:  # its files are still being written: the weights may be replaced mid-upload
+        raise DGZooError(f"{run_dir} is still in use by {describe_holder(holder)}; push it once that has finished")
+    fix = f"restore it, or train the run again (dgzoo train --config {run_dir / 'train_config.json'} --overwrite)"
+    try:
+        json.loads((run_dir / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise DGZooError(f"{run_dir / CONFIG} is not valid JSON ({str(e).splitlines()[0]}), so the run would not "
+                         f"load; nothing was pushed: {fix}") from None
+    try:
+        state = load_file(str(run_dir / WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated/corrupt files
+        raise DGZooError(f"{run_dir / WEIGHTS} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); it is "
+                         f"truncated or corrupt and nothing was pushed: {fix}") from None
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise DGZooError(f"{run_dir / WEIGHTS} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
+                         f"diverged, so it is not published; train it again with a lower --lr (or --clip-grad-norm)")
+    try:
+        create_from_folder(run_dir)
+    except DGZooError as e:
+        raise DGZooError(f"{e}; nothing was pushed") from None
+    except Exception as e:  # noqa: BLE001 - whatever timm raises, one line
+        raise DGZooError(f"timm cannot build the model of {run_dir} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); nothing was pushed: {fix}") from None
+
+
+def upload_run(run_dir: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+                token: str | None, license: str | None) -> str:
+    """Create the repo (if missing) and upload the run's files in one commit; return the commit URL."""
+    import huggingface_hub
+
+    results = read_json(run_dir / "results.json")
+    card, default_message = _card_for(run_dir, results, repo_id, license)
+    message = commit_message or default_message
+    operations = [huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
+    operations += [huggingface_hub.CommitOperationAdd(
+                       path_in_repo=name, path_or_fileobj=_published_bytes(run_dir, name, repo_id, results, license))
+                   for name in PUBLISHED_FILES if (run_dir / name).is_file()]
+    api = huggingface_hub.HfApi(token=token)
+    api.create_repo(repo_id, private=private or None, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.create_commit(repo_id, operations=operations, revision=revision, commit_message=message).commit_url
+
+
+def _published_bytes(run_dir: Path, name: str, repo_id: str | None = None, results: dict[str, Any] | None = None,
+                     license: str | None = None) -> bytes:
     """A run file as published: JSON files lose the absolute local paths they record (home and cache folders
-    are nobody else's business and mean nothing on another machine); they keep the path's last component."""
+    are nobody else's business and mean nothing on another machine); they keep the path's last component.
+    ``config.json``'s ``pretrained_cfg`` describes the published weights (:func:`finetuned_pretrained_cfg`)."""
     data = (run_dir / name).read_bytes()
+    if name == CONFIG and repo_id and results is not None:
+        config = json.loads(data)
+        config["pretrained_cfg"] = finetuned_pretrained_cfg(config.get("pretrained_cfg") or {}, repo_id, results,
+                                                            card_license(results, license)["license"])
+        return (json.dumps(config, indent=2) + "\n").encode()
     if name not in ("results.json", "train_config.json", "unlearn_config.json"):
         return data
 
@@ -250,13 +311,37 @@ def _published_bytes(run_dir: Path, name: str) -> bytes:
     return (json.dumps(strip(json.loads(data)), indent=2) + "\n").encode()
 
 
+# timm pretrained_cfg fields that describe where a set of weights came from: true of the base weights a run
+# started from, false of the fine-tuned weights it publishes.
+_PROVENANCE_FIELDS = ("url", "hf_hub_id", "tag", "license", "origin_url", "paper_name", "paper_ids", "notes",
+                      "description", "hf_hub_filename", "source")
+
+
+def finetuned_pretrained_cfg(cfg: dict[str, Any], repo_id: str, results: dict[str, Any],
+                             license: str) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` for published dgzoo weights: the preprocessing fields (input size, mean, std,
+    crop, interpolation, classifier) stay; the base weights' tag, licence, origin and papers are replaced by
+    those of the fine-tuned weights (their repo, the card's licence, what they were trained for and from)."""
+    import huggingface_hub
+
+    out = {k: v for k, v in cfg.items() if k not in _PROVENANCE_FIELDS}
+    base = results.get("base_model")
+    kind = "unlearned" if results.get("kind") == "unlearning" else "trained"
+    out.update(
+        hf_hub_id=repo_id, license=license, origin_url=f"{huggingface_hub.constants.ENDPOINT}/{repo_id}",
+        description=(f"{results['backbone']} {kind} with dgzoo ({results['algorithm']}) on "
+                     f"{results['dataset']['title']}, held-out {', '.join(results['target_domains'])}"),
+        notes=[f"fine-tuned from {base}" if base else "trained from random initialisation"])
+    return out
+
+
 def _card_for(run_dir: Path, results: dict[str, Any], repo_id: str, license: str | None) -> tuple[str, str]:
     """The card and default commit message of a run: a training run's, or an unlearning run's (``kind``)."""
     if results.get("kind") == "unlearning":
         return (render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir, license=license),
                 f"dgzoo: unlearn {results['unlearning']['forget_spec']} with {results['algorithm']}")
     card = render_card(results, read_json(run_dir / "train_config.json"), repo_id=repo_id, run_dir=run_dir,
-                       license=license)
+                       license=license, sweep=sweep_entry(run_dir))
     return card, (f"dgzoo: {results['algorithm']} {results['backbone']} on {results['dataset']['title']}, held-out "
                   f"{', '.join(results['target_domains'])} {100 * results['target_accuracy']:.1f}%")
 

@@ -8,7 +8,7 @@ Layout (the contract of ``--output-dir``)::
     results.json         what was trained, how, and how well
     train_config.json    the resolved recipe (repeat the run with `dgzoo train --config train_config.json`)
     records.jsonl        one line per evaluation (every domain split), for after-the-fact model selection
-    accuracy_per_domain.png, training_curves.png
+    accuracy_per_domain.png, training_curves.png, samples_per_domain.png (a row of sample images per domain)
     checkpoints/step_N/  resumable Accelerate checkpoints
     train.log, logs/     text log and tracker (TensorBoard) logs
 
@@ -27,10 +27,12 @@ from typing import Any
 from torch import nn
 
 from ..errors import DGZooError
+from .claim import CLAIM_FILE, RunDirClaimed, claim_holder, describe_holder
 
 RUN_MARKERS = ("train_config.json", "results.json", "checkpoints")
+SAMPLES_IMAGE = "samples_per_domain.png"  # one row of sample images per domain, embedded in the model card
 OUTPUT_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",
-                "records.jsonl", "accuracy_per_domain.png", "training_curves.png", "train.log",
+                "records.jsonl", "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE, "train.log",
                 "unlearn_config.json", "unlearn.log")  # the last two: unlearning runs (dgzoo unlearn)
 OUTPUT_DIRS = ("checkpoints", "logs")
 
@@ -74,6 +76,10 @@ def save_model(model: nn.Module, run_dir: str | Path, class_names: list[str], da
     """
     from timm.models import save_for_hf
 
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        raise DGZooError(f"refusing to export non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); the run "
+                         f"diverged: lower --lr or set --clip-grad-norm and train again")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
@@ -84,27 +90,49 @@ def save_model(model: nn.Module, run_dir: str | Path, class_names: list[str], da
             os.replace(Path(tmp) / name, run_dir / name)
 
 
+def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``state_dict`` holding a NaN or an infinity."""
+    import torch
+
+    return [name for name, t in state_dict.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def is_run_dir(path: str | Path) -> bool:
     """Whether ``path`` holds (part of) a dgzoo run."""
     return any((Path(path) / marker).exists() for marker in RUN_MARKERS)
 
 
-def check_output_dir(path: str | Path, resume: bool, overwrite: bool) -> None:
+def check_output_dir(path: str | Path, resume: bool, overwrite: bool, can_resume: bool = True) -> None:
     """Refuse to train into a directory holding another run unless ``--resume`` or ``--overwrite`` says so.
 
-    Only checks; nothing is deleted here (see :func:`clear_run_dir`), so bad input never costs a run.
+    Only checks; nothing is deleted here (see :func:`clear_run_dir`), so bad input never costs a run. A directory
+    claimed by a live process (:mod:`dgzoo.run.claim`) is refused whatever the flags: ``--overwrite`` must never
+    delete the files of a run that is still writing them. ``can_resume`` is False for commands without
+    ``--resume`` (``dgzoo unlearn``), so no message suggests it.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DGZooError(f"--output-dir {path} is a file; choose a directory")
+    holder = claim_holder(path)
+    if holder is not None:
+        raise RunDirClaimed(f"{path} is in use by {describe_holder(holder)}; wait for it to finish or choose "
+                            f"another --output-dir")
     if resume:
-        if not latest_checkpoint(path):
+        if not latest_checkpoint(path) and not (path / "train_config.json").exists():
             raise DGZooError(f"nothing to resume in {path}: it holds no checkpoint; drop --resume to start a new run")
         return
-    if not path.exists() or not any(path.iterdir()):
+    if not path.exists() or not any(p for p in path.iterdir() if p.name != CLAIM_FILE):
         return
     if is_run_dir(path):
         if not overwrite:
+            if not can_resume:
+                raise DGZooError(f"--output-dir {path} already holds a run; pass --overwrite to replace it, or "
+                                 f"choose another --output-dir")
+            if not latest_checkpoint(path) and not (path / "results.json").exists():
+                raise DGZooError(f"--output-dir {path} holds a run that stopped before its first checkpoint; pass "
+                                 f"--resume to start it again from step 0, --overwrite to replace it, or choose "
+                                 f"another --output-dir")
             raise DGZooError(f"--output-dir {path} already holds a run; pass --resume to continue it, --overwrite "
                              f"to replace it, or choose another --output-dir")
         return
@@ -128,6 +156,35 @@ def checkpoint_dirs(path: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+CHECKPOINT_MANIFEST = "dgzoo_manifest.json"
+
+
+def write_checkpoint_manifest(checkpoint: str | Path) -> None:
+    """Record the size of every file of a just-saved checkpoint, so that a truncated one is recognised at resume."""
+    checkpoint = Path(checkpoint)
+    sizes = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+    write_json(checkpoint / CHECKPOINT_MANIFEST, {"files": sizes})
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (a missing or truncated file), or None when it looks intact."""
+    checkpoint = Path(checkpoint)
+    manifest = checkpoint / CHECKPOINT_MANIFEST
+    if not manifest.exists():
+        return None  # written before manifests existed: only loading it can tell
+    try:
+        sizes = read_json(manifest)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {CHECKPOINT_MANIFEST} is unreadable"
+    for name, size in sizes.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def latest_checkpoint(path: str | Path) -> Path | None:
