@@ -5,9 +5,9 @@ the bottom, :mod:`.registry` (names, validation, composition) above, the per-dom
 (:mod:`.gradients`) and the methods, one module per family, on top. Importing this package registers every method
 and the ``dgzoo.algorithms`` entry points of installed plugins.
 """
-from . import (adversarial, alignment, contrastive, equilibrium, erm, gga, invariance, iu, meta,  # noqa: F401
-               networks, robust, surgery)  # importing registers them
-from .base import (AddOn, Algorithm, EpochContext, LossHost, Metrics, Minibatches, Recipe, UpdateHost)
+from . import (adversarial, alignment, averaging, contrastive, equilibrium, erm, gga, invariance, iu,  # noqa: F401
+               meta, miro, mixing, networks, robust, sharpness, surgery)  # importing registers them
+from .base import (AddOn, Algorithm, EpochContext, EvalContext, LossHost, Metrics, Minibatches, Recipe, UpdateHost)
 from .registry import (ADDONS, ALGORITHMS, AlgorithmInfo, Composition, check_algorithm, create_algorithm, describe,
                        flat_hparams, list_algorithms, load_entry_points, parse_algorithm, register_addon,
                        register_algorithm, resolve_hparams)
@@ -16,7 +16,7 @@ from ..hparams import HParam
 
 load_entry_points()
 
-__all__ = ["ADDONS", "ALGORITHMS", "AddOn", "Algorithm", "AlgorithmInfo", "Composition", "EpochContext", "HParam",
-           "LossHost", "Metrics", "Minibatches", "Recipe", "Runtime", "UpdateHost", "check_algorithm",
+__all__ = ["ADDONS", "ALGORITHMS", "AddOn", "Algorithm", "AlgorithmInfo", "Composition", "EpochContext", "EvalContext",
+           "HParam", "LossHost", "Metrics", "Minibatches", "Recipe", "Runtime", "UpdateHost", "check_algorithm",
            "create_algorithm", "describe", "flat_hparams", "list_algorithms", "load_entry_points",
            "parse_algorithm", "register_addon", "register_algorithm", "resolve_hparams"]

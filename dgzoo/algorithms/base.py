@@ -25,7 +25,7 @@ anything is written. Constructors do not validate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ class Recipe:
     mixed_precision: str = "no"
     small_images: bool = False
     network: nn.Module | None = None
-    pretrained: bool = False
+    pretrained: bool | None = None  # None: not known (an algorithm built outside a run: a test, a notebook)
 
 
 class Component:
@@ -83,6 +83,23 @@ class Component:
     def summary(self) -> dict[str, Any]:
         """Run-level diagnostics for results.json (e.g. how often a projection fired)."""
         return {}
+
+    def diagnostics(self) -> dict[str, float]:
+        """A few run-level numbers that show whether the method changed the training at all ("does it act"):
+        results.json lists them under ``diagnostics.<name>.acts`` and the model card shows them. {} = nothing to
+        report (a plain loss)."""
+        return {}
+
+
+def with_acts(summary: dict[str, Any], components: Sequence[Component]) -> dict[str, Any]:
+    """``summary`` (component name -> its :meth:`Component.summary`) with each component's
+    :meth:`Component.diagnostics` added under ``<name>.acts``: results.json's ``diagnostics``."""
+    out = {name: dict(value) for name, value in summary.items()}
+    for component in components:
+        acts = component.diagnostics()
+        if acts:
+            out.setdefault(component.name, {})["acts"] = {k: float(v) for k, v in acts.items()}
+    return out
 
 
 class Algorithm(Component, nn.Module):
@@ -218,6 +235,16 @@ class EpochContext:
     batch_size: int
 
 
+@dataclass
+class EvalContext:
+    """What an add-on may use at each evaluation, before the evaluated network is chosen (SWAD's loss valley)."""
+
+    step: int
+    last: bool  # the run's final evaluation
+    source_val_loss: Callable[[nn.Module], float]  # mean over source domains of a network's CE on their out split
+    source_batches: Callable[[int], Iterator[torch.Tensor]]  # n pooled training batches (training transform)
+
+
 class AddOn(Component):
     """Base of add-ons that hook into the training of any host algorithm."""
 
@@ -231,6 +258,10 @@ class AddOn(Component):
         return {}
 
     def on_epoch_end(self, context: EpochContext) -> Metrics:
+        return {}
+
+    def on_evaluate(self, context: EvalContext) -> Metrics:
+        """Called at every evaluation, right before :meth:`evaluated_network` is asked for the weights to evaluate."""
         return {}
 
     def evaluated_network(self) -> nn.Module | None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import DGZooError, suggest
 from ..hparams import HParam
-from .base import AddOn, Algorithm, Component, EpochContext, Metrics, Minibatches, Recipe
+from .base import AddOn, Algorithm, Component, EpochContext, EvalContext, Metrics, Minibatches, Recipe
 from .runtime import Runtime
 
 logger = logging.getLogger("dgzoo")
@@ -191,6 +191,13 @@ class Composition:
         metrics: Metrics = {}
         for addon in self.addons:
             metrics.update(_prefixed(addon.name, addon.on_epoch_end(context)))
+        return metrics
+
+    def on_evaluate(self, context: EvalContext) -> Metrics:
+        """Every add-on's evaluation event (before :meth:`evaluated_network`); their metrics, prefixed."""
+        metrics: Metrics = {}
+        for addon in self.addons:
+            metrics.update(_prefixed(addon.name, addon.on_evaluate(context)))
         return metrics
 
     def evaluated_network(self) -> nn.Module:

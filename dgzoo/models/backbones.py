@@ -122,6 +122,12 @@ def _keep_eval(module: nn.Module, _inputs: Any) -> None:
     module.training = False
 
 
+def batchnorm_frozen(module: nn.Module) -> bool:
+    """Whether :func:`freeze_batchnorm` froze ``module``'s BatchNorm layers (its running statistics never move)."""
+    return any(_keep_eval in m._forward_pre_hooks.values() for m in module.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
 def freeze_batchnorm(model: nn.Module) -> int:
     """Keep every BatchNorm layer in eval mode (running statistics fixed), whatever ``model.train()`` says.
 

@@ -35,6 +35,31 @@ def accuracy(model: nn.Module, loader: Iterable, device: torch.device, gather: G
     return correct / max(total, 1)
 
 
+@torch.no_grad()
+def mean_loss(model: nn.Module, loader: Iterable, device: torch.device, gather: Gather = lambda t: t) -> float:
+    """Mean cross-entropy of ``model`` over ``loader`` (SWAD's validation loss); ``gather`` as :func:`accuracy`."""
+    total, count = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        losses = torch.nn.functional.cross_entropy(model(x).float(), y, reduction="none")
+        losses = gather(losses)
+        total += float(losses.double().sum())
+        count += int(losses.numel())
+    return total / max(count, 1)
+
+
+def source_loss(model: nn.Module, loaders: dict[str, dict[str, Iterable]], domains: Sequence[str],
+                device: torch.device, gather: Gather = lambda t: t) -> float:
+    """Mean over ``domains`` of ``model``'s mean cross-entropy on their ``out`` split, in eval mode: SWAD's
+    source-validation loss (its ``tr_outloss``). Restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return sum(mean_loss(model, loaders[d]["out"], device, gather) for d in domains) / len(domains)
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model: nn.Module, loaders: dict[str, dict[str, Iterable]], device: torch.device,
              gather: Gather = lambda t: t) -> dict[str, dict[str, float]]:
     """Accuracy of every domain split: ``{domain: {"in": acc, "out": acc}}``. Restores the model's mode."""
