@@ -105,7 +105,7 @@ def faithful_all_estimate(model, context, fast_timings: dict, hparams: dict) -> 
 def ascent_cost(model, optimizer, context, fraction: float) -> dict[str, float]:
     """Seconds of the ascent and of the after-ascent diagnostics for an unlearning set of ``fraction`` of the
     training samples on the channels IU selects now (the measured calls may happen to select no sample)."""
-    iu = create_algorithm("erm+iu", model, len(SOURCES), {"iu.lr": 0.0}, make_optimizer=lambda _: optimizer).addons[0]
+    iu = create_algorithm("erm+iu", model, len(SOURCES), {"iu.ascent": "fixed", "iu.lr": 0.0}, make_optimizer=lambda _: optimizer).addons[0]
     iu.unlearn(context, context.step)
     train, val = _Pool.of(context.source_train), _Pool.of(context.source_val)
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:round(fraction * len(train))]
@@ -117,7 +117,7 @@ def ascent_cost(model, optimizer, context, fraction: float) -> dict[str, float]:
     iu._ascend(train, chosen, channels, context.batch_size)
     middle = time.perf_counter()
     iu._forward(val, batch)
-    iu._loss(train, chosen, batch)
+    iu._pool_loss(train.subset(chosen), None, batch)
     model.train()
     return {"samples": len(chosen), "ascent": middle - start, "after": time.perf_counter() - middle}
 
@@ -127,7 +127,7 @@ def agreement(model, context, modes: dict[str, dict]) -> dict[str, torch.Tensor]
     out = {}
     for name, hparams in modes.items():
         algorithm = create_algorithm("erm+iu", model, len(SOURCES), make_optimizer=lambda g: torch.optim.SGD(g, lr=0.0),
-                                     hparams={**hparams, "iu.lr": 0.0})
+                                     hparams={**hparams, "iu.ascent": "fixed", "iu.lr": 0.0})
         iu = algorithm.addons[0]
         iu.unlearn(context, context.step)
         out[name] = (iu.scores.clone(), set(iu.selected_rows))

@@ -168,6 +168,12 @@ def test_single_source_run_uses_randaugment_views_and_reports_diagnostics(tmp_pa
     records = [json.loads(r) for r in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
     assert all({"projection_rate", "w_0", "residual_norm", "update_vs_mean"} <= set(r) for r in records)
     assert diagnostics["specific_norm"] > 0  # the views differ, so their gradients do
+    # "does it act": the run-level diagnostics, in results.json and in the model card
+    acts = diagnostics["acts"]
+    assert acts["projection_rate"] == diagnostics["projection_rate"] and acts["optimizer_steps_per_iteration"] == 3
+    assert acts["w_deviation"] == diagnostics["w_deviation"] and acts["update_vs_mean"] == diagnostics["update_vs_mean"]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "Does the method act?" in card and "| equilibrium | projection_rate |" in card
 
 
 def test_randaugment_recipe_augmentation_for_the_erm_baseline():
@@ -253,3 +259,82 @@ def test_views_with_randaugment_recipe_fail_before_anything_is_written(tmp_path)
     with pytest.raises(DGZooError, match="views are not augmented twice"):
         train(tiny_config(tmp_path, algorithm="equilibrium", source_domains=["0"], augment="randaugment"))
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the three readings, step matching
+
+TWO = torch.tensor([[1.0, 2.0], [3.0, 0.0]], dtype=torch.float64)  # g_inv = (2, 1), s_1 = -s_2 = (-1, 1)
+
+
+def test_persistent_weights_start_from_the_previous_iteration():
+    # K = 2: G = ||s||^2 [[1, -1], [-1, 1]], F(w) = ||s||^2 (w1 - w2)^2, lambda_max = 2 ||s||^2. From the reset
+    # w = (1, 1), F = 0 already: d_k = g_inv. From a previous w = (1, 0.4), one PGD step of 1 / (2 lambda_max)
+    # gives w - 2 G w / (4 ||s||^2) = (1, 0.4) - (0.3, -0.3) = (0.7, 0.7), F = 0: d_k = g_k - 0.7 s_k.
+    reset, decided = equilibrium_updates(TWO, pgd_tol=0.0)
+    assert torch.allclose(reset, torch.tensor([[2.0, 1.0], [2.0, 1.0]], dtype=torch.float64))
+    kept, decided = equilibrium_updates(TWO, pgd_init=torch.tensor([1.0, 0.4], dtype=torch.float64), pgd_tol=0.0)
+    assert torch.allclose(decided.weights, torch.tensor([0.7, 0.7], dtype=torch.float64))
+    assert torch.allclose(kept, torch.tensor([[1.7, 1.3], [2.3, 0.7]], dtype=torch.float64))  # g_inv + 0.3 s_k
+
+
+def two_domain_algorithm(hparams, lr=0.05, momentum=0.0):
+    torch.manual_seed(0)
+    model = create_backbone("test_resnet", num_classes=5).eval()
+    reference = copy.deepcopy(model)
+    algorithm = create_algorithm("equilibrium", model, 2, make_optimizer=lambda g: torch.optim.SGD(
+        g, lr=lr, momentum=momentum), hparams=hparams)
+    return algorithm, model, reference
+
+
+def test_the_algorithm_carries_w_across_iterations_only_when_persistent():
+    # Two sequential SGD steps with momentum 0.9 move theta by lr (1.9 d_1 + d_2). Reset: w = 1, d_k = g_inv, so
+    # 2.9 lr g_inv. Persistent from w = (1, 0.4): w = (0.7, 0.7) as above, d_k = g_inv + 0.3 s_k, s_2 = -s_1, so
+    # 2.9 lr g_inv + 0.27 lr s_1.
+    batches = make_batches(k=2)
+    for weights, expected in (("reset", 1.0), ("persistent", 0.7)):
+        algorithm, model, reference = two_domain_algorithm({"weights": weights, "pgd_tol": 0.0}, momentum=0.9)
+        grads, _ = per_domain_gradients(reference, batches, FlatParams.of(reference))
+        g_inv, s_1 = grads.mean(0), grads[0] - grads.mean(0)
+        algorithm.host.weights = torch.tensor([1.0, 0.4], dtype=torch.float64)  # as a previous iteration left it
+        before = FlatParams.of(model).values()
+        metrics = algorithm.update(batches, step=1)
+        assert metrics["w_0"] == pytest.approx(expected) and metrics["w_1"] == pytest.approx(expected)
+        assert metrics["w_deviation"] == pytest.approx(1 - expected)
+        moved = before - FlatParams.of(model).values()
+        assert torch.allclose(moved, 0.05 * (2.9 * g_inv + 1.9 * (1 - expected) * s_1 - (1 - expected) * s_1),
+                              atol=1e-6)
+        assert algorithm.state_dict()["host"]["weights"] == pytest.approx([expected, expected])
+    assert s_1.norm() > 0.1 * g_inv.norm()  # the persistent term is not negligible
+
+
+def test_summed_domain_loss_scales_the_update_by_the_batch_size():
+    batches = make_batches(k=2, b=8)
+    updates = {}
+    for loss in ("mean", "sum"):
+        algorithm, model, reference = two_domain_algorithm({"domain_loss": loss, "updates": "mean"}, lr=0.01)
+        before = FlatParams.of(model).values()
+        algorithm.update(batches, step=0)
+        updates[loss] = before - FlatParams.of(model).values()
+    grads, _ = per_domain_gradients(reference, batches, FlatParams.of(reference))
+    assert torch.allclose(updates["mean"], 0.01 * grads.mean(0), atol=1e-6)
+    assert torch.allclose(updates["sum"], 8 * updates["mean"], rtol=1e-4, atol=1e-6)  # Eq. 1: M = 8 samples
+
+
+@pytest.mark.parametrize("domain_loss", ["mean", "sum"])
+def test_step_matched_takes_one_step_of_the_erm_gradient_norm(domain_loss):
+    # alpha -1: every pair is projected and w moves, so the direction differs from ERM's; matched, the single SGD
+    # step has ERM's length lr ||mean_k g_k|| (g_k of the mean losses) along mean_k d_k, and K steps become one.
+    hparams = {"alpha": -1.0, "step": "matched", "domain_loss": domain_loss, "pgd_steps": 3}
+    algorithm, model, reference = equilibrium_and_reference(hparams)
+    batches = make_batches()
+    grads, _ = per_domain_gradients(reference, batches, FlatParams.of(reference))
+    before = FlatParams.of(model).values()
+    metrics = algorithm.update(batches, step=0)
+    step = before - FlatParams.of(model).values()
+    assert step.norm().item() == pytest.approx(0.05 * grads.mean(0).norm().item(), rel=1e-4)
+    scaled = grads * (8 if domain_loss == "sum" else 1)
+    d, _ = equilibrium_updates(scaled, alpha=-1.0, pgd_steps=3)
+    direction = d.mean(0)
+    assert metrics["projection_rate"] == 1.0
+    assert torch.allclose(step / step.norm(), direction / direction.norm(), atol=1e-4)
+    assert algorithm.host.diagnostics()["optimizer_steps_per_iteration"] == 1.0

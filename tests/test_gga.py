@@ -268,3 +268,25 @@ def test_a_resumed_run_anneals_exactly_as_an_uninterrupted_one(tmp_path):
     a = load_file(tmp_path / "full" / "run" / "checkpoints" / "step_5" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "run" / "checkpoints" / "step_5" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_optional_second_window_anneals_exactly_its_steps(monkeypatch):
+    # Windows 0..1 and 4..5, both inclusive (the official trainer's test): over steps 0..6 the search runs at
+    # 0, 1, 4, 5 and nowhere else; without extra_search only the first window counts.
+    window = {"gga.start": 0, "gga.end": 1, "gga.extra_start": 4, "gga.extra_end": 5, "gga.candidates": 2}
+    calls = []
+    model, algorithm = build("erm+gga", {**window, "gga.extra_search": True})
+    gga = algorithm.addons[0]
+    monkeypatch.setattr(gga, "anneal", lambda groups, step: calls.append(step) or {
+        "accepted": float(step % 2), "score_before": 0.0, "score_after": 0.1 * (step % 2), "loss_before": 1.0,
+        "loss_after": 1.0, "shift": 0.0})
+    for step in range(7):
+        algorithm.update(minibatches(seed=step), step)
+    assert calls == [0, 1, 4, 5] and [h["step"] for h in gga.history] == [0, 1, 4, 5]
+    # 2 of 4 steps accepted one of their 2 candidates; each of those gained 0.1 of min cosine
+    assert gga.diagnostics() == pytest.approx({"annealed_steps": 4.0, "acceptance_rate": 2 / 8,
+                                               "moved_fraction": 0.5, "mean_agreement_gain": 0.05})
+    single = build("erm+gga", window)[1].addons[0]
+    assert [s for s in range(7) if single.annealed(s)] == [0, 1]
+    with pytest.raises(DGZooError, match="gga.extra_end=3 is before gga.extra_start=4"):
+        build("erm+gga", {**window, "gga.extra_search": True, "gga.extra_end": 3})

@@ -192,7 +192,7 @@ def test_masked_ascent_writes_only_the_selected_slices():
 def test_iu_call_ascends_only_selected_channels_and_raises_the_unlearning_loss(fitted):
     model, context = copy.deepcopy(fitted[0]), fitted[1]
     algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
-                                 hparams={"iu.lr": 0.05, "iu.k": 1.0})
+                                 hparams={"iu.k": 1.0})
     iu = algorithm.addons[0]
     optimizer_state = copy.deepcopy(algorithm.host.optimizer.state_dict())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -215,6 +215,128 @@ def test_iu_call_ascends_only_selected_channels_and_raises_the_unlearning_loss(f
     assert edited  # (a channel that is zero on every sample of D_u gets no gradient, so no edit)
     assert algorithm.host.optimizer.state_dict() == optimizer_state  # host optimizer untouched
     assert iu.summary()["calls"] == 1 and iu.summary()["history"][0]["step"] == 8
+
+
+def selected_pool(context, rows):
+    """(images, labels, domain) of the given dataset rows of the context's training data, in that order."""
+    where = {int(r): (d, i) for d, ds in enumerate(context.source_train) for i, r in enumerate(ds.rows)}
+    samples = [context.source_train[where[r][0]][where[r][1]] for r in rows]
+    return torch.stack([x for x, _ in samples]), torch.tensor([y for _, y in samples])
+
+
+def val_pool(context):
+    images = [(context.source_val[d][i], d) for d in range(len(context.source_val))
+              for i in range(len(context.source_val[d]))]
+    return (torch.stack([x for (x, _), _ in images]), torch.tensor([y for (_, y), _ in images]),
+            torch.tensor([d for _, d in images]))
+
+
+@torch.no_grad()
+def eval_loss(model, x, y):
+    return F.cross_entropy(model.eval()(x), y).item()
+
+
+@pytest.mark.parametrize("target", [1.25, 2.0])
+def test_calibrated_ascent_reaches_its_target_rise(fitted, target):
+    model, context = copy.deepcopy(fitted[0]), fitted[1]
+    before = copy.deepcopy(model)
+    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
+                                 hparams={"iu.k": 1.0, "iu.target_rise": target, "iu.max_val_drop": 1.0})
+    metrics = algorithm.on_epoch_end(context)
+    iu = algorithm.addons[0]
+    assert metrics["iu/target_reached"] == 1.0 and metrics["iu/acted"] == 1.0
+    # Measured independently, on the selected samples, with the weights before and after the call: the D_u loss
+    # rose by at least the target and by at most a tenth of (target - 1) more (the search's stopping rule).
+    x, y = selected_pool(context, iu.selected_rows)
+    rise = eval_loss(model, x, y) / eval_loss(before, x, y)
+    assert target * (1 - 1e-4) <= rise <= target + 0.1 * (target - 1) + 1e-4
+    assert metrics["iu/unlearn_loss_rise"] == pytest.approx(rise, rel=1e-4)
+
+
+def test_calibrated_ascent_keeps_within_the_validation_cap(fitted):
+    model, context = copy.deepcopy(fitted[0]), fitted[1]
+    x, y, _ = val_pool(context)
+    with torch.no_grad():
+        accuracy_before = (model.eval()(x).argmax(1) == y).float().mean().item()
+    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
+                                 hparams={"iu.k": 1.0, "iu.target_rise": 50.0, "iu.max_val_drop": 0.0})
+    metrics = algorithm.on_epoch_end(context)
+    with torch.no_grad():
+        accuracy_after = (model.eval()(x).argmax(1) == y).float().mean().item()
+    assert accuracy_after >= accuracy_before and metrics["iu/val_acc_after"] == pytest.approx(accuracy_after)
+    assert metrics["iu/val_capped"] == 1.0 and metrics["iu/unlearn_loss_rise"] < 50.0
+
+
+def test_dsga_lowers_the_idv_of_the_selected_channels(fitted):
+    # On this fitted model, one calibrated DSGA call shrinks the domain-specific channels: their inter-domain
+    # variance on the source validation images (not used to select them) drops, the mechanism the paper claims.
+    model, context = copy.deepcopy(fitted[0]), fitted[1]
+    x, _, domain = val_pool(context)
+
+    def idv(net, channels):
+        with torch.no_grad():
+            feats = features(net.eval(), x)
+        return inter_domain_variance([feats[domain == d] for d in range(3)])[channels].mean().item()
+
+    before = copy.deepcopy(model)
+    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
+                                 hparams={"iu.k": 1.0})
+    metrics = algorithm.on_epoch_end(context)
+    channels = algorithm.addons[0].selected_channels
+    assert channels and idv(model, channels) < idv(before, channels)
+    assert metrics["iu/idv_before"] == pytest.approx(idv(before, channels), rel=1e-4)
+    assert metrics["iu/idv_after"] == pytest.approx(idv(model, channels), rel=1e-4)
+    assert metrics["iu/idv_drop"] == pytest.approx(1 - idv(model, channels) / idv(before, channels), rel=1e-3)
+
+
+def test_literal_ascent_is_one_unit_step_on_the_summed_loss(fitted):
+    model, context = copy.deepcopy(fitted[0]), fitted[1]
+    reference = copy.deepcopy(model).eval()
+    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
+                                 hparams={"iu.k": 1.0, "iu.ascent": "literal", "iu.batch_size": 1000})
+    algorithm.on_epoch_end(context)
+    iu = algorithm.addons[0]
+    # theta_c <- theta_c + grad_theta_c sum_{x in D_u} CE(x), on the writers of C_spc only (one minibatch here)
+    x, y = selected_pool(context, iu.selected_rows)
+    layer = ChannelLayer(reference)
+    params = layer.parameters()
+    grads = torch.autograd.grad(F.cross_entropy(reference(x), y, reduction="sum"), params)
+    mask = torch.zeros(layer.num_channels, dtype=torch.bool)
+    mask[iu.selected_channels] = True
+    masked_ascent(params, grads, layer.slices, mask, lr=1.0)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_cached_tail_passes_change_nothing_but_the_cost(fitted):
+    runs = []
+    for cache in (1024, 0):
+        model = copy.deepcopy(fitted[0])
+        algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
+                                     hparams={"iu.k": 1.0, "iu.cache_mb": cache})
+        assert (algorithm.addons[0].tail is not None) == bool(cache)  # a ResNet: the tail is layer4 onwards
+        runs.append((model, algorithm.on_epoch_end(fitted[1])))
+    (cached, with_cache), (plain, without) = runs
+    assert with_cache.keys() == without.keys()
+    for key in with_cache:
+        if key != "iu/seconds":
+            assert with_cache[key] == pytest.approx(without[key], rel=1e-4, abs=1e-6), key
+    for p, q in zip(cached.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_a_call_that_changes_nothing_warns_and_says_why(fitted, caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("dgzoo"), "propagate", True)
+    model, context = copy.deepcopy(fitted[0]), fitted[1]
+    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
+                                 hparams={"iu.k": 1.0, "iu.ascent": "fixed", "iu.lr": 1e-6})
+    with caplog.at_level("WARNING", logger="dgzoo"):
+        metrics = algorithm.on_epoch_end(context)
+    assert metrics["iu/acted"] == 0.0 and abs(metrics["iu/unlearn_loss_rise"] - 1) < 1e-3
+    assert "did nothing measurable: the D_u loss rose only x1.000" in caplog.text
+    assert algorithm.addons[0].diagnostics()["acted_fraction"] == 0.0
 
 
 def test_ablations_change_what_is_ascended(fitted):
@@ -303,7 +425,8 @@ def test_fast_and_faithful_scores_rank_correlate(fitted):
     scores = {}
     for mode in ("fast", "faithful"):
         algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
-                                     hparams={"iu.mode": mode, "iu.influence_params": "head", "iu.lr": 0.0})
+                                     hparams={"iu.mode": mode, "iu.influence_params": "head",
+                                             "iu.ascent": "fixed", "iu.lr": 0.0})
         metrics = algorithm.on_epoch_end(context)
         scores[mode] = algorithm.addons[0].scores
     assert metrics["iu/lissa_scale"] > 0  # estimated by power iteration
@@ -380,6 +503,9 @@ def test_engine_runs_iue_every_n_steps_and_reports_it(tmp_path):
     assert {"unlearn_samples", "channels", "val_acc_before", "val_acc_after", "seconds"} <= set(
         diagnostics["history"][0])
     assert results["hparams"]["iue.every"] == 2 and results["hparams"]["iue.beta"] == 0.9
+    acts = diagnostics["acts"]  # "does it act": in results.json, from the same per-call history
+    assert acts["calls"] == 2 and acts["acted_fraction"] == sum(h["acted"] for h in diagnostics["history"]) / 2
+    assert {"mean_val_acc_change"} <= set(acts)
     assert any("Unlearning During Training" in title or "Unlearning During Training" in bib
                for title, bib in results["citations"])
     record = json.loads((tmp_path / "run" / "records.jsonl").read_text().splitlines()[-1])

@@ -106,3 +106,33 @@ def test_agr_rand_is_reproducible_from_its_seed_and_step():
     first.update(batches, step=3)
     second.update(batches, step=3)
     assert torch.equal(FlatParams.of(nets[0]).values(), FlatParams.of(nets[1]).values())
+
+
+@pytest.mark.parametrize("name", ["agr_sum", "agr_rand", "pcgrad"])
+def test_step_matched_surgery_is_one_erm_sized_step_along_the_rule(name):
+    torch.manual_seed(0)
+    model = create_backbone("test_resnet", num_classes=5).eval()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(3)]
+    grads, _ = per_domain_gradients(reference, batches, FlatParams.of(reference))
+    steps = {}
+    for step in ("faithful", "matched"):
+        net = copy.deepcopy(model)
+        algorithm = create_algorithm(name, net, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+                                     hparams={"step": step})
+        algorithm.host.seed = 7  # the same noise (agr_rand) and order (pcgrad) in both modes
+        before = FlatParams.of(net).values()
+        metrics = algorithm.update(batches, step=2)
+        steps[step] = before - FlatParams.of(net).values()
+    # matched: the faithful rule's direction, at the length of one SGD step on ERM's gradient (the mean)
+    assert steps["matched"].norm().item() == pytest.approx(0.1 * grads.mean(0).norm().item(), rel=1e-4)
+    assert torch.allclose(steps["matched"] / steps["matched"].norm(), steps["faithful"] / steps["faithful"].norm(),
+                          atol=1e-5)
+    assert metrics["step_ratio"] == pytest.approx((steps["faithful"].norm() / (0.1 * grads.mean(0).norm())).item(),
+                                                  rel=1e-4)
+    acts = algorithm.host.diagnostics()
+    if name == "pcgrad":
+        assert acts["projected_fraction"] == metrics["conflict_rate"]
+    else:
+        assert acts["masked_fraction"] == pytest.approx(1 - agreement_mask(grads).float().mean().item())

@@ -19,7 +19,11 @@ The diagnostics logged every step (projection rate, w, residual norm, distance o
 mean gradient) show which of these is at work in a run.
 
 The choices the paper leaves open are hyperparameters whose defaults are the research note's proposals:
-``pgd_init``, ``pgd_lr``, ``pgd_steps``, ``pgd_tol``, ``project_test``, ``residual`` and ``updates``.
+``pgd_init``, ``pgd_lr``, ``pgd_steps``, ``pgd_tol``, ``project_test``, ``residual`` and ``updates``. Three
+readings where dgzoo's default differs from the paper's text are named too (docs/equilibrium.md): ``weights``
+(Algorithm 1 initialises w once: ``persistent``), ``domain_loss`` (Eq. 1 sums over the M samples: ``sum``) and
+``domains`` (Algorithm 1 builds the K domains from augmentations of the N-source data: ``views``).
+``step=matched`` takes one optimizer step on ``mean_k d_k`` at the norm of ERM's gradient instead of K steps.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import torch
 from ..hparams import Choice, HParam
 from .base import Minibatches
 from .registry import register_algorithm
-from .gradients import DomainGradientAlgorithm, gram
+from .gradients import DomainGradientAlgorithm, gram, match_norm, vector_norm
 
 _CITATION = """@inproceedings{zhang2024embracing,
   title={Embracing Domain Gradient Conflicts: Domain Generalization Using Domain Gradient Equilibrium},
@@ -70,16 +74,17 @@ def adjust_residuals(residual_gram: torch.Tensor, alpha: float, test: str = "ori
     return coefficients, fired
 
 
-def reweight(adjusted_gram: torch.Tensor, init: float = 1.0, steps: int = 100, lr: float = 1.0,
+def reweight(adjusted_gram: torch.Tensor, init: float | torch.Tensor = 1.0, steps: int = 100, lr: float = 1.0,
              tol: float = 1e-3) -> tuple[torch.Tensor, int]:
     """Eq. 8: projected gradient descent on ``F(w) = w^T G w = ||sum_k w_k s~_k||^2`` over ``w`` in ``[0, 1]^K``.
 
-    Starts from ``w = init``; the step is ``lr / (2 lambda_max(G))`` (``lr=1`` is 1/L for this quadratic:
+    Starts from ``w = init`` (a number for every domain, or the ``[K]`` weights of the previous iteration); the step is ``lr / (2 lambda_max(G))`` (``lr=1`` is 1/L for this quadratic:
     scale-free and never overshooting); stops after ``steps`` updates, once ``sqrt(F(w)) <= tol *
     ||sum_k s~_k||``, or at a fixed point. Returns ``(w [K] float64, updates taken)``.
     """
     g = adjusted_gram.double().cpu()
-    w = torch.full((g.shape[0],), float(init), dtype=torch.float64).clamp_(0.0, 1.0)
+    w = (torch.as_tensor(init, dtype=torch.float64).clone() if isinstance(init, torch.Tensor)
+         else torch.full((g.shape[0],), float(init), dtype=torch.float64)).clamp_(0.0, 1.0)
     largest = float(torch.linalg.eigvalsh(g).max())
     if largest <= 0:  # all adjusted residuals are zero: every w is optimal
         return w, 0
@@ -116,12 +121,13 @@ class EquilibriumStep:
 
 def equilibrium_step(residual_gram: torch.Tensor, alpha: float = 0.5, adjust: bool = True,
                      reweight_weights: bool = True, residual: str = "adjusted", project_test: str = "original",
-                     pgd_init: float = 1.0, pgd_steps: int = 100, pgd_lr: float = 1.0,
+                     pgd_init: float | torch.Tensor = 1.0, pgd_steps: int = 100, pgd_lr: float = 1.0,
                      pgd_tol: float = 1e-3) -> EquilibriumStep:
     """Steps 3-5 on the Gram matrix ``S @ S.T`` of the residuals: the per-domain update coefficients.
 
     ``adjust=False`` skips the projection (``s~ = s``), ``reweight_weights=False`` fixes ``w = 1`` (the paper's
-    Table 6 ablations; both off is plain gradient averaging). ``residual`` is the reading of Eq. 9:
+    Table 6 ablations; both off is plain gradient averaging). ``pgd_init`` may be the previous iteration's ``w``
+    (``weights='persistent'``, Algorithm 1 initialising w once, before its loop). ``residual`` is the reading of Eq. 9:
     ``"adjusted"`` subtracts ``w_k s~_k`` (the paper's symbols), ``"original"`` subtracts ``w_k s_k``.
     """
     k = residual_gram.shape[0]
@@ -191,6 +197,12 @@ class Equilibrium(DomainGradientAlgorithm):
                           minimum=0.0),
         "residual": HParam("adjusted", "Eq. 9 reading: d_k = g_k - w_k s~_k ('adjusted', the paper's symbols) or "
                                        "g_k - w_k s_k ('original') [assumption]", choices=("adjusted", "original")),
+        "weights": HParam("reset", "'reset': PGD starts from w = pgd_init at every iteration; 'persistent': from "
+                                   "the previous iteration's w (Algorithm 1 initialises w once, before its loop) "
+                                   "[a reading: docs/equilibrium.md]", choices=("reset", "persistent")),
+        "domain_loss": HParam("mean", "each domain's loss L_k: the 'mean' cross-entropy of its M samples (as ERM's "
+                                      "loss) or their 'sum' (Eq. 1 as written: M times the gradient at one lr) "
+                                      "[a reading: docs/equilibrium.md]", choices=("mean", "sum")),
         "updates": HParam("sequential", "'sequential': K optimizer steps per iteration, one per domain, all "
                                         "computed at the iteration's weights (the literal reading); 'recompute': "
                                         "recompute the gradients before each domain's step (K times the cost); "
@@ -201,6 +213,8 @@ class Equilibrium(DomainGradientAlgorithm):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.totals: dict[str, float] = {}
+        self.weights: torch.Tensor | None = None  # the last iteration's w (weights=persistent)
+        self.erm_norm = 0.0  # this iteration's ||mean_k g_k|| over the mean-loss gradients (step=matched)
 
     def setup(self) -> None:
         super().setup()
@@ -211,16 +225,26 @@ class Equilibrium(DomainGradientAlgorithm):
                ) -> tuple[torch.Tensor, torch.Tensor, EquilibriumStep, dict[str, float]]:
         """Gradients at the current weights -> ``(g_inv [P], S [K, P], decision, metrics)``."""
         grads, losses = self.domain_gradients(domains)
-        torch.mean(grads, dim=0, out=self.mean)
-        residuals = grads.sub_(self.mean)  # in place: the buffer now holds S
         h = self.hparams
+        torch.mean(grads, dim=0, out=self.mean)
+        self.erm_norm = vector_norm(self.mean)  # ERM's gradient: the mean of the per-domain mean-loss gradients
+        if h["domain_loss"] == "sum":  # gradient of the summed loss = M_k x that of the mean (M_k: global count)
+            for k, (_, y) in enumerate(domains):
+                grads[k].mul_(len(y) * self.runtime.num_processes)
+            torch.mean(grads, dim=0, out=self.mean)
+        residuals = grads.sub_(self.mean)  # in place: the buffer now holds S
+        init: float | torch.Tensor = h["pgd_init"]
+        if h["weights"] == "persistent" and self.weights is not None and len(self.weights) == len(domains):
+            init = self.weights
         decided = equilibrium_step(gram(residuals), h["alpha"], h["adjust"], h["reweight"], h["residual"],
-                                   h["project_test"], h["pgd_init"], h["pgd_steps"], h["pgd_lr"], h["pgd_tol"])
+                                   h["project_test"], init, h["pgd_steps"], h["pgd_lr"], h["pgd_tol"])
+        self.weights = decided.weights
         mean_norm = float(self.mean.norm())
         metrics = {"loss": losses.mean().item(), "projection_rate": decided.projection_rate,
                    "projected": float(decided.fired.any()), "max_cosine": decided.max_cosine,
                    "residual_norm": decided.residual_norm, "specific_norm": decided.specific_norm,
                    "update_vs_mean": decided.shift / max(mean_norm, 1e-12), "pgd_iters": float(decided.pgd_updates),
+                   "w_deviation": float((decided.weights - 1).abs().mean()),
                    **{f"w_{k}": float(w) for k, w in enumerate(decided.weights)}}
         return self.mean, residuals, decided, metrics
 
@@ -232,10 +256,19 @@ class Equilibrium(DomainGradientAlgorithm):
             self.flat.assign_grad(mean)
         self.optimizer.step()
 
+    def matched(self, mean: torch.Tensor, residuals: torch.Tensor, coefficients: torch.Tensor) -> None:
+        """step=matched: one optimizer step on ``mean_k d_k`` at the norm of ``g_inv`` (ERM's gradient)."""
+        direction = torch.addmv(mean, residuals.T, coefficients.to(residuals), out=self.update_vector)
+        match_norm(direction, self.erm_norm)
+        self.flat.assign_grad(direction)
+        self.optimizer.step()
+
     def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         domains = self.domains(minibatches)
         mean, residuals, decided, metrics = self.decide(domains)
-        if self.hparams["updates"] == "mean":
+        if self.hparams["step"] == "matched":
+            self.matched(mean, residuals, decided.combination.mean(dim=0))
+        elif self.hparams["updates"] == "mean":
             self.apply(mean, residuals, decided.combination.mean(dim=0))
         elif self.hparams["updates"] == "sequential":
             for k in range(len(domains)):
@@ -261,8 +294,21 @@ class Equilibrium(DomainGradientAlgorithm):
         means = {key: value / steps for key, value in self.totals.items() if key not in ("steps", "loss")}
         return {"steps": int(steps), "projected_steps": means.pop("projected"), **means}
 
+    def diagnostics(self) -> dict[str, float]:
+        """Does DGE act: how often projections fired, how far w moved from 1, how far the summed update is from
+        the plain mean gradient (0 = gradient averaging), and optimizer steps per iteration."""
+        summary = self.summary()
+        if not summary:
+            return {}
+        steps = 1 if self.hparams["step"] == "matched" or self.hparams["updates"] == "mean" else self.num_gradients
+        return {"projection_rate": summary["projection_rate"], "w_deviation": summary.get("w_deviation", 0.0),
+                "update_vs_mean": summary["update_vs_mean"], "optimizer_steps_per_iteration": float(steps)}
+
     def extra_state(self) -> dict[str, Any]:
-        return {"totals": dict(self.totals)}
+        return {"totals": dict(self.totals),
+                "weights": None if self.weights is None else [float(w) for w in self.weights]}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.totals = dict(state.get("totals", {}))
+        weights = state.get("weights")
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)

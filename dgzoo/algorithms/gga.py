@@ -1,7 +1,8 @@
 """Gradient-Guided Annealing (Ballas & Diou, CVPR 2025) as add-ons that compose with any host algorithm.
 
 ``host+gga`` runs, before the host's own update at every step of an early window (default steps 100..200,
-inclusive), the search of the official ``ERM_GGA.update_simulated_annealing`` in its corrected form (the first
+inclusive; optionally a second window too, the official ``--extra_search``), the search of the official
+``ERM_GGA.update_simulated_annealing`` in its corrected form (the first
 release never perturbed the weights and was plain ERM; see docs/gga.md)::
 
     s0, l0 = score(theta0)            # min pairwise cosine of the per-domain CE gradients; pooled CE
@@ -157,6 +158,12 @@ class GGA(AddOn):
                          "where it argues conflicting domain gradients pick the basin", minimum=0),
         "end": HParam(200, "last annealed step, inclusive: 100..200 is the paper's 101 annealed steps (the "
                        "official CLI default of 150 was not used for the paper)", minimum=0),
+        "extra_search": HParam(False, "also anneal in a second window gga.extra_start..gga.extra_end (inclusive), "
+                               "as the official --extra_search y; off in every paper command"),
+        "extra_start": HParam(0, "first step of the second annealing window (the official --extra_search_start; "
+                              "the first README listed 1500 for PACS)", minimum=0),
+        "extra_end": HParam(0, "last step of the second annealing window, inclusive (--extra_search_end; the first "
+                            "README listed 1550 for PACS)", minimum=0),
         "candidates": HParam(250, "perturbations searched per annealed step (hard-coded 250 in the official "
                               "code)", minimum=1),
         "rho": HParam(1e-5, "half-width of the uniform noise added to every featurizer weight per candidate, in "
@@ -175,6 +182,10 @@ class GGA(AddOn):
         if hparams["end"] < hparams["start"]:
             raise DGZooError(f"gga.end={hparams['end']} is before gga.start={hparams['start']}; the annealing "
                              f"window start..end is inclusive, e.g. gga.start=100 gga.end=200")
+        if hparams["extra_search"] and hparams["extra_end"] < hparams["extra_start"]:
+            raise DGZooError(f"gga.extra_end={hparams['extra_end']} is before gga.extra_start="
+                             f"{hparams['extra_start']}; the second window is inclusive, e.g. gga.extra_search=true "
+                             f"gga.extra_start=1500 gga.extra_end=1550")
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
@@ -190,16 +201,22 @@ class GGA(AddOn):
         self.seed = run_seed(runtime)
         self.history: list[dict[str, float]] = []
 
+    def annealed(self, step: int) -> bool:
+        """Whether ``step`` is in the annealing window, or in the second one when ``extra_search`` is on (the
+        official trainer's test: either window, both inclusive)."""
+        hp = self.hparams
+        return (hp["start"] <= step <= hp["end"]
+                or (hp["extra_search"] and hp["extra_start"] <= step <= hp["extra_end"]))
+
     def before_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        if not self.hparams["start"] <= step <= self.hparams["end"]:
+        if not self.annealed(step):
             return {}
         stats = self.anneal(scoring_groups(minibatches, self.hparams["parts"]), step)
         self.history.append({"step": step, **stats})
-        if step == self.hparams["end"]:
+        if step == self.hparams["end"] or (self.hparams["extra_search"] and step == self.hparams["extra_end"]):
             summary = self.summary()
-            logger.info("gga: annealed steps %d-%d accepted %d of %d candidates (%d steps with an accept)",
-                        self.hparams["start"], step, summary["accepted"], summary["candidates_evaluated"],
-                        summary["steps_with_accept"])
+            logger.info("gga: annealed steps up to %d accepted %d of %d candidates (%d steps with an accept)",
+                        step, summary["accepted"], summary["candidates_evaluated"], summary["steps_with_accept"])
         return stats
 
     @torch.no_grad()
@@ -271,6 +288,16 @@ class GGA(AddOn):
             "mean_loss_change": sum(h["loss_after"] - h["loss_before"] for h in self.history) / n,
             "steps": [dict(h) for h in self.history],
         }
+
+    def diagnostics(self) -> dict[str, float]:
+        """Does the search act: the share of candidates accepted, of annealed steps that moved the weights, and
+        the mean gain of the min pairwise cosine per annealed step."""
+        if not self.history:
+            return {}
+        summary = self.summary()
+        return {"annealed_steps": float(summary["annealed_steps"]), "acceptance_rate": summary["acceptance_rate"],
+                "moved_fraction": summary["steps_with_accept"] / summary["annealed_steps"],
+                "mean_agreement_gain": summary["mean_score_gain"]}
 
 
 @register_addon
@@ -358,6 +385,11 @@ class GGAL(AddOn):
             return {}
         return {"steps": steps, "mean_similarity": self.totals["similarity"] / steps,
                 "mean_noise_scale": self.totals["noise_scale"] / steps}
+
+    def diagnostics(self) -> dict[str, float]:
+        """Does the noise act: its mean scale (0 = the host alone) and the mean agreement that set it."""
+        summary = self.summary()
+        return {k: float(summary[k]) for k in ("mean_noise_scale", "mean_similarity")} if summary else {}
 
 
 def _assign(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:

@@ -40,6 +40,7 @@ into K pseudo-domains. :class:`DomainGradientAlgorithm` bundles all of the above
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
@@ -234,6 +235,23 @@ def pairwise_cosine(grads: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (g / norms[:, None] / norms[None, :]).to(grads.dtype)
 
 
+def vector_norm(vector: torch.Tensor) -> float:
+    """The Euclidean norm of a ``[P]`` vector, accumulated in float64 as in :func:`gram`."""
+    return math.sqrt(max(float(gram(vector[None])[0, 0]), 0.0))
+
+
+def match_norm(direction: torch.Tensor, norm: float) -> float:
+    """Rescale ``direction`` in place to Euclidean norm ``norm`` (ERM's gradient's); return the factor applied.
+
+    A zero direction stays zero (the factor returned is then 0: there is nothing to rescale).
+    """
+    current = vector_norm(direction)
+    if current == 0.0:
+        return 0.0
+    direction.mul_(norm / current)
+    return norm / current
+
+
 def check_mixed_precision(mixed_precision: str, method: str = "loop") -> None:
     """Refuse, with a one-line DGZooError naming the fix, a ``mixed_precision`` ('no', 'bf16', 'fp16') under
     which per-domain gradients cannot be computed with the gradient path ``method``.
@@ -303,6 +321,11 @@ class DomainGradientAlgorithm(UpdateHost):
                             minimum=0, maximum=30),
         "grad_engine": HParam("loop", "per-domain gradient path: 'loop' (one backward per domain; fastest on "
                                       "CPU) or 'vmap' (torch.func, one vectorised backward)", choices=GRADIENT_METHODS),
+        "step": HParam("faithful", "'faithful': the method's own update (a sum over domains, or K optimizer steps "
+                                   "per iteration); 'matched': one optimizer step on the method's combined "
+                                   "direction rescaled to the norm of the mean per-domain gradient, ERM's gradient, "
+                                   "so that a comparison with ERM at one lr compares directions, not step sizes",
+                       choices=("faithful", "matched")),
     }
 
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):

@@ -11,8 +11,12 @@ mode so BatchNorm statistics stay put (research note ``iu.md`` A7):
 2. **DSCS** — per channel of the chosen layer (default: the features the classifier reads, A4), the variance
    across source domains of the per-domain activation variances (IDV, A5); the upper-tail MAD outliers form
    the domain-specific channels ``C_spc`` (A6).
-3. **DSGA** — one pass of plain gradient *ascent* on the cross-entropy of ``D_u`` that moves only the
-   parameter slices writing the channels in ``C_spc`` (A9, A10); the host optimizer's state is untouched.
+3. **DSGA** — plain gradient *ascent* on the cross-entropy of ``D_u`` that moves only the parameter slices
+   writing the channels in ``C_spc`` (A9, A10); the host optimizer's state is untouched. Its size is
+   ``iu.ascent``: by default one step whose length a line search sets so that the ``D_u`` loss rises by
+   ``iu.target_rise``, within ``iu.max_val_drop`` of source-validation accuracy (the paper's unit step and the
+   note's fixed ``eta_u`` are the other two choices). Each call records the ``D_u`` loss, the IDV of ``C_spc``
+   on source validation and source-validation accuracy before and after, and warns when it changed nothing.
 
 Every choice the paper leaves open is a hyperparameter below, named after the note's assumption. Under
 several processes every forward pass is sharded and gathered, and scores are broadcast from process 0, so the
@@ -21,6 +25,7 @@ selections and the ascent are identical on every process.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -272,28 +277,106 @@ def masked_ascent(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor],
 
 @dataclass
 class _Pool:
-    """The source domains' samples of one split, flattened: dataset index -> domain, table row, label."""
+    """The source domains' samples of one split, flattened: dataset index -> domain, table row, label.
+
+    ``images`` holds the eval-transformed images in pool order when they are cached (else None: read them from
+    ``dataset``).
+    """
 
     dataset: ConcatDataset
     domain: torch.Tensor
     rows: np.ndarray
     labels: torch.Tensor
+    images: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, domains: Sequence[Any], fraction: float = 1.0, seed: int = 0) -> "_Pool":
+    def of(cls, domains: Sequence[Any], fraction: float = 1.0, seed: int = 0,
+           cache: "_ImageCache | None" = None) -> "_Pool":
         """All samples of ``domains``, or a seeded random ``fraction`` of each domain (the same on every process)."""
         generator = torch.Generator().manual_seed(seed)
         keep = [np.arange(len(ds)) if fraction >= 1 else
                 np.sort(torch.randperm(len(ds), generator=generator)[:max(1, round(fraction * len(ds)))].numpy())
                 for ds in domains]
         rows = [np.asarray(ds.rows)[k] for ds, k in zip(domains, keep)]
+        cached = [cache.get(ds) if cache is not None else None for ds in domains]
+        images = (torch.cat([c[torch.from_numpy(k)] for c, k in zip(cached, keep)])
+                  if all(c is not None for c in cached) else None)
         return cls(ConcatDataset([Subset(ds, k.tolist()) for ds, k in zip(domains, keep)]),
                    torch.cat([torch.full((len(k),), d, dtype=torch.long) for d, k in enumerate(keep)]),
                    np.concatenate(rows),
-                   torch.from_numpy(np.concatenate([ds.data.labels[r] for ds, r in zip(domains, rows)])).long())
+                   torch.from_numpy(np.concatenate([ds.data.labels[r] for ds, r in zip(domains, rows)])).long(),
+                   images)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def subset(self, index: torch.Tensor) -> "_Pool":
+        """The samples at pool positions ``index``, as a pool of their own."""
+        return _Pool(Subset(self.dataset, index.tolist()), self.domain[index], self.rows[index.numpy()],
+                     self.labels[index], None if self.images is None else self.images[index])
+
+    def load(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``index`` (pool positions) as one batch on ``device``."""
+        if self.images is not None:
+            return self.images[index].to(device), self.labels[index].to(device)
+        return _load(self.dataset, index, device)
+
+
+class _ImageCache:
+    """The eval-transformed images of each source dataset, stacked once and kept across IU calls.
+
+    An IU call reads every source image; decoding and transforming them again every epoch is up to half of the
+    call on small networks. The evaluation transform is deterministic, so the tensors are the same every time.
+    A dataset is cached only while the total stays within ``budget`` bytes.
+    """
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.tensors: dict[int, torch.Tensor | None] = {}
+
+    def get(self, dataset: Any) -> torch.Tensor | None:
+        key = id(dataset)
+        if key not in self.tensors:
+            first = dataset[0][0] if len(dataset) else None
+            size = 0 if first is None else first.numel() * first.element_size() * len(dataset)
+            if first is None or self.used + size > self.budget:
+                self.tensors[key] = None
+            else:
+                self.tensors[key] = torch.stack([dataset[i][0] for i in range(len(dataset))])
+                self.used += size
+        return self.tensors[key]
+
+
+class _Tail:
+    """A timm ResNet from IU's first edited stage on: run from that stage's cached inputs after an edit.
+
+    DSGA edits only the writers of IU's layer (and optionally the head), so every layer before the first edited
+    stage computes the same thing before and after the ascent: the line search and the after-ascent passes only
+    need the rest of the network.
+    """
+
+    def __init__(self, model: nn.Module, stages: list[str]):
+        self.model, self.stages = model, stages
+        self.entry = model.get_submodule(stages[0])
+
+    @classmethod
+    def of(cls, model: nn.Module, layer: ChannelLayer) -> "_Tail | None":
+        """The tail for ``layer``'s writers, or None when the backbone is not a timm ResNet."""
+        from timm.models.resnet import ResNet
+
+        if not isinstance(model, ResNet):
+            return None
+        names = ["layer1", "layer2", "layer3", "layer4"]
+        edited = {s.name.split(".")[0] for s in layer.slices if s.name.split(".")[0] in names}
+        if not edited:
+            return None
+        return cls(model, names[min(names.index(n) for n in edited):])
+
+    def features(self, entry: torch.Tensor) -> torch.Tensor:
+        h = entry
+        for name in self.stages:
+            h = self.model.get_submodule(name)(h)
+        return self.model.forward_head(h, pre_logits=True)
 
 
 @dataclass
@@ -303,6 +386,7 @@ class _Pass:
     features: torch.Tensor  # [N, D] penultimate features
     logits: torch.Tensor  # [N, classes]
     activations: torch.Tensor | None  # [N, channels] at IU's layer
+    entries: torch.Tensor | None = None  # this process's inputs of the tail's first stage, for its share of rows
 
 
 @register_addon
@@ -345,9 +429,26 @@ class IU(AddOn):
         "channel_score": HParam("idv", "idv = variance across domains of per-domain channel variances (paper); "
                                        "idv+means also adds the variance of the per-domain means (a reviewer's "
                                        "extension)", choices=("idv", "idv+means")),
-        "lr": HParam(1e-3, "DSGA ascent step size eta_u (A10: tune in 1e-4..1e-2)", minimum=0.0,
+        "ascent": HParam("calibrated", "how large the DSGA step is: calibrated = one step along the masked "
+                                       "gradient of the mean D_u loss, its size found by line search so that the "
+                                       "D_u loss rises by iu.target_rise, within iu.max_val_drop of source-val "
+                                       "accuracy; literal = the paper's theta_c <- theta_c + grad L, unit steps on "
+                                       "each minibatch's summed loss; fixed = steps of iu.lr on each minibatch's "
+                                       "mean loss (A10)", choices=("calibrated", "literal", "fixed")),
+        "target_rise": HParam(1.1, "calibrated ascent: the factor by which the D_u loss must rise in one call "
+                                   "(docs/iu.md: chosen from a measured sweep)", minimum=1.0,
+                              search=Choice((1.1, 1.25, 1.5, 2.0))),
+        "max_val_drop": HParam(0.01, "calibrated ascent: the largest drop of source-validation accuracy (a "
+                                     "fraction, 0.01 = one point) a call may cause; the step is halved until it "
+                                     "fits", minimum=0.0, maximum=1.0),
+        "search_steps": HParam(12, "calibrated ascent: loss evaluations of the line search (bracketing, then "
+                                   "bisection)", minimum=1),
+        "cache_mb": HParam(1024, "memory (MiB) for keeping the eval-transformed source images, and the inputs of "
+                                 "the first edited ResNet stage, across calls (speed only; 0 = decode and run "
+                                 "the whole network every time)", minimum=0),
+        "lr": HParam(1e-3, "iu.ascent=fixed: DSGA step size eta_u (A10: tune in 1e-4..1e-2)", minimum=0.0,
                      search=Uniform(-4, -2, base=10)),
-        "passes": HParam(1, "DSGA passes over the unlearning set (A10)", minimum=1),
+        "passes": HParam(1, "iu.ascent=fixed/literal: DSGA passes over the unlearning set (A10)", minimum=1),
         "batch_size": HParam(0, "DSGA minibatch size; 0 = the recipe's per-domain batch size (A10)", minimum=0),
         "include_head": HParam(False, "DSGA also edits the classifier's columns of the selected channels (A9 "
                                       "variant)"),
@@ -400,6 +501,8 @@ class IU(AddOn):
         self.calls = 0
         self.ema: dict[int, float] = {}
         self.history: list[dict[str, float]] = []
+        self.cache = _ImageCache(hparams["cache_mb"] << 20) if hparams["cache_mb"] else None
+        self.tail = _Tail.of(self.module, self.layer) if hparams["params"] == "channels" and self.cache else None
 
     # -- events
 
@@ -431,22 +534,30 @@ class IU(AddOn):
         self.calls += 1
         metrics["seconds"] = time.perf_counter() - tick
         self.history.append({"step": step, **metrics})
-        if self.runtime.is_main_process and "skipped" in metrics:
+        if not self.runtime.is_main_process:
+            return metrics
+        if "skipped" in metrics:
             logger.warning("%s call %d (step %d) skipped: the model's outputs are not finite (the host diverged, or "
-                           "an earlier ascent did: lower %s.lr)", self.name, self.calls, step, self.name)
-        elif self.runtime.is_main_process:
-            edited = "all parameters" if "channels" not in metrics else len(self.selected_channels)
-            after = f" -> {metrics['val_acc_after']:.4f}" if "val_acc_after" in metrics else ""
-            logger.info("%s call %d (step %d): |D_u| %d, |C_spc| %s, source val %.4f%s, %.1f s", self.name, self.calls,
-                        step, len(self.selected_rows), edited, metrics["val_acc_before"], after, metrics["seconds"])
+                           "an earlier ascent did: lower %s.target_rise or %s.lr)", self.name, self.calls, step,
+                           self.name, self.name)
+            return metrics
+        edited = "all parameters" if "channels" not in metrics else len(self.selected_channels)
+        after = f" -> {metrics['val_acc_after']:.4f}" if "val_acc_after" in metrics else ""
+        rise = f", D_u loss x{metrics['unlearn_loss_rise']:.3f}" if "unlearn_loss_rise" in metrics else ""
+        logger.info("%s call %d (step %d): |D_u| %d, |C_spc| %s, source val %.4f%s%s, %.1f s", self.name, self.calls,
+                    step, len(self.selected_rows), edited, metrics["val_acc_before"], after, rise, metrics["seconds"])
+        if not metrics["acted"]:
+            logger.warning("%s call %d (step %d) did nothing measurable: %s", self.name, self.calls, step,
+                           _inaction(metrics, self.name))
         return metrics
 
     def _unlearn(self, context: EpochContext, tick: float) -> dict[str, float]:
         hp = self.hparams
-        train = _Pool.of(context.source_train, hp["score_fraction"], seed=self.calls)
-        val = _Pool.of(context.source_val)
-        batch = context.batch_size * len(context.source_domains)
-        seen, val_seen = self._forward(train, batch), self._forward(val, batch)
+        train = _Pool.of(context.source_train, hp["score_fraction"], seed=self.calls, cache=self.cache)
+        val = _Pool.of(context.source_val, cache=self.cache)
+        # No-grad passes afford larger batches than training steps: fewer, fuller batches cost less per image.
+        batch = max(context.batch_size * len(context.source_domains), 256)
+        seen, val_seen = self._forward(train, batch, keep=True), self._forward(val, batch, keep=True)
         self._lap("forward", tick)
         if not (torch.isfinite(seen.logits).all() and torch.isfinite(val_seen.logits).all()):
             self.selected_rows, self.selected_channels = [], []
@@ -455,19 +566,33 @@ class IU(AddOn):
         self._lap("select", tick)
         device = seen.logits.device
         metrics["val_acc_before"] = _accuracy(val_seen.logits, val.labels)
+        if channels is not None and channels.any():
+            metrics["idv_before"] = _mean_idv(val_seen.activations, val.domain, channels)
         if len(chosen):
             metrics["unlearn_loss_before"] = F.cross_entropy(seen.logits[chosen.to(device)],
                                                              train.labels[chosen].to(device)).item()
-        if len(chosen) and (channels is None or channels.any()):
+        ascend = len(chosen) and (channels is None or channels.any())
+        if ascend and hp["ascent"] == "calibrated":
+            metrics.update(self._calibrated(train, chosen, channels, seen, val, val_seen, batch))
+            self._lap("ascent", tick)
+        elif ascend:
             self._ascend(train, chosen, channels, hp["batch_size"] or context.batch_size)
             self._lap("ascent", tick)
             if hp["val_after"]:
-                metrics["val_acc_after"] = _accuracy(self._forward(val, batch).logits, val.labels)
-                metrics["unlearn_loss_after"] = self._loss(train, chosen, batch)
+                metrics.update(self._after(train, chosen, channels, seen, val, val_seen, batch))
                 self._lap("after", tick)
         elif hp["val_after"]:
             metrics["val_acc_after"] = metrics["val_acc_before"]
-        return metrics
+        if "unlearn_loss_after" in metrics:
+            metrics["unlearn_loss_rise"] = metrics["unlearn_loss_after"] / max(metrics["unlearn_loss_before"], 1e-12)
+        if "idv_before" in metrics and "idv_after" in metrics and metrics["idv_before"] > 0:
+            drop = 1.0 - metrics["idv_after"] / metrics["idv_before"]
+            if math.isfinite(drop):  # results.json stays strict JSON after a diverged (e.g. literal) ascent
+                metrics["idv_drop"] = drop
+        rise = metrics.get("unlearn_loss_rise")  # None: not measured (iu.val_after=false)
+        metrics["acted"] = float(bool(ascend) and (rise is None or abs(rise - 1.0) >= _MEASURABLE))
+        # A diverged ascent (e.g. the literal step) can leave infinite losses: records stay strict JSON.
+        return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
     def _lap(self, phase: str, tick: float) -> None:
         """Seconds since ``tick`` minus the phases already timed (the benchmark's cost breakdown)."""
@@ -566,28 +691,53 @@ class IU(AddOn):
     # -- passes over the data
 
     @torch.no_grad()
-    def _forward(self, pool: _Pool, batch_size: int) -> _Pass:
-        """Eval-mode features, logits and layer activations of every sample: each process does its share."""
+    def _forward(self, pool: _Pool, batch_size: int, entries: torch.Tensor | None = None,
+                 keep: bool = False) -> _Pass:
+        """Eval-mode features, logits and layer activations of every sample: each process does its share.
+
+        With the tail and ``keep``, the inputs of its first stage are kept (this process's rows, while the cache
+        has room); given ``entries`` from an earlier pass, only the tail runs (the layers before it are unedited).
+        """
         world, rank = self.runtime.num_processes, self.runtime.process_index
         mine = torch.arange(len(pool))[rank::world]
         captured: list[torch.Tensor] = []
-        hook = (self.layer.module.register_forward_hook(lambda m, i, out: captured.append(self.layer.reduce(out)))
-                if self.layer.module is not None else None)
+        hooks = ([self.layer.module.register_forward_hook(lambda m, i, out: captured.append(self.layer.reduce(out)))]
+                 if self.layer.module is not None else [])
+        kept: list[torch.Tensor] | None = None
+        if self.tail is not None and entries is None and keep:
+            budget = self.cache.budget - self.cache.used
+            kept = []
+
+            def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+                nonlocal budget
+                budget -= inputs[0].numel() * inputs[0].element_size()
+                if kept is not None and budget >= 0:
+                    kept.append(inputs[0].detach())
+
+            hooks.append(self.tail.entry.register_forward_pre_hook(keep))
         head = classifier(self.module)
         feats, logits = [], []
         try:
-            for x, _ in self.context.make_loader(Subset(pool.dataset, mine.tolist()), batch_size):
+            for part in chunks(len(mine), batch_size):
                 with self.runtime.autocast():
-                    f = features(self.module, x.to(self.runtime.device))
+                    if entries is not None:
+                        f = self.tail.features(entries[part])
+                    else:
+                        x = pool.load(mine[part], self.runtime.device)[0]
+                        f = features(self.module, x)
                     logits.append(head(f).float())
                 feats.append(f.float())
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         seen = _Pass(self._gather(feats, mine, len(pool), head.in_features),
                      self._gather(logits, mine, len(pool), head.out_features), None)
         seen.activations = (self._gather(captured, mine, len(pool), self.layer.num_channels)
                             if self.layer.module is not None else seen.features)
+        if entries is not None:
+            seen.entries = entries
+        elif kept is not None and budget >= 0:
+            seen.entries = torch.cat(kept) if kept else None
         return seen
 
     def _gather(self, local: list[torch.Tensor], index: torch.Tensor, total: int, dim: int) -> torch.Tensor:
@@ -597,43 +747,143 @@ class IU(AddOn):
             full[index.to(full.device)] = torch.cat(local)
         return self.runtime.all_reduce_mean(full).mul_(self.runtime.num_processes)
 
-    def _ascend(self, train: _Pool, chosen: torch.Tensor, channels: torch.Tensor | None, batch_size: int) -> None:
-        """DSGA: plain ascent on the mean cross-entropy of each minibatch of ``chosen``, masked to ``channels``."""
-        hp = self.hparams
-        world, rank = self.runtime.num_processes, self.runtime.process_index
+    def _edited(self, channels: torch.Tensor | None) -> tuple[list[nn.Parameter], list[ChannelSlice] | None]:
+        """The parameters DSGA moves, and the slices of them it writes (None: all of every parameter)."""
         if channels is None:
-            params, slices = [p for p in self.module.parameters() if p.requires_grad], None
+            return [p for p in self.module.parameters() if p.requires_grad], None
+        return self.layer.parameters(), self.layer.slices
+
+    def _gradient(self, pool: _Pool, index: torch.Tensor, params: list[nn.Parameter], batch_size: int,
+                  reduction: str) -> list[torch.Tensor]:
+        """The gradient of the cross-entropy over ``index`` (``'sum'`` or ``'mean'`` over it), summed over
+        processes, each process taking its share of every minibatch."""
+        world, rank = self.runtime.num_processes, self.runtime.process_index
+        mine = index[rank::world]
+        if len(mine):
+            x, y = pool.load(mine, self.runtime.device)
+            with self.runtime.autocast():
+                logits = self.module(x)
+            objective = F.cross_entropy(logits.float(), y, reduction="sum")
+            if reduction == "mean":  # the sum over this process's share / the global count: summed, the mean
+                objective = objective / len(index)
+            grads = list(torch.autograd.grad(objective, params, allow_unused=True))
+            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
         else:
-            params, slices = self.layer.parameters(), self.layer.slices
+            grads = [torch.zeros_like(p) for p in params]
+        if world > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self.runtime.all_reduce_mean(flat).mul_(world)
+            grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
+        return grads
+
+    def _ascend(self, train: _Pool, chosen: torch.Tensor, channels: torch.Tensor | None, batch_size: int) -> None:
+        """DSGA by minibatch steps over ``chosen``, masked to ``channels``: ``literal`` adds each minibatch's
+        summed-loss gradient (the paper's unit step), ``fixed`` adds ``iu.lr`` times its mean-loss gradient."""
+        hp = self.hparams
+        params, slices = self._edited(channels)
+        literal = hp["ascent"] == "literal"
         for _ in range(hp["passes"]):
             for part in chunks(len(chosen), batch_size):
-                mine = chosen[part][rank::world]
-                if len(mine):
-                    x, y = _load(train.dataset, mine, self.runtime.device)
-                    with self.runtime.autocast():
-                        logits = self.module(x)
-                    # The sum over this process's share / the global batch: summed over processes, the mean.
-                    objective = F.cross_entropy(logits.float(), y, reduction="sum") / (part.stop - part.start)
-                    grads = torch.autograd.grad(objective, params)
-                else:
-                    grads = [torch.zeros_like(p) for p in params]
-                if world > 1:
-                    flat = torch.cat([g.reshape(-1) for g in grads])
-                    self.runtime.all_reduce_mean(flat).mul_(world)
-                    grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
-                masked_ascent(params, grads, slices, channels, hp["lr"])
+                grads = self._gradient(train, chosen[part], params, batch_size, "sum" if literal else "mean")
+                masked_ascent(params, grads, slices, channels, 1.0 if literal else hp["lr"])
 
-    @torch.no_grad()
-    def _loss(self, pool: _Pool, index: torch.Tensor, batch_size: int) -> float:
-        """Mean cross-entropy over ``index`` (sharded; every process gets the global value)."""
-        world, rank = self.runtime.num_processes, self.runtime.process_index
-        total = torch.zeros(1, device=self.runtime.device)
-        mine = index[rank::world]
-        for part in chunks(len(mine), batch_size):
-            x, y = _load(pool.dataset, mine[part], self.runtime.device)
-            with self.runtime.autocast():
-                total += F.cross_entropy(self.module(x).float(), y, reduction="sum")
-        return (self.runtime.all_reduce_mean(total) * world / len(index)).item()
+    def _calibrated(self, train: _Pool, chosen: torch.Tensor, channels: torch.Tensor | None, seen: _Pass,
+                    val: _Pool, val_seen: _Pass, batch_size: int) -> dict[str, float]:
+        """DSGA as one step ``theta += eta * M grad mean CE(D_u)``, ``eta`` chosen so the D_u loss rises by
+        ``iu.target_rise``, then halved while source-val accuracy drops by more than ``iu.max_val_drop``.
+
+        The search brackets ``eta`` from the first-order guess ``(target - 1) L / ||M g||^2`` (multiplying by 4
+        until the target is reached), then bisects; it keeps the smallest ``eta`` found to reach the target,
+        stopping once the rise is within a tenth of ``target - 1`` of it.
+        """
+        hp = self.hparams
+        params, slices = self._edited(channels)
+        grads = self._gradient(train, chosen, params, batch_size, "mean")
+        saved = [p.detach().clone() for p in params]
+        if slices is None:
+            norm2 = sum(float(g.double().pow(2).sum()) for g in grads)
+        else:
+            grad_of = {id(p): g for p, g in zip(params, grads)}
+            norm2 = sum(float(grad_of[id(sl.param)].index_select(sl.dim, sl.selected(channels)).double().pow(2).sum())
+                        for sl in slices)
+        entries = train.subset(chosen)
+        chosen_entries = self._entries_of(seen, chosen)
+
+        def step_to(eta: float) -> None:
+            with torch.no_grad():
+                for p, v in zip(params, saved):
+                    p.copy_(v)
+            if eta:
+                masked_ascent(params, grads, slices, channels, eta)
+
+        def loss_at(eta: float) -> float:
+            step_to(eta)
+            logits = self._forward(entries, batch_size, chosen_entries).logits
+            return F.cross_entropy(logits, entries.labels.to(logits.device)).item()
+
+        loss0, target = loss_at(0.0), hp["target_rise"]
+        out = {"ascent_norm": math.sqrt(norm2)}
+        if norm2 <= 0 or loss0 <= 0:
+            step_to(0.0)
+            return {**out, "ascent_step": 0.0, "unlearn_loss_after": loss0, "val_acc_after": _accuracy(
+                val_seen.logits, val.labels), **self._idv_after(val_seen, val, channels)}
+        eta, low, high, high_rise = (target - 1.0) * loss0 / norm2, 0.0, None, None
+        for _ in range(hp["search_steps"]):
+            rise = loss_at(eta) / loss0
+            if rise >= target:
+                high, high_rise = eta, rise
+                if rise - target <= 0.1 * (target - 1.0):
+                    break
+                eta = (low + high) / 2
+            else:
+                low = eta
+                eta = eta * 4 if high is None else (low + high) / 2
+        out["target_reached"] = float(high is not None)
+        eta = high if high is not None else low
+        val_entries = val_seen.entries
+        before = _accuracy(val_seen.logits, val.labels)
+        capped = 0
+        while True:
+            step_to(eta)
+            val_after = self._forward(val, batch_size, val_entries)
+            accuracy = _accuracy(val_after.logits, val.labels)
+            if before - accuracy <= hp["max_val_drop"] or capped >= hp["search_steps"]:
+                break
+            eta, capped = eta / 2, capped + 1
+        out.update({"ascent_step": eta, "val_acc_after": accuracy, "val_capped": float(capped > 0),
+                    "unlearn_loss_after": (high_rise * loss0 if capped == 0 and high_rise is not None
+                                           else self._pool_loss(entries, chosen_entries, batch_size)),
+                    **self._idv_after(val_after, val, channels)})
+        return out
+
+    def _after(self, train: _Pool, chosen: torch.Tensor, channels: torch.Tensor | None, seen: _Pass, val: _Pool,
+               val_seen: _Pass, batch_size: int) -> dict[str, float]:
+        """Source-val accuracy, D_u loss and IDV after a fixed/literal ascent (diagnostics only)."""
+        val_after = self._forward(val, batch_size, val_seen.entries)
+        entries = train.subset(chosen)
+        return {"val_acc_after": _accuracy(val_after.logits, val.labels),
+                "unlearn_loss_after": self._pool_loss(entries, self._entries_of(seen, chosen), batch_size),
+                **self._idv_after(val_after, val, channels)}
+
+    def _entries_of(self, seen: _Pass, chosen: torch.Tensor) -> torch.Tensor | None:
+        """This process's tail inputs for the pool ``chosen`` (its rows ``chosen[rank::world]``), if kept.
+
+        ``seen.entries`` holds rows ``p`` with ``p % world == rank`` of the scored pool; the chosen rows of this
+        process in a sub-pool are those at positions ``rank::world`` of ``chosen``, which may live on another
+        process, so the tail inputs are only reused on one process.
+        """
+        if seen.entries is None or self.runtime.num_processes > 1:
+            return None
+        return seen.entries[chosen.to(seen.entries.device)]
+
+    def _pool_loss(self, pool: _Pool, entries: torch.Tensor | None, batch_size: int) -> float:
+        logits = self._forward(pool, batch_size, entries).logits
+        return F.cross_entropy(logits, pool.labels.to(logits.device)).item()
+
+    def _idv_after(self, after: _Pass, val: _Pool, channels: torch.Tensor | None) -> dict[str, float]:
+        if channels is None or not channels.any():
+            return {}
+        return {"idv_after": _mean_idv(after.activations, val.domain, channels)}
 
     # -- state and diagnostics
 
@@ -658,6 +908,23 @@ class IU(AddOn):
                "seconds": float(sum(h["seconds"] for h in self.history)), "history": self.history}
         if self.hparams["params"] == "channels":
             out["mean_channels"] = mean([h["channels"] for h in calls])
+        return out
+
+    def diagnostics(self) -> dict[str, float]:
+        """Does the ascent act: the share of calls that changed something, the mean D_u loss rise per call, the
+        mean relative IDV drop of C_spc on source validation, the mean source-val accuracy change."""
+        calls = [h for h in self.history if "skipped" not in h]
+        if not calls:
+            return {}
+        out = {"calls": float(len(calls)), "acted_fraction": float(np.mean([h.get("acted", 0.0) for h in calls]))}
+        for key, label in (("unlearn_loss_rise", "mean_unlearn_loss_rise"), ("idv_drop", "mean_idv_drop"),
+                           ("ascent_step", "mean_ascent_step")):
+            values = [h[key] for h in calls if key in h]
+            if values:
+                out[label] = float(np.mean(values))
+        changes = [h["val_acc_after"] - h["val_acc_before"] for h in calls if "val_acc_after" in h]
+        if changes:
+            out["mean_val_acc_change"] = float(np.mean(changes))
         return out
 
 
@@ -686,6 +953,27 @@ class IUE(IU):
             self.ema[row] = value if previous is None else beta * previous + (1 - beta) * value
             smoothed.append(self.ema[row])
         return torch.tensor(smoothed, dtype=torch.float32, device=scores.device)
+
+
+# A D_u loss ratio within 0.1 % of 1 counts as "did nothing": the old fixed step moved it by that much.
+_MEASURABLE = 1e-3
+
+
+def _inaction(metrics: dict[str, float], name: str) -> str:
+    """Why a call changed nothing, in words that name the hyperparameter to change."""
+    if not metrics.get("unlearn_samples"):
+        return f"the unlearning set D_u is empty (lower {name}.k, or {name}.g_transform=signed)"
+    if metrics.get("channels") == 0:
+        return f"no domain-specific channel was selected (lower {name}.k)"
+    return (f"the D_u loss rose only x{metrics.get('unlearn_loss_rise', 1.0):.4f} (raise {name}.target_rise or "
+            f"{name}.max_val_drop, or use {name}.ascent=calibrated)")
+
+
+def _mean_idv(activations: torch.Tensor, domain: torch.Tensor, channels: torch.Tensor) -> float:
+    """Mean IDV over the selected channels, each domain of ``domain`` counted once."""
+    domain = domain.to(activations.device)
+    per_domain = [activations[domain == d] for d in domain.unique().tolist()]
+    return inter_domain_variance(per_domain)[channels.to(activations.device)].mean().item()
 
 
 def _load(dataset: Any, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,9 @@ optimizer steps on. The thin algorithm classes ``agr_sum``, ``agr_rand`` and ``p
 gradients with the engine of :mod:`dgzoo.algorithms.gradients`, apply the rule and take one optimizer step.
 With one source domain their domains are K RandAugment views of every image, as the DGE paper runs them.
 
-As in DGvGS the rules *sum* over domains where ERM averages; ``reduction=mean`` divides by K instead.
+As in DGvGS the rules *sum* over domains where ERM averages; ``reduction=mean`` divides by K instead, and
+``step=matched`` rescales the combined gradient to the norm of the mean per-domain gradient (ERM's), so that a
+comparison with ERM at one learning rate compares the rules' directions rather than their step sizes.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from ..hparams import HParam
 from .base import Minibatches
 from .registry import register_algorithm
-from .gradients import DomainGradientAlgorithm, gram
+from .gradients import DomainGradientAlgorithm, gram, match_norm, vector_norm
 
 _MANSILLA = """@inproceedings{mansilla2021domain,
   title={Domain Generalization via Gradient Surgery},
@@ -105,12 +107,18 @@ class GradientSurgery(DomainGradientAlgorithm):
     HPARAMS = {
         **DomainGradientAlgorithm.HPARAMS,
         "reduction": HParam("sum", "combine K domains by their sum (DGvGS, so the step is about K times an ERM "
-                                   "step at the same lr) or their mean (divide by K)", choices=("sum", "mean")),
+                                   "step at the same lr) or their mean (divide by K); ignored with step=matched",
+                            choices=("sum", "mean")),
     }
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.totals: dict[str, float] = {}
 
     def setup(self) -> None:
         super().setup()
         self.combined = self.flat.empty()  # reused [P] output: a fresh 45 MB vector per step costs page faults
+        self.mean = self.flat.empty()  # ERM's gradient, the reference of step=matched and of step_ratio
         # One seed for the rule's randomness, identical on every process, then one generator per step from it.
         seed = torch.randint(0, 2**62, (1,), device=self.runtime.device)
         self.seed = int(self.runtime.broadcast(seed).item())
@@ -126,17 +134,47 @@ class GradientSurgery(DomainGradientAlgorithm):
     def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         grads, losses = self.domain_gradients(self.domains(minibatches))
         combined, metrics = self.combine(grads, step)
-        if self.hparams["reduction"] == "mean":
+        mean_norm = vector_norm(torch.mean(grads, dim=0, out=self.mean))
+        # How far the faithful rule steps relative to ERM's gradient: about K for a sum, less where components
+        # are masked or projected away.
+        metrics["step_ratio"] = vector_norm(combined) / max(mean_norm, 1e-30)
+        if self.hparams["step"] == "matched":
+            match_norm(combined, mean_norm)
+        elif self.hparams["reduction"] == "mean":
             combined /= grads.shape[0]
         self.flat.assign_grad(combined)
         self.optimizer.step()
+        for key, value in metrics.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+        self.totals["steps"] = self.totals.get("steps", 0.0) + 1
         return {"loss": losses.mean().item(), **metrics}
 
+    def summary(self) -> dict[str, Any]:
+        """Run means of the per-step diagnostics."""
+        steps = self.totals.get("steps", 0.0)
+        if not steps:
+            return {}
+        return {"steps": int(steps), **{f"mean_{k}": v / steps for k, v in self.totals.items() if k != "steps"}}
+
+    def diagnostics(self) -> dict[str, float]:
+        """Does the surgery act: the mean fraction of the gradient it masked (Agr-*: components whose signs
+        disagree) or of domain pairs it projected (PCGrad), and the faithful step's norm over ERM's gradient's."""
+        summary = self.summary()
+        if not summary:
+            return {}
+        out = {"mean_step_ratio": summary["mean_step_ratio"]}
+        if "mean_agreement" in summary:
+            out["masked_fraction"] = 1.0 - summary["mean_agreement"]
+        if "mean_conflict_rate" in summary:
+            out["projected_fraction"] = summary["mean_conflict_rate"]
+        return out
+
     def extra_state(self) -> dict[str, Any]:
-        return {"seed": self.seed}
+        return {"seed": self.seed, "totals": dict(self.totals)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.seed = state.get("seed", self.seed)
+        self.totals = dict(state.get("totals", {}))
 
 
 @register_algorithm
