@@ -31,7 +31,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 SELECTIONS = ("training_domain_validation", "oracle", "last")
 # Fields that do not change what a run computes: runs that differ only in these are the same run.
 NON_RESULT_FIELDS = ("output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision",
-                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every")
+                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "dry_run")
 
 
 def recipe_dirs() -> list[Path]:
@@ -90,7 +90,7 @@ class TrainConfig:
     eval_every: int = _f(100, "evaluate every domain's in/out splits every N steps")
     eval_batch_size: int = _f(128, "evaluation batch size per process")
     checkpoint_every: int | None = _f(None, "save a resumable Accelerate checkpoint every N steps (default: eval_every)")
-    keep_checkpoints: int = _f(1, "number of resumable checkpoints to keep")
+    keep_checkpoints: int = _f(2, "resumable checkpoints to keep (two: a corrupt newest one has an intact fallback)")
     selection: str = _f("training_domain_validation", "which step's weights the run exports", choices=SELECTIONS)
     # -- runtime and output
     num_workers: int | None = _f(None, "data-loading workers (default: 0 on CPU, 4 per process on GPU)")
@@ -101,6 +101,8 @@ class TrainConfig:
     push_to_hub: str | None = _f(None, "after training, publish the run to this Hub repo id")
     hub_private: bool = _f(False, "create the Hub repo as private")
     hub_revision: str | None = _f(None, "Hub branch to push to (created if missing); default: main")
+    dry_run: bool = _f(False, "print the resolved plan (data, splits, image size, model, every hyperparameter, schedule, "
+                              "estimated time from a few timed steps) and exit, training and writing nothing")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -324,6 +326,8 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
             if str(value).lower() in ("false", "no", "0"):
                 return False
             raise ValueError(value)
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # YAML's `steps: true` is a typo, not the number 1
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

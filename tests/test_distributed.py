@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) on the same global batch train the same model as one process."""
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -28,4 +29,5 @@ def test_erm_on_two_processes_matches_one_process(tmp_path):
     records_one = [json.loads(r) for r in (tmp_path / "one" / "records.jsonl").read_text().splitlines()]
     records_two = [json.loads(r) for r in (tmp_path / "two" / "records.jsonl").read_text().splitlines()]
     assert [r["acc"] for r in records_one] == [r["acc"] for r in records_two]  # evaluation gathers every sample
-    assert [round(r["loss"], 5) for r in records_one] == [round(r["loss"], 5) for r in records_two]
+    # the logged loss is a mean of per-process means: equal up to float32 summation order, not bit for bit
+    assert [r["loss"] for r in records_one] == pytest.approx([r["loss"] for r in records_two], abs=1e-4)

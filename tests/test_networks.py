@@ -82,8 +82,8 @@ def test_mtl_loss_and_step_are_domainbeds_and_export_is_the_expected_logits():
     # the same gradients (compared before an optimizer step: Adam would amplify float noise in ~0 gradients)
     loss.backward()
     expected.backward()
-    for mine, theirs in zip(split_params(host.network)[0], split_params(net)[0]):
-        assert torch.allclose(mine.grad, theirs.grad, atol=1e-6)
+    for mine, theirs in zip(split_params(host.network)[0], split_params(net)[0]):  # float32 summation order
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-5)
     width = head.in_features
     assert torch.allclose(host.network.get_classifier().weight.grad, classifier.weight.grad[:, :width], atol=1e-6)
     assert torch.allclose(host.noise_head.weight.grad, classifier.weight.grad[:, width:], atol=1e-6)

@@ -19,14 +19,27 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "dgzoo.cli.unlearn": ("unlearn",),
     "dgzoo.cli.sweep": ("sweep", "report"),
     "dgzoo.cli.algorithms": ("algorithms",),
+    "dgzoo.cli.zoo": ("zoo",),
+    "dgzoo.cli.datasets": ("datasets",),
+    "dgzoo.cli.doctor": ("doctor",),
 }
 
 
-def _train(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> int:
+    """``dgzoo train`` and ``recipes/train.py``: train one run, or with ``--dry-run`` print its plan."""
     from ..config import config_from_args
+
+    cfg = config_from_args(args)
+    if cfg.dry_run:
+        from ..training.dryrun import dry_run, format_plan
+
+        plan = dry_run(cfg)
+        if plan["is_main_process"]:
+            print(format_plan(plan))
+        return 0
     from ..training.engine import train
 
-    train(config_from_args(args))
+    train(cfg)
     return 0
 
 
@@ -51,7 +64,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train, evaluate and export one run (same flags as recipes/train.py)")
     add_train_arguments(train)
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=train_command)
     datasets = sub.add_parser("datasets", help="known DG datasets")
     datasets_sub = datasets.add_subparsers(dest="datasets_command", required=True)
     datasets_sub.add_parser("list", help="list the datasets dgzoo knows by name").set_defaults(handler=_datasets_list)
@@ -63,12 +76,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def run(handler: Handler, args: argparse.Namespace) -> int:
-    """Run a command, turning user errors into one line on stderr and exit status 2."""
+    """Run a command, turning user errors into one line on stderr and an exit status (2; 75 for a run directory
+    held by another process; 130 for Ctrl-C)."""
     try:
         return handler(args)
     except DGZooError as e:
         print(f"dgzoo: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except KeyboardInterrupt:  # a command without its own resume advice: nothing it wrote is left half-done
+        print("dgzoo: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

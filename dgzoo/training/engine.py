@@ -17,34 +17,43 @@ The engine knows no particular algorithm: what it evaluates and exports is the c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from .. import __version__
-from ..algorithms import AddOn, Algorithm, Composition, Recipe, check_algorithm, parse_algorithm, resolve_hparams
+from ..algorithms import (AddOn, Algorithm, Composition, EvalContext, Recipe, check_algorithm, parse_algorithm,
+                          resolve_hparams)
+from ..algorithms.base import with_acts
 from ..config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
-from ..data import (DGDataset, DomainImages, DomainSplits, Protocol, eval_loader, eval_transform, load_dg_dataset,
-                    loader_workers, make_splits, resolve_protocol, train_transform)
-from ..errors import DGZooError
+from ..data import (DGDataset, DomainImages, DomainSplits, Protocol, check_images, eval_loader, eval_transform,
+                    load_dg_dataset, loader_workers, make_splits, resolve_protocol, train_transform)
+from ..data.inspect import contact_sheet
+from ..errors import DGZooError, Interrupted
 from ..models import check_backbone, create_backbone, data_config, freeze_batchnorm, meta_backbone
 from ..run.cards import plot_run, render_card
+from ..run.claim import RunDirClaimed, claim_run_dir
 from ..run.hub import check_push_target, push_run
-from ..run.rundir import (atomic_write_text, check_output_dir, checkpoint_dirs, clear_run_dir, latest_checkpoint,
-                          read_json, save_model, write_json)
+from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs, checkpoint_problem,
+                          clear_run_dir, latest_checkpoint, read_json, save_model, write_checkpoint_manifest,
+                          write_json)
 from ..run.selection import SELECTION_METHODS, select
-from .evaluation import evaluate
-from .loop import LoopData, Optimisation, TrainState, build_algorithm, fit
+from .derived import Derived, derived_line, derived_values, resolve_image_size
+from .evaluation import evaluate, source_loss
+from .loop import (LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit,
+                   source_batches)
 from .optimisation import create_scheduler, current_lr
 
 logger = logging.getLogger("dgzoo")
@@ -67,6 +76,8 @@ class RunPlan:
     addons: list[type[AddOn]]
     augment: str  # the resolved training augmentation
     image_size: int | None  # the resolved input resolution (None: the backbone's own)
+    derived: Derived = field(default_factory=dict)  # every value taken without being told, with its source
+    warnings: list[str] = field(default_factory=list)  # said right after the first log line (e.g. upsampling)
 
 
 def plan_run(cfg: TrainConfig) -> RunPlan:
@@ -84,9 +95,11 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
-    splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed())  # a too-small domain fails here
+    used = [*protocol.sources, *protocol.targets]
+    splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed(), used)  # a too-small domain fails here
+    check_images(data, used)  # a corrupt image fails now, not mid-run or at the first evaluation
     augment = resolve_augment(cfg, data)
-    image_size = cfg.image_size or (data.spec.image_size if data.spec else None)
+    image_size, image_size_source, size_warning = resolve_image_size(cfg, data)
     recipe = Recipe(num_domains=len(protocol.sources), num_classes=data.num_classes, augment=augment,
                     mixed_precision=cfg.mixed_precision, small_images=is_small_images(data),
                     network=meta_backbone(cfg.backbone, data.num_classes, image_size, cfg.dropout),
@@ -96,7 +109,10 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     check_output_dir(output_dir, cfg.resume, cfg.overwrite)
     if cfg.resume:
         _check_resume_config(cfg, output_dir)
-    return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size)
+    derived = derived_values(cfg, data, protocol, augment, image_size, image_size_source, str(output_dir),
+                             is_small_images(data))
+    return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size,
+                   derived, [size_warning] if size_warning else [])
 
 
 def is_small_images(data: DGDataset) -> bool:
@@ -240,16 +256,89 @@ def optimisation(cfg: TrainConfig) -> Optimisation:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, evaluate and export one run as described by ``cfg``; return its results.json content."""
+    """Train, evaluate and export one run as described by ``cfg``; return its results.json content.
+
+    The run holds an exclusive claim on its output directory for its whole life (a second writer is refused, a
+    killed one does not block its rerun), and Ctrl-C ends it with one line naming the exact resume command.
+    """
+    if cfg.dry_run:  # the plan is dgzoo.training.dryrun's job, above the engine: never train on a dry run
+        raise DGZooError("dry_run is set: call dgzoo.training.dryrun.dry_run(cfg) (or `dgzoo train --dry-run`) to see "
+                         "the plan, or unset it to train")
+    plan = plan_run(cfg)
+    accelerator = create_accelerator(cfg.mixed_precision, _trackers(cfg), plan.output_dir,
+                                     plan.host.FIND_UNUSED_PARAMETERS)
+    check_process_split(cfg.batch_size, cfg.grad_accumulation, accelerator.num_processes)
+    with claim_on_main(accelerator, plan.output_dir, f"dgzoo train {cfg.algorithm}"):
+        try:
+            return _train(cfg, plan, accelerator)
+        except KeyboardInterrupt:
+            done = latest_checkpoint(plan.output_dir)
+            kept = f"its checkpoint {done.name} is kept" if done else "it had no checkpoint yet (restarts at step 0)"
+            raise Interrupted(f"interrupted; {plan.output_dir}: {kept}; continue with: "
+                              f"{resume_command(plan)}") from None
+
+
+def resume_command(plan: RunPlan) -> str:
+    """The command line that continues this run: the one that started it, with ``--resume`` and without
+    ``--overwrite`` (which would delete what the run has written), naming the output directory explicitly."""
+    argv = sys.argv[1:]
+    prog = Path(sys.argv[0]).name
+    head = ["dgzoo"] if prog in ("dgzoo", "__main__.py") else ["accelerate", "launch", sys.argv[0]]
+    args = [a for a in argv if a not in ("--overwrite", "--resume", "--no-resume")]
+    if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in args):
+        args += ["--output-dir", str(plan.output_dir)]
+    return shlex.join([*head, *args, "--resume"])
+
+
+@contextlib.contextmanager
+def claim_on_main(accelerator: Any, out: Path, purpose: str) -> Iterator[None]:
+    """Hold the claim on ``out`` from the main process; every process fails alike when another run holds it."""
+    claim = claim_run_dir(out, purpose) if accelerator.is_main_process else contextlib.nullcontext()
+    error: RunDirClaimed | None = None
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(claim)
+        except RunDirClaimed as e:
+            error = e
+        if accelerator.num_processes > 1:  # the other processes learn the main one's answer before anything runs
+            held = [error is None]
+            torch.distributed.broadcast_object_list(held, src=0)
+            if not held[0]:
+                raise error or RunDirClaimed(f"{out} is in use by another run; choose another --output-dir")
+        elif error is not None:
+            raise error
+        yield
+
+
+def build_loop_data(plan: RunPlan, preprocessing: dict[str, Any], workers: int, pin: bool) -> tuple[LoopData, Any]:
+    """The training loop's data (source domains' training splits with the training transform, and what post-epoch
+    add-ons see) and the evaluation transform, for the backbone's ``preprocessing``."""
+    cfg, data, splits, sources = plan.config, plan.data, plan.splits, list(plan.protocol.sources)
+    own_tf = plan.host.train_transform(preprocessing, plan.augment, plan.hparams[plan.host.name], len(sources))
+    train_tf = own_tf or train_transform(preprocessing, plan.augment)
+    eval_tf = eval_transform(preprocessing)
+    random_tf = own_tf is not None or plan.augment != "none"
+    loop_data = LoopData(
+        domains=sources, train_sets=[DomainImages(data, splits.in_rows[d], train_tf, d, random=random_tf)
+                                     for d in sources],
+        # What post-epoch add-ons see: the source domains' splits with the evaluation transform.
+        epoch_train=[DomainImages(data, splits.in_rows[d], eval_tf, d) for d in sources],
+        epoch_val=[DomainImages(data, splits.out_rows[d], eval_tf, d) for d in sources],
+        batch_size=cfg.batch_size, seed=cfg.seed, workers=workers, pin_memory=pin)
+    return loop_data, eval_tf
+
+
+def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
-    plan = plan_run(cfg)
     out = plan.output_dir
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
-
-    accelerator = create_accelerator(cfg.mixed_precision, _trackers(cfg), out, plan.host.FIND_UNUSED_PARAMETERS)
-    check_process_split(cfg.batch_size, cfg.grad_accumulation, accelerator.num_processes)
-    start_run_dir(accelerator, out, cfg.overwrite, ("train_config.json", dump_config(cfg)), "train.log")
+    restart = cfg.resume and latest_checkpoint(out) is None  # killed before its first checkpoint: nothing to keep
+    start_run_dir(accelerator, out, cfg.overwrite or restart, ("train_config.json", dump_config(cfg)), "train.log")
+    if accelerator.is_main_process:  # the first log line: what was chosen on the user's behalf, and why
+        logger.info(derived_line(plan.derived))
+        for warning in plan.warnings:
+            logger.warning("warning: %s", warning)
     set_seed(cfg.seed)
 
     # -- network and data
@@ -259,21 +348,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         freeze_batchnorm(network)
     preprocessing = data_config(network, plan.image_size)
     splits = plan.splits
-    own_tf = plan.host.train_transform(preprocessing, plan.augment, plan.hparams[plan.host.name], len(sources))
-    train_tf = own_tf or train_transform(preprocessing, plan.augment)
-    eval_tf = eval_transform(preprocessing)
-    random_tf = own_tf is not None or plan.augment != "none"
     workers, pin = loader_workers(cfg.num_workers, accelerator.device)
+    loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
     eval_loaders = {d: {split: accelerator.prepare_data_loader(eval_loader(
         DomainImages(data, rows[d], eval_tf, d), cfg.eval_batch_size, workers, pin))
         for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))} for d in data.domains}
-    loop_data = LoopData(
-        domains=sources, train_sets=[DomainImages(data, splits.in_rows[d], train_tf, d, random=random_tf)
-                                     for d in sources],
-        # What post-epoch add-ons see: the source domains' splits with the evaluation transform.
-        epoch_train=[DomainImages(data, splits.in_rows[d], eval_tf, d) for d in sources],
-        epoch_val=[DomainImages(data, splits.out_rows[d], eval_tf, d) for d in sources],
-        batch_size=cfg.batch_size, seed=cfg.seed, workers=workers, pin_memory=pin)
 
     # -- the algorithm and its optimisation
     algorithm = build_algorithm(cfg.algorithm, network, data.num_classes, len(sources), plan.hparams, accelerator,
@@ -281,9 +360,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = create_scheduler(algorithm.host.optimizer, cfg.lr_schedule, cfg.steps, cfg.warmup_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, algorithm, state)
-    if cfg.resume:
-        checkpoint = latest_checkpoint(out)
-        accelerator.load_state(str(checkpoint))
+    if restart:
+        logger.info("%s holds no checkpoint (the run stopped before its first one): starting again from step 0", out)
+    elif cfg.resume:
+        checkpoint = resume_state(accelerator, out)
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     metadata = {"algorithm": cfg.algorithm, "dataset": data.info()["name"], "dataset_repo_id": data.repo_id,
                 "dataset_revision": data.revision, "source_domains": sources, "target_domains": targets,
@@ -294,14 +374,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     accelerator.num_processes, accelerator.device)
         accelerator.init_trackers("dgzoo", config=_tracker_config(cfg))
 
+    def source_val_loss(network: nn.Module) -> float:
+        with accelerator.autocast():
+            return source_loss(network, eval_loaders, sources, accelerator.device, accelerator.gather_for_metrics)
+
     def evaluate_and_checkpoint(state: TrainState, metrics: dict[str, float]) -> None:
         if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+            # Add-ons act first (SWAD reads the online model's source-validation loss to move its window).
+            eval_metrics = algorithm.on_evaluate(EvalContext(
+                state.step, state.step == cfg.steps, source_val_loss,
+                source_batches(loop_data, accelerator, cfg.seed + state.step)))
             network = algorithm.evaluated_network()
             algorithm.host.runtime.sync_buffers(network)
+            check_finite(network, state.step)  # a diverged network is never evaluated, selected or exported
             with accelerator.autocast():
                 acc = evaluate(network, eval_loaders, accelerator.device, accelerator.gather_for_metrics)
             record = _make_record(state, acc, sources, targets, loop_data.steps_per_epoch,
                                   current_lr(algorithm.host.optimizer))
+            record.update(eval_metrics)
             state.interval = {}
             state.records.append(record)
             score = record["source_val_acc"]
@@ -319,7 +409,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if state.step % cfg.resolved_checkpoint_every() == 0 or state.step == cfg.steps:
             _save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
 
-    fit(algorithm, loop_data, accelerator, scheduler, state, cfg.steps, evaluate_and_checkpoint)
+    try:
+        fit(algorithm, loop_data, accelerator, scheduler, state, cfg.steps, evaluate_and_checkpoint)
+    except NonFiniteTraining as e:
+        done = latest_checkpoint(out)
+        kept = f"checkpoints up to {done.name} are finite" if done else "no checkpoint was written"
+        raise DGZooError(f"{e}; {kept}; lower --lr or set --clip-grad-norm and train again with --overwrite or "
+                         f"another --output-dir") from None
 
     # -- finalise the run directory
     if cfg.selection != "training_domain_validation" and accelerator.is_main_process:
@@ -328,6 +424,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         write_json(out / "results.json", results)
         plot_run(results, state.records, out)
+        roles = {d: "held-out" if d in targets else "source" for d in [*sources, *targets]}
+        contact_sheet(data, out / SAMPLES_IMAGE, roles=roles, domains=list(roles))  # the domains check_images read
         atomic_write_text(out / "README.md", render_card(results, cfg.to_dict(), run_dir=out))
         logger.info("held-out accuracy %.3f (%s, step %d) | run directory: %s", results["target_accuracy"],
                     cfg.selection, results["selection"]["step"], out)
@@ -352,6 +450,27 @@ def _make_record(state: TrainState, acc: dict[str, dict[str, float]], sources: l
     return record
 
 
+def resume_state(accelerator: Any, out: Path) -> Path:
+    """Load the newest intact checkpoint of ``out``; log each newer one skipped and why (truncated, unloadable).
+
+    A failed load may leave objects half-loaded; the older checkpoint loaded next overwrites all of them.
+    """
+    skipped: list[str] = []
+    for checkpoint in reversed(checkpoint_dirs(out)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            try:
+                accelerator.load_state(str(checkpoint))
+            except Exception as e:  # corrupt in a way sizes cannot show; what the loader said, on one line
+                problem = f"it does not load ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+        if problem is None:
+            for line in skipped:
+                logger.warning("skipped checkpoint %s", line)
+            return checkpoint
+        skipped.append(f"{checkpoint.name}: {problem}")
+    raise DGZooError(f"no intact checkpoint in {out} ({'; '.join(skipped)}); start the run again with --overwrite")
+
+
 def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int) -> None:
     """Save a resumable checkpoint to checkpoints/step_N, atomically (written under a temporary name first)."""
     root = out / "checkpoints"
@@ -362,6 +481,7 @@ def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_checkpoint_manifest(tmp)
         final = root / f"step_{step}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -386,14 +506,9 @@ def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     return flat
 
 
-def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Composition, accelerator: Any,
-             model: nn.Module) -> dict[str, Any]:
-    import timm
-
-    sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
-    selections = {m: select(state.records, m, sources, targets) for m in SELECTION_METHODS}
-    chosen = selections[cfg.selection]
-    host, addons = plan.host, plan.addons
+def training_hparams(plan: RunPlan) -> dict[str, Any]:
+    """The recipe's training settings as results.json's ``hparams`` lists them (before the algorithm's own)."""
+    cfg = plan.config
     training = {"lr": cfg.lr, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
                 "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule, "dropout": cfg.dropout,
                 "freeze_bn": cfg.freeze_bn, "augment": plan.augment, "image_size": plan.image_size,
@@ -403,6 +518,23 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Comp
     for key in ("warmup_steps", "grad_accumulation", "clip_grad_norm"):  # listed when they change the recipe
         if getattr(cfg, key) != getattr(TrainConfig, key):
             training[key] = getattr(cfg, key)
+    return training
+
+
+def split_sizes(plan: RunPlan) -> dict[str, dict[str, int]]:
+    """Images in the in and out split of every domain the run uses."""
+    return {d: {"in": len(plan.splits.in_rows[d]), "out": len(plan.splits.out_rows[d])} for d in plan.splits.in_rows}
+
+
+def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Composition, accelerator: Any,
+             model: nn.Module) -> dict[str, Any]:
+    import timm
+
+    sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
+    selections = {m: select(state.records, m, sources, targets) for m in SELECTION_METHODS}
+    chosen = selections[cfg.selection]
+    host, addons = plan.host, plan.addons
+    training = training_hparams(plan)
     data_info = plan.data.info()
     return {
         "algorithm": cfg.algorithm, "host_algorithm": host.name, "addons": [a.name for a in addons],
@@ -418,7 +550,8 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Comp
         "accuracy_splits": next(r["acc"] for r in state.records if r["step"] == chosen["step"]),
         "selections": selections,
         "hparams": {**training, **algorithm.hparams},
-        "diagnostics": algorithm.summary(),
+        "derived": plan.derived, "splits": split_sizes(plan),
+        "diagnostics": with_acts(algorithm.summary(), [algorithm.host, *algorithm.addons]),
         "citations": algorithm.citations(),
         "timing": run_timing(state.train_seconds, state.images, state.step),
         "num_processes": accelerator.num_processes, "device": device_name(accelerator.device),

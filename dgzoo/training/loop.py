@@ -11,13 +11,16 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from ..algorithms import Algorithm, Composition, EpochContext, Minibatches, create_algorithm
 from ..algorithms.registry import scalars
 from ..data import DomainImages, eval_loader, train_loader
+from ..errors import DGZooError
+from ..run.rundir import nonfinite_tensors
 from .optimisation import create_optimizer
 from .runtime import AccelerateRuntime
 
@@ -121,6 +124,19 @@ class LoopData:
         return max(1, math.ceil(min(len(s) for s in self.train_sets) / self.batch_size))
 
 
+def source_batches(data: LoopData, accelerator: Any, seed: int) -> Callable[[int], Iterator[torch.Tensor]]:
+    """A factory of ``n`` pooled training batches (one minibatch per source domain, training transform, this
+    process's share) drawn in the order of ``seed``: the data SWAD recomputes BatchNorm statistics on."""
+
+    def batches(n: int) -> Iterator[torch.Tensor]:
+        loader = train_loader(data.train_sets, data.batch_size, seed, n, 0, accelerator.process_index,
+                              accelerator.num_processes, data.workers, data.pin_memory)
+        for minibatches in loader:
+            yield torch.cat([x for x, _ in minibatches]).to(accelerator.device, non_blocking=True)
+
+    return batches
+
+
 def fit(algorithm: Composition, data: LoopData, accelerator: Any, scheduler: Any, state: TrainState, steps: int,
         after_step: Callable[[TrainState, dict[str, float]], None] | None = None, desc: str = "train") -> None:
     """Train ``algorithm`` from ``state.step`` to ``steps``; ``after_step(state, metrics)`` ends every step."""
@@ -134,32 +150,56 @@ def fit(algorithm: Composition, data: LoopData, accelerator: Any, scheduler: Any
     progress = tqdm(total=steps, initial=state.step, disable=not accelerator.is_local_main_process, desc=desc,
                     dynamic_ncols=True)
     tick = time.perf_counter()
-    for minibatches in loader:
-        minibatches = [(x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True))
-                       for x, y in minibatches]
-        metrics = algorithm.update(minibatches, state.step)
-        state.step += 1
-        scheduler.step_update(state.step)
-        state.images += images_per_step
-        if state.step % steps_per_epoch == 0:
-            context = EpochContext(epoch=state.step // steps_per_epoch, step=state.step,
-                                   steps_per_epoch=steps_per_epoch, source_domains=data.domains,
-                                   source_train=list(data.epoch_train), source_val=list(data.epoch_val),
-                                   make_loader=lambda ds, bs: eval_loader(ds, bs, data.workers, data.pin_memory),
-                                   batch_size=data.batch_size)
-            metrics.update(algorithm.on_epoch_end(context))
-        state.train_seconds += time.perf_counter() - tick
-        metrics = process_mean(metrics, runtime)
-        for key, value in metrics.items():
-            state.interval.setdefault(key, []).append(value)
-        accelerator.log(metrics, step=state.step)
-        progress.update(1)
-        if "loss" in metrics:
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
-        if after_step is not None:
-            after_step(state, metrics)
-        tick = time.perf_counter()
-    progress.close()
+    try:  # the bar is closed (its line ended) before any error or Ctrl-C message is printed
+        for minibatches in loader:
+            minibatches = [(x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True))
+                           for x, y in minibatches]
+            metrics = algorithm.update(minibatches, state.step)
+            state.step += 1
+            scheduler.step_update(state.step)
+            state.images += images_per_step
+            if state.step % steps_per_epoch == 0:
+                context = EpochContext(epoch=state.step // steps_per_epoch, step=state.step,
+                                       steps_per_epoch=steps_per_epoch, source_domains=data.domains,
+                                       source_train=list(data.epoch_train), source_val=list(data.epoch_val),
+                                       make_loader=lambda ds, bs: eval_loader(ds, bs, data.workers, data.pin_memory),
+                                       batch_size=data.batch_size)
+                metrics.update(algorithm.on_epoch_end(context))
+            state.train_seconds += time.perf_counter() - tick
+            metrics = process_mean(metrics, runtime)
+            check_finite_losses(metrics, state.step)
+            for key, value in metrics.items():
+                state.interval.setdefault(key, []).append(value)
+            accelerator.log(metrics, step=state.step)
+            progress.update(1)
+            if "loss" in metrics:
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+            if after_step is not None:
+                after_step(state, metrics)
+            tick = time.perf_counter()
+    finally:
+        progress.close()
+
+
+class NonFiniteTraining(DGZooError):
+    """The loss or the weights became NaN or infinite: the run diverged."""
+
+
+def check_finite_losses(metrics: dict[str, float], step: int) -> None:
+    """Stop at the first step whose loss is not finite, before it is logged, evaluated or checkpointed.
+
+    Metrics are already averaged over processes, so every process stops at the same step.
+    """
+    bad = sorted(k for k, v in metrics.items() if (k == "loss" or k.endswith("_loss")) and not math.isfinite(v))
+    if bad:
+        raise NonFiniteTraining(f"the training loss became {metrics[bad[0]]} at step {step} ({', '.join(bad)})")
+
+
+def check_finite(network: nn.Module, step: int) -> None:
+    """Refuse a network whose weights hold NaN or infinity (diverged without a non-finite loss showing it)."""
+    bad = nonfinite_tensors(network.state_dict())
+    if bad:
+        raise NonFiniteTraining(f"the weights became non-finite by step {step} ({len(bad)} tensors, e.g. {bad[0]})")
 
 
 def process_mean(metrics: dict[str, float], runtime: Any) -> dict[str, float]:

@@ -32,13 +32,13 @@ from ..algorithms import ALGORITHMS, Recipe, check_algorithm
 from ..config import OPTIMIZERS, PRECISIONS, TrainConfig, UnlearnConfig, dump_config
 from ..data import (DGDataset, DomainImages, eval_loader, eval_transform, load_dg_dataset, loader_workers, make_splits,
                     seed_hash, train_loader, train_transform)
-from ..errors import DGZooError
+from ..errors import DGZooError, Interrupted
 from ..models import create_backbone, data_config, freeze_batchnorm, meta_backbone
 from ..run.hub import from_pretrained, push_run, resolve_checkpoint
 from ..run.rundir import atomic_write_text, check_output_dir, json_text, read_json, save_model, write_json
 from ..run.unlearning_card import HEADLINE, render_unlearn_card
-from ..training.engine import (create_accelerator, device_name, is_small_images, resolve_augment, run_timing,
-                               start_run_dir)
+from ..training.engine import (claim_on_main, create_accelerator, device_name, is_small_images, resolve_augment,
+                               run_timing, start_run_dir)
 from ..training.loop import LoopData, Optimisation, TrainState, build_algorithm, fit
 from ..training.optimisation import create_optimizer, create_scheduler
 from .evaluation import ATTACKS, Outputs, accuracy, attacks, collect, per_group_accuracy
@@ -128,7 +128,7 @@ def plan_unlearning(cfg: UnlearnConfig) -> UnlearnPlan:
     method_hparams = resolve_method_hparams(cfg.method, cfg.hparams)
     _check_values(cfg)
     out = Path(cfg.output_dir or _default_output_dir(cfg, spec.text))
-    check_output_dir(out, resume=False, overwrite=cfg.overwrite)
+    check_output_dir(out, resume=False, overwrite=cfg.overwrite, can_resume=False)
     source = load_source(cfg.source, cfg.revision)
     tc, res = source.train_config, source.results
     data = load_dg_dataset(tc.dataset, res["dataset"].get("revision") or tc.revision, tc.image_column,
@@ -261,16 +261,28 @@ def _default_output_dir(cfg: UnlearnConfig, spec_text: str) -> str:
 
 
 def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
-    """Unlearn ``cfg.forget`` from ``cfg.source`` with ``cfg.method``; write the run directory, return results."""
-    from accelerate.utils import set_seed
+    """Unlearn ``cfg.forget`` from ``cfg.source`` with ``cfg.method``; write the run directory, return results.
 
+    Like training, the run holds an exclusive claim on its output directory while it writes it.
+    """
     plan = plan_unlearning(cfg)
-    out, settings, data = plan.output_dir, plan.settings, plan.data
     accelerator = create_accelerator(cfg.mixed_precision)
     for key in ("batch_size", "retain_batch_size", "forget_batch_size"):
-        if key in settings and settings[key] % accelerator.num_processes:
-            raise DGZooError(f"--{key.replace('_', '-')} {settings[key]} must be divisible by the "
+        if key in plan.settings and plan.settings[key] % accelerator.num_processes:
+            raise DGZooError(f"--{key.replace('_', '-')} {plan.settings[key]} must be divisible by the "
                              f"{accelerator.num_processes} processes")
+    with claim_on_main(accelerator, plan.output_dir, f"dgzoo unlearn {cfg.method}"):
+        try:
+            return _run_unlearning(cfg, plan, accelerator)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; unlearning has no checkpoints: rerun the same command with --overwrite "
+                              f"to start {plan.output_dir} again") from None
+
+
+def _run_unlearning(cfg: UnlearnConfig, plan: UnlearnPlan, accelerator: Any) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+
+    out, settings, data = plan.output_dir, plan.settings, plan.data
     start_run_dir(accelerator, out, cfg.overwrite,
                   ("unlearn_config.json", json_text(cfg.to_dict())), "unlearn.log")
     logger.info("dgzoo %s | unlearn %s from %s with %s (%s)", __version__, plan.sets.description,
