@@ -182,3 +182,50 @@ def test_unlearning_runs_are_not_mixed_into_dg_tables(tmp_path):
     (unlearned / "results.json").write_text(json.dumps({**results, "kind": "unlearning"}))
     runs, notes = load_runs([tmp_path])
     assert len(runs) == 6 and notes == [f"{unlearned.resolve()} is an unlearning run; skipped"]
+
+
+def test_a_broken_run_directory_is_skipped_with_one_line_naming_it(tmp_path, capsys):
+    _three_trials(tmp_path)
+    bad_json = make_run(tmp_path, "bad-json", ["C"], [{"step": 5, "acc": acc()}])
+    (bad_json / "results.json").write_text('{"dataset": ')  # truncated by a full disk, say
+    no_domain = make_run(tmp_path, "no-domain", ["C"], [{"step": 5, "acc": {"A": {"in": 0.5, "out": 0.5}}}], seed=9)
+    no_key = make_run(tmp_path, "no-key", ["C"], [{"step": 5, "acc": acc()}], seed=8)
+    results = json.loads((no_key / "results.json").read_text())
+    del results["target_domains"]
+    (no_key / "results.json").write_text(json.dumps(results))
+    runs, notes = load_runs([tmp_path])
+    assert len(runs) == 6
+    assert sorted(notes) == sorted([
+        f"skipped broken run {bad_json.resolve()}: results.json: invalid JSON (Expecting value: line 1 column 13 "
+        "(char 12))",
+        f"skipped broken run {no_domain.resolve()}: records.jsonl: missing 'B'",
+        f"skipped broken run {no_key.resolve()}: results.json: missing 'target_domains'"])
+    assert main(["report", str(tmp_path), "--selection", "oracle"]) == 0
+    out = capsys.readouterr().out
+    for broken in (bad_json, no_domain, no_key):
+        assert sum(str(broken.resolve()) in line for line in out.splitlines()) == 1
+    assert "| erm | 84.0 ± 1.7 | 65.0 ± 2.4 | 74.5 ± 1.9 |" in out  # the good runs' table is unchanged
+
+
+def test_identical_runs_count_once_with_a_warning(tmp_path):
+    import shutil
+
+    _three_trials(tmp_path)
+    alone = report_dirs([tmp_path], ["oracle"]).tables[0].rows["erm"]
+    original = tmp_path / "toy-A-seed1"
+    shutil.copytree(original, tmp_path / "copy-of-A-seed1")  # a copied run directory
+    rerun = make_run(tmp_path, "rerun-B-seed2", ["B"], [{"step": 5, "acc": acc(B=(0.99, 0.5))}], seed=2)  # same run
+    runs, notes = load_runs([tmp_path])
+    assert len(runs) == 6
+    assert notes == [
+        f"warning: {(tmp_path / 'toy-A-seed1').resolve()} is identical to {(tmp_path / 'copy-of-A-seed1').resolve()} "
+        "(same settings, seeds and data); counted once",
+        f"warning: {(tmp_path / 'toy-B-seed2').resolve()} is identical to {rerun.resolve()} (same settings, seeds and "
+        "data); counted once"]
+    report = report_dirs([tmp_path], ["oracle"])
+    a, b, _ = report.tables[0].rows["erm"]
+    assert (a, a.n) == (alone[0], 3)  # the copy adds no trial: same mean, same standard error
+    assert b.n == 3 and b.mean == pytest.approx(100 * (0.60 + 0.70 + 0.99) / 3)  # the first in path order is kept
+    # Another seed is another trial, not a duplicate.
+    make_run(tmp_path, "toy-A-seed3", ["A"], [{"step": 5, "acc": acc(A=(0.5, 0.5))}], seed=3)
+    assert report_dirs([tmp_path], ["oracle"]).tables[0].rows["erm"][0].n == 4

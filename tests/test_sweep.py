@@ -13,7 +13,8 @@ from dgzoo.cli import build_parser, main
 from dgzoo.config import config_from_args
 from dgzoo.errors import DGZooError
 from dgzoo.experiments.report import load_runs, report_dirs
-from dgzoo.experiments.sweep import SweepSpec, Uniform, expand, parse_distribution, run_status, run_sweep, seed_hash
+from dgzoo.experiments.launchers import run_sweep
+from dgzoo.experiments.sweep import SweepSpec, Uniform, expand, parse_distribution, run_status, seed_hash
 
 TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, checkpoint_every=1, batch_size=8, lr=3e-3,
             eval_batch_size=512, log_with="none", num_workers=0)
@@ -219,3 +220,43 @@ def test_report_of_a_real_sweep_has_the_right_shape_and_numbers(interrupted_swee
     assert main(["report", str(root), "--format", "csv", "--output-dir", str(tmp_path / "out")]) == 0
     assert len((tmp_path / "out" / "report.csv").read_text().splitlines()) == 1 + 2 * (2 * 3 + 2 * 2)
     assert (tmp_path / "out" / "accuracy_rotated-digits.png").exists()
+
+
+def test_slurm_section_of_a_spec_is_validated(tmp_path):
+    with pytest.raises(DGZooError, match=r"unknown key 'partion' in the slurm section of sweep spec \(did you mean: "
+                                         r"partition\?\)"):
+        spec(tmp_path, slurm={"partion": "gpu"})
+    with pytest.raises(DGZooError, match="time in the slurm section of sweep spec .* must be an integer >= 1"):
+        spec(tmp_path, slurm={"time": "4h"})
+    assert spec(tmp_path, slurm={"partition": "gpu", "time": 240, "gpus": 0}).slurm == {"partition": "gpu",
+                                                                                        "time": 240, "gpus": 0}
+
+
+@pytest.mark.slow
+def test_more_trials_retrain_the_selected_sample_on_new_trial_seeds(tmp_path, capsys):
+    s = spec(tmp_path, algorithms=["erm"], test_domains=["75"], n_hparams=2, n_trials=1)
+    with pytest.raises(DGZooError, match="--more-trials selects among finished runs, and 2 of 2 runs"):
+        run_sweep(s, more_trials=1, log=lambda line: None)
+    assert not (tmp_path / "sw" / "more_trials.json").exists()
+    run_sweep(s, log=lambda line: None)
+    grid = {r.hparams_seed: r for r in expand(s)}
+    outcome = run_sweep(s, more_trials=1, log=lambda line: None)
+    report = report_dirs([tmp_path / "sw"], ["training_domain_validation"])
+    [(_, pick)] = [(key, p) for key, p in report.picks["training_domain_validation"].items() if key[3] == "0"]
+    chosen = grid[pick.run.hparams_seed]  # the sample training-domain validation chose on trial 0
+    assert sorted(r.output_dir.name for r in outcome.trained) == [
+        f"rotated-digits-erm-75-hp{chosen.hparams_seed}-trial1-more"]
+    for run in outcome.trained:
+        cfg = run.config
+        assert run.hparams_seed == chosen.hparams_seed and run.kind == "more_trials"
+        assert (cfg.lr, cfg.batch_size, cfg.dropout) == (chosen.config.lr, chosen.config.batch_size,
+                                                        chosen.config.dropout)  # its values, not a new draw
+        assert cfg.split_seed == run.trial_seed and cfg.seed == seed_hash("rotated-digits", "erm", ["75"],
+                                                                          chosen.hparams_seed, run.trial_seed)
+    assert report.tables[0].rows["erm"][0].n == 2  # trial 0 (selected among 2 samples) + the new trial
+    assert run_sweep(s, more_trials=1, log=lambda line: None).trained == []  # idempotent
+    assert main(["sweep", str(tmp_path / "sw"), "--top-hparams", "--selection", "training_domain_validation"]) == 0
+    listing = capsys.readouterr().out
+    assert [line.split(":")[0] for line in listing.splitlines() if line.startswith("  trial")] == \
+        ["  trial 0", "  trial 1"]
+    assert listing.count(f": hp{chosen.hparams_seed} val") == 2 and f"lr={chosen.config.lr:.4g}" in listing

@@ -19,6 +19,12 @@ smallest held-out sets present (single domains in a DomainBed sweep; the pairs o
 
 Runs of a sweep are grouped by its manifest (``sweep.json``: trial seed and hyperparameter sample of every run).
 Other runs are grouped by their settings: trial = (split seed, seed), sample = identical hyperparameters.
+DomainBed run directories (``results.jsonl`` + ``done``, :mod:`dgzoo.experiments.domainbed`) are read too, with
+their trial seed and hparam sample from their ``args``, so both appear in one table.
+
+A broken run directory (unreadable or incomplete ``results.json`` / ``records.jsonl``) is skipped with one note
+naming it; identical runs (same settings, seeds and data: a copied directory, an identical rerun) count once, with
+a warning, since a second copy is no new trial and would shrink the standard error.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import numpy as np
 
 from ..errors import DGZooError, suggest
 from ..run.selection import select
+from .domainbed import DomainBedRun, is_finished, load_domainbed_run
 from ..run.rundir import atomic_write_text, read_json, read_records
 
 SELECTION_METHODS = ("training_domain_validation", "leave_one_domain_out", "oracle")
@@ -70,16 +77,26 @@ class Run:
     sample: str  # runs of one hyperparameter sample (and trial) share it, whatever they hold out
     hparams_seed: int | None
     records: tuple[dict[str, Any], ...]
+    hparams: dict[str, Any] = field(default_factory=dict, compare=False)  # what --top-hparams lists
+    fingerprint: str = field(default="", compare=False)  # equal for identical runs (same settings, seeds, data)
+
+
+# Fields of results.json that make a dgzoo run what it is: two runs equal on all of them are the same run.
+IDENTITY_FIELDS = ("algorithm", "backbone", "pretrained", "steps", "seed", "split_seed", "source_domains",
+                   "target_domains", "protocol", "hparams")
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError)
 
 
 def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
-    """Every finished run under ``paths`` (run directories or folders holding them), and notes on what was skipped.
+    """Every finished run under ``paths`` (run directories or folders holding them; dgzoo's or DomainBed's), and
+    notes on what was skipped (unfinished, broken, duplicated runs).
 
     Raises DGZooError when a path does not exist or holds no finished run.
     """
     manifests: dict[Path, tuple[Path, dict[str, Any]]] = {}
     manifest_files: dict[Path, None] = {}
     found: dict[Path, None] = {}
+    domainbed: dict[Path, None] = {}
     unfinished = 0
     for raw in paths:
         root = Path(raw)
@@ -93,27 +110,97 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         for results in root.rglob("results.json"):
             found[results.parent.resolve()] = None
         unfinished += sum(not (c.parent / "results.json").exists() for c in root.rglob("train_config.json"))
+        for results in root.rglob("results.jsonl"):  # DomainBed's train.py output
+            if is_finished(results.parent):
+                domainbed[results.parent.resolve()] = None
+            else:
+                unfinished += 1
+    notes: list[str] = []
     for manifest in manifest_files:
-        for entry in read_json(manifest).get("runs", []):
-            manifests[(manifest.parent / entry["run_dir"]).resolve()] = (manifest.parent, entry)
-    notes = [f"{unfinished} unfinished run(s) skipped"] if unfinished else []
+        try:
+            for entry in read_json(manifest).get("runs", []):
+                manifests[(manifest.parent / entry["run_dir"]).resolve()] = (manifest.parent, entry)
+        except READ_ERRORS as e:
+            notes.append(f"skipped the broken sweep manifest {manifest} ({_reason(e)}); its runs are grouped by "
+                         f"their settings")
+    if unfinished:
+        notes.append(f"{unfinished} unfinished run(s) skipped")
     runs = []
     for path in found:
-        results = read_json(path / "results.json")
-        if results.get("kind") == "unlearning":  # not a DG training run: its own metrics are in results.json
-            notes.append(f"{path} is an unlearning run; skipped")
-            continue
-        records = read_records(path)
-        if not records:
-            notes.append(f"{path} has no evaluation records (records.jsonl); skipped")
-            continue
-        runs.append(_run(path, results, tuple(records), manifests.get(path)))
+        run = _read_dgzoo_run(path, manifests.get(path), notes)
+        if run is not None:
+            runs.append(run)
+    for path in domainbed:
+        try:
+            runs.append(_from_domainbed(load_domainbed_run(path)))
+        except READ_ERRORS as e:
+            notes.append(f"skipped broken run {path}: results.jsonl: {_reason(e)}")
+    runs = _drop_duplicates(sorted(runs, key=lambda r: str(r.path)), notes)
     if not runs:
-        raise DGZooError(f"no finished run (a directory with results.json and records.jsonl) under "
-                         f"{', '.join(map(str, paths))}")
+        raise DGZooError(f"no finished run (a directory with results.json and records.jsonl, or DomainBed's "
+                         f"results.jsonl and done) under {', '.join(map(str, paths))}")
     if len({run.backbone for run in runs}) > 1:  # several backbones: each (algorithm, backbone) is a row
         runs = [replace(run, row=f"{run.algorithm} ({run.backbone})") for run in runs]
-    return sorted(runs, key=lambda r: str(r.path)), notes
+    return runs, notes
+
+
+def _read_dgzoo_run(path: Path, sweep: tuple[Path, dict[str, Any]] | None, notes: list[str]) -> Run | None:
+    """One dgzoo run directory as a Run, or None with a note when it is not a DG run or cannot be read."""
+    stage = "results.json"
+    try:
+        results = read_json(path / "results.json")
+        if not isinstance(results, dict):
+            raise ValueError("not a JSON object")
+        if results.get("kind") == "unlearning":  # not a DG training run: its own metrics are in results.json
+            notes.append(f"{path} is an unlearning run; skipped")
+            return None
+        stage = "records.jsonl"
+        records = tuple(read_records(path))
+        if not records:
+            notes.append(f"{path} has no evaluation records (records.jsonl); skipped")
+            return None
+        stage = "results.json"
+        run = _run(path, results, records, sweep)
+        stage = "records.jsonl"
+        _check_records(run)
+        return run
+    except READ_ERRORS as e:
+        notes.append(f"skipped broken run {path}: {stage}: {_reason(e)}")
+        return None
+
+
+def _check_records(run: Run) -> None:
+    """Every record has a step and both splits' accuracy for every domain: selection reads them all."""
+    for record in run.records:
+        int(record["step"])
+        for domain in run.domains:
+            float(record["acc"][domain]["in"]), float(record["acc"][domain]["out"])
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, KeyError):
+        return f"missing {error}"
+    if isinstance(error, json.JSONDecodeError):
+        return f"invalid JSON ({error})"
+    return f"{type(error).__name__}: {error}" if not isinstance(error, (ValueError, OSError)) else str(error)
+
+
+def _drop_duplicates(runs: list[Run], notes: list[str]) -> list[Run]:
+    """Keep the first of runs with one fingerprint: a copy or an identical rerun is the same trial, not another."""
+    kept: dict[str, Run] = {}
+    for run in runs:
+        first = kept.setdefault(run.fingerprint, run) if run.fingerprint else run
+        if first is not run:
+            notes.append(f"warning: {run.path} is identical to {first.path} (same settings, seeds and data); "
+                         f"counted once")
+    return [r for r in runs if not r.fingerprint or kept[r.fingerprint] is r]
+
+
+def _from_domainbed(run: DomainBedRun) -> Run:
+    return Run(path=run.path, dataset=run.dataset, dataset_title=run.dataset_title, algorithm=run.algorithm,
+               backbone=run.backbone, row=run.algorithm, domains=run.domains, sources=run.sources,
+               targets=run.targets, trial=str(run.trial_seed), sample=f"{run.path.parent}:hp{run.hparams_seed}",
+               hparams_seed=run.hparams_seed, records=run.records, hparams=run.hparams, fingerprint=run.fingerprint)
 
 
 def _run(path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...],
@@ -129,11 +216,14 @@ def _run(path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...
         hparams_seed = None
         sample = json.dumps({k: results.get(k) for k in ("backbone", "pretrained", "steps", "hparams")},
                             sort_keys=True, default=str)
+    identity = {k: results.get(k) for k in IDENTITY_FIELDS}
+    identity["dataset"] = {k: v for k, v in dataset.items() if k != "title"}
     return Run(path=path, dataset=dataset["name"], dataset_title=dataset.get("title") or dataset["name"],
                algorithm=results["algorithm"], backbone=results["backbone"], row=results["algorithm"],
                domains=tuple(results["accuracy"]), sources=tuple(results["source_domains"]),
                targets=tuple(results["target_domains"]), trial=trial, sample=sample, hparams_seed=hparams_seed,
-               records=records)
+               records=records, hparams=dict(results.get("hparams") or {}),
+               fingerprint=json.dumps(identity, sort_keys=True, default=str))
 
 
 # ---------------------------------------------------------------------- model selection
@@ -503,5 +593,37 @@ def _row_rank(algorithm: str) -> int:
     from ..algorithms import ALGORITHMS
 
     names = list(ALGORITHMS)
-    host = algorithm.split("+")[0]
+    host = algorithm.split("+")[0].lower()  # DomainBed's names (ERM, CORAL) sort with dgzoo's
     return names.index(host) if host in names else len(names)
+
+
+def top_hparams(paths: Sequence[str | Path], methods: Sequence[str] = SELECTION_METHODS) -> str:
+    """The selected hyperparameters, DomainBed's ``list_top_hparams``: for every selection method, dataset,
+    algorithm, held-out set and trial seed, the sample chosen, its validation and test accuracy (%), its
+    hyperparameters and its run directory."""
+    runs, notes = load_runs(paths)
+    lines: list[str] = []
+    for method in methods:
+        picks = select_groups(runs, method)
+        lines.append(f"# {SELECTION_TITLES[method]}")
+        if not picks:
+            lines.append("  no run can be selected by this method (leave-one-domain-out needs the pair runs of "
+                         "test_domains: single_and_pairs)")
+        group = None
+        for (dataset, row, targets, trial), pick in sorted(picks.items(),
+                                                          key=lambda kv: (*kv[0][:3], _trial_key(kv[0][3]))):
+            if (dataset, row, targets) != group:
+                group = (dataset, row, targets)
+                lines.append(f"{dataset} {row} held-out {'+'.join(targets)}")
+            sample = "" if pick.run.hparams_seed is None else f"hp{pick.run.hparams_seed} "
+            lines.append(f"  trial {trial}: {sample}val {100 * pick.val:.1f} test {100 * pick.test:.1f} step "
+                         f"{pick.step}  {pick.run.path}")
+            values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in sorted(pick.run.hparams.items()))
+            lines.append(f"    {values or '(no hyperparameters recorded)'}")
+    lines += [f"note: {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _trial_key(trial: str) -> tuple:
+    return (0, int(trial), "") if trial.isdigit() else (1, 0, trial)

@@ -1,8 +1,9 @@
 """Sweeps: datasets x algorithms x held-out domains x hyperparameter samples x trial seeds, DomainBed's way.
 
 A sweep spec (YAML) names the grid; :func:`expand` turns it into runs, each a complete
-:class:`~dgzoo.config.TrainConfig` with its own run directory; :func:`run_sweep` trains the missing ones one after
-another (in this process or as subprocesses) or prints their ``accelerate launch`` commands for a cluster.
+:class:`~dgzoo.config.TrainConfig` with its own run directory. Launching them (one after another, a pool over local
+GPUs, a Slurm job array, or printed commands) is :mod:`dgzoo.experiments.launchers`; this module plans, and says
+what each run directory holds.
 
 DomainBed's semantics (``domainbed/scripts/sweep.py`` and ``train.py``), kept exactly:
 
@@ -16,18 +17,21 @@ DomainBed's semantics (``domainbed/scripts/sweep.py`` and ``train.py``), kept ex
   leave-one-domain-out model selection needs (``dgzoo report`` uses the pairs only for that).
 
 Runs are resumable: a finished run (``results.json`` present) is skipped; an interrupted one resumes from its
-last checkpoint, or restarts when it has none. A run directory that holds a run trained with other settings is
-an error, never silently reused. ``sweep.json`` (the manifest) records the spec and every run's settings.
+last checkpoint, or restarts when it has none; one that a live process holds (its claim, :mod:`dgzoo.run.claim`)
+is "running elsewhere" and left alone. A run directory that holds a run trained with other settings is an error,
+never silently reused. ``sweep.json`` (the manifest) records the spec and every run's settings.
+
+``--more-trials N`` adds, for every (dataset, algorithm, held-out set), the selected hyperparameter sample trained
+on N new trial seeds; the choice is written to ``more_trials.json`` once, so later invocations extend it.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import re
 import shlex
-import subprocess
-import sys
-import traceback
+import socket
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,16 +47,25 @@ from ..data import seed_hash
 from ..hparams import Distribution, Uniform, parse_distribution
 from ..models import check_backbone
 from ..errors import DGZooError, suggest
+from ..run.claim import CLAIM_FILE, claim_holder, describe_holder
 from ..run.rundir import latest_checkpoint, read_json, write_json
 
 MANIFEST = "sweep.json"
-LAUNCHERS = ("local", "subprocess", "print")
+MORE_TRIALS = "more_trials.json"
+CLAIMS_DIR = ".claims"  # the sweep-level claims: which sweep invocation is launching which run
 TEST_DOMAIN_MODES = ("single", "single_and_pairs")
 DEFAULT_LAUNCH_PREFIX = "accelerate launch recipes/train.py"
 
 # Fields the sweep itself sets for every run; a spec's ``train`` section may not set them.
 SWEEP_FIELDS = ("dataset", "algorithm", "target_domains", "source_domains", "seed", "split_seed", "output_dir",
                 "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision")
+# The spec's ``slurm`` section (flags of the same names override it): key -> (type, meaning).
+SLURM_KEYS: dict[str, tuple[type, str]] = {
+    "partition": (str, "the Slurm partition"), "time": (int, "minutes per job (--time)"),
+    "gpus": (int, "GPUs per run (--gpus-per-node)"), "cpus": (int, "CPUs per run (--cpus-per-task)"),
+    "mem": (int, "memory per run in GB (--mem)"), "account": (str, "the account to charge (--account)"),
+    "array_parallelism": (int, "most runs of the array at once (--array=...%N)"),
+}
 # Fields every printed command states, even at their defaults, so a command says what it trains on its own.
 ALWAYS_IN_COMMANDS = ("dataset", "algorithm", "target_domains", "seed", "split_seed", "output_dir")
 
@@ -112,6 +125,7 @@ class SweepSpec:
     n_trials: int = 3
     train: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Distribution | None] = field(default_factory=dict)
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "sweep spec", base_dir: Path | None = None
@@ -152,9 +166,10 @@ class SweepSpec:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise DGZooError(f"{key} in {source} must be an integer, got {value!r}")
             counts[key] = value
+        slurm = check_slurm_options(values.get("slurm") or {}, f"the slurm section of {source}")
         spec = cls(datasets=_str_list(values["datasets"]), algorithms=_str_list(values["algorithms"]),
                    output_dir=str(values.get("output_dir") or ""), test_domains=values.get("test_domains", "single"),
-                   train=train, search=search, **counts)
+                   train=train, search=search, slurm=slurm, **counts)
         if spec.n_hparams < 1 or spec.n_trials < 1:
             raise DGZooError(f"n_hparams ({spec.n_hparams}) and n_trials ({spec.n_trials}) in {source} must be >= 1; "
                              f"n_hparams: 1 trains the defaults only")
@@ -179,7 +194,27 @@ class SweepSpec:
         """The spec as plain values (distributions as text), for the manifest."""
         return {"datasets": self.datasets, "algorithms": self.algorithms, "output_dir": self.output_dir,
                 "test_domains": self.test_domains, "n_hparams": self.n_hparams, "n_trials": self.n_trials,
-                "train": self.train, "search": {k: None if v is None else str(v) for k, v in self.search.items()}}
+                "train": self.train, "search": {k: None if v is None else str(v) for k, v in self.search.items()},
+                "slurm": self.slurm}
+
+
+def check_slurm_options(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Validate Slurm resources (the spec's ``slurm`` section or the flags): known keys, right types, positive."""
+    if not isinstance(values, dict):
+        raise DGZooError(f"{source} must be a mapping, e.g. slurm: {{partition: gpu, time: 240, gpus: 1}}")
+    checked = {}
+    for key, value in values.items():
+        if key not in SLURM_KEYS:
+            raise DGZooError(f"unknown key '{key}' in {source}{suggest(str(key), SLURM_KEYS)}; valid: "
+                             f"{', '.join(SLURM_KEYS)}")
+        kind, meaning = SLURM_KEYS[key]
+        if value is None:
+            continue
+        least = 0 if key == "gpus" else 1  # a CPU-only sweep asks for no GPU
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise DGZooError(f"{key} in {source} ({meaning}) must be an integer >= {least}, got {value!r}")
+        checked[key] = kind(value)
+    return checked
 
 
 def _str_list(value: Any) -> list[str]:
@@ -200,7 +235,8 @@ class SweepRun:
     trial_seed: int
     config: TrainConfig
     sampled: dict[str, Any]
-    status: str = "new"  # new | done | resume | restart
+    status: str = "new"  # new | done | resume | restart | running (a live process holds it)
+    kind: str = "grid"  # grid: a run of the spec; more_trials: a selected sample on an added trial seed
 
     @property
     def output_dir(self) -> Path:
@@ -335,13 +371,32 @@ def _check_namespaced_keys(spec: SweepSpec, fixed: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- status and resumption
 
 
+def sweep_claim_dir(run: SweepRun) -> Path:
+    """Where a sweep invocation claims ``run`` while it launches and waits on it (beside, not inside, the run
+    directory: the run's own claim is the training process's)."""
+    return run.output_dir.parent / CLAIMS_DIR / run.output_dir.name
+
+
+def holder_of(run: SweepRun) -> dict[str, Any] | None:
+    """The live process other than this one holding ``run``: its training process, else a sweep invocation
+    launching it; or None. This process's own claims do not count (it is about to launch the run itself)."""
+    for path in (run.output_dir, sweep_claim_dir(run)):
+        holder = claim_holder(path)
+        if holder is not None and (holder.get("pid"), holder.get("host")) != (os.getpid(), socket.gethostname()):
+            return holder
+    return None
+
+
 def run_status(run: SweepRun) -> str:
-    """``done`` (finished with these settings), ``resume`` (interrupted, or finished with fewer steps, and has a
-    checkpoint), ``restart`` (started, no usable checkpoint) or ``new``. Raises DGZooError when the directory holds
-    a run trained with other settings."""
+    """``done`` (finished with these settings), ``running`` (a live process holds it), ``resume`` (interrupted, or
+    finished with fewer steps, and has a checkpoint), ``restart`` (started, no usable checkpoint) or ``new``. Raises
+    DGZooError when the directory holds a run trained with other settings."""
     out = run.output_dir
     saved_path = out / "train_config.json"
-    if not out.exists() or not any(out.iterdir()):
+    finished_here = (out / "results.json").exists()
+    if not finished_here and holder_of(run) is not None:
+        return "running"
+    if not out.exists() or not any(p.name != CLAIM_FILE for p in out.iterdir()):
         return "new"
     if not saved_path.exists():
         return "restart"
@@ -360,19 +415,32 @@ def run_status(run: SweepRun) -> str:
     return "resume" if checkpoint else "restart"
 
 
+def prepare(run: SweepRun) -> str:
+    """Read ``run``'s status and set the matching ``resume`` / ``overwrite`` flag of its config."""
+    run.status = run_status(run)
+    run.config.resume = run.status == "resume"
+    run.config.overwrite = run.status == "restart"
+    return run.status
+
+
 def plan(runs: list[SweepRun]) -> list[SweepRun]:
     """Set every run's status and the matching ``resume`` / ``overwrite`` flag of its config."""
     for run in runs:
-        run.status = run_status(run)
-        run.config.resume = run.status == "resume"
-        run.config.overwrite = run.status == "restart"
+        prepare(run)
     return runs
 
 
 def status_line(runs: Sequence[SweepRun]) -> str:
-    counts = {s: sum(r.status == s for r in runs) for s in ("done", "resume", "restart", "new")}
-    return (f"{len(runs)} runs: {counts['done']} done, {counts['resume']} to resume, {counts['restart']} to restart, "
-            f"{counts['new']} to start")
+    counts = {s: sum(r.status == s for r in runs) for s in ("done", "running", "resume", "restart", "new")}
+    running = f"{counts['running']} running elsewhere, " if counts["running"] else ""
+    return (f"{len(runs)} runs: {counts['done']} done, {running}{counts['resume']} to resume, {counts['restart']} to "
+            f"restart, {counts['new']} to start")
+
+
+def describe_running(run: SweepRun) -> str:
+    """One line for a run that another live process holds: skipped, not failed."""
+    holder = holder_of(run)
+    return f"running elsewhere: {run.describe()}" + (f", held by {describe_holder(holder)}" if holder else "")
 
 
 # ---------------------------------------------------------------------- commands and the manifest
@@ -408,7 +476,7 @@ def write_manifest(spec: SweepSpec, runs: Sequence[SweepRun], prefix: str = DEFA
         "spec": spec.to_dict(),
         "runs": [{"run_dir": r.output_dir.name, "dataset": r.dataset, "algorithm": r.algorithm,
                   "test_domains": list(r.test_domains), "hparams_seed": r.hparams_seed, "trial_seed": r.trial_seed,
-                  "seed": r.config.seed, "sampled": r.sampled,
+                  "kind": r.kind, "seed": r.config.seed, "sampled": r.sampled,
                   "command": train_command(dataclasses.replace(r.config, resume=False, overwrite=False), prefix)}
                  for r in runs],
     }
@@ -416,65 +484,80 @@ def write_manifest(spec: SweepSpec, runs: Sequence[SweepRun], prefix: str = DEFA
     return root / MANIFEST
 
 
-# ---------------------------------------------------------------------- running
+# ---------------------------------------------------------------------- more trials of the selected samples
 
 
-@dataclass
-class SweepOutcome:
-    """What one invocation of a sweep did."""
+def expand_all(spec: SweepSpec) -> list[SweepRun]:
+    """The spec's grid, plus the runs ``--more-trials`` added to it (recorded in ``more_trials.json``)."""
+    runs = expand(spec)
+    path = Path(spec.output_dir) / MORE_TRIALS
+    if path.exists():
+        runs += more_trial_runs(spec, runs, read_json(path))
+    return runs
 
-    runs: list[SweepRun]
-    trained: list[SweepRun] = field(default_factory=list)
-    failed: list[tuple[SweepRun, str]] = field(default_factory=list)
-    commands: list[str] = field(default_factory=list)
 
+def more_trial_runs(spec: SweepSpec, grid: Sequence[SweepRun], record: dict[str, Any]) -> list[SweepRun]:
+    """The chosen grid runs of ``record`` retrained on trial seeds ``n_trials .. n_trials + n - 1``.
 
-def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | None = None, fail_fast: bool = False,
-              log: Callable[[str], None] = print) -> SweepOutcome:
-    """Expand, plan and launch a sweep; return what was trained, what failed and (``print``) the commands.
-
-    ``local`` trains the pending runs one after another in this process; ``subprocess`` runs each command in a
-    fresh process (``launch_prefix``, default ``accelerate launch recipes/train.py``); ``print`` only prints the
-    commands, for a cluster scheduler. A failing run is reported and the sweep goes on, unless ``fail_fast``.
+    Each keeps the chosen run's hyperparameter values (its sample as drawn for its own trial) and takes the new
+    trial's data split and DomainBed's run seed for (k, new trial); the directory name ends in ``-more`` so it can
+    never be mistaken for sample k of a grid that later grows to that trial.
     """
-    if launcher not in LAUNCHERS:
-        raise DGZooError(f"--launcher '{launcher}' is not one of {', '.join(LAUNCHERS)}{suggest(launcher, LAUNCHERS)}")
-    prefix = launch_prefix or DEFAULT_LAUNCH_PREFIX
-    if launcher == "subprocess" and "recipes/train.py" in prefix and not Path("recipes/train.py").exists():
-        raise DGZooError("recipes/train.py is not in the current directory; run the sweep from a dgzoo checkout or "
-                         "pass --launch-prefix 'accelerate launch -m dgzoo.cli train'")
-    runs = plan(expand(spec))
-    write_manifest(spec, runs, prefix)
-    pending = [r for r in runs if r.status != "done"]
-    outcome = SweepOutcome(runs)
-    # Printed commands form a shell script: status lines become comments.
-    note = (lambda text: log(f"# {text}")) if launcher == "print" else log
-    note(f"sweep {spec.output_dir}: {status_line(runs)}")
-    for index, run in enumerate(pending, 1):
-        command = train_command(run.config, prefix)
-        if launcher == "print":
-            outcome.commands.append(command)
-            log(command)
-            continue
-        log(f"[{index}/{len(pending)}] {run.describe()} ({run.status}) -> {run.output_dir}")
-        try:
-            if launcher == "local":
-                from ..training.engine import train
+    by_name = {r.output_dir.name: r for r in grid}
+    runs = []
+    for name in record["chosen"]:
+        chosen = by_name.get(name)
+        if chosen is None:
+            raise DGZooError(f"{Path(spec.output_dir) / MORE_TRIALS} names {name}, which is not a run of this spec "
+                             f"any more; move that file away to select again")
+        k, test_domains = chosen.hparams_seed, chosen.test_domains
+        for trial in range(spec.n_trials, spec.n_trials + int(record["n"])):
+            cfg = dataclasses.replace(
+                chosen.config, seed=seed_hash(chosen.dataset, chosen.algorithm, list(test_domains), k, trial),
+                split_seed=trial, resume=False, overwrite=False, hparams=dict(chosen.config.hparams),
+                target_domains=list(test_domains),
+                output_dir=str(Path(spec.output_dir) / (run_name(chosen.dataset, chosen.algorithm, test_domains, k,
+                                                                 trial) + "-more")))
+            runs.append(SweepRun(chosen.dataset, chosen.algorithm, test_domains, k, trial, cfg, dict(chosen.sampled),
+                                 kind="more_trials"))
+    return runs
 
-                train(run.config)
-            else:
-                subprocess.run(shlex.split(command), check=True)
-            outcome.trained.append(run)
-        except Exception as e:  # one failing run must not cost the others
-            if fail_fast:
-                raise
-            reason = f"exit status {e.returncode}" if isinstance(e, subprocess.CalledProcessError) else repr(e)
-            if not isinstance(e, (DGZooError, subprocess.CalledProcessError)):  # those already said what went wrong
-                traceback.print_exc(file=sys.stderr)
-            outcome.failed.append((run, reason))
-            log(f"run failed: {run.describe()}: {reason}")
-    if launcher != "print":
-        log(f"sweep {spec.output_dir}: {status_line(plan(runs))}"
-            + (f"; {len(outcome.failed)} failed (rerun the sweep to retry them)" if outcome.failed else ""))
-        log(f"tables: dgzoo report {spec.output_dir}")
-    return outcome
+
+def choose_samples(spec: SweepSpec, grid: Sequence[SweepRun], method: str) -> list[str]:
+    """Per (dataset, algorithm, held-out set): the grid run whose sample ``method`` selected with the best
+    validation score over the spec's trial seeds (ties: the earlier trial). Returns their directory names."""
+    from .report import load_runs, select_groups
+
+    names = {r.output_dir.resolve(): r.output_dir.name for r in grid}
+    runs, _ = load_runs([spec.output_dir])
+    picks = select_groups([r for r in runs if r.path in names], method)
+    best: dict[tuple, Any] = {}
+    for (dataset, row, targets, trial), pick in sorted(picks.items(), key=lambda kv: int(kv[0][3])):
+        key = (dataset, row, targets)
+        if key not in best or pick.val > best[key].val:
+            best[key] = pick
+    return [names[pick.run.path] for pick in best.values()]
+
+
+def add_more_trials(spec: SweepSpec, n: int, method: str = "training_domain_validation") -> list[SweepRun]:
+    """Record ``n`` more trial seeds for the selected samples (choosing them on the first call) and return every
+    run of the sweep, grid and added ones. Repeating the call with the same ``n`` changes nothing; a larger ``n``
+    adds trials to the same choice."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DGZooError(f"--more-trials takes a positive number of trial seeds, got {n!r}")
+    grid = plan(expand(spec))
+    path = Path(spec.output_dir) / MORE_TRIALS
+    record = read_json(path) if path.exists() else None
+    if record is not None and record["selection"] != method:
+        raise DGZooError(f"{path} chose its samples by {record['selection']}; pass --selection {record['selection']}, "
+                         f"or move that file away to choose again by {method}")
+    if record is None:
+        unfinished = [r for r in grid if r.status != "done"]
+        if unfinished:
+            raise DGZooError(f"--more-trials selects among finished runs, and {len(unfinished)} of {len(grid)} runs of "
+                             f"{spec.output_dir} are not done; finish the sweep first (the same command without "
+                             f"--more-trials)")
+        record = {"selection": method, "n": n, "chosen": choose_samples(spec, grid, method)}
+    record["n"] = max(int(record["n"]), n)
+    write_json(path, record)
+    return grid + more_trial_runs(spec, grid, record)
