@@ -301,7 +301,7 @@ class SWAD(AddOn):
 
     def summary(self) -> dict[str, Any]:
         if self.converge_step is None:
-            return {"converged": False, "segments_seen": len(self.queue)}
+            return {"converged": False, "segments_queued": len(self.queue)}  # bounded by the windows
         _, window = self.valley(last=True)
         return {"converged": True, "converge_step": self.converge_step, "threshold": self.threshold,
                 "dead_valley": self.dead, "window_start": window[0], "window_end": window[1]}
