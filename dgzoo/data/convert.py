@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from ..errors import DGZooError
 from .folders import IMAGE_EXTENSIONS, image_folder_table, is_image_folder
 from .registry import REGISTRY, DatasetSpec, hub_license
-from .verify import undecodable_rows
+from .verify import image_source, undecodable_rows
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 DEFAULT_SHARD_BYTES = 500 * 2**20  # the size datasets.push_to_hub aims for
@@ -93,8 +93,6 @@ def convert_image_folders(root: str | Path) -> Any:
     The bytes are embedded when the table is written (:func:`write_parquet`, :func:`push_dataset`). Every image is
     decoded once first, so an archive with a corrupt file is refused here, naming the file.
     """
-    import datasets
-
     table = image_folder_table(root)
     spec = known_spec(sorted(set(table["domain"])))
     if spec is not None and spec.classes and tuple(table.features["label"].names) != tuple(sorted(spec.classes)):
@@ -102,8 +100,7 @@ def convert_image_folders(root: str | Path) -> Any:
                          f"not {', '.join(spec.classes)}; check the archive is complete")
     bad = undecodable_rows(table, "image", range(len(table)))  # never pack (or publish) an image nobody can read
     if bad:
-        files = ", ".join(f"{table.cast_column('image', datasets.Image(decode=False))[row]['image']['path']} ({why})"
-                          for row, why in bad[:3])
+        files = ", ".join(f"{image_source(table, 'image', row)} ({why})" for row, why in bad[:3])
         raise DGZooError(f"{len(bad)}{'+' if len(bad) >= 5 else ''} image(s) under {root} do not decode: {files}; "
                          f"replace or remove them and convert again")
     return table

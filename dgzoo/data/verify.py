@@ -36,21 +36,26 @@ class ImageDecodeError(DGZooError):
         super().__init__(message)
 
 
-def image_source(table: Any, image_column: str, row: int) -> str:
-    """Where row ``row``'s image comes from: its file path, or the row itself for embedded bytes."""
+def _undecoded(table: Any, image_column: str) -> Any:
+    """``table`` with its image column as stored (bytes and/or path), so reading a row decodes nothing."""
     import datasets
 
-    raw = table.cast_column(image_column, datasets.Image(decode=False))[int(row)][image_column]
+    return table.cast_column(image_column, datasets.Image(decode=False))
+
+
+def _describe_source(raw: Any) -> str:
     path = raw.get("path") if isinstance(raw, dict) else None
     return f"file {path}" if path else "embedded bytes"
 
 
+def image_source(table: Any, image_column: str, row: int) -> str:
+    """Where row ``row``'s image comes from: its file path, or the row itself for embedded bytes."""
+    return _describe_source(_undecoded(table, image_column)[int(row)][image_column])
+
+
 def decode_error(table: Any, image_column: str, row: int) -> str | None:
     """Why the image of row ``row`` does not decode fully, or None when it does."""
-    import datasets
-
-    raw = table.cast_column(image_column, datasets.Image(decode=False))[int(row)][image_column]
-    return _decode_problem(raw)
+    return _decode_problem(_undecoded(table, image_column)[int(row)][image_column])
 
 
 def _decode_problem(raw: Any) -> str | None:
@@ -77,9 +82,7 @@ def undecodable_rows(table: Any, image_column: str, rows: Iterable[int], limit: 
     Chunks are decoded on a thread pool: PIL releases the GIL while decoding, so threads use every core without
     copying the table into worker processes.
     """
-    import datasets
-
-    raw_table = table.cast_column(image_column, datasets.Image(decode=False))
+    raw_table = _undecoded(table, image_column)
     rows = np.asarray(list(rows), dtype=np.int64)
     chunks = [rows[i:i + 512] for i in range(0, len(rows), 512)]
 
@@ -116,12 +119,12 @@ def check_images(data: Any, domains: Sequence[str]) -> None:
     if marker.exists():
         return
     logger.info("checking that the %d images of %s decode (once per dataset)", len(rows), ", ".join(domains))
-    domain_of = {int(r): d for d in domains for r in data.rows_by_domain[d]}
     bad = undecodable_rows(data.table, data.image_column, rows, limit=1)
     if bad:
         row, problem = bad[0]
+        domain = data.domains[data.domain_of_row[row]]
         where = image_source(data.table, data.image_column, row)
-        raise ImageDecodeError(f"image of domain '{domain_of[row]}', row {row} ({where}) does not decode ({problem}); "
+        raise ImageDecodeError(f"image of domain '{domain}', row {row} ({where}) does not decode ({problem}); "
                                f"replace or remove it and run again")
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"images": int(len(rows)), "domains": list(domains)}) + "\n")
@@ -129,8 +132,9 @@ def check_images(data: Any, domains: Sequence[str]) -> None:
 
 def row_decode_error(data: Any, row: int, domain: str | None, cause: BaseException) -> ImageDecodeError:
     """The one-line error for a row whose image failed to decode while training or evaluating."""
-    problem = decode_error(data.table, data.image_column, row) or f"{type(cause).__name__}: {cause}"
+    raw = _undecoded(data.table, data.image_column)[int(row)][data.image_column]
+    problem = _decode_problem(raw) or f"{type(cause).__name__}: {cause}"
     where = f"domain '{domain}', " if domain else ""
-    return ImageDecodeError(f"image of {where}row {row} ({image_source(data.table, data.image_column, row)}) does not "
-                            f"decode ({problem}); replace or remove it, then run the command again "
+    return ImageDecodeError(f"image of {where}row {row} ({_describe_source(raw)}) does not decode ({problem}); "
+                            f"replace or remove it, then run the command again "
                             f"(a training run continues from its last checkpoint with --resume)")
