@@ -91,3 +91,52 @@ def test_an_empty_claim_left_by_a_crash_does_not_block(tmp_path):
     assert claim_holder(tmp_path / "run") is None
     with claim_run_dir(tmp_path / "run", "next"):
         assert claim_holder(tmp_path / "run")["purpose"] == "next"
+
+
+# ---------------------------------------------------------------------- unlearning
+
+
+def _copy_run(trained_run, tmp_path: Path) -> Path:
+    import shutil
+
+    run_dir = tmp_path / "source"
+    shutil.copytree(trained_run[0], run_dir)
+    return run_dir
+
+
+def test_unlearn_refuses_an_output_dir_that_is_its_source(trained_run, tmp_path):
+    from dgzoo.config import UnlearnConfig
+    from dgzoo.unlearning.recipe import unlearn
+
+    source = _copy_run(trained_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
+    with pytest.raises(DGZooError, match=r"--output-dir .* is the source run itself.*choose another --output-dir"):
+        unlearn(UnlearnConfig(str(source), "class=0", method="finetune", output_dir=str(source) + "/",
+                              overwrite=True, steps=1))
+    assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == before
+
+
+def test_unlearn_from_a_half_written_results_json_is_one_line(trained_run, tmp_path):
+    from dgzoo.config import UnlearnConfig
+    from dgzoo.unlearning.recipe import unlearn
+
+    source = _copy_run(trained_run, tmp_path)
+    (source / "results.json").write_text((source / "results.json").read_text()[:50])
+    with pytest.raises(DGZooError, match=r"results.json is not valid JSON .*--resume"):
+        unlearn(UnlearnConfig(str(source), "class=0", method="finetune", output_dir=str(tmp_path / "out"), steps=1))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_unlearn_is_rerun_with_overwrite(trained_run, tmp_path):
+    from dgzoo.config import UnlearnConfig
+    from dgzoo.unlearning.recipe import unlearn
+
+    out = tmp_path / "out"
+    out.mkdir()  # what `dgzoo unlearn` writes first; then it was killed
+    (out / "unlearn_config.json").write_text("{}\n")
+    (out / "unlearn.log").write_text("")
+    cfg = dict(source=str(trained_run[0]), forget="class=0", method="finetune", output_dir=str(out), steps=1)
+    with pytest.raises(DGZooError, match=r"already holds a run; pass --overwrite to replace it"):
+        unlearn(UnlearnConfig(**cfg))
+    results = unlearn(UnlearnConfig(**cfg, overwrite=True))  # the suggested fix works
+    assert (out / "results.json").exists() and results

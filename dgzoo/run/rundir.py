@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import DGZooError
 from .claim import CLAIM_FILE, RunDirClaimed, claim_holder, describe_holder
 
-RUN_MARKERS = ("train_config.json", "results.json", "checkpoints")
+RUN_MARKERS = ("train_config.json", "results.json", "checkpoints", "unlearn_config.json")
 SAMPLES_IMAGE = "samples_per_domain.png"  # one row of sample images per domain, embedded in the model card
 OUTPUT_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",
                 "records.jsonl", "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE, "train.log",
@@ -126,7 +126,7 @@ def check_output_dir(path: str | Path, resume: bool, overwrite: bool, can_resume
         return
     if is_run_dir(path):
         if not overwrite:
-            if not can_resume:
+            if not can_resume or not (path / "train_config.json").exists() and (path / "unlearn_config.json").exists():
                 raise DGZooError(f"--output-dir {path} already holds a run; pass --overwrite to replace it, or "
                                  f"choose another --output-dir")
             if not latest_checkpoint(path) and not (path / "results.json").exists():

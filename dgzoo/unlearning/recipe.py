@@ -101,9 +101,31 @@ def load_source(name: str, revision: str | None = None) -> Source:
     if repo_id:
         recipe, results = _hub_json(repo_id, "train_config.json", sha), _hub_json(repo_id, "results.json", sha)
     else:
-        recipe, results = read_json(folder / "train_config.json"), read_json(folder / "results.json")
+        recipe, results = _run_json(folder / "train_config.json"), _run_json(folder / "results.json")
     config = TrainConfig.from_dict(recipe, source=f"{repo_id or folder}/train_config.json")
     return Source(repo_id or str(folder), model, config, results, repo_id, sha)
+
+
+def _run_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a source run directory, or one line saying it is unreadable and what to do."""
+    try:
+        value = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DGZooError(f"{path} is not valid JSON ({' '.join(str(e).split())[:80]}): the source run was stopped "
+                         f"while writing it; finish the source run with `dgzoo train ... --resume` (or train it "
+                         f"again), then unlearn from it") from None
+    if not isinstance(value, dict):
+        raise DGZooError(f"{path} does not hold a JSON object; it was not written by dgzoo; unlearn from a run "
+                         f"directory written by `dgzoo train`")
+    return value
+
+
+def _check_not_source(out: Path, source: str) -> None:
+    """Refuse to write the unlearned run over the run it reads from: ``--overwrite`` would delete the source."""
+    local = Path(source.removeprefix("local-dir:")).expanduser()
+    if local.is_dir() and out.resolve() == local.resolve():
+        raise DGZooError(f"--output-dir {out} is the source run itself; writing there would replace the run being "
+                         f"unlearned; choose another --output-dir (or leave it out for the default)")
 
 
 def _hub_json(repo_id: str, filename: str, revision: str | None) -> dict[str, Any]:
@@ -128,6 +150,7 @@ def plan_unlearning(cfg: UnlearnConfig) -> UnlearnPlan:
     method_hparams = resolve_method_hparams(cfg.method, cfg.hparams)
     _check_values(cfg)
     out = Path(cfg.output_dir or _default_output_dir(cfg, spec.text))
+    _check_not_source(out, cfg.source)
     check_output_dir(out, resume=False, overwrite=cfg.overwrite, can_resume=False)
     source = load_source(cfg.source, cfg.revision)
     tc, res = source.train_config, source.results
