@@ -140,3 +140,92 @@ def test_a_killed_unlearn_is_rerun_with_overwrite(trained_run, tmp_path):
         unlearn(UnlearnConfig(**cfg))
     results = unlearn(UnlearnConfig(**cfg, overwrite=True))  # the suggested fix works
     assert (out / "results.json").exists() and results
+
+
+# ---------------------------------------------------------------------- resume checks what it resumes
+
+
+def _image_folder(root: Path, domains: dict[str, int], start: int = 0, size: tuple[int, int] = (16, 16)) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(start)
+    for domain, n in domains.items():
+        for i in range(start, start + n):
+            folder = root / domain / ("cat" if i % 2 else "dog")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+    from dgzoo.training.engine import train
+
+    cfg = tiny_config(tmp_path, steps=6, eval_every=3, checkpoint_every=3)
+    train(cfg)
+    run_dir = Path(cfg.output_dir)
+    (run_dir / "results.json").unlink()  # killed after its last checkpoint, before results.json
+    with pytest.raises(DGZooError, match=r"--steps 4 is fewer than the 6 steps .* resume with --steps 6 or more"):
+        train(tiny_config(tmp_path, steps=4, eval_every=3, checkpoint_every=3, resume=True))
+    assert not (run_dir / "results.json").exists()
+    assert train(tiny_config(tmp_path, steps=6, eval_every=3, checkpoint_every=3, resume=True))["steps"] == 6
+
+
+def test_resume_after_images_were_added_to_a_local_dataset_is_refused(tmp_path):
+    from dgzoo.training.engine import train
+
+    data = _image_folder(tmp_path / "data", {"a": 8, "b": 8, "c": 8})
+    base = dict(dataset=str(data), target_domains=["c"], image_size=16, eval_every=3, checkpoint_every=3)
+    train(tiny_config(tmp_path, steps=3, **base))
+    records = (tmp_path / "run" / "records.jsonl").read_text()
+    _image_folder(data, {"a": 4, "b": 4}, start=100)  # the user adds images, then resumes
+    with pytest.raises(DGZooError, match=r"dataset .* changed since .* \(24 images then, 32 now\).*redraw the splits"
+                                         r".*restore the dataset"):
+        train(tiny_config(tmp_path, steps=6, resume=True, **base))
+    assert (tmp_path / "run" / "records.jsonl").read_text() == records
+
+
+def test_resume_after_a_new_commit_of_a_hub_dataset_is_refused_with_the_commit_to_pin(tmp_path, monkeypatch):
+    from dgzoo.training import engine
+
+    real = engine.load_dg_dataset
+    commit = {"now": "a" * 40}
+
+    def hub_dataset(name, revision=None, *args):  # a Hub dataset whose main branch moves to a new commit
+        data = real(name, None, *args)
+        data.revision, data.repo_id = revision or commit["now"], "me/set"
+        return data
+
+    monkeypatch.setattr(engine, "load_dg_dataset", hub_dataset)
+    base = dict(eval_every=3, checkpoint_every=3)
+    engine.train(tiny_config(tmp_path, steps=3, **base))
+    commit["now"] = "b" * 40
+    with pytest.raises(DGZooError, match=rf"now at commit b{{40}}, but .* trained on commit a{{40}}; resume on the "
+                                         rf"data it trained on with --revision a{{40}}"):
+        engine.train(tiny_config(tmp_path, steps=6, resume=True, **base))
+    results = engine.train(tiny_config(tmp_path, steps=6, resume=True, revision="a" * 40, **base))  # the fix works
+    assert results["dataset"]["revision"] == "a" * 40
+
+
+def test_a_checkpoint_whose_rng_state_was_altered_is_skipped_not_resumed(tmp_path):
+    from safetensors.torch import load_file
+
+    from dgzoo.training.engine import train
+
+    import torch
+
+    train(tiny_config(tmp_path / "ref", steps=9, eval_every=3, checkpoint_every=3))
+    cfg = tiny_config(tmp_path, steps=6, eval_every=3, checkpoint_every=3)
+    train(cfg)
+    run_dir = Path(cfg.output_dir)
+    (run_dir / "results.json").unlink()
+    rng = run_dir / "checkpoints" / "step_6" / "random_states_0.pkl"
+    raw = bytearray(rng.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(64)  # same size, other bytes: still unpickles, a different generator state
+    rng.write_bytes(bytes(raw))
+    train(tiny_config(tmp_path, steps=9, eval_every=3, checkpoint_every=3, resume=True))
+    log = (run_dir / "train.log").read_text()
+    assert "skipped checkpoint step_6: random_states_0.pkl does not match the checksum" in log
+    ref = load_file(tmp_path / "ref" / "run" / "model.safetensors")
+    weights = load_file(run_dir / "model.safetensors")
+    assert all(torch.equal(ref[k], weights[k]) for k in ref)  # resumed from step_3: exact

@@ -161,22 +161,46 @@ def checkpoint_dirs(path: str | Path) -> list[Path]:
 CHECKPOINT_MANIFEST = "dgzoo_manifest.json"
 
 
-def write_checkpoint_manifest(checkpoint: str | Path) -> None:
-    """Record the size of every file of a just-saved checkpoint, so that a truncated one is recognised at resume."""
+def write_checkpoint_manifest(checkpoint: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Record the size and SHA-256 of every file of a just-saved checkpoint, so that a truncated or altered one
+    (same size, other bytes: a resumed RNG state would be silently wrong) is recognised at resume. ``extra`` adds
+    what the resume checks against (the data the run trained on)."""
     checkpoint = Path(checkpoint)
-    sizes = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*")) if p.is_file()}
-    write_json(checkpoint / CHECKPOINT_MANIFEST, {"files": sizes})
+    files = [p for p in sorted(checkpoint.rglob("*")) if p.is_file()]
+    sizes = {str(p.relative_to(checkpoint)): p.stat().st_size for p in files}
+    digests = {str(p.relative_to(checkpoint)): _sha256(p) for p in files}
+    write_json(checkpoint / CHECKPOINT_MANIFEST, {"files": sizes, "sha256": digests, **(extra or {})})
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_manifest(checkpoint: str | Path) -> dict[str, Any]:
+    """The manifest of ``checkpoint`` ({} when it has none or it is unreadable)."""
+    try:
+        manifest = read_json(Path(checkpoint) / CHECKPOINT_MANIFEST)
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def checkpoint_problem(checkpoint: str | Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from (a missing or truncated file), or None when it looks intact."""
+    """Why ``checkpoint`` cannot be resumed from (a missing, truncated or altered file), or None when it is intact."""
     checkpoint = Path(checkpoint)
     manifest = checkpoint / CHECKPOINT_MANIFEST
     if not manifest.exists():
         return None  # written before manifests existed: only loading it can tell
     try:
-        sizes = read_json(manifest)["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded = read_json(manifest)
+        sizes, digests = recorded["files"], recorded.get("sha256", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"its {CHECKPOINT_MANIFEST} is unreadable"
     for name, size in sizes.items():
         path = checkpoint / name
@@ -184,6 +208,8 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} is {path.stat().st_size} bytes, {size} were written"
+        if name in digests and _sha256(path) != digests[name]:
+            return f"{name} does not match the checksum it was written with (altered or corrupt)"
     return None
 
 

@@ -55,6 +55,7 @@ from .evaluation import evaluate, source_loss
 from .loop import (LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit,
                    source_batches)
 from .optimisation import create_scheduler, current_lr
+from .resume import check_resume, data_record, recorded_data
 
 logger = logging.getLogger("dgzoo")
 
@@ -109,6 +110,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     check_output_dir(output_dir, cfg.resume, cfg.overwrite)
     if cfg.resume:
         _check_resume_config(cfg, output_dir)
+        check_resume(cfg, output_dir, data)
     derived = derived_values(cfg, data, protocol, augment, image_size, image_size_source, str(output_dir),
                              is_small_images(data))
     return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size,
@@ -133,6 +135,8 @@ def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:
         raise DGZooError(f"{output_dir} has checkpoints but no train_config.json; it was not written by dgzoo train")
     saved = read_json(saved_path)
     changed, diffs = changed_fields(saved, cfg.to_dict(), RESUMABLE_CHANGES)
+    if changed == ["revision"] and cfg.revision == (recorded_data(output_dir) or {}).get("revision"):
+        changed = []  # pinning the commit the run trained on (what check_resume asks for) changes nothing
     if changed:
         raise DGZooError(f"cannot resume {output_dir} with a different recipe ({diffs}); resume with the original "
                          f"settings, or start a new run in another --output-dir")
@@ -407,7 +411,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
             accelerator.log({"eval/source_val_acc": score, "eval/target_acc": record["target_acc"]},
                             step=state.step)
         if state.step % cfg.resolved_checkpoint_every() == 0 or state.step == cfg.steps:
-            _save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
+            _save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints, data_record(data))
 
     try:
         fit(algorithm, loop_data, accelerator, scheduler, state, cfg.steps, evaluate_and_checkpoint)
@@ -471,7 +475,7 @@ def resume_state(accelerator: Any, out: Path) -> Path:
     raise DGZooError(f"no intact checkpoint in {out} ({'; '.join(skipped)}); start the run again with --overwrite")
 
 
-def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int) -> None:
+def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int, extra: dict[str, Any] | None = None) -> None:
     """Save a resumable checkpoint to checkpoints/step_N, atomically (written under a temporary name first)."""
     root = out / "checkpoints"
     tmp = root / f".tmp_step_{step}"
@@ -481,7 +485,7 @@ def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_checkpoint_manifest(tmp)
+        write_checkpoint_manifest(tmp, extra)
         final = root / f"step_{step}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
