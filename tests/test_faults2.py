@@ -229,3 +229,46 @@ def test_a_checkpoint_whose_rng_state_was_altered_is_skipped_not_resumed(tmp_pat
     ref = load_file(tmp_path / "ref" / "run" / "model.safetensors")
     weights = load_file(run_dir / "model.safetensors")
     assert all(torch.equal(ref[k], weights[k]) for k in ref)  # resumed from step_3: exact
+
+
+# ---------------------------------------------------------------------- eval and push on broken runs
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    from dgzoo.cli import main
+
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_eval_refuses_non_finite_weights_as_push_does(trained_run, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run_dir = _copy_run(trained_run, tmp_path)
+    weights = load_file(run_dir / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, run_dir / "model.safetensors", metadata={"format": "pt"})
+    code, err = _cli(["eval", str(run_dir), "--dataset", "rotated-digits"], capsys)
+    assert code == 2 and "holds non-finite weights" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_on_truncated_weights_is_one_line(trained_run, tmp_path, capsys):
+    run_dir = _copy_run(trained_run, tmp_path)
+    weights = run_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, err = _cli(["eval", str(run_dir), "--dataset", "rotated-digits"], capsys)
+    assert code == 2 and "model.safetensors cannot be read" in err and "truncated or corrupt" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_push_of_a_half_written_results_json_names_the_file_and_the_fix(trained_run, tmp_path, capsys):
+    from dgzoo.run.hub import push_run
+
+    run_dir = _copy_run(trained_run, tmp_path)
+    (run_dir / "results.json").write_text('{"algorithm": "erm", "accur')
+    with pytest.raises(DGZooError, match=r"results.json is not valid JSON .*nothing was pushed: finish it \(dgzoo "
+                                         r"train --config .*train_config.json --resume\)"):
+        push_run(run_dir, "me/some-run")  # refused before any Hub call
