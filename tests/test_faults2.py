@@ -272,3 +272,34 @@ def test_push_of_a_half_written_results_json_names_the_file_and_the_fix(trained_
     with pytest.raises(DGZooError, match=r"results.json is not valid JSON .*nothing was pushed: finish it \(dgzoo "
                                          r"train --config .*train_config.json --resume\)"):
         push_run(run_dir, "me/some-run")  # refused before any Hub call
+
+
+# ---------------------------------------------------------------------- data that would train silently wrong
+
+
+def _sixteen_bit_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for domain in ("a", "b"):
+        for i in range(4):
+            folder = root / domain / ("bright" if i % 2 else "dark")
+            folder.mkdir(parents=True, exist_ok=True)
+            level = 60000 if i % 2 else 20000  # both far above 255: PIL's RGB conversion clips both to white
+            Image.fromarray(np.full((8, 8), level, dtype=np.uint16)).save(folder / f"{i}.png")
+    return root
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped_and_convert_says_so(tmp_path, caplog):
+    from dgzoo.data import DomainImages, load_dg_dataset
+    from dgzoo.data.convert import convert_image_folders
+    from dgzoo.data.transforms import ToRGB
+
+    root = _sixteen_bit_folder(tmp_path / "data")
+    with caplog.at_level("WARNING"):
+        convert_image_folders(root)
+    assert "8 image(s) under" in caplog.text and "I;16" in caplog.text and "scales them to 8 bits" in caplog.text
+    data = load_dg_dataset(str(root))
+    images = DomainImages(data, data.rows_by_domain["a"], ToRGB(), "a")
+    pixels = {data.class_names[images.label(i)]: np.asarray(images[i][0]) for i in range(len(images))}
+    assert pixels["dark"].shape == (8, 8, 3)
+    assert np.all(pixels["dark"] == round(20000 * 255 / 65535)) and np.all(pixels["bright"] == round(60000 * 255 / 65535))
