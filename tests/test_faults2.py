@@ -303,3 +303,60 @@ def test_sixteen_bit_images_are_scaled_not_clipped_and_convert_says_so(tmp_path,
     pixels = {data.class_names[images.label(i)]: np.asarray(images[i][0]) for i in range(len(images))}
     assert pixels["dark"].shape == (8, 8, 3)
     assert np.all(pixels["dark"] == round(20000 * 255 / 65535)) and np.all(pixels["bright"] == round(60000 * 255 / 65535))
+
+
+def test_a_one_class_dataset_is_refused_before_anything_is_written(tmp_path):
+    from PIL import Image
+
+    from dgzoo.training.engine import train
+
+    for domain in ("a", "b", "c"):
+        (tmp_path / "data" / domain / "cat").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / "data" / domain / "cat" / f"{i}.png")
+    cfg = tiny_config(tmp_path, dataset=str(tmp_path / "data"), target_domains=["c"], image_size=16, steps=2,
+                      eval_every=2)
+    with pytest.raises(DGZooError, match=r"has a single class \('cat'\).*would read 1.000.*add the other classes"):
+        train(cfg)
+    assert not Path(cfg.output_dir).exists()
+
+
+def test_a_held_out_class_no_source_has_is_said_before_training(tmp_path, capsys):
+    from PIL import Image
+
+    from dgzoo.training.engine import train
+
+    data = _image_folder(tmp_path / "data", {"a": 6, "b": 6, "c": 6})
+    (data / "c" / "bird").mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (0, i * 60, 0)).save(data / "c" / "bird" / f"{i}.png")
+    cfg = tiny_config(tmp_path, dataset=str(data), target_domains=["c"], image_size=16, steps=2, eval_every=2)
+    train(cfg)
+    log = (Path(cfg.output_dir) / "train.log").read_text()
+    assert "1 class(es) of the held-out domain(s) appear in no source domain ('bird')" in log
+
+
+def test_a_one_domain_dataset_gets_advice_that_works(tmp_path):
+    from dgzoo.training.engine import train
+
+    data = _image_folder(tmp_path / "data", {"only": 8})
+    cfg = tiny_config(tmp_path, dataset=str(data), image_size=16, steps=2, eval_every=2)
+    with pytest.raises(DGZooError, match=r"has a single domain \('only'\).*needs two or more.*root/<domain>/<class>"):
+        train(cfg)
+    with pytest.raises(DGZooError, match=r"has a single domain"):  # the same answer whatever domain flag is tried
+        train(tiny_config(tmp_path, dataset=str(data), target_domains=["only"], image_size=16, steps=2))
+    assert not Path(cfg.output_dir).exists()
+
+
+def test_one_odd_image_size_does_not_rescale_the_run_silently(tmp_path):
+    from PIL import Image
+
+    from dgzoo.data import load_dg_dataset
+    from dgzoo.training.derived import resolve_image_size
+
+    data_dir = _image_folder(tmp_path / "data", {"a": 6, "b": 6, "c": 6}, size=(32, 32))
+    Image.new("RGB", (10000, 10)).save(data_dir / "b" / "cat" / "001.png")  # one strip among 32x32 images
+    data = load_dg_dataset(str(data_dir))
+    size, source, warning = resolve_image_size(tiny_config(tmp_path, dataset=str(data_dir)), data)
+    assert size == 32 and "small" in source  # the typical images decide, as without the strip
+    assert warning and "far from the typical 32-pixel side (e.g. 10000x10)" in warning

@@ -261,18 +261,47 @@ def contact_sheet(data: DGDataset, path: str | Path, per_domain: int = 8, seed: 
 # ---------------------------------------------------------------------- native size
 
 
+OUTLIER_FACTOR = 4  # a sampled image whose largest side is this many times the typical one does not set the size
+
+
 def native_size(data: DGDataset, per_domain: int = 8) -> tuple[int, str] | None:
-    """The images' own resolution: the largest side over up to ``per_domain`` images of every domain, with a
-    description (``"32x32, 8 sampled per domain"``); None when the images cannot be read."""
-    headers = []
+    """The images' own resolution: the typical (median) largest side over up to ``per_domain`` images of every
+    domain, with a description (``"32x32, 8 sampled per domain"``); None when the images cannot be read.
+
+    The median, not the maximum: one odd image (a 10000x10 strip) must not rescale a whole run; see
+    :func:`size_outliers`.
+    """
+    headers = _sampled_headers(data, per_domain)
+    if not headers:
+        return None
+    sizes = Counter(f"{w}x{h}" for w, h, _ in headers)
+    side = _typical_side(headers)
+    largest = max(max(w, h) for w, h, _ in headers)
+    shown = ", ".join(sizes) if len(sizes) <= 3 else f"{len(sizes)} sizes up to {largest} px"
+    return side, f"{shown}, {per_domain} sampled per domain"
+
+
+def size_outliers(data: DGDataset, per_domain: int = 8) -> list[tuple[int, int]]:
+    """Sizes ``(width, height)`` of sampled images whose largest side is :data:`OUTLIER_FACTOR` times the typical
+    one or more (or that much smaller): they are resized like every other image, but say something is off."""
+    headers = _sampled_headers(data, per_domain)
+    if not headers:
+        return []
+    side = _typical_side(headers)
+    return [(w, h) for w, h, _ in headers
+            if max(w, h) >= OUTLIER_FACTOR * side or OUTLIER_FACTOR * max(w, h) <= side]
+
+
+def _typical_side(headers: list[tuple[int, int, Any]]) -> int:
+    sides = sorted(max(w, h) for w, h, _ in headers)
+    return int(sides[(len(sides) - 1) // 2])  # the lower median: an actual image's side
+
+
+def _sampled_headers(data: DGDataset, per_domain: int) -> list[tuple[int, int, Any]]:
+    headers: list[tuple[int, int, Any]] = []
     try:
         for rows in data.rows_by_domain.values():
             headers += image_headers(data, spread(rows, per_domain))
     except (OSError, ValueError, KeyError, TypeError):  # unreadable files: the caller falls back to the backbone
-        return None
-    if not headers:
-        return None
-    sizes = Counter(f"{w}x{h}" for w, h, _ in headers)
-    side = max(max(w, h) for w, h, _ in headers)
-    shown = ", ".join(sizes) if len(sizes) <= 3 else f"{len(sizes)} sizes up to {side} px"
-    return side, f"{shown}, {per_domain} sampled per domain"
+        return []
+    return headers

@@ -50,6 +50,7 @@ from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, check_output_dir, ch
                           clear_run_dir, latest_checkpoint, read_json, save_model, write_checkpoint_manifest,
                           write_json)
 from ..run.selection import SELECTION_METHODS, select
+from .datachecks import check_classes
 from .derived import Derived, derived_line, derived_values, resolve_image_size
 from .evaluation import evaluate, source_loss
 from .loop import (LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit,
@@ -96,6 +97,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
+    class_warnings = check_classes(data, protocol)
     used = [*protocol.sources, *protocol.targets]
     splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed(), used)  # a too-small domain fails here
     check_images(data, used)  # a corrupt image fails now, not mid-run or at the first evaluation
@@ -114,7 +116,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     derived = derived_values(cfg, data, protocol, augment, image_size, image_size_source, str(output_dir),
                              is_small_images(data))
     return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size,
-                   derived, [size_warning] if size_warning else [])
+                   derived, [*class_warnings, *([size_warning] if size_warning else [])])
 
 
 def is_small_images(data: DGDataset) -> bool:
