@@ -360,3 +360,21 @@ def test_one_odd_image_size_does_not_rescale_the_run_silently(tmp_path):
     size, source, warning = resolve_image_size(tiny_config(tmp_path, dataset=str(data_dir)), data)
     assert size == 32 and "small" in source  # the typical images decide, as without the strip
     assert warning and "far from the typical 32-pixel side (e.g. 10000x10)" in warning
+
+
+# ---------------------------------------------------------------------- lost work
+
+
+def test_an_image_corrupted_in_place_after_a_checked_run_is_caught_before_the_next_run(tmp_path):
+    from dgzoo.data.verify import ImageDecodeError
+    from dgzoo.training.engine import train
+
+    data = _image_folder(tmp_path / "data", {"a": 8, "b": 8, "c": 8})
+    base = dict(dataset=str(data), target_domains=["c"], image_size=16, steps=2, eval_every=2)
+    train(tiny_config(tmp_path / "first", **base))  # decodes every image once and remembers it
+    bad = data / "c" / "cat" / "003.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # the same file, corrupted in place
+    cfg = tiny_config(tmp_path / "second", **base)
+    with pytest.raises(ImageDecodeError, match=r"c/cat/003.png\) does not decode"):
+        train(cfg)
+    assert not Path(cfg.output_dir).exists()  # refused before anything was written, not at the first evaluation
