@@ -378,3 +378,46 @@ def test_an_image_corrupted_in_place_after_a_checked_run_is_caught_before_the_ne
     with pytest.raises(ImageDecodeError, match=r"c/cat/003.png\) does not decode"):
         train(cfg)
     assert not Path(cfg.output_dir).exists()  # refused before anything was written, not at the first evaluation
+
+
+# ---------------------------------------------------------------------- hangs
+
+
+@pytest.mark.slow
+def test_push_and_zoo_list_end_with_one_line_on_a_hub_that_never_answers(trained_run, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []  # connections accepted and never answered
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    env = subprocess_env(HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}", HF_TOKEN="hf_test_token",
+                         DGZOO_HUB_TIMEOUT="0.5", HF_HOME=str(tmp_path / "hf"))
+    commands = {"zoo list": ["zoo", "list"], "push": ["push", str(_copy_run(trained_run, tmp_path)), "me/some-run"]}
+    try:  # both at once: each spends huggingface_hub's bounded retries (about 25 s of waiting) before its line
+        procs = {name: subprocess.Popen([sys.executable, "-m", "dgzoo", *args], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
+        outputs = {name: proc.communicate(timeout=240) for name, proc in procs.items()}
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    for name, proc in procs.items():
+        err = outputs[name][1]
+        assert proc.returncode == 2 and "Traceback" not in err, (name, err[-2000:])
+        lines = [line for line in err.splitlines() if line.startswith("dgzoo: error:")]
+        assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], (name, err[-2000:])
+        assert "cannot reach the Hub" in lines[0] and "timed out" in lines[0], (name, lines[0])

@@ -29,10 +29,13 @@ from typing import Any, Callable, NamedTuple
 from torch import nn
 
 from ..errors import DGZooError
+from ..hubhttp import install_hub_timeouts
 from .cards import card_license, render_card, sweep_entry
 from .claim import claimed_by_another, describe_holder
 from .rundir import SAMPLES_IMAGE, nonfinite_tensors, read_json
 from .unlearning_card import render_unlearn_card
+
+install_hub_timeouts()  # every Hub call of this module (and of those importing it) ends: timeouts, bounded retry
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
