@@ -421,3 +421,84 @@ def test_push_and_zoo_list_end_with_one_line_on_a_hub_that_never_answers(trained
         lines = [line for line in err.splitlines() if line.startswith("dgzoo: error:")]
         assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], (name, err[-2000:])
         assert "cannot reach the Hub" in lines[0] and "timed out" in lines[0], (name, lines[0])
+
+
+# ---------------------------------------------------------------------- operating-system write errors
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from dgzoo.errors import WriteFailed
+    from dgzoo.training.engine import train
+
+    real = Accelerator.save_state
+
+    def fill_disk(self, output_dir=None, **kwargs):
+        real(self, output_dir, **kwargs)  # some files written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Accelerator, "save_state", fill_disk)
+    cfg = tiny_config(tmp_path, steps=3, eval_every=3, checkpoint_every=3)
+    with pytest.raises(WriteFailed, match=r"cannot write .*checkpoints/step_3: no space left on the device; free "
+                                          r"space there"):
+        train(cfg)
+    left = [p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir()]
+    assert left == []  # neither the half-written .tmp_step_3 nor a step_3
+
+
+def test_a_full_disk_during_the_export_is_one_line(tmp_path, monkeypatch):
+    import timm
+
+    from dgzoo.errors import WriteFailed
+    from dgzoo.run.rundir import save_model
+
+    monkeypatch.setattr(timm.models, "save_for_hf", _no_space)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    with pytest.raises(WriteFailed, match=r"cannot write .*out/model.safetensors: no space left on the device"):
+        save_model(model, tmp_path / "out", ["a", "b", "c"], {}, {})
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []  # the temporary export folder is gone
+
+
+def test_a_full_disk_while_writing_the_report_and_while_converting_is_one_line(trained_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    import datasets
+
+    data = _image_folder(tmp_path / "data", {"a": 4, "b": 4})
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", _no_space)
+    code, err = _cli(["datasets", "convert", str(data), "--output-dir", str(tmp_path / "converted")], capsys)
+    assert code == 1 and err.strip().splitlines() == [err.strip()] and "no space left on the device" in err, err
+    assert list((tmp_path / "converted" / "data").iterdir()) == []  # no temporary shard left
+    monkeypatch.setattr("tempfile.mkstemp", _no_space)
+    code, err = _cli(["report", str(trained_run[0]), "--output-dir", str(tmp_path / "report")], capsys)
+    assert code == 1 and err.strip().splitlines()[-1].startswith("dgzoo: error: cannot write "), err
+    assert "report.md: no space left on the device" in err and "Traceback" not in err, err
+
+
+def test_a_read_only_output_directory_and_a_too_long_name_are_one_line(tmp_path, monkeypatch, capsys):
+    from pathlib import Path as _Path
+
+    long_dir = tmp_path / ("x" * 300)
+    args = ["train", "--backbone", "test_resnet", "--steps", "2", "--log-with", "none", "--num-workers", "0"]
+    code, err = _cli([*args, "--output-dir", str(long_dir)], capsys)
+    assert code == 1 and "a name in the path is too long; use a shorter directory or file name" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+    real_mkdir = _Path.mkdir
+
+    def read_only(self, *a, **kw):
+        if "readonly" in str(self):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *a, **kw)
+
+    monkeypatch.setattr(_Path, "mkdir", read_only)
+    code, err = _cli([*args, "--output-dir", str(tmp_path / "readonly" / "run")], capsys)
+    assert code == 1 and "readonly/run: the file system is read-only; write to a writable directory" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_report_on_a_half_written_results_json_names_the_file(trained_run, tmp_path, capsys):
+    run_dir = _copy_run(trained_run, tmp_path)
+    (run_dir / "results.json").write_text('{"algorithm": "erm", "acc')
+    code, err = _cli(["report", str(run_dir)], capsys)
+    assert code == 2 and "no finished run" in err and f"{run_dir / 'results.json'}: invalid JSON" in err, err

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import DGZooError
+from ..errors import DGZooError, writing
 from .folders import IMAGE_EXTENSIONS, image_folder_table, is_image_folder
 from .registry import REGISTRY, DatasetSpec, hub_license
 from .verify import image_source, undecodable_rows
@@ -167,16 +167,17 @@ def write_parquet(table: Any, output_dir: str | Path, shards: int | None = None,
         bar.update(batch.num_rows)
         return embed_table_storage(batch)
 
-    for i in range(shards):
-        shard = table.shard(num_shards=shards, index=i, contiguous=True)
-        shard = shard.with_format("arrow").map(embed, batched=True, keep_in_memory=True)
-        tmp = data_dir / f".train-{i:05d}-of-{shards:05d}.parquet.tmp"
-        shard.with_format(None).to_parquet(str(tmp))
-        written.append(tmp)
-    bar.close()
-    final = [tmp.with_name(tmp.name[1:-len(".tmp")]) for tmp in written]
-    for tmp, path in zip(written, final):
-        os.replace(tmp, path)
+    with writing(data_dir, cleanup=written):  # a full disk: one line, and no temporary shard is left behind
+        for i in range(shards):
+            shard = table.shard(num_shards=shards, index=i, contiguous=True)
+            shard = shard.with_format("arrow").map(embed, batched=True, keep_in_memory=True)
+            tmp = data_dir / f".train-{i:05d}-of-{shards:05d}.parquet.tmp"
+            written.append(tmp)
+            shard.with_format(None).to_parquet(str(tmp))
+        bar.close()
+        final = [tmp.with_name(tmp.name[1:-len(".tmp")]) for tmp in written]
+        for tmp, path in zip(written, final):
+            os.replace(tmp, path)
     return final
 
 

@@ -136,9 +136,10 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         except READ_ERRORS as e:
             notes.append(f"skipped broken run {path}: results.jsonl: {_reason(e)}")
     runs = _drop_duplicates(sorted(runs, key=lambda r: str(r.path)), notes)
-    if not runs:
+    if not runs:  # say why each candidate was skipped (a half-written results.json names itself there)
+        skipped = f"; {'; '.join(notes)}" if notes else ""
         raise DGZooError(f"no finished run (a directory with results.json and records.jsonl, or DomainBed's "
-                         f"results.jsonl and done) under {', '.join(map(str, paths))}")
+                         f"results.jsonl and done) under {', '.join(map(str, paths))}{skipped}")
     if len({run.backbone for run in runs}) > 1:  # several backbones: each (algorithm, backbone) is a row
         runs = [replace(run, row=f"{run.algorithm} ({run.backbone})") for run in runs]
     return runs, notes
@@ -165,7 +166,7 @@ def _read_dgzoo_run(path: Path, sweep: tuple[Path, dict[str, Any]] | None, notes
         _check_records(run)
         return run
     except READ_ERRORS as e:
-        notes.append(f"skipped broken run {path}: {stage}: {_reason(e)}")
+        notes.append(f"skipped broken run {path}: {path / stage}: {_reason(e)} (finish or retrain the run)")
         return None
 
 

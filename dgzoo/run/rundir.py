@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import DGZooError
+from ..errors import DGZooError, writing
 from .claim import CLAIM_FILE, RunDirClaimed, claim_holder, describe_holder
 
 RUN_MARKERS = ("train_config.json", "results.json", "checkpoints", "unlearn_config.json")
@@ -40,16 +40,17 @@ OUTPUT_DIRS = ("checkpoints", "logs")
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see either the old or the new file, never a partial one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _default_permissions(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with writing(path):  # no space, read-only...: one line naming the file; the temporary file is removed
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            _default_permissions(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def _default_permissions(path: str | Path) -> None:
@@ -81,13 +82,17 @@ def save_model(model: nn.Module, run_dir: str | Path, class_names: list[str], da
         raise DGZooError(f"refusing to export non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); the run "
                          f"diverged: lower --lr or set --clip-grad-norm and train again")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
+    with writing(run_dir / "model.safetensors"), tempfile.TemporaryDirectory(dir=_mkdir(run_dir), prefix=".export-") as tmp:
         save_for_hf(model, tmp, model_config={"label_names": list(class_names), "dgzoo": metadata},
                     safe_serialization=True, data_config=data_config)
         for name in ("model.safetensors", "config.json"):
             _default_permissions(Path(tmp) / name)
             os.replace(Path(tmp) / name, run_dir / name)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:

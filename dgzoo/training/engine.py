@@ -41,7 +41,7 @@ from ..config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
 from ..data import (DGDataset, DomainImages, DomainSplits, Protocol, check_images, eval_loader, eval_transform,
                     load_dg_dataset, loader_workers, make_splits, resolve_protocol, train_transform)
 from ..data.inspect import contact_sheet
-from ..errors import DGZooError, Interrupted
+from ..errors import DGZooError, Interrupted, writing
 from ..models import check_backbone, create_backbone, data_config, freeze_batchnorm, meta_backbone
 from ..run.cards import plot_run, render_card
 from ..run.claim import RunDirClaimed, claim_run_dir
@@ -484,13 +484,15 @@ def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int, extra: d
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(root / f"step_{step}", cleanup=[tmp]):  # a full disk: one line, no half-written checkpoint left
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_checkpoint_manifest(tmp, extra)
         final = root / f"step_{step}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with writing(final, cleanup=[tmp]):
+            write_checkpoint_manifest(tmp, extra)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
         for old in checkpoint_dirs(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
