@@ -501,4 +501,4 @@ def test_report_on_a_half_written_results_json_names_the_file(trained_run, tmp_p
     run_dir = _copy_run(trained_run, tmp_path)
     (run_dir / "results.json").write_text('{"algorithm": "erm", "acc')
     code, err = _cli(["report", str(run_dir)], capsys)
-    assert code == 2 and "no finished run" in err and f"{run_dir / 'results.json'}: invalid JSON" in err, err
+    assert code == 2 and "no finished run" in err and f"{run_dir.resolve()}: results.json: invalid JSON" in err, err

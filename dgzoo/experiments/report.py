@@ -166,7 +166,7 @@ def _read_dgzoo_run(path: Path, sweep: tuple[Path, dict[str, Any]] | None, notes
         _check_records(run)
         return run
     except READ_ERRORS as e:
-        notes.append(f"skipped broken run {path}: {path / stage}: {_reason(e)} (finish or retrain the run)")
+        notes.append(f"skipped broken run {path}: {stage}: {_reason(e)}")
         return None
 
 
