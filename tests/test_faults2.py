@@ -502,3 +502,60 @@ def test_report_on_a_half_written_results_json_names_the_file(trained_run, tmp_p
     (run_dir / "results.json").write_text('{"algorithm": "erm", "acc')
     code, err = _cli(["report", str(run_dir)], capsys)
     assert code == 2 and "no finished run" in err and f"{run_dir.resolve()}: results.json: invalid JSON" in err, err
+
+
+# ---------------------------------------------------------------------- tracebacks and messages on bad input
+
+
+def test_datasets_inspect_on_an_unreadable_image_is_one_line_naming_it(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", {"a": 4, "b": 4})
+    bad = data / "a" / "cat" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # not even a header
+    code, err = _cli(["datasets", "inspect", str(data)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "a/cat/001.png) cannot be read" in err and "replace or remove it" in err, err
+
+
+def test_an_empty_parquet_is_one_line(tmp_path):
+    import datasets
+
+    from dgzoo.data import load_dg_dataset
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string"),
+                                  "domain": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [], "label": [], "domain": []}, features=features).to_parquet(
+        tmp_path / "empty.parquet")
+    with pytest.raises(DGZooError, match=r"empty.parquet hold\(s\) no rows"):
+        load_dg_dataset(str(tmp_path / "empty.parquet"))
+
+
+def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, err = _cli(["train", "--backbone", "test_resnet", "--steps", "2", "--seed", "-1", "--log-with", "none",
+                      "--num-workers", "0", "--output-dir", str(run_dir)], capsys)
+    assert code == 2 and "--seed must be in [0, 2**32), got -1" in err, err
+    assert not run_dir.exists()  # so the corrected rerun is not refused
+
+
+def test_a_raw_bytes_image_column_trains(tmp_path):
+    import io as _io
+
+    import datasets
+    from PIL import Image
+
+    from dgzoo.training.engine import train
+
+    rng = np.random.default_rng(0)
+    images, labels, domains = [], [], []
+    for domain in ("x", "y", "z"):
+        for i in range(8):
+            buf = _io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+            images.append(buf.getvalue())
+            labels.append("cat" if i % 2 else "dog")
+            domains.append(domain)
+    datasets.Dataset.from_dict({"image": images, "label": labels, "domain": domains}).to_parquet(
+        tmp_path / "raw.parquet")  # the image column is plain binary, not datasets.Image
+    results = train(tiny_config(tmp_path, dataset=str(tmp_path / "raw.parquet"), target_domains=["z"],
+                                image_size=16, steps=2, eval_every=2))
+    assert results["splits"]["z"]["in"] + results["splits"]["z"]["out"] == 8
