@@ -559,3 +559,41 @@ def test_a_raw_bytes_image_column_trains(tmp_path):
     results = train(tiny_config(tmp_path, dataset=str(tmp_path / "raw.parquet"), target_domains=["z"],
                                 image_size=16, steps=2, eval_every=2))
     assert results["splits"]["z"]["in"] + results["splits"]["z"]["out"] == 8
+
+
+STALLED_PEER = r"""
+import os, sys, time
+from dgzoo.algorithms.erm import ERM
+from dgzoo.cli import main
+
+real = ERM.loss
+def loss(self, minibatches, step):
+    if step == 2 and os.environ["RANK"] == "1":
+        time.sleep(300)  # this process hangs (a stuck file system, a debugger...); its peer must not wait forever
+    return real(self, minibatches, step)
+ERM.loss = loss
+sys.exit(main(["train", "--backbone", "test_resnet", "--steps", "6", "--batch-size", "8", "--eval-every", "6",
+               "--log-with", "none", "--num-workers", "0", "--output-dir", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_stalled_peer_process_ends_the_run_with_one_line_in_bounded_time(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    (tmp_path / "stall.py").write_text(STALLED_PEER)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "stall.py"), str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=240, env=subprocess_env(OMP_NUM_THREADS="1", DGZOO_COLLECTIVE_TIMEOUT="5"))
+    elapsed = time.monotonic() - start
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    lines = [line for line in output.splitlines() if line.startswith("dgzoo: error:")]
+    assert len(lines) == 1 and "another process of this 2-process run stopped or stopped answering" in lines[0], \
+        output[-3000:]
+    assert "continue with: " in lines[0] and "--resume" in lines[0]
+    assert elapsed < 180

@@ -56,6 +56,7 @@ from .evaluation import evaluate, source_loss
 from .loop import (LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit,
                    source_batches)
 from .optimisation import create_scheduler, current_lr
+from .peers import collective_timeout, peer_failures
 from .resume import check_resume, data_record, recorded_data
 
 logger = logging.getLogger("dgzoo")
@@ -179,15 +180,16 @@ def create_accelerator(mixed_precision: str, log_with: list[str] | None = None, 
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     project = (ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs"))
                if project_dir is not None else None)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    group = InitProcessGroupKwargs(timeout=collective_timeout())  # a silent peer ends the run (peers.py)
     return Accelerator(cpu=multiprocess_cpu(), mixed_precision=mixed_precision, log_with=log_with,
-                       project_config=project, kwargs_handlers=[ddp])
+                       project_config=project, kwargs_handlers=[ddp, group])
 
 
 class _ProgressAwareHandler(logging.StreamHandler):
@@ -276,7 +278,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     check_process_split(cfg.batch_size, cfg.grad_accumulation, accelerator.num_processes)
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo train {cfg.algorithm}"):
         try:
-            return _train(cfg, plan, accelerator)
+            with peer_failures(accelerator.num_processes, f"continue with: {resume_command(plan)}"):
+                return _train(cfg, plan, accelerator)
         except KeyboardInterrupt:
             done = latest_checkpoint(plan.output_dir)
             kept = f"its checkpoint {done.name} is kept" if done else "it had no checkpoint yet (restarts at step 0)"
