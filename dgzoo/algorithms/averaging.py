@@ -10,8 +10,10 @@ is read (:meth:`SWAD.on_evaluate`). Training has *converged* at the first evalua
 ``n_converge`` segments has the lowest loss; the threshold is then ``(1 + tolerance_ratio)`` times their mean
 loss, and segments join the average while the smallest loss of the ``n_tolerance`` segments from them on stays
 under it: a segment is admitted ``n_tolerance - 1`` evaluations late, once the losses after it are known, and the
-valley is *dead* (the average is final) once all ``n_tolerance`` are above. BatchNorm statistics of the average are
-recomputed on source training batches (``bn_steps`` of them), as SWAD's ``update_bn``. See
+valley is *dead* (the average is final) once all ``n_tolerance`` are above. The segments averaged, and how often
+each counts, are the official code's on every loss sequence (its two queues admit some segments twice or more;
+``tests/data/swad_lossvalley_reference.json`` holds its weights on 31 sequences). BatchNorm statistics of the
+average are recomputed on source training batches (``bn_steps`` of them), as SWAD's ``update_bn``. See
 docs/averaging_and_sharpness.md for the rule step by step and where dgzoo differs.
 
 ``host+ema`` keeps ``average = decay * average + (1 - decay) * weights`` after every step, over parameters and
@@ -118,11 +120,12 @@ class RunningMean:
 
 
 def admit(mean: RunningMean, window: tuple[int, int], segment: Segment) -> tuple[int, int]:
-    """Average ``segment`` into ``mean`` unless it is already in (each segment counts once); the new window."""
-    if segment.end <= window[1]:
-        return window
+    """Average ``segment`` into ``mean`` (the official ``update_parameters``: a segment admitted again counts again);
+    the new window, the first and last step of the segments admitted so far."""
     mean.add(segment.params)
-    return (segment.start if window[0] < 0 else window[0]), segment.end
+    if window[0] < 0:
+        return segment.start, segment.end
+    return min(window[0], segment.start), max(window[1], segment.end)
 
 
 @register_addon
@@ -159,6 +162,7 @@ class SWAD(AddOn):
         # until the first admission (as the official AveragedModel built from it, with nothing averaged yet).
         self.final, self.placeholder = RunningMean(), None
         self.window = (-1, -1)  # first and last step of the admitted segments
+        self.ended = False  # the run's last evaluation has happened: the official get_final_model applies
         self.loaded: tuple[Any, ...] | None = None  # what self.average holds now
 
     # -- events
@@ -170,13 +174,14 @@ class SWAD(AddOn):
         return {}
 
     def on_evaluate(self, context: EvalContext) -> dict[str, float]:
+        self.ended = context.last
         if self.segment.count == 0:  # an evaluation with no step since the last one
             return {}
         loss = float(context.source_val_loss(self.host.network))
         segment = Segment(self.segment.params, self.segment_start, context.step, loss)
         self.segment = RunningMean()
         self.observe(segment)
-        if self.converge_step is not None:
+        if self.exported() is not None:
             self.materialise(context)
         return {"val_loss": loss, "converged": float(self.converge_step is not None), "dead": float(self.dead),
                 "window_start": float(self.window[0]), "window_end": float(self.window[1])}
@@ -225,6 +230,17 @@ class SWAD(AddOn):
     def _admit(self, segment: Segment) -> None:
         self.window = admit(self.final, self.window, segment)
 
+    def exported(self) -> tuple[list[torch.Tensor], tuple[int, int]] | None:
+        """The parameters to evaluate and their step window, or None for the host's own network: the valley's
+        average once converged; at the run's end without convergence the last segment's average (the official
+        ``get_final_model`` returns it, with an error in the log)."""
+        if self.converge_step is not None:
+            return self.valley(self.ended)
+        if self.ended and self.queue:
+            last = self.queue[-1]
+            return last.params, (last.start, last.end)
+        return None
+
     def valley(self, last: bool) -> tuple[list[torch.Tensor], tuple[int, int]]:
         """The averaged parameters and their step window; at the run's end (``last``) also the segments still
         waiting for their tolerance window, admitted as the official ``get_final_model`` does, without consuming
@@ -241,9 +257,11 @@ class SWAD(AddOn):
 
     @torch.no_grad()
     def materialise(self, context: EvalContext | None = None) -> None:
-        """Load the valley's average into ``self.average``, with BatchNorm statistics recomputed (or copied)."""
-        params, window = self.valley(bool(context and context.last))
-        key = (window, bool(context and context.last))
+        """Load :meth:`exported` into ``self.average``, with BatchNorm statistics recomputed (or copied)."""
+        exported = self.exported()
+        assert exported is not None
+        params, window = exported
+        key = (window, self.ended, self.converge_step is not None, self.final.count)
         if self.loaded == key:
             return
         for target, value in zip(self.average.parameters(), params):
@@ -258,8 +276,9 @@ class SWAD(AddOn):
         self.loaded = key
 
     def evaluated_network(self) -> nn.Module | None:
-        """The valley's average once training has converged; the host's network before."""
-        if self.converge_step is None:
+        """The valley's average once training has converged; the host's network before (at the run's end, the last
+        segment's average)."""
+        if self.exported() is None:
             return None
         if self.loaded is None:  # resumed from a checkpoint: no batches at hand until the next evaluation
             self.materialise()
@@ -274,7 +293,7 @@ class SWAD(AddOn):
                 "threshold": self.threshold, "dead": self.dead,
                 "final": None if self.final.count == 0 else [p.clone() for p in self.final.params],
                 "final_count": self.final.count, "window": list(self.window),
-                "placeholder": None if self.placeholder is None else self.placeholder.state()}
+                "placeholder": None if self.placeholder is None else self.placeholder.state(), "ended": self.ended}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if not state:
@@ -290,6 +309,7 @@ class SWAD(AddOn):
         self.final = RunningMean(to(state["final"]), int(state["final_count"]))
         self.window = (int(state["window"][0]), int(state["window"][1]))
         self.placeholder = None if state["placeholder"] is None else Segment.of(state["placeholder"], device)
+        self.ended = bool(state.get("ended", False))
         self.loaded = None
 
     def diagnostics(self) -> dict[str, float]:
@@ -301,10 +321,25 @@ class SWAD(AddOn):
 
     def summary(self) -> dict[str, Any]:
         if self.converge_step is None:
-            return {"converged": False, "segments_queued": len(self.queue)}  # bounded by the windows
+            out: dict[str, Any] = {"converged": False, "segments_queued": len(self.queue)}  # bounded by the windows
+            if self.queue:  # what the official code returns instead: the last segment's average
+                out["last_segment_start"], out["last_segment_end"] = self.queue[-1].start, self.queue[-1].end
+            return out
         _, window = self.valley(last=True)
         return {"converged": True, "converge_step": self.converge_step, "threshold": self.threshold,
-                "dead_valley": self.dead, "window_start": window[0], "window_end": window[1]}
+                "dead_valley": self.dead, "window_start": window[0], "window_end": window[1],
+                "segments_averaged": self.valley_count(last=True)}
+
+    def valley_count(self, last: bool) -> int:
+        """How many segment averages the valley's average is the mean of (a segment admitted twice counts twice;
+        0: the converged segment alone, as the official placeholder)."""
+        count = self.final.count
+        if last and not self.dead:
+            pending = list(self.queue)[-self.hparams["n_tolerance"]:][1:]
+            while pending and min(s.loss for s in pending) <= self.threshold:
+                pending.pop(0)
+                count += 1
+        return count
 
 
 @register_addon
