@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import plain_timm_logits, tiny_config
 from safetensors.torch import load_file
+from timm.utils import ModelEmaV3
 
 from dgzoo.algorithms import EvalContext, create_algorithm
 from dgzoo.algorithms.averaging import Segment
@@ -158,7 +159,8 @@ def test_ema_with_decay_zero_is_the_host():
 
 
 def test_ema_average_by_hand():
-    algorithm = create_algorithm("erm+ema", create_backbone("test_resnet", num_classes=10), 3, {"ema.decay": 0.5})
+    algorithm = create_algorithm("erm+ema", create_backbone("test_resnet", num_classes=10), 3,
+                                 {"ema.decay": 0.5, "ema.warmup": False})
     ema, network = algorithm.addons[0], algorithm.host.network
     with torch.no_grad():
         for p in ema.average.parameters():
@@ -170,6 +172,33 @@ def test_ema_average_by_hand():
         ema.after_update([], step - 1)
     # 0 -> 0.5 * 0 + 0.5 * 1 = 0.5 -> 0.25 + 1 = 1.25 -> 0.625 + 1.5 = 2.125
     assert all(torch.allclose(p, torch.full_like(p, 2.125)) for p in ema.average.parameters())
+
+
+def test_ema_warm_up_equals_timm_model_ema_v3():
+    """The default warm-up is timm's ModelEmaV3(use_warmup=True) updated at steps 1, 2, ...: a 30-step run's
+    average is its own weights', where the constant decay 0.999 keeps 97% of the initial ones."""
+    torch.manual_seed(0)
+    algorithm = create_algorithm("erm+ema", create_backbone("test_resnet", num_classes=10), 3)
+    reference = ModelEmaV3(algorithm.host.network, decay=0.999, use_warmup=True)
+    constant = create_algorithm("erm+ema", create_backbone("test_resnet", num_classes=10), 3,
+                                {"ema.warmup": False}).addons[0]
+    ema, network = algorithm.addons[0], algorithm.host.network
+    constant.average.load_state_dict(network.state_dict())  # a constant-decay average of the same network
+    constant.pairs = list(zip(constant.average.state_dict().values(), network.state_dict().values()))
+    initial = {k: v.clone() for k, v in network.state_dict().items()}
+    for step in range(1, 31):
+        with torch.no_grad():
+            for p in network.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ema.after_update([], step - 1)
+        reference.update(network, step=step)
+        constant.after_update([], step - 1)
+    ours, theirs, host = ema.average.state_dict(), reference.module.state_dict(), network.state_dict()
+    assert all(torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-6) for k in ours)
+    weight = "fc.weight" if "fc.weight" in host else next(k for k in host if k.endswith("weight"))
+    moved = (host[weight] - initial[weight]).norm()
+    assert (ours[weight] - initial[weight]).norm() > 0.3 * moved  # not the initial weights
+    assert (constant.average.state_dict()[weight] - initial[weight]).norm() < 0.1 * moved
 
 
 def test_a_swad_run_exports_its_average_as_plain_timm(tmp_path):

@@ -16,13 +16,18 @@ each counts, are the official code's on every loss sequence (its two queues admi
 average are recomputed on source training batches (``bn_steps`` of them), as SWAD's ``update_bn``. See
 docs/averaging_and_sharpness.md for the rule step by step and where dgzoo differs.
 
-``host+ema`` keeps ``average = decay * average + (1 - decay) * weights`` after every step, over parameters and
-floating-point buffers alike (timm's ``ModelEmaV2``): ``ema.decay=0`` is exactly the host.
+``host+ema`` keeps ``average = d * average + (1 - d) * weights`` after every step, over parameters and
+floating-point buffers alike, with timm's ``ModelEmaV3`` warm-up of the decay by default: at the ``k``-th update
+``d = min(decay, 1 - k'^-warmup_power)`` with ``k' = 1 + (k - 1) / warmup_gamma`` (0 at the first update, which
+copies the weights), so a run shorter than the decay's horizon averages its own weights rather than keeping its
+initial ones. ``ema.warmup=false`` is the constant decay of timm's ``ModelEmaV2`` (dgzoo's behaviour before 0.2),
+where ``ema.decay=0`` is exactly the host.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -32,7 +37,7 @@ from torch import nn
 
 from ..hparams import HParam
 from ..models.backbones import batchnorm_frozen
-from .base import AddOn, Algorithm, EvalContext, Minibatches
+from .base import AddOn, Algorithm, EvalContext, FirstAction, Minibatches, Schedule
 from .registry import register_addon
 from .runtime import Runtime
 
@@ -148,6 +153,20 @@ class SWAD(AddOn):
                            "BatchNorm statistics are recomputed whenever it changes (official 500, once at the end); "
                            "0 copies the host's statistics instead", minimum=0),
     }
+
+    @classmethod
+    def first_action(cls, hparams: dict[str, Any], schedule: Schedule) -> FirstAction | None:
+        """The valley can be found at the ``n_converge``-th evaluation at the earliest."""
+        n = hparams["n_converge"]
+        if len(schedule.evaluations) >= n:
+            return None
+        last = schedule.evaluations[-1] - (schedule.evaluations[-2] if len(schedule.evaluations) > 1 else 0)
+        return FirstAction(n * schedule.eval_every,
+                           f"its loss valley can be found at its {n}th evaluation at the earliest (swad.n_converge="
+                           f"{n}, --eval-every {schedule.eval_every}: step {n * schedule.eval_every})",
+                           f"lower --eval-every to {max(1, schedule.steps // n)}",
+                           otherwise=f"it exports the average of the last {last} steps, as the official code does "
+                                     f"when the valley was not found")
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)
@@ -348,12 +367,40 @@ class EMA(AddOn):
 
     name = "ema"
     title = "Exponential moving average of weights"
-    paper = "Polyak & Juditsky, 1992; as timm's ModelEmaV2"
+    paper = "Polyak & Juditsky, 1992; as timm's ModelEmaV3"
     HPARAMS = {
         "decay": HParam(0.999, "weight of the running average at each step: average = decay * average + (1 - decay) "
-                        "* weights, over parameters and floating-point buffers (BatchNorm statistics); 0 is the "
-                        "host itself", minimum=0.0, maximum=1.0),
+                        "* weights, over parameters and floating-point buffers (BatchNorm statistics); with the "
+                        "warm-up, its ceiling", minimum=0.0, maximum=1.0),
+        "warmup": HParam(True, "warm the decay up as timm's ModelEmaV3(use_warmup=True): the k-th update uses "
+                         "min(decay, 1 - (1 + (k - 1) / warmup_gamma)^-warmup_power), 0 at the first (a copy); "
+                         "false: the constant decay of ModelEmaV2, whose average of a run much shorter than "
+                         "1 / (1 - decay) steps is mostly the initial weights"),
+        "warmup_power": HParam(2 / 3, "exponent of the warm-up (timm's default 2/3; 3/4 reaches the ceiling sooner)",
+                               minimum=0.0),
+        "warmup_gamma": HParam(1.0, "inverse step scale of the warm-up (timm's default 1)", minimum=1e-12),
     }
+    INITIAL_SHARE = 0.1  # the weight left on the initial weights above which a constant decay is warned about
+
+    @classmethod
+    def schedule_warnings(cls, hparams: dict[str, Any], schedule: Schedule) -> list[str]:
+        """Without the warm-up, the initial weights keep a weight of decay^steps in the exported average."""
+        share = hparams["decay"] ** schedule.steps
+        if hparams["warmup"] or share <= cls.INITIAL_SHARE:
+            return []
+        horizon = math.ceil(math.log(cls.INITIAL_SHARE) / math.log(hparams["decay"]))
+        return [f"ema hardly acts in this run: with ema.warmup=false and ema.decay={hparams['decay']} the exported "
+                f"average keeps {share:.0%} of the initial weights after {schedule.steps} steps; set ema.warmup=true, "
+                f"lower ema.decay to {cls.INITIAL_SHARE ** (1 / schedule.steps):.3g} or raise --steps to {horizon}"]
+
+    def decay(self) -> float:
+        """The decay of the next update (timm's ``ModelEmaV3.get_decay`` at step ``updates + 1``)."""
+        if not self.hparams["warmup"]:
+            return self.hparams["decay"]
+        if self.updates == 0:
+            return 0.0
+        warm = 1.0 - (1.0 + self.updates / self.hparams["warmup_gamma"]) ** -self.hparams["warmup_power"]
+        return max(min(warm, self.hparams["decay"]), 0.0)
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)
@@ -363,7 +410,7 @@ class EMA(AddOn):
 
     @torch.no_grad()
     def after_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        decay = self.hparams["decay"]
+        decay = self.decay()
         for average, value in self.pairs:
             if average.is_floating_point():
                 average.mul_(decay).add_(value.detach(), alpha=1.0 - decay)

@@ -39,7 +39,7 @@ from torch.utils.data import ConcatDataset, Subset
 from ..errors import DGZooError
 from ..models import classifier, features
 from ..hparams import Choice, HParam, Uniform
-from .base import AddOn, EpochContext, Minibatches, Recipe
+from .base import AddOn, EpochContext, FirstAction, Minibatches, Recipe, Schedule
 from .registry import register_addon
 from .influence import FunctionalLoss, chunks, kfac_head_influence, largest_eigenvalue, lissa
 
@@ -466,6 +466,23 @@ class IU(AddOn):
         if not 0 < hparams["score_fraction"] <= 1:
             raise DGZooError(f"hparam {cls.name}.score_fraction={hparams['score_fraction']} must be in (0, 1]; "
                              f"use 1 to score every sample")
+
+    @classmethod
+    def first_action(cls, hparams: dict[str, Any], schedule: Schedule) -> FirstAction | None:
+        """The first IU call: the first epoch's end at or after ``start_step``, or with ``every`` the first multiple
+        of it after the first epoch's end (when the source data arrive) and at or after ``start_step``."""
+        every, epoch, start = hparams["every"], schedule.steps_per_epoch, hparams["start_step"]
+        if every:
+            first = every * math.ceil(max(epoch + 1, start) / every)
+            return FirstAction(first, f"its first call is at step {first} ({cls.name}.every={every}, after the "
+                                      f"first epoch of {epoch} steps" + (f", {cls.name}.start_step={start}"
+                                                                        if start else "") + ")",
+                               f"lower {cls.name}.every" + (f" or {cls.name}.start_step" if start else ""))
+        first = epoch * max(1, math.ceil(start / epoch))
+        return FirstAction(first, f"its first call is at the end of epoch {first // epoch} (step {first}, "
+                                  f"{epoch} steps per epoch" + (f", {cls.name}.start_step={start}" if start else "")
+                           + ")", f"set {cls.name}.every to {max(1, schedule.steps // 3)} to call it every so many "
+                                  f"steps")
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -36,6 +37,7 @@ from torch import nn
 from .. import __version__
 from ..algorithms import (AddOn, Algorithm, Composition, EvalContext, Recipe, check_algorithm, parse_algorithm,
                           resolve_hparams)
+from ..algorithms import Schedule, schedule_warnings
 from ..algorithms.base import with_acts
 from ..config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
 from ..data import (DGDataset, DomainImages, DomainSplits, Protocol, check_images, eval_loader, eval_transform,
@@ -111,8 +113,11 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         _check_resume_config(cfg, output_dir)
     derived = derived_values(cfg, data, protocol, augment, image_size, image_size_source, str(output_dir),
                              is_small_images(data))
+    steps_per_epoch = max(1, math.ceil(min(len(splits.in_rows[d]) for d in protocol.sources) / cfg.batch_size))
+    warnings = [size_warning] if size_warning else []
+    warnings += schedule_warnings(cfg.algorithm, hparams, Schedule(cfg.steps, cfg.eval_every, steps_per_epoch))
     return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size,
-                   derived, [size_warning] if size_warning else [])
+                   derived, warnings)
 
 
 def is_small_images(data: DGDataset) -> bool:
