@@ -332,11 +332,13 @@ class SWAD(AddOn):
         self.loaded = None
 
     def diagnostics(self) -> dict[str, float]:
-        """Whether the loss valley was found, and how many steps the exported average spans (0: the online model)."""
-        if self.converge_step is None:
+        """Whether the loss valley was found, and how many steps the exported average spans (0: the online model;
+        without convergence, the last segment's steps once the run has ended)."""
+        exported = self.exported() if self.converge_step is None else self.valley(last=True)
+        if exported is None:
             return {"converged": 0.0, "averaged_steps": 0.0}
-        _, (start, end) = self.valley(last=True)
-        return {"converged": 1.0, "averaged_steps": float(end - start + 1)}
+        start, end = exported[1]
+        return {"converged": float(self.converge_step is not None), "averaged_steps": float(end - start + 1)}
 
     def summary(self) -> dict[str, Any]:
         if self.converge_step is None:
