@@ -20,7 +20,7 @@ docs/averaging_and_sharpness.md for the rule step by step and where dgzoo differ
 floating-point buffers alike, with timm's ``ModelEmaV3`` warm-up of the decay by default: at the ``k``-th update
 ``d = min(decay, 1 - k'^-warmup_power)`` with ``k' = 1 + (k - 1) / warmup_gamma`` (0 at the first update, which
 copies the weights), so a run shorter than the decay's horizon averages its own weights rather than keeping its
-initial ones. ``ema.warmup=false`` is the constant decay of timm's ``ModelEmaV2`` (dgzoo's behaviour before 0.2),
+initial ones. ``ema.warmup=false`` is the constant decay of timm's ``ModelEmaV2`` (dgzoo's behaviour up to 0.2.0),
 where ``ema.decay=0`` is exactly the host.
 """
 from __future__ import annotations
