@@ -2,8 +2,8 @@
 
 The pretrained backbone, frozen, stands in for the oracle. At each training step the features of the trained
 network ``f`` and of the frozen copy's ``r`` at five places (the official ``stem_block``: the stem and the end of
-each of four blocks, see :func:`feature_stages`) enter a variational lower bound of their mutual information, with an identity mean encoder and a learned
-per-channel variance ``v = softplus(b) + 1e-5`` (initialised to 0.1)::
+each of four blocks, see :func:`feature_stages`) enter a variational lower bound of their mutual information,
+with an identity mean encoder and a learned per-channel variance ``v = softplus(b) + 1e-5`` (initialised to 0.1)::
 
     loss = CE + ld * sum_stages mean((f - r)^2 / v + log v) / 2
 
