@@ -1,0 +1,310 @@
+"""Regenerate the parity reference numbers in ``tests/parity/data/`` from reference checkouts outside the repository.
+
+    python tests/parity/regenerate.py domainbed --domainbed /tmp/ref/DomainBed --site /tmp/ref/site
+
+Each sub-command imports the reference code from the path given (never from this repository), runs it on the tiny
+case of ``tinycase.py`` and writes the numbers it produced (digests of every parameter and buffer after each update,
+and the losses it reported) together with the reference's git commit. Where the reference builds its own network,
+it is handed the same timm network dgzoo uses, with the same initial weights, so only the update rule is compared.
+See docs/parity.md.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import tinycase
+from tinycase import NUM_CLASSES, NUM_DOMAINS, SHAPE, UPDATES
+
+
+def commit_of(path: Path) -> str:
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def reference_import(path: Path, site: Path | None) -> None:
+    """Put a reference checkout (and an optional folder of packages it needs, e.g. BackPACK) first on sys.path."""
+    for p in (site, path):
+        if p is not None:
+            sys.path.insert(0, str(p))
+
+
+# -- DomainBed ---------------------------------------------------------------------------------------------------
+
+# dgzoo host -> DomainBed class. ARM, ADRMX and URM are not dgzoo hosts; ERM++ neither.
+DOMAINBED = {
+    "andmask": "ANDMask", "cad": "CAD", "causirl_coral": "CausIRL_CORAL", "causirl_mmd": "CausIRL_MMD",
+    "cdann": "CDANN", "condcad": "CondCAD", "coral": "CORAL", "dann": "DANN", "eqrm": "EQRM", "erm": "ERM",
+    "fish": "Fish", "fishr": "Fishr", "groupdro": "GroupDRO", "ib_erm": "IB_ERM", "ib_irm": "IB_IRM", "iga": "IGA",
+    "irm": "IRM", "mixup": "Mixup", "mldg": "MLDG", "mmd": "MMD", "mtl": "MTL", "rdm": "RDM", "rsc": "RSC",
+    "sagnet": "SagNet", "sandmask": "SANDMask", "sd": "SD", "selfreg": "SelfReg", "transfer": "Transfer",
+    "trm": "TRM", "vrex": "VREx",
+}
+# Hyperparameters set for the tiny case on both sides (same names in DomainBed and dgzoo): penalties that anneal
+# in at step 500-2500 start at the second update here, so both branches of the rule (and the optimizer reset that
+# DomainBed does at the switch) are exercised; SANDMask's tau=1 would mask every entry (no update at all).
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "irm": {"irm_penalty_anneal_iters": 1}, "vrex": {"vrex_penalty_anneal_iters": 1},
+    "ib_erm": {"ib_penalty_anneal_iters": 1}, "ib_irm": {"irm_penalty_anneal_iters": 1, "ib_penalty_anneal_iters": 1},
+    "rdm": {"rdm_penalty_anneal_iters": 1}, "fishr": {"penalty_anneal_iters": 1}, "eqrm": {"eqrm_burnin_iters": 1},
+    "trm": {"iters": 1}, "sandmask": {"tau": 0.5},
+}
+# Hosts whose dgzoo implementation computes in float32 whatever the parameters' dtype (the per-domain gradient
+# engine's buffers, GroupDRO's domain weights, TRM's and Transfer's heads; Fishr's BackPACK side too).
+FLOAT32 = {"andmask", "sandmask", "groupdro", "transfer", "trm", "fishr"}
+# Hosts run in float64 whose dgzoo implementation computes a loss term in float32 on purpose (`.float()`, safe
+# under mixed precision): they agree with DomainBed to float32 rounding, and are compared at float32's tolerance.
+FLOAT32_TERMS = {"cad", "condcad", "eqrm", "ib_erm", "ib_irm", "iga", "irm", "mldg", "rdm", "sd", "vrex"}
+
+
+class TimmFeaturizer(nn.Module):
+    """Stands in for DomainBed's ``networks.Featurizer``: the tiny timm network without its classifier (the pooled
+    pre-logit features dgzoo's ``featurize`` returns)."""
+
+    def __init__(self, input_shape: tuple, hparams: dict[str, Any]):
+        super().__init__()
+        import timm
+        self.net = timm.create_model(tinycase.BACKBONE, num_classes=0)
+        self.n_outputs = self.net.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def domainbed_key(host: str, key: str) -> tuple[str, Any] | None:
+    """Where dgzoo's state entry ``key`` of ``host`` lives in DomainBed's algorithm: (key, which columns or None),
+    or None where DomainBed has no counterpart (dgzoo's bookkeeping buffers, TRM's per-domain heads)."""
+    backbone = {"fish": ("network.net.0.net.", "network.net.1."), "sagnet": ("network_f.net.", "network_c.")}
+    features, classifier = backbone.get(host, ("featurizer.net.", "classifier."))
+    if key.startswith("network.fc."):
+        rest = key[len("network.fc."):]
+        if host == "mtl" and rest == "weight":  # DomainBed's MTL head reads [features, noise]: its first half
+            return "classifier.weight", "first"
+        return classifier + rest, None
+    if key.startswith("network."):
+        return features + key[len("network."):], None
+    if host == "mtl" and key == "noise_head.weight":
+        return "classifier.weight", "second"
+    renamed = {"transfer": {"adversary.": "adv_classifier."}, "sagnet": {"style_head.": "network_s."}}
+    for prefix, theirs in renamed.get(host, {}).items():
+        if key.startswith(prefix):
+            return theirs + key[len(prefix):], None
+    if host in ("dann", "cdann") and key.startswith(("discriminator.", "class_embeddings.")):
+        return key, None
+    if host == "selfreg" and key.startswith("cdpl."):
+        return key, None
+    if host == "groupdro" and key == "q":
+        return key, None
+    return None
+
+
+def _slice(half: str | None, tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """The whole tensor, or its first ``width`` columns / the rest (MTL's head over [features, noise])."""
+    if half is None:
+        return tensor
+    return tensor[:, :width] if half == "first" else tensor[:, width:]
+
+
+def domainbed_state(host: str, algorithm: nn.Module, keys: list[str], width: int) -> dict[str, torch.Tensor]:
+    """DomainBed's state under dgzoo's names (for the keys that have a counterpart)."""
+    theirs = dict(algorithm.state_dict(keep_vars=True))
+    out = {}
+    for key in keys:
+        where = domainbed_key(host, key)
+        if where is not None and where[0] in theirs:
+            out[key] = _slice(where[1], theirs[where[0]].detach(), width).clone()
+    return out
+
+
+def load_into_domainbed(host: str, algorithm: nn.Module, state: dict[str, torch.Tensor], width: int) -> list[str]:
+    """Copy dgzoo's initial state into DomainBed's algorithm in place (its optimizers keep the same parameters);
+    return DomainBed's trainable parameters that received nothing."""
+    theirs = dict(algorithm.state_dict(keep_vars=True))
+    filled = set()
+    for key, value in state.items():
+        where = domainbed_key(host, key)
+        if where is None or where[0] not in theirs:
+            continue
+        with torch.no_grad():
+            target = theirs[where[0]]
+            if where[0] == "q" and target.numel() == 0:  # GroupDRO's q is created at its first update
+                continue
+            _slice(where[1], target, width).copy_(value)
+        filled.add(where[0])
+    return [n for n, p in algorithm.named_parameters() if n not in filled]
+
+
+def domainbed(args: argparse.Namespace) -> None:
+    reference_import(args.domainbed, args.site)
+    nn.Module.cuda = lambda self, *a, **k: self  # TRM moves its heads with .cuda(); the tiny case runs on the CPU
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    from domainbed import algorithms, hparams_registry, networks
+    networks.Featurizer = TimmFeaturizer
+
+    hosts = args.only or sorted(DOMAINBED)
+    path = "domainbed.json"
+    data = tinycase.load(path) if (tinycase.DATA / path).exists() and args.only else {"hosts": {}}
+    data["reference"] = {"repository": "https://github.com/facebookresearch/DomainBed",
+                         "commit": commit_of(args.domainbed), "file": "domainbed/algorithms.py"}
+    for host in hosts:
+        try:
+            domainbed_host(host, data, algorithms, hparams_registry)
+        except Exception as e:  # noqa: BLE001 - report the host and go on with the others
+            print(f"{host}: FAILED {type(e).__name__}: {e}")
+    tinycase.save(path, data)
+
+
+def domainbed_host(host: str, data: dict[str, Any], algorithms: Any, hparams_registry: Any) -> None:
+    """Run DomainBed's ``host`` on the tiny case from dgzoo's initial state; store its numbers in ``data``."""
+    name = DOMAINBED[host]
+    overrides = OVERRIDES.get(host, {})
+    hparams = hparams_registry.default_hparams(name, "RotatedMNIST")  # a small-image dataset's defaults
+    hparams.update(overrides)
+    dtype = "float32" if host in FLOAT32 else "float64"
+    with tinycase.numerics(dtype):
+        ours = tinycase.build_dgzoo(host, overrides)
+        differing = {k: (v, hparams[k]) for k, v in ours.resolved_hparams[host].items()
+                     if k in hparams and hparams[k] != v}
+        if differing:
+            print(f"  {host}: dgzoo's hparams (left) differ from DomainBed's: {differing}")
+        initial = {k: v.detach().clone() for k, v in ours.host.state_dict().items()}
+        keys = [k for k in initial if domainbed_key(host, k) is not None]
+        width = ours.host.network.num_features
+        torch.manual_seed(tinycase.INIT_SEED)
+        theirs = algorithms.get_algorithm_class(name)(SHAPE, NUM_CLASSES, NUM_DOMAINS, hparams)
+        unfilled = load_into_domainbed(host, theirs, initial, width)
+        if unfilled:
+            print(f"  {host}: DomainBed parameters dgzoo has no counterpart for: {unfilled}")
+        updates = []
+        for update in range(UPDATES):
+            tinycase.seed_everything(update)
+            patches = randomness_patches(host, ours, update, algorithms)
+            batches = tinycase.minibatches(update)
+            metrics = with_patches(patches, lambda b=batches: theirs.update(b))
+            state = domainbed_state(host, theirs, keys, width)
+            if COMPARE:
+                compare(host, update, state, ours)
+            updates.append({"metrics": {k: float(v) for k, v in metrics.items()},
+                            "state": tinycase.changes(state, {k: initial[k] for k in keys})})
+    data["hosts"][host] = {
+        "domainbed": name, "hparams": hparams, "overrides": overrides, "dtype": dtype,
+        "tolerance": "float32" if host in FLOAT32 | FLOAT32_TERMS else "float64",
+        "initial": tinycase.total(tinycase.digests({k: initial[k] for k in keys})), "updates": updates}
+    print(f"{host}: {len(keys)} tensors, losses {[u['metrics'] for u in updates]}")
+
+
+COMPARE = False
+
+
+def compare(host: str, update: int, state: dict[str, torch.Tensor], ours: Any) -> None:
+    """Diagnostics (--compare): run dgzoo's update too and print the tensors that differ most."""
+    tinycase.seed_everything(update)
+    ours.update(tinycase.minibatches(update), update)
+    mine = ours.host.state_dict()
+    diffs = sorted(((float((mine[k].double() - v.double()).abs().max()), k) for k, v in state.items()), reverse=True)
+    worst = [f"{k}={d:.2e}" for d, k in diffs[:4] if d > 0]
+    print(f"  {host} update {update + 1}: max |dgzoo - reference| {worst}")
+
+
+class _Draws:
+    """Hands out pre-drawn values in order, one per call (DomainBed's np.random.* / torch.randperm calls)."""
+
+    def __init__(self, values: list[Any]):
+        self.values = list(values)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.values.pop(0)
+
+
+def randomness_patches(host: str, ours: Any, update: int, algorithms: Any) -> list[tuple[Any, str, Any]]:
+    """(object, attribute, value) patches that make DomainBed take the random decisions dgzoo takes at ``update``
+    (dgzoo draws them from a generator seeded with the run seed and the step, DomainBed from the global RNGs).
+    Empty where both draw from the same global RNG in the same order."""
+    import types
+
+    import numpy as np
+
+    from dgzoo.algorithms.meta import meta_train_test_pairs
+    from dgzoo.algorithms.robust import mixup_pairs
+    from dgzoo.algorithms.seeding import derive_seed
+
+    seed = derive_seed(getattr(ours.host, "seed", 0), update)
+    batches = tinycase.minibatches(update)
+    if host in ("causirl_coral", "causirl_mmd"):
+        generator = torch.Generator().manual_seed(seed)
+        cuts = [int(torch.randint(0, len(x), (1,), generator=generator)) for x, _ in batches]
+        shim = types.SimpleNamespace(random=types.SimpleNamespace(randint=_Draws(cuts)))
+        return [(algorithms, "np", shim)]
+    if host == "mixup":
+        triples = mixup_pairs(len(batches), ours.host.hparams["mixup_alpha"], seed)
+        pairs = [(batches[i], batches[j]) for i, j, _ in triples]
+        shim = types.SimpleNamespace(random=types.SimpleNamespace(beta=_Draws([lam for *_, lam in triples])))
+        return [(algorithms, "np", shim), (algorithms, "random_pairs_of_minibatches", lambda mb: pairs)]
+    if host == "mldg":
+        pairs = meta_train_test_pairs(len(batches), ours.host.hparams["n_meta_test"],
+                                      torch.Generator().manual_seed(seed))
+        return [(algorithms, "split_meta_train_test",
+                 lambda mb, num_meta_test=1: [(mb[i], mb[j]) for i, j in pairs])]
+    if host == "fishr":
+        # BackPACK 1.7 under torch 2.x fills grad_batch only when the backward pass reaches the classifier's input:
+        # Fishr's `loss.backward(inputs=<classifier parameters>, ...)` stops short of it and BackPACK records
+        # nothing. Without `inputs` the same per-sample gradients are recorded; the extra .grad it accumulates in
+        # the featurizer is cleared by Fishr's own zero_grad() before its real backward pass.
+        backward = torch.Tensor.backward
+
+        def without_inputs(self: torch.Tensor, *args: Any, inputs: Any = None, **kwargs: Any) -> None:
+            return backward(self, *args, **kwargs)
+        return [(torch.Tensor, "backward", without_inputs)]
+    if host == "selfreg":
+        rng = np.random.default_rng(seed)
+        lam = float(rng.beta(0.5, 0.5))
+        labels = torch.sort(torch.cat([y for _, y in batches]), stable=True)[0]
+        _, counts = torch.unique_consecutive(labels, return_counts=True)
+        perms = [torch.as_tensor(rng.permutation(c)) for c in counts.tolist() for _ in range(2)]
+        draws = _Draws(perms)
+        randperm = torch.randperm
+        shim = types.SimpleNamespace(random=types.SimpleNamespace(beta=_Draws([lam])))
+        return [(algorithms, "np", shim),
+                (torch, "randperm", lambda n, *a, **k: draws() if n > 0 else randperm(0))]
+    return []
+
+
+def with_patches(patches: list[tuple[Any, str, Any]], fn: Callable[[], Any]) -> Any:
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+    for obj, attr, value in patches:
+        setattr(obj, attr, value)
+    try:
+        return fn()
+    finally:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="reference", required=True)
+    p = sub.add_parser("domainbed", help="the DomainBed hosts from domainbed/algorithms.py")
+    p.add_argument("--domainbed", type=Path, required=True, help="a DomainBed checkout")
+    p.add_argument("--site", type=Path, help="a folder of packages DomainBed imports (BackPACK for Fishr)")
+    p.add_argument("--only", nargs="*", help="regenerate these hosts only, keeping the others")
+    p.add_argument("--compare", action="store_true", help="also run dgzoo and print where it differs")
+    p.set_defaults(run=domainbed)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    global COMPARE
+    COMPARE = getattr(args, "compare", False)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
