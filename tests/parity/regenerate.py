@@ -11,6 +11,7 @@ See docs/parity.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 from collections.abc import Callable
@@ -290,6 +291,64 @@ def with_patches(patches: list[tuple[Any, str, Any]], fn: Callable[[], Any]) -> 
             setattr(obj, attr, value)
 
 
+# -- SAM, GSAM, SAGM: the official optimizers on ERM's pooled cross-entropy ------------------------------------------
+
+SHARPNESS = {"sam": "https://github.com/davda54/sam", "gsam": "https://github.com/juntang-zhuang/GSAM",
+             "sagm": "https://github.com/Wang-pengfei/SAGM"}
+
+
+def sharpness(args: argparse.Namespace) -> None:
+    import torch.nn.functional as F
+
+    paths = {"sam": args.sam, "gsam": args.gsam, "sagm": args.sagm}
+    for path in paths.values():
+        reference_import(path, None)
+    sys.path.insert(0, str(args.sagm / "domainbed"))  # SAGM's optimizer package, without its DomainBed fork
+    from gsam import GSAM, LinearScheduler
+    from sagm import SAGM
+    from sam import SAM
+
+    data: dict[str, Any] = {"hosts": {}}
+    for host, repository in SHARPNESS.items():
+        with tinycase.numerics("float64"):
+            ours = tinycase.build_dgzoo(host, {})
+            hp = ours.resolved_hparams[host]
+            network = copy.deepcopy(ours.host.network)
+            initial = {f"network.{k}": v.detach().clone() for k, v in network.state_dict().items()}
+            adam = torch.optim.Adam  # its epsilon is tinycase.ADAM_EPS here, as dgzoo's optimizer's
+            if host == "sam":
+                optimizer = SAM(network.parameters(), adam, rho=hp["rho"], adaptive=False, lr=tinycase.LR)
+            else:
+                # A constant rho, as SAGM's DomainBed algorithm schedules it (max = min = rho).
+                rho = LinearScheduler(T_max=5000, max_value=hp["rho"], min_value=hp["rho"])
+                base = adam(network.parameters(), lr=tinycase.LR)
+                cls, alpha = (GSAM, "gsam_alpha") if host == "gsam" else (SAGM, "alpha")
+                optimizer = cls(params=network.parameters(), base_optimizer=base, model=network,
+                                rho_scheduler=rho, adaptive=False, **{alpha: hp["alpha"]})
+            updates = []
+            for update in range(UPDATES):
+                tinycase.seed_everything(update)
+                batches = tinycase.minibatches(update)
+                x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+                if host == "sam":  # davda54/sam's README usage: two closures around first_step/second_step
+                    loss = F.cross_entropy(network(x), y)
+                    loss.backward()
+                    optimizer.first_step(zero_grad=True)
+                    F.cross_entropy(network(x), y).backward()
+                    optimizer.second_step(zero_grad=True)
+                else:  # the official usage (SAGM's DomainBed algorithm): set_closure, step, update_rho_t
+                    optimizer.set_closure(F.cross_entropy, x, y)
+                    _, loss = optimizer.step()
+                    optimizer.update_rho_t()
+                state = {f"network.{k}": v for k, v in network.state_dict().items()}
+                updates.append({"metrics": {"loss": float(loss.detach())}, "state": tinycase.changes(state, initial)})
+        data["hosts"][host] = {"reference": {"repository": repository, "commit": commit_of(paths[host])},
+                               "overrides": {}, "hparams": hp, "dtype": "float64", "tolerance": "float64",
+                               "initial": tinycase.total(tinycase.digests(initial)), "updates": updates}
+        print(f"{host}: losses {[u['metrics'] for u in updates]}")
+    tinycase.save("sharpness.json", data)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="reference", required=True)
@@ -299,6 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="*", help="regenerate these hosts only, keeping the others")
     p.add_argument("--compare", action="store_true", help="also run dgzoo and print where it differs")
     p.set_defaults(run=domainbed)
+    p = sub.add_parser("sharpness", help="SAM, GSAM and SAGM from their official optimizers")
+    p.add_argument("--sam", type=Path, required=True, help="a davda54/sam checkout")
+    p.add_argument("--gsam", type=Path, required=True, help="a juntang-zhuang/GSAM checkout")
+    p.add_argument("--sagm", type=Path, required=True, help="a Wang-pengfei/SAGM checkout")
+    p.set_defaults(run=sharpness)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     global COMPARE

@@ -131,3 +131,29 @@ def run_dgzoo(composition: Any, updates: int = UPDATES, num_domains: int = NUM_D
         metrics = composition.update(minibatches(update, num_domains), update)
         out.append((metrics, {k: v.detach().clone() for k, v in composition.host.state_dict().items()}))
     return out
+
+
+def drift(spec: str, case: dict[str, Any], skipped: tuple[str, ...] = (), losses: dict[str, str] | None = None
+          ) -> list[str]:
+    """Build ``spec`` in dgzoo on the tiny case, run its updates and list every way it drifted from the reference
+    numbers in ``case`` (an entry of a data file): tensors whose change differs, losses that differ. ``skipped``
+    ends the names of state entries not compared (a documented difference); ``losses`` maps dgzoo metrics to the
+    reference's (default: ``loss`` to ``loss`` where the reference reported one)."""
+    with numerics(case["dtype"]):
+        algorithm = build_dgzoo(spec, case["overrides"])
+        keys = case["updates"][0]["state"]
+        initial = {k: v.clone() for k, v in algorithm.host.state_dict().items() if k in keys}
+        if not np.allclose(total(digests(initial)), case["initial"], rtol=1e-12):
+            return ["the tiny case's initial weights are not the reference's (regenerate the data)"]
+        out = []
+        rtol, _ = TOLERANCE[case["tolerance"]]
+        for update, (metrics, state) in enumerate(run_dgzoo(algorithm)):
+            expected = case["updates"][update]
+            reference = {k: v for k, v in expected["state"].items() if not (skipped and k.endswith(skipped))}
+            out += [f"update {update + 1}: {m}" for m in mismatches(reference, changes(state, initial),
+                                                                    case["tolerance"])]
+            for ours, theirs in (losses if losses is not None else {"loss": "loss"}).items():
+                if theirs in expected["metrics"] and not np.isclose(metrics[ours], expected["metrics"][theirs],
+                                                                    rtol=rtol):
+                    out.append(f"update {update + 1}: {ours} {metrics[ours]} != {expected['metrics'][theirs]}")
+        return out
