@@ -349,6 +349,53 @@ def sharpness(args: argparse.Namespace) -> None:
     tinycase.save("sharpness.json", data)
 
 
+# -- EMA: timm's ModelEmaV3 at a constant decay over ERM's trajectory -------------------------------------------------
+
+def erm_step(network: nn.Module, optimizer: torch.optim.Optimizer, update: int) -> torch.Tensor:
+    """One step of DomainBed's ERM (pooled cross-entropy, Adam) on the tiny case's minibatches of ``update``."""
+    import torch.nn.functional as F
+
+    tinycase.seed_everything(update)
+    batches = tinycase.minibatches(update)
+    loss = F.cross_entropy(network(torch.cat([b[0] for b in batches])), torch.cat([b[1] for b in batches]))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+EMA_DECAY = 0.5  # a decay at which two updates move the average visibly
+
+
+def ema(args: argparse.Namespace) -> None:
+    import timm
+    from timm.utils.model_ema import ModelEmaV3
+
+    data: dict[str, Any] = {"hosts": {}}
+    overrides = {"ema.decay": EMA_DECAY}
+    with tinycase.numerics("float64"):
+        ours = tinycase.build_dgzoo("erm+ema", overrides)
+        network = copy.deepcopy(ours.host.network)
+        average = ModelEmaV3(network, decay=EMA_DECAY)  # update(model) without a step: the constant decay
+        initial = {**{f"network.{k}": v.detach().clone() for k, v in network.state_dict().items()},
+                   **{f"evaluated.{k}": v.detach().clone() for k, v in network.state_dict().items()}}
+        optimizer = torch.optim.Adam(network.parameters(), lr=tinycase.LR)
+        updates = []
+        for update in range(UPDATES):
+            loss = erm_step(network, optimizer, update)
+            average.update(network)
+            state = {**{f"network.{k}": v for k, v in network.state_dict().items()},
+                     **{f"evaluated.{k}": v for k, v in average.module.state_dict().items()}}
+            updates.append({"metrics": {"loss": float(loss)}, "state": tinycase.changes(state, initial)})
+    data["hosts"]["erm+ema"] = {
+        "reference": {"repository": "https://github.com/huggingface/pytorch-image-models",
+                      "version": timm.__version__, "code": "timm.utils.model_ema.ModelEmaV3"},
+        "overrides": overrides, "dtype": "float64", "tolerance": "float64",
+        "initial": tinycase.total(tinycase.digests(initial)), "updates": updates}
+    print(f"erm+ema: losses {[u['metrics'] for u in updates]}")
+    tinycase.save("ema.json", data)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="reference", required=True)
@@ -363,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gsam", type=Path, required=True, help="a juntang-zhuang/GSAM checkout")
     p.add_argument("--sagm", type=Path, required=True, help="a Wang-pengfei/SAGM checkout")
     p.set_defaults(run=sharpness)
+    p = sub.add_parser("ema", help="the EMA add-on from the installed timm's ModelEmaV3")
+    p.set_defaults(run=ema)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     global COMPARE

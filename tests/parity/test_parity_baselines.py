@@ -10,3 +10,11 @@ SHARPNESS = tinycase.load("sharpness.json")
 def test_two_pass_update_equals_the_official_optimizer(host):
     drift = tinycase.drift(host, SHARPNESS["hosts"][host])
     assert drift == [], f"{len(drift)} differences from the official {host}: " + "; ".join(drift[:5])
+
+
+EMA = tinycase.load("ema.json")
+
+
+def test_ema_average_equals_timm_model_ema():
+    drift = tinycase.drift("erm+ema", EMA["hosts"]["erm+ema"])
+    assert drift == [], f"{len(drift)} differences from timm's ModelEmaV3: " + "; ".join(drift[:5])

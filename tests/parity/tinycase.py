@@ -122,14 +122,24 @@ def build_dgzoo(spec: str, hparams: dict[str, Any], num_domains: int = NUM_DOMAI
                             make_optimizer=lambda groups: torch.optim.Adam(groups, lr=LR, weight_decay=0.0))  # eps: numerics()
 
 
+def state_of(composition: Any) -> dict[str, torch.Tensor]:
+    """What the parity data compares: the host's state (``network.*`` and the modules it adds) and, when an add-on
+    evaluates another network (an average of weights), that network's state as ``evaluated.*``."""
+    state = dict(composition.host.state_dict())
+    evaluated = composition.evaluated_network()
+    if evaluated is not composition.host.network:
+        state.update({f"evaluated.{k}": v for k, v in evaluated.state_dict().items()})
+    return state
+
+
 def run_dgzoo(composition: Any, updates: int = UPDATES, num_domains: int = NUM_DOMAINS
               ) -> list[tuple[dict[str, float], dict[str, torch.Tensor]]]:
-    """``updates`` training steps; after each, the metrics and a copy of the host's state."""
+    """``updates`` training steps; after each, the metrics and a copy of the compared state (:func:`state_of`)."""
     out = []
     for update in range(updates):
         seed_everything(update)
         metrics = composition.update(minibatches(update, num_domains), update)
-        out.append((metrics, {k: v.detach().clone() for k, v in composition.host.state_dict().items()}))
+        out.append((metrics, {k: v.detach().clone() for k, v in state_of(composition).items()}))
     return out
 
 
@@ -142,7 +152,7 @@ def drift(spec: str, case: dict[str, Any], skipped: tuple[str, ...] = (), losses
     with numerics(case["dtype"]):
         algorithm = build_dgzoo(spec, case["overrides"])
         keys = case["updates"][0]["state"]
-        initial = {k: v.clone() for k, v in algorithm.host.state_dict().items() if k in keys}
+        initial = {k: v.clone() for k, v in state_of(algorithm).items() if k in keys}
         if not np.allclose(total(digests(initial)), case["initial"], rtol=1e-12):
             return ["the tiny case's initial weights are not the reference's (regenerate the data)"]
         out = []
