@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -396,6 +397,72 @@ def ema(args: argparse.Namespace) -> None:
     tinycase.save("ema.json", data)
 
 
+# -- SWAD: the official LossValley and AveragedModel on scripted validation-loss curves --------------------------------
+
+def swad_weights(step: int) -> torch.Tensor:
+    """The scripted weights of the tiny SWAD model after ``step`` steps: distinct per step, so an average over a
+    window of steps identifies the window."""
+    t = float(step)
+    return torch.tensor([[t, np.sin(t), t * t / 10.0]], dtype=torch.float64)
+
+
+# name -> (validation loss at each evaluation, hyperparameters). An evaluation every SWAD_EVERY steps; the run ends at
+# the last one. Defaults are the official n_converge=3, n_tolerance=6, tolerance_ratio=0.3.
+SWAD_EVERY = 2
+SWAD_CURVES: dict[str, tuple[list[float], dict[str, Any]]] = {
+    "converges at the third evaluation": ([0.5, 0.6, 0.7, 0.6, 0.55, 0.6, 0.7, 0.8, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], {}),
+    "converges at the third evaluation, ends in the valley": ([0.5, 0.6, 0.7] + [0.6] * 27, {}),
+    "a valley after a descent": ([2.0, 1.5, 1.2, 1.0, 0.9, 0.85, 0.8, 0.82, 0.84, 0.83, 0.85, 0.9, 0.95, 1.0, 1.1,
+                                  1.2, 1.3, 1.5, 1.8, 2.2], {}),
+    "the valley dies": ([1.0, 0.9, 0.95, 0.97, 0.93, 0.95, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0], {}),
+    "the run ends inside the valley": ([2.0, 1.5, 1.0, 1.1, 1.2, 1.05, 1.1, 1.0, 1.15], {}),
+    "a descent that never converges": ([2.0, 1.8, 1.6, 1.4, 1.2, 1.0, 0.9, 0.8], {}),
+    "n_tolerance below n_converge": ([2.0, 1.0, 1.2, 1.1, 1.3, 1.2, 1.25, 2.5, 3.0, 3.5, 4.0],
+                                     {"n_converge": 4, "n_tolerance": 2}),
+    "n_tolerance above n_converge, high losses before": ([0.9, 5.0, 0.8, 0.7, 0.75, 0.72, 0.74, 0.73, 0.76, 0.8, 0.9,
+                                                          1.5, 2.0, 2.0, 2.0, 2.0, 2.0], {}),
+}
+SWAD_DEFAULTS = {"n_converge": 3, "n_tolerance": 6, "tolerance_ratio": 0.3}
+
+
+def swad(args: argparse.Namespace) -> None:
+    reference_import(args.swad, None)
+    nn.Module.cuda = lambda self, *a, **k: self  # get_final_model moves the average to the GPU
+    from domainbed import swad as swad_module
+    from domainbed.lib import swa_utils
+
+    class Logger:  # the evaluator's logger, called when the run never converged
+        def error(self, message: str) -> None:
+            print(f"  (LossValley: {message})")
+
+    data: dict[str, Any] = {"reference": {"repository": "https://github.com/khanrc/swad",
+                                          "commit": commit_of(args.swad),
+                                          "code": "domainbed/swad.py LossValley, domainbed/lib/swa_utils.py"},
+                            "every": SWAD_EVERY, "cases": {}}
+    for name, (losses, overrides) in SWAD_CURVES.items():
+        hp = {**SWAD_DEFAULTS, **overrides}
+        model = nn.Linear(3, 1, bias=False).double()
+        valley = swad_module.LossValley(type("Evaluator", (), {"logger": Logger()})(), **hp)
+        segment = swa_utils.AveragedModel(model)
+        for step in range(1, SWAD_EVERY * len(losses) + 1):  # the official loop, steps counted from 1
+            with torch.no_grad():
+                model.weight.copy_(swad_weights(step))
+            segment.update_parameters(model, step=step)
+            if step % SWAD_EVERY == 0:
+                valley.update_and_evaluate(segment, 0.0, losses[step // SWAD_EVERY - 1], lambda *a: None)
+                if valley.dead_valley:
+                    break
+                segment = swa_utils.AveragedModel(model)
+        final = valley.get_final_model()
+        averaged = isinstance(final, swa_utils.AveragedModel)
+        weights = (final.module if averaged else final).weight.detach().flatten().tolist()
+        data["cases"][name] = {"losses": losses, "hparams": hp, "converged": valley.is_converged,
+                               "weights": weights, "n_averaged": int(final.n_averaged),
+                               "window": [int(final.start_step), int(final.end_step)]}
+        print(f"{name}: window {data['cases'][name]['window']} n={int(final.n_averaged)} weights {weights}")
+    tinycase.save("swad.json", data)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="reference", required=True)
@@ -412,6 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(run=sharpness)
     p = sub.add_parser("ema", help="the EMA add-on from the installed timm's ModelEmaV3")
     p.set_defaults(run=ema)
+    p = sub.add_parser("swad", help="SWAD's loss valley from the official khanrc/swad code")
+    p.add_argument("--swad", type=Path, required=True, help="a khanrc/swad checkout")
+    p.set_defaults(run=swad)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     global COMPARE
