@@ -463,6 +463,65 @@ def swad(args: argparse.Namespace) -> None:
     tinycase.save("swad.json", data)
 
 
+# -- MixStyle, EFDMix: the official modules after layer1..3, ERM's update ---------------------------------------------
+
+def load_file(path: Path, name: str) -> Any:
+    """Import one reference source file as a module (the released MixStyle/EFDMix files stand alone). EFDM's
+    efdmix.py ends in a stray line-continuation backslash, a syntax error; it is dropped."""
+    import types
+
+    source = path.read_text().rstrip()
+    module = types.ModuleType(name)
+    exec(compile(source.rstrip("\\"), str(path), "exec"), module.__dict__)  # noqa: S102 - the reference's code
+    return module
+
+
+MIXING = {"mixstyle": ("https://github.com/KaiyangZhou/mixstyle-release", "reid/models/mixstyle.py", "MixStyle"),
+          "efdmix": ("https://github.com/YBZh/EFDM", "DomainGeneralization/reid/models/efdmix.py", "EFDMix")}
+# p = 1: every training pass mixes at every stage. dgzoo draws the p-decision from torch's RNG (torch.rand), the
+# official modules from Python's `random`; at p = 1 neither decides anything, and the reference draws (and drops)
+# one torch.rand before each module so that the Beta weights and the permutation come from the same torch stream.
+MIXING_OVERRIDES = {"p": 1.0}
+
+
+def mixing(args: argparse.Namespace) -> None:
+    paths = {"mixstyle": args.mixstyle, "efdmix": args.efdm}
+    data: dict[str, Any] = {"hosts": {}}
+    for addon, (repository, file, cls) in MIXING.items():
+        official = getattr(load_file(paths[addon] / file, f"reference_{addon}"), cls)
+        overrides = {f"{addon}.{k}": v for k, v in MIXING_OVERRIDES.items()}
+        with tinycase.numerics("float64"):
+            ours = tinycase.build_dgzoo(f"erm+{addon}", overrides)
+            hp = ours.resolved_hparams[addon]
+            network = copy.deepcopy(ours.host.network)
+            for hook in network._forward_hooks.copy():  # the copy carries dgzoo's (disabled) hooks: drop them
+                network._forward_hooks.pop(hook)
+            for stage in ("layer1", "layer2", "layer3"):
+                module = getattr(network, stage)
+                module._forward_hooks.clear()
+                kwargs = {"eps": hp["eps"]} if "eps" in hp else {}
+                mixer = official(p=hp["p"], alpha=hp["alpha"], mix=hp["mix"], **kwargs)
+
+                def hook(m: nn.Module, inputs: Any, output: torch.Tensor, mixer: nn.Module = mixer) -> torch.Tensor:
+                    torch.rand(())
+                    mixer.train(m.training)
+                    return mixer(output)
+                module.register_forward_hook(hook)
+            initial = {f"network.{k}": v.detach().clone() for k, v in network.state_dict().items()}
+            optimizer = torch.optim.Adam(network.parameters(), lr=tinycase.LR)
+            updates = []
+            for update in range(UPDATES):
+                loss = erm_step(network, optimizer, update)
+                state = {f"network.{k}": v for k, v in network.state_dict().items()}
+                updates.append({"metrics": {"loss": float(loss)}, "state": tinycase.changes(state, initial)})
+        data["hosts"][f"erm+{addon}"] = {
+            "reference": {"repository": repository, "commit": commit_of(paths[addon]), "file": file},
+            "overrides": overrides, "hparams": hp, "dtype": "float64", "tolerance": "float64",
+            "initial": tinycase.total(tinycase.digests(initial)), "updates": updates}
+        print(f"erm+{addon}: losses {[u['metrics'] for u in updates]}")
+    tinycase.save("mixing.json", data)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="reference", required=True)
@@ -482,6 +541,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("swad", help="SWAD's loss valley from the official khanrc/swad code")
     p.add_argument("--swad", type=Path, required=True, help="a khanrc/swad checkout")
     p.set_defaults(run=swad)
+    p = sub.add_parser("mixing", help="MixStyle and EFDMix from their released modules")
+    p.add_argument("--mixstyle", type=Path, required=True, help="a KaiyangZhou/mixstyle-release checkout")
+    p.add_argument("--efdm", type=Path, required=True, help="a YBZh/EFDM checkout")
+    p.set_defaults(run=mixing)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     global COMPARE

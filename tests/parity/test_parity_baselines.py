@@ -79,3 +79,12 @@ def test_swad_averages_the_official_loss_valley(case):
     else:  # the official loop counted some segments twice; dgzoo counts each once over the same window
         assert np.allclose(weights, once_per_segment(window, every), rtol=1e-12, atol=1e-12)
         assert not np.allclose(weights, expected["weights"])
+
+
+MIXING = tinycase.load("mixing.json")
+
+
+@pytest.mark.parametrize("spec", sorted(MIXING["hosts"]))
+def test_feature_mixing_equals_the_released_module(spec):
+    drift = tinycase.drift(spec, MIXING["hosts"][spec])
+    assert drift == [], f"{len(drift)} differences from the released module: " + "; ".join(drift[:5])
