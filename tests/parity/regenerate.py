@@ -522,6 +522,95 @@ def mixing(args: argparse.Namespace) -> None:
     tinycase.save("mixing.json", data)
 
 
+# -- MIRO: the official algorithm on the tiny network's ResNet taps ---------------------------------------------------
+
+class _HParams(dict):
+    """The official MIRO reads its hyperparameters both as keys and as attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self[name]
+
+
+class TimmURFeaturizer(nn.Module):
+    """Stands in for MIRO's ``URFeaturizer``: the tiny timm network without its classifier, its features tapped
+    where the official ``BLOCKNAMES['resnet']`` with ``feat_layers='stem_block'`` taps a ResNet (the stem's last
+    module, ``maxpool``, and ``layer1``..``layer4``). ``freeze='all'`` (the oracle) freezes it and keeps it in eval
+    mode, as the official frozen-BatchNorm oracle; the trained copy's BatchNorm trains, as dgzoo's network does."""
+
+    TAPS = ("maxpool", "layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, input_shape: tuple, hparams: Any, preserve_readout: bool = False, freeze: Any = None,
+                 feat_layers: Any = None):
+        super().__init__()
+        import timm
+        self.net = timm.create_model(tinycase.BACKBONE, num_classes=0)
+        self.n_outputs = self.net.num_features
+        self._features: list[torch.Tensor] = []
+        for name, module in self.net.named_modules():
+            if name in self.TAPS:
+                module.register_forward_hook(lambda m, i, o: self._features.append(o))
+        self.frozen = freeze == "all"
+        if self.frozen:
+            self.net.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> TimmURFeaturizer:
+        return super().train(mode and not self.frozen)
+
+    def forward(self, x: torch.Tensor, ret_feats: bool = False) -> Any:
+        self._features.clear()
+        out = self.net(x)
+        return (out, self._features) if ret_feats else out
+
+
+def miro(args: argparse.Namespace) -> None:
+    import types
+
+    reference_import(args.miro, None)
+    sys.modules.setdefault("clip", types.ModuleType("clip"))  # imported by its backbones module for CLIP models only
+    from domainbed.algorithms import miro as miro_module
+    miro_module.URFeaturizer = TimmURFeaturizer
+
+    data: dict[str, Any] = {"hosts": {}}
+    with tinycase.numerics("float64"):
+        ours = tinycase.build_dgzoo("miro", {})
+        hp = ours.resolved_hparams["miro"]
+        initial = {k: v.detach().clone() for k, v in ours.host.state_dict().items()}
+        hparams = _HParams(lr=tinycase.LR, weight_decay=0.0, optimizer="adam", ld=hp["ld"], lr_mult=hp["lr_mult"],
+                           feat_layers="stem_block", resnet_dropout=0.0)
+        torch.manual_seed(tinycase.INIT_SEED)
+        theirs = miro_module.MIRO(SHAPE, NUM_CLASSES, NUM_DOMAINS, hparams)
+        where = {}
+        for key in initial:
+            if key.startswith("network.fc."):
+                where[key] = "classifier." + key[len("network.fc."):]
+            elif key.startswith("network."):
+                where[key] = "featurizer.net." + key[len("network."):]
+            elif key.startswith("reference.") and not key.startswith("reference.fc."):
+                where[key] = "pre_featurizer.net." + key[len("reference."):]
+            elif key.startswith("variances."):
+                where[key] = f"var_encoders.{key.split('.')[1]}.b"
+        state = dict(theirs.state_dict(keep_vars=True))
+        with torch.no_grad():
+            for key, theirs_key in where.items():
+                state[theirs_key].copy_(initial[key].view_as(state[theirs_key]))
+        updates = []
+        for update in range(UPDATES):
+            tinycase.seed_everything(update)
+            batches = tinycase.minibatches(update)
+            metrics = theirs.update([b[0] for b in batches], [b[1] for b in batches])
+            now = {k: state[t].detach().reshape(initial[k].shape) for k, t in where.items()}
+            updates.append({"metrics": {"loss": float(metrics["loss"])},
+                            "state": tinycase.changes(now, {k: initial[k] for k in where})})
+    data["hosts"]["miro"] = {
+        "reference": {"repository": "https://github.com/kakaobrain/miro", "commit": commit_of(args.miro),
+                      "file": "domainbed/algorithms/miro.py"},
+        "overrides": {}, "hparams": dict(hparams), "dtype": "float64", "tolerance": "float64",
+        "initial": tinycase.total(tinycase.digests({k: initial[k] for k in where})), "updates": updates}
+    print(f"miro: losses {[u['metrics'] for u in updates]}")
+    tinycase.save("miro.json", data)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="reference", required=True)
@@ -545,6 +634,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixstyle", type=Path, required=True, help="a KaiyangZhou/mixstyle-release checkout")
     p.add_argument("--efdm", type=Path, required=True, help="a YBZh/EFDM checkout")
     p.set_defaults(run=mixing)
+    p = sub.add_parser("miro", help="MIRO from the official kakaobrain/miro algorithm")
+    p.add_argument("--miro", type=Path, required=True, help="a kakaobrain/miro checkout")
+    p.set_defaults(run=miro)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     global COMPARE

@@ -88,3 +88,11 @@ MIXING = tinycase.load("mixing.json")
 def test_feature_mixing_equals_the_released_module(spec):
     drift = tinycase.drift(spec, MIXING["hosts"][spec])
     assert drift == [], f"{len(drift)} differences from the released module: " + "; ".join(drift[:5])
+
+
+MIRO = tinycase.load("miro.json")
+
+
+def test_miro_update_equals_the_official_algorithm():
+    drift = tinycase.drift("miro", MIRO["hosts"]["miro"])
+    assert drift == [], f"{len(drift)} differences from the official MIRO: " + "; ".join(drift[:5])
