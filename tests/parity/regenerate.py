@@ -1,6 +1,11 @@
 """Regenerate the parity reference numbers in ``tests/parity/data/`` from reference checkouts outside the repository.
 
     python tests/parity/regenerate.py domainbed --domainbed /tmp/ref/DomainBed --site /tmp/ref/site
+    python tests/parity/regenerate.py sharpness --sam /tmp/ref/sam --gsam /tmp/ref/GSAM --sagm /tmp/ref/SAGM
+    python tests/parity/regenerate.py mixing --mixstyle /tmp/ref/mixstyle-release --efdm /tmp/ref/EFDM
+    python tests/parity/regenerate.py miro --miro /tmp/ref/miro
+    python tests/parity/regenerate.py swad --swad /tmp/ref/swad
+    python tests/parity/regenerate.py ema              # timm's ModelEmaV3, from the installed timm
 
 Each sub-command imports the reference code from the path given (never from this repository), runs it on the tiny
 case of ``tinycase.py`` and writes the numbers it produced (digests of every parameter and buffer after each update,
