@@ -16,10 +16,11 @@ DomainBed's semantics (``domainbed/scripts/sweep.py`` and ``train.py``), kept ex
 - **held-out domains**: ``single`` holds out each domain alone; ``single_and_pairs`` adds every pair, which is what
   leave-one-domain-out model selection needs (``dgzoo report`` uses the pairs only for that).
 
-Runs are resumable: a finished run (``results.json`` present) is skipped; an interrupted one resumes from its
-last checkpoint, or restarts when it has none; one that a live process holds (its claim, :mod:`dgzoo.run.claim`)
-is "running elsewhere" and left alone. A run directory that holds a run trained with other settings is an error,
-never silently reused. ``sweep.json`` (the manifest) records the spec and every run's settings.
+Runs are resumable: a finished run (``results.json``, written last, and every other file present) is skipped; an
+interrupted one resumes from its last checkpoint, or restarts when it has none; one that a live process holds (its
+claim, :mod:`dgzoo.run.claim`) is "running elsewhere" and left alone. A run directory that holds a run trained with
+other settings is an error, never silently reused. ``sweep.json`` (the manifest) records the spec and every run's
+settings.
 
 ``--more-trials N`` adds, for every (dataset, algorithm, held-out set), the selected hyperparameter sample trained
 on N new trial seeds; the choice is written to ``more_trials.json`` once, so later invocations extend it.
@@ -48,7 +49,7 @@ from ..hparams import Distribution, Uniform, parse_distribution
 from ..models import check_backbone
 from ..errors import DGZooError, suggest
 from ..run.claim import CLAIM_FILE, claim_holder, describe_holder
-from ..run.rundir import latest_checkpoint, read_json, write_json
+from ..run.rundir import latest_checkpoint, missing_outputs, read_json, write_json
 
 MANIFEST = "sweep.json"
 MORE_TRIALS = "more_trials.json"
@@ -393,8 +394,8 @@ def run_status(run: SweepRun) -> str:
     DGZooError when the directory holds a run trained with other settings."""
     out = run.output_dir
     saved_path = out / "train_config.json"
-    finished_here = (out / "results.json").exists()
-    if not finished_here and holder_of(run) is not None:
+    missing = missing_outputs(out)  # None: no results.json; []: done; else finalising was cut short
+    if missing != [] and holder_of(run) is not None:
         return "running"
     if not out.exists() or not any(p.name != CLAIM_FILE for p in out.iterdir()):
         return "new"
@@ -402,7 +403,7 @@ def run_status(run: SweepRun) -> str:
         return "restart"
     saved = read_json(saved_path)
     changed, diffs = changed_fields(saved, run.config.to_dict())
-    finished, checkpoint = (out / "results.json").exists(), latest_checkpoint(out)
+    finished, checkpoint = missing is not None, latest_checkpoint(out)
     if changed == ["steps"] and int(saved["steps"]) < run.config.steps and checkpoint:
         return "resume"  # the spec asks for more steps: train further from the last checkpoint
     if changed and (finished or checkpoint):
@@ -410,9 +411,9 @@ def run_status(run: SweepRun) -> str:
                          f"changed sweep to a new output_dir, or delete that run directory")
     if changed:
         return "restart"
-    if finished:
+    if missing == []:
         return "done"
-    return "resume" if checkpoint else "restart"
+    return "resume" if checkpoint else "restart"  # a finished run missing files resumes at its last step to finish
 
 
 def prepare(run: SweepRun) -> str:
