@@ -66,6 +66,8 @@ SLURM_KEYS: dict[str, tuple[type, str]] = {
     "gpus": (int, "GPUs per run (--gpus-per-node)"), "cpus": (int, "CPUs per run (--cpus-per-task)"),
     "mem": (int, "memory per run in GB (--mem)"), "account": (str, "the account to charge (--account)"),
     "array_parallelism": (int, "most runs of the array at once (--array=...%N)"),
+    "max_requeues": (int, "how often submitit requeues a job that ran out of time (default: 3; preemptions do "
+                          "not count)"),
 }
 # Fields every printed command states, even at their defaults, so a command says what it trains on its own.
 ALWAYS_IN_COMMANDS = ("dataset", "algorithm", "target_domains", "seed", "split_seed", "output_dir")
@@ -211,7 +213,7 @@ def check_slurm_options(values: dict[str, Any], source: str) -> dict[str, Any]:
         kind, meaning = SLURM_KEYS[key]
         if value is None:
             continue
-        least = 0 if key == "gpus" else 1  # a CPU-only sweep asks for no GPU
+        least = 0 if key in ("gpus", "max_requeues") else 1  # a CPU-only sweep asks for no GPU
         if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise DGZooError(f"{key} in {source} ({meaning}) must be an integer >= {least}, got {value!r}")
         checked[key] = kind(value)
