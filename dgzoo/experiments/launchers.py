@@ -401,7 +401,11 @@ class SlurmTask:
         # a holder on another host cannot be checked by pid, so wait for its heartbeat to stop (or to prove it live).
         deadline = time.time() + 1.5 * CLAIM_TTL_S
         while True:
-            claim, status = acquire(run, purpose)
+            try:
+                claim, status = acquire(run, purpose)
+            except DGZooError as e:  # e.g. the directory holds a run trained with other settings
+                write_failure(run.output_dir, str(e), job)
+                raise
             holder = holder_of(run) or {}
             if status == "running" and holder.get("host") != socket.gethostname() and time.time() < deadline:
                 time.sleep(5)
@@ -533,10 +537,15 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
                      if state in FAILED_STATES}
         for run, job in zip(todo, jobs):
             name = run.output_dir.name
-            if name in states or not (job.done() or job.job_id in ended):
+            if name in states:
+                continue
+            # On Slurm, a result file or a state that says the job is over: submitit's done() asks sacct, which
+            # (without accounting) never answers and prints warnings on every call.
+            finished = job.paths.result_pickle.exists() if cluster == "slurm" else job.done()
+            if not (finished or job.job_id in ended):
                 continue
             try:
-                if not job.done():
+                if not finished:
                     raise RuntimeError(f"the job ended ({ended[job.job_id]}) without a result")
                 states[name] = job.result()
             except Exception as e:  # the task raised, or the job died: one line, the log holds the rest

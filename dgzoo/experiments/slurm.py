@@ -155,7 +155,7 @@ def job_states(job_ids: Sequence[str]) -> tuple[dict[str, str], str | None]:
     states: dict[str, str] = {}
     if not ids:
         return states, None
-    sacct = _run(["sacct", "-o", "JobID,State,NodeList", "--parsable2", *[f"-j{a}" for a in arrays]])
+    sacct = _run(["sacct", "-o", "JobID,State,NodeList", "--parsable2", *[f for a in arrays for f in ("-j", a)]])
     if sacct is not None and sacct.returncode == 0:
         info = SlurmInfoWatcher().read_info(sacct.stdout)
         states = {job: info[job]["State"].split()[0] for job in ids if info.get(job, {}).get("State")}
