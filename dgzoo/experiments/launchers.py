@@ -633,7 +633,10 @@ def sweep_status(spec: SweepSpec, log: Callable[[str], None] = print) -> list[Sw
 
 
 def _failed(run: SweepRun, job: dict[str, str]) -> bool:
-    """Whether the last job of an unfinished run failed: Slurm says so, or its task wrote a reason."""
+    """Whether the last job of an unfinished run failed: Slurm says so, or its task wrote a reason (a live job or
+    a live holder is not a failure, whatever an earlier attempt wrote)."""
+    if run.status == "running" or job["state"] in (*LIVE_SLURM_STATES, UNKNOWN):
+        return False
     return job["state"] in FAILED_STATES or (run.output_dir / FAILURE_FILE).exists()
 
 
