@@ -49,7 +49,7 @@ from ..run.cards import plot_run, render_card
 from ..run.claim import RunDirClaimed, claim_run_dir
 from ..run.hub import check_push_target, push_run
 from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs, checkpoint_problem,
-                          clear_run_dir, latest_checkpoint, read_json, save_model, write_checkpoint_manifest,
+                          clear_run_dir, latest_checkpoint, read_json, run_done, save_model, write_checkpoint_manifest,
                           write_json)
 from ..run.selection import SELECTION_METHODS, select
 from .derived import Derived, derived_line, derived_values, resolve_image_size
@@ -142,7 +142,7 @@ def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:
         raise DGZooError(f"cannot resume {output_dir} with a different recipe ({diffs}); resume with the original "
                          f"settings, or start a new run in another --output-dir")
     done_step = saved.get("steps")
-    if (output_dir / "results.json").exists() and cfg.steps <= int(done_step or 0):
+    if run_done(output_dir) and cfg.steps <= int(done_step or 0):  # a run missing files is finished by a resume
         raise DGZooError(f"the run in {output_dir} already finished its {done_step} steps; pass a larger --steps "
                          f"to train further")
 
@@ -427,11 +427,11 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         save_model(algorithm.evaluated_network(), out, data.class_names, preprocessing, metadata)
     results = _results(cfg, plan, state, algorithm, accelerator, network)
     if accelerator.is_main_process:
-        write_json(out / "results.json", results)
         plot_run(results, state.records, out)
         roles = {d: "held-out" if d in targets else "source" for d in [*sources, *targets]}
         contact_sheet(data, out / SAMPLES_IMAGE, roles=roles, domains=list(roles))  # the domains check_images read
         atomic_write_text(out / "README.md", render_card(results, cfg.to_dict(), run_dir=out))
+        write_json(out / "results.json", results)  # last: a run killed before this line is resumed, not done
         logger.info("held-out accuracy %.3f (%s, step %d) | run directory: %s", results["target_accuracy"],
                     cfg.selection, results["selection"]["step"], out)
     accelerator.wait_for_everyone()
