@@ -378,7 +378,7 @@ def ema(args: argparse.Namespace) -> None:
     from timm.utils.model_ema import ModelEmaV3
 
     data: dict[str, Any] = {"hosts": {}}
-    overrides = {"ema.decay": EMA_DECAY}
+    overrides = {"ema.decay": EMA_DECAY, "ema.warmup": False}  # the constant decay; the warm-up: test_averaging.py
     with tinycase.numerics("float64"):
         ours = tinycase.build_dgzoo("erm+ema", overrides)
         network = copy.deepcopy(ours.host.network)
