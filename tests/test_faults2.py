@@ -199,8 +199,8 @@ def test_resume_after_a_new_commit_of_a_hub_dataset_is_refused_with_the_commit_t
     base = dict(eval_every=3, checkpoint_every=3)
     engine.train(tiny_config(tmp_path, steps=3, **base))
     commit["now"] = "b" * 40
-    with pytest.raises(DGZooError, match=rf"now at commit b{{40}}, but .* trained on commit a{{40}}; resume on the "
-                                         rf"data it trained on with --revision a{{40}}"):
+    with pytest.raises(DGZooError, match=r"now at commit b{40}, but .* trained on commit a{40}; resume on the "
+                                         r"data it trained on with --revision a{40}"):
         engine.train(tiny_config(tmp_path, steps=6, resume=True, **base))
     results = engine.train(tiny_config(tmp_path, steps=6, resume=True, revision="a" * 40, **base))  # the fix works
     assert results["dataset"]["revision"] == "a" * 40
