@@ -41,6 +41,7 @@ from ..training.engine import (claim_on_main, create_accelerator, device_name, i
                                run_timing, start_run_dir)
 from ..training.loop import LoopData, Optimisation, TrainState, build_algorithm, fit
 from ..training.optimisation import create_optimizer, create_scheduler
+from ..training.peers import peer_failures
 from .evaluation import ATTACKS, Outputs, accuracy, attacks, collect, per_group_accuracy
 from .forget import UnlearningData, parse_forget_spec, split_for_unlearning
 from .methods import METHODS, RETRAIN_TITLE, resolve_method_hparams
@@ -296,7 +297,9 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
                              f"{accelerator.num_processes} processes")
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo unlearn {cfg.method}"):
         try:
-            return _run_unlearning(cfg, plan, accelerator)
+            with peer_failures(accelerator.num_processes, f"rerun the same command with --overwrite to start "
+                                                          f"{plan.output_dir} again"):
+                return _run_unlearning(cfg, plan, accelerator)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; unlearning has no checkpoints: rerun the same command with --overwrite "
                               f"to start {plan.output_dir} again") from None
