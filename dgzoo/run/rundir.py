@@ -33,7 +33,8 @@ RUN_MARKERS = ("train_config.json", "results.json", "checkpoints")
 SAMPLES_IMAGE = "samples_per_domain.png"  # one row of sample images per domain, embedded in the model card
 OUTPUT_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",
                 "records.jsonl", "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE, "train.log",
-                "unlearn_config.json", "unlearn.log")  # the last two: unlearning runs (dgzoo unlearn)
+                "unlearn_config.json", "unlearn.log",  # unlearning runs (dgzoo unlearn)
+                "soup.log")  # soups (dgzoo soup)
 OUTPUT_DIRS = ("checkpoints", "logs")
 
 
