@@ -4,6 +4,7 @@ Two tiny ERM runs start from one short ERM run (``init_from``), on the same spli
 are made from them and from copies whose weights or records are changed on purpose.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -284,3 +285,22 @@ def test_soup_of_hub_ingredients_pins_their_revisions(runs, hub_server, tmp_path
     card = (out / "README.md").read_text()
     assert f"[`{repo_a}`](https://huggingface.co/{repo_a}) @ `{answer['sha'][:12]}`" in card
     assert hub_server.errors == []
+
+
+@pytest.mark.slow
+def test_soups_benchmark_runs_at_smoke_size(tmp_path):
+    """benchmarks/soups.py end to end on one spec: shared init, the sweep with its soup: section, the tables."""
+    out = tmp_path / "soups.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soups.py"), "--smoke", "--root",
+                           str(tmp_path / "sweeps"), "--specs", str(ROOT / "benchmarks" / "sweeps" /
+                                                                     "soups_rotated_digits.yaml"), "--output", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| rotated-digits |"))
+    assert row.count(" X ") == 0 and row.rstrip().endswith("| 1 |")  # every column filled, one trial
+    assert "erm (uniform soup of 2)" in text and "erm (greedy soup of 2)" in text and "erm (top-1 soup of 2)" in text
+    soups = sorted(p.name for p in (tmp_path / "sweeps" / "soups-rotated-digits" / "soups").iterdir())
+    assert soups == ["rotated-digits-erm-75-greedy_soup-trial0", "rotated-digits-erm-75-topk_soup-trial0",
+                     "rotated-digits-erm-75-uniform_soup-trial0"]
