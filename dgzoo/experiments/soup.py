@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -167,6 +167,7 @@ def _hub_ingredient(reference: str, token: str | None) -> Ingredient:
     import huggingface_hub
 
     folder, repo_id, revision = resolve_checkpoint(reference, None, token)
+    assert repo_id is not None  # a reference that is not a local directory is a Hub repo
     try:
         files = {name: Path(huggingface_hub.hf_hub_download(repo_id, name, revision=revision, token=token))
                  for name in ("results.json", "train_config.json")}
@@ -410,11 +411,11 @@ def _make_soup(found: Sequence[Ingredient], settings: SoupSettings, plan: Any, a
     preprocessing = data_config(network, plan.image_size)
     workers, pin = loader_workers(settings.num_workers, device)
     loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
-    eval_loaders = {d: {split: eval_loader(DomainImages(data, rows[d], eval_tf, d), settings.eval_batch_size, workers,
+    eval_loaders: dict[str, dict[str, Iterable[Any]]] = {d: {split: eval_loader(DomainImages(data, rows[d], eval_tf, d), settings.eval_batch_size, workers,
                                            pin)
                         for split, rows in (("in", plan.splits.in_rows), ("out", plan.splits.out_rows))}
                     for d in data.domains}
-    source_loaders = {d: {"out": eval_loaders[d]["out"]} for d in sources}
+    source_loaders: dict[str, dict[str, Iterable[Any]]] = {d: {"out": eval_loaders[d]["out"]} for d in sources}
     batches = source_batches(loop_data, accelerator, settings.seed)
     like = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     timing = {"evaluate_ingredients": 0.0, "batchnorm": 0.0, "evaluate_candidates": 0.0, "evaluate_soup": 0.0}
@@ -545,7 +546,8 @@ def _soup_results(found: Sequence[Ingredient], chosen: Sequence[Ingredient], set
         "soup": {"method": settings.method, "k": settings.k, "candidates": len(found), "used": len(chosen),
                  "label": label, "ingredients": ingredients, "greedy": trace, "initialisation": inits,
                  "shared_init": len(inits) == 1, "warnings": warnings,
-                 "batchnorm": "kept (frozen)" if settings.freeze_bn or not settings.bn_steps
+                 "batchnorm": "averaged (the ingredients kept them frozen)" if settings.freeze_bn
+                 else "averaged (--bn-steps 0)" if not settings.bn_steps
                  else f"recomputed on {settings.bn_steps} source training batches",
                  "bn_seed": settings.seed, "command": command,
                  "seconds": {"total": seconds, **timing}, "bn_images": bn_images},

@@ -113,6 +113,8 @@ def zoo_metadata(results: dict[str, Any], sweep: dict[str, Any] | None = None) -
             "held_out_accuracy": round(100 * results["target_accuracy"], 4), "seed": results["seed"],
             "split_seed": results["split_seed"],
             "holdout_fraction": results["hparams"].get("holdout_fraction", 0.2)}
+    if isinstance(results.get("soup"), dict):  # a weight average: the zoo lists it apart from single runs
+        meta["soup"] = results["soup"]["label"]
     return {**meta, **(sweep or {})}
 
 
