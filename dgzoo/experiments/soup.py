@@ -494,11 +494,11 @@ def _make_soup(found: Sequence[Ingredient], settings: SoupSettings, plan: Any, a
     atomic_write_text(out / "records.jsonl", json.dumps(record) + "\n")
     results = _soup_results(found, chosen, settings, plan, record, records, trace, warnings, command, timing,
                             seconds, bn_images, accelerator)
-    write_json(out / "results.json", results)
     plot_run(results, records, out)
     roles = {d: "held-out" if d in targets else "source" for d in [*sources, *targets]}
     contact_sheet(data, out / SAMPLES_IMAGE, roles=roles, domains=list(roles))
     atomic_write_text(out / "README.md", render_card(results, cfg.to_dict(), run_dir=out))
+    write_json(out / "results.json", results)  # last: a directory with results.json is a finished run
     say(f"{settings.method} soup of {len(chosen)}/{len(found)}: source val {record['source_val_acc']:.3f} | held-out "
         f"{record['target_acc']:.3f} | made in {seconds:.1f} s | run directory: {out}")
     return results
