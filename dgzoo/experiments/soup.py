@@ -47,7 +47,8 @@ from ..errors import DGZooError
 from ..models import create_backbone, data_config
 from ..run.cards import plot_run, render_card
 from ..run.hub import CONFIG, WEIGHTS, hub_error_reason, resolve_checkpoint, resolve_token
-from ..run.rundir import SAMPLES_IMAGE, atomic_write_text, is_run_dir, read_json, save_model, write_json
+from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, is_run_dir, read_json, run_done, save_model,
+                          write_json)
 from ..run.selection import SELECTION_METHODS, select
 from ..training.engine import (build_loop_data, claim_on_main, create_accelerator, device_name, plan_run,
                                start_run_dir)
@@ -134,8 +135,8 @@ def _finished_runs_under(root: Path) -> list[Path]:
     found = []
     for results_path in sorted(root.rglob("results.json")):
         path = results_path.parent
-        if not all((path / n).is_file() for n in ("train_config.json", CONFIG, WEIGHTS)):
-            continue
+        if not run_done(path) or not all((path / n).is_file() for n in ("train_config.json", CONFIG, WEIGHTS)):
+            continue  # cut short while finalising: not an ingredient until a rerun finishes it
         try:
             results = read_json(results_path)
         except (OSError, ValueError):
