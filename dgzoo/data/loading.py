@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import DGZooError
 from .folders import IMAGE_EXTENSIONS, image_folder_table  # noqa: F401  (re-exported)
+from .fingerprint import local_fingerprint, local_name
 from .folders import is_image_folder as _is_image_folder
 from .registry import DatasetSpec, get_spec, unknown_dataset_error
 from .revisions import apply_layout, commit_of, resolve_pinned
@@ -39,8 +40,9 @@ class DGDataset:
     class_names: list[str]
     repo_id: str | None = None
     revision: str | None = None
-    path: str | None = None
+    path: str | None = None  # a local source's absolute path: on this machine only, never published
     spec: DatasetSpec | None = None
+    fingerprint: str | None = None  # a local source's content fingerprint (dgzoo.data.fingerprint)
     rows_by_domain: dict[str, np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +67,7 @@ class DGDataset:
         """What results.json and the model card record about the data."""
         return {"name": self.spec.name if self.spec else self.name, "title": self.spec.title if self.spec else self.name,
                 "source": self.source, "repo_id": self.repo_id, "revision": self.revision, "path": self.path,
+                "fingerprint": self.fingerprint,
                 "domains": self.domains, "class_names": self.class_names,
                 "domain_sizes": {d: int(len(r)) for d, r in self.rows_by_domain.items()}}
 
@@ -86,7 +89,9 @@ def load_dg_dataset(name: str, revision: str | None = None, image_column: str | 
         return _normalize(table, spec.title, "builtin", columns, spec=spec)  # its cache path says nothing
     if local.exists():
         table, source = _read_local(local)
-        return _normalize(table, str(local), source, columns, spec=spec, path=str(local.resolve()))
+        # Named by base name and content, not by where it lies on this machine (nothing else can use that).
+        return _normalize(table, local_name(local), source, columns, spec=spec, path=str(local.resolve()),
+                          fingerprint=local_fingerprint(local))
     if spec is not None and spec.kind == "imagefolder":
         raise DGZooError(f"{spec.title} has no parquet copy on the Hub; download it ({spec.homepage}), extract it and "
                          f"pass the folder root/<domain>/<class>/* with --dataset PATH")
