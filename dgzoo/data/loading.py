@@ -168,6 +168,13 @@ def _read_hub(repo_id: str, revision: str | None, spec: DatasetSpec | None) -> t
     try:
         loaded = datasets.load_dataset(repo_id, revision=sha)
     except (FileNotFoundError, ConnectionError, OSError) as e:
+        import huggingface_hub
+
+        if huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+            raise DGZooError(f"Hub dataset {repo_id}@{sha or revision or 'main'} is not in the local cache "
+                             f"({datasets.config.HF_DATASETS_CACHE}) and HF_HUB_OFFLINE is set, so it cannot be "
+                             f"downloaded; unset HF_HUB_OFFLINE (once, with a connection) to cache it, or pass a "
+                             f"local copy with --dataset PATH") from None
         raise DGZooError(f"could not load Hub dataset {repo_id}@{sha or revision or 'main'} "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the repo holds "
                          f"parquet data, or download it and pass a local path") from None
