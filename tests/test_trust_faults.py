@@ -37,3 +37,51 @@ def test_offline_with_an_empty_cache_says_so_and_how_to_fix_it(tmp_path):
         assert "not in the local cache" in message and "HF_HUB_OFFLINE is set" in message, message
         assert "unset HF_HUB_OFFLINE" in message and "parquet" not in message
     assert not (tmp_path / "runs").exists()
+
+
+def _finished(tmp_path):
+    from dgzoo.training.engine import train
+
+    cfg = tiny_config(tmp_path, steps=3, eval_every=3, keep_checkpoints=1)
+    train(cfg)
+    return Path(cfg.output_dir)
+
+
+def test_a_failing_resume_leaves_the_finished_runs_recipe_alone(tmp_path):
+    from dgzoo.training.engine import train
+
+    run_dir = _finished(tmp_path)
+    for f in (run_dir / "checkpoints" / "step_3").iterdir():
+        if f.suffix in (".bin", ".pkl", ".safetensors"):
+            f.write_bytes(b"")
+    before = (run_dir / "train_config.json").read_bytes()
+    with pytest.raises(DGZooError, match="no intact checkpoint"):
+        train(tiny_config(tmp_path, steps=6, eval_every=3, keep_checkpoints=1, resume=True))
+    assert (run_dir / "train_config.json").read_bytes() == before  # still says 3 steps: what the run did
+
+
+def test_resuming_a_checkpoint_of_the_old_format_says_what_works_and_never_overwrite(tmp_path):
+    from dgzoo.run.rundir import CHECKPOINT_FORMAT, checkpoint_format
+    from dgzoo.training.engine import train
+
+    run_dir = _finished(tmp_path)
+    checkpoint = run_dir / "checkpoints" / "step_3"
+    assert checkpoint_format(checkpoint) == CHECKPOINT_FORMAT  # the marker every checkpoint now carries
+    # dgzoo 0.1's checkpoints: no manifest, and not the objects 0.2 registers (its algorithm module state is absent).
+    (checkpoint / "dgzoo_manifest.json").unlink()
+    for f in checkpoint.glob("custom_checkpoint_*.pkl"):
+        f.unlink()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "train.log"}
+    with pytest.raises(DGZooError) as error:
+        train(tiny_config(tmp_path, steps=6, eval_every=3, keep_checkpoints=1, resume=True))
+    message = str(error.value)
+    assert "older dgzoo" in message and "--overwrite" not in message and len(message.splitlines()) == 1
+    assert "dgzoo push" in message and "--output-dir NEW_DIR" in message
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "train.log"} == before
+    # The advice works: the recipe trains again into a new directory.
+    command = shlex.split(message.split("another directory: ")[1].replace("NEW_DIR", str(tmp_path / "new")))
+    assert command[:4] == ["dgzoo", "train", "--config", str(run_dir / "train_config.json")]
+    from dgzoo.cli import main
+
+    assert main([*command[1:], "--log-with", "none", "--num-workers", "0"]) == 0
+    assert (tmp_path / "new" / "model.safetensors").is_file()

@@ -47,7 +47,8 @@ from ..run.cards import plot_run, render_card
 from ..run.claim import RunDirClaimed, claim_run_dir
 from ..run.hub import check_push_target, push_run
 from ..run.provenance import code_version, provenance_block, resolved_config
-from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs, checkpoint_problem,
+from ..run.rundir import (CHECKPOINT_FORMAT, SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs,
+                          checkpoint_format, checkpoint_problem,
                           clear_run_dir, latest_checkpoint, read_json, save_model, write_checkpoint_manifest,
                           write_json)
 from ..run.selection import SELECTION_METHODS, select
@@ -477,8 +478,10 @@ def resume_state(accelerator: Any, out: Path) -> Path:
     A failed load may leave objects half-loaded; the older checkpoint loaded next overwrites all of them.
     """
     skipped: list[str] = []
+    damaged = False  # a file missing or truncated: a damaged checkpoint, whatever its format
     for checkpoint in reversed(checkpoint_dirs(out)):
         problem = checkpoint_problem(checkpoint)
+        damaged = damaged or problem is not None
         if problem is None:
             try:
                 accelerator.load_state(str(checkpoint))
@@ -489,6 +492,15 @@ def resume_state(accelerator: Any, out: Path) -> Path:
                 logger.warning("skipped checkpoint %s", line)
             return checkpoint
         skipped.append(f"{checkpoint.name}: {problem}")
+    if not damaged and all(checkpoint_format(c) is None for c in checkpoint_dirs(out)):  # not --overwrite: it
+        # would delete a run that is only of an older format, not broken
+        kept = (f"its exported model still evaluates and pushes (dgzoo eval {out} --dataset DATASET; dgzoo push "
+                f"{out} REPO_ID); "
+                if (out / "model.safetensors").is_file() else "")
+        raise DGZooError(f"the checkpoints in {out} were written by an older dgzoo (before checkpoint format "
+                         f"{CHECKPOINT_FORMAT}) and cannot be resumed by dgzoo {__version__} ({'; '.join(skipped)}); "
+                         f"{kept}to train further, start a new run in another directory: dgzoo train --config "
+                         f"{shlex.quote(str(out / 'train_config.json'))} --output-dir NEW_DIR")
     raise DGZooError(f"no intact checkpoint in {out} ({'; '.join(skipped)}); start the run again with --overwrite")
 
 
