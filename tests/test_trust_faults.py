@@ -85,3 +85,16 @@ def test_resuming_a_checkpoint_of_the_old_format_says_what_works_and_never_overw
 
     assert main([*command[1:], "--log-with", "none", "--num-workers", "0"]) == 0
     assert (tmp_path / "new" / "model.safetensors").is_file()
+
+
+def test_a_diverged_unlearning_run_ends_in_one_line(trained_run, tmp_path, capsys):
+    from dgzoo.cli import main
+
+    out = tmp_path / "diverged"
+    code = main(["unlearn", str(trained_run[0]), "--forget", "class=3", "--method", "gradient_ascent", "--steps", "3",
+                 "--lr", "1e30", "--output-dir", str(out), "--num-workers", "0"])
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # above it only the progress bar
+    assert code == 2 and "Traceback" not in err and last.startswith("dgzoo: error: unlearning diverged"), err
+    assert "lower --lr" in last
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
