@@ -98,3 +98,15 @@ def test_a_diverged_unlearning_run_ends_in_one_line(trained_run, tmp_path, capsy
     assert code == 2 and "Traceback" not in err and last.startswith("dgzoo: error: unlearning diverged"), err
     assert "lower --lr" in last
     assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
+
+
+def test_a_bare_add_on_hparam_suggests_its_namespaced_name(tmp_path):
+    from dgzoo.algorithms import resolve_hparams
+    from dgzoo.training.engine import train
+
+    with pytest.raises(DGZooError, match=r"unknown hparam 'rho' for erm \(did you mean: gga\.rho\?\)"):
+        resolve_hparams("erm+gga", {"rho": 1})
+    assert resolve_hparams("erm+gga", {"gga.rho": 1})["gga"]["rho"] == 1.0  # the suggestion works
+    with pytest.raises(DGZooError, match=r"did you mean: gga\.rho"):
+        train(tiny_config(tmp_path, algorithm="erm+gga", hparams={"rho": 1}))
+    assert not (tmp_path / "run").exists()
