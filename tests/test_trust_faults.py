@@ -110,3 +110,24 @@ def test_a_bare_add_on_hparam_suggests_its_namespaced_name(tmp_path):
     with pytest.raises(DGZooError, match=r"did you mean: gga\.rho"):
         train(tiny_config(tmp_path, algorithm="erm+gga", hparams={"rho": 1}))
     assert not (tmp_path / "run").exists()
+
+
+def test_registered_names_are_normalised_like_lookups_and_not_replaced_silently(monkeypatch):
+    import dataclasses
+
+    from dgzoo.data import REGISTRY, get_spec, register_dataset
+
+    monkeypatch.setattr("dgzoo.data.registry.REGISTRY", dict(REGISTRY))
+    from dgzoo.data import registry
+
+    pacs = registry.REGISTRY["pacs"]
+    mine = dataclasses.replace(pacs, name="My_Private_Set", title="Mine")
+    entry = register_dataset(mine)
+    assert entry.name == "my-private-set" and get_spec("My_Private_Set") is entry and get_spec("my-private-set")
+    with pytest.raises(DGZooError, match="'pacs' is already registered .*replace=True"):
+        register_dataset(dataclasses.replace(pacs, title="Not PACS"))
+    with pytest.raises(DGZooError, match="already registered"):
+        register_dataset(dataclasses.replace(pacs, name="PACS", title="Not PACS"))
+    assert get_spec("pacs") is pacs  # untouched by the refusals
+    replaced = register_dataset(dataclasses.replace(pacs, title="Not PACS"), replace=True)
+    assert get_spec("pacs") is replaced
