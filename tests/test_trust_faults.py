@@ -131,3 +131,12 @@ def test_registered_names_are_normalised_like_lookups_and_not_replaced_silently(
     assert get_spec("pacs") is pacs  # untouched by the refusals
     replaced = register_dataset(dataclasses.replace(pacs, title="Not PACS"), replace=True)
     assert get_spec("pacs") is replaced
+
+
+def test_trm_is_cited_to_its_authors():
+    """Xu & Jaakkola, "Learning Representations that Support Robust Transfer of Predictors", arXiv:2110.09940."""
+    from dgzoo.algorithms import ALGORITHMS
+
+    trm = ALGORITHMS["trm"]
+    assert "author={Xu, Yilun and Jaakkola, Tommi}" in trm.citation and "2110.09940" in trm.citation
+    assert trm.paper.startswith("Xu & Jaakkola")
