@@ -140,3 +140,49 @@ def test_trm_is_cited_to_its_authors():
     trm = ALGORITHMS["trm"]
     assert "author={Xu, Yilun and Jaakkola, Tommi}" in trm.citation and "2110.09940" in trm.citation
     assert trm.paper.startswith("Xu & Jaakkola")
+
+
+def test_push_errors_no_retry_can_fix_name_no_retry_command(trained_run, monkeypatch):
+    import importlib
+
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from dgzoo.run import hub
+
+    httpx = importlib.import_module(hf_errors.Response.__module__.split(".")[0])  # the HTTP client huggingface_hub uses
+
+    def http_error(status):
+        request = httpx.Request("POST", "http://hub/api/models/me/x/commit/main")
+        return HfHubHTTPError(f"{status} error", response=httpx.Response(status, request=request))
+
+    cases = {hub.PushRefused("the token's user me cannot write to 'them/'; push to one of those"): False,
+             http_error(403): False, http_error(400): False, http_error(500): True, http_error(429): True,
+             http_error(401): True, httpx.ConnectError("refused"): True}
+    for error, expected in cases.items():
+        monkeypatch.setattr(hub, "check_push_target", lambda *a, error=error, **k: (_ for _ in ()).throw(error))
+        with pytest.raises(DGZooError) as caught:
+            hub.push_run(trained_run[0], "me/x")
+        assert ("retry with: dgzoo push" in str(caught.value)) is expected, (error, str(caught.value))
+
+
+def test_push_revision_errors_name_the_push_flag(trained_run):
+    from dgzoo.run.hub import push_run
+
+    with pytest.raises(DGZooError, match=r"e\.g\. --revision v1$") as caught:
+        push_run(trained_run[0], "me/x", revision="a" * 40)
+    assert "--hub-revision" not in str(caught.value)  # `dgzoo push` has no such flag; `dgzoo train` has
+
+
+def test_the_unlearning_cards_command_is_shell_quoted():
+    from dgzoo.config import UnlearnConfig
+    from dgzoo.run.unlearning_card import reproduce_command
+
+    config = UnlearnConfig(source="runs/my run", forget="class=3 domain=15", hparams={"note": "a b"},
+                           output_dir="x").to_dict()
+    argv = shlex.split(reproduce_command(config).replace("\\\n", " "))
+    assert argv == ["dgzoo", "unlearn", "runs/my run", "--forget", "class=3", "--forget", "domain=15",
+                    "--hparams", "note=a b"]
+    published = shlex.split(reproduce_command({**config, "source": "/home/me/runs/my run"}, published=True)
+                            .replace("\\\n", " "))
+    assert published[2] == "my run"  # no local path leaves the machine
