@@ -25,9 +25,9 @@ from typing import Any, Callable, Sequence
 from ..errors import DGZooError
 from ..experiments.report import SELECTION_METHODS, Report, report_dirs
 from .cards import card_license, slug
-from .identity import content_key
 from .hub import (check_finished_run, check_push_target, check_repo_id, check_run_loads, hub_error_reason,
                   resolve_token, retry_advice, upload_run, without_local_paths)
+from .identity import content_key
 from .rundir import read_json
 
 ZOO_TAGS = ("dgzoo", "timm")
