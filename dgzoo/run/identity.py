@@ -33,11 +33,16 @@ def run_identity(results: dict[str, Any]) -> dict[str, Any]:
     """
     dataset = results.get("dataset") or {}
     code = results.get("code") or {"dgzoo_version": results.get("dgzoo_version")}
-    return {"recipe": {k: results.get(k) for k in RECIPE_FIELDS},
-            "seeds": {k: results.get(k) for k in SEED_FIELDS},
-            "data": ({"fingerprint": dataset["fingerprint"]} if dataset.get("fingerprint")
-                     else {k: dataset.get(k) for k in DATA_FIELDS}),
-            "code": {k: code.get(k) for k in ("dgzoo_version", "git_commit", "git_dirty")}}
+    identity = {"recipe": {k: results.get(k) for k in RECIPE_FIELDS},
+                "seeds": {k: results.get(k) for k in SEED_FIELDS},
+                "data": ({"fingerprint": dataset["fingerprint"]} if dataset.get("fingerprint")
+                         else {k: dataset.get(k) for k in DATA_FIELDS}),
+                "code": {k: code.get(k) for k in ("dgzoo_version", "git_commit", "git_dirty")}}
+    soup = results.get("soup")
+    if isinstance(soup, dict):  # a weight average (dgzoo soup) is its recipe and the runs it averaged
+        identity["recipe"]["soup"] = [soup.get("method"), soup.get("k"),
+                                      sorted(str(i.get("name")) for i in soup.get("ingredients") or [])]
+    return identity
 
 
 def identity_key(results: dict[str, Any]) -> str:
