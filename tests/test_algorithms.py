@@ -31,16 +31,27 @@ def counter_addon():
             super().__init__(host, hparams, runtime)
             self.calls = []
 
-        def before_update(self, minibatches, step):
-            self.calls.append(("before", step))
-            return {"seen": float(step)}
+        def before_update(self, context):
+            self.calls.append(("before", context.step))
+            return {"seen": float(context.step)}
 
-        def after_update(self, minibatches, step):
-            self.calls.append(("after", step))
+        def after_update(self, context):
+            self.calls.append(("after", context.step))
             return {}
 
     yield Counter
     ADDONS.pop("counter_test")
+
+
+def test_an_addon_event_with_another_signature_is_refused_when_its_class_is_defined():
+    with pytest.raises(TypeError, match=r"OldStyle.after_update must take one argument, \(self, context: StepContext\)"):
+        class OldStyle(AddOn):  # dgzoo 0.1's signature
+            def after_update(self, minibatches, step):
+                return {}
+    with pytest.raises(TypeError, match=r"on_evaluate must take one argument, \(self, context: EvalContext\)"):
+        class NoContext(AddOn):
+            def on_evaluate(self):
+                return {}
 
 
 def test_unknown_names_get_suggestions():

@@ -9,7 +9,7 @@ and the ``dgzoo.algorithms`` entry points of installed plugins.
 from . import (adversarial, alignment, averaging, contrastive, equilibrium, erm, gga, invariance, iu,  # noqa: F401
                meta, miro, mixing, networks, robust, sharpness, surgery)  # importing registers them
 from .base import (AddOn, Algorithm, EpochContext, EvalContext, FirstAction, LossHost, Metrics, Minibatches, Recipe,
-                   Schedule, UpdateHost)
+                   Schedule, StepContext, UpdateHost)
 from .composition import Composition, flat_hparams
 from .registry import (ADDONS, ALGORITHMS, AlgorithmInfo, check_algorithm, create_algorithm, describe,
                        list_algorithms, load_entry_points, parse_algorithm, register_addon, register_algorithm,
@@ -21,6 +21,6 @@ load_entry_points()
 
 __all__ = ["ADDONS", "ALGORITHMS", "AddOn", "Algorithm", "AlgorithmInfo", "Composition", "EpochContext", "EvalContext",
            "FirstAction", "HParam", "LossHost", "Metrics", "Minibatches", "Recipe", "Runtime", "Schedule",
-           "UpdateHost", "check_algorithm", "create_algorithm", "describe", "flat_hparams", "list_algorithms",
+           "StepContext", "UpdateHost", "check_algorithm", "create_algorithm", "describe", "flat_hparams", "list_algorithms",
            "load_entry_points", "parse_algorithm", "register_addon", "register_algorithm", "resolve_hparams",
            "schedule_warnings"]

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import AddOn, Algorithm, EpochContext, EvalContext, Metrics, Minibatches
+from .base import AddOn, Algorithm, EpochContext, EvalContext, Metrics, Minibatches, StepContext
 
 
 def flat_hparams(resolved: dict[str, dict[str, Any]], host: str) -> dict[str, Any]:
@@ -59,14 +59,15 @@ class Composition:
     def update(self, minibatches: Minibatches, step: int) -> Metrics:
         """One training step: add-ons before, the host's step, add-ons after."""
         metrics: Metrics = {}
+        context = StepContext(step, minibatches)
         for addon in self.addons:
-            metrics.update(_prefixed(addon.name, addon.before_update(minibatches, step)))
+            metrics.update(_prefixed(addon.name, addon.before_update(context)))
         if self.host.KIND == "loss":
             metrics.update(self.loss_step(self.host, minibatches, step))
         else:
             metrics.update(scalars(self.host.update(minibatches, step)))
         for addon in self.addons:
-            metrics.update(_prefixed(addon.name, addon.after_update(minibatches, step)))
+            metrics.update(_prefixed(addon.name, addon.after_update(context)))
         return metrics
 
     def on_epoch_end(self, context: EpochContext) -> Metrics:

@@ -39,7 +39,7 @@ from torch import nn
 from ..errors import DGZooError
 from ..models import ChannelLayer, ChannelSlice, ResNetTail, classifier, features, masked_ascent
 from ..hparams import Choice, HParam, Uniform
-from .base import AddOn, EpochContext, FirstAction, Minibatches, Recipe, Schedule
+from .base import AddOn, EpochContext, FirstAction, Recipe, Schedule, StepContext
 from .registry import register_addon
 from .influence import FunctionalLoss, chunks, kfac_head_influence, largest_eigenvalue, lissa
 from .iu_pools import ImageCache, Pass, Pool, accuracy, load_batch
@@ -197,8 +197,8 @@ class IU(AddOn):
 
     # -- events
 
-    def after_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        every, done = self.hparams["every"], step + 1
+    def after_update(self, context: StepContext) -> dict[str, float]:
+        every, done = self.hparams["every"], context.step + 1
         # The source data arrive with the first epoch's end, so step-based calls start after epoch 1 (A11).
         if every and done % every == 0 and done >= self.hparams["start_step"] and self.context is not None:
             return self.unlearn(self.context, done)
