@@ -1,9 +1,12 @@
 """The algorithm/add-on registries, hyperparameter validation, ERM, and the per-domain gradient engine."""
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dgzoo.algorithms import ADDONS, AddOn, HParam, create_algorithm, parse_algorithm, register_addon, resolve_hparams
+from dgzoo.algorithms import (ADDONS, ALGORITHMS, AddOn, HParam, create_algorithm, parse_algorithm, register_addon,
+                              resolve_hparams)
 from dgzoo.algorithms.gradients import FlatParams, pairwise_cosine, per_domain_gradients
 from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone
@@ -52,6 +55,17 @@ def test_an_addon_event_with_another_signature_is_refused_when_its_class_is_defi
         class NoContext(AddOn):
             def on_evaluate(self):
                 return {}
+
+
+def test_no_host_shadows_a_torch_module_method_with_another_signature():
+    # A host is an nn.Module: containers and tools call Module.apply / train / to on it with torch's arguments.
+    for name, cls in ALGORITHMS.items():
+        for method in dir(torch.nn.Module):
+            ours, torchs = getattr(cls, method), getattr(torch.nn.Module, method)
+            if method.startswith("__") or method == "forward" or not callable(torchs) or ours is torchs:
+                continue
+            assert list(inspect.signature(ours).parameters) == list(inspect.signature(torchs).parameters), \
+                f"{name}: {cls.__qualname__}.{method} shadows torch.nn.Module.{method}"
 
 
 def test_unknown_names_get_suggestions():
