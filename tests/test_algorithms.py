@@ -68,6 +68,15 @@ def test_no_host_shadows_a_torch_module_method_with_another_signature():
                 f"{name}: {cls.__qualname__}.{method} shadows torch.nn.Module.{method}"
 
 
+def test_runtime_and_optimizers_are_declared_and_stay_outside_the_module_tree():
+    from dgzoo.algorithms import Algorithm, Runtime
+    assert {"runtime", "optimizers"} <= set(Algorithm.__annotations__)  # what a type checker reads
+    host = create_algorithm("erm", create_backbone("test_resnet", num_classes=3), 2).host
+    assert isinstance(host.runtime, Runtime) and set(host.optimizers) == {"main"}
+    assert [name for name, _ in host.named_children()] == ["network"]  # not submodules, no state-dict keys
+    assert all(key.startswith("network.") for key in host.state_dict())
+
+
 def test_unknown_names_get_suggestions():
     with pytest.raises(DGZooError, match=r"unknown algorithm 'ermm' \(did you mean: erm\b"):
         parse_algorithm("ermm")

@@ -153,11 +153,16 @@ class Algorithm(Component, nn.Module):
     # DDP must look for parameters a step did not use (a host whose modules are not all in every loss).
     FIND_UNUSED_PARAMETERS: ClassVar[bool] = False
 
+    # Set by attach() through object.__setattr__, which keeps them out of the module tree (the prepared module may be
+    # a DDP wrapper of self: no cycle, no state-dict keys); declared here so that type checkers see them.
+    runtime: Runtime
+    optimizers: dict[str, torch.optim.Optimizer]
+    _prepared: nn.Module
+
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
         nn.Module.__init__(self)
         self.network = network
         self.num_classes, self.num_domains, self.hparams = num_classes, num_domains, dict(hparams)
-        # Set by attach(); object.__setattr__ keeps them out of the module tree (no cycle, no state-dict keys).
         object.__setattr__(self, "runtime", Runtime())
         object.__setattr__(self, "optimizers", {})
         object.__setattr__(self, "_prepared", self)
