@@ -26,10 +26,9 @@ anything is written. Constructors do not validate.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Sequence
-
-import inspect
 
 import torch
 from torch import nn

@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DGZooError
-from ..models import ChannelLayer, ChannelSlice, ResNetTail, classifier, features, masked_ascent
 from ..hparams import Choice, HParam, Uniform
+from ..models import ChannelLayer, ChannelSlice, ResNetTail, classifier, features, masked_ascent
 from .base import AddOn, EpochContext, FirstAction, Recipe, Schedule, StepContext
-from .registry import register_addon
 from .influence import FunctionalLoss, chunks, kfac_head_influence, largest_eigenvalue, lissa
 from .iu_pools import ImageCache, Pass, Pool, accuracy, load_batch
 from .iu_rules import inter_domain_variance, mad_outliers, mean_idv, outlier_scale, unlearning_scores
+from .registry import register_addon
 
 logger = logging.getLogger("dgzoo")
 
