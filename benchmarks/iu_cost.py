@@ -35,7 +35,7 @@ import torch
 
 from dgzoo.algorithms import EpochContext, create_algorithm
 from dgzoo.algorithms.influence import FunctionalLoss
-from dgzoo.algorithms.iu import _Pool
+from dgzoo.algorithms.iu_pools import Pool
 from dgzoo.data import (DomainImages, eval_loader, eval_transform, load_dg_dataset, make_splits, train_loader,
                         train_transform)
 from dgzoo.models import create_backbone, data_config
@@ -80,7 +80,7 @@ def erm_epoch(erm, loader, first_step: int) -> float:
 def faithful_all_estimate(model, context, fast_timings: dict, hparams: dict) -> dict:
     """Seconds of a faithful call over every parameter, from the measured cost of its building blocks."""
     depth, batch, chunk = hparams["lissa_depth"], hparams["lissa_batch"], 8
-    train = _Pool.of(context.source_train)
+    train = Pool.of(context.source_train)
     loss = FunctionalLoss(model, [n for n, p in model.named_parameters() if p.requires_grad])
     model.eval()
     x = torch.stack([train.dataset[i][0] for i in range(batch)])
@@ -107,7 +107,7 @@ def ascent_cost(model, optimizer, context, fraction: float) -> dict[str, float]:
     training samples on the channels IU selects now (the measured calls may happen to select no sample)."""
     iu = create_algorithm("erm+iu", model, len(SOURCES), {"iu.ascent": "fixed", "iu.lr": 0.0}, make_optimizer=lambda _: optimizer).addons[0]
     iu.unlearn(context, context.step)
-    train, val = _Pool.of(context.source_train), _Pool.of(context.source_val)
+    train, val = Pool.of(context.source_train), Pool.of(context.source_val)
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:round(fraction * len(train))]
     channels = torch.zeros(iu.layer.num_channels, dtype=torch.bool)
     channels[iu.selected_channels] = True

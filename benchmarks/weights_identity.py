@@ -4,7 +4,8 @@
     python benchmarks/weights_identity.py new.json                               # this tree
     diff prev.json new.json
 
-Each recipe is the default job (or an algorithm on it), shortened; results land in a temporary directory.
+Each recipe is the default job (or an algorithm on it), shortened; results land in a temporary directory. Names after
+the output file pick recipes (``... new.json default erm+iu``); none: every recipe below.
 """
 import hashlib
 import json
@@ -28,6 +29,10 @@ CASES = {
     "erm+iu": dict(algorithm="erm+iu", steps=24, eval_every=12),
     "equilibrium": dict(algorithm="equilibrium", steps=30, eval_every=15),
     "pcgrad": dict(algorithm="pcgrad", steps=20, eval_every=10),
+    # An annealed penalty whose optimizer reset falls inside the run, and an add-on on every step and evaluation.
+    "irm": dict(algorithm="irm", steps=30, eval_every=15, hparams={"irm_penalty_anneal_iters": 10}),
+    "erm+swad": dict(algorithm="erm+swad", steps=30, eval_every=5,
+                     hparams={"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 2}),
 }
 only = sys.argv[2:] or list(CASES)
 out = {}

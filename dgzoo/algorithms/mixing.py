@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import DGZooError
 from ..hparams import Choice, HParam
 from ..models.mixing import MIX_MODES, StyleMixing, efdmix, mixing_stages, mixstyle
-from .base import AddOn, Algorithm, Minibatches, Recipe
+from .base import AddOn, Algorithm, Recipe, StepContext
 from .registry import register_addon
 from .runtime import Runtime
 
@@ -87,8 +87,8 @@ class FeatureMixing(AddOn):
         self.handles = [modules[name].register_forward_hook(hook) for name, hook in zip(names, self.hooks)]
         self.stages = names
 
-    def before_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        sizes = [len(y) for _, y in minibatches]
+    def before_update(self, context: StepContext) -> dict[str, float]:
+        sizes = [len(y) for _, y in context.minibatches]
         for hook in self.hooks:
             hook.domain_sizes = sizes
         return {}

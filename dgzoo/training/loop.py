@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..algorithms import Algorithm, Composition, EpochContext, Minibatches, create_algorithm
-from ..algorithms.registry import scalars
+from ..algorithms.composition import scalars
 from ..data import DomainImages, eval_loader, train_loader
 from ..errors import DGZooError
 from ..run.rundir import nonfinite_tensors
