@@ -31,7 +31,6 @@ import dataclasses
 import itertools
 import os
 import re
-import shlex
 import socket
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -42,6 +41,7 @@ import numpy as np
 
 from .. import __version__
 from ..algorithms import parse_algorithm, resolve_hparams
+from ..commandline import command_line, flag_groups
 from ..config import TrainConfig, changed_fields, load_yaml, training_search_space
 from ..data import get_spec, load_dg_dataset
 from ..data import seed_hash
@@ -488,24 +488,7 @@ def describe_running(run: SweepRun) -> str:
 
 def train_command(cfg: TrainConfig, prefix: str = DEFAULT_LAUNCH_PREFIX) -> str:
     """The shell command that trains ``cfg``: ``prefix`` plus a flag for every setting that is not the default."""
-    defaults = TrainConfig().to_dict()
-    parts = [prefix]
-    for key, value in cfg.to_dict().items():
-        if value == defaults[key] and key not in ALWAYS_IN_COMMANDS:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif value is None:
-            parts.append(f"{flag} none")
-        elif isinstance(value, list):
-            parts.append(" ".join([flag, *(shlex.quote(str(v)) for v in value)]))
-        elif isinstance(value, dict):
-            parts.append(" ".join([flag, *(shlex.quote(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}")
-                                           for k, v in value.items())]))
-        else:
-            parts.append(f"{flag} {shlex.quote(repr(value) if isinstance(value, float) else str(value))}")
-    return " ".join(parts)
+    return command_line(prefix, flag_groups(cfg.to_dict(), TrainConfig().to_dict(), always=ALWAYS_IN_COMMANDS))
 
 
 def write_manifest(spec: SweepSpec, runs: Sequence[SweepRun], prefix: str = DEFAULT_LAUNCH_PREFIX) -> Path:

@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..commandline import command_line, flag_groups
 from ..config import TrainConfig
 from ..data.registry import get_spec, hub_license
 from .rundir import SAMPLES_IMAGE
@@ -219,23 +220,10 @@ def _published_config(config: dict[str, Any], results: dict[str, Any]) -> dict[s
 
 def reproduce_command(config: dict[str, Any]) -> str:
     """The ``accelerate launch`` command that repeats a run: every setting that differs from the defaults."""
-    defaults = TrainConfig().to_dict()
     skip = {"output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision", "log_with",
             "num_workers"}
-    parts = ["accelerate launch recipes/train.py"]
-    for key, value in config.items():
-        if key in skip or value == defaults.get(key) or value in (None, [], {}):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            parts.append(flag + " " + " ".join(_quote(v) for v in value))
-        elif isinstance(value, dict):
-            parts.append(flag + " " + " ".join(_quote(f"{k}={v}") for k, v in value.items()))
-        else:
-            parts.append(f"{flag} {_quote(value)}")
-    return " \\\n    ".join(parts)
+    groups = flag_groups(config, TrainConfig().to_dict(), skip=skip, omit_empty=True)
+    return command_line("accelerate launch recipes/train.py", groups, separator=" \\\n    ")
 
 
 def _quote(value: Any) -> str:

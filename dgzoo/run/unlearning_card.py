@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ..commandline import command_line, flag_groups
 from ..config import UnlearnConfig
 from .cards import DATASET_CONFIG, card_license, dataset_split, held_out_dataset_args, template_path
 from .rundir import read_json
@@ -85,17 +86,11 @@ def reproduce_command(config: dict[str, Any], published: bool = False) -> str:
     source = str(config["source"])
     if published and os.path.isabs(source):
         source = Path(source).name
-    clauses = " ".join(f"--forget {shlex.quote(clause)}" for clause in config["forget"].replace(";", " ").split())
-    parts = [f"dgzoo unlearn {shlex.quote(source)} {clauses}"]
-    for key, value in config.items():
-        if key in skip or value == defaults.get(key) or value in (None, {}):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, dict):
-            parts.append(flag + " " + " ".join(shlex.quote(f"{k}={v}") for k, v in value.items()))
-        else:
-            parts.append(f"{flag} {shlex.quote(str(value))}")
-    return " \\\n    ".join(parts)
+    head = ["dgzoo", "unlearn", source]
+    for clause in config["forget"].replace(";", " ").split():
+        head += ["--forget", clause]
+    groups = flag_groups(config, defaults, skip=skip, omit_empty=True)
+    return command_line(shlex.join(head), groups, separator=" \\\n    ")
 
 
 def render_unlearn_card(results: dict[str, Any], repo_id: str | None = None, run_dir: str | Path | None = None,
