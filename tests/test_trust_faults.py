@@ -117,7 +117,7 @@ def test_registered_names_are_normalised_like_lookups_and_not_replaced_silently(
 
     from dgzoo.data import REGISTRY, get_spec, register_dataset
 
-    monkeypatch.setattr("dgzoo.data.registry.REGISTRY", dict(REGISTRY))
+    monkeypatch.setattr("dgzoo.data.registry.REGISTRY", REGISTRY.copy())
     from dgzoo.data import registry
 
     pacs = registry.REGISTRY["pacs"]

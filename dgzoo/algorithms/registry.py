@@ -20,26 +20,32 @@ from torch import nn
 
 from ..errors import DGZooError, suggest
 from ..hparams import HParam
+from ..registry import Registry, RegistryError
 from .base import AddOn, Algorithm, Component, Recipe, Schedule
 from .composition import Composition, LossStep, plain_loss_step
 from .runtime import Runtime
 
 logger = logging.getLogger("dgzoo")
 
-ALGORITHMS: dict[str, type[Algorithm]] = {}
-ADDONS: dict[str, type[AddOn]] = {}
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", describe=_qualified)
+ADDONS: Registry[type[AddOn]] = Registry("add-on", describe=_qualified)
 ENTRY_POINT_GROUP = "dgzoo.algorithms"
 
 
-def _register(registry: dict[str, Any], other: dict[str, Any], cls: Any, what: str) -> Any:
+def _register(registry: Registry[Any], other: Registry[Any], cls: Any, what: str) -> Any:
     name = cls.name
     if not name or name != name.lower() or "+" in name or "." in name:
         raise ValueError(f"{what} {cls.__qualname__} needs a lower-case name without '+' or '.', got {name!r}")
-    taken = registry.get(name) or other.get(name)
-    if taken is not None and taken is not cls:
-        raise ValueError(f"{what} name '{name}' is already taken by {taken.__module__}.{taken.__qualname__}; "
-                         f"give {cls.__module__}.{cls.__qualname__} another name")
-    registry[name] = cls
+    fix = f"give {_qualified(cls)} another name"
+    taken = other.get(name)
+    if taken is not None and taken is not cls:  # a host and an add-on share the `host+addon` namespace
+        raise RegistryError(f"{what} '{name}' is already registered ({_qualified(taken)}, an {other.kind}); {fix}")
+    registry.add(name, cls, fix=fix)
     return cls
 
 

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import DGZooError, suggest
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,6 @@ _OFFICE_HOME_CLASSES = (
     "Scissors", "Screwdriver", "Shelf", "Sink", "Sneakers", "Soda", "Speaker", "Spoon", "TV", "Table", "Telephone",
     "ToothBrush", "Toys", "Trash_Can", "Webcam")
 
-REGISTRY: dict[str, DatasetSpec] = {}
 
 # PTeterwak/DomainBed_EasyHard's main ("Update README.md", after "add all" 027ab24 added all/). The Hub's pages show
 # only this short id for it; the loader expands it to the full sha through the repo's commit list.
@@ -118,6 +118,9 @@ def registry_key(name: str) -> str:
     return str(name).lower().replace("_", "-")
 
 
+REGISTRY: Registry[DatasetSpec] = Registry("dataset", normalize=registry_key, describe=lambda spec: spec.title)
+
+
 def register_dataset(spec: DatasetSpec, replace: bool = False) -> DatasetSpec:
     """Add a dataset to the registry (used at import time, and by users with private datasets); return the entry.
 
@@ -125,15 +128,11 @@ def register_dataset(spec: DatasetSpec, replace: bool = False) -> DatasetSpec:
     it was given. A name already registered (``pacs``) is refused unless ``replace=True``: silently replacing a
     built-in entry would change what every later ``--dataset pacs`` loads.
     """
-    key = registry_key(spec.name)
-    if not key or key.strip() != key:
-        raise DGZooError(f"dataset name '{spec.name}' is empty or has surrounding spaces; give a name such as my-set")
-    if key in REGISTRY and not replace:
-        raise DGZooError(f"dataset '{key}' is already registered ({REGISTRY[key].title}); register yours under "
-                         f"another name, or pass replace=True to replace the entry")
-    if spec.name != key:
+    key = REGISTRY.key(spec.name)
+    if key and spec.name != key:
         spec = dataclasses.replace(spec, name=key)
-    REGISTRY[key] = spec
+    REGISTRY.add(key, spec, replace,
+                 fix="register yours under another name, or pass replace=True to replace the entry")
     return spec
 
 

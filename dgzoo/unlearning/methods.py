@@ -22,6 +22,7 @@ from torch import nn
 from ..algorithms import HParam
 from ..errors import DGZooError, suggest
 from ..models import classifier, features
+from ..registry import Registry
 
 Batches = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -105,12 +106,13 @@ class UnlearningMethod(nn.Module):
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": lr}]
 
 
-METHODS: dict[str, type[UnlearningMethod]] = {}
+METHODS: Registry[type[UnlearningMethod]] = Registry(
+    "unlearning method", describe=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
 
 
 def register_method(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
     """Class decorator: make an unlearning method available by its ``name``."""
-    METHODS[cls.name] = cls
+    METHODS.add(cls.name, cls, replace=True)
     return cls
 
 
