@@ -104,6 +104,22 @@ def test_unknown_method_and_hparams_are_one_line_errors():
     assert resolve_method_hparams("sure", {"sure.lambda": "0.5"})["lambda"] == 0.5
 
 
+def test_a_taken_unlearning_method_name_is_refused_unless_replaced(monkeypatch):
+    """A second ``sure`` would silently change what every later ``--method sure`` runs."""
+    from dgzoo.unlearning import methods
+
+    monkeypatch.setattr(methods, "METHODS", methods.METHODS.copy())
+    sure = methods.METHODS["sure"]
+
+    class Impostor(sure):
+        name = "sure"
+
+    with pytest.raises(DGZooError, match="'sure' is already registered .*replace=True"):
+        methods.register_method(Impostor)
+    assert methods.METHODS["sure"] is sure
+    assert methods.register_method(Impostor, replace=True) is Impostor and methods.METHODS["sure"] is Impostor
+
+
 def test_forget_set_baselines_ascend_or_relabel_and_add_the_retain_term_only_when_weighted():
     from dgzoo.models import create_backbone
     from dgzoo.unlearning.methods import METHODS

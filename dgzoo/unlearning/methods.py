@@ -110,9 +110,11 @@ METHODS: Registry[type[UnlearningMethod]] = Registry(
     "unlearning method", describe=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
 
 
-def register_method(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
-    """Class decorator: make an unlearning method available by its ``name``."""
-    METHODS.add(cls.name, cls, replace=True)
+def register_method(cls: type[UnlearningMethod], replace: bool = False) -> type[UnlearningMethod]:
+    """Class decorator: make an unlearning method available by its ``name``. A name already taken is refused unless
+    ``replace=True`` (``register_method(MySure, replace=True)``): replacing one silently would change what every
+    later ``--method NAME`` runs."""
+    METHODS.add(cls.name, cls, replace)
     return cls
 
 
