@@ -16,7 +16,8 @@ from ._version import __version__
 from .config import TrainConfig
 from .errors import DGZooError
 
-_LAZY = {"Pretrained": "run.hub", "evaluate_pretrained": "training.evaluation", "from_pretrained": "run.hub", "push_run": "run.hub",
+_LAZY = {"Pretrained": "run.pretrained", "evaluate_pretrained": "training.evaluation",
+         "from_pretrained": "run.pretrained", "push_run": "run.publish",
          "train": "training.engine", "list_models": "run.zoo",
          "soup": "experiments.soup"}
 
