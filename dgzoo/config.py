@@ -213,29 +213,34 @@ class TrainConfig:
 
 @dataclass
 class UnlearnConfig:
-    """Every setting of an unlearning run (``dgzoo unlearn``). ``None`` means: take the source run's value."""
+    """Every setting of an unlearning run (``dgzoo unlearn``). ``None`` means: take the source run's value.
+
+    The ``dgzoo unlearn`` flags are generated from these fields (:func:`add_dataclass_arguments`); ``source`` (the
+    positional argument) and ``forget`` (a repeated flag) are written by the command itself."""
 
     source: str
     forget: str
-    method: str = "sure"
-    revision: str | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    forget_batch_size: int | None = None
-    lr: float | None = None
-    optimizer: str | None = None
-    weight_decay: float | None = None
-    seed: int | None = None
-    validation_fraction: float = 0.5
-    hparams: dict[str, Any] = field(default_factory=dict)
-    reference: str | None = None
-    output_dir: str | None = None
-    overwrite: bool = False
-    eval_batch_size: int = 128
-    num_workers: int | None = None
-    mixed_precision: str = "no"
-    push_to_hub: str | None = None
-    hub_private: bool = False
+    method: str = _f("sure", "unlearning method; retrain is the gold standard (default: sure)")
+    revision: str | None = _f(None, "revision of a Hub source (branch, tag or commit sha)")
+    steps: int | None = _f(None, "unlearning steps (default: 10%% of the source run's; retrain: all of them)")
+    batch_size: int | None = _f(None, "retain images per source domain per step (default: the source run's)")
+    forget_batch_size: int | None = _f(None, "forget (and validation) images per step (default: --batch-size)")
+    lr: float | None = _f(None, "learning rate (default: the source run's)")
+    optimizer: str | None = _f(None, "optimizer (default: the source run's)", choices=OPTIMIZERS)
+    weight_decay: float | None = _f(None, "weight decay (default: the source run's)")
+    seed: int | None = _f(None, "seed of the data order and of fractional forget sets (default: the source run's)")
+    validation_fraction: float = _f(0.5, "share of the unseen source images given to the methods as validation; the "
+                                         "rest is the untouched test set (default: 0.5)")
+    hparams: dict[str, Any] = _f({}, "method hyperparameters, e.g. lambda=0.5 disc_hidden=0 (see docs/unlearning.md)")
+    reference: str | None = _f(None, "run directory of `--method retrain` for the same source and forget set: every "
+                                     "metric is compared with it")
+    output_dir: str | None = _f(None, "run directory (default: runs/<source>-unlearn-<method>-<forget>)")
+    overwrite: bool = _f(False, "replace an existing run in --output-dir")
+    eval_batch_size: int = _f(128, "evaluation batch size (default: 128)")
+    num_workers: int | None = _f(None, "data-loading workers (default: 0 on CPU, 4 on GPU)")
+    mixed_precision: str = _f("no", "passed to Accelerate", choices=PRECISIONS)
+    push_to_hub: str | None = _f(None, "publish the unlearned run to this Hub repo", metavar="REPO_ID")
+    hub_private: bool = _f(False, "create the Hub repo as private")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -361,22 +366,47 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one flag per TrainConfig field. Flags default to 'not given' so YAML values survive."""
     parser.add_argument("--config", help="recipe YAML file, or a recipe name from recipes/configs")
-    hints = _field_types()
-    for f in fields(TrainConfig):
+    add_dataclass_arguments(parser, TrainConfig, given_only=True)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, given_only: bool = False,
+                            skip: tuple[str, ...] = (), choices: dict[str, Any] | None = None) -> None:
+    """Add one flag per field of the dataclass ``cls`` (``--batch-size`` for ``batch_size``), its help from the
+    field's metadata (:func:`_f`), so a config class and its command line cannot drift apart.
+
+    ``given_only`` (TrainConfig: flags merged over a YAML file) leaves a flag not given out of the namespace, adds
+    ``--no-FLAG`` to booleans, and leaves type checks and choices to the config's own validation. Otherwise
+    (UnlearnConfig) a flag not given holds the field's default, booleans are plain switches, and argparse
+    converts ints and floats and checks the metadata's ``choices`` (or those given here: a choice list that
+    lives in a higher layer, such as the unlearning methods). ``skip``: fields the caller adds itself."""
+    hints = _field_types() if cls is TrainConfig else typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         tp, _ = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text += f" (default: {default})" if default not in (None, [], {}) else ""
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
+        if given_only:
+            kw.update(default=argparse.SUPPRESS, help=help_text + (f" (default: {default})"
+                                                                   if default not in (None, [], {}) else ""))
+        elif (choices or {}).get(f.name) or f.metadata.get("choices"):
+            kw["choices"] = (choices or {}).get(f.name) or f.metadata["choices"]
+        if "metavar" in f.metadata:
+            kw["metavar"] = f.metadata["metavar"]
         if f.name == "hparams":
+            if not given_only:
+                kw["default"] = []  # what the command reads its KEY=VALUE list from when none is given
             parser.add_argument(flag, nargs="+", metavar="KEY=VALUE", **kw)
         elif tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction if given_only else "store_true", **kw)
         elif typing.get_origin(tp) is list:
             parser.add_argument(flag, nargs="+", metavar="DOMAIN", **kw)
-        else:
+        elif given_only:
             parser.add_argument(flag, metavar=f.name.upper(), **kw)
+        else:
+            parser.add_argument(flag, **kw, **({"type": tp} if tp in (int, float) else {}))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -334,3 +334,54 @@ def test_cli_forget_flags_combine_and_the_card_repeats_them():
     assert parse_forget_spec(cfg.forget).scenario == "class-in-domain"
     command = reproduce_command(cfg.to_dict())
     assert command.startswith("dgzoo unlearn runs/x --forget class=3 --forget domain=15") and "lambda=0.5" in command
+
+
+def _unlearn_parser():
+    import argparse
+
+    from dgzoo.cli.app import build_parser
+
+    sub = next(a for a in build_parser("unlearn")._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["unlearn"]
+
+
+def test_unlearn_flags_are_generated_from_the_dataclass_and_keep_their_names_types_and_defaults():
+    """The flags `dgzoo unlearn` had when they were written by hand: same names, conversions, choices, defaults."""
+    import dataclasses
+
+    from dgzoo.config import OPTIMIZERS, PRECISIONS
+    from dgzoo.unlearning import METHOD_CHOICES
+
+    before = {  # flag: (type, default, choices)
+        "--method": (None, "sure", METHOD_CHOICES), "--revision": (None, None, None), "--steps": (int, None, None),
+        "--batch-size": (int, None, None), "--forget-batch-size": (int, None, None), "--lr": (float, None, None),
+        "--optimizer": (None, None, OPTIMIZERS), "--weight-decay": (float, None, None), "--seed": (int, None, None),
+        "--validation-fraction": (float, 0.5, None), "--hparams": (None, [], None), "--reference": (None, None, None),
+        "--output-dir": (None, None, None), "--overwrite": (None, False, None),
+        "--eval-batch-size": (int, 128, None), "--num-workers": (int, None, None),
+        "--mixed-precision": (None, "no", PRECISIONS), "--push-to-hub": (None, None, None),
+        "--hub-private": (None, False, None), "--forget": (None, None, None)}
+    actions = {a.option_strings[0]: a for a in _unlearn_parser()._actions if a.option_strings[:1] != ["-h"]
+               and a.option_strings}
+    assert set(actions) == set(before)
+    for flag, (tp, default, choices) in before.items():
+        action = actions[flag]
+        got = (action.type, action.default, tuple(action.choices) if action.choices else None)
+        assert got == (tp, default, choices), flag
+    assert actions["--overwrite"].nargs == 0 and actions["--hparams"].nargs == "+" and actions["--forget"].required
+    # every field but the positional source and the repeated --forget is a generated flag
+    fields = {f.name for f in dataclasses.fields(UnlearnConfig)} - {"source", "forget"}
+    assert {a.dest for a in actions.values()} - {"forget"} == fields
+
+
+def test_unlearn_command_line_builds_the_config():
+    from dgzoo.cli.unlearn import config_from_args
+
+    args = _unlearn_parser().parse_args(["runs/a", "--forget", "class=3", "--forget", "domain=15", "--steps", "7",
+                                         "--lr", "1e-4", "--optimizer", "sgd", "--hparams", "lambda=0.5",
+                                         "--overwrite", "--push-to-hub", "me/x"])
+    assert config_from_args(args) == UnlearnConfig(source="runs/a", forget="class=3 domain=15", steps=7, lr=1e-4,
+                                                   optimizer="sgd", hparams={"lambda": 0.5}, overwrite=True,
+                                                   push_to_hub="me/x")
+    with pytest.raises(SystemExit):
+        _unlearn_parser().parse_args(["runs/a", "--forget", "class=3", "--steps", "many"])
