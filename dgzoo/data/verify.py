@@ -109,10 +109,11 @@ def _fingerprint(table: Any, image_column: str, rows: np.ndarray) -> str:
     return digest.hexdigest()[:32]
 
 
-def check_images(data: Any, domains: Sequence[str]) -> None:
+def check_images(data: Any, domains: Sequence[str], remember: bool = True) -> None:
     """Decode every image of ``domains`` once; raise :class:`ImageDecodeError` naming the first bad one.
 
-    Checked datasets are remembered in ``<dgzoo cache>/verified/``, so the pass costs once per dataset, not per run.
+    Checked datasets are remembered in ``<dgzoo cache>/verified/`` (unless ``remember`` is False: a dry run writes
+    nothing anywhere), so the pass costs once per dataset, not per run.
     """
     rows = np.concatenate([data.rows_by_domain[d] for d in domains]) if domains else np.zeros(0, np.int64)
     marker = cache_root() / "verified" / f"{_fingerprint(data.table, data.image_column, rows)}.json"
@@ -126,6 +127,8 @@ def check_images(data: Any, domains: Sequence[str]) -> None:
         where = image_source(data.table, data.image_column, row)
         raise ImageDecodeError(f"image of domain '{domain}', row {row} ({where}) does not decode ({problem}); "
                                f"replace or remove it and run again")
+    if not remember:
+        return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"images": int(len(rows)), "domains": list(domains)}) + "\n")
 

@@ -80,8 +80,11 @@ class RunPlan:
     warnings: list[str] = field(default_factory=list)  # said right after the first log line (e.g. upsampling)
 
 
-def plan_run(cfg: TrainConfig) -> RunPlan:
-    """Validate a recipe completely, loading the dataset index but writing nothing. Raises DGZooError."""
+def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
+    """Validate a recipe completely, loading the dataset index but writing nothing. Raises DGZooError.
+
+    ``remember_checks`` False (a dry run) leaves even dgzoo's cache untouched: the image check is not remembered.
+    """
     cfg.validate()
     check_backbone(cfg.backbone)
     host_cls, addon_classes = parse_algorithm(cfg.algorithm)
@@ -97,7 +100,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
     used = [*protocol.sources, *protocol.targets]
     splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed(), used)  # a too-small domain fails here
-    check_images(data, used)  # a corrupt image fails now, not mid-run or at the first evaluation
+    check_images(data, used, remember_checks)  # a corrupt image fails now, not mid-run or at the first evaluation
     augment = resolve_augment(cfg, data)
     image_size, image_size_source, size_warning = resolve_image_size(cfg, data)
     recipe = Recipe(num_domains=len(protocol.sources), num_classes=data.num_classes, augment=augment,
