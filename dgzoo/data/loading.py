@@ -42,9 +42,26 @@ class DGDataset:
     path: str | None = None
     spec: DatasetSpec | None = None
     rows_by_domain: dict[str, np.ndarray] = field(init=False)
+    _stored_images: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.rows_by_domain = {d: np.flatnonzero(self.domain_of_row == i) for i, d in enumerate(self.domains)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A loader worker started by spawn rebuilds the Arrow view itself rather than receive a copy of every image.
+        return {**self.__dict__, "_stored_images": None}
+
+    def decode_image(self, row: int) -> Any:
+        """The image of row ``row``, decoded: its stored value read from the Arrow column and decoded by the column's
+        own ``datasets.Image`` feature. The same image as ``table[row][image_column]``, without formatting the whole
+        row into Python first (the per-sample cost a loader pays on every step)."""
+        if self._stored_images is None:
+            indices = self.table._indices
+            self._stored_images = (self.table.data.column(self.image_column),
+                                   None if indices is None else indices.column(0))
+        column, indices = self._stored_images
+        position = int(row) if indices is None else indices[int(row)].as_py()
+        return self.table.features[self.image_column].decode_example(column[position].as_py())
 
     @property
     def num_classes(self) -> int:
