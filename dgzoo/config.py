@@ -93,7 +93,8 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "resumable checkpoints to keep (two: a corrupt newest one has an intact fallback)")
     selection: str = _f("training_domain_validation", "which step's weights the run exports", choices=SELECTIONS)
     # -- runtime and output
-    num_workers: int | None = _f(None, "data-loading workers (default: 0 on CPU, 4 per process on GPU)")
+    num_workers: int | None = _f(None, "data-loading workers per process (default: from the CPUs this process may use; "
+                                         "on CPU only the cores torch's compute threads leave idle)")
     output_dir: str | None = _f(None, "run directory (default: runs/<dataset>-<backbone>-<algorithm>-<targets>-seed<seed>)")
     overwrite: bool = _f(False, "replace an existing run in --output-dir")
     resume: bool = _f(False, "continue the run in --output-dir from its last checkpoint")
