@@ -57,7 +57,8 @@ def dgzoo_run(dataset: Path, work: Path, steps: int, batch: int, env: dict[str, 
     args[args.index("--batch-size") + 1] = str(batch)
     lines = stamped_run([sys.executable, str(Path(__file__).with_name("startup.py")), "--child", *args],
                         {**env, "DGZOO_BENCH_T0": repr(time.time())}, work)
-    marks = {int(text.split()[2]): t for t, text in lines if text.startswith("BENCH step")}
+    # the progress bar shares the merged output stream: a mark may follow a bar update on the same line
+    marks = {int(text.split("BENCH step", 1)[1].split()[0]): t for t, text in lines if "BENCH step" in text}
     return {"first_step": marks[1], "images_per_second": (steps - 1) * batch * SOURCES / (marks[steps] - marks[1])}
 
 
