@@ -100,7 +100,7 @@ def launch(argv: list[str], env: dict[str, str], timeout: float = 900) -> dict[i
     """Start a child process running dgzoo train; return ``{step: seconds since launch}`` of its BENCH lines."""
     env = {**env, "DGZOO_BENCH_T0": repr(time.time())}
     done = subprocess.run([sys.executable, __file__, "--child", *argv], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
     marks = {int(p[2]): float(p[3]) for p in (line.split() for line in done.stdout.splitlines())
              if len(p) == 4 and p[0] == "BENCH"}
     if not marks:
@@ -132,8 +132,8 @@ def measure(sizes: list[int], rounds: int, work: Path, threads: int) -> dict:
 def table(result: dict) -> str:
     """The scaling table, markdown."""
     smallest = min(result["sizes"])
-    lines = ["| images | warm start-up, s (median) | warm / warm at %d (median of rounds) | cold start-up, s | "
-             "cold, ms per image | cold - warm, ms per image |" % smallest, "|---|---|---|---|---|---|"]
+    lines = [(f"| images | warm start-up, s (median) | warm / warm at {smallest} (median of rounds) | cold start-up, s | "
+              "cold, ms per image | cold - warm, ms per image |"), "|---|---|---|---|---|---|"]
     for n in result["sizes"]:
         warm = statistics.median(result["warm"][n])
         lines.append(f"| {n} | {warm:.2f} ({', '.join(f'{w:.2f}' for w in result['warm'][n])}) | "

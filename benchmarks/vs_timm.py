@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import DOMAINS, make_dataset, train_arguments  # noqa: E402
+from startup import DOMAINS, make_dataset, train_arguments
 
 SOURCES = len(DOMAINS) - 1
 
