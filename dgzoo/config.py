@@ -66,13 +66,16 @@ class TrainConfig:
     backbone: str = _f("resnet18", "any timm model name, e.g. resnet50.tv_in1k or vit_small_patch16_224")
     pretrained: bool = _f(False, "start from the backbone's pretrained weights (downloads from the Hub)")
     freeze_bn: bool = _f(False, "keep BatchNorm running statistics fixed (DomainBed's paper setting)")
+    init_from: str | None = _f(None, "start from this checkpoint's weights, head included (its label names must be "
+                                      "the dataset's): a run directory or a Hub repo REPO@REV; a sweep's runs then "
+                                      "share one initialisation")
     dropout: float = _f(0.0, "dropout before the classifier head", search=Choice((0.0, 0.1, 0.5)))
     # -- algorithm
     algorithm: str = _f("erm", "algorithm, optionally with add-ons: erm, erm+gga, equilibrium+gga+iu, ...")
     hparams: dict[str, Any] = _f({}, "algorithm hyperparameters KEY=VALUE; add-on keys are namespaced (gga.rho=1e-5)")
     # -- optimisation
     steps: int = _f(400, "number of training steps (the default is the first job's: held-out accuracy on "
-                                "rotated-digits stops improving by step 400; recipes for real datasets set their own)")
+                         "rotated-digits stops improving by step 400; recipes for real datasets set their own)")
     batch_size: int = _f(32, "images per source domain per step (global, split across processes)",
                          search=Uniform(3, 5.5, base=2, integer=True), small_search=Uniform(3, 9, base=2, integer=True))
     lr: float = _f(1e-3, "learning rate", search=Uniform(-5, -3.5, base=10), small_search=Uniform(-4.5, -2.5, base=10))

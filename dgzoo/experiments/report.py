@@ -42,7 +42,7 @@ import numpy as np
 from ..errors import DGZooError, suggest
 from ..run.selection import select
 from .domainbed import DomainBedRun, is_finished, load_domainbed_run
-from ..run.rundir import atomic_write_text, read_json, read_records
+from ..run.rundir import atomic_write_text, missing_outputs, read_json, read_records
 
 SELECTION_METHODS = ("training_domain_validation", "leave_one_domain_out", "oracle")
 SELECTION_TITLES = {
@@ -108,8 +108,9 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
             if manifest.is_file():
                 manifest_files[manifest.resolve()] = None
         for results in root.rglob("results.json"):
-            found[results.parent.resolve()] = None
-        unfinished += sum(not (c.parent / "results.json").exists() for c in root.rglob("train_config.json"))
+            if missing_outputs(results.parent) == []:  # the sweep's "done": finalising was not cut short
+                found[results.parent.resolve()] = None
+        unfinished += sum(missing_outputs(c.parent) != [] for c in root.rglob("train_config.json"))
         for results in root.rglob("results.jsonl"):  # DomainBed's train.py output
             if is_finished(results.parent):
                 domainbed[results.parent.resolve()] = None
@@ -140,7 +141,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         raise DGZooError(f"no finished run (a directory with results.json and records.jsonl, or DomainBed's "
                          f"results.jsonl and done) under {', '.join(map(str, paths))}")
     if len({run.backbone for run in runs}) > 1:  # several backbones: each (algorithm, backbone) is a row
-        runs = [replace(run, row=f"{run.algorithm} ({run.backbone})") for run in runs]
+        runs = [replace(run, row=f"{run.row} ({run.backbone})") for run in runs]
     return runs, notes
 
 
@@ -218,8 +219,15 @@ def _run(path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...
                             sort_keys=True, default=str)
     identity = {k: results.get(k) for k in IDENTITY_FIELDS}
     identity["dataset"] = {k: v for k, v in dataset.items() if k != "title"}
+    row = results["algorithm"]
+    soup = results.get("soup")
+    if isinstance(soup, dict):  # a weight average (dgzoo soup): its own row, one run per trial (its split seed)
+        method = f"top-{soup['k']}" if soup["method"] == "top-k" and soup.get("k") else soup["method"]
+        row = f"{results['algorithm']} ({method} soup of {soup['candidates']})"
+        trial, hparams_seed, sample = str(results.get("split_seed", results["seed"])), None, f"soup:{path}"
+        identity["soup"] = [soup["method"], soup.get("k"), sorted(i["name"] for i in soup["ingredients"])]
     return Run(path=path, dataset=dataset["name"], dataset_title=dataset.get("title") or dataset["name"],
-               algorithm=results["algorithm"], backbone=results["backbone"], row=results["algorithm"],
+               algorithm=results["algorithm"], backbone=results["backbone"], row=row,
                domains=tuple(results["accuracy"]), sources=tuple(results["source_domains"]),
                targets=tuple(results["target_domains"]), trial=trial, sample=sample, hparams_seed=hparams_seed,
                records=records, hparams=dict(results.get("hparams") or {}),

@@ -16,10 +16,11 @@ DomainBed's semantics (``domainbed/scripts/sweep.py`` and ``train.py``), kept ex
 - **held-out domains**: ``single`` holds out each domain alone; ``single_and_pairs`` adds every pair, which is what
   leave-one-domain-out model selection needs (``dgzoo report`` uses the pairs only for that).
 
-Runs are resumable: a finished run (``results.json`` present) is skipped; an interrupted one resumes from its
-last checkpoint, or restarts when it has none; one that a live process holds (its claim, :mod:`dgzoo.run.claim`)
-is "running elsewhere" and left alone. A run directory that holds a run trained with other settings is an error,
-never silently reused. ``sweep.json`` (the manifest) records the spec and every run's settings.
+Runs are resumable: a finished run (``results.json``, written last, and every other file present) is skipped; an
+interrupted one resumes from its last checkpoint, or restarts when it has none; one that a live process holds (its
+claim, :mod:`dgzoo.run.claim`) is "running elsewhere" and left alone. A run directory that holds a run trained with
+other settings is an error, never silently reused. ``sweep.json`` (the manifest) records the spec and every run's
+settings.
 
 ``--more-trials N`` adds, for every (dataset, algorithm, held-out set), the selected hyperparameter sample trained
 on N new trial seeds; the choice is written to ``more_trials.json`` once, so later invocations extend it.
@@ -48,7 +49,7 @@ from ..hparams import Distribution, Uniform, parse_distribution
 from ..models import check_backbone
 from ..errors import DGZooError, suggest
 from ..run.claim import CLAIM_FILE, claim_holder, describe_holder
-from ..run.rundir import latest_checkpoint, read_json, write_json
+from ..run.rundir import latest_checkpoint, missing_outputs, read_json, write_json
 
 MANIFEST = "sweep.json"
 MORE_TRIALS = "more_trials.json"
@@ -65,6 +66,8 @@ SLURM_KEYS: dict[str, tuple[type, str]] = {
     "gpus": (int, "GPUs per run (--gpus-per-node)"), "cpus": (int, "CPUs per run (--cpus-per-task)"),
     "mem": (int, "memory per run in GB (--mem)"), "account": (str, "the account to charge (--account)"),
     "array_parallelism": (int, "most runs of the array at once (--array=...%N)"),
+    "max_requeues": (int, "how often submitit requeues a job that ran out of time (default: 3; preemptions do "
+                          "not count)"),
 }
 # Fields every printed command states, even at their defaults, so a command says what it trains on its own.
 ALWAYS_IN_COMMANDS = ("dataset", "algorithm", "target_domains", "seed", "split_seed", "output_dir")
@@ -126,6 +129,7 @@ class SweepSpec:
     train: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Distribution | None] = field(default_factory=dict)
     slurm: dict[str, Any] = field(default_factory=dict)
+    soup: dict[str, Any] = field(default_factory=dict)  # soups built per cell after the runs (docs/soups.md)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "sweep spec", base_dir: Path | None = None
@@ -167,7 +171,8 @@ class SweepSpec:
                 raise DGZooError(f"{key} in {source} must be an integer, got {value!r}")
             counts[key] = value
         slurm = check_slurm_options(values.get("slurm") or {}, f"the slurm section of {source}")
-        spec = cls(datasets=_str_list(values["datasets"]), algorithms=_str_list(values["algorithms"]),
+        soup = check_soup_section(values.get("soup"), f"the soup section of {source}")
+        spec = cls(soup=soup, datasets=_str_list(values["datasets"]), algorithms=_str_list(values["algorithms"]),
                    output_dir=str(values.get("output_dir") or ""), test_domains=values.get("test_domains", "single"),
                    train=train, search=search, slurm=slurm, **counts)
         if spec.n_hparams < 1 or spec.n_trials < 1:
@@ -195,7 +200,7 @@ class SweepSpec:
         return {"datasets": self.datasets, "algorithms": self.algorithms, "output_dir": self.output_dir,
                 "test_domains": self.test_domains, "n_hparams": self.n_hparams, "n_trials": self.n_trials,
                 "train": self.train, "search": {k: None if v is None else str(v) for k, v in self.search.items()},
-                "slurm": self.slurm}
+                "slurm": self.slurm, **({"soup": self.soup} if self.soup else {})}
 
 
 def check_slurm_options(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -210,10 +215,45 @@ def check_slurm_options(values: dict[str, Any], source: str) -> dict[str, Any]:
         kind, meaning = SLURM_KEYS[key]
         if value is None:
             continue
-        least = 0 if key == "gpus" else 1  # a CPU-only sweep asks for no GPU
+        least = 0 if key in ("gpus", "max_requeues") else 1  # a CPU-only sweep asks for no GPU
         if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise DGZooError(f"{key} in {source} ({meaning}) must be an integer >= {least}, got {value!r}")
         checked[key] = kind(value)
+    return checked
+
+
+# The spec's ``soup`` section: key -> meaning (``dgzoo soup``'s flags of the same names).
+SOUP_KEYS = {"methods": "soups to build per cell: uniform, greedy, top-k", "k": "top-k: how many ingredients",
+             "bn_steps": "batches of the BatchNorm recomputation", "freeze_bn": "keep the averaged BatchNorm statistics"}
+SOUP_METHOD_NAMES = ("uniform", "greedy", "top-k")
+
+
+def check_soup_section(values: Any, source: str) -> dict[str, Any]:
+    """Validate a sweep spec's ``soup`` section (empty: no soups), e.g. ``{methods: [uniform, greedy]}``."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise DGZooError(f"{source} must be a mapping, e.g. soup: {{methods: [uniform, greedy]}}")
+    for key in values:
+        if key not in SOUP_KEYS:
+            raise DGZooError(f"unknown key '{key}' in {source}{suggest(str(key), SOUP_KEYS)}; valid: "
+                             f"{', '.join(SOUP_KEYS)}")
+    methods = _str_list(values.get("methods", ["uniform"]))
+    for method in methods:
+        if method not in SOUP_METHOD_NAMES:
+            raise DGZooError(f"soup method '{method}' in {source} is not one of {', '.join(SOUP_METHOD_NAMES)}"
+                             f"{suggest(method, SOUP_METHOD_NAMES)}")
+    checked: dict[str, Any] = {"methods": methods}
+    for key in ("k", "bn_steps"):
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise DGZooError(f"{key} in {source} ({SOUP_KEYS[key]}) must be a whole number, got {value!r}")
+        if value is not None:
+            checked[key] = value
+    if ("top-k" in methods) != ("k" in checked):
+        raise DGZooError(f"{source}: k goes with the top-k method (methods: [top-k], k: 5)")
+    if values.get("freeze_bn") is not None:
+        checked["freeze_bn"] = bool(values["freeze_bn"])
     return checked
 
 
@@ -393,8 +433,8 @@ def run_status(run: SweepRun) -> str:
     DGZooError when the directory holds a run trained with other settings."""
     out = run.output_dir
     saved_path = out / "train_config.json"
-    finished_here = (out / "results.json").exists()
-    if not finished_here and holder_of(run) is not None:
+    missing = missing_outputs(out)  # None: no results.json; []: done; else finalising was cut short
+    if missing != [] and holder_of(run) is not None:
         return "running"
     if not out.exists() or not any(p.name != CLAIM_FILE for p in out.iterdir()):
         return "new"
@@ -402,7 +442,7 @@ def run_status(run: SweepRun) -> str:
         return "restart"
     saved = read_json(saved_path)
     changed, diffs = changed_fields(saved, run.config.to_dict())
-    finished, checkpoint = (out / "results.json").exists(), latest_checkpoint(out)
+    finished, checkpoint = missing is not None, latest_checkpoint(out)
     if changed == ["steps"] and int(saved["steps"]) < run.config.steps and checkpoint:
         return "resume"  # the spec asks for more steps: train further from the last checkpoint
     if changed and (finished or checkpoint):
@@ -410,9 +450,9 @@ def run_status(run: SweepRun) -> str:
                          f"changed sweep to a new output_dir, or delete that run directory")
     if changed:
         return "restart"
-    if finished:
+    if missing == []:
         return "done"
-    return "resume" if checkpoint else "restart"
+    return "resume" if checkpoint else "restart"  # a finished run missing files resumes at its last step to finish
 
 
 def prepare(run: SweepRun) -> str:
