@@ -343,10 +343,11 @@ def test_a_pushed_soup_holds_no_absolute_local_path(runs, uniform_soup, hub_serv
 
     out, _ = uniform_soup
     repo = hub_server.unique_repo_id("soup-paths")
+    before = {p for p in hub_server.storage_dir.rglob("*") if p.is_file()}  # other tests' pushes: not this soup's
     ok(run(hub_server, tmp_path / "hf", dgzoo_cli("push", out, repo)))
     secrets = [str(runs[1].parent), str(out.parent)]
     assert any(s in (out / "results.json").read_text() for s in secrets)  # kept locally: the soup can be remade
-    stored = [p for p in hub_server.storage_dir.rglob("*") if p.is_file()]
+    stored = [p for p in hub_server.storage_dir.rglob("*") if p.is_file() and p not in before]
     published = [p for p in stored if b"uniform soup of 2" in p.read_bytes()]
     assert published, "the soup's card was not pushed"
     leaks = [str(p) for p in stored if any(s.encode() in p.read_bytes() for s in secrets)]
