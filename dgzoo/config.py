@@ -182,6 +182,11 @@ class TrainConfig:
             raise DGZooError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise DGZooError(f"--holdout-fraction must be in (0, 1), got {self.holdout_fraction}")
+        for name in ("seed", "split_seed"):  # numpy and torch seed with 0 .. 2**32-1; refused before anything is written
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**32:
+                raise DGZooError(f"--{name.replace('_', '-')} must be in [0, 2**32), got {value}; use e.g. "
+                                 f"--{name.replace('_', '-')} {abs(value) % 2**32}")
         if not 0.0 <= self.dropout < 1.0:
             raise DGZooError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.weight_decay < 0:

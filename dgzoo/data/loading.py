@@ -122,7 +122,14 @@ def _looks_like_repo_id(name: str) -> bool:
 def _read_parquet(files: list[Path]) -> Any:
     import datasets
 
-    return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    try:
+        return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    except ValueError as e:
+        if "no data" not in str(e):
+            raise
+        names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise DGZooError(f"{names} hold(s) no rows; point --dataset at parquet files with images, labels and "
+                         f"domains") from None
 
 
 def _read_local(path: Path) -> tuple[Any, str]:
@@ -199,6 +206,8 @@ def _normalize(table: Any, name: str, source: str, columns: dict[str, str], **kw
             hint = {"domain": "; for image folders use root/<domain>/<class>/*"}.get(role, "")
             raise DGZooError(f"dataset {name} has no {role} column '{columns[role]}' (columns: {', '.join(present)}); "
                              f"pass --{role}-column NAME{hint}")
+    if _is_binary(table.features[columns["image"]]):  # encoded image bytes, stored without the Image type
+        table = table.cast_column(columns["image"], datasets.Image())
     if not isinstance(table.features[columns["image"]], datasets.Image):
         raise DGZooError(f"column '{columns['image']}' of {name} is not an image column "
                          f"({table.features[columns['image']]}); pass --image-column NAME")
@@ -207,6 +216,10 @@ def _normalize(table: Any, name: str, source: str, columns: dict[str, str], **kw
     class_names, labels = _label_codes(table, columns["label"], spec)
     return DGDataset(name=name, source=source, table=table, image_column=columns["image"], labels=labels,
                      domain_of_row=domain_of_row, domains=domains, class_names=class_names, **kw)
+
+
+def _is_binary(feature: Any) -> bool:
+    return getattr(feature, "dtype", None) in ("binary", "large_binary")
 
 
 def _column(table: Any, name: str) -> np.ndarray:

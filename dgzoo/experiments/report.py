@@ -136,9 +136,10 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         except READ_ERRORS as e:
             notes.append(f"skipped broken run {path}: results.jsonl: {_reason(e)}")
     runs = _drop_duplicates(sorted(runs, key=lambda r: str(r.path)), notes)
-    if not runs:
+    if not runs:  # say why each candidate was skipped (a half-written results.json names itself there)
+        skipped = f"; {'; '.join(notes)}" if notes else ""
         raise DGZooError(f"no finished run (a directory with results.json and records.jsonl, or DomainBed's "
-                         f"results.jsonl and done) under {', '.join(map(str, paths))}")
+                         f"results.jsonl and done) under {', '.join(map(str, paths))}{skipped}")
     if len({run.backbone for run in runs}) > 1:  # several backbones: each (algorithm, backbone) is a row
         runs = [replace(run, row=f"{run.row} ({run.backbone})") for run in runs]
     return runs, notes

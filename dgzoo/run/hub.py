@@ -29,10 +29,13 @@ from typing import Any, Callable, NamedTuple
 from torch import nn
 
 from ..errors import DGZooError
+from ..hubhttp import install_hub_timeouts
 from .cards import card_license, render_card, sweep_entry
 from .claim import claimed_by_another, describe_holder
 from .rundir import SAMPLES_IMAGE, nonfinite_tensors, read_json
 from .unlearning_card import render_unlearn_card
+
+install_hub_timeouts()  # every Hub call of this module (and of those importing it) ends: timeouts, bounded retry
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -274,6 +277,12 @@ def check_run_loads(run_dir: str | Path) -> None:
         raise DGZooError(f"{run_dir} is still in use by {describe_holder(holder)}; push it once that has finished")
     fix = f"restore it, or train the run again (dgzoo train --config {run_dir / 'train_config.json'} --overwrite)"
     try:
+        json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DGZooError(f"{run_dir / 'results.json'} is not valid JSON ({str(e).splitlines()[0]}): the run stopped "
+                         f"while writing it; nothing was pushed: finish it (dgzoo train --config "
+                         f"{run_dir / 'train_config.json'} --resume), then push again") from None
+    try:
         json.loads((run_dir / CONFIG).read_text())
     except (OSError, ValueError) as e:
         raise DGZooError(f"{run_dir / CONFIG} is not valid JSON ({str(e).splitlines()[0]}), so the run would not "
@@ -465,6 +474,10 @@ def create_from_folder(folder: Path) -> nn.Module:
     except RuntimeError as e:
         raise DGZooError(f"the weights in {folder / WEIGHTS} do not fit '{arch}' as {CONFIG} describes it "
                          f"({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors for a truncated or corrupt file, one line
+        raise DGZooError(f"{folder / WEIGHTS} cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated or corrupt: re-export or "
+                         f"re-download it") from None
 
 
 def from_pretrained(name_or_path: str | Path, revision: str | None = None, token: str | None = None) -> Pretrained:

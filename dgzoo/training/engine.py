@@ -43,7 +43,7 @@ from ..config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
 from ..data import (DGDataset, DomainImages, DomainSplits, Protocol, check_images, eval_loader, eval_transform,
                     load_dg_dataset, loader_workers, make_splits, resolve_protocol, train_transform)
 from ..data.inspect import contact_sheet
-from ..errors import DGZooError, Interrupted
+from ..errors import DGZooError, Interrupted, writing
 from ..models import check_backbone, create_backbone, data_config, freeze_batchnorm, meta_backbone
 from ..run.cards import plot_run, render_card
 from ..run.claim import RunDirClaimed, claim_run_dir
@@ -54,12 +54,15 @@ from ..run.rundir import (CHECKPOINT_FORMAT, SAMPLES_IMAGE, atomic_write_text, c
                           run_done, save_model, write_checkpoint_manifest,
                           write_json)
 from ..run.selection import SELECTION_METHODS, select
+from .datachecks import check_classes
 from .derived import Derived, derived_line, derived_values, resolve_image_size
 from .evaluation import evaluate, source_loss
 from .initialisation import InitSource, load_init, resolve_init
 from .loop import (LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit,
                    source_batches)
 from .optimisation import create_scheduler, current_lr
+from .peers import collective_timeout, peer_failures
+from .resume import check_resume, data_record, recorded_data
 
 logger = logging.getLogger("dgzoo")
 
@@ -101,6 +104,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
+    class_warnings = check_classes(data, protocol)
     used = [*protocol.sources, *protocol.targets]
     splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed(), used)  # a too-small domain fails here
     check_images(data, used)  # a corrupt image fails now, not mid-run or at the first evaluation
@@ -116,13 +120,14 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     check_output_dir(output_dir, cfg.resume, cfg.overwrite)
     if cfg.resume:
         _check_resume_config(cfg, output_dir)
+        check_resume(cfg, output_dir, data)
     derived = derived_values(cfg, data, protocol, augment, image_size, image_size_source, str(output_dir),
                              is_small_images(data))
     steps_per_epoch = max(1, math.ceil(min(len(splits.in_rows[d]) for d in protocol.sources) / cfg.batch_size))
     warnings = [size_warning] if size_warning else []
     warnings += schedule_warnings(cfg.algorithm, hparams, Schedule(cfg.steps, cfg.eval_every, steps_per_epoch))
     return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size,
-                   derived, warnings, init)
+                   derived, [*class_warnings, *warnings], init)
 
 
 def is_small_images(data: DGDataset) -> bool:
@@ -156,6 +161,8 @@ def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:
         raise DGZooError(f"{output_dir} has checkpoints but no train_config.json; it was not written by dgzoo train")
     saved = read_json(saved_path)
     changed, diffs = changed_fields(saved, cfg.to_dict(), RESUMABLE_CHANGES)
+    if changed == ["revision"] and cfg.revision == (recorded_data(output_dir) or {}).get("revision"):
+        changed = []  # pinning the commit the run trained on (what check_resume asks for) changes nothing
     if changed:
         raise DGZooError(f"cannot resume {output_dir} with a different recipe ({diffs}); resume with the original "
                          f"settings, or start a new run in another --output-dir")
@@ -196,15 +203,16 @@ def create_accelerator(mixed_precision: str, log_with: list[str] | None = None, 
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     project = (ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs"))
                if project_dir is not None else None)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    group = InitProcessGroupKwargs(timeout=collective_timeout())  # a silent peer ends the run (peers.py)
     return Accelerator(cpu=multiprocess_cpu(), mixed_precision=mixed_precision, log_with=log_with,
-                       project_config=project, kwargs_handlers=[ddp])
+                       project_config=project, kwargs_handlers=[ddp, group])
 
 
 class _ProgressAwareHandler(logging.StreamHandler):
@@ -297,7 +305,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         warn_if_not_a_repeat(getattr(cfg, "recorded_provenance", None), plan.data.info())
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo train {cfg.algorithm}"):
         try:
-            return _train(cfg, plan, accelerator)
+            with peer_failures(accelerator.num_processes, f"continue with: {resume_command(plan)}"):
+                return _train(cfg, plan, accelerator)
         except KeyboardInterrupt:
             done = latest_checkpoint(plan.output_dir)
             kept = f"its checkpoint {done.name} is kept" if done else "it had no checkpoint yet (restarts at step 0)"
@@ -441,7 +450,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
             accelerator.log({"eval/source_val_acc": score, "eval/target_acc": record["target_acc"]},
                             step=state.step)
         if state.step % cfg.resolved_checkpoint_every() == 0 or state.step == cfg.steps:
-            _save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
+            _save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints, data_record(data))
 
     try:
         fit(algorithm, loop_data, accelerator, scheduler, state, cfg.steps, evaluate_and_checkpoint)
@@ -516,20 +525,22 @@ def resume_state(accelerator: Any, out: Path) -> Path:
     raise DGZooError(f"no intact checkpoint in {out} ({'; '.join(skipped)}); start the run again with --overwrite")
 
 
-def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int) -> None:
+def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int, extra: dict[str, Any] | None = None) -> None:
     """Save a resumable checkpoint to checkpoints/step_N, atomically (written under a temporary name first)."""
     root = out / "checkpoints"
     tmp = root / f".tmp_step_{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(root / f"step_{step}", cleanup=[tmp]):  # a full disk: one line, no half-written checkpoint left
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_checkpoint_manifest(tmp)
         final = root / f"step_{step}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with writing(final, cleanup=[tmp]):
+            write_checkpoint_manifest(tmp, extra)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
         for old in checkpoint_dirs(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
