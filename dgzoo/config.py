@@ -126,7 +126,10 @@ class TrainConfig:
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name == PROVENANCE_KEY and isinstance(value, dict):
-                continue  # what a run recorded about its code and data (train_config.json), not a setting
+                # What a run recorded about its code and data (train_config.json), not a setting: kept apart so
+                # training can say when it will not repeat that run bit for bit (dgzoo.run.provenance).
+                self.recorded_provenance = value
+                continue
             if name not in names:
                 raise DGZooError(f"unknown {source} key '{key}'{suggest(name, names)}; "
                                  f"run `dgzoo train --help` for the valid keys")

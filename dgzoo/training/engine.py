@@ -48,7 +48,7 @@ from ..models import check_backbone, create_backbone, data_config, freeze_batchn
 from ..run.cards import plot_run, render_card
 from ..run.claim import RunDirClaimed, claim_run_dir
 from ..run.hub import check_push_target, push_run
-from ..run.provenance import code_version, provenance_block, resolved_config
+from ..run.provenance import code_version, provenance_block, resolved_config, warn_if_not_a_repeat
 from ..run.rundir import (CHECKPOINT_FORMAT, SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs,
                           checkpoint_format, checkpoint_problem, clear_run_dir, latest_checkpoint, read_json,
                           run_done, save_model, write_checkpoint_manifest,
@@ -301,6 +301,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = create_accelerator(cfg.mixed_precision, _trackers(cfg), plan.output_dir,
                                      plan.host.FIND_UNUSED_PARAMETERS)
     check_process_split(cfg.batch_size, cfg.grad_accumulation, accelerator.num_processes)
+    if accelerator.is_main_process:
+        warn_if_not_a_repeat(getattr(cfg, "recorded_provenance", None), plan.data.info())
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo train {cfg.algorithm}"):
         try:
             with peer_failures(accelerator.num_processes, f"continue with: {resume_command(plan)}"):
