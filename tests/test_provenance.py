@@ -129,10 +129,20 @@ def test_an_absolute_dataset_path_is_in_no_published_file(hub_server, tmp_path):
     assert results["dataset"]["name"] == "my-data" and len(results["dataset"]["fingerprint"]) == 16
     assert results["dataset"]["path"] == str(data)  # kept on this machine: the run can be repeated here
 
+    # A run started from that run's weights by absolute path (--init-from) names it in its recipe and command.
+    from dgzoo.config import TrainConfig
+    from dgzoo.training.engine import train
+
+    child = tmp_path / "private-home" / "child"
+    train(TrainConfig.from_dict(dict(dataset=str(data), target_domains=["c"], init_from=str(run_dir),
+                                     output_dir=str(child), **spec.train)))
+    assert str(run_dir) in (child / "README.md").read_text()  # the local card keeps it: it works on this machine
+
     prefix = "testuser/" + hub_server.unique_repo_id("abs").split("/")[1]
     single = hub_server.unique_repo_id("abs-single")
     ok(run(hub_server, tmp_path / "hf", dgzoo_cli("push", run_dir, single)))
     ok(run(hub_server, tmp_path / "hf", dgzoo_cli("push", sweep_dir, prefix)))
+    ok(run(hub_server, tmp_path / "hf", dgzoo_cli("push", child, hub_server.unique_repo_id("abs-child"))))
     stored = [p for p in hub_server.storage_dir.rglob("*") if p.is_file()]
     assert len(stored) > 20
     leaks = [str(p) for p in stored if secret.encode() in p.read_bytes()]
