@@ -9,16 +9,11 @@
 The heavy parts (torch, timm, the Hub clients) load on first use, so ``dgzoo report`` or ``dgzoo --help`` start fast.
 """
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-try:
-    __version__ = version("dgzoo")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.1.0"
-
-from .config import TrainConfig  # noqa: E402
-from .errors import DGZooError  # noqa: E402
+from ._version import __version__
+from .config import TrainConfig
+from .errors import DGZooError
 
 _LAZY = {"Pretrained": "run.hub", "evaluate_pretrained": "training.evaluation", "from_pretrained": "run.hub", "push_run": "run.hub",
          "train": "training.engine", "list_models": "run.zoo"}

@@ -127,3 +127,30 @@ def test_selfreg_with_distinct_classes_leaves_the_feature_to_projection_term():
     assert torch.allclose(loss, expected, atol=1e-6) and 0 < metrics["lam"] < 1
 
 
+
+
+def selfreg_after_one_update(hparams):
+    host_hparams = dict(hparams)
+    algorithm = create_algorithm("selfreg", create_backbone("test_resnet", num_classes=5), 3, host_hparams)
+    host = algorithm.host
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.tensor([0, 0, 1, 1])) for _ in range(3)]
+    before = {k: v.clone() for k, v in host.state_dict().items()}
+    algorithm.update(batches, 0)
+    after = host.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    return host, changed
+
+
+def test_selfreg_projection_is_never_stepped_by_default_as_domainbed():
+    """DomainBed's SelfReg builds its optimizer (ERM's) before ``cdpl``: one update moves the network and cdpl's
+    BatchNorm running statistics, never cdpl's weights; ``train_projection=true`` steps them too."""
+    host, changed = selfreg_after_one_update({})
+    projection_weights = {f"cdpl.{k}" for k, _ in host.cdpl.named_parameters()}
+    running = {k for k in changed if k.startswith("cdpl.") and "running" in k}
+    assert not changed & projection_weights
+    assert running and any(k.startswith("network.") for k in changed)
+    assert all(id(p) not in {id(q) for group in host.optimizer.param_groups for q in group["params"]}
+               for p in host.cdpl.parameters())
+    host, changed = selfreg_after_one_update({"train_projection": True})
+    assert projection_weights <= changed

@@ -1,6 +1,7 @@
 """Identify-and-Unlearn: selection rules, channel writers, masked ascent, influence estimators, DDP, engine."""
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from conftest import run_processes, tiny_config
 from dgzoo.algorithms import EpochContext, create_algorithm, resolve_hparams
 from dgzoo.algorithms.influence import FunctionalLoss, kfac_head_influence, largest_eigenvalue, lissa
-from dgzoo.algorithms.iu import ChannelLayer, inter_domain_variance, mad_outliers, masked_ascent, unlearning_scores
+from dgzoo.algorithms.iu import (ChannelLayer, inter_domain_variance, mad_outliers, masked_ascent, outlier_scale,
+                                 unlearning_scores)
 from dgzoo.data import DomainImages, eval_loader, eval_transform, load_dg_dataset
 from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone, data_config, features
@@ -92,6 +94,25 @@ def test_unlearning_score_is_low_for_unhelpful_complex_samples():
     u = unlearning_scores(g, c, alpha=2.0)
     assert u.argmin() == 2 and u[0] > u[1] and u.min() > 0  # min-max keeps G^alpha defined and positive
     assert torch.allclose(unlearning_scores(g, c, 1.0, "signed"), g / c)
+
+
+def test_the_readme_job_scores_have_a_lower_tail_on_the_log_scale():
+    """IU's first call on the README's job (erm+iu, iu.every=15, 45 steps, seed 0): on the linear scale U's median
+    absolute deviation is 2/3 of its median, so median - 2 MAD < 0 <= every U and D_u was empty (3 of 3 calls). The
+    default log scale selects a lower tail, and it is the harmful samples (G < 0) the score is meant to find."""
+    data = json.loads((Path(__file__).parent / "data" / "iu_readme_job_scores.json").read_text())
+    g, c = torch.tensor(data["generalisation"]), torch.tensor(data["complexity"])
+    hp = resolve_hparams("erm+iu", {})["iu"]
+    assert hp["score_scale"] == "log"
+    u = unlearning_scores(g, c, hp["alpha"], hp["g_transform"])
+    assert not mad_outliers(outlier_scale(u, "linear"), hp["k"], "lower").any()  # the rule as written: nothing
+    selected = mad_outliers(outlier_scale(u, hp["score_scale"]), hp["k"], "lower")
+    harmful = g < 0
+    assert 0.05 < selected.float().mean() < 0.2
+    assert (selected & harmful).sum() >= 0.9 * harmful.sum()  # nearly every harmful sample
+    assert u[selected].max() < u[~selected].min()  # the lowest U, whatever the scale
+    with pytest.raises(DGZooError, match="score_scale=linear"):
+        resolve_hparams("erm+iu", {"iu.g_transform": "signed"})
 
 
 # ----------------------------------------------------------------------------- channels and their writers
@@ -258,8 +279,11 @@ def test_calibrated_ascent_keeps_within_the_validation_cap(fitted):
     x, y, _ = val_pool(context)
     with torch.no_grad():
         accuracy_before = (model.eval()(x).argmax(1) == y).float().mean().item()
+    # The linear-scale selection: its D_u's x50 rise costs validation accuracy on this barely fitted model, which
+    # is what the cap is tested on (the log scale's D_u reaches x50 at chance-level accuracy, with nothing to cap).
     algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
-                                 hparams={"iu.k": 1.0, "iu.target_rise": 50.0, "iu.max_val_drop": 0.0})
+                                 hparams={"iu.k": 1.0, "iu.target_rise": 50.0, "iu.max_val_drop": 0.0,
+                                          "iu.score_scale": "linear"})
     metrics = algorithm.on_epoch_end(context)
     with torch.no_grad():
         accuracy_after = (model.eval()(x).argmax(1) == y).float().mean().item()

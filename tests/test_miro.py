@@ -83,3 +83,31 @@ def test_miro_refuses_a_recipe_without_pretrained_weights(tmp_path):
     # pretrained=True passes the check (no weights are loaded when planning), and so does an unknown recipe
     assert check_algorithm("miro", {}, Recipe(num_domains=2, num_classes=10, pretrained=True))
     assert check_algorithm("miro", {}, Recipe(num_domains=2, num_classes=10))
+
+
+@pytest.mark.parametrize("backbone, expected", [
+    ("test_resnet", ["maxpool", "layer1", "layer2", "layer3", "layer4"]),  # the official resnet stem + layer1..4
+    ("test_vit", ["patch_embed", "blocks.1", "blocks.2", "blocks.4", "blocks.5"]),  # 6 blocks in four groups
+    ("test_convnext", ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]),
+])
+def test_miro_taps_five_places_as_the_official_stem_block(backbone, expected):
+    """The official URFeaturizer taps the stem's output and the end of each of four blocks, whatever the family
+    (a CLIP ViT-B: conv1 and resblocks 2, 5, 8, 11); dgzoo tapped a ViT's every block and no stem."""
+    torch.manual_seed(0)
+    network = create_backbone(backbone, num_classes=10)
+    stages = feature_stages(network)
+    assert [name for name, _ in stages] == expected
+    host = create_algorithm("miro", network, 2).host.eval()  # BatchNorm as the frozen copy's: f == r
+    size = network.pretrained_cfg["input_size"][1:]
+    x = torch.randn(2, 3, *size)
+    _, metrics = host.loss([(x, torch.tensor([0, 1])), (x, torch.tensor([1, 0]))], 0)
+    assert float(metrics["reg"]) == pytest.approx(5 * math.log(0.1) / 2, abs=1e-5)  # f == r: five log-variances
+    assert [len(v) for v in host.variances] == [c for _, c in stages]
+
+
+def test_miro_taps_of_a_vit_b_are_the_official_clip_vit_b_blocks():
+    from timm import create_model
+
+    network = create_model("vit_base_patch16_224", pretrained=False, num_classes=3, depth=12)
+    assert [name for name, _ in feature_stages(network)] == ["patch_embed", "blocks.2", "blocks.5", "blocks.8",
+                                                             "blocks.11"]

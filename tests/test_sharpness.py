@@ -88,6 +88,9 @@ def test_second_pass_batchnorm_statistics_follow_the_reference(spec, moves):
     reference.train()(torch.cat([x for x, _ in minibatches]))  # one training pass at the initial weights
     first = reference.bn1.running_mean
     assert torch.allclose(network.bn1.running_mean, first, atol=1e-6) != moves
+    # Both passes count, for all three: the official GSAM/SAGM second pass runs in training mode with momentum 0.
+    counters = [int(b) for k, b in network.state_dict().items() if k.endswith("num_batches_tracked")]
+    assert counters and set(counters) == {2}
 
 
 def test_optimizer_step_hooks_see_the_combined_gradient_once_per_step():

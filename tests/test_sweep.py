@@ -13,8 +13,9 @@ from dgzoo.cli import build_parser, main
 from dgzoo.config import config_from_args
 from dgzoo.errors import DGZooError
 from dgzoo.experiments.report import load_runs, report_dirs
-from dgzoo.experiments.launchers import run_sweep
+from dgzoo.experiments.launchers import run_sweep, sweep_status
 from dgzoo.experiments.sweep import SweepSpec, Uniform, expand, parse_distribution, run_status, seed_hash
+from dgzoo.run.rundir import RUN_OUTPUTS, missing_outputs
 
 TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, checkpoint_every=1, batch_size=8, lr=3e-3,
             eval_batch_size=512, log_with="none", num_workers=0)
@@ -134,6 +135,10 @@ def test_run_status_reads_the_run_directory(tmp_path):
     (out / "checkpoints" / "step_1").mkdir(parents=True)
     assert run_status(run) == "resume"
     (out / "results.json").write_text("{}")
+    assert run_status(run) == "resume"  # finished, but its card, weights, plots... were never written: finish it
+    for name in RUN_OUTPUTS:
+        if name != "train_config.json":
+            (out / name).write_text("")
     assert run_status(run) == "done"
     longer = expand(spec(tmp_path, algorithms=["erm"], test_domains=["75"], n_trials=1, train={**TINY, "steps": 4}))
     assert run_status(longer[0]) == "resume"  # more steps asked: train further from the checkpoint
@@ -260,3 +265,48 @@ def test_more_trials_retrain_the_selected_sample_on_new_trial_seeds(tmp_path, ca
     assert [line.split(":")[0] for line in listing.splitlines() if line.startswith("  trial")] == \
         ["  trial 0", "  trial 1"]
     assert listing.count(f": hp{chosen.hparams_seed} val") == 2 and f"lr={chosen.config.lr:.4g}" in listing
+
+
+class CardKill(BaseException):
+    """A kill while the run directory is being finalised (after the last step and checkpoint, before the card)."""
+
+
+def test_a_run_killed_while_finalising_is_not_done_and_the_rerun_finishes_it(tmp_path, monkeypatch):
+    s = spec(tmp_path, algorithms=["erm"], test_domains=["75"], n_trials=1)
+    [run] = expand(s)
+    out = run.output_dir
+
+    def killed(*args, **kwargs):
+        raise CardKill
+
+    monkeypatch.setattr(dgzoo.training.engine, "render_card", killed)
+    with pytest.raises(CardKill):
+        run_sweep(s, log=lambda line: None)
+    monkeypatch.undo()
+    assert not (out / "README.md").exists() and missing_outputs(out) != []
+    assert run_status(run) == "resume"  # never "done" without its card
+    with pytest.raises(DGZooError, match="no finished run"):
+        load_runs([tmp_path / "sw"])  # the report does not count it either
+    status = []
+    sweep_status(s, log=status.append)
+    assert status[0].endswith("1 runs: 0 done, 1 to resume, 0 to restart, 0 to start")  # --status agrees
+    outcome = run_sweep(s, log=lambda line: None)
+    assert [r.output_dir for r in outcome.trained] == [out]
+    assert "resumed from" in (out / "train.log").read_text()
+    assert missing_outputs(out) == [] and run_status(run) == "done"
+    assert json.loads((out / "results.json").read_text())["steps"] == TINY["steps"]
+    assert len(load_runs([tmp_path / "sw"])[0]) == 1
+
+
+def test_a_finished_run_missing_a_file_is_finished_by_the_rerun(tmp_path):
+    """Runs finished before results.json was written last, or with a file deleted since, are completed."""
+    s = spec(tmp_path, algorithms=["erm"], test_domains=["75"], n_trials=1)
+    [run] = expand(s)
+    assert not run_sweep(s, log=lambda line: None).failed
+    weights = (run.output_dir / "model.safetensors").read_bytes()
+    for name in ("README.md", "training_curves.png"):
+        (run.output_dir / name).unlink()
+    assert missing_outputs(run.output_dir) == ["README.md", "training_curves.png"]
+    assert run_status(run) == "resume"
+    assert [r.output_dir for r in run_sweep(s, log=lambda line: None).trained] == [run.output_dir]
+    assert run_status(run) == "done" and (run.output_dir / "model.safetensors").read_bytes() == weights

@@ -10,17 +10,24 @@ is read (:meth:`SWAD.on_evaluate`). Training has *converged* at the first evalua
 ``n_converge`` segments has the lowest loss; the threshold is then ``(1 + tolerance_ratio)`` times their mean
 loss, and segments join the average while the smallest loss of the ``n_tolerance`` segments from them on stays
 under it: a segment is admitted ``n_tolerance - 1`` evaluations late, once the losses after it are known, and the
-valley is *dead* (the average is final) once all ``n_tolerance`` are above. BatchNorm statistics of the average are
-recomputed on source training batches (``bn_steps`` of them), as SWAD's ``update_bn``. See
+valley is *dead* (the average is final) once all ``n_tolerance`` are above. The segments averaged, and how often
+each counts, are the official code's on every loss sequence (its two queues admit some segments twice or more;
+``tests/data/swad_lossvalley_reference.json`` holds its weights on 31 sequences). BatchNorm statistics of the
+average are recomputed on source training batches (``bn_steps`` of them), as SWAD's ``update_bn``. See
 docs/averaging_and_sharpness.md for the rule step by step and where dgzoo differs.
 
-``host+ema`` keeps ``average = decay * average + (1 - decay) * weights`` after every step, over parameters and
-floating-point buffers alike (timm's ``ModelEmaV2``): ``ema.decay=0`` is exactly the host.
+``host+ema`` keeps ``average = d * average + (1 - d) * weights`` after every step, over parameters and
+floating-point buffers alike, with timm's ``ModelEmaV3`` warm-up of the decay by default: at the ``k``-th update
+``d = min(decay, 1 - k'^-warmup_power)`` with ``k' = 1 + (k - 1) / warmup_gamma`` (0 at the first update, which
+copies the weights), so a run shorter than the decay's horizon averages its own weights rather than keeping its
+initial ones. ``ema.warmup=false`` is the constant decay of timm's ``ModelEmaV2`` (dgzoo's behaviour up to 0.2.0),
+where ``ema.decay=0`` is exactly the host.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -30,7 +37,7 @@ from torch import nn
 
 from ..hparams import HParam
 from ..models.backbones import batchnorm_frozen
-from .base import AddOn, Algorithm, EvalContext, Minibatches
+from .base import AddOn, Algorithm, EvalContext, FirstAction, Minibatches, Schedule
 from .registry import register_addon
 from .runtime import Runtime
 
@@ -118,11 +125,12 @@ class RunningMean:
 
 
 def admit(mean: RunningMean, window: tuple[int, int], segment: Segment) -> tuple[int, int]:
-    """Average ``segment`` into ``mean`` unless it is already in (each segment counts once); the new window."""
-    if segment.end <= window[1]:
-        return window
+    """Average ``segment`` into ``mean`` (the official ``update_parameters``: a segment admitted again counts again);
+    the new window, the first and last step of the segments admitted so far."""
     mean.add(segment.params)
-    return (segment.start if window[0] < 0 else window[0]), segment.end
+    if window[0] < 0:
+        return segment.start, segment.end
+    return min(window[0], segment.start), max(window[1], segment.end)
 
 
 @register_addon
@@ -146,6 +154,20 @@ class SWAD(AddOn):
                            "0 copies the host's statistics instead", minimum=0),
     }
 
+    @classmethod
+    def first_action(cls, hparams: dict[str, Any], schedule: Schedule) -> FirstAction | None:
+        """The valley can be found at the ``n_converge``-th evaluation at the earliest."""
+        n = hparams["n_converge"]
+        if len(schedule.evaluations) >= n:
+            return None
+        last = schedule.evaluations[-1] - (schedule.evaluations[-2] if len(schedule.evaluations) > 1 else 0)
+        return FirstAction(n * schedule.eval_every,
+                           f"its loss valley can be found at its {n}th evaluation at the earliest (swad.n_converge="
+                           f"{n}, --eval-every {schedule.eval_every}: step {n * schedule.eval_every})",
+                           f"lower --eval-every to {max(1, schedule.steps // n)}",
+                           otherwise=f"it exports the average of the last {last} steps, as the official code does "
+                                     f"when the valley was not found")
+
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)
         self.params = [p for p in host.network.parameters()]
@@ -159,6 +181,7 @@ class SWAD(AddOn):
         # until the first admission (as the official AveragedModel built from it, with nothing averaged yet).
         self.final, self.placeholder = RunningMean(), None
         self.window = (-1, -1)  # first and last step of the admitted segments
+        self.ended = False  # the run's last evaluation has happened: the official get_final_model applies
         self.loaded: tuple[Any, ...] | None = None  # what self.average holds now
 
     # -- events
@@ -170,13 +193,14 @@ class SWAD(AddOn):
         return {}
 
     def on_evaluate(self, context: EvalContext) -> dict[str, float]:
+        self.ended = context.last
         if self.segment.count == 0:  # an evaluation with no step since the last one
             return {}
         loss = float(context.source_val_loss(self.host.network))
         segment = Segment(self.segment.params, self.segment_start, context.step, loss)
         self.segment = RunningMean()
         self.observe(segment)
-        if self.converge_step is not None:
+        if self.exported() is not None:
             self.materialise(context)
         return {"val_loss": loss, "converged": float(self.converge_step is not None), "dead": float(self.dead),
                 "window_start": float(self.window[0]), "window_end": float(self.window[1])}
@@ -225,6 +249,17 @@ class SWAD(AddOn):
     def _admit(self, segment: Segment) -> None:
         self.window = admit(self.final, self.window, segment)
 
+    def exported(self) -> tuple[list[torch.Tensor], tuple[int, int]] | None:
+        """The parameters to evaluate and their step window, or None for the host's own network: the valley's
+        average once converged; at the run's end without convergence the last segment's average (the official
+        ``get_final_model`` returns it, with an error in the log)."""
+        if self.converge_step is not None:
+            return self.valley(self.ended)
+        if self.ended and self.queue:
+            last = self.queue[-1]
+            return last.params, (last.start, last.end)
+        return None
+
     def valley(self, last: bool) -> tuple[list[torch.Tensor], tuple[int, int]]:
         """The averaged parameters and their step window; at the run's end (``last``) also the segments still
         waiting for their tolerance window, admitted as the official ``get_final_model`` does, without consuming
@@ -241,9 +276,11 @@ class SWAD(AddOn):
 
     @torch.no_grad()
     def materialise(self, context: EvalContext | None = None) -> None:
-        """Load the valley's average into ``self.average``, with BatchNorm statistics recomputed (or copied)."""
-        params, window = self.valley(bool(context and context.last))
-        key = (window, bool(context and context.last))
+        """Load :meth:`exported` into ``self.average``, with BatchNorm statistics recomputed (or copied)."""
+        exported = self.exported()
+        assert exported is not None
+        params, window = exported
+        key = (window, self.ended, self.converge_step is not None, self.final.count)
         if self.loaded == key:
             return
         for target, value in zip(self.average.parameters(), params):
@@ -258,8 +295,9 @@ class SWAD(AddOn):
         self.loaded = key
 
     def evaluated_network(self) -> nn.Module | None:
-        """The valley's average once training has converged; the host's network before."""
-        if self.converge_step is None:
+        """The valley's average once training has converged; the host's network before (at the run's end, the last
+        segment's average)."""
+        if self.exported() is None:
             return None
         if self.loaded is None:  # resumed from a checkpoint: no batches at hand until the next evaluation
             self.materialise()
@@ -274,7 +312,7 @@ class SWAD(AddOn):
                 "threshold": self.threshold, "dead": self.dead,
                 "final": None if self.final.count == 0 else [p.clone() for p in self.final.params],
                 "final_count": self.final.count, "window": list(self.window),
-                "placeholder": None if self.placeholder is None else self.placeholder.state()}
+                "placeholder": None if self.placeholder is None else self.placeholder.state(), "ended": self.ended}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if not state:
@@ -290,21 +328,39 @@ class SWAD(AddOn):
         self.final = RunningMean(to(state["final"]), int(state["final_count"]))
         self.window = (int(state["window"][0]), int(state["window"][1]))
         self.placeholder = None if state["placeholder"] is None else Segment.of(state["placeholder"], device)
+        self.ended = bool(state.get("ended", False))
         self.loaded = None
 
     def diagnostics(self) -> dict[str, float]:
-        """Whether the loss valley was found, and how many steps the exported average spans (0: the online model)."""
-        if self.converge_step is None:
+        """Whether the loss valley was found, and how many steps the exported average spans (0: the online model;
+        without convergence, the last segment's steps once the run has ended)."""
+        exported = self.exported() if self.converge_step is None else self.valley(last=True)
+        if exported is None:
             return {"converged": 0.0, "averaged_steps": 0.0}
-        _, (start, end) = self.valley(last=True)
-        return {"converged": 1.0, "averaged_steps": float(end - start + 1)}
+        start, end = exported[1]
+        return {"converged": float(self.converge_step is not None), "averaged_steps": float(end - start + 1)}
 
     def summary(self) -> dict[str, Any]:
         if self.converge_step is None:
-            return {"converged": False, "segments_queued": len(self.queue)}  # bounded by the windows
+            out: dict[str, Any] = {"converged": False, "segments_queued": len(self.queue)}  # bounded by the windows
+            if self.queue:  # what the official code returns instead: the last segment's average
+                out["last_segment_start"], out["last_segment_end"] = self.queue[-1].start, self.queue[-1].end
+            return out
         _, window = self.valley(last=True)
         return {"converged": True, "converge_step": self.converge_step, "threshold": self.threshold,
-                "dead_valley": self.dead, "window_start": window[0], "window_end": window[1]}
+                "dead_valley": self.dead, "window_start": window[0], "window_end": window[1],
+                "segments_averaged": self.valley_count(last=True)}
+
+    def valley_count(self, last: bool) -> int:
+        """How many segment averages the valley's average is the mean of (a segment admitted twice counts twice;
+        0: the converged segment alone, as the official placeholder)."""
+        count = self.final.count
+        if last and not self.dead:
+            pending = list(self.queue)[-self.hparams["n_tolerance"]:][1:]
+            while pending and min(s.loss for s in pending) <= self.threshold:
+                pending.pop(0)
+                count += 1
+        return count
 
 
 @register_addon
@@ -313,12 +369,40 @@ class EMA(AddOn):
 
     name = "ema"
     title = "Exponential moving average of weights"
-    paper = "Polyak & Juditsky, 1992; as timm's ModelEmaV2"
+    paper = "Polyak & Juditsky, 1992; as timm's ModelEmaV3"
     HPARAMS = {
         "decay": HParam(0.999, "weight of the running average at each step: average = decay * average + (1 - decay) "
-                        "* weights, over parameters and floating-point buffers (BatchNorm statistics); 0 is the "
-                        "host itself", minimum=0.0, maximum=1.0),
+                        "* weights, over parameters and floating-point buffers (BatchNorm statistics); with the "
+                        "warm-up, its ceiling", minimum=0.0, maximum=1.0),
+        "warmup": HParam(True, "warm the decay up as timm's ModelEmaV3(use_warmup=True): the k-th update uses "
+                         "min(decay, 1 - (1 + (k - 1) / warmup_gamma)^-warmup_power), 0 at the first (a copy); "
+                         "false: the constant decay of ModelEmaV2, whose average of a run much shorter than "
+                         "1 / (1 - decay) steps is mostly the initial weights"),
+        "warmup_power": HParam(2 / 3, "exponent of the warm-up (timm's default 2/3; 3/4 reaches the ceiling sooner)",
+                               minimum=0.0),
+        "warmup_gamma": HParam(1.0, "inverse step scale of the warm-up (timm's default 1)", minimum=1e-12),
     }
+    INITIAL_SHARE = 0.1  # the weight left on the initial weights above which a constant decay is warned about
+
+    @classmethod
+    def schedule_warnings(cls, hparams: dict[str, Any], schedule: Schedule) -> list[str]:
+        """Without the warm-up, the initial weights keep a weight of decay^steps in the exported average."""
+        share = hparams["decay"] ** schedule.steps
+        if hparams["warmup"] or share <= cls.INITIAL_SHARE:
+            return []
+        horizon = math.ceil(math.log(cls.INITIAL_SHARE) / math.log(hparams["decay"]))
+        return [f"ema hardly acts in this run: with ema.warmup=false and ema.decay={hparams['decay']} the exported "
+                f"average keeps {share:.0%} of the initial weights after {schedule.steps} steps; set ema.warmup=true, "
+                f"lower ema.decay to {cls.INITIAL_SHARE ** (1 / schedule.steps):.3g} or raise --steps to {horizon}"]
+
+    def decay(self) -> float:
+        """The decay of the next update (timm's ``ModelEmaV3.get_decay`` at step ``updates + 1``)."""
+        if not self.hparams["warmup"]:
+            return self.hparams["decay"]
+        if self.updates == 0:
+            return 0.0
+        warm = 1.0 - (1.0 + self.updates / self.hparams["warmup_gamma"]) ** -self.hparams["warmup_power"]
+        return max(min(warm, self.hparams["decay"]), 0.0)
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)
@@ -328,7 +412,7 @@ class EMA(AddOn):
 
     @torch.no_grad()
     def after_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        decay = self.hparams["decay"]
+        decay = self.decay()
         for average, value in self.pairs:
             if average.is_floating_point():
                 average.mul_(decay).add_(value.detach(), alpha=1.0 - decay)

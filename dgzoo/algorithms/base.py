@@ -54,6 +54,30 @@ class Recipe:
     pretrained: bool | None = None  # None: not known (an algorithm built outside a run: a test, a notebook)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length as a schedule check sees it, known when the recipe is planned."""
+
+    steps: int
+    eval_every: int
+    steps_per_epoch: int  # DomainBed's epoch: the smallest source domain's training split once
+
+    @property
+    def evaluations(self) -> list[int]:
+        """The steps at which the run evaluates (every ``eval_every`` steps, and at the last step)."""
+        return sorted({*range(self.eval_every, self.steps + 1, self.eval_every), self.steps})
+
+
+@dataclass(frozen=True)
+class FirstAction:
+    """The first step (1-based) at which a component can change the run, why there, and how to bring it closer."""
+
+    step: int
+    reason: str  # e.g. "its annealing window starts at step 101 (gga.start=100)"
+    fix: str  # e.g. "lower gga.start and gga.end"
+    otherwise: str = "the run is its host alone"  # what the run is when the component never acts
+
+
 class Component:
     """What hosts and add-ons share: a name, a paper, declared hyperparameters and their checks, resumable state,
     run diagnostics."""
@@ -76,6 +100,22 @@ class Component:
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
         """Reject hyperparameters that do not fit the recipe (augmentation, number of domains, precision, the
         backbone's layers), with a one-line DGZooError."""
+
+    @classmethod
+    def first_action(cls, hparams: dict[str, Any], schedule: Schedule) -> FirstAction | None:
+        """The first step at which this component can change the run (its window, its first call), or None when it
+        acts from the first step. :meth:`schedule_warnings` compares it with the run's length."""
+        return None
+
+    @classmethod
+    def schedule_warnings(cls, hparams: dict[str, Any], schedule: Schedule) -> list[str]:
+        """Warnings, said when the run is planned, for a component that cannot act (or hardly acts) within the
+        run's steps: a user who asked for it would otherwise get the run without it, silently."""
+        first = cls.first_action(hparams, schedule)
+        if first is None or first.step <= schedule.steps:
+            return []
+        return [f"{cls.name} never acts in this run: {first.reason}, after its {schedule.steps} steps, so "
+                f"{first.otherwise}; raise --steps to at least {first.step} or {first.fix}"]
 
     def extra_state(self) -> dict[str, Any]:
         """State beyond parameters, buffers and optimizers that a resumed run needs (plain Python values)."""

@@ -87,7 +87,10 @@ class SelfReg(LossHost):
     samples; the regulariser is scaled by ``min(CE, 1)`` (DomainBed's ``C_scale``).
 
     The projection MLP (DomainBed's ``cdpl``: three linear layers with BatchNorm, width 2048 for 2048-wide
-    features, twice the feature width otherwise) is a submodule, trained with the network and not exported.
+    features, twice the feature width otherwise) is a submodule, not exported. As in DomainBed its weights keep their
+    initial values (DomainBed builds the optimizer before the MLP, so no step reaches it) while its BatchNorm running
+    statistics move and gradients flow through it to the features; ``train_projection=true`` trains it with the
+    network instead, as the paper describes it.
 
     Deliberate differences from DomainBed: ``lam`` and the same-class shuffles are drawn from a numpy generator
     seeded with (run seed, step) instead of numpy's and torch's global RNGs, so every process and a resumed run
@@ -100,6 +103,10 @@ class SelfReg(LossHost):
     title = "Self-supervised Contrastive Regularization"
     paper = "Kim et al., ICCV 2021"
     citation = _SELFREG
+    HPARAMS = {
+        "train_projection": HParam(False, "train the projection MLP with the network (the paper's SelfReg); false "
+                                   "keeps its initial weights, as DomainBed's optimizer never steps it"),
+    }
 
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(network, num_classes, num_domains, hparams)
@@ -109,6 +116,9 @@ class SelfReg(LossHost):
             nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, width), nn.BatchNorm1d(width))
+        # Frozen rather than only left out of the optimizer: no gradient is kept for it, so gradient clipping and
+        # DDP see the network's parameters alone, as DomainBed's optimizer does.
+        self.cdpl.requires_grad_(bool(self.hparams.get("train_projection", False)))
 
     def setup(self) -> None:
         self.seed = run_seed(self.runtime)

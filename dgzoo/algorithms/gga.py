@@ -42,7 +42,7 @@ from torch import nn
 from ..errors import DGZooError
 from ..models import featurizer_parameters
 from ..hparams import HParam, Uniform
-from .base import AddOn, Algorithm, Minibatches, Recipe
+from .base import AddOn, Algorithm, FirstAction, Minibatches, Recipe, Schedule
 from .registry import register_addon
 from .runtime import Runtime
 from .seeding import derive_seed, private_rng, run_seed, seed_rng
@@ -186,6 +186,13 @@ class GGA(AddOn):
             raise DGZooError(f"gga.extra_end={hparams['extra_end']} is before gga.extra_start="
                              f"{hparams['extra_start']}; the second window is inclusive, e.g. gga.extra_search=true "
                              f"gga.extra_start=1500 gga.extra_end=1550")
+
+    @classmethod
+    def first_action(cls, hparams: dict[str, Any], schedule: Schedule) -> FirstAction | None:
+        """The first annealed step (the windows are 0-based; the run's steps are counted from 1)."""
+        start = min([hparams["start"], *([hparams["extra_start"]] if hparams["extra_search"] else [])])
+        return FirstAction(start + 1, f"its annealing window starts at step {start + 1} (gga.start={start}, "
+                                      f"0-based)", "lower gga.start and gga.end")
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:

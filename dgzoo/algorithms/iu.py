@@ -39,7 +39,7 @@ from torch.utils.data import ConcatDataset, Subset
 from ..errors import DGZooError
 from ..models import classifier, features
 from ..hparams import Choice, HParam, Uniform
-from .base import AddOn, EpochContext, Minibatches, Recipe
+from .base import AddOn, EpochContext, FirstAction, Minibatches, Recipe, Schedule
 from .registry import register_addon
 from .influence import FunctionalLoss, chunks, kfac_head_influence, largest_eigenvalue, lissa
 
@@ -70,6 +70,21 @@ def mad_outliers(values: torch.Tensor, k: float, tail: str) -> torch.Tensor:
     if tail == "upper":
         return values > median + k * mad
     raise ValueError(f"tail must be 'lower' or 'upper', not {tail!r}")
+
+
+def outlier_scale(scores: torch.Tensor, scale: str) -> torch.Tensor:
+    """The scores on the scale the lower-tail MAD rule reads them: ``log`` (default) or ``linear`` (as is).
+
+    U = G^alpha / C is a ratio of positive quantities with a long right tail: on the README's own job its median
+    absolute deviation was 0.67 to 0.99 of its median, so ``median - 2 MAD`` fell below 0, under every score, and
+    the rule could select nothing (docs/iu.md, "Why D_u was empty"). On the log scale the same ranking has a lower
+    tail the rule finds. Monotone: the samples selected are always the lowest U.
+    """
+    if scale == "log":
+        return scores.double().clamp_min(1e-300).log().float()
+    if scale == "linear":
+        return scores
+    raise ValueError(f"unknown score scale {scale!r}")
 
 
 def inter_domain_variance(activations: Sequence[torch.Tensor], with_means: bool = False) -> torch.Tensor:
@@ -424,6 +439,10 @@ class IU(AddOn):
         "g_transform": HParam("minmax", "make G usable under the power: minmax = rescale to [1e-6, 1] over the "
                                         "training set; signed = sign(G)|G|^alpha (A2)", choices=("minmax", "signed")),
         "k": HParam(2.0, "MAD multiplier of both thresholds (stated: 2)", minimum=0.0),
+        "score_scale": HParam("log", "scale on which the lower-tail MAD rule reads U: log = median - k MAD of log U "
+                                     "(the same ranking; U is a ratio with a long right tail, on whose linear scale "
+                                     "median - k MAD is below every score); linear = on U itself, as the rule is "
+                                     "written (A13)", choices=("log", "linear")),
         "layer": HParam("auto", "layer whose channels DSCS ranks and DSGA edits: auto = the features the classifier "
                                 "reads (A4), or a stage/block name (layer3, blocks.5, features.denseblock3)"),
         "channel_score": HParam("idv", "idv = variance across domains of per-domain channel variances (paper); "
@@ -466,6 +485,26 @@ class IU(AddOn):
         if not 0 < hparams["score_fraction"] <= 1:
             raise DGZooError(f"hparam {cls.name}.score_fraction={hparams['score_fraction']} must be in (0, 1]; "
                              f"use 1 to score every sample")
+        if hparams["score_scale"] == "log" and hparams["g_transform"] == "signed":
+            raise DGZooError(f"{cls.name}.g_transform=signed gives negative scores, which have no log; use "
+                             f"{cls.name}.score_scale=linear with it, or {cls.name}.g_transform=minmax")
+
+    @classmethod
+    def first_action(cls, hparams: dict[str, Any], schedule: Schedule) -> FirstAction | None:
+        """The first IU call: the first epoch's end at or after ``start_step``, or with ``every`` the first multiple
+        of it after the first epoch's end (when the source data arrive) and at or after ``start_step``."""
+        every, epoch, start = hparams["every"], schedule.steps_per_epoch, hparams["start_step"]
+        if every:
+            first = every * math.ceil(max(epoch + 1, start) / every)
+            return FirstAction(first, f"its first call is at step {first} ({cls.name}.every={every}, after the "
+                                      f"first epoch of {epoch} steps" + (f", {cls.name}.start_step={start}"
+                                                                        if start else "") + ")",
+                               f"lower {cls.name}.every" + (f" or {cls.name}.start_step" if start else ""))
+        first = epoch * max(1, math.ceil(start / epoch))
+        return FirstAction(first, f"its first call is at the end of epoch {first // epoch} (step {first}, "
+                                  f"{epoch} steps per epoch" + (f", {cls.name}.start_step={start}" if start else "")
+                           + ")", f"set {cls.name}.every to {max(1, schedule.steps // 3)} to call it every so many "
+                                  f"steps")
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
@@ -616,7 +655,7 @@ class IU(AddOn):
                 g, c, metrics["lissa_scale"] = self._lissa_influence(train, val, seen, val_seen)
             scores = self.runtime.broadcast(unlearning_scores(g, c, hp["alpha"], hp["g_transform"]))
             self.scores, self.score_rows = self._smooth(scores, train.rows), train.rows.tolist()
-            unlearn = mad_outliers(self.scores, hp["k"], "lower")
+            unlearn = mad_outliers(outlier_scale(self.scores, hp["score_scale"]), hp["k"], "lower")
         chosen = self.runtime.broadcast(unlearn.to(torch.uint8)).bool().nonzero().flatten().cpu()
         self.selected_rows = train.rows[chosen.numpy()].tolist()
         metrics["unlearn_samples"] = float(len(chosen))
@@ -917,6 +956,10 @@ class IU(AddOn):
         if not calls:
             return {}
         out = {"calls": float(len(calls)), "acted_fraction": float(np.mean([h.get("acted", 0.0) for h in calls]))}
+        selected = [h["unlearn_samples"] for h in calls if "unlearn_samples" in h]
+        if selected:  # how many samples IU unlearned: 0 in every call means the run was its host alone
+            out["mean_unlearn_samples"] = float(np.mean(selected))
+            out["calls_with_samples"] = float(sum(n > 0 for n in selected))
         for key, label in (("unlearn_loss_rise", "mean_unlearn_loss_rise"), ("idv_drop", "mean_idv_drop"),
                            ("ascent_step", "mean_ascent_step")):
             values = [h[key] for h in calls if key in h]
@@ -962,7 +1005,7 @@ _MEASURABLE = 1e-3
 def _inaction(metrics: dict[str, float], name: str) -> str:
     """Why a call changed nothing, in words that name the hyperparameter to change."""
     if not metrics.get("unlearn_samples"):
-        return f"the unlearning set D_u is empty (lower {name}.k, or {name}.g_transform=signed)"
+        return f"the unlearning set D_u is empty (lower {name}.k; with {name}.score_scale=linear, set it to log)"
     if metrics.get("channels") == 0:
         return f"no domain-specific channel was selected (lower {name}.k)"
     return (f"the D_u loss rose only x{metrics.get('unlearn_loss_rise', 1.0):.4f} (raise {name}.target_rise or "

@@ -1,9 +1,9 @@
 """MIRO, Mutual-Information Regularization with Oracle (Cha et al., ECCV 2022), as a loss host.
 
 The pretrained backbone, frozen, stands in for the oracle. At each training step the features of the trained
-network's stages ``f`` and of the frozen copy's ``r`` (the stem and every stage, the official ``stem_block``)
-enter a variational lower bound of their mutual information, with an identity mean encoder and a learned
-per-channel variance ``v = softplus(b) + 1e-5`` (initialised to 0.1)::
+network ``f`` and of the frozen copy's ``r`` at five places (the official ``stem_block``: the stem and the end of
+each of four blocks, see :func:`feature_stages`) enter a variational lower bound of their mutual information,
+with an identity mean encoder and a learned per-channel variance ``v = softplus(b) + 1e-5`` (initialised to 0.1)::
 
     loss = CE + ld * sum_stages mean((f - r)^2 / v + log v) / 2
 
@@ -14,6 +14,7 @@ oracle knowledge, so such a recipe is refused when it is planned.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -35,18 +36,50 @@ CITATION = """@inproceedings{cha2022domain,
 VARIANCE_INIT, VARIANCE_EPS = 0.1, 1e-5  # the official VarianceEncoder's
 
 
+STEM_MODULES = ("stem", "patch_embed")  # timm's name of the module before the first stage, where feature_info has none
+
+
+def output_channels(module: nn.Module) -> int:
+    """Channels of a stem's output: those of its last convolution, linear layer or normalisation."""
+    for m in reversed(list(module.modules())):
+        for attribute in ("out_channels", "out_features", "num_features"):
+            if isinstance(getattr(m, attribute, None), int):
+                return int(getattr(m, attribute))
+        if isinstance(getattr(m, "normalized_shape", None), tuple):
+            return int(m.normalized_shape[-1])
+    raise DGZooError(f"miro could not find the channel count of {type(module).__name__}'s stem")
+
+
 def feature_stages(network: nn.Module) -> list[tuple[str, int]]:
-    """(module name, channels) of the features MIRO regularises: the stem and every stage, from timm's
-    ``feature_info``; for ResNets the stem is the max-pool's output, as the official ``stem_block``."""
+    """(module name, channels) of the five places MIRO regularises, as the official ``URFeaturizer`` with
+    ``feat_layers="stem_block"`` places them: the stem's output and the last module of each of four blocks.
+
+    From timm's ``feature_info``: ResNets, RegNets, DenseNets and EfficientNets list the stem first (five entries,
+    the first at a smaller reduction than the next; for ResNets the stem's end is the max-pool, as the official
+    ``stem`` block); ConvNeXts, Swins and ViTs list only their stages or blocks, and the stem is the module before
+    them (``stem``, ``patch_embed``: the official CLIP ViT's ``conv1``). More than four stages are split into four
+    equal blocks and the last of each tapped: a ViT-B's ``blocks.2, 5, 8, 11``, as the official CLIP ViT-B's three
+    resblocks per block.
+    """
     info = getattr(network, "feature_info", None)
     if not info:
         raise DGZooError(f"miro regularises the backbone's stage features, but {type(network).__name__} declares no "
                          f"timm feature_info; use a timm backbone with stages (resnet50, convnext, vit)")
     names = dict(network.named_modules())
-    stages = [(entry["module"], int(entry["num_chs"])) for entry in info]
-    if stages[0][0] == "act1" and isinstance(names.get("maxpool"), nn.MaxPool2d):
-        stages[0] = ("maxpool", stages[0][1])
-    return stages
+    entries = [(entry["module"], int(entry["num_chs"])) for entry in info]
+    reductions = [entry.get("reduction", 0) for entry in info]
+    stem: tuple[str, int] | None
+    if len(entries) >= 5 and reductions[0] < reductions[1]:
+        stem, blocks = entries[0], entries[1:]
+        if stem[0] == "act1" and isinstance(names.get("maxpool"), nn.MaxPool2d):
+            stem = ("maxpool", stem[1])
+    else:
+        name = next((n for n in STEM_MODULES if n in names), None)
+        stem = (name, output_channels(names[name])) if name else None
+        blocks = entries
+    if len(blocks) > 4:
+        blocks = [blocks[math.ceil(len(blocks) * (k + 1) / 4) - 1] for k in range(4)]
+    return ([stem] if stem else []) + blocks
 
 
 class _Tap:
@@ -72,9 +105,12 @@ def _tap(network: nn.Module, names: list[str]) -> _Tap:
 
 
 def variance(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The per-channel variance ``softplus(b) + eps``, shaped for ``like`` (``[B, C, H, W]`` or ``[B, N, C]``)."""
+    """The per-channel variance ``softplus(b) + eps``, shaped for ``like``: ``[B, C, H, W]``, or channels last
+    (``[B, N, C]`` tokens, a Swin's ``[B, H, W, C]``)."""
     v = F.softplus(b) + VARIANCE_EPS
-    return v.view(1, -1, 1, 1) if like.dim() == 4 else v.view(*([1] * (like.dim() - 1)), -1)
+    if like.dim() == 4 and like.shape[1] == v.numel():
+        return v.view(1, -1, 1, 1)
+    return v.view(*([1] * (like.dim() - 1)), -1)
 
 
 @register_algorithm

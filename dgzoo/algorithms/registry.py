@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import DGZooError, suggest
 from ..hparams import HParam
-from .base import AddOn, Algorithm, Component, EpochContext, EvalContext, Metrics, Minibatches, Recipe
+from .base import AddOn, Algorithm, Component, EpochContext, EvalContext, Metrics, Minibatches, Recipe, Schedule
 from .runtime import Runtime
 
 logger = logging.getLogger("dgzoo")
@@ -130,6 +130,14 @@ def check_algorithm(spec: str, given: dict[str, Any], recipe: Recipe) -> dict[st
     for component in (host, *addons):
         component.check_recipe(resolved[component.name], recipe)
     return resolved
+
+
+def schedule_warnings(spec: str, resolved: dict[str, dict[str, Any]], schedule: Schedule) -> list[str]:
+    """Each component's :meth:`~dgzoo.algorithms.base.Component.schedule_warnings` for a run of ``schedule``'s
+    length: the plan says so before training when a method asked for will not act."""
+    host, addons = parse_algorithm(spec)
+    return [w for component in (host, *addons) for w in component.schedule_warnings(resolved[component.name],
+                                                                                       schedule)]
 
 
 def flat_hparams(resolved: dict[str, dict[str, Any]], host: str) -> dict[str, Any]:

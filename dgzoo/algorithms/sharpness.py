@@ -66,7 +66,8 @@ class SharpnessAware(UpdateHost):
     """Base of the two-pass hosts: subclasses give the perturbation scale and the combined gradient."""
 
     # Whether BatchNorm running statistics move in the second pass: SWAD's DomainBed SAM lets them; the official
-    # GSAM and SAGM optimizers set BatchNorm momentum to 0 for it.
+    # GSAM and SAGM optimizers set BatchNorm momentum to 0 for it, which keeps the running mean and variance but
+    # still counts the batch in ``num_batches_tracked`` (so the counter is kept moving here too).
     SECOND_PASS_UPDATES_BN = False
 
     @classmethod
@@ -98,7 +99,8 @@ class SharpnessAware(UpdateHost):
             for p, g in zip(used, grads):
                 p.add_(g * scale.to(g.dtype))
         self.optimizer.zero_grad(set_to_none=True)
-        buffers = None if self.SECOND_PASS_UPDATES_BN else [(b, b.detach().clone()) for b in self.network.buffers()]
+        buffers = None if self.SECOND_PASS_UPDATES_BN else [(b, b.detach().clone()) for b in self.network.buffers()
+                                                             if b.is_floating_point()]
         perturbed_loss = self.cross_entropy(minibatches)
         self.runtime.backward(perturbed_loss)
         with torch.no_grad():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import io
 import os
 import pickle
 import shlex
@@ -42,6 +43,8 @@ from typing import IO, Any, Callable, Sequence
 from ..errors import DGZooError, Interrupted, suggest
 from ..run.claim import CLAIM_TTL_S, EXIT_CLAIMED, RunDirClaimed, claim_run_dir
 from ..run.rundir import read_json, write_json
+from .slurm import (DEFAULT_MAX_REQUEUES, FAILED_STATES, FAILURE_FILE, UNKNOWN, check_time, job_states,
+                    read_failure, resolve_gpus, sbatch_refusal, write_failure)
 from .sweep import (DEFAULT_LAUNCH_PREFIX, SweepRun, SweepSpec, add_more_trials, check_slurm_options,
                     describe_running, expand_all, holder_of, plan, prepare, status_line, sweep_claim_dir,
                     train_command, write_manifest)
@@ -54,6 +57,7 @@ LAUNCH_LOGS = "launch_logs"  # local-gpus: <output_dir>/launch_logs/<run dir nam
 DEFAULT_SLURM_TIME_MIN = 24 * 60
 LIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                      "REQUEUE_HOLD", "REQUEUE_FED")
+ENDED_CHECK_S = 15.0  # --wait on Slurm: how often to look for jobs that ended without a result
 MAIN_PROCESS_PORT = 29500  # accelerate's default; slot i of a local-gpus pool uses port + i
 
 
@@ -104,6 +108,9 @@ def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | Non
         if cluster not in SLURM_CLUSTERS:
             raise DGZooError(f"--slurm-cluster '{cluster}' is not one of {', '.join(SLURM_CLUSTERS)}"
                              f"{suggest(cluster, SLURM_CLUSTERS)}")
+        if cluster == "slurm":  # before anything is written: the time limit, and GPUs the partition has
+            check_time(options.get("time", DEFAULT_SLURM_TIME_MIN))
+            options["gpus"] = resolve_gpus(options, gpus_per_run, log)
         executor = _executor(Path(spec.output_dir), options, cluster, gpus_per_run)  # no Slurm here: fail first
     runs = add_more_trials(spec, more_trials, selection) if more_trials else expand_all(spec)
     runs = plan(runs)
@@ -163,6 +170,15 @@ def acquire(run: SweepRun, purpose: str) -> tuple[contextlib.ExitStack, str]:
     if status in ("done", "running"):
         stack.close()
     return stack, status
+
+
+def _task_failure(error: BaseException) -> str:
+    """The one line a failed Slurm task records: dgzoo's own message, submitit's reason for not requeueing, or the
+    exception (whose traceback goes to the job's log)."""
+    if type(error).__name__ == "UncompletedJobError":
+        return (f"{error} (submitit requeues a job that runs out of time at most --slurm-max-requeues times, "
+                f"default {DEFAULT_MAX_REQUEUES}; raise it or --slurm-time, then rerun the sweep to resume)")
+    return _failure_reason(error)
 
 
 def _failure_reason(error: BaseException) -> str:
@@ -414,7 +430,11 @@ class SlurmTask:
         # a holder on another host cannot be checked by pid, so wait for its heartbeat to stop (or to prove it live).
         deadline = time.time() + 1.5 * CLAIM_TTL_S
         while True:
-            claim, status = acquire(run, purpose)
+            try:
+                claim, status = acquire(run, purpose)
+            except DGZooError as e:  # e.g. the directory holds a run trained with other settings
+                write_failure(run.output_dir, str(e), job)
+                raise
             holder = holder_of(run) or {}
             if status == "running" and holder.get("host") != socket.gethostname() and time.time() < deadline:
                 time.sleep(5)
@@ -429,14 +449,18 @@ class SlurmTask:
             for attempt in range(self.max_retries + 1):
                 try:
                     self._train(run)
+                    (run.output_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure is history
                     return "trained"
                 except RunDirClaimed as e:
                     print(f"running elsewhere: {run.describe()}: {e}", flush=True)
                     return "running elsewhere"
                 except Interrupted:  # cancelled: not a failure to retry
                     raise
-                except Exception:
-                    if attempt == self.max_retries:
+                except Exception as e:
+                    # submitit's "not requeued" (time-outs exhausted) arrives here from its signal handler
+                    final = type(e).__name__ == "UncompletedJobError"
+                    if attempt == self.max_retries or final:
+                        write_failure(run.output_dir, _task_failure(e), job)  # for --status and --wait
                         raise
                     traceback.print_exc()
                     print(f"retrying {run.describe()} ({attempt + 1}/{self.max_retries})", flush=True)
@@ -542,7 +566,8 @@ def map_runs(executor: Any, task: SlurmTask, runs: list[SweepRun], runs_per_gpu:
 def _executor(root: Path, options: dict[str, Any], cluster: str, gpus_per_run: int) -> Any:
     submitit = import_submitit()
     try:
-        executor = submitit.AutoExecutor(folder=root / SLURM_FOLDER, cluster=cluster)
+        executor = submitit.AutoExecutor(folder=root / SLURM_FOLDER, cluster=cluster,
+                                         slurm_max_num_timeout=options.get("max_requeues", DEFAULT_MAX_REQUEUES))
     except RuntimeError as e:  # no srun/sbatch on this machine
         raise DGZooError(f"cannot submit to Slurm here ({e}); run on the cluster's login node, or pass "
                          f"--slurm-cluster local to run the jobs on this machine") from None
@@ -564,7 +589,11 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
             purpose: str, outcome: SweepOutcome, poll_s: float, runs_per_gpu: int = 1) -> None:
     """``slurm``: submit the pending runs that no live process holds and no live job will train, as one array."""
     root = Path(spec.output_dir)
-    queued = {name: job for name, job in latest_jobs(root).items() if job["state"] in LIVE_SLURM_STATES}
+    notes: list[str] = []
+    queued = {name: job for name, job in latest_jobs(root, notes).items()
+              if job["state"] in (*LIVE_SLURM_STATES, UNKNOWN)}  # UNKNOWN: possibly queued, never submitted twice
+    for note in notes:
+        log(f"slurm: {note}")
     todo = []
     for run in pending:
         if run.status == "running":
@@ -572,14 +601,25 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
             outcome.elsewhere.append(run)
         elif run.output_dir.name in queued:
             job = queued[run.output_dir.name]
-            log(f"queued elsewhere: {run.describe()} (job {job['job_id']}, {job['state']})")
+            log(f"{'possibly queued' if job['state'] == UNKNOWN else 'queued elsewhere'}: {run.describe()} "
+                f"(job {job['job_id']}, {job['state']})")
             outcome.elsewhere.append(run)
         else:
             todo.append(run)
     if not todo:
         log("slurm: nothing to submit")
         return
-    jobs = map_runs(executor, SlurmTask(purpose, max_retries, gpus_per_run, train_fn), todo, runs_per_gpu)
+    task = SlurmTask(purpose, max_retries, gpus_per_run, train_fn)
+    said = io.StringIO()  # submitit prints sbatch's stderr when it refuses: that becomes part of one line instead
+    try:
+        with contextlib.redirect_stderr(said):
+            jobs = map_runs(executor, task, todo, runs_per_gpu)
+    except import_submitit().core.utils.FailedJobError as e:  # sbatch refused: its words and the flag to change
+        raise DGZooError(sbatch_refusal(str(e))) from None
+    except BaseException:
+        sys.stderr.write(said.getvalue())
+        raise
+    sys.stderr.write(said.getvalue())
     outcome.jobs = {run.output_dir.name: job.job_id for run, job in zip(todo, jobs)}
     path = root / SLURM_JOBS
     record = read_json(path) if path.exists() else {"submissions": []}
@@ -593,18 +633,32 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
         return
     states: dict[str, str] = {}
     last = None
+    ended: dict[str, str] = {}  # slurm: jobs that left the queue without a result (killed), by squeue/sacct
+    checked = time.monotonic()
     while len(states) < len(jobs):
+        if cluster == "slurm" and time.monotonic() - checked > ENDED_CHECK_S:
+            checked = time.monotonic()
+            ended = {job: state for job, state in job_states([j.job_id for j in jobs])[0].items()
+                     if state in FAILED_STATES}
         for run, job in zip(todo, jobs):
             name = run.output_dir.name
-            if name in states or not job.done():
+            if name in states:
+                continue
+            # On Slurm, a result file or a state that says the job is over: submitit's done() asks sacct, which
+            # (without accounting) never answers and prints warnings on every call.
+            finished = job.paths.result_pickle.exists() if cluster == "slurm" else job.done()
+            if not (finished or job.job_id in ended):
                 continue
             try:
+                if not finished:
+                    raise RuntimeError(f"the job ended ({ended[job.job_id]}) without a result")
                 states[name] = job.result()
             except Exception as e:  # the task raised, or the job died: one line, the log holds the rest
                 states[name] = "failed"
-                reason = str(e).strip().splitlines()
-                outcome.failed.append((run, f"job {job.job_id}: {reason[-1] if reason else type(e).__name__}"))
-                log(f"run failed: {run.describe()}: job {job.job_id}; log: {job.paths.stderr}")
+                said = str(e).strip().splitlines()
+                reason = read_failure(run.output_dir) or f"job {job.job_id}: {said[-1] if said else type(e).__name__}"
+                outcome.failed.append((run, reason))
+                log(f"run failed: {run.describe()}: {reason}; log: {job.paths.stderr}")
         trained = sum(s == "trained" for s in states.values())
         counts = (trained, len(jobs) - len(states), sum(s == "failed" for s in states.values()))
         if counts != last:
@@ -620,8 +674,9 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
             outcome.elsewhere.append(run)
 
 
-def latest_jobs(root: Path) -> dict[str, dict[str, str]]:
-    """Per run directory name, the last job submitted for it: ``{"job_id", "cluster", "state"}``."""
+def latest_jobs(root: Path, notes: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """Per run directory name, the last job submitted for it: ``{"job_id", "cluster", "state"}``. ``notes``
+    receives one line when Slurm's accounting could not give every state (:func:`.slurm.job_states`)."""
     path = Path(root) / SLURM_JOBS
     if not path.exists():
         return {}
@@ -629,8 +684,15 @@ def latest_jobs(root: Path) -> dict[str, dict[str, str]]:
     for submission in read_json(path).get("submissions", []):
         for name, job_id in submission["jobs"].items():
             latest[name] = {"job_id": job_id, "cluster": submission["cluster"], "folder": submission["folder"]}
+    on_slurm = [job["job_id"] for job in latest.values() if job["cluster"] == "slurm"]
+    if on_slurm:  # one sacct (and squeue) call for all of them, one note on what accounting could not say
+        import_submitit()
+        slurm_states, note = job_states(on_slurm)
+        if note and notes is not None:
+            notes.append(note)
     for job in latest.values():
-        job["state"] = job_state(job["cluster"], job["folder"], job["job_id"])
+        job["state"] = slurm_states[job["job_id"]] if job["cluster"] == "slurm" else \
+            job_state(job["cluster"], job["folder"], job["job_id"])
     return latest
 
 
@@ -658,13 +720,37 @@ def job_state(cluster: str, folder: str, job_id: str) -> str:
 def sweep_status(spec: SweepSpec, log: Callable[[str], None] = print) -> list[SweepRun]:
     """``dgzoo sweep SPEC --status``: every run's status from its directory and, for submitted runs, its job's."""
     runs = plan(expand_all(spec))
-    jobs = latest_jobs(Path(spec.output_dir))
+    notes: list[str] = []
+    jobs = latest_jobs(Path(spec.output_dir), notes)
     log(f"sweep {spec.output_dir}: {status_line(runs)}")
     counts = collections.Counter(job["state"] for job in jobs.values())
     if jobs:
         log("jobs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    for note in notes:  # once, not per job: why some states did not come from accounting
+        log(note)
     for run in runs:
         job = jobs.get(run.output_dir.name)
         state = f"job {job['job_id']} {job['state']}" if job else "-"
         log(f"{run.status:8} {state:28} {run.output_dir}")
+        if run.status != "done" and job is not None and _failed(run, job):
+            log(f"{'':9}{_failure_line(run, job)}")
     return runs
+
+
+def _failed(run: SweepRun, job: dict[str, str]) -> bool:
+    """Whether the last job of an unfinished run failed: Slurm says so, or its task wrote a reason (a live job or
+    a live holder is not a failure, whatever an earlier attempt wrote)."""
+    if run.status == "running" or job["state"] in (*LIVE_SLURM_STATES, UNKNOWN):
+        return False
+    return job["state"] in FAILED_STATES or (run.output_dir / FAILURE_FILE).exists()
+
+
+def _failure_line(run: SweepRun, job: dict[str, str]) -> str:
+    """Why the last job of ``run`` failed: the line its task wrote, else where its log is."""
+    reason = read_failure(run.output_dir)
+    if reason:
+        return f"failed: {reason}"
+    from submitit.core.utils import JobPaths
+
+    log_path = JobPaths(job["folder"], job_id=job["job_id"], task_id=0).stderr
+    return f"failed: job {job['job_id']} {job['state']} before the run could say why; log: {log_path}"

@@ -42,7 +42,7 @@ import numpy as np
 from ..errors import DGZooError, suggest
 from ..run.selection import select
 from .domainbed import DomainBedRun, is_finished, load_domainbed_run
-from ..run.rundir import atomic_write_text, read_json, read_records
+from ..run.rundir import atomic_write_text, missing_outputs, read_json, read_records
 
 SELECTION_METHODS = ("training_domain_validation", "leave_one_domain_out", "oracle")
 SELECTION_TITLES = {
@@ -108,8 +108,9 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
             if manifest.is_file():
                 manifest_files[manifest.resolve()] = None
         for results in root.rglob("results.json"):
-            found[results.parent.resolve()] = None
-        unfinished += sum(not (c.parent / "results.json").exists() for c in root.rglob("train_config.json"))
+            if missing_outputs(results.parent) == []:  # the sweep's "done": finalising was not cut short
+                found[results.parent.resolve()] = None
+        unfinished += sum(missing_outputs(c.parent) != [] for c in root.rglob("train_config.json"))
         for results in root.rglob("results.jsonl"):  # DomainBed's train.py output
             if is_finished(results.parent):
                 domainbed[results.parent.resolve()] = None

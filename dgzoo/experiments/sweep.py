@@ -16,10 +16,11 @@ DomainBed's semantics (``domainbed/scripts/sweep.py`` and ``train.py``), kept ex
 - **held-out domains**: ``single`` holds out each domain alone; ``single_and_pairs`` adds every pair, which is what
   leave-one-domain-out model selection needs (``dgzoo report`` uses the pairs only for that).
 
-Runs are resumable: a finished run (``results.json`` present) is skipped; an interrupted one resumes from its
-last checkpoint, or restarts when it has none; one that a live process holds (its claim, :mod:`dgzoo.run.claim`)
-is "running elsewhere" and left alone. A run directory that holds a run trained with other settings is an error,
-never silently reused. ``sweep.json`` (the manifest) records the spec and every run's settings.
+Runs are resumable: a finished run (``results.json``, written last, and every other file present) is skipped; an
+interrupted one resumes from its last checkpoint, or restarts when it has none; one that a live process holds (its
+claim, :mod:`dgzoo.run.claim`) is "running elsewhere" and left alone. A run directory that holds a run trained with
+other settings is an error, never silently reused. ``sweep.json`` (the manifest) records the spec and every run's
+settings.
 
 ``--more-trials N`` adds, for every (dataset, algorithm, held-out set), the selected hyperparameter sample trained
 on N new trial seeds; the choice is written to ``more_trials.json`` once, so later invocations extend it.
@@ -48,7 +49,7 @@ from ..hparams import Distribution, Uniform, parse_distribution
 from ..models import check_backbone
 from ..errors import DGZooError, suggest
 from ..run.claim import CLAIM_FILE, claim_holder, describe_holder
-from ..run.rundir import latest_checkpoint, read_json, write_json
+from ..run.rundir import latest_checkpoint, missing_outputs, read_json, write_json
 
 MANIFEST = "sweep.json"
 MORE_TRIALS = "more_trials.json"
@@ -65,6 +66,8 @@ SLURM_KEYS: dict[str, tuple[type, str]] = {
     "gpus": (int, "GPUs per run (--gpus-per-node)"), "cpus": (int, "CPUs per run (--cpus-per-task)"),
     "mem": (int, "memory per run in GB (--mem)"), "account": (str, "the account to charge (--account)"),
     "array_parallelism": (int, "most runs of the array at once (--array=...%N)"),
+    "max_requeues": (int, "how often submitit requeues a job that ran out of time (default: 3; preemptions do "
+                          "not count)"),
 }
 # Fields every printed command states, even at their defaults, so a command says what it trains on its own.
 ALWAYS_IN_COMMANDS = ("dataset", "algorithm", "target_domains", "seed", "split_seed", "output_dir")
@@ -210,7 +213,7 @@ def check_slurm_options(values: dict[str, Any], source: str) -> dict[str, Any]:
         kind, meaning = SLURM_KEYS[key]
         if value is None:
             continue
-        least = 0 if key == "gpus" else 1  # a CPU-only sweep asks for no GPU
+        least = 0 if key in ("gpus", "max_requeues") else 1  # a CPU-only sweep asks for no GPU
         if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise DGZooError(f"{key} in {source} ({meaning}) must be an integer >= {least}, got {value!r}")
         checked[key] = kind(value)
@@ -393,8 +396,8 @@ def run_status(run: SweepRun) -> str:
     DGZooError when the directory holds a run trained with other settings."""
     out = run.output_dir
     saved_path = out / "train_config.json"
-    finished_here = (out / "results.json").exists()
-    if not finished_here and holder_of(run) is not None:
+    missing = missing_outputs(out)  # None: no results.json; []: done; else finalising was cut short
+    if missing != [] and holder_of(run) is not None:
         return "running"
     if not out.exists() or not any(p.name != CLAIM_FILE for p in out.iterdir()):
         return "new"
@@ -402,7 +405,7 @@ def run_status(run: SweepRun) -> str:
         return "restart"
     saved = read_json(saved_path)
     changed, diffs = changed_fields(saved, run.config.to_dict())
-    finished, checkpoint = (out / "results.json").exists(), latest_checkpoint(out)
+    finished, checkpoint = missing is not None, latest_checkpoint(out)
     if changed == ["steps"] and int(saved["steps"]) < run.config.steps and checkpoint:
         return "resume"  # the spec asks for more steps: train further from the last checkpoint
     if changed and (finished or checkpoint):
@@ -410,9 +413,9 @@ def run_status(run: SweepRun) -> str:
                          f"changed sweep to a new output_dir, or delete that run directory")
     if changed:
         return "restart"
-    if finished:
+    if missing == []:
         return "done"
-    return "resume" if checkpoint else "restart"
+    return "resume" if checkpoint else "restart"  # a finished run missing files resumes at its last step to finish
 
 
 def prepare(run: SweepRun) -> str:

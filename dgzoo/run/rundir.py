@@ -33,8 +33,12 @@ RUN_MARKERS = ("train_config.json", "results.json", "checkpoints")
 SAMPLES_IMAGE = "samples_per_domain.png"  # one row of sample images per domain, embedded in the model card
 OUTPUT_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",
                 "records.jsonl", "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE, "train.log",
-                "unlearn_config.json", "unlearn.log")  # the last two: unlearning runs (dgzoo unlearn)
+                "unlearn_config.json", "unlearn.log",  # these two: unlearning runs (dgzoo unlearn)
+                "failure.txt")  # why the last Slurm task of the run failed (dgzoo.experiments.slurm)
 OUTPUT_DIRS = ("checkpoints", "logs")
+DONE_FILE = "results.json"  # written last: a run is done only when it and every file of RUN_OUTPUTS exist
+RUN_OUTPUTS = ("config.json", "model.safetensors", "README.md", "train_config.json", "records.jsonl",
+               "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -114,6 +118,28 @@ def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
 def is_run_dir(path: str | Path) -> bool:
     """Whether ``path`` holds (part of) a dgzoo run."""
     return any((Path(path) / marker).exists() for marker in RUN_MARKERS)
+
+
+def missing_outputs(path: str | Path) -> list[str] | None:
+    """What a finished training run directory lacks: None when it has no ``results.json`` (not finished), ``[]``
+    when it is done, else the missing files of :data:`RUN_OUTPUTS`.
+
+    The one "done" check of sweeps, ``--status``, the report and resumption. ``results.json`` is written after every
+    other file, so a run killed while finalising is not done; one finished before that order (or with a file deleted
+    since) is not done either, and a rerun finishes it. A directory holding ``results.json`` but no ``train.log``
+    is a copy of a finished run (e.g. the zoo's mirror of what the report reads) and is judged on ``results.json``.
+    """
+    path = Path(path)
+    if not (path / DONE_FILE).is_file():
+        return None
+    if not (path / "train.log").exists():
+        return []
+    return [name for name in RUN_OUTPUTS if not (path / name).exists()]
+
+
+def run_done(path: str | Path) -> bool:
+    """Whether ``path`` holds a finished run with all of its files (see :func:`missing_outputs`)."""
+    return missing_outputs(path) == []
 
 
 def check_output_dir(path: str | Path, resume: bool, overwrite: bool, can_resume: bool = True) -> None:

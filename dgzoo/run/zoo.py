@@ -27,7 +27,7 @@ from ..experiments.report import SELECTION_METHODS, Report, report_dirs
 from .cards import card_license, slug
 from .hub import (check_finished_run, check_push_target, check_repo_id, check_run_loads, hub_error_reason,
                   resolve_token, upload_run)
-from .rundir import read_json
+from .rundir import read_json, run_done
 
 ZOO_TAGS = ("dgzoo", "timm")
 MIRRORED = ("results.json", "records.jsonl", "train_config.json")  # what the report reads of a run
@@ -180,7 +180,7 @@ def sweep_repo_ids(sweep_dir: Path, prefix: str) -> dict[Path, str]:
     ids = {}
     for entry in manifest.get("runs", []):
         run_dir = sweep_dir / entry["run_dir"]
-        if (run_dir / "results.json").is_file():
+        if run_done(run_dir):  # the sweep's "done": a run cut short while finalising is not published
             ids[run_dir] = check_repo_id(f"{prefix}-{slug(entry['run_dir'])}")
     if not ids:
         raise DGZooError(f"{sweep_dir} holds no finished run; run the sweep first (dgzoo sweep SPEC)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -36,6 +37,7 @@ from torch import nn
 from .. import __version__
 from ..algorithms import (AddOn, Algorithm, Composition, EvalContext, Recipe, check_algorithm, parse_algorithm,
                           resolve_hparams)
+from ..algorithms import Schedule, schedule_warnings
 from ..algorithms.base import with_acts
 from ..config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
 from ..data import (DGDataset, DomainImages, DomainSplits, Protocol, check_images, eval_loader, eval_transform,
@@ -47,7 +49,7 @@ from ..run.cards import plot_run, render_card
 from ..run.claim import RunDirClaimed, claim_run_dir
 from ..run.hub import check_push_target, push_run
 from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs, checkpoint_problem,
-                          clear_run_dir, latest_checkpoint, read_json, save_model, write_checkpoint_manifest,
+                          clear_run_dir, latest_checkpoint, read_json, run_done, save_model, write_checkpoint_manifest,
                           write_json)
 from ..run.selection import SELECTION_METHODS, select
 from .derived import Derived, derived_line, derived_values, resolve_image_size
@@ -114,8 +116,11 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         _check_resume_config(cfg, output_dir)
     derived = derived_values(cfg, data, protocol, augment, image_size, image_size_source, str(output_dir),
                              is_small_images(data))
+    steps_per_epoch = max(1, math.ceil(min(len(splits.in_rows[d]) for d in protocol.sources) / cfg.batch_size))
+    warnings = [size_warning] if size_warning else []
+    warnings += schedule_warnings(cfg.algorithm, hparams, Schedule(cfg.steps, cfg.eval_every, steps_per_epoch))
     return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size,
-                   derived, [size_warning] if size_warning else [])
+                   derived, warnings)
 
 
 def is_small_images(data: DGDataset) -> bool:
@@ -140,7 +145,7 @@ def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:
         raise DGZooError(f"cannot resume {output_dir} with a different recipe ({diffs}); resume with the original "
                          f"settings, or start a new run in another --output-dir")
     done_step = saved.get("steps")
-    if (output_dir / "results.json").exists() and cfg.steps <= int(done_step or 0):
+    if run_done(output_dir) and cfg.steps <= int(done_step or 0):  # a run missing files is finished by a resume
         raise DGZooError(f"the run in {output_dir} already finished its {done_step} steps; pass a larger --steps "
                          f"to train further")
 
@@ -430,11 +435,11 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         save_model(algorithm.evaluated_network(), out, data.class_names, preprocessing, metadata)
     results = _results(cfg, plan, state, algorithm, accelerator, network)
     if accelerator.is_main_process:
-        write_json(out / "results.json", results)
         plot_run(results, state.records, out)
         roles = {d: "held-out" if d in targets else "source" for d in [*sources, *targets]}
         contact_sheet(data, out / SAMPLES_IMAGE, roles=roles, domains=list(roles))  # the domains check_images read
         atomic_write_text(out / "README.md", render_card(results, cfg.to_dict(), run_dir=out))
+        write_json(out / "results.json", results)  # last: a run killed before this line is resumed, not done
         logger.info("held-out accuracy %.3f (%s, step %d) | run directory: %s", results["target_accuracy"],
                     cfg.selection, results["selection"]["step"], out)
     accelerator.wait_for_everyone()
