@@ -140,3 +140,29 @@ def test_map_runs_groups_runs_per_gpu_into_one_array_task_each_and_reports_each_
     executor = FakeExecutor()
     jobs = map_runs(executor, SlurmTask("p"), runs, 1)  # unpacked: one run per task, as before
     assert isinstance(executor.submitted[0][0], SlurmTask) and executor.submitted[0][1] == runs
+
+
+def test_slurm_submits_one_array_task_per_n_runs_with_the_gpus_of_one_run(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    import os
+    import re
+    import stat
+
+    from test_slurm_launcher import FAKES  # fake sinfo/sbatch/squeue answering as a cluster would
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKES.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    (bin_dir / "sinfo.txt").write_text("gpu*|gpu:a100:2(S:0-1)\n")
+    s = spec(tmp_path / "sw", n_trials=2)  # 6 runs, 4 per GPU: two array tasks
+    outcome = run_sweep(s, "slurm", runs_per_gpu=4, log=lambda line: None)
+    script = (bin_dir / "submitted.sh").read_text()
+    assert re.search(r"#SBATCH --array=0-1\b", script)
+    assert "#SBATCH --gpus-per-node=1" in script  # the GPUs of one run, shared by its task's runs
+    assert sorted(outcome.jobs) == sorted(r.output_dir.name for r in expand(s))
+    assert sorted(outcome.jobs.values()) == ["77_0"] * 4 + ["77_1"] * 2
+    recorded = json.loads((tmp_path / "sw" / "slurm_jobs.json").read_text())["submissions"][-1]["jobs"]
+    assert recorded == outcome.jobs  # --status and reruns see the job of every packed run
