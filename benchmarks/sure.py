@@ -131,7 +131,8 @@ def main() -> None:
                 else:
                     results = run(source, scenario, method, chosen[scenario][method], reference, folder / method)
                     rows[scenario].setdefault(method, []).append(record(results))
-    (root / "summary.json").write_text(json.dumps({"args": vars(args), "chosen": chosen, "tuning": tuning,
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    (root / "summary.json").write_text(json.dumps({"args": settings, "chosen": chosen, "tuning": tuning,
                                                    "rows": rows}, indent=1))
 
     print(f"\nrotated-digits, {args.backbone}, source ERM {args.steps} steps x {args.batch_size}/domain, "
