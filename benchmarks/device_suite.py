@@ -84,7 +84,8 @@ def dgzoo_rates(args: argparse.Namespace) -> None:
         flags = SETTINGS[setting]
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig.from_dict(dict(
-                dataset=args.data, target_domains=targets, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size,
+                dataset=args.data, target_domains=targets, backbone=args.backbone, image_size=args.image_size,
+                batch_size=args.batch_size,
                 steps=args.warm + args.steps, eval_every=args.warm, checkpoint_every=10**9, augment="none",
                 num_workers=args.workers, log_with="none", eval_batch_size=256, output_dir=tmp,
                 mixed_precision=precision(args, setting), channels_last=flags["channels_last"],

@@ -137,7 +137,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", help="also write the numbers to this file")
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), backbones=["test_resnet"], domains=2, batch_size=4, image_size=16, candidates=1, rounds=1, run_steps=4, run_window=[1, 2], run_candidates=1, repeats=1, json=None)
+    args = apply_smoke(parser.parse_args(), backbones=["test_resnet"], domains=2, batch_size=4, image_size=16,
+                       candidates=1, rounds=1, run_steps=4, run_window=[1, 2], run_candidates=1, repeats=1, json=None)
     if args.threads:
         torch.set_num_threads(args.threads)
     out: dict = {"device": "cpu", "threads": torch.get_num_threads()}

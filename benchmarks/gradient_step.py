@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["erm", "k-backward", "engine-loop", "engine-vmap",
                                                          "engine-loop-fresh", "equilibrium", "pcgrad", "agr_sum"])
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), backbone="test_resnet", image_size=16, domains=2, batch_size=4, rounds=2, warmup=1)
+    args = apply_smoke(parser.parse_args(), backbone="test_resnet", image_size=16, domains=2, batch_size=4, rounds=2,
+                       warmup=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

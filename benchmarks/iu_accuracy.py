@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the collected numbers to this file")
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), seeds=[0], variants=["erm", "erm+iu"], targets=["75"], steps=4, batch_size=4, eval_every=4, runs_dir=TMP, json=None)
+    args = apply_smoke(parser.parse_args(), seeds=[0], variants=["erm", "erm+iu"], targets=["75"], steps=4,
+                       batch_size=4, eval_every=4, runs_dir=TMP, json=None)
     torch.set_num_threads(args.threads)
 
     scores: dict[str, dict[int, list[float]]] = {}

@@ -43,11 +43,13 @@ def main() -> None:
     parser.add_argument("--per-domain", type=int, default=None, metavar="N",
                         help="use the first N training images of each source domain (default: all)")
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), backbones=["test_resnet"], batch_size=64, rounds=1, per_domain=16, json=None)
+    args = apply_smoke(parser.parse_args(), backbones=["test_resnet"], batch_size=64, rounds=1, per_domain=16,
+                       json=None)
     torch.set_num_threads(1)
     report = {}
     for backbone in args.backbones:
-        model, optimizer, epoch, context, steps_per_epoch = setup(backbone, args.batch_size, 0, per_domain=args.per_domain)
+        model, optimizer, epoch, context, steps_per_epoch = setup(backbone, args.batch_size, 0,
+                                                                  per_domain=args.per_domain)
         erm = create_algorithm("erm", model, len(SOURCES), {}, make_optimizer=lambda _: optimizer)
         erm_epoch(erm, epoch(0), 0)  # warm-up: IU then sees a partly trained model, as after epoch 1
         addons = {name: create_algorithm("erm+iu", model, len(SOURCES), hparams,

@@ -129,7 +129,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="every run's numbers (read first: finished runs are skipped)")
     parser.add_argument("--output", type=Path, help="write the Markdown tables here too")
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), plan=["rotated-multi:erm:0", "rotated-multi:erm+gga:0"], steps=2, batch_size=4, work_dir=TMP, json=None, output=None)
+    args = apply_smoke(parser.parse_args(), plan=["rotated-multi:erm:0", "rotated-multi:erm+gga:0"], steps=2,
+                       batch_size=4, work_dir=TMP, json=None, output=None)
     plan: list[tuple[str, str, int]] = []
     if args.plan:
         for item in args.plan:

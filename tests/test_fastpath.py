@@ -3,7 +3,6 @@ launcher, the same weights as eager training within float tolerance, and a one-l
 written, for algorithms a compiled network would silently change."""
 import copy
 import shlex
-import sys
 
 import pytest
 import torch

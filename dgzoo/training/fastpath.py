@@ -6,10 +6,10 @@ Each is decided once per run, by the engine:
   (NHWC), the layout tensor cores' convolutions want. The numbers are those of the default layout up to float
   rounding.
 - ``--compile``: the network's forward passes (logits, features, head) are compiled in place, so its module tree,
-  parameter names, state dict and everything exported stay those of the plain timm model; the algorithm around it (its losses, per-domain
-  gradient passes, add-ons) runs eagerly and calls the compiled network. A host or add-on whose use of the network
-  a compiled graph would not honour says so with ``COMPILABLE = False`` and a reason, and the recipe is refused when
-  it is planned, before anything is written.
+  parameter names, state dict and everything exported stay those of the plain timm model; the algorithm around it
+  (its losses, per-domain gradient passes, add-ons) runs eagerly and calls the compiled network. A host or add-on
+  whose use of the network a compiled graph would not honour says so with ``COMPILABLE = False`` and a reason, and
+  the recipe is refused when it is planned, before anything is written.
 - On CUDA, always: ``cudnn.benchmark`` (cuDNN times its convolution algorithms once per input shape and keeps the
   fastest; a run's training batches all have one shape) and TF32 for float32 matrix products, as timm's own
   ``train.py`` does. Neither changes what is computed beyond float rounding, so they are not flags.
