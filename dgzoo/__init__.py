@@ -5,6 +5,7 @@
     >>> results = dgzoo.train(dgzoo.TrainConfig(dataset="rotated-digits", algorithm="erm"))
     >>> dgzoo.push_run("runs/rotated-digits-resnet18-erm-75-seed0", "me/rotated-digits-erm")
     >>> dgzoo.list_models(dataset="pacs", held_out="sketch")  # published dgzoo checkpoints on the Hub
+    >>> dgzoo.soup(["sweeps/s/run-a", "sweeps/s/run-b"], "soups/ab", method="greedy")  # weight average of runs
 
 The heavy parts (torch, timm, the Hub clients) load on first use, so ``dgzoo report`` or ``dgzoo --help`` start fast.
 """
@@ -16,7 +17,8 @@ from .config import TrainConfig
 from .errors import DGZooError
 
 _LAZY = {"Pretrained": "run.hub", "evaluate_pretrained": "training.evaluation", "from_pretrained": "run.hub", "push_run": "run.hub",
-         "train": "training.engine", "list_models": "run.zoo"}
+         "train": "training.engine", "list_models": "run.zoo",
+         "soup": "experiments.soup"}
 
 
 def __getattr__(name: str) -> Any:
@@ -26,4 +28,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["DGZooError", "Pretrained", "TrainConfig", "__version__", "evaluate_pretrained", "from_pretrained",
-           "list_models", "push_run", "train"]
+           "list_models", "push_run", "soup", "train"]

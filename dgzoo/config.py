@@ -67,6 +67,9 @@ class TrainConfig:
     backbone: str = _f("resnet18", "any timm model name, e.g. resnet50.tv_in1k or vit_small_patch16_224")
     pretrained: bool = _f(False, "start from the backbone's pretrained weights (downloads from the Hub)")
     freeze_bn: bool = _f(False, "keep BatchNorm running statistics fixed (DomainBed's paper setting)")
+    init_from: str | None = _f(None, "start from this checkpoint's weights, head included (its label names must be "
+                                      "the dataset's): a run directory or a Hub repo REPO@REV; a sweep's runs then "
+                                      "share one initialisation")
     dropout: float = _f(0.0, "dropout before the classifier head", search=Choice((0.0, 0.1, 0.5)))
     # -- algorithm
     algorithm: str = _f("erm", "algorithm, optionally with add-ons: erm, erm+gga, equilibrium+gga+iu, ...")

@@ -18,6 +18,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "dgzoo.cli.hub": ("push", "eval", "datasets"),
     "dgzoo.cli.unlearn": ("unlearn",),
     "dgzoo.cli.sweep": ("sweep", "report"),
+    "dgzoo.cli.soup": ("soup",),
     "dgzoo.cli.algorithms": ("algorithms",),
     "dgzoo.cli.zoo": ("zoo",),
     "dgzoo.cli.datasets": ("datasets",),

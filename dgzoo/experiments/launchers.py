@@ -143,6 +143,10 @@ def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | Non
             return outcome
     log(f"sweep {spec.output_dir}: {status_line(plan(runs))}"
         + (f"; {len(outcome.failed)} failed (rerun the sweep to retry them)" if outcome.failed else ""))
+    if spec.soup:  # soups of the cells whose runs are all finished (torch loads only now: `dgzoo report` stays fast)
+        from .soup import build_sweep_soups
+
+        build_sweep_soups(spec, runs, log)
     log(f"tables: dgzoo report {spec.output_dir}")
     return outcome
 

@@ -141,7 +141,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         raise DGZooError(f"no finished run (a directory with results.json and records.jsonl, or DomainBed's "
                          f"results.jsonl and done) under {', '.join(map(str, paths))}")
     if len({run.backbone for run in runs}) > 1:  # several backbones: each (algorithm, backbone) is a row
-        runs = [replace(run, row=f"{run.algorithm} ({run.backbone})") for run in runs]
+        runs = [replace(run, row=f"{run.row} ({run.backbone})") for run in runs]
     return runs, notes
 
 
@@ -219,8 +219,15 @@ def _run(path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...
                             sort_keys=True, default=str)
     identity = {k: results.get(k) for k in IDENTITY_FIELDS}
     identity["dataset"] = {k: v for k, v in dataset.items() if k != "title"}
+    row = results["algorithm"]
+    soup = results.get("soup")
+    if isinstance(soup, dict):  # a weight average (dgzoo soup): its own row, one run per trial (its split seed)
+        method = f"top-{soup['k']}" if soup["method"] == "top-k" and soup.get("k") else soup["method"]
+        row = f"{results['algorithm']} ({method} soup of {soup['candidates']})"
+        trial, hparams_seed, sample = str(results.get("split_seed", results["seed"])), None, f"soup:{path}"
+        identity["soup"] = [soup["method"], soup.get("k"), sorted(i["name"] for i in soup["ingredients"])]
     return Run(path=path, dataset=dataset["name"], dataset_title=dataset.get("title") or dataset["name"],
-               algorithm=results["algorithm"], backbone=results["backbone"], row=results["algorithm"],
+               algorithm=results["algorithm"], backbone=results["backbone"], row=row,
                domains=tuple(results["accuracy"]), sources=tuple(results["source_domains"]),
                targets=tuple(results["target_domains"]), trial=trial, sample=sample, hparams_seed=hparams_seed,
                records=records, hparams=dict(results.get("hparams") or {}),

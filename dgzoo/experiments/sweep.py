@@ -129,6 +129,7 @@ class SweepSpec:
     train: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Distribution | None] = field(default_factory=dict)
     slurm: dict[str, Any] = field(default_factory=dict)
+    soup: dict[str, Any] = field(default_factory=dict)  # soups built per cell after the runs (docs/soups.md)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "sweep spec", base_dir: Path | None = None
@@ -170,7 +171,8 @@ class SweepSpec:
                 raise DGZooError(f"{key} in {source} must be an integer, got {value!r}")
             counts[key] = value
         slurm = check_slurm_options(values.get("slurm") or {}, f"the slurm section of {source}")
-        spec = cls(datasets=_str_list(values["datasets"]), algorithms=_str_list(values["algorithms"]),
+        soup = check_soup_section(values.get("soup"), f"the soup section of {source}")
+        spec = cls(soup=soup, datasets=_str_list(values["datasets"]), algorithms=_str_list(values["algorithms"]),
                    output_dir=str(values.get("output_dir") or ""), test_domains=values.get("test_domains", "single"),
                    train=train, search=search, slurm=slurm, **counts)
         if spec.n_hparams < 1 or spec.n_trials < 1:
@@ -198,7 +200,7 @@ class SweepSpec:
         return {"datasets": self.datasets, "algorithms": self.algorithms, "output_dir": self.output_dir,
                 "test_domains": self.test_domains, "n_hparams": self.n_hparams, "n_trials": self.n_trials,
                 "train": self.train, "search": {k: None if v is None else str(v) for k, v in self.search.items()},
-                "slurm": self.slurm}
+                "slurm": self.slurm, **({"soup": self.soup} if self.soup else {})}
 
 
 def check_slurm_options(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -217,6 +219,41 @@ def check_slurm_options(values: dict[str, Any], source: str) -> dict[str, Any]:
         if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise DGZooError(f"{key} in {source} ({meaning}) must be an integer >= {least}, got {value!r}")
         checked[key] = kind(value)
+    return checked
+
+
+# The spec's ``soup`` section: key -> meaning (``dgzoo soup``'s flags of the same names).
+SOUP_KEYS = {"methods": "soups to build per cell: uniform, greedy, top-k", "k": "top-k: how many ingredients",
+             "bn_steps": "batches of the BatchNorm recomputation", "freeze_bn": "keep the averaged BatchNorm statistics"}
+SOUP_METHOD_NAMES = ("uniform", "greedy", "top-k")
+
+
+def check_soup_section(values: Any, source: str) -> dict[str, Any]:
+    """Validate a sweep spec's ``soup`` section (empty: no soups), e.g. ``{methods: [uniform, greedy]}``."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise DGZooError(f"{source} must be a mapping, e.g. soup: {{methods: [uniform, greedy]}}")
+    for key in values:
+        if key not in SOUP_KEYS:
+            raise DGZooError(f"unknown key '{key}' in {source}{suggest(str(key), SOUP_KEYS)}; valid: "
+                             f"{', '.join(SOUP_KEYS)}")
+    methods = _str_list(values.get("methods", ["uniform"]))
+    for method in methods:
+        if method not in SOUP_METHOD_NAMES:
+            raise DGZooError(f"soup method '{method}' in {source} is not one of {', '.join(SOUP_METHOD_NAMES)}"
+                             f"{suggest(method, SOUP_METHOD_NAMES)}")
+    checked: dict[str, Any] = {"methods": methods}
+    for key in ("k", "bn_steps"):
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise DGZooError(f"{key} in {source} ({SOUP_KEYS[key]}) must be a whole number, got {value!r}")
+        if value is not None:
+            checked[key] = value
+    if ("top-k" in methods) != ("k" in checked):
+        raise DGZooError(f"{source}: k goes with the top-k method (methods: [top-k], k: 5)")
+    if values.get("freeze_bn") is not None:
+        checked["freeze_bn"] = bool(values["freeze_bn"])
     return checked
 
 

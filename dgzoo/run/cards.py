@@ -113,6 +113,8 @@ def zoo_metadata(results: dict[str, Any], sweep: dict[str, Any] | None = None) -
             "held_out_accuracy": round(100 * results["target_accuracy"], 4), "seed": results["seed"],
             "split_seed": results["split_seed"],
             "holdout_fraction": results["hparams"].get("holdout_fraction", 0.2)}
+    if isinstance(results.get("soup"), dict):  # a weight average: the zoo lists it apart from single runs
+        meta["soup"] = results["soup"]["label"]
     return {**meta, **(sweep or {})}
 
 
@@ -243,7 +245,8 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
         selection_rows=[{"label": SELECTION_LABELS[m], "step": s["step"], "target_accuracy": s["target_accuracy"]}
                         for m, s in selections.items()],
         load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{load_id}", load_id=load_id,
-        class_names=results["class_names"], command=reproduce_command(config),
+        class_names=results["class_names"], soup=soup_rows(results),
+        command=results["soup"]["command"] if results.get("soup") else reproduce_command(config),
         recipe_rows=[(k, v) for k, v in results["hparams"].items()],
         train_seconds=results["timing"]["train_seconds"], images_per_second=results["timing"]["images_per_second"],
         device=results["device"], num_processes=results["num_processes"], seed=results["seed"],
@@ -259,6 +262,19 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
         license_fields=card_license(results, license),
         samples_image=bool(run_dir) and (Path(run_dir) / SAMPLES_IMAGE).is_file())
     return str(card)
+
+
+def soup_rows(results: dict[str, Any]) -> dict[str, Any] | None:
+    """A soup's card section (``results["soup"]``): the method, the batch-norm treatment and one row per
+    ingredient (its repo and revision or run, its own source-validation and held-out accuracy, whether it is in)."""
+    soup = results.get("soup")
+    if not isinstance(soup, dict):
+        return None
+    rows = [{"name": f"[`{i['repo_id']}`](https://huggingface.co/{i['repo_id']}) @ `{str(i['revision'])[:12]}`"
+             if i.get("repo_id") else f"`{Path(str(i.get('run'))).name}`",
+             "source_val": 100 * i["source_val_acc"], "target": 100 * i["target_acc"], "used": i["used"]}
+            for i in soup["ingredients"]]
+    return {**soup, "rows": rows}
 
 
 def act_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:

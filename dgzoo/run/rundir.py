@@ -34,7 +34,8 @@ SAMPLES_IMAGE = "samples_per_domain.png"  # one row of sample images per domain,
 OUTPUT_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",
                 "records.jsonl", "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE, "train.log",
                 "unlearn_config.json", "unlearn.log",  # these two: unlearning runs (dgzoo unlearn)
-                "failure.txt")  # why the last Slurm task of the run failed (dgzoo.experiments.slurm)
+                "failure.txt",  # why the last Slurm task of the run failed (dgzoo.experiments.slurm)
+                "soup.log")  # soups (dgzoo soup)
 OUTPUT_DIRS = ("checkpoints", "logs")
 DONE_FILE = "results.json"  # written last: a run is done only when it and every file of RUN_OUTPUTS exist
 RUN_OUTPUTS = ("config.json", "model.safetensors", "README.md", "train_config.json", "records.jsonl",

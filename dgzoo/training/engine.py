@@ -55,6 +55,7 @@ from ..run.selection import SELECTION_METHODS, select
 from .derived import Derived, derived_line, derived_values, resolve_image_size
 from .evaluation import evaluate, source_loss
 from .fastpath import apply_memory_format, check_compile, compile_network, configure_cuda
+from .initialisation import InitSource, load_init, resolve_init
 from .loop import (LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit,
                    source_batches)
 from .optimisation import create_scheduler, current_lr
@@ -81,6 +82,7 @@ class RunPlan:
     image_size: int | None  # the resolved input resolution (None: the backbone's own)
     derived: Derived = field(default_factory=dict)  # every value taken without being told, with its source
     warnings: list[str] = field(default_factory=list)  # said right after the first log line (e.g. upsampling)
+    init: InitSource | None = None  # the checkpoint ``init_from`` starts the network from
 
 
 def plan_run(cfg: TrainConfig) -> RunPlan:
@@ -110,6 +112,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
                     network=meta_backbone(cfg.backbone, data.num_classes, image_size, cfg.dropout),
                     pretrained=cfg.pretrained)
     hparams = check_algorithm(cfg.algorithm, cfg.hparams, recipe)
+    init = resolve_init(cfg.init_from, cfg.backbone, data.class_names, recipe.network) if cfg.init_from else None
     output_dir = Path(cfg.output_dir or cfg.default_output_dir(list(protocol.targets)))
     check_output_dir(output_dir, cfg.resume, cfg.overwrite)
     if cfg.resume:
@@ -120,7 +123,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     warnings = [size_warning] if size_warning else []
     warnings += schedule_warnings(cfg.algorithm, hparams, Schedule(cfg.steps, cfg.eval_every, steps_per_epoch))
     return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size,
-                   derived, warnings)
+                   derived, warnings, init)
 
 
 def is_small_images(data: DGDataset) -> bool:
@@ -352,6 +355,8 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     # -- network and data
     data = plan.data
     network = create_backbone(cfg.backbone, data.num_classes, cfg.pretrained, plan.image_size, cfg.dropout)
+    if plan.init is not None:
+        load_init(network, plan.init)
     if cfg.freeze_bn:
         freeze_batchnorm(network)
     configure_cuda(accelerator.device)
@@ -558,6 +563,7 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Comp
         "class_names": plan.data.class_names, "protocol": plan.protocol.name,
         "source_domains": sources, "target_domains": targets,
         "seed": cfg.seed, "split_seed": cfg.resolved_split_seed(), "steps": cfg.steps,
+        "init_from": plan.init.provenance() if plan.init else None,
         "selection": {"method": chosen["method"], "step": chosen["step"], "score": chosen["score"]},
         "accuracy": chosen["accuracy"], "target_accuracy": chosen["target_accuracy"],
         "accuracy_splits": next(r["acc"] for r in state.records if r["step"] == chosen["step"]),
