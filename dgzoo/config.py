@@ -35,6 +35,11 @@ NON_RESULT_FIELDS = ("output_dir", "overwrite", "resume", "push_to_hub", "hub_pr
                      "channels_last", "compile")
 
 
+# The block of train_config.json recording the code, the data and the values given before dgzoo resolved them
+# (dgzoo.run.provenance); read back as a record, never as a setting.
+PROVENANCE_KEY = "provenance"
+
+
 def recipe_dirs() -> list[Path]:
     """Where named recipes live: ./recipes/configs, then the one next to the installed package (a checkout)."""
     return [Path.cwd() / "recipes" / "configs", Path(__file__).resolve().parent.parent / "recipes" / "configs"]
@@ -125,6 +130,8 @@ class TrainConfig:
         names = {f.name: f for f in fields(self)}
         for key, value in values.items():
             name = str(key).replace("-", "_")
+            if name == PROVENANCE_KEY and isinstance(value, dict):
+                continue  # what a run recorded about its code and data (train_config.json), not a setting
             if name not in names:
                 raise DGZooError(f"unknown {source} key '{key}'{suggest(name, names)}; "
                                  f"run `dgzoo train --help` for the valid keys")
@@ -387,10 +394,23 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any], ignore: Any =
     ``field: old -> new, ...`` description of them for an error message."""
     defaults = TrainConfig().to_dict()  # a field added since the run was saved holds its default there
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-    changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
+    # A run records the values it resolved (a commit sha for a branch, the derived held-out domains...) and, in
+    # its provenance block, what was given instead: either one is the same recipe.
+    recorded = saved.get(PROVENANCE_KEY)
+    given = (recorded.get("given") or {}) if isinstance(recorded, dict) else {}
+    changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k]
+                     and given.get(k, saved.get(k)) != current[k])
     return changed, ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
 
 
-def dump_config(cfg: TrainConfig) -> str:
-    """The resolved recipe as JSON (written to the run directory, so a run can be repeated exactly)."""
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=False)
+def dump_config(cfg: TrainConfig, resolved: dict[str, Any] | None = None,
+                provenance: dict[str, Any] | None = None) -> str:
+    """The recipe as JSON (written to the run directory, so a run can be repeated exactly): ``resolved`` (the
+    config with what the run resolved written in) when given, plus the ``provenance`` block (code, data, and the
+    given value of every field that was resolved)."""
+    values = cfg.to_dict()
+    out = dict(resolved) if resolved is not None else dict(values)
+    if provenance is not None:
+        given = {k: v for k, v in values.items() if out.get(k) != v}
+        out[PROVENANCE_KEY] = {**provenance, "given": given}
+    return json.dumps(out, indent=2, sort_keys=False)

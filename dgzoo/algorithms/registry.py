@@ -112,7 +112,10 @@ def resolve_hparams(spec: str, given: dict[str, Any], small_images: bool = False
                              f"valid: {', '.join(known) or 'none'}")
         declared = components[namespace]
         if key not in declared:
-            raise DGZooError(f"unknown hparam '{raw_key}' for {namespace}{suggest(key, declared)}; "
+            # A bare key of an add-on (`rho` for erm+gga) is that add-on's: name it with its namespace.
+            owners = [f"{n}.{key}" for n, d in components.items() if n != namespace and key in d]
+            hint = f" (did you mean: {', '.join(owners)}?)" if owners else suggest(key, declared)
+            raise DGZooError(f"unknown hparam '{raw_key}' for {namespace}{hint}; "
                              f"valid: {', '.join(sorted(declared)) or 'none'}")
         resolved[namespace][key] = declared[key].coerce(value, str(raw_key))
     for component in (host, *addons):

@@ -199,13 +199,27 @@ def checkpoint_dirs(path: str | Path) -> list[Path]:
 
 
 CHECKPOINT_MANIFEST = "dgzoo_manifest.json"
+# The layout of the objects a checkpoint holds. 2: the algorithm (an nn.Module owning the network) prepared whole,
+# its scheduler and the loop state, as dgzoo 0.2 saves them. A checkpoint without the marker was written before
+# it existed (dgzoo 0.1's layout, or an early 0.2 one); if it does not load, it is of an older format.
+CHECKPOINT_FORMAT = 2
 
 
 def write_checkpoint_manifest(checkpoint: str | Path) -> None:
-    """Record the size of every file of a just-saved checkpoint, so that a truncated one is recognised at resume."""
+    """Record the checkpoint format and the size of every file of a just-saved checkpoint, so that a truncated one
+    is recognised at resume, and one of an older format is named as such."""
     checkpoint = Path(checkpoint)
     sizes = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*")) if p.is_file()}
-    write_json(checkpoint / CHECKPOINT_MANIFEST, {"files": sizes})
+    write_json(checkpoint / CHECKPOINT_MANIFEST, {"format": CHECKPOINT_FORMAT, "files": sizes})
+
+
+def checkpoint_format(checkpoint: str | Path) -> int | None:
+    """The format marker of a checkpoint's manifest, or None for a checkpoint written before markers existed."""
+    try:
+        value = read_json(Path(checkpoint) / CHECKPOINT_MANIFEST).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) else None
 
 
 def checkpoint_problem(checkpoint: str | Path) -> str | None:

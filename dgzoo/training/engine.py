@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..algorithms import (AddOn, Algorithm, Composition, EvalContext, Recipe, check_algorithm, parse_algorithm,
-                          resolve_hparams)
+from ..algorithms import (AddOn, Algorithm, Composition, EvalContext, Recipe, check_algorithm, flat_hparams,
+                          parse_algorithm, resolve_hparams)
 from ..algorithms import Schedule, schedule_warnings
 from ..algorithms.base import with_acts
 from ..config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
@@ -48,8 +48,10 @@ from ..models import check_backbone, create_backbone, data_config, freeze_batchn
 from ..run.cards import plot_run, render_card
 from ..run.claim import RunDirClaimed, claim_run_dir
 from ..run.hub import check_push_target, push_run
-from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs, checkpoint_problem,
-                          clear_run_dir, latest_checkpoint, read_json, run_done, save_model, write_checkpoint_manifest,
+from ..run.provenance import code_version, provenance_block, resolved_config
+from ..run.rundir import (CHECKPOINT_FORMAT, SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs,
+                          checkpoint_format, checkpoint_problem, clear_run_dir, latest_checkpoint, read_json,
+                          run_done, save_model, write_checkpoint_manifest,
                           write_json)
 from ..run.selection import SELECTION_METHODS, select
 from .derived import Derived, derived_line, derived_values, resolve_image_size
@@ -136,6 +138,19 @@ def resolve_augment(cfg: TrainConfig, data: DGDataset) -> str:
     if cfg.augment != "auto":
         return cfg.augment
     return data.spec.augment if data.spec else "domainbed"
+
+
+def resolved_run_config(plan: RunPlan) -> dict[str, Any]:
+    """The recipe with everything the run resolved written in (:func:`dgzoo.run.provenance.resolved_config`): the
+    Hub dataset's commit, the derived held-out domains, split seed, augmentation and image size, every hparam."""
+    return resolved_config(plan.config.to_dict(), plan.data.info(), plan.derived,
+                           flat_hparams(plan.hparams, plan.host.name))
+
+
+def run_config_text(plan: RunPlan) -> str:
+    """``train_config.json``: the resolved recipe (``dgzoo train --config`` repeats the run on the same commit with
+    the same settings) and its provenance block (code version, data, the values given before resolution)."""
+    return dump_config(plan.config, resolved_run_config(plan), provenance_block(plan.data.info()))
 
 
 def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:
@@ -229,15 +244,17 @@ def run_timing(seconds: float, images: int, steps: int) -> dict[str, float]:
             "steps_per_second": steps / max(seconds, 1e-9)}
 
 
-def start_run_dir(accelerator: Any, out: Path, overwrite: bool, recipe: tuple[str, str], logfile: str) -> None:
+def start_run_dir(accelerator: Any, out: Path, overwrite: bool, recipe: tuple[str, str] | None, logfile: str) -> None:
     """The first write of a run, once every check has passed: on the main process empty a replaced run's files
-    (``overwrite``), make ``out`` and write the recipe file ``(name, text)``; then every process logs to
-    ``out/logfile`` (the main one) and the console."""
+    (``overwrite``), make ``out`` and write the recipe file ``(name, text)`` (None: written later, as a resumed
+    run does once its checkpoint has loaded); then every process logs to ``out/logfile`` (the main one) and the
+    console."""
     if accelerator.is_main_process:
         if overwrite:
             clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / recipe[0], recipe[1])
+        if recipe is not None:
+            atomic_write_text(out / recipe[0], recipe[1])
     accelerator.wait_for_everyone()
     setup_logging(accelerator.is_main_process, out / logfile)
 
@@ -345,7 +362,9 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     out = plan.output_dir
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
     restart = cfg.resume and latest_checkpoint(out) is None  # killed before its first checkpoint: nothing to keep
-    start_run_dir(accelerator, out, cfg.overwrite or restart, ("train_config.json", dump_config(cfg)), "train.log")
+    recipe = ("train_config.json", run_config_text(plan))
+    resuming = cfg.resume and not restart  # its recipe is rewritten only once a checkpoint has loaded
+    start_run_dir(accelerator, out, cfg.overwrite or restart, None if resuming else recipe, "train.log")
     if accelerator.is_main_process:  # the first log line: what was chosen on the user's behalf, and why
         logger.info(derived_line(plan.derived))
         for warning in plan.warnings:
@@ -382,10 +401,13 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         logger.info("%s holds no checkpoint (the run stopped before its first one): starting again from step 0", out)
     elif cfg.resume:
         checkpoint = resume_state(accelerator, out)
+        if accelerator.is_main_process:
+            atomic_write_text(out / recipe[0], recipe[1])
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     metadata = {"algorithm": cfg.algorithm, "dataset": data.info()["name"], "dataset_repo_id": data.repo_id,
-                "dataset_revision": data.revision, "source_domains": sources, "target_domains": targets,
-                "protocol": plan.protocol.name, "dgzoo_version": __version__}
+                "dataset_revision": data.revision, "dataset_fingerprint": data.fingerprint,
+                "source_domains": sources, "target_domains": targets,
+                "protocol": plan.protocol.name, "dgzoo_version": __version__, "code": code_version()}
     if accelerator.is_main_process:
         logger.info("dgzoo %s | %s on %s | sources %s -> held-out %s | %s, %d classes, %d process(es) on %s",
                     __version__, cfg.algorithm, data.name, sources, targets, cfg.backbone, data.num_classes,
@@ -443,7 +465,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         plot_run(results, state.records, out)
         roles = {d: "held-out" if d in targets else "source" for d in [*sources, *targets]}
         contact_sheet(data, out / SAMPLES_IMAGE, roles=roles, domains=list(roles))  # the domains check_images read
-        atomic_write_text(out / "README.md", render_card(results, cfg.to_dict(), run_dir=out))
+        atomic_write_text(out / "README.md", render_card(results, resolved_run_config(plan), run_dir=out))
         write_json(out / "results.json", results)  # last: a run killed before this line is resumed, not done
         logger.info("held-out accuracy %.3f (%s, step %d) | run directory: %s", results["target_accuracy"],
                     cfg.selection, results["selection"]["step"], out)
@@ -474,8 +496,10 @@ def resume_state(accelerator: Any, out: Path) -> Path:
     A failed load may leave objects half-loaded; the older checkpoint loaded next overwrites all of them.
     """
     skipped: list[str] = []
+    damaged = False  # a file missing or truncated: a damaged checkpoint, whatever its format
     for checkpoint in reversed(checkpoint_dirs(out)):
         problem = checkpoint_problem(checkpoint)
+        damaged = damaged or problem is not None
         if problem is None:
             try:
                 accelerator.load_state(str(checkpoint))
@@ -486,6 +510,15 @@ def resume_state(accelerator: Any, out: Path) -> Path:
                 logger.warning("skipped checkpoint %s", line)
             return checkpoint
         skipped.append(f"{checkpoint.name}: {problem}")
+    if not damaged and all(checkpoint_format(c) is None for c in checkpoint_dirs(out)):  # not --overwrite: it
+        # would delete a run that is only of an older format, not broken
+        kept = (f"its exported model still evaluates and pushes (dgzoo eval {out} --dataset DATASET; dgzoo push "
+                f"{out} REPO_ID); "
+                if (out / "model.safetensors").is_file() else "")
+        raise DGZooError(f"the checkpoints in {out} were written by an older dgzoo (before checkpoint format "
+                         f"{CHECKPOINT_FORMAT}) and cannot be resumed by dgzoo {__version__} ({'; '.join(skipped)}); "
+                         f"{kept}to train further, start a new run in another directory: dgzoo train --config "
+                         f"{shlex.quote(str(out / 'train_config.json'))} --output-dir NEW_DIR")
     raise DGZooError(f"no intact checkpoint in {out} ({'; '.join(skipped)}); start the run again with --overwrite")
 
 
@@ -559,7 +592,7 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Comp
         "algorithm_title": " + ".join([host.title or host.name, *[a.title or a.name for a in addons]]),
         "backbone": cfg.backbone, "pretrained": cfg.pretrained,
         "base_model": model.pretrained_cfg.get("hf_hub_id") if cfg.pretrained else None,
-        "dataset": {k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path")},
+        "dataset": {k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path", "fingerprint")},
         "class_names": plan.data.class_names, "protocol": plan.protocol.name,
         "source_domains": sources, "target_domains": targets,
         "seed": cfg.seed, "split_seed": cfg.resolved_split_seed(), "steps": cfg.steps,
@@ -575,5 +608,6 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Comp
         "timing": run_timing(state.train_seconds, state.images, state.step),
         "num_processes": accelerator.num_processes, "device": device_name(accelerator.device),
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
+        "code": code_version(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

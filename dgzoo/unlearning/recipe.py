@@ -39,7 +39,7 @@ from ..run.rundir import atomic_write_text, check_output_dir, json_text, read_js
 from ..run.unlearning_card import HEADLINE, render_unlearn_card
 from ..training.engine import (claim_on_main, create_accelerator, device_name, is_small_images, resolve_augment,
                                run_timing, start_run_dir)
-from ..training.loop import LoopData, Optimisation, TrainState, build_algorithm, fit
+from ..training.loop import LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit
 from ..training.optimisation import create_optimizer, create_scheduler
 from .evaluation import ATTACKS, Outputs, accuracy, attacks, collect, per_group_accuracy
 from .forget import UnlearningData, parse_forget_spec, split_for_unlearning
@@ -304,10 +304,15 @@ def _run_unlearning(cfg: UnlearnConfig, plan: UnlearnPlan, accelerator: Any) -> 
 
     original = evaluate_now(source_model)
     set_seed(settings["seed"])
-    if plan.loop is not None:
-        model, timing, diagnostics = _train_loop(plan, accelerator, preprocessing, workers, pin)
-    else:
-        model, timing, diagnostics = _unlearn(plan, accelerator, preprocessing, workers, pin)
+    try:
+        if plan.loop is not None:
+            model, timing, diagnostics = _train_loop(plan, accelerator, preprocessing, workers, pin)
+        else:
+            model, timing, diagnostics = _unlearn(plan, accelerator, preprocessing, workers, pin)
+        check_finite(model, settings["steps"])  # a diverged model is never evaluated (the attacks refuse NaN)
+    except NonFiniteTraining as e:
+        raise DGZooError(f"unlearning diverged: {e}; nothing was exported; lower --lr (or --steps) and run again "
+                         f"with --overwrite") from None
     unlearned = evaluate_now(model)
     results = _results(plan, unlearned, original, timing, diagnostics, accelerator)
     if accelerator.is_main_process:
