@@ -31,12 +31,17 @@ SCRIPTS = {
     "weights_identity.py": (["{tmp}/weights.json"], ""),
     "device_suite.sh": ([], "## Sweep throughput on one GPU"),
 }
+# Scripts whose --smoke run another test file already makes (not run twice): script -> that file.
+ELSEWHERE = {"soups.py": "test_soup.py"}
 SLOW = {"iu_cost.py", "sure.py", "gga_accuracy.py", "gga_cost.py", "engine_overhead.py", "device_suite.sh"}
 
 
 def test_every_benchmark_script_has_a_smoke_run():
     scripts = {p.name for p in BENCHMARKS.iterdir() if p.suffix in (".py", ".sh")} - HELPERS
-    assert scripts == set(SCRIPTS)
+    assert scripts == set(SCRIPTS) | set(ELSEWHERE)
+    for script, test_file in ELSEWHERE.items():
+        text = (Path(__file__).parent / test_file).read_text()
+        assert f'"{script}"' in text and '"--smoke"' in text
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in SCRIPTS])
