@@ -31,7 +31,8 @@ PRECISIONS = ("no", "fp16", "bf16")
 SELECTIONS = ("training_domain_validation", "oracle", "last")
 # Fields that do not change what a run computes: runs that differ only in these are the same run.
 NON_RESULT_FIELDS = ("output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision",
-                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "dry_run")
+                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "dry_run",
+                     "channels_last", "compile")
 
 
 # The block of train_config.json recording the code, the data and the values given before dgzoo resolved them
@@ -94,6 +95,10 @@ class TrainConfig:
     clip_grad_norm: float | None = _f(None, "clip the gradient norm before every optimizer step to this value")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     mixed_precision: str = _f("no", "mixed precision mode passed to Accelerate", choices=PRECISIONS)
+    channels_last: bool = _f(False, "keep the network's weights and input images in channels-last memory format "
+                                    "(faster convolutions on GPUs; same numbers up to float rounding)")
+    compile: bool = _f(False, "torch.compile the network (slower first steps, faster after; refused for "
+                              "algorithms that cannot be compiled, see docs/performance.md)")
     # -- evaluation and checkpoints
     eval_every: int = _f(100, "evaluate every domain's in/out splits every N steps")
     eval_batch_size: int = _f(128, "evaluation batch size per process")

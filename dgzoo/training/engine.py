@@ -57,6 +57,7 @@ from ..run.selection import SELECTION_METHODS, select
 from .datachecks import check_classes
 from .derived import Derived, derived_line, derived_values, resolve_image_size
 from .evaluation import evaluate, source_loss
+from .fastpath import apply_memory_format, check_compile, compile_network, configure_cuda
 from .initialisation import InitSource, load_init, resolve_init
 from .loop import (LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit,
                    source_batches)
@@ -95,6 +96,8 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     check_backbone(cfg.backbone)
     host_cls, addon_classes = parse_algorithm(cfg.algorithm)
     resolve_hparams(cfg.algorithm, cfg.hparams)  # names and types fail before a possibly long dataset download
+    if cfg.compile:
+        check_compile(host_cls, addon_classes)
     if cfg.grad_accumulation > 1 and host_cls.KIND != "loss":
         raise DGZooError(f"--grad-accumulation applies to loss hosts; {host_cls.name} takes its own optimizer steps "
                          f"(per-domain gradients, meta steps); drop the flag or lower --batch-size")
@@ -386,10 +389,13 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         load_init(network, plan.init)
     if cfg.freeze_bn:
         freeze_batchnorm(network)
+    configure_cuda(accelerator.device)
+    apply_memory_format(network, cfg.channels_last)
     preprocessing = data_config(network, plan.image_size)
     splits = plan.splits
     workers, pin = loader_workers(cfg.num_workers, accelerator.device)
     loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
+    loop_data.channels_last = cfg.channels_last
     eval_loaders = {d: {split: accelerator.prepare_data_loader(eval_loader(
         DomainImages(data, rows[d], eval_tf, d), cfg.eval_batch_size, workers, pin))
         for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))} for d in data.domains}
@@ -397,6 +403,8 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     # -- the algorithm and its optimisation
     algorithm = build_algorithm(cfg.algorithm, network, data.num_classes, len(sources), plan.hparams, accelerator,
                                 optimisation(cfg))
+    if cfg.compile:  # once the algorithm has added its modules and hooks to the network
+        compile_network(network)
     scheduler = create_scheduler(algorithm.host.optimizer, cfg.lr_schedule, cfg.steps, cfg.warmup_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, algorithm, state)
