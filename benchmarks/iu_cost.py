@@ -35,10 +35,11 @@ import torch
 
 from dgzoo.algorithms import EpochContext, create_algorithm
 from dgzoo.algorithms.influence import FunctionalLoss
-from dgzoo.algorithms.iu import _Pool
+from dgzoo.algorithms.iu_pools import Pool
 from dgzoo.data import (DomainImages, eval_loader, eval_transform, load_dg_dataset, make_splits, train_loader,
                         train_transform)
 from dgzoo.models import create_backbone, data_config
+from smoke import add_smoke, apply_smoke
 
 SOURCES = ["0", "15", "30", "45", "60"]
 MODES = {"fast": {"iu.mode": "fast"},
@@ -80,7 +81,7 @@ def erm_epoch(erm, loader, first_step: int) -> float:
 def faithful_all_estimate(model, context, fast_timings: dict, hparams: dict) -> dict:
     """Seconds of a faithful call over every parameter, from the measured cost of its building blocks."""
     depth, batch, chunk = hparams["lissa_depth"], hparams["lissa_batch"], 8
-    train = _Pool.of(context.source_train)
+    train = Pool.of(context.source_train)
     loss = FunctionalLoss(model, [n for n, p in model.named_parameters() if p.requires_grad])
     model.eval()
     x = torch.stack([train.dataset[i][0] for i in range(batch)])
@@ -107,7 +108,7 @@ def ascent_cost(model, optimizer, context, fraction: float) -> dict[str, float]:
     training samples on the channels IU selects now (the measured calls may happen to select no sample)."""
     iu = create_algorithm("erm+iu", model, len(SOURCES), {"iu.ascent": "fixed", "iu.lr": 0.0}, make_optimizer=lambda _: optimizer).addons[0]
     iu.unlearn(context, context.step)
-    train, val = _Pool.of(context.source_train), _Pool.of(context.source_val)
+    train, val = Pool.of(context.source_train), Pool.of(context.source_val)
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:round(fraction * len(train))]
     channels = torch.zeros(iu.layer.num_channels, dtype=torch.bool)
     channels[iu.selected_channels] = True
@@ -157,14 +158,19 @@ def main() -> None:
     parser.add_argument("--agreement-lissa", type=int, nargs=2, default=[20, 64], metavar=("DEPTH", "BATCH"),
                         help="LiSSA depth and Hessian batch of that comparison (the defaults would take hours)")
     parser.add_argument("--json", help="also write the numbers to this file")
-    args = parser.parse_args()
+    parser.add_argument("--per-domain", type=int, default=None, metavar="N",
+                        help="use the first N training images of each source domain (default: all)")
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), backbones=["test_resnet"], batch_size=64, rounds=1, per_domain=64,
+                       json=None)
     torch.set_num_threads(args.threads)
     from dgzoo.algorithms.iu import IU
 
     defaults = {k: h.default for k, h in IU.HPARAMS.items()}
     report = {}
     for backbone in args.backbones:
-        model, optimizer, epoch, context, steps_per_epoch = setup(backbone, args.batch_size, args.seed)
+        model, optimizer, epoch, context, steps_per_epoch = setup(backbone, args.batch_size, args.seed,
+                                                                  per_domain=args.per_domain)
         erm = create_algorithm("erm", model, len(SOURCES), {}, make_optimizer=lambda _: optimizer)
         erm_epoch(erm, epoch(0), 0)  # warm-up: IU then sees a partly trained model, as after epoch 1
         epochs, calls = [], {m: [] for m in MODES}

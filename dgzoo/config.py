@@ -31,7 +31,13 @@ PRECISIONS = ("no", "fp16", "bf16")
 SELECTIONS = ("training_domain_validation", "oracle", "last")
 # Fields that do not change what a run computes: runs that differ only in these are the same run.
 NON_RESULT_FIELDS = ("output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision",
-                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "dry_run")
+                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "dry_run",
+                     "channels_last", "compile")
+
+
+# The block of train_config.json recording the code, the data and the values given before dgzoo resolved them
+# (dgzoo.run.provenance); read back as a record, never as a setting.
+PROVENANCE_KEY = "provenance"
 
 
 def recipe_dirs() -> list[Path]:
@@ -90,6 +96,10 @@ class TrainConfig:
     clip_grad_norm: float | None = _f(None, "clip the gradient norm before every optimizer step to this value")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     mixed_precision: str = _f("no", "mixed precision mode passed to Accelerate", choices=PRECISIONS)
+    channels_last: bool = _f(False, "keep the network's weights and input images in channels-last memory format "
+                                    "(faster convolutions on GPUs; same numbers up to float rounding)")
+    compile: bool = _f(False, "torch.compile the network (slower first steps, faster after; refused for "
+                              "algorithms that cannot be compiled, see docs/performance.md)")
     # -- evaluation and checkpoints
     eval_every: int = _f(100, "evaluate every domain's in/out splits every N steps")
     eval_batch_size: int = _f(128, "evaluation batch size per process")
@@ -122,6 +132,11 @@ class TrainConfig:
         names = {f.name: f for f in fields(self)}
         for key, value in values.items():
             name = str(key).replace("-", "_")
+            if name == PROVENANCE_KEY and isinstance(value, dict):
+                # What a run recorded about its code and data (train_config.json), not a setting: kept apart so
+                # training can say when it will not repeat that run bit for bit (dgzoo.run.provenance).
+                self.recorded_provenance = value
+                continue
             if name not in names:
                 raise DGZooError(f"unknown {source} key '{key}'{suggest(name, names)}; "
                                  f"run `dgzoo train --help` for the valid keys")
@@ -174,6 +189,11 @@ class TrainConfig:
             raise DGZooError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise DGZooError(f"--holdout-fraction must be in (0, 1), got {self.holdout_fraction}")
+        for name in ("seed", "split_seed"):  # numpy and torch seed with 0 .. 2**32-1; refused before anything is written
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**32:
+                raise DGZooError(f"--{name.replace('_', '-')} must be in [0, 2**32), got {value}; use e.g. "
+                                 f"--{name.replace('_', '-')} {abs(value) % 2**32}")
         if not 0.0 <= self.dropout < 1.0:
             raise DGZooError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.weight_decay < 0:
@@ -384,10 +404,23 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any], ignore: Any =
     ``field: old -> new, ...`` description of them for an error message."""
     defaults = TrainConfig().to_dict()  # a field added since the run was saved holds its default there
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-    changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
+    # A run records the values it resolved (a commit sha for a branch, the derived held-out domains...) and, in
+    # its provenance block, what was given instead: either one is the same recipe.
+    recorded = saved.get(PROVENANCE_KEY)
+    given = (recorded.get("given") or {}) if isinstance(recorded, dict) else {}
+    changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k]
+                     and given.get(k, saved.get(k)) != current[k])
     return changed, ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
 
 
-def dump_config(cfg: TrainConfig) -> str:
-    """The resolved recipe as JSON (written to the run directory, so a run can be repeated exactly)."""
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=False)
+def dump_config(cfg: TrainConfig, resolved: dict[str, Any] | None = None,
+                provenance: dict[str, Any] | None = None) -> str:
+    """The recipe as JSON (written to the run directory, so a run can be repeated exactly): ``resolved`` (the
+    config with what the run resolved written in) when given, plus the ``provenance`` block (code, data, and the
+    given value of every field that was resolved)."""
+    values = cfg.to_dict()
+    out = dict(resolved) if resolved is not None else dict(values)
+    if provenance is not None:
+        given = {k: v for k, v in values.items() if out.get(k) != v}
+        out[PROVENANCE_KEY] = {**provenance, "given": given}
+    return json.dumps(out, indent=2, sort_keys=False)

@@ -1,9 +1,12 @@
 """The algorithm/add-on registries, hyperparameter validation, ERM, and the per-domain gradient engine."""
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dgzoo.algorithms import ADDONS, AddOn, HParam, create_algorithm, parse_algorithm, register_addon, resolve_hparams
+from dgzoo.algorithms import (ADDONS, ALGORITHMS, AddOn, HParam, create_algorithm, parse_algorithm, register_addon,
+                              resolve_hparams)
 from dgzoo.algorithms.gradients import FlatParams, pairwise_cosine, per_domain_gradients
 from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone
@@ -31,16 +34,47 @@ def counter_addon():
             super().__init__(host, hparams, runtime)
             self.calls = []
 
-        def before_update(self, minibatches, step):
-            self.calls.append(("before", step))
-            return {"seen": float(step)}
+        def before_update(self, context):
+            self.calls.append(("before", context.step))
+            return {"seen": float(context.step)}
 
-        def after_update(self, minibatches, step):
-            self.calls.append(("after", step))
+        def after_update(self, context):
+            self.calls.append(("after", context.step))
             return {}
 
     yield Counter
     ADDONS.pop("counter_test")
+
+
+def test_an_addon_event_with_another_signature_is_refused_when_its_class_is_defined():
+    with pytest.raises(TypeError, match=r"OldStyle.after_update must take one argument, \(self, context: StepContext\)"):
+        class OldStyle(AddOn):  # dgzoo 0.1's signature
+            def after_update(self, minibatches, step):
+                return {}
+    with pytest.raises(TypeError, match=r"on_evaluate must take one argument, \(self, context: EvalContext\)"):
+        class NoContext(AddOn):
+            def on_evaluate(self):
+                return {}
+
+
+def test_no_host_shadows_a_torch_module_method_with_another_signature():
+    # A host is an nn.Module: containers and tools call Module.apply / train / to on it with torch's arguments.
+    for name, cls in ALGORITHMS.items():
+        for method in dir(torch.nn.Module):
+            ours, torchs = getattr(cls, method), getattr(torch.nn.Module, method)
+            if method.startswith("__") or method == "forward" or not callable(torchs) or ours is torchs:
+                continue
+            assert list(inspect.signature(ours).parameters) == list(inspect.signature(torchs).parameters), \
+                f"{name}: {cls.__qualname__}.{method} shadows torch.nn.Module.{method}"
+
+
+def test_runtime_and_optimizers_are_declared_and_stay_outside_the_module_tree():
+    from dgzoo.algorithms import Algorithm, Runtime
+    assert {"runtime", "optimizers"} <= set(Algorithm.__annotations__)  # what a type checker reads
+    host = create_algorithm("erm", create_backbone("test_resnet", num_classes=3), 2).host
+    assert isinstance(host.runtime, Runtime) and set(host.optimizers) == {"main"}
+    assert [name for name, _ in host.named_children()] == ["network"]  # not submodules, no state-dict keys
+    assert all(key.startswith("network.") for key in host.state_dict())
 
 
 def test_unknown_names_get_suggestions():

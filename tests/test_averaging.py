@@ -8,7 +8,7 @@ from conftest import plain_timm_logits, tiny_config
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
-from dgzoo.algorithms import EvalContext, create_algorithm
+from dgzoo.algorithms import EvalContext, StepContext, create_algorithm
 from dgzoo.algorithms.averaging import Segment
 from dgzoo.models import create_backbone
 from dgzoo.training.engine import train
@@ -44,7 +44,7 @@ def scripted_swad(evaluations, last_at=None, hparams=None):
             with torch.no_grad():
                 for p in network.parameters():
                     p.fill_(float(step))
-            swad.after_update([], step - 1)
+            swad.after_update(StepContext(step - 1, []))
         algorithm.on_evaluate(EvalContext(2 * i + 2, i + 1 == last_at, loss_of(i), lambda n: iter([])))
     assert all(model is network for model in seen)  # the valley is found on the online model's loss
     return algorithm, swad
@@ -131,7 +131,7 @@ def test_swad_recomputes_batchnorm_of_the_average_on_source_batches():
     algorithm = create_algorithm("erm+swad", create_backbone("test_resnet", num_classes=10), 3,
                                  {"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 3})
     swad = algorithm.addons[0]
-    swad.after_update([], 0)
+    swad.after_update(StepContext(0, []))
     x = [torch.randn(6, 3, 16, 16) for _ in range(3)]
     algorithm.on_evaluate(EvalContext(1, True, lambda m: 1.0, lambda n: iter(x[:n])))
     average = algorithm.evaluated_network()
@@ -169,7 +169,7 @@ def test_ema_average_by_hand():
         with torch.no_grad():
             for p in network.parameters():
                 p.fill_(float(step))
-        ema.after_update([], step - 1)
+        ema.after_update(StepContext(step - 1, []))
     # 0 -> 0.5 * 0 + 0.5 * 1 = 0.5 -> 0.25 + 1 = 1.25 -> 0.625 + 1.5 = 2.125
     assert all(torch.allclose(p, torch.full_like(p, 2.125)) for p in ema.average.parameters())
 
@@ -190,9 +190,9 @@ def test_ema_warm_up_equals_timm_model_ema_v3():
         with torch.no_grad():
             for p in network.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
-        ema.after_update([], step - 1)
+        ema.after_update(StepContext(step - 1, []))
         reference.update(network, step=step)
-        constant.after_update([], step - 1)
+        constant.after_update(StepContext(step - 1, []))
     ours, theirs, host = ema.average.state_dict(), reference.module.state_dict(), network.state_dict()
     assert all(torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-6) for k in ours)
     weight = "fc.weight" if "fc.weight" in host else next(k for k in host if k.endswith("weight"))

@@ -34,14 +34,36 @@ def _card(run_dir, results, **kw):
     return ModelCard(render_card(results, read_json(run_dir / "train_config.json"), run_dir=run_dir, **kw))
 
 
-def test_held_out_result_has_a_slug_config_and_args_saying_what_was_measured(office_home):
+def test_held_out_result_names_the_datasets_real_config_and_args_saying_what_was_measured(office_home):
     run_dir, results = office_home
     [result] = _card(run_dir, results, repo_id="me/oh").data.eval_results
-    assert result.dataset_config == "held-out-real-world"  # no space, lower case: a usable config name
-    assert result.dataset_args == {"held_out_domain": "Real World", "source_domains": ["Art", "Clipart", "Product"],
+    # The model-index `dataset.config` is a configuration of the dataset (what load_dataset takes), not a held-out
+    # domain; the held-out domains are in `dataset.args`, each domain's accuracy in its own metric.
+    assert result.dataset_config == "default"
+    assert result.dataset_args == {"held_out_domains": ["Real World"], "source_domains": ["Art", "Clipart", "Product"],
                                    "split": "in", "split_seed": results["split_seed"],
                                    "holdout_fraction": results["hparams"]["holdout_fraction"]}
+    assert result.metric_args == {"held_out_domain": "Real World"} and "Real World" in result.metric_name
     assert result.dataset_revision == "d430d44779e929b335be368ab3456484e5de36bb"
+
+
+def test_two_held_out_domains_stay_two_metrics_in_one_model_index_entry(trained_run):
+    """The Hub groups results of one task, dataset, config, split and revision into one entry: the two held-out
+    domains become two metrics there, each with its own value, name and args, never one merged number."""
+    from huggingface_hub import ModelCard
+
+    run_dir, results = trained_run
+    two = {**results, "target_domains": ["60", "75"], "source_domains": ["0", "15", "30", "45"],
+           "accuracy": {**results["accuracy"], "60": 0.5, "75": 0.25}}
+    card = _card(run_dir, two, repo_id="me/two")
+    [entry] = card.data.to_dict()["model-index"][0]["results"]
+    assert entry["dataset"]["config"] == "default" and entry["dataset"]["args"]["held_out_domains"] == ["60", "75"]
+    metrics = {m["args"]["held_out_domain"]: m for m in entry["metrics"]}
+    assert set(metrics) == {"60", "75"} and metrics["60"]["value"] == 50.0 and metrics["75"]["value"] == 25.0
+    assert metrics["60"]["name"] != metrics["75"]["name"]
+    reloaded = ModelCard(str(card)).data.eval_results  # what huggingface_hub reads back: still two results
+    assert sorted((r.metric_args["held_out_domain"], r.metric_value) for r in reloaded) == [("60", 50.0),
+                                                                                          ("75", 25.0)]
 
 
 def test_result_split_is_the_datasets_own_split(office_home, trained_run):
@@ -64,10 +86,11 @@ def test_unlearning_metrics_are_not_reported_as_accuracy(trained_run):
         "source": {"name": "run", "algorithm": "erm", "steps": 12}})
     by_type = {r.metric_type: r for r in card_data(results).eval_results}
     assert set(by_type) == {"accuracy", *UNLEARNING_METRICS.values()}
-    assert by_type["accuracy"].dataset_config == "held-out-75"  # only the held-out-domain result is an accuracy
+    assert by_type["accuracy"].dataset_config == "default"  # the dataset's own configuration
+    assert by_type["accuracy"].metric_args == {"held_out_domain": "75"}  # the only accuracy: the held-out domain
     assert by_type["forget-set-accuracy"].metric_value == 25.0 and by_type["loss-mia-accuracy"].metric_value == 50.0
     assert by_type["representation-knn-mia-accuracy"].metric_value == 62.5
-    assert by_type["forget-set-accuracy"].dataset_args == {"forget": "class=3"}
+    assert by_type["forget-set-accuracy"].metric_args["forget"] == "class=3"
 
 
 def test_published_pretrained_cfg_describes_the_fine_tuned_weights(trained_run):

@@ -85,3 +85,17 @@ def test_fine_grained_token_needs_repo_write_in_its_namespace():
     assert write_access(me(["repo.content.read", "repo.write"]))[0] is True
     assert write_access(me(["repo.content.read"])) == (False, "fine-grained token of ann without repo.write on ann/")
     assert write_access({"name": "ann", "auth": {"accessToken": {"role": "read"}}})[0] is False
+
+
+def test_the_endpoint_is_ok_only_when_it_answered(hub_server, hub_env):
+    """No token: nothing else contacts the Hub, so the endpoint line itself must (issue 23)."""
+    from huggingface_hub import constants
+
+    [(status, text, _)] = found(hub_checks(), "hub")
+    assert status == "ok" and text == f"endpoint {hub_server.endpoint}"
+    hub_env.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    [(status, text, fix)] = found(hub_checks(), "hub")
+    assert status == "fail" and "cannot reach it" in text and "HF_HUB_OFFLINE=1" in fix
+    hub_env.setattr(constants, "HF_HUB_OFFLINE", True)
+    [(status, text, _)] = found(hub_checks(), "hub")
+    assert status == "info" and "not contacted" in text

@@ -87,7 +87,8 @@ def test_model_card_front_matter_parses_with_huggingface_hub(trained_run):
     assert data.library_name == "timm" and data.pipeline_tag == "image-classification"
     assert "domain-generalization" in data.tags
     [result] = data.eval_results
-    assert result.dataset_config == "held-out-75" and result.metric_type == "accuracy"
+    assert result.dataset_config == "default" and result.metric_type == "accuracy"
+    assert result.metric_args == {"held_out_domain": "75"}
     assert result.metric_value == pytest.approx(100 * results["accuracy"]["75"], abs=0.01)
     assert "timm.create_model(\"local-dir:" in card.text and "![Per-domain accuracy](accuracy_per_domain.png)" in card.text
 

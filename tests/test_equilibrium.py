@@ -114,6 +114,15 @@ def equilibrium_and_reference(hparams, momentum=0.0):
     return algorithm, model, reference
 
 
+def test_the_host_is_a_plain_torch_module_to_module_apply():
+    # Module.apply(fn) walks every submodule; a host whose own method shadowed it broke any container holding it.
+    algorithm, model, _ = equilibrium_and_reference({})
+    visited = []
+    torch.nn.Sequential(algorithm.host).apply(lambda module: visited.append(module))
+    assert visited[-2] is algorithm.host  # children first, then the host, then the container
+    assert any(module is model for module in visited)
+
+
 @pytest.mark.parametrize("updates", ["sequential", "recompute"])
 def test_one_optimizer_step_per_domain(updates):
     hparams = {"alpha": -1.0, "updates": updates}  # alpha -1: every pair is projected, w moves off 1

@@ -80,11 +80,11 @@ def test_a_claim_from_another_host_expires_without_heartbeat(tmp_path, monkeypat
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     path = run_dir / CLAIM_FILE
-    path.write_text(json.dumps({"pid": 1, "host": "other-node", "purpose": "slurm job"}))
+    path.write_text(json.dumps({"pid": 1, "host": "other-node", "purpose": "slurm job", "heartbeat_s": 0.1}))
     assert claim_holder(run_dir)["host"] == "other-node"  # fresh heartbeat: live, whatever its pid
     old = time.time() - claim.CLAIM_TTL_S - 1
     os.utime(path, (old, old))
-    assert claim_holder(run_dir) is None  # no heartbeat for a TTL: its job is gone
+    assert claim_holder(run_dir) is None  # no heartbeat for a TTL, and none while watched: its job is gone
 
 
 # ---------------------------------------------------------------------- divergence

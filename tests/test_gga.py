@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_processes
-from dgzoo.algorithms import create_algorithm, resolve_hparams
+from dgzoo.algorithms import StepContext, create_algorithm, resolve_hparams
 from dgzoo.algorithms.gga import GGA, scoring_groups
 from dgzoo.algorithms.gradients import FlatParams, pairwise_cosine, per_domain_gradients
 from dgzoo.errors import DGZooError
@@ -95,7 +95,7 @@ def test_official_walk_accept_rule_and_untouched_head(monkeypatch):
                             gga.perturbed, head)
     monkeypatch.setattr(gga, "_score", scores)
     theta0, head0 = flat(gga.perturbed).clone(), flat(head).clone()
-    stats = gga.before_update(minibatches(), 0)
+    stats = gga.before_update(StepContext(0, minibatches()))
 
     points = [flat(f) for f, _ in scores.seen]
     steps = [points[i + 1] - points[i] for i in range(len(points) - 1)]
@@ -118,7 +118,7 @@ def test_real_search_moves_to_a_point_of_higher_agreement_within_tau():
     model, algorithm = build("erm+gga", hp)
     batches = minibatches()
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    stats = algorithm.addons[0].before_update(batches, 0)
+    stats = algorithm.addons[0].before_update(StepContext(0, batches))
     assert stats["accepted"] >= 1
     for key, value in model.named_buffers():  # the search's passes left BatchNorm's statistics as they were
         assert torch.equal(value, buffers[key]), key
@@ -133,7 +133,7 @@ def test_real_search_moves_to_a_point_of_higher_agreement_within_tau():
 
     model, algorithm = build("erm+gga", {**hp, "gga.tau": -1.0})  # no candidate can lower the loss by 1
     before = snapshot(model)
-    assert algorithm.addons[0].before_update(batches, 0)["accepted"] == 0
+    assert algorithm.addons[0].before_update(StepContext(0, batches))["accepted"] == 0
     assert_same_state(before, snapshot(model))  # nothing accepted: back exactly at the pre-search weights
 
 

@@ -138,7 +138,7 @@ def test_dataset_to_hub_to_training_to_hub_to_timm(hub_server, tmp_path):
                                    "records.jsonl", "train_config.json", "accuracy_per_domain.png",
                                    "training_curves.png", "samples_per_domain.png"])  # no checkpoints, no logs
     [held_out] = out["eval_results"]
-    assert held_out["config"] == "held-out-c" and held_out["type"] == dataset_id
+    assert held_out["config"] == "default" and held_out["type"] == dataset_id
     assert held_out["value"] == pytest.approx(100 * results["accuracy"]["c"], abs=0.01)
     assert held_out["revision"] == results["dataset"]["revision"]
     card = out["card"]
@@ -292,7 +292,7 @@ def test_card_licence_results_per_domain_and_hub_usage(trained_run):
     two_targets = {**results, "target_domains": ["60", "75"], "source_domains": ["0", "15", "30", "45"]}
     card = ModelCard(render_card(two_targets, config, repo_id="me/digits-erm", run_dir=run_dir))
     assert card.data.license == "bsd-3-clause"  # rotated-digits' licence, not a blanket apache-2.0
-    assert [r.dataset_config for r in card.data.eval_results] == ["held-out-60", "held-out-75"]  # not merged
+    assert [r.metric_args["held_out_domain"] for r in card.data.eval_results] == ["60", "75"]  # not merged
     assert 'timm.create_model("hf-hub:me/digits-erm", pretrained=True)' in card.text
     assert "dgzoo eval me/digits-erm --dataset rotated-digits --domains 60 75 --split in" in card.text
     assert "@misc{alpaydin1998optical" in card.text  # the dataset is cited along with the algorithm

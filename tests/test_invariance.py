@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dgzoo.algorithms import create_algorithm
-from dgzoo.algorithms.invariance import (RDM_GAMMAS, information_bottleneck, irm_penalty, kde_quantile,
+from dgzoo.algorithms import Composition, HParam, Runtime, create_algorithm
+from dgzoo.algorithms.invariance import (RDM_GAMMAS, AnnealedPenalty, information_bottleneck, irm_penalty, kde_quantile,
                                          per_sample_head_gradients, rbf_mmd, risk_variance)
 from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone
@@ -74,6 +74,26 @@ def test_irm_weights_and_optimizer_reset():
         assert torch.allclose(loss, nll + weight * penalty, atol=1e-6)
         irm.update(batches, step)
     assert adam_steps(irm) == {1}  # the step where the penalty switched on started a fresh Adam
+
+
+def test_an_annealed_host_that_writes_only_its_penalised_loss_is_reset_where_its_penalty_switches_on():
+    class Annealed(AnnealedPenalty):  # not registered: a host a contributor would add
+        name = "annealed_for_test"
+        HPARAMS = {"anneal_iters": HParam(1, "steps before the penalty")}
+        RESET_AT = ("anneal_iters",)
+
+        def penalised_loss(self, minibatches, step):
+            return F.cross_entropy(self.predict(torch.cat([x for x, _ in minibatches])),
+                                   torch.cat([y for _, y in minibatches])), {}
+
+    torch.manual_seed(0)
+    host = Annealed(create_backbone("test_resnet", num_classes=5), 5, 3, {"anneal_iters": 1})
+    host.attach(Runtime(), {"main": torch.optim.Adam(host.parameters(), lr=LR)})
+    algorithm = Composition(host, [], {"annealed_for_test": {"anneal_iters": 1}})
+    batches = make_batches()
+    for step in range(3):
+        algorithm.update(batches, step)
+    assert adam_steps(algorithm) == {2}  # the Adam state restarted at step 1: two steps since, not three
 
 
 # -- V-REx

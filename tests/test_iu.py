@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from conftest import run_processes, tiny_config
 from dgzoo.algorithms import EpochContext, create_algorithm, resolve_hparams
 from dgzoo.algorithms.influence import FunctionalLoss, kfac_head_influence, largest_eigenvalue, lissa
-from dgzoo.algorithms.iu import (ChannelLayer, inter_domain_variance, mad_outliers, masked_ascent, outlier_scale,
-                                 unlearning_scores)
+from dgzoo.algorithms.iu_rules import inter_domain_variance, mad_outliers, outlier_scale, unlearning_scores
 from dgzoo.data import DomainImages, eval_loader, eval_transform, load_dg_dataset
 from dgzoo.errors import DGZooError
-from dgzoo.models import create_backbone, data_config, features
+from dgzoo.models import ChannelLayer, create_backbone, data_config, features, masked_ascent
 
 
 def source_context(model, domains=("0", "30", "60"), n_train=40, n_val=12):

@@ -212,8 +212,8 @@ def train_killed_once(cfg):
         marker.write_text("")
         save = dgzoo.training.engine._save_checkpoint
 
-        def save_then_die(accelerator, run_dir, step, keep):
-            save(accelerator, run_dir, step, keep)
+        def save_then_die(accelerator, run_dir, step, keep, *more):
+            save(accelerator, run_dir, step, keep, *more)
             if step == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
 

@@ -219,9 +219,9 @@ def test_identical_runs_count_once_with_a_warning(tmp_path):
     assert len(runs) == 6
     assert notes == [
         f"warning: {(tmp_path / 'toy-A-seed1').resolve()} is identical to {(tmp_path / 'copy-of-A-seed1').resolve()} "
-        "(same settings, seeds and data); counted once",
-        f"warning: {(tmp_path / 'toy-B-seed2').resolve()} is identical to {rerun.resolve()} (same settings, seeds and "
-        "data); counted once"]
+        "(same recipe, seeds, data and code); counted once",
+        f"warning: {(tmp_path / 'toy-B-seed2').resolve()} is identical to {rerun.resolve()} (same recipe, seeds, "
+        "data and code); counted once"]
     report = report_dirs([tmp_path], ["oracle"])
     a, b, _ = report.tables[0].rows["erm"]
     assert (a, a.n) == (alone[0], 3)  # the copy adds no trial: same mean, same standard error
@@ -229,3 +229,26 @@ def test_identical_runs_count_once_with_a_warning(tmp_path):
     # Another seed is another trial, not a duplicate.
     make_run(tmp_path, "toy-A-seed3", ["A"], [{"step": 5, "acc": acc(A=(0.5, 0.5))}], seed=3)
     assert report_dirs([tmp_path], ["oracle"]).tables[0].rows["erm"][0].n == 4
+
+
+@pytest.mark.parametrize("field, other", [
+    ("code", {"dgzoo_version": "0.2.0", "git_commit": "b" * 40, "git_dirty": False}),
+    ("dataset", {"name": "toy", "title": "Toy", "repo_id": "me/toy", "revision": "c" * 40}),
+])
+def test_runs_of_other_code_or_data_are_not_the_same_run(tmp_path, field, other):
+    """Identity by content (dgzoo.run.identity): a run equal in recipe and seeds but trained by other code or on
+    another commit of the data is another run, counted, not dropped as a copy of the first."""
+    from dgzoo.run.identity import same_run
+
+    first = make_run(tmp_path / "a", "toy-A-seed1", ["A"], [{"step": 5, "acc": acc(A=(0.9, 0.5))}], seed=1)
+    second = make_run(tmp_path / "b", "toy-A-seed1", ["A"], [{"step": 5, "acc": acc(A=(0.7, 0.5))}], seed=1)
+    results = json.loads((first / "results.json").read_text())
+    results[field] = {"dgzoo_version": "0.2.0", "git_commit": "a" * 40, "git_dirty": False} if field == "code" \
+        else {"name": "toy", "title": "Toy", "repo_id": "me/toy", "revision": "a" * 40}
+    (first / "results.json").write_text(json.dumps(results))
+    assert same_run(results, results)
+    changed = {**results, field: other}
+    (second / "results.json").write_text(json.dumps(changed))
+    assert not same_run(results, changed)
+    runs, notes = load_runs([tmp_path])
+    assert len(runs) == 2 and not any("identical" in n for n in notes)

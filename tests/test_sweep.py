@@ -160,8 +160,8 @@ def interrupted_sweep(tmp_path_factory):
     victim = planned[2].output_dir
     save_checkpoint, train = dgzoo.training.engine._save_checkpoint, dgzoo.training.engine.train
 
-    def killed_after_first_checkpoint(accelerator, out, step, keep):
-        save_checkpoint(accelerator, out, step, keep)
+    def killed_after_first_checkpoint(accelerator, out, step, keep, *more):
+        save_checkpoint(accelerator, out, step, keep, *more)
         if Path(out) == victim and step == 1:
             raise SimulatedKill
 

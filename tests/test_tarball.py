@@ -52,7 +52,7 @@ import dataclasses, json, logging, sys
 from dgzoo.data import REGISTRY, load_dg_dataset, register_dataset
 from dgzoo.errors import DGZooError
 pin = sys.argv[1]
-register_dataset(dataclasses.replace(REGISTRY["vlcs"], revision=pin))
+register_dataset(dataclasses.replace(REGISTRY["vlcs"], revision=pin), replace=True)
 out = {}
 data = load_dg_dataset("vlcs")
 out["first"] = {"domains": data.domains, "classes": data.class_names, "revision": data.revision,
@@ -60,7 +60,7 @@ out["first"] = {"domains": data.domains, "classes": data.class_names, "revision"
                 "repo": data.repo_id}
 if sys.argv[2] == "errors":
     for name, revision in (("gone", "0" * 40), ("short_gone", "abcdef0")):
-        register_dataset(dataclasses.replace(REGISTRY["vlcs"], revision=revision))
+        register_dataset(dataclasses.replace(REGISTRY["vlcs"], revision=revision), replace=True)
         try:
             load_dg_dataset("vlcs")
         except DGZooError as e:

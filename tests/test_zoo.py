@@ -158,3 +158,62 @@ def test_sweep_published_as_a_zoo_ranks_like_the_local_report(sweep, tmp_path):
     cfg = out["published_config"]["pretrained_cfg"]
     assert cfg["hf_hub_id"] == out["models"][0] and "tag" not in cfg and "paper_ids" not in cfg
     assert cfg["license"] == "bsd-3-clause" and cfg["notes"] == ["trained from random initialisation"]
+
+
+TWO_SWEEPS = r"""
+import contextlib, io, json, sys
+from dgzoo.cli import main
+
+def cli(*args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(list(args))
+    return code, out.getvalue()
+
+first, second = sys.argv[1:3]
+result = {"push_one": cli("push", first, "testuser/one"), "push_two": cli("push", second, "testuser/two")}
+result["leaderboard"] = cli("zoo", "leaderboard", "--dataset", "rotated-digits")
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_two_published_sweeps_of_one_spec_are_not_merged_and_the_leaderboard_is_the_report(tmp_path):
+    """Two sweeps of one spec (same sweep id on their cards) that trained with other code are two sets of runs to
+    `dgzoo report` and to the leaderboard alike (dgzoo.run.identity), not one set counted once."""
+    import shutil
+
+    from dgzoo.experiments.launchers import run_sweep
+    from dgzoo.experiments.sweep import SweepSpec
+
+    first = tmp_path / "a" / "sweep"
+    spec = SweepSpec.from_dict(dict(datasets=["rotated-digits"], algorithms=["erm"], test_domains=["75"],
+                                    n_trials=2, output_dir=str(first), train=dict(TINY)))
+    assert len(run_sweep(spec, log=lambda line: None).trained) == 2
+    second = tmp_path / "b" / "sweep"  # the same spec, run again by other code: other numbers
+    shutil.copytree(first, second)
+    for results_path in second.glob("*/results.json"):
+        results = json.loads(results_path.read_text())
+        results["code"] = {**results["code"], "git_commit": "f" * 40, "git_dirty": False}
+        results_path.write_text(json.dumps(results))
+        records = [json.loads(line) for line in (results_path.parent / "records.jsonl").read_text().splitlines()]
+        for record in records:
+            record["acc"] = {d: {"in": 0.99, "out": 0.99} for d in record["acc"]}
+        (results_path.parent / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def report(*dirs):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["report", *map(str, dirs)]) == 0
+        return out.getvalue()
+
+    both, alone = report(first, second), report(first)
+    assert both != alone and "99.0" in both  # the second sweep's runs count: not dropped as copies of the first
+    with HubServer(tmp_path / "storage") as server:
+        proc = subprocess.run([sys.executable, "-c", TWO_SWEEPS, str(first), str(second)],
+                              env=server.env(tmp_path / "hf", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["push_one"][0] == 0 and out["push_two"][0] == 0 and out["leaderboard"][0] == 0
+    assert out["leaderboard"][1] == both

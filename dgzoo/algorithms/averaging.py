@@ -37,7 +37,7 @@ from torch import nn
 
 from ..hparams import HParam
 from ..models.backbones import batchnorm_frozen
-from .base import AddOn, Algorithm, EvalContext, FirstAction, Minibatches, Schedule
+from .base import AddOn, Algorithm, EvalContext, FirstAction, Schedule, StepContext
 from .registry import register_addon
 from .runtime import Runtime
 
@@ -186,9 +186,9 @@ class SWAD(AddOn):
 
     # -- events
 
-    def after_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+    def after_update(self, context: StepContext) -> dict[str, float]:
         if self.segment.count == 0:
-            self.segment_start = step + 1
+            self.segment_start = context.step + 1
         self.segment.add(self.params)
         return {}
 
@@ -411,7 +411,7 @@ class EMA(AddOn):
         self.updates = 0
 
     @torch.no_grad()
-    def after_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+    def after_update(self, context: StepContext) -> dict[str, float]:
         decay = self.decay()
         for average, value in self.pairs:
             if average.is_floating_point():

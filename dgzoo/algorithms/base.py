@@ -13,10 +13,12 @@ Two ways to write a host, as DomainBed's ``update(minibatches)``:
 - :class:`UpdateHost`: ``update(minibatches, step) -> metrics`` takes its own steps with ``self.optimizer`` (and
   any optimizer it declared): per-domain gradients, MLDG's meta step, SAM's two passes, Fish's inner loop.
 
-An :class:`AddOn` (GGA, IU, weight averaging) composes with any host: ``before_update`` / ``after_update`` around
-every step, ``on_epoch_end``, hooks on the host's optimizer step (:meth:`Algorithm.hook_optimizer_step`, so no
-host can step around them), and :meth:`AddOn.evaluated_network` to supply the weights that are evaluated,
-selected and exported.
+An :class:`AddOn` (GGA, IU, weight averaging) composes with any host. Its events share one signature,
+``event(self, context) -> metrics``, one frozen context object per event (as transformers' ``TrainerCallback``):
+``before_update`` / ``after_update`` around every step (:class:`StepContext`), ``on_epoch_end``
+(:class:`EpochContext`) and ``on_evaluate`` (:class:`EvalContext`). Beside them: hooks on the host's optimizer step
+(:meth:`Algorithm.hook_optimizer_step`, so no host can step around them), and :meth:`AddOn.evaluated_network` to
+supply the weights that are evaluated, selected and exported.
 
 Every component declares its hyperparameters with :class:`~dgzoo.hparams.HParam` and checks a recipe in
 :meth:`Component.check_hparams` and :meth:`Component.check_recipe`, both called when the recipe is planned, before
@@ -24,6 +26,7 @@ anything is written. Constructors do not validate.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
@@ -87,6 +90,10 @@ class Component:
     paper: ClassVar[str] = ""  # short reference, e.g. "Sun & Saenko, ECCV-W 2016"
     citation: ClassVar[str] = ""
     HPARAMS: ClassVar[dict[str, HParam]] = {}
+    # Whether it may run on a network compiled with torch.compile (``--compile``); if not, COMPILE_REFUSAL says why
+    # (the recipe is refused with it when planned). What was tried: docs/performance.md.
+    COMPILABLE: ClassVar[bool] = True
+    COMPILE_REFUSAL: ClassVar[str] = ""
 
     @classmethod
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
@@ -149,11 +156,16 @@ class Algorithm(Component, nn.Module):
     # DDP must look for parameters a step did not use (a host whose modules are not all in every loss).
     FIND_UNUSED_PARAMETERS: ClassVar[bool] = False
 
+    # Set by attach() through object.__setattr__, which keeps them out of the module tree (the prepared module may be
+    # a DDP wrapper of self: no cycle, no state-dict keys); declared here so that type checkers see them.
+    runtime: Runtime
+    optimizers: dict[str, torch.optim.Optimizer]
+    _prepared: nn.Module
+
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
         nn.Module.__init__(self)
         self.network = network
         self.num_classes, self.num_domains, self.hparams = num_classes, num_domains, dict(hparams)
-        # Set by attach(); object.__setattr__ keeps them out of the module tree (no cycle, no state-dict keys).
         object.__setattr__(self, "runtime", Runtime())
         object.__setattr__(self, "optimizers", {})
         object.__setattr__(self, "_prepared", self)
@@ -261,7 +273,16 @@ class UpdateHost(Algorithm):
         optimizer.step()
 
 
-@dataclass
+@dataclass(frozen=True)
+class StepContext:
+    """What an add-on sees around one training step: the step (0-based: the host's ``update``/``loss`` argument)
+    and its minibatches, one ``(x, y)`` per source domain."""
+
+    step: int
+    minibatches: Minibatches
+
+
+@dataclass(frozen=True)
 class EpochContext:
     """What a post-epoch add-on may use: the source data (evaluation transform) and a loader factory."""
 
@@ -275,7 +296,7 @@ class EpochContext:
     batch_size: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalContext:
     """What an add-on may use at each evaluation, before the evaluated network is chosen (SWAD's loss valley)."""
 
@@ -285,19 +306,42 @@ class EvalContext:
     source_batches: Callable[[int], Iterator[torch.Tensor]]  # n pooled training batches (training transform)
 
 
+_EVENTS = {"before_update": "StepContext", "after_update": "StepContext", "on_epoch_end": "EpochContext",
+           "on_evaluate": "EvalContext"}
+
+
 class AddOn(Component):
-    """Base of add-ons that hook into the training of any host algorithm."""
+    """Base of add-ons that hook into the training of any host algorithm.
+
+    Every event takes one context object and returns scalar metrics (logged as ``<name>/<key>``).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse an event written with another signature (dgzoo 0.1's ``(minibatches, step)``) when the class is
+        defined, rather than with a TypeError in the middle of a run."""
+        super().__init_subclass__(**kwargs)
+        for event, context in _EVENTS.items():
+            method = cls.__dict__.get(event)
+            if method is None:
+                continue
+            params = list(inspect.signature(method).parameters.values())[1:]
+            if len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+                raise TypeError(f"add-on {cls.__qualname__}.{event} must take one argument, (self, context: "
+                                f"{context}); read context.step and context.minibatches instead of separate arguments")
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         self.host, self.hparams, self.runtime = host, hparams, runtime
 
-    def before_update(self, minibatches: Minibatches, step: int) -> Metrics:
+    def before_update(self, context: StepContext) -> Metrics:
+        """Called before the host's step (GGA moves the weights here)."""
         return {}
 
-    def after_update(self, minibatches: Minibatches, step: int) -> Metrics:
+    def after_update(self, context: StepContext) -> Metrics:
+        """Called after the host's step (weight averages take in the new weights here)."""
         return {}
 
     def on_epoch_end(self, context: EpochContext) -> Metrics:
+        """Called after every DomainBed epoch (``context.steps_per_epoch`` steps) with the source data."""
         return {}
 
     def on_evaluate(self, context: EvalContext) -> Metrics:

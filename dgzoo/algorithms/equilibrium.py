@@ -248,7 +248,7 @@ class Equilibrium(DomainGradientAlgorithm):
                    **{f"w_{k}": float(w) for k, w in enumerate(decided.weights)}}
         return self.mean, residuals, decided, metrics
 
-    def apply(self, mean: torch.Tensor, residuals: torch.Tensor, coefficients: torch.Tensor) -> None:
+    def apply_update(self, mean: torch.Tensor, residuals: torch.Tensor, coefficients: torch.Tensor) -> None:
         """One optimizer step on ``g_inv + coefficients @ S``."""
         if bool(coefficients.any()):
             self.flat.assign_grad(torch.addmv(mean, residuals.T, coefficients.to(residuals), out=self.update_vector))
@@ -269,16 +269,16 @@ class Equilibrium(DomainGradientAlgorithm):
         if self.hparams["step"] == "matched":
             self.matched(mean, residuals, decided.combination.mean(dim=0))
         elif self.hparams["updates"] == "mean":
-            self.apply(mean, residuals, decided.combination.mean(dim=0))
+            self.apply_update(mean, residuals, decided.combination.mean(dim=0))
         elif self.hparams["updates"] == "sequential":
             for k in range(len(domains)):
-                self.apply(mean, residuals, decided.combination[k])
+                self.apply_update(mean, residuals, decided.combination[k])
         else:
             recomputed = [metrics]
-            self.apply(mean, residuals, decided.combination[0])
+            self.apply_update(mean, residuals, decided.combination[0])
             for k in range(1, len(domains)):
                 mean, residuals, decided, metrics = self.decide(domains)
-                self.apply(mean, residuals, decided.combination[k])
+                self.apply_update(mean, residuals, decided.combination[k])
                 recomputed.append(metrics)
             metrics = {key: sum(m[key] for m in recomputed) / len(recomputed) for key in recomputed[0]}
         for key, value in metrics.items():

@@ -42,7 +42,7 @@ from torch import nn
 from ..errors import DGZooError
 from ..models import featurizer_parameters
 from ..hparams import HParam, Uniform
-from .base import AddOn, Algorithm, FirstAction, Minibatches, Recipe, Schedule
+from .base import AddOn, Algorithm, FirstAction, Minibatches, Recipe, Schedule, StepContext
 from .registry import register_addon
 from .runtime import Runtime
 from .seeding import derive_seed, private_rng, run_seed, seed_rng
@@ -199,6 +199,8 @@ class GGA(AddOn):
         if recipe.network is not None and not any(True for _ in featurizer_parameters(recipe.network)):
             raise DGZooError("GGA perturbs the featurizer, but the backbone has no trainable parameter outside its "
                              "classifier head; unfreeze the backbone")
+        # Refused when planned, not when built: fp16's scaler and vmap's autocast (see check_mixed_precision).
+        check_mixed_precision(recipe.mixed_precision, hparams["grad_engine"])
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)
@@ -215,10 +217,11 @@ class GGA(AddOn):
         return (hp["start"] <= step <= hp["end"]
                 or (hp["extra_search"] and hp["extra_start"] <= step <= hp["extra_end"]))
 
-    def before_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+    def before_update(self, context: StepContext) -> dict[str, float]:
+        step = context.step
         if not self.annealed(step):
             return {}
-        stats = self.anneal(scoring_groups(minibatches, self.hparams["parts"]), step)
+        stats = self.anneal(scoring_groups(context.minibatches, self.hparams["parts"]), step)
         self.history.append({"step": step, **stats})
         if step == self.hparams["end"] or (self.hparams["extra_search"] and step == self.hparams["extra_end"]):
             summary = self.summary()
@@ -326,7 +329,8 @@ class GGAL(AddOn):
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
-        check_mixed_precision(recipe.mixed_precision)  # per-domain gradients of fp16 passes underflow unscaled
+        # per-domain gradients of fp16 passes underflow unscaled; vmap's passes run outside autocast
+        check_mixed_precision(recipe.mixed_precision, hparams["grad_engine"])
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)
@@ -339,9 +343,9 @@ class GGAL(AddOn):
         self.totals = {"steps": 0, "similarity": 0.0, "noise_scale": 0.0}
         host.hook_optimizer_step(self._add_noise)
 
-    def before_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        device = self.scored.tensors[0].device
-        groups = scoring_groups(minibatches, self.hparams["parts"])
+    def before_update(self, context: StepContext) -> dict[str, float]:
+        step, device = context.step, self.scored.tensors[0].device
+        groups = scoring_groups(context.minibatches, self.hparams["parts"])
         with extra_passes(self.host.network, self.hparams["batchnorm"]), \
                 private_rng(device, derive_seed(self.seed, step, _GGAL_DROPOUT)):
             cosines, _ = domain_agreement(self.host.network, groups, self.scored, self.runtime,
@@ -355,7 +359,7 @@ class GGAL(AddOn):
         self.totals["noise_scale"] += self.scale
         return {"similarity": similarity, "noise_scale": self.scale}
 
-    def after_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+    def after_update(self, context: StepContext) -> dict[str, float]:
         self.scale = self.generator = None
         return {}
 

@@ -144,7 +144,8 @@ def per_sample_head_gradients(head: nn.Module, features: torch.Tensor, y: torch.
 # -- hosts
 
 class AnnealedPenalty(LossHost):
-    """A loss host whose penalty weights switch on at given steps, where the optimizer's state is reset; with
+    """A loss host whose penalty weights switch on at given steps, where the optimizer's state is reset (subclasses
+    write :meth:`penalised_loss` and name the steps in ``RESET_AT``; :meth:`loss` does the rest); with
     ``LR_SWITCH = (step key, lr key)``, optimizer steps from that step on run at that learning rate instead of the
     recipe's (times the schedule's factor)."""
 
@@ -163,6 +164,16 @@ class AnnealedPenalty(LossHost):
 
     def _bare_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optimizer", self.optimizer)  # under Accelerate's wrapper
+
+    def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
+        """Arm this step's optimizer reset and lr switch (:meth:`begin_step`), then the host's
+        :meth:`penalised_loss`: a template method, so no host can forget the reset."""
+        self.begin_step(step)
+        return self.penalised_loss(minibatches, step)
+
+    def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
+        """The host's loss at ``step``, its penalty weighted by where ``step`` is in the anneal."""
+        raise NotImplementedError
 
     def begin_step(self, step: int) -> None:
         """Reset the optimizer where a penalty switches on (DomainBed's fresh Adam), and arm the lr switch."""
@@ -222,8 +233,7 @@ class IRM(AnnealedPenalty):
                "irm_penalty_anneal_iters": _anneal(500, "irm_lambda")}
     RESET_AT = ("irm_penalty_anneal_iters",)
 
-    def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
-        self.begin_step(step)
+    def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         weight = self.hparams["irm_lambda"] if step >= self.hparams["irm_penalty_anneal_iters"] else 1.0
         _, logits = self.domain_outputs(minibatches)
         nll, penalty = _nll(logits, minibatches), self.irm_term(logits, minibatches)
@@ -244,8 +254,7 @@ class VREx(AnnealedPenalty):
                "vrex_penalty_anneal_iters": _anneal(500, "vrex_lambda")}
     RESET_AT = ("vrex_penalty_anneal_iters",)
 
-    def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
-        self.begin_step(step)
+    def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         weight = self.hparams["vrex_lambda"] if step >= self.hparams["vrex_penalty_anneal_iters"] else 1.0
         _, logits = self.domain_outputs(minibatches)
         risks = self.global_domain_risks(torch.stack([F.cross_entropy(z.float(), y)
@@ -274,8 +283,7 @@ class IBERM(AnnealedPenalty):
     def ib_weight(self, step: int) -> float:
         return self.hparams["ib_lambda"] if step >= self.hparams["ib_penalty_anneal_iters"] else 0.0
 
-    def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
-        self.begin_step(step)
+    def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         features, logits = self.domain_outputs(minibatches)
         nll, penalty = _nll(logits, minibatches), self.ib_term(features)
         return nll + self.ib_weight(step) * penalty, {"nll": nll, "ib_penalty": penalty}
@@ -293,8 +301,7 @@ class IBIRM(IBERM):
     HPARAMS = {**IRM.HPARAMS, **IBERM.HPARAMS}
     RESET_AT = ("irm_penalty_anneal_iters", "ib_penalty_anneal_iters")
 
-    def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
-        self.begin_step(step)
+    def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         irm_weight = self.hparams["irm_lambda"] if step >= self.hparams["irm_penalty_anneal_iters"] else 1.0
         features, logits = self.domain_outputs(minibatches)
         nll, ib = _nll(logits, minibatches), self.ib_term(features)
@@ -343,8 +350,7 @@ class EQRM(AnnealedPenalty):
             raise DGZooError(f"eqrm estimates a distribution of per-domain risks and needs at least 2 training "
                              f"domains, got {recipe.num_domains}; train on more source domains")
 
-    def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
-        self.begin_step(step)
+    def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         risks = self.global_domain_risks(torch.stack([F.cross_entropy(self.predict(x).float(), y)
                                                       for x, y in minibatches]))
         if step < self.hparams["eqrm_burnin_iters"]:
@@ -413,8 +419,7 @@ class Fishr(AnnealedPenalty):
             averaged = averaged / (1 - ema)  # DomainBed's correction: the penalty's gradient does not scale with ema
             return (averaged - averaged.mean(0, keepdim=True)).pow(2).mean(1).mean()
 
-    def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
-        self.begin_step(step)
+    def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         features, logits = self.domain_outputs(minibatches)
         nll = F.cross_entropy(torch.cat(logits), pooled(minibatches)[1])
         if step < self.hparams["penalty_anneal_iters"]:
@@ -458,8 +463,7 @@ class RDM(AnnealedPenalty):
     RESET_AT = ("rdm_penalty_anneal_iters",)
     LR_SWITCH = ("rdm_penalty_anneal_iters", "rdm_lr")
 
-    def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
-        self.begin_step(step)
+    def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         x, _ = pooled(minibatches)
         logits = self.predict(x).float().split([len(x) for x, _ in minibatches])
         sample_losses = torch.stack([self.runtime.gather(F.cross_entropy(z, y, reduction="none"))

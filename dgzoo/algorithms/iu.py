@@ -1,5 +1,7 @@
 """Identify and Unlearn (IU, IUE): post-epoch domain-specific gradient ascent that composes with any algorithm.
 
+Over 500 lines for one job: IU's three phases share each call's passes (rules, pools, anatomy live elsewhere).
+
 Zhao et al., "Unlearning During Training: Domain-Specific Gradient Ascent for Domain Generalization"
 (ICLR 2026). After every epoch of the host algorithm (whose loss is never changed), with the network in eval
 mode so BatchNorm statistics stay put (research note ``iu.md`` A7):
@@ -27,21 +29,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, Subset
 
 from ..errors import DGZooError
-from ..models import classifier, features
 from ..hparams import Choice, HParam, Uniform
-from .base import AddOn, EpochContext, FirstAction, Minibatches, Recipe, Schedule
-from .registry import register_addon
+from ..models import ChannelLayer, ChannelSlice, ResNetTail, classifier, features, masked_ascent
+from .base import AddOn, EpochContext, FirstAction, Recipe, Schedule, StepContext
 from .influence import FunctionalLoss, chunks, kfac_head_influence, largest_eigenvalue, lissa
+from .iu_pools import ImageCache, Pass, Pool, accuracy, load_batch
+from .iu_rules import inter_domain_variance, mad_outliers, mean_idv, outlier_scale, unlearning_scores
+from .registry import register_addon
 
 logger = logging.getLogger("dgzoo")
 
@@ -52,356 +54,6 @@ CITATION = """@inproceedings{zhao2026iclr-unlearning,
   year      = {2026},
   url       = {https://mlanthology.org/iclr/2026/zhao2026iclr-unlearning/}
 }"""
-
-
-# ----------------------------------------------------------------------------- selection rules
-
-
-def mad_outliers(values: torch.Tensor, k: float, tail: str) -> torch.Tensor:
-    """Boolean mask of the MAD outliers of ``values``: ``< median - k MAD`` (``tail='lower'``) or ``> median + k MAD``.
-
-    The raw median absolute deviation (no 1.4826 factor), as the paper's rule is stated; the median of an even
-    count is the mean of the two middle values.
-    """
-    median = values.quantile(0.5)
-    mad = (values - median).abs().quantile(0.5)
-    if tail == "lower":
-        return values < median - k * mad
-    if tail == "upper":
-        return values > median + k * mad
-    raise ValueError(f"tail must be 'lower' or 'upper', not {tail!r}")
-
-
-def outlier_scale(scores: torch.Tensor, scale: str) -> torch.Tensor:
-    """The scores on the scale the lower-tail MAD rule reads them: ``log`` (default) or ``linear`` (as is).
-
-    U = G^alpha / C is a ratio of positive quantities with a long right tail: on the README's own job its median
-    absolute deviation was 0.67 to 0.99 of its median, so ``median - 2 MAD`` fell below 0, under every score, and
-    the rule could select nothing (docs/iu.md, "Why D_u was empty"). On the log scale the same ranking has a lower
-    tail the rule finds. Monotone: the samples selected are always the lowest U.
-    """
-    if scale == "log":
-        return scores.double().clamp_min(1e-300).log().float()
-    if scale == "linear":
-        return scores
-    raise ValueError(f"unknown score scale {scale!r}")
-
-
-def inter_domain_variance(activations: Sequence[torch.Tensor], with_means: bool = False) -> torch.Tensor:
-    """IDV per channel: the variance across domains of each domain's activation variance.
-
-    ``activations[d]`` is ``[n_d, channels]`` (one scalar per sample and channel). Each domain counts once
-    whatever its size. As a reviewer noted, a channel with equal variances but different means across
-    domains gets IDV 0; ``with_means`` adds the across-domain variance of the means to catch it (not the
-    paper's metric).
-    """
-    variances = torch.stack([a.float().var(0, unbiased=False) for a in activations])
-    idv = variances.var(0, unbiased=False)
-    if with_means:
-        idv = idv + torch.stack([a.float().mean(0) for a in activations]).var(0, unbiased=False)
-    return idv
-
-
-def unlearning_scores(generalisation: torch.Tensor, complexity: torch.Tensor, alpha: float,
-                      transform: str = "minmax", eps: float = 1e-6) -> torch.Tensor:
-    """``U = G^alpha / C``; low means little help to validation for much complexity.
-
-    ``G`` can be negative, so ``transform='minmax'`` first rescales it to ``[eps, 1]`` over the training set
-    (note A2); ``'signed'`` uses ``sign(G) |G|^alpha`` instead.
-    """
-    g = generalisation.double()
-    if transform == "minmax":
-        g = eps + (1 - eps) * (g - g.min()) / (g.max() - g.min()).clamp_min(1e-30)
-        g = g ** alpha
-    elif transform == "signed":
-        g = g.sign() * g.abs() ** alpha
-    else:
-        raise ValueError(f"unknown G transform {transform!r}")
-    return (g / complexity.double().clamp_min(1e-30)).float()
-
-
-# ----------------------------------------------------------------------------- channels and their parameters
-
-
-@dataclass
-class ChannelSlice:
-    """Entries ``index`` of ``param`` along ``dim`` write channels ``channel`` of IU's layer."""
-
-    name: str
-    param: nn.Parameter
-    dim: int
-    index: torch.Tensor
-    channel: torch.Tensor
-
-    def selected(self, channel_mask: torch.Tensor) -> torch.Tensor:
-        """Positions along ``dim`` that write a selected channel."""
-        return self.index[channel_mask[self.channel]]
-
-
-def _writer(prefix: str, module: nn.Module, first_channel: int = 0) -> list[ChannelSlice]:
-    """Output-channel slices of a conv, linear, norm or layer-scale module (its weight/bias/gamma rows)."""
-    slices = []
-    for attr in ("weight", "bias", "gamma"):
-        p = getattr(module, attr, None)
-        if isinstance(p, nn.Parameter) and p.requires_grad:
-            rows = torch.arange(p.shape[0], device="cpu" if p.is_meta else p.device)  # meta: recipe checks
-            slices.append(ChannelSlice(f"{prefix}.{attr}", p, 0, rows, rows + first_channel))
-    return slices
-
-
-def _resnet_stage_writers(prefix: str, stage: nn.Module) -> list[ChannelSlice]:
-    """Note A9: every block's last conv + norm of the residual branch, and the shortcut's conv + norm."""
-    from timm.models.resnet import Bottleneck
-
-    slices = []
-    for name, block in stage.named_children():
-        last = ("conv3", "bn3") if isinstance(block, Bottleneck) else ("conv2", "bn2")
-        for attr in last:
-            slices += _writer(f"{prefix}.{name}.{attr}", getattr(block, attr))
-        if getattr(block, "downsample", None) is not None:
-            for sub, module in block.downsample.named_modules():
-                if isinstance(module, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
-                    slices += _writer(f"{prefix}.{name}.downsample.{sub}", module)
-    return slices
-
-
-def _vit_block_writers(prefix: str, block: nn.Module) -> list[ChannelSlice]:
-    """The residual-stream writers of a transformer block: attention and MLP output projections, layer scales."""
-    slices = _writer(f"{prefix}.attn.proj", block.attn.proj) + _writer(f"{prefix}.mlp.fc2", block.mlp.fc2)
-    for attr in ("ls1", "ls2"):
-        if hasattr(getattr(block, attr), "gamma"):
-            slices += _writer(f"{prefix}.{attr}", getattr(block, attr))
-    return slices
-
-
-def _densenet_block_writers(model: nn.Module, name: str) -> list[ChannelSlice]:
-    """A dense block concatenates its input with every layer's new channels: each channel has one writer."""
-    from timm.models.densenet import DenseTransition
-
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    children = list(parent.named_children())
-    position = [n for n, _ in children].index(child)
-    slices: list[ChannelSlice] = []
-    if position and isinstance(children[position - 1][1], DenseTransition):
-        previous = children[position - 1][0]
-        slices += _writer(f"{parent_name}.{previous}.conv", getattr(parent, previous).conv)
-        offset = getattr(parent, previous).conv.out_channels
-    else:
-        offset = next(layer.norm1.num_features for layer in model.get_submodule(name).children())
-    for layer_name, layer in model.get_submodule(name).named_children():
-        slices += _writer(f"{name}.{layer_name}.conv2", layer.conv2, offset)
-        offset += layer.conv2.out_channels
-    return slices
-
-
-class ChannelLayer:
-    """Where IU looks for domain-specific channels, and which parameter slices write each channel.
-
-    ``layer='auto'`` is the pooled feature vector the classifier reads (ResNet: GAP of ``layer4``; DenseNet:
-    GAP of ``features.norm5``; ViT: the final-norm class token), so its activations are the penultimate
-    features themselves. A module name (``layer3``, ``blocks.5``, ``features.denseblock3``) picks an earlier
-    stage; its output is reduced to one scalar per channel by spatial mean (CNNs, note A5) or the class token
-    (ViTs). ``include_head`` adds the classifier's input columns (only for ``auto``, note A9's variant).
-    """
-
-    def __init__(self, model: nn.Module, layer: str = "auto", include_head: bool = False):
-        from timm.models.densenet import DenseBlock, DenseNet
-        from timm.models.resnet import ResNet
-        from timm.models.vision_transformer import Block, VisionTransformer
-
-        self.model, self.layer = model, layer
-        self.module: nn.Module | None = None  # hooked module (None: the penultimate features)
-        if layer == "auto":
-            if isinstance(model, ResNet):
-                self.slices = _resnet_stage_writers("layer4", model.layer4)
-            elif isinstance(model, DenseNet):
-                last = [n for n, m in model.features.named_children() if isinstance(m, DenseBlock)][-1]
-                self.slices = (_densenet_block_writers(model, f"features.{last}")
-                               + _writer("features.norm5", model.features.norm5))
-            elif isinstance(model, VisionTransformer):
-                self.slices = _vit_block_writers(f"blocks.{len(model.blocks) - 1}", model.blocks[-1])
-                for norm in ("norm", "fc_norm"):
-                    self.slices += _writer(norm, getattr(model, norm))
-            else:
-                raise DGZooError(f"iu.layer=auto knows timm ResNet, DenseNet and VisionTransformer backbones, not "
-                                 f"{type(model).__name__}; use one of those backbones with +iu")
-            self.num_channels = model.num_features
-        else:
-            try:
-                module = model.get_submodule(layer)
-            except AttributeError:
-                raise DGZooError(f"iu.layer={layer!r} is not a module of {type(model).__name__}; use 'auto' or a "
-                                 f"stage name such as layer3, blocks.5 or features.denseblock3") from None
-            if isinstance(model, ResNet) and layer in ("layer1", "layer2", "layer3", "layer4"):
-                self.slices = _resnet_stage_writers(layer, module)
-            elif isinstance(model, VisionTransformer) and isinstance(module, Block):
-                self.slices = _vit_block_writers(layer, module)
-            elif isinstance(model, DenseNet) and isinstance(module, DenseBlock):
-                self.slices = _densenet_block_writers(model, layer)
-            else:
-                raise DGZooError(f"iu.layer={layer!r} is not a ResNet stage (layer1..layer4), a ViT block "
-                                 f"(blocks.N) or a DenseNet dense block (features.denseblockN)")
-            self.module = module
-            self.num_channels = 1 + max(int(s.channel.max()) for s in self.slices)
-        if include_head:
-            if layer != "auto":
-                raise DGZooError("iu.include_head=true needs iu.layer=auto: the head's columns are the channels of "
-                                 "the penultimate features only")
-            head = classifier(model)
-            columns = torch.arange(head.in_features, device="cpu" if head.weight.is_meta else head.weight.device)
-            self.slices.append(ChannelSlice("head.weight", head.weight, 1, columns, columns))
-        self.uses_cls_token = getattr(model, "cls_token", None) is not None
-
-    def reduce(self, output: torch.Tensor) -> torch.Tensor:
-        """One scalar per sample and channel from the hooked module's output."""
-        if output.ndim == 4:
-            return output.float().mean((2, 3))
-        return (output[:, 0] if self.uses_cls_token else output.mean(1)).float()
-
-    def parameters(self) -> list[nn.Parameter]:
-        """The distinct parameters some slice belongs to, in slice order."""
-        seen: dict[int, nn.Parameter] = {}
-        for s in self.slices:
-            seen.setdefault(id(s.param), s.param)
-        return list(seen.values())
-
-
-def masked_ascent(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor], slices: Sequence[ChannelSlice] | None,
-                  channel_mask: torch.Tensor | None, lr: float) -> None:
-    """``theta += lr * grad`` on the slices writing selected channels only (every parameter when ``slices`` is None).
-
-    Other entries are not written at all, so they stay bit-identical; no optimizer (and no optimizer state)
-    is involved, as note A10 asks.
-    """
-    with torch.no_grad():
-        if slices is None:
-            for p, g in zip(params, grads):
-                p.add_(g.to(p.dtype), alpha=lr)
-            return
-        grad_of = {id(p): g for p, g in zip(params, grads)}
-        for s in slices:
-            index = s.selected(channel_mask)
-            if len(index):
-                s.param.index_add_(s.dim, index, grad_of[id(s.param)].index_select(s.dim, index).to(s.param.dtype),
-                                   alpha=lr)
-
-
-# ----------------------------------------------------------------------------- the add-on
-
-
-@dataclass
-class _Pool:
-    """The source domains' samples of one split, flattened: dataset index -> domain, table row, label.
-
-    ``images`` holds the eval-transformed images in pool order when they are cached (else None: read them from
-    ``dataset``).
-    """
-
-    dataset: ConcatDataset
-    domain: torch.Tensor
-    rows: np.ndarray
-    labels: torch.Tensor
-    images: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, domains: Sequence[Any], fraction: float = 1.0, seed: int = 0,
-           cache: "_ImageCache | None" = None) -> "_Pool":
-        """All samples of ``domains``, or a seeded random ``fraction`` of each domain (the same on every process)."""
-        generator = torch.Generator().manual_seed(seed)
-        keep = [np.arange(len(ds)) if fraction >= 1 else
-                np.sort(torch.randperm(len(ds), generator=generator)[:max(1, round(fraction * len(ds)))].numpy())
-                for ds in domains]
-        rows = [np.asarray(ds.rows)[k] for ds, k in zip(domains, keep)]
-        cached = [cache.get(ds) if cache is not None else None for ds in domains]
-        images = (torch.cat([c[torch.from_numpy(k)] for c, k in zip(cached, keep)])
-                  if all(c is not None for c in cached) else None)
-        return cls(ConcatDataset([Subset(ds, k.tolist()) for ds, k in zip(domains, keep)]),
-                   torch.cat([torch.full((len(k),), d, dtype=torch.long) for d, k in enumerate(keep)]),
-                   np.concatenate(rows),
-                   torch.from_numpy(np.concatenate([ds.data.labels[r] for ds, r in zip(domains, rows)])).long(),
-                   images)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def subset(self, index: torch.Tensor) -> "_Pool":
-        """The samples at pool positions ``index``, as a pool of their own."""
-        return _Pool(Subset(self.dataset, index.tolist()), self.domain[index], self.rows[index.numpy()],
-                     self.labels[index], None if self.images is None else self.images[index])
-
-    def load(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples ``index`` (pool positions) as one batch on ``device``."""
-        if self.images is not None:
-            return self.images[index].to(device), self.labels[index].to(device)
-        return _load(self.dataset, index, device)
-
-
-class _ImageCache:
-    """The eval-transformed images of each source dataset, stacked once and kept across IU calls.
-
-    An IU call reads every source image; decoding and transforming them again every epoch is up to half of the
-    call on small networks. The evaluation transform is deterministic, so the tensors are the same every time.
-    A dataset is cached only while the total stays within ``budget`` bytes.
-    """
-
-    def __init__(self, budget: int):
-        self.budget, self.used = budget, 0
-        self.tensors: dict[int, torch.Tensor | None] = {}
-
-    def get(self, dataset: Any) -> torch.Tensor | None:
-        key = id(dataset)
-        if key not in self.tensors:
-            first = dataset[0][0] if len(dataset) else None
-            size = 0 if first is None else first.numel() * first.element_size() * len(dataset)
-            if first is None or self.used + size > self.budget:
-                self.tensors[key] = None
-            else:
-                self.tensors[key] = torch.stack([dataset[i][0] for i in range(len(dataset))])
-                self.used += size
-        return self.tensors[key]
-
-
-class _Tail:
-    """A timm ResNet from IU's first edited stage on: run from that stage's cached inputs after an edit.
-
-    DSGA edits only the writers of IU's layer (and optionally the head), so every layer before the first edited
-    stage computes the same thing before and after the ascent: the line search and the after-ascent passes only
-    need the rest of the network.
-    """
-
-    def __init__(self, model: nn.Module, stages: list[str]):
-        self.model, self.stages = model, stages
-        self.entry = model.get_submodule(stages[0])
-
-    @classmethod
-    def of(cls, model: nn.Module, layer: ChannelLayer) -> "_Tail | None":
-        """The tail for ``layer``'s writers, or None when the backbone is not a timm ResNet."""
-        from timm.models.resnet import ResNet
-
-        if not isinstance(model, ResNet):
-            return None
-        names = ["layer1", "layer2", "layer3", "layer4"]
-        edited = {s.name.split(".")[0] for s in layer.slices if s.name.split(".")[0] in names}
-        if not edited:
-            return None
-        return cls(model, names[min(names.index(n) for n in edited):])
-
-    def features(self, entry: torch.Tensor) -> torch.Tensor:
-        h = entry
-        for name in self.stages:
-            h = self.model.get_submodule(name)(h)
-        return self.model.forward_head(h, pre_logits=True)
-
-
-@dataclass
-class _Pass:
-    """What one eval-mode forward pass over a pool gives, for every sample (gathered across processes)."""
-
-    features: torch.Tensor  # [N, D] penultimate features
-    logits: torch.Tensor  # [N, classes]
-    activations: torch.Tensor | None  # [N, channels] at IU's layer
-    entries: torch.Tensor | None = None  # this process's inputs of the tail's first stage, for its share of rows
 
 
 @register_addon
@@ -540,13 +192,13 @@ class IU(AddOn):
         self.calls = 0
         self.ema: dict[int, float] = {}
         self.history: list[dict[str, float]] = []
-        self.cache = _ImageCache(hparams["cache_mb"] << 20) if hparams["cache_mb"] else None
-        self.tail = _Tail.of(self.module, self.layer) if hparams["params"] == "channels" and self.cache else None
+        self.cache = ImageCache(hparams["cache_mb"] << 20) if hparams["cache_mb"] else None
+        self.tail = ResNetTail.of(self.module, self.layer) if hparams["params"] == "channels" and self.cache else None
 
     # -- events
 
-    def after_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        every, done = self.hparams["every"], step + 1
+    def after_update(self, context: StepContext) -> dict[str, float]:
+        every, done = self.hparams["every"], context.step + 1
         # The source data arrive with the first epoch's end, so step-based calls start after epoch 1 (A11).
         if every and done % every == 0 and done >= self.hparams["start_step"] and self.context is not None:
             return self.unlearn(self.context, done)
@@ -592,8 +244,8 @@ class IU(AddOn):
 
     def _unlearn(self, context: EpochContext, tick: float) -> dict[str, float]:
         hp = self.hparams
-        train = _Pool.of(context.source_train, hp["score_fraction"], seed=self.calls, cache=self.cache)
-        val = _Pool.of(context.source_val, cache=self.cache)
+        train = Pool.of(context.source_train, hp["score_fraction"], seed=self.calls, cache=self.cache)
+        val = Pool.of(context.source_val, cache=self.cache)
         # No-grad passes afford larger batches than training steps: fewer, fuller batches cost less per image.
         batch = max(context.batch_size * len(context.source_domains), 256)
         seen, val_seen = self._forward(train, batch, keep=True), self._forward(val, batch, keep=True)
@@ -604,9 +256,9 @@ class IU(AddOn):
         chosen, channels, metrics = self._select(train, val, seen, val_seen)
         self._lap("select", tick)
         device = seen.logits.device
-        metrics["val_acc_before"] = _accuracy(val_seen.logits, val.labels)
+        metrics["val_acc_before"] = accuracy(val_seen.logits, val.labels)
         if channels is not None and channels.any():
-            metrics["idv_before"] = _mean_idv(val_seen.activations, val.domain, channels)
+            metrics["idv_before"] = mean_idv(val_seen.activations, val.domain, channels)
         if len(chosen):
             metrics["unlearn_loss_before"] = F.cross_entropy(seen.logits[chosen.to(device)],
                                                              train.labels[chosen].to(device)).item()
@@ -637,8 +289,8 @@ class IU(AddOn):
         """Seconds since ``tick`` minus the phases already timed (the benchmark's cost breakdown)."""
         self.timings[phase] = time.perf_counter() - tick - sum(self.timings.values())
 
-    def _select(self, train: _Pool, val: _Pool, seen: _Pass,
-                val_seen: _Pass) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    def _select(self, train: Pool, val: Pool, seen: Pass,
+                val_seen: Pass) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """USS and DSCS: dataset positions of D_u, the channel mask of C_spc (None: no mask), and diagnostics.
 
         Both come out of process 0, so every process ascends on the same samples and channels.
@@ -676,8 +328,8 @@ class IU(AddOn):
 
     # -- faithful influence (LiSSA)
 
-    def _lissa_influence(self, train: _Pool, val: _Pool, seen: _Pass,
-                         val_seen: _Pass) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _lissa_influence(self, train: Pool, val: Pool, seen: Pass,
+                         val_seen: Pass) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(G, C, scale)`` by LiSSA over the chosen parameters; training samples are sharded across processes."""
         hp, device = self.hparams, seen.logits.device
         on_head = hp["influence_params"] == "head"
@@ -685,14 +337,14 @@ class IU(AddOn):
             head = classifier(self.module)
             loss = FunctionalLoss(head, [n for n, p in head.named_parameters() if p.requires_grad])
 
-            def inputs(pool: _Pool, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            def inputs(pool: Pool, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 feats = seen.features if pool is train else val_seen.features
                 return feats[index.to(device)], pool.labels[index].to(device)
         else:
             loss = FunctionalLoss(self.module, [n for n, p in self.module.named_parameters() if p.requires_grad])
 
-            def inputs(pool: _Pool, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return _load(pool.dataset, index, device)
+            def inputs(pool: Pool, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return load_batch(pool.dataset, index, device)
 
         chunk = hp["lissa_chunk"] or (512 if on_head else 8)
         # The Hessian minibatches: one seeded draw per call, the same on every process and for every chunk.
@@ -730,8 +382,8 @@ class IU(AddOn):
     # -- passes over the data
 
     @torch.no_grad()
-    def _forward(self, pool: _Pool, batch_size: int, entries: torch.Tensor | None = None,
-                 keep: bool = False) -> _Pass:
+    def _forward(self, pool: Pool, batch_size: int, entries: torch.Tensor | None = None,
+                 keep: bool = False) -> Pass:
         """Eval-mode features, logits and layer activations of every sample: each process does its share.
 
         With the tail and ``keep``, the inputs of its first stage are kept (this process's rows, while the cache
@@ -769,7 +421,7 @@ class IU(AddOn):
         finally:
             for hook in hooks:
                 hook.remove()
-        seen = _Pass(self._gather(feats, mine, len(pool), head.in_features),
+        seen = Pass(self._gather(feats, mine, len(pool), head.in_features),
                      self._gather(logits, mine, len(pool), head.out_features), None)
         seen.activations = (self._gather(captured, mine, len(pool), self.layer.num_channels)
                             if self.layer.module is not None else seen.features)
@@ -792,7 +444,7 @@ class IU(AddOn):
             return [p for p in self.module.parameters() if p.requires_grad], None
         return self.layer.parameters(), self.layer.slices
 
-    def _gradient(self, pool: _Pool, index: torch.Tensor, params: list[nn.Parameter], batch_size: int,
+    def _gradient(self, pool: Pool, index: torch.Tensor, params: list[nn.Parameter], batch_size: int,
                   reduction: str) -> list[torch.Tensor]:
         """The gradient of the cross-entropy over ``index`` (``'sum'`` or ``'mean'`` over it), summed over
         processes, each process taking its share of every minibatch."""
@@ -815,7 +467,7 @@ class IU(AddOn):
             grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
         return grads
 
-    def _ascend(self, train: _Pool, chosen: torch.Tensor, channels: torch.Tensor | None, batch_size: int) -> None:
+    def _ascend(self, train: Pool, chosen: torch.Tensor, channels: torch.Tensor | None, batch_size: int) -> None:
         """DSGA by minibatch steps over ``chosen``, masked to ``channels``: ``literal`` adds each minibatch's
         summed-loss gradient (the paper's unit step), ``fixed`` adds ``iu.lr`` times its mean-loss gradient."""
         hp = self.hparams
@@ -826,8 +478,8 @@ class IU(AddOn):
                 grads = self._gradient(train, chosen[part], params, batch_size, "sum" if literal else "mean")
                 masked_ascent(params, grads, slices, channels, 1.0 if literal else hp["lr"])
 
-    def _calibrated(self, train: _Pool, chosen: torch.Tensor, channels: torch.Tensor | None, seen: _Pass,
-                    val: _Pool, val_seen: _Pass, batch_size: int) -> dict[str, float]:
+    def _calibrated(self, train: Pool, chosen: torch.Tensor, channels: torch.Tensor | None, seen: Pass,
+                    val: Pool, val_seen: Pass, batch_size: int) -> dict[str, float]:
         """DSGA as one step ``theta += eta * M grad mean CE(D_u)``, ``eta`` chosen so the D_u loss rises by
         ``iu.target_rise``, then halved while source-val accuracy drops by more than ``iu.max_val_drop``.
 
@@ -864,7 +516,7 @@ class IU(AddOn):
         out = {"ascent_norm": math.sqrt(norm2)}
         if norm2 <= 0 or loss0 <= 0:
             step_to(0.0)
-            return {**out, "ascent_step": 0.0, "unlearn_loss_after": loss0, "val_acc_after": _accuracy(
+            return {**out, "ascent_step": 0.0, "unlearn_loss_after": loss0, "val_acc_after": accuracy(
                 val_seen.logits, val.labels), **self._idv_after(val_seen, val, channels)}
         eta, low, high, high_rise = (target - 1.0) * loss0 / norm2, 0.0, None, None
         for _ in range(hp["search_steps"]):
@@ -880,31 +532,31 @@ class IU(AddOn):
         out["target_reached"] = float(high is not None)
         eta = high if high is not None else low
         val_entries = val_seen.entries
-        before = _accuracy(val_seen.logits, val.labels)
+        before = accuracy(val_seen.logits, val.labels)
         capped = 0
         while True:
             step_to(eta)
             val_after = self._forward(val, batch_size, val_entries)
-            accuracy = _accuracy(val_after.logits, val.labels)
-            if before - accuracy <= hp["max_val_drop"] or capped >= hp["search_steps"]:
+            after = accuracy(val_after.logits, val.labels)
+            if before - after <= hp["max_val_drop"] or capped >= hp["search_steps"]:
                 break
             eta, capped = eta / 2, capped + 1
-        out.update({"ascent_step": eta, "val_acc_after": accuracy, "val_capped": float(capped > 0),
+        out.update({"ascent_step": eta, "val_acc_after": after, "val_capped": float(capped > 0),
                     "unlearn_loss_after": (high_rise * loss0 if capped == 0 and high_rise is not None
                                            else self._pool_loss(entries, chosen_entries, batch_size)),
                     **self._idv_after(val_after, val, channels)})
         return out
 
-    def _after(self, train: _Pool, chosen: torch.Tensor, channels: torch.Tensor | None, seen: _Pass, val: _Pool,
-               val_seen: _Pass, batch_size: int) -> dict[str, float]:
+    def _after(self, train: Pool, chosen: torch.Tensor, channels: torch.Tensor | None, seen: Pass, val: Pool,
+               val_seen: Pass, batch_size: int) -> dict[str, float]:
         """Source-val accuracy, D_u loss and IDV after a fixed/literal ascent (diagnostics only)."""
         val_after = self._forward(val, batch_size, val_seen.entries)
         entries = train.subset(chosen)
-        return {"val_acc_after": _accuracy(val_after.logits, val.labels),
+        return {"val_acc_after": accuracy(val_after.logits, val.labels),
                 "unlearn_loss_after": self._pool_loss(entries, self._entries_of(seen, chosen), batch_size),
                 **self._idv_after(val_after, val, channels)}
 
-    def _entries_of(self, seen: _Pass, chosen: torch.Tensor) -> torch.Tensor | None:
+    def _entries_of(self, seen: Pass, chosen: torch.Tensor) -> torch.Tensor | None:
         """This process's tail inputs for the pool ``chosen`` (its rows ``chosen[rank::world]``), if kept.
 
         ``seen.entries`` holds rows ``p`` with ``p % world == rank`` of the scored pool; the chosen rows of this
@@ -915,14 +567,14 @@ class IU(AddOn):
             return None
         return seen.entries[chosen.to(seen.entries.device)]
 
-    def _pool_loss(self, pool: _Pool, entries: torch.Tensor | None, batch_size: int) -> float:
+    def _pool_loss(self, pool: Pool, entries: torch.Tensor | None, batch_size: int) -> float:
         logits = self._forward(pool, batch_size, entries).logits
         return F.cross_entropy(logits, pool.labels.to(logits.device)).item()
 
-    def _idv_after(self, after: _Pass, val: _Pool, channels: torch.Tensor | None) -> dict[str, float]:
+    def _idv_after(self, after: Pass, val: Pool, channels: torch.Tensor | None) -> dict[str, float]:
         if channels is None or not channels.any():
             return {}
-        return {"idv_after": _mean_idv(after.activations, val.domain, channels)}
+        return {"idv_after": mean_idv(after.activations, val.domain, channels)}
 
     # -- state and diagnostics
 
@@ -1010,21 +662,3 @@ def _inaction(metrics: dict[str, float], name: str) -> str:
         return f"no domain-specific channel was selected (lower {name}.k)"
     return (f"the D_u loss rose only x{metrics.get('unlearn_loss_rise', 1.0):.4f} (raise {name}.target_rise or "
             f"{name}.max_val_drop, or use {name}.ascent=calibrated)")
-
-
-def _mean_idv(activations: torch.Tensor, domain: torch.Tensor, channels: torch.Tensor) -> float:
-    """Mean IDV over the selected channels, each domain of ``domain`` counted once."""
-    domain = domain.to(activations.device)
-    per_domain = [activations[domain == d] for d in domain.unique().tolist()]
-    return inter_domain_variance(per_domain)[channels.to(activations.device)].mean().item()
-
-
-def _load(dataset: Any, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples ``index`` of ``dataset`` (eval transform) into one batch on ``device``."""
-    samples = [dataset[int(i)] for i in index]
-    return (torch.stack([x for x, _ in samples]).to(device),
-            torch.tensor([y for _, y in samples], dtype=torch.long, device=device))
-
-
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1).cpu() == labels).float().mean().item()

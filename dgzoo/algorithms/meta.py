@@ -38,9 +38,9 @@ _FISH = """@inproceedings{shi2022gradient,
   title={Gradient Matching for Domain Generalization},
   author={Shi, Yuge and Seely, Jeffrey and Torr, Philip H. S. and Siddharth, N. and Hannun, Awni and Usunier,
           Nicolas and Synnaeve, Gabriel}, booktitle={ICLR}, year={2022}}"""
-_TRM = """@article{chen2021learning,
+_TRM = """@article{xu2021learning,
   title={Learning Representations that Support Robust Transfer of Predictors},
-  author={Chen, Yilun and Rosenfeld, Elan and Sellke, Mark and Ma, Tengyu and Risteski, Andrej},
+  author={Xu, Yilun and Jaakkola, Tommi},
   journal={arXiv preprint arXiv:2110.09940}, year={2021}}"""
 
 
@@ -233,7 +233,7 @@ class TRM(UpdateHost):
 
     name = "trm"
     title = "Transfer Risk Minimization"
-    paper = "Chen et al., arXiv 2021"
+    paper = "Xu & Jaakkola, arXiv 2021"
     citation = _TRM
     HPARAMS = {
         "cos_lambda": HParam(1e-4, "weight of the gradient-alignment term of the transfer risk", minimum=0.0,

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import DGZooError
 from ..hparams import Choice, HParam
 from ..models.mixing import MIX_MODES, StyleMixing, efdmix, mixing_stages, mixstyle
-from .base import AddOn, Algorithm, Minibatches, Recipe
+from .base import AddOn, Algorithm, Recipe, StepContext
 from .registry import register_addon
 from .runtime import Runtime
 
@@ -66,6 +66,10 @@ def parse_layers(text: str, key: str) -> list[int]:
 class FeatureMixing(AddOn):
     """Base of the two add-ons: one :class:`~dgzoo.models.mixing.StyleMixing` hook per chosen stage."""
 
+    COMPILABLE = False
+    COMPILE_REFUSAL = ("its style-mixing forward hooks decide in Python, call by call, whether to mix, which a "
+                       "compiled network would fix at its first call")
+
     @classmethod
     def op(cls, hparams: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -87,8 +91,8 @@ class FeatureMixing(AddOn):
         self.handles = [modules[name].register_forward_hook(hook) for name, hook in zip(names, self.hooks)]
         self.stages = names
 
-    def before_update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        sizes = [len(y) for _, y in minibatches]
+    def before_update(self, context: StepContext) -> dict[str, float]:
+        sizes = [len(y) for _, y in context.minibatches]
         for hook in self.hooks:
             hook.domain_sizes = sizes
         return {}

@@ -1,4 +1,4 @@
-"""The registries of hosts and add-ons, the ``host+addon+...`` grammar, validation in one place, and composition.
+"""The registries of hosts and add-ons, the ``host+addon+...`` grammar, validation in one place, and the factory.
 
 Hosts register with :func:`register_algorithm`, add-ons with :func:`register_addon`; a name is taken once. Packages
 outside dgzoo register theirs through the ``dgzoo.algorithms`` entry-point group (each entry names a module or
@@ -20,7 +20,8 @@ from torch import nn
 
 from ..errors import DGZooError, suggest
 from ..hparams import HParam
-from .base import AddOn, Algorithm, Component, EpochContext, EvalContext, Metrics, Minibatches, Recipe, Schedule
+from .base import AddOn, Algorithm, Component, Recipe, Schedule
+from .composition import Composition, LossStep, plain_loss_step
 from .runtime import Runtime
 
 logger = logging.getLogger("dgzoo")
@@ -112,7 +113,10 @@ def resolve_hparams(spec: str, given: dict[str, Any], small_images: bool = False
                              f"valid: {', '.join(known) or 'none'}")
         declared = components[namespace]
         if key not in declared:
-            raise DGZooError(f"unknown hparam '{raw_key}' for {namespace}{suggest(key, declared)}; "
+            # A bare key of an add-on (`rho` for erm+gga) is that add-on's: name it with its namespace.
+            owners = [f"{n}.{key}" for n, d in components.items() if n != namespace and key in d]
+            hint = f" (did you mean: {', '.join(owners)}?)" if owners else suggest(key, declared)
+            raise DGZooError(f"unknown hparam '{raw_key}' for {namespace}{hint}; "
                              f"valid: {', '.join(sorted(declared)) or 'none'}")
         resolved[namespace][key] = declared[key].coerce(value, str(raw_key))
     for component in (host, *addons):
@@ -138,105 +142,6 @@ def schedule_warnings(spec: str, resolved: dict[str, dict[str, Any]], schedule: 
     host, addons = parse_algorithm(spec)
     return [w for component in (host, *addons) for w in component.schedule_warnings(resolved[component.name],
                                                                                        schedule)]
-
-
-def flat_hparams(resolved: dict[str, dict[str, Any]], host: str) -> dict[str, Any]:
-    """Flatten resolved hyperparameters for results.json: host keys bare, add-on keys namespaced."""
-    flat: dict[str, Any] = {}
-    for name, values in resolved.items():
-        for key, value in values.items():
-            flat[key if name == host else f"{name}.{key}"] = value
-    return flat
-
-
-LossStep = Callable[[Algorithm, Minibatches, int], Metrics]
-
-
-def plain_loss_step(host: Algorithm, minibatches: Minibatches, step: int) -> Metrics:
-    """One optimizer step of a loss host: zero, backward, step (the engine's version adds accumulation and
-    clipping)."""
-    loss, metrics = host.call("loss", minibatches, step)
-    host.optimizer.zero_grad(set_to_none=True)
-    host.runtime.backward(loss)
-    host.optimizer.step()
-    return {"loss": float(loss.detach()), **scalars(metrics)}
-
-
-def scalars(metrics: dict[str, Any]) -> Metrics:
-    """Metrics as Python floats (tensors are detached and read)."""
-    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}
-
-
-class Composition:
-    """A host with its add-ons, driven by the engine one step (and one epoch) at a time."""
-
-    def __init__(self, host: Algorithm, addons: list[AddOn], hparams: dict[str, dict[str, Any]],
-                 loss_step: LossStep = plain_loss_step):
-        self.host, self.addons, self.resolved_hparams, self.loss_step = host, addons, hparams, loss_step
-
-    @property
-    def name(self) -> str:
-        return "+".join([self.host.name, *[a.name for a in self.addons]])
-
-    @property
-    def hparams(self) -> dict[str, Any]:
-        return flat_hparams(self.resolved_hparams, self.host.name)
-
-    def update(self, minibatches: Minibatches, step: int) -> Metrics:
-        """One training step: add-ons before, the host's step, add-ons after."""
-        metrics: Metrics = {}
-        for addon in self.addons:
-            metrics.update(_prefixed(addon.name, addon.before_update(minibatches, step)))
-        if self.host.KIND == "loss":
-            metrics.update(self.loss_step(self.host, minibatches, step))
-        else:
-            metrics.update(scalars(self.host.update(minibatches, step)))
-        for addon in self.addons:
-            metrics.update(_prefixed(addon.name, addon.after_update(minibatches, step)))
-        return metrics
-
-    def on_epoch_end(self, context: EpochContext) -> Metrics:
-        metrics: Metrics = {}
-        for addon in self.addons:
-            metrics.update(_prefixed(addon.name, addon.on_epoch_end(context)))
-        return metrics
-
-    def on_evaluate(self, context: EvalContext) -> Metrics:
-        """Every add-on's evaluation event (before :meth:`evaluated_network`); their metrics, prefixed."""
-        metrics: Metrics = {}
-        for addon in self.addons:
-            metrics.update(_prefixed(addon.name, addon.on_evaluate(context)))
-        return metrics
-
-    def evaluated_network(self) -> nn.Module:
-        """What is evaluated, selected and exported: the last add-on's averaged network, else the host's."""
-        for addon in reversed(self.addons):
-            network = addon.evaluated_network()
-            if network is not None:
-                return network
-        return self.host.network
-
-    def state_dict(self) -> dict[str, Any]:
-        """The components' extra state (parameters and optimizers are checkpointed by Accelerate)."""
-        return {"host": self.host.extra_state(), **{a.name: a.extra_state() for a in self.addons}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.host.load_extra_state(state.get("host", {}))
-        for addon in self.addons:
-            addon.load_extra_state(state.get(addon.name, {}))
-
-    def summary(self) -> dict[str, Any]:
-        out = {self.host.name: self.host.summary(), **{a.name: a.summary() for a in self.addons}}
-        return {k: v for k, v in out.items() if v}
-
-    def citations(self) -> list[tuple[str, str]]:
-        """(title, BibTeX) of every component that has a paper."""
-        parts: list[Any] = [self.host, *self.addons]
-        return [(p.title or p.name, p.citation) for p in parts if p.citation]
-
-
-def _prefixed(name: str, metrics: Metrics) -> Metrics:
-    return {f"{name}/{k}": float(v) for k, v in metrics.items()}
 
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]

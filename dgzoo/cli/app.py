@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from ..errors import DGZooError
+from ..errors import DGZooError, write_error
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -86,6 +86,12 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     except DGZooError as e:
         print(f"dgzoo: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # no space, read-only, permission, a too-long name: wherever a file is written
+        failed = write_error(e)
+        if failed is None:
+            raise
+        print(f"dgzoo: error: {failed}", file=sys.stderr)
+        return failed.exit_code
     except KeyboardInterrupt:  # a command without its own resume advice: nothing it wrote is left half-done
         print("dgzoo: interrupted", file=sys.stderr)
         return 130

@@ -138,9 +138,24 @@ def hub_checks() -> list[Check]:
     import huggingface_hub
     from huggingface_hub import constants
 
+    from ..run.hub import hub_error_reason
+
     endpoint = constants.ENDPOINT
-    checks = [Check("ok", "hub", f"endpoint {endpoint}" + (" (set by HF_ENDPOINT)" if os.environ.get("HF_ENDPOINT")
-                                                            else ""))]
+    where = f"endpoint {endpoint}" + (" (set by HF_ENDPOINT)" if os.environ.get("HF_ENDPOINT") else "")
+    # "ok" only for an endpoint that answered: one anonymous listing request (no retries: a doctor answers fast),
+    # whether or not a token is set.
+    if constants.HF_HUB_OFFLINE:
+        checks = [Check("info", "hub", f"{where}: not contacted, HF_HUB_OFFLINE is set",
+                        "unset HF_HUB_OFFLINE to check that the Hub can be reached")]
+    else:
+        try:
+            response = huggingface_hub.get_session().get(f"{endpoint}/api/models", params={"limit": 1}, timeout=10)
+            huggingface_hub.utils.hf_raise_for_status(response)
+            checks = [Check("ok", "hub", where)]
+        except Exception as e:  # noqa: BLE001 - every failure is one line
+            checks = [Check("fail", "hub", f"{where}: cannot reach it ({hub_error_reason(e)})",
+                            "check the connection, proxy or HF_ENDPOINT; set HF_HUB_OFFLINE=1 to work from the "
+                            "cache")]
     token = huggingface_hub.get_token()
     if not token:
         checks.append(Check("warn", "token", "no Hugging Face token found: public downloads work, pushing does not",
@@ -152,8 +167,6 @@ def hub_checks() -> list[Check]:
                                               "only cached datasets and models load",
                             "unset HF_HUB_OFFLINE to check the token and to download or push"))
         return checks
-    from ..run.hub import hub_error_reason
-
     try:
         me = huggingface_hub.HfApi(token=token).whoami()
     except Exception as e:  # noqa: BLE001 - every failure is one line, token scrubbed

@@ -129,7 +129,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.shards is not None and args.shards <= 0:
         raise DGZooError(f"--shards must be positive, got {args.shards}")
     token = check_push_target(args.push_to_hub, args.token, args.private, args.revision,
-                              "dataset") if args.push_to_hub else None
+                              "dataset", revision_flag="--revision") if args.push_to_hub else None
     with image_folder_root(args.source) as root:
         table = convert_image_folders(root)
         counts = domain_counts(table)

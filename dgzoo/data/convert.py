@@ -12,6 +12,7 @@ dataset repo with a dataset card, or both; ``dgzoo train --dataset REPO_ID|FOLDE
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tarfile
@@ -21,10 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import DGZooError
+from ..errors import DGZooError, writing
 from .folders import IMAGE_EXTENSIONS, image_folder_table, is_image_folder
 from .registry import REGISTRY, DatasetSpec, hub_license
 from .verify import image_source, undecodable_rows
+
+logger = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 DEFAULT_SHARD_BYTES = 500 * 2**20  # the size datasets.push_to_hub aims for
@@ -103,7 +106,27 @@ def convert_image_folders(root: str | Path) -> Any:
         files = ", ".join(f"{image_source(table, 'image', row)} ({why})" for row, why in bad[:3])
         raise DGZooError(f"{len(bad)}{'+' if len(bad) >= 5 else ''} image(s) under {root} do not decode: {files}; "
                          f"replace or remove them and convert again")
+    _warn_wide_images(table, root)
     return table
+
+
+def _warn_wide_images(table: Any, root: str | Path) -> None:
+    """Say when images hold more than 8 bits per pixel (16-bit PNGs...): they are kept as they are, and dgzoo
+    scales them to 8 bits when it reads them (:func:`dgzoo.data.transforms.to_rgb`); other tools may clip them."""
+    import datasets
+    from PIL import Image
+
+    from .transforms import WIDE_MODES
+
+    wide: dict[str, list[str]] = {}
+    for raw in table.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))["image"]:
+        with Image.open(raw["path"]) as image:  # the header only
+            if image.mode in WIDE_MODES:
+                wide.setdefault(image.mode, []).append(raw["path"])
+    for mode, paths in wide.items():
+        logger.warning("warning: %d image(s) under %s are %s (more than 8 bits per pixel, e.g. %s); they are kept "
+                       "as they are and dgzoo scales them to 8 bits when it reads them (PIL's convert('RGB') would "
+                       "clip them to near-white)", len(paths), root, mode, paths[0])
 
 
 def domain_counts(table: Any) -> dict[str, int]:
@@ -144,16 +167,17 @@ def write_parquet(table: Any, output_dir: str | Path, shards: int | None = None,
         bar.update(batch.num_rows)
         return embed_table_storage(batch)
 
-    for i in range(shards):
-        shard = table.shard(num_shards=shards, index=i, contiguous=True)
-        shard = shard.with_format("arrow").map(embed, batched=True, keep_in_memory=True)
-        tmp = data_dir / f".train-{i:05d}-of-{shards:05d}.parquet.tmp"
-        shard.with_format(None).to_parquet(str(tmp))
-        written.append(tmp)
-    bar.close()
-    final = [tmp.with_name(tmp.name[1:-len(".tmp")]) for tmp in written]
-    for tmp, path in zip(written, final):
-        os.replace(tmp, path)
+    with writing(data_dir, cleanup=written):  # a full disk: one line, and no temporary shard is left behind
+        for i in range(shards):
+            shard = table.shard(num_shards=shards, index=i, contiguous=True)
+            shard = shard.with_format("arrow").map(embed, batched=True, keep_in_memory=True)
+            tmp = data_dir / f".train-{i:05d}-of-{shards:05d}.parquet.tmp"
+            written.append(tmp)
+            shard.with_format(None).to_parquet(str(tmp))
+        bar.close()
+        final = [tmp.with_name(tmp.name[1:-len(".tmp")]) for tmp in written]
+        for tmp, path in zip(written, final):
+            os.replace(tmp, path)
     return final
 
 

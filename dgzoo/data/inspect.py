@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from .loading import DGDataset
+from .transforms import to_rgb
+from .verify import ImageDecodeError
 from .registry import DatasetSpec
 
 # Contact-sheet geometry, in pixels: every tile is TILE x TILE, captioned below, rows labelled on the left.
@@ -55,10 +57,17 @@ def image_headers(data: DGDataset, rows: np.ndarray) -> list[tuple[int, int, str
     # The arrow view of the rows holds the encoded image ({bytes, path}) as stored: nothing is decoded.
     raw = data.table.select_columns([column]).with_format("arrow")[[int(r) for r in rows]][column].to_pylist()
     out = []
-    for item in raw:
-        source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
-        with Image.open(source) as image:
-            out.append((image.width, image.height, image.mode))
+    for row, item in zip(rows, raw):
+        try:
+            source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+            with Image.open(source) as image:
+                out.append((image.width, image.height, image.mode))
+        except Exception as e:  # PIL's many error types (and a missing file): one line naming the image
+            domain = data.domains[data.domain_of_row[int(row)]]
+            where = f"file {item.get('path')}" if item.get("path") else "embedded bytes"
+            raise ImageDecodeError(f"image of domain '{domain}', row {int(row)} ({where}) cannot be read "
+                                   f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); replace or remove it "
+                                   f"and run again") from None
     return out
 
 
@@ -233,8 +242,10 @@ def contact_sheet(data: DGDataset, path: str | Path, per_domain: int = 8, seed: 
             draw.text((PAD, top + 4 + 14 * i), _fit_text(draw, line, font, LABEL_WIDTH - 2 * PAD), fill="black",
                       font=font)
         for j, row in enumerate(picked):
-            image = data.table[row][data.image_column]
-            image = image.convert("RGB")
+            try:
+                image = to_rgb(data.table[row][data.image_column])
+            except Exception:  # an unreadable sample: a blank tile (decoding is checked, and named, elsewhere)
+                image = Image.new("RGB", (TILE, TILE), "#dddddd")
             scale = TILE / max(image.width, image.height)
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.NEAREST if scale >= 1 else Image.BICUBIC)
@@ -261,18 +272,47 @@ def contact_sheet(data: DGDataset, path: str | Path, per_domain: int = 8, seed: 
 # ---------------------------------------------------------------------- native size
 
 
+OUTLIER_FACTOR = 4  # a sampled image whose largest side is this many times the typical one does not set the size
+
+
 def native_size(data: DGDataset, per_domain: int = 8) -> tuple[int, str] | None:
-    """The images' own resolution: the largest side over up to ``per_domain`` images of every domain, with a
-    description (``"32x32, 8 sampled per domain"``); None when the images cannot be read."""
-    headers = []
-    try:
-        for rows in data.rows_by_domain.values():
-            headers += image_headers(data, spread(rows, per_domain))
-    except (OSError, ValueError, KeyError, TypeError):  # unreadable files: the caller falls back to the backbone
-        return None
+    """The images' own resolution: the typical (median) largest side over up to ``per_domain`` images of every
+    domain, with a description (``"32x32, 8 sampled per domain"``); None when the images cannot be read.
+
+    The median, not the maximum: one odd image (a 10000x10 strip) must not rescale a whole run; see
+    :func:`size_outliers`.
+    """
+    headers = _sampled_headers(data, per_domain)
     if not headers:
         return None
     sizes = Counter(f"{w}x{h}" for w, h, _ in headers)
-    side = max(max(w, h) for w, h, _ in headers)
-    shown = ", ".join(sizes) if len(sizes) <= 3 else f"{len(sizes)} sizes up to {side} px"
+    side = _typical_side(headers)
+    largest = max(max(w, h) for w, h, _ in headers)
+    shown = ", ".join(sizes) if len(sizes) <= 3 else f"{len(sizes)} sizes up to {largest} px"
     return side, f"{shown}, {per_domain} sampled per domain"
+
+
+def size_outliers(data: DGDataset, per_domain: int = 8) -> list[tuple[int, int]]:
+    """Sizes ``(width, height)`` of sampled images whose largest side is :data:`OUTLIER_FACTOR` times the typical
+    one or more (or that much smaller): they are resized like every other image, but say something is off."""
+    headers = _sampled_headers(data, per_domain)
+    if not headers:
+        return []
+    side = _typical_side(headers)
+    return [(w, h) for w, h, _ in headers
+            if max(w, h) >= OUTLIER_FACTOR * side or OUTLIER_FACTOR * max(w, h) <= side]
+
+
+def _typical_side(headers: list[tuple[int, int, Any]]) -> int:
+    sides = sorted(max(w, h) for w, h, _ in headers)
+    return int(sides[(len(sides) - 1) // 2])  # the lower median: an actual image's side
+
+
+def _sampled_headers(data: DGDataset, per_domain: int) -> list[tuple[int, int, Any]]:
+    headers: list[tuple[int, int, Any]] = []
+    try:
+        for rows in data.rows_by_domain.values():
+            headers += image_headers(data, spread(rows, per_domain))
+    except (OSError, ValueError, KeyError, TypeError, ImageDecodeError):  # the caller falls back to the backbone
+        return []
+    return headers

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import DGZooError
 from .folders import IMAGE_EXTENSIONS, image_folder_table  # noqa: F401  (re-exported)
+from .fingerprint import local_fingerprint, local_name
 from .folders import is_image_folder as _is_image_folder
 from .registry import DatasetSpec, get_spec, unknown_dataset_error
 from .revisions import apply_layout, commit_of, resolve_pinned
@@ -39,8 +40,9 @@ class DGDataset:
     class_names: list[str]
     repo_id: str | None = None
     revision: str | None = None
-    path: str | None = None
+    path: str | None = None  # a local source's absolute path: on this machine only, never published
     spec: DatasetSpec | None = None
+    fingerprint: str | None = None  # a local source's content fingerprint (dgzoo.data.fingerprint)
     rows_by_domain: dict[str, np.ndarray] = field(init=False)
     _stored_images: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -82,6 +84,7 @@ class DGDataset:
         """What results.json and the model card record about the data."""
         return {"name": self.spec.name if self.spec else self.name, "title": self.spec.title if self.spec else self.name,
                 "source": self.source, "repo_id": self.repo_id, "revision": self.revision, "path": self.path,
+                "fingerprint": self.fingerprint,
                 "domains": self.domains, "class_names": self.class_names,
                 "domain_sizes": {d: int(len(r)) for d, r in self.rows_by_domain.items()}}
 
@@ -103,7 +106,9 @@ def load_dg_dataset(name: str, revision: str | None = None, image_column: str | 
         return _normalize(table, spec.title, "builtin", columns, spec=spec)  # its cache path says nothing
     if local.exists():
         table, source = _read_local(local)
-        return _normalize(table, str(local), source, columns, spec=spec, path=str(local.resolve()))
+        # Named by base name and content, not by where it lies on this machine (nothing else can use that).
+        return _normalize(table, local_name(local), source, columns, spec=spec, path=str(local.resolve()),
+                          fingerprint=local_fingerprint(local))
     if spec is not None and spec.kind == "imagefolder":
         raise DGZooError(f"{spec.title} has no parquet copy on the Hub; download it ({spec.homepage}), extract it and "
                          f"pass the folder root/<domain>/<class>/* with --dataset PATH")
@@ -134,7 +139,14 @@ def _looks_like_repo_id(name: str) -> bool:
 def _read_parquet(files: list[Path]) -> Any:
     import datasets
 
-    return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    try:
+        return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    except ValueError as e:
+        if "no data" not in str(e):
+            raise
+        names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise DGZooError(f"{names} hold(s) no rows; point --dataset at parquet files with images, labels and "
+                         f"domains") from None
 
 
 def _read_local(path: Path) -> tuple[Any, str]:
@@ -180,6 +192,13 @@ def _read_hub(repo_id: str, revision: str | None, spec: DatasetSpec | None) -> t
     try:
         loaded = datasets.load_dataset(repo_id, revision=sha)
     except (FileNotFoundError, ConnectionError, OSError) as e:
+        import huggingface_hub
+
+        if huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+            raise DGZooError(f"Hub dataset {repo_id}@{sha or revision or 'main'} is not in the local cache "
+                             f"({datasets.config.HF_DATASETS_CACHE}) and HF_HUB_OFFLINE is set, so it cannot be "
+                             f"downloaded; unset HF_HUB_OFFLINE (once, with a connection) to cache it, or pass a "
+                             f"local copy with --dataset PATH") from None
         raise DGZooError(f"could not load Hub dataset {repo_id}@{sha or revision or 'main'} "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the repo holds "
                          f"parquet data, or download it and pass a local path") from None
@@ -204,6 +223,8 @@ def _normalize(table: Any, name: str, source: str, columns: dict[str, str], **kw
             hint = {"domain": "; for image folders use root/<domain>/<class>/*"}.get(role, "")
             raise DGZooError(f"dataset {name} has no {role} column '{columns[role]}' (columns: {', '.join(present)}); "
                              f"pass --{role}-column NAME{hint}")
+    if _is_binary(table.features[columns["image"]]):  # encoded image bytes, stored without the Image type
+        table = table.cast_column(columns["image"], datasets.Image())
     if not isinstance(table.features[columns["image"]], datasets.Image):
         raise DGZooError(f"column '{columns['image']}' of {name} is not an image column "
                          f"({table.features[columns['image']]}); pass --image-column NAME")
@@ -212,6 +233,10 @@ def _normalize(table: Any, name: str, source: str, columns: dict[str, str], **kw
     class_names, labels = _label_codes(table, columns["label"], spec)
     return DGDataset(name=name, source=source, table=table, image_column=columns["image"], labels=labels,
                      domain_of_row=domain_of_row, domains=domains, class_names=class_names, **kw)
+
+
+def _is_binary(feature: Any) -> bool:
+    return getattr(feature, "dtype", None) in ("binary", "large_binary")
 
 
 def _column(table: Any, name: str) -> Any:

@@ -14,6 +14,7 @@ it at the pinned commit and converts it once to parquet in dgzoo's cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from dataclasses import dataclass, field
@@ -112,9 +113,27 @@ REGISTRY: dict[str, DatasetSpec] = {}
 _EASYHARD = "673d299"
 
 
-def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    """Add a dataset to the registry (used at import time, and by users with private datasets)."""
-    REGISTRY[spec.name] = spec
+def registry_key(name: str) -> str:
+    """A registry name as lookups compare it: lower case, ``_`` read as ``-`` (``Office_Home`` is ``office-home``)."""
+    return str(name).lower().replace("_", "-")
+
+
+def register_dataset(spec: DatasetSpec, replace: bool = False) -> DatasetSpec:
+    """Add a dataset to the registry (used at import time, and by users with private datasets); return the entry.
+
+    The name is stored as :func:`get_spec` looks it up (:func:`registry_key`), so the entry is found by the name
+    it was given. A name already registered (``pacs``) is refused unless ``replace=True``: silently replacing a
+    built-in entry would change what every later ``--dataset pacs`` loads.
+    """
+    key = registry_key(spec.name)
+    if not key or key.strip() != key:
+        raise DGZooError(f"dataset name '{spec.name}' is empty or has surrounding spaces; give a name such as my-set")
+    if key in REGISTRY and not replace:
+        raise DGZooError(f"dataset '{key}' is already registered ({REGISTRY[key].title}); register yours under "
+                         f"another name, or pass replace=True to replace the entry")
+    if spec.name != key:
+        spec = dataclasses.replace(spec, name=key)
+    REGISTRY[key] = spec
     return spec
 
 
@@ -218,7 +237,7 @@ register_dataset(DatasetSpec(
 def get_spec(name: str) -> DatasetSpec | None:
     """Return the registry entry for a name (case-insensitive) or a known repo id, else None. A repo holding
     several registry datasets as archives (DomainBed_EasyHard) names none of them."""
-    key = name.lower().replace("_", "-")
+    key = registry_key(name)
     if key in REGISTRY:
         return REGISTRY[key]
     matches = [spec for spec in REGISTRY.values() if spec.repo_id and spec.repo_id.lower() == name.lower()]

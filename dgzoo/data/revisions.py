@@ -11,6 +11,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import DGZooError
+from ..hubhttp import install_hub_timeouts
 from .registry import DatasetSpec
 
 SHA_LENGTH = 40
@@ -105,6 +106,7 @@ def commit_of(repo_id: str, revision: str | None, repo_type: str = "dataset", to
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
 
+    install_hub_timeouts()  # this call, and the downloads after it, end on a Hub that never answers
     try:
         return huggingface_hub.HfApi(token=token).repo_info(repo_id, repo_type=repo_type, revision=revision).sha
     except hf_errors.RevisionNotFoundError:

@@ -42,6 +42,11 @@ class Protocol:
 
 def resolve_protocol(data: DGDataset, target_domains: list[str] | None, source_domains: list[str] | None) -> Protocol:
     """Turn ``--target-domains`` / ``--source-domains`` into a protocol, with one-line errors for bad names."""
+    if len(data.domains) < 2:  # no protocol exists: say so, rather than advise flags that are refused in turn
+        raise DGZooError(f"{data.name} has a single domain ('{data.domains[0] if data.domains else 'none'}'): domain "
+                         f"generalization trains on some domains and tests on another, so it needs two or more; "
+                         f"lay the images out as root/<domain>/<class>/* with several domains, or pass the column "
+                         f"that holds the domain with --domain-column")
     targets = [resolve_domain(data, d, "--target-domains") for d in target_domains or []]
     sources = [resolve_domain(data, d, "--source-domains") for d in source_domains or []]
     if not targets and not sources:

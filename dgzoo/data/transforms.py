@@ -13,11 +13,46 @@ import timm.data
 from torchvision import transforms as T
 
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per pixel: PIL's RGB clips them
+
+
+def to_rgb(image: Any) -> Any:
+    """``image`` as 8-bit RGB, converting 16-bit, 32-bit and float grayscale by scaling rather than clipping.
+
+    PIL's own ``convert("RGB")`` clips every value above 255, so a 16-bit PNG becomes near-white. 16-bit modes are
+    scaled by 255/65535; ``I`` and ``F`` images by their range: as 8-bit when their values fit in 0..255, as 16-bit
+    up to 65535, as 0..1 for floats at most 1, otherwise by their maximum.
+    """
+    mode = getattr(image, "mode", "RGB")
+    if mode == "RGB":
+        return image
+    if mode not in WIDE_MODES:
+        return image.convert("RGB")
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    high = float(values.max()) if values.size else 0.0
+    if mode.startswith("I;16"):
+        scale = 255 / 65535
+    elif mode == "F" and high <= 1.0:
+        scale = 255.0
+    elif high <= 255:
+        scale = 1.0
+    elif high <= 65535:
+        scale = 255 / 65535
+    else:
+        scale = 255 / high
+    gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
 class ToRGB:
-    """Convert any PIL image (grayscale, palette, RGBA) to RGB, since every timm backbone expects 3 channels."""
+    """Convert any PIL image (grayscale, palette, RGBA, 16-bit) to RGB, since every timm backbone expects 3
+    channels (:func:`to_rgb`)."""
 
     def __call__(self, image: Any) -> Any:
-        return image if getattr(image, "mode", "RGB") == "RGB" else image.convert("RGB")
+        return to_rgb(image)
 
     def __repr__(self) -> str:
         return "ToRGB()"

@@ -106,7 +106,30 @@ def undecodable_rows(table: Any, image_column: str, rows: Iterable[int], limit: 
 def _fingerprint(table: Any, image_column: str, rows: np.ndarray) -> str:
     digest = hashlib.sha256(f"{getattr(table, '_fingerprint', id(table))}:{image_column}".encode())
     digest.update(np.sort(rows).tobytes())
+    digest.update(_file_state(table, image_column, rows))
     return digest.hexdigest()[:32]
+
+
+def _file_state(table: Any, image_column: str, rows: np.ndarray) -> bytes:
+    """Size and modification time of every image the table references by path (image folders): the table's
+    fingerprint covers embedded bytes but not files, so an image replaced or corrupted in place must change the
+    key, or the cached "decodes" would let it through to the middle of a run."""
+    stored = _undecoded(table, image_column).select_columns([image_column]).with_format("arrow")[:]
+    column = stored.column(image_column).combine_chunks()
+    if column.field("bytes").null_count == 0:
+        return b""  # every image embedded: the fingerprint already covers it
+    paths = column.field("path").to_pylist()
+    embedded = column.field("bytes").is_valid().to_pylist()
+    state = []
+    for row in np.sort(rows).tolist():
+        if embedded[row] or paths[row] is None:
+            continue
+        try:
+            st = os.stat(paths[row])
+            state.append(f"{row}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            state.append(f"{row}:missing")
+    return "\n".join(state).encode()
 
 
 def check_images(data: Any, domains: Sequence[str], remember: bool = True) -> None:

@@ -23,8 +23,9 @@ DomainBed run directories (``results.jsonl`` + ``done``, :mod:`dgzoo.experiments
 their trial seed and hparam sample from their ``args``, so both appear in one table.
 
 A broken run directory (unreadable or incomplete ``results.json`` / ``records.jsonl``) is skipped with one note
-naming it; identical runs (same settings, seeds and data: a copied directory, an identical rerun) count once, with
-a warning, since a second copy is no new trial and would shrink the standard error.
+naming it; identical runs (same resolved recipe, seeds, data and code, :mod:`dgzoo.run.identity`: a copied
+directory, an identical rerun) count once, with a warning, since a second copy is no new trial and would shrink the
+standard error.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..errors import DGZooError, suggest
+from ..run.identity import identity_key
 from ..run.selection import select
 from .domainbed import DomainBedRun, is_finished, load_domainbed_run
 from ..run.rundir import atomic_write_text, missing_outputs, read_json, read_records
@@ -81,9 +83,6 @@ class Run:
     fingerprint: str = field(default="", compare=False)  # equal for identical runs (same settings, seeds, data)
 
 
-# Fields of results.json that make a dgzoo run what it is: two runs equal on all of them are the same run.
-IDENTITY_FIELDS = ("algorithm", "backbone", "pretrained", "steps", "seed", "split_seed", "source_domains",
-                   "target_domains", "protocol", "hparams")
 READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError)
 
 
@@ -137,9 +136,10 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         except READ_ERRORS as e:
             notes.append(f"skipped broken run {path}: results.jsonl: {_reason(e)}")
     runs = _drop_duplicates(sorted(runs, key=lambda r: str(r.path)), notes)
-    if not runs:
+    if not runs:  # say why each candidate was skipped (a half-written results.json names itself there)
+        skipped = f"; {'; '.join(notes)}" if notes else ""
         raise DGZooError(f"no finished run (a directory with results.json and records.jsonl, or DomainBed's "
-                         f"results.jsonl and done) under {', '.join(map(str, paths))}")
+                         f"results.jsonl and done) under {', '.join(map(str, paths))}{skipped}")
     if len({run.backbone for run in runs}) > 1:  # several backbones: each (algorithm, backbone) is a row
         runs = [replace(run, row=f"{run.row} ({run.backbone})") for run in runs]
     return runs, notes
@@ -192,7 +192,7 @@ def _drop_duplicates(runs: list[Run], notes: list[str]) -> list[Run]:
     for run in runs:
         first = kept.setdefault(run.fingerprint, run) if run.fingerprint else run
         if first is not run:
-            notes.append(f"warning: {run.path} is identical to {first.path} (same settings, seeds and data); "
+            notes.append(f"warning: {run.path} is identical to {first.path} (same recipe, seeds, data and code); "
                          f"counted once")
     return [r for r in runs if not r.fingerprint or kept[r.fingerprint] is r]
 
@@ -217,21 +217,18 @@ def _run(path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...
         hparams_seed = None
         sample = json.dumps({k: results.get(k) for k in ("backbone", "pretrained", "steps", "hparams")},
                             sort_keys=True, default=str)
-    identity = {k: results.get(k) for k in IDENTITY_FIELDS}
-    identity["dataset"] = {k: v for k, v in dataset.items() if k != "title"}
     row = results["algorithm"]
     soup = results.get("soup")
     if isinstance(soup, dict):  # a weight average (dgzoo soup): its own row, one run per trial (its split seed)
         method = f"top-{soup['k']}" if soup["method"] == "top-k" and soup.get("k") else soup["method"]
         row = f"{results['algorithm']} ({method} soup of {soup['candidates']})"
         trial, hparams_seed, sample = str(results.get("split_seed", results["seed"])), None, f"soup:{path}"
-        identity["soup"] = [soup["method"], soup.get("k"), sorted(i["name"] for i in soup["ingredients"])]
     return Run(path=path, dataset=dataset["name"], dataset_title=dataset.get("title") or dataset["name"],
                algorithm=results["algorithm"], backbone=results["backbone"], row=row,
                domains=tuple(results["accuracy"]), sources=tuple(results["source_domains"]),
                targets=tuple(results["target_domains"]), trial=trial, sample=sample, hparams_seed=hparams_seed,
                records=records, hparams=dict(results.get("hparams") or {}),
-               fingerprint=json.dumps(identity, sort_keys=True, default=str))
+               fingerprint=identity_key(results))  # the one rule of dgzoo.run.identity, shared with the zoo
 
 
 # ---------------------------------------------------------------------- model selection

@@ -1,18 +1,23 @@
 """Model cards and plots for a run, rendered from ``model_cards/model_card.md``.
 
 The card's front matter is built with huggingface_hub's :class:`~huggingface_hub.ModelCardData`, with one
-:class:`~huggingface_hub.EvalResult` per held-out domain. The Hub merges results sharing task, dataset, config,
-split and revision, so each held-out domain gets its own config, a slug (``held-out-real-world``); the result's
-``args`` say what it means (the held-out domain's exact name, the split seed and holdout fraction of dgzoo's
-per-domain split), and its ``split`` is the dataset's own split the images come from (``train``, or
-``train+test`` for DomainNet). A ``dgzoo`` block in the front matter carries what ``dgzoo zoo`` filters and
-groups by (dataset, held-out domains, algorithm, backbone, seeds, and the sweep a run belongs to).
+:class:`~huggingface_hub.EvalResult` per held-out domain. In the model-index a result's ``dataset.config`` is a
+configuration (subset) of the dataset, as ``datasets.load_dataset(type, config)`` takes it, so it is the one the
+run loaded (:data:`DATASET_CONFIG`, ``default``), never a made-up name. The model-index groups results that share
+task, dataset type, config, split and revision into one entry whose ``metrics`` list them; so the held-out domains
+of one run form one entry whose ``dataset.args`` say what was measured (the held-out domains, the source domains,
+the split seed and holdout fraction of dgzoo's per-domain split), and each domain stays its own metric: its own
+``name`` (``held-out accuracy: sketch``) and ``args`` (``held_out_domain``), never averaged with another. The
+result's ``split`` is the dataset's own split the images come from (``train``, or ``train+test`` for DomainNet).
+A ``dgzoo`` block in the front matter carries what ``dgzoo zoo`` filters and groups by (dataset, held-out domains,
+algorithm, backbone, seeds, the data's revision or fingerprint, the code version and the sweep a run belongs to).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,8 @@ from typing import Any
 from ..config import TrainConfig
 from ..data.registry import get_spec, hub_license
 from .rundir import SAMPLES_IMAGE
+
+DATASET_CONFIG = "default"  # the configuration `datasets` loads when none is named: the one every dgzoo run reads
 
 SELECTION_LABELS = {
     "training_domain_validation": "training-domain validation",
@@ -81,6 +88,14 @@ def held_out_args(results: dict[str, Any], domain: str) -> dict[str, Any]:
             "holdout_fraction": results.get("hparams", {}).get("holdout_fraction", 0.2)}
 
 
+def held_out_dataset_args(results: dict[str, Any]) -> dict[str, Any]:
+    """What the held-out results of a run measured: its held-out and source domains, and the part of each held-out
+    domain dgzoo's seeded split calls ``in`` (the model-index result's ``dataset.args``)."""
+    return {"held_out_domains": list(results["target_domains"]), "source_domains": list(results["source_domains"]),
+            "split": "in", "split_seed": results.get("split_seed", results.get("seed")),
+            "holdout_fraction": results.get("hparams", {}).get("holdout_fraction", 0.2)}
+
+
 def sweep_entry(run_dir: str | Path | None) -> dict[str, Any] | None:
     """The run's place in a sweep (``sweep.json`` of its parent folder): sweep id, run name, trial and hparams
     seeds; None for a run outside a sweep. The id hashes the sweep's spec, so it is the same on every machine."""
@@ -107,7 +122,9 @@ def zoo_metadata(results: dict[str, Any], sweep: dict[str, Any] | None = None) -
     """The card's ``dgzoo`` block: what ``dgzoo zoo`` lists, filters and groups runs by."""
     dataset = results["dataset"]
     meta = {"dataset": dataset["name"], "dataset_repo": dataset.get("repo_id"),
-            "dataset_revision": dataset.get("revision"), "held_out": list(results["target_domains"]),
+            "dataset_revision": dataset.get("revision"), "dataset_fingerprint": dataset.get("fingerprint"),
+            "code": results.get("code") or {"dgzoo_version": results.get("dgzoo_version")},
+            "held_out": list(results["target_domains"]),
             "source_domains": list(results["source_domains"]), "algorithm": results["algorithm"],
             "backbone": results["backbone"], "selection": results["selection"]["method"],
             "held_out_accuracy": round(100 * results["target_accuracy"], 4), "seed": results["seed"],
@@ -159,14 +176,15 @@ def card_data(results: dict[str, Any], repo_id: str | None = None, license: str 
     dataset = results["dataset"]
     dataset_type = dataset.get("repo_id") or f"dgzoo/{dataset['name']}"
     label = SELECTION_LABELS[results["selection"]["method"]]
+    targets = results["target_domains"]
     eval_results = [
         EvalResult(task_type="image-classification", task_name="Domain generalization", dataset_type=dataset_type,
-                   dataset_name=f"{dataset['title']} (held-out {domain})", dataset_config=f"held-out-{slug(domain)}",
+                   dataset_name=f"{dataset['title']} (held-out {', '.join(targets)})", dataset_config=DATASET_CONFIG,
                    dataset_split=dataset_split(results), dataset_revision=dataset.get("revision"),
-                   dataset_args=held_out_args(results, domain), metric_type="accuracy",
+                   dataset_args=held_out_dataset_args(results), metric_type="accuracy",
                    metric_value=round(100 * results["accuracy"][domain], 2),
-                   metric_name=f"held-out-domain accuracy ({label})")
-        for domain in results["target_domains"]]
+                   metric_name=f"held-out accuracy: {domain} ({label})", metric_args={"held_out_domain": domain})
+        for domain in targets]
     tags = ["image-classification", "timm", "domain-generalization", "dgzoo", results["host_algorithm"],
             *results["addons"]]
     return ModelCardData(
@@ -181,12 +199,22 @@ def _license_text(fields: dict[str, str]) -> str:
         else fields["license"]
 
 
-def _dataset_ref(results: dict[str, Any]) -> str:
-    """How ``--dataset`` names the run's data: registry name, Hub repo id or local path."""
+def _dataset_ref(results: dict[str, Any], local: bool = False) -> str:
+    """How ``--dataset`` names the run's data: registry name, Hub repo id, or for a local dataset its path on this
+    machine (``local``: a card that stays here) else its base name (a published card: no local path leaves)."""
     dataset = results["dataset"]
     if _dataset_spec(results) is not None:
         return dataset["name"]
-    return dataset.get("repo_id") or dataset.get("path") or dataset["name"]
+    if dataset.get("repo_id"):
+        return dataset["repo_id"]
+    return (dataset.get("path") if local else None) or dataset["name"]
+
+
+def _published_config(config: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """The recipe as a published card shows it: a local dataset by the name :func:`_dataset_ref` gives."""
+    if results["dataset"].get("source") in ("hub", "builtin"):
+        return config
+    return {**config, "dataset": _dataset_ref(results)}
 
 
 def reproduce_command(config: dict[str, Any]) -> str:
@@ -204,23 +232,23 @@ def reproduce_command(config: dict[str, Any]) -> str:
         elif isinstance(value, list):
             parts.append(flag + " " + " ".join(_quote(v) for v in value))
         elif isinstance(value, dict):
-            parts.append(flag + " " + " ".join(f"{k}={v}" for k, v in value.items()))
+            parts.append(flag + " " + " ".join(_quote(f"{k}={v}") for k, v in value.items()))
         else:
             parts.append(f"{flag} {_quote(value)}")
     return " \\\n    ".join(parts)
 
 
 def _quote(value: Any) -> str:
-    text = str(value)
-    return f'"{text}"' if any(c in text for c in " '\"$") else text
+    return shlex.quote(str(value))
 
 
 def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | None = None,
                 run_dir: str | Path | None = None, license: str | None = None,
-                sweep: dict[str, Any] | None = None) -> str:
-    """Render the model card for a run. ``repo_id`` (when published) makes the usage code point at the Hub;
-    ``license`` overrides the licence taken from the training data; ``sweep`` (:func:`sweep_entry`) records the
-    run's place in a sweep."""
+                sweep: dict[str, Any] | None = None, revision: str | None = None) -> str:
+    """Render the model card for a run. ``repo_id`` (when published) makes the usage code point at the Hub, at
+    ``revision`` (the branch pushed to) when it is not ``main``; ``license`` overrides the licence taken from the
+    training data; ``sweep`` (:func:`sweep_entry`) records the run's place in a sweep. A published card names a
+    local dataset by base name and fingerprint, never by its path."""
     from huggingface_hub import ModelCard
 
     targets, sources = results["target_domains"], results["source_domains"]
@@ -231,6 +259,9 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
     roles = {d: "held-out" if d in targets else "source" if d in sources else "unused" for d in results["accuracy"]}
     selections = results["selections"]
     load_id = repo_id or str(Path(run_dir).resolve() if run_dir else "path/to/run")
+    revision = revision if repo_id and revision and revision != "main" else None
+    if repo_id:
+        config = _published_config(config, results)
     sweep = sweep if sweep is not None else sweep_entry(run_dir)
     card = ModelCard.from_template(
         card_data(results, repo_id, license, sweep), template_path=str(template_path()),
@@ -244,7 +275,9 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
         domain_rows=[{"domain": d, "role": roles[d], "accuracy": a} for d, a in results["accuracy"].items()],
         selection_rows=[{"label": SELECTION_LABELS[m], "step": s["step"], "target_accuracy": s["target_accuracy"]}
                         for m, s in selections.items()],
-        load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{load_id}", load_id=load_id,
+        load_name=(f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")) if repo_id else f"local-dir:{load_id}",
+        load_id=load_id, load_revision=revision, code=results.get("code") or {},
+        dataset_fingerprint=results["dataset"].get("fingerprint"),
         class_names=results["class_names"], soup=soup_rows(results),
         command=results["soup"]["command"] if results.get("soup") else reproduce_command(config),
         recipe_rows=[(k, v) for k, v in results["hparams"].items()],
@@ -256,9 +289,11 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
         citations=citations, dgzoo_version=results["dgzoo_version"],
         license=card_license(results, license)["license"], license_override=bool(license),
         data_license=_license_text(hub_license(spec)), base_license=_base_model_license(results, run_dir),
-        eval_domains=" ".join(_quote(d) for d in targets), eval_dataset=_quote(_dataset_ref(results)),
+        eval_domains=" ".join(_quote(d) for d in targets),
+        eval_dataset=_quote(_dataset_ref(results, local=not repo_id)),
         eval_split_seed=results["split_seed"], eval_holdout=results["hparams"].get("holdout_fraction", 0.2),
-        stats=model_stats(run_dir), dataset_split=dataset_split(results), dataset_name=_dataset_ref(results),
+        stats=model_stats(run_dir), dataset_split=dataset_split(results),
+        dataset_name=_dataset_ref(results, local=not repo_id),
         license_fields=card_license(results, license),
         samples_image=bool(run_dir) and (Path(run_dir) / SAMPLES_IMAGE).is_file())
     return str(card)

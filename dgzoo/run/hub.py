@@ -29,10 +29,13 @@ from typing import Any, Callable, NamedTuple
 from torch import nn
 
 from ..errors import DGZooError
+from ..hubhttp import install_hub_timeouts
 from .cards import card_license, render_card, sweep_entry
 from .claim import claimed_by_another, describe_holder
 from .rundir import SAMPLES_IMAGE, nonfinite_tensors, read_json
 from .unlearning_card import render_unlearn_card
+
+install_hub_timeouts()  # every Hub call of this module (and of those importing it) ends: timeouts, bounded retry
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -88,10 +91,11 @@ def resolve_token(token: str | None = None) -> str | None:
     return token or get_token()
 
 
-def _check_branch(revision: str | None) -> None:
+def _check_branch(revision: str | None, flag: str = "--hub-revision") -> None:
+    """Refuse a revision that is not a branch name; ``flag`` is the option of the command that took it."""
     if revision is not None and (_SHA.fullmatch(revision) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", revision)):
         raise DGZooError(f"Hub revision '{revision}' cannot be pushed to: name a branch (created from main if "
-                         f"missing), e.g. --hub-revision v1")
+                         f"missing), e.g. {flag} v1")
 
 
 def _is_launch_main() -> bool:
@@ -100,7 +104,8 @@ def _is_launch_main() -> bool:
 
 
 def check_push_target(repo_id: str, token: str | None = None, private: bool = False,
-                      revision: str | None = None, repo_type: str = "model") -> str:
+                      revision: str | None = None, repo_type: str = "model", revision_flag: str = "--hub-revision"
+                      ) -> str:
     """Check, before any training or upload, that a push to ``repo_id`` can succeed; return the token to use.
 
     Offline: the repo id, branch name and the presence of a token. On the main process of a launch also
@@ -110,7 +115,7 @@ def check_push_target(repo_id: str, token: str | None = None, private: bool = Fa
     import huggingface_hub
 
     check_repo_id(repo_id)
-    _check_branch(revision)
+    _check_branch(revision, revision_flag)
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise DGZooError("pushing to the Hub needs the network but HF_HUB_OFFLINE is set; unset it, or train "
                          "without --push-to-hub and run `dgzoo push RUN_DIR REPO_ID` later")
@@ -132,7 +137,7 @@ def check_push_target(repo_id: str, token: str | None = None, private: bool = Fa
     namespace = repo_id.split("/")[0]
     namespaces = [me.get("name")] + [org.get("name") for org in me.get("orgs") or []]
     if me.get("type") == "user" and namespace not in namespaces:
-        raise DGZooError(f"the token's user {me.get('name')} cannot write to '{namespace}/' (its namespaces: "
+        raise PushRefused(f"the token's user {me.get('name')} cannot write to '{namespace}/' (its namespaces: "
                          f"{', '.join(filter(None, namespaces))}); push to one of those")
     _check_visibility(api, repo_id, repo_type, private, token)
     return token
@@ -152,7 +157,7 @@ def _check_visibility(api: Any, repo_id: str, repo_type: str, private: bool, tok
         raise DGZooError(f"could not read the Hub {repo_type} repo {repo_id}: "
                          f"{hub_error_reason(e, token)}") from None
     if not info.private:
-        raise DGZooError(f"Hub {repo_type} repo {repo_id} exists and is public, so --private would not hide this "
+        raise PushRefused(f"Hub {repo_type} repo {repo_id} exists and is public, so --private would not hide this "
                          f"push; make the repo private in its settings first, or push to a new repo id")
 
 
@@ -177,6 +182,34 @@ def hub_error_reason(error: BaseException, token: str | None = None) -> str:
         text = f"{type(error).__name__}: {first}"
     text = " ".join(text.split())
     return text.replace(token, "***") if token else text
+
+
+class PushRefused(DGZooError):
+    """A push that the same command can never make: the target itself must change (another namespace, a new repo)."""
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether the same command can succeed once the cause the message names is gone: the Hub could not be
+    reached, timed out or was busy (HTTP 408, 429, 5xx), or the token is missing or invalid (fixed by logging in)
+    or the network is switched off. A missing permission (HTTP 403, a namespace the token cannot write to), a
+    public repo asked to be private, a request the Hub rejects (other 4xx) or anything else fails the same way
+    every time, so its message names its own fix and no retry command."""
+    from huggingface_hub import errors as hf_errors
+
+    if isinstance(error, PushRefused):
+        return False
+    if isinstance(error, DGZooError):
+        return True  # no token, a read-only token, HF_HUB_OFFLINE set: the fix is outside the command
+    if isinstance(error, hf_errors.HfHubHTTPError) and error.response is not None:
+        status = error.response.status_code
+        return status in (401, 408, 429) or status >= 500
+    return isinstance(error, (getattr(hf_errors, "HTTPError", OSError), OSError, TimeoutError))
+
+
+def retry_advice(error: BaseException, retry: str) -> str:
+    """``; retry with: <command>`` when a retry can fix ``error`` (:func:`retryable`), else nothing: the reason
+    already says what to change."""
+    return f"; retry with: {retry}" if retryable(error) else ""
 
 
 # ---------------------------------------------------------------------- publishing
@@ -210,16 +243,16 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
     run_dir = Path(run_dir)
     check_finished_run(run_dir)
     check_repo_id(repo_id)
-    _check_branch(revision)
+    _check_branch(revision, "--revision")
     check_run_loads(run_dir)
     retry = retry_command(run_dir, repo_id, private, revision, commit_message, license)
     token = resolve_token(token)
     try:
-        token = check_push_target(repo_id, token, private, revision)
+        token = check_push_target(repo_id, token, private, revision, revision_flag="--revision")
         return upload_run(run_dir, repo_id, private, revision, commit_message, token, license)
-    except Exception as e:  # noqa: BLE001 - whatever failed, the user gets one line and the retry command
+    except Exception as e:  # noqa: BLE001 - whatever failed, the user gets one line (and the retry command)
         raise DGZooError(f"push of {run_dir} to {repo_id} failed: {hub_error_reason(e, token)}. The run directory "
-                         f"is intact; retry with: {retry}") from None
+                         f"is intact{retry_advice(e, retry)}") from None
 
 
 def check_finished_run(run_dir: Path) -> None:
@@ -243,6 +276,12 @@ def check_run_loads(run_dir: str | Path) -> None:
     if holder is not None:  # its files are still being written: the weights may be replaced mid-upload
         raise DGZooError(f"{run_dir} is still in use by {describe_holder(holder)}; push it once that has finished")
     fix = f"restore it, or train the run again (dgzoo train --config {run_dir / 'train_config.json'} --overwrite)"
+    try:
+        json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DGZooError(f"{run_dir / 'results.json'} is not valid JSON ({str(e).splitlines()[0]}): the run stopped "
+                         f"while writing it; nothing was pushed: finish it (dgzoo train --config "
+                         f"{run_dir / 'train_config.json'} --resume), then push again") from None
     try:
         json.loads((run_dir / CONFIG).read_text())
     except (OSError, ValueError) as e:
@@ -272,7 +311,7 @@ def upload_run(run_dir: Path, repo_id: str, private: bool, revision: str | None,
     import huggingface_hub
 
     results = read_json(run_dir / "results.json")
-    card, default_message = _card_for(run_dir, results, repo_id, license)
+    card, default_message = _card_for(run_dir, results, repo_id, license, revision)
     message = commit_message or default_message
     operations = [huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
     operations += [huggingface_hub.CommitOperationAdd(
@@ -298,17 +337,20 @@ def _published_bytes(run_dir: Path, name: str, repo_id: str | None = None, resul
         return (json.dumps(config, indent=2) + "\n").encode()
     if name not in ("results.json", "train_config.json", "unlearn_config.json"):
         return data
+    return (json.dumps(without_local_paths(json.loads(data)), indent=2) + "\n").encode()
 
-    def strip(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        if isinstance(value, str) and os.path.isabs(value):
-            return Path(value).name
-        return value
 
-    return (json.dumps(strip(json.loads(data)), indent=2) + "\n").encode()
+def without_local_paths(value: Any) -> Any:
+    """``value`` (parsed JSON) with every absolute local path replaced by its last component, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    if isinstance(value, str) and " /" in value:  # a command line or message naming paths (a soup's command)
+        return " ".join(Path(t).name if os.path.isabs(t) and Path(t).name else t for t in value.split(" "))
+    return value
 
 
 # timm pretrained_cfg fields that describe where a set of weights came from: true of the base weights a run
@@ -335,13 +377,17 @@ def finetuned_pretrained_cfg(cfg: dict[str, Any], repo_id: str, results: dict[st
     return out
 
 
-def _card_for(run_dir: Path, results: dict[str, Any], repo_id: str, license: str | None) -> tuple[str, str]:
+def _card_for(run_dir: Path, results: dict[str, Any], repo_id: str, license: str | None,
+              revision: str | None = None) -> tuple[str, str]:
     """The card and default commit message of a run: a training run's, or an unlearning run's (``kind``)."""
     if results.get("kind") == "unlearning":
         return (render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir, license=license),
                 f"dgzoo: unlearn {results['unlearning']['forget_spec']} with {results['algorithm']}")
-    card = render_card(results, read_json(run_dir / "train_config.json"), repo_id=repo_id, run_dir=run_dir,
-                       license=license, sweep=sweep_entry(run_dir))
+    # The published card is rendered from what is published: a soup's command names its ingredients' directories
+    # and a recipe's init_from a run directory, which mean nothing on another machine (the local card keeps them).
+    results = without_local_paths(results)
+    card = render_card(results, without_local_paths(read_json(run_dir / "train_config.json")), repo_id=repo_id,
+                       run_dir=run_dir, license=license, sweep=sweep_entry(run_dir), revision=revision)
     return card, (f"dgzoo: {results['algorithm']} {results['backbone']} on {results['dataset']['title']}, held-out "
                   f"{', '.join(results['target_domains'])} {100 * results['target_accuracy']:.1f}%")
 
@@ -429,6 +475,10 @@ def create_from_folder(folder: Path) -> nn.Module:
     except RuntimeError as e:
         raise DGZooError(f"the weights in {folder / WEIGHTS} do not fit '{arch}' as {CONFIG} describes it "
                          f"({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors for a truncated or corrupt file, one line
+        raise DGZooError(f"{folder / WEIGHTS} cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated or corrupt: re-export or "
+                         f"re-download it") from None
 
 
 def from_pretrained(name_or_path: str | Path, revision: str | None = None, token: str | None = None) -> Pretrained:

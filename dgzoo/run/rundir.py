@@ -26,10 +26,10 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import DGZooError
+from ..errors import DGZooError, writing
 from .claim import CLAIM_FILE, RunDirClaimed, claim_holder, describe_holder
 
-RUN_MARKERS = ("train_config.json", "results.json", "checkpoints")
+RUN_MARKERS = ("train_config.json", "results.json", "checkpoints", "unlearn_config.json")
 SAMPLES_IMAGE = "samples_per_domain.png"  # one row of sample images per domain, embedded in the model card
 OUTPUT_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",
                 "records.jsonl", "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE, "train.log",
@@ -45,16 +45,17 @@ RUN_OUTPUTS = ("config.json", "model.safetensors", "README.md", "train_config.js
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see either the old or the new file, never a partial one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _default_permissions(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with writing(path):  # no space, read-only...: one line naming the file; the temporary file is removed
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            _default_permissions(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def _default_permissions(path: str | Path) -> None:
@@ -86,13 +87,31 @@ def save_model(model: nn.Module, run_dir: str | Path, class_names: list[str], da
         raise DGZooError(f"refusing to export non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); the run "
                          f"diverged: lower --lr or set --clip-grad-norm and train again")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
-        save_for_hf(model, tmp, model_config={"label_names": list(class_names), "dgzoo": metadata},
-                    safe_serialization=True, data_config=data_config)
-        for name in ("model.safetensors", "config.json"):
-            _default_permissions(Path(tmp) / name)
-            os.replace(Path(tmp) / name, run_dir / name)
+    # safetensors stores contiguous tensors only: a channels-last network (--channels-last) is exported in the
+    # default layout, the one every loader expects.
+    handle = model.register_state_dict_post_hook(_contiguous_values)
+    try:
+        with writing(run_dir / "model.safetensors"), \
+                tempfile.TemporaryDirectory(dir=_mkdir(run_dir), prefix=".export-") as tmp:
+            save_for_hf(model, tmp, model_config={"label_names": list(class_names), "dgzoo": metadata},
+                        safe_serialization=True, data_config=data_config)
+            for name in ("model.safetensors", "config.json"):
+                _default_permissions(Path(tmp) / name)
+                os.replace(Path(tmp) / name, run_dir / name)
+    finally:
+        handle.remove()
+
+
+def _contiguous_values(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """A state-dict post-hook: every tensor in the default (contiguous) memory layout."""
+    for key, value in state_dict.items():
+        if hasattr(value, "is_contiguous") and not value.is_contiguous():
+            state_dict[key] = value.contiguous()
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
@@ -153,7 +172,7 @@ def check_output_dir(path: str | Path, resume: bool, overwrite: bool, can_resume
         return
     if is_run_dir(path):
         if not overwrite:
-            if not can_resume:
+            if not can_resume or not (path / "train_config.json").exists() and (path / "unlearn_config.json").exists():
                 raise DGZooError(f"--output-dir {path} already holds a run; pass --overwrite to replace it, or "
                                  f"choose another --output-dir")
             if not latest_checkpoint(path) and not (path / "results.json").exists():
@@ -186,24 +205,63 @@ def checkpoint_dirs(path: str | Path) -> list[Path]:
 
 
 CHECKPOINT_MANIFEST = "dgzoo_manifest.json"
+# The layout of the objects a checkpoint holds. 2: the algorithm (an nn.Module owning the network) prepared whole,
+# its scheduler and the loop state, as dgzoo 0.2 saves them. A checkpoint without the marker was written before
+# it existed (dgzoo 0.1's layout, or an early 0.2 one); if it does not load, it is of an older format.
+CHECKPOINT_FORMAT = 2
 
 
-def write_checkpoint_manifest(checkpoint: str | Path) -> None:
-    """Record the size of every file of a just-saved checkpoint, so that a truncated one is recognised at resume."""
+def write_checkpoint_manifest(checkpoint: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Record the checkpoint format and the size and SHA-256 of every file of a just-saved checkpoint, so that a
+    truncated or altered one (same size, other bytes: a resumed RNG state would be silently wrong) is recognised at
+    resume, and one of an older format is named as such. ``extra`` adds what the resume checks against (the data
+    the run trained on)."""
     checkpoint = Path(checkpoint)
-    sizes = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*")) if p.is_file()}
-    write_json(checkpoint / CHECKPOINT_MANIFEST, {"files": sizes})
+    files = [p for p in sorted(checkpoint.rglob("*")) if p.is_file()]
+    sizes = {str(p.relative_to(checkpoint)): p.stat().st_size for p in files}
+    digests = {str(p.relative_to(checkpoint)): _sha256(p) for p in files}
+    write_json(checkpoint / CHECKPOINT_MANIFEST, {"format": CHECKPOINT_FORMAT, "files": sizes, "sha256": digests,
+                                                  **(extra or {})})
+
+
+def checkpoint_format(checkpoint: str | Path) -> int | None:
+    """The format marker of a checkpoint's manifest, or None for a checkpoint written before markers existed."""
+    try:
+        value = read_json(Path(checkpoint) / CHECKPOINT_MANIFEST).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_manifest(checkpoint: str | Path) -> dict[str, Any]:
+    """The manifest of ``checkpoint`` ({} when it has none or it is unreadable)."""
+    try:
+        manifest = read_json(Path(checkpoint) / CHECKPOINT_MANIFEST)
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def checkpoint_problem(checkpoint: str | Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from (a missing or truncated file), or None when it looks intact."""
+    """Why ``checkpoint`` cannot be resumed from (a missing, truncated or altered file), or None when it is intact."""
     checkpoint = Path(checkpoint)
     manifest = checkpoint / CHECKPOINT_MANIFEST
     if not manifest.exists():
         return None  # written before manifests existed: only loading it can tell
     try:
-        sizes = read_json(manifest)["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded = read_json(manifest)
+        sizes, digests = recorded["files"], recorded.get("sha256", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"its {CHECKPOINT_MANIFEST} is unreadable"
     for name, size in sizes.items():
         path = checkpoint / name
@@ -211,6 +269,8 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} is {path.stat().st_size} bytes, {size} were written"
+        if name in digests and _sha256(path) != digests[name]:
+            return f"{name} does not match the checksum it was written with (altered or corrupt)"
     return None
 
 

@@ -7,11 +7,13 @@ carries the same ``library_name: timm`` / ``model-index`` metadata as any dgzoo 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 from typing import Any
 
 from ..config import UnlearnConfig
-from .cards import card_license, dataset_split, held_out_args, slug, template_path
+from .cards import DATASET_CONFIG, card_license, dataset_split, held_out_dataset_args, template_path
 from .rundir import read_json
 
 HEADLINE = {  # the numbers every table and card shows: key -> (label, where in an evaluation)
@@ -44,23 +46,26 @@ def card_data(results: dict[str, Any], repo_id: str | None = None, license: str 
 
     info, dataset = results["unlearning"], results["dataset"]
     dataset_type = dataset.get("repo_id") or f"dgzoo/{dataset['name']}"
-    common = dict(task_type="image-classification", dataset_type=dataset_type,
-                  dataset_revision=dataset.get("revision"), dataset_split=dataset_split(results))
+    # One dataset configuration (the one loaded, as every dgzoo card names it): the model-index groups these
+    # results into one entry, each metric keeping its own name and args (the held-out domain, or the forget set).
+    targets = results["target_domains"]
+    common = dict(task_type="image-classification", dataset_type=dataset_type, dataset_config=DATASET_CONFIG,
+                  dataset_revision=dataset.get("revision"), dataset_split=dataset_split(results),
+                  dataset_name=f"{dataset['title']} (held-out {', '.join(targets)})",
+                  dataset_args={**held_out_dataset_args(results), "forget": info["forget_spec"]})
     unlearned = info["comparison"]
     eval_results = [
-        EvalResult(task_name="Domain generalization", dataset_name=f"{dataset['title']} (held-out {domain})",
-                   dataset_config=f"held-out-{slug(domain)}", dataset_args=held_out_args(results, domain),
-                   metric_type="accuracy", metric_value=round(100 * results["accuracy"][domain], 2),
-                   metric_name="held-out-domain accuracy", **common)
-        for domain in results["target_domains"]]
+        EvalResult(task_name="Domain generalization", metric_type="accuracy",
+                   metric_value=round(100 * results["accuracy"][domain], 2),
+                   metric_name=f"held-out accuracy: {domain}", metric_args={"held_out_domain": domain}, **common)
+        for domain in targets]
     for key, metric_type in UNLEARNING_METRICS.items():
         value = unlearned[key]["unlearned"]
         if value is not None:
             eval_results.append(EvalResult(
-                task_name="Machine unlearning", dataset_name=f"{dataset['title']} (forget set {info['forget_spec']})",
-                dataset_config=f"forget-{info['fingerprint']}", dataset_args={"forget": info["forget_spec"]},
-                metric_type=metric_type, metric_value=round(100 * value, 2), metric_name=HEADLINE[key][0],
-                **common))
+                task_name="Machine unlearning", metric_type=metric_type, metric_value=round(100 * value, 2),
+                metric_name=HEADLINE[key][0], metric_args={"forget": info["forget_spec"],
+                                                           "forget_fingerprint": info["fingerprint"]}, **common))
     source = info["source"]
     return ModelCardData(
         library_name="timm", pipeline_tag="image-classification", **card_license(results, license),
@@ -71,20 +76,25 @@ def card_data(results: dict[str, Any], repo_id: str | None = None, license: str 
         eval_results=eval_results, metrics=["accuracy", *UNLEARNING_METRICS.values()])
 
 
-def reproduce_command(config: dict[str, Any]) -> str:
-    """The ``dgzoo unlearn`` command that repeats the run: every setting that differs from the defaults."""
+def reproduce_command(config: dict[str, Any], published: bool = False) -> str:
+    """The ``dgzoo unlearn`` command that repeats the run: every setting that differs from the defaults, each
+    value shell-quoted (a forget spec such as ``class=3 domain=art painting`` stays one argument). ``published``:
+    a local source run is named by its folder name, as no local path leaves the machine."""
     defaults = UnlearnConfig(source="", forget="").to_dict()
     skip = {"source", "forget", "output_dir", "overwrite", "push_to_hub", "hub_private", "num_workers"}
-    clauses = " ".join(f"--forget {clause}" for clause in config["forget"].replace(";", " ").split())
-    parts = [f"dgzoo unlearn {config['source']} {clauses}"]
+    source = str(config["source"])
+    if published and os.path.isabs(source):
+        source = Path(source).name
+    clauses = " ".join(f"--forget {shlex.quote(clause)}" for clause in config["forget"].replace(";", " ").split())
+    parts = [f"dgzoo unlearn {shlex.quote(source)} {clauses}"]
     for key, value in config.items():
         if key in skip or value == defaults.get(key) or value in (None, {}):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, dict):
-            parts.append(flag + " " + " ".join(f"{k}={v}" for k, v in value.items()))
+            parts.append(flag + " " + " ".join(shlex.quote(f"{k}={v}") for k, v in value.items()))
         else:
-            parts.append(f"{flag} {value}")
+            parts.append(f"{flag} {shlex.quote(str(value))}")
     return " \\\n    ".join(parts)
 
 
@@ -121,7 +131,7 @@ def render_unlearn_card(results: dict[str, Any], repo_id: str | None = None, run
         train_seconds=results["timing"]["train_seconds"], time_fraction=info["time_fraction_of_retrain"],
         device=results["device"], num_processes=results["num_processes"], steps=results["steps"],
         recipe_rows=list(results["hparams"].items()),
-        command=reproduce_command(config) if config else "",
+        command=reproduce_command(config, published=bool(repo_id)) if config else "",
         diagnostics=json.dumps({k: v for k, v in results["diagnostics"].items() if k != "curve"}, indent=2),
         load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{load_id}", load_id=load_id,
         class_names=results["class_names"], seed=results["seed"], citations=results["citations"],

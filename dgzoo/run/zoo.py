@@ -26,7 +26,8 @@ from ..errors import DGZooError
 from ..experiments.report import SELECTION_METHODS, Report, report_dirs
 from .cards import card_license, slug
 from .hub import (check_finished_run, check_push_target, check_repo_id, check_run_loads, hub_error_reason,
-                  resolve_token, upload_run)
+                  resolve_token, retry_advice, upload_run, without_local_paths)
+from .identity import content_key
 from .rundir import read_json, run_done
 
 ZOO_TAGS = ("dgzoo", "timm")
@@ -118,38 +119,49 @@ def leaderboard(models: Sequence[ZooModel], methods: Sequence[str] = SELECTION_M
 
 
 def _mirror(models: Sequence[ZooModel], root: Path, token: str | None) -> dict[Path, str]:
-    """Download what the report reads of each model into ``root/<sweep>/<run>/`` (with that sweep's manifest
-    entries), or ``root/_runs/<repo>/`` for runs published outside a sweep."""
-    import huggingface_hub
+    """Download what the report reads of each model into ``root/sweep-<sweep>-<content>/<run>/`` (with that
+    sweep's manifest entries), or ``root/_runs/<repo>/`` for runs published outside a sweep.
 
-    manifests: dict[str, list[dict[str, Any]]] = {}
+    ``<content>`` is the runs' data and code (:func:`dgzoo.run.identity.content_key`): two published sweeps of
+    one spec that trained other data or code are two sweeps, as their run directories are to ``dgzoo report``;
+    the same runs published twice land in one folder and count once, as the report counts them."""
+    manifests: dict[str, dict[str, dict[str, Any]]] = {}
     repo_of = {}
     for model in models:
+        files = {name: _download(model, name, token) for name in MIRRORED}
         sweep = model.meta.get("sweep")
         if sweep:
-            run_dir = root / f"sweep-{sweep}" / str(model.meta["run"])
-            manifests.setdefault(str(sweep), []).append(
-                {"run_dir": run_dir.name, "trial_seed": model.meta["trial_seed"],
-                 "hparams_seed": model.meta["hparams_seed"]})
+            folder = f"sweep-{sweep}-{content_key(json.loads(files['results.json']))}"
+            run_dir = root / folder / str(model.meta["run"])
+            manifests.setdefault(folder, {})[run_dir.name] = {
+                "run_dir": run_dir.name, "trial_seed": model.meta["trial_seed"],
+                "hparams_seed": model.meta["hparams_seed"]}
         else:
             run_dir = root / SINGLE / model.repo_id.replace("/", "--")
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name in MIRRORED:
-            try:
-                path = huggingface_hub.hf_hub_download(model.repo_id, name, revision=model.sha, token=token)
-            except huggingface_hub.errors.EntryNotFoundError:
-                if name == "train_config.json":
-                    continue
-                raise DGZooError(f"{model.repo_id} has no {name}, so it cannot be ranked; publish it again with "
-                                 f"`dgzoo push`") from None
-            except Exception as e:  # noqa: BLE001
-                raise DGZooError(f"could not download {name} of {model.repo_id}: "
-                                 f"{hub_error_reason(e, token)}") from None
-            (run_dir / name).write_bytes(Path(path).read_bytes())
+        for name, data in files.items():
+            if data is not None:
+                (run_dir / name).write_bytes(data)
         repo_of[run_dir.resolve()] = model.repo_id
-    for sweep, runs in manifests.items():
-        (root / f"sweep-{sweep}" / "sweep.json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    for folder, runs in manifests.items():
+        (root / folder / "sweep.json").write_text(json.dumps({"runs": list(runs.values())}, indent=2) + "\n")
     return repo_of
+
+
+def _download(model: ZooModel, name: str, token: str | None) -> bytes | None:
+    """The bytes of ``name`` in ``model``'s repo at its listed commit (None: a missing train_config.json)."""
+    import huggingface_hub
+
+    try:
+        path = huggingface_hub.hf_hub_download(model.repo_id, name, revision=model.sha, token=token)
+    except huggingface_hub.errors.EntryNotFoundError:
+        if name == "train_config.json":
+            return None
+        raise DGZooError(f"{model.repo_id} has no {name}, so it cannot be ranked; publish it again with "
+                         f"`dgzoo push`") from None
+    except Exception as e:  # noqa: BLE001
+        raise DGZooError(f"could not download {name} of {model.repo_id}: {hub_error_reason(e, token)}") from None
+    return Path(path).read_bytes()
 
 
 def best(board: Leaderboard, method: str = "training_domain_validation") -> str:
@@ -235,9 +247,9 @@ def push_sweep(sweep_dir: str | Path, prefix: str, private: bool = False, token:
             note = (f"{results['algorithm']} {results['backbone']}, held-out {', '.join(results['target_domains'])}: "
                     f"{100 * results['target_accuracy']:.1f}% ({run_dir.name})")
             api.add_collection_item(collection.slug, repo_id, "model", note=note[:500], exists_ok=True)
-    except Exception as e:  # noqa: BLE001 - one line and the command that retries (every step is idempotent)
+    except Exception as e:  # noqa: BLE001 - one line, and the command that retries when a retry can succeed
         raise DGZooError(f"push of the sweep {sweep_dir} failed: {hub_error_reason(e, token)}. The run directories "
-                         f"are intact; retry with: {retry}") from None
+                         f"are intact{retry_advice(e, retry)}") from None
     return {"collection": collection.slug, "collection_url": collection.url, "results": results_repo,
             "models": models}
 
@@ -247,25 +259,39 @@ def _upload_results(api: Any, sweep_dir: Path, report: Report, ids: dict[Path, s
     """The results dataset repo: the report in every format, the plots, and the sweep's manifest (no local paths)."""
     import huggingface_hub
 
+    # Local paths become what names them elsewhere: a run its repo, the sweep its folder name, a local dataset its
+    # base name (the run's results.json records it so); whatever else the texts hold.
     local = {str(p.resolve()): r for p, r in ids.items()}
-    selected = report.selected_runs_csv()
-    for path, repo in sorted(local.items(), key=lambda kv: -len(kv[0])):
-        selected = selected.replace(path, repo)
+    local[str(sweep_dir.resolve())] = sweep_dir.resolve().name
+    for run_dir in ids:
+        path = (read_json(run_dir / "results.json").get("dataset") or {}).get("path")
+        if path:
+            local[str(path)] = Path(path).name
     manifest = read_json(sweep_dir / "sweep.json")
-    spec = {**manifest.get("spec", {}), "output_dir": Path(str(manifest.get("spec", {}).get("output_dir", ""))).name}
-    runs = [{k: v for k, v in entry.items() if k != "command"} | {"repo_id": ids.get(sweep_dir / entry["run_dir"])}
-            for entry in manifest.get("runs", [])]
+    spec = without_local_paths({**manifest.get("spec", {}),
+                                "output_dir": Path(str(manifest.get("spec", {}).get("output_dir", ""))).name})
+    runs = [without_local_paths({k: v for k, v in entry.items() if k != "command"})
+            | {"repo_id": ids.get(sweep_dir / entry["run_dir"])} for entry in manifest.get("runs", [])]
     import yaml
 
     first = read_json(next(iter(ids)) / "results.json")
+    # `configs` tells `datasets.load_dataset(repo)` which files are its tables (the repo also holds Markdown, LaTeX,
+    # JSON and plots, which it could not read as one table): the report, and the run each cell selected.
+    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": "report.csv"}]},
+               {"config_name": "selected_runs", "data_files": [{"split": "train", "path": "selected_runs.csv"}]}]
     front = yaml.safe_dump({**card_license(first, license), "pretty_name": repo_id.split("/")[1],
-                            "tags": ["dgzoo", "domain-generalization", "leaderboard"]}, sort_keys=False).strip()
+                            "tags": ["dgzoo", "domain-generalization", "leaderboard"], "configs": configs},
+                           sort_keys=False).strip()
     readme = (f"---\n{front}\n---\n\n# {repo_id.split('/')[1]}\n\nThe `dgzoo report` of a sweep of {len(ids)} runs, "
               f"each published as its own model repo ({', '.join(f'`{r}`' for r in ids.values())}).\n\n"
               + report.markdown())
     files = {"README.md": readme, "report.md": report.markdown(), "report.csv": report.csv(),
-             "report.tex": report.latex(), "selected_runs.csv": selected,
+             "report.tex": report.latex(), "selected_runs.csv": report.selected_runs_csv(),
              "sweep.json": json.dumps({"spec": spec, "runs": runs}, indent=2, default=str) + "\n"}
+    for name, text in files.items():
+        for path, public in sorted(local.items(), key=lambda kv: -len(kv[0])):
+            text = text.replace(path, public)
+        files[name] = text
     operations = [huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=text.encode())
                   for name, text in files.items()]
     with tempfile.TemporaryDirectory(prefix="dgzoo-plots-") as tmp:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..data import DGDataset, Protocol
-from ..data.inspect import native_size
+from ..data.inspect import native_size, size_outliers
 
 SMALL_IMAGE_MAX = 64  # pixels a side: at most this, an unknown dataset trains at its own size (from scratch)
 UPSAMPLE_WARNING = 2.0  # enlarging a from-scratch backbone's images by this factor a side or more is warned about
@@ -49,15 +49,19 @@ def resolve_image_size(cfg: TrainConfig, data: DGDataset) -> tuple[int | None, s
     if native is None:
         return None, "the backbone's default input size; the images' sizes could not be read", None
     side, seen = native
+    odd = size_outliers(data)
+    odd_warning = (f"{len(odd)} sampled image(s) are far from the typical {side}-pixel side (e.g. {odd[0][0]}x"
+                   f"{odd[0][1]}); the size is taken from the typical images and every image is resized to it; "
+                   f"check those images, or pass --image-size" if odd else None)
     if side <= SMALL_IMAGE_MAX and not cfg.pretrained:
-        return side, f"the images: {seen}; small, and the backbone trains from scratch", None
+        return side, f"the images: {seen}; small, and the backbone trains from scratch", odd_warning
     source = f"the backbone's default input size{f', {backbone}' if backbone else ''}; the images: {seen}"
     warning = None
     if backbone is not None and not cfg.pretrained and backbone >= UPSAMPLE_WARNING * side:
         warning = (f"the from-scratch backbone {cfg.backbone} enlarges the {side}-pixel images to {backbone} "
                    f"({(backbone / side) ** 2:.0f}x the pixels per image, and about as much compute); pass "
                    f"--image-size {side} to train at the images' own size")
-    return None, source, warning
+    return None, source, "; ".join(w for w in (warning, odd_warning) if w) or None
 
 
 def _given(cfg: TrainConfig, name: str) -> bool:

@@ -41,7 +41,7 @@ def planned_results(plan: RunPlan, num_processes: int = 1) -> dict[str, Any]:
         "algorithm": cfg.algorithm, "host_algorithm": host.name, "addons": [a.name for a in addons],
         "algorithm_title": " + ".join([host.title or host.name, *[a.title or a.name for a in addons]]),
         "backbone": cfg.backbone, "pretrained": cfg.pretrained,
-        "dataset": {k: info[k] for k in ("name", "title", "source", "repo_id", "revision", "path")},
+        "dataset": {k: info[k] for k in ("name", "title", "source", "repo_id", "revision", "path", "fingerprint")},
         "class_names": plan.data.class_names, "protocol": plan.protocol.name,
         "source_domains": list(plan.protocol.sources), "target_domains": list(plan.protocol.targets),
         "seed": cfg.seed, "split_seed": cfg.resolved_split_seed(), "steps": cfg.steps,

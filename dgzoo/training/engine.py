@@ -35,29 +35,35 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..algorithms import (AddOn, Algorithm, Composition, EvalContext, Recipe, check_algorithm, parse_algorithm,
-                          resolve_hparams)
+from ..algorithms import (AddOn, Algorithm, Composition, EvalContext, Recipe, check_algorithm, flat_hparams,
+                          parse_algorithm, resolve_hparams)
 from ..algorithms import Schedule, schedule_warnings
 from ..algorithms.base import with_acts
 from ..config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
 from ..data import (DGDataset, DomainImages, DomainSplits, Protocol, check_images, eval_loader, eval_transform,
                     load_dg_dataset, loader_workers, make_splits, resolve_protocol, train_transform)
 from ..data.inspect import contact_sheet
-from ..errors import DGZooError, Interrupted
+from ..errors import DGZooError, Interrupted, writing
 from ..models import check_backbone, create_backbone, data_config, freeze_batchnorm, meta_backbone
 from ..run.cards import plot_run, render_card
 from ..run.claim import RunDirClaimed, claim_run_dir
 from ..run.hub import check_push_target, push_run
-from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs, checkpoint_problem,
-                          clear_run_dir, latest_checkpoint, read_json, run_done, save_model, write_checkpoint_manifest,
+from ..run.provenance import code_version, provenance_block, resolved_config, warn_if_not_a_repeat
+from ..run.rundir import (CHECKPOINT_FORMAT, SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs,
+                          checkpoint_format, checkpoint_problem, clear_run_dir, latest_checkpoint, read_json,
+                          run_done, save_model, write_checkpoint_manifest,
                           write_json)
 from ..run.selection import SELECTION_METHODS, select
+from .datachecks import check_classes
 from .derived import Derived, derived_line, derived_values, resolve_image_size
 from .evaluation import evaluate, source_loss
+from .fastpath import apply_memory_format, check_compile, compile_network, configure_cuda
 from .initialisation import InitSource, load_init, resolve_init
 from .loop import (LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit,
                    source_batches)
 from .optimisation import create_scheduler, current_lr
+from .peers import collective_timeout, peer_failures
+from .resume import check_resume, data_record, recorded_data
 
 logger = logging.getLogger("dgzoo")
 
@@ -93,6 +99,8 @@ def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
     check_backbone(cfg.backbone)
     host_cls, addon_classes = parse_algorithm(cfg.algorithm)
     resolve_hparams(cfg.algorithm, cfg.hparams)  # names and types fail before a possibly long dataset download
+    if cfg.compile:
+        check_compile(host_cls, addon_classes)
     if cfg.grad_accumulation > 1 and host_cls.KIND != "loss":
         raise DGZooError(f"--grad-accumulation applies to loss hosts; {host_cls.name} takes its own optimizer steps "
                          f"(per-domain gradients, meta steps); drop the flag or lower --batch-size")
@@ -102,6 +110,7 @@ def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
+    class_warnings = check_classes(data, protocol)
     used = [*protocol.sources, *protocol.targets]
     splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed(), used)  # a too-small domain fails here
     check_images(data, used, remember_checks)  # a corrupt image fails now, not mid-run or at the first evaluation
@@ -117,13 +126,14 @@ def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
     check_output_dir(output_dir, cfg.resume, cfg.overwrite)
     if cfg.resume:
         _check_resume_config(cfg, output_dir)
+        check_resume(cfg, output_dir, data)
     derived = derived_values(cfg, data, protocol, augment, image_size, image_size_source, str(output_dir),
                              is_small_images(data))
     steps_per_epoch = max(1, math.ceil(min(len(splits.in_rows[d]) for d in protocol.sources) / cfg.batch_size))
     warnings = [size_warning] if size_warning else []
     warnings += schedule_warnings(cfg.algorithm, hparams, Schedule(cfg.steps, cfg.eval_every, steps_per_epoch))
     return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size,
-                   derived, warnings, init)
+                   derived, [*class_warnings, *warnings], init)
 
 
 def is_small_images(data: DGDataset) -> bool:
@@ -138,12 +148,27 @@ def resolve_augment(cfg: TrainConfig, data: DGDataset) -> str:
     return data.spec.augment if data.spec else "domainbed"
 
 
+def resolved_run_config(plan: RunPlan) -> dict[str, Any]:
+    """The recipe with everything the run resolved written in (:func:`dgzoo.run.provenance.resolved_config`): the
+    Hub dataset's commit, the derived held-out domains, split seed, augmentation and image size, every hparam."""
+    return resolved_config(plan.config.to_dict(), plan.data.info(), plan.derived,
+                           flat_hparams(plan.hparams, plan.host.name))
+
+
+def run_config_text(plan: RunPlan) -> str:
+    """``train_config.json``: the resolved recipe (``dgzoo train --config`` repeats the run on the same commit with
+    the same settings) and its provenance block (code version, data, the values given before resolution)."""
+    return dump_config(plan.config, resolved_run_config(plan), provenance_block(plan.data.info()))
+
+
 def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:
     saved_path = output_dir / "train_config.json"
     if not saved_path.exists():
         raise DGZooError(f"{output_dir} has checkpoints but no train_config.json; it was not written by dgzoo train")
     saved = read_json(saved_path)
     changed, diffs = changed_fields(saved, cfg.to_dict(), RESUMABLE_CHANGES)
+    if changed == ["revision"] and cfg.revision == (recorded_data(output_dir) or {}).get("revision"):
+        changed = []  # pinning the commit the run trained on (what check_resume asks for) changes nothing
     if changed:
         raise DGZooError(f"cannot resume {output_dir} with a different recipe ({diffs}); resume with the original "
                          f"settings, or start a new run in another --output-dir")
@@ -184,15 +209,16 @@ def create_accelerator(mixed_precision: str, log_with: list[str] | None = None, 
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     project = (ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs"))
                if project_dir is not None else None)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    group = InitProcessGroupKwargs(timeout=collective_timeout())  # a silent peer ends the run (peers.py)
     return Accelerator(cpu=multiprocess_cpu(), mixed_precision=mixed_precision, log_with=log_with,
-                       project_config=project, kwargs_handlers=[ddp])
+                       project_config=project, kwargs_handlers=[ddp, group])
 
 
 class _ProgressAwareHandler(logging.StreamHandler):
@@ -229,15 +255,17 @@ def run_timing(seconds: float, images: int, steps: int) -> dict[str, float]:
             "steps_per_second": steps / max(seconds, 1e-9)}
 
 
-def start_run_dir(accelerator: Any, out: Path, overwrite: bool, recipe: tuple[str, str], logfile: str) -> None:
+def start_run_dir(accelerator: Any, out: Path, overwrite: bool, recipe: tuple[str, str] | None, logfile: str) -> None:
     """The first write of a run, once every check has passed: on the main process empty a replaced run's files
-    (``overwrite``), make ``out`` and write the recipe file ``(name, text)``; then every process logs to
-    ``out/logfile`` (the main one) and the console."""
+    (``overwrite``), make ``out`` and write the recipe file ``(name, text)`` (None: written later, as a resumed
+    run does once its checkpoint has loaded); then every process logs to ``out/logfile`` (the main one) and the
+    console."""
     if accelerator.is_main_process:
         if overwrite:
             clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / recipe[0], recipe[1])
+        if recipe is not None:
+            atomic_write_text(out / recipe[0], recipe[1])
     accelerator.wait_for_everyone()
     setup_logging(accelerator.is_main_process, out / logfile)
 
@@ -279,9 +307,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = create_accelerator(cfg.mixed_precision, _trackers(cfg), plan.output_dir,
                                      plan.host.FIND_UNUSED_PARAMETERS)
     check_process_split(cfg.batch_size, cfg.grad_accumulation, accelerator.num_processes)
+    if accelerator.is_main_process:
+        warn_if_not_a_repeat(getattr(cfg, "recorded_provenance", None), plan.data.info())
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo train {cfg.algorithm}"):
         try:
-            return _train(cfg, plan, accelerator)
+            with peer_failures(accelerator.num_processes, f"continue with: {resume_command(plan)}"):
+                return _train(cfg, plan, accelerator)
         except KeyboardInterrupt:
             done = latest_checkpoint(plan.output_dir)
             kept = f"its checkpoint {done.name} is kept" if done else "it had no checkpoint yet (restarts at step 0)"
@@ -345,7 +376,9 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     out = plan.output_dir
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
     restart = cfg.resume and latest_checkpoint(out) is None  # killed before its first checkpoint: nothing to keep
-    start_run_dir(accelerator, out, cfg.overwrite or restart, ("train_config.json", dump_config(cfg)), "train.log")
+    recipe = ("train_config.json", run_config_text(plan))
+    resuming = cfg.resume and not restart  # its recipe is rewritten only once a checkpoint has loaded
+    start_run_dir(accelerator, out, cfg.overwrite or restart, None if resuming else recipe, "train.log")
     if accelerator.is_main_process:  # the first log line: what was chosen on the user's behalf, and why
         logger.info(derived_line(plan.derived))
         for warning in plan.warnings:
@@ -359,10 +392,13 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         load_init(network, plan.init)
     if cfg.freeze_bn:
         freeze_batchnorm(network)
+    configure_cuda(accelerator.device)
+    apply_memory_format(network, cfg.channels_last)
     preprocessing = data_config(network, plan.image_size)
     splits = plan.splits
     workers, pin = loader_workers(cfg.num_workers, accelerator.device)
     loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
+    loop_data.channels_last = cfg.channels_last
     eval_loaders = {d: {split: accelerator.prepare_data_loader(eval_loader(
         DomainImages(data, rows[d], eval_tf, d), cfg.eval_batch_size, workers, pin))
         for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))} for d in data.domains}
@@ -370,6 +406,8 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     # -- the algorithm and its optimisation
     algorithm = build_algorithm(cfg.algorithm, network, data.num_classes, len(sources), plan.hparams, accelerator,
                                 optimisation(cfg))
+    if cfg.compile:  # once the algorithm has added its modules and hooks to the network
+        compile_network(network)
     scheduler = create_scheduler(algorithm.host.optimizer, cfg.lr_schedule, cfg.steps, cfg.warmup_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, algorithm, state)
@@ -377,10 +415,13 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         logger.info("%s holds no checkpoint (the run stopped before its first one): starting again from step 0", out)
     elif cfg.resume:
         checkpoint = resume_state(accelerator, out)
+        if accelerator.is_main_process:
+            atomic_write_text(out / recipe[0], recipe[1])
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     metadata = {"algorithm": cfg.algorithm, "dataset": data.info()["name"], "dataset_repo_id": data.repo_id,
-                "dataset_revision": data.revision, "source_domains": sources, "target_domains": targets,
-                "protocol": plan.protocol.name, "dgzoo_version": __version__}
+                "dataset_revision": data.revision, "dataset_fingerprint": data.fingerprint,
+                "source_domains": sources, "target_domains": targets,
+                "protocol": plan.protocol.name, "dgzoo_version": __version__, "code": code_version()}
     if accelerator.is_main_process:
         logger.info("dgzoo %s | %s on %s | sources %s -> held-out %s | %s, %d classes, %d process(es) on %s",
                     __version__, cfg.algorithm, data.name, sources, targets, cfg.backbone, data.num_classes,
@@ -420,7 +461,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
             accelerator.log({"eval/source_val_acc": score, "eval/target_acc": record["target_acc"]},
                             step=state.step)
         if state.step % cfg.resolved_checkpoint_every() == 0 or state.step == cfg.steps:
-            _save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
+            _save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints, data_record(data))
 
     try:
         fit(algorithm, loop_data, accelerator, scheduler, state, cfg.steps, evaluate_and_checkpoint)
@@ -438,7 +479,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         plot_run(results, state.records, out)
         roles = {d: "held-out" if d in targets else "source" for d in [*sources, *targets]}
         contact_sheet(data, out / SAMPLES_IMAGE, roles=roles, domains=list(roles))  # the domains check_images read
-        atomic_write_text(out / "README.md", render_card(results, cfg.to_dict(), run_dir=out))
+        atomic_write_text(out / "README.md", render_card(results, resolved_run_config(plan), run_dir=out))
         write_json(out / "results.json", results)  # last: a run killed before this line is resumed, not done
         logger.info("held-out accuracy %.3f (%s, step %d) | run directory: %s", results["target_accuracy"],
                     cfg.selection, results["selection"]["step"], out)
@@ -469,8 +510,10 @@ def resume_state(accelerator: Any, out: Path) -> Path:
     A failed load may leave objects half-loaded; the older checkpoint loaded next overwrites all of them.
     """
     skipped: list[str] = []
+    damaged = False  # a file missing or truncated: a damaged checkpoint, whatever its format
     for checkpoint in reversed(checkpoint_dirs(out)):
         problem = checkpoint_problem(checkpoint)
+        damaged = damaged or problem is not None
         if problem is None:
             try:
                 accelerator.load_state(str(checkpoint))
@@ -481,23 +524,34 @@ def resume_state(accelerator: Any, out: Path) -> Path:
                 logger.warning("skipped checkpoint %s", line)
             return checkpoint
         skipped.append(f"{checkpoint.name}: {problem}")
+    if not damaged and all(checkpoint_format(c) is None for c in checkpoint_dirs(out)):  # not --overwrite: it
+        # would delete a run that is only of an older format, not broken
+        kept = (f"its exported model still evaluates and pushes (dgzoo eval {out} --dataset DATASET; dgzoo push "
+                f"{out} REPO_ID); "
+                if (out / "model.safetensors").is_file() else "")
+        raise DGZooError(f"the checkpoints in {out} were written by an older dgzoo (before checkpoint format "
+                         f"{CHECKPOINT_FORMAT}) and cannot be resumed by dgzoo {__version__} ({'; '.join(skipped)}); "
+                         f"{kept}to train further, start a new run in another directory: dgzoo train --config "
+                         f"{shlex.quote(str(out / 'train_config.json'))} --output-dir NEW_DIR")
     raise DGZooError(f"no intact checkpoint in {out} ({'; '.join(skipped)}); start the run again with --overwrite")
 
 
-def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int) -> None:
+def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int, extra: dict[str, Any] | None = None) -> None:
     """Save a resumable checkpoint to checkpoints/step_N, atomically (written under a temporary name first)."""
     root = out / "checkpoints"
     tmp = root / f".tmp_step_{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(root / f"step_{step}", cleanup=[tmp]):  # a full disk: one line, no half-written checkpoint left
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_checkpoint_manifest(tmp)
         final = root / f"step_{step}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with writing(final, cleanup=[tmp]):
+            write_checkpoint_manifest(tmp, extra)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
         for old in checkpoint_dirs(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -554,7 +608,7 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Comp
         "algorithm_title": " + ".join([host.title or host.name, *[a.title or a.name for a in addons]]),
         "backbone": cfg.backbone, "pretrained": cfg.pretrained,
         "base_model": model.pretrained_cfg.get("hf_hub_id") if cfg.pretrained else None,
-        "dataset": {k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path")},
+        "dataset": {k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path", "fingerprint")},
         "class_names": plan.data.class_names, "protocol": plan.protocol.name,
         "source_domains": sources, "target_domains": targets,
         "seed": cfg.seed, "split_seed": cfg.resolved_split_seed(), "steps": cfg.steps,
@@ -570,5 +624,6 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Comp
         "timing": run_timing(state.train_seconds, state.images, state.step),
         "num_processes": accelerator.num_processes, "device": device_name(accelerator.device),
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
+        "code": code_version(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..data import DomainImages, eval_loader, eval_transform, load_dg_dataset, loader_workers, make_splits, resolve_domain
 from ..errors import DGZooError
-from ..run.hub import CONFIG, create_from_folder, label_names, resolve_checkpoint
+from ..run.hub import CONFIG, WEIGHTS, create_from_folder, label_names, resolve_checkpoint
+from ..run.rundir import nonfinite_tensors
 from ..run.selection import select  # noqa: F401  (re-exported for callers of dgzoo.training.evaluation)
 
 Gather = Callable[[Any], Any]
@@ -118,6 +119,10 @@ def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequenc
     data = load_dg_dataset(dataset, dataset_revision)
     chosen = [resolve_domain(data, str(name), "--domains") for name in domains or data.domains]
     model = create_from_folder(folder).eval()
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:  # an accuracy of a diverged network means nothing (push refuses it too)
+        raise DGZooError(f"{folder / WEIGHTS} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
+                         f"diverged, so it is not evaluated; train it again with a lower --lr (or --clip-grad-norm)")
     mapping = label_mapping(label_names(model), data.class_names, model.num_classes)
     data = dataclasses.replace(data, labels=mapping[data.labels])
     if split == "all":

@@ -39,8 +39,9 @@ from ..run.rundir import atomic_write_text, check_output_dir, json_text, read_js
 from ..run.unlearning_card import HEADLINE, render_unlearn_card
 from ..training.engine import (claim_on_main, create_accelerator, device_name, is_small_images, resolve_augment,
                                run_timing, start_run_dir)
-from ..training.loop import LoopData, Optimisation, TrainState, build_algorithm, fit
+from ..training.loop import LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit
 from ..training.optimisation import create_optimizer, create_scheduler
+from ..training.peers import peer_failures
 from .evaluation import ATTACKS, Outputs, accuracy, attacks, collect, per_group_accuracy
 from .forget import UnlearningData, parse_forget_spec, split_for_unlearning
 from .methods import METHODS, RETRAIN_TITLE, resolve_method_hparams
@@ -101,9 +102,31 @@ def load_source(name: str, revision: str | None = None) -> Source:
     if repo_id:
         recipe, results = _hub_json(repo_id, "train_config.json", sha), _hub_json(repo_id, "results.json", sha)
     else:
-        recipe, results = read_json(folder / "train_config.json"), read_json(folder / "results.json")
+        recipe, results = _run_json(folder / "train_config.json"), _run_json(folder / "results.json")
     config = TrainConfig.from_dict(recipe, source=f"{repo_id or folder}/train_config.json")
     return Source(repo_id or str(folder), model, config, results, repo_id, sha)
+
+
+def _run_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a source run directory, or one line saying it is unreadable and what to do."""
+    try:
+        value = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DGZooError(f"{path} is not valid JSON ({' '.join(str(e).split())[:80]}): the source run was stopped "
+                         f"while writing it; finish the source run with `dgzoo train ... --resume` (or train it "
+                         f"again), then unlearn from it") from None
+    if not isinstance(value, dict):
+        raise DGZooError(f"{path} does not hold a JSON object; it was not written by dgzoo; unlearn from a run "
+                         f"directory written by `dgzoo train`")
+    return value
+
+
+def _check_not_source(out: Path, source: str) -> None:
+    """Refuse to write the unlearned run over the run it reads from: ``--overwrite`` would delete the source."""
+    local = Path(source.removeprefix("local-dir:")).expanduser()
+    if local.is_dir() and out.resolve() == local.resolve():
+        raise DGZooError(f"--output-dir {out} is the source run itself; writing there would replace the run being "
+                         f"unlearned; choose another --output-dir (or leave it out for the default)")
 
 
 def _hub_json(repo_id: str, filename: str, revision: str | None) -> dict[str, Any]:
@@ -128,6 +151,7 @@ def plan_unlearning(cfg: UnlearnConfig) -> UnlearnPlan:
     method_hparams = resolve_method_hparams(cfg.method, cfg.hparams)
     _check_values(cfg)
     out = Path(cfg.output_dir or _default_output_dir(cfg, spec.text))
+    _check_not_source(out, cfg.source)
     check_output_dir(out, resume=False, overwrite=cfg.overwrite, can_resume=False)
     source = load_source(cfg.source, cfg.revision)
     tc, res = source.train_config, source.results
@@ -273,7 +297,9 @@ def unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
                              f"{accelerator.num_processes} processes")
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo unlearn {cfg.method}"):
         try:
-            return _run_unlearning(cfg, plan, accelerator)
+            with peer_failures(accelerator.num_processes, f"rerun the same command with --overwrite to start "
+                                                          f"{plan.output_dir} again"):
+                return _run_unlearning(cfg, plan, accelerator)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; unlearning has no checkpoints: rerun the same command with --overwrite "
                               f"to start {plan.output_dir} again") from None
@@ -304,10 +330,15 @@ def _run_unlearning(cfg: UnlearnConfig, plan: UnlearnPlan, accelerator: Any) -> 
 
     original = evaluate_now(source_model)
     set_seed(settings["seed"])
-    if plan.loop is not None:
-        model, timing, diagnostics = _train_loop(plan, accelerator, preprocessing, workers, pin)
-    else:
-        model, timing, diagnostics = _unlearn(plan, accelerator, preprocessing, workers, pin)
+    try:
+        if plan.loop is not None:
+            model, timing, diagnostics = _train_loop(plan, accelerator, preprocessing, workers, pin)
+        else:
+            model, timing, diagnostics = _unlearn(plan, accelerator, preprocessing, workers, pin)
+        check_finite(model, settings["steps"])  # a diverged model is never evaluated (the attacks refuse NaN)
+    except NonFiniteTraining as e:
+        raise DGZooError(f"unlearning diverged: {e}; nothing was exported; lower --lr (or --steps) and run again "
+                         f"with --overwrite") from None
     unlearned = evaluate_now(model)
     results = _results(plan, unlearned, original, timing, diagnostics, accelerator)
     if accelerator.is_main_process:

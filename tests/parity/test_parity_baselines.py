@@ -51,7 +51,7 @@ def dgzoo_swad(losses, hparams, every):
     """Drive dgzoo's SWAD add-on through the scripted run: the weights after each step are regenerate.py's
     ``swad_weights``, the source-validation loss at each evaluation the case's; return the exported weights and
     SWAD's summary."""
-    from dgzoo.algorithms import ADDONS, EvalContext
+    from dgzoo.algorithms import ADDONS, EvalContext, StepContext
     from dgzoo.algorithms.runtime import Runtime
 
     host = _Host()
@@ -60,7 +60,7 @@ def dgzoo_swad(losses, hparams, every):
     for step in range(1, steps + 1):
         with torch.no_grad():
             host.network.weight.copy_(regenerate.swad_weights(step))
-        addon.after_update([], step - 1)
+        addon.after_update(StepContext(step - 1, []))
         if step % every == 0:
             loss = losses[step // every - 1]
             addon.on_evaluate(EvalContext(step, step == steps, lambda network, loss=loss: loss, lambda n: iter([])))
