@@ -115,11 +115,12 @@ def _file_state(table: Any, image_column: str, rows: np.ndarray) -> bytes:
     fingerprint covers embedded bytes but not files, so an image replaced or corrupted in place must change the
     key, or the cached "decodes" would let it through to the middle of a run."""
     stored = _undecoded(table, image_column).select_columns([image_column]).with_format("arrow")[:]
-    column = stored.column(image_column).combine_chunks()
-    if column.field("bytes").null_count == 0:
+    # Per chunk and zero-copy: combining the chunks would copy every embedded image's bytes at every start.
+    fields = [dict(zip(chunk.type.names, chunk.flatten())) for chunk in stored.column(image_column).chunks]
+    if all(f["bytes"].null_count == 0 for f in fields):
         return b""  # every image embedded: the fingerprint already covers it
-    paths = column.field("path").to_pylist()
-    embedded = column.field("bytes").is_valid().to_pylist()
+    paths = [p for f in fields for p in f["path"].to_pylist()]
+    embedded = [v for f in fields for v in f["bytes"].is_valid().to_pylist()]
     state = []
     for row in np.sort(rows).tolist():
         if embedded[row] or paths[row] is None:
