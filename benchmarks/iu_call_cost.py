@@ -20,9 +20,9 @@ import json
 import statistics
 
 import torch
+from iu_cost import SOURCES, erm_epoch, setup
 
 from dgzoo.algorithms import create_algorithm
-from iu_cost import SOURCES, erm_epoch, setup
 
 VARIANTS = {
     "defaults": {},

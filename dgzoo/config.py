@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import DGZooError, suggest
-from .hparams import SAME, Choice, Distribution, Uniform, parse_scalar  # noqa: F401  (parse_scalar: part of config's API)
+from .hparams import SAME, Choice, Distribution, Uniform, parse_scalar
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -114,7 +114,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build a config from a mapping, rejecting unknown keys with a suggestion."""
         cfg = cls()
         cfg.update(values, source=source)
@@ -136,7 +136,7 @@ class TrainConfig:
                 setattr(self, name, _coerce(names[name], value, source))
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
         """Load a recipe YAML file (a path, or the name of a file in recipes/configs)."""
         cfg = cls()
         cfg.update(load_yaml(path), source=f"config file {path}")
@@ -315,7 +315,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types() -> dict[str, Any]:
     """TrainConfig's resolved field annotations (resolving them is slow, and they never change)."""
     return typing.get_type_hints(TrainConfig)

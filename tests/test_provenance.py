@@ -8,7 +8,6 @@ pushed, and no local path leaves the machine. Against the local Hub server, with
 """
 import json
 import shlex
-import subprocess
 import sys
 
 import pytest

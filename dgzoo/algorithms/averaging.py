@@ -29,8 +29,9 @@ import copy
 import logging
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,7 +100,7 @@ class Segment:
         return {"params": [p.clone() for p in self.params], "start": self.start, "end": self.end, "loss": self.loss}
 
     @classmethod
-    def of(cls, state: dict[str, Any], device: torch.device) -> "Segment":
+    def of(cls, state: dict[str, Any], device: torch.device) -> Segment:
         return cls([p.to(device) for p in state["params"]], int(state["start"]), int(state["end"]),
                    float(state["loss"]))
 
@@ -120,7 +121,7 @@ class RunningMean:
                 mean.add_(v - mean, alpha=1.0 / (self.count + 1))
         self.count += 1
 
-    def copy(self) -> "RunningMean":
+    def copy(self) -> RunningMean:
         return RunningMean(None if self.params is None else [p.clone() for p in self.params], self.count)
 
 

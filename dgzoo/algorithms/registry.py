@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ def load_entry_points() -> list[str]:
         try:
             entry.load()
             loaded.append(entry.name)
-        except Exception as e:  # noqa: BLE001 - any failure of a third-party import
+        except Exception as e:
             logger.warning("dgzoo: skipped the algorithm plugin '%s' (%s): %s: %s", entry.name, entry.value,
                            type(e).__name__, e)
     return loaded

@@ -18,9 +18,10 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import DGZooError, writing
 from .folders import IMAGE_EXTENSIONS, image_folder_table, is_image_folder

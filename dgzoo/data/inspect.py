@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from .loading import DGDataset
+from .registry import DatasetSpec
 from .transforms import to_rgb
 from .verify import ImageDecodeError
-from .registry import DatasetSpec
 
 # Contact-sheet geometry, in pixels: every tile is TILE x TILE, captioned below, rows labelled on the left.
 TILE = 64

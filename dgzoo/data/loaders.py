@@ -10,7 +10,8 @@ and the number of data-loading workers never changes the data.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch

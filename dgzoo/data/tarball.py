@@ -107,7 +107,7 @@ def _download_and_convert(spec: DatasetSpec, sha: str, folder: Path, token: str 
         except huggingface_hub.errors.EntryNotFoundError:
             raise DGZooError(f"{spec.repo_id} at commit {sha} has no {spec.archive}; pass --revision with a commit "
                              f"that has it") from None
-        except Exception as e:  # noqa: BLE001 - one line whatever the transport says
+        except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
             raise DGZooError(f"could not download {spec.archive} from {spec.repo_id} ({type(e).__name__}: {first}); "
                              f"check the connection and run again") from None

@@ -34,7 +34,8 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any
+from collections.abc import Callable, Sequence
 
 from ..errors import DGZooError, Interrupted, suggest
 from ..run.claim import CLAIM_TTL_S, EXIT_CLAIMED, RunDirClaimed, claim_run_dir

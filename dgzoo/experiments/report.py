@@ -36,7 +36,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -340,7 +341,7 @@ class Cell:
     n: int
 
     @classmethod
-    def over_trials(cls, accuracies: Sequence[float]) -> "Cell":
+    def over_trials(cls, accuracies: Sequence[float]) -> Cell:
         mean, se = mean_and_standard_error([100 * a for a in accuracies])
         return cls(mean, se, len(accuracies))
 

@@ -8,7 +8,8 @@ featurizer/classifier split is expressed through timm's own API: :func:`features
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import timm
 import torch
@@ -74,7 +75,7 @@ def meta_backbone(name: str, num_classes: int, image_size: int | None = None, dr
     try:
         with torch.device("meta"):
             return create_backbone(name, num_classes, False, image_size, dropout)
-    except Exception:  # noqa: BLE001 - the checks then run on the real network, at construction
+    except Exception:
         return None
 
 

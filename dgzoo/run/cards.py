@@ -153,7 +153,7 @@ def model_stats(run_dir: str | Path | None) -> dict[str, Any] | None:
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             model(torch.zeros(1, *size))
-    except Exception:  # noqa: BLE001 - the block is informative; a card is still written without it
+    except Exception:
         return None
     return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "gmacs": round(counter.get_total_flops() / 2 / 1e9, 3), "image_size": f"{size[1]} x {size[2]}"}
