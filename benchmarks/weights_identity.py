@@ -44,7 +44,8 @@ for name in only:
     w = load_file(f"{root}/{name}/model.safetensors")
     h = hashlib.sha256()
     for k in sorted(w):
-        h.update(k.encode()); h.update(w[k].contiguous().numpy().tobytes())
+        h.update(k.encode())
+        h.update(w[k].contiguous().numpy().tobytes())
     out[name] = {"sha": h.hexdigest(), "target_accuracy": res["target_accuracy"], "step": res["selection"]["step"]}
     print(name, out[name], file=sys.stderr)
 json.dump(out, open(sys.argv[1], "w"), indent=1)

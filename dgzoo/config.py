@@ -275,7 +275,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(candidate.read_text()) or {}
     except yaml.YAMLError as e:
-        raise DGZooError(f"config file {candidate} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax")
+        raise DGZooError(f"config file {candidate} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
     if not isinstance(data, dict):
         raise DGZooError(f"config file {candidate} must hold a mapping of keys to values, got {type(data).__name__}")
     return data

@@ -26,7 +26,7 @@ def make_vlcs_tarball(path, per_class=2):
     rng = np.random.default_rng(0)
     with tarfile.open(path, "w:gz") as archive:
         for d, domain in enumerate(VLCS_DOMAINS):
-            for c, cls in enumerate(VLCS_CLASSES):
+            for cls in VLCS_CLASSES:
                 for i in range(per_class + d):  # domains of different sizes: counts are checked per domain
                     buffer = io.BytesIO()
                     Image.fromarray(rng.integers(0, 255, (6, 6, 3)).astype(np.uint8)).save(buffer, format="JPEG")

@@ -572,7 +572,7 @@ def choose_samples(spec: SweepSpec, grid: Sequence[SweepRun], method: str) -> li
     runs, _ = load_runs([spec.output_dir])
     picks = select_groups([r for r in runs if r.path in names], method)
     best: dict[tuple, Any] = {}
-    for (dataset, row, targets, trial), pick in sorted(picks.items(), key=lambda kv: int(kv[0][3])):
+    for (dataset, row, targets, _trial), pick in sorted(picks.items(), key=lambda kv: int(kv[0][3])):
         key = (dataset, row, targets)
         if key not in best or pick.val > best[key].val:
             best[key] = pick
