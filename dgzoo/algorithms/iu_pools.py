@@ -38,8 +38,9 @@ class Pool:
                 for ds in domains]
         rows = [np.asarray(ds.rows)[k] for ds, k in zip(domains, keep)]
         cached = [cache.get(ds) if cache is not None else None for ds in domains]
-        images = (torch.cat([c[torch.from_numpy(k)] for c, k in zip(cached, keep)])
-                  if all(c is not None for c in cached) else None)
+        present = [c for c in cached if c is not None]
+        images = (torch.cat([c[torch.from_numpy(k)] for c, k in zip(present, keep)])
+                  if len(present) == len(cached) else None)
         return cls(ConcatDataset([Subset(ds, k.tolist()) for ds, k in zip(domains, keep)]),
                    torch.cat([torch.full((len(k),), d, dtype=torch.long) for d, k in enumerate(keep)]),
                    np.concatenate(rows),

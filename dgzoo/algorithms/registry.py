@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, cast
 from collections.abc import Callable, Sequence
 
 import torch
@@ -175,6 +175,7 @@ def create_algorithm(spec: str, network: nn.Module, num_domains: int,
         recipe = Recipe(num_domains=num_domains, num_classes=num_classes, small_images=small_images,
                         mixed_precision=runtime.mixed_precision(), network=network)
         hparams = check_algorithm(spec, hparams or {}, recipe)
+    hparams = cast("dict[str, dict[str, Any]]", hparams)  # resolved=True: the caller gives check_algorithm's output
     host = host_cls(network, num_classes, num_domains, hparams[host_cls.name])
     host.to(runtime.device)
     groups = host.optimizer_groups()

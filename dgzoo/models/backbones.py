@@ -31,7 +31,8 @@ def check_backbone(name: str) -> None:
             return
         raise DGZooError(f"backbone '{arch}' has no pretrained tag '{tag}'{suggest(tag, tags)}; "
                          f"available: {', '.join(tags[:8]) or 'none'}")
-    family = re.match(r"[A-Za-z]*", arch).group(0) or arch
+    letters = re.match(r"[A-Za-z]*", arch)  # always matches, possibly the empty string
+    family = (letters.group(0) if letters else "") or arch
     raise DGZooError(f"unknown backbone '{name}'{suggest(arch, timm.list_models())}; list timm models with "
                      f"`python -c \"import timm; print(timm.list_models('*{family}*'))\"`")
 
