@@ -122,6 +122,28 @@ def test_tarball_dataset_is_downloaded_at_its_pin_converted_once_and_reused(tmp_
                       "rows": sum(counts.values())}
 
 
+UNPINNED = r"""
+import dataclasses, json
+from dgzoo.data import REGISTRY, load_dg_dataset, register_dataset
+register_dataset(dataclasses.replace(REGISTRY["vlcs"], revision=None), replace=True)
+data = load_dg_dataset("vlcs")
+print(json.dumps({"revision": data.revision, "sizes": {d: len(r) for d, r in data.rows_by_domain.items()}}))
+"""
+
+
+def test_tarball_dataset_without_a_pin_loads_the_repos_current_commit(tmp_path):
+    # A tarball dataset registered without a pin (a user's own) used to reach the download with no commit at all
+    # and crash on it (TypeError); it loads the commit the repo's main branch points at, as a Hub dataset does.
+    counts = make_vlcs_tarball(tmp_path / "VLCS.tar.gz", per_class=1)
+    with HubServer(tmp_path / "storage") as server:
+        run(server, tmp_path / "hf0", SETUP, tmp_path / "VLCS.tar.gz")
+        head, _ = run(server, tmp_path / "hf1", "import json; from huggingface_hub import HfApi; print(json.dumps("
+                      "HfApi().repo_info('PTeterwak/DomainBed_EasyHard', repo_type='dataset').sha))")
+        loaded, _ = run(server, tmp_path / "hf2", UNPINNED, DGZOO_CACHE=str(tmp_path / "dgzoo-cache"))
+        assert server.errors == []
+    assert loaded == {"revision": head, "sizes": counts}
+
+
 # ---------------------------------------------------------------------- pins and column layouts (no network)
 
 
