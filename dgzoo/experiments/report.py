@@ -506,7 +506,7 @@ def build_report(runs: Sequence[Run], methods: Sequence[str] = SELECTION_METHODS
             continue
         report.picks[method] = picks
         # (dataset, row, held-out set) -> {trial: the pick's test accuracy}, built once instead of per cell.
-        cell_trials: dict[tuple, dict[int, float]] = defaultdict(dict)
+        cell_trials: dict[tuple, dict[str, float]] = defaultdict(dict)
         for (d, row, targets, trial), pick in picks.items():
             cell_trials[(d, row, targets)][trial] = pick.test
         averages: dict[str, list[Cell | None]] = {row: [] for row in rows}

@@ -280,6 +280,7 @@ class SweepRun:
 
     @property
     def output_dir(self) -> Path:
+        assert self.config.output_dir is not None  # the sweep names every run's directory
         return Path(self.config.output_dir)
 
     def describe(self) -> str:

@@ -57,7 +57,7 @@ def _dataset_spec(results: dict[str, Any]) -> Any:
     return get_spec(dataset["name"]) or (get_spec(dataset["repo_id"]) if dataset.get("repo_id") else None)
 
 
-def card_license(results: dict[str, Any], override: str | None = None) -> dict[str, str]:
+def card_license(results: dict[str, Any], override: str | None = None) -> dict[str, Any]:
     """The card's licence fields: ``override`` if given, else the licence of the training data.
 
     Weights inherit the terms of the data they were fitted to, so a registry dataset's own licence is used, as
@@ -295,7 +295,7 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
         stats=model_stats(run_dir), dataset_split=dataset_split(results),
         dataset_name=_dataset_ref(results, local=not repo_id),
         license_fields=card_license(results, license),
-        samples_image=bool(run_dir) and (Path(run_dir) / SAMPLES_IMAGE).is_file())
+        samples_image=bool(run_dir and (Path(run_dir) / SAMPLES_IMAGE).is_file()))
     return str(card)
 
 

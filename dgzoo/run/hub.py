@@ -424,6 +424,7 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
         if not (folder / WEIGHTS).is_file():
             raise DGZooError(f"{folder} has no {WEIGHTS}; dgzoo loads safetensors weights only (never pickles)")
         return folder, None, None
+    assert repo_id is not None  # not a folder: _split_reference gives a Hub repo id
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
 

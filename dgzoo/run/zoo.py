@@ -131,6 +131,7 @@ def _mirror(models: Sequence[ZooModel], root: Path, token: str | None) -> dict[P
     for model in models:
         files = {name: _download(model, name, token) for name in MIRRORED}
         sweep = model.meta.get("sweep")
+        assert files["results.json"] is not None  # only a missing train_config.json gives None (_download)
         if sweep:
             folder = f"sweep-{sweep}-{content_key(json.loads(files['results.json']))}"
             run_dir = root / folder / str(model.meta["run"])
