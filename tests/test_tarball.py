@@ -131,6 +131,7 @@ print(json.dumps({"revision": data.revision, "sizes": {d: len(r) for d, r in dat
 """
 
 
+@pytest.mark.slow  # ~15 s: a local Hub server and three fresh interpreters
 def test_tarball_dataset_without_a_pin_loads_the_repos_current_commit(tmp_path):
     # A tarball dataset registered without a pin (a user's own) used to reach the download with no commit at all
     # and crash on it (TypeError); it loads the commit the repo's main branch points at, as a Hub dataset does.
