@@ -37,7 +37,7 @@ class Registry(dict[str, T]):
         self.normalize = normalize
         self.describe = describe
 
-    def copy(self) -> "Registry[T]":
+    def copy(self) -> Registry[T]:
         """A registry with the same policy and entries (a ``dict``'s copy would lose the policy)."""
         twin: Registry[T] = Registry(self.kind, self.normalize, self.describe)
         twin.update(self)

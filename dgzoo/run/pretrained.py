@@ -11,8 +11,9 @@ from an explicit ``token`` argument. A token is never written to a file, a log, 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from torch import nn
 
@@ -129,6 +130,7 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
         if not (folder / WEIGHTS).is_file():
             raise DGZooError(f"{folder} has no {WEIGHTS}; dgzoo loads safetensors weights only (never pickles)")
         return folder, None, None
+    assert repo_id is not None  # not a folder: _split_reference gives a Hub repo id
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
 
@@ -153,7 +155,7 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
                          f"download") from None
     except DGZooError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DGZooError(f"could not load {repo_id} from the Hub: {hub_error_reason(e, token)}") from None
     return Path(paths[0]).parent, repo_id, revision
 
@@ -176,7 +178,7 @@ def create_from_folder(folder: Path) -> nn.Module:
     except RuntimeError as e:
         raise DGZooError(f"the weights in {folder / WEIGHTS} do not fit '{arch}' as {CONFIG} describes it "
                          f"({str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001 - safetensors' own errors for a truncated or corrupt file, one line
+    except Exception as e:
         raise DGZooError(f"{folder / WEIGHTS} cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated or corrupt: re-export or "
                          f"re-download it") from None

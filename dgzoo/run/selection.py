@@ -14,7 +14,8 @@ target domain, as DomainBed reports, and the ``out`` split of a source domain.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 SELECTION_METHODS = ("training_domain_validation", "oracle", "last")
 
