@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from dgzoo.errors import DGZooError
-from dgzoo.run.results import (FORMAT_VERSION, DatasetRef, RunResults, Selection, SelectionResult, Timing)
+from dgzoo.run.results import (
+    FORMAT_VERSION,
+    DatasetRef,
+    RunResults,
+    Selection,
+    SelectionResult,
+    Timing,
+)
 
 DATA = Path(__file__).parent / "data" / "results"
 
@@ -63,7 +70,7 @@ def test_new_record_writes_format_version_and_field_order():
     res = RunResults(algorithm="ERM", selection=Selection(method="oracle", step=3, score=0.5),
                      timing=Timing(train_seconds=1.0, images_per_second=2.0, train_images=2, steps_per_second=1.0))
     out = res.to_json()
-    assert out["format_version"] == FORMAT_VERSION and list(out)[0] == "algorithm"
+    assert out["format_version"] == FORMAT_VERSION and next(iter(out)) == "algorithm"
     assert out["selection"] == {"method": "oracle", "step": 3, "score": 0.5}
     assert RunResults.from_json(json.loads(json.dumps(out))) == res
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from ..errors import DGZooError
 
@@ -54,7 +55,7 @@ class _Record:
         return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_") and f.name != "extra"]
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]):  # noqa: ANN206 - returns cls
+    def from_json(cls, data: Mapping[str, Any]):
         """Build the record from a parsed JSON object; missing known keys take their defaults."""
         if not isinstance(data, Mapping):
             raise DGZooError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}; "
