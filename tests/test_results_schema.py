@@ -84,3 +84,10 @@ def test_newer_format_is_refused_with_one_line():
 def test_not_a_results_file_is_refused():
     with pytest.raises(DGZooError, match="lacks algorithm"):
         RunResults.from_json({"accuracy": {}})
+
+
+def test_training_writes_the_current_format(trained_run):
+    run_dir, returned = trained_run
+    written = json.loads((run_dir / "results.json").read_text())
+    assert written["format_version"] == FORMAT_VERSION == returned["format_version"]
+    assert RunResults.load(run_dir / "results.json").to_json() == written

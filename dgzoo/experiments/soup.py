@@ -49,6 +49,7 @@ from ..run.cards import plot_run, render_card
 from ..run.hub import CONFIG, WEIGHTS, hub_error_reason, resolve_checkpoint, resolve_token
 from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, is_run_dir, read_json, run_done, save_model,
                           write_json)
+from ..run.results import RunResults
 from ..run.selection import SELECTION_METHODS, select
 from ..training.engine import (build_loop_data, claim_on_main, create_accelerator, device_name, plan_run,
                                start_run_dir)
@@ -528,7 +529,7 @@ def _soup_results(found: Sequence[Ingredient], chosen: Sequence[Ingredient], set
                     "source_val_acc": i.scores["source_val_acc"], "target_acc": i.scores["target_acc"],
                     "used": i.name in chosen_names} for i in found]
     data_info = plan.data.info()
-    return {
+    return RunResults.create({
         "algorithm": first["algorithm"], "host_algorithm": first.get("host_algorithm", first["algorithm"]),
         "addons": list(first.get("addons") or []), "algorithm_title": f"{title} ({label})",
         "backbone": first["backbone"], "pretrained": first.get("pretrained", False),
@@ -560,7 +561,7 @@ def _soup_results(found: Sequence[Ingredient], chosen: Sequence[Ingredient], set
         "num_processes": 1, "device": device_name(accelerator.device),
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    }).to_json()
 
 
 # ---------------------------------------------------------------------- soups of a sweep

@@ -197,6 +197,11 @@ class RunResults(_Record):
             results.format_version = LEGACY_FORMAT_VERSION
         return results
 
+    @classmethod
+    def create(cls, fields: Mapping[str, Any]) -> RunResults:
+        """A new run's results from the writer's fields, in the current format (``format_version`` last)."""
+        return cls.from_json({**fields, "format_version": FORMAT_VERSION})
+
     def to_json(self) -> dict[str, Any]:
         """The JSON object; ``format_version`` is always written (a 0.1 file read back gains it, last)."""
         out = super().to_json()
