@@ -29,7 +29,7 @@ def _filters(parser: argparse.ArgumentParser) -> None:
 
 def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     """Add ``zoo list``, ``zoo leaderboard`` and ``zoo best`` to the ``dgzoo`` parser."""
-    from ..experiments.report import SELECTION_METHODS
+    from ..run.selection import REPORT_SELECTION_METHODS as SELECTION_METHODS
 
     zoo = subparsers.add_parser("zoo", help="published dgzoo checkpoints on the Hub: list, rank, pick the best")
     sub = zoo.add_subparsers(dest="zoo_command", required=True)
