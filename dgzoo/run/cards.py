@@ -121,18 +121,19 @@ def sweep_entry(run_dir: str | Path | None) -> dict[str, Any] | None:
 
 def zoo_metadata(results: dict[str, Any], sweep: dict[str, Any] | None = None) -> dict[str, Any]:
     """The card's ``dgzoo`` block: what ``dgzoo zoo`` lists, filters and groups runs by."""
-    dataset = results["dataset"]
-    meta = {"dataset": dataset["name"], "dataset_repo": dataset.get("repo_id"),
-            "dataset_revision": dataset.get("revision"), "dataset_fingerprint": dataset.get("fingerprint"),
-            "code": results.get("code") or {"dgzoo_version": results.get("dgzoo_version")},
-            "held_out": list(results["target_domains"]),
-            "source_domains": list(results["source_domains"]), "algorithm": results["algorithm"],
-            "backbone": results["backbone"], "selection": results["selection"]["method"],
-            "held_out_accuracy": round(100 * results["target_accuracy"], 4), "seed": results["seed"],
-            "split_seed": results["split_seed"],
-            "holdout_fraction": results["hparams"].get("holdout_fraction", 0.2)}
-    if isinstance(results.get("soup"), dict):  # a weight average: the zoo lists it apart from single runs
-        meta["soup"] = results["soup"]["label"]
+    res = RunResults.from_json(results)
+    dataset = res.dataset
+    meta = {"dataset": dataset.name, "dataset_repo": dataset.repo_id,
+            "dataset_revision": dataset.revision, "dataset_fingerprint": dataset.fingerprint,
+            "code": res.code or {"dgzoo_version": res.dgzoo_version},
+            "held_out": list(res.target_domains),
+            "source_domains": list(res.source_domains), "algorithm": res.algorithm,
+            "backbone": res.backbone, "selection": res.selection.method,
+            "held_out_accuracy": round(100 * res.target_accuracy, 4), "seed": res.seed,
+            "split_seed": res.split_seed,
+            "holdout_fraction": res.hparams.get("holdout_fraction", 0.2)}
+    if isinstance(res.extra.get("soup"), dict):  # a weight average: the zoo lists it apart from single runs
+        meta["soup"] = res.extra["soup"]["label"]
     return {**meta, **(sweep or {})}
 
 
