@@ -2,6 +2,7 @@
 
     dgzoo sweep benchmarks/sweeps/composition_rotated_digits.yaml --output-dir sweeps/composition
     python benchmarks/composition_table.py sweeps/composition --output benchmarks/results/composition.md
+    python benchmarks/composition_table.py --smoke    # trains a tiny two-run sweep first: checks the script runs
 
 The accuracy tables are ``dgzoo report``'s own (training-domain validation and oracle, mean ± SE over trial seeds).
 The cost column is each algorithm's training seconds per step (``results.json`` timing, evaluation excluded),
@@ -17,6 +18,21 @@ from collections import defaultdict
 from pathlib import Path
 
 from dgzoo.experiments.report import report_dirs
+from smoke import TMP, add_smoke, apply_smoke
+
+
+def smoke_sweep(root: str) -> Path:
+    """A finished two-run sweep (erm, erm+gga; 2 steps of test_resnet) to tabulate with ``--smoke``."""
+    from dgzoo.experiments.launchers import run_sweep
+    from dgzoo.experiments.sweep import SweepSpec
+
+    spec = SweepSpec.from_dict(dict(
+        datasets=["rotated-digits"], algorithms=["erm", "erm+gga"], test_domains=["75"], n_trials=1, output_dir=root,
+        train=dict(backbone="test_resnet", steps=2, eval_every=2, batch_size=4, log_with="none", num_workers=0,
+                   hparams={"gga.start": 0, "gga.end": 1, "gga.candidates": 2})))
+    if run_sweep(spec, log=lambda line: None).failed:
+        raise SystemExit("the smoke sweep failed")
+    return Path(root)
 
 
 def step_costs(sweep_dir: Path) -> dict[str, tuple[float, int]]:
@@ -30,10 +46,15 @@ def step_costs(sweep_dir: Path) -> dict[str, tuple[float, int]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dirs", nargs="+", type=Path)
+    parser.add_argument("sweep_dirs", nargs="*", type=Path, help="finished sweeps (at least one)")
     parser.add_argument("--selection", nargs="+", default=["training_domain_validation", "oracle"])
     parser.add_argument("--output", type=Path, help="write the Markdown here too")
-    args = parser.parse_args()
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), sweep_dirs=TMP, output=None)
+    if args.smoke:
+        args.sweep_dirs = [smoke_sweep(args.sweep_dirs)]
+    if not args.sweep_dirs:
+        parser.error("give at least one sweep folder")
     parts = [report_dirs(args.sweep_dirs, args.selection).markdown(), "### Per-step training cost", "",
              "| Algorithm | s / step | × ERM | runs |", "|:--|--:|--:|--:|"]
     costs: dict[str, tuple[float, int]] = {}

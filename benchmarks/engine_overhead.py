@@ -6,6 +6,7 @@ evaluation excluded). The ratio new / old per algorithm is the number that matte
 
     git worktree add /tmp/dgzoo-prev <previous commit>
     OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --baseline /tmp/dgzoo-prev --repeats 3
+    python benchmarks/engine_overhead.py --smoke    # this tree against itself, tiny: checks the script runs
 
 The tiny ``test_resnet`` is the default backbone on purpose: its steps are short, so per-step overhead in the
 engine (Python, hooks, the DDP-style forward dispatch) is the largest share of a step it can ever be.
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from smoke import add_smoke, apply_smoke
 
 HERE = Path(__file__).resolve().parent.parent
 CASES = {
@@ -52,13 +55,16 @@ def step_seconds(tree: Path, values: dict) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", required=True, type=Path, help="the other dgzoo tree (its repository root)")
+    parser.add_argument("--baseline", type=Path, help="the other dgzoo tree (its repository root); required")
     parser.add_argument("--backbone", default="test_resnet")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--algorithms", nargs="+", default=list(CASES))
     parser.add_argument("--json", type=Path, help="also write the numbers here")
-    args = parser.parse_args()
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), baseline=HERE, steps=2, repeats=1, algorithms=["erm"], json=None)
+    if args.baseline is None:
+        parser.error("--baseline DIR is required (a dgzoo tree to compare with, e.g. a git worktree)")
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         for algorithm in args.algorithms:

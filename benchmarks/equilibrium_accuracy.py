@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+from smoke import TMP, add_smoke, apply_smoke
 
 METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {  # label: (algorithm, augment, hparams)
     "erm": ("erm", "none", {}),
@@ -116,7 +117,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", type=Path, help="JSON of every run; runs already in it are not repeated")
     parser.add_argument("--work-dir", default=None, help="where run directories go (default: a temporary one)")
-    args = parser.parse_args()
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), methods=["erm", "equilibrium"], seeds=[0], backbone="test_resnet", steps=2,
+                       batch_size=8, eval_every=2, jobs=1, out=None, work_dir=TMP)
     settings = {"backbone": args.backbone, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                 "eval_every": args.eval_every, "threads": args.threads,
                 "work_dir": args.work_dir or tempfile.mkdtemp(prefix="dgzoo-equilibrium-bench-")}

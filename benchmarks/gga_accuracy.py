@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from smoke import TMP, add_smoke, apply_smoke
 
 DOMAINS = ["0", "15", "30", "45", "60", "75"]
 
@@ -70,7 +71,10 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/gga_accuracy")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the collected numbers to this file")
-    args = parser.parse_args()
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), seeds=[0], algorithms=["erm", "erm+gga"], protocols=["lodo"],
+                       targets=["75"], steps=2, batch_size=4, eval_every=2,
+                       gga_hparams=["gga.start=0", "gga.end=1", "gga.candidates=2"], runs_dir=TMP, json=None)
     torch.set_num_threads(args.threads)
 
     jobs = []  # (protocol, target label, targets, sources)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from dgzoo.algorithms import create_algorithm
 from dgzoo.algorithms.gradients import FlatParams, per_domain_gradients
 from dgzoo.models import create_backbone
+from smoke import add_smoke, apply_smoke
 
 
 def engine_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, method: str,
@@ -80,7 +81,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--methods", nargs="+", default=["erm", "k-backward", "engine-loop", "engine-vmap",
                                                          "engine-loop-fresh", "equilibrium", "pcgrad", "agr_sum"])
-    args = parser.parse_args()
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), backbone="test_resnet", image_size=16, domains=2, batch_size=4, rounds=2,
+                       warmup=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

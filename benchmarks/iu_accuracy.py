@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from smoke import TMP, add_smoke, apply_smoke
 
 DOMAINS = ["0", "15", "30", "45", "60", "75"]
 VARIANTS = ["erm", "erm+iu", "erm+iue", "erm+iu:iu.params=all", "erm+iu:iu.samples=all"]
@@ -93,7 +94,9 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/iu_accuracy")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the collected numbers to this file")
-    args = parser.parse_args()
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), seeds=[0], variants=["erm", "erm+iu"], targets=["75"], steps=4,
+                       batch_size=4, eval_every=4, runs_dir=TMP, json=None)
     torch.set_num_threads(args.threads)
 
     scores: dict[str, dict[int, list[float]]] = {}

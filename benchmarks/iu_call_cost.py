@@ -23,6 +23,7 @@ import torch
 
 from dgzoo.algorithms import create_algorithm
 from iu_cost import SOURCES, erm_epoch, setup
+from smoke import add_smoke, apply_smoke
 
 VARIANTS = {
     "defaults": {},
@@ -39,11 +40,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per source domain per step")
     parser.add_argument("--rounds", type=int, default=4, help="rounds after the first (cache-filling) call")
     parser.add_argument("--json", help="also write the numbers to this file")
-    args = parser.parse_args()
+    parser.add_argument("--per-domain", type=int, default=None, metavar="N",
+                        help="use the first N training images of each source domain (default: all)")
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), backbones=["test_resnet"], batch_size=64, rounds=1, per_domain=16,
+                       json=None)
     torch.set_num_threads(1)
     report = {}
     for backbone in args.backbones:
-        model, optimizer, epoch, context, steps_per_epoch = setup(backbone, args.batch_size, 0)
+        model, optimizer, epoch, context, steps_per_epoch = setup(backbone, args.batch_size, 0,
+                                                                  per_domain=args.per_domain)
         erm = create_algorithm("erm", model, len(SOURCES), {}, make_optimizer=lambda _: optimizer)
         erm_epoch(erm, epoch(0), 0)  # warm-up: IU then sees a partly trained model, as after epoch 1
         addons = {name: create_algorithm("erm+iu", model, len(SOURCES), hparams,

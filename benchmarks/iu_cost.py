@@ -39,6 +39,7 @@ from dgzoo.algorithms.iu_pools import Pool
 from dgzoo.data import (DomainImages, eval_loader, eval_transform, load_dg_dataset, make_splits, train_loader,
                         train_transform)
 from dgzoo.models import create_backbone, data_config
+from smoke import add_smoke, apply_smoke
 
 SOURCES = ["0", "15", "30", "45", "60"]
 MODES = {"fast": {"iu.mode": "fast"},
@@ -157,14 +158,19 @@ def main() -> None:
     parser.add_argument("--agreement-lissa", type=int, nargs=2, default=[20, 64], metavar=("DEPTH", "BATCH"),
                         help="LiSSA depth and Hessian batch of that comparison (the defaults would take hours)")
     parser.add_argument("--json", help="also write the numbers to this file")
-    args = parser.parse_args()
+    parser.add_argument("--per-domain", type=int, default=None, metavar="N",
+                        help="use the first N training images of each source domain (default: all)")
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), backbones=["test_resnet"], batch_size=64, rounds=1, per_domain=64,
+                       json=None)
     torch.set_num_threads(args.threads)
     from dgzoo.algorithms.iu import IU
 
     defaults = {k: h.default for k, h in IU.HPARAMS.items()}
     report = {}
     for backbone in args.backbones:
-        model, optimizer, epoch, context, steps_per_epoch = setup(backbone, args.batch_size, args.seed)
+        model, optimizer, epoch, context, steps_per_epoch = setup(backbone, args.batch_size, args.seed,
+                                                                  per_domain=args.per_domain)
         erm = create_algorithm("erm", model, len(SOURCES), {}, make_optimizer=lambda _: optimizer)
         erm_epoch(erm, epoch(0), 0)  # warm-up: IU then sees a partly trained model, as after epoch 1
         epochs, calls = [], {m: [] for m in MODES}

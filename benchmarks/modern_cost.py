@@ -21,6 +21,7 @@ import torch
 
 from dgzoo.algorithms import create_algorithm
 from dgzoo.models import create_backbone
+from smoke import add_smoke, apply_smoke
 
 SPECS = ["erm", "erm+gga", "erm+iu", "erm+swad", "erm+gga+swad", "erm+iu+swad", "erm+ema", "erm+gga+ema",
          "erm+iu+ema", "sam", "sam+gga", "sam+iu", "sagm", "sagm+gga", "sagm+iu", "erm+mixstyle",
@@ -43,7 +44,8 @@ def main() -> int:
     parser.add_argument("--gga-window", action="store_true",
                         help="time GGA inside its annealing window (default: outside, as most of a run's steps)")
     parser.add_argument("--output", type=Path)
-    args = parser.parse_args()
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), rounds=1, steps=1, output=None)
     torch.set_num_threads(1)
     hparams = dict(HPARAMS) if args.gga_window else {**HPARAMS, "gga.start": 10**9, "gga.end": 10**9}
     algorithms = {}

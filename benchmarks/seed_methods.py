@@ -30,6 +30,7 @@ from typing import Any
 
 from dgzoo.config import TrainConfig
 from dgzoo.training.engine import train
+from smoke import TMP, add_smoke, apply_smoke
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "rotated-multi": {"dataset": "rotated-digits", "target_domains": ["75"]},
@@ -127,7 +128,9 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("sweeps/seed-methods"))
     parser.add_argument("--json", type=Path, help="every run's numbers (read first: finished runs are skipped)")
     parser.add_argument("--output", type=Path, help="write the Markdown tables here too")
-    args = parser.parse_args()
+    add_smoke(parser)
+    args = apply_smoke(parser.parse_args(), plan=["rotated-multi:erm:0", "rotated-multi:erm+gga:0"], steps=2,
+                       batch_size=4, work_dir=TMP, json=None, output=None)
     plan: list[tuple[str, str, int]] = []
     if args.plan:
         for item in args.plan:

@@ -22,6 +22,7 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+from smoke import TMP, add_smoke, apply_smoke
 
 COLUMNS = [("forget_acc", "forget"), ("retain_acc", "retain"), ("test_acc", "test"),
            ("matched_test_acc", "test (matched)"), ("held_out_acc", "held-out"), ("mia_loss", "MIA loss"),
@@ -51,7 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; on a shared 2-core machine one thread is several times faster")
     parser.add_argument("--output-dir", default="benchmark_runs/sure")
-    return parser.parse_args()
+    add_smoke(parser)
+    return apply_smoke(parser.parse_args(), seeds=[0], scenarios=["class=3"], methods=list(GRID)[:1], steps=2,
+                       batch_size=4, unlearn_steps=2, tune=False, output_dir=TMP)
 
 
 def mean_se(values: list[float | None]) -> str:
@@ -128,7 +131,8 @@ def main() -> None:
                 else:
                     results = run(source, scenario, method, chosen[scenario][method], reference, folder / method)
                     rows[scenario].setdefault(method, []).append(record(results))
-    (root / "summary.json").write_text(json.dumps({"args": vars(args), "chosen": chosen, "tuning": tuning,
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    (root / "summary.json").write_text(json.dumps({"args": settings, "chosen": chosen, "tuning": tuning,
                                                    "rows": rows}, indent=1))
 
     print(f"\nrotated-digits, {args.backbone}, source ERM {args.steps} steps x {args.batch_size}/domain, "

@@ -3,10 +3,12 @@
     PYTHONPATH=/tmp/dgzoo-prev python benchmarks/weights_identity.py prev.json   # a worktree of the previous release
     python benchmarks/weights_identity.py new.json                               # this tree
     diff prev.json new.json
+    python benchmarks/weights_identity.py --smoke out.json                      # tiny: checks the script runs
 
 Each recipe is the default job (or an algorithm on it), shortened; results land in a temporary directory. Names after
 the output file pick recipes (``... new.json default erm+iu``); none: every recipe below.
 """
+import argparse
 import hashlib
 import json
 import sys
@@ -16,6 +18,7 @@ from safetensors.torch import load_file
 
 import dgzoo
 from dgzoo.config import TrainConfig
+from smoke import add_smoke
 
 try:  # a tree from before the layered package (tried first: an editable install may map dgzoo.training)
     from dgzoo.engine import train
@@ -34,17 +37,39 @@ CASES = {
     "erm+swad": dict(algorithm="erm+swad", steps=30, eval_every=5,
                      hparams={"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 2}),
 }
-only = sys.argv[2:] or list(CASES)
-out = {}
-root = tempfile.mkdtemp()
-print(dgzoo.__file__, file=sys.stderr)
-for name in only:
-    cfg = TrainConfig.from_dict({**CASES[name], "output_dir": f"{root}/{name}", "log_with": "none"})
-    res = train(cfg)
-    w = load_file(f"{root}/{name}/model.safetensors")
-    h = hashlib.sha256()
-    for k in sorted(w):
-        h.update(k.encode()); h.update(w[k].contiguous().numpy().tobytes())
-    out[name] = {"sha": h.hexdigest(), "target_accuracy": res["target_accuracy"], "step": res["selection"]["step"]}
-    print(name, out[name], file=sys.stderr)
-json.dump(out, open(sys.argv[1], "w"), indent=1)
+SMOKE_CASES = {
+    "default": dict(backbone="test_resnet", steps=2, eval_every=2, batch_size=4),
+    "erm+gga": dict(backbone="test_resnet", algorithm="erm+gga", steps=2, eval_every=2, batch_size=4,
+                    hparams={"gga.start": 0, "gga.end": 1, "gga.candidates": 2}),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", help="JSON file of each recipe's weights' sha256")
+    parser.add_argument("cases", nargs="*", help=f"recipes to train (default: all of {', '.join(CASES)})")
+    add_smoke(parser)
+    args = parser.parse_args()
+    cases = SMOKE_CASES if args.smoke else CASES
+    if args.smoke:
+        print("--smoke: two tiny recipes of test_resnet (the hashes are not comparable with full ones)")
+    out = {}
+    root = tempfile.mkdtemp()
+    print(dgzoo.__file__, file=sys.stderr)
+    for name in args.cases or list(cases):
+        cfg = TrainConfig.from_dict({**cases[name], "output_dir": f"{root}/{name}", "log_with": "none"})
+        res = train(cfg)
+        w = load_file(f"{root}/{name}/model.safetensors")
+        h = hashlib.sha256()
+        for k in sorted(w):
+            h.update(k.encode())
+            h.update(w[k].contiguous().numpy().tobytes())
+        out[name] = {"sha": h.hexdigest(), "target_accuracy": res["target_accuracy"], "step": res["selection"]["step"]}
+        print(name, out[name], file=sys.stderr)
+    with open(args.output, "w") as f:
+        json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

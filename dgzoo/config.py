@@ -31,7 +31,8 @@ PRECISIONS = ("no", "fp16", "bf16")
 SELECTIONS = ("training_domain_validation", "oracle", "last")
 # Fields that do not change what a run computes: runs that differ only in these are the same run.
 NON_RESULT_FIELDS = ("output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision",
-                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "dry_run")
+                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "dry_run",
+                     "channels_last", "compile")
 
 
 # The block of train_config.json recording the code, the data and the values given before dgzoo resolved them
@@ -79,7 +80,8 @@ class TrainConfig:
     algorithm: str = _f("erm", "algorithm, optionally with add-ons: erm, erm+gga, equilibrium+gga+iu, ...")
     hparams: dict[str, Any] = _f({}, "algorithm hyperparameters KEY=VALUE; add-on keys are namespaced (gga.rho=1e-5)")
     # -- optimisation
-    steps: int = _f(1000, "number of training steps")
+    steps: int = _f(400, "number of training steps (the default is the first job's: held-out accuracy on "
+                         "rotated-digits stops improving by step 400; recipes for real datasets set their own)")
     batch_size: int = _f(32, "images per source domain per step (global, split across processes)",
                          search=Uniform(3, 5.5, base=2, integer=True), small_search=Uniform(3, 9, base=2, integer=True))
     lr: float = _f(1e-3, "learning rate", search=Uniform(-5, -3.5, base=10), small_search=Uniform(-4.5, -2.5, base=10))
@@ -94,6 +96,10 @@ class TrainConfig:
     clip_grad_norm: float | None = _f(None, "clip the gradient norm before every optimizer step to this value")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     mixed_precision: str = _f("no", "mixed precision mode passed to Accelerate", choices=PRECISIONS)
+    channels_last: bool = _f(False, "keep the network's weights and input images in channels-last memory format "
+                                    "(faster convolutions on GPUs; same numbers up to float rounding)")
+    compile: bool = _f(False, "torch.compile the network (slower first steps, faster after; refused for "
+                              "algorithms that cannot be compiled, see docs/performance.md)")
     # -- evaluation and checkpoints
     eval_every: int = _f(100, "evaluate every domain's in/out splits every N steps")
     eval_batch_size: int = _f(128, "evaluation batch size per process")
@@ -101,7 +107,8 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "resumable checkpoints to keep (two: a corrupt newest one has an intact fallback)")
     selection: str = _f("training_domain_validation", "which step's weights the run exports", choices=SELECTIONS)
     # -- runtime and output
-    num_workers: int | None = _f(None, "data-loading workers (default: 0 on CPU, 4 per process on GPU)")
+    num_workers: int | None = _f(None, "data-loading workers per process (default: from the CPUs this process may use; "
+                                         "on CPU only the cores torch's compute threads leave idle)")
     output_dir: str | None = _f(None, "run directory (default: runs/<dataset>-<backbone>-<algorithm>-<targets>-seed<seed>)")
     overwrite: bool = _f(False, "replace an existing run in --output-dir")
     resume: bool = _f(False, "continue the run in --output-dir from its last checkpoint")
@@ -126,7 +133,10 @@ class TrainConfig:
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name == PROVENANCE_KEY and isinstance(value, dict):
-                continue  # what a run recorded about its code and data (train_config.json), not a setting
+                # What a run recorded about its code and data (train_config.json), not a setting: kept apart so
+                # training can say when it will not repeat that run bit for bit (dgzoo.run.provenance).
+                self.recorded_provenance = value
+                continue
             if name not in names:
                 raise DGZooError(f"unknown {source} key '{key}'{suggest(name, names)}; "
                                  f"run `dgzoo train --help` for the valid keys")

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from dgzoo.cli import run
-from dgzoo.cli.app import train_command
+from dgzoo.cli.app import exit_now, train_command
 from dgzoo.config import add_train_arguments
 
 
@@ -20,7 +20,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     args = parser.parse_args()
-    return run(train_command, args)
+    status = run(train_command, args)
+    if args.dry_run:
+        exit_now(status)  # printed is done: skip the interpreter's seconds-long teardown of torch
+    return status
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dgzoo.data import (DomainImages, StepBatchSampler, collate_domains, load_dg_dataset, make_splits,
-                        resolve_protocol, split_rows, train_loader)
+                        eval_loader, resolve_protocol, split_rows, train_loader)
 from dgzoo.data.builtin import rotated_digits_rows
 from dgzoo.data.transforms import eval_transform, train_transform
 from dgzoo.errors import DGZooError
@@ -198,3 +198,76 @@ def test_an_unreachable_hub_is_a_one_line_error_naming_the_offline_fix(monkeypat
     with pytest.raises(DGZooError, match=r"cannot reach the Hub at http://127.0.0.1:\d+ to load flwrlabs/pacs "
                                          r"\(\w+\); check the connection, or set HF_HUB_OFFLINE=1"):
         load_dg_dataset("pacs")
+
+
+def test_label_and_domain_columns_are_read_in_one_arrow_call_not_row_by_row(tmp_path, monkeypatch):
+    """Start-up must not grow with the dataset once caches are warm: the label and domain codes come from whole
+    Arrow columns, so the table is indexed a fixed number of times whatever its length."""
+    import datasets
+
+    n = 300
+    table = datasets.Dataset.from_dict(
+        {"image": make_images(1) * n, "label": [f"c{i % 7}" for i in range(n)],
+         "domain": [["x", "y", "z"][i % 3] for i in range(n)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string"),
+                                    "domain": datasets.Value("string")}))
+    table.to_parquet(str(tmp_path / "data.parquet"))
+    calls, rows = [], []
+    getitem, iterate = datasets.Dataset._getitem, datasets.Dataset.__iter__
+
+    def counted_iter(self):
+        for row in iterate(self):
+            rows.append(1)
+            yield row
+
+    monkeypatch.setattr(datasets.Dataset, "_getitem", lambda self, key, **kw: calls.append(key) or getitem(self, key, **kw))
+    monkeypatch.setattr(datasets.Dataset, "__iter__", counted_iter)
+    data = load_dg_dataset(str(tmp_path))
+    assert len(calls) <= 4 and not rows  # one read per column; no row converted to Python on its own
+    assert data.class_names == [f"c{i}" for i in range(7)] and list(data.labels[:8]) == [0, 1, 2, 3, 4, 5, 6, 0]
+    assert data.domains == ["x", "y", "z"] and [len(r) for r in data.rows_by_domain.values()] == [100, 100, 100]
+
+
+def test_a_selected_table_keeps_its_row_order_for_codes_and_images(tmp_path):
+    """A table with an indices mapping (a selection) gives the codes and the images of its own rows."""
+    import datasets
+
+    from dgzoo.data.loading import _normalize
+
+    images = make_images(6)
+    table = datasets.Dataset.from_dict(
+        {"image": images, "label": [0, 1, 2, 3, 4, 5], "domain": ["a", "a", "a", "b", "b", "b"]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
+                                    "domain": datasets.Value("string")})).select([5, 0, 3])
+    data = _normalize(table, "t", "parquet", {"image": "image", "label": "label", "domain": "domain"})
+    assert data.class_names == ["0", "3", "5"] and list(data.labels) == [2, 0, 1]
+    assert list(data.domain_of_row) == [1, 0, 1]
+    for row, original in enumerate([5, 0, 3]):
+        assert np.array_equal(np.asarray(data.decode_image(row)), np.asarray(images[original]))
+        assert np.array_equal(np.asarray(data.decode_image(row)), np.asarray(table[row]["image"]))
+
+
+def test_default_workers_come_from_the_cpus_this_process_may_use():
+    from dgzoo.data.loaders import default_workers
+
+    # Feeding a GPU: the process's share of CPUs but its own, at most 8.
+    assert default_workers(True, cpus=16, local_processes=1) == 8
+    assert default_workers(True, cpus=16, local_processes=4) == 3
+    assert default_workers(True, cpus=2, local_processes=4) == 1
+    # On CPU the workers get the cores the compute threads leave idle.
+    assert default_workers(False, cpus=2, local_processes=1, compute_threads=2) == 0
+    assert default_workers(False, cpus=2, local_processes=1, compute_threads=1) == 1
+    assert default_workers(False, cpus=8, local_processes=2, compute_threads=1) == 3
+
+
+def test_evaluation_loaders_keep_their_workers_between_evaluations(digits):
+    """A run iterates each evaluation loader many times; its workers start once, not at every evaluation."""
+    splits = make_splits(digits, 0.2, 0)
+    images = DomainImages(digits, splits.out_rows["0"][:8], eval_transform(PREPROCESSING))
+    loader = eval_loader(images, batch_size=4, num_workers=1)
+    first = [y for _, y in loader]
+    workers = loader._iterator._workers
+    second = [y for _, y in loader]
+    assert loader._iterator._workers is workers and all(w.is_alive() for w in workers)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    del loader

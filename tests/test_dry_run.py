@@ -106,3 +106,33 @@ def test_the_issue_case_a_saved_32_pixel_dataset_trains_resnet18_at_32(tmp_path)
                                 backbone="resnet18"))
     assert plan.image_size == 32 and plan.warnings == [] and plan.protocol.targets == ("noisy",)
     assert plan.derived["image_size"]["source"].startswith("the images: 32x32")
+
+
+def test_dry_run_leaves_the_cache_untouched_and_a_real_plan_remembers_the_image_check(tmp_path, monkeypatch):
+    from dgzoo.data import verify
+
+    monkeypatch.setattr(verify, "cache_root", lambda: tmp_path / "cache")
+    dry_run(tiny_config(tmp_path), timed_steps=0)
+    assert not (tmp_path / "cache").exists()  # not even the note that the images decode
+    plan_run(tiny_config(tmp_path))  # a run's plan remembers it, so the next run skips the decode pass
+    assert len(list((tmp_path / "cache" / "verified").iterdir())) == 1
+
+
+def test_cli_dry_run_ends_the_process_once_printed(tmp_path):
+    """The console command exits right after the plan, without the interpreter's teardown (seconds of torch
+    clean-up): an exit handler registered before it never runs, and the plan is complete on stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import atexit, sys; atexit.register(lambda: print('TEARDOWN', flush=True)); "
+            "from dgzoo.cli import main; sys.exit(main())")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code, "train", "--dry-run", "--backbone", "test_resnet", "--steps",
+                           "4", "--batch-size", "4", "--output-dir", str(tmp_path / "run"), "--log-with", "none"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("dry run: nothing was trained or written") and "estimate   about" in done.stdout
+    assert "TEARDOWN" not in done.stdout and not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ pushed, and no local path leaves the machine. Against the local Hub server, with
 - A local dataset given by absolute path, trained, pushed and swept: the path is in no file the Hub stores.
 """
 import json
+import logging
 import shlex
 import subprocess
 import sys
@@ -128,10 +129,20 @@ def test_an_absolute_dataset_path_is_in_no_published_file(hub_server, tmp_path):
     assert results["dataset"]["name"] == "my-data" and len(results["dataset"]["fingerprint"]) == 16
     assert results["dataset"]["path"] == str(data)  # kept on this machine: the run can be repeated here
 
+    # A run started from that run's weights by absolute path (--init-from) names it in its recipe and command.
+    from dgzoo.config import TrainConfig
+    from dgzoo.training.engine import train
+
+    child = tmp_path / "private-home" / "child"
+    train(TrainConfig.from_dict(dict(dataset=str(data), target_domains=["c"], init_from=str(run_dir),
+                                     output_dir=str(child), **spec.train)))
+    assert str(run_dir) in (child / "README.md").read_text()  # the local card keeps it: it works on this machine
+
     prefix = "testuser/" + hub_server.unique_repo_id("abs").split("/")[1]
     single = hub_server.unique_repo_id("abs-single")
     ok(run(hub_server, tmp_path / "hf", dgzoo_cli("push", run_dir, single)))
     ok(run(hub_server, tmp_path / "hf", dgzoo_cli("push", sweep_dir, prefix)))
+    ok(run(hub_server, tmp_path / "hf", dgzoo_cli("push", child, hub_server.unique_repo_id("abs-child"))))
     stored = [p for p in hub_server.storage_dir.rglob("*") if p.is_file()]
     assert len(stored) > 20
     leaks = [str(p) for p in stored if secret.encode() in p.read_bytes()]
@@ -146,3 +157,46 @@ def test_an_absolute_dataset_path_is_in_no_published_file(hub_server, tmp_path):
                                                             f"{prefix}-results"])).stdout)
     assert loaded["report_rows"] >= 1 and loaded["picked_rows"] >= 1
     assert hub_server.errors == []
+
+
+@pytest.mark.slow
+def test_repeating_a_recorded_run_with_other_code_or_data_says_so_in_one_line_before_training(tmp_path):
+    """`dgzoo train --config RUN/train_config.json`: silent when the code and data are the ones the run recorded,
+    one warning line naming each difference (code commit, local fingerprint, Hub commit) before the first step."""
+    from conftest import tiny_config
+    from dgzoo.config import TrainConfig
+    from dgzoo.run.provenance import code_version, repeat_differences
+    from dgzoo.training.engine import plan_run, train
+
+    first = tiny_config(tmp_path, output_dir=str(tmp_path / "first"), steps=2, eval_every=2)
+    train(first)
+    recorded = tmp_path / "first" / "train_config.json"
+    same = TrainConfig.from_yaml(recorded)
+    same.output_dir = str(tmp_path / "same")
+    assert repeat_differences(same.recorded_provenance, plan_run(same).data.info()) == []
+
+    saved = json.loads(recorded.read_text())
+    saved["provenance"]["code"] = {**code_version(), "git_commit": "f" * 40, "dgzoo_version": "0.0.1"}
+    saved["provenance"]["dataset"] = {**saved["provenance"]["dataset"], "fingerprint": "0" * 16}
+    saved["output_dir"] = str(tmp_path / "moved")
+    (tmp_path / "moved.json").write_text(json.dumps(saved))
+    logger, records = logging.getLogger("dgzoo"), []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # (the dgzoo logger stops propagating once a run has set it up)
+    logger.addHandler(handler)
+    try:
+        train(TrainConfig.from_yaml(tmp_path / "moved.json"))
+    finally:
+        logger.removeHandler(handler)
+    lines = [r.getMessage() for r in records]
+    warned = [i for i, line in enumerate(lines) if "repeats a recorded run" in line]
+    assert len(warned) == 1 and "\n" not in lines[warned[0]]
+    assert "dgzoo 0.0.1 (commit ffffffffffff" in lines[warned[0]] and "0" * 16 in lines[warned[0]]
+    # The run's own logging replaces the handler: what it caught was said before the run set up, let alone trained.
+    assert not any(line.startswith("step ") for line in lines)
+
+    # A Hub dataset: its recorded commit against the one this run resolved.
+    hub = {"source": "hub", "repo_id": "user/pacs", "revision": "a" * 40, "fingerprint": None}
+    moved = repeat_differences({"dataset": hub}, {**hub, "revision": "b" * 40})
+    assert moved == [f"data user/pacs at commit {'a' * 40} -> user/pacs at commit {'b' * 40}"]
+    assert repeat_differences({"dataset": hub}, hub) == []

@@ -304,3 +304,52 @@ def test_soups_benchmark_runs_at_smoke_size(tmp_path):
     soups = sorted(p.name for p in (tmp_path / "sweeps" / "soups-rotated-digits" / "soups").iterdir())
     assert soups == ["rotated-digits-erm-75-greedy_soup-trial0", "rotated-digits-erm-75-topk_soup-trial0",
                      "rotated-digits-erm-75-uniform_soup-trial0"]
+
+
+# ---------------------------------------------------------------------- provenance
+
+
+def test_soup_records_the_provenance_a_trained_run_does_and_its_ingredients_identities(runs, uniform_soup):
+    from dgzoo.run.identity import identity_key, run_identity
+    from dgzoo.run.provenance import code_version
+
+    out, results = uniform_soup
+    ingredient = json.loads((runs[1] / "results.json").read_text())
+    assert results["code"] == code_version() == ingredient["code"]
+    assert results["dataset"]["fingerprint"] == ingredient["dataset"]["fingerprint"]
+    assert json.loads((out / "results.json").read_text())["code"] == results["code"]
+    recipe = json.loads((out / "train_config.json").read_text())
+    recorded = json.loads((runs[1] / "train_config.json").read_text())["provenance"]
+    assert recipe["provenance"]["code"] == recorded["code"] and recipe["provenance"]["dataset"] == recorded["dataset"]
+    identities = [run_identity(json.loads((r / "results.json").read_text())) for r in runs[1:]]
+    assert [i["identity"] for i in results["soup"]["ingredients"]] == identities
+    assert recipe["provenance"]["ingredients"] == identities
+
+    # A soup is its method and its ingredients' identities: not where the ingredients lay (a copy of the same runs
+    # elsewhere is the same soup), but another ingredient (here: another seed) is another soup.
+    moved = json.loads(json.dumps(results))
+    for i in moved["soup"]["ingredients"]:
+        i["name"] = i["run"] = "/elsewhere/" + str(i["name"]).rsplit("/", 1)[-1]
+    assert identity_key(moved) == identity_key(results)
+    other = json.loads(json.dumps(results))
+    other["soup"]["ingredients"][1]["identity"]["seeds"]["seed"] = 99
+    assert identity_key(other) != identity_key(results)
+    assert identity_key({**results, "soup": {**results["soup"], "method": "greedy"}}) != identity_key(results)
+
+
+@pytest.mark.slow
+def test_a_pushed_soup_holds_no_absolute_local_path(runs, uniform_soup, hub_server, tmp_path):
+    from test_hub import dgzoo_cli, ok, run
+
+    out, _ = uniform_soup
+    repo = hub_server.unique_repo_id("soup-paths")
+    before = {p for p in hub_server.storage_dir.rglob("*") if p.is_file()}  # other tests' pushes: not this soup's
+    ok(run(hub_server, tmp_path / "hf", dgzoo_cli("push", out, repo)))
+    secrets = [str(runs[1].parent), str(out.parent)]
+    assert any(s in (out / "results.json").read_text() for s in secrets)  # kept locally: the soup can be remade
+    stored = [p for p in hub_server.storage_dir.rglob("*") if p.is_file() and p not in before]
+    published = [p for p in stored if b"uniform soup of 2" in p.read_bytes()]
+    assert published, "the soup's card was not pushed"
+    leaks = [str(p) for p in stored if any(s.encode() in p.read_bytes() for s in secrets)]
+    assert leaks == []
+    assert hub_server.errors == []

@@ -90,6 +90,10 @@ class Component:
     paper: ClassVar[str] = ""  # short reference, e.g. "Sun & Saenko, ECCV-W 2016"
     citation: ClassVar[str] = ""
     HPARAMS: ClassVar[dict[str, HParam]] = {}
+    # Whether it may run on a network compiled with torch.compile (``--compile``); if not, COMPILE_REFUSAL says why
+    # (the recipe is refused with it when planned). What was tried: docs/performance.md.
+    COMPILABLE: ClassVar[bool] = True
+    COMPILE_REFUSAL: ClassVar[str] = ""
 
     @classmethod
     def check_hparams(cls, hparams: dict[str, Any]) -> None:

@@ -199,6 +199,8 @@ class GGA(AddOn):
         if recipe.network is not None and not any(True for _ in featurizer_parameters(recipe.network)):
             raise DGZooError("GGA perturbs the featurizer, but the backbone has no trainable parameter outside its "
                              "classifier head; unfreeze the backbone")
+        # Refused when planned, not when built: fp16's scaler and vmap's autocast (see check_mixed_precision).
+        check_mixed_precision(recipe.mixed_precision, hparams["grad_engine"])
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)
@@ -327,7 +329,8 @@ class GGAL(AddOn):
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
-        check_mixed_precision(recipe.mixed_precision)  # per-domain gradients of fp16 passes underflow unscaled
+        # per-domain gradients of fp16 passes underflow unscaled; vmap's passes run outside autocast
+        check_mixed_precision(recipe.mixed_precision, hparams["grad_engine"])
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)

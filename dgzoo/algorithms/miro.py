@@ -121,6 +121,9 @@ class MIRO(LossHost):
     title = "Mutual-Information Regularization with Oracle"
     paper = "Cha et al., ECCV 2022"
     citation = CITATION
+    COMPILABLE = False
+    COMPILE_REFUSAL = ("its feature taps are forward hooks switched on and off between passes, which a compiled "
+                       "network would fix at its first call")
     HPARAMS = {
         "ld": HParam(0.1, "weight lambda of the regulariser (official 0.1; the paper searches 1.0-0.001)",
                      minimum=0.0, search=Choice((1.0, 0.1, 0.01, 0.001))),

@@ -66,6 +66,10 @@ def parse_layers(text: str, key: str) -> list[int]:
 class FeatureMixing(AddOn):
     """Base of the two add-ons: one :class:`~dgzoo.models.mixing.StyleMixing` hook per chosen stage."""
 
+    COMPILABLE = False
+    COMPILE_REFUSAL = ("its style-mixing forward hooks decide in Python, call by call, whether to mix, which a "
+                       "compiled network would fix at its first call")
+
     @classmethod
     def op(cls, hparams: dict[str, Any]) -> Any:
         raise NotImplementedError

@@ -363,6 +363,9 @@ class IGA(UpdateHost):
     title = "Inter-environmental Gradient Alignment"
     paper = "Koyama & Yamaguchi, arXiv 2020"
     citation = _IGA
+    COMPILABLE = False
+    COMPILE_REFUSAL = ("its penalty differentiates the network's gradients (create_graph), which a compiled "
+                       "backward graph does not support")
     HPARAMS = {"penalty": HParam(1000.0, "weight of the spread of the per-domain gradients", minimum=0.0,
                                  search=Uniform(1, 5, base=10))}
 

@@ -52,6 +52,9 @@ def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     pool.add_argument("--gpus-per-run", type=int, default=1, metavar="N",
                       help="GPUs per run; N > 1 trains each run with `accelerate launch --num_processes N` "
                            "(default: 1)")
+    pool.add_argument("--runs-per-gpu", type=int, default=1, metavar="N",
+                      help="runs sharing each GPU (local-gpus: per device slot; slurm: per job), each its own "
+                           "process; small runs leave most of a large GPU idle (default: 1)")
     slurm = sweep.add_argument_group("slurm (flags override the spec's slurm section)")
     for key, (kind, meaning) in SLURM_KEYS.items():
         slurm.add_argument(f"--slurm-{key.replace('_', '-')}", dest=f"slurm_{key}", type=kind,
@@ -106,7 +109,8 @@ def _sweep(args: argparse.Namespace) -> int:
         slurm = {key: getattr(args, f"slurm_{key}") for key in SLURM_KEYS if getattr(args, f"slurm_{key}") is not None}
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
         outcome = run_sweep(spec, args.launcher, args.launch_prefix, args.fail_fast, max_retries=args.max_retries,
-                            gpus=gpus, gpus_per_run=args.gpus_per_run, slurm=slurm, cluster=args.slurm_cluster,
+                            gpus=gpus, gpus_per_run=args.gpus_per_run, runs_per_gpu=args.runs_per_gpu, slurm=slurm,
+                            cluster=args.slurm_cluster,
                             wait=True if args.wait else None, more_trials=args.more_trials,
                             selection=(args.selection or ["training_domain_validation"])[0])
     except (KeyboardInterrupt, Interrupted):

@@ -9,6 +9,7 @@ and the number of data-loading workers never changes the data.
 """
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,9 +41,7 @@ class DomainImages(Dataset):
     def image(self, position: int) -> Any:
         row = int(self.rows[position])
         try:
-            image = self.data.table[row][self.data.image_column]
-            image.load()  # decode here, where a failure can name the row, not lazily inside the transform
-            return image
+            return self.data.decode_image(row)  # decoded in full here, where a failure can name the row
         except Exception as e:  # PIL's many error types: any failure here is an unreadable image
             raise row_decode_error(self.data, row, self.domain, e) from None
 
@@ -143,13 +142,39 @@ def train_loader(domains: Sequence[DomainImages], batch_size: int, seed: int, st
 
 
 def loader_workers(num_workers: int | None, device: torch.device) -> tuple[int, bool]:
-    """Worker processes and pinned memory for loaders that feed ``device``: ``num_workers`` when given, else 4
-    on CUDA (decoding must keep a GPU busy) and 0 on CPU (the cores are training); pinned memory on CUDA only."""
+    """Worker processes and pinned memory for loaders that feed ``device``: ``num_workers`` when given, else
+    :func:`default_workers`; pinned memory on CUDA only."""
     cuda = device.type == "cuda"
-    return (num_workers if num_workers is not None else (4 if cuda else 0)), cuda
+    return (num_workers if num_workers is not None else default_workers(cuda)), cuda
+
+
+MAX_DEFAULT_WORKERS = 8  # DomainBed's train.py uses 8 per domain loader; past that decode rarely limits one process
+
+
+def default_workers(accelerator: bool, cpus: int | None = None, local_processes: int | None = None,
+                    compute_threads: int | None = None) -> int:
+    """Data-loading workers per process when ``--num-workers`` is not given, from the CPUs this process may use
+    (``os.sched_getaffinity``: a Slurm or container CPU limit, not the machine's count) shared by the processes
+    launched on this machine (``LOCAL_WORLD_SIZE``).
+
+    Feeding an accelerator, every CPU of the process's share but one (its main process) decodes, up to 8. On CPU the
+    cores also train: the workers get the cores that torch's compute threads leave idle (none with torch's default
+    of a thread per core, one per spare core with ``OMP_NUM_THREADS=1`` on two cores).
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = max(1, cpus // max(1, local_processes))
+    if accelerator:
+        return max(1, min(MAX_DEFAULT_WORKERS, share - 1))
+    threads = torch.get_num_threads() if compute_threads is None else compute_threads
+    return max(0, min(MAX_DEFAULT_WORKERS, share - threads))
 
 
 def eval_loader(dataset: DomainImages, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A sequential loader over one domain split (sharded across processes by Accelerate when prepared)."""
+    """A sequential loader over one domain split (sharded across processes by Accelerate when prepared), built once
+    per run and iterated at every evaluation."""
+    # Workers persist: a run evaluates the same splits many times, and starting workers each time costs seconds.
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(0))
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))

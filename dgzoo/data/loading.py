@@ -44,9 +44,26 @@ class DGDataset:
     spec: DatasetSpec | None = None
     fingerprint: str | None = None  # a local source's content fingerprint (dgzoo.data.fingerprint)
     rows_by_domain: dict[str, np.ndarray] = field(init=False)
+    _stored_images: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.rows_by_domain = {d: np.flatnonzero(self.domain_of_row == i) for i, d in enumerate(self.domains)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A loader worker started by spawn rebuilds the Arrow view itself rather than receive a copy of every image.
+        return {**self.__dict__, "_stored_images": None}
+
+    def decode_image(self, row: int) -> Any:
+        """The image of row ``row``, decoded: its stored value read from the Arrow column and decoded by the column's
+        own ``datasets.Image`` feature. The same image as ``table[row][image_column]``, without formatting the whole
+        row into Python first (the per-sample cost a loader pays on every step)."""
+        if self._stored_images is None:
+            indices = self.table._indices
+            self._stored_images = (self.table.data.column(self.image_column),
+                                   None if indices is None else indices.column(0))
+        column, indices = self._stored_images
+        position = int(row) if indices is None else indices[int(row)].as_py()
+        return self.table.features[self.image_column].decode_example(column[position].as_py())
 
     @property
     def num_classes(self) -> int:
@@ -222,63 +239,75 @@ def _is_binary(feature: Any) -> bool:
     return getattr(feature, "dtype", None) in ("binary", "large_binary")
 
 
-def _column(table: Any, name: str) -> np.ndarray:
-    return np.asarray(table.select_columns([name]).with_format("numpy")[name])
+def _column(table: Any, name: str) -> Any:
+    """Column ``name`` of ``table`` as one Arrow array, in row order, read in one call: a zero-copy slice of the
+    Arrow table (through its indices mapping when the table is a selection), never a conversion row by row."""
+    import pyarrow as pa
+
+    column = table.select_columns([name]).with_format("arrow")[:][name]
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-def _check_present(values: np.ndarray, column: str, role: str, name: str, valid: int | None = None) -> None:
-    """Refuse missing values (None, NaN; for ClassLabel also -1 / out of range): they would become a class or domain
-    of their own, silently."""
-    if values.dtype.kind in "iu":
-        missing = np.flatnonzero((values < 0) | (values >= valid)) if valid is not None else np.zeros(0, np.int64)
-    elif values.dtype.kind == "f":
-        missing = np.flatnonzero(~np.isfinite(values))
-    else:
-        missing = np.flatnonzero([v is None or (isinstance(v, float) and v != v) for v in values.tolist()])
-    if len(missing):
-        raise DGZooError(f"{len(missing)} row(s) of {name} have no {role} in column '{column}' (first: row "
-                         f"{int(missing[0])}); remove or label those rows, or pass the right --{role}-column")
+def _codes(table: Any, column: str, role: str, name: str, valid: int | None = None) -> tuple[list[Any], np.ndarray]:
+    """The distinct values of ``column`` (first-seen order) and each row's index into them, computed in Arrow.
+
+    Refuses missing values (null, NaN; for a ClassLabel also -1 or out of range): they would become a class or
+    domain of their own, silently.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = _column(table, column)
+    missing = values.is_null()
+    if pa.types.is_floating(values.type):
+        missing = pc.or_(missing, pc.invert(pc.is_finite(values)))
+    elif valid is not None and pa.types.is_integer(values.type):
+        missing = pc.or_(missing, pc.or_(pc.less(values, 0), pc.greater_equal(values, valid)))
+    bad = np.flatnonzero(missing.fill_null(True).to_numpy(zero_copy_only=False))
+    if len(bad):
+        raise DGZooError(f"{len(bad)} row(s) of {name} have no {role} in column '{column}' (first: row "
+                         f"{int(bad[0])}); remove or label those rows, or pass the right --{role}-column")
+    encoded = values.dictionary_encode()
+    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _domain_codes(table: Any, column: str, spec: DatasetSpec | None) -> tuple[list[str], np.ndarray]:
     import datasets
 
     feature = table.features[column]
-    values = _column(table, column)
-    _check_present(values, column, "domain", str(spec.name if spec else column),
-                   len(feature.names) if isinstance(feature, datasets.ClassLabel) else None)
-    if isinstance(feature, datasets.ClassLabel):
-        names = list(feature.names)
-        raw = [names[int(v)] for v in values]
-    elif np.issubdtype(values.dtype, np.integer) and spec is not None and len(spec.domains) > int(values.max()):
-        raw = [spec.domains[int(v)] for v in values]  # integer domain ids in the registry's order
+    is_label = isinstance(feature, datasets.ClassLabel)
+    uniques, codes = _codes(table, column, "domain", str(spec.name if spec else column),
+                            len(feature.names) if is_label else None)
+    if is_label:
+        raw = [feature.names[int(v)] for v in uniques]
+    elif uniques and all(isinstance(v, int) for v in uniques) and spec is not None and len(spec.domains) > max(uniques):
+        raw = [spec.domains[int(v)] for v in uniques]  # integer domain ids in the registry's order
     else:
-        raw = [str(v) for v in values]
+        raw = [str(v) for v in uniques]
     present = set(raw)
     if spec is not None and present <= set(spec.domains):
         domains = [d for d in spec.domains if d in present]
     else:
         domains = sorted(present, key=_natural_key)
     index = {d: i for i, d in enumerate(domains)}
-    return domains, np.fromiter((index[r] for r in raw), dtype=np.int64, count=len(raw))
+    return domains, np.array([index[r] for r in raw], dtype=np.int64)[codes]
 
 
 def _label_codes(table: Any, column: str, spec: DatasetSpec | None) -> tuple[list[str], np.ndarray]:
     import datasets
 
     feature = table.features[column]
-    values = _column(table, column)
-    _check_present(values, column, "label", str(spec.name if spec else column),
-                   len(feature.names) if isinstance(feature, datasets.ClassLabel) else None)
-    if isinstance(feature, datasets.ClassLabel):
+    is_label = isinstance(feature, datasets.ClassLabel)
+    uniques, codes = _codes(table, column, "label", str(spec.name if spec else column),
+                            len(feature.names) if is_label else None)
+    if is_label:
         names = list(feature.names)
         if spec is not None and spec.classes and tuple(names) != spec.classes:
             logger.warning("class names of %s differ from the registry's; using the dataset's own", spec.name)
-        return names, values.astype(np.int64)
-    uniques = sorted(set(values.tolist()), key=_natural_key)
-    index = {v: i for i, v in enumerate(uniques)}
-    return [str(u) for u in uniques], np.fromiter((index[v] for v in values.tolist()), dtype=np.int64,
-                                                  count=len(values))
+        return names, np.array(uniques, dtype=np.int64)[codes]
+    ordered = sorted(uniques, key=_natural_key)
+    index = {v: i for i, v in enumerate(ordered)}
+    return [str(u) for u in ordered], np.array([index[v] for v in uniques], dtype=np.int64)[codes]
 
 
 def _natural_key(value: Any) -> tuple:

@@ -115,11 +115,12 @@ def _file_state(table: Any, image_column: str, rows: np.ndarray) -> bytes:
     fingerprint covers embedded bytes but not files, so an image replaced or corrupted in place must change the
     key, or the cached "decodes" would let it through to the middle of a run."""
     stored = _undecoded(table, image_column).select_columns([image_column]).with_format("arrow")[:]
-    column = stored.column(image_column).combine_chunks()
-    if column.field("bytes").null_count == 0:
+    # Per chunk and zero-copy: combining the chunks would copy every embedded image's bytes at every start.
+    fields = [dict(zip(chunk.type.names, chunk.flatten())) for chunk in stored.column(image_column).chunks]
+    if all(f["bytes"].null_count == 0 for f in fields):
         return b""  # every image embedded: the fingerprint already covers it
-    paths = column.field("path").to_pylist()
-    embedded = column.field("bytes").is_valid().to_pylist()
+    paths = [p for f in fields for p in f["path"].to_pylist()]
+    embedded = [v for f in fields for v in f["bytes"].is_valid().to_pylist()]
     state = []
     for row in np.sort(rows).tolist():
         if embedded[row] or paths[row] is None:
@@ -132,10 +133,11 @@ def _file_state(table: Any, image_column: str, rows: np.ndarray) -> bytes:
     return "\n".join(state).encode()
 
 
-def check_images(data: Any, domains: Sequence[str]) -> None:
+def check_images(data: Any, domains: Sequence[str], remember: bool = True) -> None:
     """Decode every image of ``domains`` once; raise :class:`ImageDecodeError` naming the first bad one.
 
-    Checked datasets are remembered in ``<dgzoo cache>/verified/``, so the pass costs once per dataset, not per run.
+    Checked datasets are remembered in ``<dgzoo cache>/verified/`` (unless ``remember`` is False: a dry run writes
+    nothing anywhere), so the pass costs once per dataset, not per run.
     """
     rows = np.concatenate([data.rows_by_domain[d] for d in domains]) if domains else np.zeros(0, np.int64)
     marker = cache_root() / "verified" / f"{_fingerprint(data.table, data.image_column, rows)}.json"
@@ -149,6 +151,8 @@ def check_images(data: Any, domains: Sequence[str]) -> None:
         where = image_source(data.table, data.image_column, row)
         raise ImageDecodeError(f"image of domain '{domain}', row {row} ({where}) does not decode ({problem}); "
                                f"replace or remove it and run again")
+    if not remember:
+        return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"images": int(len(rows)), "domains": list(domains)}) + "\n")
 

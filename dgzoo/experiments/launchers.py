@@ -9,6 +9,8 @@
   it in the job, and when Slurm preempts it or its time runs out, submitit calls :meth:`SlurmTask.checkpoint` and
   requeues it: the requeued task resumes from the run's last checkpoint (``--resume``). ``slurm_jobs.json`` records
   which job trains which run, for ``dgzoo sweep --status`` and so a rerun does not submit a queued run again.
+- ``--runs-per-gpu N`` packs N runs onto each device slot (``local-gpus``) or into each Slurm job (``slurm``), each
+  run still its own process: small runs leave most of a large GPU idle.
 
 Rerunning is safe under every launcher. Before launching a run, the sweep claims it (:func:`acquire`: a claim
 file under ``<output_dir>/.claims/``, :mod:`dgzoo.run.claim`) and reads its status again while holding the claim,
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import io
 import os
 import pickle
@@ -29,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -73,7 +77,8 @@ def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | Non
               log: Callable[[str], None] = print, max_retries: int = 0, gpus: Sequence[str] | None = None,
               gpus_per_run: int = 1, slurm: dict[str, Any] | None = None, cluster: str = "slurm",
               wait: bool | None = None, more_trials: int = 0, selection: str = "training_domain_validation",
-              train_fn: Callable[[Any], Any] | None = None, poll_s: float = 0.5) -> SweepOutcome:
+              train_fn: Callable[[Any], Any] | None = None, poll_s: float = 0.5,
+              runs_per_gpu: int = 1) -> SweepOutcome:
     """Expand, plan and launch a sweep; return what was trained, failed, skipped and (``print``) the commands.
 
     ``more_trials``: first add N trial seeds of the selected samples (``selection``). ``max_retries``: how often a
@@ -81,7 +86,9 @@ def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | Non
     (default: ``CUDA_VISIBLE_DEVICES``, else every GPU torch sees). ``slurm``: resources overriding the spec's
     ``slurm`` section; ``cluster``: submitit's cluster (``local`` runs the jobs on this machine); ``wait``: wait for
     the jobs (default: only on ``local``/``debug``). ``train_fn`` replaces the engine's ``train`` (``local`` and
-    single-GPU ``slurm`` jobs), e.g. to instrument it.
+    single-GPU ``slurm`` jobs), e.g. to instrument it. ``runs_per_gpu``: runs sharing each device slot
+    (``local-gpus``) or each Slurm job (``slurm``), each still its own process (:func:`pack_slots`,
+    :class:`PackedSlurmTask`).
     """
     if launcher not in LAUNCHERS:
         raise DGZooError(f"--launcher '{launcher}' is not one of {', '.join(LAUNCHERS)}{suggest(launcher, LAUNCHERS)}")
@@ -89,12 +96,13 @@ def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | Non
         raise DGZooError(f"--max-retries must be a whole number >= 0, got {max_retries!r}")
     if isinstance(gpus_per_run, bool) or not isinstance(gpus_per_run, int) or gpus_per_run < 1:
         raise DGZooError(f"--gpus-per-run must be a positive integer, got {gpus_per_run!r}")
+    check_runs_per_gpu(runs_per_gpu, launcher)
     prefix = launch_prefix or DEFAULT_LAUNCH_PREFIX
     if launcher == "subprocess" and "recipes/train.py" in prefix and not Path("recipes/train.py").exists():
         raise DGZooError("recipes/train.py is not in the current directory; run the sweep from a dgzoo checkout or "
                          "pass --launch-prefix 'accelerate launch -m dgzoo.cli train'")
-    slots = device_slots(list(gpus) if gpus is not None else visible_gpus(), gpus_per_run) \
-        if launcher == "local-gpus" else []
+    slots = pack_slots(device_slots(list(gpus) if gpus is not None else visible_gpus(), gpus_per_run),
+                       runs_per_gpu) if launcher == "local-gpus" else []
     options = {**spec.slurm, **check_slurm_options(dict(slurm or {}), "the slurm flags")}
     if launcher == "slurm":
         if cluster not in SLURM_CLUSTERS:
@@ -130,7 +138,7 @@ def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | Non
     else:
         waiting = cluster != "slurm" if wait is None else wait  # a local "cluster" has no queue to return to
         _submit(spec, pending, executor, cluster, gpus_per_run, max_retries, log, waiting, train_fn, purpose,
-                outcome, poll_s)
+                outcome, poll_s, runs_per_gpu)
         if not waiting:
             return outcome
     log(f"sweep {spec.output_dir}: {status_line(plan(runs))}"
@@ -256,6 +264,24 @@ def device_slots(gpus: Sequence[str], gpus_per_run: int) -> list[tuple[str, ...]
         raise DGZooError(f"--gpus-per-run {gpus_per_run} needs at least that many GPUs; {len(gpus)} visible "
                          f"({','.join(gpus)})")
     return [tuple(gpus[i:i + gpus_per_run]) for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)]
+
+
+def check_runs_per_gpu(runs_per_gpu: Any, launcher: str) -> None:
+    """``--runs-per-gpu`` is a positive integer, and packs runs only where runs get devices (local-gpus, slurm)."""
+    if isinstance(runs_per_gpu, bool) or not isinstance(runs_per_gpu, int) or runs_per_gpu < 1:
+        raise DGZooError(f"--runs-per-gpu must be a positive integer, got {runs_per_gpu!r}")
+    if runs_per_gpu > 1 and launcher not in ("local-gpus", "slurm"):
+        raise DGZooError(f"--runs-per-gpu packs runs onto the GPUs of --launcher local-gpus or slurm, not "
+                         f"{launcher}; use one of those, or drop --runs-per-gpu")
+
+
+def pack_slots(slots: list[tuple[str, ...]], runs_per_gpu: int) -> list[tuple[str, ...]]:
+    """Every device slot repeated ``runs_per_gpu`` times: that many runs (each its own process) share its GPUs.
+
+    Small runs (DomainBed's 32 images per domain) leave most of a large GPU idle; packing them fills it. The copies
+    of a slot are adjacent, so the slot index (and with it the rendezvous port of multi-GPU runs) differs for each.
+    """
+    return [devices for devices in slots for _ in range(runs_per_gpu)]
 
 
 def pool_prefix(gpus_per_run: int, slot: int) -> str:
@@ -397,6 +423,9 @@ class SlurmTask:
     max_retries: int = 0
     gpus_per_run: int = 1
     train_fn: Callable[[Any], Any] | None = None
+    own_process: bool = False  # train in a child process even on one GPU (runs packed into one job)
+    slot: int = 0  # this run's place in its job (multi-GPU runs: the rendezvous port)
+    launch_prefix: str | None = None  # the child's command (default: pool_prefix)
 
     def __call__(self, run: SweepRun) -> str:
         job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or str(os.getpid())
@@ -443,13 +472,14 @@ class SlurmTask:
         return "trained"
 
     def _train(self, run: SweepRun) -> None:
-        if self.gpus_per_run == 1:
+        if self.gpus_per_run == 1 and not self.own_process:
             train = self.train_fn
             if train is None:
                 from ..training.engine import train
             train(run.config)
             return
-        code = subprocess.run(shlex.split(train_command(run.config, pool_prefix(self.gpus_per_run, 0)))).returncode
+        prefix = self.launch_prefix or pool_prefix(self.gpus_per_run, self.slot)
+        code = subprocess.run(shlex.split(train_command(run.config, prefix))).returncode
         if code == EXIT_CLAIMED:
             raise RunDirClaimed(f"{run.output_dir} is in use by another process")
         if code:
@@ -460,6 +490,81 @@ class SlurmTask:
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self, run)
+
+
+@dataclass
+class PackedSlurmTask:
+    """Several runs of a sweep as one task of the job array (``--runs-per-gpu N``): they share the job's GPUs, each
+    trained by :class:`SlurmTask` in a process of its own, concurrently.
+
+    Each run is claimed, retried and reported on its own, as in an unpacked job; a run that fails does not stop
+    the others. On preemption or time-out submitit requeues the whole task, and each run resumes from its own last
+    checkpoint (or is skipped, if it finished).
+    """
+
+    task: SlurmTask
+
+    def __call__(self, runs: list[SweepRun]) -> list[str]:
+        """Train ``runs`` side by side; return each one's outcome: trained, done, running elsewhere, or
+        ``failed: <reason>``."""
+        outcomes = ["failed: did not start"] * len(runs)
+
+        def train_one(index: int, run: SweepRun) -> None:
+            task = dataclasses.replace(self.task, own_process=True, slot=index)
+            try:
+                outcomes[index] = task(run)
+            except BaseException as e:  # this run's failure, reported with it; the others go on
+                reason = str(e).strip().splitlines()
+                outcomes[index] = f"failed: {reason[-1] if reason else type(e).__name__}"
+                print(f"run failed: {run.describe()}: {outcomes[index][8:]}", flush=True)
+
+        threads = [threading.Thread(target=train_one, args=(i, run)) for i, run in enumerate(runs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return outcomes
+
+    def checkpoint(self, runs: list[SweepRun]) -> Any:
+        """Requeue the task as it is: each run's directory carries its state."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, runs)
+
+
+@dataclass
+class PackedRun:
+    """One run of a packed job, shaped like a submitit job for :func:`_submit`: ``result()`` is the run's own."""
+
+    job: Any
+    index: int
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def paths(self) -> Any:
+        return self.job.paths
+
+    def done(self) -> bool:
+        return self.job.done()
+
+    def result(self) -> str:
+        outcome = self.job.result()[self.index]
+        if outcome.startswith("failed: "):
+            raise RuntimeError(outcome[len("failed: "):])
+        return outcome
+
+
+def map_runs(executor: Any, task: SlurmTask, runs: list[SweepRun], runs_per_gpu: int) -> list[Any]:
+    """Submit ``runs`` as one job array: one run per task, or with ``runs_per_gpu`` > 1 that many runs per task
+    (:class:`PackedSlurmTask`); returns one job-like handle per run, in order."""
+    if runs_per_gpu == 1:
+        return list(executor.map_array(task, runs))
+    groups = [runs[i:i + runs_per_gpu] for i in range(0, len(runs), runs_per_gpu)]
+    jobs = executor.map_array(PackedSlurmTask(task), groups)
+    return [PackedRun(job, i) for job, group in zip(jobs, groups) for i in range(len(group))]
 
 
 def _executor(root: Path, options: dict[str, Any], cluster: str, gpus_per_run: int) -> Any:
@@ -485,7 +590,7 @@ def _executor(root: Path, options: dict[str, Any], cluster: str, gpus_per_run: i
 
 def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: str, gpus_per_run: int,
             max_retries: int, log: Callable[[str], None], wait: bool, train_fn: Callable[[Any], Any] | None,
-            purpose: str, outcome: SweepOutcome, poll_s: float) -> None:
+            purpose: str, outcome: SweepOutcome, poll_s: float, runs_per_gpu: int = 1) -> None:
     """``slurm``: submit the pending runs that no live process holds and no live job will train, as one array."""
     root = Path(spec.output_dir)
     notes: list[str] = []
@@ -512,7 +617,7 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
     said = io.StringIO()  # submitit prints sbatch's stderr when it refuses: that becomes part of one line instead
     try:
         with contextlib.redirect_stderr(said):
-            jobs = executor.map_array(task, todo)
+            jobs = map_runs(executor, task, todo, runs_per_gpu)
     except import_submitit().core.utils.FailedJobError as e:  # sbatch refused: its words and the flag to change
         raise DGZooError(sbatch_refusal(str(e))) from None
     except BaseException:
@@ -525,7 +630,7 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
     record["submissions"].append({"submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                   "cluster": cluster, "folder": str(root / SLURM_FOLDER), "jobs": outcome.jobs})
     write_json(path, record)
-    array = jobs[0].job_id.split("_")[0] if cluster == "slurm" else ", ".join(j.job_id for j in jobs)
+    array = jobs[0].job_id.split("_")[0] if cluster == "slurm" else ", ".join(dict.fromkeys(j.job_id for j in jobs))
     log(f"slurm: submitted {len(jobs)} run(s) as job array {array} ({cluster}); logs in {root / SLURM_FOLDER}; "
         f"states: dgzoo sweep SPEC --status")
     if not wait:

@@ -40,19 +40,21 @@ import torch
 
 from .. import __version__
 from ..algorithms.averaging import recompute_batchnorm
-from ..config import TrainConfig, dump_config
+from ..config import TrainConfig
 from ..data import DomainImages, eval_loader, loader_workers
 from ..data.inspect import contact_sheet
 from ..errors import DGZooError
 from ..models import create_backbone, data_config
 from ..run.cards import plot_run, render_card
 from ..run.hub import CONFIG, WEIGHTS, hub_error_reason, resolve_checkpoint, resolve_token
+from ..run.identity import run_identity
+from ..run.provenance import code_version
 from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, is_run_dir, read_json, run_done, save_model,
                           write_json)
 from ..run.results import RunResults
 from ..run.selection import SELECTION_METHODS, select
 from ..training.engine import (build_loop_data, claim_on_main, create_accelerator, device_name, plan_run,
-                               start_run_dir)
+                               run_config_text, start_run_dir)
 from ..training.evaluation import evaluate
 from ..training.loop import source_batches
 from .sweep import SweepRun, SweepSpec
@@ -385,11 +387,21 @@ def soup(ingredients: Sequence[str | Path], output_dir: str | Path, method: str 
     command = soup_command([str(r) for r in ingredients], output_dir, settings, cell)
     accelerator = create_accelerator("no")
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo soup {method}"):
-        start_run_dir(accelerator, plan.output_dir, overwrite, ("train_config.json", dump_config(cfg)), "soup.log")
+        start_run_dir(accelerator, plan.output_dir, overwrite, ("train_config.json", soup_config_text(plan, found)),
+                      "soup.log")
         say = log or logger.info
         for warning in warnings:
             logger.warning("warning: %s", warning)
         return _make_soup(found, settings, plan, accelerator, warnings, command, say)
+
+
+def soup_config_text(plan: Any, found: Sequence[Ingredient]) -> str:
+    """The soup's ``train_config.json``: the shared recipe with what it resolved and the provenance block a trained
+    run writes (:func:`dgzoo.training.engine.run_config_text`), plus each ingredient's identity
+    (:func:`dgzoo.run.identity.run_identity`): a soup is its method and the runs it averaged."""
+    text = json.loads(run_config_text(plan))
+    text["provenance"]["ingredients"] = [run_identity(i.results) for i in found]
+    return json.dumps(text, indent=2)
 
 
 def soup_config(first: Ingredient, output_dir: str | Path, overwrite: bool, settings: SoupSettings) -> TrainConfig:
@@ -489,7 +501,8 @@ def _make_soup(found: Sequence[Ingredient], settings: SoupSettings, plan: Any, a
     first = found[0].results
     metadata = {"algorithm": first["algorithm"], "dataset": data.info()["name"], "dataset_repo_id": data.repo_id,
                 "dataset_revision": data.revision, "source_domains": sources, "target_domains": targets,
-                "protocol": plan.protocol.name, "dgzoo_version": __version__,
+                "dataset_fingerprint": data.fingerprint,
+                "protocol": plan.protocol.name, "dgzoo_version": __version__, "code": code_version(),
                 "soup": {"method": settings.method, "ingredients": len(chosen)}}
     save_model(network, out, data.class_names, preprocessing, metadata)
     records = [record]
@@ -527,14 +540,14 @@ def _soup_results(found: Sequence[Ingredient], chosen: Sequence[Ingredient], set
     ingredients = [{**i.reference(), "name": i.name, "algorithm": i.results["algorithm"],
                     "seed": i.results.get("seed"), "steps": i.results.get("steps"),
                     "source_val_acc": i.scores["source_val_acc"], "target_acc": i.scores["target_acc"],
-                    "used": i.name in chosen_names} for i in found]
+                    "used": i.name in chosen_names, "identity": run_identity(i.results)} for i in found]
     data_info = plan.data.info()
     return RunResults.create({
         "algorithm": first["algorithm"], "host_algorithm": first.get("host_algorithm", first["algorithm"]),
         "addons": list(first.get("addons") or []), "algorithm_title": f"{title} ({label})",
         "backbone": first["backbone"], "pretrained": first.get("pretrained", False),
         "base_model": first.get("base_model"),
-        "dataset": {k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path")},
+        "dataset": {k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path", "fingerprint")},
         "class_names": plan.data.class_names, "protocol": plan.protocol.name,
         "source_domains": sources, "target_domains": targets,
         "seed": first.get("seed"), "split_seed": cfg.resolved_split_seed(), "steps": record["step"],
@@ -560,6 +573,7 @@ def _soup_results(found: Sequence[Ingredient], chosen: Sequence[Ingredient], set
                    "train_images": bn_images, "steps_per_second": 0.0},
         "num_processes": 1, "device": device_name(accelerator.device),
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
+        "code": code_version(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }).to_json()
 

@@ -348,6 +348,8 @@ def without_local_paths(value: Any) -> Any:
         return [without_local_paths(v) for v in value]
     if isinstance(value, str) and os.path.isabs(value):
         return Path(value).name
+    if isinstance(value, str) and " /" in value:  # a command line or message naming paths (a soup's command)
+        return " ".join(Path(t).name if os.path.isabs(t) and Path(t).name else t for t in value.split(" "))
     return value
 
 
@@ -381,8 +383,11 @@ def _card_for(run_dir: Path, results: dict[str, Any], repo_id: str, license: str
     if results.get("kind") == "unlearning":
         return (render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir, license=license),
                 f"dgzoo: unlearn {results['unlearning']['forget_spec']} with {results['algorithm']}")
-    card = render_card(results, read_json(run_dir / "train_config.json"), repo_id=repo_id, run_dir=run_dir,
-                       license=license, sweep=sweep_entry(run_dir), revision=revision)
+    # The published card is rendered from what is published: a soup's command names its ingredients' directories
+    # and a recipe's init_from a run directory, which mean nothing on another machine (the local card keeps them).
+    results = without_local_paths(results)
+    card = render_card(results, without_local_paths(read_json(run_dir / "train_config.json")), repo_id=repo_id,
+                       run_dir=run_dir, license=license, sweep=sweep_entry(run_dir), revision=revision)
     return card, (f"dgzoo: {results['algorithm']} {results['backbone']} on {results['dataset']['title']}, held-out "
                   f"{', '.join(results['target_domains'])} {100 * results['target_accuracy']:.1f}%")
 

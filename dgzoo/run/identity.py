@@ -41,8 +41,16 @@ def run_identity(results: dict[str, Any]) -> dict[str, Any]:
     soup = results.get("soup")
     if isinstance(soup, dict):  # a weight average (dgzoo soup) is its recipe and the runs it averaged
         identity["recipe"]["soup"] = [soup.get("method"), soup.get("k"),
-                                      sorted(str(i.get("name")) for i in soup.get("ingredients") or [])]
+                                      sorted(_ingredient_key(i) for i in soup.get("ingredients") or [])]
     return identity
+
+
+def _ingredient_key(ingredient: dict[str, Any]) -> str:
+    """An ingredient of a soup by its own identity (the same run wherever it lies); by its name in a soup written
+    before dgzoo recorded ingredient identities."""
+    if isinstance(ingredient.get("identity"), dict):
+        return json.dumps(ingredient["identity"], sort_keys=True, default=str)
+    return str(ingredient.get("name"))
 
 
 def identity_key(results: dict[str, Any]) -> str:

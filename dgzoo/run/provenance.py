@@ -16,6 +16,7 @@ A published number is only as good as the way back to what made it. Every run re
 from __future__ import annotations
 
 import functools
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -80,4 +81,48 @@ def provenance_block(info: dict[str, Any]) -> dict[str, Any]:
     return {"code": code_version(), "dataset": data_provenance(info)}
 
 
-__all__ = ["code_version", "data_provenance", "provenance_block", "resolved_config"]
+def _code_text(code: dict[str, Any]) -> str:
+    commit = code.get("git_commit")
+    where = f" (commit {str(commit)[:12]}{', uncommitted changes' if code.get('git_dirty') else ''})" if commit else ""
+    return f"dgzoo {code.get('dgzoo_version')}{where}"
+
+
+def _data_text(data: dict[str, Any]) -> str | None:
+    if data.get("fingerprint"):
+        return f"local data fingerprint {data['fingerprint']}"
+    if data.get("revision"):
+        return f"{data.get('repo_id') or data.get('name')} at commit {data['revision']}"
+    return None  # a registry dataset built into dgzoo: its bytes are the code's
+
+
+def repeat_differences(recorded: dict[str, Any] | None, info: dict[str, Any]) -> list[str]:
+    """How a run about to train on ``info`` (a dataset's ``info()``) with this code differs from the run whose
+    ``train_config.json`` ``provenance`` block is ``recorded``: ``what: recorded -> now`` for the code (version,
+    git commit, dirty flag) and the data (local fingerprint or Hub commit). Empty when nothing recorded differs."""
+    if not isinstance(recorded, dict):
+        return []
+    out = []
+    code, now = recorded.get("code"), code_version()
+    if isinstance(code, dict) and any(code.get(k) != now[k] for k in now):
+        out.append(f"code {_code_text(code)} -> {_code_text(now)}")
+    data = recorded.get("dataset")
+    before, after = (_data_text(data), _data_text(info)) if isinstance(data, dict) else (None, None)
+    if before is not None and before != after:
+        out.append(f"data {before} -> {after or info.get('name')}")
+    return out
+
+
+def warn_if_not_a_repeat(recorded: dict[str, Any] | None, info: dict[str, Any]) -> list[str]:
+    """Log one warning line when a recipe read from a run's ``train_config.json`` (its ``provenance`` block
+    ``recorded``) will train with other code or data than that run did: the repeat is then not bit for bit.
+    Returns the differences (:func:`repeat_differences`)."""
+    differences = repeat_differences(recorded, info)
+    if differences:
+        logging.getLogger("dgzoo").warning(
+            "warning: this run repeats a recorded run's recipe with different %s; its results may differ from the "
+            "recorded run's", "; ".join(differences))
+    return differences
+
+
+__all__ = ["code_version", "data_provenance", "provenance_block", "repeat_differences", "resolved_config",
+           "warn_if_not_a_repeat"]

@@ -87,12 +87,26 @@ def save_model(model: nn.Module, run_dir: str | Path, class_names: list[str], da
         raise DGZooError(f"refusing to export non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); the run "
                          f"diverged: lower --lr or set --clip-grad-norm and train again")
     run_dir = Path(run_dir)
-    with writing(run_dir / "model.safetensors"), tempfile.TemporaryDirectory(dir=_mkdir(run_dir), prefix=".export-") as tmp:
-        save_for_hf(model, tmp, model_config={"label_names": list(class_names), "dgzoo": metadata},
-                    safe_serialization=True, data_config=data_config)
-        for name in ("model.safetensors", "config.json"):
-            _default_permissions(Path(tmp) / name)
-            os.replace(Path(tmp) / name, run_dir / name)
+    # safetensors stores contiguous tensors only: a channels-last network (--channels-last) is exported in the
+    # default layout, the one every loader expects.
+    handle = model.register_state_dict_post_hook(_contiguous_values)
+    try:
+        with writing(run_dir / "model.safetensors"), \
+                tempfile.TemporaryDirectory(dir=_mkdir(run_dir), prefix=".export-") as tmp:
+            save_for_hf(model, tmp, model_config={"label_names": list(class_names), "dgzoo": metadata},
+                        safe_serialization=True, data_config=data_config)
+            for name in ("model.safetensors", "config.json"):
+                _default_permissions(Path(tmp) / name)
+                os.replace(Path(tmp) / name, run_dir / name)
+    finally:
+        handle.remove()
+
+
+def _contiguous_values(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """A state-dict post-hook: every tensor in the default (contiguous) memory layout."""
+    for key, value in state_dict.items():
+        if hasattr(value, "is_contiguous") and not value.is_contiguous():
+            state_dict[key] = value.contiguous()
 
 
 def _mkdir(path: Path) -> Path:

@@ -139,7 +139,7 @@ def dry_run(cfg: TrainConfig, timed_steps: int = TIMED_STEPS) -> dict[str, Any]:
 
     Raises DGZooError for a bad recipe, exactly as ``train(cfg)`` would before writing anything.
     """
-    plan = plan_run(cfg)
+    plan = plan_run(cfg, remember_checks=False)  # writes nothing anywhere, not even into dgzoo's cache
     timing = time_run(plan, timed_steps) if timed_steps > 0 else None
     num_processes = timing["num_processes"] if timing else 1
     sources = plan.protocol.sources

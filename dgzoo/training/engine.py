@@ -48,7 +48,7 @@ from ..models import check_backbone, create_backbone, data_config, freeze_batchn
 from ..run.cards import plot_run, render_card
 from ..run.claim import RunDirClaimed, claim_run_dir
 from ..run.hub import check_push_target, push_run
-from ..run.provenance import code_version, provenance_block, resolved_config
+from ..run.provenance import code_version, provenance_block, resolved_config, warn_if_not_a_repeat
 from ..run.rundir import (CHECKPOINT_FORMAT, SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs,
                           checkpoint_format, checkpoint_problem, clear_run_dir, latest_checkpoint, read_json,
                           run_done, save_model, write_checkpoint_manifest,
@@ -58,6 +58,7 @@ from ..run.selection import SELECTION_METHODS, select
 from .datachecks import check_classes
 from .derived import Derived, derived_line, derived_values, resolve_image_size
 from .evaluation import evaluate, source_loss
+from .fastpath import apply_memory_format, check_compile, compile_network, configure_cuda
 from .initialisation import InitSource, load_init, resolve_init
 from .loop import (LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit,
                    source_batches)
@@ -90,12 +91,17 @@ class RunPlan:
     init: InitSource | None = None  # the checkpoint ``init_from`` starts the network from
 
 
-def plan_run(cfg: TrainConfig) -> RunPlan:
-    """Validate a recipe completely, loading the dataset index but writing nothing. Raises DGZooError."""
+def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
+    """Validate a recipe completely, loading the dataset index but writing nothing. Raises DGZooError.
+
+    ``remember_checks`` False (a dry run) leaves even dgzoo's cache untouched: the image check is not remembered.
+    """
     cfg.validate()
     check_backbone(cfg.backbone)
     host_cls, addon_classes = parse_algorithm(cfg.algorithm)
     resolve_hparams(cfg.algorithm, cfg.hparams)  # names and types fail before a possibly long dataset download
+    if cfg.compile:
+        check_compile(host_cls, addon_classes)
     if cfg.grad_accumulation > 1 and host_cls.KIND != "loss":
         raise DGZooError(f"--grad-accumulation applies to loss hosts; {host_cls.name} takes its own optimizer steps "
                          f"(per-domain gradients, meta steps); drop the flag or lower --batch-size")
@@ -108,7 +114,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     class_warnings = check_classes(data, protocol)
     used = [*protocol.sources, *protocol.targets]
     splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed(), used)  # a too-small domain fails here
-    check_images(data, used)  # a corrupt image fails now, not mid-run or at the first evaluation
+    check_images(data, used, remember_checks)  # a corrupt image fails now, not mid-run or at the first evaluation
     augment = resolve_augment(cfg, data)
     image_size, image_size_source, size_warning = resolve_image_size(cfg, data)
     recipe = Recipe(num_domains=len(protocol.sources), num_classes=data.num_classes, augment=augment,
@@ -302,6 +308,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = create_accelerator(cfg.mixed_precision, _trackers(cfg), plan.output_dir,
                                      plan.host.FIND_UNUSED_PARAMETERS)
     check_process_split(cfg.batch_size, cfg.grad_accumulation, accelerator.num_processes)
+    if accelerator.is_main_process:
+        warn_if_not_a_repeat(getattr(cfg, "recorded_provenance", None), plan.data.info())
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo train {cfg.algorithm}"):
         try:
             with peer_failures(accelerator.num_processes, f"continue with: {resume_command(plan)}"):
@@ -385,10 +393,13 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         load_init(network, plan.init)
     if cfg.freeze_bn:
         freeze_batchnorm(network)
+    configure_cuda(accelerator.device)
+    apply_memory_format(network, cfg.channels_last)
     preprocessing = data_config(network, plan.image_size)
     splits = plan.splits
     workers, pin = loader_workers(cfg.num_workers, accelerator.device)
     loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
+    loop_data.channels_last = cfg.channels_last
     eval_loaders = {d: {split: accelerator.prepare_data_loader(eval_loader(
         DomainImages(data, rows[d], eval_tf, d), cfg.eval_batch_size, workers, pin))
         for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))} for d in data.domains}
@@ -396,6 +407,8 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     # -- the algorithm and its optimisation
     algorithm = build_algorithm(cfg.algorithm, network, data.num_classes, len(sources), plan.hparams, accelerator,
                                 optimisation(cfg))
+    if cfg.compile:  # once the algorithm has added its modules and hooks to the network
+        compile_network(network)
     scheduler = create_scheduler(algorithm.host.optimizer, cfg.lr_schedule, cfg.steps, cfg.warmup_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, algorithm, state)

@@ -21,6 +21,7 @@ from ..algorithms.composition import scalars
 from ..data import DomainImages, eval_loader, train_loader
 from ..errors import DGZooError
 from ..run.rundir import nonfinite_tensors
+from .fastpath import to_device
 from .optimisation import create_optimizer
 from .runtime import AccelerateRuntime
 
@@ -117,6 +118,7 @@ class LoopData:
     seed: int  # of the data order
     workers: int = 0
     pin_memory: bool = False
+    channels_last: bool = False  # feed 4-D image batches channels-last (--channels-last)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -152,8 +154,8 @@ def fit(algorithm: Composition, data: LoopData, accelerator: Any, scheduler: Any
     tick = time.perf_counter()
     try:  # the bar is closed (its line ended) before any error or Ctrl-C message is printed
         for minibatches in loader:
-            minibatches = [(x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True))
-                           for x, y in minibatches]
+            minibatches = [(to_device(x, accelerator.device, data.channels_last),
+                            y.to(accelerator.device, non_blocking=True)) for x, y in minibatches]
             metrics = algorithm.update(minibatches, state.step)
             state.step += 1
             scheduler.step_update(state.step)
