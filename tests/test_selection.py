@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from dgzoo.run.selection import REPORT_SELECTION_METHODS, SELECTION, SELECTION_METHODS, LeaveOneDomainOut, select
+from dgzoo.run.selection import (
+    REPORT_SELECTION_METHODS,
+    SELECTION,
+    SELECTION_METHODS,
+    LeaveOneDomainOut,
+    select,
+)
 
 RECORDS = [{"step": s, "acc": {"a": {"in": ia, "out": oa}, "b": {"in": ib, "out": ob}}}
            for s, ia, oa, ib, ob in [(0, .1, .5, .2, .3), (5, .2, .7, .4, .6), (10, .3, .7, .9, .8)]]
