@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
 from smoke import TMP, add_smoke, apply_smoke
 
 METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {  # label: (algorithm, augment, hparams)

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from dgzoo.algorithms import create_algorithm
-from dgzoo.algorithms.registry import plain_loss_step
 from dgzoo.algorithms.gga import scoring_groups
 from dgzoo.algorithms.gradients import per_domain_gradients
+from dgzoo.algorithms.registry import plain_loss_step
 from dgzoo.models import create_backbone
 from smoke import add_smoke, apply_smoke
 

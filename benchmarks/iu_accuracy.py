@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 
 import torch
+
 from smoke import TMP, add_smoke, apply_smoke
 
 DOMAINS = ["0", "15", "30", "45", "60", "75"]

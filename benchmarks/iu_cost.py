@@ -36,8 +36,15 @@ import torch
 from dgzoo.algorithms import EpochContext, create_algorithm
 from dgzoo.algorithms.influence import FunctionalLoss
 from dgzoo.algorithms.iu_pools import Pool
-from dgzoo.data import (DomainImages, eval_loader, eval_transform, load_dg_dataset, make_splits, train_loader,
-                        train_transform)
+from dgzoo.data import (
+    DomainImages,
+    eval_loader,
+    eval_transform,
+    load_dg_dataset,
+    make_splits,
+    train_loader,
+    train_transform,
+)
 from dgzoo.models import create_backbone, data_config
 from smoke import add_smoke, apply_smoke
 

@@ -22,6 +22,7 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+
 from smoke import TMP, add_smoke, apply_smoke
 
 COLUMNS = [("forget_acc", "forget"), ("retain_acc", "retain"), ("test_acc", "test"),

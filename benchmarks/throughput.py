@@ -20,7 +20,7 @@ import json
 import platform
 import statistics
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import DGZooError, suggest
-from .hparams import SAME, Choice, Distribution, Uniform, parse_scalar  # noqa: F401  (parse_scalar: part of config's API)
+from .hparams import SAME, Choice, Distribution, Uniform, parse_scalar
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -47,7 +47,7 @@ def recipe_dirs() -> list[Path]:
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+        return field(default_factory=functools.partial(type(default), default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -121,7 +121,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build a config from a mapping, rejecting unknown keys with a suggestion."""
         cfg = cls()
         cfg.update(values, source=source)
@@ -146,7 +146,7 @@ class TrainConfig:
                 setattr(self, name, _coerce(names[name], value, source))
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
         """Load a recipe YAML file (a path, or the name of a file in recipes/configs)."""
         cfg = cls()
         cfg.update(load_yaml(path), source=f"config file {path}")
@@ -285,7 +285,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(candidate.read_text()) or {}
     except yaml.YAMLError as e:
-        raise DGZooError(f"config file {candidate} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax")
+        raise DGZooError(f"config file {candidate} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
     if not isinstance(data, dict):
         raise DGZooError(f"config file {candidate} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
@@ -325,7 +325,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types() -> dict[str, Any]:
     """TrainConfig's resolved field annotations (resolving them is slow, and they never change)."""
     return typing.get_type_hints(TrainConfig)
@@ -376,7 +376,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         tp, _ = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default_factory() if callable(f.default_factory) else f.default  # every field has one of them
         help_text += f" (default: {default})" if default not in (None, [], {}) else ""
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if f.name == "hparams":

@@ -11,7 +11,7 @@ import difflib
 import errno
 import os
 import shutil
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 
 class DGZooError(Exception):

@@ -130,7 +130,8 @@ class HParam:
 
     def search_for(self, small_images: bool) -> Distribution | None:
         """The random-search distribution on small-image or image datasets (None: not searched)."""
-        return self.search if not small_images or self.small_search is SAME else self.small_search
+        small = self.small_search
+        return self.search if not small_images or isinstance(small, _Same) else small
 
     def coerce(self, value: Any, key: str) -> Any:
         """Convert ``value`` to this hyperparameter's type, or raise a one-line DGZooError."""

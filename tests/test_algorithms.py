@@ -5,8 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dgzoo.algorithms import (ADDONS, ALGORITHMS, AddOn, HParam, create_algorithm, parse_algorithm, register_addon,
-                              resolve_hparams)
+from dgzoo.algorithms import (
+    ADDONS,
+    ALGORITHMS,
+    AddOn,
+    HParam,
+    create_algorithm,
+    parse_algorithm,
+    register_addon,
+    resolve_hparams,
+)
 from dgzoo.algorithms.gradients import FlatParams, pairwise_cosine, per_domain_gradients
 from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone

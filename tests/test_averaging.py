@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import plain_timm_logits, tiny_config
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
+from conftest import plain_timm_logits, tiny_config
 from dgzoo.algorithms import EvalContext, StepContext, create_algorithm
 from dgzoo.algorithms.averaging import Segment
 from dgzoo.models import create_backbone

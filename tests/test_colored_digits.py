@@ -74,7 +74,7 @@ def test_datasets_list_shows_it(capsys):
     from dgzoo.cli import main
 
     assert main(["datasets", "list"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("colored-digits"))
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("colored-digits"))
     assert "builtin" in line and "embedded" in line and line.endswith("+90%, +80%, -90%")
 
 

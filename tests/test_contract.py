@@ -13,8 +13,19 @@ import pytest
 import torch
 
 from conftest import run_processes, subprocess_env
-from dgzoo.algorithms import ADDONS, ALGORITHMS, AddOn, HParam, LossHost, create_algorithm, register_addon
-from dgzoo.algorithms import EpochContext, EvalContext, register_algorithm, resolve_hparams
+from dgzoo.algorithms import (
+    ADDONS,
+    ALGORITHMS,
+    AddOn,
+    EpochContext,
+    EvalContext,
+    HParam,
+    LossHost,
+    create_algorithm,
+    register_addon,
+    register_algorithm,
+    resolve_hparams,
+)
 from dgzoo.data import DomainImages, eval_loader, eval_transform, load_dg_dataset
 from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone, data_config

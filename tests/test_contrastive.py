@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dgzoo.algorithms import check_algorithm, create_algorithm, Recipe
+from dgzoo.algorithms import Recipe, check_algorithm, create_algorithm
 from dgzoo.algorithms.contrastive import bottleneck_loss, same_class_shuffles  # (registers selfreg, cad, condcad)
 from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone

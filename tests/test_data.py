@@ -3,8 +3,17 @@ import numpy as np
 import pytest
 import torch
 
-from dgzoo.data import (DomainImages, StepBatchSampler, collate_domains, load_dg_dataset, make_splits,
-                        eval_loader, resolve_protocol, split_rows, train_loader)
+from dgzoo.data import (
+    DomainImages,
+    StepBatchSampler,
+    collate_domains,
+    eval_loader,
+    load_dg_dataset,
+    make_splits,
+    resolve_protocol,
+    split_rows,
+    train_loader,
+)
 from dgzoo.data.builtin import rotated_digits_rows
 from dgzoo.data.transforms import eval_transform, train_transform
 from dgzoo.errors import DGZooError

@@ -15,7 +15,7 @@ def doctor(server, hf_home, token=True, **env):
 
 
 def line(output, topic):
-    return [l for l in output.splitlines() if l[7:].startswith(topic)]
+    return [row for row in output.splitlines() if row[7:].startswith(topic)]
 
 
 def test_with_a_write_token(hub_server, tmp_path):

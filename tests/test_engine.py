@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import plain_timm_logits, subprocess_env, tiny_config
-from dgzoo.training.engine import train
 from dgzoo.errors import DGZooError
+from dgzoo.training.engine import train
 
 RESULT_KEYS = {"algorithm", "backbone", "dataset", "protocol", "source_domains", "target_domains", "seed", "steps",
                "selection", "accuracy", "target_accuracy", "hparams", "timing", "dgzoo_version"}

@@ -207,11 +207,10 @@ def test_resume_after_a_new_commit_of_a_hub_dataset_is_refused_with_the_commit_t
 
 
 def test_a_checkpoint_whose_rng_state_was_altered_is_skipped_not_resumed(tmp_path):
+    import torch
     from safetensors.torch import load_file
 
     from dgzoo.training.engine import train
-
-    import torch
 
     train(tiny_config(tmp_path / "ref", steps=9, eval_every=3, checkpoint_every=3))
     cfg = tiny_config(tmp_path, steps=6, eval_every=3, checkpoint_every=3)

@@ -9,12 +9,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dgzoo.algorithms import Recipe, create_algorithm, resolve_hparams
-from dgzoo.algorithms.gradients import (DomainGradientAlgorithm, FlatParams, RandAugmentViews, gram,
-                                        pairwise_cosine, per_domain_gradients, split_views)
+from dgzoo.algorithms.gradients import (
+    DomainGradientAlgorithm,
+    FlatParams,
+    RandAugmentViews,
+    gram,
+    pairwise_cosine,
+    per_domain_gradients,
+    split_views,
+)
+from dgzoo.algorithms.runtime import Runtime
 from dgzoo.data.transforms import eval_transform
 from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone, data_config, freeze_batchnorm
-from dgzoo.algorithms.runtime import Runtime
 
 
 class AutocastRuntime(Runtime):

@@ -318,8 +318,8 @@ def test_retry_command_and_push_validation_need_no_network(trained_run, tmp_path
 
 
 def test_recipe_with_an_invalid_repo_id_fails_before_training(tmp_path):
-    from dgzoo.training.engine import train
     from dgzoo.errors import DGZooError
+    from dgzoo.training.engine import train
 
     with pytest.raises(DGZooError, match="has no namespace: write it as USER_OR_ORG/model"):
         train(tiny_config(tmp_path, push_to_hub="model"))

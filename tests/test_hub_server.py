@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 
 try:
-    from tests.hub_server import HubServer, hub_server  # noqa: F401  (fixture)
+    from tests.hub_server import HubServer, hub_server
 except ImportError:  # tests/ is not a package and only tests/ is on sys.path
     from hub_server import HubServer, hub_server  # noqa: F401
 

@@ -7,8 +7,18 @@ from PIL import Image
 
 from dgzoo.cli import main
 from dgzoo.data import load_dg_dataset
-from dgzoo.data.inspect import (CAPTION, LABEL_WIDTH, PAD, TILE, columns_used, contact_sheet, native_size,
-                                sample_rows, sheet_size, summarize)
+from dgzoo.data.inspect import (
+    CAPTION,
+    LABEL_WIDTH,
+    PAD,
+    TILE,
+    columns_used,
+    contact_sheet,
+    native_size,
+    sample_rows,
+    sheet_size,
+    summarize,
+)
 from dgzoo.errors import DGZooError
 
 DOMAINS, CLASSES = ("a", "b", "c"), ("x", "y")

@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from dgzoo.algorithms import Composition, HParam, Runtime, create_algorithm
-from dgzoo.algorithms.invariance import (RDM_GAMMAS, AnnealedPenalty, information_bottleneck, irm_penalty, kde_quantile,
-                                         per_sample_head_gradients, rbf_mmd, risk_variance)
+from dgzoo.algorithms.invariance import (
+    RDM_GAMMAS,
+    AnnealedPenalty,
+    information_bottleneck,
+    irm_penalty,
+    kde_quantile,
+    per_sample_head_gradients,
+    rbf_mmd,
+    risk_variance,
+)
 from dgzoo.errors import DGZooError
 from dgzoo.models import create_backbone
 

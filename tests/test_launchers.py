@@ -157,7 +157,7 @@ def test_local_gpus_pool_gives_each_run_its_own_device_runs_them_in_parallel_and
     assert sum("retrying (1/1)" in line for line in lines) == 2
     assert lines[-3] == "progress: 6 done, 0 running, 0 failed, 0 queued (of 6)"
     log = (tmp_path / "sw" / "launch_logs" / f"{names[0]}.log").read_text().splitlines()
-    assert log[0].startswith("# ") and f"CUDA_VISIBLE_DEVICES=" in log[0] and log[1].startswith("trained ")
+    assert log[0].startswith("# ") and "CUDA_VISIBLE_DEVICES=" in log[0] and log[1].startswith("trained ")
 
 
 def test_pool_commands_train_the_planned_run():

@@ -4,8 +4,15 @@ import timm
 import torch
 
 from dgzoo.errors import DGZooError
-from dgzoo.models import (check_backbone, classifier, create_backbone, data_config, featurizer_parameters, features,
-                          freeze_batchnorm)
+from dgzoo.models import (
+    check_backbone,
+    classifier,
+    create_backbone,
+    data_config,
+    features,
+    featurizer_parameters,
+    freeze_batchnorm,
+)
 
 
 def test_state_dict_keys_match_plain_timm():

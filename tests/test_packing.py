@@ -11,7 +11,7 @@ import pytest
 
 from dgzoo.cli import main
 from dgzoo.errors import DGZooError
-from dgzoo.experiments.launchers import (PackedRun, PackedSlurmTask, SlurmTask, map_runs, pack_slots, run_sweep)
+from dgzoo.experiments.launchers import PackedRun, PackedSlurmTask, SlurmTask, map_runs, pack_slots, run_sweep
 from dgzoo.experiments.sweep import SweepSpec, expand
 
 TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, batch_size=8, log_with="none",

@@ -9,7 +9,6 @@ pushed, and no local path leaves the machine. Against the local Hub server, with
 import json
 import logging
 import shlex
-import subprocess
 import sys
 
 import pytest

@@ -1,7 +1,6 @@
 """Plan-time warnings for a method that cannot act within the run's steps (issue 23): GGA's window, IU's first
 call, SWAD's convergence, EMA's decay; one mechanism (Component.first_action / schedule_warnings)."""
 from conftest import tiny_config
-
 from dgzoo.algorithms import Schedule, resolve_hparams, schedule_warnings
 from dgzoo.training.dryrun import dry_run, format_plan
 from dgzoo.training.engine import plan_run

@@ -12,8 +12,8 @@ import dgzoo.training.engine
 from dgzoo.cli import build_parser, main
 from dgzoo.config import config_from_args
 from dgzoo.errors import DGZooError
-from dgzoo.experiments.report import load_runs, report_dirs
 from dgzoo.experiments.launchers import run_sweep, sweep_status
+from dgzoo.experiments.report import load_runs, report_dirs
 from dgzoo.experiments.sweep import SweepSpec, Uniform, expand, parse_distribution, run_status, seed_hash
 from dgzoo.run.rundir import RUN_OUTPUTS, missing_outputs
 

@@ -26,7 +26,7 @@ def make_vlcs_tarball(path, per_class=2):
     rng = np.random.default_rng(0)
     with tarfile.open(path, "w:gz") as archive:
         for d, domain in enumerate(VLCS_DOMAINS):
-            for c, cls in enumerate(VLCS_CLASSES):
+            for cls in VLCS_CLASSES:
                 for i in range(per_class + d):  # domains of different sizes: counts are checked per domain
                     buffer = io.BytesIO()
                     Image.fromarray(rng.integers(0, 255, (6, 6, 3)).astype(np.uint8)).save(buffer, format="JPEG")
@@ -120,6 +120,29 @@ def test_tarball_dataset_is_downloaded_at_its_pin_converted_once_and_reused(tmp_
     source = json.loads((stored[0].parent.parent / "source.json").read_text())
     assert source == {"repo_id": "PTeterwak/DomainBed_EasyHard", "revision": sha, "archive": "all/VLCS.tar.gz",
                       "rows": sum(counts.values())}
+
+
+UNPINNED = r"""
+import dataclasses, json
+from dgzoo.data import REGISTRY, load_dg_dataset, register_dataset
+register_dataset(dataclasses.replace(REGISTRY["vlcs"], revision=None), replace=True)
+data = load_dg_dataset("vlcs")
+print(json.dumps({"revision": data.revision, "sizes": {d: len(r) for d, r in data.rows_by_domain.items()}}))
+"""
+
+
+@pytest.mark.slow  # ~15 s: a local Hub server and three fresh interpreters
+def test_tarball_dataset_without_a_pin_loads_the_repos_current_commit(tmp_path):
+    # A tarball dataset registered without a pin (a user's own) used to reach the download with no commit at all
+    # and crash on it (TypeError); it loads the commit the repo's main branch points at, as a Hub dataset does.
+    counts = make_vlcs_tarball(tmp_path / "VLCS.tar.gz", per_class=1)
+    with HubServer(tmp_path / "storage") as server:
+        run(server, tmp_path / "hf0", SETUP, tmp_path / "VLCS.tar.gz")
+        head, _ = run(server, tmp_path / "hf1", "import json; from huggingface_hub import HfApi; print(json.dumps("
+                      "HfApi().repo_info('PTeterwak/DomainBed_EasyHard', repo_type='dataset').sha))")
+        loaded, _ = run(server, tmp_path / "hf2", UNPINNED, DGZOO_CACHE=str(tmp_path / "dgzoo-cache"))
+        assert server.errors == []
+    assert loaded == {"revision": head, "sizes": counts}
 
 
 # ---------------------------------------------------------------------- pins and column layouts (no network)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, subprocess_env, tiny_config
+from conftest import subprocess_env, tiny_config
 from dgzoo.errors import DGZooError
 
 OFFLINE = r"""

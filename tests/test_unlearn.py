@@ -137,7 +137,7 @@ def test_forget_set_baselines_ascend_or_relabel_and_add_the_retain_term_only_whe
 def test_gradient_reversal_flips_the_discriminator_gradient_into_the_encoder():
     import timm
 
-    from dgzoo.models import featurizer_parameters, features
+    from dgzoo.models import features, featurizer_parameters
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10).eval()  # eval: both passes normalise identically
@@ -308,8 +308,8 @@ def test_the_unlearned_card_carries_the_data_licence_unless_the_publisher_overri
 
 def test_cli_forget_flags_combine_and_the_card_repeats_them():
     from dgzoo.cli import build_parser
-    from dgzoo.run.unlearning_card import reproduce_command
     from dgzoo.cli.unlearn import config_from_args
+    from dgzoo.run.unlearning_card import reproduce_command
 
     args = build_parser().parse_args(["unlearn", "--forget", "class=3", "runs/x", "--forget", "domain=15",
                                       "--hparams", "lambda=0.5"])

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from hub_server import HubServer
 from dgzoo.cli import main
+from hub_server import HubServer
 
 TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, checkpoint_every=2, batch_size=8, lr=3e-3,
             eval_batch_size=512, log_with="none", num_workers=0)

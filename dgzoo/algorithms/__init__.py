@@ -6,16 +6,56 @@ validation, the factory) above, the per-domain gradient engine (:mod:`.gradients
 family, on top. Importing this package registers every method
 and the ``dgzoo.algorithms`` entry points of installed plugins.
 """
-from . import (adversarial, alignment, averaging, contrastive, equilibrium, erm, gga, invariance, iu,  # noqa: F401
-               meta, miro, mixing, networks, robust, sharpness, surgery)  # importing registers them
-from .base import (AddOn, Algorithm, EpochContext, EvalContext, FirstAction, LossHost, Metrics, Minibatches, Recipe,
-                   Schedule, StepContext, UpdateHost)
-from .composition import Composition, flat_hparams
-from .registry import (ADDONS, ALGORITHMS, AlgorithmInfo, check_algorithm, create_algorithm, describe,
-                       list_algorithms, load_entry_points, parse_algorithm, register_addon, register_algorithm,
-                       resolve_hparams, schedule_warnings)
-from .runtime import Runtime
 from ..hparams import HParam
+from . import (  # noqa: F401  (importing registers them)
+    adversarial,
+    alignment,
+    averaging,
+    contrastive,
+    equilibrium,
+    erm,
+    gga,
+    invariance,
+    iu,
+    meta,
+    miro,
+    mixing,
+    networks,
+    robust,
+    sharpness,
+    surgery,
+)
+from .base import (
+    AddOn,
+    Algorithm,
+    EpochContext,
+    EvalContext,
+    FirstAction,
+    LossHost,
+    Metrics,
+    Minibatches,
+    Recipe,
+    Schedule,
+    StepContext,
+    UpdateHost,
+)
+from .composition import Composition, flat_hparams
+from .registry import (
+    ADDONS,
+    ALGORITHMS,
+    AlgorithmInfo,
+    check_algorithm,
+    create_algorithm,
+    describe,
+    list_algorithms,
+    load_entry_points,
+    parse_algorithm,
+    register_addon,
+    register_algorithm,
+    resolve_hparams,
+    schedule_warnings,
+)
+from .runtime import Runtime
 
 load_entry_points()
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import feature_dim
 from ..hparams import Choice, HParam, Uniform
+from ..models import feature_dim
 from .base import Metrics, Minibatches, UpdateHost
 from .erm import pooled
 from .registry import register_algorithm

@@ -9,15 +9,16 @@ so N processes give the statistics and the gradient of one process on the same g
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..hparams import HParam, Uniform
 from .base import LossHost, Metrics, Minibatches
-from .seeding import derive_seed, run_seed
 from .registry import register_algorithm
+from .seeding import derive_seed, run_seed
 
 GAMMAS = (0.001, 0.01, 0.1, 1, 10, 100, 1000)  # DomainBed's bandwidths of the summed Gaussian kernels
 

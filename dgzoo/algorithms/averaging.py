@@ -29,8 +29,9 @@ import copy
 import logging
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,7 +100,7 @@ class Segment:
         return {"params": [p.clone() for p in self.params], "start": self.start, "end": self.end, "loss": self.loss}
 
     @classmethod
-    def of(cls, state: dict[str, Any], device: torch.device) -> "Segment":
+    def of(cls, state: dict[str, Any], device: torch.device) -> Segment:
         return cls([p.to(device) for p in state["params"]], int(state["start"]), int(state["end"]),
                    float(state["loss"]))
 
@@ -120,7 +121,7 @@ class RunningMean:
                 mean.add_(v - mean, alpha=1.0 / (self.count + 1))
         self.count += 1
 
-    def copy(self) -> "RunningMean":
+    def copy(self) -> RunningMean:
         return RunningMean(None if self.params is None else [p.clone() for p in self.params], self.count)
 
 
@@ -179,7 +180,8 @@ class SWAD(AddOn):
         self.dead = False
         # The valley's average: segments admitted so far. ``placeholder`` is the converged segment, which stands in
         # until the first admission (as the official AveragedModel built from it, with nothing averaged yet).
-        self.final, self.placeholder = RunningMean(), None
+        self.final = RunningMean()
+        self.placeholder: Segment | None = None
         self.window = (-1, -1)  # first and last step of the admitted segments
         self.ended = False  # the run's last evaluation has happened: the official get_final_model applies
         self.loaded: tuple[Any, ...] | None = None  # what self.average holds now
@@ -197,6 +199,7 @@ class SWAD(AddOn):
         if self.segment.count == 0:  # an evaluation with no step since the last one
             return {}
         loss = float(context.source_val_loss(self.host.network))
+        assert self.segment.params is not None  # count > 0: add() has set them
         segment = Segment(self.segment.params, self.segment_start, context.step, loss)
         self.segment = RunningMean()
         self.observe(segment)
@@ -271,7 +274,9 @@ class SWAD(AddOn):
             while pending and min(s.loss for s in pending) <= self.threshold:
                 window = admit(final, window, pending.pop(0))
         if final.count == 0:
+            assert self.placeholder is not None  # converged: convergence sets it, and the resumable state keeps it
             return self.placeholder.params, (self.placeholder.start, self.placeholder.end)
+        assert final.params is not None  # count > 0: add() has set them
         return final.params, window
 
     @torch.no_grad()
@@ -306,11 +311,11 @@ class SWAD(AddOn):
     # -- resumable state
 
     def extra_state(self) -> dict[str, Any]:
-        return {"segment": None if self.segment.count == 0 else [p.clone() for p in self.segment.params],
+        return {"segment": None if self.segment.count == 0 else [p.clone() for p in self.segment.params or ()],
                 "segment_count": self.segment.count, "segment_start": self.segment_start,
                 "queue": [s.state() for s in self.queue], "converge_step": self.converge_step,
                 "threshold": self.threshold, "dead": self.dead,
-                "final": None if self.final.count == 0 else [p.clone() for p in self.final.params],
+                "final": None if self.final.count == 0 else [p.clone() for p in self.final.params or ()],
                 "final_count": self.final.count, "window": list(self.window),
                 "placeholder": None if self.placeholder is None else self.placeholder.state(), "ended": self.ended}
 

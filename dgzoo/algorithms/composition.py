@@ -6,7 +6,8 @@ evaluate, export and checkpoint from it. It knows no specific method.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DGZooError
-from ..models import feature_dim
 from ..hparams import Choice, HParam
+from ..models import feature_dim
 from .base import LossHost, Metrics, Minibatches
 from .erm import pooled
 from .registry import register_algorithm

@@ -35,8 +35,8 @@ import torch
 
 from ..hparams import Choice, HParam
 from .base import Minibatches
-from .registry import register_algorithm
 from .gradients import DomainGradientAlgorithm, gram, match_norm, vector_norm
+from .registry import register_algorithm
 
 _CITATION = """@inproceedings{zhang2024embracing,
   title={Embracing Domain Gradient Conflicts: Domain Generalization Using Domain Gradient Equilibrium},

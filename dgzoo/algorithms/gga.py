@@ -34,20 +34,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import DGZooError
-from ..models import featurizer_parameters
 from ..hparams import HParam, Uniform
+from ..models import featurizer_parameters
 from .base import AddOn, Algorithm, FirstAction, Minibatches, Recipe, Schedule, StepContext
+from .gradients import (
+    GRADIENT_METHODS,
+    FlatParams,
+    check_mixed_precision,
+    check_precision,
+    pairwise_cosine,
+    per_domain_gradients,
+    split_views,
+)
 from .registry import register_addon
 from .runtime import Runtime
 from .seeding import derive_seed, private_rng, run_seed, seed_rng
-from .gradients import (GRADIENT_METHODS, FlatParams, check_mixed_precision, check_precision, pairwise_cosine,
-                        per_domain_gradients, split_views)
 
 logger = logging.getLogger("dgzoo")
 

@@ -41,7 +41,8 @@ into K pseudo-domains. :class:`DomainGradientAlgorithm` bundles all of the above
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,9 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..errors import DGZooError
-from .runtime import Runtime
 from ..hparams import HParam
 from .base import Minibatches, Recipe, UpdateHost
+from .runtime import Runtime
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GRADIENT_METHODS = ("loop", "vmap")
@@ -67,7 +68,7 @@ class FlatParams:
         self.numel = sum(self.numels)
 
     @classmethod
-    def of(cls, module: nn.Module) -> "FlatParams":
+    def of(cls, module: nn.Module) -> FlatParams:
         return cls(module.parameters())
 
     def flatten(self, tensors: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:

@@ -185,7 +185,7 @@ class AnnealedPenalty(LossHost):
     def _use_switched_lr(self) -> None:
         groups = self._bare_optimizer().param_groups
         self._scheduled_lrs = [g["lr"] for g in groups]
-        if self._switched_lr and self._recipe_lr > 0:
+        if self._switched_lr and self._recipe_lr > 0 and self.LR_SWITCH is not None:  # switched: LR_SWITCH is set
             ratio = self.hparams[self.LR_SWITCH[1]] / self._recipe_lr
             for g in groups:
                 g["lr"] = g["lr"] * ratio
@@ -231,7 +231,7 @@ class IRM(AnnealedPenalty):
     HPARAMS = {"irm_lambda": HParam(1e2, "weight of the IRM penalty after the anneal (1.0 before)", minimum=0.0,
                                     search=_LAMBDA_SEARCH),
                "irm_penalty_anneal_iters": _anneal(500, "irm_lambda")}
-    RESET_AT = ("irm_penalty_anneal_iters",)
+    RESET_AT: ClassVar[tuple[str, ...]] = ("irm_penalty_anneal_iters",)
 
     def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         weight = self.hparams["irm_lambda"] if step >= self.hparams["irm_penalty_anneal_iters"] else 1.0
@@ -275,7 +275,7 @@ class IBERM(AnnealedPenalty):
     HPARAMS = {"ib_lambda": HParam(1e2, "weight of the feature-variance penalty after the anneal (0 before)",
                                    minimum=0.0, search=_LAMBDA_SEARCH),
                "ib_penalty_anneal_iters": _anneal(500, "ib_lambda")}
-    RESET_AT = ("ib_penalty_anneal_iters",)
+    RESET_AT: ClassVar[tuple[str, ...]] = ("ib_penalty_anneal_iters",)
 
     def ib_term(self, features: list[torch.Tensor]) -> torch.Tensor:
         return sum(information_bottleneck(self.runtime.gather(f)) for f in features) / len(features)

@@ -315,6 +315,7 @@ class IU(AddOn):
             self.selected_channels = []
             return chosen, None, metrics
         domain = train.domain.to(device)
+        assert seen.activations is not None  # _forward always sets them
         idv = inter_domain_variance([seen.activations[domain == d] for d in range(int(train.domain.max()) + 1)],
                                     with_means=hp["channel_score"] == "idv+means")
         channels = self.runtime.broadcast(mad_outliers(idv, hp["k"], "upper").to(torch.uint8)).bool()
@@ -396,22 +397,24 @@ class IU(AddOn):
                  if self.layer.module is not None else [])
         kept: list[torch.Tensor] | None = None
         if self.tail is not None and entries is None and keep:
+            assert self.cache is not None  # the tail exists only with a cache (__init__)
             budget = self.cache.budget - self.cache.used
             kept = []
 
-            def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            def keep_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
                 nonlocal budget
                 budget -= inputs[0].numel() * inputs[0].element_size()
                 if kept is not None and budget >= 0:
                     kept.append(inputs[0].detach())
 
-            hooks.append(self.tail.entry.register_forward_pre_hook(keep))
+            hooks.append(self.tail.entry.register_forward_pre_hook(keep_input))
         head = classifier(self.module)
         feats, logits = [], []
         try:
             for part in chunks(len(mine), batch_size):
                 with self.runtime.autocast():
                     if entries is not None:
+                        assert self.tail is not None  # entries are the tail's inputs, kept by an earlier pass
                         f = self.tail.features(entries[part])
                     else:
                         x = pool.load(mine[part], self.runtime.device)[0]

@@ -5,8 +5,9 @@ domains and dataset rows) apart from what the call does with them (:mod:`.iu`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ class Pool:
 
     @classmethod
     def of(cls, domains: Sequence[Any], fraction: float = 1.0, seed: int = 0,
-           cache: "ImageCache | None" = None) -> "Pool":
+           cache: ImageCache | None = None) -> Pool:
         """All samples of ``domains``, or a seeded random ``fraction`` of each domain (the same on every process)."""
         generator = torch.Generator().manual_seed(seed)
         keep = [np.arange(len(ds)) if fraction >= 1 else
@@ -37,8 +38,9 @@ class Pool:
                 for ds in domains]
         rows = [np.asarray(ds.rows)[k] for ds, k in zip(domains, keep)]
         cached = [cache.get(ds) if cache is not None else None for ds in domains]
-        images = (torch.cat([c[torch.from_numpy(k)] for c, k in zip(cached, keep)])
-                  if all(c is not None for c in cached) else None)
+        present = [c for c in cached if c is not None]
+        images = (torch.cat([c[torch.from_numpy(k)] for c, k in zip(present, keep)])
+                  if len(present) == len(cached) else None)
         return cls(ConcatDataset([Subset(ds, k.tolist()) for ds, k in zip(domains, keep)]),
                    torch.cat([torch.full((len(k),), d, dtype=torch.long) for d, k in enumerate(keep)]),
                    np.concatenate(rows),
@@ -48,7 +50,7 @@ class Pool:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def subset(self, index: torch.Tensor) -> "Pool":
+    def subset(self, index: torch.Tensor) -> Pool:
         """The samples at pool positions ``index``, as a pool of their own."""
         return Pool(Subset(self.dataset, index.tolist()), self.domain[index], self.rows[index.numpy()],
                      self.labels[index], None if self.images is None else self.images[index])

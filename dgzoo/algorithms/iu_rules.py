@@ -4,7 +4,7 @@ Pure functions of tensors (no network, no data), so each rule is tested on its o
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DGZooError
-from ..models import feature_dim
 from ..hparams import Choice, HParam, Uniform
+from ..models import feature_dim
 from .base import Metrics, Minibatches, Recipe, UpdateHost
 from .erm import pooled
 from .gradients import FlatParams, check_mixed_precision, check_precision

@@ -93,7 +93,7 @@ class _Tap:
         if self.features is not None:
             self.features.append(output)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "_Tap":
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Tap:
         return _Tap()
 
 
@@ -151,7 +151,7 @@ class MIRO(LossHost):
         init = float(torch.log(torch.expm1(torch.tensor(VARIANCE_INIT - VARIANCE_EPS))))
         self.variances = nn.ParameterList([nn.Parameter(torch.full((c,), init)) for _, c in stages])
 
-    def train(self, mode: bool = True) -> "MIRO":
+    def train(self, mode: bool = True) -> MIRO:
         super().train(mode)
         self.reference.eval()  # the oracle's statistics never move
         return self

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import feature_dim
 from ..hparams import Choice, HParam, Uniform
+from ..models import feature_dim
 from .base import LossHost, Metrics, Minibatches, UpdateHost
 from .erm import pooled
 from .registry import register_algorithm

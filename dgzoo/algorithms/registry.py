@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Sequence
+from typing import Any, cast
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ def load_entry_points() -> list[str]:
         try:
             entry.load()
             loaded.append(entry.name)
-        except Exception as e:  # noqa: BLE001 - any failure of a third-party import
+        except Exception as e:
             logger.warning("dgzoo: skipped the algorithm plugin '%s' (%s): %s: %s", entry.name, entry.value,
                            type(e).__name__, e)
     return loaded
@@ -174,6 +175,7 @@ def create_algorithm(spec: str, network: nn.Module, num_domains: int,
         recipe = Recipe(num_domains=num_domains, num_classes=num_classes, small_images=small_images,
                         mixed_precision=runtime.mixed_precision(), network=network)
         hparams = check_algorithm(spec, hparams or {}, recipe)
+    hparams = cast("dict[str, dict[str, Any]]", hparams)  # resolved=True: the caller gives check_algorithm's output
     host = host_cls(network, num_classes, num_domains, hparams[host_cls.name])
     host.to(runtime.device)
     groups = host.optimizer_groups()

@@ -8,7 +8,8 @@ DDP model. :class:`Runtime` itself is the single-process implementation used by 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ class Runtime:
         every process gets exactly its one-process gradient.)"""
         return tensor
 
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> AbstractContextManager[Any]:
         """Context for forward passes made outside the prepared model (mixed precision, if enabled)."""
         return contextlib.nullcontext()
 

@@ -7,7 +7,7 @@ PCGrad's order) and again after a resume draws from a generator seeded with :fun
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

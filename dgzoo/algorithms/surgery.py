@@ -12,14 +12,15 @@ comparison with ERM at one learning rate compares the rules' directions rather t
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..hparams import HParam
 from .base import Minibatches
-from .registry import register_algorithm
 from .gradients import DomainGradientAlgorithm, gram, match_norm, vector_norm
+from .registry import register_algorithm
 
 _MANSILLA = """@inproceedings{mansilla2021domain,
   title={Domain Generalization via Gradient Surgery},

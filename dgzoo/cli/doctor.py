@@ -77,7 +77,6 @@ def accelerate_checks() -> list[Check]:
     import accelerate
     import torch
     import yaml
-
     from accelerate.commands.config import default_config_file
 
     checks = []
@@ -152,7 +151,7 @@ def hub_checks() -> list[Check]:
             response = huggingface_hub.get_session().get(f"{endpoint}/api/models", params={"limit": 1}, timeout=10)
             huggingface_hub.utils.hf_raise_for_status(response)
             checks = [Check("ok", "hub", where)]
-        except Exception as e:  # noqa: BLE001 - every failure is one line
+        except Exception as e:
             checks = [Check("fail", "hub", f"{where}: cannot reach it ({hub_error_reason(e)})",
                             "check the connection, proxy or HF_ENDPOINT; set HF_HUB_OFFLINE=1 to work from the "
                             "cache")]
@@ -169,7 +168,7 @@ def hub_checks() -> list[Check]:
         return checks
     try:
         me = huggingface_hub.HfApi(token=token).whoami()
-    except Exception as e:  # noqa: BLE001 - every failure is one line, token scrubbed
+    except Exception as e:
         reason = hub_error_reason(e, token)
         if "401" in reason or "nvalid" in reason:
             checks.append(Check("fail", "access", f"the Hub refused the token: {reason}",
@@ -207,7 +206,7 @@ def cache_checks() -> list[Check]:
         status = "warn" if free < LOW_DISK_GIB else "ok"
         checks.append(Check(status, "cache", f"{name}: {path} ({free:.1f} GiB free"
                                              f"{'' if path.exists() else ', not created yet'})",
-                            f"free disk, or move it to a larger disk (HF_HOME, HF_DATASETS_CACHE, DGZOO_CACHE)"
+                            "free disk, or move it to a larger disk (HF_HOME, HF_DATASETS_CACHE, DGZOO_CACHE)"
                             if status == "warn" else ""))
     return checks
 

@@ -120,8 +120,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ..data.convert import (convert_image_folders, domain_counts, image_folder_root, known_spec, num_shards,
-                               push_dataset, write_parquet)
+    from ..data.convert import (
+        convert_image_folders,
+        domain_counts,
+        image_folder_root,
+        known_spec,
+        num_shards,
+        push_dataset,
+        write_parquet,
+    )
     from ..run.hub import check_push_target
 
     if not args.push_to_hub and not args.output_dir:
@@ -148,7 +155,7 @@ def _convert(args: argparse.Namespace) -> int:
                                    shards=shards)
             except DGZooError:
                 raise
-            except Exception as e:  # noqa: BLE001 - reported as one line, token scrubbed
+            except Exception as e:
                 from ..run.hub import hub_error_reason
 
                 raise DGZooError(f"pushing the dataset to {args.push_to_hub} failed: {hub_error_reason(e, token)}; "
@@ -181,7 +188,7 @@ def _datasets_push(args: argparse.Namespace) -> int:
                               shards=shards, commit_message=f"dgzoo datasets push {spec.name}: {source}")
     except DGZooError:
         raise
-    except Exception as e:  # noqa: BLE001 - one line, token scrubbed
+    except Exception as e:
         raise DGZooError(f"pushing {spec.name} to {args.repo_id} failed: {hub_error_reason(e, token)}; run the same "
                          f"command again") from None
     print(f"pushed {spec.title} ({len(table)} images, from {source}) to the Hub dataset {args.repo_id} at commit "

@@ -7,9 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import OPTIMIZERS, PRECISIONS, normalize_hparams
+from ..config import OPTIMIZERS, PRECISIONS, UnlearnConfig, normalize_hparams
 from ..unlearning.methods import METHOD_CHOICES
-from ..config import UnlearnConfig
 
 EXAMPLES = """examples:
   dgzoo unlearn runs/my-run --forget class=3 --method retrain --output-dir runs/retrain-3

@@ -1,6 +1,13 @@
 """Data: load DG datasets from the Hub, local files or the embedded set; split; transform; batch per domain."""
-from .loaders import (DomainImages, MultiDomainSet, StepBatchSampler, collate_domains, eval_loader, loader_workers,
-                      train_loader)
+from .loaders import (
+    DomainImages,
+    MultiDomainSet,
+    StepBatchSampler,
+    collate_domains,
+    eval_loader,
+    loader_workers,
+    train_loader,
+)
 from .loading import DGDataset, image_folder_table, load_dg_dataset, resolve_hub_revision
 from .registry import REGISTRY, DatasetSpec, get_spec, register_dataset
 from .splits import DomainSplits, Protocol, make_splits, resolve_domain, resolve_protocol, seed_hash, split_rows

@@ -56,10 +56,10 @@ def rotated_digits_rows() -> dict[str, list]:
     for d, angle in enumerate(ANGLES):
         for i in order[d::len(ANGLES)]:
             pixels = np.clip(digits.images[i] / 16.0 * 255.0, 0, 255).astype(np.uint8)
-            digit = Image.fromarray(pixels, mode="L").resize((DIGIT, DIGIT), Image.BILINEAR)
+            digit = Image.fromarray(pixels, mode="L").resize((DIGIT, DIGIT), Image.Resampling.BILINEAR)
             canvas = Image.new("L", (CANVAS, CANVAS), 0)
             canvas.paste(digit, ((CANVAS - DIGIT) // 2, (CANVAS - DIGIT) // 2))
-            rotated = canvas.rotate(angle, resample=Image.BILINEAR, fillcolor=0)
+            rotated = canvas.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
             buffer = io.BytesIO()
             rotated.save(buffer, format="PNG")
             rows["image"].append({"bytes": buffer.getvalue(), "path": None})
@@ -98,7 +98,7 @@ def colored_digits_rows() -> dict[str, list]:
         for i, label, color in zip(picked, labels, colors):
             pixels = np.clip(digits.images[i] / 16.0 * 255.0, 0, 255).astype(np.uint8)
             digit = np.asarray(Image.fromarray(pixels, mode="L").resize((COLORED_DIGIT, COLORED_DIGIT),
-                                                                        Image.BILINEAR))
+                                                                        Image.Resampling.BILINEAR))
             rgb = np.zeros((COLORED_CANVAS, COLORED_CANVAS, 3), dtype=np.uint8)
             rgb[offset:offset + COLORED_DIGIT, offset:offset + COLORED_DIGIT, int(color)] = digit
             buffer = io.BytesIO()

@@ -18,9 +18,10 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import DGZooError, writing
 from .folders import IMAGE_EXTENSIONS, image_folder_table, is_image_folder
@@ -160,7 +161,7 @@ def write_parquet(table: Any, output_dir: str | Path, shards: int | None = None,
         raise DGZooError(f"{data_dir} already holds parquet files; choose an empty --output-dir")
     data_dir.mkdir(parents=True, exist_ok=True)
     shards = shards or num_shards(table)
-    written = []
+    written: list[Path] = []
     bar = tqdm(total=len(table), desc=progress, unit="img", disable=progress is None)
 
     def embed(batch: Any) -> Any:  # what datasets.push_to_hub does per shard: read each file into the image column

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from .loading import DGDataset
+from .registry import DatasetSpec
 from .transforms import to_rgb
 from .verify import ImageDecodeError
-from .registry import DatasetSpec
 
 # Contact-sheet geometry, in pixels: every tile is TILE x TILE, captioned below, rows labelled on the left.
 TILE = 64
@@ -248,7 +248,7 @@ def contact_sheet(data: DGDataset, path: str | Path, per_domain: int = 8, seed: 
                 image = Image.new("RGB", (TILE, TILE), "#dddddd")
             scale = TILE / max(image.width, image.height)
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.NEAREST if scale >= 1 else Image.BICUBIC)
+            image = image.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BICUBIC)
             left = LABEL_WIDTH + j * (TILE + PAD)
             sheet.paste(image, (left + (TILE - size[0]) // 2, top + (TILE - size[1]) // 2))
             caption = _fit_text(draw, data.class_names[int(data.labels[row])], font, TILE)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch

@@ -115,10 +115,11 @@ def load_dg_dataset(name: str, revision: str | None = None, image_column: str | 
     if spec is not None and spec.kind == "tarball":  # an archive in a Hub repo, converted once into the cache
         from .tarball import load_archive
 
-        table, sha = load_archive(spec, revision)
-        return _normalize(table, spec.title, "hub", columns, spec=spec, repo_id=spec.repo_id, revision=sha)
+        table, archive_sha = load_archive(spec, revision)
+        return _normalize(table, spec.title, "hub", columns, spec=spec, repo_id=spec.repo_id, revision=archive_sha)
     if spec is not None or _looks_like_repo_id(name):
         repo_id = spec.repo_id if spec else name
+        assert repo_id is not None  # a registry Hub dataset names its repo
         table, sha = _read_hub(repo_id, resolve_pinned(spec, revision) if spec else revision, spec)
         if spec is not None:  # the registry's column mapping at that commit, unless the user named the columns
             table, columns = apply_layout(table, spec, sha, columns, dict(image=image_column, label=label_column,

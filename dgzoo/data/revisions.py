@@ -33,6 +33,7 @@ def resolve_pinned(spec: DatasetSpec, revision: str | None, repo_type: str = "da
         return spec.revision
     gone = DGZooError(f"the Hub no longer serves {spec.repo_id} at dgzoo's pinned commit {spec.revision}; pass "
                       f"--revision main (or another commit of {spec.repo_id}) to load what it serves now")
+    assert spec.repo_id is not None  # a pin is a commit of the spec's Hub repo
     api = huggingface_hub.HfApi(token=token)
     try:
         if len(spec.revision) == SHA_LENGTH:
@@ -108,7 +109,7 @@ def commit_of(repo_id: str, revision: str | None, repo_type: str = "dataset", to
 
     install_hub_timeouts()  # this call, and the downloads after it, end on a Hub that never answers
     try:
-        return huggingface_hub.HfApi(token=token).repo_info(repo_id, repo_type=repo_type, revision=revision).sha
+        sha = huggingface_hub.HfApi(token=token).repo_info(repo_id, repo_type=repo_type, revision=revision).sha
     except hf_errors.RevisionNotFoundError:
         raise DGZooError(f"revision '{revision}' does not exist in the Hub {repo_type} {repo_id}; pass an existing "
                          f"branch, tag or commit sha with --revision") from None
@@ -119,6 +120,8 @@ def commit_of(repo_id: str, revision: str | None, repo_type: str = "dataset", to
         raise DGZooError(f"cannot reach the Hub at {huggingface_hub.constants.ENDPOINT} to load {repo_id} "
                          f"({type(e).__name__}); check the connection, or set HF_HUB_OFFLINE=1 to use a cached "
                          f"copy") from None
+    assert sha is not None  # the Hub names the commit of every revision it resolves
+    return sha
 
 
 __all__ = ["apply_layout", "commit_of", "domain_of_path", "domains_from_paths", "resolve_pinned"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -74,7 +74,8 @@ def resolve_protocol(data: DGDataset, target_domains: list[str] | None, source_d
                              f"leave at least one out")
         name = "single-source" if len(sources) == 1 else "multi-source"
     order = {d: i for i, d in enumerate(data.domains)}
-    return Protocol(name, tuple(sorted(sources, key=order.get)), tuple(sorted(targets, key=order.get)))
+    # order.get: every name is one of data.domains (resolve_domain, or the registry's defaults for this dataset)
+    return Protocol(name, tuple(sorted(sources, key=order.get)), tuple(sorted(targets, key=order.get)))  # type: ignore[arg-type]
 
 
 def resolve_domain(data: DGDataset, name: str, flag: str) -> str:

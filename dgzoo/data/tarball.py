@@ -84,7 +84,10 @@ def converted_archive(spec: DatasetSpec, revision: str | None = None, token: str
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise DGZooError(f"{spec.title} at {revision or spec.revision} is not in dgzoo's cache yet and HF_HUB_OFFLINE "
                          f"is set; unset it once to download and convert {spec.archive} from {spec.repo_id}")
-    sha = commit_of(spec.repo_id, revision, token=token) if revision else resolve_pinned(spec, None, token=token)
+    if revision or not spec.revision:  # a given revision, or a dataset with no pin: the commit it points at now
+        sha = commit_of(spec.repo_id, revision, token=token)
+    else:  # the registry's pin as a full sha (resolve_pinned returns one, or raises, for a pinned spec)
+        sha = resolve_pinned(spec, None, token=token) or spec.revision
     folder = converted_folder(spec, sha)
     if not _is_converted(folder):
         _download_and_convert(spec, sha, folder, token)
@@ -96,6 +99,7 @@ def converted_archive(spec: DatasetSpec, revision: str | None = None, token: str
 def _download_and_convert(spec: DatasetSpec, sha: str, folder: Path, token: str | None) -> None:
     import huggingface_hub
 
+    assert spec.repo_id and spec.archive  # checked by the caller, before anything is downloaded
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
     try:
@@ -107,7 +111,7 @@ def _download_and_convert(spec: DatasetSpec, sha: str, folder: Path, token: str 
         except huggingface_hub.errors.EntryNotFoundError:
             raise DGZooError(f"{spec.repo_id} at commit {sha} has no {spec.archive}; pass --revision with a commit "
                              f"that has it") from None
-        except Exception as e:  # noqa: BLE001 - one line whatever the transport says
+        except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
             raise DGZooError(f"could not download {spec.archive} from {spec.repo_id} ({type(e).__name__}: {first}); "
                              f"check the connection and run again") from None

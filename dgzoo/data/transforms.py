@@ -7,7 +7,8 @@ built with timm's own ``create_transform``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import timm.data
 from torchvision import transforms as T

@@ -38,7 +38,8 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any
+from collections.abc import Callable, Sequence
 
 from ..errors import DGZooError, Interrupted, suggest
 from ..run.claim import CLAIM_TTL_S, EXIT_CLAIMED, RunDirClaimed, claim_run_dir
@@ -215,7 +216,8 @@ def _sequential(pending: list[SweepRun], launcher: str, prefix: str, fail_fast: 
                 try:
                     if launcher == "local":
                         if train_fn is None:
-                            from ..training.engine import train as train_fn
+                            from ..training.engine import train as engine_train
+                            train_fn = engine_train
                         train_fn(run.config)
                     else:
                         code = subprocess.run(shlex.split(train_command(run.config, prefix))).returncode
@@ -475,7 +477,8 @@ class SlurmTask:
         if self.gpus_per_run == 1 and not self.own_process:
             train = self.train_fn
             if train is None:
-                from ..training.engine import train
+                from ..training.engine import train as engine_train
+                train = engine_train
             train(run.config)
             return
         prefix = self.launch_prefix or pool_prefix(self.gpus_per_run, self.slot)
@@ -659,8 +662,8 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
                 states[name] = job.result()
             except Exception as e:  # the task raised, or the job died: one line, the log holds the rest
                 states[name] = "failed"
-                said = str(e).strip().splitlines()
-                reason = read_failure(run.output_dir) or f"job {job.job_id}: {said[-1] if said else type(e).__name__}"
+                lines = str(e).strip().splitlines()
+                reason = read_failure(run.output_dir) or f"job {job.job_id}: {lines[-1] if lines else type(e).__name__}"
                 outcome.failed.append((run, reason))
                 log(f"run failed: {run.describe()}: {reason}; log: {job.paths.stderr}")
         trained = sum(s == "trained" for s in states.values())

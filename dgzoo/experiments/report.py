@@ -36,7 +36,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -325,7 +326,7 @@ class Cell:
     n: int
 
     @classmethod
-    def over_trials(cls, accuracies: Sequence[float]) -> "Cell":
+    def over_trials(cls, accuracies: Sequence[float]) -> Cell:
         mean, se = mean_and_standard_error([100 * a for a in accuracies])
         return cls(mean, se, len(accuracies))
 
@@ -490,7 +491,7 @@ def build_report(runs: Sequence[Run], methods: Sequence[str] = SELECTION_METHODS
             continue
         report.picks[method] = picks
         # (dataset, row, held-out set) -> {trial: the pick's test accuracy}, built once instead of per cell.
-        cell_trials: dict[tuple, dict[int, float]] = defaultdict(dict)
+        cell_trials: dict[tuple, dict[str, float]] = defaultdict(dict)
         for (d, row, targets, trial), pick in picks.items():
             cell_trials[(d, row, targets)][trial] = pick.test
         averages: dict[str, list[Cell | None]] = {row: [] for row in rows}

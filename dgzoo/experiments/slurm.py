@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import DGZooError
 from ..run.rundir import atomic_write_text

@@ -34,7 +34,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -175,7 +176,7 @@ def _hub_ingredient(reference: str, token: str | None) -> Ingredient:
     try:
         files = {name: Path(huggingface_hub.hf_hub_download(repo_id, name, revision=revision, token=token))
                  for name in ("results.json", "train_config.json")}
-    except Exception as e:  # noqa: BLE001 - whatever the Hub said, one line
+    except Exception as e:
         raise DGZooError(f"{reference} has no dgzoo results.json/train_config.json at {revision} "
                          f"({hub_error_reason(e, token)}); soup dgzoo checkpoints only") from None
     return Ingredient(f"{repo_id}@{revision}", folder, read_json(files["results.json"]),
@@ -304,7 +305,7 @@ class WeightSum:
                 self.total[key] = value.double().clone()
         self.count += 1
 
-    def plus(self, state: dict[str, torch.Tensor]) -> "WeightSum":
+    def plus(self, state: dict[str, torch.Tensor]) -> WeightSum:
         copy = WeightSum()
         copy.total = {k: v.clone() for k, v in self.total.items()}
         copy.count = self.count

@@ -33,21 +33,21 @@ import os
 import re
 import shlex
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from .. import __version__
 from ..algorithms import parse_algorithm, resolve_hparams
 from ..config import TrainConfig, changed_fields, load_yaml, training_search_space
-from ..data import get_spec, load_dg_dataset
-from ..data import seed_hash
+from ..data import get_spec, load_dg_dataset, seed_hash
+from ..errors import DGZooError, suggest
 from ..hparams import Distribution, Uniform, parse_distribution
 from ..models import check_backbone
-from ..errors import DGZooError, suggest
 from ..run.claim import CLAIM_FILE, claim_holder, describe_holder
 from ..run.rundir import latest_checkpoint, missing_outputs, read_json, write_json
 
@@ -133,7 +133,7 @@ class SweepSpec:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "sweep spec", base_dir: Path | None = None
-                  ) -> "SweepSpec":
+                  ) -> SweepSpec:
         """Build and validate a spec from a mapping; unknown keys are errors with a suggestion."""
         names = {f.name for f in fields(cls)}
         for key in values:
@@ -186,7 +186,7 @@ class SweepSpec:
         return spec
 
     @classmethod
-    def from_yaml(cls, path: str | Path, output_dir: str | None = None) -> "SweepSpec":
+    def from_yaml(cls, path: str | Path, output_dir: str | None = None) -> SweepSpec:
         """Load a spec file; ``output_dir`` defaults to ``sweeps/<file name>``."""
         path = Path(path)
         if not path.is_file():
@@ -280,6 +280,7 @@ class SweepRun:
 
     @property
     def output_dir(self) -> Path:
+        assert self.config.output_dir is not None  # the sweep names every run's directory
         return Path(self.config.output_dir)
 
     def describe(self) -> str:
@@ -572,7 +573,7 @@ def choose_samples(spec: SweepSpec, grid: Sequence[SweepRun], method: str) -> li
     runs, _ = load_runs([spec.output_dir])
     picks = select_groups([r for r in runs if r.path in names], method)
     best: dict[tuple, Any] = {}
-    for (dataset, row, targets, trial), pick in sorted(picks.items(), key=lambda kv: int(kv[0][3])):
+    for (dataset, row, targets, _trial), pick in sorted(picks.items(), key=lambda kv: int(kv[0][3])):
         key = (dataset, row, targets)
         if key not in best or pick.val > best[key].val:
             best[key] = pick

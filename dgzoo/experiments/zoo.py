@@ -20,7 +20,8 @@ import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from ..errors import DGZooError
 from ..run.cards import card_license, slug
@@ -73,7 +74,7 @@ def list_models(dataset: str | None = None, held_out: Sequence[str] | str | None
     try:
         infos = list(huggingface_hub.HfApi(token=token).list_models(
             filter=list(ZOO_TAGS), author=author, cardData=True, full=True))
-    except Exception as e:  # noqa: BLE001 - one line, token scrubbed
+    except Exception as e:
         raise DGZooError(f"could not list dgzoo models on the Hub: {hub_error_reason(e, token)}") from None
     found = []
     for info in infos:
@@ -130,6 +131,7 @@ def _mirror(models: Sequence[ZooModel], root: Path, token: str | None) -> dict[P
     for model in models:
         files = {name: _download(model, name, token) for name in MIRRORED}
         sweep = model.meta.get("sweep")
+        assert files["results.json"] is not None  # only a missing train_config.json gives None (_download)
         if sweep:
             folder = f"sweep-{sweep}-{content_key(json.loads(files['results.json']))}"
             run_dir = root / folder / str(model.meta["run"])
@@ -159,7 +161,7 @@ def _download(model: ZooModel, name: str, token: str | None) -> bytes | None:
             return None
         raise DGZooError(f"{model.repo_id} has no {name}, so it cannot be ranked; publish it again with "
                          f"`dgzoo push`") from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DGZooError(f"could not download {name} of {model.repo_id}: {hub_error_reason(e, token)}") from None
     return Path(path).read_bytes()
 
@@ -247,7 +249,7 @@ def push_sweep(sweep_dir: str | Path, prefix: str, private: bool = False, token:
             note = (f"{results['algorithm']} {results['backbone']}, held-out {', '.join(results['target_domains'])}: "
                     f"{100 * results['target_accuracy']:.1f}% ({run_dir.name})")
             api.add_collection_item(collection.slug, repo_id, "model", note=note[:500], exists_ok=True)
-    except Exception as e:  # noqa: BLE001 - one line, and the command that retries when a retry can succeed
+    except Exception as e:
         raise DGZooError(f"push of the sweep {sweep_dir} failed: {hub_error_reason(e, token)}. The run directories "
                          f"are intact{retry_advice(e, retry)}") from None
     return {"collection": collection.slug, "collection_url": collection.url, "results": results_repo,

@@ -7,8 +7,8 @@ the models layer.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -195,7 +195,7 @@ class ResNetTail:
         self.entry = model.get_submodule(stages[0])
 
     @classmethod
-    def of(cls, model: nn.Module, layer: ChannelLayer) -> "ResNetTail | None":
+    def of(cls, model: nn.Module, layer: ChannelLayer) -> ResNetTail | None:
         """The tail for ``layer``'s writers, or None when the backbone is not a timm ResNet."""
         from timm.models.resnet import ResNet
 

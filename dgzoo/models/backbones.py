@@ -8,7 +8,8 @@ featurizer/classifier split is expressed through timm's own API: :func:`features
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import timm
 import torch
@@ -30,7 +31,8 @@ def check_backbone(name: str) -> None:
             return
         raise DGZooError(f"backbone '{arch}' has no pretrained tag '{tag}'{suggest(tag, tags)}; "
                          f"available: {', '.join(tags[:8]) or 'none'}")
-    family = re.match(r"[A-Za-z]*", arch).group(0) or arch
+    letters = re.match(r"[A-Za-z]*", arch)  # always matches, possibly the empty string
+    family = (letters.group(0) if letters else "") or arch
     raise DGZooError(f"unknown backbone '{name}'{suggest(arch, timm.list_models())}; list timm models with "
                      f"`python -c \"import timm; print(timm.list_models('*{family}*'))\"`")
 
@@ -74,7 +76,7 @@ def meta_backbone(name: str, num_classes: int, image_size: int | None = None, dr
     try:
         with torch.device("meta"):
             return create_backbone(name, num_classes, False, image_size, dropout)
-    except Exception:  # noqa: BLE001 - the checks then run on the real network, at construction
+    except Exception:
         return None
 
 

@@ -8,7 +8,8 @@ sample, so they can be checked on known tensors.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from timm.models.densenet import DenseNet
@@ -92,7 +93,7 @@ class StyleMixing:
         lam = self.beta.sample((batch,)).to(output.device)
         return self.op(output, lam, partners(batch, self.mode, self.domain_sizes, output.device))
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "StyleMixing":
+    def __deepcopy__(self, memo: dict[int, Any]) -> StyleMixing:
         copy = StyleMixing.__new__(StyleMixing)
         copy.__dict__.update(self.__dict__)
         copy.enabled = False

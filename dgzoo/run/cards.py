@@ -58,7 +58,7 @@ def _dataset_spec(results: dict[str, Any]) -> Any:
     return get_spec(dataset["name"]) or (get_spec(dataset["repo_id"]) if dataset.get("repo_id") else None)
 
 
-def card_license(results: dict[str, Any], override: str | None = None) -> dict[str, str]:
+def card_license(results: dict[str, Any], override: str | None = None) -> dict[str, Any]:
     """The card's licence fields: ``override`` if given, else the licence of the training data.
 
     Weights inherit the terms of the data they were fitted to, so a registry dataset's own licence is used, as
@@ -155,7 +155,7 @@ def model_stats(run_dir: str | Path | None) -> dict[str, Any] | None:
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             model(torch.zeros(1, *size))
-    except Exception:  # noqa: BLE001 - the block is informative; a card is still written without it
+    except Exception:
         return None
     return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "gmacs": round(counter.get_total_flops() / 2 / 1e9, 3), "image_size": f"{size[1]} x {size[2]}"}
@@ -298,7 +298,7 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
         stats=model_stats(run_dir), dataset_split=dataset_split(results),
         dataset_name=_dataset_ref(results, local=not repo_id),
         license_fields=card_license(results, license),
-        samples_image=bool(run_dir) and (Path(run_dir) / SAMPLES_IMAGE).is_file())
+        samples_image=bool(run_dir and (Path(run_dir) / SAMPLES_IMAGE).is_file()))
     return str(card)
 
 

@@ -24,7 +24,8 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from torch import nn
 
@@ -128,7 +129,7 @@ def check_push_target(repo_id: str, token: str | None = None, private: bool = Fa
     api = huggingface_hub.HfApi(token=token)
     try:
         me = api.whoami()
-    except Exception as e:  # noqa: BLE001 - every failure is reported as one line, token scrubbed
+    except Exception as e:
         raise DGZooError(f"could not check the Hugging Face token: {hub_error_reason(e, token)}") from None
     access = (me.get("auth") or {}).get("accessToken") or {}
     if access.get("role") == "read":
@@ -153,7 +154,7 @@ def _check_visibility(api: Any, repo_id: str, repo_type: str, private: bool, tok
         info = api.repo_info(repo_id, repo_type=repo_type)
     except RepositoryNotFoundError:
         return
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DGZooError(f"could not read the Hub {repo_type} repo {repo_id}: "
                          f"{hub_error_reason(e, token)}") from None
     if not info.private:
@@ -250,7 +251,7 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
     try:
         token = check_push_target(repo_id, token, private, revision, revision_flag="--revision")
         return upload_run(run_dir, repo_id, private, revision, commit_message, token, license)
-    except Exception as e:  # noqa: BLE001 - whatever failed, the user gets one line (and the retry command)
+    except Exception as e:
         raise DGZooError(f"push of {run_dir} to {repo_id} failed: {hub_error_reason(e, token)}. The run directory "
                          f"is intact{retry_advice(e, retry)}") from None
 
@@ -289,7 +290,7 @@ def check_run_loads(run_dir: str | Path) -> None:
                          f"load; nothing was pushed: {fix}") from None
     try:
         state = load_file(str(run_dir / WEIGHTS))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated/corrupt files
+    except Exception as e:
         raise DGZooError(f"{run_dir / WEIGHTS} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); it is "
                          f"truncated or corrupt and nothing was pushed: {fix}") from None
     bad = nonfinite_tensors(state)
@@ -300,7 +301,7 @@ def check_run_loads(run_dir: str | Path) -> None:
         create_from_folder(run_dir)
     except DGZooError as e:
         raise DGZooError(f"{e}; nothing was pushed") from None
-    except Exception as e:  # noqa: BLE001 - whatever timm raises, one line
+    except Exception as e:
         raise DGZooError(f"timm cannot build the model of {run_dir} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); nothing was pushed: {fix}") from None
 
@@ -428,6 +429,7 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
         if not (folder / WEIGHTS).is_file():
             raise DGZooError(f"{folder} has no {WEIGHTS}; dgzoo loads safetensors weights only (never pickles)")
         return folder, None, None
+    assert repo_id is not None  # not a folder: _split_reference gives a Hub repo id
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
 
@@ -452,7 +454,7 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
                          f"download") from None
     except DGZooError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DGZooError(f"could not load {repo_id} from the Hub: {hub_error_reason(e, token)}") from None
     return Path(paths[0]).parent, repo_id, revision
 
@@ -475,7 +477,7 @@ def create_from_folder(folder: Path) -> nn.Module:
     except RuntimeError as e:
         raise DGZooError(f"the weights in {folder / WEIGHTS} do not fit '{arch}' as {CONFIG} describes it "
                          f"({str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001 - safetensors' own errors for a truncated or corrupt file, one line
+    except Exception as e:
         raise DGZooError(f"{folder / WEIGHTS} cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated or corrupt: re-export or "
                          f"re-download it") from None

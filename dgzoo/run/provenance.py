@@ -62,7 +62,7 @@ def resolved_config(config: dict[str, Any], info: dict[str, Any], derived: dict[
     out = dict(config)
     if info.get("source") == "hub" and info.get("revision"):
         out["revision"] = info["revision"]
-    values = {name: item.get("value") for name, item in derived.items()}
+    values: dict[str, Any] = {name: item.get("value") for name, item in derived.items()}
     if not out.get("source_domains") and values.get("target_domains"):
         out["target_domains"] = list(values["target_domains"])
     if "split_seed" in values:

@@ -176,7 +176,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     d, derived = plan["dataset"], plan["derived"]
     origin = {"hub": f"Hub {d['repo_id']} @ {(d['revision'] or 'main')[:12]}", "builtin": "embedded"}.get(
         d["source"], f"{d['source']} {d['path']}")
-    lines = [f"dry run: nothing was trained or written", derived_line(derived), *[f"warning: {w}" for w in
+    lines = ["dry run: nothing was trained or written", derived_line(derived), *[f"warning: {w}" for w in
                                                                                    plan["warnings"]], "",
              f"data       {d['title']} ({origin}), {len(plan['class_names'])} classes; {plan['protocol']}: "
              f"sources {', '.join(plan['source_domains'])} -> held-out {', '.join(plan['target_domains'])}"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,7 +84,7 @@ class CompiledMethod:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.compiled(*args, **kwargs)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "CompiledMethod":
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledMethod:
         return CompiledMethod(memo.get(id(self.module), self.module), self.name, self.backend)
 
 

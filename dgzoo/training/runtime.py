@@ -5,7 +5,8 @@ one place that knows Accelerate.
 """
 from __future__ import annotations
 
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class AccelerateRuntime(Runtime):
 
         return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> AbstractContextManager[Any]:
         return self.accelerator.autocast()
 
     def unwrap(self, model: nn.Module) -> nn.Module:

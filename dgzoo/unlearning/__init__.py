@@ -8,10 +8,10 @@
 The unlearned model is written as a normal dgzoo run directory (timm weights, results.json, model card); SURE's
 domain classifier is never part of it. See docs/unlearning.md.
 """
+from ..config import UnlearnConfig
 from ..run.unlearning_card import render_unlearn_card
 from .forget import ForgetSpec, UnlearningData, parse_forget_spec, split_for_unlearning
 from .methods import METHOD_CHOICES, METHODS, SURE, GradientReversal, UnlearningMethod, grad_reverse, register_method
-from ..config import UnlearnConfig
 from .recipe import evaluate_model, load_source, plan_unlearning, unlearn
 
 __all__ = [

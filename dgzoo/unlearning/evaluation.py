@@ -19,16 +19,17 @@ and matched test sets are often small.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training.evaluation import Gather
 from ..models import classifier, features
+from ..training.evaluation import Gather
 
 ATTACKS = {
     "loss": "logistic regression on the per-image cross-entropy loss",

@@ -83,7 +83,8 @@ def parse_forget_spec(text: str) -> ForgetSpec:
         return ForgetSpec(text, indices=_parse_indices(values["indices"], "indices="))
     if "indices-file" in values:
         return ForgetSpec(text, indices=_read_indices_file(values["indices-file"]))
-    classes, fraction = (), None
+    classes: tuple[str, ...] = ()
+    fraction: float | None = None
     if "class" in values:
         names, _, raw_fraction = values["class"].partition(":")
         classes = _split_names(names, "class")

@@ -194,8 +194,8 @@ def _loop_plan(cfg: UnlearnConfig, tc: TrainConfig, data: DGDataset, sets: Unlea
             return sets.retain[data.domain_of_row[sets.retain] == data.domains.index(domain)]
 
         rows = {d: r for d, r in ((d, of_domain(d)) for d in sources) if len(r)}
-    elif METHODS[cfg.method].training_algorithm:
-        algorithm, given, rows = METHODS[cfg.method].training_algorithm, {}, {"retain": sets.retain}
+    elif training_algorithm := METHODS[cfg.method].training_algorithm:
+        algorithm, given, rows = training_algorithm, {}, {"retain": sets.retain}
     else:
         return None
     recipe = Recipe(num_domains=len(rows), num_classes=data.num_classes, augment=augment,
@@ -407,6 +407,7 @@ def _train_loop(plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, An
     method's training algorithm on the retain set. The last step is kept (no model selection).
     """
     tc, settings, data = plan.source.train_config, plan.settings, plan.data
+    assert plan.loop is not None  # called for the training-loop methods, whose plan has one
     algorithm_name, hparams, rows = plan.loop
     retrain = plan.config.method == "retrain"
     if retrain:
@@ -529,7 +530,7 @@ def _results(plan: UnlearnPlan, unlearned: dict[str, Any], original: dict[str, A
     mine, retrained, before = headline(unlearned), headline(reference), headline(original)
     comparison = {key: {"unlearned": mine[key], "original": before[key], "retrain": retrained[key],
                         "gap_to_retrain": None if mine[key] is None or retrained[key] is None
-                        else mine[key] - retrained[key]} for key in HEADLINE}
+                        else mine[key] - retrained[key]} for key in HEADLINE}  # type: ignore[operator]  # None: checked
     title = RETRAIN_TITLE if cfg.method == "retrain" else METHODS[cfg.method].title
     citation = None if cfg.method == "retrain" else METHODS[cfg.method].citation
     per_domain = {**unlearned["test_domains"], **unlearned["held_out_domains"]}

@@ -29,7 +29,8 @@ def run(losses, steps_per_segment, n_converge, n_tolerance, tolerance_ratio):
     valley = swad_module.LossValley(Eval(), n_converge, n_tolerance, tolerance_ratio)
     segments = []
     for i, loss in enumerate(losses):
-        net = nn.Module(); net.w = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+        net = nn.Module()
+        net.w = nn.Parameter(torch.zeros(n, dtype=torch.float64))
         with torch.no_grad():
             net.w[i] = 1.0
         seg = swa_utils.AveragedModel(net)
@@ -67,7 +68,7 @@ cases.append(run(hand, 2, 3, 3, 0.3))
 # never converges (strictly decreasing): the official final model is the last segment
 cases.append(run([1.0, 0.9, 0.8, 0.7, 0.6], 3, 3, 6, 0.3))
 rng = random.Random(23)
-for k in range(24):
+for _ in range(24):
     n = rng.randint(3, 24)
     dip = rng.uniform(0.1, 0.9)
     losses = [round(abs(1.0 + 2.0 * (t / n - dip) ** 2 + rng.gauss(0, 0.12)), 4) for t in range(n)]
