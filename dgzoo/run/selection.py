@@ -54,7 +54,7 @@ class TrainingDomainValidation(SelectionMethod):
     @classmethod
     def run_acc(cls, records: Sequence[Record], sources: Sequence[str],
                 targets: Sequence[str]) -> tuple[Record, float]:
-        score = lambda r: _mean(r["acc"][d]["out"] for d in sources)
+        score = lambda r: _mean(r["acc"][d]["out"] for d in sources)  # noqa: E731
         chosen = max(records, key=lambda r: (score(r), -r["step"]))
         return chosen, score(chosen)
 
