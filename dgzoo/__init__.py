@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .errors import DGZooError
 
 _LAZY = {"Pretrained": "run.hub", "evaluate_pretrained": "training.evaluation", "from_pretrained": "run.hub", "push_run": "run.hub",
-         "train": "training.engine", "list_models": "run.zoo",
+         "train": "training.engine", "list_models": "experiments.zoo",
          "soup": "experiments.soup"}
 
 
