@@ -18,7 +18,7 @@ from .errors import DGZooError
 
 _LAZY = {"Pretrained": "run.pretrained", "evaluate_pretrained": "training.evaluation",
          "from_pretrained": "run.pretrained", "push_run": "run.publish",
-         "train": "training.engine", "list_models": "run.zoo",
+         "train": "training.engine", "list_models": "experiments.zoo",
          "soup": "experiments.soup"}
 
 

@@ -21,7 +21,7 @@ def main() -> int:
     add_train_arguments(parser)
     args = parser.parse_args()
     status = run(train_command, args)
-    if getattr(args, "dry_run", False):  # a flag not given is absent (it must not override a --config value)
+    if getattr(args, "dry_run", False):  # the flag's default is suppressed: absent unless given
         exit_now(status)  # printed is done: skip the interpreter's seconds-long teardown of torch
     return status
 

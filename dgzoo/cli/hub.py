@@ -6,7 +6,7 @@
     dgzoo datasets convert VLCS.tar.gz --push-to-hub me/vlcs [--output-dir DIR]
     dgzoo datasets push vlcs me/vlcs              # a tarball dataset, as dgzoo converted it, to a parquet repo
 
-Each command is a thin layer over :mod:`dgzoo.run.hub`, :mod:`dgzoo.run.zoo`, :mod:`dgzoo.data.convert` and
+Each command is a thin layer over :mod:`dgzoo.run.hub`, :mod:`dgzoo.experiments.zoo`, :mod:`dgzoo.data.convert` and
 :mod:`dgzoo.data.tarball`.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _push(args: argparse.Namespace) -> int:
     from ..run.hub import push_run
 
     if (Path(args.run_dir) / "sweep.json").is_file():
-        from ..run.zoo import push_sweep
+        from ..experiments.zoo import push_sweep
 
         if args.revision or args.commit_message:
             raise DGZooError("--revision and --commit-message apply to one run; push a sweep without them")

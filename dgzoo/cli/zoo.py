@@ -4,7 +4,7 @@
     dgzoo zoo leaderboard --dataset pacs [--format csv] [--plot DIR]
     dgzoo zoo best --dataset pacs --held-out sketch        # prints the repo id to load
 
-A thin layer over :mod:`dgzoo.run.zoo`.
+A thin layer over :mod:`dgzoo.experiments.zoo`.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _filters(parser: argparse.ArgumentParser) -> None:
 
 def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     """Add ``zoo list``, ``zoo leaderboard`` and ``zoo best`` to the ``dgzoo`` parser."""
-    from ..experiments.report import SELECTION_METHODS
+    from ..run.selection import REPORT_SELECTION_METHODS as SELECTION_METHODS
 
     zoo = subparsers.add_parser("zoo", help="published dgzoo checkpoints on the Hub: list, rank, pick the best")
     sub = zoo.add_subparsers(dest="zoo_command", required=True)
@@ -52,7 +52,7 @@ def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
 
 
 def _found(args: argparse.Namespace) -> list[Any]:
-    from ..run.zoo import list_models
+    from ..experiments.zoo import list_models
 
     return list_models(dataset=args.dataset, held_out=args.held_out, algorithm=args.algorithm,
                        backbone=args.backbone, author=args.author, token=args.token)
@@ -76,7 +76,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
-    from ..run.zoo import leaderboard
+    from ..experiments.zoo import leaderboard
 
     board = leaderboard(_found(args), args.selection, token=args.token)
     sys.stdout.write(board.report.render(args.format))
@@ -90,7 +90,7 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from ..run.zoo import best, leaderboard
+    from ..experiments.zoo import best, leaderboard
 
     print(best(leaderboard(_found(args), [args.selection], token=args.token), args.selection))
     return 0

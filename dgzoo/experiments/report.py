@@ -43,16 +43,11 @@ import numpy as np
 
 from ..errors import DGZooError, suggest
 from ..run.identity import identity_key
-from ..run.selection import select
+from ..run.selection import REPORT_SELECTION_METHODS, SELECTION_TITLES, LeaveOneDomainOut, select
 from .domainbed import DomainBedRun, is_finished, load_domainbed_run
 from ..run.rundir import atomic_write_text, missing_outputs, read_json, read_records
 
-SELECTION_METHODS = ("training_domain_validation", "leave_one_domain_out", "oracle")
-SELECTION_TITLES = {
-    "training_domain_validation": "training-domain validation set",
-    "leave_one_domain_out": "leave-one-domain-out cross-validation",
-    "oracle": "test-domain validation set (oracle)",
-}
+SELECTION_METHODS = REPORT_SELECTION_METHODS  # the report's methods, in table order (dgzoo.run.selection)
 FORMATS = ("markdown", "latex", "csv")
 MISSING = "X"  # DomainBed's mark for a cell without a finished run
 PM_LATEX = "$\\pm$"
@@ -252,23 +247,13 @@ def select_in_run(run: Run, method: str) -> Pick:
 
 
 def leave_one_domain_out(run: Run, validators: dict[str, Run]) -> Pick | None:
-    """DomainBed's leave-one-domain-out cross-validation of ``run`` (held-out set T).
-
-    ``validators[v]`` is the run of the same hyperparameter sample and trial holding out T plus ``v``, for every
-    other domain ``v``. At each step all of them evaluated, the score is the mean over ``v`` of that run's accuracy
-    on ``v``'s ``in`` split; the best step wins (ties: the earliest). None when a validator is missing.
-    """
+    """DomainBed's leave-one-domain-out cross-validation of ``run`` (held-out set T): ``validators[v]`` is the run
+    of the same hyperparameter sample and trial holding out T plus ``v`` (:meth:`LeaveOneDomainOut.validated_step`).
+    None when a validator is missing."""
     others = [d for d in run.domains if d not in run.targets]
-    if not others or any(v not in validators for v in others):
-        return None
-    own = {r["step"]: r for r in run.records}
-    theirs = [{r["step"]: r for r in validators[v].records} for v in others]
-    steps = sorted(s for s in own if all(s in steps_of for steps_of in theirs))
-    if not steps:
-        return None
-    scores = {s: _mean(by_step[s]["acc"][v]["in"] for v, by_step in zip(others, theirs)) for s in steps}
-    step = max(steps, key=lambda s: (scores[s], -s))
-    return Pick(run, step, scores[step], _mean(own[step]["acc"][t]["in"] for t in run.targets))
+    found = LeaveOneDomainOut.validated_step(run.records, run.targets, others,
+                                             {v: r.records for v, r in validators.items()})
+    return None if found is None else Pick(run, *found)
 
 
 GroupKey = tuple[str, str, tuple[str, ...], str]  # dataset, row, held-out domains, trial

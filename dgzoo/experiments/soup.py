@@ -52,6 +52,7 @@ from ..run.identity import run_identity
 from ..run.provenance import code_version
 from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, is_run_dir, read_json, run_done, save_model,
                           write_json)
+from ..run.results import RunResults
 from ..run.selection import SELECTION_METHODS, select
 from ..training.engine import (build_loop_data, claim_on_main, create_accelerator, device_name, plan_run,
                                run_config_text, start_run_dir)
@@ -542,7 +543,7 @@ def _soup_results(found: Sequence[Ingredient], chosen: Sequence[Ingredient], set
                     "source_val_acc": i.scores["source_val_acc"], "target_acc": i.scores["target_acc"],
                     "used": i.name in chosen_names, "identity": run_identity(i.results)} for i in found]
     data_info = plan.data.info()
-    return {
+    return RunResults.create({
         "algorithm": first["algorithm"], "host_algorithm": first.get("host_algorithm", first["algorithm"]),
         "addons": list(first.get("addons") or []), "algorithm_title": f"{title} ({label})",
         "backbone": first["backbone"], "pretrained": first.get("pretrained", False),
@@ -575,7 +576,7 @@ def _soup_results(found: Sequence[Ingredient], chosen: Sequence[Ingredient], set
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
         "code": code_version(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    }).to_json()
 
 
 # ---------------------------------------------------------------------- soups of a sweep

@@ -25,6 +25,7 @@ from typing import Any
 from ..commandline import command_line, flag_groups
 from ..config import TrainConfig
 from ..data.registry import get_spec, hub_license
+from .results import RunResults
 from .rundir import SAMPLES_IMAGE
 
 DATASET_CONFIG = "default"  # the configuration `datasets` loads when none is named: the one every dgzoo run reads
@@ -121,18 +122,19 @@ def sweep_entry(run_dir: str | Path | None) -> dict[str, Any] | None:
 
 def zoo_metadata(results: dict[str, Any], sweep: dict[str, Any] | None = None) -> dict[str, Any]:
     """The card's ``dgzoo`` block: what ``dgzoo zoo`` lists, filters and groups runs by."""
-    dataset = results["dataset"]
-    meta = {"dataset": dataset["name"], "dataset_repo": dataset.get("repo_id"),
-            "dataset_revision": dataset.get("revision"), "dataset_fingerprint": dataset.get("fingerprint"),
-            "code": results.get("code") or {"dgzoo_version": results.get("dgzoo_version")},
-            "held_out": list(results["target_domains"]),
-            "source_domains": list(results["source_domains"]), "algorithm": results["algorithm"],
-            "backbone": results["backbone"], "selection": results["selection"]["method"],
-            "held_out_accuracy": round(100 * results["target_accuracy"], 4), "seed": results["seed"],
-            "split_seed": results["split_seed"],
-            "holdout_fraction": results["hparams"].get("holdout_fraction", 0.2)}
-    if isinstance(results.get("soup"), dict):  # a weight average: the zoo lists it apart from single runs
-        meta["soup"] = results["soup"]["label"]
+    res = RunResults.from_json(results)
+    dataset = res.dataset
+    meta = {"dataset": dataset.name, "dataset_repo": dataset.repo_id,
+            "dataset_revision": dataset.revision, "dataset_fingerprint": dataset.fingerprint,
+            "code": res.code or {"dgzoo_version": res.dgzoo_version},
+            "held_out": list(res.target_domains),
+            "source_domains": list(res.source_domains), "algorithm": res.algorithm,
+            "backbone": res.backbone, "selection": res.selection.method,
+            "held_out_accuracy": round(100 * res.target_accuracy, 4), "seed": res.seed,
+            "split_seed": res.split_seed,
+            "holdout_fraction": res.hparams.get("holdout_fraction", 0.2)}
+    if isinstance(res.extra.get("soup"), dict):  # a weight average: the zoo lists it apart from single runs
+        meta["soup"] = res.extra["soup"]["label"]
     return {**meta, **(sweep or {})}
 
 
@@ -239,13 +241,14 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
     local dataset by base name and fingerprint, never by its path."""
     from huggingface_hub import ModelCard
 
-    targets, sources = results["target_domains"], results["source_domains"]
+    res = RunResults.from_json(results)
+    targets, sources = res.target_domains, res.source_domains
     spec = _dataset_spec(results)
-    citations = list(results["citations"])
+    citations = list(res.citations)
     if spec and spec.citation:
         citations.append((f"Dataset: {spec.title}", spec.citation))
-    roles = {d: "held-out" if d in targets else "source" if d in sources else "unused" for d in results["accuracy"]}
-    selections = results["selections"]
+    roles = {d: "held-out" if d in targets else "source" if d in sources else "unused" for d in res.accuracy}
+    selections = res.selections
     load_id = repo_id or str(Path(run_dir).resolve() if run_dir else "path/to/run")
     revision = revision if repo_id and revision and revision != "main" else None
     if repo_id:
@@ -254,32 +257,32 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
     card = ModelCard.from_template(
         card_data(results, repo_id, license, sweep), template_path=str(template_path()),
         model_title=repo_id.split("/")[-1] if repo_id else model_name(results),
-        backbone=results["backbone"], algorithm=results["algorithm"], algorithm_title=results["algorithm_title"],
-        dataset_title=results["dataset"]["title"], dataset_repo=results["dataset"].get("repo_id"),
-        dataset_revision=results["dataset"].get("revision"), source_domains=sources, target_domains=targets,
-        pretrained=bool(results.get("base_model")), base_model=results.get("base_model"),
-        target_accuracy=results["target_accuracy"], selection_label=SELECTION_LABELS[results["selection"]["method"]],
-        selected_step=results["selection"]["step"], steps=results["steps"],
-        domain_rows=[{"domain": d, "role": roles[d], "accuracy": a} for d, a in results["accuracy"].items()],
-        selection_rows=[{"label": SELECTION_LABELS[m], "step": s["step"], "target_accuracy": s["target_accuracy"]}
+        backbone=res.backbone, algorithm=res.algorithm, algorithm_title=res.algorithm_title,
+        dataset_title=res.dataset.title, dataset_repo=res.dataset.repo_id,
+        dataset_revision=res.dataset.revision, source_domains=sources, target_domains=targets,
+        pretrained=bool(res.base_model), base_model=res.base_model,
+        target_accuracy=res.target_accuracy, selection_label=SELECTION_LABELS[res.selection.method],
+        selected_step=res.selection.step, steps=res.steps,
+        domain_rows=[{"domain": d, "role": roles[d], "accuracy": a} for d, a in res.accuracy.items()],
+        selection_rows=[{"label": SELECTION_LABELS[m], "step": s.step, "target_accuracy": s.target_accuracy}
                         for m, s in selections.items()],
         load_name=(f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")) if repo_id else f"local-dir:{load_id}",
-        load_id=load_id, load_revision=revision, code=results.get("code") or {},
-        dataset_fingerprint=results["dataset"].get("fingerprint"),
-        class_names=results["class_names"], soup=soup_rows(results),
-        command=results["soup"]["command"] if results.get("soup") else reproduce_command(config),
-        recipe_rows=[(k, v) for k, v in results["hparams"].items()],
-        train_seconds=results["timing"]["train_seconds"], images_per_second=results["timing"]["images_per_second"],
-        device=results["device"], num_processes=results["num_processes"], seed=results["seed"],
-        split_seed=results["split_seed"],
-        diagnostics=json.dumps(results["diagnostics"], indent=2) if results.get("diagnostics") else "",
+        load_id=load_id, load_revision=revision, code=res.code or {},
+        dataset_fingerprint=res.dataset.fingerprint,
+        class_names=res.class_names, soup=soup_rows(results),
+        command=res.extra["soup"]["command"] if res.extra.get("soup") else reproduce_command(config),
+        recipe_rows=[(k, v) for k, v in res.hparams.items()],
+        train_seconds=res.timing.train_seconds, images_per_second=res.timing.images_per_second,
+        device=res.device, num_processes=res.num_processes, seed=res.seed,
+        split_seed=res.split_seed,
+        diagnostics=json.dumps(res.diagnostics, indent=2) if res.diagnostics else "",
         act_rows=act_rows(results),
-        citations=citations, dgzoo_version=results["dgzoo_version"],
+        citations=citations, dgzoo_version=res.dgzoo_version,
         license=card_license(results, license)["license"], license_override=bool(license),
         data_license=_license_text(hub_license(spec)), base_license=_base_model_license(results, run_dir),
         eval_domains=" ".join(_quote(d) for d in targets),
         eval_dataset=_quote(_dataset_ref(results, local=not repo_id)),
-        eval_split_seed=results["split_seed"], eval_holdout=results["hparams"].get("holdout_fraction", 0.2),
+        eval_split_seed=res.split_seed, eval_holdout=res.hparams.get("holdout_fraction", 0.2),
         stats=model_stats(run_dir), dataset_split=dataset_split(results),
         dataset_name=_dataset_ref(results, local=not repo_id),
         license_fields=card_license(results, license),

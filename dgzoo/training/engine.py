@@ -50,6 +50,7 @@ from ..run.rundir import (CHECKPOINT_FORMAT, SAMPLES_IMAGE, atomic_write_text, c
                           checkpoint_format, checkpoint_problem, latest_checkpoint, read_json,
                           run_done, save_model, write_checkpoint_manifest,
                           write_json)
+from ..run.results import RunResults
 from ..run.selection import SELECTION_METHODS, select
 from .datachecks import check_classes
 from .derived import Derived, derived_line, derived_values, resolve_image_size
@@ -482,7 +483,7 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Comp
     host, addons = plan.host, plan.addons
     training = training_hparams(plan)
     data_info = plan.data.info()
-    return {
+    return RunResults.create({
         "algorithm": cfg.algorithm, "host_algorithm": host.name, "addons": [a.name for a in addons],
         "algorithm_title": " + ".join([host.title or host.name, *[a.title or a.name for a in addons]]),
         "backbone": cfg.backbone, "pretrained": cfg.pretrained,
@@ -505,4 +506,4 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Comp
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
         "code": code_version(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    }).to_json()

@@ -35,6 +35,7 @@ from ..data import (DGDataset, DomainImages, eval_loader, eval_transform, load_d
 from ..errors import DGZooError, Interrupted
 from ..models import create_backbone, data_config, freeze_batchnorm, meta_backbone
 from ..run.hub import from_pretrained, push_run, resolve_checkpoint
+from ..run.results import RunResults
 from ..run.rundir import atomic_write_text, check_output_dir, json_text, read_json, save_model, write_json
 from ..run.unlearning_card import HEADLINE, render_unlearn_card
 from ..training.engine import (claim_on_main, create_accelerator, device_name, is_small_images, resolve_augment,
@@ -536,7 +537,7 @@ def _results(plan: UnlearnPlan, unlearned: dict[str, Any], original: dict[str, A
     previously = res.get("unlearning", {}).get("forgotten_rows", [])
     sources, targets = list(res["source_domains"]), list(res["target_domains"])
     held_out = unlearned["accuracy"]["held_out"]
-    return {
+    return RunResults.create({
         "kind": "unlearning",
         "algorithm": cfg.method, "host_algorithm": cfg.method, "addons": [], "algorithm_title": title,
         "backbone": res["backbone"], "pretrained": res.get("pretrained", False), "base_model": res.get("base_model"),
@@ -570,7 +571,7 @@ def _results(plan: UnlearnPlan, unlearned: dict[str, Any], original: dict[str, A
         "num_processes": accelerator.num_processes, "device": device_name(accelerator.device),
         "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    }).to_json()
 
 
 def _log_summary(results: dict[str, Any]) -> None:

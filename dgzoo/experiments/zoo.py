@@ -24,12 +24,12 @@ from typing import Any
 from collections.abc import Callable, Sequence
 
 from ..errors import DGZooError
-from ..experiments.report import SELECTION_METHODS, Report, report_dirs
-from .cards import card_license, slug
-from .hub import (check_finished_run, check_push_target, check_repo_id, check_run_loads, hub_error_reason,
-                  resolve_token, retry_advice, upload_run, without_local_paths)
-from .identity import content_key
-from .rundir import read_json, run_done
+from ..run.cards import card_license, slug
+from ..run.hub import (check_finished_run, check_push_target, check_repo_id, check_run_loads, hub_error_reason,
+                      resolve_token, retry_advice, upload_run, without_local_paths)
+from ..run.identity import content_key
+from ..run.rundir import read_json, run_done
+from .report import SELECTION_METHODS, Report, report_dirs
 
 ZOO_TAGS = ("dgzoo", "timm")
 MIRRORED = ("results.json", "records.jsonl", "train_config.json")  # what the report reads of a run
