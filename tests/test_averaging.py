@@ -201,6 +201,7 @@ def test_ema_warm_up_equals_timm_model_ema_v3():
     assert (constant.average.state_dict()[weight] - initial[weight]).norm() < 0.1 * moved
 
 
+@pytest.mark.slow
 def test_a_swad_run_exports_its_average_as_plain_timm(tmp_path):
     cfg = tiny_config(tmp_path, algorithm="erm+swad", steps=8, eval_every=2, selection="last",
                       hparams={"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 2})

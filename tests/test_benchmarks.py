@@ -33,7 +33,7 @@ SCRIPTS = {
 }
 # Scripts whose --smoke run another test file already makes (not run twice): script -> that file.
 ELSEWHERE = {"soups.py": "test_soup.py"}
-SLOW = {"iu_cost.py", "sure.py", "gga_accuracy.py", "gga_cost.py", "engine_overhead.py", "device_suite.sh"}
+SLOW = set(SCRIPTS)  # each smoke run trains or times real steps (7-55 s): all run in .ci/run with -m slow
 
 
 def test_every_benchmark_script_has_a_smoke_run():

@@ -16,6 +16,7 @@ def run_recipe(output_dir, nproc, *extra):
     return json.loads((output_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_erm_on_two_processes_matches_one_process(tmp_path):
     # Frozen BatchNorm and no dropout: otherwise each process normalises its own half batch and draws its own
     # dropout masks, as in any DDP run, and equality with one process holds only in distribution.

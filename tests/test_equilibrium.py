@@ -212,6 +212,7 @@ def test_recipes_follow_the_paper_settings(name):
         assert (cfg.backbone, cfg.pretrained, cfg.lr, cfg.batch_size) == ("resnet18.tv_in1k", True, 5e-4, 10)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path):
     run_processes(2, [__file__, tmp_path], cwd=ROOT)
     report = json.loads((tmp_path / "report.json").read_text())

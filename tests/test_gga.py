@@ -214,6 +214,7 @@ def run_recipe(output_dir, nproc):
     return json.loads((output_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_decisions_as_one(tmp_path):
     # GGA-L rides along: its noise must be drawn identically on both processes, or the replicas would drift apart.
     from safetensors.torch import load_file

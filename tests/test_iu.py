@@ -493,6 +493,7 @@ json.dump(out, open(f"{sys.argv[1]}/selection{accelerator.process_index}.json", 
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_select_the_same_samples_and_channels_as_one(tmp_path):
     script = tmp_path / "iu_ddp.py"
     script.write_text(DDP_SCRIPT)

@@ -86,6 +86,7 @@ def run(server, hf_home, code, *args, **env):
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc
 
 
+@pytest.mark.slow
 def test_tarball_dataset_is_downloaded_at_its_pin_converted_once_and_reused(tmp_path):
     counts = make_vlcs_tarball(tmp_path / "VLCS.tar.gz")
     cache = {"DGZOO_CACHE": str(tmp_path / "dgzoo-cache")}

@@ -301,6 +301,7 @@ print(json.dumps({"source": results["unlearning"]["source"], "base_model": card.
 """
 
 
+@pytest.mark.slow
 def test_unlearning_a_hub_repo_and_pushing_the_result(trained_run, hub_server, tmp_path):
     source_repo, target_repo = hub_server.unique_repo_id("source"), hub_server.unique_repo_id("unlearned")
     out = hub_server.run_python(HUB_ROUND_TRIP.replace("sys.argv[1:5]", repr(
