@@ -18,15 +18,24 @@ from __future__ import annotations
 import json
 import shlex
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Sequence
 
 from ..errors import DGZooError
 from ..run.cards import card_license, slug
-from ..run.hub import (check_finished_run, check_push_target, check_repo_id, check_run_loads, hub_error_reason,
-                      resolve_token, retry_advice, upload_run, without_local_paths)
+from ..run.hub import (
+    check_finished_run,
+    check_push_target,
+    check_repo_id,
+    check_run_loads,
+    hub_error_reason,
+    resolve_token,
+    retry_advice,
+    upload_run,
+    without_local_paths,
+)
 from ..run.identity import content_key
 from ..run.rundir import read_json, run_done
 from .report import SELECTION_METHODS, Report, report_dirs

@@ -20,11 +20,12 @@ import re
 import shlex
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..commandline import command_line, flag_groups
 from ..config import TrainConfig
 from ..data.registry import get_spec, hub_license
+from ..errors import DGZooError
 from .results import RunResults
 from .rundir import SAMPLES_IMAGE
 
@@ -120,17 +121,28 @@ def sweep_entry(run_dir: str | Path | None) -> dict[str, Any] | None:
             "hparams_seed": entry["hparams_seed"]}
 
 
+_T = TypeVar("_T")
+
+
+def _finished(value: _T | None, key: str) -> _T:
+    """A field every finished run's results.json has (old files may lack others, never these)."""
+    if value is None:
+        raise DGZooError(f"results.json has no '{key}': it was not written by a finished dgzoo run; finish the run "
+                         f"(dgzoo train ... --resume) or train it again")
+    return value
+
+
 def zoo_metadata(results: dict[str, Any], sweep: dict[str, Any] | None = None) -> dict[str, Any]:
     """The card's ``dgzoo`` block: what ``dgzoo zoo`` lists, filters and groups runs by."""
     res = RunResults.from_json(results)
-    dataset = res.dataset
+    dataset = _finished(res.dataset, "dataset")
     meta = {"dataset": dataset.name, "dataset_repo": dataset.repo_id,
             "dataset_revision": dataset.revision, "dataset_fingerprint": dataset.fingerprint,
             "code": res.code or {"dgzoo_version": res.dgzoo_version},
             "held_out": list(res.target_domains),
             "source_domains": list(res.source_domains), "algorithm": res.algorithm,
-            "backbone": res.backbone, "selection": res.selection.method,
-            "held_out_accuracy": round(100 * res.target_accuracy, 4), "seed": res.seed,
+            "backbone": res.backbone, "selection": _finished(res.selection, "selection").method,
+            "held_out_accuracy": round(100 * _finished(res.target_accuracy, "target_accuracy"), 4), "seed": res.seed,
             "split_seed": res.split_seed,
             "holdout_fraction": res.hparams.get("holdout_fraction", 0.2)}
     if isinstance(res.extra.get("soup"), dict):  # a weight average: the zoo lists it apart from single runs
@@ -242,6 +254,8 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
     from huggingface_hub import ModelCard
 
     res = RunResults.from_json(results)
+    dataset, selection = _finished(res.dataset, "dataset"), _finished(res.selection, "selection")
+    timing = _finished(res.timing, "timing")
     targets, sources = res.target_domains, res.source_domains
     spec = _dataset_spec(results)
     citations = list(res.citations)
@@ -258,21 +272,21 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
         card_data(results, repo_id, license, sweep), template_path=str(template_path()),
         model_title=repo_id.split("/")[-1] if repo_id else model_name(results),
         backbone=res.backbone, algorithm=res.algorithm, algorithm_title=res.algorithm_title,
-        dataset_title=res.dataset.title, dataset_repo=res.dataset.repo_id,
-        dataset_revision=res.dataset.revision, source_domains=sources, target_domains=targets,
+        dataset_title=dataset.title, dataset_repo=dataset.repo_id,
+        dataset_revision=dataset.revision, source_domains=sources, target_domains=targets,
         pretrained=bool(res.base_model), base_model=res.base_model,
-        target_accuracy=res.target_accuracy, selection_label=SELECTION_LABELS[res.selection.method],
-        selected_step=res.selection.step, steps=res.steps,
+        target_accuracy=res.target_accuracy, selection_label=SELECTION_LABELS[selection.method],
+        selected_step=selection.step, steps=res.steps,
         domain_rows=[{"domain": d, "role": roles[d], "accuracy": a} for d, a in res.accuracy.items()],
         selection_rows=[{"label": SELECTION_LABELS[m], "step": s.step, "target_accuracy": s.target_accuracy}
                         for m, s in selections.items()],
         load_name=(f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")) if repo_id else f"local-dir:{load_id}",
         load_id=load_id, load_revision=revision, code=res.code or {},
-        dataset_fingerprint=res.dataset.fingerprint,
+        dataset_fingerprint=dataset.fingerprint,
         class_names=res.class_names, soup=soup_rows(results),
         command=res.extra["soup"]["command"] if res.extra.get("soup") else reproduce_command(config),
         recipe_rows=[(k, v) for k, v in res.hparams.items()],
-        train_seconds=res.timing.train_seconds, images_per_second=res.timing.images_per_second,
+        train_seconds=timing.train_seconds, images_per_second=timing.images_per_second,
         device=res.device, num_processes=res.num_processes, seed=res.seed,
         split_seed=res.split_seed,
         diagnostics=json.dumps(res.diagnostics, indent=2) if res.diagnostics else "",
