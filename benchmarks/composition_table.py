@@ -8,6 +8,7 @@ The accuracy tables are ``dgzoo report``'s own (training-domain validation and o
 The cost column is each algorithm's training seconds per step (``results.json`` timing, evaluation excluded),
 averaged over its runs, divided by ERM's in the same sweep: runs of one sweep share the machine and the budget.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,24 @@ def smoke_sweep(root: str) -> Path:
     from dgzoo.experiments.launchers import run_sweep
     from dgzoo.experiments.sweep import SweepSpec
 
-    spec = SweepSpec.from_dict(dict(
-        datasets=["rotated-digits"], algorithms=["erm", "erm+gga"], test_domains=["75"], n_trials=1, output_dir=root,
-        train=dict(backbone="test_resnet", steps=2, eval_every=2, batch_size=4, log_with="none", num_workers=0,
-                   hparams={"gga.start": 0, "gga.end": 1, "gga.candidates": 2})))
+    spec = SweepSpec.from_dict(
+        dict(
+            datasets=["rotated-digits"],
+            algorithms=["erm", "erm+gga"],
+            test_domains=["75"],
+            n_trials=1,
+            output_dir=root,
+            train=dict(
+                backbone="test_resnet",
+                steps=2,
+                eval_every=2,
+                batch_size=4,
+                log_with="none",
+                num_workers=0,
+                hparams={"gga.start": 0, "gga.end": 1, "gga.candidates": 2},
+            ),
+        )
+    )
     if run_sweep(spec, log=lambda line: None).failed:
         raise SystemExit("the smoke sweep failed")
     return Path(root)
@@ -55,8 +70,13 @@ def main() -> int:
         args.sweep_dirs = [smoke_sweep(args.sweep_dirs)]
     if not args.sweep_dirs:
         parser.error("give at least one sweep folder")
-    parts = [report_dirs(args.sweep_dirs, args.selection).markdown(), "### Per-step training cost", "",
-             "| Algorithm | s / step | × ERM | runs |", "|:--|--:|--:|--:|"]
+    parts = [
+        report_dirs(args.sweep_dirs, args.selection).markdown(),
+        "### Per-step training cost",
+        "",
+        "| Algorithm | s / step | × ERM | runs |",
+        "|:--|--:|--:|--:|",
+    ]
     costs: dict[str, tuple[float, int]] = {}
     for sweep in args.sweep_dirs:
         costs.update(step_costs(sweep))

@@ -14,6 +14,7 @@ Every part prints one JSON line starting with ``RESULT`` that the script collect
 - ``sweep``: a sweep of small runs on one GPU at 1, 2 and 4 runs per GPU (``--runs-per-gpu``): training images
   of all runs over the sweep's wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def make_data(root: Path, domains: int, classes: int, per_class: int, size: int)
                 noise = rng.integers(-60, 60, (size, size, 3))
                 pixels = np.clip(palette[c] + shift + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
-    result(part="data", root=str(root), domains=domains, classes=classes, images=domains * classes * per_class,
-           size=size)
+    result(
+        part="data", root=str(root), domains=domains, classes=classes, images=domains * classes * per_class, size=size
+    )
 
 
 # ---------------------------------------------------------------------- dgzoo
@@ -79,21 +81,38 @@ def dgzoo_rates(args: argparse.Namespace) -> None:
     from dgzoo.training.engine import train
 
     dgzoo.training.fastpath.COMPILE_BACKEND = args.compile_backend
-    targets = sorted(p.name for p in Path(args.data).iterdir() if p.is_dir())[args.domains:]
+    targets = sorted(p.name for p in Path(args.data).iterdir() if p.is_dir())[args.domains :]
     for setting in args.settings:
         flags = SETTINGS[setting]
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig.from_dict(dict(
-                dataset=args.data, target_domains=targets, backbone=args.backbone, image_size=args.image_size,
-                batch_size=args.batch_size,
-                steps=args.warm + args.steps, eval_every=args.warm, checkpoint_every=10**9, augment="none",
-                num_workers=args.workers, log_with="none", eval_batch_size=256, output_dir=tmp,
-                mixed_precision=precision(args, setting), channels_last=flags["channels_last"],
-                compile=flags["compile"]))
+            cfg = TrainConfig.from_dict(
+                dict(
+                    dataset=args.data,
+                    target_domains=targets,
+                    backbone=args.backbone,
+                    image_size=args.image_size,
+                    batch_size=args.batch_size,
+                    steps=args.warm + args.steps,
+                    eval_every=args.warm,
+                    checkpoint_every=10**9,
+                    augment="none",
+                    num_workers=args.workers,
+                    log_with="none",
+                    eval_batch_size=256,
+                    output_dir=tmp,
+                    mixed_precision=precision(args, setting),
+                    channels_last=flags["channels_last"],
+                    compile=flags["compile"],
+                )
+            )
             start = time.perf_counter()
             train(cfg)
-            result(part="dgzoo", setting=setting, images_per_second=steady_rate(Path(tmp)),
-                   wall_seconds=time.perf_counter() - start)
+            result(
+                part="dgzoo",
+                setting=setting,
+                images_per_second=steady_rate(Path(tmp)),
+                wall_seconds=time.perf_counter() - start,
+            )
 
 
 SETTINGS = {
@@ -141,11 +160,20 @@ def timm_loop_rates(args: argparse.Namespace, device: torch.device) -> None:
             model.to(memory_format=torch.channels_last)
         step_model = torch.compile(model, backend=args.compile_backend) if flags["compile"] else model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda",
-                                             persistent_workers=args.workers > 0)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision(args, setting) == "bf16"
-                    else contextlib.nullcontext())
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=args.workers > 0,
+        )
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if precision(args, setting) == "bf16"
+            else contextlib.nullcontext()
+        )
         seen, tick, step, start = 0, None, 0, time.perf_counter()
         while step < args.warm + args.steps:
             for x, y in loader:
@@ -167,9 +195,13 @@ def timm_loop_rates(args: argparse.Namespace, device: torch.device) -> None:
                     break
         if device.type == "cuda":
             torch.cuda.synchronize()
-        result(part="timm", runner="timm-style loop (benchmarks/device_suite.py; timm's train.py not given)",
-               setting=setting, images_per_second=seen / (time.perf_counter() - tick),
-               wall_seconds=time.perf_counter() - start)
+        result(
+            part="timm",
+            runner="timm-style loop (benchmarks/device_suite.py; timm's train.py not given)",
+            setting=setting,
+            images_per_second=seen / (time.perf_counter() - tick),
+            wall_seconds=time.perf_counter() - start,
+        )
 
 
 def timm_train_rates(args: argparse.Namespace) -> None:
@@ -183,11 +215,36 @@ def timm_train_rates(args: argparse.Namespace) -> None:
             target.symlink_to(image.resolve())
         for setting in args.settings:
             flags = SETTINGS[setting]
-            command = [sys.executable, args.timm_train, str(Path(tmp) / "data"), "--model", args.backbone,
-                       "--num-classes", str(len(list(train_dir.iterdir()))), "--img-size", str(args.image_size),
-                       "-b", str(batch), "--epochs", "1000", "--no-aug", "--workers", str(args.workers),
-                       "--log-interval", "1", "--output", str(Path(tmp) / "out"), "--opt", "sgd", "--lr", "0.01",
-                       "--sched", "none", "--checkpoint-hist", "1"]
+            command = [
+                sys.executable,
+                args.timm_train,
+                str(Path(tmp) / "data"),
+                "--model",
+                args.backbone,
+                "--num-classes",
+                str(len(list(train_dir.iterdir()))),
+                "--img-size",
+                str(args.image_size),
+                "-b",
+                str(batch),
+                "--epochs",
+                "1000",
+                "--no-aug",
+                "--workers",
+                str(args.workers),
+                "--log-interval",
+                "1",
+                "--output",
+                str(Path(tmp) / "out"),
+                "--opt",
+                "sgd",
+                "--lr",
+                "0.01",
+                "--sched",
+                "none",
+                "--checkpoint-hist",
+                "1",
+            ]
             command += ["--amp", "--amp-dtype", "bfloat16"] if flags["precision"] == "bf16" else []
             command += ["--channels-last"] if flags["channels_last"] else []
             command += ["--torchcompile"] if flags["compile"] else []
@@ -203,10 +260,14 @@ def timm_train_rates(args: argparse.Namespace) -> None:
                     process.terminate()
                     break
             process.wait()
-            steady = rates[args.warm:] or rates
-            result(part="timm", runner=f"timm train.py ({args.timm_train})", setting=setting,
-                   images_per_second=statistics.median(steady) if steady else float("nan"),
-                   wall_seconds=time.perf_counter() - start)
+            steady = rates[args.warm :] or rates
+            result(
+                part="timm",
+                runner=f"timm train.py ({args.timm_train})",
+                setting=setting,
+                images_per_second=statistics.median(steady) if steady else float("nan"),
+                wall_seconds=time.perf_counter() - start,
+            )
 
 
 # ---------------------------------------------------------------------- per-domain gradient and GGA ratios
@@ -222,12 +283,23 @@ def ratios(args: argparse.Namespace, device: torch.device) -> None:
     torch.manual_seed(0)
     network = create_backbone(args.backbone, num_classes=10, image_size=args.image_size)
     hparams = {"gga.start": 0, "gga.end": 10**9, "gga.candidates": args.candidates, "gga.rho": 1e-5}
-    algorithm = create_algorithm("erm+gga", network, args.domains, hparams, runtime=Runtime(device),
-                                 make_optimizer=lambda g: torch.optim.Adam(g, lr=1e-5))
+    algorithm = create_algorithm(
+        "erm+gga",
+        network,
+        args.domains,
+        hparams,
+        runtime=Runtime(device),
+        make_optimizer=lambda g: torch.optim.Adam(g, lr=1e-5),
+    )
     gga = algorithm.addons[0]
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(device),
-                torch.randint(0, 10, (args.batch_size,), generator=g).to(device)) for _ in range(args.domains)]
+    batches = [
+        (
+            torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(device),
+            torch.randint(0, 10, (args.batch_size,), generator=g).to(device),
+        )
+        for _ in range(args.domains)
+    ]
     groups = scoring_groups(batches)
     buffer = gga.scored.empty(len(groups))
 
@@ -240,9 +312,11 @@ def ratios(args: argparse.Namespace, device: torch.device) -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    contenders = {"erm": lambda r: plain_loss_step(algorithm.host, batches, r),
-                  "per_domain_passes": lambda r: per_domain_gradients(network, groups, gga.scored, out=buffer),
-                  "gga_candidate": lambda r: gga.anneal(groups, r)}
+    contenders = {
+        "erm": lambda r: plain_loss_step(algorithm.host, batches, r),
+        "per_domain_passes": lambda r: per_domain_gradients(network, groups, gga.scored, out=buffer),
+        "gga_candidate": lambda r: gga.anneal(groups, r),
+    }
     per = {"erm": 1, "per_domain_passes": 1, "gga_candidate": args.candidates + 1}  # theta0 is scored too
     times: dict[str, list[float]] = {name: [] for name in contenders}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.float32):
@@ -252,10 +326,14 @@ def ratios(args: argparse.Namespace, device: torch.device) -> None:
                 if r >= args.warm_rounds:
                     times[name].append(seconds)
     for name in ("per_domain_passes", "gga_candidate"):
-        result(part="ratios", what=f"{name} / ERM step", precision="no" if args.float32 else "bf16",
-               image_size=args.image_size,
-               ratio=statistics.median(t / e for t, e in zip(times[name], times["erm"])),
-               erm_step_seconds=statistics.median(times["erm"]))
+        result(
+            part="ratios",
+            what=f"{name} / ERM step",
+            precision="no" if args.float32 else "bf16",
+            image_size=args.image_size,
+            ratio=statistics.median(t / e for t, e in zip(times[name], times["erm"])),
+            erm_step_seconds=statistics.median(times["erm"]),
+        )
 
 
 # ---------------------------------------------------------------------- sweep packing
@@ -268,20 +346,40 @@ def sweep(args: argparse.Namespace) -> None:
     domains = sorted(p.name for p in Path(args.data).iterdir() if p.is_dir())
     for per_gpu in args.runs_per_gpu:
         with tempfile.TemporaryDirectory() as tmp:
-            spec = SweepSpec.from_dict(dict(
-                datasets=[args.data], algorithms=["erm"], test_domains=domains[-1:], n_trials=args.runs,
-                output_dir=tmp, train=dict(backbone=args.backbone, image_size=args.image_size, steps=args.steps,
-                                           eval_every=args.steps, batch_size=args.batch_size, augment="none",
-                                           num_workers=args.workers, log_with="none", mixed_precision="bf16"
-                                           if args.device == "cuda" else "no", channels_last=args.device == "cuda")))
+            spec = SweepSpec.from_dict(
+                dict(
+                    datasets=[args.data],
+                    algorithms=["erm"],
+                    test_domains=domains[-1:],
+                    n_trials=args.runs,
+                    output_dir=tmp,
+                    train=dict(
+                        backbone=args.backbone,
+                        image_size=args.image_size,
+                        steps=args.steps,
+                        eval_every=args.steps,
+                        batch_size=args.batch_size,
+                        augment="none",
+                        num_workers=args.workers,
+                        log_with="none",
+                        mixed_precision="bf16" if args.device == "cuda" else "no",
+                        channels_last=args.device == "cuda",
+                    ),
+                )
+            )
             start = time.perf_counter()
             outcome = run_sweep(spec, "local-gpus", gpus=[args.gpu], runs_per_gpu=per_gpu, log=lambda line: None)
             wall = time.perf_counter() - start
             if outcome.failed:
                 raise SystemExit(f"sweep at {per_gpu} run(s) per GPU failed: {outcome.failed[0][1]}")
             images = sum(json.loads(p.read_text())["timing"]["train_images"] for p in Path(tmp).glob("*/results.json"))
-            result(part="sweep", runs_per_gpu=per_gpu, runs=len(outcome.trained), wall_seconds=wall,
-                   training_images_per_wall_second=images / wall)
+            result(
+                part="sweep",
+                runs_per_gpu=per_gpu,
+                runs=len(outcome.trained),
+                wall_seconds=wall,
+                training_images_per_wall_second=images / wall,
+            )
 
 
 def report(rows: list[dict], command: str) -> str:
@@ -291,30 +389,60 @@ def report(rows: list[dict], command: str) -> str:
 
     import timm
 
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f"{platform.machine()} CPU ({os.cpu_count()} cores)")
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"{platform.machine()} CPU ({os.cpu_count()} cores)"
+    )
     data = next(r for r in rows if r["part"] == "data")
-    lines = ["# Device suite (benchmarks/device_suite.sh)", "",
-             f"- Date: {datetime.now(timezone.utc).date()}", f"- Device: {device}",
-             f"- torch {torch.__version__}, timm {timm.__version__}", f"- Command: `{command}`",
-             f"- Data: {data['images']} synthetic {data['size']} px PNGs, {data['domains']} domains x "
-             f"{data['classes']} classes (made by the suite; pretrained=False everywhere)", "",
-             "## Training images/s, steady state (start-up and compilation excluded)", "",
-             "| setting | dgzoo | timm | dgzoo / timm |", "|---|--:|--:|--:|"]
+    lines = [
+        "# Device suite (benchmarks/device_suite.sh)",
+        "",
+        f"- Date: {datetime.now(timezone.utc).date()}",
+        f"- Device: {device}",
+        f"- torch {torch.__version__}, timm {timm.__version__}",
+        f"- Command: `{command}`",
+        f"- Data: {data['images']} synthetic {data['size']} px PNGs, {data['domains']} domains x "
+        f"{data['classes']} classes (made by the suite; pretrained=False everywhere)",
+        "",
+        "## Training images/s, steady state (start-up and compilation excluded)",
+        "",
+        "| setting | dgzoo | timm | dgzoo / timm |",
+        "|---|--:|--:|--:|",
+    ]
     timm_rows = {r["setting"]: r for r in rows if r["part"] == "timm"}
     for r in (r for r in rows if r["part"] == "dgzoo"):
         other = timm_rows.get(r["setting"], {}).get("images_per_second", float("nan"))
-        lines.append(f"| {r['setting']} | {r['images_per_second']:.1f} | {other:.1f} | "
-                     f"{r['images_per_second'] / other:.2f} |")
+        lines.append(
+            f"| {r['setting']} | {r['images_per_second']:.1f} | {other:.1f} | {r['images_per_second'] / other:.2f} |"
+        )
     runners = sorted({r["runner"] for r in timm_rows.values()})
-    lines += ["", f"timm column: {', '.join(runners)}.", "", "## Per-domain gradients and GGA candidates", "",
-              "| what | precision | image size | ratio | ERM step (s) |", "|---|---|--:|--:|--:|"]
-    lines += [f"| {r['what']} | {r['precision']} | {r['image_size']} | {r['ratio']:.2f} | {r['erm_step_seconds']:.4f} |"
-              for r in rows if r["part"] == "ratios"]
-    lines += ["", "## Sweep throughput on one GPU (--runs-per-gpu)", "",
-              "| runs per GPU | runs | wall (s) | training images / wall second |", "|--:|--:|--:|--:|"]
-    lines += [f"| {r['runs_per_gpu']} | {r['runs']} | {r['wall_seconds']:.1f} | "
-              f"{r['training_images_per_wall_second']:.1f} |" for r in rows if r["part"] == "sweep"]
+    lines += [
+        "",
+        f"timm column: {', '.join(runners)}.",
+        "",
+        "## Per-domain gradients and GGA candidates",
+        "",
+        "| what | precision | image size | ratio | ERM step (s) |",
+        "|---|---|--:|--:|--:|",
+    ]
+    lines += [
+        f"| {r['what']} | {r['precision']} | {r['image_size']} | {r['ratio']:.2f} | {r['erm_step_seconds']:.4f} |"
+        for r in rows
+        if r["part"] == "ratios"
+    ]
+    lines += [
+        "",
+        "## Sweep throughput on one GPU (--runs-per-gpu)",
+        "",
+        "| runs per GPU | runs | wall (s) | training images / wall second |",
+        "|--:|--:|--:|--:|",
+    ]
+    lines += [
+        f"| {r['runs_per_gpu']} | {r['runs']} | {r['wall_seconds']:.1f} | {r['training_images_per_wall_second']:.1f} |"
+        for r in rows
+        if r["part"] == "sweep"
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -333,8 +461,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--timm-train", default=os.environ.get("TIMM_TRAIN_PY"),
-                        help="path of timm's train.py (default: $TIMM_TRAIN_PY; absent: a timm-style loop)")
+    parser.add_argument(
+        "--timm-train",
+        default=os.environ.get("TIMM_TRAIN_PY"),
+        help="path of timm's train.py (default: $TIMM_TRAIN_PY; absent: a timm-style loop)",
+    )
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warm-rounds", type=int, default=1)

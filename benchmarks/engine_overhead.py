@@ -11,6 +11,7 @@ evaluation excluded). The ratio new / old per algorithm is the number that matte
 The tiny ``test_resnet`` is the default backbone on purpose: its steps are short, so per-step overhead in the
 engine (Python, hooks, the DDP-style forward dispatch) is the largest share of a step it can ever be.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,12 +46,13 @@ print("RESULT", json.dumps({"step_seconds": res["timing"]["train_seconds"] / res
 
 def step_seconds(tree: Path, values: dict) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run([sys.executable, "-c", RUN, json.dumps(values)], capture_output=True, text=True, env=env,
-                          cwd=tree)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, json.dumps(values)], capture_output=True, text=True, env=env, cwd=tree
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"run in {tree} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])["step_seconds"]
+    return json.loads(lines[-1][len("RESULT ") :])["step_seconds"]
 
 
 def main() -> int:
@@ -71,15 +73,29 @@ def main() -> int:
             times: dict[str, list[float]] = {"baseline": [], "current": []}
             for r in range(args.repeats):
                 for label, tree in (("baseline", args.baseline.resolve()), ("current", HERE)):
-                    values = {"algorithm": algorithm, "hparams": CASES.get(algorithm, {}), "backbone": args.backbone,
-                              "steps": args.steps, "eval_every": args.steps, "log_with": "none", "seed": r,
-                              "output_dir": f"{tmp}/{algorithm}-{label}-{r}"}
+                    values = {
+                        "algorithm": algorithm,
+                        "hparams": CASES.get(algorithm, {}),
+                        "backbone": args.backbone,
+                        "steps": args.steps,
+                        "eval_every": args.steps,
+                        "log_with": "none",
+                        "seed": r,
+                        "output_dir": f"{tmp}/{algorithm}-{label}-{r}",
+                    }
                     times[label].append(step_seconds(tree, values))
             old, new = statistics.median(times["baseline"]), statistics.median(times["current"])
-            report[algorithm] = {"baseline_ms": 1e3 * old, "current_ms": 1e3 * new, "ratio": new / old,
-                                 "runs": {k: [round(1e3 * t, 2) for t in v] for k, v in times.items()}}
-            print(f"{algorithm:12s} previous {1e3 * old:8.1f} ms/step  new {1e3 * new:8.1f} ms/step  "
-                  f"new/previous {new / old:.3f}", flush=True)
+            report[algorithm] = {
+                "baseline_ms": 1e3 * old,
+                "current_ms": 1e3 * new,
+                "ratio": new / old,
+                "runs": {k: [round(1e3 * t, 2) for t in v] for k, v in times.items()},
+            }
+            print(
+                f"{algorithm:12s} previous {1e3 * old:8.1f} ms/step  new {1e3 * new:8.1f} ms/step  "
+                f"new/previous {new / old:.3f}",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -21,6 +21,7 @@ the summed update from the mean gradient) are averaged over each run and reporte
   python benchmarks/equilibrium_accuracy.py --seeds 0 1 2 --steps 200 --jobs 2 \\
       --out benchmarks/results/equilibrium_accuracy.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,18 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {  # label: (algorithm, au
     "agr_sum": ("agr_sum", "none", {}),
     "pcgrad": ("pcgrad", "none", {}),
 }
-DIAGNOSTICS = ("projection_rate", "projected_steps", "max_cosine", "w_0", "w_1", "w_2", "residual_norm",
-               "specific_norm", "update_vs_mean", "pgd_iters")
+DIAGNOSTICS = (
+    "projection_rate",
+    "projected_steps",
+    "max_cosine",
+    "w_0",
+    "w_1",
+    "w_2",
+    "residual_norm",
+    "specific_norm",
+    "update_vs_mean",
+    "pgd_iters",
+)
 
 
 def run_one(method: str, seed: int, args: dict[str, Any]) -> dict[str, Any]:
@@ -58,19 +69,43 @@ def run_one(method: str, seed: int, args: dict[str, Any]) -> dict[str, Any]:
     from dgzoo.training.engine import train
 
     algorithm, augment, hparams = METHODS[method]
-    cfg = TrainConfig.from_dict(dict(
-        dataset="rotated-digits", source_domains=["0"], backbone=args["backbone"], pretrained=False,
-        algorithm=algorithm, hparams=hparams, augment=augment, steps=args["steps"], batch_size=args["batch_size"],
-        optimizer="sgd", momentum=0.9, lr=args["lr"], seed=seed, eval_every=args["eval_every"],
-        checkpoint_every=args["steps"], log_with="none", num_workers=0, overwrite=True,
-        output_dir=str(Path(args["work_dir"]) / f"{method}-seed{seed}")))
+    cfg = TrainConfig.from_dict(
+        dict(
+            dataset="rotated-digits",
+            source_domains=["0"],
+            backbone=args["backbone"],
+            pretrained=False,
+            algorithm=algorithm,
+            hparams=hparams,
+            augment=augment,
+            steps=args["steps"],
+            batch_size=args["batch_size"],
+            optimizer="sgd",
+            momentum=0.9,
+            lr=args["lr"],
+            seed=seed,
+            eval_every=args["eval_every"],
+            checkpoint_every=args["steps"],
+            log_with="none",
+            num_workers=0,
+            overwrite=True,
+            output_dir=str(Path(args["work_dir"]) / f"{method}-seed{seed}"),
+        )
+    )
     results = train(cfg)
     last = results["selections"]["last"]
-    return {"method": method, "seed": seed, "steps": args["steps"], "backbone": args["backbone"],
-            "target_accuracy": results["target_accuracy"], "last_target_accuracy": last["target_accuracy"],
-            "accuracy": results["accuracy"], "selected_step": results["selection"]["step"],
-            "train_seconds": results["timing"]["train_seconds"],
-            "diagnostics": results["diagnostics"].get(algorithm, {})}
+    return {
+        "method": method,
+        "seed": seed,
+        "steps": args["steps"],
+        "backbone": args["backbone"],
+        "target_accuracy": results["target_accuracy"],
+        "last_target_accuracy": last["target_accuracy"],
+        "accuracy": results["accuracy"],
+        "selected_step": results["selection"]["step"],
+        "train_seconds": results["timing"]["train_seconds"],
+        "diagnostics": results["diagnostics"].get(algorithm, {}),
+    }
 
 
 def mean_se(values: list[float]) -> str:
@@ -83,31 +118,41 @@ def mean_se(values: list[float]) -> str:
 def report(runs: list[dict[str, Any]], methods: list[str]) -> str:
     """Markdown tables: accuracy per method (mean +- SE over seeds), then equilibrium's diagnostics."""
     targets = sorted({d for r in runs for d in r["accuracy"]} - {"0"}, key=int)
-    lines = ["| method | seeds | held-out (selected) | held-out (last step) | "
-             + " | ".join(f"{d}°" for d in targets) + " | train s/run |",
-             "|---|---|---|---|" + "---|" * len(targets) + "---|"]
+    lines = [
+        "| method | seeds | held-out (selected) | held-out (last step) | "
+        + " | ".join(f"{d}°" for d in targets)
+        + " | train s/run |",
+        "|---|---|---|---|" + "---|" * len(targets) + "---|",
+    ]
     for method in methods:
         rs = [r for r in runs if r["method"] == method]
         if not rs:
             continue
         cells = [mean_se([r["accuracy"][d] for r in rs]) for d in targets]
-        lines.append(f"| {method} | {len(rs)} | {mean_se([r['target_accuracy'] for r in rs])} | "
-                     f"{mean_se([r['last_target_accuracy'] for r in rs])} | " + " | ".join(cells)
-                     + f" | {statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+        lines.append(
+            f"| {method} | {len(rs)} | {mean_se([r['target_accuracy'] for r in rs])} | "
+            f"{mean_se([r['last_target_accuracy'] for r in rs])} | "
+            + " | ".join(cells)
+            + f" | {statistics.mean(r['train_seconds'] for r in rs):.0f} |"
+        )
     diagnosed = [m for m in methods if any(r["method"] == m and r["diagnostics"] for r in runs)]
     if diagnosed:
         lines += ["", "| method | " + " | ".join(DIAGNOSTICS) + " |", "|---|" + "---|" * len(DIAGNOSTICS)]
         for method in diagnosed:
             rs = [r["diagnostics"] for r in runs if r["method"] == method and r["diagnostics"]]
-            lines.append(f"| {method} | " + " | ".join(
-                f"{statistics.mean(d.get(key, float('nan')) for d in rs):.3g}" for key in DIAGNOSTICS) + " |")
+            lines.append(
+                f"| {method} | "
+                + " | ".join(f"{statistics.mean(d.get(key, float('nan')) for d in rs):.3g}" for key in DIAGNOSTICS)
+                + " |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "equilibrium-alpha0"],
-                        choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=[m for m in METHODS if m != "equilibrium-alpha0"], choices=list(METHODS)
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--steps", type=int, default=200)
@@ -119,30 +164,58 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON of every run; runs already in it are not repeated")
     parser.add_argument("--work-dir", default=None, help="where run directories go (default: a temporary one)")
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), methods=["erm", "equilibrium"], seeds=[0], backbone="test_resnet", steps=2,
-                       batch_size=8, eval_every=2, jobs=1, out=None, work_dir=TMP)
-    settings = {"backbone": args.backbone, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                "eval_every": args.eval_every, "threads": args.threads,
-                "work_dir": args.work_dir or tempfile.mkdtemp(prefix="dgzoo-equilibrium-bench-")}
+    args = apply_smoke(
+        parser.parse_args(),
+        methods=["erm", "equilibrium"],
+        seeds=[0],
+        backbone="test_resnet",
+        steps=2,
+        batch_size=8,
+        eval_every=2,
+        jobs=1,
+        out=None,
+        work_dir=TMP,
+    )
+    settings = {
+        "backbone": args.backbone,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "eval_every": args.eval_every,
+        "threads": args.threads,
+        "work_dir": args.work_dir or tempfile.mkdtemp(prefix="dgzoo-equilibrium-bench-"),
+    }
     done: list[dict[str, Any]] = []
     if args.out and args.out.exists():
-        done = [r for r in json.loads(args.out.read_text())["runs"]
-                if r["steps"] == args.steps and r["backbone"] == args.backbone]
-    todo = [(m, s) for s in args.seeds for m in args.methods
-            if not any(r["method"] == m and r["seed"] == s for r in done)]
+        done = [
+            r
+            for r in json.loads(args.out.read_text())["runs"]
+            if r["steps"] == args.steps and r["backbone"] == args.backbone
+        ]
+    todo = [
+        (m, s) for s in args.seeds for m in args.methods if not any(r["method"] == m and r["seed"] == s for r in done)
+    ]
     runs = list(done)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(run_one, m, s, settings) for m, s in todo]
         for future in futures:
             runs.append(future.result())
-            print(f"done: {runs[-1]['method']} seed {runs[-1]['seed']}: held-out "
-                  f"{100 * runs[-1]['target_accuracy']:.1f}%", flush=True)
+            print(
+                f"done: {runs[-1]['method']} seed {runs[-1]['seed']}: held-out "
+                f"{100 * runs[-1]['target_accuracy']:.1f}%",
+                flush=True,
+            )
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"settings": {k: v for k, v in settings.items() if k != "work_dir"},
-                                                "runs": runs}, indent=1))
-    print(f"\nrotated-digits, source 0°, {args.backbone}, {args.steps} steps, batch {args.batch_size}, SGD(0.9) "
-          f"lr {args.lr}, seeds {args.seeds}, {os.cpu_count()} CPU(s)\n")
+                args.out.write_text(
+                    json.dumps(
+                        {"settings": {k: v for k, v in settings.items() if k != "work_dir"}, "runs": runs}, indent=1
+                    )
+                )
+    print(
+        f"\nrotated-digits, source 0°, {args.backbone}, {args.steps} steps, batch {args.batch_size}, SGD(0.9) "
+        f"lr {args.lr}, seeds {args.seeds}, {os.cpu_count()} CPU(s)\n"
+    )
     print(report(runs, args.methods))
 
 

@@ -14,6 +14,7 @@ Runs are kept under --runs-dir and skipped when already finished, so an interrup
 
     python benchmarks/gga_accuracy.py --seeds 0 1 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ from smoke import TMP, add_smoke, apply_smoke
 DOMAINS = ["0", "15", "30", "45", "60", "75"]
 
 
-def run_one(args: argparse.Namespace, algorithm: str, seed: int, targets: list[str] | None,
-            sources: list[str] | None, out: Path) -> dict:
+def run_one(
+    args: argparse.Namespace, algorithm: str, seed: int, targets: list[str] | None, sources: list[str] | None, out: Path
+) -> dict:
     from dgzoo.config import TrainConfig
     from dgzoo.training.engine import train
 
@@ -41,10 +43,25 @@ def run_one(args: argparse.Namespace, algorithm: str, seed: int, targets: list[s
         hparams.update(dict(item.split("=", 1) for item in args.gga_l_hparams))
     elif "gga" in algorithm:
         hparams.update(dict(item.split("=", 1) for item in args.gga_hparams))
-    cfg = TrainConfig.from_dict(dict(
-        dataset="rotated-digits", backbone=args.backbone, algorithm=algorithm, hparams=hparams, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, seed=seed, target_domains=targets,
-        source_domains=sources, log_with="none", num_workers=0, overwrite=True, output_dir=str(out)))
+    cfg = TrainConfig.from_dict(
+        dict(
+            dataset="rotated-digits",
+            backbone=args.backbone,
+            algorithm=algorithm,
+            hparams=hparams,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            eval_every=args.eval_every,
+            seed=seed,
+            target_domains=targets,
+            source_domains=sources,
+            log_with="none",
+            num_workers=0,
+            overwrite=True,
+            output_dir=str(out),
+        )
+    )
     return train(cfg)
 
 
@@ -66,16 +83,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per source domain per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--gga-hparams", nargs="+", metavar="KEY=VALUE",
-                        default=["gga.start=40", "gga.end=69", "gga.candidates=8", "gga.rho=5e-4"])
+    parser.add_argument(
+        "--gga-hparams",
+        nargs="+",
+        metavar="KEY=VALUE",
+        default=["gga.start=40", "gga.end=69", "gga.candidates=8", "gga.rho=5e-4"],
+    )
     parser.add_argument("--gga-l-hparams", nargs="+", metavar="KEY=VALUE", default=["gga_l.gamma=1e-3"])
     parser.add_argument("--runs-dir", default="runs/gga_accuracy")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the collected numbers to this file")
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), seeds=[0], algorithms=["erm", "erm+gga"], protocols=["lodo"],
-                       targets=["75"], steps=2, batch_size=4, eval_every=2,
-                       gga_hparams=["gga.start=0", "gga.end=1", "gga.candidates=2"], runs_dir=TMP, json=None)
+    args = apply_smoke(
+        parser.parse_args(),
+        seeds=[0],
+        algorithms=["erm", "erm+gga"],
+        protocols=["lodo"],
+        targets=["75"],
+        steps=2,
+        batch_size=4,
+        eval_every=2,
+        gga_hparams=["gga.start=0", "gga.end=1", "gga.candidates=2"],
+        runs_dir=TMP,
+        json=None,
+    )
     torch.set_num_threads(args.threads)
 
     jobs = []  # (protocol, target label, targets, sources)
@@ -90,20 +121,31 @@ def main() -> None:
                 out = Path(args.runs_dir) / protocol / label.replace(" ", "_") / algorithm.replace("+", "_") / str(seed)
                 r = run_one(args, algorithm, seed, targets, sources, out)
                 results.setdefault(protocol, {}).setdefault(algorithm, {}).setdefault(label, {})[seed] = {
-                    "target_accuracy": r["target_accuracy"], "oracle": r["selections"]["oracle"]["target_accuracy"],
-                    "train_seconds": r["timing"]["train_seconds"], "diagnostics": r.get("diagnostics", {})}
-                print(f"{protocol:6s} {label:8s} seed {seed} {algorithm:10s} held-out {100 * r['target_accuracy']:.1f} "
-                      f"({r['timing']['train_seconds']:.0f}s)", flush=True)
+                    "target_accuracy": r["target_accuracy"],
+                    "oracle": r["selections"]["oracle"]["target_accuracy"],
+                    "train_seconds": r["timing"]["train_seconds"],
+                    "diagnostics": r.get("diagnostics", {}),
+                }
+                print(
+                    f"{protocol:6s} {label:8s} seed {seed} {algorithm:10s} held-out {100 * r['target_accuracy']:.1f} "
+                    f"({r['timing']['train_seconds']:.0f}s)",
+                    flush=True,
+                )
 
-    print(f"\nrotated-digits, {args.backbone} from scratch, {args.steps} steps, {args.batch_size} images per "
-          f"source domain, Adam lr {args.lr}; gga: {' '.join(args.gga_hparams)}; gga_l: {' '.join(args.gga_l_hparams)}")
-    print("Held-out accuracy (%), training-domain validation selection, mean ± standard error over seeds "
-          f"{args.seeds}\n")
+    print(
+        f"\nrotated-digits, {args.backbone} from scratch, {args.steps} steps, {args.batch_size} images per "
+        f"source domain, Adam lr {args.lr}; gga: {' '.join(args.gga_hparams)}; gga_l: {' '.join(args.gga_l_hparams)}"
+    )
+    print(
+        f"Held-out accuracy (%), training-domain validation selection, mean ± standard error over seeds {args.seeds}\n"
+    )
     for protocol, by_algorithm in results.items():
         labels = list(next(iter(by_algorithm.values())))
         print(f"**{'leave-one-domain-out' if protocol == 'lodo' else 'single-source'}**\n")
-        print("| algorithm | " + " | ".join(labels) + " | average | vs erm, paired by seed | oracle average | "
-              "train s / run |")
+        print(
+            "| algorithm | " + " | ".join(labels) + " | average | vs erm, paired by seed | oracle average | "
+            "train s / run |"
+        )
         print("|---|" + "---|" * (len(labels) + 4))
 
         def per_seed_average(by_label: dict, key: str = "target_accuracy") -> list[float]:
@@ -115,23 +157,29 @@ def main() -> None:
             average = per_seed_average(by_label)
             paired = mean_se([a - e for a, e in zip(average, erm)]) if erm and algorithm != "erm" else "-"
             seconds = statistics.mean(by_label[lab][s]["train_seconds"] for lab in labels for s in args.seeds)
-            print(f"| {algorithm} | " + " | ".join(cells) + f" | {mean_se(average)} | {paired} | "
-                  f"{mean_se(per_seed_average(by_label, 'oracle'))} | {seconds:.0f} |")
+            print(
+                f"| {algorithm} | " + " | ".join(cells) + f" | {mean_se(average)} | {paired} | "
+                f"{mean_se(per_seed_average(by_label, 'oracle'))} | {seconds:.0f} |"
+            )
         print()
         gga = by_algorithm.get("erm+gga")
         if gga:
             diags = [gga[lab][s]["diagnostics"].get("gga", {}) for lab in labels for s in args.seeds]
-            print(f"GGA acceptance over {len(diags)} runs: accepted candidates per run "
-                  f"{statistics.mean(d['accepted'] for d in diags):.1f} of {diags[0]['candidates_evaluated']} "
-                  f"(rate {statistics.mean(d['acceptance_rate'] for d in diags):.3f}), annealed steps with an accept "
-                  f"{statistics.mean(d['steps_with_accept'] for d in diags):.1f} of {diags[0]['annealed_steps']}, "
-                  f"mean min-cos gain per annealed step {statistics.mean(d['mean_score_gain'] for d in diags):+.4f}, "
-                  f"mean loss change {statistics.mean(d['mean_loss_change'] for d in diags):+.4f}")
+            print(
+                f"GGA acceptance over {len(diags)} runs: accepted candidates per run "
+                f"{statistics.mean(d['accepted'] for d in diags):.1f} of {diags[0]['candidates_evaluated']} "
+                f"(rate {statistics.mean(d['acceptance_rate'] for d in diags):.3f}), annealed steps with an accept "
+                f"{statistics.mean(d['steps_with_accept'] for d in diags):.1f} of {diags[0]['annealed_steps']}, "
+                f"mean min-cos gain per annealed step {statistics.mean(d['mean_score_gain'] for d in diags):+.4f}, "
+                f"mean loss change {statistics.mean(d['mean_loss_change'] for d in diags):+.4f}"
+            )
         gga_l = by_algorithm.get("erm+gga_l")
         if gga_l:
             diags = [gga_l[lab][s]["diagnostics"].get("gga_l", {}) for lab in labels for s in args.seeds]
-            print(f"GGA-L: mean pairwise cosine {statistics.mean(d['mean_similarity'] for d in diags):.4f}, "
-                  f"mean noise scale {statistics.mean(d['mean_noise_scale'] for d in diags):.2e}")
+            print(
+                f"GGA-L: mean pairwise cosine {statistics.mean(d['mean_similarity'] for d in diags):.4f}, "
+                f"mean noise scale {statistics.mean(d['mean_noise_scale'] for d in diags):.2e}"
+            )
         print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -15,6 +15,7 @@
     python benchmarks/gga_cost.py                                  # both parts, small CPU budget
     python benchmarks/gga_cost.py --part candidate --backbones resnet50 --image-size 224 --batch-size 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ from smoke import add_smoke, apply_smoke
 
 def minibatches(domains: int, batch: int, size: int, classes: int, seed: int) -> list:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))
-            for _ in range(domains)]
+    return [
+        (torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))
+        for _ in range(domains)
+    ]
 
 
 def official_candidate(module: torch.nn.Module, batches: list, rho: float) -> float:
@@ -52,8 +55,11 @@ def official_candidate(module: torch.nn.Module, batches: list, rho: float) -> fl
     for x, y in batches:
         loss = F.cross_entropy(module(x), y)
         grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)]))
-    cos = [F.cosine_similarity(grads[i], grads[j], dim=0).item()
-           for i in range(len(grads)) for j in range(i + 1, len(grads))]
+    cos = [
+        F.cosine_similarity(grads[i], grads[j], dim=0).item()
+        for i in range(len(grads))
+        for j in range(i + 1, len(grads))
+    ]
     pooled = F.cross_entropy(module(torch.cat([x for x, _ in batches])), torch.cat([y for _, y in batches]))
     return float(min(cos)) + pooled.item()
 
@@ -69,10 +75,13 @@ def candidate_cost(backbone: str, domains: int, batch: int, size: int, candidate
     model = create_backbone(backbone, num_classes=10)
     spec = "erm+gga"
     hp = {"gga.start": 0, "gga.end": 10**9, "gga.candidates": candidates, "gga.rho": 1e-5}
-    algorithm = create_algorithm(spec, model, domains, make_optimizer=lambda g: torch.optim.Adam(g, lr=1e-5), hparams=hp)
+    algorithm = create_algorithm(
+        spec, model, domains, make_optimizer=lambda g: torch.optim.Adam(g, lr=1e-5), hparams=hp
+    )
     gga = algorithm.addons[0]
     batches = minibatches(domains, batch, size, 10, seed=0)
     groups = scoring_groups(batches)
+
     def erm_step(step: int) -> None:  # the host's own step (a loss host since contract v2), no GGA around it
         plain_loss_step(algorithm.host, batches, step)
 
@@ -84,16 +93,27 @@ def candidate_cost(backbone: str, domains: int, batch: int, size: int, candidate
     for r in range(rounds):
         times["erm"].append(statistics.median(timed(lambda: erm_step(r)) for _ in range(3)))
         # The per-domain gradient engine alone (the floor of a candidate), into the buffer a candidate reuses.
-        times["passes"].append(statistics.median(
-            timed(lambda: per_domain_gradients(algorithm.host.network, groups, gga.scored, out=buffer))
-            for _ in range(3)))
+        times["passes"].append(
+            statistics.median(
+                timed(lambda: per_domain_gradients(algorithm.host.network, groups, gga.scored, out=buffer))
+                for _ in range(3)
+            )
+        )
         times["candidate"].append(timed(lambda: gga.anneal(groups, r)) / (candidates + 1))  # theta0 is scored too
-        times["official"].append(statistics.median(
-            timed(lambda: official_candidate(algorithm.host.network, batches, 1e-5)) for _ in range(3)))
+        times["official"].append(
+            statistics.median(
+                timed(lambda: official_candidate(algorithm.host.network, batches, 1e-5)) for _ in range(3)
+            )
+        )
     ratio = {k: statistics.median(t / e for t, e in zip(v, times["erm"])) for k, v in times.items()}
-    return {"backbone": backbone, "domains": domains, "batch": batch, "image_size": size,
-            **{f"{k}_s": statistics.median(v) for k, v in times.items()},
-            **{f"{k}_ratio": ratio[k] for k in ("passes", "candidate", "official")}}
+    return {
+        "backbone": backbone,
+        "domains": domains,
+        "batch": batch,
+        "image_size": size,
+        **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+        **{f"{k}_ratio": ratio[k] for k in ("passes", "candidate", "official")},
+    }
 
 
 def whole_run(steps: int, start: int, end: int, candidates: int, repeats: int, backbone: str) -> dict:
@@ -106,18 +126,38 @@ def whole_run(steps: int, start: int, end: int, candidates: int, repeats: int, b
         for rep in range(repeats):
             for algorithm in ("erm", "erm+gga"):
                 hp = {"gga.start": start, "gga.end": end, "gga.candidates": candidates} if "gga" in algorithm else {}
-                cfg = TrainConfig.from_dict(dict(
-                    backbone=backbone, steps=steps, batch_size=32, eval_every=steps, lr=1e-3, log_with="none",
-                    num_workers=0, target_domains=["75"], algorithm=algorithm, hparams=hp, overwrite=True,
-                    output_dir=str(Path(tmp) / f"{algorithm}-{rep}")))
+                cfg = TrainConfig.from_dict(
+                    dict(
+                        backbone=backbone,
+                        steps=steps,
+                        batch_size=32,
+                        eval_every=steps,
+                        lr=1e-3,
+                        log_with="none",
+                        num_workers=0,
+                        target_domains=["75"],
+                        algorithm=algorithm,
+                        hparams=hp,
+                        overwrite=True,
+                        output_dir=str(Path(tmp) / f"{algorithm}-{rep}"),
+                    )
+                )
                 results = train(cfg)
                 times[algorithm].append(results["timing"]["train_seconds"])
                 if "gga" in algorithm:
                     accepted.append(results["diagnostics"]["gga"]["accepted"])
     ratios = [g / e for g, e in zip(times["erm+gga"], times["erm"])]
-    return {"backbone": backbone, "steps": steps, "window": [start, end], "candidates": candidates,
-            "erm_train_s": statistics.median(times["erm"]), "gga_train_s": statistics.median(times["erm+gga"]),
-            "ratio": statistics.median(ratios), "ratios": ratios, "accepted": accepted}
+    return {
+        "backbone": backbone,
+        "steps": steps,
+        "window": [start, end],
+        "candidates": candidates,
+        "erm_train_s": statistics.median(times["erm"]),
+        "gga_train_s": statistics.median(times["erm+gga"]),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "accepted": accepted,
+    }
 
 
 def main() -> None:
@@ -137,40 +177,65 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", help="also write the numbers to this file")
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), backbones=["test_resnet"], domains=2, batch_size=4, image_size=16,
-                       candidates=1, rounds=1, run_steps=4, run_window=[1, 2], run_candidates=1, repeats=1, json=None)
+    args = apply_smoke(
+        parser.parse_args(),
+        backbones=["test_resnet"],
+        domains=2,
+        batch_size=4,
+        image_size=16,
+        candidates=1,
+        rounds=1,
+        run_steps=4,
+        run_window=[1, 2],
+        run_candidates=1,
+        repeats=1,
+        json=None,
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     out: dict = {"device": "cpu", "threads": torch.get_num_threads()}
 
     if args.part in ("candidate", "both"):
-        rows = [candidate_cost(b, args.domains, args.batch_size, args.image_size, args.candidates, args.rounds)
-                for b in args.backbones]
+        rows = [
+            candidate_cost(b, args.domains, args.batch_size, args.image_size, args.candidates, args.rounds)
+            for b in args.backbones
+        ]
         out["candidate"] = rows
-        print(f"\nCandidate cost, {args.domains} domains x {args.batch_size} images, {args.image_size}px "
-              f"({torch.get_num_threads()} threads), median of {args.rounds} interleaved rounds")
-        print("| backbone | ERM step (ms) | per-domain passes / ERM | dgzoo candidate (ms) | candidate / ERM | "
-              "official candidate / ERM |")
+        print(
+            f"\nCandidate cost, {args.domains} domains x {args.batch_size} images, {args.image_size}px "
+            f"({torch.get_num_threads()} threads), median of {args.rounds} interleaved rounds"
+        )
+        print(
+            "| backbone | ERM step (ms) | per-domain passes / ERM | dgzoo candidate (ms) | candidate / ERM | "
+            "official candidate / ERM |"
+        )
         print("|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['backbone']} | {1e3 * r['erm_s']:.1f} | {r['passes_ratio']:.2f} | "
-                  f"{1e3 * r['candidate_s']:.1f} | {r['candidate_ratio']:.2f} | {r['official_ratio']:.2f} |")
+            print(
+                f"| {r['backbone']} | {1e3 * r['erm_s']:.1f} | {r['passes_ratio']:.2f} | "
+                f"{1e3 * r['candidate_s']:.1f} | {r['candidate_ratio']:.2f} | {r['official_ratio']:.2f} |"
+            )
     if args.part in ("run", "both"):
         start, end = args.run_window
         run = whole_run(args.run_steps, start, end, args.run_candidates, args.repeats, args.run_backbone)
         out["run"] = run
         annealed = end - start + 1
-        ratio = next((r["candidate_ratio"] for r in out.get("candidate", []) if r["backbone"] == args.run_backbone),
-                     None)
+        ratio = next(
+            (r["candidate_ratio"] for r in out.get("candidate", []) if r["backbone"] == args.run_backbone), None
+        )
         predicted = (1 + annealed * (args.run_candidates + 1) * ratio / args.run_steps) if ratio else None
-        print(f"\nWhole run on rotated-digits ({args.run_backbone}, {args.run_steps} steps, 5 sources x 32, window "
-              f"{start}..{end} = {annealed} annealed steps x {args.run_candidates} candidates), "
-              f"median of {args.repeats}")
+        print(
+            f"\nWhole run on rotated-digits ({args.run_backbone}, {args.run_steps} steps, 5 sources x 32, window "
+            f"{start}..{end} = {annealed} annealed steps x {args.run_candidates} candidates), "
+            f"median of {args.repeats}"
+        )
         print("| erm train (s) | erm+gga train (s) | erm+gga / erm | predicted from candidate ratio |")
         print("|---|---|---|---|")
-        print(f"| {run['erm_train_s']:.1f} | {run['gga_train_s']:.1f} | {run['ratio']:.2f} | "
-              f"{predicted:.2f} |" if predicted else f"| {run['erm_train_s']:.1f} | {run['gga_train_s']:.1f} | "
-              f"{run['ratio']:.2f} | (run --part both) |")
+        print(
+            f"| {run['erm_train_s']:.1f} | {run['gga_train_s']:.1f} | {run['ratio']:.2f} | {predicted:.2f} |"
+            if predicted
+            else f"| {run['erm_train_s']:.1f} | {run['gga_train_s']:.1f} | {run['ratio']:.2f} | (run --part both) |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

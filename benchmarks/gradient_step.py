@@ -17,6 +17,7 @@ Rows:
   python benchmarks/gradient_step.py --threads 1
   python benchmarks/gradient_step.py --device cuda        # where vmap may pay: measure before choosing it
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ from dgzoo.models import create_backbone
 from smoke import add_smoke, apply_smoke
 
 
-def engine_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, method: str,
-                reuse: bool) -> Callable[[], None]:
+def engine_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, method: str, reuse: bool
+) -> Callable[[], None]:
     """A per-domain gradient step: K gradients, their mean written to .grad, one optimizer step."""
     params = FlatParams.of(model)
     buffer = params.empty(len(batches))
@@ -62,8 +64,9 @@ def k_backward_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     return step
 
 
-def algorithm_step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches,
-                   hparams: dict) -> Callable[[], None]:
+def algorithm_step(
+    name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, hparams: dict
+) -> Callable[[], None]:
     algorithm = create_algorithm(name, model, len(batches), hparams, make_optimizer=lambda _: optimizer)
     counter = iter(range(10**9))
     return lambda: algorithm.update(batches, next(counter))
@@ -79,19 +82,37 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", nargs="+", default=["erm", "k-backward", "engine-loop", "engine-vmap",
-                                                         "engine-loop-fresh", "equilibrium", "pcgrad", "agr_sum"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=[
+            "erm",
+            "k-backward",
+            "engine-loop",
+            "engine-vmap",
+            "engine-loop-fresh",
+            "equilibrium",
+            "pcgrad",
+            "agr_sum",
+        ],
+    )
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), backbone="test_resnet", image_size=16, domains=2, batch_size=4, rounds=2,
-                       warmup=1)
+    args = apply_smoke(
+        parser.parse_args(), backbone="test_resnet", image_size=16, domains=2, batch_size=4, rounds=2, warmup=1
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     base = create_backbone(args.backbone, num_classes=10).train().to(device)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(device),
-                torch.randint(0, 10, (args.batch_size,), generator=g).to(device)) for _ in range(args.domains)]
+    batches = [
+        (
+            torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(device),
+            torch.randint(0, 10, (args.batch_size,), generator=g).to(device),
+        )
+        for _ in range(args.domains)
+    ]
 
     steps: dict[str, Callable[[], None]] = {}
     for method in args.methods:
@@ -118,10 +139,12 @@ def main() -> None:
                 times[method].append(time.perf_counter() - start)
 
     params = sum(p.numel() for p in base.parameters())
-    print(f"{args.backbone} at {args.image_size}px, {args.domains} domains x {args.batch_size} images, "
-          f"{params / 1e6:.1f}M parameters, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()}; "
-          f"{args.rounds} rounds after {args.warmup} warm-up")
+    print(
+        f"{args.backbone} at {args.image_size}px, {args.domains} domains x {args.batch_size} images, "
+        f"{params / 1e6:.1f}M parameters, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()}; "
+        f"{args.rounds} rounds after {args.warmup} warm-up"
+    )
     print("| method | median step (s) | IQR (s) | step / ERM step (median of per-round ratios) |")
     print("|---|---|---|---|")
     erm = times.get("erm")

@@ -14,6 +14,7 @@ Runs are kept under --runs-dir and skipped when already finished, so an interrup
     python benchmarks/iu_accuracy.py --seeds 0 1 2
     python benchmarks/iu_accuracy.py --variants erm "erm+iu:iu.lr=0.01" --targets 75 --seeds 0   # a pilot
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ from smoke import TMP, add_smoke, apply_smoke
 
 DOMAINS = ["0", "15", "30", "45", "60", "75"]
 VARIANTS = ["erm", "erm+iu", "erm+iue", "erm+iu:iu.params=all", "erm+iu:iu.samples=all"]
-LABELS = {"erm+iu:iu.params=all": "erm+iu, USS only (D_u, all parameters)",
-          "erm+iu:iu.samples=all": "erm+iu, DSCS only (all samples, C_spc)"}
+LABELS = {
+    "erm+iu:iu.params=all": "erm+iu, USS only (D_u, all parameters)",
+    "erm+iu:iu.samples=all": "erm+iu, DSCS only (all samples, C_spc)",
+}
 
 
 def parse_variant(variant: str, shared: list[str]) -> tuple[str, dict[str, str]]:
@@ -50,10 +53,24 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, target: str, out:
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())
     algorithm, hparams = parse_variant(variant, args.iu_hparams)
-    cfg = TrainConfig.from_dict(dict(
-        dataset="rotated-digits", backbone=args.backbone, algorithm=algorithm, hparams=hparams, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, seed=seed, target_domains=[target],
-        log_with="none", num_workers=0, overwrite=True, output_dir=str(out)))
+    cfg = TrainConfig.from_dict(
+        dict(
+            dataset="rotated-digits",
+            backbone=args.backbone,
+            algorithm=algorithm,
+            hparams=hparams,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            eval_every=args.eval_every,
+            seed=seed,
+            target_domains=[target],
+            log_with="none",
+            num_workers=0,
+            overwrite=True,
+            output_dir=str(out),
+        )
+    )
     return train(cfg)
 
 
@@ -73,31 +90,50 @@ def iu_diagnostics(results: list[dict]) -> dict[str, float]:
         values = [s[key] for s in summaries if s.get(key) is not None]
         return statistics.mean(values) if values else float("nan")
 
-    return {"calls": mean("calls"), "skipped": mean("skipped"), "unlearn_samples": mean("mean_unlearn_samples"),
-            "channels": mean("mean_channels"), "val_acc_change": mean("mean_val_acc_change"),
-            "time_share": statistics.mean(s["seconds"] / r["timing"]["train_seconds"]
-                                          for s, r in zip(summaries, results))}
+    return {
+        "calls": mean("calls"),
+        "skipped": mean("skipped"),
+        "unlearn_samples": mean("mean_unlearn_samples"),
+        "channels": mean("mean_channels"),
+        "val_acc_change": mean("mean_val_acc_change"),
+        "time_share": statistics.mean(s["seconds"] / r["timing"]["train_seconds"] for s, r in zip(summaries, results)),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=VARIANTS,
-                        help="algorithm[:key=value,...]; e.g. erm+iu:iu.samples=all")
+    parser.add_argument(
+        "--variants", nargs="+", default=VARIANTS, help="algorithm[:key=value,...]; e.g. erm+iu:iu.samples=all"
+    )
     parser.add_argument("--targets", nargs="+", default=DOMAINS, help="held-out domains, one at a time")
     parser.add_argument("--backbone", default="test_resnet")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="images per source domain per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--iu-hparams", nargs="*", metavar="iu.KEY=VALUE", default=[],
-                        help="IU settings shared by every IU/IUE variant (written iu.KEY, applied to iue too)")
+    parser.add_argument(
+        "--iu-hparams",
+        nargs="*",
+        metavar="iu.KEY=VALUE",
+        default=[],
+        help="IU settings shared by every IU/IUE variant (written iu.KEY, applied to iue too)",
+    )
     parser.add_argument("--runs-dir", default="runs/iu_accuracy")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the collected numbers to this file")
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), seeds=[0], variants=["erm", "erm+iu"], targets=["75"], steps=4,
-                       batch_size=4, eval_every=4, runs_dir=TMP, json=None)
+    args = apply_smoke(
+        parser.parse_args(),
+        seeds=[0],
+        variants=["erm", "erm+iu"],
+        targets=["75"],
+        steps=4,
+        batch_size=4,
+        eval_every=4,
+        runs_dir=TMP,
+        json=None,
+    )
     torch.set_num_threads(args.threads)
 
     scores: dict[str, dict[int, list[float]]] = {}
@@ -114,10 +150,15 @@ def main() -> None:
                 selected_val.setdefault(variant, []).append(result["selection"]["score"])
                 collected.setdefault(variant, []).append(result)
 
-    print(f"\nrotated-digits leave-one-domain-out, {args.backbone}, {args.steps} steps x {args.batch_size}/domain, "
-          f"lr {args.lr}, seeds {args.seeds}, IU settings {args.iu_hparams or 'defaults'}")
-    print("| variant | held-out acc (mean ± SE over seeds) | " + " | ".join(f"{t}°" for t in args.targets)
-          + " | source val | IU calls (skipped) | mean D_u | mean C_spc | val acc change / call | IU time share |")
+    print(
+        f"\nrotated-digits leave-one-domain-out, {args.backbone}, {args.steps} steps x {args.batch_size}/domain, "
+        f"lr {args.lr}, seeds {args.seeds}, IU settings {args.iu_hparams or 'defaults'}"
+    )
+    print(
+        "| variant | held-out acc (mean ± SE over seeds) | "
+        + " | ".join(f"{t}°" for t in args.targets)
+        + " | source val | IU calls (skipped) | mean D_u | mean C_spc | val acc change / call | IU time share |"
+    )
     print("|---" * (8 + len(args.targets)) + "|")
     table = {}
     for variant in args.variants:
@@ -125,11 +166,24 @@ def main() -> None:
         diag = iu_diagnostics(collected[variant])
         cells = [mean_se(per_seed)] + [f"{100 * statistics.mean(per_target[variant][t]):.1f}" for t in args.targets]
         cells.append(f"{100 * statistics.mean(selected_val[variant]):.1f}")
-        cells += ([f"{diag['calls']:.0f} ({diag['skipped']:.1f})", f"{diag['unlearn_samples']:.1f}", f"{diag['channels']:.1f}",
-                   f"{100 * diag['val_acc_change']:+.2f}", f"{100 * diag['time_share']:.0f}%"] if diag else ["-"] * 5)
+        cells += (
+            [
+                f"{diag['calls']:.0f} ({diag['skipped']:.1f})",
+                f"{diag['unlearn_samples']:.1f}",
+                f"{diag['channels']:.1f}",
+                f"{100 * diag['val_acc_change']:+.2f}",
+                f"{100 * diag['time_share']:.0f}%",
+            ]
+            if diag
+            else ["-"] * 5
+        )
         print(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
-        table[variant] = {"per_seed": per_seed, "per_target": per_target[variant],
-                          "source_val": selected_val[variant], **diag}
+        table[variant] = {
+            "per_seed": per_seed,
+            "per_target": per_target[variant],
+            "source_val": selected_val[variant],
+            **diag,
+        }
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))
 

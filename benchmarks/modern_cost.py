@@ -9,6 +9,7 @@ them alike; the table reports each one's median seconds per update over the roun
 Only ``update`` is timed: the work an add-on does at an epoch's end (IU) or at an evaluation (SWAD's validation loss
 and BatchNorm pass) is in the sweep's own cost column (benchmarks/composition_table.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,29 @@ from dgzoo.algorithms import create_algorithm
 from dgzoo.models import create_backbone
 from smoke import add_smoke, apply_smoke
 
-SPECS = ["erm", "erm+gga", "erm+iu", "erm+swad", "erm+gga+swad", "erm+iu+swad", "erm+ema", "erm+gga+ema",
-         "erm+iu+ema", "sam", "sam+gga", "sam+iu", "sagm", "sagm+gga", "sagm+iu", "erm+mixstyle",
-         "erm+mixstyle+gga", "erm+mixstyle+iu", "erm+efdmix", "erm+efdmix+gga", "erm+efdmix+iu"]
+SPECS = [
+    "erm",
+    "erm+gga",
+    "erm+iu",
+    "erm+swad",
+    "erm+gga+swad",
+    "erm+iu+swad",
+    "erm+ema",
+    "erm+gga+ema",
+    "erm+iu+ema",
+    "sam",
+    "sam+gga",
+    "sam+iu",
+    "sagm",
+    "sagm+gga",
+    "sagm+iu",
+    "erm+mixstyle",
+    "erm+mixstyle+gga",
+    "erm+mixstyle+iu",
+    "erm+efdmix",
+    "erm+efdmix+gga",
+    "erm+efdmix+iu",
+]
 # As the sweep: GGA anneals a 4-step window with 4 candidates; here every timed step is inside it.
 HPARAMS = {"gga.start": 0, "gga.end": 10**9, "gga.candidates": 4, "ema.decay": 0.8}
 DOMAINS, BATCH, CLASSES = 5, 16, 10
@@ -33,16 +54,21 @@ DOMAINS, BATCH, CLASSES = 5, 16, 10
 
 def batch(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(step)
-    return [(torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g))
-            for _ in range(DOMAINS)]
+    return [
+        (torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g))
+        for _ in range(DOMAINS)
+    ]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="updates per composition per round")
-    parser.add_argument("--gga-window", action="store_true",
-                        help="time GGA inside its annealing window (default: outside, as most of a run's steps)")
+    parser.add_argument(
+        "--gga-window",
+        action="store_true",
+        help="time GGA inside its annealing window (default: outside, as most of a run's steps)",
+    )
     parser.add_argument("--output", type=Path)
     add_smoke(parser)
     args = apply_smoke(parser.parse_args(), rounds=1, steps=1, output=None)

@@ -17,6 +17,7 @@ error over trials, and each run's "does it act" diagnostics (``results.json``, `
     python benchmarks/seed_methods.py --json benchmarks/results/seed_methods.json \
         --output benchmarks/results/seed_methods.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,11 @@ from smoke import TMP, add_smoke, apply_smoke
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "rotated-multi": {"dataset": "rotated-digits", "target_domains": ["75"]},
-    "rotated-single": {"dataset": "rotated-digits", "source_domains": ["0"],
-                       "target_domains": ["15", "30", "45", "60", "75"]},
+    "rotated-single": {
+        "dataset": "rotated-digits",
+        "source_domains": ["0"],
+        "target_domains": ["15", "30", "45", "60", "75"],
+    },
     "colored": {"dataset": "colored-digits", "target_domains": ["-90%"]},
 }
 # GGA's window scaled to the budget (the paper anneals steps 100..200 of 5000 with 250 candidates).
@@ -62,25 +66,48 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 MAIN = ["erm", "erm+iu", "equilibrium (matched)", "erm+gga"]
 # The acts diagnostics shown per component, in the table's order.
-ACTS = {"iu": ["acted_fraction", "mean_unlearn_loss_rise", "mean_idv_drop", "mean_val_acc_change"],
-        "equilibrium": ["projection_rate", "w_deviation", "update_vs_mean"],
-        "pcgrad": ["projected_fraction", "mean_step_ratio"], "agr_sum": ["masked_fraction", "mean_step_ratio"],
-        "gga": ["acceptance_rate", "moved_fraction", "mean_agreement_gain"]}
+ACTS = {
+    "iu": ["acted_fraction", "mean_unlearn_loss_rise", "mean_idv_drop", "mean_val_acc_change"],
+    "equilibrium": ["projection_rate", "w_deviation", "update_vs_mean"],
+    "pcgrad": ["projected_fraction", "mean_step_ratio"],
+    "agr_sum": ["masked_fraction", "mean_step_ratio"],
+    "gga": ["acceptance_rate", "moved_fraction", "mean_agreement_gain"],
+}
 
 
 def run(setting: str, name: str, trial: int, args: argparse.Namespace) -> dict[str, Any]:
     algorithm, hparams = CONFIGS[name]
     slug = "".join(c if c.isalnum() else "_" for c in name)
-    cfg = TrainConfig.from_dict(dict(
-        **SETTINGS[setting], backbone="test_resnet", algorithm=algorithm, hparams=hparams, steps=args.steps,
-        batch_size=args.batch_size, eval_every=args.steps, lr=1e-3, seed=trial, split_seed=trial, log_with="none",
-        output_dir=str(args.work_dir / f"{setting}-{slug}-trial{trial}"), overwrite=True, num_workers=0))
+    cfg = TrainConfig.from_dict(
+        dict(
+            **SETTINGS[setting],
+            backbone="test_resnet",
+            algorithm=algorithm,
+            hparams=hparams,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            eval_every=args.steps,
+            lr=1e-3,
+            seed=trial,
+            split_seed=trial,
+            log_with="none",
+            output_dir=str(args.work_dir / f"{setting}-{slug}-trial{trial}"),
+            overwrite=True,
+            num_workers=0,
+        )
+    )
     tick = time.perf_counter()
     results = train(cfg)
     acts = {name: entry["acts"] for name, entry in results["diagnostics"].items() if "acts" in entry}
-    return {"setting": setting, "config": name, "trial": trial, "target_accuracy": results["target_accuracy"],
-            "acts": acts, "train_seconds": results["timing"]["train_seconds"],
-            "seconds": time.perf_counter() - tick}
+    return {
+        "setting": setting,
+        "config": name,
+        "trial": trial,
+        "target_accuracy": results["target_accuracy"],
+        "acts": acts,
+        "train_seconds": results["timing"]["train_seconds"],
+        "seconds": time.perf_counter() - tick,
+    }
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -96,8 +123,12 @@ def tables(rows: list[dict[str, Any]]) -> str:
             continue
         erm = {r["trial"]: r["target_accuracy"] for r in mine if r["config"] == "erm"}
         erm_time = statistics.mean([r["train_seconds"] for r in mine if r["config"] == "erm"] or [float("nan")])
-        parts += [f"### {setting}", "", "| configuration | trials | held-out (%) | - ERM, paired (points) | train time "
-                  "x ERM | does it act |", "|---|---|---|---|---|---|"]
+        parts += [
+            f"### {setting}",
+            "",
+            "| configuration | trials | held-out (%) | - ERM, paired (points) | train time x ERM | does it act |",
+            "|---|---|---|---|---|---|",
+        ]
         for name in CONFIGS:
             runs = [r for r in mine if r["config"] == name]
             if not runs:
@@ -112,25 +143,37 @@ def tables(rows: list[dict[str, Any]]) -> str:
                     values = [r["acts"][component][key] for r in runs if key in r["acts"].get(component, {})]
                     if values:
                         acts.append(f"{key} {statistics.mean(values):.3g}")
-            parts.append(f"| {name} | {len(runs)} | {acc[0]:.1f} ± {acc[1]:.1f} | {diff} | {cost:.2f} | "
-                         f"{', '.join(acts)} |")
+            parts.append(
+                f"| {name} | {len(runs)} | {acc[0]:.1f} ± {acc[1]:.1f} | {diff} | {cost:.2f} | {', '.join(acts)} |"
+            )
         parts.append("")
     return "\n".join(parts) + "± is the standard error over trials (population standard deviation / sqrt(n)).\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", nargs="+", default=None,
-                        help="SETTING:CONFIG:TRIALS items, e.g. 'rotated-multi:erm+iu:0,1,2'; default: the main "
-                             "methods on every setting, three trials, and IU's ascent variants on rotated-multi")
+    parser.add_argument(
+        "--plan",
+        nargs="+",
+        default=None,
+        help="SETTING:CONFIG:TRIALS items, e.g. 'rotated-multi:erm+iu:0,1,2'; default: the main "
+        "methods on every setting, three trials, and IU's ascent variants on rotated-multi",
+    )
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--work-dir", type=Path, default=Path("sweeps/seed-methods"))
     parser.add_argument("--json", type=Path, help="every run's numbers (read first: finished runs are skipped)")
     parser.add_argument("--output", type=Path, help="write the Markdown tables here too")
     add_smoke(parser)
-    args = apply_smoke(parser.parse_args(), plan=["rotated-multi:erm:0", "rotated-multi:erm+gga:0"], steps=2,
-                       batch_size=4, work_dir=TMP, json=None, output=None)
+    args = apply_smoke(
+        parser.parse_args(),
+        plan=["rotated-multi:erm:0", "rotated-multi:erm+gga:0"],
+        steps=2,
+        batch_size=4,
+        work_dir=TMP,
+        json=None,
+        output=None,
+    )
     plan: list[tuple[str, str, int]] = []
     if args.plan:
         for item in args.plan:
@@ -142,16 +185,22 @@ def main() -> int:
             plan += [(setting, name, trial) for setting in SETTINGS for name in MAIN]
             plan += [("rotated-multi", name, trial) for name in ("iu: USS only", "iu: DSCS only")]
             if trial < 2:
-                plan += [("rotated-multi", name, trial) for name in CONFIGS if name.startswith("iu: ")
-                         and "only" not in name and name != "iu: rise 1.1"]  # 1.1 is the default: erm+iu
+                plan += [
+                    ("rotated-multi", name, trial)
+                    for name in CONFIGS
+                    if name.startswith("iu: ") and "only" not in name and name != "iu: rise 1.1"
+                ]  # 1.1 is the default: erm+iu
     rows: list[dict[str, Any]] = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
     done = {(r["setting"], r["config"], r["trial"]) for r in rows}
     for setting, name, trial in plan:
         if (setting, name, trial) in done:
             continue
         rows.append(run(setting, name, trial, args))
-        print(f"{setting} | {name} | trial {trial}: {100 * rows[-1]['target_accuracy']:.1f} % in "
-              f"{rows[-1]['seconds']:.0f} s {rows[-1]['acts']}", flush=True)
+        print(
+            f"{setting} | {name} | trial {trial}: {100 * rows[-1]['target_accuracy']:.1f} % in "
+            f"{rows[-1]['seconds']:.0f} s {rows[-1]['acts']}",
+            flush=True,
+        )
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
     text = tables(rows)

@@ -1,5 +1,6 @@
 """The ``--smoke`` option every benchmark script takes: tiny sizes that check the script still runs end to end
 (tests/test_benchmarks.py runs each one so), not a measurement: its numbers mean nothing."""
+
 from __future__ import annotations
 
 import argparse

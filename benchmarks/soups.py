@@ -18,6 +18,7 @@ The cost of a soup is its wall time (evaluating every ingredient, the BatchNorm 
 the soup) next to the training time of one run and of the cell's runs, measured on the same machine in the same
 invocation. ``--smoke`` runs the same code at a size that finishes in a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,20 @@ from dgzoo.training.engine import train
 
 ROOT = Path(__file__).resolve().parent
 SPECS = [ROOT / "sweeps" / "soups_rotated_digits.yaml", ROOT / "sweeps" / "soups_colored_digits.yaml"]
-SMOKE = {"n_hparams": 2, "n_trials": 1, "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 4,
-                                                   "batch_size": 8}, "soup": {"bn_steps": 2}}
-COLUMNS = [("erm", "ERM (defaults, hp0)"), ("selected", "selected run"),
-           ("top-k", "selected run + BN recomputed (top-1)"), ("uniform", "uniform soup (DiWA)"),
-           ("greedy", "greedy soup (model soups)"), ("oracle", "best ingredient (oracle, reported only)")]
+SMOKE = {
+    "n_hparams": 2,
+    "n_trials": 1,
+    "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 4, "batch_size": 8},
+    "soup": {"bn_steps": 2},
+}
+COLUMNS = [
+    ("erm", "ERM (defaults, hp0)"),
+    ("selected", "selected run"),
+    ("top-k", "selected run + BN recomputed (top-1)"),
+    ("uniform", "uniform soup (DiWA)"),
+    ("greedy", "greedy soup (model soups)"),
+    ("oracle", "best ingredient (oracle, reported only)"),
+]
 
 
 def load_spec(path: Path, root: Path, init_steps: int, smoke: bool) -> tuple[SweepSpec, TrainConfig]:
@@ -54,11 +64,19 @@ def load_spec(path: Path, root: Path, init_steps: int, smoke: bool) -> tuple[Swe
     name = Path(values["output_dir"]).name
     values["output_dir"] = str(root / name)
     train_values = dict(values["train"])
-    init = TrainConfig.from_dict({**train_values, "dataset": values["datasets"][0],
-                                  "target_domains": [str(d) for d in values["test_domains"]],
-                                  "steps": 4 if smoke else init_steps, "eval_every": 2 if smoke else init_steps,
-                                  "checkpoint_every": None, "seed": 0, "split_seed": 0,
-                                  "output_dir": str(root / f"{name}-init")})
+    init = TrainConfig.from_dict(
+        {
+            **train_values,
+            "dataset": values["datasets"][0],
+            "target_domains": [str(d) for d in values["test_domains"]],
+            "steps": 4 if smoke else init_steps,
+            "eval_every": 2 if smoke else init_steps,
+            "checkpoint_every": None,
+            "seed": 0,
+            "split_seed": 0,
+            "output_dir": str(root / f"{name}-init"),
+        }
+    )
     values["train"] = {**train_values, "init_from": init.output_dir}
     return SweepSpec.from_dict(values, source=f"sweep spec {path}"), init
 
@@ -82,8 +100,9 @@ def cell_numbers(sweep_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
         table[dataset][f"cost:{soup['method']}"][trial] = soup["seconds"]["total"]
         table[dataset][f"used:{soup['method']}"][trial] = soup["used"]
         table[dataset]["candidates"][trial] = soup["candidates"]
-        run_seconds = [read_json(Path(i["run"]) / "results.json")["timing"]["train_seconds"]
-                       for i in soup["ingredients"]]
+        run_seconds = [
+            read_json(Path(i["run"]) / "results.json")["timing"]["train_seconds"] for i in soup["ingredients"]
+        ]
         table[dataset]["cost:run"][trial] = statistics.mean(run_seconds)
         table[dataset]["cost:cell"][trial] = sum(run_seconds)
     return table
@@ -97,28 +116,40 @@ def _cell(values: dict[str, float]) -> str:
 
 
 def markdown(tables: dict[str, dict[str, dict[str, float]]], command: str, seconds: float, smoke: bool) -> str:
-    lines = [f"# Model soups on the embedded data{' (smoke size)' if smoke else ''}", "",
-             f"Date: {time.strftime('%Y-%m-%d', time.gmtime())}. Machine: 2-core CPU VM, shared (OMP_NUM_THREADS=1, "
-             f"nice). Command: `{command}` ({seconds / 60:.0f} min in all).", "",
-             "Held-out accuracy (%), mean ± standard error over trial seeds; every choice made on the source "
-             "domains' validation splits (training-domain validation). See the docstring of benchmarks/soups.py "
-             "for what each column is.", "",
-             "| Dataset | " + " | ".join(title for _, title in COLUMNS) + " | trials |",
-             "|:--|" + "--:|" * (len(COLUMNS) + 1)]
+    lines = [
+        f"# Model soups on the embedded data{' (smoke size)' if smoke else ''}",
+        "",
+        f"Date: {time.strftime('%Y-%m-%d', time.gmtime())}. Machine: 2-core CPU VM, shared (OMP_NUM_THREADS=1, "
+        f"nice). Command: `{command}` ({seconds / 60:.0f} min in all).",
+        "",
+        "Held-out accuracy (%), mean ± standard error over trial seeds; every choice made on the source "
+        "domains' validation splits (training-domain validation). See the docstring of benchmarks/soups.py "
+        "for what each column is.",
+        "",
+        "| Dataset | " + " | ".join(title for _, title in COLUMNS) + " | trials |",
+        "|:--|" + "--:|" * (len(COLUMNS) + 1),
+    ]
     for dataset, columns in tables.items():
         trials = len(columns.get("uniform", {}))
-        lines.append(f"| {dataset} | " + " | ".join(_cell(columns.get(key, {})) for key, _ in COLUMNS)
-                     + f" | {trials} |")
-    lines += ["", "Cost of making a soup (seconds, mean over trials; no training) next to training one run and the "
-              "cell's runs, same machine, same invocation:", "",
-              "| Dataset | uniform | greedy | top-1 | one run | the cell's runs | greedy kept (of candidates) |",
-              "|:--|--:|--:|--:|--:|--:|--:|"]
+        lines.append(
+            f"| {dataset} | " + " | ".join(_cell(columns.get(key, {})) for key, _ in COLUMNS) + f" | {trials} |"
+        )
+    lines += [
+        "",
+        "Cost of making a soup (seconds, mean over trials; no training) next to training one run and the "
+        "cell's runs, same machine, same invocation:",
+        "",
+        "| Dataset | uniform | greedy | top-1 | one run | the cell's runs | greedy kept (of candidates) |",
+        "|:--|--:|--:|--:|--:|--:|--:|",
+    ]
     for dataset, columns in tables.items():
         mean = {k: statistics.mean(v.values()) if v else float("nan") for k, v in columns.items()}
-        lines.append(f"| {dataset} | {mean.get('cost:uniform', float('nan')):.1f} | "
-                     f"{mean.get('cost:greedy', float('nan')):.1f} | {mean.get('cost:top-k', float('nan')):.1f} | "
-                     f"{mean.get('cost:run', float('nan')):.1f} | {mean.get('cost:cell', float('nan')):.1f} | "
-                     f"{mean.get('used:greedy', float('nan')):.1f} of {mean.get('candidates', float('nan')):.0f} |")
+        lines.append(
+            f"| {dataset} | {mean.get('cost:uniform', float('nan')):.1f} | "
+            f"{mean.get('cost:greedy', float('nan')):.1f} | {mean.get('cost:top-k', float('nan')):.1f} | "
+            f"{mean.get('cost:run', float('nan')):.1f} | {mean.get('cost:cell', float('nan')):.1f} | "
+            f"{mean.get('used:greedy', float('nan')):.1f} of {mean.get('candidates', float('nan')):.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ ratio to the smallest size is taken within the round.
     python benchmarks/startup.py --sizes 1000 10000 50000 --rounds 3
     python benchmarks/startup.py --sizes 200 400 --rounds 1 --work /tmp/s   # smoke size (the tests)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,19 +52,41 @@ def make_dataset(folder: Path, n: int, size: int = 64, seed: int = 0) -> Path:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         images.append({"bytes": buffer.getvalue(), "path": None})
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
-                                  "domain": datasets.Value("string")})
-    table = datasets.Dataset.from_dict({"image": images, "label": labels.tolist(),
-                                        "domain": [DOMAINS[d] for d in domains]}, features=features)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Value("int64"), "domain": datasets.Value("string")}
+    )
+    table = datasets.Dataset.from_dict(
+        {"image": images, "label": labels.tolist(), "domain": [DOMAINS[d] for d in domains]}, features=features
+    )
     table.to_parquet(str(folder / "train.parquet"))
     return folder
 
 
 def train_arguments(dataset: Path, output_dir: Path, steps: int, extra: list[str]) -> list[str]:
     """``dgzoo train`` flags of the measured run: ResNet-18 from scratch at 64 px, 32 images per source domain."""
-    return ["--dataset", str(dataset), "--target-domains", DOMAINS[-1], "--backbone", "resnet18", "--no-pretrained",
-            "--image-size", "64", "--batch-size", "32", "--steps", str(steps), "--eval-every", str(max(steps, 1)),
-            "--log-with", "none", "--output-dir", str(output_dir), "--overwrite", *extra]
+    return [
+        "--dataset",
+        str(dataset),
+        "--target-domains",
+        DOMAINS[-1],
+        "--backbone",
+        "resnet18",
+        "--no-pretrained",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "32",
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(max(steps, 1)),
+        "--log-with",
+        "none",
+        "--output-dir",
+        str(output_dir),
+        "--overwrite",
+        *extra,
+    ]
 
 
 def child(argv: list[str]) -> None:
@@ -99,10 +122,19 @@ def child(argv: list[str]) -> None:
 def launch(argv: list[str], env: dict[str, str], timeout: float = 900) -> dict[int, float]:
     """Start a child process running dgzoo train; return ``{step: seconds since launch}`` of its BENCH lines."""
     env = {**env, "DGZOO_BENCH_T0": repr(time.time())}
-    done = subprocess.run([sys.executable, __file__, "--child", *argv], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    marks = {int(p[2]): float(p[3]) for p in (line.split() for line in done.stdout.splitlines())
-             if len(p) == 4 and p[0] == "BENCH"}
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    marks = {
+        int(p[2]): float(p[3])
+        for p in (line.split() for line in done.stdout.splitlines())
+        if len(p) == 4 and p[0] == "BENCH"
+    }
     if not marks:
         raise RuntimeError(f"dgzoo train exited {done.returncode} without a step:\n{done.stderr[-3000:]}")
     return marks
@@ -110,9 +142,14 @@ def launch(argv: list[str], env: dict[str, str], timeout: float = 900) -> dict[i
 
 def measure(sizes: list[int], rounds: int, work: Path, threads: int) -> dict:
     """Cold then interleaved warm start-ups for every size."""
-    env_base = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-                "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
-                                                                                os.environ.get("PYTHONPATH")]))}
+    env_base = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+    }
     envs, datasets_ = {}, {}
     for n in sizes:
         datasets_[n] = make_dataset(work / f"data-{n}", n)
@@ -125,20 +162,33 @@ def measure(sizes: list[int], rounds: int, work: Path, threads: int) -> dict:
         for n in sizes:
             warm[n].append(launch(train_arguments(datasets_[n], work / f"run-{n}", 1, []), envs[n])[1])
     smallest = min(sizes)
-    return {"sizes": sizes, "rounds": rounds, "threads": threads, "cold": cold, "warm": warm,
-            "warm_ratio": {n: [w / s for w, s in zip(warm[n], warm[smallest])] for n in sizes}}
+    return {
+        "sizes": sizes,
+        "rounds": rounds,
+        "threads": threads,
+        "cold": cold,
+        "warm": warm,
+        "warm_ratio": {n: [w / s for w, s in zip(warm[n], warm[smallest])] for n in sizes},
+    }
 
 
 def table(result: dict) -> str:
     """The scaling table, markdown."""
     smallest = min(result["sizes"])
-    lines = [(f"| images | warm start-up, s (median) | warm / warm at {smallest} (median of rounds) | cold start-up, s | "
-              "cold, ms per image | cold - warm, ms per image |"), "|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"| images | warm start-up, s (median) | warm / warm at {smallest} (median of rounds) | cold start-up, s | "
+            "cold, ms per image | cold - warm, ms per image |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
     for n in result["sizes"]:
         warm = statistics.median(result["warm"][n])
-        lines.append(f"| {n} | {warm:.2f} ({', '.join(f'{w:.2f}' for w in result['warm'][n])}) | "
-                     f"{statistics.median(result['warm_ratio'][n]):.2f} | {result['cold'][n]:.2f} | "
-                     f"{1000 * result['cold'][n] / n:.3f} | {1000 * (result['cold'][n] - warm) / n:.3f} |")
+        lines.append(
+            f"| {n} | {warm:.2f} ({', '.join(f'{w:.2f}' for w in result['warm'][n])}) | "
+            f"{statistics.median(result['warm_ratio'][n]):.2f} | {result['cold'][n]:.2f} | "
+            f"{1000 * result['cold'][n] / n:.3f} | {1000 * (result['cold'][n] - warm) / n:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -150,8 +200,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     parser.add_argument("--rounds", type=int, default=3, help="warm runs per size, interleaved over sizes")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the measured processes")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/dgzoo-startup"),
-                        help="datasets, caches and run directories (outside the repository)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/dgzoo-startup"),
+        help="datasets, caches and run directories (outside the repository)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
     result = measure(sorted(args.sizes), args.rounds, args.work, args.threads)

@@ -14,6 +14,7 @@ reported too.
     python benchmarks/sure.py                                   # the recorded setting (see results/sure.md)
     python benchmarks/sure.py --seeds 0 --steps 60 --unlearn-steps 10 --no-tune   # a quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,16 @@ from typing import Any
 
 from smoke import TMP, add_smoke, apply_smoke
 
-COLUMNS = [("forget_acc", "forget"), ("retain_acc", "retain"), ("test_acc", "test"),
-           ("matched_test_acc", "test (matched)"), ("held_out_acc", "held-out"), ("mia_loss", "MIA loss"),
-           ("mia_knn", "MIA kNN"), ("mia_linear", "MIA linear")]
+COLUMNS = [
+    ("forget_acc", "forget"),
+    ("retain_acc", "retain"),
+    ("test_acc", "test"),
+    ("matched_test_acc", "test (matched)"),
+    ("held_out_acc", "held-out"),
+    ("mia_loss", "MIA loss"),
+    ("mia_knn", "MIA kNN"),
+    ("mia_linear", "MIA linear"),
+]
 OBJECTIVE = ("forget_acc", "test_acc", "mia_loss")
 GRID: dict[str, list[dict[str, Any]]] = {
     "sure": [{"lr": lr, "lambda": lam} for lr in (1e-4, 3e-4, 1e-3) for lam in (0.3, 1.0)]
@@ -48,14 +56,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="images per source domain per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="source training learning rate (Adam)")
     parser.add_argument("--unlearn-steps", type=int, default=30, help="steps of every unlearning method")
-    parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
-                        help="choose each method's setting on the first seed (else: the defaults)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; on a shared 2-core machine one thread is several times faster")
+    parser.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="choose each method's setting on the first seed (else: the defaults)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; on a shared 2-core machine one thread is several times faster",
+    )
     parser.add_argument("--output-dir", default="benchmark_runs/sure")
     add_smoke(parser)
-    return apply_smoke(parser.parse_args(), seeds=[0], scenarios=["class=3"], methods=list(GRID)[:1], steps=2,
-                       batch_size=4, unlearn_steps=2, tune=False, output_dir=TMP)
+    return apply_smoke(
+        parser.parse_args(),
+        seeds=[0],
+        scenarios=["class=3"],
+        methods=list(GRID)[:1],
+        steps=2,
+        batch_size=4,
+        unlearn_steps=2,
+        tune=False,
+        output_dir=TMP,
+    )
 
 
 def mean_se(values: list[float | None]) -> str:
@@ -95,24 +120,53 @@ def main() -> None:
     tuning: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in args.scenarios}
     started = time.perf_counter()
 
-    def run(source: Path, scenario: str, method: str, setting: dict[str, Any], reference: Path,
-            out: Path) -> dict[str, Any]:
+    def run(
+        source: Path, scenario: str, method: str, setting: dict[str, Any], reference: Path, out: Path
+    ) -> dict[str, Any]:
         hparams = {k: v for k, v in setting.items() if k != "lr"}
-        return unlearn(UnlearnConfig(str(source), scenario, method=method, steps=args.unlearn_steps,
-                                     lr=setting.get("lr"), hparams=hparams, reference=str(reference),
-                                     output_dir=str(out), overwrite=True, num_workers=0))
+        return unlearn(
+            UnlearnConfig(
+                str(source),
+                scenario,
+                method=method,
+                steps=args.unlearn_steps,
+                lr=setting.get("lr"),
+                hparams=hparams,
+                reference=str(reference),
+                output_dir=str(out),
+                overwrite=True,
+                num_workers=0,
+            )
+        )
 
     for index, seed in enumerate(args.seeds):
         source = root / f"seed{seed}" / "source"
-        train(TrainConfig.from_dict(dict(
-            dataset="rotated-digits", backbone=args.backbone, steps=args.steps, batch_size=args.batch_size,
-            lr=args.lr, seed=seed, eval_every=args.steps, selection="last", log_with="none", num_workers=0,
-            output_dir=str(source), overwrite=True)))
+        train(
+            TrainConfig.from_dict(
+                dict(
+                    dataset="rotated-digits",
+                    backbone=args.backbone,
+                    steps=args.steps,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    seed=seed,
+                    eval_every=args.steps,
+                    selection="last",
+                    log_with="none",
+                    num_workers=0,
+                    output_dir=str(source),
+                    overwrite=True,
+                )
+            )
+        )
         for scenario in args.scenarios:
             folder = root / f"seed{seed}" / scenario.replace("=", "").replace(":", "_")
             reference = folder / "retrain"
-            retrain = unlearn(UnlearnConfig(str(source), scenario, method="retrain", output_dir=str(reference),
-                                            overwrite=True, num_workers=0))
+            retrain = unlearn(
+                UnlearnConfig(
+                    str(source), scenario, method="retrain", output_dir=str(reference), overwrite=True, num_workers=0
+                )
+            )
             rows[scenario].setdefault("original", []).append(record(retrain, "original"))
             rows[scenario].setdefault("retrain", []).append(record(retrain))
             if "sure" in args.methods:
@@ -133,12 +187,15 @@ def main() -> None:
                     results = run(source, scenario, method, chosen[scenario][method], reference, folder / method)
                     rows[scenario].setdefault(method, []).append(record(results))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    (root / "summary.json").write_text(json.dumps({"args": settings, "chosen": chosen, "tuning": tuning,
-                                                   "rows": rows}, indent=1))
+    (root / "summary.json").write_text(
+        json.dumps({"args": settings, "chosen": chosen, "tuning": tuning, "rows": rows}, indent=1)
+    )
 
-    print(f"\nrotated-digits, {args.backbone}, source ERM {args.steps} steps x {args.batch_size}/domain, "
-          f"unlearning {args.unlearn_steps} steps, seeds {args.seeds} (mean ± s.e., %), "
-          f"total {time.perf_counter() - started:.0f} s")
+    print(
+        f"\nrotated-digits, {args.backbone}, source ERM {args.steps} steps x {args.batch_size}/domain, "
+        f"unlearning {args.unlearn_steps} steps, seeds {args.seeds} (mean ± s.e., %), "
+        f"total {time.perf_counter() - started:.0f} s"
+    )
     header = ["method", "setting"] + [label for _, label in COLUMNS] + ["time / retrain"]
     for scenario, methods in rows.items():
         print(f"\n--forget {scenario}\n")
@@ -146,8 +203,13 @@ def main() -> None:
         print("|" + "---|" * len(header))
         for name, records in methods.items():
             setting = chosen[scenario].get(name)
-            label = " ".join(f"{k}={v:g}" for k, v in setting.items()) if setting else "default" \
-                if name not in ("original", "retrain") else ""
+            label = (
+                " ".join(f"{k}={v:g}" for k, v in setting.items())
+                if setting
+                else "default"
+                if name not in ("original", "retrain")
+                else ""
+            )
             cells = [mean_se([r[key] for r in records]) for key, _ in COLUMNS]
             cells.append(mean_se([r.get("time_fraction") for r in records]))
             print(f"| {name} | {label} | " + " | ".join(cells) + " |")
@@ -155,8 +217,11 @@ def main() -> None:
         print(f"\ntuning on seed {args.seeds[0]} (objective: sum of |gap to retrain| of {', '.join(OBJECTIVE)})")
         for scenario, methods in tuning.items():
             for method, scores in methods.items():
-                cells = ", ".join(f"{' '.join(f'{k}={v:g}' for k, v in s['setting'].items()) or 'default'}: "
-                                  f"{100 * s['objective']:.1f}" for s in scores)
+                cells = ", ".join(
+                    f"{' '.join(f'{k}={v:g}' for k, v in s['setting'].items()) or 'default'}: "
+                    f"{100 * s['objective']:.1f}"
+                    for s in scores
+                )
                 print(f"  {scenario} {method}: {cells}")
 
 

@@ -12,6 +12,7 @@ a change in the machine's load touches both alike:
     python benchmarks/throughput.py --backbone resnet50 --image-size 224 --device cuda --mixed-precision bf16
     python benchmarks/throughput.py --smoke            # tiny sizes: checks that the script runs (CI)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def timed_step(algorithm, minibatches: Iterator, step: int, device: torch.device
     return time.perf_counter() - start
 
 
-def interleaved(algorithm, contenders: dict[str, Iterator], steps: int, warmup: int,
-                device: torch.device) -> dict[str, list[float]]:
+def interleaved(
+    algorithm, contenders: dict[str, Iterator], steps: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
     """Per-step seconds of each contender, taking one step of each in turn (A B A B ...), after ``warmup``
     untimed rounds."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -70,8 +72,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps: checks the script runs")
     args = parser.parse_args()
     if args.smoke:
-        args.backbone, args.image_size, args.domains, args.batch_size, args.steps, args.warmup = \
-            "test_resnet", 16, 2, 4, 2, 1
+        args.backbone, args.image_size, args.domains, args.batch_size, args.steps, args.warmup = (
+            "test_resnet",
+            16,
+            2,
+            4,
+            2,
+            1,
+        )
         print("--smoke: test_resnet, 16 px, 2 domains x 4 images, 2 steps (numbers mean nothing)")
 
     device = torch.device(args.device)
@@ -80,11 +88,13 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     algorithm = create_algorithm("erm", model, args.domains, {}, make_optimizer=lambda _: optimizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext())
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     shape = (args.batch_size, 3, args.image_size, args.image_size)
-    synthetic = [(torch.randn(shape, device=device), torch.randint(0, 10, (args.batch_size,), device=device))
-                 for _ in range(args.domains)]
+    synthetic = [
+        (torch.randn(shape, device=device), torch.randint(0, 10, (args.batch_size,), device=device))
+        for _ in range(args.domains)
+    ]
     contenders = {"compute": iter(lambda: synthetic, None)}
     if not args.skip_pipeline:
         data = load_dg_dataset("rotated-digits")
@@ -93,25 +103,48 @@ def main() -> None:
         domains = data.domains[: args.domains]
         if len(domains) < args.domains:
             parser.error(f"rotated-digits has {len(data.domains)} domains; use --domains <= {len(data.domains)}")
-        sets = [DomainImages(data, splits.in_rows[d], train_transform(preprocessing, "none"), random=False)
-                for d in domains]
-        contenders["pipeline"] = iter(train_loader(sets, args.batch_size, seed=0, steps=args.warmup + args.steps,
-                                                   num_workers=args.num_workers, pin_memory=device.type == "cuda"))
+        sets = [
+            DomainImages(data, splits.in_rows[d], train_transform(preprocessing, "none"), random=False) for d in domains
+        ]
+        contenders["pipeline"] = iter(
+            train_loader(
+                sets,
+                args.batch_size,
+                seed=0,
+                steps=args.warmup + args.steps,
+                num_workers=args.num_workers,
+                pin_memory=device.type == "cuda",
+            )
+        )
     with autocast:
         times = interleaved(algorithm, contenders, args.steps, args.warmup, device)
     images = args.domains * args.batch_size
     compute = statistics.mean(times["compute"])
-    result = {"backbone": args.backbone, "image_size": args.image_size, "domains": args.domains,
-              "batch_size_per_domain": args.batch_size, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-              or platform.machine(), "threads": torch.get_num_threads(), "mixed_precision": args.mixed_precision,
-              "steps": args.steps, "compute_step_seconds": compute, "compute_images_per_second": images / compute}
+    result = {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "domains": args.domains,
+        "batch_size_per_domain": args.batch_size,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "mixed_precision": args.mixed_precision,
+        "steps": args.steps,
+        "compute_step_seconds": compute,
+        "compute_images_per_second": images / compute,
+    }
     if "pipeline" in times:
         pipeline = statistics.mean(times["pipeline"])
-        result.update({"pipeline_step_seconds": pipeline, "pipeline_images_per_second": images / pipeline,
-                       "num_workers": args.num_workers,
-                       "pipeline_over_compute": statistics.median(p / c for p, c in zip(times["pipeline"],
-                                                                                         times["compute"]))})
+        result.update(
+            {
+                "pipeline_step_seconds": pipeline,
+                "pipeline_images_per_second": images / pipeline,
+                "num_workers": args.num_workers,
+                "pipeline_over_compute": statistics.median(p / c for p, c in zip(times["pipeline"], times["compute"])),
+            }
+        )
 
     width = max(len(k) for k in result)
     for key, value in result.items():

@@ -16,6 +16,7 @@ folder outside this repository and pass ``--timm-train PATH``. Without it only d
 
     python benchmarks/vs_timm.py --timm-train /tmp/timm/train.py --steps 30 --pairs 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ SOURCES = len(DOMAINS) - 1
 def stamped_run(command: list[str], env: dict[str, str], cwd: Path, timeout: float = 1800) -> list[tuple[float, str]]:
     """Run ``command``; return each output line (stdout and stderr merged) with its arrival time since launch."""
     start = time.time()
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, bufsize=1)
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     lines = []
     assert process.stdout is not None
     for line in process.stdout:
@@ -47,16 +49,20 @@ def stamped_run(command: list[str], env: dict[str, str], cwd: Path, timeout: flo
             break
     process.wait()
     if process.returncode:
-        raise RuntimeError(f"{' '.join(command[:3])} ... exited {process.returncode}:\n"
-                           + "\n".join(text for _, text in lines[-30:]))
+        raise RuntimeError(
+            f"{' '.join(command[:3])} ... exited {process.returncode}:\n" + "\n".join(text for _, text in lines[-30:])
+        )
     return lines
 
 
 def dgzoo_run(dataset: Path, work: Path, steps: int, batch: int, env: dict[str, str]) -> dict[str, float]:
     args = train_arguments(dataset, work / "dgzoo-run", steps, [])
     args[args.index("--batch-size") + 1] = str(batch)
-    lines = stamped_run([sys.executable, str(Path(__file__).with_name("startup.py")), "--child", *args],
-                        {**env, "DGZOO_BENCH_T0": repr(time.time())}, work)
+    lines = stamped_run(
+        [sys.executable, str(Path(__file__).with_name("startup.py")), "--child", *args],
+        {**env, "DGZOO_BENCH_T0": repr(time.time())},
+        work,
+    )
     # the progress bar shares the merged output stream: a mark may follow a bar update on the same line
     marks = {int(text.split("BENCH step", 1)[1].split()[0]): t for t, text in lines if "BENCH step" in text}
     return {"first_step": marks[1], "images_per_second": (steps - 1) * batch * SOURCES / (marks[steps] - marks[1])}
@@ -64,10 +70,35 @@ def dgzoo_run(dataset: Path, work: Path, steps: int, batch: int, env: dict[str, 
 
 def timm_run(timm_train: Path, dataset: Path, work: Path, steps: int, batch: int, env: dict[str, str]) -> dict:
     total = batch * SOURCES
-    command = [sys.executable, str(timm_train), "--dataset", f"hfds/{dataset}", "--train-split", "train",
-               "--val-split", "", "--model", "resnet18", "--num-classes", "10", "--img-size", "64",
-               "--batch-size", str(total), "--epochs", "1", "--log-interval", "100000", "--output",
-               str(work / "timm-out"), "--experiment", "bench", "--no-prefetcher", "--device", "cpu"]
+    command = [
+        sys.executable,
+        str(timm_train),
+        "--dataset",
+        f"hfds/{dataset}",
+        "--train-split",
+        "train",
+        "--val-split",
+        "",
+        "--model",
+        "resnet18",
+        "--num-classes",
+        "10",
+        "--img-size",
+        "64",
+        "--batch-size",
+        str(total),
+        "--epochs",
+        "1",
+        "--log-interval",
+        "100000",
+        "--output",
+        str(work / "timm-out"),
+        "--experiment",
+        "bench",
+        "--no-prefetcher",
+        "--device",
+        "cpu",
+    ]
     lines = stamped_run(command, env, work)
     marks = [(t, text) for t, text in lines if "Train: 0 [" in text]
     if len(marks) < 2:
@@ -90,10 +121,18 @@ def main() -> None:
     # timm drops the last partial batch: one epoch of steps * 3B images is exactly `steps` steps
     n = args.steps * args.batch_size * SOURCES
     dataset = make_dataset(args.work / f"data-{n}", n)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(args.work / "hf-cache"), "DGZOO_CACHE": str(args.work / "dg"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                      os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "HF_DATASETS_CACHE": str(args.work / "hf-cache"),
+        "DGZOO_CACHE": str(args.work / "dg"),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    }
     have_timm = args.timm_train is not None and args.timm_train.exists()
     # one untimed run of each fills the caches both read (datasets' Arrow copy; dgzoo's image check)
     dgzoo_run(dataset, args.work, 2, args.batch_size, env)
@@ -104,17 +143,21 @@ def main() -> None:
         ours = dgzoo_run(dataset, args.work, args.steps, args.batch_size, env)
         theirs = timm_run(args.timm_train, dataset, args.work, args.steps, args.batch_size, env) if have_timm else None
         rows.append((ours, theirs))
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores; resnet18 64 px, {args.steps} steps of "
-          f"{args.batch_size * SOURCES} images, OMP_NUM_THREADS={args.threads}, {n} images")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores; resnet18 64 px, {args.steps} steps of "
+        f"{args.batch_size * SOURCES} images, OMP_NUM_THREADS={args.threads}, {n} images"
+    )
     print("| pair | dgzoo images/s | timm images/s | ratio | dgzoo first step, s | timm first step, s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for i, (ours, theirs) in enumerate(rows):
         if theirs is None:
             print(f"| {i} | {ours['images_per_second']:.1f} | - | - | {ours['first_step']:.2f} | - | - |")
             continue
-        print(f"| {i} | {ours['images_per_second']:.1f} | {theirs['images_per_second']:.1f} | "
-              f"{ours['images_per_second'] / theirs['images_per_second']:.2f} | {ours['first_step']:.2f} | "
-              f"{theirs['first_step']:.2f} | {ours['first_step'] / theirs['first_step']:.2f} |")
+        print(
+            f"| {i} | {ours['images_per_second']:.1f} | {theirs['images_per_second']:.1f} | "
+            f"{ours['images_per_second'] / theirs['images_per_second']:.2f} | {ours['first_step']:.2f} | "
+            f"{theirs['first_step']:.2f} | {ours['first_step'] / theirs['first_step']:.2f} |"
+        )
     if have_timm:
         speed = statistics.median(o["images_per_second"] / t["images_per_second"] for o, t in rows)
         start = statistics.median(o["first_step"] / t["first_step"] for o, t in rows)

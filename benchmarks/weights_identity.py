@@ -8,6 +8,7 @@
 Each recipe is the default job (or an algorithm on it), shortened; results land in a temporary directory. Names after
 the output file pick recipes (``... new.json default erm+iu``); none: every recipe below.
 """
+
 import argparse
 import hashlib
 import json
@@ -27,20 +28,32 @@ except ImportError:
 
 CASES = {
     "default": dict(steps=200, eval_every=100),
-    "erm+gga": dict(algorithm="erm+gga", steps=40, eval_every=20, hparams={"gga.start": 5, "gga.end": 12, "gga.candidates": 6}),
+    "erm+gga": dict(
+        algorithm="erm+gga", steps=40, eval_every=20, hparams={"gga.start": 5, "gga.end": 12, "gga.candidates": 6}
+    ),
     "erm+gga_l": dict(algorithm="erm+gga_l", steps=30, eval_every=15),
     "erm+iu": dict(algorithm="erm+iu", steps=24, eval_every=12),
     "equilibrium": dict(algorithm="equilibrium", steps=30, eval_every=15),
     "pcgrad": dict(algorithm="pcgrad", steps=20, eval_every=10),
     # An annealed penalty whose optimizer reset falls inside the run, and an add-on on every step and evaluation.
     "irm": dict(algorithm="irm", steps=30, eval_every=15, hparams={"irm_penalty_anneal_iters": 10}),
-    "erm+swad": dict(algorithm="erm+swad", steps=30, eval_every=5,
-                     hparams={"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 2}),
+    "erm+swad": dict(
+        algorithm="erm+swad",
+        steps=30,
+        eval_every=5,
+        hparams={"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 2},
+    ),
 }
 SMOKE_CASES = {
     "default": dict(backbone="test_resnet", steps=2, eval_every=2, batch_size=4),
-    "erm+gga": dict(backbone="test_resnet", algorithm="erm+gga", steps=2, eval_every=2, batch_size=4,
-                    hparams={"gga.start": 0, "gga.end": 1, "gga.candidates": 2}),
+    "erm+gga": dict(
+        backbone="test_resnet",
+        algorithm="erm+gga",
+        steps=2,
+        eval_every=2,
+        batch_size=4,
+        hparams={"gga.start": 0, "gga.end": 1, "gga.candidates": 2},
+    ),
 }
 
 

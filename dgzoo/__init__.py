@@ -9,6 +9,7 @@
 
 The heavy parts (torch, timm, the Hub clients) load on first use, so ``dgzoo report`` or ``dgzoo --help`` start fast.
 """
+
 from importlib import import_module
 from typing import Any
 
@@ -16,10 +17,15 @@ from ._version import __version__
 from .config import TrainConfig
 from .errors import DGZooError
 
-_LAZY = {"Pretrained": "run.pretrained", "evaluate_pretrained": "training.evaluation",
-         "from_pretrained": "run.pretrained", "push_run": "run.publish",
-         "train": "training.engine", "list_models": "experiments.zoo",
-         "soup": "experiments.soup"}
+_LAZY = {
+    "Pretrained": "run.pretrained",
+    "evaluate_pretrained": "training.evaluation",
+    "from_pretrained": "run.pretrained",
+    "push_run": "run.publish",
+    "train": "training.engine",
+    "list_models": "experiments.zoo",
+    "soup": "experiments.soup",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -28,5 +34,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dgzoo' has no attribute {name!r}")
 
 
-__all__ = ["DGZooError", "Pretrained", "TrainConfig", "__version__", "evaluate_pretrained", "from_pretrained",
-           "list_models", "push_run", "soup", "train"]
+__all__ = [
+    "DGZooError",
+    "Pretrained",
+    "TrainConfig",
+    "__version__",
+    "evaluate_pretrained",
+    "from_pretrained",
+    "list_models",
+    "push_run",
+    "soup",
+    "train",
+]

@@ -1,4 +1,5 @@
 """``python -m dgzoo``: the ``dgzoo`` command."""
+
 import sys
 
 from .cli import main

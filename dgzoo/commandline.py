@@ -4,6 +4,7 @@ Sweeps (the command each run trains with), model cards (the command that reprodu
 all write a config as flags; they share this one serializer so every value is shell-quoted alike (``shlex``) and
 the command reads back, through the same CLI, as the config it came from.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -16,8 +17,13 @@ def _text(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def flag_groups(values: Mapping[str, Any], defaults: Mapping[str, Any], skip: Collection[str] = (),
-                always: Collection[str] = (), omit_empty: bool = False) -> list[list[str]]:
+def flag_groups(
+    values: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    skip: Collection[str] = (),
+    always: Collection[str] = (),
+    omit_empty: bool = False,
+) -> list[list[str]]:
     """The flags that set ``values`` over ``defaults``, one argument list per setting (``['--lr', '0.0003']``).
 
     A setting equal to its default is left out unless it is in ``always``; ``skip`` settings never appear;
@@ -44,8 +50,13 @@ def flag_groups(values: Mapping[str, Any], defaults: Mapping[str, Any], skip: Co
     return groups
 
 
-def config_argv(values: Mapping[str, Any], defaults: Mapping[str, Any], skip: Collection[str] = (),
-                always: Collection[str] = (), omit_empty: bool = False) -> list[str]:
+def config_argv(
+    values: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    skip: Collection[str] = (),
+    always: Collection[str] = (),
+    omit_empty: bool = False,
+) -> list[str]:
     """The flags of :func:`flag_groups` as one argument list (what ``parse_args`` takes)."""
     return [arg for group in flag_groups(values, defaults, skip, always, omit_empty) for arg in group]
 

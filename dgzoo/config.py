@@ -5,6 +5,7 @@ job), a YAML file given with ``--config``, and command-line flags. The same fiel
 and ``dgzoo train``; the flags are generated from the dataclass so the two can never drift apart.
 Unknown keys are errors with a suggestion, never silently ignored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,22 @@ AUGMENTATIONS = ("auto", "domainbed", "randaugment", "none")
 PRECISIONS = ("no", "fp16", "bf16")
 SELECTIONS = ("training_domain_validation", "oracle", "last")
 # Fields that do not change what a run computes: runs that differ only in these are the same run.
-NON_RESULT_FIELDS = ("output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision",
-                     "num_workers", "log_with", "eval_batch_size", "keep_checkpoints", "checkpoint_every", "dry_run",
-                     "channels_last", "compile")
+NON_RESULT_FIELDS = (
+    "output_dir",
+    "overwrite",
+    "resume",
+    "push_to_hub",
+    "hub_private",
+    "hub_revision",
+    "num_workers",
+    "log_with",
+    "eval_batch_size",
+    "keep_checkpoints",
+    "checkpoint_every",
+    "dry_run",
+    "channels_last",
+    "compile",
+)
 
 
 # The block of train_config.json recording the code, the data and the values given before dgzoo resolved them
@@ -63,8 +77,11 @@ class TrainConfig:
     holdout_fraction: float = _f(0.2, "fraction of every domain held out as its validation ('out') split")
     split_seed: int | None = _f(None, "seed of the in/out splits (DomainBed's trial seed); defaults to --seed")
     image_size: int | None = _f(None, "input resolution; defaults to the dataset's native size, else the backbone's")
-    augment: str = _f("auto", "training augmentation: domainbed, randaugment, none, or auto (the dataset's default)",
-                      choices=AUGMENTATIONS)
+    augment: str = _f(
+        "auto",
+        "training augmentation: domainbed, randaugment, none, or auto (the dataset's default)",
+        choices=AUGMENTATIONS,
+    )
     image_column: str | None = _f(None, "image column name (default: the registry's, else 'image')")
     label_column: str | None = _f(None, "label column name (default: the registry's, else 'label')")
     domain_column: str | None = _f(None, "domain column name (default: the registry's, else 'domain')")
@@ -72,52 +89,82 @@ class TrainConfig:
     backbone: str = _f("resnet18", "any timm model name, e.g. resnet50.tv_in1k or vit_small_patch16_224")
     pretrained: bool = _f(False, "start from the backbone's pretrained weights (downloads from the Hub)")
     freeze_bn: bool = _f(False, "keep BatchNorm running statistics fixed (DomainBed's paper setting)")
-    init_from: str | None = _f(None, "start from this checkpoint's weights, head included (its label names must be "
-                                      "the dataset's): a run directory or a Hub repo REPO@REV; a sweep's runs then "
-                                      "share one initialisation")
+    init_from: str | None = _f(
+        None,
+        "start from this checkpoint's weights, head included (its label names must be "
+        "the dataset's): a run directory or a Hub repo REPO@REV; a sweep's runs then "
+        "share one initialisation",
+    )
     dropout: float = _f(0.0, "dropout before the classifier head", search=Choice((0.0, 0.1, 0.5)))
     # -- algorithm
     algorithm: str = _f("erm", "algorithm, optionally with add-ons: erm, erm+gga, equilibrium+gga+iu, ...")
     hparams: dict[str, Any] = _f({}, "algorithm hyperparameters KEY=VALUE; add-on keys are namespaced (gga.rho=1e-5)")
     # -- optimisation
-    steps: int = _f(400, "number of training steps (the default is the first job's: held-out accuracy on "
-                         "rotated-digits stops improving by step 400; recipes for real datasets set their own)")
-    batch_size: int = _f(32, "images per source domain per step (global, split across processes)",
-                         search=Uniform(3, 5.5, base=2, integer=True), small_search=Uniform(3, 9, base=2, integer=True))
+    steps: int = _f(
+        400,
+        "number of training steps (the default is the first job's: held-out accuracy on "
+        "rotated-digits stops improving by step 400; recipes for real datasets set their own)",
+    )
+    batch_size: int = _f(
+        32,
+        "images per source domain per step (global, split across processes)",
+        search=Uniform(3, 5.5, base=2, integer=True),
+        small_search=Uniform(3, 9, base=2, integer=True),
+    )
     lr: float = _f(1e-3, "learning rate", search=Uniform(-5, -3.5, base=10), small_search=Uniform(-4.5, -2.5, base=10))
     optimizer: str = _f("adam", "optimizer", choices=OPTIMIZERS)
     weight_decay: float = _f(0.0, "weight decay", search=Uniform(-6, -2, base=10), small_search=None)
     momentum: float = _f(0.9, "SGD momentum")
-    lr_schedule: str = _f("constant", "learning-rate schedule (timm's), stepped every training step",
-                          choices=LR_SCHEDULES)
+    lr_schedule: str = _f(
+        "constant", "learning-rate schedule (timm's), stepped every training step", choices=LR_SCHEDULES
+    )
     warmup_steps: int = _f(0, "steps of linear learning-rate warm-up from 0 before the schedule")
-    grad_accumulation: int = _f(1, "split every step's batch into N micro-batches whose gradients are accumulated "
-                                   "(loss hosts; same optimisation, less memory)")
+    grad_accumulation: int = _f(
+        1,
+        "split every step's batch into N micro-batches whose gradients are accumulated "
+        "(loss hosts; same optimisation, less memory)",
+    )
     clip_grad_norm: float | None = _f(None, "clip the gradient norm before every optimizer step to this value")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     mixed_precision: str = _f("no", "mixed precision mode passed to Accelerate", choices=PRECISIONS)
-    channels_last: bool = _f(False, "keep the network's weights and input images in channels-last memory format "
-                                    "(faster convolutions on GPUs; same numbers up to float rounding)")
-    compile: bool = _f(False, "torch.compile the network (slower first steps, faster after; refused for "
-                              "algorithms that cannot be compiled, see docs/performance.md)")
+    channels_last: bool = _f(
+        False,
+        "keep the network's weights and input images in channels-last memory format "
+        "(faster convolutions on GPUs; same numbers up to float rounding)",
+    )
+    compile: bool = _f(
+        False,
+        "torch.compile the network (slower first steps, faster after; refused for "
+        "algorithms that cannot be compiled, see docs/performance.md)",
+    )
     # -- evaluation and checkpoints
     eval_every: int = _f(100, "evaluate every domain's in/out splits every N steps")
     eval_batch_size: int = _f(128, "evaluation batch size per process")
-    checkpoint_every: int | None = _f(None, "save a resumable Accelerate checkpoint every N steps (default: eval_every)")
+    checkpoint_every: int | None = _f(
+        None, "save a resumable Accelerate checkpoint every N steps (default: eval_every)"
+    )
     keep_checkpoints: int = _f(2, "resumable checkpoints to keep (two: a corrupt newest one has an intact fallback)")
     selection: str = _f("training_domain_validation", "which step's weights the run exports", choices=SELECTIONS)
     # -- runtime and output
-    num_workers: int | None = _f(None, "data-loading workers per process (default: from the CPUs this process may use; "
-                                         "on CPU only the cores torch's compute threads leave idle)")
-    output_dir: str | None = _f(None, "run directory (default: runs/<dataset>-<backbone>-<algorithm>-<targets>-seed<seed>)")
+    num_workers: int | None = _f(
+        None,
+        "data-loading workers per process (default: from the CPUs this process may use; "
+        "on CPU only the cores torch's compute threads leave idle)",
+    )
+    output_dir: str | None = _f(
+        None, "run directory (default: runs/<dataset>-<backbone>-<algorithm>-<targets>-seed<seed>)"
+    )
     overwrite: bool = _f(False, "replace an existing run in --output-dir")
     resume: bool = _f(False, "continue the run in --output-dir from its last checkpoint")
     log_with: str = _f("auto", "Accelerate trackers: auto (TensorBoard when installed), none, or a tracker name")
     push_to_hub: str | None = _f(None, "after training, publish the run to this Hub repo id")
     hub_private: bool = _f(False, "create the Hub repo as private")
     hub_revision: str | None = _f(None, "Hub branch to push to (created if missing); default: main")
-    dry_run: bool = _f(False, "print the resolved plan (data, splits, image size, model, every hyperparameter, schedule, "
-                              "estimated time from a few timed steps) and exit, training and writing nothing")
+    dry_run: bool = _f(
+        False,
+        "print the resolved plan (data, splits, image size, model, every hyperparameter, schedule, "
+        "estimated time from a few timed steps) and exit, training and writing nothing",
+    )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -138,8 +185,9 @@ class TrainConfig:
                 self.recorded_provenance = value
                 continue
             if name not in names:
-                raise DGZooError(f"unknown {source} key '{key}'{suggest(name, names)}; "
-                                 f"run `dgzoo train --help` for the valid keys")
+                raise DGZooError(
+                    f"unknown {source} key '{key}'{suggest(name, names)}; run `dgzoo train --help` for the valid keys"
+                )
             if name == "hparams":
                 self.hparams = {**self.hparams, **normalize_hparams(value, source)}
             else:
@@ -161,8 +209,15 @@ class TrainConfig:
 
     def default_output_dir(self, target_domains: list[str] | None = None) -> str:
         targets = target_domains or self.target_domains or ["none"]
-        slug = "-".join([Path(self.dataset).name, self.backbone, self.algorithm.replace("+", "_"),
-                         "_".join(targets), f"seed{self.seed}"])
+        slug = "-".join(
+            [
+                Path(self.dataset).name,
+                self.backbone,
+                self.algorithm.replace("+", "_"),
+                "_".join(targets),
+                f"seed{self.seed}",
+            ]
+        )
         return str(Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "_", slug))
 
     def validate(self) -> None:
@@ -171,8 +226,14 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise DGZooError(f"--{f.name.replace('_', '-')} is {value}; give a finite number")
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "eval_every": self.eval_every,
-                    "eval_batch_size": self.eval_batch_size, "keep_checkpoints": self.keep_checkpoints}
+        positive = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "eval_every": self.eval_every,
+            "eval_batch_size": self.eval_batch_size,
+            "keep_checkpoints": self.keep_checkpoints,
+        }
         for name, value in positive.items():
             if value <= 0:
                 raise DGZooError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -181,19 +242,26 @@ class TrainConfig:
         if self.grad_accumulation < 1:
             raise DGZooError(f"--grad-accumulation must be at least 1, got {self.grad_accumulation}")
         if self.batch_size % self.grad_accumulation:
-            raise DGZooError(f"--batch-size {self.batch_size} must be divisible by --grad-accumulation "
-                             f"{self.grad_accumulation} (each micro-batch holds batch-size / N images per domain)")
+            raise DGZooError(
+                f"--batch-size {self.batch_size} must be divisible by --grad-accumulation "
+                f"{self.grad_accumulation} (each micro-batch holds batch-size / N images per domain)"
+            )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise DGZooError(f"--clip-grad-norm must be positive, got {self.clip_grad_norm}; omit it to not clip")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise DGZooError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise DGZooError(f"--holdout-fraction must be in (0, 1), got {self.holdout_fraction}")
-        for name in ("seed", "split_seed"):  # numpy and torch seed with 0 .. 2**32-1; refused before anything is written
+        for name in (
+            "seed",
+            "split_seed",
+        ):  # numpy and torch seed with 0 .. 2**32-1; refused before anything is written
             value = getattr(self, name)
             if value is not None and not 0 <= value < 2**32:
-                raise DGZooError(f"--{name.replace('_', '-')} must be in [0, 2**32), got {value}; use e.g. "
-                                 f"--{name.replace('_', '-')} {abs(value) % 2**32}")
+                raise DGZooError(
+                    f"--{name.replace('_', '-')} must be in [0, 2**32), got {value}; use e.g. "
+                    f"--{name.replace('_', '-')} {abs(value) % 2**32}"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise DGZooError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.weight_decay < 0:
@@ -206,8 +274,10 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 value = getattr(self, f.name)
-                raise DGZooError(f"--{f.name.replace('_', '-')} '{value}' is not one of {', '.join(choices)}"
-                                 f"{suggest(str(value), choices)}")
+                raise DGZooError(
+                    f"--{f.name.replace('_', '-')} '{value}' is not one of {', '.join(choices)}"
+                    f"{suggest(str(value), choices)}"
+                )
         if self.resume and self.overwrite:
             raise DGZooError("--resume and --overwrite contradict each other; pass only one")
         if not self.algorithm or any(not part for part in self.algorithm.split("+")):
@@ -239,11 +309,15 @@ class UnlearnConfig:
     optimizer: str | None = _f(None, "optimizer (default: the source run's)", choices=OPTIMIZERS)
     weight_decay: float | None = _f(None, "weight decay (default: the source run's)")
     seed: int | None = _f(None, "seed of the data order and of fractional forget sets (default: the source run's)")
-    validation_fraction: float = _f(0.5, "share of the unseen source images given to the methods as validation; the "
-                                         "rest is the untouched test set (default: 0.5)")
+    validation_fraction: float = _f(
+        0.5,
+        "share of the unseen source images given to the methods as validation; the "
+        "rest is the untouched test set (default: 0.5)",
+    )
     hparams: dict[str, Any] = _f({}, "method hyperparameters, e.g. lambda=0.5 disc_hidden=0 (see docs/unlearning.md)")
-    reference: str | None = _f(None, "run directory of `--method retrain` for the same source and forget set: every "
-                                     "metric is compared with it")
+    reference: str | None = _f(
+        None, "run directory of `--method retrain` for the same source and forget set: every metric is compared with it"
+    )
     output_dir: str | None = _f(None, "run directory (default: runs/<source>-unlearn-<method>-<forget>)")
     overwrite: bool = _f(False, "replace an existing run in --output-dir")
     eval_batch_size: int = _f(128, "evaluation batch size (default: 128)")
@@ -285,12 +359,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
                 break
     if not candidate.exists():
         known = sorted({p.stem for root in recipe_dirs() if root.exists() for p in root.glob("*.yaml")})
-        raise DGZooError(f"config file '{path}' not found{suggest(str(path), known)}; "
-                         f"give a YAML path or one of: {', '.join(known) or 'none'}")
+        raise DGZooError(
+            f"config file '{path}' not found{suggest(str(path), known)}; "
+            f"give a YAML path or one of: {', '.join(known) or 'none'}"
+        )
     try:
         data = yaml.safe_load(candidate.read_text()) or {}
     except yaml.YAMLError as e:
-        raise DGZooError(f"config file {candidate} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+        raise DGZooError(
+            f"config file {candidate} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax"
+        ) from None
     if not isinstance(data, dict):
         raise DGZooError(f"config file {candidate} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
@@ -379,8 +457,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, TrainConfig, given_only=True)
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, given_only: bool = False,
-                            skip: tuple[str, ...] = (), choices: dict[str, Any] | None = None) -> None:
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    given_only: bool = False,
+    skip: tuple[str, ...] = (),
+    choices: dict[str, Any] | None = None,
+) -> None:
     """Add one flag per field of the dataclass ``cls`` (``--batch-size`` for ``batch_size``), its help from the
     field's metadata (:func:`_f`), so a config class and its command line cannot drift apart.
 
@@ -399,8 +482,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, given_on
         default = f.default_factory() if callable(f.default_factory) else f.default  # every field has one of them
         kw: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
         if given_only:
-            kw.update(default=argparse.SUPPRESS, help=help_text + (f" (default: {default})"
-                                                                   if default not in (None, [], {}) else ""))
+            kw.update(
+                default=argparse.SUPPRESS,
+                help=help_text + (f" (default: {default})" if default not in (None, [], {}) else ""),
+            )
         elif (choices or {}).get(f.name) or f.metadata.get("choices"):
             kw["choices"] = (choices or {}).get(f.name) or f.metadata["choices"]
         if "metavar" in f.metadata:
@@ -428,8 +513,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def changed_fields(saved: dict[str, Any], current: dict[str, Any], ignore: Any = NON_RESULT_FIELDS
-                   ) -> tuple[list[str], str]:
+def changed_fields(
+    saved: dict[str, Any], current: dict[str, Any], ignore: Any = NON_RESULT_FIELDS
+) -> tuple[list[str], str]:
     """The recipe fields (outside ``ignore``) whose value in ``current`` differs from a saved run's, and a
     ``field: old -> new, ...`` description of them for an error message."""
     defaults = TrainConfig().to_dict()  # a field added since the run was saved holds its default there
@@ -438,13 +524,17 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any], ignore: Any =
     # its provenance block, what was given instead: either one is the same recipe.
     recorded = saved.get(PROVENANCE_KEY)
     given = (recorded.get("given") or {}) if isinstance(recorded, dict) else {}
-    changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k]
-                     and given.get(k, saved.get(k)) != current[k])
+    changed = sorted(
+        k
+        for k in current
+        if k not in ignore and saved.get(k) != current[k] and given.get(k, saved.get(k)) != current[k]
+    )
     return changed, ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
 
 
-def dump_config(cfg: TrainConfig, resolved: dict[str, Any] | None = None,
-                provenance: dict[str, Any] | None = None) -> str:
+def dump_config(
+    cfg: TrainConfig, resolved: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None
+) -> str:
     """The recipe as JSON (written to the run directory, so a run can be repeated exactly): ``resolved`` (the
     config with what the run resolved written in) when given, plus the ``provenance`` block (code, data, and the
     given value of every field that was resolved)."""

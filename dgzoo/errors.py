@@ -4,6 +4,7 @@ Every mistake a user can make in a recipe (a misspelled backbone, a domain that 
 directory that holds another run) is raised as :class:`DGZooError` with a one-line message that names the
 problem and the fix. The command line prints that line and exits with status 2, before any training starts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,9 @@ def write_error(error: BaseException, path: str | os.PathLike | None = None) -> 
         return None
     cause, fix = _WRITE_CAUSES[error.errno]
     where = path if path is not None else error.filename  # the file meant, rather than its temporary name
-    return WriteFailed(f"cannot write {where if where is not None else 'a file'}: {cause}; {fix}, then run the "
-                       f"command again")
+    return WriteFailed(
+        f"cannot write {where if where is not None else 'a file'}: {cause}; {fix}, then run the command again"
+    )
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ these declarations; per-dataset exceptions stay with the sweep.
 Distributions print and parse as text (``10**U(-5, -3.5)``, ``int(2**U(3, 9))``, ``choice(0, 0.1, 0.5)``), so a
 sweep spec can override one and a manifest records what was searched.
 """
+
 from __future__ import annotations
 
 import re
@@ -32,7 +33,7 @@ class Uniform:
 
     def sample(self, rng: np.random.RandomState) -> float | int:
         value = rng.uniform(self.low, self.high)
-        value = self.base ** value if self.base is not None else value
+        value = self.base**value if self.base is not None else value
         return int(value) if self.integer else float(value)
 
     def __str__(self) -> str:
@@ -69,16 +70,22 @@ def parse_distribution(text: Any, key: str) -> Distribution | None:
         return Choice(tuple(text))
     raw = str(text).strip()
     if raw.startswith("choice(") and raw.endswith(")"):
-        return Choice(tuple(parse_scalar(v) for v in raw[len("choice("):-1].split(",")))
+        return Choice(tuple(parse_scalar(v) for v in raw[len("choice(") : -1].split(",")))
     match = _UNIFORM.match(raw)
     if match and bool(match.group(1)) == bool(match.group(5)):  # int( ... ) opened and closed
         try:
-            return Uniform(float(match.group(3)), float(match.group(4)),
-                           float(match.group(2)) if match.group(2) else None, integer=bool(match.group(1)))
+            return Uniform(
+                float(match.group(3)),
+                float(match.group(4)),
+                float(match.group(2)) if match.group(2) else None,
+                integer=bool(match.group(1)),
+            )
         except ValueError:  # bounds that are not numbers: the error below says what to write
             pass
-    raise DGZooError(f"search distribution for '{key}' is '{raw}'; write U(a, b), 10**U(a, b), int(2**U(a, b)), "
-                     f"choice(a, b, ...) or null")
+    raise DGZooError(
+        f"search distribution for '{key}' is '{raw}'; write U(a, b), 10**U(a, b), int(2**U(a, b)), "
+        f"choice(a, b, ...) or null"
+    )
 
 
 def _num(value: float) -> str:
@@ -157,8 +164,10 @@ class HParam:
         if kind is float and not np.isfinite(value):
             raise DGZooError(f"hparam {key}={value} is not a finite number; give a finite value")
         if self.choices is not None and value not in self.choices:
-            raise DGZooError(f"hparam {key}={value!r} is not one of {', '.join(map(str, self.choices))}"
-                             f"{suggest(str(value), map(str, self.choices))}")
+            raise DGZooError(
+                f"hparam {key}={value!r} is not one of {', '.join(map(str, self.choices))}"
+                f"{suggest(str(value), map(str, self.choices))}"
+            )
         if self.minimum is not None and value < self.minimum:
             raise DGZooError(f"hparam {key}={value} must be at least {self.minimum}")
         if self.maximum is not None and value > self.maximum:

@@ -7,6 +7,7 @@ dataset download without a word. dgzoo installs a client whose transport gives e
 its calls a bounded number of times (``http_backoff``: 5 retries, waits up to 8 s); once they are spent the call
 raises, and the command turns the error into its one line. A client factory the user installed is left alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,12 +37,17 @@ def install_hub_timeouts() -> None:
         def handle_request(self, request: Any) -> Any:
             # A request-level timeout=None overrides the client's: fill in every unset limit here.
             limits = dict(request.extensions.get("timeout") or {})
-            request.extensions["timeout"] = {key: limits.get(key) or hub_timeout()
-                                             for key in ("connect", "read", "write", "pool")}
+            request.extensions["timeout"] = {
+                key: limits.get(key) or hub_timeout() for key in ("connect", "read", "write", "pool")
+            }
             return super().handle_request(request)
 
     def factory() -> Any:
-        return httpx2.Client(event_hooks={"request": [_http.hf_request_event_hook]}, follow_redirects=True,
-                             timeout=httpx2.Timeout(hub_timeout()), transport=TimeoutTransport())
+        return httpx2.Client(
+            event_hooks={"request": [_http.hf_request_event_hook]},
+            follow_redirects=True,
+            timeout=httpx2.Timeout(hub_timeout()),
+            transport=TimeoutTransport(),
+        )
 
     _http.set_client_factory(factory)

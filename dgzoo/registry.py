@@ -4,6 +4,7 @@ A registry maps a name to an entry. Names are normalised once, by the registry, 
 lookup, so an entry is found by the name it was given. A name already taken is refused unless the caller says
 ``replace=True``: silently replacing an entry would change what every later use of that name means.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,8 +31,9 @@ class Registry(dict[str, T]):
     ``kind`` names the entries in messages (``dataset``); ``normalize`` turns a name into its key (default: as
     given); ``describe`` says what an entry is, so a refusal names what holds the name."""
 
-    def __init__(self, kind: str, normalize: Callable[[str], str] = _same,
-                 describe: Callable[[Any], str] = repr) -> None:
+    def __init__(
+        self, kind: str, normalize: Callable[[str], str] = _same, describe: Callable[[Any], str] = repr
+    ) -> None:
         super().__init__()
         self.kind = kind
         self.normalize = normalize
@@ -47,14 +49,21 @@ class Registry(dict[str, T]):
         """The key ``name`` is stored and looked up under."""
         return self.normalize(str(name))
 
-    def add(self, name: str, entry: T, replace: bool = False,
-            fix: str = "register it under another name, or pass replace=True to replace the entry") -> str:
+    def add(
+        self,
+        name: str,
+        entry: T,
+        replace: bool = False,
+        fix: str = "register it under another name, or pass replace=True to replace the entry",
+    ) -> str:
         """Store ``entry`` under ``name``'s key and return the key. A key held by another entry is refused (one
         line ending with ``fix``) unless ``replace``; registering the same entry again is a no-op."""
         key = self.key(name)
         if not key or key.strip() != key:
-            raise RegistryError(f"{self.kind} name '{name}' is empty or has surrounding spaces; give a name such "
-                                f"as my-{self.kind.replace(' ', '-')}")
+            raise RegistryError(
+                f"{self.kind} name '{name}' is empty or has surrounding spaces; give a name such "
+                f"as my-{self.kind.replace(' ', '-')}"
+            )
         taken = self.get(key)
         if taken is not None and taken is not entry and not replace:
             raise RegistryError(f"{self.kind} '{key}' is already registered ({self.describe(taken)}); {fix}")

@@ -8,6 +8,7 @@
 
 Same flags and code path as `dgzoo train`.
 """
+
 import argparse
 import sys
 

@@ -7,6 +7,7 @@
 
 Same flags and code path as `dgzoo unlearn`.
 """
+
 import argparse
 import sys
 

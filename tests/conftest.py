@@ -3,6 +3,7 @@
 Caches are redirected before anything imports ``datasets`` or ``huggingface_hub`` (both read their cache
 paths at import time), so the suite never reads or writes the user's caches and never needs the network.
 """
+
 import os
 import sys
 import tempfile
@@ -32,18 +33,31 @@ def plain_timm_logits(run_dir: Path, x, tmp_path: Path):
     import torch
 
     torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, timm, torch\n"
-            "m = timm.create_model(f'local-dir:{sys.argv[1]}', pretrained=True).eval()\n"
-            "assert 'dgzoo' not in sys.modules\n"
-            "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])\n")
-    subprocess.run([sys.executable, "-c", code, str(run_dir), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, env=subprocess_env(), cwd=tmp_path)
+    code = (
+        "import sys, timm, torch\n"
+        "m = timm.create_model(f'local-dir:{sys.argv[1]}', pretrained=True).eval()\n"
+        "assert 'dgzoo' not in sys.modules\n"
+        "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(run_dir), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+    )
     return torch.load(tmp_path / "y.pt")
 
 
 # Failures of torchrun's rendezvous or of gloo's TCP transport on a loaded machine, not of the code under test.
-_LAUNCH_FAILURES = ("RendezvousConnectionError", "DistNetworkError", "DistStoreError", "Address already in use",
-                    "Connection reset by peer", "Connection refused", "Socket Timeout")
+_LAUNCH_FAILURES = (
+    "RendezvousConnectionError",
+    "DistNetworkError",
+    "DistStoreError",
+    "Address already in use",
+    "Connection reset by peer",
+    "Connection refused",
+    "Socket Timeout",
+)
 
 
 def run_processes(nproc: int, argv: list, cwd: Path | None = None):
@@ -54,11 +68,19 @@ def run_processes(nproc: int, argv: list, cwd: Path | None = None):
     """
     import subprocess
 
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     for attempt in range(2):
-        proc = subprocess.run(launcher + [str(a) for a in argv], capture_output=True, text=True, cwd=cwd,
-                              env=subprocess_env(OMP_NUM_THREADS="1"))
+        proc = subprocess.run(
+            launcher + [str(a) for a in argv],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=subprocess_env(OMP_NUM_THREADS="1"),
+        )
         output = proc.stdout[-3000:] + proc.stderr[-3000:]
         if proc.returncode == 0 or attempt or not any(marker in output for marker in _LAUNCH_FAILURES):
             break
@@ -70,8 +92,16 @@ def tiny_config(tmp_path: Path, **overrides):
     """A run small enough for a unit test: tiny timm ResNet, 8 images per domain, a few steps."""
     from dgzoo.config import TrainConfig
 
-    values = dict(backbone="test_resnet", steps=12, batch_size=8, eval_every=6, lr=3e-3, log_with="none",
-                  output_dir=str(tmp_path / "run"), num_workers=0)
+    values = dict(
+        backbone="test_resnet",
+        steps=12,
+        batch_size=8,
+        eval_every=6,
+        lr=3e-3,
+        log_with="none",
+        output_dir=str(tmp_path / "run"),
+        num_workers=0,
+    )
     values.update(overrides)
     return TrainConfig.from_dict(values)
 

@@ -61,12 +61,47 @@ _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+(?:/[^/]+)?)/resolve/([^/
 _LFS_BATCH = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+(?:/[^/]+)?)\.git/info/lfs/objects/batch$")
 _LFS_OBJECT = re.compile(r"^/_lfs/(upload|verify)/([0-9a-f]{64})$")
 # Files the server asks clients to upload through LFS, like the Hub's default `.gitattributes` does.
-_LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".npy", ".npz", ".pkl",
-                 ".parquet", ".arrow", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".zip", ".gz", ".tar", ".msgpack")
+_LFS_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".onnx",
+    ".npy",
+    ".npz",
+    ".pkl",
+    ".parquet",
+    ".arrow",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".webp",
+    ".zip",
+    ".gz",
+    ".tar",
+    ".msgpack",
+)
 _LFS_MIN_SIZE = 10_000
 # Licence ids the Hub accepts in card metadata (the subset dgzoo's cards and tests use).
-_HUB_LICENSES = {"apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0",
-                 "cc0-1.0", "cdla-permissive-1.0", "cdla-permissive-2.0", "openrail", "gpl-3.0", "other", "unknown"}
+_HUB_LICENSES = {
+    "apache-2.0",
+    "mit",
+    "bsd-3-clause",
+    "bsd-2-clause",
+    "cc-by-4.0",
+    "cc-by-sa-4.0",
+    "cc-by-nc-4.0",
+    "cc0-1.0",
+    "cdla-permissive-1.0",
+    "cdla-permissive-2.0",
+    "openrail",
+    "gpl-3.0",
+    "other",
+    "unknown",
+}
 _GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in _LFS_SUFFIXES).encode()
 
 
@@ -164,8 +199,14 @@ class Storage:
     def add_commit(self, repo_type: str, repo_id: str, parent: str | None, files: dict, title: str, message: str):
         date = _now()
         seed = json.dumps([repo_type, repo_id, parent, files, title, message, date, uuid.uuid4().hex])
-        commit = {"id": hashlib.sha1(seed.encode()).hexdigest(), "parent": parent, "title": title,
-                  "message": message, "date": date, "files": files}
+        commit = {
+            "id": hashlib.sha1(seed.encode()).hexdigest(),
+            "parent": parent,
+            "title": title,
+            "message": message,
+            "date": date,
+            "files": files,
+        }
         path = self._dir(repo_type, repo_id) / "commits" / f"{commit['id']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(commit))
@@ -200,7 +241,7 @@ class HubApp:
         raise HubError(404, f"Not implemented by the test Hub server: {req.method} {p}")
 
     def _route_api(self, req: Request) -> Response:
-        segs = [unquote(s) for s in req.path[len("/api/"):].strip("/").split("/")]
+        segs = [unquote(s) for s in req.path[len("/api/") :].strip("/").split("/")]
         head, m = segs[0], req.method
         if head == "whoami-v2" and m == "GET":
             return self.whoami(req)
@@ -257,7 +298,7 @@ class HubApp:
 
     def _revision(self, repo_type: str, repo_id: str, meta: dict, revision: str | None) -> dict:
         rev = revision or "main"
-        rev = rev[len("refs/heads/"):] if rev.startswith("refs/heads/") else rev
+        rev = rev[len("refs/heads/") :] if rev.startswith("refs/heads/") else rev
         sha = meta["branches"].get(rev, rev)
         commit = self.storage.get_commit(repo_type, repo_id, sha)
         if commit is None:
@@ -330,8 +371,15 @@ class HubApp:
     def whoami(self, req: Request) -> Response:
         self._require_auth(req)
         token = {"displayName": "test", "role": "write"}
-        return Response.json({"type": "user", "name": self.user, "fullname": "Test User", "orgs": [],
-                              "auth": {"type": "access_token", "accessToken": token}})
+        return Response.json(
+            {
+                "type": "user",
+                "name": self.user,
+                "fullname": "Test User",
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": token},
+            }
+        )
 
     def create_repo(self, req: Request) -> Response:
         self._require_auth(req)
@@ -369,17 +417,29 @@ class HubApp:
             if with_blobs:
                 sibling.update(size=entry["size"], blobId=entry["oid"])
                 if entry["lfs"]:
-                    sibling["lfs"] = {"size": entry["size"], "sha256": entry["sha256"],
-                                      "pointerSize": entry["pointer_size"]}
+                    sibling["lfs"] = {
+                        "size": entry["size"],
+                        "sha256": entry["sha256"],
+                        "pointerSize": entry["pointer_size"],
+                    }
             siblings.append(sibling)
         card = self._card_data(commit)
         tags = card.get("tags") if card else None
         info = {
-            "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "author": repo_id.split("/")[0],
-            "sha": commit["id"], "lastModified": commit["date"], "createdAt": meta["createdAt"],
-            "private": meta["private"], "gated": False, "disabled": False, "downloads": 0, "likes": 0,
+            "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+            "id": repo_id,
+            "author": repo_id.split("/")[0],
+            "sha": commit["id"],
+            "lastModified": commit["date"],
+            "createdAt": meta["createdAt"],
+            "private": meta["private"],
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
             "tags": [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [],
-            "siblings": siblings, "usedStorage": sum(e["size"] for e in commit["files"].values()),
+            "siblings": siblings,
+            "usedStorage": sum(e["size"] for e in commit["files"].values()),
         }
         if card is not None:
             info["cardData"] = card
@@ -389,8 +449,10 @@ class HubApp:
 
     def refs(self, req: Request, repo_type: str, repo_id: str) -> Response:
         meta = self._repo(req, repo_type, repo_id)
-        branches = [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha}
-                    for name, sha in sorted(meta["branches"].items())]
+        branches = [
+            {"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha}
+            for name, sha in sorted(meta["branches"].items())
+        ]
         return Response.json({"branches": branches, "converts": [], "tags": [], "pullRequests": []})
 
     def branch(self, req: Request, repo_type: str, repo_id: str, branch: str) -> Response:
@@ -419,7 +481,7 @@ class HubApp:
         base = prefix + "/" if prefix else ""
 
         def listed(p):
-            return p.startswith(base) and (recursive or "/" not in p[len(base):])
+            return p.startswith(base) and (recursive or "/" not in p[len(base) :])
 
         def last(p):
             return self._last_commit(repo_type, repo_id, commit, p) if expand else None
@@ -450,8 +512,15 @@ class HubApp:
         meta = self._repo(req, repo_type, repo_id)
         commit, out = self._revision(repo_type, repo_id, meta, revision), []
         while commit is not None:
-            out.append({"id": commit["id"], "title": commit["title"], "message": commit["message"],
-                        "authors": [{"user": self.user}], "date": commit["date"]})
+            out.append(
+                {
+                    "id": commit["id"],
+                    "title": commit["title"],
+                    "message": commit["message"],
+                    "authors": [{"user": self.user}],
+                    "date": commit["date"],
+                }
+            )
             commit = commit["parent"] and self.storage.get_commit(repo_type, repo_id, commit["parent"])
         return Response.json(out)
 
@@ -488,11 +557,21 @@ class HubApp:
             tags = self._model_tags(card)
             if not all(f in tags for f in filters):
                 continue
-            item = {"_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
-                    "author": repo_id.split("/")[0], "sha": commit["id"], "lastModified": commit["date"],
-                    "createdAt": meta["createdAt"], "private": meta["private"], "downloads": 0, "likes": 0,
-                    "tags": tags, "library_name": (card or {}).get("library_name"),
-                    "pipeline_tag": (card or {}).get("pipeline_tag")}
+            item = {
+                "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+                "id": repo_id,
+                "modelId": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": commit["id"],
+                "lastModified": commit["date"],
+                "createdAt": meta["createdAt"],
+                "private": meta["private"],
+                "downloads": 0,
+                "likes": 0,
+                "tags": tags,
+                "library_name": (card or {}).get("library_name"),
+                "pipeline_tag": (card or {}).get("pipeline_tag"),
+            }
             if req.flag("cardData") or req.flag("full"):
                 item["cardData"] = card or {}
             if req.flag("full"):
@@ -557,8 +636,9 @@ class HubApp:
         if not rest and m == "PATCH":
             self._require_auth(req)
             collection = self._collection(req, slug)
-            collection.update({k: v for k, v in req.json().items() if k in ("title", "description", "private",
-                                                                              "position", "theme")})
+            collection.update(
+                {k: v for k, v in req.json().items() if k in ("title", "description", "private", "position", "theme")}
+            )
             self._save_collection(collection)
             return Response.json({"success": True, "data": self._collection_json(collection)})
         if not rest and m == "DELETE":
@@ -573,15 +653,23 @@ class HubApp:
             item = data.get("item") or {}
             if item.get("type") not in ("model", "dataset", "space", "paper", "collection"):
                 raise HubError(400, f"Invalid item type: {item.get('type')}")
-            if item.get("type") in ("model", "dataset", "space") and \
-                    self.storage.get_repo(item["type"], item.get("id", "")) is None:
+            if (
+                item.get("type") in ("model", "dataset", "space")
+                and self.storage.get_repo(item["type"], item.get("id", "")) is None
+            ):
                 raise HubError(404, f"{item['type']} {item.get('id')} not found", code="RepoNotFound")
             if any(i["id"] == item.get("id") and i["type"] == item["type"] for i in collection["items"]):
                 raise HubError(409, "Item already exists in this collection")
             note = data.get("note")
-            collection["items"].append({"_id": uuid.uuid4().hex[:24], "id": item["id"], "type": item["type"],
-                                        "position": len(collection["items"]),
-                                        **({"note": {"html": note, "text": note}} if note else {})})
+            collection["items"].append(
+                {
+                    "_id": uuid.uuid4().hex[:24],
+                    "id": item["id"],
+                    "type": item["type"],
+                    "position": len(collection["items"]),
+                    **({"note": {"html": note, "text": note}} if note else {}),
+                }
+            )
             collection["lastUpdated"] = _now()
             self._save_collection(collection)
             return Response.json(self._collection_json(collection))
@@ -601,9 +689,18 @@ class HubApp:
                 raise HubError(409, "A collection with this title already exists", extra={"slug": existing["slug"]})
         words = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "collection"
         slug = f"{namespace}/{words}-{uuid.uuid4().hex[:24]}"
-        collection = {"slug": slug, "title": title, "description": data.get("description"),
-                      "owner": {"name": namespace, "type": "user"}, "items": [], "lastUpdated": _now(),
-                      "position": 0, "private": bool(data.get("private")), "theme": "default", "upvotes": 0}
+        collection = {
+            "slug": slug,
+            "title": title,
+            "description": data.get("description"),
+            "owner": {"name": namespace, "type": "user"},
+            "items": [],
+            "lastUpdated": _now(),
+            "position": 0,
+            "private": bool(data.get("private")),
+            "theme": "default",
+            "upvotes": 0,
+        }
         self._save_collection(collection)
         return Response.json(self._collection_json(collection))
 
@@ -648,7 +745,7 @@ class HubApp:
             if start >= len(data):
                 raise HubError(416, "Range not satisfiable", headers={"Content-Range": f"bytes */{len(data)}"})
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            return Response(206, data[start:end + 1], headers)
+            return Response(206, data[start : end + 1], headers)
         return Response(200, data, headers)
 
     # ---- uploads -----------------------------------------------------------------------------------------------
@@ -664,8 +761,9 @@ class HubApp:
             existing = files.get(f["path"])
             # Clients skip files whose `oid` equals theirs: sha256 in LFS mode, git blob id in regular mode.
             oid = None if existing is None else existing["sha256"] if existing["lfs"] else existing["oid"]
-            out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                        "oid": oid})
+            out.append(
+                {"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         return Response.json({"files": out})
 
     def lfs_batch(self, req: Request, repo_type: str, repo_id: str) -> Response:
@@ -684,8 +782,10 @@ class HubApp:
                     "verify": {"href": f"{self.endpoint}/_lfs/verify/{oid}"},
                 }
             objects.append(out)
-        return Response.json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
-                             headers={"Content-Type": "application/vnd.git-lfs+json"})
+        return Response.json(
+            {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+            headers={"Content-Type": "application/vnd.git-lfs+json"},
+        )
 
     def lfs_upload(self, req: Request, oid: str) -> Response:
         if not hmac.compare_digest(req.query.get("ticket", [""])[0], self._ticket(oid)):
@@ -705,10 +805,11 @@ class HubApp:
         meta = self._repo(req, repo_type, repo_id, write=True)
         if req.flag("create_pr"):
             raise HubError(400, "Pull requests are not supported by the test Hub server")
-        branch = revision[len("refs/heads/"):] if revision.startswith("refs/heads/") else revision
+        branch = revision[len("refs/heads/") :] if revision.startswith("refs/heads/") else revision
         if branch not in meta["branches"]:
-            raise HubError(404, f"Invalid rev id: {revision} (commits go to an existing branch)",
-                           code="RevisionNotFound")
+            raise HubError(
+                404, f"Invalid rev id: {revision} (commits go to an existing branch)", code="RevisionNotFound"
+            )
         lines = [json.loads(line) for line in req.body.splitlines() if line.strip()]
         header = next((line["value"] for line in lines if line["key"] == "header"), {})
         head = self.storage.get_commit(repo_type, repo_id, meta["branches"][branch])
@@ -734,10 +835,18 @@ class HubApp:
                     del files[p]
             elif key != "header":
                 raise HubError(400, f"Unsupported commit operation: {key}")
-        commit = self._new_commit(repo_type, repo_id, meta, branch, files,
-                                  header.get("summary") or "update", header.get("description") or "")
-        return Response.json({"success": True, "commitOid": commit["id"], "hookOutput": "", "pullRequestUrl": None,
-                              "commitUrl": f"{self._url(repo_type, repo_id)}/commit/{commit['id']}"})
+        commit = self._new_commit(
+            repo_type, repo_id, meta, branch, files, header.get("summary") or "update", header.get("description") or ""
+        )
+        return Response.json(
+            {
+                "success": True,
+                "commitOid": commit["id"],
+                "hookOutput": "",
+                "pullRequestUrl": None,
+                "commitUrl": f"{self._url(repo_type, repo_id)}/commit/{commit['id']}",
+            }
+        )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -806,15 +915,30 @@ class HubServer:
         self.stop()
 
     # ---- test controls -----------------------------------------------------------------------------------------
-    def fail_next(self, method: str, path_substring: str, status: int = 500, count: int = 1,
-                  message: str = "Injected failure", error_code: str | None = None) -> None:
+    def fail_next(
+        self,
+        method: str,
+        path_substring: str,
+        status: int = 500,
+        count: int = 1,
+        message: str = "Injected failure",
+        error_code: str | None = None,
+    ) -> None:
         """Answer the next `count` requests whose method is `method` (or "*") and whose URL path (without the
         query string) contains `path_substring` with `status`. Beware: huggingface_hub retries 5xx/429 on most
         calls (preupload, LFS batch and PUT, downloads) up to 5 times with backoff; the final NDJSON `/commit/`
         POST is not retried. `error_code` sets `X-Error-Code` (e.g. "RevisionNotFound", "EntryNotFound")."""
         with self._lock:
-            self._failures.append({"method": method.upper(), "path": path_substring, "status": status,
-                                   "count": count, "message": message, "code": error_code})
+            self._failures.append(
+                {
+                    "method": method.upper(),
+                    "path": path_substring,
+                    "status": status,
+                    "count": count,
+                    "message": message,
+                    "code": error_code,
+                }
+            )
 
     def reset(self) -> None:
         """Forget all repos, blobs, pending failures and the request log."""
@@ -840,14 +964,24 @@ class HubServer:
         token), Xet off (not implemented here), and `HF_TOKEN` unless `token=False`. Every other HF_* variable of
         this process (HF_HUB_OFFLINE, HF_TOKEN, caches...) is dropped so the subprocess sees only this server."""
         # TRANSFORMERS_OFFLINE also switches huggingface_hub to offline mode.
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("HF_", "HUGGINGFACE_")) and k != "TRANSFORMERS_OFFLINE"}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("HF_", "HUGGINGFACE_")) and k != "TRANSFORMERS_OFFLINE"
+        }
         no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY", ""), "127.0.0.1", "localhost"]))
-        env.update({
-            "HF_ENDPOINT": self.endpoint, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1",
-            "NO_PROXY": no_proxy, "no_proxy": no_proxy,
-        })
+        env.update(
+            {
+                "HF_ENDPOINT": self.endpoint,
+                "HF_HOME": str(hf_home),
+                "HF_HUB_DISABLE_XET": "1",
+                "HF_HUB_DISABLE_TELEMETRY": "1",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+                "NO_PROXY": no_proxy,
+                "no_proxy": no_proxy,
+            }
+        )
         if token:
             env["HF_TOKEN"] = self.token
         env.update(extra)
@@ -855,12 +989,19 @@ class HubServer:
 
     def run_python(self, code: str, hf_home, token: bool = True, timeout: float = 300, **extra_env: str) -> str:
         """Run `code` in a fresh interpreter with `env(hf_home, token)`; return its stdout, raise if it fails."""
-        proc = subprocess.run([sys.executable, "-c", code], env=self.env(hf_home, token, **extra_env),
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env=self.env(hf_home, token, **extra_env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode != 0:
-            raise AssertionError(f"client subprocess failed ({proc.returncode})\n--- stdout\n{proc.stdout[-5000:]}"
-                                 f"\n--- stderr\n{proc.stderr[-5000:]}\n--- server log (last 40)\n"
-                                 + "\n".join(map(str, self.requests[-40:])))
+            raise AssertionError(
+                f"client subprocess failed ({proc.returncode})\n--- stdout\n{proc.stdout[-5000:]}"
+                f"\n--- stderr\n{proc.stderr[-5000:]}\n--- server log (last 40)\n"
+                + "\n".join(map(str, self.requests[-40:]))
+            )
         return proc.stdout
 
     # ---- request plumbing (called from handler threads) --------------------------------------------------------
@@ -873,8 +1014,9 @@ class HubServer:
             except HubError as e:
                 # Headers are latin-1 and single-line; the JSON body keeps the exact message.
                 header_message = e.message.encode("ascii", "replace").decode().replace("\n", " ")
-                response = Response.json({"error": e.message, **e.extra}, e.status,
-                                         {"X-Error-Message": header_message, **e.headers})
+                response = Response.json(
+                    {"error": e.message, **e.extra}, e.status, {"X-Error-Message": header_message, **e.headers}
+                )
                 if e.code:
                     response.headers["X-Error-Code"] = e.code
             except Exception:

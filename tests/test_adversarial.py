@@ -1,5 +1,6 @@
 """DANN and CDANN: the gradient penalty and the class-balanced discriminator loss by hand, the turn schedule, the
 lambda=0 generator step against ERM."""
+
 import copy
 import math
 
@@ -35,7 +36,7 @@ def test_gradient_penalty_by_hand():
     w = torch.tensor(3.0, requires_grad=True)
     _, penalty = adversarial.discriminator_loss(w * z, z, domains, None, penalty_weight=1.0)
     assert torch.allclose(penalty, torch.tensor(4.5))
-    grad_w, = torch.autograd.grad(penalty, [w])  # d(w^2 / 2)/dw = w
+    (grad_w,) = torch.autograd.grad(penalty, [w])  # d(w^2 / 2)/dw = w
     assert torch.allclose(grad_w, torch.tensor(3.0))
     _, skipped = adversarial.discriminator_loss(z @ torch.eye(2), z, domains, None, penalty_weight=0.0)
     assert float(skipped) == 0.0
@@ -92,10 +93,10 @@ def test_optimizer_groups_carry_domainbed_settings():
 def test_lambda_zero_generator_step_is_erm_step():
     net = make_net()
     batches = make_batches()
-    dann = create_algorithm("dann", copy.deepcopy(net), 3, {"lambda": 0.0, "grad_penalty": 1.0},
-                            make_optimizer=adam)
-    erm = create_algorithm("erm", copy.deepcopy(net), 3, {},
-                           make_optimizer=lambda g: torch.optim.Adam(g, lr=1e-3, betas=(0.5, 0.9)))
+    dann = create_algorithm("dann", copy.deepcopy(net), 3, {"lambda": 0.0, "grad_penalty": 1.0}, make_optimizer=adam)
+    erm = create_algorithm(
+        "erm", copy.deepcopy(net), 3, {}, make_optimizer=lambda g: torch.optim.Adam(g, lr=1e-3, betas=(0.5, 0.9))
+    )
     disc_before = copy.deepcopy(dann.host.discriminator.state_dict())
     torch.manual_seed(1)
     metrics = dann.update(batches, 0)  # update 1 with d_steps_per_g_step=1: a generator turn

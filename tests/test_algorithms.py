@@ -1,4 +1,5 @@
 """The algorithm/add-on registries, hyperparameter validation, ERM, and the per-domain gradient engine."""
+
 import inspect
 
 import pytest
@@ -30,8 +31,11 @@ def counter_addon():
     @register_addon
     class Counter(AddOn):
         name = "counter_test"
-        HPARAMS = {"every": HParam(2, "count every N steps", minimum=1), "mode": HParam("a", "mode", choices=("a", "b")),
-                   "limit": HParam(10, "upper limit", maximum=100)}
+        HPARAMS = {
+            "every": HParam(2, "count every N steps", minimum=1),
+            "mode": HParam("a", "mode", choices=("a", "b")),
+            "limit": HParam(10, "upper limit", maximum=100),
+        }
 
         @classmethod
         def check_hparams(cls, hparams):
@@ -55,11 +59,16 @@ def counter_addon():
 
 
 def test_an_addon_event_with_another_signature_is_refused_when_its_class_is_defined():
-    with pytest.raises(TypeError, match=r"OldStyle.after_update must take one argument, \(self, context: StepContext\)"):
+    with pytest.raises(
+        TypeError, match=r"OldStyle.after_update must take one argument, \(self, context: StepContext\)"
+    ):
+
         class OldStyle(AddOn):  # dgzoo 0.1's signature
             def after_update(self, minibatches, step):
                 return {}
+
     with pytest.raises(TypeError, match=r"on_evaluate must take one argument, \(self, context: EvalContext\)"):
+
         class NoContext(AddOn):
             def on_evaluate(self):
                 return {}
@@ -72,12 +81,14 @@ def test_no_host_shadows_a_torch_module_method_with_another_signature():
             ours, torchs = getattr(cls, method), getattr(torch.nn.Module, method)
             if method.startswith("__") or method == "forward" or not callable(torchs) or ours is torchs:
                 continue
-            assert list(inspect.signature(ours).parameters) == list(inspect.signature(torchs).parameters), \
+            assert list(inspect.signature(ours).parameters) == list(inspect.signature(torchs).parameters), (
                 f"{name}: {cls.__qualname__}.{method} shadows torch.nn.Module.{method}"
+            )
 
 
 def test_runtime_and_optimizers_are_declared_and_stay_outside_the_module_tree():
     from dgzoo.algorithms import Algorithm, Runtime
+
     assert {"runtime", "optimizers"} <= set(Algorithm.__annotations__)  # what a type checker reads
     host = create_algorithm("erm", create_backbone("test_resnet", num_classes=3), 2).host
     assert isinstance(host.runtime, Runtime) and set(host.optimizers) == {"main"}
@@ -113,13 +124,17 @@ def test_hparams_are_namespaced_coerced_and_validated(counter_addon):
 
 def test_addons_wrap_the_host_update_in_order(counter_addon):
     model = create_backbone("test_resnet", num_classes=5)
-    algorithm = create_algorithm("erm+counter_test", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={})
+    algorithm = create_algorithm(
+        "erm+counter_test", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={}
+    )
     metrics = algorithm.update(minibatches(), step=7)
     assert algorithm.addons[0].calls == [("before", 7), ("after", 7)]
     assert metrics["counter_test/seen"] == 7.0 and "loss" in metrics
-    assert algorithm.name == "erm+counter_test" and algorithm.hparams == {"counter_test.every": 2,
-                                                                         "counter_test.mode": "a",
-                                                                         "counter_test.limit": 10}
+    assert algorithm.name == "erm+counter_test" and algorithm.hparams == {
+        "counter_test.every": 2,
+        "counter_test.mode": "a",
+        "counter_test.limit": 10,
+    }
 
 
 def test_erm_steps_reduce_the_loss_on_a_fixed_batch():

@@ -1,4 +1,5 @@
 """SWAD's loss-valley window and EMA's average, against hand-computed values; a SWAD run exports plain timm."""
+
 import json
 from pathlib import Path
 
@@ -28,8 +29,9 @@ LOSSES = [2.0, 1.5, 1.0, 0.8, 0.9, 0.85, 0.95, 1.0, 0.9, 1.2, 1.3, 1.4, 1.5, 1.6
 
 def scripted_swad(evaluations, last_at=None, hparams=None):
     """erm+swad whose weights are all equal to the step number after each step, evaluated every two steps."""
-    algorithm = create_algorithm("erm+swad", create_backbone("test_resnet", num_classes=10), 3,
-                                 {"swad.bn_steps": 0, **(hparams or {})})
+    algorithm = create_algorithm(
+        "erm+swad", create_backbone("test_resnet", num_classes=10), 3, {"swad.bn_steps": 0, **(hparams or {})}
+    )
     swad, network = algorithm.addons[0], algorithm.host.network
     seen = []
 
@@ -37,6 +39,7 @@ def scripted_swad(evaluations, last_at=None, hparams=None):
         def source_val_loss(model):
             seen.append(model)
             return LOSSES[i]
+
         return source_val_loss
 
     for i in range(evaluations):
@@ -91,10 +94,17 @@ REFERENCE = json.loads((Path(__file__).parent / "data" / "swad_lossvalley_refere
 def swad_weights_of(case):
     """Each segment's weight in the average dgzoo's SWAD exports at the end of a run with ``case``'s losses: segment
     i holds the one-hot parameter e_i, as the reference run of the official code."""
-    algorithm = create_algorithm("erm+swad", create_backbone("test_resnet", num_classes=10), 3,
-                                 {"swad.bn_steps": 0, "swad.n_converge": case["n_converge"],
-                                  "swad.n_tolerance": case["n_tolerance"],
-                                  "swad.tolerance_ratio": case["tolerance_ratio"]})
+    algorithm = create_algorithm(
+        "erm+swad",
+        create_backbone("test_resnet", num_classes=10),
+        3,
+        {
+            "swad.bn_steps": 0,
+            "swad.n_converge": case["n_converge"],
+            "swad.n_tolerance": case["n_tolerance"],
+            "swad.tolerance_ratio": case["tolerance_ratio"],
+        },
+    )
     swad = algorithm.addons[0]
     n = len(case["losses"])
     for i, (loss, (start, end)) in enumerate(zip(case["losses"], case["segments"])):
@@ -128,8 +138,12 @@ def test_swad_weights_equal_the_official_loss_valley(index):
 
 
 def test_swad_recomputes_batchnorm_of_the_average_on_source_batches():
-    algorithm = create_algorithm("erm+swad", create_backbone("test_resnet", num_classes=10), 3,
-                                 {"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 3})
+    algorithm = create_algorithm(
+        "erm+swad",
+        create_backbone("test_resnet", num_classes=10),
+        3,
+        {"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 3},
+    )
     swad = algorithm.addons[0]
     swad.after_update(StepContext(0, []))
     x = [torch.randn(6, 3, 16, 16) for _ in range(3)]
@@ -159,8 +173,9 @@ def test_ema_with_decay_zero_is_the_host():
 
 
 def test_ema_average_by_hand():
-    algorithm = create_algorithm("erm+ema", create_backbone("test_resnet", num_classes=10), 3,
-                                 {"ema.decay": 0.5, "ema.warmup": False})
+    algorithm = create_algorithm(
+        "erm+ema", create_backbone("test_resnet", num_classes=10), 3, {"ema.decay": 0.5, "ema.warmup": False}
+    )
     ema, network = algorithm.addons[0], algorithm.host.network
     with torch.no_grad():
         for p in ema.average.parameters():
@@ -180,8 +195,9 @@ def test_ema_warm_up_equals_timm_model_ema_v3():
     torch.manual_seed(0)
     algorithm = create_algorithm("erm+ema", create_backbone("test_resnet", num_classes=10), 3)
     reference = ModelEmaV3(algorithm.host.network, decay=0.999, use_warmup=True)
-    constant = create_algorithm("erm+ema", create_backbone("test_resnet", num_classes=10), 3,
-                                {"ema.warmup": False}).addons[0]
+    constant = create_algorithm(
+        "erm+ema", create_backbone("test_resnet", num_classes=10), 3, {"ema.warmup": False}
+    ).addons[0]
     ema, network = algorithm.addons[0], algorithm.host.network
     constant.average.load_state_dict(network.state_dict())  # a constant-decay average of the same network
     constant.pairs = list(zip(constant.average.state_dict().values(), network.state_dict().values()))
@@ -203,8 +219,14 @@ def test_ema_warm_up_equals_timm_model_ema_v3():
 
 @pytest.mark.slow
 def test_a_swad_run_exports_its_average_as_plain_timm(tmp_path):
-    cfg = tiny_config(tmp_path, algorithm="erm+swad", steps=8, eval_every=2, selection="last",
-                      hparams={"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 2})
+    cfg = tiny_config(
+        tmp_path,
+        algorithm="erm+swad",
+        steps=8,
+        eval_every=2,
+        selection="last",
+        hparams={"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 2},
+    )
     results = train(cfg)
     run_dir = tmp_path / "run"
     records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
@@ -212,8 +234,11 @@ def test_a_swad_run_exports_its_average_as_plain_timm(tmp_path):
     assert results["diagnostics"]["swad"]["window_end"] == 8
     assert results["diagnostics"]["swad"]["acts"] == {"converged": 1.0, "averaged_steps": 6.0}  # steps 3..8
     exported = load_file(run_dir / "model.safetensors")
-    online = {k.removeprefix("network."): v for k, v in
-              load_file(run_dir / "checkpoints" / "step_8" / "model.safetensors").items() if k.startswith("network.")}
+    online = {
+        k.removeprefix("network."): v
+        for k, v in load_file(run_dir / "checkpoints" / "step_8" / "model.safetensors").items()
+        if k.startswith("network.")
+    }
     assert set(exported) == set(online)  # plain timm keys
     assert not all(torch.equal(exported[k], online[k]) for k in exported)  # the average, not the online weights
     model = create_backbone("test_resnet", num_classes=10)

@@ -1,6 +1,7 @@
 """Every benchmark script runs end to end at its ``--smoke`` size, so none rots unnoticed (gga_cost.py once crashed
 for months after an API change). The numbers a smoke run prints mean nothing; what is checked is that the script
 runs and prints its table."""
+
 import json
 import os
 import subprocess
@@ -48,7 +49,7 @@ def test_every_benchmark_script_has_a_smoke_run():
 def test_benchmark_runs_at_its_smoke_size(script, tmp_path):
     extra, expected = SCRIPTS[script]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-    command = ([str(BENCHMARKS / script)] if script.endswith(".sh") else [sys.executable, str(BENCHMARKS / script)])
+    command = [str(BENCHMARKS / script)] if script.endswith(".sh") else [sys.executable, str(BENCHMARKS / script)]
     command += ["--smoke", *(a.format(tmp=tmp_path) for a in extra)]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     output = proc.stdout + proc.stderr

@@ -1,5 +1,6 @@
 """The data benchmarks (start-up against dataset size; end to end against timm's train.py) run at a smoke size, so
 neither rots. They time nothing here: only that each runs end to end and reports what its results file shows."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_script(*args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, check=False
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -34,8 +36,17 @@ def test_synthetic_dataset_loads_with_its_domains_and_classes(tmp_path):
 
 @pytest.mark.slow
 def test_startup_benchmark_runs_at_a_smoke_size(tmp_path):
-    out = run_script("benchmarks/startup.py", "--sizes", "40", "--rounds", "1", "--work", str(tmp_path),
-                     "--json", str(tmp_path / "r.json"))
+    out = run_script(
+        "benchmarks/startup.py",
+        "--sizes",
+        "40",
+        "--rounds",
+        "1",
+        "--work",
+        str(tmp_path),
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["cold"]["40"] > 0 and len(result["warm"]["40"]) == 1 and result["warm_ratio"]["40"] == [1.0]
     assert out.splitlines()[2].startswith("| 40 | ")
@@ -46,8 +57,19 @@ def test_vs_timm_benchmark_runs_at_a_smoke_size(tmp_path):
     """timm's train.py is not part of timm's wheel: with $DGZOO_TIMM_TRAIN pointing at it both sides run, else
     dgzoo's side alone."""
     timm_train = os.environ.get("DGZOO_TIMM_TRAIN", str(tmp_path / "absent.py"))
-    out = run_script("benchmarks/vs_timm.py", "--timm-train", timm_train, "--steps", "3", "--batch-size", "4",
-                     "--pairs", "1", "--work", str(tmp_path))
+    out = run_script(
+        "benchmarks/vs_timm.py",
+        "--timm-train",
+        timm_train,
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--pairs",
+        "1",
+        "--work",
+        str(tmp_path),
+    )
     row = next(line for line in out.splitlines() if line.startswith("| 0 |")).split("|")
     assert float(row[2]) > 0 and float(row[5]) > 0  # dgzoo's images/s and time to the first step
     if Path(timm_train).exists():

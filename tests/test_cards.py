@@ -1,6 +1,7 @@
 """Cards and configs that tell the truth (issue 17, item 3), one test per point: a slug config plus args naming the
 held-out domain and the split; the dataset's own split; unlearning metrics under their own metric types; a
 pretrained_cfg describing the fine-tuned weights; the dataset's own licence; a model-details block."""
+
 import copy
 import json
 import math
@@ -22,9 +23,14 @@ def _as_dataset(results, name, repo_id, revision, domains, target):
 @pytest.fixture(scope="module")
 def office_home(trained_run):
     run_dir, results = trained_run
-    return run_dir, _as_dataset(results, "office-home", "flwrlabs/office-home",
-                                "d430d44779e929b335be368ab3456484e5de36bb", ["Art", "Clipart", "Product", "Real World"],
-                                "Real World")
+    return run_dir, _as_dataset(
+        results,
+        "office-home",
+        "flwrlabs/office-home",
+        "d430d44779e929b335be368ab3456484e5de36bb",
+        ["Art", "Clipart", "Product", "Real World"],
+        "Real World",
+    )
 
 
 def _card(run_dir, results, **kw):
@@ -40,9 +46,13 @@ def test_held_out_result_names_the_datasets_real_config_and_args_saying_what_was
     # The model-index `dataset.config` is a configuration of the dataset (what load_dataset takes), not a held-out
     # domain; the held-out domains are in `dataset.args`, each domain's accuracy in its own metric.
     assert result.dataset_config == "default"
-    assert result.dataset_args == {"held_out_domains": ["Real World"], "source_domains": ["Art", "Clipart", "Product"],
-                                   "split": "in", "split_seed": results["split_seed"],
-                                   "holdout_fraction": results["hparams"]["holdout_fraction"]}
+    assert result.dataset_args == {
+        "held_out_domains": ["Real World"],
+        "source_domains": ["Art", "Clipart", "Product"],
+        "split": "in",
+        "split_seed": results["split_seed"],
+        "holdout_fraction": results["hparams"]["holdout_fraction"],
+    }
     assert result.metric_args == {"held_out_domain": "Real World"} and "Real World" in result.metric_name
     assert result.dataset_revision == "d430d44779e929b335be368ab3456484e5de36bb"
 
@@ -53,8 +63,12 @@ def test_two_held_out_domains_stay_two_metrics_in_one_model_index_entry(trained_
     from huggingface_hub import ModelCard
 
     run_dir, results = trained_run
-    two = {**results, "target_domains": ["60", "75"], "source_domains": ["0", "15", "30", "45"],
-           "accuracy": {**results["accuracy"], "60": 0.5, "75": 0.25}}
+    two = {
+        **results,
+        "target_domains": ["60", "75"],
+        "source_domains": ["0", "15", "30", "45"],
+        "accuracy": {**results["accuracy"], "60": 0.5, "75": 0.25},
+    }
     card = _card(run_dir, two, repo_id="me/two")
     [entry] = card.data.to_dict()["model-index"][0]["results"]
     assert entry["dataset"]["config"] == "default" and entry["dataset"]["args"]["held_out_domains"] == ["60", "75"]
@@ -62,15 +76,20 @@ def test_two_held_out_domains_stay_two_metrics_in_one_model_index_entry(trained_
     assert set(metrics) == {"60", "75"} and metrics["60"]["value"] == 50.0 and metrics["75"]["value"] == 25.0
     assert metrics["60"]["name"] != metrics["75"]["name"]
     reloaded = ModelCard(str(card)).data.eval_results  # what huggingface_hub reads back: still two results
-    assert sorted((r.metric_args["held_out_domain"], r.metric_value) for r in reloaded) == [("60", 50.0),
-                                                                                          ("75", 25.0)]
+    assert sorted((r.metric_args["held_out_domain"], r.metric_value) for r in reloaded) == [("60", 50.0), ("75", 25.0)]
 
 
 def test_result_split_is_the_datasets_own_split(office_home, trained_run):
     run_dir, results = office_home
     assert _card(run_dir, results).data.eval_results[0].dataset_split == "train"  # flwrlabs/office-home: one split
-    domainnet = _as_dataset(trained_run[1], "domainnet", "wltjr1007/DomainNet", "8f5b9a1" + "0" * 33,
-                            ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"], "sketch")
+    domainnet = _as_dataset(
+        trained_run[1],
+        "domainnet",
+        "wltjr1007/DomainNet",
+        "8f5b9a1" + "0" * 33,
+        ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"],
+        "sketch",
+    )
     # DomainNet's train and test splits are concatenated, so the result says both, in `datasets`' split syntax.
     assert _card(run_dir, domainnet).data.eval_results[0].dataset_split == "train+test"
 
@@ -79,11 +98,19 @@ def test_unlearning_metrics_are_not_reported_as_accuracy(trained_run):
     from dgzoo.run.unlearning_card import UNLEARNING_METRICS, card_data
 
     results = copy.deepcopy(trained_run[1])
-    comparison = {key: {"unlearned": value} for key, value in
-                  (("forget_acc", 0.25), ("mia_loss", 0.5), ("mia_knn", 0.625))}
-    results.update(kind="unlearning", algorithm="sure", unlearning={
-        "forget_spec": "class=3", "fingerprint": "abc123", "comparison": comparison,
-        "source": {"name": "run", "algorithm": "erm", "steps": 12}})
+    comparison = {
+        key: {"unlearned": value} for key, value in (("forget_acc", 0.25), ("mia_loss", 0.5), ("mia_knn", 0.625))
+    }
+    results.update(
+        kind="unlearning",
+        algorithm="sure",
+        unlearning={
+            "forget_spec": "class=3",
+            "fingerprint": "abc123",
+            "comparison": comparison,
+            "source": {"name": "run", "algorithm": "erm", "steps": 12},
+        },
+    )
     by_type = {r.metric_type: r for r in card_data(results).eval_results}
     assert set(by_type) == {"accuracy", *UNLEARNING_METRICS.values()}
     assert by_type["accuracy"].dataset_config == "default"  # the dataset's own configuration
@@ -108,20 +135,33 @@ def test_published_pretrained_cfg_describes_the_fine_tuned_weights(trained_run):
     # The preprocessing timm needs is untouched, as is everything outside pretrained_cfg.
     for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "classifier", "num_classes"):
         assert cfg[key] == local["pretrained_cfg"][key], key
-    assert {k: v for k, v in published.items() if k != "pretrained_cfg"} == \
-        {k: v for k, v in local.items() if k != "pretrained_cfg"}
+    assert {k: v for k, v in published.items() if k != "pretrained_cfg"} == {
+        k: v for k, v in local.items() if k != "pretrained_cfg"
+    }
     overridden = json.loads(_published_bytes(run_dir, "config.json", "me/x", results, "mit"))
     assert overridden["pretrained_cfg"]["license"] == "mit"
 
 
-@pytest.mark.parametrize("name, fields", [
-    ("office-home", {"license": "other", "license_name": "fair-use-notice",
-                     "license_link": "https://www.hemanthdv.org/officeHomeDataset.html"}),
-    ("domainnet", {"license": "other", "license_name": "fair-use-notice", "license_link": "https://ai.bu.edu/M3SDA/"}),
-    ("pacs", {"license": "unknown"}),
-    ("terra-incognita", {"license": "cdla-permissive-1.0"}),
-    ("vlcs", {"license": "unknown"}),
-])
+@pytest.mark.parametrize(
+    "name, fields",
+    [
+        (
+            "office-home",
+            {
+                "license": "other",
+                "license_name": "fair-use-notice",
+                "license_link": "https://www.hemanthdv.org/officeHomeDataset.html",
+            },
+        ),
+        (
+            "domainnet",
+            {"license": "other", "license_name": "fair-use-notice", "license_link": "https://ai.bu.edu/M3SDA/"},
+        ),
+        ("pacs", {"license": "unknown"}),
+        ("terra-incognita", {"license": "cdla-permissive-1.0"}),
+        ("vlcs", {"license": "unknown"}),
+    ],
+)
 def test_card_licence_is_the_datasets_own(trained_run, name, fields):
     from dgzoo.data import REGISTRY
     from dgzoo.run.cards import card_license
@@ -143,8 +183,11 @@ def test_card_has_a_model_details_block_with_parameters_gmacs_and_image_size(tra
     block = text.split("## Model Details", 1)[1].split("## Results", 1)[0]
     # Parameters counted independently: the weight file's tensors, less BatchNorm's running statistics.
     with safe_open(str(run_dir / "model.safetensors"), "pt") as f:
-        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
-                if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+        n = sum(
+            math.prod(f.get_slice(k).get_shape())
+            for k in f.keys()
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        )
     assert f"Params (M): {round(n / 1e6, 2)}" in block
     size = json.loads((run_dir / "config.json").read_text())["pretrained_cfg"]["input_size"]
     assert f"Image size: {size[1]} x {size[2]}" in block

@@ -1,4 +1,5 @@
 """colored-digits is DomainBed's ColoredMNIST on the embedded digits: the rates its construction promises hold."""
+
 import numpy as np
 import pytest
 

@@ -1,5 +1,6 @@
 """The one config -> command line serializer (dgzoo.commandline): what a sweep runs, a model card and an
 unlearning card print reads back, through the same CLI, as the config it came from."""
+
 import shlex
 
 from dgzoo.cli.app import build_parser
@@ -16,10 +17,20 @@ def _parse_train(command: str, head_words: int) -> TrainConfig:
 
 
 AWKWARD = TrainConfig(
-    dataset="my data/it's \"here\"", target_domains=["art painting", "photo"], source_domains=None,
-    algorithm="erm+gga", hparams={"gga.rho": 1e-5, "note": "a b;c", "gga.window": 3},
-    lr=3.14159e-4, pretrained=True, output_dir="runs/with space/$HOME", seed=7, split_seed=3,
-    backbone="resnet18", holdout_fraction=0.25, augment="none")
+    dataset='my data/it\'s "here"',
+    target_domains=["art painting", "photo"],
+    source_domains=None,
+    algorithm="erm+gga",
+    hparams={"gga.rho": 1e-5, "note": "a b;c", "gga.window": 3},
+    lr=3.14159e-4,
+    pretrained=True,
+    output_dir="runs/with space/$HOME",
+    seed=7,
+    split_seed=3,
+    backbone="resnet18",
+    holdout_fraction=0.25,
+    augment="none",
+)
 
 
 def test_sweep_command_round_trips_awkward_values():
@@ -42,8 +53,15 @@ def test_card_command_round_trips_every_setting_it_keeps():
 
 
 def test_unlearning_card_command_round_trips():
-    cfg = UnlearnConfig(source="runs/my run", forget="class=3 domain=art", method="sure", lr=1e-4,
-                        hparams={"lambda": 0.5, "tag": "x y"}, seed=2, validation_fraction=0.3)
+    cfg = UnlearnConfig(
+        source="runs/my run",
+        forget="class=3 domain=art",
+        method="sure",
+        lr=1e-4,
+        hparams={"lambda": 0.5, "tag": "x y"},
+        seed=2,
+        validation_fraction=0.3,
+    )
     command = unlearn_command(cfg.to_dict()).replace("\\\n", " ")
     argv = shlex.split(command)[1:]
     back = unlearn_config_from_args(build_parser("unlearn").parse_args(argv))

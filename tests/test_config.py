@@ -1,4 +1,5 @@
 """Recipes: YAML + flags merge, validation, and one-line errors for every malformed input."""
+
 import argparse
 from pathlib import Path
 
@@ -24,8 +25,9 @@ def test_defaults_are_the_embedded_job():
 
 def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("backbone: resnet50\nlr: 5.0e-5\nsteps: 100\ntarget_domains: [sketch]\n"
-                      "hparams: {gga: {rho: 1.0e-5}}\n")
+    recipe.write_text(
+        "backbone: resnet50\nlr: 5.0e-5\nsteps: 100\ntarget_domains: [sketch]\nhparams: {gga: {rho: 1.0e-5}}\n"
+    )
     cfg = parse(["--config", str(recipe), "--steps", "7", "--no-pretrained", "--hparams", "gga.tau=0.2"])
     assert cfg.backbone == "resnet50"  # from YAML
     assert cfg.lr == 5e-5 and cfg.steps == 7  # flag beats YAML
@@ -53,16 +55,19 @@ def test_unknown_flag_is_rejected_by_the_parser():
         parse(["--bakbone", "resnet50"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "--steps must be positive"),
-    (["--steps", "ten"], "--steps must be int"),
-    (["--holdout-fraction", "1.5"], "--holdout-fraction must be in"),
-    (["--optimizer", "adma"], "did you mean: adam"),
-    (["--resume", "--overwrite"], "contradict"),
-    (["--algorithm", "erm+"], "malformed"),
-    (["--target-domains", "0", "--source-domains", "0"], "both source and target"),
-    (["--hparams", "gga.rho"], "not KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps must be positive"),
+        (["--steps", "ten"], "--steps must be int"),
+        (["--holdout-fraction", "1.5"], "--holdout-fraction must be in"),
+        (["--optimizer", "adma"], "did you mean: adam"),
+        (["--resume", "--overwrite"], "contradict"),
+        (["--algorithm", "erm+"], "malformed"),
+        (["--target-domains", "0", "--source-domains", "0"], "both source and target"),
+        (["--hparams", "gga.rho"], "not KEY=VALUE"),
+    ],
+)
 def test_bad_values_fail_with_one_line(argv, message):
     with pytest.raises(DGZooError, match=message) as e:
         parse(argv)
@@ -74,8 +79,11 @@ def test_hparam_values_parse_like_yaml():
     assert parse_scalar("250") == 250
     assert parse_scalar("true") is True
     assert parse_scalar("fast") == "fast"
-    assert normalize_hparams({"iu": {"mode": "fast", "k": 2}, "alpha": 0.5}) == {"iu.mode": "fast", "iu.k": 2,
-                                                                               "alpha": 0.5}
+    assert normalize_hparams({"iu": {"mode": "fast", "k": 2}, "alpha": 0.5}) == {
+        "iu.mode": "fast",
+        "iu.k": 2,
+        "alpha": 0.5,
+    }
 
 
 def test_named_recipe_resolves_from_recipes_dir():

@@ -3,6 +3,7 @@ steps, checkpointed and resumed exactly; bad hyperparameters fail at validation;
 
 A newly registered algorithm is covered by registering it: the parameter lists below are read from the registry.
 """
+
 import copy
 import json
 import subprocess
@@ -33,9 +34,16 @@ from dgzoo.models import create_backbone, data_config
 HOSTS = sorted(ALGORITHMS)
 # Add-on settings that make each act within the few steps of a contract run (GGA anneals from step 0).
 # SWAD converges at its first evaluation (windows of one) and recomputes BatchNorm on two batches.
-ADDON_SETTINGS = {"gga": {"gga.start": 0, "gga.end": 1, "gga.candidates": 2}, "gga_l": {}, "iu": {}, "iue": {},
-                  "swad": {"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 2},
-                  "ema": {"ema.decay": 0.5}, "mixstyle": {"mixstyle.p": 1.0}, "efdmix": {"efdmix.p": 1.0}}
+ADDON_SETTINGS = {
+    "gga": {"gga.start": 0, "gga.end": 1, "gga.candidates": 2},
+    "gga_l": {},
+    "iu": {},
+    "iue": {},
+    "swad": {"swad.n_converge": 1, "swad.n_tolerance": 1, "swad.bn_steps": 2},
+    "ema": {"ema.decay": 0.5},
+    "mixstyle": {"mixstyle.p": 1.0},
+    "efdmix": {"efdmix.p": 1.0},
+}
 # Host settings for the contract runs: DomainBed's SAND-mask default tau=1 masks every entry (|mean sign| - tau <= 0),
 # so at its default it never moves a weight; the contract needs a host that trains.
 # TRM trains as ERM for its first `iters` steps: from step 0 here, so its own update is what is checked.
@@ -45,15 +53,18 @@ HOST_SETTINGS = {"sandmask": {"tau": 0.5}, "trm": {"iters": 0}}
 # modules) rather than all of them, to keep the contract run short. Every other add-on meets every host.
 EVENT_ADDONS = {"swad", "ema", "mixstyle", "efdmix"}
 EVENT_HOSTS = {"erm", "coral", "fish", "mldg", "dann", "sam", "miro"}
-COMPOSITIONS = [f"{host}+{addon}" for host in HOSTS for addon in sorted(ADDONS)
-                if addon not in EVENT_ADDONS or host in EVENT_HOSTS]
+COMPOSITIONS = [
+    f"{host}+{addon}" for host in HOSTS for addon in sorted(ADDONS) if addon not in EVENT_ADDONS or host in EVENT_HOSTS
+]
 NUM_CLASSES, DOMAINS, BATCH = 10, 3, 8
 
 
 def batches(step):
     g = torch.Generator().manual_seed(step)
-    return [(torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, NUM_CLASSES, (BATCH,), generator=g))
-            for _ in range(DOMAINS)]
+    return [
+        (torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, NUM_CLASSES, (BATCH,), generator=g))
+        for _ in range(DOMAINS)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +74,16 @@ def context():
     tf = eval_transform(data_config(create_backbone("test_resnet", num_classes=NUM_CLASSES), 16))
     domains = ["0", "30", "60"]
     rows = {d: data.rows_by_domain[d] for d in domains}
-    return EpochContext(epoch=1, step=2, steps_per_epoch=2, source_domains=domains,
-                        source_train=[DomainImages(data, rows[d][:8], tf, d) for d in domains],
-                        source_val=[DomainImages(data, rows[d][8:12], tf, d) for d in domains],
-                        make_loader=lambda ds, bs: eval_loader(ds, bs), batch_size=4)
+    return EpochContext(
+        epoch=1,
+        step=2,
+        steps_per_epoch=2,
+        source_domains=domains,
+        source_train=[DomainImages(data, rows[d][:8], tf, d) for d in domains],
+        source_val=[DomainImages(data, rows[d][8:12], tf, d) for d in domains],
+        make_loader=lambda ds, bs: eval_loader(ds, bs),
+        batch_size=4,
+    )
 
 
 def hparams_of(spec):
@@ -79,15 +96,19 @@ def hparams_of(spec):
 def build(spec, seed=0):
     torch.manual_seed(seed)
     network = create_backbone("test_resnet", num_classes=NUM_CLASSES)
-    return create_algorithm(spec, network, DOMAINS, hparams_of(spec),
-                            make_optimizer=lambda groups: torch.optim.Adam(groups, lr=1e-3))
+    return create_algorithm(
+        spec, network, DOMAINS, hparams_of(spec), make_optimizer=lambda groups: torch.optim.Adam(groups, lr=1e-3)
+    )
 
 
 def snapshot(algorithm):
     """Everything a checkpoint holds: the algorithm module, its optimizers, the components' extra state, the RNG."""
-    return {"module": {k: v.clone() for k, v in algorithm.host.state_dict().items()},
-            "optimizers": {n: _clone(o.state_dict()) for n, o in algorithm.host.optimizers.items()},
-            "extra": copy.deepcopy(algorithm.state_dict()), "rng": torch.get_rng_state()}
+    return {
+        "module": {k: v.clone() for k, v in algorithm.host.state_dict().items()},
+        "optimizers": {n: _clone(o.state_dict()) for n, o in algorithm.host.optimizers.items()},
+        "extra": copy.deepcopy(algorithm.state_dict()),
+        "rng": torch.get_rng_state(),
+    }
 
 
 def restore(spec, saved):
@@ -113,8 +134,12 @@ def _clone(value):
 def evaluation(step, steps):
     """An evaluation after ``step`` steps: a scripted source-validation loss and random BatchNorm batches."""
     g = torch.Generator().manual_seed(1000 + step)
-    return EvalContext(step, step == steps, lambda network: 1.0 + 0.1 * (step % 2),
-                       lambda n: iter([torch.randn(BATCH * DOMAINS, 3, 16, 16, generator=g) for _ in range(n)]))
+    return EvalContext(
+        step,
+        step == steps,
+        lambda network: 1.0 + 0.1 * (step % 2),
+        lambda n: iter([torch.randn(BATCH * DOMAINS, 3, 16, 16, generator=g) for _ in range(n)]),
+    )
 
 
 def train(spec, context, steps=3, resume_at=None):
@@ -208,8 +233,12 @@ def test_a_new_algorithm_is_covered_by_registering_it():
             return torch.nn.functional.cross_entropy(logits, y) + self.hparams["weight"] * logits.pow(2).mean(), {}
 
     try:
-        algorithm = create_algorithm("shrink_test+gga", create_backbone("test_resnet", num_classes=NUM_CLASSES), 3,
-                                     {"weight": 0.0, "gga.start": 0, "gga.end": 0, "gga.candidates": 1})
+        algorithm = create_algorithm(
+            "shrink_test+gga",
+            create_backbone("test_resnet", num_classes=NUM_CLASSES),
+            3,
+            {"weight": 0.0, "gga.start": 0, "gga.end": 0, "gga.candidates": 1},
+        )
         assert "gga/accepted" in algorithm.update(batches(0)[:3], 0)
         with pytest.raises(DGZooError, match="must be at least 0"):
             resolve_hparams("shrink_test", {"weight": -1})
@@ -218,7 +247,8 @@ def test_a_new_algorithm_is_covered_by_registering_it():
 
 
 def test_plugins_register_through_the_entry_point_group(tmp_path):
-    (tmp_path / "dgzoo_plugin_test.py").write_text(textwrap.dedent('''
+    (tmp_path / "dgzoo_plugin_test.py").write_text(
+        textwrap.dedent("""
         import torch.nn.functional as F
         from dgzoo.algorithms import LossHost, register_algorithm
 
@@ -229,29 +259,36 @@ def test_plugins_register_through_the_entry_point_group(tmp_path):
             def loss(self, minibatches, step):
                 x, y = minibatches[0]
                 return F.cross_entropy(self.predict(x), y), {}
-    '''))
+    """)
+    )
     info = tmp_path / "dgzoo_plugin_test-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dgzoo-plugin-test\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[dgzoo.algorithms]\nplugin_test = dgzoo_plugin_test\n")
-    proc = subprocess.run([sys.executable, "-m", "dgzoo", "algorithms"], capture_output=True, text=True,
-                          env=subprocess_env(PYTHONPATH=str(tmp_path)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dgzoo", "algorithms"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(PYTHONPATH=str(tmp_path)),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "plugin_test" in proc.stdout and "A plugin host (nobody)" in proc.stdout
 
 
 def test_algorithms_command_lists_papers_and_hyperparameters():
-    proc = subprocess.run([sys.executable, "-m", "dgzoo", "algorithms", "coral"], capture_output=True, text=True,
-                          env=subprocess_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "dgzoo", "algorithms", "coral"], capture_output=True, text=True, env=subprocess_env()
+    )
     assert proc.returncode == 0, proc.stderr
     assert "coral  [loss host]  Deep CORAL (Sun & Saenko, ECCV-W 2016)" in proc.stdout
     assert "mmd_gamma:" in proc.stdout and "search 10**U(-1, 1)" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "dgzoo", "algorithms", "corl"], capture_output=True, text=True,
-                          env=subprocess_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "dgzoo", "algorithms", "corl"], capture_output=True, text=True, env=subprocess_env()
+    )
     assert proc.returncode == 2 and "did you mean: coral" in proc.stderr
 
 
-TWO_PROCESSES = '''
+TWO_PROCESSES = """
 import json, sys
 import torch
 from accelerate import Accelerator
@@ -296,7 +333,7 @@ for host in sorted(ALGORITHMS):
     b = torch.cat([p.detach().reshape(-1) for p in distributed.host.network.parameters()])
     out[host] = float((a - b).abs().max() / a.abs().max())
 json.dump(out, open(f"{sys.argv[1]}/diff{rank}.json", "w"))
-'''
+"""
 
 # Hosts whose 2-process run follows a documented per-process definition rather than the global batch's.
 PER_PROCESS_BY_DESIGN: dict[str, str] = {

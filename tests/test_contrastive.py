@@ -1,5 +1,6 @@
 """SelfReg, CAD and CondCAD: hand-computed bottleneck values, a per-anchor reference of the bottleneck, SelfReg
 and the identities (lmbda 0 is ERM; distinct classes leave SelfReg one term)."""
+
 import math
 
 import numpy as np
@@ -37,9 +38,11 @@ def test_bottleneck_by_hand():
     assert bottleneck_loss(z, y, d, 1.0, conditional=True).item() == pytest.approx(other, rel=1e-6)
     # Not flipped: log P(same domain); unconditional keeps the anchor itself in its mask, as the logit 0.
     assert bottleneck_loss(z, y, d, 1.0, False, flipped=False).item() == pytest.approx(
-        scale * math.log((1 + e) / (e + 2)), rel=1e-6)
+        scale * math.log((1 + e) / (e + 2)), rel=1e-6
+    )
     assert bottleneck_loss(z, y, d, 1.0, True, flipped=False).item() == pytest.approx(
-        scale * math.log(e / (e + 2)), rel=1e-6)
+        scale * math.log(e / (e + 2)), rel=1e-6
+    )
 
 
 def per_anchor_reference(z, y, d, temperature, conditional, flipped):
@@ -127,8 +130,6 @@ def test_selfreg_with_distinct_classes_leaves_the_feature_to_projection_term():
     assert torch.allclose(loss, expected, atol=1e-6) and 0 < metrics["lam"] < 1
 
 
-
-
 def selfreg_after_one_update(hparams):
     host_hparams = dict(hparams)
     algorithm = create_algorithm("selfreg", create_backbone("test_resnet", num_classes=5), 3, host_hparams)
@@ -150,7 +151,9 @@ def test_selfreg_projection_is_never_stepped_by_default_as_domainbed():
     running = {k for k in changed if k.startswith("cdpl.") and "running" in k}
     assert not changed & projection_weights
     assert running and any(k.startswith("network.") for k in changed)
-    assert all(id(p) not in {id(q) for group in host.optimizer.param_groups for q in group["params"]}
-               for p in host.cdpl.parameters())
+    assert all(
+        id(p) not in {id(q) for group in host.optimizer.param_groups for q in group["params"]}
+        for p in host.cdpl.parameters()
+    )
     host, changed = selfreg_after_one_update({"train_projection": True})
     assert projection_weights <= changed

@@ -1,4 +1,5 @@
 """The data layer: every source loads to the same normalized form; splits, protocols and batches are stable."""
+
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,14 @@ from dgzoo.data.builtin import rotated_digits_rows
 from dgzoo.data.transforms import eval_transform, train_transform
 from dgzoo.errors import DGZooError
 
-PREPROCESSING = {"input_size": (3, 16, 16), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
-                 "crop_pct": 1.0, "crop_mode": "squash"}
+PREPROCESSING = {
+    "input_size": (3, 16, 16),
+    "interpolation": "bilinear",
+    "mean": (0.5,) * 3,
+    "std": (0.5,) * 3,
+    "crop_pct": 1.0,
+    "crop_mode": "squash",
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +72,9 @@ def test_protocols_and_domain_errors(digits):
     assert p.name == "leave-domains-out" and p.sources == ("0", "15", "30", "45", "60") and p.targets == ("75",)
     p = resolve_protocol(digits, None, ["0"])
     assert p.name == "single-source" and p.targets == ("15", "30", "45", "60", "75")
-    with pytest.raises(DGZooError, match=r"unknown domain '075'.*did you mean: 75.*valid domains: 0, 15, 30, 45, 60, 75"):
+    with pytest.raises(
+        DGZooError, match=r"unknown domain '075'.*did you mean: 75.*valid domains: 0, 15, 30, 45, 60, 75"
+    ):
         resolve_protocol(digits, ["075"], None)
     with pytest.raises(DGZooError, match="leaves no source"):
         resolve_protocol(digits, digits.domains, None)
@@ -83,8 +92,16 @@ def test_registry_aliases_resolve_domainbed_letters():
 
 def test_image_folders_load_with_sorted_classes(tmp_path):
     images = make_images(6)
-    for i, (domain, cls) in enumerate([("cartoon", "dog"), ("cartoon", "cat"), ("photo", "dog"),
-                                       ("photo", "cat"), ("photo", "cat"), ("sketch", "dog")]):
+    for i, (domain, cls) in enumerate(
+        [
+            ("cartoon", "dog"),
+            ("cartoon", "cat"),
+            ("photo", "dog"),
+            ("photo", "cat"),
+            ("photo", "cat"),
+            ("sketch", "dog"),
+        ]
+    ):
         (tmp_path / domain / cls).mkdir(parents=True, exist_ok=True)
         images[i].save(tmp_path / domain / cls / f"{i}.png")
     (tmp_path / "photo" / "cat" / "notes.txt").write_text("not an image")
@@ -101,12 +118,16 @@ def test_local_parquet_with_string_labels_and_custom_columns(tmp_path):
 
     table = datasets.Dataset.from_dict(
         {"img": make_images(4), "y": ["b", "a", "b", "a"], "env": ["x", "x", "y", "y"]},
-        features=datasets.Features({"img": datasets.Image(), "y": datasets.Value("string"),
-                                    "env": datasets.Value("string")}))
+        features=datasets.Features(
+            {"img": datasets.Image(), "y": datasets.Value("string"), "env": datasets.Value("string")}
+        ),
+    )
     table.to_parquet(str(tmp_path / "data.parquet"))
     with pytest.raises(DGZooError, match=r"has no image column 'image' \(columns: img, y, env\); pass --image-column"):
         load_dg_dataset(str(tmp_path / "data.parquet"))
-    with pytest.raises(DGZooError, match=r"has no domain column 'domain' .*; pass --domain-column NAME; for image folde"):
+    with pytest.raises(
+        DGZooError, match=r"has no domain column 'domain' .*; pass --domain-column NAME; for image folde"
+    ):
         load_dg_dataset(str(tmp_path / "data.parquet"), image_column="img", label_column="y")
     data = load_dg_dataset(str(tmp_path), image_column="img", label_column="y", domain_column="env")
     assert data.class_names == ["a", "b"] and list(data.labels) == [1, 0, 1, 0]
@@ -116,10 +137,16 @@ def test_local_parquet_with_string_labels_and_custom_columns(tmp_path):
 def test_save_to_disk_dataset_with_integer_domains_uses_classlabel_names(tmp_path):
     import datasets
 
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["u", "v"]),
-                                  "domain": datasets.ClassLabel(names=["real", "clipart"])})
-    datasets.Dataset.from_dict({"image": make_images(4), "label": [0, 1, 0, 1], "domain": [1, 1, 0, 0]},
-                               features=features).save_to_disk(str(tmp_path / "saved"))
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["u", "v"]),
+            "domain": datasets.ClassLabel(names=["real", "clipart"]),
+        }
+    )
+    datasets.Dataset.from_dict(
+        {"image": make_images(4), "label": [0, 1, 0, 1], "domain": [1, 1, 0, 0]}, features=features
+    ).save_to_disk(str(tmp_path / "saved"))
     data = load_dg_dataset(str(tmp_path / "saved"))
     assert data.source == "disk" and sorted(data.domains) == ["clipart", "real"]
     assert {d: len(r) for d, r in data.rows_by_domain.items()} == {"clipart": 2, "real": 2}
@@ -128,6 +155,7 @@ def test_save_to_disk_dataset_with_integer_domains_uses_classlabel_names(tmp_pat
 def test_unknown_dataset_and_missing_path_errors():
     with pytest.raises(DGZooError, match=r"dataset 'rotated-digit' .*did you mean: rotated-digits"):
         load_dg_dataset("rotated-digit")
+
 
 def test_tarball_dataset_offline_without_a_cached_conversion_says_so(monkeypatch, tmp_path):
     import huggingface_hub
@@ -180,7 +208,7 @@ def test_train_loader_yields_per_domain_batches(digits):
 
 def test_collate_stacks_views():
     samples = [([torch.zeros(3, 2, 2)] * 3, 1, 0), ([torch.ones(3, 2, 2)] * 3, 0, 0)]
-    (x, y), = collate_domains(samples)
+    ((x, y),) = collate_domains(samples)
     assert x.shape == (2, 3, 3, 2, 2) and y.tolist() == [1, 0]
 
 
@@ -204,8 +232,11 @@ def test_an_unreachable_hub_is_a_one_line_error_naming_the_offline_fix(monkeypat
         port = closed.getsockname()[1]
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with pytest.raises(DGZooError, match=r"cannot reach the Hub at http://127.0.0.1:\d+ to load flwrlabs/pacs "
-                                         r"\(\w+\); check the connection, or set HF_HUB_OFFLINE=1"):
+    with pytest.raises(
+        DGZooError,
+        match=r"cannot reach the Hub at http://127.0.0.1:\d+ to load flwrlabs/pacs "
+        r"\(\w+\); check the connection, or set HF_HUB_OFFLINE=1",
+    ):
         load_dg_dataset("pacs")
 
 
@@ -216,10 +247,15 @@ def test_label_and_domain_columns_are_read_in_one_arrow_call_not_row_by_row(tmp_
 
     n = 300
     table = datasets.Dataset.from_dict(
-        {"image": make_images(1) * n, "label": [f"c{i % 7}" for i in range(n)],
-         "domain": [["x", "y", "z"][i % 3] for i in range(n)]},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string"),
-                                    "domain": datasets.Value("string")}))
+        {
+            "image": make_images(1) * n,
+            "label": [f"c{i % 7}" for i in range(n)],
+            "domain": [["x", "y", "z"][i % 3] for i in range(n)],
+        },
+        features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.Value("string"), "domain": datasets.Value("string")}
+        ),
+    )
     table.to_parquet(str(tmp_path / "data.parquet"))
     calls, rows = [], []
     getitem, iterate = datasets.Dataset._getitem, datasets.Dataset.__iter__
@@ -229,7 +265,9 @@ def test_label_and_domain_columns_are_read_in_one_arrow_call_not_row_by_row(tmp_
             rows.append(1)
             yield row
 
-    monkeypatch.setattr(datasets.Dataset, "_getitem", lambda self, key, **kw: calls.append(key) or getitem(self, key, **kw))
+    monkeypatch.setattr(
+        datasets.Dataset, "_getitem", lambda self, key, **kw: calls.append(key) or getitem(self, key, **kw)
+    )
     monkeypatch.setattr(datasets.Dataset, "__iter__", counted_iter)
     data = load_dg_dataset(str(tmp_path))
     assert len(calls) <= 4 and not rows  # one read per column; no row converted to Python on its own
@@ -246,8 +284,10 @@ def test_a_selected_table_keeps_its_row_order_for_codes_and_images(tmp_path):
     images = make_images(6)
     table = datasets.Dataset.from_dict(
         {"image": images, "label": [0, 1, 2, 3, 4, 5], "domain": ["a", "a", "a", "b", "b", "b"]},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
-                                    "domain": datasets.Value("string")})).select([5, 0, 3])
+        features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.Value("int64"), "domain": datasets.Value("string")}
+        ),
+    ).select([5, 0, 3])
     data = _normalize(table, "t", "parquet", {"image": "image", "label": "label", "domain": "domain"})
     assert data.class_names == ["0", "3", "5"] and list(data.labels) == [2, 0, 1]
     assert list(data.domain_of_row) == [1, 0, 1]

@@ -1,4 +1,5 @@
 """Two CPU processes (gloo) on the same global batch train the same model as one process."""
+
 import json
 
 import pytest
@@ -10,8 +11,23 @@ from conftest import ROOT, run_processes
 
 def run_recipe(output_dir, nproc, *extra):
     """Run recipes/train.py under torchrun with ``nproc`` CPU processes (1 = plain python)."""
-    args = ["--backbone", "test_resnet", "--steps", "6", "--eval-every", "3", "--batch-size", "8", "--log-with",
-            "none", "--num-workers", "0", "--output-dir", str(output_dir), *extra]
+    args = [
+        "--backbone",
+        "test_resnet",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--batch-size",
+        "8",
+        "--log-with",
+        "none",
+        "--num-workers",
+        "0",
+        "--output-dir",
+        str(output_dir),
+        *extra,
+    ]
     run_processes(nproc, [ROOT / "recipes" / "train.py", *args])
     return json.loads((output_dir / "results.json").read_text())
 

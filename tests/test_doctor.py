@@ -1,4 +1,5 @@
 """`dgzoo doctor` against the local Hub server: token found or not (never its value), write access, offline."""
+
 import subprocess
 import sys
 
@@ -9,8 +10,13 @@ from dgzoo.cli.doctor import format_checks, hub_checks, launch_processes, write_
 
 
 def doctor(server, hf_home, token=True, **env):
-    proc = subprocess.run([sys.executable, "-m", "dgzoo.cli", "doctor"], capture_output=True, text=True, timeout=120,
-                          env=server.env(hf_home, token=token, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dgzoo.cli", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=server.env(hf_home, token=token, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env),
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -79,8 +85,18 @@ def test_launch_process_count_follows_accelerates_rule():
 
 def test_fine_grained_token_needs_repo_write_in_its_namespace():
     def me(permissions):
-        return {"name": "ann", "orgs": [], "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {
-            "scoped": [{"entity": {"type": "user", "name": "ann"}, "permissions": permissions}]}}}}
+        return {
+            "name": "ann",
+            "orgs": [],
+            "auth": {
+                "accessToken": {
+                    "role": "fineGrained",
+                    "fineGrained": {
+                        "scoped": [{"entity": {"type": "user", "name": "ann"}, "permissions": permissions}]
+                    },
+                }
+            },
+        }
 
     assert write_access(me(["repo.content.read", "repo.write"]))[0] is True
     assert write_access(me(["repo.content.read"])) == (False, "fine-grained token of ann without repo.write on ann/")

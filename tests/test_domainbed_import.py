@@ -1,5 +1,6 @@
 """dgzoo report on DomainBed sweep output: run directories laid out as DomainBed's train.py writes them give the
 same tables as dgzoo runs holding the same evaluations, under all three selection methods."""
+
 import hashlib
 import json
 from pathlib import Path
@@ -18,8 +19,10 @@ HELD_OUT = [(e,) for e in range(4)] + [(a, b) for a in range(4) for b in range(a
 def evaluations(seed: int):
     """Per step, every environment's (in, out) accuracy: arbitrary but fixed numbers."""
     rng = np.random.RandomState(seed)
-    return [(step, [(round(float(rng.uniform(0.3, 0.95)), 4), round(float(rng.uniform(0.3, 0.95)), 4))
-                    for _ in PACS]) for step in STEPS]
+    return [
+        (step, [(round(float(rng.uniform(0.3, 0.95)), 4), round(float(rng.uniform(0.3, 0.95)), 4)) for _ in PACS])
+        for step in STEPS
+    ]
 
 
 def grid():
@@ -33,20 +36,49 @@ def grid():
 
 def write_domainbed_run(root: Path, test_envs, hp, trial, lr, evals, done=True):
     """A run directory exactly as DomainBed's scripts/train.py leaves it (sweep.py names it by the args' md5)."""
-    args = {"algorithm": "ERM", "checkpoint_freq": 300, "data_dir": "/data", "dataset": "PACS", "holdout_fraction": 0.2,
-            "hparams": None, "hparams_seed": hp, "output_dir": "", "save_model_every_checkpoint": False,
-            "seed": 12345 + hp + trial, "skip_model_save": False, "steps": 601, "task": "domain_generalization",
-            "test_envs": test_envs, "trial_seed": trial, "uda_holdout_fraction": 0}
+    args = {
+        "algorithm": "ERM",
+        "checkpoint_freq": 300,
+        "data_dir": "/data",
+        "dataset": "PACS",
+        "holdout_fraction": 0.2,
+        "hparams": None,
+        "hparams_seed": hp,
+        "output_dir": "",
+        "save_model_every_checkpoint": False,
+        "seed": 12345 + hp + trial,
+        "skip_model_save": False,
+        "steps": 601,
+        "task": "domain_generalization",
+        "test_envs": test_envs,
+        "trial_seed": trial,
+        "uda_holdout_fraction": 0,
+    }
     name = hashlib.md5(json.dumps(args, sort_keys=True).encode()).hexdigest()
     out = root / name
     args["output_dir"] = str(out)
     out.mkdir(parents=True)
-    hparams = {"batch_size": 32, "class_balanced": False, "data_augmentation": True, "lr": lr, "nonlinear_classifier":
-               False, "resnet18": False, "resnet_dropout": 0.0, "weight_decay": 0.0}
+    hparams = {
+        "batch_size": 32,
+        "class_balanced": False,
+        "data_augmentation": True,
+        "lr": lr,
+        "nonlinear_classifier": False,
+        "resnet18": False,
+        "resnet_dropout": 0.0,
+        "weight_decay": 0.0,
+    }
     with open(out / "results.jsonl", "w") as f:
         for step, accs in evals:
-            record = {"step": step, "epoch": step / 50.0, "loss": 0.5, "mem_gb": 4.2, "step_time": 0.3,
-                      "hparams": hparams, "args": args}
+            record = {
+                "step": step,
+                "epoch": step / 50.0,
+                "loss": 0.5,
+                "mem_gb": 4.2,
+                "step_time": 0.3,
+                "hparams": hparams,
+                "args": args,
+            }
             for i, (acc_in, acc_out) in enumerate(accs):
                 record[f"env{i}_in_acc"], record[f"env{i}_out_acc"] = acc_in, acc_out
             f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -63,15 +95,27 @@ def write_dgzoo_run(root: Path, name: str, test_envs, hp, trial, lr, evals):
     out = root / name
     out.mkdir(parents=True)
     targets = [PACS[e] for e in test_envs]
-    results = {"dataset": {"name": "pacs", "title": "PACS"}, "algorithm": "erm", "backbone": "resnet50",
-               "pretrained": True, "steps": 600, "seed": 12345 + hp + trial, "split_seed": trial,
-               "source_domains": [d for d in PACS if d not in targets], "target_domains": targets,
-               "accuracy": {d: 0.0 for d in PACS}, "hparams": {"lr": lr}}
+    results = {
+        "dataset": {"name": "pacs", "title": "PACS"},
+        "algorithm": "erm",
+        "backbone": "resnet50",
+        "pretrained": True,
+        "steps": 600,
+        "seed": 12345 + hp + trial,
+        "split_seed": trial,
+        "source_domains": [d for d in PACS if d not in targets],
+        "target_domains": targets,
+        "accuracy": {d: 0.0 for d in PACS},
+        "hparams": {"lr": lr},
+    }
     (out / "results.json").write_text(json.dumps(results))
     (out / "train_config.json").write_text("{}")
-    (out / "records.jsonl").write_text("".join(
-        json.dumps({"step": step, "acc": {d: {"in": a, "out": b} for d, (a, b) in zip(PACS, accs)}}) + "\n"
-        for step, accs in evals))
+    (out / "records.jsonl").write_text(
+        "".join(
+            json.dumps({"step": step, "acc": {d: {"in": a, "out": b} for d, (a, b) in zip(PACS, accs)}}) + "\n"
+            for step, accs in evals
+        )
+    )
 
 
 @pytest.fixture
@@ -88,8 +132,10 @@ def both(tmp_path):
 
 
 def cells(report, rename=None):
-    return [(t.method, t.dataset, t.title, t.columns, {(rename or {}).get(r, r): c for r, c in t.rows.items()})
-            for t in report.tables]
+    return [
+        (t.method, t.dataset, t.title, t.columns, {(rename or {}).get(r, r): c for r, c in t.rows.items()})
+        for t in report.tables
+    ]
 
 
 def test_domainbed_runs_give_the_same_tables_as_the_matching_dgzoo_runs(both):
@@ -98,11 +144,19 @@ def test_domainbed_runs_give_the_same_tables_as_the_matching_dgzoo_runs(both):
     assert len(runs) == 40 and notes == []
     run = next(r for r in runs if r.targets == ("sketch",) and r.trial == "1" and r.hparams_seed == 1)
     assert run.dataset == "pacs" and run.domains == PACS and run.sources == PACS[:3]
-    assert run.records[1]["acc"]["cartoon"] == {"in": evaluations(1100 + 39)[1][1][1][0],
-                                                "out": evaluations(1100 + 39)[1][1][1][1]}
+    assert run.records[1]["acc"]["cartoon"] == {
+        "in": evaluations(1100 + 39)[1][1][1][0],
+        "out": evaluations(1100 + 39)[1][1][1][1],
+    }
     ours, theirs = report_dirs([dgzoo]), report_dirs([domainbed])
-    assert [t.method for t in theirs.tables] == ["training_domain_validation", "training_domain_validation",
-                                                 "leave_one_domain_out", "leave_one_domain_out", "oracle", "oracle"]
+    assert [t.method for t in theirs.tables] == [
+        "training_domain_validation",
+        "training_domain_validation",
+        "leave_one_domain_out",
+        "leave_one_domain_out",
+        "oracle",
+        "oracle",
+    ]
     assert cells(theirs, {"ERM": "erm"}) == cells(ours)
     assert theirs.tables[0].columns == [*PACS, "Avg"] and theirs.tables[0].rows["ERM"][0].n == 2
 
@@ -112,8 +166,9 @@ def test_domainbed_and_dgzoo_runs_share_one_table(both, capsys):
     assert main(["report", str(domainbed), str(dgzoo), "--format", "csv"]) == 0
     rows = capsys.readouterr().out.splitlines()
     mine = {tuple(r.split(",")[i] for i in (0, 1, 3)): r.split(",")[4:] for r in rows if ",erm (resnet50)," in r}
-    theirs = {tuple(r.split(",")[i] for i in (0, 1, 3)): r.split(",")[4:] for r in rows
-              if ",ERM (DomainBed ResNet-50)," in r}
+    theirs = {
+        tuple(r.split(",")[i] for i in (0, 1, 3)): r.split(",")[4:] for r in rows if ",ERM (DomainBed ResNet-50)," in r
+    }
     assert len(mine) == 3 * (5 + 2) and mine == theirs  # same cells, two rows of one table
 
 
@@ -124,11 +179,13 @@ def test_unfinished_domainbed_runs_are_skipped_and_top_hparams_lists_the_choice(
     assert len(runs) == 40 and notes == ["1 unfinished run(s) skipped"]
     listing = top_hparams([domainbed], ["training_domain_validation"]).splitlines()
     assert listing[0] == "# training-domain validation set"
-    block = listing[listing.index("pacs ERM held-out art_painting") + 1:][:4]
+    block = listing[listing.index("pacs ERM held-out art_painting") + 1 :][:4]
     picks = report_dirs([dgzoo], ["training_domain_validation"]).picks["training_domain_validation"]
     for trial in (0, 1):
         pick = picks[("pacs", "erm", ("art_painting",), str(trial))]
         line, values = block[2 * trial], block[2 * trial + 1]
-        assert line.startswith(f"  trial {trial}: hp{pick.run.hparams_seed} val {100 * pick.val:.1f} "
-                               f"test {100 * pick.test:.1f} step {pick.step}  {domainbed}")
+        assert line.startswith(
+            f"  trial {trial}: hp{pick.run.hparams_seed} val {100 * pick.val:.1f} "
+            f"test {100 * pick.test:.1f} step {pick.step}  {domainbed}"
+        )
         assert f"lr={5e-5 * (pick.run.hparams_seed + 1):.4g}" in values and "resnet18=False" in values

@@ -1,5 +1,6 @@
 """`dgzoo train --dry-run`: the plan of a run, written nowhere, equal to what the real run records; and the
 derived values (image size and its source, the upsampling warning) every run states in its first log line."""
+
 import json
 
 import pytest
@@ -50,12 +51,33 @@ def test_train_refuses_a_dry_run_config(tmp_path):
 
 def test_cli_dry_run_prints_the_plan(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    assert main(["train", "--dry-run", "--backbone", "test_resnet", "--steps", "20", "--batch-size", "4",
-                 "--eval-every", "10", "--output-dir", str(out_dir), "--log-with", "none"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dry-run",
+                "--backbone",
+                "test_resnet",
+                "--steps",
+                "20",
+                "--batch-size",
+                "4",
+                "--eval-every",
+                "10",
+                "--output-dir",
+                str(out_dir),
+                "--log-with",
+                "none",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
-    assert text.startswith("dry run: nothing was trained or written\nderived: image size 32 (the registry entry of "
-                           "rotated-digits: its native size) | augment none (--augment auto: the registry default "
-                           "of rotated-digits) | target domains 75 (the registry default of rotated-digits)")
+    assert text.startswith(
+        "dry run: nothing was trained or written\nderived: image size 32 (the registry entry of "
+        "rotated-digits: its native size) | augment none (--augment auto: the registry default "
+        "of rotated-digits) | target domains 75 (the registry default of rotated-digits)"
+    )
     assert "evaluate every 10 steps (2 evaluations, steps 10 .. 20)" in text and "estimate   about" in text
     assert not out_dir.exists()
 
@@ -64,8 +86,9 @@ def test_small_images_without_registry_entry_train_at_their_own_size(tmp_path):
     root = make_folders(tmp_path / "small", side=16, per_class=(4, 4))
     plan = plan_run(tiny_config(tmp_path, dataset=str(root), target_domains=["c"]))
     assert plan.image_size == 16 and plan.warnings == []
-    assert plan.derived["image_size"]["source"] == ("the images: 16x16, 8 sampled per domain; small, and the "
-                                                    "backbone trains from scratch")
+    assert plan.derived["image_size"]["source"] == (
+        "the images: 16x16, 8 sampled per domain; small, and the backbone trains from scratch"
+    )
     pretrained = plan_run(tiny_config(tmp_path, dataset=str(root), target_domains=["c"], pretrained=True))
     assert pretrained.image_size is None and pretrained.warnings == []  # pretrained features: the backbone's size
     given = plan_run(tiny_config(tmp_path, dataset=str(root), target_domains=["c"], image_size=24))
@@ -77,12 +100,15 @@ def test_upsampling_warning_and_first_log_line_and_card_samples(tmp_path):
     cfg = tiny_config(tmp_path, dataset=str(root), target_domains=["c"], steps=1, eval_every=1, batch_size=2)
     train(cfg)
     log = (tmp_path / "run" / "train.log").read_text().splitlines()
-    assert ("INFO derived: image size the backbone's (the backbone's default input size, 160; the images: 72x72"
-            in log[0])
+    assert (
+        "INFO derived: image size the backbone's (the backbone's default input size, 160; the images: 72x72" in log[0]
+    )
     assert "augment domainbed (--augment auto: DomainBed's augmentation, the dataset has no registry entry)" in log[0]
-    assert log[1].endswith("warning: the from-scratch backbone test_resnet enlarges the 72-pixel images to 160 (5x "
-                           "the pixels per image, and about as much compute); pass --image-size 72 to train at the "
-                           "images' own size")
+    assert log[1].endswith(
+        "warning: the from-scratch backbone test_resnet enlarges the 72-pixel images to 160 (5x "
+        "the pixels per image, and about as much compute); pass --image-size 72 to train at the "
+        "images' own size"
+    )
     with Image.open(tmp_path / "run" / "samples_per_domain.png") as sheet:
         assert sheet.size == (686, 258)  # three domains, one row each
     card = (tmp_path / "run" / "README.md").read_text()
@@ -99,11 +125,18 @@ def test_the_issue_case_a_saved_32_pixel_dataset_trains_resnet18_at_32(tmp_path)
     images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)) for _ in range(5 * 6)]
     table = datasets.Dataset.from_dict(
         {"image": images, "label": [i % 2 for i in range(30)], "domain": [domains[i // 6] for i in range(30)]},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"]),
-                                    "domain": datasets.Value("string")}))
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "label": datasets.ClassLabel(names=["a", "b"]),
+                "domain": datasets.Value("string"),
+            }
+        ),
+    )
     table.save_to_disk(str(tmp_path / "my_set"))
-    plan = plan_run(tiny_config(tmp_path, dataset=str(tmp_path / "my_set"), target_domains=["noisy"],
-                                backbone="resnet18"))
+    plan = plan_run(
+        tiny_config(tmp_path, dataset=str(tmp_path / "my_set"), target_domains=["noisy"], backbone="resnet18")
+    )
     assert plan.image_size == 32 and plan.warnings == [] and plan.protocol.targets == ("noisy",)
     assert plan.derived["image_size"]["source"].startswith("the images: 32x32")
 
@@ -126,13 +159,36 @@ def test_cli_dry_run_ends_the_process_once_printed(tmp_path):
     import sys
     from pathlib import Path
 
-    code = ("import atexit, sys; atexit.register(lambda: print('TEARDOWN', flush=True)); "
-            "from dgzoo.cli import main; sys.exit(main())")
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('TEARDOWN', flush=True)); "
+        "from dgzoo.cli import main; sys.exit(main())"
+    )
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", code, "train", "--dry-run", "--backbone", "test_resnet", "--steps",
-                           "4", "--batch-size", "4", "--output-dir", str(tmp_path / "run"), "--log-with", "none"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False,
-                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "train",
+            "--dry-run",
+            "--backbone",
+            "test_resnet",
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--log-with",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("dry run: nothing was trained or written") and "estimate   about" in done.stdout
     assert "TEARDOWN" not in done.stdout and not (tmp_path / "run").exists()

@@ -1,4 +1,5 @@
 """End to end: a short run produces the contracted run directory, reloads in plain timm, and resumes exactly."""
+
 import json
 import subprocess
 import sys
@@ -11,14 +12,37 @@ from conftest import plain_timm_logits, subprocess_env, tiny_config
 from dgzoo.errors import DGZooError
 from dgzoo.training.engine import train
 
-RESULT_KEYS = {"algorithm", "backbone", "dataset", "protocol", "source_domains", "target_domains", "seed", "steps",
-               "selection", "accuracy", "target_accuracy", "hparams", "timing", "dgzoo_version"}
+RESULT_KEYS = {
+    "algorithm",
+    "backbone",
+    "dataset",
+    "protocol",
+    "source_domains",
+    "target_domains",
+    "seed",
+    "steps",
+    "selection",
+    "accuracy",
+    "target_accuracy",
+    "hparams",
+    "timing",
+    "dgzoo_version",
+}
 
 
 def test_run_directory_follows_the_contract(trained_run):
     run_dir, results = trained_run
-    for name in ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",
-                 "records.jsonl", "accuracy_per_domain.png", "training_curves.png", "train.log"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "results.json",
+        "train_config.json",
+        "records.jsonl",
+        "accuracy_per_domain.png",
+        "training_curves.png",
+        "train.log",
+    ):
         assert (run_dir / name).is_file(), name
     # the default keeps two checkpoints, so a corrupt newest one has an intact fallback
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_12", "step_6"]
@@ -45,8 +69,10 @@ def test_exported_weights_are_the_selected_step(trained_run):
     step = results["selection"]["step"]
     exported = load_file(run_dir / "model.safetensors")
     # The checkpoint holds the whole algorithm module: the timm network under "network." (+ any added modules).
-    final = {k.removeprefix("network."): v for k, v in
-             load_file(run_dir / "checkpoints" / "step_12" / "model.safetensors").items()}
+    final = {
+        k.removeprefix("network."): v
+        for k, v in load_file(run_dir / "checkpoints" / "step_12" / "model.safetensors").items()
+    }
     same = all(torch.equal(exported[k], final[k]) for k in exported)
     assert same == (step == 12)
     assert set(exported) == set(final)  # the export has plain timm keys, no wrapper prefix
@@ -90,7 +116,9 @@ def test_model_card_front_matter_parses_with_huggingface_hub(trained_run):
     assert result.dataset_config == "default" and result.metric_type == "accuracy"
     assert result.metric_args == {"held_out_domain": "75"}
     assert result.metric_value == pytest.approx(100 * results["accuracy"]["75"], abs=0.01)
-    assert "timm.create_model(\"local-dir:" in card.text and "![Per-domain accuracy](accuracy_per_domain.png)" in card.text
+    assert (
+        'timm.create_model("local-dir:' in card.text and "![Per-domain accuracy](accuracy_per_domain.png)" in card.text
+    )
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
@@ -124,22 +152,28 @@ def test_an_existing_run_is_never_overwritten_silently(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["seed"] == 1
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"backbone": "resnet5O"}, "unknown backbone 'resnet5O' (did you mean: resnet50"),
-    ({"target_domains": ["90"]}, "unknown domain '90'"),
-    ({"target_domains": ["0", "15", "30", "45", "60", "75"]}, "leaves no source"),
-    ({"algorithm": "ernm"}, "unknown algorithm 'ernm' (did you mean: erm"),
-    ({"hparams": {"alpha": 1}}, "unknown hparam 'alpha' for erm"),
-    ({"dataset": "no/such-local-dir/../x"}, "not a registry name"),
-    # Checks that need the backbone run on its meta-device copy, before the run directory exists.
-    ({"algorithm": "erm+iu", "hparams": {"iu.layer": "layer9"}}, "iu.layer='layer9' is not a module"),
-    ({"algorithm": "erm+iu", "hparams": {"iu.include_head": True, "iu.layer": "layer3"}}, "needs iu.layer=auto"),
-    ({"algorithm": "equilibrium", "source_domains": ["0"], "hparams": {"domains": "sources"}}, "at least 2 domains"),
-    ({"algorithm": "equilibrium", "mixed_precision": "fp16"}, "use --mixed-precision bf16"),
-    ({"algorithm": "equilibrium", "grad_accumulation": 2}, "applies to loss hosts"),
-    ({"batch_size": 8, "grad_accumulation": 3}, "divisible by --grad-accumulation"),
-    ({"lr": float("nan")}, "--lr"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"backbone": "resnet5O"}, "unknown backbone 'resnet5O' (did you mean: resnet50"),
+        ({"target_domains": ["90"]}, "unknown domain '90'"),
+        ({"target_domains": ["0", "15", "30", "45", "60", "75"]}, "leaves no source"),
+        ({"algorithm": "ernm"}, "unknown algorithm 'ernm' (did you mean: erm"),
+        ({"hparams": {"alpha": 1}}, "unknown hparam 'alpha' for erm"),
+        ({"dataset": "no/such-local-dir/../x"}, "not a registry name"),
+        # Checks that need the backbone run on its meta-device copy, before the run directory exists.
+        ({"algorithm": "erm+iu", "hparams": {"iu.layer": "layer9"}}, "iu.layer='layer9' is not a module"),
+        ({"algorithm": "erm+iu", "hparams": {"iu.include_head": True, "iu.layer": "layer3"}}, "needs iu.layer=auto"),
+        (
+            {"algorithm": "equilibrium", "source_domains": ["0"], "hparams": {"domains": "sources"}},
+            "at least 2 domains",
+        ),
+        ({"algorithm": "equilibrium", "mixed_precision": "fp16"}, "use --mixed-precision bf16"),
+        ({"algorithm": "equilibrium", "grad_accumulation": 2}, "applies to loss hosts"),
+        ({"batch_size": 8, "grad_accumulation": 3}, "divisible by --grad-accumulation"),
+        ({"lr": float("nan")}, "--lr"),
+    ],
+)
 def test_bad_input_fails_before_anything_is_written(tmp_path, overrides, message):
     cfg = tiny_config(tmp_path, **overrides)
     with pytest.raises(DGZooError) as e:
@@ -154,8 +188,12 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
 
 
 def test_cli_reports_bad_input_as_one_line_and_exit_code_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dgzoo.cli", "train", "--backbone", "resnet5O", "--output-dir",
-                           str(tmp_path / "run")], capture_output=True, text=True, env=subprocess_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "dgzoo.cli", "train", "--backbone", "resnet5O", "--output-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("dgzoo: error: unknown backbone 'resnet5O'")

@@ -1,5 +1,6 @@
 """Domain Gradient Equilibrium: the identities of the research note (section 1.5), hand-computed projections and
 reweighting, the per-domain update schedules, a single-source run, recipes, and two gloo processes."""
+
 import copy
 import json
 import sys
@@ -29,8 +30,9 @@ def make_batches(k=3, b=8, seed=0):
 def test_projection_by_hand():
     coefficients, fired = adjust_residuals(gram(RESIDUALS), alpha=0.5)
     # s~1 = s1 - (3/5) s2 = (0.8, 1.6); s~2 = s2 - (3/5) s1 = (0.8, -1.6); s3 has negative cosines and stays.
-    assert torch.allclose(coefficients @ RESIDUALS, torch.tensor([[0.8, 1.6], [0.8, -1.6], [-4.0, 0.0]],
-                                                                 dtype=torch.float64))
+    assert torch.allclose(
+        coefficients @ RESIDUALS, torch.tensor([[0.8, 1.6], [0.8, -1.6], [-4.0, 0.0]], dtype=torch.float64)
+    )
     assert fired.tolist() == [[False, True, False], [True, False, False], [False, False, False]]
     _, strict = adjust_residuals(gram(RESIDUALS), alpha=0.6)  # cos = 0.6 exactly: strict '>' does not fire
     assert not strict.any()
@@ -99,8 +101,7 @@ def test_updates_by_hand_and_the_collapse_to_the_summed_gradient():
     assert decided.shift < 1e-5
     original, decided_o = equilibrium_updates(GRADS, residual="original", pgd_tol=1e-12)
     # d_k = g_k - w_k s_k: (1,1), (1,1), (-1.4,1): summed, 0.8 away from the mean gradient's (1, 1) per domain
-    assert torch.allclose(original, torch.tensor([[1.0, 1.0], [1.0, 1.0], [-1.4, 1.0]], dtype=torch.float64),
-                          atol=1e-5)
+    assert torch.allclose(original, torch.tensor([[1.0, 1.0], [1.0, 1.0], [-1.4, 1.0]], dtype=torch.float64), atol=1e-5)
     assert decided_o.shift == pytest.approx(0.8, abs=1e-5)
 
 
@@ -109,8 +110,13 @@ def equilibrium_and_reference(hparams, momentum=0.0):
     torch.manual_seed(0)
     model = create_backbone("test_resnet", num_classes=5).eval()  # fixed BatchNorm: replays see the same model
     reference = copy.deepcopy(model)
-    algorithm = create_algorithm("equilibrium", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.05,
-                                                                        momentum=momentum), hparams=hparams)
+    algorithm = create_algorithm(
+        "equilibrium",
+        model,
+        3,
+        make_optimizer=lambda g: torch.optim.SGD(g, lr=0.05, momentum=momentum),
+        hparams=hparams,
+    )
     return algorithm, model, reference
 
 
@@ -143,8 +149,9 @@ def test_one_optimizer_step_per_domain(updates):
 
 
 def test_mean_update_collapses_to_the_mean_gradient():
-    algorithm, model, reference = equilibrium_and_reference({"alpha": -1.0, "updates": "mean", "pgd_tol": 1e-9,
-                                                              "pgd_steps": 20_000})
+    algorithm, model, reference = equilibrium_and_reference(
+        {"alpha": -1.0, "updates": "mean", "pgd_tol": 1e-9, "pgd_steps": 20_000}
+    )
     batches = make_batches()
     grads, _ = per_domain_gradients(reference, batches, FlatParams.of(reference))
     before = FlatParams.of(model).values()
@@ -156,8 +163,19 @@ def test_mean_update_collapses_to_the_mean_gradient():
 def test_diagnostics_summary_and_resume_state():
     algorithm, _, _ = equilibrium_and_reference({})
     metrics = [algorithm.update(make_batches(seed=s), step=s) for s in range(2)]
-    assert {"loss", "projection_rate", "projected", "max_cosine", "residual_norm", "specific_norm",
-            "update_vs_mean", "pgd_iters", "w_0", "w_1", "w_2"} <= set(metrics[0])
+    assert {
+        "loss",
+        "projection_rate",
+        "projected",
+        "max_cosine",
+        "residual_norm",
+        "specific_norm",
+        "update_vs_mean",
+        "pgd_iters",
+        "w_0",
+        "w_1",
+        "w_2",
+    } <= set(metrics[0])
     summary = algorithm.summary()["equilibrium"]
     assert summary["steps"] == 2
     assert summary["projection_rate"] == pytest.approx(sum(m["projection_rate"] for m in metrics) / 2)
@@ -169,8 +187,9 @@ def test_diagnostics_summary_and_resume_state():
 def test_single_source_run_uses_randaugment_views_and_reports_diagnostics(tmp_path):
     from dgzoo.training.engine import train
 
-    results = train(tiny_config(tmp_path, algorithm="equilibrium", source_domains=["0"], steps=3, eval_every=3,
-                                batch_size=4))
+    results = train(
+        tiny_config(tmp_path, algorithm="equilibrium", source_domains=["0"], steps=3, eval_every=3, batch_size=4)
+    )
     assert results["protocol"] == "single-source" and results["hparams"]["views"] == 3
     diagnostics = results["diagnostics"]["equilibrium"]
     assert diagnostics["steps"] == 3 and 0.0 <= diagnostics["projection_rate"] <= 1.0
@@ -202,8 +221,12 @@ def test_randaugment_recipe_augmentation_for_the_erm_baseline():
 
 @pytest.mark.parametrize("name", ["pacs", "vlcs", "office_home", "rotated_digits"])
 def test_recipes_follow_the_paper_settings(name):
-    cfg = TrainConfig.from_yaml(ROOT / "recipes" / "configs" / (
-        f"{name}_resnet18_equilibrium.yaml" if name != "rotated_digits" else "rotated_digits_equilibrium.yaml"))
+    cfg = TrainConfig.from_yaml(
+        ROOT
+        / "recipes"
+        / "configs"
+        / (f"{name}_resnet18_equilibrium.yaml" if name != "rotated_digits" else "rotated_digits_equilibrium.yaml")
+    )
     cfg.validate()
     hparams = resolve_hparams(cfg.algorithm, cfg.hparams)["equilibrium"]
     assert (hparams["views"], hparams["random_ops"], hparams["alpha"]) == (3, 2, 0.5)
@@ -234,7 +257,7 @@ def _distributed_worker(out_dir: Path) -> None:
     freeze_batchnorm(model)  # per-process batch statistics would differ from the global batch's
     batches = make_batches(b=8)
     share = 8 // world
-    local = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]) for x, y in batches]
+    local = [(x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]) for x, y in batches]
     report = {}
     expected, expected_losses = per_domain_gradients(model, batches, FlatParams.of(model), Runtime())
     for method in ("loop", "vmap"):
@@ -246,8 +269,16 @@ def _distributed_worker(out_dir: Path) -> None:
         algorithms = []
         for net, rt in zip(nets, (runtime, Runtime())):
             torch.manual_seed(1)  # the same random stream for the 2-process and the 1-process algorithm
-            algorithms.append(create_algorithm(name, net, 3, hparams, runtime=rt, make_optimizer=lambda g: torch.optim.SGD(
-                g, lr=0.05, momentum=0.9)))
+            algorithms.append(
+                create_algorithm(
+                    name,
+                    net,
+                    3,
+                    hparams,
+                    runtime=rt,
+                    make_optimizer=lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.9),
+                )
+            )
         for step in range(2):
             algorithms[0].update(local, step)
             algorithms[1].update(batches, step)
@@ -291,8 +322,9 @@ def two_domain_algorithm(hparams, lr=0.05, momentum=0.0):
     torch.manual_seed(0)
     model = create_backbone("test_resnet", num_classes=5).eval()
     reference = copy.deepcopy(model)
-    algorithm = create_algorithm("equilibrium", model, 2, make_optimizer=lambda g: torch.optim.SGD(
-        g, lr=lr, momentum=momentum), hparams=hparams)
+    algorithm = create_algorithm(
+        "equilibrium", model, 2, make_optimizer=lambda g: torch.optim.SGD(g, lr=lr, momentum=momentum), hparams=hparams
+    )
     return algorithm, model, reference
 
 
@@ -311,8 +343,9 @@ def test_the_algorithm_carries_w_across_iterations_only_when_persistent():
         assert metrics["w_0"] == pytest.approx(expected) and metrics["w_1"] == pytest.approx(expected)
         assert metrics["w_deviation"] == pytest.approx(1 - expected)
         moved = before - FlatParams.of(model).values()
-        assert torch.allclose(moved, 0.05 * (2.9 * g_inv + 1.9 * (1 - expected) * s_1 - (1 - expected) * s_1),
-                              atol=1e-6)
+        assert torch.allclose(
+            moved, 0.05 * (2.9 * g_inv + 1.9 * (1 - expected) * s_1 - (1 - expected) * s_1), atol=1e-6
+        )
         assert algorithm.state_dict()["host"]["weights"] == pytest.approx([expected, expected])
     assert s_1.norm() > 0.1 * g_inv.norm()  # the persistent term is not negligible
 

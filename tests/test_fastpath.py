@@ -1,6 +1,7 @@
 """The GPU fast path (``--channels-last``, ``--compile``, CUDA's fast math): recipe fields with one meaning on every
 launcher, the same weights as eager training within float tolerance, and a one-line refusal, before anything is
 written, for algorithms a compiled network would silently change."""
+
 import copy
 import shlex
 
@@ -22,20 +23,38 @@ from dgzoo.training.fastpath import compile_network, configure_cuda
 # layouts and kernels; BatchNorm over digit images (channels of near-constant background) amplifies it, so one step
 # leaves differences up to ~4e-4 on the first convolution: the tolerance is 1e-3. The float64 comparison below
 # checks the same computation to 1e-9.
-RUN = dict(backbone="test_resnet", steps=1, eval_every=1, batch_size=8, optimizer="sgd", lr=0.05, log_with="none",
-           num_workers=0, target_domains=["75"], overwrite=True)
+RUN = dict(
+    backbone="test_resnet",
+    steps=1,
+    eval_every=1,
+    batch_size=8,
+    optimizer="sgd",
+    lr=0.05,
+    log_with="none",
+    num_workers=0,
+    target_domains=["75"],
+    overwrite=True,
+)
 
 
 def batches(step, domains=2, batch=4, size=16):
     g = torch.Generator().manual_seed(step)
-    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g))
-            for _ in range(domains)]
+    return [
+        (torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g))
+        for _ in range(domains)
+    ]
 
 
 def tiny_network():
     """Convolution, BatchNorm, pooling and a linear head: the smallest network inductor compiles in seconds."""
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 10),
+    )
 
 
 def trained(spec, compiled=None, channels_last=False, steps=2, dtype=torch.float32, make=None):
@@ -43,8 +62,9 @@ def trained(spec, compiled=None, channels_last=False, steps=2, dtype=torch.float
     network = (make or (lambda: create_backbone("test_resnet", num_classes=10)))().to(dtype)
     if channels_last:
         network.to(memory_format=torch.channels_last)
-    algorithm = create_algorithm(spec, network, 2, {}, num_classes=10,
-                                 make_optimizer=lambda g: torch.optim.SGD(g, lr=0.05))
+    algorithm = create_algorithm(
+        spec, network, 2, {}, num_classes=10, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.05)
+    )
     if compiled:
         compile_network(network, compiled)
     for step in range(steps):
@@ -66,15 +86,17 @@ def assert_close(a, b, atol):
 
 def test_channels_last_computes_what_the_default_layout_computes():
     # In float64 the two layouts agree to rounding after several steps; in float32 after one (see RUN).
-    assert_close(trained("erm", channels_last=True, steps=3, dtype=torch.float64),
-                 trained("erm", steps=3, dtype=torch.float64), atol=1e-9)
+    assert_close(
+        trained("erm", channels_last=True, steps=3, dtype=torch.float64),
+        trained("erm", steps=3, dtype=torch.float64),
+        atol=1e-9,
+    )
 
 
 def test_the_channels_last_flag_trains_and_exports_the_eager_weights(tmp_path, monkeypatch):
     layouts = []
     apply = engine.apply_memory_format
-    monkeypatch.setattr(engine, "apply_memory_format",
-                        lambda network, on: layouts.append(on) or apply(network, on))
+    monkeypatch.setattr(engine, "apply_memory_format", lambda network, on: layouts.append(on) or apply(network, on))
     engine.train(TrainConfig.from_dict({**RUN, "output_dir": str(tmp_path / "eager")}))
     engine.train(TrainConfig.from_dict({**RUN, "output_dir": str(tmp_path / "cl"), "channels_last": True}))
     assert layouts == [False, True]
@@ -87,21 +109,23 @@ def test_the_channels_last_flag_trains_and_exports_the_eager_weights(tmp_path, m
 def test_the_compile_flag_trains_and_exports_the_eager_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(fastpath, "COMPILE_BACKEND", "aot_eager")  # the graphs --compile runs, eager kernels
     compiled = []
-    monkeypatch.setattr(engine, "compile_network", lambda network: compiled.append(network) or
-                        compile_network(network))
-    engine.train(TrainConfig.from_dict({**RUN, "output_dir": str(tmp_path / "compiled"), "compile": True,
-                                        "algorithm": "coral"}))  # features and head: compiled too
+    monkeypatch.setattr(engine, "compile_network", lambda network: compiled.append(network) or compile_network(network))
+    engine.train(
+        TrainConfig.from_dict({**RUN, "output_dir": str(tmp_path / "compiled"), "compile": True, "algorithm": "coral"})
+    )  # features and head: compiled too
     engine.train(TrainConfig.from_dict({**RUN, "output_dir": str(tmp_path / "coral"), "algorithm": "coral"}))
     assert len(compiled) == 1 and isinstance(compiled[0].forward_features, fastpath.CompiledMethod)
-    assert_close(load_file(tmp_path / "compiled" / "model.safetensors"),
-                 load_file(tmp_path / "coral" / "model.safetensors"), atol=1e-5)
+    assert_close(
+        load_file(tmp_path / "compiled" / "model.safetensors"),
+        load_file(tmp_path / "coral" / "model.safetensors"),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.slow
 def test_inductor_compiled_training_gives_the_eager_weights():
     """torch.compile's real backend (generated C++ kernels on CPU): one tiny network, two steps."""
-    assert_close(trained("erm", compiled="inductor", make=tiny_network), trained("erm", make=tiny_network),
-                 atol=1e-5)
+    assert_close(trained("erm", compiled="inductor", make=tiny_network), trained("erm", make=tiny_network), atol=1e-5)
 
 
 def test_a_deep_copy_of_a_compiled_network_computes_with_its_own_weights():
@@ -115,8 +139,12 @@ def test_a_deep_copy_of_a_compiled_network_computes_with_its_own_weights():
     x = torch.randn(2, 3, 16, 16)
     for method in ("__call__", "forward_features"):
         assert not torch.allclose(getattr(clone, method)(x), getattr(network, method)(x))
-    assert torch.equal(clone(x), torch.func.functional_call(
-        create_backbone("test_resnet", num_classes=10).eval(), dict(clone.state_dict()), (x,)))
+    assert torch.equal(
+        clone(x),
+        torch.func.functional_call(
+            create_backbone("test_resnet", num_classes=10).eval(), dict(clone.state_dict()), (x,)
+        ),
+    )
     assert list(network.state_dict()) == list(create_backbone("test_resnet", num_classes=10).state_dict())
 
 
@@ -133,8 +161,23 @@ def test_every_component_that_cannot_be_compiled_says_why():
 @pytest.mark.parametrize("algorithm, name", [("iga", "iga"), ("erm+mixstyle", "mixstyle")])
 def test_compile_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, algorithm, name):
     out = tmp_path / "run"
-    assert main(["train", "--algorithm", algorithm, "--compile", "--backbone", "test_resnet", "--steps", "1",
-                 "--output-dir", str(out)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--algorithm",
+                algorithm,
+                "--compile",
+                "--backbone",
+                "test_resnet",
+                "--steps",
+                "1",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"dgzoo: error: --compile cannot be used with {name}: ")
     assert err[0].endswith("; drop --compile")
@@ -145,8 +188,10 @@ def test_compile_without_a_compiler_is_refused_in_one_line(tmp_path, monkeypatch
     monkeypatch.setattr(fastpath.shutil, "which", lambda name: None)
     assert main(["train", "--compile", "--backbone", "test_resnet", "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["dgzoo: error: --compile needs a C/C++ compiler (none of g++, c++, clang++, gcc, cc is on PATH); "
-                   "install one (Debian/Ubuntu: apt-get install build-essential) or drop --compile"]
+    assert err == [
+        "dgzoo: error: --compile needs a C/C++ compiler (none of g++, c++, clang++, gcc, cc is on PATH); "
+        "install one (Debian/Ubuntu: apt-get install build-essential) or drop --compile"
+    ]
     assert not (tmp_path / "run").exists()
 
 
@@ -161,9 +206,16 @@ def test_fast_path_flags_are_recipe_fields_with_one_meaning_everywhere(tmp_path)
     from_yaml = TrainConfig.from_yaml(recipe)
     assert (from_yaml.channels_last, from_yaml.compile, from_yaml.mixed_precision) == (True, True, "bf16")
     # A sweep passes them to every run, whichever launcher starts it (the pool's and Slurm's commands included).
-    spec = SweepSpec.from_dict(dict(datasets=["rotated-digits"], algorithms=["erm"], test_domains=["0"], n_trials=1,
-                                    output_dir=str(tmp_path / "sw"),
-                                    train=dict(channels_last=True, compile=True, mixed_precision="bf16")))
+    spec = SweepSpec.from_dict(
+        dict(
+            datasets=["rotated-digits"],
+            algorithms=["erm"],
+            test_domains=["0"],
+            n_trials=1,
+            output_dir=str(tmp_path / "sw"),
+            train=dict(channels_last=True, compile=True, mixed_precision="bf16"),
+        )
+    )
     [run] = expand(spec)
     assert run.config.channels_last and run.config.compile
     words = shlex.split(train_command(run.config, pool_prefix(1, 0)))
@@ -190,8 +242,17 @@ def test_a_run_resumes_with_the_fast_path_switched_on(tmp_path):
     # differ only in them as the same run).
     out = tmp_path / "run"
     engine.train(TrainConfig.from_dict({**RUN, "steps": 1, "output_dir": str(out)}))
-    resumed = TrainConfig.from_dict({**RUN, "steps": 2, "eval_every": 1, "output_dir": str(out), "resume": True,
-                                     "overwrite": False, "channels_last": True})
+    resumed = TrainConfig.from_dict(
+        {
+            **RUN,
+            "steps": 2,
+            "eval_every": 1,
+            "output_dir": str(out),
+            "resume": True,
+            "overwrite": False,
+            "channels_last": True,
+        }
+    )
     assert engine.train(resumed)["steps"] == 2
 
 
@@ -206,8 +267,11 @@ def test_every_host_and_addon_takes_bf16_and_only_the_vmap_gradient_engine_refus
     for spec in [*ALGORITHMS, *(f"erm+{a}" for a in ADDONS)]:
         check_algorithm(spec, {}, recipe)
     # Refused when the recipe is planned (before anything is written), for the host and both GGA add-ons.
-    for spec, key in [("equilibrium", "grad_engine"), ("erm+gga", "gga.grad_engine"),
-                      ("erm+gga_l", "gga_l.grad_engine")]:
+    for spec, key in [
+        ("equilibrium", "grad_engine"),
+        ("erm+gga", "gga.grad_engine"),
+        ("erm+gga_l", "gga_l.grad_engine"),
+    ]:
         with pytest.raises(DGZooError, match="grad_engine=vmap does not support mixed precision; use grad_engine="):
             check_algorithm(spec, {key: "vmap"}, recipe)
         with pytest.raises(DGZooError, match="do not support --mixed-precision fp16"):

@@ -4,6 +4,7 @@ Each test reproduces a fault a user met (two writers in one directory, a divergi
 a corrupt image, a missing label, a one-image domain, Ctrl-C, a kill before the first checkpoint) and checks the
 one-line answer and that nothing already written is lost.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,11 +30,14 @@ from dgzoo.training.engine import train
 
 def _hold_claim(run_dir: Path) -> subprocess.Popen:
     """A separate live process holding the claim on ``run_dir`` (what a running `dgzoo train` does)."""
-    code = ("import sys, time; from dgzoo.run.claim import claim_run_dir\n"
-            "with claim_run_dir(sys.argv[1], 'dgzoo train erm'):\n"
-            "    print('held', flush=True); time.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], env=subprocess_env(), stdout=subprocess.PIPE,
-                            text=True)
+    code = (
+        "import sys, time; from dgzoo.run.claim import claim_run_dir\n"
+        "with claim_run_dir(sys.argv[1], 'dgzoo train erm'):\n"
+        "    print('held', flush=True); time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(run_dir)], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -190,8 +194,11 @@ def _image_folder(root: Path, domains: dict[str, int], corrupt: tuple[str, int] 
 def test_a_corrupt_image_is_one_line_before_anything_is_written(tmp_path, where):
     data = _image_folder(tmp_path / "data", {"a": 8, "b": 8, "c": 8}, corrupt=(where, 5))
     cfg = tiny_config(tmp_path, dataset=str(data), target_domains=["c"], image_size=16, steps=2, eval_every=2)
-    with pytest.raises(DGZooError, match=rf"image of domain '{where}', row \d+ \(file .*{where}/cat/005.png\) does "
-                                         rf"not decode .*replace or remove it"):
+    with pytest.raises(
+        DGZooError,
+        match=rf"image of domain '{where}', row \d+ \(file .*{where}/cat/005.png\) does "
+        rf"not decode .*replace or remove it",
+    ):
         train(cfg)
     assert not Path(cfg.output_dir).exists()
 
@@ -207,8 +214,10 @@ def test_a_decode_failure_during_training_names_the_image(tmp_path):
     with pytest.raises(ImageDecodeError, match=r"domain 'b', row 7 \(file .*b/dog/002.png\)") as raised:
         images[3]
     # re-raised from a DataLoader worker, the message is still our one line
-    wrapped = type(raised.value)(f"Caught ImageDecodeError in DataLoader worker process 0.\nOriginal Traceback "
-                                 f"(most recent call last):\n  File x\ndgzoo.data.verify.ImageDecodeError: {raised.value}")
+    wrapped = type(raised.value)(
+        f"Caught ImageDecodeError in DataLoader worker process 0.\nOriginal Traceback "
+        f"(most recent call last):\n  File x\ndgzoo.data.verify.ImageDecodeError: {raised.value}"
+    )
     assert str(wrapped) == str(raised.value)
 
 
@@ -219,12 +228,15 @@ def test_a_missing_label_is_refused_not_made_a_class(tmp_path):
 
     buf = io.BytesIO()
     from PIL import Image
+
     Image.new("RGB", (4, 4)).save(buf, format="PNG")
     img = {"bytes": buf.getvalue(), "path": None}
     table = datasets.Dataset.from_dict(
         {"image": [img] * 4, "label": ["cat", None, "dog", "cat"], "domain": ["a", "a", "b", "b"]},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string"),
-                                    "domain": datasets.Value("string")}))
+        features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.Value("string"), "domain": datasets.Value("string")}
+        ),
+    )
     table.to_parquet(tmp_path / "set.parquet")
     with pytest.raises(DGZooError, match=r"1 row\(s\) of label have no label in column 'label' \(first: row 1\)"):
         load_dg_dataset(str(tmp_path / "set.parquet"))
@@ -233,8 +245,11 @@ def test_a_missing_label_is_refused_not_made_a_class(tmp_path):
 def test_a_one_image_domain_is_refused_with_a_fix_that_works(tmp_path):
     data = _image_folder(tmp_path / "data", {"a": 8, "b": 3, "c": 8})
     base = dict(dataset=str(data), target_domains=["c"], image_size=16, steps=2, eval_every=2)
-    with pytest.raises(DGZooError, match=r"domain 'b' has only 3 image\(s\).*validation split empty; raise "
-                                         r"--holdout-fraction to at least 0.334"):
+    with pytest.raises(
+        DGZooError,
+        match=r"domain 'b' has only 3 image\(s\).*validation split empty; raise "
+        r"--holdout-fraction to at least 0.334",
+    ):
         train(tiny_config(tmp_path, **base))
     results = train(tiny_config(tmp_path, holdout_fraction=0.334, **base))
     assert results["accuracy_splits"]["b"]["out"] in (0.0, 1.0)  # one validation image, really scored
@@ -259,11 +274,36 @@ def test_recipe_values_booleans_are_not_numbers_and_non_finite_is_refused(tmp_pa
 @pytest.mark.slow
 def test_ctrl_c_prints_one_line_with_the_exact_resume_command(tmp_path):
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "dgzoo", "train", "--backbone", "test_resnet", "--steps", "400", "--batch-size",
-            "8", "--eval-every", "400", "--checkpoint-every", "2", "--log-with", "none", "--num-workers", "0",
-            "--output-dir", str(run_dir)]
-    proc = subprocess.Popen(argv, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    argv = [
+        sys.executable,
+        "-m",
+        "dgzoo",
+        "train",
+        "--backbone",
+        "test_resnet",
+        "--steps",
+        "400",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "400",
+        "--checkpoint-every",
+        "2",
+        "--log-with",
+        "none",
+        "--num-workers",
+        "0",
+        "--output-dir",
+        str(run_dir),
+    ]
+    proc = subprocess.Popen(
+        argv,
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "step_2").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -281,8 +321,13 @@ def test_ctrl_c_prints_one_line_with_the_exact_resume_command(tmp_path):
     # the printed command works: it continues the run
     kept = max(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
     args[args.index("400")] = str(kept + 2)  # --steps: finish two steps after the kept checkpoint
-    done = subprocess.run([sys.executable, "-m", "dgzoo", *args[1:]], env=subprocess_env(OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "dgzoo", *args[1:]],
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in (run_dir / "train.log").read_text()
 

@@ -2,6 +2,7 @@
 messages found by held-out fault injection. Each test reproduces the fault and checks dgzoo's one-line answer and
 that nothing already written is lost (README, "What dgzoo guarantees").
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,8 +30,9 @@ def _no_space(*args, **kwargs):
 def _foreign_claim(run_dir: Path, mtime: float, heartbeat_s: float = 0.1) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CLAIM_FILE
-    path.write_text(json.dumps({"pid": 1, "host": "other-node", "purpose": "dgzoo train erm",
-                                "heartbeat_s": heartbeat_s}))
+    path.write_text(
+        json.dumps({"pid": 1, "host": "other-node", "purpose": "dgzoo train erm", "heartbeat_s": heartbeat_s})
+    )
     os.utime(path, (mtime, mtime))
     return path
 
@@ -111,8 +113,11 @@ def test_unlearn_refuses_an_output_dir_that_is_its_source(trained_run, tmp_path)
     source = _copy_run(trained_run, tmp_path)
     before = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
     with pytest.raises(DGZooError, match=r"--output-dir .* is the source run itself.*choose another --output-dir"):
-        unlearn(UnlearnConfig(str(source), "class=0", method="finetune", output_dir=str(source) + "/",
-                              overwrite=True, steps=1))
+        unlearn(
+            UnlearnConfig(
+                str(source), "class=0", method="finetune", output_dir=str(source) + "/", overwrite=True, steps=1
+            )
+        )
     assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == before
 
 
@@ -178,8 +183,11 @@ def test_resume_after_images_were_added_to_a_local_dataset_is_refused(tmp_path):
     train(tiny_config(tmp_path, steps=3, **base))
     records = (tmp_path / "run" / "records.jsonl").read_text()
     _image_folder(data, {"a": 4, "b": 4}, start=100)  # the user adds images, then resumes
-    with pytest.raises(DGZooError, match=r"dataset .* changed since .* \(24 images then, 32 now\).*redraw the splits"
-                                         r".*restore the dataset"):
+    with pytest.raises(
+        DGZooError,
+        match=r"dataset .* changed since .* \(24 images then, 32 now\).*redraw the splits"
+        r".*restore the dataset",
+    ):
         train(tiny_config(tmp_path, steps=6, resume=True, **base))
     assert (tmp_path / "run" / "records.jsonl").read_text() == records
 
@@ -199,8 +207,11 @@ def test_resume_after_a_new_commit_of_a_hub_dataset_is_refused_with_the_commit_t
     base = dict(eval_every=3, checkpoint_every=3)
     engine.train(tiny_config(tmp_path, steps=3, **base))
     commit["now"] = "b" * 40
-    with pytest.raises(DGZooError, match=r"now at commit b{40}, but .* trained on commit a{40}; resume on the "
-                                         r"data it trained on with --revision a{40}"):
+    with pytest.raises(
+        DGZooError,
+        match=r"now at commit b{40}, but .* trained on commit a{40}; resume on the "
+        r"data it trained on with --revision a{40}",
+    ):
         engine.train(tiny_config(tmp_path, steps=6, resume=True, **base))
     results = engine.train(tiny_config(tmp_path, steps=6, resume=True, revision="a" * 40, **base))  # the fix works
     assert results["dataset"]["revision"] == "a" * 40
@@ -220,7 +231,7 @@ def test_a_checkpoint_whose_rng_state_was_altered_is_skipped_not_resumed(tmp_pat
     rng = run_dir / "checkpoints" / "step_6" / "random_states_0.pkl"
     raw = bytearray(rng.read_bytes())
     middle = len(raw) // 2
-    raw[middle:middle + 64] = bytes(64)  # same size, other bytes: still unpickles, a different generator state
+    raw[middle : middle + 64] = bytes(64)  # same size, other bytes: still unpickles, a different generator state
     rng.write_bytes(bytes(raw))
     train(tiny_config(tmp_path, steps=9, eval_every=3, checkpoint_every=3, resume=True))
     log = (run_dir / "train.log").read_text()
@@ -268,8 +279,11 @@ def test_push_of_a_half_written_results_json_names_the_file_and_the_fix(trained_
 
     run_dir = _copy_run(trained_run, tmp_path)
     (run_dir / "results.json").write_text('{"algorithm": "erm", "accur')
-    with pytest.raises(DGZooError, match=r"results.json is not valid JSON .*nothing was pushed: finish it \(dgzoo "
-                                         r"train --config .*train_config.json --resume\)"):
+    with pytest.raises(
+        DGZooError,
+        match=r"results.json is not valid JSON .*nothing was pushed: finish it \(dgzoo "
+        r"train --config .*train_config.json --resume\)",
+    ):
         push_run(run_dir, "me/some-run")  # refused before any Hub call
 
 
@@ -301,7 +315,9 @@ def test_sixteen_bit_images_are_scaled_not_clipped_and_convert_says_so(tmp_path,
     images = DomainImages(data, data.rows_by_domain["a"], ToRGB(), "a")
     pixels = {data.class_names[images.label(i)]: np.asarray(images[i][0]) for i in range(len(images))}
     assert pixels["dark"].shape == (8, 8, 3)
-    assert np.all(pixels["dark"] == round(20000 * 255 / 65535)) and np.all(pixels["bright"] == round(60000 * 255 / 65535))
+    assert np.all(pixels["dark"] == round(20000 * 255 / 65535)) and np.all(
+        pixels["bright"] == round(60000 * 255 / 65535)
+    )
 
 
 def test_a_one_class_dataset_is_refused_before_anything_is_written(tmp_path):
@@ -313,8 +329,9 @@ def test_a_one_class_dataset_is_refused_before_anything_is_written(tmp_path):
         (tmp_path / "data" / domain / "cat").mkdir(parents=True)
         for i in range(6):
             Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / "data" / domain / "cat" / f"{i}.png")
-    cfg = tiny_config(tmp_path, dataset=str(tmp_path / "data"), target_domains=["c"], image_size=16, steps=2,
-                      eval_every=2)
+    cfg = tiny_config(
+        tmp_path, dataset=str(tmp_path / "data"), target_domains=["c"], image_size=16, steps=2, eval_every=2
+    )
     with pytest.raises(DGZooError, match=r"has a single class \('cat'\).*would read 1.000.*add the other classes"):
         train(cfg)
     assert not Path(cfg.output_dir).exists()
@@ -403,12 +420,24 @@ def test_push_and_zoo_list_end_with_one_line_on_a_hub_that_never_answers(trained
                 return
 
     threading.Thread(target=accept, daemon=True).start()
-    env = subprocess_env(HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}", HF_TOKEN="hf_test_token",
-                         DGZOO_HUB_TIMEOUT="0.5", HF_HOME=str(tmp_path / "hf"))
+    env = subprocess_env(
+        HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}",
+        HF_TOKEN="hf_test_token",
+        DGZOO_HUB_TIMEOUT="0.5",
+        HF_HOME=str(tmp_path / "hf"),
+    )
     commands = {"zoo list": ["zoo", "list"], "push": ["push", str(_copy_run(trained_run, tmp_path)), "me/some-run"]}
     try:  # both at once: each spends huggingface_hub's bounded retries (about 25 s of waiting) before its line
-        procs = {name: subprocess.Popen([sys.executable, "-m", "dgzoo", *args], env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
+        procs = {
+            name: subprocess.Popen(
+                [sys.executable, "-m", "dgzoo", *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, args in commands.items()
+        }
         outputs = {name: proc.communicate(timeout=240) for name, proc in procs.items()}
     finally:
         server.close()
@@ -439,8 +468,11 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temporary_fil
 
     monkeypatch.setattr(Accelerator, "save_state", fill_disk)
     cfg = tiny_config(tmp_path, steps=3, eval_every=3, checkpoint_every=3)
-    with pytest.raises(WriteFailed, match=r"cannot write .*checkpoints/step_3: no space left on the device; free "
-                                          r"space there"):
+    with pytest.raises(
+        WriteFailed,
+        match=r"cannot write .*checkpoints/step_3: no space left on the device; free "
+        r"space there",
+    ):
         train(cfg)
     left = [p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir()]
     assert left == []  # neither the half-written .tmp_step_3 nor a step_3
@@ -459,8 +491,9 @@ def test_a_full_disk_during_the_export_is_one_line(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "out").iterdir()] == []  # the temporary export folder is gone
 
 
-def test_a_full_disk_while_writing_the_report_and_while_converting_is_one_line(trained_run, tmp_path, monkeypatch,
-                                                                               capsys):
+def test_a_full_disk_while_writing_the_report_and_while_converting_is_one_line(
+    trained_run, tmp_path, monkeypatch, capsys
+):
     import datasets
 
     data = _image_folder(tmp_path / "data", {"a": 4, "b": 4})
@@ -520,18 +553,36 @@ def test_an_empty_parquet_is_one_line(tmp_path):
 
     from dgzoo.data import load_dg_dataset
 
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string"),
-                                  "domain": datasets.Value("string")})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Value("string"), "domain": datasets.Value("string")}
+    )
     datasets.Dataset.from_dict({"image": [], "label": [], "domain": []}, features=features).to_parquet(
-        tmp_path / "empty.parquet")
+        tmp_path / "empty.parquet"
+    )
     with pytest.raises(DGZooError, match=r"empty.parquet hold\(s\) no rows"):
         load_dg_dataset(str(tmp_path / "empty.parquet"))
 
 
 def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code, err = _cli(["train", "--backbone", "test_resnet", "--steps", "2", "--seed", "-1", "--log-with", "none",
-                      "--num-workers", "0", "--output-dir", str(run_dir)], capsys)
+    code, err = _cli(
+        [
+            "train",
+            "--backbone",
+            "test_resnet",
+            "--steps",
+            "2",
+            "--seed",
+            "-1",
+            "--log-with",
+            "none",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            str(run_dir),
+        ],
+        capsys,
+    )
     assert code == 2 and "--seed must be in [0, 2**32), got -1" in err, err
     assert not run_dir.exists()  # so the corrected rerun is not refused
 
@@ -554,9 +605,13 @@ def test_a_raw_bytes_image_column_trains(tmp_path):
             labels.append("cat" if i % 2 else "dog")
             domains.append(domain)
     datasets.Dataset.from_dict({"image": images, "label": labels, "domain": domains}).to_parquet(
-        tmp_path / "raw.parquet")  # the image column is plain binary, not datasets.Image
-    results = train(tiny_config(tmp_path, dataset=str(tmp_path / "raw.parquet"), target_domains=["z"],
-                                image_size=16, steps=2, eval_every=2))
+        tmp_path / "raw.parquet"
+    )  # the image column is plain binary, not datasets.Image
+    results = train(
+        tiny_config(
+            tmp_path, dataset=str(tmp_path / "raw.parquet"), target_domains=["z"], image_size=16, steps=2, eval_every=2
+        )
+    )
     assert results["splits"]["z"]["in"] + results["splits"]["z"]["out"] == 8
 
 
@@ -585,14 +640,27 @@ def test_a_stalled_peer_process_ends_the_run_with_one_line_in_bounded_time(tmp_p
 
     (tmp_path / "stall.py").write_text(STALLED_PEER)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(tmp_path / "stall.py"), str(tmp_path / "run")], capture_output=True, text=True,
-                          timeout=240, env=subprocess_env(OMP_NUM_THREADS="1", DGZOO_COLLECTIVE_TIMEOUT="5"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(tmp_path / "stall.py"),
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=subprocess_env(OMP_NUM_THREADS="1", DGZOO_COLLECTIVE_TIMEOUT="5"),
+    )
     elapsed = time.monotonic() - start
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     lines = [line for line in output.splitlines() if line.startswith("dgzoo: error:")]
-    assert len(lines) == 1 and "another process of this 2-process run stopped or stopped answering" in lines[0], \
-        output[-3000:]
+    assert len(lines) == 1 and "another process of this 2-process run stopped or stopped answering" in lines[0], output[
+        -3000:
+    ]
     assert "continue with: " in lines[0] and "--resume" in lines[0]
     assert elapsed < 180

@@ -1,4 +1,5 @@
 """Gradient-Guided Annealing: the official search semantics, isolation from the host, determinism, DDP, GGA-L."""
+
 import json
 
 import pytest
@@ -30,6 +31,7 @@ def minibatches(k=3, b=8, seed=0):
 def build(spec, hparams=None, seed=0, dropout=0.0, optimizer="adam"):
     torch.manual_seed(seed)
     model = create_backbone("test_resnet", num_classes=5, dropout=dropout)
+
     def make(groups):
         return torch.optim.Adam(groups, lr=1e-3) if optimizer == "adam" else torch.optim.SGD(groups, lr=1.0)
 
@@ -86,13 +88,18 @@ def test_official_walk_accept_rule_and_untouched_head(monkeypatch):
     head_names = classifier_parameter_names(model)
     head = [p for n, p in model.named_parameters() if n in head_names]
     assert head and not any(p is h for p in gga.perturbed for h in head)
-    scores = ScriptedScores([(0.5, 1.00),   # theta0
-                             (0.4, 1.00),   # c1: lower score -> reject, its noise stays
-                             (0.6, 1.05),   # c2: strict gain, loss +0.05 -> accept, walk restarts at theta0
-                             (0.9, 1.20),   # c3: higher score but loss +0.15 >= tau -> reject
-                             (0.6, 1.00),   # c4: equal score is not a strict gain -> reject
-                             (0.65, 1.14)],  # c5: gain, loss +0.09 over the last accept (1.05) -> accept
-                            gga.perturbed, head)
+    scores = ScriptedScores(
+        [
+            (0.5, 1.00),  # theta0
+            (0.4, 1.00),  # c1: lower score -> reject, its noise stays
+            (0.6, 1.05),  # c2: strict gain, loss +0.05 -> accept, walk restarts at theta0
+            (0.9, 1.20),  # c3: higher score but loss +0.15 >= tau -> reject
+            (0.6, 1.00),  # c4: equal score is not a strict gain -> reject
+            (0.65, 1.14),
+        ],  # c5: gain, loss +0.09 over the last accept (1.05) -> accept
+        gga.perturbed,
+        head,
+    )
     monkeypatch.setattr(gga, "_score", scores)
     theta0, head0 = flat(gga.perturbed).clone(), flat(head).clone()
     stats = gga.before_update(StepContext(0, minibatches()))
@@ -109,8 +116,14 @@ def test_official_walk_accept_rule_and_untouched_head(monkeypatch):
     assert torch.allclose(points[5] - theta0, (points[3] - theta0) + steps[3] + steps[4], atol=1e-6)
     assert all(torch.equal(flat(h), head0) for _, h in scores.seen)  # the head is never perturbed
     assert torch.equal(flat(gga.perturbed), points[5]) and torch.equal(flat(head), head0)  # the last accept
-    assert stats == {"accepted": 2.0, "score_before": 0.5, "score_after": 0.65, "loss_before": 1.0,
-                     "loss_after": 1.14, "shift": pytest.approx(float((points[5] - theta0).norm()), rel=1e-4)}
+    assert stats == {
+        "accepted": 2.0,
+        "score_before": 0.5,
+        "score_after": 0.65,
+        "loss_before": 1.0,
+        "loss_after": 1.14,
+        "shift": pytest.approx(float((points[5] - theta0).norm()), rel=1e-4),
+    }
 
 
 def test_real_search_moves_to_a_point_of_higher_agreement_within_tau():
@@ -126,7 +139,8 @@ def test_real_search_moves_to_a_point_of_higher_agreement_within_tau():
     grads, losses = per_domain_gradients(model, batches, FlatParams.of(model))
     cos = pairwise_cosine(grads)
     assert cos[torch.triu(torch.ones(3, 3, dtype=torch.bool), 1)].min().item() == pytest.approx(
-        stats["score_after"], abs=1e-5)
+        stats["score_after"], abs=1e-5
+    )
     assert losses.mean().item() == pytest.approx(stats["loss_after"], abs=1e-5)
     assert stats["score_after"] > stats["score_before"]
     assert stats["loss_after"] - stats["loss_before"] < 0.1 * stats["accepted"]  # each accept rises < tau
@@ -172,7 +186,12 @@ def test_scoring_groups_in_multi_and_single_source_training():
 def test_hyperparameters_are_checked_before_training():
     assert resolve_hparams("erm+gga", {})["gga"] == {k: h.default for k, h in GGA.HPARAMS.items()}
     assert {k: resolve_hparams("erm+gga", {})["gga"][k] for k in ("start", "end", "candidates", "rho", "tau")} == {
-        "start": 100, "end": 200, "candidates": 250, "rho": 1e-5, "tau": 0.1}
+        "start": 100,
+        "end": 200,
+        "candidates": 250,
+        "rho": 1e-5,
+        "tau": 0.1,
+    }
     with pytest.raises(DGZooError, match="gga.candidates=0 must be at least 1"):
         resolve_hparams("erm+gga", {"gga.candidates": 0})
     with pytest.raises(DGZooError, match="gga.rho=-1e-05 must be at least 0"):
@@ -207,9 +226,30 @@ def test_gga_l_noise_is_scaled_by_the_domain_disagreement_on_every_parameter():
 
 
 def run_recipe(output_dir, nproc):
-    args = ["--backbone", "test_resnet", "--steps", "5", "--eval-every", "5", "--batch-size", "8", "--log-with",
-            "none", "--num-workers", "0", "--freeze-bn", "--algorithm", "erm+gga+gga_l", "--output-dir",
-            str(output_dir), "--hparams", "gga.start=1", "gga.end=3", "gga.candidates=5", "gga.rho=2e-3"]
+    args = [
+        "--backbone",
+        "test_resnet",
+        "--steps",
+        "5",
+        "--eval-every",
+        "5",
+        "--batch-size",
+        "8",
+        "--log-with",
+        "none",
+        "--num-workers",
+        "0",
+        "--freeze-bn",
+        "--algorithm",
+        "erm+gga+gga_l",
+        "--output-dir",
+        str(output_dir),
+        "--hparams",
+        "gga.start=1",
+        "gga.end=3",
+        "gga.candidates=5",
+        "gga.rho=2e-3",
+    ]
     run_processes(nproc, [ROOT / "recipes" / "train.py", *args])
     return json.loads((output_dir / "results.json").read_text())
 
@@ -235,7 +275,8 @@ def test_two_processes_take_the_same_decisions_as_one(tmp_path):
     assert one["hparams"]["gga.candidates"] == 5 and one["algorithm"] == "erm+gga+gga_l"
     assert one["diagnostics"]["gga_l"]["steps"] == 5
     assert one["diagnostics"]["gga_l"]["mean_similarity"] == pytest.approx(
-        two["diagnostics"]["gga_l"]["mean_similarity"], abs=1e-5)
+        two["diagnostics"]["gga_l"]["mean_similarity"], abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", ["pacs", "vlcs", "office_home", "terra_incognita", "domainnet"])
@@ -248,7 +289,13 @@ def test_paper_recipes_carry_the_official_setting(name):
     assert (gga["start"], gga["end"], gga["candidates"], gga["tau"]) == (100, 200, 250, 0.1)
     assert gga["rho"] == (1e-6 if name == "vlcs" else 1e-5)
     assert (cfg.backbone, cfg.pretrained, cfg.freeze_bn, cfg.dropout, cfg.optimizer, cfg.batch_size) == (
-        "resnet50.tv_in1k", True, True, 0.5, "adam", 32)
+        "resnet50.tv_in1k",
+        True,
+        True,
+        0.5,
+        "adam",
+        32,
+    )
     assert cfg.lr == {"pacs": 3e-5, "domainnet": 3e-5}.get(name, 1e-5)
 
 
@@ -259,12 +306,15 @@ def test_a_resumed_run_anneals_exactly_as_an_uninterrupted_one(tmp_path):
     from dgzoo.training.engine import train as train_run
 
     hp = {"gga.start": 1, "gga.end": 3, "gga.candidates": 4, "gga.rho": 2e-3}
-    full = train_run(tiny_config(tmp_path / "full", steps=5, eval_every=5, checkpoint_every=2, algorithm="erm+gga",
-                                 hparams=hp))
-    train_run(tiny_config(tmp_path / "cut", steps=2, eval_every=2, checkpoint_every=2, algorithm="erm+gga",
-                          hparams=hp))
-    resumed = train_run(tiny_config(tmp_path / "cut", steps=5, eval_every=2, checkpoint_every=2, algorithm="erm+gga",
-                                    hparams=hp, resume=True))
+    full = train_run(
+        tiny_config(tmp_path / "full", steps=5, eval_every=5, checkpoint_every=2, algorithm="erm+gga", hparams=hp)
+    )
+    train_run(tiny_config(tmp_path / "cut", steps=2, eval_every=2, checkpoint_every=2, algorithm="erm+gga", hparams=hp))
+    resumed = train_run(
+        tiny_config(
+            tmp_path / "cut", steps=5, eval_every=2, checkpoint_every=2, algorithm="erm+gga", hparams=hp, resume=True
+        )
+    )
     assert resumed["diagnostics"]["gga"]["steps"] == full["diagnostics"]["gga"]["steps"]
     a = load_file(tmp_path / "full" / "run" / "checkpoints" / "step_5" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "run" / "checkpoints" / "step_5" / "model.safetensors")
@@ -278,15 +328,28 @@ def test_the_optional_second_window_anneals_exactly_its_steps(monkeypatch):
     calls = []
     model, algorithm = build("erm+gga", {**window, "gga.extra_search": True})
     gga = algorithm.addons[0]
-    monkeypatch.setattr(gga, "anneal", lambda groups, step: calls.append(step) or {
-        "accepted": float(step % 2), "score_before": 0.0, "score_after": 0.1 * (step % 2), "loss_before": 1.0,
-        "loss_after": 1.0, "shift": 0.0})
+    monkeypatch.setattr(
+        gga,
+        "anneal",
+        lambda groups, step: (
+            calls.append(step)
+            or {
+                "accepted": float(step % 2),
+                "score_before": 0.0,
+                "score_after": 0.1 * (step % 2),
+                "loss_before": 1.0,
+                "loss_after": 1.0,
+                "shift": 0.0,
+            }
+        ),
+    )
     for step in range(7):
         algorithm.update(minibatches(seed=step), step)
     assert calls == [0, 1, 4, 5] and [h["step"] for h in gga.history] == [0, 1, 4, 5]
     # 2 of 4 steps accepted one of their 2 candidates; each of those gained 0.1 of min cosine
-    assert gga.diagnostics() == pytest.approx({"annealed_steps": 4.0, "acceptance_rate": 2 / 8,
-                                               "moved_fraction": 0.5, "mean_agreement_gain": 0.05})
+    assert gga.diagnostics() == pytest.approx(
+        {"annealed_steps": 4.0, "acceptance_rate": 2 / 8, "moved_fraction": 0.5, "mean_agreement_gain": 0.05}
+    )
     single = build("erm+gga", window)[1].addons[0]
     assert [s for s in range(7) if single.annealed(s)] == [0, 1]
     with pytest.raises(DGZooError, match="gga.extra_end=3 is before gga.extra_start=4"):

@@ -1,5 +1,6 @@
 """The per-domain gradient engine: equal to K separate backward passes (loop and vmap, any BatchNorm mode), bf16,
 the fp16 guard, accurate Gram matrices, and augmented views as pseudo-domains."""
+
 import contextlib
 import copy
 
@@ -117,13 +118,17 @@ def test_unsupported_precision_is_refused_before_training_with_the_fix():
     create_algorithm("pcgrad", model, 3, {}, runtime=AutocastRuntime(torch.bfloat16))
 
 
-@pytest.mark.parametrize("algorithm, precision, hparams, message", [
-    ("equilibrium", "fp16", {}, "do not support --mixed-precision fp16"),
-    ("erm+gga_l", "fp16", {}, "do not support --mixed-precision fp16"),
-    ("pcgrad", "bf16", {"grad_engine": "vmap"}, "use grad_engine=loop"),
-])
-def test_unsupported_precision_fails_before_the_run_directory_is_written(tmp_path, algorithm, precision, hparams,
-                                                                        message):
+@pytest.mark.parametrize(
+    "algorithm, precision, hparams, message",
+    [
+        ("equilibrium", "fp16", {}, "do not support --mixed-precision fp16"),
+        ("erm+gga_l", "fp16", {}, "do not support --mixed-precision fp16"),
+        ("pcgrad", "bf16", {"grad_engine": "vmap"}, "use grad_engine=loop"),
+    ],
+)
+def test_unsupported_precision_fails_before_the_run_directory_is_written(
+    tmp_path, algorithm, precision, hparams, message
+):
     from conftest import tiny_config
     from dgzoo.training.engine import plan_run
 
@@ -142,8 +147,7 @@ def test_gram_is_accurate_where_float32_dot_products_are_not():
     assert ((gram(grads) - exact).abs().max() / exact.abs().max()) < 1e-6
     cosine = pairwise_cosine(grads)
     assert cosine.dtype == torch.float32
-    assert torch.allclose(cosine.double(), exact / exact.diagonal().sqrt().outer(exact.diagonal().sqrt()),
-                          atol=1e-6)
+    assert torch.allclose(cosine.double(), exact / exact.diagonal().sqrt().outer(exact.diagonal().sqrt()), atol=1e-6)
 
 
 def test_randaugment_views_are_seeded_and_distinct():

@@ -4,6 +4,7 @@ Everything runs against the local Hub-compatible server (tests/hub_server.py) wi
 datasets and timm clients. Hub clients read HF_ENDPOINT at import time, so every Hub-facing step runs in a
 fresh subprocess; each script prints one JSON line that the test asserts on.
 """
+
 import hashlib
 import json
 import shutil
@@ -35,8 +36,11 @@ def make_image_folders(root, per_class=4):
 
 def snapshot(folder):
     """sha256 of every file under ``folder``: equal snapshots mean nothing was added, removed or changed."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def files_containing(folder, secret):
@@ -45,9 +49,14 @@ def files_containing(folder, secret):
 
 def run(server, hf_home, args, token=True, **env):
     """Run a command with the Hub client environment; return the finished process (output captured)."""
-    return subprocess.run(args, env=server.env(hf_home, token=token, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-                                               **env),
-                          capture_output=True, text=True, timeout=300, cwd=hf_home.parent)
+    return subprocess.run(
+        args,
+        env=server.env(hf_home, token=token, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=hf_home.parent,
+    )
 
 
 def dgzoo_cli(*args):
@@ -100,18 +109,56 @@ def test_dataset_to_hub_to_training_to_hub_to_timm(hub_server, tmp_path):
     dataset_id, model_id = hub_server.unique_repo_id("dg-set"), hub_server.unique_repo_id("dg-model")
     folders = make_image_folders(tmp_path / "folders")
     hf_home = tmp_path / "hf"
-    convert = ok(run(hub_server, hf_home, dgzoo_cli("datasets", "convert", folders, "--push-to-hub", dataset_id,
-                                                    "--output-dir", tmp_path / "parquet")))
+    convert = ok(
+        run(
+            hub_server,
+            hf_home,
+            dgzoo_cli(
+                "datasets", "convert", folders, "--push-to-hub", dataset_id, "--output-dir", tmp_path / "parquet"
+            ),
+        )
+    )
     assert "36 images, 3 classes" in convert.stdout and f"--dataset {dataset_id}" in convert.stdout
 
     # The real recipe on two processes (gloo): both read the dataset by repo id, only the main process pushes.
     run_dir = tmp_path / "run"
     first_request = len(hub_server.requests)
-    train = ok(run(hub_server, tmp_path / "hf-train", [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(ROOT / "recipes" / "train.py"), "--dataset", dataset_id, "--target-domains", "c",
-        "--backbone", "test_resnet", "--image-size", "32", "--steps", "4", "--eval-every", "2", "--batch-size", "4",
-        "--log-with", "none", "--num-workers", "0", "--output-dir", str(run_dir), "--push-to-hub", model_id]))
+    train = ok(
+        run(
+            hub_server,
+            tmp_path / "hf-train",
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                str(ROOT / "recipes" / "train.py"),
+                "--dataset",
+                dataset_id,
+                "--target-domains",
+                "c",
+                "--backbone",
+                "test_resnet",
+                "--image-size",
+                "32",
+                "--steps",
+                "4",
+                "--eval-every",
+                "2",
+                "--batch-size",
+                "4",
+                "--log-with",
+                "none",
+                "--num-workers",
+                "0",
+                "--output-dir",
+                str(run_dir),
+                "--push-to-hub",
+                model_id,
+            ],
+        )
+    )
     results = json.loads((run_dir / "results.json").read_text())
     assert results["dataset"]["repo_id"] == dataset_id and len(results["dataset"]["revision"]) == 40
     assert results["class_names"] == list(CLASSES) and results["source_domains"] == ["a", "b"]
@@ -127,16 +174,34 @@ def test_dataset_to_hub_to_training_to_hub_to_timm(hub_server, tmp_path):
     with torch.no_grad():
         expected = timm.create_model(f"local-dir:{run_dir}", pretrained=True).eval()(x)
     # A fresh process, anonymous: plain timm `hf-hub:` first, then dgzoo (from_pretrained, the card, dgzoo eval).
-    out = last_json(ok(run(hub_server, tmp_path / "hf-load", [
-        sys.executable, "-c", LOAD, model_id, str(tmp_path / "x.pt"), dataset_id, str(tmp_path / "eval.json")],
-        token=False)).stdout)
+    out = last_json(
+        ok(
+            run(
+                hub_server,
+                tmp_path / "hf-load",
+                [sys.executable, "-c", LOAD, model_id, str(tmp_path / "x.pt"), dataset_id, str(tmp_path / "eval.json")],
+                token=False,
+            )
+        ).stdout
+    )
     assert not out["dgzoo_imported"] and out["timm_labels"] == list(CLASSES)
     assert torch.allclose(torch.tensor(out["timm_logits"]), expected, atol=1e-5)
     assert torch.allclose(torch.tensor(out["logits"]), expected, atol=1e-5)
     assert out["class_names"] == list(CLASSES) and out["training"] is False and out["transform_shape"] == [3, 32, 32]
-    assert out["files"] == sorted([".gitattributes", "README.md", "config.json", "model.safetensors", "results.json",
-                                   "records.jsonl", "train_config.json", "accuracy_per_domain.png",
-                                   "training_curves.png", "samples_per_domain.png"])  # no checkpoints, no logs
+    assert out["files"] == sorted(
+        [
+            ".gitattributes",
+            "README.md",
+            "config.json",
+            "model.safetensors",
+            "results.json",
+            "records.jsonl",
+            "train_config.json",
+            "accuracy_per_domain.png",
+            "training_curves.png",
+            "samples_per_domain.png",
+        ]
+    )  # no checkpoints, no logs
     [held_out] = out["eval_results"]
     assert held_out["config"] == "default" and held_out["type"] == dataset_id
     assert held_out["value"] == pytest.approx(100 * results["accuracy"]["c"], abs=0.01)
@@ -211,6 +276,7 @@ except DGZooError as e:
 print(json.dumps(out))
 """
 
+
 @pytest.mark.slow
 def test_hub_failures_are_one_line_and_leave_the_run_intact(hub_server, trained_run, tmp_path):
     run_dir = tmp_path / "run"
@@ -219,8 +285,13 @@ def test_hub_failures_are_one_line_and_leave_the_run_intact(hub_server, trained_
     repo, bare_repo = hub_server.unique_repo_id("fail"), hub_server.unique_repo_id("pickled")
     dataset_repo = hub_server.unique_repo_id("empty-set")
     hub_server.fail_next("POST", f"/api/models/{repo}/commit/", status=500, message="Injected storage failure")
-    proc = ok(run(hub_server, tmp_path / "hf", [sys.executable, "-c", FAILURES, str(run_dir), repo, dataset_repo,
-                                                bare_repo, hub_server.token]))
+    proc = ok(
+        run(
+            hub_server,
+            tmp_path / "hf",
+            [sys.executable, "-c", FAILURES, str(run_dir), repo, dataset_repo, bare_repo, hub_server.token],
+        )
+    )
     out = last_json(proc.stdout)
 
     for name, (code, message) in out.items():
@@ -329,12 +400,17 @@ def test_recipe_with_an_invalid_repo_id_fails_before_training(tmp_path):
 def test_published_json_files_carry_no_local_paths(tmp_path):
     from dgzoo.run.hub import _published_bytes
 
-    (tmp_path / "train_config.json").write_text(json.dumps({"dataset": "/home/alice/data/vlcs", "output_dir":
-                                                            "/home/alice/runs/vlcs-erm", "steps": 5}))
-    (tmp_path / "results.json").write_text(json.dumps({"dataset": {"path": "/home/alice/data/vlcs", "name": "vlcs"},
-                                                       "accuracy": {"V": 0.5}}))
-    assert json.loads(_published_bytes(tmp_path, "train_config.json")) == {"dataset": "vlcs",
-                                                                          "output_dir": "vlcs-erm", "steps": 5}
+    (tmp_path / "train_config.json").write_text(
+        json.dumps({"dataset": "/home/alice/data/vlcs", "output_dir": "/home/alice/runs/vlcs-erm", "steps": 5})
+    )
+    (tmp_path / "results.json").write_text(
+        json.dumps({"dataset": {"path": "/home/alice/data/vlcs", "name": "vlcs"}, "accuracy": {"V": 0.5}})
+    )
+    assert json.loads(_published_bytes(tmp_path, "train_config.json")) == {
+        "dataset": "vlcs",
+        "output_dir": "vlcs-erm",
+        "steps": 5,
+    }
     assert json.loads(_published_bytes(tmp_path, "results.json"))["dataset"] == {"path": "vlcs", "name": "vlcs"}
     assert b"alice" not in _published_bytes(tmp_path, "results.json")
 
@@ -382,8 +458,7 @@ def test_push_refuses_nan_truncated_and_unparsable_runs_before_touching_the_hub(
     assert "truncated or corrupt" in out["truncated"][1]
     assert "config.json is not valid JSON" in out["config"][1]
     # The only requests are the final existence checks: no whoami, no repo creation, no upload.
-    assert [path for _, path, _ in hub_server.requests[start:]] == [
-        f"/api/models/{repo}" for _, repo in cases.values()]
+    assert [path for _, path, _ in hub_server.requests[start:]] == [f"/api/models/{repo}" for _, repo in cases.values()]
     assert {name: snapshot(run_dir) for name, (run_dir, _) in cases.items()} == before
 
 
@@ -395,17 +470,23 @@ def test_server_metadata_check_refuses_what_the_old_cards_wrote(hub_server):
 
     def check(front):
         body = json.dumps({"repoType": "model", "content": f"---\n{front}\n---\n# card\n"}).encode()
-        request = urllib.request.Request(f"{hub_server.endpoint}/api/validate-yaml", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{hub_server.endpoint}/api/validate-yaml",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request) as response:
                 return response.status, ""
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    result = ("model-index:\n- name: m\n  results:\n  - task: {type: image-classification}\n"
-              "    dataset: {type: flwrlabs/office-home, name: OfficeHome, config: %s, split: train}\n"
-              "    metrics: [{type: accuracy, value: 61.5}]")
+    result = (
+        "model-index:\n- name: m\n  results:\n  - task: {type: image-classification}\n"
+        "    dataset: {type: flwrlabs/office-home, name: OfficeHome, config: %s, split: train}\n"
+        "    metrics: [{type: accuracy, value: 61.5}]"
+    )
     assert check("license: mit\n" + result % "held-out-real-world") == (200, "")
     status, message = check("license: mit\n" + result % "'held-out-Real World'")
     assert status == 400 and "dataset.config 'held-out-Real World' is not an identifier" in message

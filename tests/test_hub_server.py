@@ -58,8 +58,11 @@ def test_standalone_server_and_reset(tmp_path):
     """A private HubServer instance (no fixture), e.g. for tests that need an empty Hub."""
     with HubServer(tmp_path / "storage") as server:
         request = urllib.request.Request(
-            f"{server.endpoint}/api/repos/create", method="POST", data=json.dumps({"name": "r"}).encode(),
-            headers={"Authorization": f"Bearer {server.token}"})
+            f"{server.endpoint}/api/repos/create",
+            method="POST",
+            data=json.dumps({"name": "r"}).encode(),
+            headers={"Authorization": f"Bearer {server.token}"},
+        )
         with urllib.request.urlopen(request) as resp:
             assert json.loads(resp.read())["url"] == f"{server.endpoint}/testuser/r"
         with urllib.request.urlopen(f"{server.endpoint}/api/models/testuser/r") as resp:
@@ -166,14 +169,20 @@ def test_huggingface_hub_client(hub_server: HubServer, tmp_path):
     hub_server.fail_next("POST", f"/api/models/{ids['public_id']}/commit/", status=500)
     script = ANONYMOUS_SCRIPT.format(token=hub_server.token, **ids)
     out = _last_json(hub_server.run_python(script, tmp_path / "anonymous", token=False))
-    assert out == {"public_read": "hello hub", "private_read": "RepositoryNotFoundError",
-                   "anonymous_write": 401, "injected": 500, "retry": "ok"}
+    assert out == {
+        "public_read": "hello hub",
+        "private_read": "RepositoryNotFoundError",
+        "anonymous_write": 401,
+        "injected": 500,
+        "retry": "ok",
+    }
     assert hub_server.errors == []
 
 
 # Four deterministic 5x6 RGB images, as nested lists of pixel values.
-IMAGES = [[[[(7 * i + 3 * y + x + 50 * c) % 256 for c in range(3)] for x in range(6)] for y in range(5)]
-          for i in range(4)]
+IMAGES = [
+    [[[(7 * i + 3 * y + x + 50 * c) % 256 for c in range(3)] for x in range(6)] for y in range(5)] for i in range(4)
+]
 
 PUSH_DATASET = r"""
 import json, numpy as np

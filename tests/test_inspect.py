@@ -1,4 +1,5 @@
 """`dgzoo datasets inspect`: counts per domain and class, image sizes, and a contact sheet with one row per domain."""
+
 import json
 
 import numpy as np
@@ -66,7 +67,7 @@ def test_contact_sheet_rows_show_the_same_classes_in_the_same_columns(tmp_path):
         pixels = np.asarray(sheet.convert("L"))
     for r in range(6):  # every row's first tile holds a digit: a black canvas with bright strokes
         top = PAD + r * (TILE + CAPTION + PAD)
-        tile = pixels[top:top + TILE, LABEL_WIDTH:LABEL_WIDTH + TILE]
+        tile = pixels[top : top + TILE, LABEL_WIDTH : LABEL_WIDTH + TILE]
         assert tile.min() == 0 and tile.max() > 200
 
 
@@ -98,7 +99,8 @@ def test_bad_samples_path_fails_before_loading(tmp_path):
     with pytest.raises(DGZooError, match="must end in .png"):
         from dgzoo.cli.app import build_parser
 
-        args = build_parser("datasets").parse_args(["datasets", "inspect", "rotated-digits", "--samples",
-                                                    str(tmp_path / "x.jpg")])
+        args = build_parser("datasets").parse_args(
+            ["datasets", "inspect", "rotated-digits", "--samples", str(tmp_path / "x.jpg")]
+        )
         args.handler(args)
     assert not (tmp_path / "x.jpg").exists()

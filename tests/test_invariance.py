@@ -1,5 +1,6 @@
 """IRM, V-REx, IB-ERM, IB-IRM, EQRM, Fishr and RDM: hand-computed penalties, the anneal schedules (weights,
 optimizer resets, learning-rate switches), and identities with ERM while a penalty is off."""
+
 import math
 
 import pytest
@@ -31,8 +32,9 @@ def make_batches(seed=0, k=3, b=4):
 def build(spec, hparams=None, seed=0, domains=3):
     torch.manual_seed(seed)
     network = create_backbone("test_resnet", num_classes=5)
-    return create_algorithm(spec, network, domains, hparams or {},
-                            make_optimizer=lambda groups: torch.optim.Adam(groups, lr=LR))
+    return create_algorithm(
+        spec, network, domains, hparams or {}, make_optimizer=lambda groups: torch.optim.Adam(groups, lr=LR)
+    )
 
 
 def flat(algorithm):
@@ -60,6 +62,7 @@ def assert_same_update_as_erm(spec, hparams=None):
 
 
 # -- IRM
+
 
 def test_irm_penalty_by_hand():
     logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 0.0]])
@@ -91,8 +94,9 @@ def test_an_annealed_host_that_writes_only_its_penalised_loss_is_reset_where_its
         RESET_AT = ("anneal_iters",)
 
         def penalised_loss(self, minibatches, step):
-            return F.cross_entropy(self.predict(torch.cat([x for x, _ in minibatches])),
-                                   torch.cat([y for _, y in minibatches])), {}
+            return F.cross_entropy(
+                self.predict(torch.cat([x for x, _ in minibatches])), torch.cat([y for _, y in minibatches])
+            ), {}
 
     torch.manual_seed(0)
     host = Annealed(create_backbone("test_resnet", num_classes=5), 5, 3, {"anneal_iters": 1})
@@ -105,6 +109,7 @@ def test_an_annealed_host_that_writes_only_its_penalised_loss_is_reset_where_its
 
 
 # -- V-REx
+
 
 def test_vrex_penalty_and_loss():
     assert torch.allclose(risk_variance(torch.tensor([1.0, 2.0, 3.0])), torch.tensor(2 / 3))
@@ -119,6 +124,7 @@ def test_vrex_penalty_and_loss():
 
 
 # -- IB-ERM, IB-IRM
+
 
 def test_information_bottleneck_by_hand():
     features = torch.tensor([[0.0, 0.0], [2.0, 4.0]])  # unbiased variances 2 and 8
@@ -138,16 +144,19 @@ def test_ib_erm_and_ib_irm_losses_after_the_anneal():
     ib = sum(f.var(0).mean() for f in features) / 3
     irm = sum(irm_penalty(z, y) for z, (_, y) in zip(logits, batches)) / 3
     assert torch.allclose(loss, nll + 3.0 * ib, atol=1e-6)
-    ib_irm = build("ib_irm", {"ib_lambda": 3.0, "ib_penalty_anneal_iters": 1, "irm_lambda": 20.0,
-                              "irm_penalty_anneal_iters": 2})
+    ib_irm = build(
+        "ib_irm", {"ib_lambda": 3.0, "ib_penalty_anneal_iters": 1, "irm_lambda": 20.0, "irm_penalty_anneal_iters": 2}
+    )
     for step, (irm_weight, ib_weight) in enumerate([(1.0, 0.0), (1.0, 3.0), (20.0, 3.0)]):
         loss, _ = ib_irm.host.loss(batches, step)
         if step == 0:
             assert torch.allclose(loss, nll + irm, atol=1e-6)
         features, logits = domain_logits(ib_irm, batches)
-        expected = (sum(F.cross_entropy(z, y) for z, (_, y) in zip(logits, batches)) / 3
-                    + irm_weight * sum(irm_penalty(z, y) for z, (_, y) in zip(logits, batches)) / 3
-                    + ib_weight * sum(f.var(0).mean() for f in features) / 3)
+        expected = (
+            sum(F.cross_entropy(z, y) for z, (_, y) in zip(logits, batches)) / 3
+            + irm_weight * sum(irm_penalty(z, y) for z, (_, y) in zip(logits, batches)) / 3
+            + ib_weight * sum(f.var(0).mean() for f in features) / 3
+        )
         assert torch.allclose(loss, expected, atol=1e-5)
         ib_irm.update(batches, step)
         assert adam_steps(ib_irm) == {1}  # after step 0, and after the resets at step 1 (IB on) and 2 (IRM on)
@@ -155,12 +164,13 @@ def test_ib_erm_and_ib_irm_losses_after_the_anneal():
 
 # -- EQRM
 
+
 def test_kde_quantile_values_and_gradient():
     assert torch.allclose(kde_quantile(torch.tensor([1.0, 2.0, 3.0]), 0.5), torch.tensor(2.0), atol=1e-6)
     risks = torch.tensor([0.3, 1.1, 0.7, 2.0], dtype=torch.float64, requires_grad=True)
     q = kde_quantile(risks, 0.75)
     data = risks.detach()
-    bandwidth = 1.06 * data.std() * 4 ** -0.2
+    bandwidth = 1.06 * data.std() * 4**-0.2
     assert abs(float(torch.special.ndtr((q.detach() - data) / bandwidth).mean()) - 0.75) < 1e-6  # the KDE's CDF
     (gradient,) = torch.autograd.grad(q, risks)
     # Translation and scale equivariance of the bisection between its bounds: sum of the gradient is 1 and
@@ -168,7 +178,8 @@ def test_kde_quantile_values_and_gradient():
     assert torch.allclose(gradient.sum(), torch.tensor(1.0, dtype=torch.float64))
     assert torch.allclose((risks.detach() * gradient).sum(), q.detach())
     assert float(kde_quantile(torch.tensor([1.0, 2.0]), -3.0)) == pytest.approx(
-        1.5 + 1.06 * math.sqrt(0.5) * 2 ** -0.2 * math.sqrt(6), rel=1e-6)
+        1.5 + 1.06 * math.sqrt(0.5) * 2**-0.2 * math.sqrt(6), rel=1e-6
+    )
 
 
 def test_eqrm_burn_in_then_quantile_with_reset_and_its_lr():
@@ -202,6 +213,7 @@ def assert_switched_lr_step(algorithm, batches, step, lr):
 
 
 # -- Fishr
+
 
 def test_per_sample_head_gradients_are_the_closed_form_and_differentiable():
     head = torch.nn.Linear(3, 4)
@@ -269,6 +281,7 @@ def test_fishr_checks():
 
 # -- RDM
 
+
 def test_rdm_mmd_by_hand():
     x, y = torch.tensor([[0.0]]), torch.tensor([[1.0]])
     expected = 2 * len(RDM_GAMMAS) - 2 * sum(math.exp(-g) for g in RDM_GAMMAS)
@@ -288,8 +301,11 @@ def test_rdm_loss_after_the_anneal_and_its_lr_switch():
     _, logits = domain_logits(rdm, batches)
     losses = torch.stack([F.cross_entropy(z, y, reduction="none") for z, (_, y) in zip(logits, batches)])
     worst = losses[losses.mean(1).argmax()]
-    expected = (losses.mean() + 2.0 * rbf_mmd(worst[:, None], losses.reshape(-1, 1))
-                + 0.5 * (losses.reshape(-1).var() + worst.var()))
+    expected = (
+        losses.mean()
+        + 2.0 * rbf_mmd(worst[:, None], losses.reshape(-1, 1))
+        + 0.5 * (losses.reshape(-1).var() + worst.var())
+    )
     assert torch.allclose(loss, expected, atol=1e-5)
     assert_switched_lr_step(rdm, batches, 1, 1e-3)
     # A schedule at half the recipe's lr: the switched lr is halved too, and the schedule's value comes back.

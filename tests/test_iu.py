@@ -1,4 +1,5 @@
 """Identify-and-Unlearn: selection rules, channel writers, masked ascent, influence estimators, DDP, engine."""
+
 import copy
 import json
 from pathlib import Path
@@ -22,16 +23,25 @@ def source_context(model, domains=("0", "30", "60"), n_train=40, n_val=12):
     data = load_dg_dataset("rotated-digits")
     tf = eval_transform(data_config(model, 32))
     split = {d: data.rows_by_domain[d] for d in domains}
-    return EpochContext(epoch=1, step=8, steps_per_epoch=8, source_domains=list(domains),
-                        source_train=[DomainImages(data, split[d][:n_train], tf, d) for d in domains],
-                        source_val=[DomainImages(data, split[d][n_train:n_train + n_val], tf, d) for d in domains],
-                        make_loader=lambda ds, bs: eval_loader(ds, bs), batch_size=16)
+    return EpochContext(
+        epoch=1,
+        step=8,
+        steps_per_epoch=8,
+        source_domains=list(domains),
+        source_train=[DomainImages(data, split[d][:n_train], tf, d) for d in domains],
+        source_val=[DomainImages(data, split[d][n_train : n_train + n_val], tf, d) for d in domains],
+        make_loader=lambda ds, bs: eval_loader(ds, bs),
+        batch_size=16,
+    )
 
 
 def fit(model, context, steps=15):
     """A few Adam steps on the context's training images, so scores and channels are not those of noise."""
-    images = [context.source_train[d][i] for d in range(len(context.source_train))
-              for i in range(len(context.source_train[d]))]
+    images = [
+        context.source_train[d][i]
+        for d in range(len(context.source_train))
+        for i in range(len(context.source_train[d]))
+    ]
     x, y = torch.stack([im for im, _ in images]), torch.tensor([label for _, label in images])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
@@ -78,8 +88,7 @@ def test_idv_is_the_variance_of_per_domain_variances():
     stds, means = [1.0, 2.0, 3.0], [1.0, 5.0, 9.0]
     # channel 0: variances 1, 4, 9 in the three domains, equal means; channel 1: variance 4 everywhere,
     # means 1, 5, 9 (the reviewer's case); channel 2: identical in every domain.
-    domains = [torch.stack([pattern * s, means[d] + 2 * pattern, 3 + pattern], dim=1)
-               for d, s in enumerate(stds)]
+    domains = [torch.stack([pattern * s, means[d] + 2 * pattern, 3 + pattern], dim=1) for d, s in enumerate(stds)]
     domains[2] = torch.cat([domains[2], domains[2]])  # a domain twice as large weighs the same
     idv = inter_domain_variance(domains)
     assert torch.allclose(idv, torch.tensor([torch.tensor([1.0, 4.0, 9.0]).var(unbiased=False), 0.0, 0.0]))
@@ -140,14 +149,22 @@ def test_channel_writers_write_only_their_channel(arch):
         layer = ChannelLayer(model)
         slices = layer.slices
         assert {s.name.rsplit(".", 1)[0] for s in layer.slices} == {
-            "layer4.0.conv2", "layer4.0.bn2", "layer4.0.downsample.1", "layer4.0.downsample.2"}
+            "layer4.0.conv2",
+            "layer4.0.bn2",
+            "layer4.0.downsample.1",
+            "layer4.0.downsample.2",
+        }
         probe = lambda m: features(m, x)  # noqa: E731
     elif arch == "bottleneck":
         model = create_backbone("test_resnet", num_classes=10)
         layer = ChannelLayer(model, "layer3")
         slices = layer.slices
         assert {s.name.rsplit(".", 1)[0] for s in slices} == {
-            "layer3.0.conv3", "layer3.0.bn3", "layer3.0.downsample.1", "layer3.0.downsample.2"}
+            "layer3.0.conv3",
+            "layer3.0.bn3",
+            "layer3.0.downsample.1",
+            "layer3.0.downsample.2",
+        }
         out = []
         model.layer3.register_forward_hook(lambda m, i, o: out.append(layer.reduce(o)))
         probe = lambda m: (m.forward_features(x), out.pop())[1]  # noqa: E731
@@ -157,16 +174,21 @@ def test_channel_writers_write_only_their_channel(arch):
         model = DenseNet(growth_rate=4, block_config=(1, 2), num_classes=3, bn_size=2)
         layer = ChannelLayer(model)
         slices = layer.slices
-        assert layer.num_channels == 14 and sorted(torch.cat([s.channel for s in layer.slices if "conv" in s.name])
-                                                   .tolist()) == list(range(14))
+        assert layer.num_channels == 14 and sorted(
+            torch.cat([s.channel for s in layer.slices if "conv" in s.name]).tolist()
+        ) == list(range(14))
         probe = lambda m: features(m, x)  # noqa: E731
         channels = (12, 13)  # written by the last dense layer; earlier channels are also read by later layers
     else:
         model = create_backbone("test_vit", num_classes=10, image_size=32)
         layer = ChannelLayer(model, "blocks.5")  # the residual stream; the final LayerNorm mixes channels
         slices = [s for s in layer.slices if s.name.startswith("blocks.5.mlp.fc2")]
-        assert {s.name for s in ChannelLayer(model).slices} >= {"blocks.5.attn.proj.weight", "blocks.5.mlp.fc2.weight",
-                                                                "norm.weight", "norm.bias"}
+        assert {s.name for s in ChannelLayer(model).slices} >= {
+            "blocks.5.attn.proj.weight",
+            "blocks.5.mlp.fc2.weight",
+            "norm.weight",
+            "norm.bias",
+        }
         out = []
         model.blocks[5].register_forward_hook(lambda m, i, o: out.append(o))
         probe = lambda m: (m.forward_features(x), out.pop())[1].flatten(0, 1)  # noqa: E731
@@ -178,7 +200,9 @@ def test_layer_choices_are_validated():
     model = create_backbone("test_resnet", num_classes=10)
     assert ChannelLayer(model, "layer3").num_channels == model.layer3[-1].bn3.num_features == 192
     with pytest.raises(DGZooError, match="not a module"):
-        create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={"iu.layer": "layer9"})
+        create_algorithm(
+            "erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={"iu.layer": "layer9"}
+        )
     with pytest.raises(DGZooError, match="include_head=true needs iu.layer=auto"):
         ChannelLayer(model, "layer3", include_head=True)
     other = create_backbone("test_efficientnet", num_classes=10)
@@ -197,7 +221,7 @@ def test_masked_ascent_writes_only_the_selected_slices():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     masked_ascent(params, grads, layer.slices, channels, lr=0.1)
     for name, p in model.named_parameters():
-        changed = (p != before[name])
+        changed = p != before[name]
         if name == "fc.weight":
             assert changed.any(0).nonzero().flatten().tolist() == [1, 7], name  # the head's input columns
         elif any(s.name == name for s in layer.slices):
@@ -211,8 +235,9 @@ def test_masked_ascent_writes_only_the_selected_slices():
 
 def test_iu_call_ascends_only_selected_channels_and_raises_the_unlearning_loss(fitted):
     model, context = copy.deepcopy(fitted[0]), fitted[1]
-    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
-                                 hparams={"iu.k": 1.0})
+    algorithm = create_algorithm(
+        "erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g), hparams={"iu.k": 1.0}
+    )
     iu = algorithm.addons[0]
     optimizer_state = copy.deepcopy(algorithm.host.optimizer.state_dict())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -245,10 +270,14 @@ def selected_pool(context, rows):
 
 
 def val_pool(context):
-    images = [(context.source_val[d][i], d) for d in range(len(context.source_val))
-              for i in range(len(context.source_val[d]))]
-    return (torch.stack([x for (x, _), _ in images]), torch.tensor([y for (_, y), _ in images]),
-            torch.tensor([d for _, d in images]))
+    images = [
+        (context.source_val[d][i], d) for d in range(len(context.source_val)) for i in range(len(context.source_val[d]))
+    ]
+    return (
+        torch.stack([x for (x, _), _ in images]),
+        torch.tensor([y for (_, y), _ in images]),
+        torch.tensor([d for _, d in images]),
+    )
 
 
 @torch.no_grad()
@@ -260,8 +289,13 @@ def eval_loss(model, x, y):
 def test_calibrated_ascent_reaches_its_target_rise(fitted, target):
     model, context = copy.deepcopy(fitted[0]), fitted[1]
     before = copy.deepcopy(model)
-    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
-                                 hparams={"iu.k": 1.0, "iu.target_rise": target, "iu.max_val_drop": 1.0})
+    algorithm = create_algorithm(
+        "erm+iu",
+        model,
+        3,
+        make_optimizer=lambda g: torch.optim.Adam(g),
+        hparams={"iu.k": 1.0, "iu.target_rise": target, "iu.max_val_drop": 1.0},
+    )
     metrics = algorithm.on_epoch_end(context)
     iu = algorithm.addons[0]
     assert metrics["iu/target_reached"] == 1.0 and metrics["iu/acted"] == 1.0
@@ -280,9 +314,13 @@ def test_calibrated_ascent_keeps_within_the_validation_cap(fitted):
         accuracy_before = (model.eval()(x).argmax(1) == y).float().mean().item()
     # The linear-scale selection: its D_u's x50 rise costs validation accuracy on this barely fitted model, which
     # is what the cap is tested on (the log scale's D_u reaches x50 at chance-level accuracy, with nothing to cap).
-    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
-                                 hparams={"iu.k": 1.0, "iu.target_rise": 50.0, "iu.max_val_drop": 0.0,
-                                          "iu.score_scale": "linear"})
+    algorithm = create_algorithm(
+        "erm+iu",
+        model,
+        3,
+        make_optimizer=lambda g: torch.optim.Adam(g),
+        hparams={"iu.k": 1.0, "iu.target_rise": 50.0, "iu.max_val_drop": 0.0, "iu.score_scale": "linear"},
+    )
     metrics = algorithm.on_epoch_end(context)
     with torch.no_grad():
         accuracy_after = (model.eval()(x).argmax(1) == y).float().mean().item()
@@ -302,8 +340,9 @@ def test_dsga_lowers_the_idv_of_the_selected_channels(fitted):
         return inter_domain_variance([feats[domain == d] for d in range(3)])[channels].mean().item()
 
     before = copy.deepcopy(model)
-    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
-                                 hparams={"iu.k": 1.0})
+    algorithm = create_algorithm(
+        "erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g), hparams={"iu.k": 1.0}
+    )
     metrics = algorithm.on_epoch_end(context)
     channels = algorithm.addons[0].selected_channels
     assert channels and idv(model, channels) < idv(before, channels)
@@ -315,8 +354,13 @@ def test_dsga_lowers_the_idv_of_the_selected_channels(fitted):
 def test_literal_ascent_is_one_unit_step_on_the_summed_loss(fitted):
     model, context = copy.deepcopy(fitted[0]), fitted[1]
     reference = copy.deepcopy(model).eval()
-    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
-                                 hparams={"iu.k": 1.0, "iu.ascent": "literal", "iu.batch_size": 1000})
+    algorithm = create_algorithm(
+        "erm+iu",
+        model,
+        3,
+        make_optimizer=lambda g: torch.optim.Adam(g),
+        hparams={"iu.k": 1.0, "iu.ascent": "literal", "iu.batch_size": 1000},
+    )
     algorithm.on_epoch_end(context)
     iu = algorithm.addons[0]
     # theta_c <- theta_c + grad_theta_c sum_{x in D_u} CE(x), on the writers of C_spc only (one minibatch here)
@@ -335,8 +379,13 @@ def test_cached_tail_passes_change_nothing_but_the_cost(fitted):
     runs = []
     for cache in (1024, 0):
         model = copy.deepcopy(fitted[0])
-        algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
-                                     hparams={"iu.k": 1.0, "iu.cache_mb": cache})
+        algorithm = create_algorithm(
+            "erm+iu",
+            model,
+            3,
+            make_optimizer=lambda g: torch.optim.Adam(g),
+            hparams={"iu.k": 1.0, "iu.cache_mb": cache},
+        )
         assert (algorithm.addons[0].tail is not None) == bool(cache)  # a ResNet: the tail is layer4 onwards
         runs.append((model, algorithm.on_epoch_end(fitted[1])))
     (cached, with_cache), (plain, without) = runs
@@ -353,8 +402,13 @@ def test_a_call_that_changes_nothing_warns_and_says_why(fitted, caplog, monkeypa
 
     monkeypatch.setattr(logging.getLogger("dgzoo"), "propagate", True)
     model, context = copy.deepcopy(fitted[0]), fitted[1]
-    algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.Adam(g),
-                                 hparams={"iu.k": 1.0, "iu.ascent": "fixed", "iu.lr": 1e-6})
+    algorithm = create_algorithm(
+        "erm+iu",
+        model,
+        3,
+        make_optimizer=lambda g: torch.optim.Adam(g),
+        hparams={"iu.k": 1.0, "iu.ascent": "fixed", "iu.lr": 1e-6},
+    )
     with caplog.at_level("WARNING", logger="dgzoo"):
         metrics = algorithm.on_epoch_end(context)
     assert metrics["iu/acted"] == 0.0 and abs(metrics["iu/unlearn_loss_rise"] - 1) < 1e-3
@@ -366,37 +420,57 @@ def test_ablations_change_what_is_ascended(fitted):
     model, context = fitted
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
-                                     hparams={"iu.params": "all", "iu.k": 1.0})
+        algorithm = create_algorithm(
+            "erm+iu",
+            model,
+            3,
+            make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+            hparams={"iu.params": "all", "iu.k": 1.0},
+        )
         metrics = algorithm.on_epoch_end(context)
         assert "iu/channels" not in metrics and metrics["iu/unlearn_samples"] > 0
         assert all(not torch.equal(p, snapshot[n]) for n, p in model.named_parameters())  # every parameter
         model.load_state_dict(snapshot)
-        algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
-                                     hparams={"iu.samples": "all"})
+        algorithm = create_algorithm(
+            "erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={"iu.samples": "all"}
+        )
         assert algorithm.on_epoch_end(context)["iu/unlearn_samples"] == 120  # every training sample
         model.load_state_dict(snapshot)
-        algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
-                                     hparams={"iu.score_fraction": 0.5})
+        algorithm = create_algorithm(
+            "erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={"iu.score_fraction": 0.5}
+        )
         algorithm.on_epoch_end(context)
         scored = algorithm.addons[0].score_rows
         all_rows = {int(r) for domain in context.source_train for r in domain.rows}
         assert len(scored) == len(set(scored)) == 60 and set(scored) <= all_rows  # 20 of 40 in each domain
         with pytest.raises(DGZooError, match="score_fraction=0.0 must be in"):
-            create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={"iu.score_fraction": 0})
+            create_algorithm(
+                "erm+iu",
+                model,
+                3,
+                make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+                hparams={"iu.score_fraction": 0},
+            )
     finally:
         model.load_state_dict(snapshot)
 
 
 def test_iue_smooths_scores_per_sample_and_checkpoints_them(fitted):
     model, _ = fitted
-    algorithm = create_algorithm("erm+iue", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
-                                 hparams={"iue.beta": 0.5, "iue.ema_normalize": False})
+    algorithm = create_algorithm(
+        "erm+iue",
+        model,
+        3,
+        make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+        hparams={"iue.beta": 0.5, "iue.ema_normalize": False},
+    )
     iue = algorithm.addons[0]
     first = iue._smooth(torch.tensor([1.0, 2.0]), np.array([10, 11]))
     second = iue._smooth(torch.tensor([3.0, 3.0, 5.0]), np.array([10, 11, 12]))
     assert first.tolist() == [1.0, 2.0] and second.tolist() == [2.0, 2.5, 5.0]  # new rows start at their score
-    clone = create_algorithm("erm+iue", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={}).addons[0]
+    clone = create_algorithm(
+        "erm+iue", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={}
+    ).addons[0]
     clone.load_extra_state(iue.extra_state())
     assert clone.ema == iue.ema == {10: 2.0, 11: 2.5, 12: 5.0}
 
@@ -447,9 +521,13 @@ def test_fast_and_faithful_scores_rank_correlate(fitted):
     model, context = fitted
     scores = {}
     for mode in ("fast", "faithful"):
-        algorithm = create_algorithm("erm+iu", model, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
-                                     hparams={"iu.mode": mode, "iu.influence_params": "head",
-                                             "iu.ascent": "fixed", "iu.lr": 0.0})
+        algorithm = create_algorithm(
+            "erm+iu",
+            model,
+            3,
+            make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+            hparams={"iu.mode": mode, "iu.influence_params": "head", "iu.ascent": "fixed", "iu.lr": 0.0},
+        )
         metrics = algorithm.on_epoch_end(context)
         scores[mode] = algorithm.addons[0].scores
     assert metrics["iu/lissa_scale"] > 0  # estimated by power iteration
@@ -458,7 +536,7 @@ def test_fast_and_faithful_scores_rank_correlate(fitted):
 
 # ----------------------------------------------------------------------------- processes and the engine
 
-DDP_SCRIPT = r'''
+DDP_SCRIPT = r"""
 import json, sys, torch
 from accelerate import Accelerator
 from dgzoo.algorithms import EpochContext, create_algorithm
@@ -490,7 +568,7 @@ for label, hparams in [("fast", {"iu.k": 1.0, "iu.lr": 0.05}),
     out[label] = {"rows": iu.selected_rows, "channels": iu.selected_channels, "metrics": metrics}
 torch.save(model.state_dict(), f"{sys.argv[1]}/weights{accelerator.process_index}.pt")
 json.dump(out, open(f"{sys.argv[1]}/selection{accelerator.process_index}.json", "w"))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -519,30 +597,43 @@ def test_engine_runs_iue_every_n_steps_and_reports_it(tmp_path):
 
     # 2 sources of ~240 training images at 64 per step: an epoch is 4 steps. The data reach the add-on at the
     # end of epoch 1, so with iu.every=2 the calls are at steps 6 and 8.
-    cfg = tiny_config(tmp_path, algorithm="erm+iue", source_domains=["0", "30"], steps=8, batch_size=64,
-                      eval_every=8, hparams={"iue.every": 2})
+    cfg = tiny_config(
+        tmp_path,
+        algorithm="erm+iue",
+        source_domains=["0", "30"],
+        steps=8,
+        batch_size=64,
+        eval_every=8,
+        hparams={"iue.every": 2},
+    )
     results = train(cfg)
     diagnostics = results["diagnostics"]["iue"]
     assert [h["step"] for h in diagnostics["history"]] == [6, 8]
     assert {"unlearn_samples", "channels", "val_acc_before", "val_acc_after", "seconds"} <= set(
-        diagnostics["history"][0])
+        diagnostics["history"][0]
+    )
     assert results["hparams"]["iue.every"] == 2 and results["hparams"]["iue.beta"] == 0.9
     acts = diagnostics["acts"]  # "does it act": in results.json, from the same per-call history
     assert acts["calls"] == 2 and acts["acted_fraction"] == sum(h["acted"] for h in diagnostics["history"]) / 2
     assert {"mean_val_acc_change"} <= set(acts)
-    assert any("Unlearning During Training" in title or "Unlearning During Training" in bib
-               for title, bib in results["citations"])
+    assert any(
+        "Unlearning During Training" in title or "Unlearning During Training" in bib
+        for title, bib in results["citations"]
+    )
     record = json.loads((tmp_path / "run" / "records.jsonl").read_text().splitlines()[-1])
     assert "iue/unlearn_samples" in record and "iue/seconds" in record
 
 
-@pytest.mark.parametrize("hparams, message", [
-    ({"iu.score_fraction": 0}, "iu.score_fraction=0.0 must be in"),
-    ({"iu.score_fraction": 1.5}, "iu.score_fraction=1.5 must be at most 1.0"),
-    ({"iu.lr": -1e-3}, "iu.lr=-0.001 must be at least 0"),
-    ({"iu.passes": 0}, "iu.passes=0 must be at least 1"),
-    ({"iu.mode": "exact"}, "iu.mode='exact' is not one of fast, faithful"),
-])
+@pytest.mark.parametrize(
+    "hparams, message",
+    [
+        ({"iu.score_fraction": 0}, "iu.score_fraction=0.0 must be in"),
+        ({"iu.score_fraction": 1.5}, "iu.score_fraction=1.5 must be at most 1.0"),
+        ({"iu.lr": -1e-3}, "iu.lr=-0.001 must be at least 0"),
+        ({"iu.passes": 0}, "iu.passes=0 must be at least 1"),
+        ({"iu.mode": "exact"}, "iu.mode='exact' is not one of fast, faithful"),
+    ],
+)
 def test_bad_iu_hyperparameters_fail_before_anything_is_written(tmp_path, hparams, message):
     from dgzoo.training.engine import train
 

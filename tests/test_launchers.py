@@ -1,5 +1,6 @@
 """Sweep launchers that leave one process: a pool over (fake) GPU slots, Slurm through submitit's local executor,
 and the claims that keep concurrent invocations from training a run twice."""
+
 import json
 import os
 import shlex
@@ -21,21 +22,43 @@ from dgzoo.experiments.report import report_dirs
 from dgzoo.experiments.sweep import SweepSpec, expand, run_status, sweep_claim_dir
 from dgzoo.run.claim import CLAIM_FILE
 
-TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, checkpoint_every=1, batch_size=8, lr=3e-3,
-            eval_batch_size=512, log_with="none", num_workers=0)
+TINY = dict(
+    backbone="test_resnet",
+    image_size=8,
+    steps=2,
+    eval_every=2,
+    checkpoint_every=1,
+    batch_size=8,
+    lr=3e-3,
+    eval_batch_size=512,
+    log_with="none",
+    num_workers=0,
+)
 TESTS = Path(__file__).resolve().parent
 
 
 def spec(root: Path, **values) -> SweepSpec:
-    base = dict(datasets=["rotated-digits"], algorithms=["erm"], test_domains=["0", "45", "75"], n_trials=1,
-                output_dir=str(root), train=dict(TINY))
+    base = dict(
+        datasets=["rotated-digits"],
+        algorithms=["erm"],
+        test_domains=["0", "45", "75"],
+        n_trials=1,
+        output_dir=str(root),
+        train=dict(TINY),
+    )
     base.update(values)
     return SweepSpec.from_dict(base)
 
 
 def write_spec(path: Path, root: Path, **values) -> Path:
-    base = dict(datasets=["rotated-digits"], algorithms=["erm"], test_domains=["0", "45", "75"], n_trials=1,
-                output_dir=str(root), train=dict(TINY))
+    base = dict(
+        datasets=["rotated-digits"],
+        algorithms=["erm"],
+        test_domains=["0", "45", "75"],
+        n_trials=1,
+        output_dir=str(root),
+        train=dict(TINY),
+    )
     base.update(values)
     path.write_text(yaml.safe_dump(base))
     return path
@@ -53,8 +76,11 @@ def live_process():
 def hold(path: Path, pid: int) -> None:
     """Write the claim a live process ``pid`` on this host would hold on ``path``."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / CLAIM_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "purpose": "dgzoo train erm",
-                                               "started": "2026-01-01T00:00:00"}))
+    (path / CLAIM_FILE).write_text(
+        json.dumps(
+            {"pid": pid, "host": socket.gethostname(), "purpose": "dgzoo train erm", "started": "2026-01-01T00:00:00"}
+        )
+    )
 
 
 # ---------------------------------------------------------------------- claims and retries (no training)
@@ -69,8 +95,13 @@ def test_a_run_held_by_a_live_process_is_skipped_as_running_elsewhere_not_failed
     outcome = run_sweep(s, train_fn=called.append, log=lines.append)
     assert called == [] and outcome.failed == [] and [r.output_dir for r in outcome.elsewhere] == [run.output_dir]
     assert "1 runs: 0 done, 1 running elsewhere, 0 to resume" in lines[0]
-    assert any(line.startswith("[1/1] running elsewhere: rotated-digits erm held-out 75 hp0 trial0, held by dgzoo "
-                               f"train erm (pid {live_process.pid}") for line in lines)
+    assert any(
+        line.startswith(
+            "[1/1] running elsewhere: rotated-digits erm held-out 75 hp0 trial0, held by dgzoo "
+            f"train erm (pid {live_process.pid}"
+        )
+        for line in lines
+    )
     # Another sweep invocation launching the run (its claim beside the run directory) counts the same.
     (run.output_dir / CLAIM_FILE).unlink()
     hold(sweep_claim_dir(run), live_process.pid)
@@ -137,20 +168,31 @@ def test_local_gpus_pool_gives_each_run_its_own_device_runs_them_in_parallel_and
     (tmp_path / "probe.py").write_text(PROBE)
     s = spec(tmp_path / "sw", n_trials=2)  # 6 runs on 2 slots
     lines = []
-    outcome = run_sweep(s, "local-gpus", launch_prefix=f"{sys.executable} {tmp_path / 'probe.py'}",
-                        gpus=["3", "5"], max_retries=1, log=lines.append, poll_s=0.05)
+    outcome = run_sweep(
+        s,
+        "local-gpus",
+        launch_prefix=f"{sys.executable} {tmp_path / 'probe.py'}",
+        gpus=["3", "5"],
+        max_retries=1,
+        log=lines.append,
+        poll_s=0.05,
+    )
     names = sorted(r.output_dir.name for r in expand(s))
     assert not outcome.failed and sorted(r.output_dir.name for r in outcome.trained) == names
     probes = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "sw" / "probe").iterdir()}
     assert sorted(probes) == names
     assert {n: len(p) for n, p in probes.items() if len(p) > 1} == {  # each ran once; the failing ones twice
-        n: 2 for n in names if "-45-" in n}
-    started = [(line.split(" -> ")[1].split(" ")[0], line.split(" on GPU ")[1].split(" ")[0])
-               for line in lines if line.startswith("start ")]
+        n: 2 for n in names if "-45-" in n
+    }
+    started = [
+        (line.split(" -> ")[1].split(" ")[0], line.split(" on GPU ")[1].split(" ")[0])
+        for line in lines
+        if line.startswith("start ")
+    ]
     for name, spans in probes.items():  # the launcher's slot reached the run, attempt by attempt
         assert [p["device"] for p in spans] == [gpu for path, gpu in started if path == str(tmp_path / "sw" / name)]
     spans = sorted((p["start"], p["end"], p["device"]) for runs in probes.values() for p in runs)
-    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if b[0] < a[1]]
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :] if b[0] < a[1]]
     assert overlapping, "no two runs ran at the same time"
     assert all(a[2] != b[2] for a, b in overlapping)  # never two runs on one slot at once
     assert {p[2] for p in spans} == {"3", "5"}
@@ -170,9 +212,18 @@ def test_pool_commands_train_the_planned_run():
     words = shlex.split(train_command(run.config, pool_prefix(1, 0)))
     assert words[:4] == [sys.executable, "-m", "dgzoo.cli", "train"]
     assert config_from_args(build_parser().parse_args(words[3:])).to_dict() == run.config.to_dict()
-    assert shlex.split(pool_prefix(4, 2))[1:] == ["-m", "accelerate.commands.launch", "--multi_gpu",
-                                                  "--num_processes", "4", "--main_process_port", "29502", "-m",
-                                                  "dgzoo.cli", "train"]
+    assert shlex.split(pool_prefix(4, 2))[1:] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "4",
+        "--main_process_port",
+        "29502",
+        "-m",
+        "dgzoo.cli",
+        "train",
+    ]
 
 
 # ---------------------------------------------------------------------- two invocations at once
@@ -183,13 +234,19 @@ def test_two_concurrent_sweeps_of_one_spec_never_train_a_run_twice(tmp_path):
     spec_file = write_spec(tmp_path / "spec.yaml", tmp_path / "sw")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "dgzoo.cli", "sweep", str(spec_file)]
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     runs = expand(SweepSpec.from_yaml(spec_file))
-    launched = [line.rsplit(" -> ", 1)[1] for out in outputs for line in out.splitlines()
-                if line.startswith("[") and " -> " in line]
+    launched = [
+        line.rsplit(" -> ", 1)[1]
+        for out in outputs
+        for line in out.splitlines()
+        if line.startswith("[") and " -> " in line
+    ]
     assert sorted(launched) == sorted(str(r.output_dir) for r in runs)  # each run launched by exactly one of them
     for run in runs:
         assert run_status(run) == "done"
@@ -235,13 +292,18 @@ def test_slurm_launcher_end_to_end_on_the_local_executor(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        s = spec(tmp_path / "slurm", test_domains=["45", "75"], train={**TINY, "steps": 3},
-                 slurm={"time": 10, "gpus": 0, "cpus": 1})
+        s = spec(
+            tmp_path / "slurm",
+            test_domains=["45", "75"],
+            train={**TINY, "steps": 3},
+            slurm={"time": 10, "gpus": 0, "cpus": 1},
+        )
         lines = []
         first = run_sweep(s, "slurm", cluster="local", train_fn=train_killed_once, log=lines.append, poll_s=0.5)
         assert [r.output_dir.name for r, _ in first.failed] == [VICTIM]
-        assert sorted(r.output_dir.name for r in first.trained) == sorted(r.output_dir.name for r in expand(s)
-                                                                          if r.output_dir.name != VICTIM)
+        assert sorted(r.output_dir.name for r in first.trained) == sorted(
+            r.output_dir.name for r in expand(s) if r.output_dir.name != VICTIM
+        )
         assert any(line.startswith("slurm: submitted 2 run(s) as job array") for line in lines)
         statuses = {r.output_dir.name: run_status(r) for r in expand(s)}
         assert statuses[VICTIM] == "resume" and list(statuses.values()).count("done") == 1

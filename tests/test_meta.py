@@ -1,5 +1,6 @@
 """MLDG, Fish and TRM: their updates against references computed from their definitions (MLDG without its
 meta-test term, Fish's interpolation), the split, TRM's ERM phase and its Neumann series on an explicit Hessian."""
+
 import copy
 
 import pytest
@@ -98,7 +99,8 @@ def test_mldg_without_meta_test_term_steps_on_the_meta_train_gradients():
     algorithm, reference = build("mldg", {"mldg_beta": 0.0, "n_meta_test": 1}, lambda g: torch.optim.SGD(g, lr=0.1))
     batches = make_batches()
     pairs = dgzoo.algorithms.meta.meta_train_test_pairs(
-        3, 1, torch.Generator().manual_seed(derive_seed(algorithm.host.seed, 0)))
+        3, 1, torch.Generator().manual_seed(derive_seed(algorithm.host.seed, 0))
+    )
     algorithm.update(batches, 0)
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     loss = sum(F.cross_entropy(reference(batches[i][0]), batches[i][1]) for i, _ in pairs) / 3

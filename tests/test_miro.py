@@ -3,6 +3,7 @@
 No Hub weights can be downloaded in the tests, so the frozen reference here is the randomly initialised network the
 run starts from (the check only refuses recipes that say they train from scratch).
 """
+
 import math
 
 import pytest
@@ -25,8 +26,9 @@ def build(spec="miro", hparams=None, seed=0):
     torch.manual_seed(seed)
     network = create_backbone("test_resnet", num_classes=10)
     freeze_batchnorm(network)  # as the official URResNet: the trained and the frozen copy normalise alike
-    return create_algorithm(spec, network, 2, hparams or {},
-                            make_optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1))
+    return create_algorithm(
+        spec, network, 2, hparams or {}, make_optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1)
+    )
 
 
 def test_at_the_start_the_regulariser_is_the_log_variance_of_each_stage():
@@ -46,6 +48,7 @@ def test_the_regulariser_by_hand_after_the_network_moves():
         host.variances[4].fill_(0.0)  # v = softplus(0) + 1e-5 = log 2 + 1e-5
     x = torch.cat([x for x, _ in batches(0)])
     loss, metrics = host.loss(batches(0), 0)
+
     def last_stage(m):
         return m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(x))))))))
 
@@ -85,11 +88,14 @@ def test_miro_refuses_a_recipe_without_pretrained_weights(tmp_path):
     assert check_algorithm("miro", {}, Recipe(num_domains=2, num_classes=10))
 
 
-@pytest.mark.parametrize("backbone, expected", [
-    ("test_resnet", ["maxpool", "layer1", "layer2", "layer3", "layer4"]),  # the official resnet stem + layer1..4
-    ("test_vit", ["patch_embed", "blocks.1", "blocks.2", "blocks.4", "blocks.5"]),  # 6 blocks in four groups
-    ("test_convnext", ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]),
-])
+@pytest.mark.parametrize(
+    "backbone, expected",
+    [
+        ("test_resnet", ["maxpool", "layer1", "layer2", "layer3", "layer4"]),  # the official resnet stem + layer1..4
+        ("test_vit", ["patch_embed", "blocks.1", "blocks.2", "blocks.4", "blocks.5"]),  # 6 blocks in four groups
+        ("test_convnext", ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]),
+    ],
+)
 def test_miro_taps_five_places_as_the_official_stem_block(backbone, expected):
     """The official URFeaturizer taps the stem's output and the end of each of four blocks, whatever the family
     (a CLIP ViT-B: conv1 and resblocks 2, 5, 8, 11); dgzoo tapped a ViT's every block and no stem."""
@@ -109,5 +115,10 @@ def test_miro_taps_of_a_vit_b_are_the_official_clip_vit_b_blocks():
     from timm import create_model
 
     network = create_model("vit_base_patch16_224", pretrained=False, num_classes=3, depth=12)
-    assert [name for name, _ in feature_stages(network)] == ["patch_embed", "blocks.2", "blocks.5", "blocks.8",
-                                                             "blocks.11"]
+    assert [name for name, _ in feature_stages(network)] == [
+        "patch_embed",
+        "blocks.2",
+        "blocks.5",
+        "blocks.8",
+        "blocks.11",
+    ]

@@ -1,4 +1,5 @@
 """MixStyle and EFDMix: the operations on known tensors, the hooks' identities, the checks, a plain timm export."""
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,8 +21,9 @@ def test_mixstyle_takes_the_partners_statistics():
     assert torch.allclose(out[0], (x[0] - 4.0) / std0 * std1 + 15.0)
     assert torch.allclose(out[1], (x[1] - 15.0) / std1 * std0 + 4.0)
     half = mixstyle(x, torch.tensor([0.5, 0.5]), swap, eps=0.0)
-    assert torch.allclose(half[0].mean(), torch.tensor(9.5)) and torch.allclose(half[0].flatten().std(),
-                                                                                (std0 + std1) / 2)
+    assert torch.allclose(half[0].mean(), torch.tensor(9.5)) and torch.allclose(
+        half[0].flatten().std(), (std0 + std1) / 2
+    )
     assert torch.allclose(mixstyle(x, torch.ones(2), swap, eps=0.0), x)
 
 
@@ -83,14 +85,21 @@ def test_mixing_checks_fail_before_anything_is_written(tmp_path):
 
 
 def test_a_mixstyle_run_exports_the_plain_backbone(tmp_path):
-    cfg = tiny_config(tmp_path, algorithm="erm+mixstyle", steps=4, eval_every=4,
-                      hparams={"mixstyle.p": 1.0, "mixstyle.mix": "crossdomain"})
+    cfg = tiny_config(
+        tmp_path,
+        algorithm="erm+mixstyle",
+        steps=4,
+        eval_every=4,
+        hparams={"mixstyle.p": 1.0, "mixstyle.mix": "crossdomain"},
+    )
     results = train(cfg)
     run_dir = tmp_path / "run"
     assert results["diagnostics"]["mixstyle"]["mixed_fraction"] == 1.0
     exported = load_file(run_dir / "model.safetensors")
-    final = {k.removeprefix("network."): v for k, v in
-             load_file(run_dir / "checkpoints" / "step_4" / "model.safetensors").items()}
+    final = {
+        k.removeprefix("network."): v
+        for k, v in load_file(run_dir / "checkpoints" / "step_4" / "model.safetensors").items()
+    }
     assert set(exported) == set(final) and all(torch.equal(exported[k], final[k]) for k in exported)
     model = create_backbone("test_resnet", num_classes=10)
     model.load_state_dict(exported)

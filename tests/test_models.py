@@ -1,4 +1,5 @@
 """Backbones stay plain timm models; the featurizer/classifier split and frozen BatchNorm behave as documented."""
+
 import pytest
 import timm
 import torch
@@ -52,10 +53,13 @@ def test_data_config_squashes_like_domainbed():
     assert cfg["input_size"] == (3, 48, 48) and cfg["crop_pct"] == 1.0 and cfg["crop_mode"] == "squash"
 
 
-@pytest.mark.parametrize("name, message", [
-    ("resnet5O", "did you mean: resnet50"),
-    ("resnet50.tv_in1", "no pretrained tag 'tv_in1' (did you mean: tv_in1k"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("resnet5O", "did you mean: resnet50"),
+        ("resnet50.tv_in1", "no pretrained tag 'tv_in1' (did you mean: tv_in1k"),
+    ],
+)
 def test_bad_backbone_names_get_suggestions(name, message):
     with pytest.raises(DGZooError) as e:
         check_backbone(name)

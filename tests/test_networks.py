@@ -1,5 +1,6 @@
 """SagNet, MTL and Transfer (dgzoo.algorithms.networks): randomisation, gaps and projections by hand, MTL's loss
 against a one-Linear reference classifier and its export as the expected logits."""
+
 import copy
 import math
 
@@ -41,14 +42,19 @@ def assert_same_state(a, b, atol=1e-6):
 
 # -- SagNet
 
+
 def test_randomize_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 6.0, 8.0]])  # means 2, 6; unbiased variances 1, 4
     alpha, perm, eps = torch.tensor([[0.25], [0.5]]), torch.tensor([1, 0]), 1e-5
     style = randomize(x, alpha, perm, "style", eps)
     # row 0: mean .25*2+.75*6 = 5, var .25*1+.75*4 = 3.25; row 1: mean 4, var 2.5
     unit = torch.tensor([-1.0, 0.0, 1.0])
-    expected = torch.stack([unit / math.sqrt(1 + eps) * math.sqrt(3.25 + eps) + 5,
-                            2 * unit / math.sqrt(4 + eps) * math.sqrt(2.5 + eps) + 4])
+    expected = torch.stack(
+        [
+            unit / math.sqrt(1 + eps) * math.sqrt(3.25 + eps) + 5,
+            2 * unit / math.sqrt(4 + eps) * math.sqrt(2.5 + eps) + 4,
+        ]
+    )
     assert torch.allclose(style, expected)
     content = randomize(x, alpha, perm, "content", eps)
     # row 0 takes row 1's normalised content with its own style (mean 2, var 1)
@@ -57,6 +63,7 @@ def test_randomize_by_hand():
 
 
 # -- MTL
+
 
 def test_mtl_loss_and_step_are_domainbeds_and_export_is_the_expected_logits():
     algorithm = build("mtl")
@@ -75,7 +82,9 @@ def test_mtl_loss_and_step_are_domainbeds_and_export_is_the_expected_logits():
     expected = 0
     for x, y in batches:
         features = f(x)
-        embedding = features.mean(0).view(1, -1).repeat(len(features), 1).normal_()  # the reference: a fresh N(0, I) draw of the embedding's shape
+        embedding = (
+            features.mean(0).view(1, -1).repeat(len(features), 1).normal_()
+        )  # the reference: a fresh N(0, I) draw of the embedding's shape
         expected = expected + F.cross_entropy(classifier(torch.cat((features, embedding), 1)), y)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -97,6 +106,7 @@ def test_mtl_loss_and_step_are_domainbeds_and_export_is_the_expected_logits():
 
 # -- Transfer
 
+
 def test_transfer_gap_and_projection_by_hand():
     host = build("transfer", {"delta": 1.5}).host
     assert host.gap(torch.tensor([0.3, 0.9, 0.1]))[1] == pytest.approx(0.8)
@@ -115,5 +125,3 @@ def test_transfer_gap_and_projection_by_hand():
     assert not host.project()
     for a, h, d in zip(host.adversary.parameters(), head.parameters(), direction):
         assert torch.allclose(a, h + d / norm)  # inside the ball: unchanged
-
-

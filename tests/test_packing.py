@@ -1,6 +1,7 @@
 """Sweeps that fill a GPU (``--runs-per-gpu N``): several runs share each device slot of ``local-gpus`` and each
 Slurm job, every run still its own process. No GPU needed: the runs are stand-in processes that record the device
 they were given and when they ran."""
+
 import json
 import pickle
 import sys
@@ -14,8 +15,7 @@ from dgzoo.errors import DGZooError
 from dgzoo.experiments.launchers import PackedRun, PackedSlurmTask, SlurmTask, map_runs, pack_slots, run_sweep
 from dgzoo.experiments.sweep import SweepSpec, expand
 
-TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, batch_size=8, log_with="none",
-            num_workers=0)
+TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, batch_size=8, log_with="none", num_workers=0)
 
 PROBE = textwrap.dedent("""\
     # Stands for `dgzoo train`: records its process, device and time span; the run holding out 45 fails.
@@ -34,8 +34,14 @@ PROBE = textwrap.dedent("""\
 
 
 def spec(root: Path, **values) -> SweepSpec:
-    base = dict(datasets=["rotated-digits"], algorithms=["erm"], test_domains=["0", "45", "75"], n_trials=1,
-                output_dir=str(root), train=dict(TINY))
+    base = dict(
+        datasets=["rotated-digits"],
+        algorithms=["erm"],
+        test_domains=["0", "45", "75"],
+        n_trials=1,
+        output_dir=str(root),
+        train=dict(TINY),
+    )
     base.update(values)
     return SweepSpec.from_dict(base)
 
@@ -64,8 +70,15 @@ def test_local_gpus_runs_per_gpu_shares_every_device_by_n_runs_at_most(tmp_path)
     (tmp_path / "probe.py").write_text(PROBE)
     s = spec(tmp_path / "sw", n_trials=2)  # 6 runs, 2 GPUs x 2 runs each
     lines = []
-    outcome = run_sweep(s, "local-gpus", launch_prefix=f"{sys.executable} {tmp_path / 'probe.py'}",
-                        gpus=["3", "5"], runs_per_gpu=2, log=lines.append, poll_s=0.05)
+    outcome = run_sweep(
+        s,
+        "local-gpus",
+        launch_prefix=f"{sys.executable} {tmp_path / 'probe.py'}",
+        gpus=["3", "5"],
+        runs_per_gpu=2,
+        log=lines.append,
+        poll_s=0.05,
+    )
     assert not outcome.failed and len(outcome.trained) == 6
     probes = spans(tmp_path / "sw")
     assert sorted(probes) == sorted(r.output_dir.name for r in expand(s))
@@ -81,12 +94,24 @@ def test_runs_per_gpu_is_refused_where_runs_get_no_device(tmp_path, capsys):
     with pytest.raises(DGZooError, match="--runs-per-gpu must be a positive integer, got 0"):
         run_sweep(spec(tmp_path / "a"), "local-gpus", gpus=["0"], runs_per_gpu=0)
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(json.dumps(dict(datasets=["rotated-digits"], algorithms=["erm"], test_domains=["0"],
-                                         n_trials=1, output_dir=str(tmp_path / "b"), train=TINY)))
+    spec_file.write_text(
+        json.dumps(
+            dict(
+                datasets=["rotated-digits"],
+                algorithms=["erm"],
+                test_domains=["0"],
+                n_trials=1,
+                output_dir=str(tmp_path / "b"),
+                train=TINY,
+            )
+        )
+    )
     assert main(["sweep", str(spec_file), "--runs-per-gpu", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["dgzoo: error: --runs-per-gpu packs runs onto the GPUs of --launcher local-gpus or slurm, not "
-                   "local; use one of those, or drop --runs-per-gpu"]
+    assert err == [
+        "dgzoo: error: --runs-per-gpu packs runs onto the GPUs of --launcher local-gpus or slurm, not "
+        "local; use one of those, or drop --runs-per-gpu"
+    ]
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 

@@ -6,6 +6,7 @@ pushed, and no local path leaves the machine. Against the local Hub server, with
 - A push to a branch: the card's loading code and ``dgzoo eval`` command name that branch, and work.
 - A local dataset given by absolute path, trained, pushed and swept: the path is in no file the Hub stores.
 """
+
 import json
 import logging
 import shlex
@@ -18,8 +19,22 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from test_hub import dgzoo_cli, last_json, make_image_folders, ok, run
 
-TRAIN = ["--backbone", "test_resnet", "--image-size", "16", "--steps", "2", "--eval-every", "2", "--batch-size", "4",
-         "--log-with", "none", "--num-workers", "0"]
+TRAIN = [
+    "--backbone",
+    "test_resnet",
+    "--image-size",
+    "16",
+    "--steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--batch-size",
+    "4",
+    "--log-with",
+    "none",
+    "--num-workers",
+    "0",
+]
 
 CARD = r"""
 import json, sys, timm, torch
@@ -44,9 +59,26 @@ def test_a_run_repeats_after_the_datasets_main_moved_and_its_card_names_the_push
     folders = make_image_folders(tmp_path / "folders")
     ok(run(hub_server, tmp_path / "hf", dgzoo_cli("datasets", "convert", folders, "--push-to-hub", dataset_id)))
     first = tmp_path / "first"
-    ok(run(hub_server, tmp_path / "hf", dgzoo_cli("train", "--dataset", dataset_id, "--target-domains", "c", *TRAIN,
-                                                  "--output-dir", first, "--push-to-hub", model_id,
-                                                  "--hub-revision", "exp")))
+    ok(
+        run(
+            hub_server,
+            tmp_path / "hf",
+            dgzoo_cli(
+                "train",
+                "--dataset",
+                dataset_id,
+                "--target-domains",
+                "c",
+                *TRAIN,
+                "--output-dir",
+                first,
+                "--push-to-hub",
+                model_id,
+                "--hub-revision",
+                "exp",
+            ),
+        )
+    )
     results = json.loads((first / "results.json").read_text())
     sha = results["dataset"]["revision"]
     saved = json.loads((first / "train_config.json").read_text())
@@ -60,15 +92,31 @@ def test_a_run_repeats_after_the_datasets_main_moved_and_its_card_names_the_push
     for image in sorted((folders / "b").rglob("*.png")):
         image.write_bytes((folders / "c" / image.parent.name / image.name).read_bytes())
     ok(run(hub_server, tmp_path / "hf", dgzoo_cli("datasets", "convert", folders, "--push-to-hub", dataset_id)))
-    moved = json.loads(ok(run(hub_server, tmp_path / "hf", [
-        sys.executable, "-c", f"import json; from huggingface_hub import HfApi; "
-                              f"print(json.dumps(HfApi().dataset_info({dataset_id!r}).sha))"])).stdout)
+    moved = json.loads(
+        ok(
+            run(
+                hub_server,
+                tmp_path / "hf",
+                [
+                    sys.executable,
+                    "-c",
+                    f"import json; from huggingface_hub import HfApi; "
+                    f"print(json.dumps(HfApi().dataset_info({dataset_id!r}).sha))",
+                ],
+            )
+        ).stdout
+    )
     assert moved != sha
 
     # The run's own recipe repeats it, bit for bit, on the commit it read.
     again = tmp_path / "again"
-    ok(run(hub_server, tmp_path / "hf-again", dgzoo_cli("train", "--config", first / "train_config.json",
-                                                        "--output-dir", again)))
+    ok(
+        run(
+            hub_server,
+            tmp_path / "hf-again",
+            dgzoo_cli("train", "--config", first / "train_config.json", "--output-dir", again),
+        )
+    )
     assert json.loads((again / "results.json").read_text())["dataset"]["revision"] == sha
     assert _weights_equal(first, again)
     # So does the card's command (the one `accelerate launch recipes/train.py` runs, here in one process).
@@ -77,14 +125,31 @@ def test_a_run_repeats_after_the_datasets_main_moved_and_its_card_names_the_push
     argv = shlex.split(command.replace("\\\n", " "))
     assert argv[:3] == ["accelerate", "launch", "recipes/train.py"] and f"--revision {sha}" in " ".join(argv)
     from_card = tmp_path / "from-card"
-    ok(run(hub_server, tmp_path / "hf-card", [sys.executable, str(ROOT / "recipes" / "train.py"), *argv[3:],
-                                              "--dataset", dataset_id, "--log-with", "none", "--num-workers", "0",
-                                              "--output-dir", str(from_card)]))
+    ok(
+        run(
+            hub_server,
+            tmp_path / "hf-card",
+            [
+                sys.executable,
+                str(ROOT / "recipes" / "train.py"),
+                *argv[3:],
+                "--dataset",
+                dataset_id,
+                "--log-with",
+                "none",
+                "--num-workers",
+                "0",
+                "--output-dir",
+                str(from_card),
+            ],
+        )
+    )
     assert _weights_equal(first, from_card)
 
     # The card on the branch: plain timm, dgzoo and `dgzoo eval` all load the branch, not main (which has no model).
-    out = last_json(ok(run(hub_server, tmp_path / "hf-load", [sys.executable, "-c", CARD, model_id, "exp"],
-                           token=False)).stdout)
+    out = last_json(
+        ok(run(hub_server, tmp_path / "hf-load", [sys.executable, "-c", CARD, model_id, "exp"], token=False)).stdout
+    )
     assert "model.safetensors" not in out["main_files"]
     text = out["text"]
     assert f'timm.create_model("hf-hub:{model_id}@exp"' in text
@@ -94,8 +159,14 @@ def test_a_run_repeats_after_the_datasets_main_moved_and_its_card_names_the_push
     assert sha in text and out["config"]["dgzoo"]["dataset_revision"] == sha
     assert out["config"]["dgzoo"]["code"] == results["code"]  # the code version travels with the weights
     evaluated = tmp_path / "eval.json"
-    ok(run(hub_server, tmp_path / "hf-load", [sys.executable, "-m", "dgzoo.cli",
-                                              *shlex.split(eval_line)[1:], "--output", str(evaluated)], token=False))
+    ok(
+        run(
+            hub_server,
+            tmp_path / "hf-load",
+            [sys.executable, "-m", "dgzoo.cli", *shlex.split(eval_line)[1:], "--output", str(evaluated)],
+            token=False,
+        )
+    )
     assert json.loads(evaluated.read_text())["accuracy"]["c"] == pytest.approx(results["accuracy_splits"]["c"]["in"])
     assert hub_server.errors == []
 
@@ -117,10 +188,25 @@ def test_an_absolute_dataset_path_is_in_no_published_file(hub_server, tmp_path):
     data = make_image_folders(tmp_path / "private-home" / "my-data", per_class=3)
     secret = str(tmp_path / "private-home")
     sweep_dir = tmp_path / "private-home" / "sweep"
-    spec = SweepSpec.from_dict(dict(datasets=[str(data)], algorithms=["erm"], test_domains=["c"], n_trials=1,
-                                    output_dir=str(sweep_dir),
-                                    train=dict(backbone="test_resnet", image_size=16, steps=2, eval_every=2,
-                                               batch_size=4, lr=3e-3, log_with="none", num_workers=0)))
+    spec = SweepSpec.from_dict(
+        dict(
+            datasets=[str(data)],
+            algorithms=["erm"],
+            test_domains=["c"],
+            n_trials=1,
+            output_dir=str(sweep_dir),
+            train=dict(
+                backbone="test_resnet",
+                image_size=16,
+                steps=2,
+                eval_every=2,
+                batch_size=4,
+                lr=3e-3,
+                log_with="none",
+                num_workers=0,
+            ),
+        )
+    )
     outcome = run_sweep(spec, log=lambda line: None)
     assert len(outcome.trained) == 1 and not outcome.failed
     [run_dir] = [p for p in sweep_dir.iterdir() if (p / "results.json").is_file()]
@@ -133,8 +219,11 @@ def test_an_absolute_dataset_path_is_in_no_published_file(hub_server, tmp_path):
     from dgzoo.training.engine import train
 
     child = tmp_path / "private-home" / "child"
-    train(TrainConfig.from_dict(dict(dataset=str(data), target_domains=["c"], init_from=str(run_dir),
-                                     output_dir=str(child), **spec.train)))
+    train(
+        TrainConfig.from_dict(
+            dict(dataset=str(data), target_domains=["c"], init_from=str(run_dir), output_dir=str(child), **spec.train)
+        )
+    )
     assert str(run_dir) in (child / "README.md").read_text()  # the local card keeps it: it works on this machine
 
     prefix = "testuser/" + hub_server.unique_repo_id("abs").split("/")[1]
@@ -146,14 +235,27 @@ def test_an_absolute_dataset_path_is_in_no_published_file(hub_server, tmp_path):
     assert len(stored) > 20
     leaks = [str(p) for p in stored if secret.encode() in p.read_bytes()]
     assert leaks == []
-    card = json.loads(ok(run(hub_server, tmp_path / "hf", [
-        sys.executable, "-c", "import json, sys; from huggingface_hub import ModelCard; "
-                              "print(json.dumps(ModelCard.load(sys.argv[1]).text))", single])).stdout)
+    card = json.loads(
+        ok(
+            run(
+                hub_server,
+                tmp_path / "hf",
+                [
+                    sys.executable,
+                    "-c",
+                    "import json, sys; from huggingface_hub import ModelCard; "
+                    "print(json.dumps(ModelCard.load(sys.argv[1]).text))",
+                    single,
+                ],
+            )
+        ).stdout
+    )
     assert results["dataset"]["fingerprint"] in card and "--dataset my-data" in card
 
     # The sweep's results repo is a dataset `datasets` can load: the report table, and the selected runs.
-    loaded = last_json(ok(run(hub_server, tmp_path / "hf", [sys.executable, "-c", LOAD_RESULTS,
-                                                            f"{prefix}-results"])).stdout)
+    loaded = last_json(
+        ok(run(hub_server, tmp_path / "hf", [sys.executable, "-c", LOAD_RESULTS, f"{prefix}-results"])).stdout
+    )
     assert loaded["report_rows"] >= 1 and loaded["picked_rows"] >= 1
     assert hub_server.errors == []
 

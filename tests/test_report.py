@@ -1,4 +1,5 @@
 """dgzoo report on hand-made run directories: selection methods, standard errors, table layout and formats."""
+
 import csv
 import io
 import json
@@ -19,16 +20,34 @@ def acc(in_=None, out=None, **per_domain):
     return {d: dict(zip(("in", "out"), per_domain.get(d, (0.5, 0.5)))) for d in DOMAINS}
 
 
-def make_run(root: Path, name: str, targets, records, algorithm="erm", seed=0, split_seed=None, lr=1e-3,
-             dataset="toy", domains=DOMAINS):
+def make_run(
+    root: Path,
+    name: str,
+    targets,
+    records,
+    algorithm="erm",
+    seed=0,
+    split_seed=None,
+    lr=1e-3,
+    dataset="toy",
+    domains=DOMAINS,
+):
     """Write a finished run directory: results.json (the fields the report reads) and records.jsonl."""
     run = root / name
     run.mkdir(parents=True)
-    results = {"dataset": {"name": dataset, "title": dataset.title()}, "algorithm": algorithm, "backbone": "resnet18",
-               "pretrained": False, "steps": records[-1]["step"], "seed": seed,
-               "split_seed": seed if split_seed is None else split_seed,
-               "source_domains": [d for d in domains if d not in targets], "target_domains": list(targets),
-               "accuracy": {d: 0.0 for d in domains}, "hparams": {"lr": lr}}
+    results = {
+        "dataset": {"name": dataset, "title": dataset.title()},
+        "algorithm": algorithm,
+        "backbone": "resnet18",
+        "pretrained": False,
+        "steps": records[-1]["step"],
+        "seed": seed,
+        "split_seed": seed if split_seed is None else split_seed,
+        "source_domains": [d for d in domains if d not in targets],
+        "target_domains": list(targets),
+        "accuracy": {d: 0.0 for d in domains},
+        "hparams": {"lr": lr},
+    }
     (run / "results.json").write_text(json.dumps(results))
     (run / "train_config.json").write_text("{}")
     (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -43,14 +62,27 @@ def write_manifest(root: Path, entries):
 
 def test_training_domain_validation_picks_the_best_step_then_the_best_sample(tmp_path):
     # hp0 peaks on source validation at step 2 (0.7); hp1 peaks at step 1 (0.8) and is the better sample there.
-    make_run(tmp_path, "hp0", ["A"], [
-        {"step": 1, "acc": acc(A=(0.10, 0.9), B=(0.5, 0.6), C=(0.5, 0.6))},
-        {"step": 2, "acc": acc(A=(0.20, 0.9), B=(0.5, 0.7), C=(0.5, 0.7))},
-        {"step": 3, "acc": acc(A=(0.99, 0.9), B=(0.5, 0.5), C=(0.5, 0.5))}])
-    make_run(tmp_path, "hp1", ["A"], [
-        {"step": 1, "acc": acc(A=(0.30, 0.1), B=(0.5, 0.8), C=(0.5, 0.8))},
-        {"step": 2, "acc": acc(A=(0.40, 0.1), B=(0.5, 0.8), C=(0.5, 0.8))},  # a tie: the earlier step wins
-        {"step": 3, "acc": acc(A=(0.50, 0.2), B=(0.5, 0.6), C=(0.5, 0.6))}], lr=1e-2)
+    make_run(
+        tmp_path,
+        "hp0",
+        ["A"],
+        [
+            {"step": 1, "acc": acc(A=(0.10, 0.9), B=(0.5, 0.6), C=(0.5, 0.6))},
+            {"step": 2, "acc": acc(A=(0.20, 0.9), B=(0.5, 0.7), C=(0.5, 0.7))},
+            {"step": 3, "acc": acc(A=(0.99, 0.9), B=(0.5, 0.5), C=(0.5, 0.5))},
+        ],
+    )
+    make_run(
+        tmp_path,
+        "hp1",
+        ["A"],
+        [
+            {"step": 1, "acc": acc(A=(0.30, 0.1), B=(0.5, 0.8), C=(0.5, 0.8))},
+            {"step": 2, "acc": acc(A=(0.40, 0.1), B=(0.5, 0.8), C=(0.5, 0.8))},  # a tie: the earlier step wins
+            {"step": 3, "acc": acc(A=(0.50, 0.2), B=(0.5, 0.6), C=(0.5, 0.6))},
+        ],
+        lr=1e-2,
+    )
     write_manifest(tmp_path, [("hp0", 0, 0), ("hp1", 0, 1)])
     runs, _ = load_runs([tmp_path])
     [pick] = select_groups(runs, "training_domain_validation").values()
@@ -64,12 +96,19 @@ def test_training_domain_validation_picks_the_best_step_then_the_best_sample(tmp
 def test_leave_one_domain_out_validates_on_the_domain_the_pair_runs_held_out(tmp_path):
     # Held-out A. For each sample, the runs holding out {A,B} and {A,C} score a step by their accuracy on B and C.
     for hp, steps in ((0, ((1, 0.6, 0.6), (2, 0.9, 0.7))), (1, ((1, 0.5, 0.5), (2, 0.6, 0.6)))):
-        make_run(tmp_path, f"A-hp{hp}", ["A"],
-                 [{"step": s, "acc": acc(A=(0.1 * s + hp / 10, 0.5))} for s, _, _ in steps], lr=10.0 ** -hp)
-        make_run(tmp_path, f"AB-hp{hp}", ["A", "B"], [{"step": s, "acc": acc(B=(b, 0.0))} for s, b, _ in steps],
-                 lr=10.0 ** -hp)
-        make_run(tmp_path, f"AC-hp{hp}", ["A", "C"], [{"step": s, "acc": acc(C=(c, 0.0))} for s, _, c in steps],
-                 lr=10.0 ** -hp)
+        make_run(
+            tmp_path,
+            f"A-hp{hp}",
+            ["A"],
+            [{"step": s, "acc": acc(A=(0.1 * s + hp / 10, 0.5))} for s, _, _ in steps],
+            lr=10.0**-hp,
+        )
+        make_run(
+            tmp_path, f"AB-hp{hp}", ["A", "B"], [{"step": s, "acc": acc(B=(b, 0.0))} for s, b, _ in steps], lr=10.0**-hp
+        )
+        make_run(
+            tmp_path, f"AC-hp{hp}", ["A", "C"], [{"step": s, "acc": acc(C=(c, 0.0))} for s, _, c in steps], lr=10.0**-hp
+        )
     write_manifest(tmp_path, [(f"{s}-hp{hp}", 0, hp) for s in ("A", "AB", "AC") for hp in (0, 1)])
     runs, _ = load_runs([tmp_path])
     picks = select_groups(runs, "leave_one_domain_out")
@@ -86,7 +125,7 @@ def test_leave_one_domain_out_validates_on_the_domain_the_pair_runs_held_out(tmp
 def test_standard_error_is_population_std_over_sqrt_n():
     mean, se = mean_and_standard_error([80.0, 85.0, 87.0])
     # by hand: mean 84; squared deviations 16 + 1 + 9 = 26; population variance 26/3; se = sqrt(26/3) / sqrt(3)
-    assert mean == pytest.approx(84.0) and se == pytest.approx((26 / 3) ** 0.5 / 3 ** 0.5)
+    assert mean == pytest.approx(84.0) and se == pytest.approx((26 / 3) ** 0.5 / 3**0.5)
     assert mean_and_standard_error([70.0]) == (70.0, 0.0)
 
 
@@ -95,8 +134,14 @@ def _three_trials(root: Path, dataset="toy"):
     held_out = {"A": (0.80, 0.85, 0.87), "B": (0.60, 0.70, 0.65)}
     for domain, values in held_out.items():
         for seed, value in enumerate(values):
-            make_run(root, f"{dataset}-{domain}-seed{seed}", [domain], [
-                {"step": 5, "acc": acc(**{domain: (value, 0.5)})}], seed=seed, dataset=dataset)
+            make_run(
+                root,
+                f"{dataset}-{domain}-seed{seed}",
+                [domain],
+                [{"step": 5, "acc": acc(**{domain: (value, 0.5)})}],
+                seed=seed,
+                dataset=dataset,
+            )
     return held_out
 
 
@@ -107,9 +152,9 @@ def test_tables_show_mean_and_standard_error_over_trial_seeds(tmp_path):
     assert table.columns == ["A", "B", "Avg"] and list(table.rows) == ["erm"]
     a, b, avg = table.rows["erm"]
     assert (a.mean, a.se, a.n) == (pytest.approx(84.0), pytest.approx(1.6997, abs=1e-4), 3)
-    assert (b.mean, b.se) == (pytest.approx(65.0), pytest.approx(np.std([60, 70, 65]) / 3 ** 0.5))
+    assert (b.mean, b.se) == (pytest.approx(65.0), pytest.approx(np.std([60, 70, 65]) / 3**0.5))
     per_trial = [100 * (x + y) / 2 for x, y in zip(held_out["A"], held_out["B"])]
-    assert (avg.mean, avg.se) == (pytest.approx(np.mean(per_trial)), pytest.approx(np.std(per_trial) / 3 ** 0.5))
+    assert (avg.mean, avg.se) == (pytest.approx(np.mean(per_trial)), pytest.approx(np.std(per_trial) / 3**0.5))
     markdown = report.markdown()
     assert "| erm | 84.0 ± 1.7 | 65.0 ± 2.4 | 74.5 ± 1.9 |" in markdown
     assert "standard error" in markdown and "n = 3 trial seeds" in markdown
@@ -120,8 +165,14 @@ def test_tables_show_mean_and_standard_error_over_trial_seeds(tmp_path):
 def test_averages_table_spans_datasets_and_marks_missing_cells(tmp_path):
     _three_trials(tmp_path / "one", dataset="toy")
     _three_trials(tmp_path / "two", dataset="other")
-    make_run(tmp_path / "two", "only-on-other", ["A"], [{"step": 5, "acc": acc(A=(0.5, 0.5))}], algorithm="erm+x",
-             dataset="other")
+    make_run(
+        tmp_path / "two",
+        "only-on-other",
+        ["A"],
+        [{"step": 5, "acc": acc(A=(0.5, 0.5))}],
+        algorithm="erm+x",
+        dataset="other",
+    )
     report = report_dirs([tmp_path])
     methods = [t.method for t in report.tables]
     assert "leave_one_domain_out" not in methods
@@ -137,8 +188,21 @@ def test_averages_table_spans_datasets_and_marks_missing_cells(tmp_path):
 
 def test_latex_csv_plot_and_cli(tmp_path, capsys):
     _three_trials(tmp_path / "runs")
-    assert main(["report", str(tmp_path / "runs"), "--format", "latex", "--selection", "oracle",
-                 "--output-dir", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(tmp_path / "runs"),
+                "--format",
+                "latex",
+                "--selection",
+                "oracle",
+                "--output-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     latex = capsys.readouterr().out
     assert "\\toprule" in latex and "erm & 84.0 $\\pm$ 1.7 & 65.0 $\\pm$ 2.4 & 74.5 $\\pm$ 1.9 \\\\" in latex
     assert "standard error" in latex
@@ -154,8 +218,9 @@ def test_latex_csv_plot_and_cli(tmp_path, capsys):
 def test_runs_outside_a_sweep_group_by_split_seed_and_seed(tmp_path):
     # Two init seeds on the same split are two trials, not two hyperparameter samples of one trial.
     for seed in (0, 1):
-        make_run(tmp_path, f"s{seed}", ["A"], [{"step": 1, "acc": acc(A=(0.5 + seed / 10, 0.5))}], seed=seed,
-                 split_seed=0)
+        make_run(
+            tmp_path, f"s{seed}", ["A"], [{"step": 1, "acc": acc(A=(0.5 + seed / 10, 0.5))}], seed=seed, split_seed=0
+        )
     runs, _ = load_runs([tmp_path])
     assert sorted(r.trial for r in runs) == ["0", "0/1"]
     cell = build_report(runs, ["training_domain_validation"]).tables[0].rows["erm"][0]
@@ -195,11 +260,14 @@ def test_a_broken_run_directory_is_skipped_with_one_line_naming_it(tmp_path, cap
     (no_key / "results.json").write_text(json.dumps(results))
     runs, notes = load_runs([tmp_path])
     assert len(runs) == 6
-    assert sorted(notes) == sorted([
-        f"skipped broken run {bad_json.resolve()}: results.json: invalid JSON (Expecting value: line 1 column 13 "
-        "(char 12))",
-        f"skipped broken run {no_domain.resolve()}: records.jsonl: missing 'B'",
-        f"skipped broken run {no_key.resolve()}: results.json: missing 'target_domains'"])
+    assert sorted(notes) == sorted(
+        [
+            f"skipped broken run {bad_json.resolve()}: results.json: invalid JSON (Expecting value: line 1 column 13 "
+            "(char 12))",
+            f"skipped broken run {no_domain.resolve()}: records.jsonl: missing 'B'",
+            f"skipped broken run {no_key.resolve()}: results.json: missing 'target_domains'",
+        ]
+    )
     assert main(["report", str(tmp_path), "--selection", "oracle"]) == 0
     out = capsys.readouterr().out
     for broken in (bad_json, no_domain, no_key):
@@ -221,7 +289,8 @@ def test_identical_runs_count_once_with_a_warning(tmp_path):
         f"warning: {(tmp_path / 'toy-A-seed1').resolve()} is identical to {(tmp_path / 'copy-of-A-seed1').resolve()} "
         "(same recipe, seeds, data and code); counted once",
         f"warning: {(tmp_path / 'toy-B-seed2').resolve()} is identical to {rerun.resolve()} (same recipe, seeds, "
-        "data and code); counted once"]
+        "data and code); counted once",
+    ]
     report = report_dirs([tmp_path], ["oracle"])
     a, b, _ = report.tables[0].rows["erm"]
     assert (a, a.n) == (alone[0], 3)  # the copy adds no trial: same mean, same standard error
@@ -231,10 +300,13 @@ def test_identical_runs_count_once_with_a_warning(tmp_path):
     assert report_dirs([tmp_path], ["oracle"]).tables[0].rows["erm"][0].n == 4
 
 
-@pytest.mark.parametrize("field, other", [
-    ("code", {"dgzoo_version": "0.2.0", "git_commit": "b" * 40, "git_dirty": False}),
-    ("dataset", {"name": "toy", "title": "Toy", "repo_id": "me/toy", "revision": "c" * 40}),
-])
+@pytest.mark.parametrize(
+    "field, other",
+    [
+        ("code", {"dgzoo_version": "0.2.0", "git_commit": "b" * 40, "git_dirty": False}),
+        ("dataset", {"name": "toy", "title": "Toy", "repo_id": "me/toy", "revision": "c" * 40}),
+    ],
+)
 def test_runs_of_other_code_or_data_are_not_the_same_run(tmp_path, field, other):
     """Identity by content (dgzoo.run.identity): a run equal in recipe and seeds but trained by other code or on
     another commit of the data is another run, counted, not dropped as a copy of the first."""
@@ -243,8 +315,11 @@ def test_runs_of_other_code_or_data_are_not_the_same_run(tmp_path, field, other)
     first = make_run(tmp_path / "a", "toy-A-seed1", ["A"], [{"step": 5, "acc": acc(A=(0.9, 0.5))}], seed=1)
     second = make_run(tmp_path / "b", "toy-A-seed1", ["A"], [{"step": 5, "acc": acc(A=(0.7, 0.5))}], seed=1)
     results = json.loads((first / "results.json").read_text())
-    results[field] = {"dgzoo_version": "0.2.0", "git_commit": "a" * 40, "git_dirty": False} if field == "code" \
+    results[field] = (
+        {"dgzoo_version": "0.2.0", "git_commit": "a" * 40, "git_dirty": False}
+        if field == "code"
         else {"name": "toy", "title": "Toy", "repo_id": "me/toy", "revision": "a" * 40}
+    )
     (first / "results.json").write_text(json.dumps(results))
     assert same_run(results, results)
     changed = {**results, field: other}

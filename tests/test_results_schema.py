@@ -6,6 +6,7 @@ Fixtures (tests/data/results/):
 - results_v0.1.json: the same run in the 0.1 layout, reconstructed from the 0.1 engine (``git show
   b591f16:dgzoo/engine.py``, ``_results``): no dataset fingerprint, init_from, derived, splits or code.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,11 @@ def test_unknown_keys_are_kept_where_they_were():
 
 
 def test_new_record_writes_format_version_and_field_order():
-    res = RunResults(algorithm="ERM", selection=Selection(method="oracle", step=3, score=0.5),
-                     timing=Timing(train_seconds=1.0, images_per_second=2.0, train_images=2, steps_per_second=1.0))
+    res = RunResults(
+        algorithm="ERM",
+        selection=Selection(method="oracle", step=3, score=0.5),
+        timing=Timing(train_seconds=1.0, images_per_second=2.0, train_images=2, steps_per_second=1.0),
+    )
     out = res.to_json()
     assert out["format_version"] == FORMAT_VERSION and next(iter(out)) == "algorithm"
     assert out["selection"] == {"method": "oracle", "step": 3, "score": 0.5}

@@ -1,5 +1,6 @@
 """GroupDRO, Mixup, SD, RSC, AND-mask, SAND-mask and IGA: hand-computed weights, masks and penalties, identities
 with ERM."""
+
 import copy
 import math
 import threading
@@ -120,8 +121,8 @@ def test_sd_penalty_by_hand_and_erm_at_zero():
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     logits = net(x)
     loss, metrics = build("sd", net, {"sd_reg": 0.3}).host.loss(batches, 0)
-    assert torch.allclose(metrics["penalty"], (logits ** 2).sum() / logits.numel())
-    assert torch.allclose(loss, F.cross_entropy(logits, y) + 0.3 * (logits ** 2).mean())
+    assert torch.allclose(metrics["penalty"], (logits**2).sum() / logits.numel())
+    assert torch.allclose(loss, F.cross_entropy(logits, y) + 0.3 * (logits**2).mean())
     zero, _ = build("sd", net, {"sd_reg": 0.0}).host.loss(batches, 0)
     erm, _ = build("erm", net).host.loss(batches, 0)
     assert torch.equal(zero, erm)
@@ -221,9 +222,18 @@ def test_iga_on_two_simulated_processes_equals_one_on_the_global_batch():
     single = make_net().eval()  # frozen BatchNorm: the one per-process difference the docstring allows
     build("iga", single, {"penalty": 100.0}).update(batches, 0)
     nets, slots, barrier = [make_net().eval() for _ in range(2)], [None, None], threading.Barrier(2)
-    algos = [create_algorithm("iga", net, 3, {"penalty": 100.0}, runtime=ThreadRuntime(r, 2, slots, barrier),
-                              make_optimizer=lambda g: torch.optim.SGD(g, lr=LR)) for r, net in enumerate(nets)]
-    shares = [[(x[2 * r:2 * r + 2], y[2 * r:2 * r + 2]) for x, y in batches] for r in range(2)]
+    algos = [
+        create_algorithm(
+            "iga",
+            net,
+            3,
+            {"penalty": 100.0},
+            runtime=ThreadRuntime(r, 2, slots, barrier),
+            make_optimizer=lambda g: torch.optim.SGD(g, lr=LR),
+        )
+        for r, net in enumerate(nets)
+    ]
+    shares = [[(x[2 * r : 2 * r + 2], y[2 * r : 2 * r + 2]) for x, y in batches] for r in range(2)]
     threads = [threading.Thread(target=a.update, args=(s, 0)) for a, s in zip(algos, shares)]
     for t in threads:
         t.start()
@@ -238,9 +248,13 @@ def test_groupdro_q_is_the_global_batch_one_on_every_simulated_process():
     single = build("groupdro", make_net().eval(), {"groupdro_eta": eta})
     single.host.loss(batches, 0)
     slots, barrier = [None, None], threading.Barrier(2)
-    algos = [create_algorithm("groupdro", make_net().eval(), 3, {"groupdro_eta": eta},
-                              runtime=ThreadRuntime(r, 2, slots, barrier)) for r in range(2)]
-    shares = [[(x[2 * r:2 * r + 2], y[2 * r:2 * r + 2]) for x, y in batches] for r in range(2)]
+    algos = [
+        create_algorithm(
+            "groupdro", make_net().eval(), 3, {"groupdro_eta": eta}, runtime=ThreadRuntime(r, 2, slots, barrier)
+        )
+        for r in range(2)
+    ]
+    shares = [[(x[2 * r : 2 * r + 2], y[2 * r : 2 * r + 2]) for x, y in batches] for r in range(2)]
     threads = [threading.Thread(target=a.host.loss, args=(s, 0)) for a, s in zip(algos, shares)]
     for t in threads:
         t.start()

@@ -1,5 +1,6 @@
 """Plan-time warnings for a method that cannot act within the run's steps (issue 23): GGA's window, IU's first
 call, SWAD's convergence, EMA's decay; one mechanism (Component.first_action / schedule_warnings)."""
+
 from conftest import tiny_config
 from dgzoo.algorithms import Schedule, resolve_hparams, schedule_warnings
 from dgzoo.training.dryrun import dry_run, format_plan
@@ -23,8 +24,9 @@ def test_iu_first_call_beyond_the_run_is_warned():
     (warning,) = warnings_of("erm+iu", {"iu.every": 40})
     assert "iu never acts" in warning and "step 40" in warning and "lower iu.every" in warning
     # calls start after the first epoch: every=5 with 8-step epochs first calls at step 10
-    assert warnings_of("erm+iu", {"iu.every": 5}, steps=9) != [] and warnings_of("erm+iu", {"iu.every": 5},
-                                                                                  steps=10) == []
+    assert (
+        warnings_of("erm+iu", {"iu.every": 5}, steps=9) != [] and warnings_of("erm+iu", {"iu.every": 5}, steps=10) == []
+    )
     (warning,) = warnings_of("erm+iue", steps=20, steps_per_epoch=25)  # per epoch: the first epoch ends at 25
     assert "iue never acts" in warning and "step 25" in warning and "iue.every" in warning
     assert warnings_of("erm+iu", {"iu.start_step": 31}, steps=30) != []

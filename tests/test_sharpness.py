@@ -1,4 +1,5 @@
 """SAM, GSAM and SAGM steps against the two-pass update computed by hand on a linear classifier."""
+
 import pytest
 import torch
 from torch import nn
@@ -24,8 +25,9 @@ def step(spec, hparams):
     torch.manual_seed(0)
     network = nn.Linear(4, 3).double()
     w0, b0 = network.weight.detach().clone(), network.bias.detach().clone()
-    algorithm = create_algorithm(spec, network, 2, hparams, num_classes=3,
-                                 make_optimizer=lambda groups: torch.optim.SGD(groups, lr=LR))
+    algorithm = create_algorithm(
+        spec, network, 2, hparams, num_classes=3, make_optimizer=lambda groups: torch.optim.SGD(groups, lr=LR)
+    )
     minibatches = [(x.double(), y) for x, y in data()]
     algorithm.update(minibatches, 0)
     x = torch.cat([x for x, _ in minibatches])
@@ -34,7 +36,7 @@ def step(spec, hparams):
 
 
 def norm(*tensors):
-    return torch.sqrt(sum((t ** 2).sum() for t in tensors))
+    return torch.sqrt(sum((t**2).sum() for t in tensors))
 
 
 def test_sam_step_is_the_gradient_at_the_perturbed_weights():
@@ -96,8 +98,9 @@ def test_second_pass_batchnorm_statistics_follow_the_reference(spec, moves):
 def test_optimizer_step_hooks_see_the_combined_gradient_once_per_step():
     torch.manual_seed(0)
     network = nn.Linear(4, 3).double()
-    algorithm = create_algorithm("sam", network, 2, {"rho": RHO}, num_classes=3,
-                                 make_optimizer=lambda groups: torch.optim.SGD(groups, lr=LR))
+    algorithm = create_algorithm(
+        "sam", network, 2, {"rho": RHO}, num_classes=3, make_optimizer=lambda groups: torch.optim.SGD(groups, lr=LR)
+    )
     seen = []
     algorithm.host.hook_optimizer_step(lambda: seen.append(network.weight.grad.clone()))
     w, b = network.weight.detach().clone(), network.bias.detach().clone()

@@ -6,6 +6,7 @@ Opt-in by what the machine has: skipped (with the reason) without slurmctld/slur
 run as root here). ``.ci/run`` installs the packages. The cluster uses ``auth/none`` (no munged to start) and a
 5-second credential lifetime, so that a requeued job may start again within seconds.
 """
+
 import json
 import os
 import shutil
@@ -23,8 +24,18 @@ from dgzoo.experiments.sweep import SweepSpec, expand, run_status
 
 pytestmark = pytest.mark.slow
 
-TRAIN = dict(backbone="test_resnet", image_size=8, steps=150, eval_every=50, checkpoint_every=10, batch_size=8,
-             lr=3e-3, eval_batch_size=512, log_with="none", num_workers=0)
+TRAIN = dict(
+    backbone="test_resnet",
+    image_size=8,
+    steps=150,
+    eval_every=50,
+    checkpoint_every=10,
+    batch_size=8,
+    lr=3e-3,
+    eval_batch_size=512,
+    log_with="none",
+    num_workers=0,
+)
 START_S = 30  # for the daemons to answer
 JOB_S = 300  # for the job to finish, requeue included
 
@@ -105,8 +116,9 @@ def slurm_cluster(tmp_path_factory, monkeypatch):
             daemons.append(subprocess.Popen([daemon, "-D", "-f", str(conf)], stdout=log, stderr=subprocess.STDOUT))
             log.close()
         deadline = time.time() + START_S
-        while "idle" not in subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True,
-                                           text=True).stdout:
+        while (
+            "idle" not in subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True).stdout
+        ):
             if time.time() > deadline or any(d.poll() is not None for d in daemons):
                 logs = "\n".join(p.read_text()[-2000:] for p in sorted(root.glob("*.log")) if p.exists())
                 pytest.fail(f"the test cluster did not come up in {START_S} s:\n{logs}")
@@ -128,8 +140,16 @@ def slurm_cluster(tmp_path_factory, monkeypatch):
 
 
 def spec(root: Path) -> SweepSpec:
-    return SweepSpec.from_dict(dict(datasets=["rotated-digits"], algorithms=["erm"], test_domains=["75"], n_trials=1,
-                                    output_dir=str(root), train=dict(TRAIN)))
+    return SweepSpec.from_dict(
+        dict(
+            datasets=["rotated-digits"],
+            algorithms=["erm"],
+            test_domains=["75"],
+            n_trials=1,
+            output_dir=str(root),
+            train=dict(TRAIN),
+        )
+    )
 
 
 def wait_for(condition, timeout: float, what: str, root: Path) -> None:
@@ -156,12 +176,15 @@ def test_a_preempted_slurm_run_resumes_exactly_and_a_rerun_never_resubmits_it(sl
     first = run_sweep(s, "slurm", slurm={"time": 10}, log=lines.append)
     assert any("has no GPUs" in line for line in lines)  # sinfo lists no GRES: the job asks for none
     [job] = first.jobs.values()
-    wait_for(lambda: any((run.output_dir / "checkpoints").glob("step_*")), JOB_S, "the first checkpoint",
-             tmp_path)
+    wait_for(lambda: any((run.output_dir / "checkpoints").glob("step_*")), JOB_S, "the first checkpoint", tmp_path)
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # preemption: submitit requeues
     logs = tmp_path / "slurm" / "slurm"
-    wait_for(lambda: "Caught signal SIGUSR2" in "".join(p.read_text() for p in logs.glob("*_log.err")), 60,
-             "submitit to catch the signal", tmp_path)
+    wait_for(
+        lambda: "Caught signal SIGUSR2" in "".join(p.read_text() for p in logs.glob("*_log.err")),
+        60,
+        "submitit to catch the signal",
+        tmp_path,
+    )
 
     # Requeued (pending, or running again): no accounting here, squeue says it is live, so nothing is resubmitted.
     rerun_lines: list[str] = []
@@ -169,11 +192,24 @@ def test_a_preempted_slurm_run_resumes_exactly_and_a_rerun_never_resubmits_it(sl
     assert rerun.jobs == {} and [r.output_dir for r in rerun.elsewhere] == [run.output_dir], rerun_lines
 
     # The uninterrupted reference, trained on this machine meanwhile.
-    (tmp_path / "local.yaml").write_text(yaml.safe_dump(dict(
-        datasets=["rotated-digits"], algorithms=["erm"], test_domains=["75"], n_trials=1,
-        output_dir=str(tmp_path / "local"), train=dict(TRAIN))))
-    reference = subprocess.run([sys.executable, "-m", "dgzoo.cli", "sweep", str(tmp_path / "local.yaml")],
-                               capture_output=True, text=True, timeout=JOB_S)
+    (tmp_path / "local.yaml").write_text(
+        yaml.safe_dump(
+            dict(
+                datasets=["rotated-digits"],
+                algorithms=["erm"],
+                test_domains=["75"],
+                n_trials=1,
+                output_dir=str(tmp_path / "local"),
+                train=dict(TRAIN),
+            )
+        )
+    )
+    reference = subprocess.run(
+        [sys.executable, "-m", "dgzoo.cli", "sweep", str(tmp_path / "local.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=JOB_S,
+    )
     assert reference.returncode == 0, reference.stderr[-2000:]
     wait_for(lambda: not squeue(f"--jobs={job}").strip(), JOB_S, "the requeued job to finish", tmp_path)
 
@@ -183,8 +219,10 @@ def test_a_preempted_slurm_run_resumes_exactly_and_a_rerun_never_resubmits_it(sl
     local_dir = tmp_path / "local" / run.output_dir.name
     ours, theirs = weights(run.output_dir), weights(local_dir)
     assert ours.keys() == theirs.keys() and all(bool((ours[k] == theirs[k]).all()) for k in ours)
-    assert (json.loads((run.output_dir / "records.jsonl").read_text().splitlines()[-1])["acc"]
-            == json.loads((local_dir / "records.jsonl").read_text().splitlines()[-1])["acc"])
+    assert (
+        json.loads((run.output_dir / "records.jsonl").read_text().splitlines()[-1])["acc"]
+        == json.loads((local_dir / "records.jsonl").read_text().splitlines()[-1])["acc"]
+    )
 
     status: list[str] = []
     sweep_status(s, log=status.append)
@@ -195,4 +233,3 @@ def test_a_preempted_slurm_run_resumes_exactly_and_a_rerun_never_resubmits_it(sl
     last = run_sweep(s, "slurm", slurm={"time": 10}, log=lines.append)
     assert last.jobs == {} and lines[-1] == "slurm: nothing to submit"
     print(f"real Slurm test: {time.time() - started:.0f} s")
-

@@ -2,6 +2,7 @@
 GPUs from the partition, sbatch refusals in one line, states without accounting, the time limit against the
 warning signal, the requeue limit, and the failure reasons of --status and --wait. The real cluster is
 tests/test_slurm_cluster.py."""
+
 import inspect
 import json
 import os
@@ -20,19 +21,29 @@ from dgzoo.experiments.sweep import SweepSpec, expand
 
 submitit = pytest.importorskip("submitit")
 
-TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, checkpoint_every=1, batch_size=8, lr=3e-3,
-            eval_batch_size=512, log_with="none", num_workers=0)
+TINY = dict(
+    backbone="test_resnet",
+    image_size=8,
+    steps=2,
+    eval_every=2,
+    checkpoint_every=1,
+    batch_size=8,
+    lr=3e-3,
+    eval_batch_size=512,
+    log_with="none",
+    num_workers=0,
+)
 TESTS = Path(__file__).resolve().parent
 FAKES = {
     # each answers from a file beside it (absent: the command fails the way it does when the controller is down)
     "sinfo": 'f="$(dirname "$0")/sinfo.txt"; [ -f "$f" ] || { echo "sinfo: error: no controller" >&2; exit 1; }; '
-             'cat "$f"',
+    'cat "$f"',
     "sbatch": 'd="$(dirname "$0")"; cp "$1" "$d/submitted.sh"; '
-              'if [ -f "$d/sbatch_error.txt" ]; then cat "$d/sbatch_error.txt" >&2; exit 1; fi; '
-              'echo "Submitted batch job 77"',
+    'if [ -f "$d/sbatch_error.txt" ]; then cat "$d/sbatch_error.txt" >&2; exit 1; fi; '
+    'echo "Submitted batch job 77"',
     "sacct": 'echo "Slurm accounting storage is disabled"',  # no accounting: sacct lists nothing
     "squeue": 'f="$(dirname "$0")/squeue.txt"; [ -f "$f" ] || { echo "slurm_load_jobs error: Unable to contact '
-              'slurm controller (connect failure)" >&2; exit 1; }; cat "$f"',
+    'slurm controller (connect failure)" >&2; exit 1; }; cat "$f"',
     "srun": "exit 0",
     "scancel": "exit 0",
 }
@@ -52,24 +63,53 @@ def fake_slurm(tmp_path, monkeypatch):
 
 
 def spec(root: Path, **values) -> SweepSpec:
-    base = dict(datasets=["rotated-digits"], algorithms=["erm"], test_domains=["0", "45", "75"], n_trials=1,
-                output_dir=str(root), train=dict(TINY))
+    base = dict(
+        datasets=["rotated-digits"],
+        algorithms=["erm"],
+        test_domains=["0", "45", "75"],
+        n_trials=1,
+        output_dir=str(root),
+        train=dict(TINY),
+    )
     base.update(values)
     return SweepSpec.from_dict(base)
 
 
 def write_spec(tmp_path: Path, **values) -> Path:
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(dict(datasets=["rotated-digits"], algorithms=["erm"], test_domains=["75"],
-                                        n_trials=1, output_dir=str(tmp_path / "sw"), train=dict(TINY), **values)))
+    path.write_text(
+        yaml.safe_dump(
+            dict(
+                datasets=["rotated-digits"],
+                algorithms=["erm"],
+                test_domains=["75"],
+                n_trials=1,
+                output_dir=str(tmp_path / "sw"),
+                train=dict(TINY),
+                **values,
+            )
+        )
+    )
     return path
 
 
 def record_jobs(root: Path, jobs: dict[str, str]) -> None:
     """slurm_jobs.json as a submission of ``jobs`` (run name -> job id) left it."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "slurm_jobs.json").write_text(json.dumps({"submissions": [
-        {"submitted": "2026-01-01T00:00:00+00:00", "cluster": "slurm", "folder": str(root / "slurm"), "jobs": jobs}]}))
+    (root / "slurm_jobs.json").write_text(
+        json.dumps(
+            {
+                "submissions": [
+                    {
+                        "submitted": "2026-01-01T00:00:00+00:00",
+                        "cluster": "slurm",
+                        "folder": str(root / "slurm"),
+                        "jobs": jobs,
+                    }
+                ]
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------- GPUs, refusals, time limit
@@ -90,27 +130,46 @@ def test_gpus_default_to_the_partition(fake_slurm, tmp_path):
     assert any("partition cpu has no GPUs" in line for line in lines)
     run_sweep(spec(tmp_path / "b", test_domains=["75"]), "slurm", slurm={"partition": "gpu"}, log=lines.append)
     assert "#SBATCH --gpus-per-node=1" in (fake_slurm / "submitted.sh").read_text()
-    with pytest.raises(DGZooError, match=r"^--gpus-per-run 4: the nodes of partition gpu have at most 2 GPU\(s\); "
-                                         r"pass --gpus-per-run 2"):
+    with pytest.raises(
+        DGZooError,
+        match=r"^--gpus-per-run 4: the nodes of partition gpu have at most 2 GPU\(s\); "
+        r"pass --gpus-per-run 2",
+    ):
         run_sweep(spec(tmp_path / "c"), "slurm", slurm={"partition": "gpu"}, gpus_per_run=4)
-    with pytest.raises(DGZooError, match=r"^--slurm-partition gpus: no such partition on this cluster \(sinfo lists "
-                                         r"cpu, gpu\)"):
+    with pytest.raises(
+        DGZooError,
+        match=r"^--slurm-partition gpus: no such partition on this cluster \(sinfo lists "
+        r"cpu, gpu\)",
+    ):
         run_sweep(spec(tmp_path / "d"), "slurm", slurm={"partition": "gpus"})
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()  # refused before anything is written
 
 
-@pytest.mark.parametrize("said, flag", [
-    ("sbatch: error: Invalid generic resource (gres) specification", "--slurm-gpus"),
-    ("sbatch: error: invalid partition specified: big\nsbatch: error: Batch job submission failed: Invalid "
-     "partition name specified", "--slurm-partition"),
-    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
-     "--slurm-account"),
-    ("sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
-     "--slurm-time"),
-    ("sbatch: error: Memory specification can not be satisfied", "--slurm-mem"),
-    ("sbatch: error: CPU count per node can not be satisfied\nsbatch: error: Batch job submission failed: "
-     "Requested node configuration is not available", "--slurm-cpus"),
-])
+@pytest.mark.parametrize(
+    "said, flag",
+    [
+        ("sbatch: error: Invalid generic resource (gres) specification", "--slurm-gpus"),
+        (
+            "sbatch: error: invalid partition specified: big\nsbatch: error: Batch job submission failed: Invalid "
+            "partition name specified",
+            "--slurm-partition",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+            "--slurm-account",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
+            "--slurm-time",
+        ),
+        ("sbatch: error: Memory specification can not be satisfied", "--slurm-mem"),
+        (
+            "sbatch: error: CPU count per node can not be satisfied\nsbatch: error: Batch job submission failed: "
+            "Requested node configuration is not available",
+            "--slurm-cpus",
+        ),
+    ],
+)
 def test_every_sbatch_refusal_is_one_line_naming_the_flag(fake_slurm, tmp_path, capsys, said, flag):
     (fake_slurm / "sbatch_error.txt").write_text(said + "\n")
     assert main(["sweep", str(write_spec(tmp_path)), "--launcher", "slurm", "--slurm-gpus", "1"]) == 2
@@ -121,8 +180,10 @@ def test_every_sbatch_refusal_is_one_line_naming_the_flag(fake_slurm, tmp_path, 
 
 def test_an_unknown_refusal_still_names_the_flags():
     line = sbatch_refusal("sbatch: error: Something new went wrong")
-    assert line == ("sbatch refused the job array: Something new went wrong; change the --slurm-* flags (partition, "
-                    "gpus, cpus, mem, time, account)")
+    assert line == (
+        "sbatch refused the job array: Something new went wrong; change the --slurm-* flags (partition, "
+        "gpus, cpus, mem, time, account)"
+    )
 
 
 @pytest.mark.parametrize("minutes", [1, 2, 3])
@@ -130,7 +191,8 @@ def test_a_time_limit_shorter_than_the_warning_signal_allows_is_refused(fake_slu
     assert main(["sweep", str(write_spec(tmp_path)), "--launcher", "slurm", "--slurm-time", str(minutes)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"dgzoo: error: --slurm-time {minutes} is too short: Slurm signals a job 90 s before its limit so that it can "
-        f"checkpoint and requeue, which leaves {minutes * 60 - 90} s to start and train; pass --slurm-time 4 or more")
+        f"checkpoint and requeue, which leaves {minutes * 60 - 90} s to start and train; pass --slurm-time 4 or more"
+    )
     assert not (tmp_path / "sw").exists()
     assert main(["sweep", str(write_spec(tmp_path)), "--launcher", "slurm", "--slurm-time", "4"]) == 0
 
@@ -168,10 +230,12 @@ def test_without_accounting_queued_jobs_are_found_through_squeue_and_never_resub
     status = []
     sweep_status(s, log=status.append)
     assert status[1] == "jobs: 3 UNKNOWN"
-    assert status[2].startswith("3 job state(s) UNKNOWN: sacct has no record of them (this cluster keeps no "
-                                "accounting, or not yet) and squeue did not answer (slurm_load_jobs error: Unable "
-                                "to contact slurm controller (connect failure)); they may still be queued, so a rerun "
-                                "does not submit them again")
+    assert status[2].startswith(
+        "3 job state(s) UNKNOWN: sacct has no record of them (this cluster keeps no "
+        "accounting, or not yet) and squeue did not answer (slurm_load_jobs error: Unable "
+        "to contact slurm controller (connect failure)); they may still be queued, so a rerun "
+        "does not submit them again"
+    )
     assert len(status) == 3 + 3  # one note for all jobs, then one line per run
 
 
@@ -189,13 +253,15 @@ def test_a_failed_task_writes_its_reason_and_status_prints_it(fake_slurm, tmp_pa
     with pytest.raises(DGZooError):
         SlurmTask("test", train_fn=broken)(run)
     assert (run.output_dir / FAILURE_FILE).read_text() == (
-        "job 55: --dataset rotated-digits: the cache is unreadable; delete it and run again\n")
+        "job 55: --dataset rotated-digits: the cache is unreadable; delete it and run again\n"
+    )
     record_jobs(tmp_path / "sw", {run.output_dir.name: "55_0"})
     (fake_slurm / "squeue.txt").write_text("55_0|FAILED\n")
     status = []
     sweep_status(s, log=status.append)
-    assert status[-1] == ("         failed: job 55: --dataset rotated-digits: the cache is unreadable; delete it and "
-                          "run again")
+    assert status[-1] == (
+        "         failed: job 55: --dataset rotated-digits: the cache is unreadable; delete it and run again"
+    )
 
     (fake_slurm / "squeue.txt").write_text("55_0|TIMEOUT\n")
     (run.output_dir / FAILURE_FILE).unlink()  # killed before it could write anything: the log says the rest
@@ -220,5 +286,7 @@ def test_wait_prints_the_reason_the_failed_run_wrote(tmp_path, monkeypatch):
     outcome = run_sweep(s, "slurm", cluster="local", train_fn=failing_train, log=lines.append, poll_s=0.2)
     [(run, reason)] = outcome.failed
     assert reason.endswith(": --lr 0.1 diverged at step 1; lower --lr") and reason.startswith("job ")
-    assert any(line.startswith(f"run failed: {run.describe()}: job ") and "--lr 0.1 diverged" in line
-               and "; log: " in line for line in lines)
+    assert any(
+        line.startswith(f"run failed: {run.describe()}: job ") and "--lr 0.1 diverged" in line and "; log: " in line
+        for line in lines
+    )

@@ -3,6 +3,7 @@
 Two tiny ERM runs start from one short ERM run (``init_from``), on the same split and held-out domain; the soups
 are made from them and from copies whose weights or records are changed on purpose.
 """
+
 import json
 import os
 import shutil
@@ -29,8 +30,17 @@ def runs(tmp_path_factory):
     train(base)
     paths = []
     for i, lr in enumerate((3e-3, 1e-3)):
-        cfg = tiny_config(tmp, output_dir=str(tmp / f"r{i}"), steps=4, eval_every=2, lr=lr, seed=i + 1,
-                          split_seed=0, target_domains=HELD_OUT, init_from=base.output_dir)
+        cfg = tiny_config(
+            tmp,
+            output_dir=str(tmp / f"r{i}"),
+            steps=4,
+            eval_every=2,
+            lr=lr,
+            seed=i + 1,
+            split_seed=0,
+            target_domains=HELD_OUT,
+            init_from=base.output_dir,
+        )
         train(cfg)
         paths.append(tmp / f"r{i}")
     return tmp / "base", paths[0], paths[1]
@@ -62,8 +72,7 @@ def test_init_from_starts_the_run_from_the_checkpoint_and_records_it(runs, tmp_p
     base = runs[0]
     assert json.loads((runs[1] / "results.json").read_text())["init_from"]["run"] == str(base.resolve())
     # One step at a vanishing learning rate: the exported parameters are the checkpoint's, head included.
-    cfg = tiny_config(tmp_path, steps=1, eval_every=1, lr=1e-12, seed=7, target_domains=HELD_OUT,
-                      init_from=str(base))
+    cfg = tiny_config(tmp_path, steps=1, eval_every=1, lr=1e-12, seed=7, target_domains=HELD_OUT, init_from=str(base))
     train(cfg)
     start, after = weights(base), weights(tmp_path / "run")
     assert set(start) == set(after)
@@ -114,15 +123,23 @@ def test_uniform_soup_is_the_parameter_average_with_batchnorm_recomputed(runs, u
     for key in bn:
         assert torch.allclose(soup[key], state[key], atol=1e-5), key
 
-    assert results["soup"]["used"] == 2 and [i["run"] for i in results["soup"]["ingredients"]] == \
-        [str(runs[1].resolve()), str(runs[2].resolve())]
+    assert results["soup"]["used"] == 2 and [i["run"] for i in results["soup"]["ingredients"]] == [
+        str(runs[1].resolve()),
+        str(runs[2].resolve()),
+    ]
     assert results["soup"]["shared_init"] and not results["soup"]["warnings"]
     assert set(results["accuracy"]) == {"0", "15", "30", "45", "60", "75"}
     card = (out / "README.md").read_text()
     assert "## Weight average (uniform soup)" in card and "| `r0` |" in card and "| `r1` |" in card
     assert "dgzoo soup" in card and "library_name: timm" in card
-    for name in ("config.json", "model.safetensors", "results.json", "records.jsonl", "train_config.json",
-                 "accuracy_per_domain.png"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "results.json",
+        "records.jsonl",
+        "train_config.json",
+        "accuracy_per_domain.png",
+    ):
         assert (out / name).is_file(), name
 
 
@@ -159,6 +176,7 @@ def test_greedy_keeps_the_best_ingredient_when_every_addition_lowers_source_vali
         def change(state):
             for key in ("fc.weight", "fc.bias"):
                 state[key] = state[key] * factor
+
         return change
 
     # Averaged with the good network, these cancel its head (-1: logits 0) or reverse it (-3): worse soups.
@@ -179,15 +197,19 @@ def test_greedy_keeps_the_best_ingredient_when_every_addition_lowers_source_vali
 # ---------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("what, results_change, config_change", [
-    ("split seed", lambda r: r.update(split_seed=3), None),
-    ("held-out domains", lambda r: r.update(target_domains=["60"]), None),
-    ("dataset revision", lambda r: r["dataset"].update(revision="abc"), None),
-    ("label names", None, lambda c: c.update(label_names=[str(9 - i) for i in range(10)])),
-    ("architecture", None, lambda c: c.update(architecture="resnet18")),
-])
-def test_incompatible_ingredients_are_refused_before_anything_is_written(runs, tmp_path, what, results_change,
-                                                                          config_change):
+@pytest.mark.parametrize(
+    "what, results_change, config_change",
+    [
+        ("split seed", lambda r: r.update(split_seed=3), None),
+        ("held-out domains", lambda r: r.update(target_domains=["60"]), None),
+        ("dataset revision", lambda r: r["dataset"].update(revision="abc"), None),
+        ("label names", None, lambda c: c.update(label_names=[str(9 - i) for i in range(10)])),
+        ("architecture", None, lambda c: c.update(architecture="resnet18")),
+    ],
+)
+def test_incompatible_ingredients_are_refused_before_anything_is_written(
+    runs, tmp_path, what, results_change, config_change
+):
     from dgzoo.experiments.soup import soup
 
     other = _copy_with(runs[2], tmp_path / "other", results_change=results_change, config_change=config_change)
@@ -205,8 +227,11 @@ def test_unshared_initialisation_is_a_warning_and_a_sweep_folder_needs_one_cell(
 
     _copy_with(runs[1], tmp_path / "sweep" / "a")
     _copy_with(runs[1], tmp_path / "sweep" / "b", results_change=lambda r: r.update(split_seed=5))
-    with pytest.raises(DGZooError, match=r"holds runs of 2 cells \(rotated-digits/erm/75/trial0, "
-                                         r"rotated-digits/erm/75/trial5\); pass --cell"):
+    with pytest.raises(
+        DGZooError,
+        match=r"holds runs of 2 cells \(rotated-digits/erm/75/trial0, "
+        r"rotated-digits/erm/75/trial5\); pass --cell",
+    ):
         soup([tmp_path / "sweep"], tmp_path / "soup")
     found = collect_ingredients([tmp_path / "sweep"], cell="rotated-digits/erm/75/trial0")
     assert sorted(i.run_dir.name for i in found) == ["a", "scratch"]
@@ -214,8 +239,23 @@ def test_unshared_initialisation_is_a_warning_and_a_sweep_folder_needs_one_cell(
 
 
 def test_cli_refuses_top_k_without_k_in_one_line(runs, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dgzoo.cli", "soup", str(runs[1]), str(runs[2]), "--output-dir",
-                           str(tmp_path / "soup"), "--method", "top-k"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dgzoo.cli",
+            "soup",
+            str(runs[1]),
+            str(runs[2]),
+            "--output-dir",
+            str(tmp_path / "soup"),
+            "--method",
+            "top-k",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "--method top-k needs --k between 1 and the 2 ingredients" in proc.stderr
     assert not (tmp_path / "soup").exists()
@@ -272,9 +312,14 @@ print(json.dumps({"sha": sha, "ingredients": results["soup"]["ingredients"]}))
 def test_soup_of_hub_ingredients_pins_their_revisions(runs, hub_server, tmp_path):
     repo_a, repo_b = hub_server.unique_repo_id("soup-a"), hub_server.unique_repo_id("soup-b")
     out = tmp_path / "hub-soup"
-    proc = subprocess.run([sys.executable, "-c", HUB_SOUP, str(runs[1]), str(runs[2]), repo_a, repo_b, str(out)],
-                          env=hub_server.env(tmp_path / "hf", token=True, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", HUB_SOUP, str(runs[1]), str(runs[2]), repo_a, repo_b, str(out)],
+        env=hub_server.env(tmp_path / "hf", token=True, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     answer = json.loads(proc.stdout.strip().splitlines()[-1])
     first, second = answer["ingredients"]
@@ -291,19 +336,35 @@ def test_soup_of_hub_ingredients_pins_their_revisions(runs, hub_server, tmp_path
 def test_soups_benchmark_runs_at_smoke_size(tmp_path):
     """benchmarks/soups.py end to end on one spec: shared init, the sweep with its soup: section, the tables."""
     out = tmp_path / "soups.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soups.py"), "--smoke", "--root",
-                           str(tmp_path / "sweeps"), "--specs", str(ROOT / "benchmarks" / "sweeps" /
-                                                                     "soups_rotated_digits.yaml"), "--output", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "soups.py"),
+            "--smoke",
+            "--root",
+            str(tmp_path / "sweeps"),
+            "--specs",
+            str(ROOT / "benchmarks" / "sweeps" / "soups_rotated_digits.yaml"),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| rotated-digits |"))
     assert row.count(" X ") == 0 and row.rstrip().endswith("| 1 |")  # every column filled, one trial
     assert "erm (uniform soup of 2)" in text and "erm (greedy soup of 2)" in text and "erm (top-1 soup of 2)" in text
     soups = sorted(p.name for p in (tmp_path / "sweeps" / "soups-rotated-digits" / "soups").iterdir())
-    assert soups == ["rotated-digits-erm-75-greedy_soup-trial0", "rotated-digits-erm-75-topk_soup-trial0",
-                     "rotated-digits-erm-75-uniform_soup-trial0"]
+    assert soups == [
+        "rotated-digits-erm-75-greedy_soup-trial0",
+        "rotated-digits-erm-75-topk_soup-trial0",
+        "rotated-digits-erm-75-uniform_soup-trial0",
+    ]
 
 
 # ---------------------------------------------------------------------- provenance

@@ -1,4 +1,5 @@
 """Agr-Sum, Agr-Rand and PCGrad: hand-computed results, DGvGS's semantics, and the algorithm steps they drive."""
+
 import copy
 import itertools
 
@@ -11,9 +12,9 @@ from dgzoo.algorithms.surgery import agr_rand, agr_sum, agreement_mask, pcgrad, 
 from dgzoo.models import create_backbone
 
 # Components: agree +, all zero, agree -, sign conflict, zero in one domain only, agree + with a tiny value.
-GRADS = torch.tensor([[1.0, 0.0, -1.0, 2.0, 0.0, 1e-30],
-                      [2.0, 0.0, -3.0, -1.0, 4.0, 5.0],
-                      [0.5, 0.0, -0.5, 1.0, 1.0, 2.0]])
+GRADS = torch.tensor(
+    [[1.0, 0.0, -1.0, 2.0, 0.0, 1e-30], [2.0, 0.0, -3.0, -1.0, 4.0, 5.0], [0.5, 0.0, -0.5, 1.0, 1.0, 2.0]]
+)
 
 
 def test_agreement_needs_all_signs_equal_and_nonzero():
@@ -83,7 +84,9 @@ def test_surgery_step_applies_the_rule_to_the_engine_gradients():
     before = FlatParams.of(model).values()
     for name, expected in (("agr_sum", agr_sum(grads) / 3), ("pcgrad", None)):
         net = copy.deepcopy(model)
-        algorithm = create_algorithm(name, net, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=1.0), hparams={"reduction": "mean"})
+        algorithm = create_algorithm(
+            name, net, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=1.0), hparams={"reduction": "mean"}
+        )
         metrics = algorithm.update(batches, step=5)
         if expected is None:  # PCGrad's order comes from the algorithm's per-step generator
             order = torch.randperm(3, generator=algorithm.host.generator(5)).tolist()
@@ -119,18 +122,21 @@ def test_step_matched_surgery_is_one_erm_sized_step_along_the_rule(name):
     steps = {}
     for step in ("faithful", "matched"):
         net = copy.deepcopy(model)
-        algorithm = create_algorithm(name, net, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
-                                     hparams={"step": step})
+        algorithm = create_algorithm(
+            name, net, 3, make_optimizer=lambda g: torch.optim.SGD(g, lr=0.1), hparams={"step": step}
+        )
         algorithm.host.seed = 7  # the same noise (agr_rand) and order (pcgrad) in both modes
         before = FlatParams.of(net).values()
         metrics = algorithm.update(batches, step=2)
         steps[step] = before - FlatParams.of(net).values()
     # matched: the faithful rule's direction, at the length of one SGD step on ERM's gradient (the mean)
     assert steps["matched"].norm().item() == pytest.approx(0.1 * grads.mean(0).norm().item(), rel=1e-4)
-    assert torch.allclose(steps["matched"] / steps["matched"].norm(), steps["faithful"] / steps["faithful"].norm(),
-                          atol=1e-5)
-    assert metrics["step_ratio"] == pytest.approx((steps["faithful"].norm() / (0.1 * grads.mean(0).norm())).item(),
-                                                  rel=1e-4)
+    assert torch.allclose(
+        steps["matched"] / steps["matched"].norm(), steps["faithful"] / steps["faithful"].norm(), atol=1e-5
+    )
+    assert metrics["step_ratio"] == pytest.approx(
+        (steps["faithful"].norm() / (0.1 * grads.mean(0).norm())).item(), rel=1e-4
+    )
     acts = algorithm.host.diagnostics()
     if name == "pcgrad":
         assert acts["projected_fraction"] == metrics["conflict_rate"]

@@ -1,5 +1,6 @@
 """dgzoo sweep: DomainBed's grid and seeds, resumption after an interruption, commands for a cluster, and the
 report of a real (tiny) sweep on rotated-digits."""
+
 import json
 import shlex
 from pathlib import Path
@@ -17,21 +18,40 @@ from dgzoo.experiments.report import load_runs, report_dirs
 from dgzoo.experiments.sweep import SweepSpec, Uniform, expand, parse_distribution, run_status, seed_hash
 from dgzoo.run.rundir import RUN_OUTPUTS, missing_outputs
 
-TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, checkpoint_every=1, batch_size=8, lr=3e-3,
-            eval_batch_size=512, log_with="none", num_workers=0)
+TINY = dict(
+    backbone="test_resnet",
+    image_size=8,
+    steps=2,
+    eval_every=2,
+    checkpoint_every=1,
+    batch_size=8,
+    lr=3e-3,
+    eval_batch_size=512,
+    log_with="none",
+    num_workers=0,
+)
 
 
 def spec(tmp_path, **values):
-    base = dict(datasets=["rotated-digits"], algorithms=["erm", "equilibrium"], output_dir=str(tmp_path / "sw"),
-                train=dict(TINY))
+    base = dict(
+        datasets=["rotated-digits"],
+        algorithms=["erm", "equilibrium"],
+        output_dir=str(tmp_path / "sw"),
+        train=dict(TINY),
+    )
     base.update(values)
     return SweepSpec.from_dict(base)
 
 
 def test_grid_follows_domainbed_semantics(tmp_path):
-    s = spec(tmp_path, test_domains="single_and_pairs", n_hparams=3, n_trials=2,
-             train={**TINY, "hparams": {"equilibrium.alpha": 0.05}},
-             search={"equilibrium.alpha": "U(0, 0.2)", "dropout": None})
+    s = spec(
+        tmp_path,
+        test_domains="single_and_pairs",
+        n_hparams=3,
+        n_trials=2,
+        train={**TINY, "hparams": {"equilibrium.alpha": 0.05}},
+        search={"equilibrium.alpha": "U(0, 0.2)", "dropout": None},
+    )
     runs = expand(s)
     assert len(runs) == 2 * 2 * (6 + 15) * 3  # trials x algorithms x (singles + pairs) x hparam samples
     assert [r.test_domains for r in runs[:6:3]] == [("0",), ("0", "15")]  # DomainBed's order: 0, 0+15, 0+30, ...
@@ -40,13 +60,14 @@ def test_grid_follows_domainbed_semantics(tmp_path):
     for run in runs:
         cfg = run.config
         assert cfg.split_seed == run.trial_seed and cfg.target_domains == list(run.test_domains)
-        assert cfg.seed == seed_hash("rotated-digits", run.algorithm, list(run.test_domains), run.hparams_seed,
-                                     run.trial_seed)
+        assert cfg.seed == seed_hash(
+            "rotated-digits", run.algorithm, list(run.test_domains), run.hparams_seed, run.trial_seed
+        )
         if run.hparams_seed == 0:  # sample 0 is the recipe itself; its namespaced hparams reach their algorithm only
             alpha = {"equilibrium.alpha": 0.05} if run.algorithm == "equilibrium" else {}
             assert run.sampled == {} and (cfg.lr, cfg.batch_size, cfg.hparams) == (3e-3, 8, alpha)
         else:  # rotated-digits searches DomainBed's small-image distributions; dropout was removed from the search
-            assert 10 ** -4.5 <= cfg.lr <= 10 ** -2.5 and 8 <= cfg.batch_size < 512 and cfg.dropout == 0.0
+            assert 10**-4.5 <= cfg.lr <= 10**-2.5 and 8 <= cfg.batch_size < 512 and cfg.dropout == 0.0
             assert ("equilibrium.alpha" in run.sampled) == (run.algorithm == "equilibrium")
     by_key = {(r.algorithm, r.test_domains, r.hparams_seed, r.trial_seed): r for r in runs}
     a, b = by_key[("erm", ("0",), 1, 0)], by_key[("equilibrium", ("75",), 1, 0)]
@@ -68,17 +89,26 @@ def test_distributions_parse_and_sample_in_range():
         parse_distribution("loguniform(1e-5, 1e-3)", "lr")
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"algorithm": ["erm"]}, "unknown key 'algorithm' in sweep spec (did you mean: algorithms?)"),
-    ({"train": {"seed": 3}}, "'seed' cannot be set in the train section"),
-    ({"train": {"stepz": 3}}, "unknown sweep spec train key 'stepz' (did you mean: steps?)"),
-    ({"test_domains": ["90"]}, "test_domains names '90', not a domain of rotated-digits"),
-    ({"test_domains": "pairs"}, "test_domains 'pairs' in sweep spec is not one of single, single_and_pairs"),
-    ({"search": {"lrr": "U(0, 1)"}}, "search key 'lrr' in sweep spec is neither a training setting (did you mean"),
-    ({"search": {"equilibrium.alpah": "U(0, 1)"}}, "equilibrium has no hyperparameter 'alpah' (did you mean: alpha?)"),
-    ({"train": {"hparams": {"gga2.rho": 1}}}, "hparam 'gga2.rho': 'gga2' is not part of any algorithm of the sweep"),
-    ({"n_trials": 0}, "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"algorithm": ["erm"]}, "unknown key 'algorithm' in sweep spec (did you mean: algorithms?)"),
+        ({"train": {"seed": 3}}, "'seed' cannot be set in the train section"),
+        ({"train": {"stepz": 3}}, "unknown sweep spec train key 'stepz' (did you mean: steps?)"),
+        ({"test_domains": ["90"]}, "test_domains names '90', not a domain of rotated-digits"),
+        ({"test_domains": "pairs"}, "test_domains 'pairs' in sweep spec is not one of single, single_and_pairs"),
+        ({"search": {"lrr": "U(0, 1)"}}, "search key 'lrr' in sweep spec is neither a training setting (did you mean"),
+        (
+            {"search": {"equilibrium.alpah": "U(0, 1)"}},
+            "equilibrium has no hyperparameter 'alpah' (did you mean: alpha?)",
+        ),
+        (
+            {"train": {"hparams": {"gga2.rho": 1}}},
+            "hparam 'gga2.rho': 'gga2' is not part of any algorithm of the sweep",
+        ),
+        ({"n_trials": 0}, "must be >= 1"),
+    ],
+)
 def test_bad_specs_fail_before_anything_runs(tmp_path, values, message):
     with pytest.raises(DGZooError) as e:
         expand(spec(tmp_path, **values))
@@ -87,11 +117,22 @@ def test_bad_specs_fail_before_anything_runs(tmp_path, values, message):
 
 
 def test_printed_commands_rebuild_the_planned_runs(tmp_path, capsys):
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
-        "datasets": ["rotated-digits"], "algorithms": ["erm", "equilibrium"], "test_domains": ["75", ["0", "15"]],
-        "n_hparams": 2, "n_trials": 1, "train": TINY, "search": {"equilibrium.alpha": "U(0, 0.2)"}}))
-    assert main(["sweep", str(tmp_path / "spec.yaml"), "--launcher", "print",
-                 "--output-dir", str(tmp_path / "sw")]) == 0
+    (tmp_path / "spec.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "datasets": ["rotated-digits"],
+                "algorithms": ["erm", "equilibrium"],
+                "test_domains": ["75", ["0", "15"]],
+                "n_hparams": 2,
+                "n_trials": 1,
+                "train": TINY,
+                "search": {"equilibrium.alpha": "U(0, 0.2)"},
+            }
+        )
+    )
+    assert (
+        main(["sweep", str(tmp_path / "spec.yaml"), "--launcher", "print", "--output-dir", str(tmp_path / "sw")]) == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# sweep ") and "8 runs: 0 done" in lines[0]
     commands = lines[1:]
@@ -108,14 +149,26 @@ def test_printed_commands_rebuild_the_planned_runs(tmp_path, capsys):
 
 
 def test_dry_run_lists_runs_and_search_spaces_and_writes_nothing(tmp_path, capsys):
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
-        "datasets": ["rotated-digits"], "algorithms": ["erm", "equilibrium"], "test_domains": ["75"],
-        "n_hparams": 2, "n_trials": 1, "output_dir": str(tmp_path / "sw"), "train": TINY}))
+    (tmp_path / "spec.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "datasets": ["rotated-digits"],
+                "algorithms": ["erm", "equilibrium"],
+                "test_domains": ["75"],
+                "n_hparams": 2,
+                "n_trials": 1,
+                "output_dir": str(tmp_path / "sw"),
+                "train": TINY,
+            }
+        )
+    )
     assert main(["sweep", str(tmp_path / "spec.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "4 runs: 0 done, 0 to resume, 0 to restart, 4 to start" in out
-    assert ("search space of erm on rotated-digits: lr 10**U(-4.5, -2.5), batch_size int(2**U(3, 9)), "
-            "dropout choice(0.0, 0.1, 0.5)") in out
+    assert (
+        "search space of erm on rotated-digits: lr 10**U(-4.5, -2.5), batch_size int(2**U(3, 9)), "
+        "dropout choice(0.0, 0.1, 0.5)"
+    ) in out
     [unsearched] = [line for line in out.splitlines() if "not searched" in line]
     assert "(every sample keeps the recipe's value): equilibrium.domains," in unsearched
     assert "equilibrium.pgd_steps" in unsearched and "equilibrium.alpha" not in unsearched
@@ -204,8 +257,11 @@ def test_report_of_a_real_sweep_has_the_right_shape_and_numbers(interrupted_swee
     assert len(runs) == 8 and notes == [] and {r.hparams_seed for r in runs} == {0}
     report = report_dirs([root])
     assert [(t.method, t.dataset) for t in report.tables] == [
-        ("training_domain_validation", "rotated-digits"), ("training_domain_validation", None),
-        ("oracle", "rotated-digits"), ("oracle", None)]
+        ("training_domain_validation", "rotated-digits"),
+        ("training_domain_validation", None),
+        ("oracle", "rotated-digits"),
+        ("oracle", None),
+    ]
     assert any("single_and_pairs" in note for note in report.notes)  # no pairs: no leave-one-domain-out table
     table = report.tables[0]
     assert table.columns == ["0", "75", "Avg"] and list(table.rows) == ["erm", "pcgrad"]
@@ -213,10 +269,13 @@ def test_report_of_a_real_sweep_has_the_right_shape_and_numbers(interrupted_swee
     for algorithm, cells in table.rows.items():
         per_domain = []
         for domain, cell in zip(("0", "75"), cells):
-            accs = [json.loads((r.output_dir / "results.json").read_text())["accuracy"][domain]
-                    for r in interrupted_sweep["planned"] if r.algorithm == algorithm and r.test_domains == (domain,)]
+            accs = [
+                json.loads((r.output_dir / "results.json").read_text())["accuracy"][domain]
+                for r in interrupted_sweep["planned"]
+                if r.algorithm == algorithm and r.test_domains == (domain,)
+            ]
             per_domain.append(accs)
-            mean, se = 100 * (accs[0] + accs[1]) / 2, 100 * abs(accs[0] - accs[1]) / 2 / 2 ** 0.5
+            mean, se = 100 * (accs[0] + accs[1]) / 2, 100 * abs(accs[0] - accs[1]) / 2 / 2**0.5
             assert (cell.mean, cell.se, cell.n) == (pytest.approx(mean), pytest.approx(se), 2)
         trial_avgs = [100 * (a + b) / 2 for a, b in zip(*per_domain)]
         assert cells[2].mean == pytest.approx(sum(trial_avgs) / 2)
@@ -228,13 +287,19 @@ def test_report_of_a_real_sweep_has_the_right_shape_and_numbers(interrupted_swee
 
 
 def test_slurm_section_of_a_spec_is_validated(tmp_path):
-    with pytest.raises(DGZooError, match=r"unknown key 'partion' in the slurm section of sweep spec \(did you mean: "
-                                         r"partition\?\)"):
+    with pytest.raises(
+        DGZooError,
+        match=r"unknown key 'partion' in the slurm section of sweep spec \(did you mean: "
+        r"partition\?\)",
+    ):
         spec(tmp_path, slurm={"partion": "gpu"})
     with pytest.raises(DGZooError, match="time in the slurm section of sweep spec .* must be an integer >= 1"):
         spec(tmp_path, slurm={"time": "4h"})
-    assert spec(tmp_path, slurm={"partition": "gpu", "time": 240, "gpus": 0}).slurm == {"partition": "gpu",
-                                                                                        "time": 240, "gpus": 0}
+    assert spec(tmp_path, slurm={"partition": "gpu", "time": 240, "gpus": 0}).slurm == {
+        "partition": "gpu",
+        "time": 240,
+        "gpus": 0,
+    }
 
 
 @pytest.mark.slow
@@ -250,20 +315,27 @@ def test_more_trials_retrain_the_selected_sample_on_new_trial_seeds(tmp_path, ca
     [(_, pick)] = [(key, p) for key, p in report.picks["training_domain_validation"].items() if key[3] == "0"]
     chosen = grid[pick.run.hparams_seed]  # the sample training-domain validation chose on trial 0
     assert sorted(r.output_dir.name for r in outcome.trained) == [
-        f"rotated-digits-erm-75-hp{chosen.hparams_seed}-trial1-more"]
+        f"rotated-digits-erm-75-hp{chosen.hparams_seed}-trial1-more"
+    ]
     for run in outcome.trained:
         cfg = run.config
         assert run.hparams_seed == chosen.hparams_seed and run.kind == "more_trials"
-        assert (cfg.lr, cfg.batch_size, cfg.dropout) == (chosen.config.lr, chosen.config.batch_size,
-                                                        chosen.config.dropout)  # its values, not a new draw
-        assert cfg.split_seed == run.trial_seed and cfg.seed == seed_hash("rotated-digits", "erm", ["75"],
-                                                                          chosen.hparams_seed, run.trial_seed)
+        assert (cfg.lr, cfg.batch_size, cfg.dropout) == (
+            chosen.config.lr,
+            chosen.config.batch_size,
+            chosen.config.dropout,
+        )  # its values, not a new draw
+        assert cfg.split_seed == run.trial_seed and cfg.seed == seed_hash(
+            "rotated-digits", "erm", ["75"], chosen.hparams_seed, run.trial_seed
+        )
     assert report.tables[0].rows["erm"][0].n == 2  # trial 0 (selected among 2 samples) + the new trial
     assert run_sweep(s, more_trials=1, log=lambda line: None).trained == []  # idempotent
     assert main(["sweep", str(tmp_path / "sw"), "--top-hparams", "--selection", "training_domain_validation"]) == 0
     listing = capsys.readouterr().out
-    assert [line.split(":")[0] for line in listing.splitlines() if line.startswith("  trial")] == \
-        ["  trial 0", "  trial 1"]
+    assert [line.split(":")[0] for line in listing.splitlines() if line.startswith("  trial")] == [
+        "  trial 0",
+        "  trial 1",
+    ]
     assert listing.count(f": hp{chosen.hparams_seed} val") == 2 and f"lr={chosen.config.lr:.4g}" in listing
 
 

@@ -3,6 +3,7 @@ DomainBed-layout tarballs on the Hub (downloaded once at the pinned commit, conv
 
 The Hub side runs against a private local Hub server, in subprocesses (the Hub clients read HF_ENDPOINT at import).
 """
+
 import io
 import json
 import re
@@ -80,8 +81,13 @@ print(json.dumps(out))
 
 
 def run(server, hf_home, code, *args, **env):
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env=server.env(hf_home, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=server.env(hf_home, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc
 
@@ -97,8 +103,9 @@ def test_tarball_dataset_is_downloaded_at_its_pin_converted_once_and_reused(tmp_
         first, proc = run(server, tmp_path / "hf1", LOAD, sha[:7], "errors", **cache)
         during = [path for _, path, _ in server.requests[start:]]
         assert first["first"]["revision"] == sha and first["first"]["repo"] == "PTeterwak/DomainBed_EasyHard"
-        assert [p for p in during if "/resolve/" in p] == [f"/datasets/PTeterwak/DomainBed_EasyHard/resolve/{sha}/"
-                                                           f"all/VLCS.tar.gz"] * 2  # HEAD + GET, at the full sha
+        assert [p for p in during if "/resolve/" in p] == [
+            f"/datasets/PTeterwak/DomainBed_EasyHard/resolve/{sha}/all/VLCS.tar.gz"
+        ] * 2  # HEAD + GET, at the full sha
         assert "packing images" in proc.stderr  # the progress bar of the one-time conversion
         # A pin the Hub does not serve: one line naming the pin and --revision.
         for name, pin in (("gone", "0" * 40), ("short_gone", "abcdef0")):
@@ -111,16 +118,23 @@ def test_tarball_dataset_is_downloaded_at_its_pin_converted_once_and_reused(tmp_
         assert [p for _, p, _ in server.requests[before:] if "DomainBed_EasyHard" in p] == []
         assert server.errors == []
     assert second["first"] == first["first"]
-    assert second["push"] == 0 and second["copy"] == {"domains": list(VLCS_DOMAINS), "classes": list(VLCS_CLASSES),
-                                                      "sizes": counts}
+    assert second["push"] == 0 and second["copy"] == {
+        "domains": list(VLCS_DOMAINS),
+        "classes": list(VLCS_CLASSES),
+        "sizes": counts,
+    }
     assert re.search(r"from PTeterwak/DomainBed_EasyHard/all/VLCS.tar.gz@[0-9a-f]{12}", second["push_stdout"])
     assert first["first"]["domains"] == list(VLCS_DOMAINS) and first["first"]["classes"] == list(VLCS_CLASSES)
     assert first["first"]["sizes"] == counts and first["first"]["size"] == [6, 6]
     stored = list((tmp_path / "dgzoo-cache" / "hub-archives").rglob("*.parquet"))
     assert len(stored) == 1 and not list((tmp_path / "dgzoo-cache").rglob("*.tar.gz"))  # the archive is not kept
     source = json.loads((stored[0].parent.parent / "source.json").read_text())
-    assert source == {"repo_id": "PTeterwak/DomainBed_EasyHard", "revision": sha, "archive": "all/VLCS.tar.gz",
-                      "rows": sum(counts.values())}
+    assert source == {
+        "repo_id": "PTeterwak/DomainBed_EasyHard",
+        "revision": sha,
+        "archive": "all/VLCS.tar.gz",
+        "rows": sum(counts.values()),
+    }
 
 
 UNPINNED = r"""
@@ -139,8 +153,12 @@ def test_tarball_dataset_without_a_pin_loads_the_repos_current_commit(tmp_path):
     counts = make_vlcs_tarball(tmp_path / "VLCS.tar.gz", per_class=1)
     with HubServer(tmp_path / "storage") as server:
         run(server, tmp_path / "hf0", SETUP, tmp_path / "VLCS.tar.gz")
-        head, _ = run(server, tmp_path / "hf1", "import json; from huggingface_hub import HfApi; print(json.dumps("
-                      "HfApi().repo_info('PTeterwak/DomainBed_EasyHard', repo_type='dataset').sha))")
+        head, _ = run(
+            server,
+            tmp_path / "hf1",
+            "import json; from huggingface_hub import HfApi; print(json.dumps("
+            "HfApi().repo_info('PTeterwak/DomainBed_EasyHard', repo_type='dataset').sha))",
+        )
         loaded, _ = run(server, tmp_path / "hf2", UNPINNED, DGZOO_CACHE=str(tmp_path / "dgzoo-cache"))
         assert server.errors == []
     assert loaded == {"revision": head, "sizes": counts}
@@ -167,8 +185,9 @@ def test_domainnet_columns_follow_the_commit():
     assert (pinned.image, pinned.label, pinned.domain) == ("image", "y", "domain")
     latest = spec.layout_at("ee20570ae7a29c51571e55a9a17983f7625295d6", ["image", "label"])
     assert (latest.image, latest.label, latest.domain) == ("image", "label", None)
-    older = spec.layout_at("7cc2add8164cd9179af0c58c6195bc88ddde29aa", ["image", "domain", "category", "y",
-                                                                         "image_path"])
+    older = spec.layout_at(
+        "7cc2add8164cd9179af0c58c6195bc88ddde29aa", ["image", "domain", "category", "y", "image_path"]
+    )
     assert (older.label, older.domain) == ("y", "domain")
     assert spec.layout_at("cd16ade672a036d4ac99e4a00b80ffd31d83eca5", []).images is False
     # A commit the registry does not list: the first layout whose columns it has.

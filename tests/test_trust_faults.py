@@ -1,5 +1,6 @@
 """The smaller faults of issue 23, one test each: every message names the real cause and a fix that works, and
 nothing is written before a refusal."""
+
 import json
 import shlex
 import subprocess
@@ -26,10 +27,21 @@ print(json.dumps(out))
 
 
 def test_offline_with_an_empty_cache_says_so_and_how_to_fix_it(tmp_path):
-    env = subprocess_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-                         HF_DATASETS_CACHE=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", OFFLINE, str(tmp_path / "runs"), "someone/dg-set", "pacs"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    env = subprocess_env(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_DATASETS_CACHE=str(tmp_path / "datasets"),
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFLINE, str(tmp_path / "runs"), "someone/dg-set", "pacs"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, (code, message) in out.items():
@@ -91,8 +103,24 @@ def test_a_diverged_unlearning_run_ends_in_one_line(trained_run, tmp_path, capsy
     from dgzoo.cli import main
 
     out = tmp_path / "diverged"
-    code = main(["unlearn", str(trained_run[0]), "--forget", "class=3", "--method", "gradient_ascent", "--steps", "3",
-                 "--lr", "1e30", "--output-dir", str(out), "--num-workers", "0"])
+    code = main(
+        [
+            "unlearn",
+            str(trained_run[0]),
+            "--forget",
+            "class=3",
+            "--method",
+            "gradient_ascent",
+            "--steps",
+            "3",
+            "--lr",
+            "1e30",
+            "--output-dir",
+            str(out),
+            "--num-workers",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     last = err.splitlines()[-1]  # above it only the progress bar
     assert code == 2 and "Traceback" not in err and last.startswith("dgzoo: error: unlearning diverged"), err
@@ -156,9 +184,15 @@ def test_push_errors_no_retry_can_fix_name_no_retry_command(trained_run, monkeyp
         request = httpx.Request("POST", "http://hub/api/models/me/x/commit/main")
         return HfHubHTTPError(f"{status} error", response=httpx.Response(status, request=request))
 
-    cases = {hub.PushRefused("the token's user me cannot write to 'them/'; push to one of those"): False,
-             http_error(403): False, http_error(400): False, http_error(500): True, http_error(429): True,
-             http_error(401): True, httpx.ConnectError("refused"): True}
+    cases = {
+        hub.PushRefused("the token's user me cannot write to 'them/'; push to one of those"): False,
+        http_error(403): False,
+        http_error(400): False,
+        http_error(500): True,
+        http_error(429): True,
+        http_error(401): True,
+        httpx.ConnectError("refused"): True,
+    }
     for error, expected in cases.items():
         monkeypatch.setattr(hub, "check_push_target", lambda *a, error=error, **k: (_ for _ in ()).throw(error))
         with pytest.raises(DGZooError) as caught:
@@ -178,11 +212,22 @@ def test_the_unlearning_cards_command_is_shell_quoted():
     from dgzoo.config import UnlearnConfig
     from dgzoo.run.unlearning_card import reproduce_command
 
-    config = UnlearnConfig(source="runs/my run", forget="class=3 domain=15", hparams={"note": "a b"},
-                           output_dir="x").to_dict()
+    config = UnlearnConfig(
+        source="runs/my run", forget="class=3 domain=15", hparams={"note": "a b"}, output_dir="x"
+    ).to_dict()
     argv = shlex.split(reproduce_command(config).replace("\\\n", " "))
-    assert argv == ["dgzoo", "unlearn", "runs/my run", "--forget", "class=3", "--forget", "domain=15",
-                    "--hparams", "note=a b"]
-    published = shlex.split(reproduce_command({**config, "source": "/home/me/runs/my run"}, published=True)
-                            .replace("\\\n", " "))
+    assert argv == [
+        "dgzoo",
+        "unlearn",
+        "runs/my run",
+        "--forget",
+        "class=3",
+        "--forget",
+        "domain=15",
+        "--hparams",
+        "note=a b",
+    ]
+    published = shlex.split(
+        reproduce_command({**config, "source": "/home/me/runs/my run"}, published=True).replace("\\\n", " ")
+    )
     assert published[2] == "my run"  # no local path leaves the machine

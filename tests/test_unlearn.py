@@ -1,4 +1,5 @@
 """Unlearning: forget specs, the data split, SURE's gradient reversal, and the unlearned run directory."""
+
 import json
 
 import numpy as np
@@ -12,10 +13,17 @@ from dgzoo.unlearning import SURE, UnlearnConfig, parse_forget_spec, split_for_u
 from dgzoo.unlearning.methods import resolve_method_hparams
 
 
-@pytest.mark.parametrize("text, scenario", [
-    ("class=3", "full-class"), ("class=3:0.1", "partial-class"), ("domain=15", "domain"),
-    ("class=3 domain=15,30", "class-in-domain"), ("indices=4,7,10-12", "random"), ("class=3:1", "full-class"),
-])
+@pytest.mark.parametrize(
+    "text, scenario",
+    [
+        ("class=3", "full-class"),
+        ("class=3:0.1", "partial-class"),
+        ("domain=15", "domain"),
+        ("class=3 domain=15,30", "class-in-domain"),
+        ("indices=4,7,10-12", "random"),
+        ("class=3:1", "full-class"),
+    ],
+)
 def test_forget_specs_parse_into_scenarios(text, scenario):
     spec = parse_forget_spec(text)
     assert spec.scenario == scenario
@@ -23,18 +31,21 @@ def test_forget_specs_parse_into_scenarios(text, scenario):
         assert spec.indices == (4, 7, 10, 11, 12)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "--forget is empty"),
-    ("klass=3", "unknown key 'klass' (did you mean: class?)"),
-    ("class", "is not KEY=VALUE"),
-    ("class=3:1.5", "must be a number in (0, 1]"),
-    ("class=3:half", "must be a number in (0, 1]"),
-    ("indices=4,x", "'x' is not a row index"),
-    ("indices=9-2", "ends before it starts"),
-    ("indices=1 class=3", "cannot be combined"),
-    ("class=3 class=4", "gives 'class=' twice"),
-    ("indices-file=/no/such/file", "no such file"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "--forget is empty"),
+        ("klass=3", "unknown key 'klass' (did you mean: class?)"),
+        ("class", "is not KEY=VALUE"),
+        ("class=3:1.5", "must be a number in (0, 1]"),
+        ("class=3:half", "must be a number in (0, 1]"),
+        ("indices=4,x", "'x' is not a row index"),
+        ("indices=9-2", "ends before it starts"),
+        ("indices=1 class=3", "cannot be combined"),
+        ("class=3 class=4", "gives 'class=' twice"),
+        ("indices-file=/no/such/file", "no such file"),
+    ],
+)
 def test_bad_forget_specs_are_one_line_errors(text, message):
     with pytest.raises(DGZooError) as e:
         parse_forget_spec(text)
@@ -76,12 +87,15 @@ def test_split_separates_forget_retain_validation_and_test(digits):
     assert set(data.domain_of_row[in_domain.forget]) == {data.domains.index("15")}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("class=banana", "unknown class 'banana'"),
-    ("domain=75", "domain '75' was held out in the source run"),
-    ("domain=90", "unknown domain '90'"),
-    ("indices=0-5000", "past the end of"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("class=banana", "unknown class 'banana'"),
+        ("domain=75", "domain '75' was held out in the source run"),
+        ("domain=90", "unknown domain '90'"),
+        ("indices=0-5000", "past the end of"),
+    ],
+)
 def test_forget_sets_the_source_run_cannot_have_are_refused(digits, text, message):
     with pytest.raises(DGZooError) as e:
         split(digits, text)
@@ -135,8 +149,9 @@ def test_forget_set_baselines_ascend_or_relabel_and_add_the_retain_term_only_whe
     assert ascent.batches() == ("forget",)
     loss, metrics = ascent(batches, 0.0)
     assert torch.allclose(loss, -forget_ce) and "retain_loss" not in metrics  # NegGrad: minus the forget loss
-    plus = METHODS["gradient_ascent"](model, 4, resolve_method_hparams(
-        "gradient_ascent", {"forget_bn": "batch", "retain_weight": 0.5}))
+    plus = METHODS["gradient_ascent"](
+        model, 4, resolve_method_hparams("gradient_ascent", {"forget_bn": "batch", "retain_weight": 0.5})
+    )
     assert plus.batches() == ("forget", "retain")
     assert torch.allclose(plus(batches, 0.0)[0], -forget_ce + 0.5 * retain_ce)  # NegGrad+
 
@@ -202,10 +217,21 @@ def unlearned(trained_run, tmp_path_factory):
     """A retrained reference and a SURE run, both forgetting class 3 from the shared tiny run."""
     run_dir, _ = trained_run
     tmp = tmp_path_factory.mktemp("unlearn")
-    retrain = unlearn(UnlearnConfig(str(run_dir), "class=3", method="retrain", output_dir=str(tmp / "retrain"),
-                                    num_workers=0))
-    results = unlearn(UnlearnConfig(str(run_dir), "class=3", method="sure", steps=3, hparams={"disc_hidden": 16},
-                                    reference=str(tmp / "retrain"), output_dir=str(tmp / "sure"), num_workers=0))
+    retrain = unlearn(
+        UnlearnConfig(str(run_dir), "class=3", method="retrain", output_dir=str(tmp / "retrain"), num_workers=0)
+    )
+    results = unlearn(
+        UnlearnConfig(
+            str(run_dir),
+            "class=3",
+            method="sure",
+            steps=3,
+            hparams={"disc_hidden": 16},
+            reference=str(tmp / "retrain"),
+            output_dir=str(tmp / "sure"),
+            num_workers=0,
+        )
+    )
     return tmp, retrain, results
 
 
@@ -258,19 +284,31 @@ def test_results_compare_every_metric_with_the_retrained_model(unlearned):
 
 def test_unlearning_an_unlearned_run_keeps_the_first_forget_set_out(unlearned):
     tmp, _, first = unlearned
-    second = unlearn(UnlearnConfig(str(tmp / "sure"), "class=5", method="finetune", steps=1,
-                                   output_dir=str(tmp / "then-5"), num_workers=0))
+    second = unlearn(
+        UnlearnConfig(
+            str(tmp / "sure"), "class=5", method="finetune", steps=1, output_dir=str(tmp / "then-5"), num_workers=0
+        )
+    )
     rows_first = set(first["unlearning"]["forgotten_rows"])
     assert rows_first < set(second["unlearning"]["forgotten_rows"])
-    assert second["unlearning"]["sizes"]["retain"] == first["unlearning"]["sizes"]["retain"] \
-        - second["unlearning"]["sizes"]["forget"]
+    assert (
+        second["unlearning"]["sizes"]["retain"]
+        == first["unlearning"]["sizes"]["retain"] - second["unlearning"]["sizes"]["forget"]
+    )
 
 
 def test_a_reference_for_another_forget_set_is_refused(unlearned, trained_run):
     tmp, _, _ = unlearned
     with pytest.raises(DGZooError, match="forgot a different set"):
-        unlearn(UnlearnConfig(str(trained_run[0]), "class=4", method="finetune", reference=str(tmp / "retrain"),
-                              output_dir=str(tmp / "never")))
+        unlearn(
+            UnlearnConfig(
+                str(trained_run[0]),
+                "class=4",
+                method="finetune",
+                reference=str(tmp / "retrain"),
+                output_dir=str(tmp / "never"),
+            )
+        )
     assert not (tmp / "never").exists()
 
 
@@ -304,9 +342,14 @@ print(json.dumps({"source": results["unlearning"]["source"], "base_model": card.
 @pytest.mark.slow
 def test_unlearning_a_hub_repo_and_pushing_the_result(trained_run, hub_server, tmp_path):
     source_repo, target_repo = hub_server.unique_repo_id("source"), hub_server.unique_repo_id("unlearned")
-    out = hub_server.run_python(HUB_ROUND_TRIP.replace("sys.argv[1:5]", repr(
-        [str(trained_run[0]), str(tmp_path / "out"), source_repo, target_repo])), tmp_path / "hf",
-        PYTHONPATH=subprocess_env()["PYTHONPATH"], DGZOO_CACHE=subprocess_env()["DGZOO_CACHE"])
+    out = hub_server.run_python(
+        HUB_ROUND_TRIP.replace(
+            "sys.argv[1:5]", repr([str(trained_run[0]), str(tmp_path / "out"), source_repo, target_repo])
+        ),
+        tmp_path / "hf",
+        PYTHONPATH=subprocess_env()["PYTHONPATH"],
+        DGZOO_CACHE=subprocess_env()["DGZOO_CACHE"],
+    )
     report = json.loads(out.strip().splitlines()[-1])
     assert report["source"]["repo_id"] == source_repo and report["base_model"] == source_repo
     assert report["hub_load"] and report["classes"] == 10
@@ -328,8 +371,9 @@ def test_cli_forget_flags_combine_and_the_card_repeats_them():
     from dgzoo.cli.unlearn import config_from_args
     from dgzoo.run.unlearning_card import reproduce_command
 
-    args = build_parser().parse_args(["unlearn", "--forget", "class=3", "runs/x", "--forget", "domain=15",
-                                      "--hparams", "lambda=0.5"])
+    args = build_parser().parse_args(
+        ["unlearn", "--forget", "class=3", "runs/x", "--forget", "domain=15", "--hparams", "lambda=0.5"]
+    )
     cfg = config_from_args(args)
     assert (cfg.source, cfg.forget, cfg.hparams) == ("runs/x", "class=3 domain=15", {"lambda": 0.5})
     assert parse_forget_spec(cfg.forget).scenario == "class-in-domain"
@@ -354,16 +398,32 @@ def test_unlearn_flags_are_generated_from_the_dataclass_and_keep_their_names_typ
     from dgzoo.unlearning import METHOD_CHOICES
 
     before = {  # flag: (type, default, choices)
-        "--method": (None, "sure", METHOD_CHOICES), "--revision": (None, None, None), "--steps": (int, None, None),
-        "--batch-size": (int, None, None), "--forget-batch-size": (int, None, None), "--lr": (float, None, None),
-        "--optimizer": (None, None, OPTIMIZERS), "--weight-decay": (float, None, None), "--seed": (int, None, None),
-        "--validation-fraction": (float, 0.5, None), "--hparams": (None, [], None), "--reference": (None, None, None),
-        "--output-dir": (None, None, None), "--overwrite": (None, False, None),
-        "--eval-batch-size": (int, 128, None), "--num-workers": (int, None, None),
-        "--mixed-precision": (None, "no", PRECISIONS), "--push-to-hub": (None, None, None),
-        "--hub-private": (None, False, None), "--forget": (None, None, None)}
-    actions = {a.option_strings[0]: a for a in _unlearn_parser()._actions if a.option_strings[:1] != ["-h"]
-               and a.option_strings}
+        "--method": (None, "sure", METHOD_CHOICES),
+        "--revision": (None, None, None),
+        "--steps": (int, None, None),
+        "--batch-size": (int, None, None),
+        "--forget-batch-size": (int, None, None),
+        "--lr": (float, None, None),
+        "--optimizer": (None, None, OPTIMIZERS),
+        "--weight-decay": (float, None, None),
+        "--seed": (int, None, None),
+        "--validation-fraction": (float, 0.5, None),
+        "--hparams": (None, [], None),
+        "--reference": (None, None, None),
+        "--output-dir": (None, None, None),
+        "--overwrite": (None, False, None),
+        "--eval-batch-size": (int, 128, None),
+        "--num-workers": (int, None, None),
+        "--mixed-precision": (None, "no", PRECISIONS),
+        "--push-to-hub": (None, None, None),
+        "--hub-private": (None, False, None),
+        "--forget": (None, None, None),
+    }
+    actions = {
+        a.option_strings[0]: a
+        for a in _unlearn_parser()._actions
+        if a.option_strings[:1] != ["-h"] and a.option_strings
+    }
     assert set(actions) == set(before)
     for flag, (tp, default, choices) in before.items():
         action = actions[flag]
@@ -378,11 +438,35 @@ def test_unlearn_flags_are_generated_from_the_dataclass_and_keep_their_names_typ
 def test_unlearn_command_line_builds_the_config():
     from dgzoo.cli.unlearn import config_from_args
 
-    args = _unlearn_parser().parse_args(["runs/a", "--forget", "class=3", "--forget", "domain=15", "--steps", "7",
-                                         "--lr", "1e-4", "--optimizer", "sgd", "--hparams", "lambda=0.5",
-                                         "--overwrite", "--push-to-hub", "me/x"])
-    assert config_from_args(args) == UnlearnConfig(source="runs/a", forget="class=3 domain=15", steps=7, lr=1e-4,
-                                                   optimizer="sgd", hparams={"lambda": 0.5}, overwrite=True,
-                                                   push_to_hub="me/x")
+    args = _unlearn_parser().parse_args(
+        [
+            "runs/a",
+            "--forget",
+            "class=3",
+            "--forget",
+            "domain=15",
+            "--steps",
+            "7",
+            "--lr",
+            "1e-4",
+            "--optimizer",
+            "sgd",
+            "--hparams",
+            "lambda=0.5",
+            "--overwrite",
+            "--push-to-hub",
+            "me/x",
+        ]
+    )
+    assert config_from_args(args) == UnlearnConfig(
+        source="runs/a",
+        forget="class=3 domain=15",
+        steps=7,
+        lr=1e-4,
+        optimizer="sgd",
+        hparams={"lambda": 0.5},
+        overwrite=True,
+        push_to_hub="me/x",
+    )
     with pytest.raises(SystemExit):
         _unlearn_parser().parse_args(["runs/a", "--forget", "class=3", "--steps", "many"])

@@ -5,6 +5,7 @@ plain timm loads it; every card written validates through the server's metadata 
 
 The Hub clients read HF_ENDPOINT at import time, so the Hub side runs in one fresh subprocess (one JSON line).
 """
+
 import contextlib
 import io
 import json
@@ -18,8 +19,18 @@ from conftest import ROOT
 from dgzoo.cli import main
 from hub_server import HubServer
 
-TINY = dict(backbone="test_resnet", image_size=8, steps=2, eval_every=2, checkpoint_every=2, batch_size=8, lr=3e-3,
-            eval_batch_size=512, log_with="none", num_workers=0)
+TINY = dict(
+    backbone="test_resnet",
+    image_size=8,
+    steps=2,
+    eval_every=2,
+    checkpoint_every=2,
+    batch_size=8,
+    lr=3e-3,
+    eval_batch_size=512,
+    log_with="none",
+    num_workers=0,
+)
 
 ZOO = r"""
 import contextlib, io, json, sys, torch, timm
@@ -79,8 +90,16 @@ def sweep(tmp_path_factory):
     from dgzoo.experiments.sweep import SweepSpec
 
     root = tmp_path_factory.mktemp("zoo") / "sweep"
-    spec = SweepSpec.from_dict(dict(datasets=["rotated-digits"], algorithms=["erm", "pcgrad"], test_domains=["75"],
-                                    n_trials=3, output_dir=str(root), train=dict(TINY)))
+    spec = SweepSpec.from_dict(
+        dict(
+            datasets=["rotated-digits"],
+            algorithms=["erm", "pcgrad"],
+            test_domains=["75"],
+            n_trials=3,
+            output_dir=str(root),
+            train=dict(TINY),
+        )
+    )
     outcome = run_sweep(spec, log=lambda line: None)
     assert len(outcome.trained) == 6 and not outcome.failed
     return root
@@ -98,9 +117,14 @@ def test_sweep_published_as_a_zoo_ranks_like_the_local_report(sweep, tmp_path):
     torch.save(x, tmp_path / "x.pt")
     with HubServer(tmp_path / "storage") as server:  # its own Hub: no other test's models in the listing
         prefix = "testuser/rd-sweep"
-        proc = subprocess.run([sys.executable, "-c", ZOO, str(sweep), prefix, str(tmp_path / "x.pt")],
-                              env=server.env(tmp_path / "hf", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
-                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-c", ZOO, str(sweep), prefix, str(tmp_path / "x.pt")],
+            env=server.env(tmp_path / "hf", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         assert server.errors == []
@@ -121,9 +145,16 @@ def test_sweep_published_as_a_zoo_ranks_like_the_local_report(sweep, tmp_path):
     assert out["models"] == expected
     manifest_order = [r["run_dir"] for r in json.loads((sweep / "sweep.json").read_text())["runs"]]
     assert [(i["type"], i["id"]) for i in collection["items"]] == [("dataset", f"{prefix}-results")] + [
-        ("model", f"{prefix}-{r}") for r in manifest_order]
-    assert {"README.md", "report.md", "report.csv", "selected_runs.csv", "sweep.json",
-            "accuracy_rotated-digits.png"} <= set(out["results_files"])
+        ("model", f"{prefix}-{r}") for r in manifest_order
+    ]
+    assert {
+        "README.md",
+        "report.md",
+        "report.csv",
+        "selected_runs.csv",
+        "sweep.json",
+        "accuracy_rotated-digits.png",
+    } <= set(out["results_files"])
     assert local.getvalue() in out["results_readme"]
 
     # `best`: the top row by mean over trials, then its best trial, as the local report's picks say.
@@ -153,7 +184,7 @@ def test_sweep_published_as_a_zoo_ranks_like_the_local_report(sweep, tmp_path):
     assert out["problems"] == []
     for repo, card in out["cards"].items():
         meta = card["dgzoo"]
-        assert meta["run"] == repo[len(prefix) + 1:] and meta["trial_seed"] in (0, 1, 2) and meta["hparams_seed"] == 0
+        assert meta["run"] == repo[len(prefix) + 1 :] and meta["trial_seed"] in (0, 1, 2) and meta["hparams_seed"] == 0
         assert len({c["dgzoo"]["sweep"] for c in out["cards"].values()}) == 1
     cfg = out["published_config"]["pretrained_cfg"]
     assert cfg["hf_hub_id"] == out["models"][0] and "tag" not in cfg and "paper_ids" not in cfg
@@ -187,8 +218,16 @@ def test_two_published_sweeps_of_one_spec_are_not_merged_and_the_leaderboard_is_
     from dgzoo.experiments.sweep import SweepSpec
 
     first = tmp_path / "a" / "sweep"
-    spec = SweepSpec.from_dict(dict(datasets=["rotated-digits"], algorithms=["erm"], test_domains=["75"],
-                                    n_trials=2, output_dir=str(first), train=dict(TINY)))
+    spec = SweepSpec.from_dict(
+        dict(
+            datasets=["rotated-digits"],
+            algorithms=["erm"],
+            test_domains=["75"],
+            n_trials=2,
+            output_dir=str(first),
+            train=dict(TINY),
+        )
+    )
     assert len(run_sweep(spec, log=lambda line: None).trained) == 2
     second = tmp_path / "b" / "sweep"  # the same spec, run again by other code: other numbers
     shutil.copytree(first, second)
@@ -210,9 +249,14 @@ def test_two_published_sweeps_of_one_spec_are_not_merged_and_the_leaderboard_is_
     both, alone = report(first, second), report(first)
     assert both != alone and "99.0" in both  # the second sweep's runs count: not dropped as copies of the first
     with HubServer(tmp_path / "storage") as server:
-        proc = subprocess.run([sys.executable, "-c", TWO_SWEEPS, str(first), str(second)],
-                              env=server.env(tmp_path / "hf", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
-                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-c", TWO_SWEEPS, str(first), str(second)],
+            env=server.env(tmp_path / "hf", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["push_one"][0] == 0 and out["push_two"][0] == 0 and out["leaderboard"][0] == 0

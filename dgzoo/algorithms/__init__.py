@@ -6,6 +6,7 @@ validation, the factory) above, the per-domain gradient engine (:mod:`.gradients
 family, on top. Importing this package registers every method
 and the ``dgzoo.algorithms`` entry points of installed plugins.
 """
+
 from ..hparams import HParam
 from . import (  # noqa: F401  (importing registers them)
     adversarial,
@@ -59,8 +60,34 @@ from .runtime import Runtime
 
 load_entry_points()
 
-__all__ = ["ADDONS", "ALGORITHMS", "AddOn", "Algorithm", "AlgorithmInfo", "Composition", "EpochContext", "EvalContext",
-           "FirstAction", "HParam", "LossHost", "Metrics", "Minibatches", "Recipe", "Runtime", "Schedule",
-           "StepContext", "UpdateHost", "check_algorithm", "create_algorithm", "describe", "flat_hparams", "list_algorithms",
-           "load_entry_points", "parse_algorithm", "register_addon", "register_algorithm", "resolve_hparams",
-           "schedule_warnings"]
+__all__ = [
+    "ADDONS",
+    "ALGORITHMS",
+    "AddOn",
+    "Algorithm",
+    "AlgorithmInfo",
+    "Composition",
+    "EpochContext",
+    "EvalContext",
+    "FirstAction",
+    "HParam",
+    "LossHost",
+    "Metrics",
+    "Minibatches",
+    "Recipe",
+    "Runtime",
+    "Schedule",
+    "StepContext",
+    "UpdateHost",
+    "check_algorithm",
+    "create_algorithm",
+    "describe",
+    "flat_hparams",
+    "list_algorithms",
+    "load_entry_points",
+    "parse_algorithm",
+    "register_addon",
+    "register_algorithm",
+    "resolve_hparams",
+    "schedule_warnings",
+]

@@ -20,6 +20,7 @@ Two DomainBed methods of this family are not registered, because their predictio
   time too, between the pooled features and the linear head; a plain timm model cannot hold it (relu would be a
   no-op only on backbones whose pooled features are non-negative, e.g. ResNets, not in general).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -66,19 +67,25 @@ class MLP(nn.Module):
 
 def domain_labels(minibatches: Minibatches) -> torch.Tensor:
     """The domain index of every row of the pooled batch (the i-th minibatch is domain i)."""
-    return torch.cat([torch.full((len(y),), i, dtype=torch.int64, device=y.device)
-                      for i, (_, y) in enumerate(minibatches)])
+    return torch.cat(
+        [torch.full((len(y),), i, dtype=torch.int64, device=y.device) for i, (_, y) in enumerate(minibatches)]
+    )
 
 
 def gradient_penalty(summed_loss: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the squared norm of the gradient of ``summed_loss`` with respect to each input row,
     differentiable (``create_graph``) so that the penalty itself can be minimised."""
-    grad, = torch.autograd.grad(summed_loss, [inputs], create_graph=True)
+    (grad,) = torch.autograd.grad(summed_loss, [inputs], create_graph=True)
     return grad.pow(2).flatten(1).sum(1).mean(0)
 
 
-def discriminator_loss(logits: torch.Tensor, disc_input: torch.Tensor, domains: torch.Tensor,
-                       weights: torch.Tensor | None, penalty_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def discriminator_loss(
+    logits: torch.Tensor,
+    disc_input: torch.Tensor,
+    domains: torch.Tensor,
+    weights: torch.Tensor | None,
+    penalty_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DomainBed's discriminator loss and its gradient penalty: the domain cross-entropy (the mean, or the
     ``weights``-weighted sum), plus ``penalty_weight`` x the mean squared norm of the gradient, with respect to the
     discriminator's input, of the *summed* cross-entropy. Returns (loss with penalty, penalty)."""
@@ -131,30 +138,50 @@ class AbstractDANN(UpdateHost):
     CONDITIONAL = False
     FIND_UNUSED_PARAMETERS = True  # the backbone is unused on discriminator turns
     HPARAMS = {
-        "lambda": HParam(1.0, "weight of the negated discriminator loss in the generator loss", minimum=0.0,
-                         search=Uniform(-2, 2, base=10)),
-        "lr_d": HParam(5e-5, "learning rate of the discriminator (and CDANN's class embeddings)", minimum=0.0,
-                       search=Uniform(-5, -3.5, base=10), small_default=1e-3, small_search=Uniform(-4.5, -2.5, base=10)),
-        "weight_decay_d": HParam(0.0, "weight decay of the discriminator", minimum=0.0,
-                                 search=Uniform(-6, -2, base=10)),
-        "d_steps_per_g_step": HParam(1, "discriminator steps per generator step", minimum=1,
-                                     search=Uniform(0, 3, base=2, integer=True)),
-        "grad_penalty": HParam(0.0, "weight of the gradient penalty on the discriminator's input", minimum=0.0,
-                               search=Uniform(-2, 1, base=10)),
-        "beta1": HParam(0.5, "Adam's beta1 of both optimizers (beta2 is 0.9)", minimum=0.0, maximum=1.0,
-                        search=Choice((0.0, 0.5))),
-        "mlp_width": HParam(256, "width of the discriminator MLP", minimum=1, search=Uniform(6, 10, base=2,
-                                                                                             integer=True)),
+        "lambda": HParam(
+            1.0,
+            "weight of the negated discriminator loss in the generator loss",
+            minimum=0.0,
+            search=Uniform(-2, 2, base=10),
+        ),
+        "lr_d": HParam(
+            5e-5,
+            "learning rate of the discriminator (and CDANN's class embeddings)",
+            minimum=0.0,
+            search=Uniform(-5, -3.5, base=10),
+            small_default=1e-3,
+            small_search=Uniform(-4.5, -2.5, base=10),
+        ),
+        "weight_decay_d": HParam(
+            0.0, "weight decay of the discriminator", minimum=0.0, search=Uniform(-6, -2, base=10)
+        ),
+        "d_steps_per_g_step": HParam(
+            1, "discriminator steps per generator step", minimum=1, search=Uniform(0, 3, base=2, integer=True)
+        ),
+        "grad_penalty": HParam(
+            0.0,
+            "weight of the gradient penalty on the discriminator's input",
+            minimum=0.0,
+            search=Uniform(-2, 1, base=10),
+        ),
+        "beta1": HParam(
+            0.5, "Adam's beta1 of both optimizers (beta2 is 0.9)", minimum=0.0, maximum=1.0, search=Choice((0.0, 0.5))
+        ),
+        "mlp_width": HParam(
+            256, "width of the discriminator MLP", minimum=1, search=Uniform(6, 10, base=2, integer=True)
+        ),
         "mlp_depth": HParam(3, "linear layers of the discriminator MLP", minimum=2, search=Choice((3, 4, 5))),
-        "mlp_dropout": HParam(0.0, "dropout of the discriminator MLP", minimum=0.0, maximum=1.0,
-                              search=Choice((0.0, 0.1, 0.5))),
+        "mlp_dropout": HParam(
+            0.0, "dropout of the discriminator MLP", minimum=0.0, maximum=1.0, search=Choice((0.0, 0.1, 0.5))
+        ),
     }
 
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(network, num_classes, num_domains, hparams)
         width = feature_dim(network)
-        self.discriminator = MLP(width, num_domains, self.hparams["mlp_width"], self.hparams["mlp_depth"],
-                                 self.hparams["mlp_dropout"])
+        self.discriminator = MLP(
+            width, num_domains, self.hparams["mlp_width"], self.hparams["mlp_depth"], self.hparams["mlp_dropout"]
+        )
         self.class_embeddings = nn.Embedding(num_classes, width) if self.CONDITIONAL else None
         self.register_buffer("update_count", torch.tensor([0]))
 
@@ -163,9 +190,17 @@ class AbstractDANN(UpdateHost):
         adversary = list(self.discriminator.parameters())
         if self.class_embeddings is not None:
             adversary += list(self.class_embeddings.parameters())
-        return {"main": [{"params": [p for p in self.network.parameters() if p.requires_grad], "betas": betas}],
-                "discriminator": [{"params": adversary, "lr": self.hparams["lr_d"],
-                                   "weight_decay": self.hparams["weight_decay_d"], "betas": betas}]}
+        return {
+            "main": [{"params": [p for p in self.network.parameters() if p.requires_grad], "betas": betas}],
+            "discriminator": [
+                {
+                    "params": adversary,
+                    "lr": self.hparams["lr_d"],
+                    "weight_decay": self.hparams["weight_decay_d"],
+                    "betas": betas,
+                }
+            ],
+        }
 
     def class_weights(self, y: torch.Tensor) -> torch.Tensor | None:
         """Per-example weights of the discriminator loss (None: its plain mean)."""
@@ -180,8 +215,9 @@ class AbstractDANN(UpdateHost):
         disc_input = features if generator_turn else features.detach().requires_grad_()
         if self.class_embeddings is not None:
             disc_input = disc_input + self.class_embeddings(y)
-        disc_loss, penalty = discriminator_loss(self.discriminator(disc_input), disc_input, domains,
-                                                self.class_weights(y), self.hparams["grad_penalty"])
+        disc_loss, penalty = discriminator_loss(
+            self.discriminator(disc_input), disc_input, domains, self.class_weights(y), self.hparams["grad_penalty"]
+        )
         losses = {"disc_loss": disc_loss, "penalty": penalty}
         if generator_turn:
             losses["class_loss"] = F.cross_entropy(self.classify(features), y)

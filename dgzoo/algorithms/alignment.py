@@ -7,6 +7,7 @@ statistics). The discrepancy is computed on the *global* batch: each process's f
 (differentiably, :meth:`~dgzoo.algorithms.runtime.Runtime.gather`) before the covariances or kernels are formed,
 so N processes give the statistics and the gradient of one process on the same global batch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -61,8 +62,9 @@ def mmd_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return gaussian_kernel(x, x).mean() + gaussian_kernel(y, y).mean() - 2 * gaussian_kernel(x, y).mean()
 
 
-_GAMMA = HParam(1.0, "weight of the feature discrepancy (DomainBed's mmd_gamma)", minimum=0.0,
-                search=Uniform(-1, 1, base=10))
+_GAMMA = HParam(
+    1.0, "weight of the feature discrepancy (DomainBed's mmd_gamma)", minimum=0.0, search=Uniform(-1, 1, base=10)
+)
 
 
 class FeatureAlignment(LossHost):

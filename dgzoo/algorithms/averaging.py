@@ -23,6 +23,7 @@ copies the weights), so a run shorter than the decay's horizon averages its own 
 initial ones. ``ema.warmup=false`` is the constant decay of timm's ``ModelEmaV2`` (dgzoo's behaviour up to 0.2.0),
 where ``ema.decay=0`` is exactly the host.
 """
+
 from __future__ import annotations
 
 import copy
@@ -101,8 +102,9 @@ class Segment:
 
     @classmethod
     def of(cls, state: dict[str, Any], device: torch.device) -> Segment:
-        return cls([p.to(device) for p in state["params"]], int(state["start"]), int(state["end"]),
-                   float(state["loss"]))
+        return cls(
+            [p.to(device) for p in state["params"]], int(state["start"]), int(state["end"]), float(state["loss"])
+        )
 
 
 class RunningMean:
@@ -143,16 +145,30 @@ class SWAD(AddOn):
     paper = "Cha et al., NeurIPS 2021"
     citation = SWAD_CITATION
     HPARAMS = {
-        "n_converge": HParam(3, "convergence window, in evaluations: training has converged when the oldest of the "
-                             "last n_converge segments has the lowest validation loss (official default 3)", minimum=1),
-        "n_tolerance": HParam(6, "smoothing window, in evaluations: a segment joins the average while the smallest "
-                              "loss of the n_tolerance segments from it on stays under the threshold (official 6)",
-                              minimum=1),
-        "tolerance_ratio": HParam(0.3, "threshold = (1 + tolerance_ratio) x the mean loss of the convergence window "
-                                  "(official 0.3)", minimum=0.0),
-        "bn_steps": HParam(500, "training batches (one minibatch per source domain each) over which the average's "
-                           "BatchNorm statistics are recomputed whenever it changes (official 500, once at the end); "
-                           "0 copies the host's statistics instead", minimum=0),
+        "n_converge": HParam(
+            3,
+            "convergence window, in evaluations: training has converged when the oldest of the "
+            "last n_converge segments has the lowest validation loss (official default 3)",
+            minimum=1,
+        ),
+        "n_tolerance": HParam(
+            6,
+            "smoothing window, in evaluations: a segment joins the average while the smallest "
+            "loss of the n_tolerance segments from it on stays under the threshold (official 6)",
+            minimum=1,
+        ),
+        "tolerance_ratio": HParam(
+            0.3,
+            "threshold = (1 + tolerance_ratio) x the mean loss of the convergence window (official 0.3)",
+            minimum=0.0,
+        ),
+        "bn_steps": HParam(
+            500,
+            "training batches (one minibatch per source domain each) over which the average's "
+            "BatchNorm statistics are recomputed whenever it changes (official 500, once at the end); "
+            "0 copies the host's statistics instead",
+            minimum=0,
+        ),
     }
 
     @classmethod
@@ -162,12 +178,14 @@ class SWAD(AddOn):
         if len(schedule.evaluations) >= n:
             return None
         last = schedule.evaluations[-1] - (schedule.evaluations[-2] if len(schedule.evaluations) > 1 else 0)
-        return FirstAction(n * schedule.eval_every,
-                           f"its loss valley can be found at its {n}th evaluation at the earliest (swad.n_converge="
-                           f"{n}, --eval-every {schedule.eval_every}: step {n * schedule.eval_every})",
-                           f"lower --eval-every to {max(1, schedule.steps // n)}",
-                           otherwise=f"it exports the average of the last {last} steps, as the official code does "
-                                     f"when the valley was not found")
+        return FirstAction(
+            n * schedule.eval_every,
+            f"its loss valley can be found at its {n}th evaluation at the earliest (swad.n_converge="
+            f"{n}, --eval-every {schedule.eval_every}: step {n * schedule.eval_every})",
+            f"lower --eval-every to {max(1, schedule.steps // n)}",
+            otherwise=f"it exports the average of the last {last} steps, as the official code does "
+            f"when the valley was not found",
+        )
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         super().__init__(host, hparams, runtime)
@@ -205,8 +223,13 @@ class SWAD(AddOn):
         self.observe(segment)
         if self.exported() is not None:
             self.materialise(context)
-        return {"val_loss": loss, "converged": float(self.converge_step is not None), "dead": float(self.dead),
-                "window_start": float(self.window[0]), "window_end": float(self.window[1])}
+        return {
+            "val_loss": loss,
+            "converged": float(self.converge_step is not None),
+            "dead": float(self.dead),
+            "window_start": float(self.window[0]),
+            "window_end": float(self.window[1]),
+        }
 
     def observe(self, segment: Segment) -> None:
         """The official ``LossValley.update_and_evaluate`` on one finished segment."""
@@ -226,19 +249,23 @@ class SWAD(AddOn):
             self.threshold = sum(losses) / len(losses) * (1.0 + self.hparams["tolerance_ratio"])
             self.placeholder = converging[0]
             if n_tolerance < n_converge:
-                for s in converging[1:1 + n_converge - n_tolerance]:
+                for s in converging[1 : 1 + n_converge - n_tolerance]:
                     self._admit(s)
             elif n_tolerance > n_converge:
                 # The official slice of the tolerance queue: once it is full, the converged segment and the
                 # n_tolerance - n_converge before it. The average starts two after the last of them above the
                 # threshold (the official loop's Q[start_idx + 1:]).
-                before = smoothing[:n_tolerance - n_converge + 1]
+                before = smoothing[: n_tolerance - n_converge + 1]
                 start = next((i + 1 for i in reversed(range(len(before))) if before[i].loss > self.threshold), 0)
-                for s in before[start + 1:]:
+                for s in before[start + 1 :]:
                     self._admit(s)
             if self.runtime.is_main_process:
-                logger.info("swad: converged at step %d, window from step %d, threshold %.4f", self.converge_step,
-                            self.window[0] if self.final.count else self.placeholder.start, self.threshold)
+                logger.info(
+                    "swad: converged at step %d, window from step %d, threshold %.4f",
+                    self.converge_step,
+                    self.window[0] if self.final.count else self.placeholder.start,
+                    self.threshold,
+                )
             return
         if smoothing[0].end < self.converge_step:
             return
@@ -270,7 +297,7 @@ class SWAD(AddOn):
         final, window = self.final, self.window
         if last and not self.dead:
             final = self.final.copy()
-            pending = list(self.queue)[-self.hparams["n_tolerance"]:][1:]
+            pending = list(self.queue)[-self.hparams["n_tolerance"] :][1:]
             while pending and min(s.loss for s in pending) <= self.threshold:
                 window = admit(final, window, pending.pop(0))
         if final.count == 0:
@@ -311,13 +338,20 @@ class SWAD(AddOn):
     # -- resumable state
 
     def extra_state(self) -> dict[str, Any]:
-        return {"segment": None if self.segment.count == 0 else [p.clone() for p in self.segment.params or ()],
-                "segment_count": self.segment.count, "segment_start": self.segment_start,
-                "queue": [s.state() for s in self.queue], "converge_step": self.converge_step,
-                "threshold": self.threshold, "dead": self.dead,
-                "final": None if self.final.count == 0 else [p.clone() for p in self.final.params or ()],
-                "final_count": self.final.count, "window": list(self.window),
-                "placeholder": None if self.placeholder is None else self.placeholder.state(), "ended": self.ended}
+        return {
+            "segment": None if self.segment.count == 0 else [p.clone() for p in self.segment.params or ()],
+            "segment_count": self.segment.count,
+            "segment_start": self.segment_start,
+            "queue": [s.state() for s in self.queue],
+            "converge_step": self.converge_step,
+            "threshold": self.threshold,
+            "dead": self.dead,
+            "final": None if self.final.count == 0 else [p.clone() for p in self.final.params or ()],
+            "final_count": self.final.count,
+            "window": list(self.window),
+            "placeholder": None if self.placeholder is None else self.placeholder.state(),
+            "ended": self.ended,
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if not state:
@@ -352,16 +386,22 @@ class SWAD(AddOn):
                 out["last_segment_start"], out["last_segment_end"] = self.queue[-1].start, self.queue[-1].end
             return out
         _, window = self.valley(last=True)
-        return {"converged": True, "converge_step": self.converge_step, "threshold": self.threshold,
-                "dead_valley": self.dead, "window_start": window[0], "window_end": window[1],
-                "segments_averaged": self.valley_count(last=True)}
+        return {
+            "converged": True,
+            "converge_step": self.converge_step,
+            "threshold": self.threshold,
+            "dead_valley": self.dead,
+            "window_start": window[0],
+            "window_end": window[1],
+            "segments_averaged": self.valley_count(last=True),
+        }
 
     def valley_count(self, last: bool) -> int:
         """How many segment averages the valley's average is the mean of (a segment admitted twice counts twice;
         0: the converged segment alone, as the official placeholder)."""
         count = self.final.count
         if last and not self.dead:
-            pending = list(self.queue)[-self.hparams["n_tolerance"]:][1:]
+            pending = list(self.queue)[-self.hparams["n_tolerance"] :][1:]
             while pending and min(s.loss for s in pending) <= self.threshold:
                 pending.pop(0)
                 count += 1
@@ -376,15 +416,24 @@ class EMA(AddOn):
     title = "Exponential moving average of weights"
     paper = "Polyak & Juditsky, 1992; as timm's ModelEmaV3"
     HPARAMS = {
-        "decay": HParam(0.999, "weight of the running average at each step: average = decay * average + (1 - decay) "
-                        "* weights, over parameters and floating-point buffers (BatchNorm statistics); with the "
-                        "warm-up, its ceiling", minimum=0.0, maximum=1.0),
-        "warmup": HParam(True, "warm the decay up as timm's ModelEmaV3(use_warmup=True): the k-th update uses "
-                         "min(decay, 1 - (1 + (k - 1) / warmup_gamma)^-warmup_power), 0 at the first (a copy); "
-                         "false: the constant decay of ModelEmaV2, whose average of a run much shorter than "
-                         "1 / (1 - decay) steps is mostly the initial weights"),
-        "warmup_power": HParam(2 / 3, "exponent of the warm-up (timm's default 2/3; 3/4 reaches the ceiling sooner)",
-                               minimum=0.0),
+        "decay": HParam(
+            0.999,
+            "weight of the running average at each step: average = decay * average + (1 - decay) "
+            "* weights, over parameters and floating-point buffers (BatchNorm statistics); with the "
+            "warm-up, its ceiling",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        "warmup": HParam(
+            True,
+            "warm the decay up as timm's ModelEmaV3(use_warmup=True): the k-th update uses "
+            "min(decay, 1 - (1 + (k - 1) / warmup_gamma)^-warmup_power), 0 at the first (a copy); "
+            "false: the constant decay of ModelEmaV2, whose average of a run much shorter than "
+            "1 / (1 - decay) steps is mostly the initial weights",
+        ),
+        "warmup_power": HParam(
+            2 / 3, "exponent of the warm-up (timm's default 2/3; 3/4 reaches the ceiling sooner)", minimum=0.0
+        ),
         "warmup_gamma": HParam(1.0, "inverse step scale of the warm-up (timm's default 1)", minimum=1e-12),
     }
     INITIAL_SHARE = 0.1  # the weight left on the initial weights above which a constant decay is warned about
@@ -396,9 +445,11 @@ class EMA(AddOn):
         if hparams["warmup"] or share <= cls.INITIAL_SHARE:
             return []
         horizon = math.ceil(math.log(cls.INITIAL_SHARE) / math.log(hparams["decay"]))
-        return [f"ema hardly acts in this run: with ema.warmup=false and ema.decay={hparams['decay']} the exported "
-                f"average keeps {share:.0%} of the initial weights after {schedule.steps} steps; set ema.warmup=true, "
-                f"lower ema.decay to {cls.INITIAL_SHARE ** (1 / schedule.steps):.3g} or raise --steps to {horizon}"]
+        return [
+            f"ema hardly acts in this run: with ema.warmup=false and ema.decay={hparams['decay']} the exported "
+            f"average keeps {share:.0%} of the initial weights after {schedule.steps} steps; set ema.warmup=true, "
+            f"lower ema.decay to {cls.INITIAL_SHARE ** (1 / schedule.steps):.3g} or raise --steps to {horizon}"
+        ]
 
     def decay(self) -> float:
         """The decay of the next update (timm's ``ModelEmaV3.get_decay`` at step ``updates + 1``)."""

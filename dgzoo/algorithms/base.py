@@ -24,6 +24,7 @@ Every component declares its hyperparameters with :class:`~dgzoo.hparams.HParam`
 :meth:`Component.check_hparams` and :meth:`Component.check_recipe`, both called when the recipe is planned, before
 anything is written. Constructors do not validate.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -118,8 +119,10 @@ class Component:
         first = cls.first_action(hparams, schedule)
         if first is None or first.step <= schedule.steps:
             return []
-        return [f"{cls.name} never acts in this run: {first.reason}, after its {schedule.steps} steps, so "
-                f"{first.otherwise}; raise --steps to at least {first.step} or {first.fix}"]
+        return [
+            f"{cls.name} never acts in this run: {first.reason}, after its {schedule.steps} steps, so "
+            f"{first.otherwise}; raise --steps to at least {first.step} or {first.fix}"
+        ]
 
     def extra_state(self) -> dict[str, Any]:
         """State beyond parameters, buffers and optimizers that a resumed run needs (plain Python values)."""
@@ -180,8 +183,9 @@ class Algorithm(Component, nn.Module):
         ``weight_decay`` or ``betas``."""
         return {"main": [{"params": [p for p in self.parameters() if p.requires_grad]}]}
 
-    def attach(self, runtime: Runtime, optimizers: dict[str, torch.optim.Optimizer],
-               prepared: nn.Module | None = None) -> None:
+    def attach(
+        self, runtime: Runtime, optimizers: dict[str, torch.optim.Optimizer], prepared: nn.Module | None = None
+    ) -> None:
         """Give the algorithm its runtime, optimizers and prepared (DDP-wrapped) self."""
         object.__setattr__(self, "runtime", runtime)
         object.__setattr__(self, "optimizers", dict(optimizers))
@@ -236,8 +240,9 @@ class Algorithm(Component, nn.Module):
         return features, self.classify(features)
 
     @classmethod
-    def train_transform(cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any],
-                        num_sources: int) -> Callable | None:
+    def train_transform(
+        cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any], num_sources: int
+    ) -> Callable | None:
         """A training transform of the algorithm's own, or None to use the recipe's.
 
         An algorithm that needs several augmented views of every image (single-source methods whose "domains" are
@@ -307,8 +312,12 @@ class EvalContext:
     source_batches: Callable[[int], Iterator[torch.Tensor]]  # n pooled training batches (training transform)
 
 
-_EVENTS = {"before_update": "StepContext", "after_update": "StepContext", "on_epoch_end": "EpochContext",
-           "on_evaluate": "EvalContext"}
+_EVENTS = {
+    "before_update": "StepContext",
+    "after_update": "StepContext",
+    "on_epoch_end": "EpochContext",
+    "on_evaluate": "EvalContext",
+}
 
 
 class AddOn(Component):
@@ -327,8 +336,10 @@ class AddOn(Component):
                 continue
             params = list(inspect.signature(method).parameters.values())[1:]
             if len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
-                raise TypeError(f"add-on {cls.__qualname__}.{event} must take one argument, (self, context: "
-                                f"{context}); read context.step and context.minibatches instead of separate arguments")
+                raise TypeError(
+                    f"add-on {cls.__qualname__}.{event} must take one argument, (self, context: "
+                    f"{context}); read context.step and context.minibatches instead of separate arguments"
+                )
 
     def __init__(self, host: Algorithm, hparams: dict[str, Any], runtime: Runtime):
         self.host, self.hparams, self.runtime = host, hparams, runtime

@@ -4,6 +4,7 @@
 :meth:`Composition.update` once per step and the events (epoch end, evaluation) in between, and reads what to
 evaluate, export and checkpoint from it. It knows no specific method.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -45,8 +46,13 @@ def scalars(metrics: dict[str, Any]) -> Metrics:
 class Composition:
     """A host with its add-ons, driven by the engine one step (and one epoch) at a time."""
 
-    def __init__(self, host: Algorithm, addons: list[AddOn], hparams: dict[str, dict[str, Any]],
-                 loss_step: LossStep = plain_loss_step):
+    def __init__(
+        self,
+        host: Algorithm,
+        addons: list[AddOn],
+        hparams: dict[str, dict[str, Any]],
+        loss_step: LossStep = plain_loss_step,
+    ):
         self.host, self.addons, self.resolved_hparams, self.loss_step = host, addons, hparams, loss_step
 
     @property

@@ -9,6 +9,7 @@ shares one after the other). Every process then computes the same global term, a
 its one-process gradient. The only per-process statistic left is the backbone's BatchNorm (each process normalises
 its own share); SelfReg's projection MLP runs on the gathered features, so its BatchNorm sees the global batch.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,8 +37,9 @@ _CAD = """@inproceedings{ruan2022optimal,
   author={Ruan, Yangjun and Dubois, Yann and Maddison, Chris J.}, booktitle={ICLR}, year={2022}}"""
 
 
-def gather_domains(runtime: Runtime, features: torch.Tensor, minibatches: Minibatches
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gather_domains(
+    runtime: Runtime, features: torch.Tensor, minibatches: Minibatches
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(features, labels, domains)`` of the global batch, domain by domain, from the pooled local ``features``.
 
     Features are gathered differentiably; the domain index of a sample is its minibatch's position.
@@ -62,12 +64,20 @@ def same_class_shuffles(labels: torch.Tensor, rng: np.random.Generator) -> tuple
         first.append(start + rng.permutation(count))
         second.append(start + rng.permutation(count))
         start += count
-    return (torch.as_tensor(np.concatenate(first), dtype=torch.long, device=labels.device),
-            torch.as_tensor(np.concatenate(second), dtype=torch.long, device=labels.device))
+    return (
+        torch.as_tensor(np.concatenate(first), dtype=torch.long, device=labels.device),
+        torch.as_tensor(np.concatenate(second), dtype=torch.long, device=labels.device),
+    )
 
 
-def selfreg_terms(features: torch.Tensor, projections: torch.Tensor, logits: torch.Tensor, lam: float,
-                  first: torch.Tensor, second: torch.Tensor) -> dict[str, torch.Tensor]:
+def selfreg_terms(
+    features: torch.Tensor,
+    projections: torch.Tensor,
+    logits: torch.Tensor,
+    lam: float,
+    first: torch.Tensor,
+    second: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     """SelfReg's four regularisers of a label-sorted batch, given its two same-class shuffles ``first`` and
     ``second``: the logits and the projections are compared with their shuffled same-class partner (``ind``,
     individualised) and with a ``lam`` mixup of the two partners (``hdl``, heterogeneous); the feature terms
@@ -75,9 +85,12 @@ def selfreg_terms(features: torch.Tensor, projections: torch.Tensor, logits: tor
     logits_1, projections_1 = logits[first], projections[first]
     logits_mix = lam * logits_1 + (1 - lam) * logits[second]
     projections_mix = lam * projections_1 + (1 - lam) * projections[second]
-    return {"ind_logit": F.mse_loss(logits, logits_1), "hdl_logit": F.mse_loss(logits, logits_mix),
-            "ind_feat": 0.3 * F.mse_loss(features, projections_1),
-            "hdl_feat": 0.3 * F.mse_loss(features, projections_mix)}
+    return {
+        "ind_logit": F.mse_loss(logits, logits_1),
+        "hdl_logit": F.mse_loss(logits, logits_mix),
+        "ind_feat": 0.3 * F.mse_loss(features, projections_1),
+        "hdl_feat": 0.3 * F.mse_loss(features, projections_mix),
+    }
 
 
 @register_algorithm
@@ -104,8 +117,11 @@ class SelfReg(LossHost):
     paper = "Kim et al., ICCV 2021"
     citation = _SELFREG
     HPARAMS = {
-        "train_projection": HParam(False, "train the projection MLP with the network (the paper's SelfReg); false "
-                                   "keeps its initial weights, as DomainBed's optimizer never steps it"),
+        "train_projection": HParam(
+            False,
+            "train the projection MLP with the network (the paper's SelfReg); false "
+            "keeps its initial weights, as DomainBed's optimizer never steps it",
+        ),
     }
 
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
@@ -113,9 +129,15 @@ class SelfReg(LossHost):
         width = feature_dim(network)
         hidden = width if width == 2048 else 2 * width
         self.cdpl = nn.Sequential(
-            nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, width), nn.BatchNorm1d(width))
+            nn.Linear(width, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, width),
+            nn.BatchNorm1d(width),
+        )
         # Frozen rather than only left out of the optimizer: no gradient is kept for it, so gradient clipping and
         # DDP see the network's parameters alone, as DomainBed's optimizer does.
         self.cdpl.requires_grad_(bool(self.hparams.get("train_projection", False)))
@@ -158,8 +180,9 @@ def finite_mean(values: torch.Tensor) -> torch.Tensor:
     return total / count if count > 0 else values.new_zeros(())
 
 
-def bottleneck_loss(z: torch.Tensor, y: torch.Tensor, domains: torch.Tensor, temperature: float,
-                    conditional: bool, flipped: bool = True) -> torch.Tensor:
+def bottleneck_loss(
+    z: torch.Tensor, y: torch.Tensor, domains: torch.Tensor, temperature: float, conditional: bool, flipped: bool = True
+) -> torch.Tensor:
     """CAD's contrastive domain bottleneck (a supervised-contrastive loss, Khosla et al.) on representations ``z``.
 
     For an anchor ``i`` the other samples are scored by ``softmax_j(z_i . z_j / temperature)``. Unconditional
@@ -214,13 +237,17 @@ class ContrastiveBottleneck(LossHost):
     citation = _CAD
     CONDITIONAL = False
     HPARAMS = {
-        "lmbda": HParam(1e-1, "weight of the bottleneck loss", minimum=0.0,
-                        search=Choice((1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2))),
+        "lmbda": HParam(
+            1e-1, "weight of the bottleneck loss", minimum=0.0, search=Choice((1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2))
+        ),
         "temperature": HParam(0.1, "temperature of the contrastive softmax", minimum=0.0, search=Choice((0.05, 0.1))),
         "is_normalized": HParam(False, "L2-normalise the representations before their dot products"),
         "is_project": HParam(False, "score projections by a 2-layer head (to 128 dims) instead of the features"),
-        "is_flipped": HParam(True, "maximise the log-probability of other-domain samples instead of minimising "
-                                   "that of same-domain ones (the same optimum; DomainBed finds it more stable)"),
+        "is_flipped": HParam(
+            True,
+            "maximise the log-probability of other-domain samples instead of minimising "
+            "that of same-domain ones (the same optimum; DomainBed finds it more stable)",
+        ),
     }
 
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
@@ -232,8 +259,7 @@ class ContrastiveBottleneck(LossHost):
     @classmethod
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
         if hparams["temperature"] <= 0:
-            raise DGZooError(f"hparam temperature={hparams['temperature']} must be positive; give e.g. "
-                             f"temperature=0.1")
+            raise DGZooError(f"hparam temperature={hparams['temperature']} must be positive; give e.g. temperature=0.1")
 
     def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         x, y = pooled(minibatches)
@@ -244,8 +270,9 @@ class ContrastiveBottleneck(LossHost):
             z = self.project(z)
         if self.hparams["is_normalized"]:
             z = F.normalize(z, dim=1)
-        bottleneck = bottleneck_loss(z.float(), labels, domains, self.hparams["temperature"], self.CONDITIONAL,
-                                     self.hparams["is_flipped"])
+        bottleneck = bottleneck_loss(
+            z.float(), labels, domains, self.hparams["temperature"], self.CONDITIONAL, self.hparams["is_flipped"]
+        )
         return class_loss + self.hparams["lmbda"] * bottleneck, {"class_loss": class_loss, "bn_loss": bottleneck}
 
 

@@ -25,6 +25,7 @@ readings where dgzoo's default differs from the paper's text are named too (docs
 ``domains`` (Algorithm 1 builds the K domains from augmentations of the N-source data: ``views``).
 ``step=matched`` takes one optimizer step on ``mean_k d_k`` at the norm of ERM's gradient instead of K steps.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ _CITATION = """@inproceedings{zhang2024embracing,
   year={2024}, doi={10.1145/3664647.3681141}}"""
 
 
-def adjust_residuals(residual_gram: torch.Tensor, alpha: float, test: str = "original"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def adjust_residuals(
+    residual_gram: torch.Tensor, alpha: float, test: str = "original"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 5 in coefficient form: ``(A [K, K], fired [K, K])`` with the adjusted residuals ``s~ = A @ S``.
 
     For each i, and each j != i in index order, ``s~_i`` loses its component along the *unadjusted* ``s_j``
@@ -74,8 +76,9 @@ def adjust_residuals(residual_gram: torch.Tensor, alpha: float, test: str = "ori
     return coefficients, fired
 
 
-def reweight(adjusted_gram: torch.Tensor, init: float | torch.Tensor = 1.0, steps: int = 100, lr: float = 1.0,
-             tol: float = 1e-3) -> tuple[torch.Tensor, int]:
+def reweight(
+    adjusted_gram: torch.Tensor, init: float | torch.Tensor = 1.0, steps: int = 100, lr: float = 1.0, tol: float = 1e-3
+) -> tuple[torch.Tensor, int]:
     """Eq. 8: projected gradient descent on ``F(w) = w^T G w = ||sum_k w_k s~_k||^2`` over ``w`` in ``[0, 1]^K``.
 
     Starts from ``w = init`` (a number for every domain, or the ``[K]`` weights of the previous iteration); the step is ``lr / (2 lambda_max(G))`` (``lr=1`` is 1/L for this quadratic:
@@ -83,8 +86,11 @@ def reweight(adjusted_gram: torch.Tensor, init: float | torch.Tensor = 1.0, step
     ||sum_k s~_k||``, or at a fixed point. Returns ``(w [K] float64, updates taken)``.
     """
     g = adjusted_gram.double().cpu()
-    w = (torch.as_tensor(init, dtype=torch.float64).clone() if isinstance(init, torch.Tensor)
-         else torch.full((g.shape[0],), float(init), dtype=torch.float64)).clamp_(0.0, 1.0)
+    w = (
+        torch.as_tensor(init, dtype=torch.float64).clone()
+        if isinstance(init, torch.Tensor)
+        else torch.full((g.shape[0],), float(init), dtype=torch.float64)
+    ).clamp_(0.0, 1.0)
     largest = float(torch.linalg.eigvalsh(g).max())
     if largest <= 0:  # all adjusted residuals are zero: every w is optimal
         return w, 0
@@ -119,10 +125,18 @@ class EquilibriumStep:
         return float(self.fired.sum()) / (k * (k - 1))
 
 
-def equilibrium_step(residual_gram: torch.Tensor, alpha: float = 0.5, adjust: bool = True,
-                     reweight_weights: bool = True, residual: str = "adjusted", project_test: str = "original",
-                     pgd_init: float | torch.Tensor = 1.0, pgd_steps: int = 100, pgd_lr: float = 1.0,
-                     pgd_tol: float = 1e-3) -> EquilibriumStep:
+def equilibrium_step(
+    residual_gram: torch.Tensor,
+    alpha: float = 0.5,
+    adjust: bool = True,
+    reweight_weights: bool = True,
+    residual: str = "adjusted",
+    project_test: str = "original",
+    pgd_init: float | torch.Tensor = 1.0,
+    pgd_steps: int = 100,
+    pgd_lr: float = 1.0,
+    pgd_tol: float = 1e-3,
+) -> EquilibriumStep:
     """Steps 3-5 on the Gram matrix ``S @ S.T`` of the residuals: the per-domain update coefficients.
 
     ``adjust=False`` skips the projection (``s~ = s``), ``reweight_weights=False`` fixes ``w = 1`` (the paper's
@@ -150,11 +164,15 @@ def equilibrium_step(residual_gram: torch.Tensor, alpha: float = 0.5, adjust: bo
     norms = g.diagonal().clamp_min(0).sqrt()
     cosines = g / (norms[:, None] * norms[None, :]).clamp_min(1e-300)
     return EquilibriumStep(
-        combination=combination, weights=w, fired=fired, pgd_updates=updates,
+        combination=combination,
+        weights=w,
+        fired=fired,
+        pgd_updates=updates,
         residual_norm=math.sqrt(max(float(w @ adjusted_gram @ w), 0.0)),
         specific_norm=float(norms.mean()),
         max_cosine=float(cosines[~torch.eye(k, dtype=torch.bool)].max()),
-        shift=math.sqrt(max(float(mean_coefficients @ g @ mean_coefficients), 0.0)))
+        shift=math.sqrt(max(float(mean_coefficients @ g @ mean_coefficients), 0.0)),
+    )
 
 
 def equilibrium_updates(grads: torch.Tensor, **options: Any) -> tuple[torch.Tensor, EquilibriumStep]:
@@ -177,37 +195,74 @@ class Equilibrium(DomainGradientAlgorithm):
         **DomainGradientAlgorithm.HPARAMS,
         # The values the paper ablates: the number of RandAugment operations and the cosine threshold.
         "random_ops": replace(DomainGradientAlgorithm.HPARAMS["random_ops"], search=Choice((1, 2, 3))),
-        "alpha": HParam(0.5, "cosine threshold: a domain-specific gradient is projected off another whose cosine "
-                             "with it is strictly above alpha (the paper: 0.5)", minimum=-1.0, maximum=1.0,
-                        search=Choice((0.3, 0.5, 0.7))),
-        "adjust": HParam(True, "project similar domain-specific gradients apart (Eq. 5); false is the paper's "
-                               "'Grad Adjust' ablation"),
-        "reweight": HParam(True, "reweight domain-specific gradients toward equilibrium (Eq. 7-8); false fixes "
-                                 "w = 1 (the 'Grad Weight' ablation; with adjust=false: plain gradient averaging)"),
-        "project_test": HParam("original", "whose cosine decides a projection: 'original' (cos(s_i, s_j), the "
-                                           "research note's reading) or 'adjusted' (the running s~_i, as PCGrad) "
-                                           "[assumption: the paper is ambiguous]", choices=("original", "adjusted")),
-        "pgd_init": HParam(1.0, "initial weight of every domain [assumption: w = 1 is already the equilibrium when "
-                                "no projection fired; w = 0 would never move]", minimum=0.0, maximum=1.0),
-        "pgd_lr": HParam(1.0, "PGD step in units of 1/(2 lambda_max(G)) [assumption: scale-free, cannot overshoot "
-                              "the quadratic; the paper gives no value]; PGD diverges from 2 on", minimum=0.0,
-                         maximum=2.0),
+        "alpha": HParam(
+            0.5,
+            "cosine threshold: a domain-specific gradient is projected off another whose cosine "
+            "with it is strictly above alpha (the paper: 0.5)",
+            minimum=-1.0,
+            maximum=1.0,
+            search=Choice((0.3, 0.5, 0.7)),
+        ),
+        "adjust": HParam(
+            True, "project similar domain-specific gradients apart (Eq. 5); false is the paper's 'Grad Adjust' ablation"
+        ),
+        "reweight": HParam(
+            True,
+            "reweight domain-specific gradients toward equilibrium (Eq. 7-8); false fixes "
+            "w = 1 (the 'Grad Weight' ablation; with adjust=false: plain gradient averaging)",
+        ),
+        "project_test": HParam(
+            "original",
+            "whose cosine decides a projection: 'original' (cos(s_i, s_j), the "
+            "research note's reading) or 'adjusted' (the running s~_i, as PCGrad) "
+            "[assumption: the paper is ambiguous]",
+            choices=("original", "adjusted"),
+        ),
+        "pgd_init": HParam(
+            1.0,
+            "initial weight of every domain [assumption: w = 1 is already the equilibrium when "
+            "no projection fired; w = 0 would never move]",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        "pgd_lr": HParam(
+            1.0,
+            "PGD step in units of 1/(2 lambda_max(G)) [assumption: scale-free, cannot overshoot "
+            "the quadratic; the paper gives no value]; PGD diverges from 2 on",
+            minimum=0.0,
+            maximum=2.0,
+        ),
         "pgd_steps": HParam(100, "maximum PGD iterations [assumption; small values leave w unconverged]", minimum=0),
-        "pgd_tol": HParam(1e-3, "stop PGD once ||sum w_k s~_k|| <= pgd_tol * ||sum s~_k|| [assumption]",
-                          minimum=0.0),
-        "residual": HParam("adjusted", "Eq. 9 reading: d_k = g_k - w_k s~_k ('adjusted', the paper's symbols) or "
-                                       "g_k - w_k s_k ('original') [assumption]", choices=("adjusted", "original")),
-        "weights": HParam("reset", "'reset': PGD starts from w = pgd_init at every iteration; 'persistent': from "
-                                   "the previous iteration's w (Algorithm 1 initialises w once, before its loop) "
-                                   "[a reading: docs/equilibrium.md]", choices=("reset", "persistent")),
-        "domain_loss": HParam("mean", "each domain's loss L_k: the 'mean' cross-entropy of its M samples (as ERM's "
-                                      "loss) or their 'sum' (Eq. 1 as written: M times the gradient at one lr) "
-                                      "[a reading: docs/equilibrium.md]", choices=("mean", "sum")),
-        "updates": HParam("sequential", "'sequential': K optimizer steps per iteration, one per domain, all "
-                                        "computed at the iteration's weights (the literal reading); 'recompute': "
-                                        "recompute the gradients before each domain's step (K times the cost); "
-                                        "'mean': one step on the mean of the d_k [assumption: the paper says "
-                                        "'sequentially' only]", choices=("sequential", "recompute", "mean")),
+        "pgd_tol": HParam(1e-3, "stop PGD once ||sum w_k s~_k|| <= pgd_tol * ||sum s~_k|| [assumption]", minimum=0.0),
+        "residual": HParam(
+            "adjusted",
+            "Eq. 9 reading: d_k = g_k - w_k s~_k ('adjusted', the paper's symbols) or "
+            "g_k - w_k s_k ('original') [assumption]",
+            choices=("adjusted", "original"),
+        ),
+        "weights": HParam(
+            "reset",
+            "'reset': PGD starts from w = pgd_init at every iteration; 'persistent': from "
+            "the previous iteration's w (Algorithm 1 initialises w once, before its loop) "
+            "[a reading: docs/equilibrium.md]",
+            choices=("reset", "persistent"),
+        ),
+        "domain_loss": HParam(
+            "mean",
+            "each domain's loss L_k: the 'mean' cross-entropy of its M samples (as ERM's "
+            "loss) or their 'sum' (Eq. 1 as written: M times the gradient at one lr) "
+            "[a reading: docs/equilibrium.md]",
+            choices=("mean", "sum"),
+        ),
+        "updates": HParam(
+            "sequential",
+            "'sequential': K optimizer steps per iteration, one per domain, all "
+            "computed at the iteration's weights (the literal reading); 'recompute': "
+            "recompute the gradients before each domain's step (K times the cost); "
+            "'mean': one step on the mean of the d_k [assumption: the paper says "
+            "'sequentially' only]",
+            choices=("sequential", "recompute", "mean"),
+        ),
     }
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -221,8 +276,9 @@ class Equilibrium(DomainGradientAlgorithm):
         self.mean = self.flat.empty()
         self.update_vector = self.flat.empty()
 
-    def decide(self, domains: list[tuple[torch.Tensor, torch.Tensor]]
-               ) -> tuple[torch.Tensor, torch.Tensor, EquilibriumStep, dict[str, float]]:
+    def decide(
+        self, domains: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, EquilibriumStep, dict[str, float]]:
         """Gradients at the current weights -> ``(g_inv [P], S [K, P], decision, metrics)``."""
         grads, losses = self.domain_gradients(domains)
         h = self.hparams
@@ -236,16 +292,32 @@ class Equilibrium(DomainGradientAlgorithm):
         init: float | torch.Tensor = h["pgd_init"]
         if h["weights"] == "persistent" and self.weights is not None and len(self.weights) == len(domains):
             init = self.weights
-        decided = equilibrium_step(gram(residuals), h["alpha"], h["adjust"], h["reweight"], h["residual"],
-                                   h["project_test"], init, h["pgd_steps"], h["pgd_lr"], h["pgd_tol"])
+        decided = equilibrium_step(
+            gram(residuals),
+            h["alpha"],
+            h["adjust"],
+            h["reweight"],
+            h["residual"],
+            h["project_test"],
+            init,
+            h["pgd_steps"],
+            h["pgd_lr"],
+            h["pgd_tol"],
+        )
         self.weights = decided.weights
         mean_norm = float(self.mean.norm())
-        metrics = {"loss": losses.mean().item(), "projection_rate": decided.projection_rate,
-                   "projected": float(decided.fired.any()), "max_cosine": decided.max_cosine,
-                   "residual_norm": decided.residual_norm, "specific_norm": decided.specific_norm,
-                   "update_vs_mean": decided.shift / max(mean_norm, 1e-12), "pgd_iters": float(decided.pgd_updates),
-                   "w_deviation": float((decided.weights - 1).abs().mean()),
-                   **{f"w_{k}": float(w) for k, w in enumerate(decided.weights)}}
+        metrics = {
+            "loss": losses.mean().item(),
+            "projection_rate": decided.projection_rate,
+            "projected": float(decided.fired.any()),
+            "max_cosine": decided.max_cosine,
+            "residual_norm": decided.residual_norm,
+            "specific_norm": decided.specific_norm,
+            "update_vs_mean": decided.shift / max(mean_norm, 1e-12),
+            "pgd_iters": float(decided.pgd_updates),
+            "w_deviation": float((decided.weights - 1).abs().mean()),
+            **{f"w_{k}": float(w) for k, w in enumerate(decided.weights)},
+        }
         return self.mean, residuals, decided, metrics
 
     def apply_update(self, mean: torch.Tensor, residuals: torch.Tensor, coefficients: torch.Tensor) -> None:
@@ -301,12 +373,18 @@ class Equilibrium(DomainGradientAlgorithm):
         if not summary:
             return {}
         steps = 1 if self.hparams["step"] == "matched" or self.hparams["updates"] == "mean" else self.num_gradients
-        return {"projection_rate": summary["projection_rate"], "w_deviation": summary.get("w_deviation", 0.0),
-                "update_vs_mean": summary["update_vs_mean"], "optimizer_steps_per_iteration": float(steps)}
+        return {
+            "projection_rate": summary["projection_rate"],
+            "w_deviation": summary.get("w_deviation", 0.0),
+            "update_vs_mean": summary["update_vs_mean"],
+            "optimizer_steps_per_iteration": float(steps),
+        }
 
     def extra_state(self) -> dict[str, Any]:
-        return {"totals": dict(self.totals),
-                "weights": None if self.weights is None else [float(w) for w in self.weights]}
+        return {
+            "totals": dict(self.totals),
+            "weights": None if self.weights is None else [float(w) for w in self.weights],
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.totals = dict(state.get("totals", {}))

@@ -1,4 +1,5 @@
 """Empirical Risk Minimization, DomainBed's baseline: cross-entropy on the pooled per-domain batches."""
+
 from __future__ import annotations
 
 import torch

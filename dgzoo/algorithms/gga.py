@@ -29,6 +29,7 @@ the same seed gives the same accepted candidates, every process of a distributed
 perturbation and takes the same decision, and the host's own random stream (dropout, augmentation) is the same
 as without the add-on: ``gga.rho=0`` or ``gga_l.gamma=0`` trains exactly the host.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,18 +75,25 @@ _GGA_NOISE, _GGA_DROPOUT, _GGAL_NOISE, _GGAL_DROPOUT = range(4)
 
 _SHARED_HPARAMS = {
     "batchnorm": HParam(
-        "restore", "BatchNorm during the extra forward passes: 'restore' normalises with batch statistics as the "
+        "restore",
+        "BatchNorm during the extra forward passes: 'restore' normalises with batch statistics as the "
         "host's training forward does, and puts the running statistics back afterwards so the passes leave no "
         "trace; 'eval' normalises with the running statistics. Identical under --freeze-bn (the paper's setting)",
-        choices=("restore", "eval")),
+        choices=("restore", "eval"),
+    ),
     "parts": HParam(
-        2, "single-source training without augmented views: the batch is dealt into this many interleaved parts "
+        2,
+        "single-source training without augmented views: the batch is dealt into this many interleaved parts "
         "whose gradients stand in for the domains' (a dgzoo extension: the paper has no single-source GGA; with "
-        "views, as in single-source equilibrium, the views are the domains)", minimum=2),
+        "views, as in single-source equilibrium, the views are the domains)",
+        minimum=2,
+    ),
     "grad_engine": HParam(
-        "loop", "per-domain gradient path of dgzoo.algorithms.gradients: 'loop' (one backward per domain; fastest "
+        "loop",
+        "per-domain gradient path of dgzoo.algorithms.gradients: 'loop' (one backward per domain; fastest "
         "on CPU) or 'vmap' (torch.func, one vectorised backward; needs groups of equal size)",
-        choices=GRADIENT_METHODS),
+        choices=GRADIENT_METHODS,
+    ),
 }
 
 
@@ -104,8 +112,10 @@ def scoring_groups(minibatches: Minibatches, parts: int = 2) -> list[tuple[torch
             return split_views(minibatches)
         x, y = _pool_views(x, y)
         if len(y) < parts:
-            raise DGZooError(f"single-source GGA deals each batch into gga.parts={parts} groups, but a process "
-                             f"holds only {len(y)} images; raise --batch-size or lower the parts hparam")
+            raise DGZooError(
+                f"single-source GGA deals each batch into gga.parts={parts} groups, but a process "
+                f"holds only {len(y)} images; raise --batch-size or lower the parts hparam"
+            )
         return [(x[i::parts], y[i::parts]) for i in range(parts)]
     return [_pool_views(x, y) for x, y in minibatches]
 
@@ -116,9 +126,14 @@ def _pool_views(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x, y
 
 
-def domain_agreement(module: nn.Module, groups: Sequence[tuple[torch.Tensor, torch.Tensor]], params: FlatParams,
-                     runtime: Runtime, buffer: torch.Tensor | None = None,
-                     method: str = "loop") -> tuple[torch.Tensor, torch.Tensor]:
+def domain_agreement(
+    module: nn.Module,
+    groups: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    params: FlatParams,
+    runtime: Runtime,
+    buffer: torch.Tensor | None = None,
+    method: str = "loop",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(pairwise cosines [G(G-1)/2], pooled loss)`` of the groups' cross-entropy gradients.
 
     The pooled loss is the size-weighted mean of the per-group mean losses: exactly the pooled cross-entropy
@@ -162,51 +177,90 @@ class GGA(AddOn):
     paper = "Ballas & Diou, CVPR 2025"
     citation = CITATION
     HPARAMS = {
-        "start": HParam(100, "first annealed step (0-based, inclusive); the paper anneals only early in training, "
-                         "where it argues conflicting domain gradients pick the basin", minimum=0),
-        "end": HParam(200, "last annealed step, inclusive: 100..200 is the paper's 101 annealed steps (the "
-                       "official CLI default of 150 was not used for the paper)", minimum=0),
-        "extra_search": HParam(False, "also anneal in a second window gga.extra_start..gga.extra_end (inclusive), "
-                               "as the official --extra_search y; off in every paper command"),
-        "extra_start": HParam(0, "first step of the second annealing window (the official --extra_search_start; "
-                              "the first README listed 1500 for PACS)", minimum=0),
-        "extra_end": HParam(0, "last step of the second annealing window, inclusive (--extra_search_end; the first "
-                            "README listed 1550 for PACS)", minimum=0),
-        "candidates": HParam(250, "perturbations searched per annealed step (hard-coded 250 in the official "
-                              "code)", minimum=1),
-        "rho": HParam(1e-5, "half-width of the uniform noise added to every featurizer weight per candidate, in "
-                       "absolute units (paper: 1e-5 PACS/OfficeHome/TerraIncognita/DomainNet, 1e-6 VLCS)",
-                       minimum=0.0, search=Uniform(-6, -4, base=10)),
-        "tau": HParam(0.1, "largest rise of the pooled cross-entropy over the last accepted point that an "
-                      "accepted candidate may have, in CE units (hard-coded 0.1 in the official code)"),
-        "fix_dropout": HParam(False, "score every candidate of a step under the same dropout masks, so that "
-                              "acceptances reflect the weights rather than lucky masks; off reproduces the "
-                              "official code, which redraws the masks at every pass"),
+        "start": HParam(
+            100,
+            "first annealed step (0-based, inclusive); the paper anneals only early in training, "
+            "where it argues conflicting domain gradients pick the basin",
+            minimum=0,
+        ),
+        "end": HParam(
+            200,
+            "last annealed step, inclusive: 100..200 is the paper's 101 annealed steps (the "
+            "official CLI default of 150 was not used for the paper)",
+            minimum=0,
+        ),
+        "extra_search": HParam(
+            False,
+            "also anneal in a second window gga.extra_start..gga.extra_end (inclusive), "
+            "as the official --extra_search y; off in every paper command",
+        ),
+        "extra_start": HParam(
+            0,
+            "first step of the second annealing window (the official --extra_search_start; "
+            "the first README listed 1500 for PACS)",
+            minimum=0,
+        ),
+        "extra_end": HParam(
+            0,
+            "last step of the second annealing window, inclusive (--extra_search_end; the first "
+            "README listed 1550 for PACS)",
+            minimum=0,
+        ),
+        "candidates": HParam(
+            250, "perturbations searched per annealed step (hard-coded 250 in the official code)", minimum=1
+        ),
+        "rho": HParam(
+            1e-5,
+            "half-width of the uniform noise added to every featurizer weight per candidate, in "
+            "absolute units (paper: 1e-5 PACS/OfficeHome/TerraIncognita/DomainNet, 1e-6 VLCS)",
+            minimum=0.0,
+            search=Uniform(-6, -4, base=10),
+        ),
+        "tau": HParam(
+            0.1,
+            "largest rise of the pooled cross-entropy over the last accepted point that an "
+            "accepted candidate may have, in CE units (hard-coded 0.1 in the official code)",
+        ),
+        "fix_dropout": HParam(
+            False,
+            "score every candidate of a step under the same dropout masks, so that "
+            "acceptances reflect the weights rather than lucky masks; off reproduces the "
+            "official code, which redraws the masks at every pass",
+        ),
         **_SHARED_HPARAMS,
     }
 
     @classmethod
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
         if hparams["end"] < hparams["start"]:
-            raise DGZooError(f"gga.end={hparams['end']} is before gga.start={hparams['start']}; the annealing "
-                             f"window start..end is inclusive, e.g. gga.start=100 gga.end=200")
+            raise DGZooError(
+                f"gga.end={hparams['end']} is before gga.start={hparams['start']}; the annealing "
+                f"window start..end is inclusive, e.g. gga.start=100 gga.end=200"
+            )
         if hparams["extra_search"] and hparams["extra_end"] < hparams["extra_start"]:
-            raise DGZooError(f"gga.extra_end={hparams['extra_end']} is before gga.extra_start="
-                             f"{hparams['extra_start']}; the second window is inclusive, e.g. gga.extra_search=true "
-                             f"gga.extra_start=1500 gga.extra_end=1550")
+            raise DGZooError(
+                f"gga.extra_end={hparams['extra_end']} is before gga.extra_start="
+                f"{hparams['extra_start']}; the second window is inclusive, e.g. gga.extra_search=true "
+                f"gga.extra_start=1500 gga.extra_end=1550"
+            )
 
     @classmethod
     def first_action(cls, hparams: dict[str, Any], schedule: Schedule) -> FirstAction | None:
         """The first annealed step (the windows are 0-based; the run's steps are counted from 1)."""
         start = min([hparams["start"], *([hparams["extra_start"]] if hparams["extra_search"] else [])])
-        return FirstAction(start + 1, f"its annealing window starts at step {start + 1} (gga.start={start}, "
-                                      f"0-based)", "lower gga.start and gga.end")
+        return FirstAction(
+            start + 1,
+            f"its annealing window starts at step {start + 1} (gga.start={start}, 0-based)",
+            "lower gga.start and gga.end",
+        )
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
         if recipe.network is not None and not any(True for _ in featurizer_parameters(recipe.network)):
-            raise DGZooError("GGA perturbs the featurizer, but the backbone has no trainable parameter outside its "
-                             "classifier head; unfreeze the backbone")
+            raise DGZooError(
+                "GGA perturbs the featurizer, but the backbone has no trainable parameter outside its "
+                "classifier head; unfreeze the backbone"
+            )
         # Refused when planned, not when built: fp16's scaler and vmap's autocast (see check_mixed_precision).
         check_mixed_precision(recipe.mixed_precision, hparams["grad_engine"])
 
@@ -222,8 +276,7 @@ class GGA(AddOn):
         """Whether ``step`` is in the annealing window, or in the second one when ``extra_search`` is on (the
         official trainer's test: either window, both inclusive)."""
         hp = self.hparams
-        return (hp["start"] <= step <= hp["end"]
-                or (hp["extra_search"] and hp["extra_start"] <= step <= hp["extra_end"]))
+        return hp["start"] <= step <= hp["end"] or (hp["extra_search"] and hp["extra_start"] <= step <= hp["extra_end"])
 
     def before_update(self, context: StepContext) -> dict[str, float]:
         step = context.step
@@ -233,8 +286,13 @@ class GGA(AddOn):
         self.history.append({"step": step, **stats})
         if step == self.hparams["end"] or (self.hparams["extra_search"] and step == self.hparams["extra_end"]):
             summary = self.summary()
-            logger.info("gga: annealed steps up to %d accepted %d of %d candidates (%d steps with an accept)",
-                        step, summary["accepted"], summary["candidates_evaluated"], summary["steps_with_accept"])
+            logger.info(
+                "gga: annealed steps up to %d accepted %d of %d candidates (%d steps with an accept)",
+                step,
+                summary["accepted"],
+                summary["candidates_evaluated"],
+                summary["steps_with_accept"],
+            )
         return stats
 
     @torch.no_grad()
@@ -250,8 +308,9 @@ class GGA(AddOn):
         The values are already averaged across processes; broadcasting them as well makes every process take
         the same decision even if a reduction rounded differently somewhere.
         """
-        cosines, loss = domain_agreement(self.host.network, groups, self.scored, self.runtime, buffer,
-                                         self.hparams["grad_engine"])
+        cosines, loss = domain_agreement(
+            self.host.network, groups, self.scored, self.runtime, buffer, self.hparams["grad_engine"]
+        )
         score_loss = self.runtime.broadcast(torch.stack([cosines.min(), loss]).float())
         score, loss_value = score_loss.tolist()
         return score, loss_value
@@ -283,8 +342,14 @@ class GGA(AddOn):
         shift = 0.0
         if best is not None:
             shift = math.sqrt(sum(float((b - t).double().pow(2).sum()) for b, t in zip(best, theta0)))
-        return {"accepted": float(accepted), "score_before": score0, "score_after": score_best,
-                "loss_before": loss0, "loss_after": loss_best, "shift": shift}
+        return {
+            "accepted": float(accepted),
+            "score_before": score0,
+            "score_after": score_best,
+            "loss_before": loss0,
+            "loss_after": loss_best,
+            "shift": shift,
+        }
 
     def extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed, "history": [dict(h) for h in self.history]}
@@ -300,8 +365,11 @@ class GGA(AddOn):
         n, k = len(self.history), self.hparams["candidates"]
         accepted = [int(h["accepted"]) for h in self.history]
         return {
-            "annealed_steps": n, "candidates_evaluated": n * k, "accepted": sum(accepted),
-            "acceptance_rate": sum(accepted) / (n * k), "steps_with_accept": sum(a > 0 for a in accepted),
+            "annealed_steps": n,
+            "candidates_evaluated": n * k,
+            "accepted": sum(accepted),
+            "acceptance_rate": sum(accepted) / (n * k),
+            "steps_with_accept": sum(a > 0 for a in accepted),
             "mean_score_gain": sum(h["score_after"] - h["score_before"] for h in self.history) / n,
             "mean_loss_change": sum(h["loss_after"] - h["loss_before"] for h in self.history) / n,
             "steps": [dict(h) for h in self.history],
@@ -313,9 +381,12 @@ class GGA(AddOn):
         if not self.history:
             return {}
         summary = self.summary()
-        return {"annealed_steps": float(summary["annealed_steps"]), "acceptance_rate": summary["acceptance_rate"],
-                "moved_fraction": summary["steps_with_accept"] / summary["annealed_steps"],
-                "mean_agreement_gain": summary["mean_score_gain"]}
+        return {
+            "annealed_steps": float(summary["annealed_steps"]),
+            "acceptance_rate": summary["acceptance_rate"],
+            "moved_fraction": summary["steps_with_accept"] / summary["annealed_steps"],
+            "mean_agreement_gain": summary["mean_score_gain"],
+        }
 
 
 @register_addon
@@ -327,11 +398,20 @@ class GGAL(AddOn):
     paper = "Ballas & Diou, CVPR 2025"
     citation = CITATION
     HPARAMS = {
-        "gamma": HParam(1e-3, "noise intensity: the noise added to every gradient is gamma * (1 - mean pairwise "
-                         "cosine of the per-domain gradients) * xi (official default; no per-dataset value is "
-                         "published)", minimum=0.0, search=Uniform(-4.5, -2.5, base=10)),
-        "noise": HParam("gaussian", "distribution of xi: 'gaussian' N(0, 1) as the official code; 'uniform' "
-                        "U(0, 1) as the paper's algorithm box states", choices=("gaussian", "uniform")),
+        "gamma": HParam(
+            1e-3,
+            "noise intensity: the noise added to every gradient is gamma * (1 - mean pairwise "
+            "cosine of the per-domain gradients) * xi (official default; no per-dataset value is "
+            "published)",
+            minimum=0.0,
+            search=Uniform(-4.5, -2.5, base=10),
+        ),
+        "noise": HParam(
+            "gaussian",
+            "distribution of xi: 'gaussian' N(0, 1) as the official code; 'uniform' "
+            "U(0, 1) as the paper's algorithm box states",
+            choices=("gaussian", "uniform"),
+        ),
         **_SHARED_HPARAMS,
     }
 
@@ -354,11 +434,18 @@ class GGAL(AddOn):
     def before_update(self, context: StepContext) -> dict[str, float]:
         step, device = context.step, self.scored.tensors[0].device
         groups = scoring_groups(context.minibatches, self.hparams["parts"])
-        with extra_passes(self.host.network, self.hparams["batchnorm"]), \
-                private_rng(device, derive_seed(self.seed, step, _GGAL_DROPOUT)):
-            cosines, _ = domain_agreement(self.host.network, groups, self.scored, self.runtime,
-                                          self._buffer("grads", len(groups), self.scored.numel),
-                                          self.hparams["grad_engine"])
+        with (
+            extra_passes(self.host.network, self.hparams["batchnorm"]),
+            private_rng(device, derive_seed(self.seed, step, _GGAL_DROPOUT)),
+        ):
+            cosines, _ = domain_agreement(
+                self.host.network,
+                groups,
+                self.scored,
+                self.runtime,
+                self._buffer("grads", len(groups), self.scored.numel),
+                self.hparams["grad_engine"],
+            )
         similarity = float(self.runtime.broadcast(cosines.mean().float().reshape(1)).item())
         self.scale = self.hparams["gamma"] * (1.0 - similarity)
         self.generator = torch.Generator(device).manual_seed(derive_seed(self.seed, step, _GGAL_NOISE))
@@ -402,8 +489,11 @@ class GGAL(AddOn):
         steps = self.totals["steps"]
         if not steps:
             return {}
-        return {"steps": steps, "mean_similarity": self.totals["similarity"] / steps,
-                "mean_noise_scale": self.totals["noise_scale"] / steps}
+        return {
+            "steps": steps,
+            "mean_similarity": self.totals["similarity"] / steps,
+            "mean_noise_scale": self.totals["noise_scale"] / steps,
+        }
 
     def diagnostics(self) -> dict[str, float]:
         """Does the noise act: its mean scale (0 = the host alone) and the mean agreement that set it."""

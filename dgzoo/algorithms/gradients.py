@@ -38,6 +38,7 @@ Single-source training. When an algorithm's "domains" are K augmented views of t
 :class:`RandAugmentViews` makes the views and :func:`split_views` turns a step's ``[B, K, C, H, W]`` minibatches
 into K pseudo-domains. :class:`DomainGradientAlgorithm` bundles all of the above for algorithms.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,12 @@ class FlatParams:
         straight into it, which avoids allocating a new vector.
         """
         if out is None:
-            return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).float()
-                              for t, p in zip(tensors, self.tensors)])
+            return torch.cat(
+                [
+                    (t if t is not None else torch.zeros_like(p)).reshape(-1).float()
+                    for t, p in zip(tensors, self.tensors)
+                ]
+            )
         for chunk, t in zip(out.split(self.numels), tensors):
             if t is None:
                 chunk.zero_()
@@ -105,10 +110,16 @@ class FlatParams:
         return torch.empty(*leading, self.numel, device=self.tensors[0].device)
 
 
-def per_domain_gradients(module: nn.Module, minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                         params: FlatParams, runtime: Runtime | None = None,
-                         loss_fn: LossFn = F.cross_entropy, *, out: torch.Tensor | None = None,
-                         method: str = "loop") -> tuple[torch.Tensor, torch.Tensor]:
+def per_domain_gradients(
+    module: nn.Module,
+    minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    params: FlatParams,
+    runtime: Runtime | None = None,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    out: torch.Tensor | None = None,
+    method: str = "loop",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(grads [K, P], losses [K])``: each domain's mean-loss gradient, averaged across processes.
 
     ``module`` is the bare model (not the DDP wrapper: the averaging here replaces DDP's). ``out``, a float32
@@ -122,8 +133,9 @@ def per_domain_gradients(module: nn.Module, minibatches: Sequence[tuple[torch.Te
     if out is None:
         out = params.empty(k)
     elif out.shape != (k, params.numel) or out.dtype != torch.float32:
-        raise ValueError(f"out must be a float32 tensor of shape {(k, params.numel)}, got {tuple(out.shape)} "
-                         f"{out.dtype}")
+        raise ValueError(
+            f"out must be a float32 tensor of shape {(k, params.numel)}, got {tuple(out.shape)} {out.dtype}"
+        )
     if method == "loop":
         losses = _loop_gradients(module, minibatches, params, runtime, loss_fn, out)
     elif method == "vmap":
@@ -135,8 +147,14 @@ def per_domain_gradients(module: nn.Module, minibatches: Sequence[tuple[torch.Te
     return out, losses
 
 
-def _loop_gradients(module: nn.Module, minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                    params: FlatParams, runtime: Runtime, loss_fn: LossFn, out: torch.Tensor) -> torch.Tensor:
+def _loop_gradients(
+    module: nn.Module,
+    minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    params: FlatParams,
+    runtime: Runtime,
+    loss_fn: LossFn,
+    out: torch.Tensor,
+) -> torch.Tensor:
     losses = torch.empty(len(minibatches), device=out.device)
     for k, (x, y) in enumerate(minibatches):
         with runtime.autocast():
@@ -146,20 +164,31 @@ def _loop_gradients(module: nn.Module, minibatches: Sequence[tuple[torch.Tensor,
     return losses
 
 
-def _vmap_gradients(module: nn.Module, minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                    params: FlatParams, runtime: Runtime, loss_fn: LossFn, out: torch.Tensor) -> torch.Tensor:
+def _vmap_gradients(
+    module: nn.Module,
+    minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    params: FlatParams,
+    runtime: Runtime,
+    loss_fn: LossFn,
+    out: torch.Tensor,
+) -> torch.Tensor:
     from torch.func import functional_call, grad, vmap
 
     if len({x.shape for x, _ in minibatches}) != 1:
         raise ValueError("method='vmap' needs minibatches of equal shape; use method='loop'")
     if _autocast_dtype(runtime) is not None:
-        raise ValueError("method='vmap' does not support mixed precision (vmap's BatchNorm rule rejects a "
-                         "low-precision input with float32 statistics); use method='loop'")
+        raise ValueError(
+            "method='vmap' does not support mixed precision (vmap's BatchNorm rule rejects a "
+            "low-precision input with float32 statistics); use method='loop'"
+        )
     k = len(minibatches)
     names = {id(p): name for name, p in module.named_parameters()}
     weights = {names[id(p)]: p.detach() for p in params.tensors}
-    norms = [(name, m) for name, m in module.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    norms = [
+        (name, m)
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
     # One copy of the running statistics per domain, updated in place inside vmap with momentum 1, so copy k ends
     # up holding domain k's batch statistics; the K updates are then replayed in domain order, as the loop makes them.
     before = {f"{n}.{s}": b.detach().clone() for n, m in norms for s, b in m.named_buffers(recurse=False)}
@@ -177,7 +206,8 @@ def _vmap_gradients(module: nn.Module, minibatches: Sequence[tuple[torch.Tensor,
         for _, m in norms:
             m.momentum = 1.0
         grads, losses = vmap(grad(domain_loss, has_aux=True), in_dims=(None, 0, 0, 0), randomness="different")(
-            weights, stats, xs, ys)
+            weights, stats, xs, ys
+        )
     finally:
         for (_, m), momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -189,15 +219,17 @@ def _vmap_gradients(module: nn.Module, minibatches: Sequence[tuple[torch.Tensor,
                 continue
             count = before.get(f"{name}.num_batches_tracked")
             for stat in ("running_mean", "running_var"):
-                getattr(m, stat).copy_(_replay_updates(before[f"{name}.{stat}"], stats[f"{name}.{stat}"],
-                                                       m.momentum, count))
+                getattr(m, stat).copy_(
+                    _replay_updates(before[f"{name}.{stat}"], stats[f"{name}.{stat}"], m.momentum, count)
+                )
             if count is not None:
                 m.num_batches_tracked.copy_(count + k)
     return losses.float()
 
 
-def _replay_updates(start: torch.Tensor, batch_stats: torch.Tensor, momentum: float | None,
-                    count: torch.Tensor | None) -> torch.Tensor:
+def _replay_updates(
+    start: torch.Tensor, batch_stats: torch.Tensor, momentum: float | None, count: torch.Tensor | None
+) -> torch.Tensor:
     """A running statistic after BatchNorm's updates with each of the K batch statistics, in order.
 
     The update is BatchNorm's: an exponential average with ``momentum``, or with None the cumulative average
@@ -261,8 +293,10 @@ def check_mixed_precision(mixed_precision: str, method: str = "loop") -> None:
     a second time); bf16 is fine with the loop path, not with vmap (see :func:`per_domain_gradients`).
     """
     if mixed_precision == "fp16":
-        raise DGZooError("per-domain gradient algorithms do not support --mixed-precision fp16 (its loss scaler "
-                         "would unscale the combined gradient twice); use --mixed-precision bf16 or no")
+        raise DGZooError(
+            "per-domain gradient algorithms do not support --mixed-precision fp16 (its loss scaler "
+            "would unscale the combined gradient twice); use --mixed-precision bf16 or no"
+        )
     if mixed_precision != "no" and method == "vmap":
         raise DGZooError("hparam grad_engine=vmap does not support mixed precision; use grad_engine=loop")
 
@@ -312,21 +346,32 @@ class DomainGradientAlgorithm(UpdateHost):
     """
 
     HPARAMS: ClassVar[dict[str, HParam]] = {
-        "domains": HParam("auto", "what a domain is: 'sources' (the source domains), 'views' (K RandAugment views "
-                                  "of every image are K pseudo-domains), or 'auto' (views when training on one "
-                                  "source domain, else sources)", choices=("auto", "sources", "views")),
-        "views": HParam(3, "K, the number of RandAugment views per image in views mode (the DGE paper: 3)",
-                        minimum=2),
+        "domains": HParam(
+            "auto",
+            "what a domain is: 'sources' (the source domains), 'views' (K RandAugment views "
+            "of every image are K pseudo-domains), or 'auto' (views when training on one "
+            "source domain, else sources)",
+            choices=("auto", "sources", "views"),
+        ),
+        "views": HParam(3, "K, the number of RandAugment views per image in views mode (the DGE paper: 3)", minimum=2),
         "random_ops": HParam(2, "RandAugment operations per view (the DGE paper's random_ops: 2)", minimum=1),
-        "magnitude": HParam(9, "RandAugment magnitude (torchvision's default 9 of 31 bins; the paper is silent)",
-                            minimum=0, maximum=30),
-        "grad_engine": HParam("loop", "per-domain gradient path: 'loop' (one backward per domain; fastest on "
-                                      "CPU) or 'vmap' (torch.func, one vectorised backward)", choices=GRADIENT_METHODS),
-        "step": HParam("faithful", "'faithful': the method's own update (a sum over domains, or K optimizer steps "
-                                   "per iteration); 'matched': one optimizer step on the method's combined "
-                                   "direction rescaled to the norm of the mean per-domain gradient, ERM's gradient, "
-                                   "so that a comparison with ERM at one lr compares directions, not step sizes",
-                       choices=("faithful", "matched")),
+        "magnitude": HParam(
+            9, "RandAugment magnitude (torchvision's default 9 of 31 bins; the paper is silent)", minimum=0, maximum=30
+        ),
+        "grad_engine": HParam(
+            "loop",
+            "per-domain gradient path: 'loop' (one backward per domain; fastest on "
+            "CPU) or 'vmap' (torch.func, one vectorised backward)",
+            choices=GRADIENT_METHODS,
+        ),
+        "step": HParam(
+            "faithful",
+            "'faithful': the method's own update (a sum over domains, or K optimizer steps "
+            "per iteration); 'matched': one optimizer step on the method's combined "
+            "direction rescaled to the norm of the mean per-domain gradient, ERM's gradient, "
+            "so that a comparison with ERM at one lr compares directions, not step sizes",
+            choices=("faithful", "matched"),
+        ),
     }
 
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
@@ -349,36 +394,46 @@ class DomainGradientAlgorithm(UpdateHost):
         check_mixed_precision(recipe.mixed_precision, hparams["grad_engine"])
         views = cls.uses_views(hparams, recipe.num_domains)
         if (hparams["views"] if views else recipe.num_domains) < 2:
-            raise DGZooError(f"{cls.name} needs at least 2 domains to compare, got {recipe.num_domains}; train on "
-                             f"several source domains or use views (hparam domains=views views=3)")
+            raise DGZooError(
+                f"{cls.name} needs at least 2 domains to compare, got {recipe.num_domains}; train on "
+                f"several source domains or use views (hparam domains=views views=3)"
+            )
         if views and recipe.augment == "randaugment":
-            raise DGZooError(f"{cls.name} already makes RandAugment views of every image; use --augment none (or "
-                             f"domainbed) so the views are not augmented twice")
+            raise DGZooError(
+                f"{cls.name} already makes RandAugment views of every image; use --augment none (or "
+                f"domainbed) so the views are not augmented twice"
+            )
 
     @classmethod
-    def train_transform(cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any],
-                        num_sources: int) -> Callable | None:
+    def train_transform(
+        cls, preprocessing: dict[str, Any], augment: str, hparams: dict[str, Any], num_sources: int
+    ) -> Callable | None:
         """In views mode, K RandAugment views of every image, each finished by the recipe's training transform."""
         if not cls.uses_views(hparams, num_sources):
             return None
         from ..data.transforms import train_transform
 
-        return RandAugmentViews(train_transform(preprocessing, augment), hparams["views"], hparams["random_ops"],
-                                hparams["magnitude"])
+        return RandAugmentViews(
+            train_transform(preprocessing, augment), hparams["views"], hparams["random_ops"], hparams["magnitude"]
+        )
 
     def domains(self, minibatches: Minibatches) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The step's domains: the source minibatches, or their K views as pseudo-domains."""
         if self.use_views:
             if minibatches[0][0].dim() != 5:
-                raise DGZooError(f"{self.name} expects K views per image (x of shape [B, K, C, H, W]); build its "
-                                 f"data with {type(self).__name__}.train_transform")
+                raise DGZooError(
+                    f"{self.name} expects K views per image (x of shape [B, K, C, H, W]); build its "
+                    f"data with {type(self).__name__}.train_transform"
+                )
             return split_views(minibatches)
         return list(minibatches)
 
-    def domain_gradients(self, domains: Sequence[tuple[torch.Tensor, torch.Tensor]]
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def domain_gradients(
+        self, domains: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(grads [K, P], losses [K])`` of the given domains, in the reused buffer (overwritten every call)."""
         if self._buffer is None or self._buffer.shape[0] != len(domains):
             self._buffer = self.flat.empty(len(domains))
-        return per_domain_gradients(self.network, domains, self.flat, self.runtime, out=self._buffer,
-                                    method=self.hparams["grad_engine"])
+        return per_domain_gradients(
+            self.network, domains, self.flat, self.runtime, out=self._buffer, method=self.hparams["grad_engine"]
+        )

@@ -17,6 +17,7 @@ For every training sample ``x`` IU needs two numbers (research note ``iu.md`` §
   ``torch.func`` through :class:`FunctionalLoss`. This is the paper's estimator; its cost is what the paper's
   Table 11 reports (hours per epoch on DomainNet).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,14 @@ from torch.func import functional_call, grad, jvp, vmap
 from ..errors import DGZooError
 
 
-def lissa(hvp: Callable[[torch.Tensor, int], torch.Tensor], vectors: torch.Tensor, depth: int, scale: float,
-          damping: float, repeats: int = 1) -> torch.Tensor:
+def lissa(
+    hvp: Callable[[torch.Tensor, int], torch.Tensor],
+    vectors: torch.Tensor,
+    depth: int,
+    scale: float,
+    damping: float,
+    repeats: int = 1,
+) -> torch.Tensor:
     """Approximate ``(H + damping I)^-1 v`` for every row ``v`` of ``vectors`` ``[m, P]`` with LiSSA.
 
     The recursion ``u_0 = v, u_{j+1} = v + (I - (H_j + damping I) / scale) u_j`` (``H_j`` the Hessian of
@@ -47,14 +54,21 @@ def lissa(hvp: Callable[[torch.Tensor, int], torch.Tensor], vectors: torch.Tenso
         for j in range(depth):
             u = vectors + u - (hvp(u, r * depth + j) + damping * u) / scale
         if not torch.isfinite(u).all() or u.norm() > 1e6 * scale * vectors.norm().clamp_min(1e-30):
-            raise DGZooError(f"LiSSA diverged (iu.lissa_scale={scale:g} is below the Hessian's largest eigenvalue "
-                             f"or the Hessian has large negative curvature); raise iu.lissa_scale or iu.damping")
+            raise DGZooError(
+                f"LiSSA diverged (iu.lissa_scale={scale:g} is below the Hessian's largest eigenvalue "
+                f"or the Hessian has large negative curvature); raise iu.lissa_scale or iu.damping"
+            )
         estimate += u / scale
     return estimate / repeats
 
 
-def largest_eigenvalue(hvp: Callable[[torch.Tensor], torch.Tensor], numel: int, iterations: int = 20,
-                       seed: int = 0, device: torch.device | str = "cpu") -> float:
+def largest_eigenvalue(
+    hvp: Callable[[torch.Tensor], torch.Tensor],
+    numel: int,
+    iterations: int = 20,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> float:
     """Power-iteration estimate of the largest-magnitude eigenvalue of the matrix behind ``hvp`` (``[1, P]`` rows).
 
     LiSSA needs a scale above it; the estimate approaches it from below, so callers add a margin. The start
@@ -70,9 +84,15 @@ def largest_eigenvalue(hvp: Callable[[torch.Tensor], torch.Tensor], numel: int, 
     return abs(value)
 
 
-def kfac_head_influence(features: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor,
-                        val_features: torch.Tensor, val_probs: torch.Tensor, val_labels: torch.Tensor,
-                        damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kfac_head_influence(
+    features: torch.Tensor,
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_probs: torch.Tensor,
+    val_labels: torch.Tensor,
+    damping: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(G [N], C [N])`` for a linear head ``logits = W phi + b`` under a Kronecker-factored Hessian.
 
     The per-sample head gradient is the rank-one ``delta phi~^T`` (``delta = p - onehot(y)``, ``phi~ = [phi, 1]``
@@ -91,7 +111,7 @@ def kfac_head_influence(features: torch.Tensor, probs: torch.Tensor, labels: tor
     eig_b, basis_b = torch.linalg.eigh(torch.diag(p.mean(0)) - p.T @ p / len(p))
     inverse = 1.0 / (eig_b.clamp_min(0)[:, None] * eig_a.clamp_min(0)[None, :] + damping)
     a, b = phi @ basis_a, delta @ basis_b
-    complexity = (((b ** 2) @ inverse ** 2) * a ** 2).sum(1).sqrt()
+    complexity = (((b**2) @ inverse**2) * a**2).sum(1).sqrt()
     val_delta = val_probs.double() - F.one_hot(val_labels, val_probs.shape[1]).double()
     g_hat = basis_b.T @ (val_delta.T @ _with_bias(val_features.double())) @ basis_a
     generalisation = ((b @ (g_hat * inverse)) * a).sum(1)
@@ -114,8 +134,10 @@ class FunctionalLoss:
         named = dict(module.named_parameters())
         self.module, self.names = module, list(names)
         self.params = {n: named[n].detach() for n in self.names}
-        self.frozen = {**{n: p.detach() for n, p in named.items() if n not in self.params},
-                       **dict(module.named_buffers())}
+        self.frozen = {
+            **{n: p.detach() for n, p in named.items() if n not in self.params},
+            **dict(module.named_buffers()),
+        }
         self.shapes = [p.shape for p in self.params.values()]
         self.numels = [p.numel() for p in self.params.values()]
         self.numel = sum(self.numels)
@@ -136,6 +158,7 @@ class FunctionalLoss:
 
     def per_sample_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``[n, P]``: the gradient of each sample's own loss."""
+
         def one(params, xi, yi):
             return self._loss(params, xi[None], yi[None])
 
@@ -147,6 +170,7 @@ class FunctionalLoss:
 
     def hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """``[m, P]``: ``H v`` for every row ``v``, with ``H`` the Hessian of the batch's mean loss."""
+
         def one(tangent):
             return jvp(grad(lambda p: self._loss(p, x, y)), (self.params,), (tangent,))[1]
 

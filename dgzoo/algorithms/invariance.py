@@ -21,6 +21,7 @@ local (DDP averages equal shares). Only BatchNorm's batch statistics remain per 
 ``--grad-accumulation`` each micro-batch is a batch of its own (its penalty is that micro-batch's, and Fishr's moving
 average advances once per micro-batch).
 """
+
 from __future__ import annotations
 
 import math
@@ -70,19 +71,24 @@ _ANNEAL_SEARCH = Uniform(0, 4, base=10, integer=True)
 
 
 def _anneal(default: int, what: str) -> HParam:
-    return HParam(default, f"steps before {what} switches on (the optimizer's state is reset at that step)",
-                  minimum=0, search=_ANNEAL_SEARCH)
+    return HParam(
+        default,
+        f"steps before {what} switches on (the optimizer's state is reset at that step)",
+        minimum=0,
+        search=_ANNEAL_SEARCH,
+    )
 
 
 # -- penalties (pure functions of one domain's global batch, tested by hand)
+
 
 def irm_penalty(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """IRMv1: the product of the gradients, with respect to a dummy logit scale at 1.0, of the cross-entropy of
     the even and of the odd rows (two independent estimates of the squared gradient)."""
     scale = torch.ones((), device=logits.device, requires_grad=True)
     logits = logits.float()
-    grad_1, = torch.autograd.grad(F.cross_entropy(logits[::2] * scale, y[::2]), scale, create_graph=True)
-    grad_2, = torch.autograd.grad(F.cross_entropy(logits[1::2] * scale, y[1::2]), scale, create_graph=True)
+    (grad_1,) = torch.autograd.grad(F.cross_entropy(logits[::2] * scale, y[::2]), scale, create_graph=True)
+    (grad_2,) = torch.autograd.grad(F.cross_entropy(logits[1::2] * scale, y[1::2]), scale, create_graph=True)
     return grad_1 * grad_2
 
 
@@ -98,8 +104,11 @@ def risk_variance(risks: torch.Tensor) -> torch.Tensor:
 
 def rbf_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """RDM's (biased) squared MMD with the Gaussian kernels of :data:`RDM_GAMMAS`."""
-    return (gaussian_kernel(x, x, RDM_GAMMAS).mean() + gaussian_kernel(y, y, RDM_GAMMAS).mean()
-            - 2 * gaussian_kernel(x, y, RDM_GAMMAS).mean())
+    return (
+        gaussian_kernel(x, x, RDM_GAMMAS).mean()
+        + gaussian_kernel(y, y, RDM_GAMMAS).mean()
+        - 2 * gaussian_kernel(x, y, RDM_GAMMAS).mean()
+    )
 
 
 def kde_quantile(values: torch.Tensor, q: float, steps: int = KDE_BISECTION_STEPS) -> torch.Tensor:
@@ -142,6 +151,7 @@ def per_sample_head_gradients(head: nn.Module, features: torch.Tensor, y: torch.
 
 
 # -- hosts
+
 
 class AnnealedPenalty(LossHost):
     """A loss host whose penalty weights switch on at given steps, where the optimizer's state is reset (subclasses
@@ -228,9 +238,12 @@ class IRM(AnnealedPenalty):
     title = "Invariant Risk Minimization"
     paper = "Arjovsky et al., 2019"
     citation = _IRM
-    HPARAMS = {"irm_lambda": HParam(1e2, "weight of the IRM penalty after the anneal (1.0 before)", minimum=0.0,
-                                    search=_LAMBDA_SEARCH),
-               "irm_penalty_anneal_iters": _anneal(500, "irm_lambda")}
+    HPARAMS = {
+        "irm_lambda": HParam(
+            1e2, "weight of the IRM penalty after the anneal (1.0 before)", minimum=0.0, search=_LAMBDA_SEARCH
+        ),
+        "irm_penalty_anneal_iters": _anneal(500, "irm_lambda"),
+    }
     RESET_AT: ClassVar[tuple[str, ...]] = ("irm_penalty_anneal_iters",)
 
     def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
@@ -249,16 +262,20 @@ class VREx(AnnealedPenalty):
     title = "Variance Risk Extrapolation"
     paper = "Krueger et al., ICML 2021"
     citation = _VREX
-    HPARAMS = {"vrex_lambda": HParam(1e1, "weight of the risk variance after the anneal (1.0 before)", minimum=0.0,
-                                     search=_LAMBDA_SEARCH),
-               "vrex_penalty_anneal_iters": _anneal(500, "vrex_lambda")}
+    HPARAMS = {
+        "vrex_lambda": HParam(
+            1e1, "weight of the risk variance after the anneal (1.0 before)", minimum=0.0, search=_LAMBDA_SEARCH
+        ),
+        "vrex_penalty_anneal_iters": _anneal(500, "vrex_lambda"),
+    }
     RESET_AT = ("vrex_penalty_anneal_iters",)
 
     def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         weight = self.hparams["vrex_lambda"] if step >= self.hparams["vrex_penalty_anneal_iters"] else 1.0
         _, logits = self.domain_outputs(minibatches)
-        risks = self.global_domain_risks(torch.stack([F.cross_entropy(z.float(), y)
-                                                      for z, (_, y) in zip(logits, minibatches)]))
+        risks = self.global_domain_risks(
+            torch.stack([F.cross_entropy(z.float(), y) for z, (_, y) in zip(logits, minibatches)])
+        )
         mean, penalty = risks.mean(), risk_variance(risks)
         return mean + weight * penalty, {"nll": mean, "penalty": penalty}
 
@@ -272,9 +289,15 @@ class IBERM(AnnealedPenalty):
     title = "Information Bottleneck ERM"
     paper = "Ahuja et al., NeurIPS 2021"
     citation = _IB
-    HPARAMS = {"ib_lambda": HParam(1e2, "weight of the feature-variance penalty after the anneal (0 before)",
-                                   minimum=0.0, search=_LAMBDA_SEARCH),
-               "ib_penalty_anneal_iters": _anneal(500, "ib_lambda")}
+    HPARAMS = {
+        "ib_lambda": HParam(
+            1e2,
+            "weight of the feature-variance penalty after the anneal (0 before)",
+            minimum=0.0,
+            search=_LAMBDA_SEARCH,
+        ),
+        "ib_penalty_anneal_iters": _anneal(500, "ib_lambda"),
+    }
     RESET_AT: ClassVar[tuple[str, ...]] = ("ib_penalty_anneal_iters",)
 
     def ib_term(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -306,8 +329,7 @@ class IBIRM(IBERM):
         features, logits = self.domain_outputs(minibatches)
         nll, ib = _nll(logits, minibatches), self.ib_term(features)
         irm = self.irm_term(logits, minibatches)
-        return (nll + irm_weight * irm + self.ib_weight(step) * ib,
-                {"nll": nll, "irm_penalty": irm, "ib_penalty": ib})
+        return (nll + irm_weight * irm + self.ib_weight(step) * ib, {"nll": nll, "irm_penalty": irm, "ib_penalty": ib})
 
 
 @register_algorithm
@@ -326,14 +348,24 @@ class EQRM(AnnealedPenalty):
     paper = "Eastwood et al., NeurIPS 2022"
     citation = _EQRM
     HPARAMS = {
-        "eqrm_quantile": HParam(0.75, "quantile of the per-domain risks to minimise, in (0, 1) (a negative value q "
-                                "stands for 1 - exp(q), DomainBed's branch for quantiles very close to 1)",
-                                search=Uniform(0.5, 0.99)),
-        "eqrm_burnin_iters": HParam(2500, "ERM steps before the quantile objective (the optimizer's state is reset "
-                                    "and eqrm_lr used from then on)", minimum=0,
-                                    search=Uniform(2.5, 3.5, base=10, integer=True)),
-        "eqrm_lr": HParam(1e-6, "learning rate after the burn-in (replaces the recipe's lr)", minimum=0.0,
-                          search=Uniform(-7, -5, base=10)),
+        "eqrm_quantile": HParam(
+            0.75,
+            "quantile of the per-domain risks to minimise, in (0, 1) (a negative value q "
+            "stands for 1 - exp(q), DomainBed's branch for quantiles very close to 1)",
+            search=Uniform(0.5, 0.99),
+        ),
+        "eqrm_burnin_iters": HParam(
+            2500,
+            "ERM steps before the quantile objective (the optimizer's state is reset and eqrm_lr used from then on)",
+            minimum=0,
+            search=Uniform(2.5, 3.5, base=10, integer=True),
+        ),
+        "eqrm_lr": HParam(
+            1e-6,
+            "learning rate after the burn-in (replaces the recipe's lr)",
+            minimum=0.0,
+            search=Uniform(-7, -5, base=10),
+        ),
     }
     RESET_AT = ("eqrm_burnin_iters",)
     LR_SWITCH = ("eqrm_burnin_iters", "eqrm_lr")
@@ -347,12 +379,15 @@ class EQRM(AnnealedPenalty):
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
         if recipe.num_domains < 2:
-            raise DGZooError(f"eqrm estimates a distribution of per-domain risks and needs at least 2 training "
-                             f"domains, got {recipe.num_domains}; train on more source domains")
+            raise DGZooError(
+                f"eqrm estimates a distribution of per-domain risks and needs at least 2 training "
+                f"domains, got {recipe.num_domains}; train on more source domains"
+            )
 
     def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
-        risks = self.global_domain_risks(torch.stack([F.cross_entropy(self.predict(x).float(), y)
-                                                      for x, y in minibatches]))
+        risks = self.global_domain_risks(
+            torch.stack([F.cross_entropy(self.predict(x).float(), y) for x, y in minibatches])
+        )
         if step < self.hparams["eqrm_burnin_iters"]:
             return risks.mean(), {"mean_risk": risks.mean()}
         return kde_quantile(risks, self.hparams["eqrm_quantile"]), {"mean_risk": risks.mean()}
@@ -375,12 +410,24 @@ class Fishr(AnnealedPenalty):
     paper = "Rame et al., ICML 2022"
     citation = _FISHR
     HPARAMS = {
-        "lambda": HParam(1000.0, "weight of the gradient-variance penalty after the anneal (0 before)", minimum=0.0,
-                         search=Uniform(1, 4, base=10)),
-        "penalty_anneal_iters": HParam(1500, "steps before lambda switches on (the optimizer's state is reset at "
-                                       "that step)", minimum=0, search=Uniform(0, 5000, integer=True)),
-        "ema": HParam(0.95, "moving-average factor of the per-domain gradient variances, in [0, 1)", minimum=0.0,
-                      search=Uniform(0.90, 0.99)),
+        "lambda": HParam(
+            1000.0,
+            "weight of the gradient-variance penalty after the anneal (0 before)",
+            minimum=0.0,
+            search=Uniform(1, 4, base=10),
+        ),
+        "penalty_anneal_iters": HParam(
+            1500,
+            "steps before lambda switches on (the optimizer's state is reset at that step)",
+            minimum=0,
+            search=Uniform(0, 5000, integer=True),
+        ),
+        "ema": HParam(
+            0.95,
+            "moving-average factor of the per-domain gradient variances, in [0, 1)",
+            minimum=0.0,
+            search=Uniform(0.90, 0.99),
+        ),
     }
     RESET_AT = ("penalty_anneal_iters",)
 
@@ -399,10 +446,13 @@ class Fishr(AnnealedPenalty):
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
-        if recipe.network is not None and not any(p.requires_grad
-                                                  for p in recipe.network.get_classifier().parameters()):
-            raise DGZooError("fishr penalises per-sample gradients of the classifier head, which has no trainable "
-                             "parameter in this backbone; use a backbone with a trainable head")
+        if recipe.network is not None and not any(
+            p.requires_grad for p in recipe.network.get_classifier().parameters()
+        ):
+            raise DGZooError(
+                "fishr penalises per-sample gradients of the classifier head, which has no trainable "
+                "parameter in this backbone; use a backbone with a trainable head"
+            )
 
     def penalty(self, features: list[torch.Tensor], minibatches: Minibatches) -> torch.Tensor:
         """Update the moving averages of the per-domain gradient variances; return the Fishr distance."""
@@ -447,18 +497,31 @@ class RDM(AnnealedPenalty):
     paper = "Nguyen et al., WACV 2024"
     citation = _RDM
     HPARAMS = {
-        "rdm_lambda": HParam(5.0, "weight of the risk-distribution MMD after the anneal (DomainBed: 0.5, "
-                             "U(0.1, 1) on DomainNet; 5.0, U(1, 10) on PACS and TerraIncognita)", minimum=0.0,
-                             search=Uniform(0.1, 10.0)),
-        "rdm_penalty_anneal_iters": HParam(1500, "ERM steps before the penalties switch on (the optimizer's state "
-                                           "is reset and rdm_lr used from then on; DomainBed: 2400, "
-                                           "int(U(1500, 3000)) on DomainNet)", minimum=0,
-                                           search=Uniform(800, 2700, integer=True)),
-        "variance_weight": HParam(0.004, "weight of the risk variances after the anneal (DomainBed: 0.0, not "
-                                  "searched, on TerraIncognita, OfficeHome and DomainNet)", minimum=0.0,
-                                  search=Uniform(0.001, 0.007)),
-        "rdm_lr": HParam(1.5e-5, "learning rate after the anneal (replaces the recipe's lr)", minimum=0.0,
-                         search=Uniform(8e-6, 2e-5)),
+        "rdm_lambda": HParam(
+            5.0,
+            "weight of the risk-distribution MMD after the anneal (DomainBed: 0.5, "
+            "U(0.1, 1) on DomainNet; 5.0, U(1, 10) on PACS and TerraIncognita)",
+            minimum=0.0,
+            search=Uniform(0.1, 10.0),
+        ),
+        "rdm_penalty_anneal_iters": HParam(
+            1500,
+            "ERM steps before the penalties switch on (the optimizer's state "
+            "is reset and rdm_lr used from then on; DomainBed: 2400, "
+            "int(U(1500, 3000)) on DomainNet)",
+            minimum=0,
+            search=Uniform(800, 2700, integer=True),
+        ),
+        "variance_weight": HParam(
+            0.004,
+            "weight of the risk variances after the anneal (DomainBed: 0.0, not "
+            "searched, on TerraIncognita, OfficeHome and DomainNet)",
+            minimum=0.0,
+            search=Uniform(0.001, 0.007),
+        ),
+        "rdm_lr": HParam(
+            1.5e-5, "learning rate after the anneal (replaces the recipe's lr)", minimum=0.0, search=Uniform(8e-6, 2e-5)
+        ),
     }
     RESET_AT = ("rdm_penalty_anneal_iters",)
     LR_SWITCH = ("rdm_penalty_anneal_iters", "rdm_lr")
@@ -466,8 +529,9 @@ class RDM(AnnealedPenalty):
     def penalised_loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         x, _ = pooled(minibatches)
         logits = self.predict(x).float().split([len(x) for x, _ in minibatches])
-        sample_losses = torch.stack([self.runtime.gather(F.cross_entropy(z, y, reduction="none"))
-                                     for z, (_, y) in zip(logits, minibatches)])  # [K, global batch]
+        sample_losses = torch.stack(
+            [self.runtime.gather(F.cross_entropy(z, y, reduction="none")) for z, (_, y) in zip(logits, minibatches)]
+        )  # [K, global batch]
         risks = sample_losses.mean(1)
         erm = risks.mean()
         worst = sample_losses[int(risks.detach().argmax())]

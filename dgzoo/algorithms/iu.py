@@ -24,6 +24,7 @@ Every choice the paper leaves open is a hyperparameter below, named after the no
 several processes every forward pass is sharded and gathered, and scores are broadcast from process 0, so the
 selections and the ascent are identical on every process.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,81 +66,159 @@ class IU(AddOn):
     paper = "Zhao et al., ICLR 2026"
     citation = CITATION
     HPARAMS = {
-        "every": HParam(0, "run every N training steps; 0 = after every DomainBed epoch, ceil(min source-domain "
-                           "train size / batch size) steps (note A11)", minimum=0),
-        "start_step": HParam(0, "no IU call before this step; the first call is at the end of epoch 1 (A11)",
-                             minimum=0),
-        "mode": HParam("fast", "influence estimator: fast = closed-form Kronecker-factored influence on the "
-                               "classifier head; faithful = LiSSA inverse-HVPs with exact Hessian-vector products "
-                               "over iu.influence_params (A1)", choices=("fast", "faithful")),
-        "influence_params": HParam("all", "faithful mode's parameter set: every trainable parameter, or the "
-                                          "classifier head (A1)", choices=("all", "head")),
+        "every": HParam(
+            0,
+            "run every N training steps; 0 = after every DomainBed epoch, ceil(min source-domain "
+            "train size / batch size) steps (note A11)",
+            minimum=0,
+        ),
+        "start_step": HParam(
+            0, "no IU call before this step; the first call is at the end of epoch 1 (A11)", minimum=0
+        ),
+        "mode": HParam(
+            "fast",
+            "influence estimator: fast = closed-form Kronecker-factored influence on the "
+            "classifier head; faithful = LiSSA inverse-HVPs with exact Hessian-vector products "
+            "over iu.influence_params (A1)",
+            choices=("fast", "faithful"),
+        ),
+        "influence_params": HParam(
+            "all",
+            "faithful mode's parameter set: every trainable parameter, or the classifier head (A1)",
+            choices=("all", "head"),
+        ),
         "damping": HParam(0.01, "Hessian damping lambda in H + lambda I, both modes (A1)", minimum=0.0),
         "lissa_depth": HParam(100, "LiSSA recursion depth T (A1; Koh & Liang use 100-1000)", minimum=1),
-        "lissa_scale": HParam(0.0, "LiSSA scale s, which must exceed the Hessian's largest eigenvalue; 0 = 1.5 x "
-                                   "(a 20-step power-iteration estimate on the first Hessian minibatch + damping). "
-                                   "A1's s=25 diverges on networks as soon as they fit (A1)", minimum=0.0),
+        "lissa_scale": HParam(
+            0.0,
+            "LiSSA scale s, which must exceed the Hessian's largest eigenvalue; 0 = 1.5 x "
+            "(a 20-step power-iteration estimate on the first Hessian minibatch + damping). "
+            "A1's s=25 diverges on networks as soon as they fit (A1)",
+            minimum=0.0,
+        ),
         "lissa_batch": HParam(256, "training samples per LiSSA Hessian minibatch (A1: 256-512)", minimum=1),
         "lissa_repeats": HParam(1, "independent LiSSA recursions averaged (A1)", minimum=1),
-        "lissa_chunk": HParam(0, "vectors per vectorised LiSSA recursion (memory/speed only, results unchanged); "
-                                 "0 = 512 for the head, 8 for the whole network", minimum=0),
-        "score_fraction": HParam(1.0, "fraction of each source domain's training samples scored per call, a fresh "
-                                      "seeded draw each call; 1 = every sample, every epoch, as the paper (subsampling "
-                                      "is the reviewers' suggestion to cut the cost)", maximum=1.0),
-        "alpha": HParam(2.0, "exponent on G in U = G^alpha / C, against score-equivalence bias (A2: value not "
-                             "given by the paper)", minimum=0.0, search=Choice((0.5, 1.0, 2.0, 3.0))),
-        "g_transform": HParam("minmax", "make G usable under the power: minmax = rescale to [1e-6, 1] over the "
-                                        "training set; signed = sign(G)|G|^alpha (A2)", choices=("minmax", "signed")),
+        "lissa_chunk": HParam(
+            0,
+            "vectors per vectorised LiSSA recursion (memory/speed only, results unchanged); "
+            "0 = 512 for the head, 8 for the whole network",
+            minimum=0,
+        ),
+        "score_fraction": HParam(
+            1.0,
+            "fraction of each source domain's training samples scored per call, a fresh "
+            "seeded draw each call; 1 = every sample, every epoch, as the paper (subsampling "
+            "is the reviewers' suggestion to cut the cost)",
+            maximum=1.0,
+        ),
+        "alpha": HParam(
+            2.0,
+            "exponent on G in U = G^alpha / C, against score-equivalence bias (A2: value not given by the paper)",
+            minimum=0.0,
+            search=Choice((0.5, 1.0, 2.0, 3.0)),
+        ),
+        "g_transform": HParam(
+            "minmax",
+            "make G usable under the power: minmax = rescale to [1e-6, 1] over the "
+            "training set; signed = sign(G)|G|^alpha (A2)",
+            choices=("minmax", "signed"),
+        ),
         "k": HParam(2.0, "MAD multiplier of both thresholds (stated: 2)", minimum=0.0),
-        "score_scale": HParam("log", "scale on which the lower-tail MAD rule reads U: log = median - k MAD of log U "
-                                     "(the same ranking; U is a ratio with a long right tail, on whose linear scale "
-                                     "median - k MAD is below every score); linear = on U itself, as the rule is "
-                                     "written (A13)", choices=("log", "linear")),
-        "layer": HParam("auto", "layer whose channels DSCS ranks and DSGA edits: auto = the features the classifier "
-                                "reads (A4), or a stage/block name (layer3, blocks.5, features.denseblock3)"),
-        "channel_score": HParam("idv", "idv = variance across domains of per-domain channel variances (paper); "
-                                       "idv+means also adds the variance of the per-domain means (a reviewer's "
-                                       "extension)", choices=("idv", "idv+means")),
-        "ascent": HParam("calibrated", "how large the DSGA step is: calibrated = one step along the masked "
-                                       "gradient of the mean D_u loss, its size found by line search so that the "
-                                       "D_u loss rises by iu.target_rise, within iu.max_val_drop of source-val "
-                                       "accuracy; literal = the paper's theta_c <- theta_c + grad L, unit steps on "
-                                       "each minibatch's summed loss; fixed = steps of iu.lr on each minibatch's "
-                                       "mean loss (A10)", choices=("calibrated", "literal", "fixed")),
-        "target_rise": HParam(1.1, "calibrated ascent: the factor by which the D_u loss must rise in one call "
-                                   "(docs/iu.md: chosen from a measured sweep)", minimum=1.0,
-                              search=Choice((1.1, 1.25, 1.5, 2.0))),
-        "max_val_drop": HParam(0.01, "calibrated ascent: the largest drop of source-validation accuracy (a "
-                                     "fraction, 0.01 = one point) a call may cause; the step is halved until it "
-                                     "fits", minimum=0.0, maximum=1.0),
-        "search_steps": HParam(12, "calibrated ascent: loss evaluations of the line search (bracketing, then "
-                                   "bisection)", minimum=1),
-        "cache_mb": HParam(1024, "memory (MiB) for keeping the eval-transformed source images, and the inputs of "
-                                 "the first edited ResNet stage, across calls (speed only; 0 = decode and run "
-                                 "the whole network every time)", minimum=0),
-        "lr": HParam(1e-3, "iu.ascent=fixed: DSGA step size eta_u (A10: tune in 1e-4..1e-2)", minimum=0.0,
-                     search=Uniform(-4, -2, base=10)),
+        "score_scale": HParam(
+            "log",
+            "scale on which the lower-tail MAD rule reads U: log = median - k MAD of log U "
+            "(the same ranking; U is a ratio with a long right tail, on whose linear scale "
+            "median - k MAD is below every score); linear = on U itself, as the rule is "
+            "written (A13)",
+            choices=("log", "linear"),
+        ),
+        "layer": HParam(
+            "auto",
+            "layer whose channels DSCS ranks and DSGA edits: auto = the features the classifier "
+            "reads (A4), or a stage/block name (layer3, blocks.5, features.denseblock3)",
+        ),
+        "channel_score": HParam(
+            "idv",
+            "idv = variance across domains of per-domain channel variances (paper); "
+            "idv+means also adds the variance of the per-domain means (a reviewer's "
+            "extension)",
+            choices=("idv", "idv+means"),
+        ),
+        "ascent": HParam(
+            "calibrated",
+            "how large the DSGA step is: calibrated = one step along the masked "
+            "gradient of the mean D_u loss, its size found by line search so that the "
+            "D_u loss rises by iu.target_rise, within iu.max_val_drop of source-val "
+            "accuracy; literal = the paper's theta_c <- theta_c + grad L, unit steps on "
+            "each minibatch's summed loss; fixed = steps of iu.lr on each minibatch's "
+            "mean loss (A10)",
+            choices=("calibrated", "literal", "fixed"),
+        ),
+        "target_rise": HParam(
+            1.1,
+            "calibrated ascent: the factor by which the D_u loss must rise in one call "
+            "(docs/iu.md: chosen from a measured sweep)",
+            minimum=1.0,
+            search=Choice((1.1, 1.25, 1.5, 2.0)),
+        ),
+        "max_val_drop": HParam(
+            0.01,
+            "calibrated ascent: the largest drop of source-validation accuracy (a "
+            "fraction, 0.01 = one point) a call may cause; the step is halved until it "
+            "fits",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        "search_steps": HParam(
+            12, "calibrated ascent: loss evaluations of the line search (bracketing, then bisection)", minimum=1
+        ),
+        "cache_mb": HParam(
+            1024,
+            "memory (MiB) for keeping the eval-transformed source images, and the inputs of "
+            "the first edited ResNet stage, across calls (speed only; 0 = decode and run "
+            "the whole network every time)",
+            minimum=0,
+        ),
+        "lr": HParam(
+            1e-3,
+            "iu.ascent=fixed: DSGA step size eta_u (A10: tune in 1e-4..1e-2)",
+            minimum=0.0,
+            search=Uniform(-4, -2, base=10),
+        ),
         "passes": HParam(1, "iu.ascent=fixed/literal: DSGA passes over the unlearning set (A10)", minimum=1),
         "batch_size": HParam(0, "DSGA minibatch size; 0 = the recipe's per-domain batch size (A10)", minimum=0),
-        "include_head": HParam(False, "DSGA also edits the classifier's columns of the selected channels (A9 "
-                                      "variant)"),
-        "val_after": HParam(True, "measure source-val accuracy and the D_u loss again after the ascent (diagnostics "
-                                  "only; one more forward pass over the validation split)"),
-        "samples": HParam("unlearning_set", "ascend on the unlearning set, or on all training samples (the paper's "
-                                            "DSCS-only ablation)", choices=("unlearning_set", "all")),
-        "params": HParam("channels", "ascend on the selected channels' parameter slices, or on every trainable "
-                                     "parameter (the paper's USS-only ablation)", choices=("channels", "all")),
+        "include_head": HParam(False, "DSGA also edits the classifier's columns of the selected channels (A9 variant)"),
+        "val_after": HParam(
+            True,
+            "measure source-val accuracy and the D_u loss again after the ascent (diagnostics "
+            "only; one more forward pass over the validation split)",
+        ),
+        "samples": HParam(
+            "unlearning_set",
+            "ascend on the unlearning set, or on all training samples (the paper's DSCS-only ablation)",
+            choices=("unlearning_set", "all"),
+        ),
+        "params": HParam(
+            "channels",
+            "ascend on the selected channels' parameter slices, or on every trainable "
+            "parameter (the paper's USS-only ablation)",
+            choices=("channels", "all"),
+        ),
     }
 
     @classmethod
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
         """score_fraction is a fraction in (0, 1]: a zero would score no sample and select nothing, silently."""
         if not 0 < hparams["score_fraction"] <= 1:
-            raise DGZooError(f"hparam {cls.name}.score_fraction={hparams['score_fraction']} must be in (0, 1]; "
-                             f"use 1 to score every sample")
+            raise DGZooError(
+                f"hparam {cls.name}.score_fraction={hparams['score_fraction']} must be in (0, 1]; "
+                f"use 1 to score every sample"
+            )
         if hparams["score_scale"] == "log" and hparams["g_transform"] == "signed":
-            raise DGZooError(f"{cls.name}.g_transform=signed gives negative scores, which have no log; use "
-                             f"{cls.name}.score_scale=linear with it, or {cls.name}.g_transform=minmax")
+            raise DGZooError(
+                f"{cls.name}.g_transform=signed gives negative scores, which have no log; use "
+                f"{cls.name}.score_scale=linear with it, or {cls.name}.g_transform=minmax"
+            )
 
     @classmethod
     def first_action(cls, hparams: dict[str, Any], schedule: Schedule) -> FirstAction | None:
@@ -148,15 +227,19 @@ class IU(AddOn):
         every, epoch, start = hparams["every"], schedule.steps_per_epoch, hparams["start_step"]
         if every:
             first = every * math.ceil(max(epoch + 1, start) / every)
-            return FirstAction(first, f"its first call is at step {first} ({cls.name}.every={every}, after the "
-                                      f"first epoch of {epoch} steps" + (f", {cls.name}.start_step={start}"
-                                                                        if start else "") + ")",
-                               f"lower {cls.name}.every" + (f" or {cls.name}.start_step" if start else ""))
+            return FirstAction(
+                first,
+                f"its first call is at step {first} ({cls.name}.every={every}, after the "
+                f"first epoch of {epoch} steps" + (f", {cls.name}.start_step={start}" if start else "") + ")",
+                f"lower {cls.name}.every" + (f" or {cls.name}.start_step" if start else ""),
+            )
         first = epoch * max(1, math.ceil(start / epoch))
-        return FirstAction(first, f"its first call is at the end of epoch {first // epoch} (step {first}, "
-                                  f"{epoch} steps per epoch" + (f", {cls.name}.start_step={start}" if start else "")
-                           + ")", f"set {cls.name}.every to {max(1, schedule.steps // 3)} to call it every so many "
-                                  f"steps")
+        return FirstAction(
+            first,
+            f"its first call is at the end of epoch {first // epoch} (step {first}, "
+            f"{epoch} steps per epoch" + (f", {cls.name}.start_step={start}" if start else "") + ")",
+            f"set {cls.name}.every to {max(1, schedule.steps // 3)} to call it every so many steps",
+        )
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
@@ -166,22 +249,33 @@ class IU(AddOn):
             return
         ChannelLayer(recipe.network, hparams["layer"], hparams["include_head"])
         if not isinstance(classifier(recipe.network), nn.Linear):
-            raise DGZooError(f"+{cls.name} needs a linear classifier head; {type(recipe.network).__name__}'s is "
-                             f"{type(classifier(recipe.network)).__name__}")
+            raise DGZooError(
+                f"+{cls.name} needs a linear classifier head; {type(recipe.network).__name__}'s is "
+                f"{type(classifier(recipe.network)).__name__}"
+            )
 
     def __init__(self, host: Any, hparams: dict[str, Any], runtime: Any):
         super().__init__(host, hparams, runtime)
         self.module = host.network
         self.layer = ChannelLayer(self.module, hparams["layer"], hparams["include_head"])
         trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
-        if (hparams["mode"] == "faithful" and hparams["influence_params"] == "all" and trainable > 1_000_000
-                and runtime.is_main_process):
+        if (
+            hparams["mode"] == "faithful"
+            and hparams["influence_params"] == "all"
+            and trainable > 1_000_000
+            and runtime.is_main_process
+        ):
             # Measured (benchmarks/results/iu_cost.md): ~5 days per call for ResNet-18 on a CPU. Allowed, since it
             # is the paper's estimator, but nobody should find out from a call that never ends.
-            logger.warning("%s.mode=faithful over all %.1f M trainable parameters runs 100s of LiSSA steps of "
-                           "exact Hessian-vector products per call: hours to days per epoch. %s.influence_params=head "
-                           "(the classifier head) costs about 10 ERM epochs per call, %s.mode=fast under one",
-                           self.name, trainable / 1e6, self.name, self.name)
+            logger.warning(
+                "%s.mode=faithful over all %.1f M trainable parameters runs 100s of LiSSA steps of "
+                "exact Hessian-vector products per call: hours to days per epoch. %s.influence_params=head "
+                "(the classifier head) costs about 10 ERM epochs per call, %s.mode=fast under one",
+                self.name,
+                trainable / 1e6,
+                self.name,
+                self.name,
+            )
         self.context: EpochContext | None = None
         # The latest call's scores and choices, for inspection: dataset rows of D_u, channel indices of C_spc.
         self.selected_rows: list[int] = []
@@ -228,18 +322,39 @@ class IU(AddOn):
         if not self.runtime.is_main_process:
             return metrics
         if "skipped" in metrics:
-            logger.warning("%s call %d (step %d) skipped: the model's outputs are not finite (the host diverged, or "
-                           "an earlier ascent did: lower %s.target_rise or %s.lr)", self.name, self.calls, step,
-                           self.name, self.name)
+            logger.warning(
+                "%s call %d (step %d) skipped: the model's outputs are not finite (the host diverged, or "
+                "an earlier ascent did: lower %s.target_rise or %s.lr)",
+                self.name,
+                self.calls,
+                step,
+                self.name,
+                self.name,
+            )
             return metrics
         edited = "all parameters" if "channels" not in metrics else len(self.selected_channels)
         after = f" -> {metrics['val_acc_after']:.4f}" if "val_acc_after" in metrics else ""
         rise = f", D_u loss x{metrics['unlearn_loss_rise']:.3f}" if "unlearn_loss_rise" in metrics else ""
-        logger.info("%s call %d (step %d): |D_u| %d, |C_spc| %s, source val %.4f%s%s, %.1f s", self.name, self.calls,
-                    step, len(self.selected_rows), edited, metrics["val_acc_before"], after, rise, metrics["seconds"])
+        logger.info(
+            "%s call %d (step %d): |D_u| %d, |C_spc| %s, source val %.4f%s%s, %.1f s",
+            self.name,
+            self.calls,
+            step,
+            len(self.selected_rows),
+            edited,
+            metrics["val_acc_before"],
+            after,
+            rise,
+            metrics["seconds"],
+        )
         if not metrics["acted"]:
-            logger.warning("%s call %d (step %d) did nothing measurable: %s", self.name, self.calls, step,
-                           _inaction(metrics, self.name))
+            logger.warning(
+                "%s call %d (step %d) did nothing measurable: %s",
+                self.name,
+                self.calls,
+                step,
+                _inaction(metrics, self.name),
+            )
         return metrics
 
     def _unlearn(self, context: EpochContext, tick: float) -> dict[str, float]:
@@ -260,8 +375,9 @@ class IU(AddOn):
         if channels is not None and channels.any():
             metrics["idv_before"] = mean_idv(val_seen.activations, val.domain, channels)
         if len(chosen):
-            metrics["unlearn_loss_before"] = F.cross_entropy(seen.logits[chosen.to(device)],
-                                                             train.labels[chosen].to(device)).item()
+            metrics["unlearn_loss_before"] = F.cross_entropy(
+                seen.logits[chosen.to(device)], train.labels[chosen].to(device)
+            ).item()
         ascend = len(chosen) and (channels is None or channels.any())
         if ascend and hp["ascent"] == "calibrated":
             metrics.update(self._calibrated(train, chosen, channels, seen, val, val_seen, batch))
@@ -289,8 +405,9 @@ class IU(AddOn):
         """Seconds since ``tick`` minus the phases already timed (the benchmark's cost breakdown)."""
         self.timings[phase] = time.perf_counter() - tick - sum(self.timings.values())
 
-    def _select(self, train: Pool, val: Pool, seen: Pass,
-                val_seen: Pass) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    def _select(
+        self, train: Pool, val: Pool, seen: Pass, val_seen: Pass
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """USS and DSCS: dataset positions of D_u, the channel mask of C_spc (None: no mask), and diagnostics.
 
         Both come out of process 0, so every process ascends on the same samples and channels.
@@ -300,9 +417,15 @@ class IU(AddOn):
             unlearn = torch.ones(len(train), dtype=torch.bool, device=device)
         else:
             if hp["mode"] == "fast":
-                g, c = kfac_head_influence(seen.features, seen.logits.softmax(1), train.labels.to(device),
-                                           val_seen.features, val_seen.logits.softmax(1), val.labels.to(device),
-                                           hp["damping"])
+                g, c = kfac_head_influence(
+                    seen.features,
+                    seen.logits.softmax(1),
+                    train.labels.to(device),
+                    val_seen.features,
+                    val_seen.logits.softmax(1),
+                    val.labels.to(device),
+                    hp["damping"],
+                )
             else:
                 g, c, metrics["lissa_scale"] = self._lissa_influence(train, val, seen, val_seen)
             scores = self.runtime.broadcast(unlearning_scores(g, c, hp["alpha"], hp["g_transform"]))
@@ -316,8 +439,10 @@ class IU(AddOn):
             return chosen, None, metrics
         domain = train.domain.to(device)
         assert seen.activations is not None  # _forward always sets them
-        idv = inter_domain_variance([seen.activations[domain == d] for d in range(int(train.domain.max()) + 1)],
-                                    with_means=hp["channel_score"] == "idv+means")
+        idv = inter_domain_variance(
+            [seen.activations[domain == d] for d in range(int(train.domain.max()) + 1)],
+            with_means=hp["channel_score"] == "idv+means",
+        )
         channels = self.runtime.broadcast(mad_outliers(idv, hp["k"], "upper").to(torch.uint8)).bool()
         self.selected_channels = channels.nonzero().flatten().tolist()
         metrics["channels"] = float(len(self.selected_channels))
@@ -329,8 +454,9 @@ class IU(AddOn):
 
     # -- faithful influence (LiSSA)
 
-    def _lissa_influence(self, train: Pool, val: Pool, seen: Pass,
-                         val_seen: Pass) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _lissa_influence(
+        self, train: Pool, val: Pool, seen: Pass, val_seen: Pass
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(G, C, scale)`` by LiSSA over the chosen parameters; training samples are sharded across processes."""
         hp, device = self.hparams, seen.logits.device
         on_head = hp["influence_params"] == "head"
@@ -350,14 +476,16 @@ class IU(AddOn):
         chunk = hp["lissa_chunk"] or (512 if on_head else 8)
         # The Hessian minibatches: one seeded draw per call, the same on every process and for every chunk.
         generator = torch.Generator().manual_seed(self.calls)
-        hessian = torch.randint(len(train), (hp["lissa_depth"] * hp["lissa_repeats"], hp["lissa_batch"]),
-                                generator=generator)
+        hessian = torch.randint(
+            len(train), (hp["lissa_depth"] * hp["lissa_repeats"], hp["lissa_batch"]), generator=generator
+        )
 
         def hvp(vectors: torch.Tensor, j: int) -> torch.Tensor:
             return loss.hvp(*inputs(train, hessian[j]), vectors)
 
-        scale = hp["lissa_scale"] or 1.5 * (largest_eigenvalue(lambda v: hvp(v, 0), loss.numel, seed=self.calls,
-                                                                device=device) + hp["damping"])
+        scale = hp["lissa_scale"] or 1.5 * (
+            largest_eigenvalue(lambda v: hvp(v, 0), loss.numel, seed=self.calls, device=device) + hp["damping"]
+        )
 
         def inverse_hvp(vectors: torch.Tensor) -> torch.Tensor:
             return lissa(hvp, vectors, hp["lissa_depth"], scale, hp["damping"], hp["lissa_repeats"])
@@ -377,14 +505,16 @@ class IU(AddOn):
             grads = loss.per_sample_grads(*inputs(train, index))
             generalisation[index.to(device)] = grads @ s_val
             complexity[index.to(device)] = inverse_hvp(grads).norm(dim=1)
-        return (self.runtime.all_reduce_mean(generalisation).mul_(world),
-                self.runtime.all_reduce_mean(complexity).mul_(world), scale)
+        return (
+            self.runtime.all_reduce_mean(generalisation).mul_(world),
+            self.runtime.all_reduce_mean(complexity).mul_(world),
+            scale,
+        )
 
     # -- passes over the data
 
     @torch.no_grad()
-    def _forward(self, pool: Pool, batch_size: int, entries: torch.Tensor | None = None,
-                 keep: bool = False) -> Pass:
+    def _forward(self, pool: Pool, batch_size: int, entries: torch.Tensor | None = None, keep: bool = False) -> Pass:
         """Eval-mode features, logits and layer activations of every sample: each process does its share.
 
         With the tail and ``keep``, the inputs of its first stage are kept (this process's rows, while the cache
@@ -393,8 +523,11 @@ class IU(AddOn):
         world, rank = self.runtime.num_processes, self.runtime.process_index
         mine = torch.arange(len(pool))[rank::world]
         captured: list[torch.Tensor] = []
-        hooks = ([self.layer.module.register_forward_hook(lambda m, i, out: captured.append(self.layer.reduce(out)))]
-                 if self.layer.module is not None else [])
+        hooks = (
+            [self.layer.module.register_forward_hook(lambda m, i, out: captured.append(self.layer.reduce(out)))]
+            if self.layer.module is not None
+            else []
+        )
         kept: list[torch.Tensor] | None = None
         if self.tail is not None and entries is None and keep:
             assert self.cache is not None  # the tail exists only with a cache (__init__)
@@ -424,10 +557,16 @@ class IU(AddOn):
         finally:
             for hook in hooks:
                 hook.remove()
-        seen = Pass(self._gather(feats, mine, len(pool), head.in_features),
-                     self._gather(logits, mine, len(pool), head.out_features), None)
-        seen.activations = (self._gather(captured, mine, len(pool), self.layer.num_channels)
-                            if self.layer.module is not None else seen.features)
+        seen = Pass(
+            self._gather(feats, mine, len(pool), head.in_features),
+            self._gather(logits, mine, len(pool), head.out_features),
+            None,
+        )
+        seen.activations = (
+            self._gather(captured, mine, len(pool), self.layer.num_channels)
+            if self.layer.module is not None
+            else seen.features
+        )
         if entries is not None:
             seen.entries = entries
         elif kept is not None and budget >= 0:
@@ -447,8 +586,9 @@ class IU(AddOn):
             return [p for p in self.module.parameters() if p.requires_grad], None
         return self.layer.parameters(), self.layer.slices
 
-    def _gradient(self, pool: Pool, index: torch.Tensor, params: list[nn.Parameter], batch_size: int,
-                  reduction: str) -> list[torch.Tensor]:
+    def _gradient(
+        self, pool: Pool, index: torch.Tensor, params: list[nn.Parameter], batch_size: int, reduction: str
+    ) -> list[torch.Tensor]:
         """The gradient of the cross-entropy over ``index`` (``'sum'`` or ``'mean'`` over it), summed over
         processes, each process taking its share of every minibatch."""
         world, rank = self.runtime.num_processes, self.runtime.process_index
@@ -481,8 +621,16 @@ class IU(AddOn):
                 grads = self._gradient(train, chosen[part], params, batch_size, "sum" if literal else "mean")
                 masked_ascent(params, grads, slices, channels, 1.0 if literal else hp["lr"])
 
-    def _calibrated(self, train: Pool, chosen: torch.Tensor, channels: torch.Tensor | None, seen: Pass,
-                    val: Pool, val_seen: Pass, batch_size: int) -> dict[str, float]:
+    def _calibrated(
+        self,
+        train: Pool,
+        chosen: torch.Tensor,
+        channels: torch.Tensor | None,
+        seen: Pass,
+        val: Pool,
+        val_seen: Pass,
+        batch_size: int,
+    ) -> dict[str, float]:
         """DSGA as one step ``theta += eta * M grad mean CE(D_u)``, ``eta`` chosen so the D_u loss rises by
         ``iu.target_rise``, then halved while source-val accuracy drops by more than ``iu.max_val_drop``.
 
@@ -498,8 +646,10 @@ class IU(AddOn):
             norm2 = sum(float(g.double().pow(2).sum()) for g in grads)
         else:
             grad_of = {id(p): g for p, g in zip(params, grads)}
-            norm2 = sum(float(grad_of[id(sl.param)].index_select(sl.dim, sl.selected(channels)).double().pow(2).sum())
-                        for sl in slices)
+            norm2 = sum(
+                float(grad_of[id(sl.param)].index_select(sl.dim, sl.selected(channels)).double().pow(2).sum())
+                for sl in slices
+            )
         entries = train.subset(chosen)
         chosen_entries = self._entries_of(seen, chosen)
 
@@ -519,8 +669,13 @@ class IU(AddOn):
         out = {"ascent_norm": math.sqrt(norm2)}
         if norm2 <= 0 or loss0 <= 0:
             step_to(0.0)
-            return {**out, "ascent_step": 0.0, "unlearn_loss_after": loss0, "val_acc_after": accuracy(
-                val_seen.logits, val.labels), **self._idv_after(val_seen, val, channels)}
+            return {
+                **out,
+                "ascent_step": 0.0,
+                "unlearn_loss_after": loss0,
+                "val_acc_after": accuracy(val_seen.logits, val.labels),
+                **self._idv_after(val_seen, val, channels),
+            }
         eta, low, high, high_rise = (target - 1.0) * loss0 / norm2, 0.0, None, None
         for _ in range(hp["search_steps"]):
             rise = loss_at(eta) / loss0
@@ -544,20 +699,39 @@ class IU(AddOn):
             if before - after <= hp["max_val_drop"] or capped >= hp["search_steps"]:
                 break
             eta, capped = eta / 2, capped + 1
-        out.update({"ascent_step": eta, "val_acc_after": after, "val_capped": float(capped > 0),
-                    "unlearn_loss_after": (high_rise * loss0 if capped == 0 and high_rise is not None
-                                           else self._pool_loss(entries, chosen_entries, batch_size)),
-                    **self._idv_after(val_after, val, channels)})
+        out.update(
+            {
+                "ascent_step": eta,
+                "val_acc_after": after,
+                "val_capped": float(capped > 0),
+                "unlearn_loss_after": (
+                    high_rise * loss0
+                    if capped == 0 and high_rise is not None
+                    else self._pool_loss(entries, chosen_entries, batch_size)
+                ),
+                **self._idv_after(val_after, val, channels),
+            }
+        )
         return out
 
-    def _after(self, train: Pool, chosen: torch.Tensor, channels: torch.Tensor | None, seen: Pass, val: Pool,
-               val_seen: Pass, batch_size: int) -> dict[str, float]:
+    def _after(
+        self,
+        train: Pool,
+        chosen: torch.Tensor,
+        channels: torch.Tensor | None,
+        seen: Pass,
+        val: Pool,
+        val_seen: Pass,
+        batch_size: int,
+    ) -> dict[str, float]:
         """Source-val accuracy, D_u loss and IDV after a fixed/literal ascent (diagnostics only)."""
         val_after = self._forward(val, batch_size, val_seen.entries)
         entries = train.subset(chosen)
-        return {"val_acc_after": accuracy(val_after.logits, val.labels),
-                "unlearn_loss_after": self._pool_loss(entries, self._entries_of(seen, chosen), batch_size),
-                **self._idv_after(val_after, val, channels)}
+        return {
+            "val_acc_after": accuracy(val_after.logits, val.labels),
+            "unlearn_loss_after": self._pool_loss(entries, self._entries_of(seen, chosen), batch_size),
+            **self._idv_after(val_after, val, channels),
+        }
 
     def _entries_of(self, seen: Pass, chosen: torch.Tensor) -> torch.Tensor | None:
         """This process's tail inputs for the pool ``chosen`` (its rows ``chosen[rank::world]``), if kept.
@@ -582,8 +756,12 @@ class IU(AddOn):
     # -- state and diagnostics
 
     def extra_state(self) -> dict[str, Any]:
-        return {"calls": self.calls, "history": self.history,
-                "ema_rows": list(self.ema), "ema_values": list(self.ema.values())}
+        return {
+            "calls": self.calls,
+            "history": self.history,
+            "ema_rows": list(self.ema),
+            "ema_values": list(self.ema.values()),
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.calls = state.get("calls", 0)
@@ -595,11 +773,17 @@ class IU(AddOn):
             return float(np.mean(values)) if values else None
 
         calls = [h for h in self.history if "skipped" not in h]
-        out = {"calls": self.calls, "skipped": len(self.history) - len(calls), "mode": self.hparams["mode"],
-               "mean_unlearn_samples": mean([h["unlearn_samples"] for h in calls]),
-               "mean_val_acc_change": mean([h["val_acc_after"] - h["val_acc_before"] for h in calls
-                                            if "val_acc_after" in h]),
-               "seconds": float(sum(h["seconds"] for h in self.history)), "history": self.history}
+        out = {
+            "calls": self.calls,
+            "skipped": len(self.history) - len(calls),
+            "mode": self.hparams["mode"],
+            "mean_unlearn_samples": mean([h["unlearn_samples"] for h in calls]),
+            "mean_val_acc_change": mean(
+                [h["val_acc_after"] - h["val_acc_before"] for h in calls if "val_acc_after" in h]
+            ),
+            "seconds": float(sum(h["seconds"] for h in self.history)),
+            "history": self.history,
+        }
         if self.hparams["params"] == "channels":
             out["mean_channels"] = mean([h["channels"] for h in calls])
         return out
@@ -615,8 +799,11 @@ class IU(AddOn):
         if selected:  # how many samples IU unlearned: 0 in every call means the run was its host alone
             out["mean_unlearn_samples"] = float(np.mean(selected))
             out["calls_with_samples"] = float(sum(n > 0 for n in selected))
-        for key, label in (("unlearn_loss_rise", "mean_unlearn_loss_rise"), ("idv_drop", "mean_idv_drop"),
-                           ("ascent_step", "mean_ascent_step")):
+        for key, label in (
+            ("unlearn_loss_rise", "mean_unlearn_loss_rise"),
+            ("idv_drop", "mean_idv_drop"),
+            ("ascent_step", "mean_ascent_step"),
+        ):
             values = [h[key] for h in calls if key in h]
             if values:
                 out[label] = float(np.mean(values))
@@ -634,10 +821,18 @@ class IUE(IU):
     title = "Identify and Unlearn with EMA scores"
     HPARAMS = {
         **IU.HPARAMS,
-        "beta": HParam(0.9, "EMA factor: U_ema = beta U_ema + (1 - beta) U, started at a sample's first score (A8)",
-                       minimum=0.0, maximum=1.0, search=Choice((0.8, 0.9, 0.95))),
-        "ema_normalize": HParam(True, "divide each call's scores by their median before averaging, so that the "
-                                      "drift of C's scale over training does not let one epoch dominate (A8)"),
+        "beta": HParam(
+            0.9,
+            "EMA factor: U_ema = beta U_ema + (1 - beta) U, started at a sample's first score (A8)",
+            minimum=0.0,
+            maximum=1.0,
+            search=Choice((0.8, 0.9, 0.95)),
+        ),
+        "ema_normalize": HParam(
+            True,
+            "divide each call's scores by their median before averaging, so that the "
+            "drift of C's scale over training does not let one epoch dominate (A8)",
+        ),
     }
 
     def _smooth(self, scores: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
@@ -663,5 +858,7 @@ def _inaction(metrics: dict[str, float], name: str) -> str:
         return f"the unlearning set D_u is empty (lower {name}.k; with {name}.score_scale=linear, set it to log)"
     if metrics.get("channels") == 0:
         return f"no domain-specific channel was selected (lower {name}.k)"
-    return (f"the D_u loss rose only x{metrics.get('unlearn_loss_rise', 1.0):.4f} (raise {name}.target_rise or "
-            f"{name}.max_val_drop, or use {name}.ascent=calibrated)")
+    return (
+        f"the D_u loss rose only x{metrics.get('unlearn_loss_rise', 1.0):.4f} (raise {name}.target_rise or "
+        f"{name}.max_val_drop, or use {name}.ascent=calibrated)"
+    )

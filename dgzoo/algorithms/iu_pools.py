@@ -3,6 +3,7 @@
 IU reads every source sample after each epoch; these classes hold which samples a call reads (and their labels,
 domains and dataset rows) apart from what the call does with them (:mod:`.iu`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,31 +30,41 @@ class Pool:
     images: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, domains: Sequence[Any], fraction: float = 1.0, seed: int = 0,
-           cache: ImageCache | None = None) -> Pool:
+    def of(cls, domains: Sequence[Any], fraction: float = 1.0, seed: int = 0, cache: ImageCache | None = None) -> Pool:
         """All samples of ``domains``, or a seeded random ``fraction`` of each domain (the same on every process)."""
         generator = torch.Generator().manual_seed(seed)
-        keep = [np.arange(len(ds)) if fraction >= 1 else
-                np.sort(torch.randperm(len(ds), generator=generator)[:max(1, round(fraction * len(ds)))].numpy())
-                for ds in domains]
+        keep = [
+            np.arange(len(ds))
+            if fraction >= 1
+            else np.sort(torch.randperm(len(ds), generator=generator)[: max(1, round(fraction * len(ds)))].numpy())
+            for ds in domains
+        ]
         rows = [np.asarray(ds.rows)[k] for ds, k in zip(domains, keep)]
         cached = [cache.get(ds) if cache is not None else None for ds in domains]
         present = [c for c in cached if c is not None]
-        images = (torch.cat([c[torch.from_numpy(k)] for c, k in zip(present, keep)])
-                  if len(present) == len(cached) else None)
-        return cls(ConcatDataset([Subset(ds, k.tolist()) for ds, k in zip(domains, keep)]),
-                   torch.cat([torch.full((len(k),), d, dtype=torch.long) for d, k in enumerate(keep)]),
-                   np.concatenate(rows),
-                   torch.from_numpy(np.concatenate([ds.data.labels[r] for ds, r in zip(domains, rows)])).long(),
-                   images)
+        images = (
+            torch.cat([c[torch.from_numpy(k)] for c, k in zip(present, keep)]) if len(present) == len(cached) else None
+        )
+        return cls(
+            ConcatDataset([Subset(ds, k.tolist()) for ds, k in zip(domains, keep)]),
+            torch.cat([torch.full((len(k),), d, dtype=torch.long) for d, k in enumerate(keep)]),
+            np.concatenate(rows),
+            torch.from_numpy(np.concatenate([ds.data.labels[r] for ds, r in zip(domains, rows)])).long(),
+            images,
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def subset(self, index: torch.Tensor) -> Pool:
         """The samples at pool positions ``index``, as a pool of their own."""
-        return Pool(Subset(self.dataset, index.tolist()), self.domain[index], self.rows[index.numpy()],
-                     self.labels[index], None if self.images is None else self.images[index])
+        return Pool(
+            Subset(self.dataset, index.tolist()),
+            self.domain[index],
+            self.rows[index.numpy()],
+            self.labels[index],
+            None if self.images is None else self.images[index],
+        )
 
     def load(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples ``index`` (pool positions) as one batch on ``device``."""
@@ -97,12 +108,13 @@ class Pass:
     entries: torch.Tensor | None = None  # this process's inputs of the tail's first stage, for its share of rows
 
 
-
 def load_batch(dataset: Any, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack samples ``index`` of ``dataset`` (eval transform) into one batch on ``device``."""
     samples = [dataset[int(i)] for i in index]
-    return (torch.stack([x for x, _ in samples]).to(device),
-            torch.tensor([y for _, y in samples], dtype=torch.long, device=device))
+    return (
+        torch.stack([x for x, _ in samples]).to(device),
+        torch.tensor([y for _, y in samples], dtype=torch.long, device=device),
+    )
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -2,6 +2,7 @@
 
 Pure functions of tensors (no network, no data), so each rule is tested on its own; :mod:`.iu` applies them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -54,8 +55,9 @@ def inter_domain_variance(activations: Sequence[torch.Tensor], with_means: bool 
     return idv
 
 
-def unlearning_scores(generalisation: torch.Tensor, complexity: torch.Tensor, alpha: float,
-                      transform: str = "minmax", eps: float = 1e-6) -> torch.Tensor:
+def unlearning_scores(
+    generalisation: torch.Tensor, complexity: torch.Tensor, alpha: float, transform: str = "minmax", eps: float = 1e-6
+) -> torch.Tensor:
     """``U = G^alpha / C``; low means little help to validation for much complexity.
 
     ``G`` can be negative, so ``transform='minmax'`` first rescales it to ``[eps, 1]`` over the training set
@@ -64,7 +66,7 @@ def unlearning_scores(generalisation: torch.Tensor, complexity: torch.Tensor, al
     g = generalisation.double()
     if transform == "minmax":
         g = eps + (1 - eps) * (g - g.min()) / (g.max() - g.min()).clamp_min(1e-30)
-        g = g ** alpha
+        g = g**alpha
     elif transform == "signed":
         g = g.sign() * g.abs() ** alpha
     else:

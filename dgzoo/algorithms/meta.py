@@ -12,6 +12,7 @@ each process's share:
 - TRM's network step goes through DDP; its per-domain heads are fitted and its Hessian-vector products formed
   with gradients averaged over processes, and its domain weights ``alpha`` are updated with averaged losses.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,8 +47,10 @@ _TRM = """@article{xu2021learning,
 
 def _require_domains(name: str, recipe: Recipe, needed: int, why: str) -> None:
     if recipe.num_domains < needed:
-        raise DGZooError(f"{name} needs at least {needed} source domains ({why}), got {recipe.num_domains}; train "
-                         f"on more source domains or use erm")
+        raise DGZooError(
+            f"{name} needs at least {needed} source domains ({why}), got {recipe.num_domains}; train "
+            f"on more source domains or use erm"
+        )
 
 
 # ---------------------------------------------------------------------- MLDG
@@ -98,15 +101,20 @@ class MLDG(UpdateHost):
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
         check_mixed_precision(recipe.mixed_precision)
-        _require_domains(cls.name, recipe, hparams["n_meta_test"] + 1,
-                         f"n_meta_test={hparams['n_meta_test']} meta-test domains and at least one meta-train one")
+        _require_domains(
+            cls.name,
+            recipe,
+            hparams["n_meta_test"] + 1,
+            f"n_meta_test={hparams['n_meta_test']} meta-test domains and at least one meta-train one",
+        )
 
     def setup(self) -> None:
         check_precision(self.runtime)
         self.seed = run_seed(self.runtime)
 
-    def clone_gradient(self, clone: nn.Module, params: FlatParams, x: torch.Tensor, y: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def clone_gradient(
+        self, clone: nn.Module, params: FlatParams, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(flat gradient, loss)`` of the clone's cross-entropy on ``(x, y)``, both averaged over processes."""
         with self.runtime.autocast():
             loss = F.cross_entropy(clone(x), y)
@@ -146,7 +154,9 @@ class MLDG(UpdateHost):
         a network trained from scratch would otherwise be evaluated with its initial statistics."""
         for index, buffer in enumerate(self.network.buffers()):
             values = torch.stack([clone[index] for clone in statistics])
-            buffer.copy_(values.float().mean(0).to(buffer.dtype) if buffer.is_floating_point() else values.max(0).values)
+            buffer.copy_(
+                values.float().mean(0).to(buffer.dtype) if buffer.is_floating_point() else values.max(0).values
+            )
 
     def extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed}
@@ -178,8 +188,14 @@ class Fish(UpdateHost):
     title = "Fish (gradient matching)"
     paper = "Shi et al., ICLR 2022"
     citation = _FISH
-    HPARAMS = {"meta_lr": HParam(0.5, "step size of the meta update towards the inner loop's weights", minimum=0.0,
-                                 search=Choice((0.05, 0.1, 0.5)))}
+    HPARAMS = {
+        "meta_lr": HParam(
+            0.5,
+            "step size of the meta update towards the inner loop's weights",
+            minimum=0.0,
+            search=Choice((0.05, 0.1, 0.5)),
+        )
+    }
 
     def update(self, minibatches: Minibatches, step: int) -> Metrics:
         start = {key: value.detach().clone() for key, value in self.network.state_dict().items()}
@@ -236,14 +252,26 @@ class TRM(UpdateHost):
     paper = "Xu & Jaakkola, arXiv 2021"
     citation = _TRM
     HPARAMS = {
-        "cos_lambda": HParam(1e-4, "weight of the gradient-alignment term of the transfer risk", minimum=0.0,
-                             search=Uniform(-5, 0, base=10)),
-        "iters": HParam(200, "ERM steps before the transfer risk is added", minimum=0,
-                        search=Uniform(0, 4, base=10, integer=True)),
-        "groupdro_eta": HParam(1e-2, "step size of the exponentiated-gradient ascent on the transfer weights alpha",
-                               minimum=0.0, search=Uniform(-3, -1, base=10)),
-        "class_balanced": HParam(False, "reset every domain head's weights to the classifier's before it is fitted "
-                                        "(DomainBed: for stability under label imbalance across domains)"),
+        "cos_lambda": HParam(
+            1e-4,
+            "weight of the gradient-alignment term of the transfer risk",
+            minimum=0.0,
+            search=Uniform(-5, 0, base=10),
+        ),
+        "iters": HParam(
+            200, "ERM steps before the transfer risk is added", minimum=0, search=Uniform(0, 4, base=10, integer=True)
+        ),
+        "groupdro_eta": HParam(
+            1e-2,
+            "step size of the exponentiated-gradient ascent on the transfer weights alpha",
+            minimum=0.0,
+            search=Uniform(-3, -1, base=10),
+        ),
+        "class_balanced": HParam(
+            False,
+            "reset every domain head's weights to the classifier's before it is fitted "
+            "(DomainBed: for stability under label imbalance across domains)",
+        ),
     }
     HEAD_STEPS, HEAD_LR = 30, 0.1
     NEUMANN_TERMS, NEUMANN_LIMIT = 10, 10.0
@@ -259,10 +287,15 @@ class TRM(UpdateHost):
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
         _require_domains(cls.name, recipe, 2, "a domain's head is scored on the others")
-        if hparams["class_balanced"] and recipe.network is not None and not isinstance(
-                recipe.network.get_classifier(), nn.Linear):
-            raise DGZooError("trm class_balanced=true copies the classifier's weights into the domain heads, but "
-                             "this backbone's classifier is not one linear layer; set class_balanced=false")
+        if (
+            hparams["class_balanced"]
+            and recipe.network is not None
+            and not isinstance(recipe.network.get_classifier(), nn.Linear)
+        ):
+            raise DGZooError(
+                "trm class_balanced=true copies the classifier's weights into the domain heads, but "
+                "this backbone's classifier is not one linear layer; set class_balanced=false"
+            )
 
     def fit_heads(self, features: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
         """Step 1: SGD on every head's cross-entropy on its domain's features, gradients averaged over processes."""
@@ -275,8 +308,7 @@ class TRM(UpdateHost):
                 for param, grad in zip(self.heads.parameters(), flat.split(grads)):
                     param.add_(grad, alpha=-self.HEAD_LR)
 
-    def hessian_vector(self, head: nn.Linear, features: torch.Tensor, y: torch.Tensor, v: torch.Tensor
-                       ) -> torch.Tensor:
+    def hessian_vector(self, head: nn.Linear, features: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``H v``, ``H`` the Hessian of the head's cross-entropy in its weight (process average)."""
         weight = head.weight.detach().requires_grad_()
         (grad,) = torch.autograd.grad(linear_loss(features, y, weight, head.bias), weight, create_graph=True)
@@ -301,13 +333,15 @@ class TRM(UpdateHost):
             head = self.heads[q]
             weight = head.weight.detach().requires_grad_()
             others = [i for i in range(k) if i != q]
-            (grad_q,) = torch.autograd.grad(linear_loss(features[q], labels[q], weight, head.bias), weight,
-                                            create_graph=True)
+            (grad_q,) = torch.autograd.grad(
+                linear_loss(features[q], labels[q], weight, head.bias), weight, create_graph=True
+            )
             losses = torch.stack([linear_loss(features[i], labels[i], weight, head.bias) for i in others])
             weights = self.alpha[q, others]  # advanced indexing: a copy, safe from the update below
             (grad_p,) = torch.autograd.grad((losses * weights).sum(), weight, retain_graph=True)
-            v = self.neumann(head, features[q].detach(), labels[q],
-                             self.runtime.all_reduce_mean(grad_p.reshape(-1).detach().clone()))
+            v = self.neumann(
+                head, features[q].detach(), labels[q], self.runtime.all_reduce_mean(grad_p.reshape(-1).detach().clone())
+            )
             with torch.no_grad():
                 weighted = self.runtime.all_reduce_mean(losses.detach() * weights)
                 self.alpha[q, others] = weights * torch.exp(h["groupdro_eta"] * weighted)

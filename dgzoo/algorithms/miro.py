@@ -11,6 +11,7 @@ The encoders train at ``lr_mult`` times the recipe's learning rate and are not e
 plain timm backbone. Without ``--pretrained`` the frozen copy is a random initialisation, which carries no
 oracle knowledge, so such a recipe is refused when it is planned.
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,8 +64,10 @@ def feature_stages(network: nn.Module) -> list[tuple[str, int]]:
     """
     info = getattr(network, "feature_info", None)
     if not info:
-        raise DGZooError(f"miro regularises the backbone's stage features, but {type(network).__name__} declares no "
-                         f"timm feature_info; use a timm backbone with stages (resnet50, convnext, vit)")
+        raise DGZooError(
+            f"miro regularises the backbone's stage features, but {type(network).__name__} declares no "
+            f"timm feature_info; use a timm backbone with stages (resnet50, convnext, vit)"
+        )
     names = dict(network.named_modules())
     entries = [(entry["module"], int(entry["num_chs"])) for entry in info]
     reductions = [entry.get("reduction", 0) for entry in info]
@@ -122,19 +125,27 @@ class MIRO(LossHost):
     paper = "Cha et al., ECCV 2022"
     citation = CITATION
     COMPILABLE = False
-    COMPILE_REFUSAL = ("its feature taps are forward hooks switched on and off between passes, which a compiled "
-                       "network would fix at its first call")
+    COMPILE_REFUSAL = (
+        "its feature taps are forward hooks switched on and off between passes, which a compiled "
+        "network would fix at its first call"
+    )
     HPARAMS = {
-        "ld": HParam(0.1, "weight lambda of the regulariser (official 0.1; the paper searches 1.0-0.001)",
-                     minimum=0.0, search=Choice((1.0, 0.1, 0.01, 0.001))),
+        "ld": HParam(
+            0.1,
+            "weight lambda of the regulariser (official 0.1; the paper searches 1.0-0.001)",
+            minimum=0.0,
+            search=Choice((1.0, 0.1, 0.01, 0.001)),
+        ),
         "lr_mult": HParam(10.0, "learning-rate multiplier of the variance encoders (official 10)", minimum=0.0),
     }
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
         if recipe.pretrained is False:
-            raise DGZooError("miro regularises toward the pretrained backbone's features, but the recipe trains from "
-                             "a random initialisation; add --pretrained")
+            raise DGZooError(
+                "miro regularises toward the pretrained backbone's features, but the recipe trains from "
+                "a random initialisation; add --pretrained"
+            )
         if recipe.network is not None:
             feature_stages(recipe.network)
 
@@ -157,8 +168,12 @@ class MIRO(LossHost):
         return self
 
     def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
-        return {"main": [{"params": [p for p in self.network.parameters() if p.requires_grad]},
-                         {"params": list(self.variances.parameters())}]}
+        return {
+            "main": [
+                {"params": [p for p in self.network.parameters() if p.requires_grad]},
+                {"params": list(self.variances.parameters())},
+            ]
+        }
 
     def setup(self) -> None:
         # The encoders' group at lr_mult x the recipe's lr (set before the engine builds the schedule on it).

@@ -13,6 +13,7 @@ default, which needs no domain labels and works the same for single-source train
 one domain at a time); ``mix=crossdomain`` pairs each domain's samples with another domain's, as the papers'
 domain-label variant.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,15 +41,26 @@ EFDMIX_CITATION = """@inproceedings{zhang2022exact,
 }"""
 
 _SHARED = {
-    "p": HParam(0.5, "probability that a stage mixes in a training forward pass (official 0.5)", minimum=0.0,
-                maximum=1.0),
-    "alpha": HParam(0.1, "the mixing weight is drawn from Beta(alpha, alpha) per sample (official 0.1)",
-                    minimum=1e-6, search=Choice((0.1, 0.2, 0.3))),
-    "mix": HParam("random", "partner of each sample: 'random' in the batch (official default) or 'crossdomain' "
-                  "(another source domain's sample, when the batch is the host's pooled domain minibatches)",
-                  choices=MIX_MODES),
-    "layers": HParam("1,2,3", "stages after which to mix, comma-separated, 1-based (ResNet layer1..layer4; "
-                     "DenseNet denseblock1..3, norm5); the papers mix after res1-3"),
+    "p": HParam(
+        0.5, "probability that a stage mixes in a training forward pass (official 0.5)", minimum=0.0, maximum=1.0
+    ),
+    "alpha": HParam(
+        0.1,
+        "the mixing weight is drawn from Beta(alpha, alpha) per sample (official 0.1)",
+        minimum=1e-6,
+        search=Choice((0.1, 0.2, 0.3)),
+    ),
+    "mix": HParam(
+        "random",
+        "partner of each sample: 'random' in the batch (official default) or 'crossdomain' "
+        "(another source domain's sample, when the batch is the host's pooled domain minibatches)",
+        choices=MIX_MODES,
+    ),
+    "layers": HParam(
+        "1,2,3",
+        "stages after which to mix, comma-separated, 1-based (ResNet layer1..layer4; "
+        "DenseNet denseblock1..3, norm5); the papers mix after res1-3",
+    ),
 }
 
 
@@ -67,8 +79,10 @@ class FeatureMixing(AddOn):
     """Base of the two add-ons: one :class:`~dgzoo.models.mixing.StyleMixing` hook per chosen stage."""
 
     COMPILABLE = False
-    COMPILE_REFUSAL = ("its style-mixing forward hooks decide in Python, call by call, whether to mix, which a "
-                       "compiled network would fix at its first call")
+    COMPILE_REFUSAL = (
+        "its style-mixing forward hooks decide in Python, call by call, whether to mix, which a "
+        "compiled network would fix at its first call"
+    )
 
     @classmethod
     def op(cls, hparams: dict[str, Any]) -> Any:
@@ -117,8 +131,10 @@ class MixStyle(FeatureMixing):
     title = "MixStyle"
     paper = "Zhou et al., ICLR 2021"
     citation = MIXSTYLE_CITATION
-    HPARAMS = {**_SHARED, "eps": HParam(1e-6, "added to the variance before its square root (official 1e-6)",
-                                        minimum=0.0)}
+    HPARAMS = {
+        **_SHARED,
+        "eps": HParam(1e-6, "added to the variance before its square root (official 1e-6)", minimum=0.0),
+    }
 
     @classmethod
     def op(cls, hparams: dict[str, Any]) -> Any:

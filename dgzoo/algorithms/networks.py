@@ -8,6 +8,7 @@ columns), so ``self.network`` alone predicts as the method does at test time.
 DomainBed's ARM is not ported: its prediction concatenates to the image a context map averaged over the test batch
 (a fourth input channel computed by a separate context network), which no plain timm model of the image can carry.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,8 +47,7 @@ def fresh_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def randomize(x: torch.Tensor, alpha: torch.Tensor, perm: torch.Tensor, what: str,
-              eps: float = 1e-5) -> torch.Tensor:
+def randomize(x: torch.Tensor, alpha: torch.Tensor, perm: torch.Tensor, what: str, eps: float = 1e-5) -> torch.Tensor:
     """SagNet's randomisation of ``[B, D]`` features, with each row's mean and (unbiased) variance over its D
     entries as its "style" and the row normalised by them as its "content".
 
@@ -96,8 +96,14 @@ class SagNet(UpdateHost):
     title = "Style-Agnostic Networks"
     paper = "Nam et al., CVPR 2021"
     citation = _SAGNET
-    HPARAMS = {"sag_w_adv": HParam(0.1, "weight of the adversarial (style-confusion) loss on the featurizer",
-                                   minimum=0.0, search=Uniform(-2, 1, base=10))}
+    HPARAMS = {
+        "sag_w_adv": HParam(
+            0.1,
+            "weight of the adversarial (style-confusion) loss on the featurizer",
+            minimum=0.0,
+            search=Uniform(-2, 1, base=10),
+        )
+    }
     FIND_UNUSED_PARAMETERS = True  # each of the three steps leaves a head out
 
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
@@ -105,8 +111,10 @@ class SagNet(UpdateHost):
         self.style_head = fresh_copy(network.get_classifier())
 
     def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
-        return {"main": [{"params": [p for p in self.network.parameters() if p.requires_grad]}],
-                "style": [{"params": list(self.style_head.parameters())}]}
+        return {
+            "main": [{"params": [p for p in self.network.parameters() if p.requires_grad]}],
+            "style": [{"params": list(self.style_head.parameters())}],
+        }
 
     @staticmethod
     def _draw(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +133,9 @@ class SagNet(UpdateHost):
         if adversarial:
             features = self.featurize(x)
             head = {n: p.detach() for n, p in self.style_head.named_parameters()}
-            return torch.func.functional_call(self.style_head, head, (randomize(features, *self._draw(features),
-                                                                                "content"),))
+            return torch.func.functional_call(
+                self.style_head, head, (randomize(features, *self._draw(features), "content"),)
+            )
         with torch.no_grad():
             features = self.featurize(x)
             mixed = randomize(features, *self._draw(features), "content")
@@ -145,8 +154,11 @@ class SagNet(UpdateHost):
         loss_adv = -F.log_softmax(self.call("style_logits", x, True), dim=1).mean(1).mean()
         loss_adv = loss_adv * self.hparams["sag_w_adv"]
         self._step(loss_adv, "main")
-        return {"loss_c": float(loss_c.detach()), "loss_s": float(loss_s.detach()),
-                "loss_adv": float(loss_adv.detach())}
+        return {
+            "loss_c": float(loss_c.detach()),
+            "loss_s": float(loss_s.detach()),
+            "loss_adv": float(loss_adv.detach()),
+        }
 
 
 @register_algorithm
@@ -214,10 +226,18 @@ class Transfer(UpdateHost):
     paper = "Zhang et al., NeurIPS 2021"
     citation = _TRANSFER
     HPARAMS = {
-        "t_lambda": HParam(1.0, "weight of the gap between the largest and smallest domain losses", minimum=0.0,
-                           search=Uniform(-2, 1, base=10)),
-        "delta": HParam(2.0, "radius of the ball around the classifier's parameters the adversary stays in",
-                        minimum=0.0, search=Uniform(0.1, 3.0)),
+        "t_lambda": HParam(
+            1.0,
+            "weight of the gap between the largest and smallest domain losses",
+            minimum=0.0,
+            search=Uniform(-2, 1, base=10),
+        ),
+        "delta": HParam(
+            2.0,
+            "radius of the ball around the classifier's parameters the adversary stays in",
+            minimum=0.0,
+            search=Uniform(0.1, 3.0),
+        ),
         "d_steps_per_g": HParam(10, "adversary (gap-ascent) steps per update", minimum=0, search=Choice((1, 2, 5))),
         "lr_d": HParam(1e-3, "learning rate of the adversary's SGD", minimum=0.0, search=Uniform(-4.5, -2.5, base=10)),
     }

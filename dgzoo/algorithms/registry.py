@@ -8,13 +8,14 @@ class whose import registers it), loaded when :mod:`dgzoo.algorithms` is first i
 combinations) and each component's fit to the recipe (:class:`~dgzoo.algorithms.base.Recipe`). The engine calls
 it when it plans a run, before anything is written; :func:`create_algorithm` then builds without checking again.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, cast
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -71,8 +72,9 @@ def load_entry_points() -> list[str]:
             entry.load()
             loaded.append(entry.name)
         except Exception as e:
-            logger.warning("dgzoo: skipped the algorithm plugin '%s' (%s): %s: %s", entry.name, entry.value,
-                           type(e).__name__, e)
+            logger.warning(
+                "dgzoo: skipped the algorithm plugin '%s' (%s): %s: %s", entry.name, entry.value, type(e).__name__, e
+            )
     return loaded
 
 
@@ -86,17 +88,20 @@ def parse_algorithm(spec: str) -> tuple[type[Algorithm], list[type[AddOn]]]:
     for addon in addons:
         if addon not in ADDONS:
             hint = " (it is an algorithm, not an add-on)" if addon in ALGORITHMS else suggest(addon, ADDONS)
-            raise DGZooError(f"unknown add-on '{addon}' in '{spec}'{hint}; available add-ons: "
-                             f"{', '.join(sorted(ADDONS)) or 'none'}")
+            raise DGZooError(
+                f"unknown add-on '{addon}' in '{spec}'{hint}; available add-ons: {', '.join(sorted(ADDONS)) or 'none'}"
+            )
     if len(set(addons)) != len(addons):
         raise DGZooError(f"add-on listed twice in '{spec}'; list each once")
     classes = [ADDONS[a] for a in addons]
     for i, first in enumerate(classes):
-        for second in classes[i + 1:]:
+        for second in classes[i + 1 :]:
             # A subclass is a variant of the same method (iue of iu): both would run, one after the other.
             if issubclass(first, second) or issubclass(second, first):
-                raise DGZooError(f"'{spec}' lists {first.name} and {second.name}, two variants of one add-on that "
-                                 f"would both run; keep one")
+                raise DGZooError(
+                    f"'{spec}' lists {first.name} and {second.name}, two variants of one add-on that "
+                    f"would both run; keep one"
+                )
     return ALGORITHMS[host], classes
 
 
@@ -109,22 +114,26 @@ def resolve_hparams(spec: str, given: dict[str, Any], small_images: bool = False
     """
     host, addons = parse_algorithm(spec)
     components = {host.name: host.HPARAMS, **{a.name: a.HPARAMS for a in addons}}
-    resolved = {name: {k: h.default_for(small_images) for k, h in declared.items()}
-                for name, declared in components.items()}
+    resolved = {
+        name: {k: h.default_for(small_images) for k, h in declared.items()} for name, declared in components.items()
+    }
     for raw_key, value in given.items():
         namespace, _, key = str(raw_key).rpartition(".")
         namespace = namespace or host.name
         if namespace not in components:
             known = [f"{n}.{k}" for n, d in components.items() for k in d]
-            raise DGZooError(f"hparam '{raw_key}' does not belong to '{spec}'{suggest(str(raw_key), known)}; "
-                             f"valid: {', '.join(known) or 'none'}")
+            raise DGZooError(
+                f"hparam '{raw_key}' does not belong to '{spec}'{suggest(str(raw_key), known)}; "
+                f"valid: {', '.join(known) or 'none'}"
+            )
         declared = components[namespace]
         if key not in declared:
             # A bare key of an add-on (`rho` for erm+gga) is that add-on's: name it with its namespace.
             owners = [f"{n}.{key}" for n, d in components.items() if n != namespace and key in d]
             hint = f" (did you mean: {', '.join(owners)}?)" if owners else suggest(key, declared)
-            raise DGZooError(f"unknown hparam '{raw_key}' for {namespace}{hint}; "
-                             f"valid: {', '.join(sorted(declared)) or 'none'}")
+            raise DGZooError(
+                f"unknown hparam '{raw_key}' for {namespace}{hint}; valid: {', '.join(sorted(declared)) or 'none'}"
+            )
         resolved[namespace][key] = declared[key].coerce(value, str(raw_key))
     for component in (host, *addons):
         component.check_hparams(resolved[component.name])
@@ -147,8 +156,7 @@ def schedule_warnings(spec: str, resolved: dict[str, dict[str, Any]], schedule: 
     """Each component's :meth:`~dgzoo.algorithms.base.Component.schedule_warnings` for a run of ``schedule``'s
     length: the plan says so before training when a method asked for will not act."""
     host, addons = parse_algorithm(spec)
-    return [w for component in (host, *addons) for w in component.schedule_warnings(resolved[component.name],
-                                                                                       schedule)]
+    return [w for component in (host, *addons) for w in component.schedule_warnings(resolved[component.name], schedule)]
 
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -160,12 +168,20 @@ def default_optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=1e-3)
 
 
-def create_algorithm(spec: str, network: nn.Module, num_domains: int,
-                     hparams: dict[str, Any] | dict[str, dict[str, Any]] | None = None, *,
-                     num_classes: int | None = None, runtime: Runtime | None = None,
-                     make_optimizer: OptimizerFactory = default_optimizer, prepare: Prepare | None = None,
-                     loss_step: LossStep = plain_loss_step, small_images: bool = False,
-                     resolved: bool = False) -> Composition:
+def create_algorithm(
+    spec: str,
+    network: nn.Module,
+    num_domains: int,
+    hparams: dict[str, Any] | dict[str, dict[str, Any]] | None = None,
+    *,
+    num_classes: int | None = None,
+    runtime: Runtime | None = None,
+    make_optimizer: OptimizerFactory = default_optimizer,
+    prepare: Prepare | None = None,
+    loss_step: LossStep = plain_loss_step,
+    small_images: bool = False,
+    resolved: bool = False,
+) -> Composition:
     """Build ``host+addon+...`` around the timm ``network`` for ``num_domains`` training domains.
 
     ``hparams`` are given ones (validated here, with every recipe check that needs no data:
@@ -178,8 +194,13 @@ def create_algorithm(spec: str, network: nn.Module, num_domains: int,
     host_cls, addon_classes = parse_algorithm(spec)
     num_classes = network.num_classes if num_classes is None else num_classes
     if not resolved:
-        recipe = Recipe(num_domains=num_domains, num_classes=num_classes, small_images=small_images,
-                        mixed_precision=runtime.mixed_precision(), network=network)
+        recipe = Recipe(
+            num_domains=num_domains,
+            num_classes=num_classes,
+            small_images=small_images,
+            mixed_precision=runtime.mixed_precision(),
+            network=network,
+        )
         hparams = check_algorithm(spec, hparams or {}, recipe)
     hparams = cast("dict[str, dict[str, Any]]", hparams)  # resolved=True: the caller gives check_algorithm's output
     host = host_cls(network, num_classes, num_domains, hparams[host_cls.name])
@@ -213,8 +234,13 @@ def list_algorithms(kind: str | None = None) -> list[AlgorithmInfo]:
         entries += [(cls, f"{cls.KIND} host") for cls in ALGORITHMS.values()]
     if kind in (None, "add-on"):
         entries += [(cls, "add-on") for cls in ADDONS.values()]
-    return sorted((AlgorithmInfo(cls.name, what, cls.title or cls.name, cls.paper, dict(cls.HPARAMS), cls.__module__)
-                   for cls, what in entries), key=lambda info: (info.kind == "add-on", info.name))
+    return sorted(
+        (
+            AlgorithmInfo(cls.name, what, cls.title or cls.name, cls.paper, dict(cls.HPARAMS), cls.__module__)
+            for cls, what in entries
+        ),
+        key=lambda info: (info.kind == "add-on", info.name),
+    )
 
 
 def describe(names: Sequence[str] | None = None) -> str:

@@ -16,6 +16,7 @@ each process's share:
   (:func:`~dgzoo.algorithms.gradients.per_domain_gradients` averages them over processes).
 - IGA: see :class:`IGA`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -69,8 +70,10 @@ _IGA = """@article{koyama2020invariance,
 
 def _require_domains(name: str, recipe: Recipe, why: str) -> None:
     if recipe.num_domains < 2:
-        raise DGZooError(f"{name} needs at least 2 source domains ({why}), got {recipe.num_domains}; train on "
-                         f"several source domains or use erm")
+        raise DGZooError(
+            f"{name} needs at least 2 source domains ({why}), got {recipe.num_domains}; train on "
+            f"several source domains or use erm"
+        )
 
 
 # ---------------------------------------------------------------------- GroupDRO
@@ -92,8 +95,14 @@ class GroupDRO(LossHost):
     title = "Group Distributionally Robust Optimization"
     paper = "Sagawa et al., ICLR 2020"
     citation = _GROUPDRO
-    HPARAMS = {"groupdro_eta": HParam(1e-2, "step size of the exponentiated-gradient ascent on the domain weights q",
-                                      minimum=0.0, search=Uniform(-3, -1, base=10))}
+    HPARAMS = {
+        "groupdro_eta": HParam(
+            1e-2,
+            "step size of the exponentiated-gradient ascent on the domain weights q",
+            minimum=0.0,
+            search=Uniform(-3, -1, base=10),
+        )
+    }
 
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(network, num_classes, num_domains, hparams)
@@ -143,14 +152,22 @@ class Mixup(LossHost):
     title = "Inter-domain Mixup"
     paper = "Yan et al., arXiv 2020"
     citation = _MIXUP
-    HPARAMS = {"mixup_alpha": HParam(0.2, "alpha of the Beta(alpha, alpha) distribution of the mixing weight",
-                                     minimum=0.0, search=Uniform(-1, 1, base=10))}
+    HPARAMS = {
+        "mixup_alpha": HParam(
+            0.2,
+            "alpha of the Beta(alpha, alpha) distribution of the mixing weight",
+            minimum=0.0,
+            search=Uniform(-1, 1, base=10),
+        )
+    }
 
     @classmethod
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
         if hparams["mixup_alpha"] <= 0:
-            raise DGZooError(f"hparam mixup_alpha={hparams['mixup_alpha']} must be positive (Beta(alpha, alpha)); "
-                             f"give e.g. mixup_alpha=0.2")
+            raise DGZooError(
+                f"hparam mixup_alpha={hparams['mixup_alpha']} must be positive (Beta(alpha, alpha)); "
+                f"give e.g. mixup_alpha=0.2"
+            )
 
     @classmethod
     def check_recipe(cls, hparams: dict[str, Any], recipe: Recipe) -> None:
@@ -187,8 +204,7 @@ class SD(LossHost):
     title = "Spectral Decoupling"
     paper = "Pezeshki et al., NeurIPS 2021"
     citation = _SD
-    HPARAMS = {"sd_reg": HParam(0.1, "weight of the mean squared logit", minimum=0.0,
-                                search=Uniform(-5, -1, base=10))}
+    HPARAMS = {"sd_reg": HParam(0.1, "weight of the mean squared logit", minimum=0.0, search=Uniform(-5, -1, base=10))}
 
     def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
         x, y = pooled(minibatches)
@@ -228,10 +244,20 @@ class RSC(LossHost):
     paper = "Huang et al., ECCV 2020"
     citation = _RSC
     HPARAMS = {
-        "rsc_f_drop_factor": HParam(1 / 3, "fraction of each example's features muted (largest gradients)",
-                                    minimum=0.0, maximum=1.0, search=Uniform(0, 0.5)),
-        "rsc_b_drop_factor": HParam(1 / 3, "fraction of the batch whose features are muted (largest confidence drop)",
-                                    minimum=0.0, maximum=1.0, search=Uniform(0, 0.5)),
+        "rsc_f_drop_factor": HParam(
+            1 / 3,
+            "fraction of each example's features muted (largest gradients)",
+            minimum=0.0,
+            maximum=1.0,
+            search=Uniform(0, 0.5),
+        ),
+        "rsc_b_drop_factor": HParam(
+            1 / 3,
+            "fraction of the batch whose features are muted (largest confidence drop)",
+            minimum=0.0,
+            maximum=1.0,
+            search=Uniform(0, 0.5),
+        ),
     }
 
     def loss(self, minibatches: Minibatches, step: int) -> tuple[torch.Tensor, Metrics]:
@@ -313,9 +339,16 @@ class ANDMask(GradientMask):
     title = "AND-mask"
     paper = "Parascandolo et al., ICLR 2021"
     citation = _ANDMASK
-    HPARAMS = {**DomainGradientAlgorithm.HPARAMS,
-               "tau": HParam(1.0, "minimum sign agreement |mean_k sign(g_k)| of a kept gradient entry",
-                             minimum=0.0, maximum=1.0, search=Uniform(0.5, 1.0))}
+    HPARAMS = {
+        **DomainGradientAlgorithm.HPARAMS,
+        "tau": HParam(
+            1.0,
+            "minimum sign agreement |mean_k sign(g_k)| of a kept gradient entry",
+            minimum=0.0,
+            maximum=1.0,
+            search=Uniform(0.5, 1.0),
+        ),
+    }
 
     def combine(self, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return and_mask(grads, self.flat.numels, self.hparams["tau"])
@@ -331,10 +364,17 @@ class SANDMask(GradientMask):
     title = "SAND-mask"
     paper = "Shahtalebi et al., arXiv 2021"
     citation = _SANDMASK
-    HPARAMS = {**DomainGradientAlgorithm.HPARAMS,
-               "tau": HParam(1.0, "sign agreement |mean_k sign(g_k)| above which an entry passes", minimum=0.0,
-                             maximum=1.0, search=Uniform(0.0, 1.0)),
-               "k": HParam(10.0, "steepness of the tanh mask", minimum=0.0, search=Uniform(-3, 5, base=10))}
+    HPARAMS = {
+        **DomainGradientAlgorithm.HPARAMS,
+        "tau": HParam(
+            1.0,
+            "sign agreement |mean_k sign(g_k)| above which an entry passes",
+            minimum=0.0,
+            maximum=1.0,
+            search=Uniform(0.0, 1.0),
+        ),
+        "k": HParam(10.0, "steepness of the tanh mask", minimum=0.0, search=Uniform(-3, 5, base=10)),
+    }
 
     def combine(self, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return sand_mask(grads, self.flat.numels, self.hparams["tau"], self.hparams["k"])
@@ -365,10 +405,15 @@ class IGA(UpdateHost):
     paper = "Koyama & Yamaguchi, arXiv 2020"
     citation = _IGA
     COMPILABLE = False
-    COMPILE_REFUSAL = ("its penalty differentiates the network's gradients (create_graph), which a compiled "
-                       "backward graph does not support")
-    HPARAMS = {"penalty": HParam(1000.0, "weight of the spread of the per-domain gradients", minimum=0.0,
-                                 search=Uniform(1, 5, base=10))}
+    COMPILE_REFUSAL = (
+        "its penalty differentiates the network's gradients (create_graph), which a compiled "
+        "backward graph does not support"
+    )
+    HPARAMS = {
+        "penalty": HParam(
+            1000.0, "weight of the spread of the per-domain gradients", minimum=0.0, search=Uniform(1, 5, base=10)
+        )
+    }
 
     def __init__(self, network: nn.Module, num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(network, num_classes, num_domains, hparams)

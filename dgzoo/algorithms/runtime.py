@@ -5,6 +5,7 @@ mixed-precision loss scaling), average a tensor across processes, open an autoca
 DDP model. :class:`Runtime` itself is the single-process implementation used by unit tests;
 :class:`AccelerateRuntime` is the one the engine passes, backed by an ``accelerate.Accelerator``.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ A random decision that must be the same on every process of a distributed run (G
 PCGrad's order) and again after a resume draws from a generator seeded with :func:`derive_seed` of the
 :func:`run_seed` and the step, never from the global RNG (which dropout and augmentation also draw from).
 """
+
 from __future__ import annotations
 
 import contextlib

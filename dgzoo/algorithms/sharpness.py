@@ -16,6 +16,7 @@ official GSAM/SAGM optimizers perturb with each process's own gradient under ``n
 is what the optimizer steps with, so add-ons that hook the optimizer step (``+gga_l``'s noise, gradient clipping)
 act on it, once per step; ``+gga`` moves the weights before the step and ``+swad``/``+ema`` average after it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -52,9 +53,13 @@ SAGM_CITATION = """@inproceedings{wang2023sharpness,
   year={2023}
 }"""
 
-_RHO = HParam(0.05, "radius of the weight perturbation, in absolute units of the gradient direction (0.05 in the "
-              "SWAD/SAGM DomainBed code; searched as SAGM's registry)", minimum=0.0,
-              search=Choice((0.01, 0.02, 0.05, 0.1)))
+_RHO = HParam(
+    0.05,
+    "radius of the weight perturbation, in absolute units of the gradient direction (0.05 in the "
+    "SWAD/SAGM DomainBed code; searched as SAGM's registry)",
+    minimum=0.0,
+    search=Choice((0.01, 0.02, 0.05, 0.1)),
+)
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -99,8 +104,11 @@ class SharpnessAware(UpdateHost):
             for p, g in zip(used, grads):
                 p.add_(g * scale.to(g.dtype))
         self.optimizer.zero_grad(set_to_none=True)
-        buffers = None if self.SECOND_PASS_UPDATES_BN else [(b, b.detach().clone()) for b in self.network.buffers()
-                                                             if b.is_floating_point()]
+        buffers = (
+            None
+            if self.SECOND_PASS_UPDATES_BN
+            else [(b, b.detach().clone()) for b in self.network.buffers() if b.is_floating_point()]
+        )
         perturbed_loss = self.cross_entropy(minibatches)
         self.runtime.backward(perturbed_loss)
         with torch.no_grad():
@@ -137,8 +145,13 @@ class GSAM(SharpnessAware):
     citation = GSAM_CITATION
     HPARAMS = {
         "rho": _RHO,
-        "alpha": HParam(0.4, "weight of the ascent along the plain gradient's component orthogonal to the perturbed "
-                        "one (official default 0.4)", minimum=0.0, search=Choice((0.01, 0.02, 0.05, 0.1, 0.2, 0.4))),
+        "alpha": HParam(
+            0.4,
+            "weight of the ascent along the plain gradient's component orthogonal to the perturbed "
+            "one (official default 0.4)",
+            minimum=0.0,
+            search=Choice((0.01, 0.02, 0.05, 0.1, 0.2, 0.4)),
+        ),
     }
 
     def combine(self, grads: list[torch.Tensor], perturbed: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -160,9 +173,13 @@ class SAGM(SharpnessAware):
     citation = SAGM_CITATION
     HPARAMS = {
         "rho": _RHO,
-        "alpha": HParam(0.001, "step back along the gradient in the perturbation: e = (rho / |g| - alpha) g "
-                        "(official default 0.001; its search, kept, draws from 0.01-0.1)", minimum=0.0,
-                        search=Choice((0.01, 0.02, 0.05, 0.1))),
+        "alpha": HParam(
+            0.001,
+            "step back along the gradient in the perturbation: e = (rho / |g| - alpha) g "
+            "(official default 0.001; its search, kept, draws from 0.01-0.1)",
+            minimum=0.0,
+            search=Choice((0.01, 0.02, 0.05, 0.1)),
+        ),
     }
 
     def scale(self, grad_norm: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ As in DGvGS the rules *sum* over domains where ERM averages; ``reduction=mean`` 
 ``step=matched`` rescales the combined gradient to the norm of the mean per-domain gradient (ERM's), so that a
 comparison with ERM at one learning rate compares the rules' directions rather than their step sizes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -52,8 +53,12 @@ def agr_sum(grads: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Te
     return torch.sum(grads, dim=0, out=out).mul_(mask)
 
 
-def agr_rand(grads: torch.Tensor, generator: torch.Generator | None = None, mask: torch.Tensor | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+def agr_rand(
+    grads: torch.Tensor,
+    generator: torch.Generator | None = None,
+    mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Agr-Rand: Agr-Sum, with every disagreeing component replaced by ``scale * N(0, 1)``.
 
     ``scale`` is the mean absolute value of the agreeing components of the sum (DGvGS); when no component
@@ -94,8 +99,9 @@ def pcgrad_coefficients(gram_matrix: torch.Tensor, order: Sequence[int]) -> tupl
     return total, projections
 
 
-def pcgrad(grads: torch.Tensor, order: Sequence[int] | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def pcgrad(
+    grads: torch.Tensor, order: Sequence[int] | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """PCGrad: project conflicting components away pairwise, then *sum* (DGvGS; one shuffled order for all i)."""
     order = list(order) if order is not None else torch.randperm(grads.shape[0], generator=generator).tolist()
     coefficients, _ = pcgrad_coefficients(gram(grads), order)
@@ -107,9 +113,12 @@ class GradientSurgery(DomainGradientAlgorithm):
 
     HPARAMS = {
         **DomainGradientAlgorithm.HPARAMS,
-        "reduction": HParam("sum", "combine K domains by their sum (DGvGS, so the step is about K times an ERM "
-                                   "step at the same lr) or their mean (divide by K); ignored with step=matched",
-                            choices=("sum", "mean")),
+        "reduction": HParam(
+            "sum",
+            "combine K domains by their sum (DGvGS, so the step is about K times an ERM "
+            "step at the same lr) or their mean (divide by K); ignored with step=matched",
+            choices=("sum", "mean"),
+        ),
     }
 
     def __init__(self, *args: Any, **kwargs: Any):

@@ -1,4 +1,5 @@
 """``python -m dgzoo.cli``: the ``dgzoo`` command."""
+
 import sys
 
 from .app import main

@@ -1,4 +1,5 @@
 """The ``dgzoo`` command: ``dgzoo train|datasets ...`` on the same code paths as the recipes."""
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,14 @@ def _datasets_list(args: argparse.Namespace) -> int:
 
     rows = [("name", "kind", "source", "domains")]
     for spec in REGISTRY.values():
-        rows.append((spec.name, spec.kind, spec.repo_id or ("embedded" if spec.kind == "builtin" else "image folders"),
-                     ", ".join(spec.domains)))
+        rows.append(
+            (
+                spec.name,
+                spec.kind,
+                spec.repo_id or ("embedded" if spec.kind == "builtin" else "image folders"),
+                ", ".join(spec.domains),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
@@ -63,7 +70,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``dgzoo`` argument parser; with ``command``, only the modules providing that command are loaded."""
     from ..config import add_train_arguments
 
-    parser = argparse.ArgumentParser(prog="dgzoo", description="Domain generalization with timm, Accelerate and the Hub.")
+    parser = argparse.ArgumentParser(
+        prog="dgzoo", description="Domain generalization with timm, Accelerate and the Hub."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train, evaluate and export one run (same flags as recipes/train.py)")
     add_train_arguments(train)

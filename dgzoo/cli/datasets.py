@@ -8,6 +8,7 @@ The table counts every image (labels and domains only, nothing decoded); sizes a
 headers of a sample per domain. The contact sheet shows one row of samples per domain, the same classes in the
 same columns.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,18 +23,25 @@ from ..errors import DGZooError
 def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     """Add ``datasets inspect`` to the ``dgzoo`` parser."""
     inspect = groups["datasets"].add_parser(
-        "inspect", help="domains, images per domain and class, image sizes, label balance, and a contact sheet")
+        "inspect", help="domains, images per domain and class, image sizes, label balance, and a contact sheet"
+    )
     inspect.add_argument("dataset", help="registry name (see `dgzoo datasets list`), Hub repo id, or local path")
     inspect.add_argument("--revision", help="branch, tag or commit sha of a Hub dataset")
     inspect.add_argument("--image-column", help="image column (default: the registry's, else 'image')")
     inspect.add_argument("--label-column", help="label column (default: the registry's, else 'label')")
     inspect.add_argument("--domain-column", help="domain column (default: the registry's, else 'domain')")
-    inspect.add_argument("--samples", metavar="PATH",
-                         help="where to write the contact sheet PNG (default: ./<name>_samples.png)")
+    inspect.add_argument(
+        "--samples", metavar="PATH", help="where to write the contact sheet PNG (default: ./<name>_samples.png)"
+    )
     inspect.add_argument("--no-samples", action="store_true", help="write no contact sheet")
     inspect.add_argument("--per-domain", type=int, default=8, help="samples per domain in the sheet (default: 8)")
-    inspect.add_argument("--sample-sizes", type=int, default=200, metavar="N",
-                         help="read the size and mode of up to N images per domain (default: 200)")
+    inspect.add_argument(
+        "--sample-sizes",
+        type=int,
+        default=200,
+        metavar="N",
+        help="read the size and mode of up to N images per domain (default: 200)",
+    )
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     inspect.set_defaults(handler=_inspect)
 
@@ -55,8 +63,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if samples is not None and samples.is_dir():
         raise DGZooError(f"--samples {samples} is a directory; give a file path ending in .png")
     data = load_dg_dataset(args.dataset, args.revision, args.image_column, args.label_column, args.domain_column)
-    summary = summarize(data, columns_used(data.spec, args.image_column, args.label_column, args.domain_column),
-                        args.sample_sizes)
+    summary = summarize(
+        data, columns_used(data.spec, args.image_column, args.label_column, args.domain_column), args.sample_sizes
+    )
     if samples is not None:
         contact_sheet(data, samples, per_domain=args.per_domain)
     if args.json:
@@ -64,6 +73,7 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary))
         if samples is not None:
-            print(f"contact sheet ({len(data.domains)} rows, one per domain; {args.per_domain} samples each): "
-                  f"{samples}")
+            print(
+                f"contact sheet ({len(data.domains)} rows, one per domain; {args.per_domain} samples each): {samples}"
+            )
     return 0

@@ -8,6 +8,7 @@ whether it may write to its user's namespace (one ``whoami`` call; skipped offli
 their free disk; the optional dependencies. Exit status 1 when a check fails (a problem that stops a command),
 0 otherwise; warnings are for what works but may surprise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,7 @@ from typing import Any
 LOW_DISK_GIB = 10.0  # below this free space a Hub dataset download (DomainNet: ~20 GB) is likely to fail
 
 OPTIONAL = (
-    ("tensorboard", "tensorboard", "`--log-with auto` logs to TensorBoard when installed",
-     "pip install tensorboard"),
+    ("tensorboard", "tensorboard", "`--log-with auto` logs to TensorBoard when installed", "pip install tensorboard"),
     ("submitit", "submitit", "`dgzoo sweep --launcher slurm` submits through it", "pip install submitit"),
 )
 
@@ -48,18 +48,34 @@ def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
 def torch_checks() -> list[Check]:
     import torch
 
-    checks = [Check("ok", "torch", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'}), "
-                                   f"Python {sys.version.split()[0]}")]
+    checks = [
+        Check(
+            "ok",
+            "torch",
+            f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'}), Python {sys.version.split()[0]}",
+        )
+    ]
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         checks.append(Check("ok", "cuda", f"{len(names)} GPU(s): {', '.join(names)}"))
     elif torch.version.cuda:
-        checks.append(Check("warn", "cuda", "this torch is built for CUDA but sees no GPU (driver, "
-                                            "CUDA_VISIBLE_DEVICES?)",
-                            "check `nvidia-smi`; training runs on the CPU until a GPU is visible"))
+        checks.append(
+            Check(
+                "warn",
+                "cuda",
+                "this torch is built for CUDA but sees no GPU (driver, CUDA_VISIBLE_DEVICES?)",
+                "check `nvidia-smi`; training runs on the CPU until a GPU is visible",
+            )
+        )
     else:
-        checks.append(Check("info", "cuda", "CPU-only torch: training runs on the CPU",
-                            "for a GPU, install a CUDA build of torch (https://pytorch.org/get-started/locally/)"))
+        checks.append(
+            Check(
+                "info",
+                "cuda",
+                "CPU-only torch: training runs on the CPU",
+                "for a GPU, install a CUDA build of torch (https://pytorch.org/get-started/locally/)",
+            )
+        )
     return checks
 
 
@@ -86,19 +102,43 @@ def accelerate_checks() -> list[Check]:
         try:
             config = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            checks.append(Check("fail", "accelerate", f"config {path} does not parse ({type(e).__name__})",
-                                "run `accelerate config` to write it again"))
+            checks.append(
+                Check(
+                    "fail",
+                    "accelerate",
+                    f"config {path} does not parse ({type(e).__name__})",
+                    "run `accelerate config` to write it again",
+                )
+            )
         else:
-            checks.append(Check("ok", "accelerate", f"{accelerate.__version__}, config {path}: "
-                                                    f"{config.get('distributed_type', '?')}, mixed precision "
-                                                    f"{config.get('mixed_precision', 'no')}"))
+            checks.append(
+                Check(
+                    "ok",
+                    "accelerate",
+                    f"{accelerate.__version__}, config {path}: "
+                    f"{config.get('distributed_type', '?')}, mixed precision "
+                    f"{config.get('mixed_precision', 'no')}",
+                )
+            )
     else:
-        checks.append(Check("info", "accelerate", f"{accelerate.__version__}, no config file ({path})",
-                            "`accelerate config` sets processes and mixed precision once, for every launch"))
+        checks.append(
+            Check(
+                "info",
+                "accelerate",
+                f"{accelerate.__version__}, no config file ({path})",
+                "`accelerate config` sets processes and mixed precision once, for every launch",
+            )
+        )
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     count, why = launch_processes(config, gpus)
-    checks.append(Check("ok", "launch", f"`accelerate launch recipes/train.py` would start {count} process(es) "
-                                        f"({why}); `--num_processes N` overrides"))
+    checks.append(
+        Check(
+            "ok",
+            "launch",
+            f"`accelerate launch recipes/train.py` would start {count} process(es) "
+            f"({why}); `--num_processes N` overrides",
+        )
+    )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         checks.append(Check("info", "launch", f"this process is one of {os.environ['WORLD_SIZE']} launched ones"))
     return checks
@@ -144,43 +184,82 @@ def hub_checks() -> list[Check]:
     # "ok" only for an endpoint that answered: one anonymous listing request (no retries: a doctor answers fast),
     # whether or not a token is set.
     if constants.HF_HUB_OFFLINE:
-        checks = [Check("info", "hub", f"{where}: not contacted, HF_HUB_OFFLINE is set",
-                        "unset HF_HUB_OFFLINE to check that the Hub can be reached")]
+        checks = [
+            Check(
+                "info",
+                "hub",
+                f"{where}: not contacted, HF_HUB_OFFLINE is set",
+                "unset HF_HUB_OFFLINE to check that the Hub can be reached",
+            )
+        ]
     else:
         try:
             response = huggingface_hub.get_session().get(f"{endpoint}/api/models", params={"limit": 1}, timeout=10)
             huggingface_hub.utils.hf_raise_for_status(response)
             checks = [Check("ok", "hub", where)]
         except Exception as e:
-            checks = [Check("fail", "hub", f"{where}: cannot reach it ({hub_error_reason(e)})",
-                            "check the connection, proxy or HF_ENDPOINT; set HF_HUB_OFFLINE=1 to work from the "
-                            "cache")]
+            checks = [
+                Check(
+                    "fail",
+                    "hub",
+                    f"{where}: cannot reach it ({hub_error_reason(e)})",
+                    "check the connection, proxy or HF_ENDPOINT; set HF_HUB_OFFLINE=1 to work from the cache",
+                )
+            ]
     token = huggingface_hub.get_token()
     if not token:
-        checks.append(Check("warn", "token", "no Hugging Face token found: public downloads work, pushing does not",
-                            "run `hf auth login`, or set HF_TOKEN, before `--push-to-hub` / `dgzoo push`"))
+        checks.append(
+            Check(
+                "warn",
+                "token",
+                "no Hugging Face token found: public downloads work, pushing does not",
+                "run `hf auth login`, or set HF_TOKEN, before `--push-to-hub` / `dgzoo push`",
+            )
+        )
         return checks
     checks.append(Check("ok", "token", f"found (from {token_source()}; value not shown)"))
     if constants.HF_HUB_OFFLINE:
-        checks.append(Check("info", "access", "HF_HUB_OFFLINE is set: the token's write access was not checked; "
-                                              "only cached datasets and models load",
-                            "unset HF_HUB_OFFLINE to check the token and to download or push"))
+        checks.append(
+            Check(
+                "info",
+                "access",
+                "HF_HUB_OFFLINE is set: the token's write access was not checked; only cached datasets and models load",
+                "unset HF_HUB_OFFLINE to check the token and to download or push",
+            )
+        )
         return checks
     try:
         me = huggingface_hub.HfApi(token=token).whoami()
     except Exception as e:
         reason = hub_error_reason(e, token)
         if "401" in reason or "nvalid" in reason:
-            checks.append(Check("fail", "access", f"the Hub refused the token: {reason}",
-                                "create a new token at https://huggingface.co/settings/tokens and run "
-                                "`hf auth login`"))
+            checks.append(
+                Check(
+                    "fail",
+                    "access",
+                    f"the Hub refused the token: {reason}",
+                    "create a new token at https://huggingface.co/settings/tokens and run `hf auth login`",
+                )
+            )
         else:
-            checks.append(Check("warn", "access", f"cannot reach {endpoint} to check the token: {reason}",
-                                "check the connection (or proxy); set HF_HUB_OFFLINE=1 to work from the cache"))
+            checks.append(
+                Check(
+                    "warn",
+                    "access",
+                    f"cannot reach {endpoint} to check the token: {reason}",
+                    "check the connection (or proxy); set HF_HUB_OFFLINE=1 to work from the cache",
+                )
+            )
         return checks
     writable, text = write_access(me)
-    checks.append(Check("ok" if writable else "fail", "access", text,
-                        "" if writable else "create a token with write access and run `hf auth login`"))
+    checks.append(
+        Check(
+            "ok" if writable else "fail",
+            "access",
+            text,
+            "" if writable else "create a token with write access and run `hf auth login`",
+        )
+    )
     return checks
 
 
@@ -198,16 +277,25 @@ def cache_checks() -> list[Check]:
     from ..data.builtin import cache_root
 
     datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
-    caches = {"Hub cache (models, dataset files)": Path(constants.HF_HUB_CACHE),
-              "datasets cache (prepared tables)": datasets_cache, "dgzoo cache (embedded datasets)": cache_root()}
+    caches = {
+        "Hub cache (models, dataset files)": Path(constants.HF_HUB_CACHE),
+        "datasets cache (prepared tables)": datasets_cache,
+        "dgzoo cache (embedded datasets)": cache_root(),
+    }
     checks = []
     for name, path in caches.items():
         _, free = _free(path)
         status = "warn" if free < LOW_DISK_GIB else "ok"
-        checks.append(Check(status, "cache", f"{name}: {path} ({free:.1f} GiB free"
-                                             f"{'' if path.exists() else ', not created yet'})",
-                            "free disk, or move it to a larger disk (HF_HOME, HF_DATASETS_CACHE, DGZOO_CACHE)"
-                            if status == "warn" else ""))
+        checks.append(
+            Check(
+                status,
+                "cache",
+                f"{name}: {path} ({free:.1f} GiB free{'' if path.exists() else ', not created yet'})",
+                "free disk, or move it to a larger disk (HF_HOME, HF_DATASETS_CACHE, DGZOO_CACHE)"
+                if status == "warn"
+                else "",
+            )
+        )
     return checks
 
 

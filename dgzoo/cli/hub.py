@@ -9,6 +9,7 @@
 Each command is a thin layer over :mod:`dgzoo.run.hub`, :mod:`dgzoo.experiments.zoo`, :mod:`dgzoo.data.convert` and
 :mod:`dgzoo.data.tarball`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,18 +19,24 @@ from typing import Any
 
 from ..errors import DGZooError
 
-TOKEN_HELP = ("Hugging Face token (default: HF_TOKEN, then the `hf auth login` token; prefer those, since a flag "
-              "can end up in the shell history)")
+TOKEN_HELP = (
+    "Hugging Face token (default: HF_TOKEN, then the `hf auth login` token; prefer those, since a flag "
+    "can end up in the shell history)"
+)
 
 
 def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     """Add ``push``, ``eval`` and ``datasets convert`` to the ``dgzoo`` parser."""
     push = subparsers.add_parser("push", help="publish a finished run directory (or every run of a sweep) to the Hub")
     push.add_argument("run_dir", help="the run's --output-dir, or a sweep's output_dir (it holds sweep.json)")
-    push.add_argument("repo_id", help="Hub model repo USER_OR_ORG/NAME (created if missing); for a sweep, the prefix "
-                                      "of its repos: runs go to NAME-<run>, the report to NAME-results")
-    push.add_argument("--private", action="store_true", help="create the repo as private (refused if it exists "
-                                                             "and is public)")
+    push.add_argument(
+        "repo_id",
+        help="Hub model repo USER_OR_ORG/NAME (created if missing); for a sweep, the prefix "
+        "of its repos: runs go to NAME-<run>, the report to NAME-results",
+    )
+    push.add_argument(
+        "--private", action="store_true", help="create the repo as private (refused if it exists and is public)"
+    )
     push.add_argument("--revision", help="branch to push to, created from main if missing (default: main)")
     push.add_argument("--commit-message", help="commit message (default: algorithm, data and held-out accuracy)")
     push.add_argument("--license", help="card licence, a Hub licence id (default: the training data's licence)")
@@ -42,9 +49,12 @@ def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     evaluate.add_argument("--dataset", required=True, help="registry name, Hub dataset repo id or local path")
     evaluate.add_argument("--dataset-revision", help="branch, tag or commit sha of a Hub dataset")
     evaluate.add_argument("--domains", nargs="+", metavar="DOMAIN", help="domains to evaluate (default: all)")
-    evaluate.add_argument("--split", default="all", choices=("all", "in", "out"),
-                          help="every image of each domain, or the in (80%%) / out (20%%) part of dgzoo's seeded "
-                               "split (default: all)")
+    evaluate.add_argument(
+        "--split",
+        default="all",
+        choices=("all", "in", "out"),
+        help="every image of each domain, or the in (80%%) / out (20%%) part of dgzoo's seeded split (default: all)",
+    )
     evaluate.add_argument("--split-seed", type=int, default=0, help="seed of the in/out split (the run's seed)")
     evaluate.add_argument("--holdout-fraction", type=float, default=0.2, help="size of the out split (default: 0.2)")
     evaluate.add_argument("--batch-size", type=int, default=128, help="evaluation batch size (default: 128)")
@@ -55,7 +65,8 @@ def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     evaluate.set_defaults(handler=_eval)
 
     convert = groups["datasets"].add_parser(
-        "convert", help="convert image folders root/<domain>/<class>/* (or a .tar.gz/.zip of them) to parquet")
+        "convert", help="convert image folders root/<domain>/<class>/* (or a .tar.gz/.zip of them) to parquet"
+    )
     convert.add_argument("source", help="folder or archive holding root/<domain>/<class>/<image>")
     convert.add_argument("--push-to-hub", metavar="REPO_ID", help="push to this Hub dataset repo")
     convert.add_argument("--output-dir", help="write data/train-*.parquet into this folder")
@@ -68,8 +79,10 @@ def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     convert.set_defaults(handler=_convert)
 
     publish = groups["datasets"].add_parser(
-        "push", help="publish a registry dataset that exists on the Hub only as a tarball (vlcs, terra-incognita) "
-                     "as parquet, as dgzoo converted it")
+        "push",
+        help="publish a registry dataset that exists on the Hub only as a tarball (vlcs, terra-incognita) "
+        "as parquet, as dgzoo converted it",
+    )
     publish.add_argument("dataset", help="registry name of a tarball dataset (see `dgzoo datasets list`)")
     publish.add_argument("repo_id", help="Hub dataset repo USER_OR_ORG/NAME (created if missing)")
     publish.add_argument("--revision", help="commit of the source repo to convert (default: dgzoo's pinned commit)")
@@ -87,11 +100,20 @@ def _push(args: argparse.Namespace) -> int:
         if args.revision or args.commit_message:
             raise DGZooError("--revision and --commit-message apply to one run; push a sweep without them")
         out = push_sweep(args.run_dir, args.repo_id, private=args.private, token=args.token, license=args.license)
-        print(f"published {len(out['models'])} runs of {args.run_dir}, the report in the dataset {out['results']}, "
-              f"and the collection {out['collection_url']}")
+        print(
+            f"published {len(out['models'])} runs of {args.run_dir}, the report in the dataset {out['results']}, "
+            f"and the collection {out['collection_url']}"
+        )
         return 0
-    url = push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
-                   commit_message=args.commit_message, token=args.token, license=args.license)
+    url = push_run(
+        args.run_dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        token=args.token,
+        license=args.license,
+    )
     print(f"published {args.run_dir} to {args.repo_id}: {url}")
     return 0
 
@@ -100,9 +122,19 @@ def _eval(args: argparse.Namespace) -> int:
     from ..training.evaluation import evaluate_pretrained
 
     results = evaluate_pretrained(
-        args.model, args.dataset, args.domains, split=args.split, revision=args.revision,
-        dataset_revision=args.dataset_revision, split_seed=args.split_seed, holdout_fraction=args.holdout_fraction,
-        batch_size=args.batch_size, device=args.device, num_workers=args.num_workers, token=args.token)
+        args.model,
+        args.dataset,
+        args.domains,
+        split=args.split,
+        revision=args.revision,
+        dataset_revision=args.dataset_revision,
+        split_seed=args.split_seed,
+        holdout_fraction=args.holdout_fraction,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.num_workers,
+        token=args.token,
+    )
     roles = results["roles"]
     rows = [("domain", "role", "images", "accuracy (%)")]
     rows += [(d, roles[d], str(results["images"][d]), f"{100 * a:.2f}") for d, a in results["accuracy"].items()]
@@ -135,33 +167,52 @@ def _convert(args: argparse.Namespace) -> int:
         raise DGZooError("say where the converted dataset goes: --push-to-hub REPO_ID, --output-dir DIR, or both")
     if args.shards is not None and args.shards <= 0:
         raise DGZooError(f"--shards must be positive, got {args.shards}")
-    token = check_push_target(args.push_to_hub, args.token, args.private, args.revision,
-                              "dataset", revision_flag="--revision") if args.push_to_hub else None
+    token = (
+        check_push_target(
+            args.push_to_hub, args.token, args.private, args.revision, "dataset", revision_flag="--revision"
+        )
+        if args.push_to_hub
+        else None
+    )
     with image_folder_root(args.source) as root:
         table = convert_image_folders(root)
         counts = domain_counts(table)
         domains, spec = list(counts), known_spec(list(counts))
         title = args.title or (spec.title if spec else Path(args.source).name.split(".")[0])
-        print(f"{title}: {len(table)} images, {len(table.features['label'].names)} classes, domains "
-              + ", ".join(f"{d} ({n})" for d, n in counts.items()))
+        print(
+            f"{title}: {len(table)} images, {len(table.features['label'].names)} classes, domains "
+            + ", ".join(f"{d} ({n})" for d, n in counts.items())
+        )
         shards = args.shards or num_shards(table)  # sizing reads every image file's size: once for both outputs
         if args.output_dir:
             files = write_parquet(table, args.output_dir, shards)
             print(f"wrote {len(files)} parquet file(s) to {Path(args.output_dir) / 'data'}")
         if args.push_to_hub:
             try:
-                sha = push_dataset(table, args.push_to_hub, title, args.source, private=args.private,
-                                   revision=args.revision, commit_message=args.commit_message, token=token,
-                                   shards=shards)
+                sha = push_dataset(
+                    table,
+                    args.push_to_hub,
+                    title,
+                    args.source,
+                    private=args.private,
+                    revision=args.revision,
+                    commit_message=args.commit_message,
+                    token=token,
+                    shards=shards,
+                )
             except DGZooError:
                 raise
             except Exception as e:
                 from ..run.hub import hub_error_reason
 
-                raise DGZooError(f"pushing the dataset to {args.push_to_hub} failed: {hub_error_reason(e, token)}; "
-                                 f"run the same command again") from None
-            print(f"pushed to the Hub dataset {args.push_to_hub} at commit {sha}; train with: dgzoo train "
-                  f"--dataset {args.push_to_hub} --target-domains \"{domains[-1]}\"")
+                raise DGZooError(
+                    f"pushing the dataset to {args.push_to_hub} failed: {hub_error_reason(e, token)}; "
+                    f"run the same command again"
+                ) from None
+            print(
+                f"pushed to the Hub dataset {args.push_to_hub} at commit {sha}; train with: dgzoo train "
+                f'--dataset {args.push_to_hub} --target-domains "{domains[-1]}"'
+            )
     return 0
 
 
@@ -176,21 +227,34 @@ def _datasets_push(args: argparse.Namespace) -> int:
         from ..data.registry import REGISTRY
 
         names = ", ".join(s.name for s in REGISTRY.values() if s.kind == "tarball")
-        raise DGZooError(f"'{args.dataset}' is not a tarball dataset of the registry ({names}); convert other image "
-                         f"folders with `dgzoo datasets convert`")
+        raise DGZooError(
+            f"'{args.dataset}' is not a tarball dataset of the registry ({names}); convert other image "
+            f"folders with `dgzoo datasets convert`"
+        )
     token = check_push_target(args.repo_id, args.token, args.private, None, "dataset")
     table, sha = load_archive(spec, args.revision, token)
     folder, _ = converted_archive(spec, sha, token)
     shards = len(list((folder / "data").glob("*.parquet")))
     source = f"{spec.repo_id}/{spec.archive}@{sha[:12]}"
     try:
-        pushed = push_dataset(table, args.repo_id, spec.title, source, private=args.private, token=token,
-                              shards=shards, commit_message=f"dgzoo datasets push {spec.name}: {source}")
+        pushed = push_dataset(
+            table,
+            args.repo_id,
+            spec.title,
+            source,
+            private=args.private,
+            token=token,
+            shards=shards,
+            commit_message=f"dgzoo datasets push {spec.name}: {source}",
+        )
     except DGZooError:
         raise
     except Exception as e:
-        raise DGZooError(f"pushing {spec.name} to {args.repo_id} failed: {hub_error_reason(e, token)}; run the same "
-                         f"command again") from None
-    print(f"pushed {spec.title} ({len(table)} images, from {source}) to the Hub dataset {args.repo_id} at commit "
-          f"{pushed}; train with: dgzoo train --dataset {args.repo_id} --target-domains \"{spec.domains[-1]}\"")
+        raise DGZooError(
+            f"pushing {spec.name} to {args.repo_id} failed: {hub_error_reason(e, token)}; run the same command again"
+        ) from None
+    print(
+        f"pushed {spec.title} ({len(table)} images, from {source}) to the Hub dataset {args.repo_id} at commit "
+        f'{pushed}; train with: dgzoo train --dataset {args.repo_id} --target-domains "{spec.domains[-1]}"'
+    )
     return 0

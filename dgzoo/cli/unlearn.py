@@ -2,6 +2,7 @@
 
 The same flags back ``recipes/unlearn.py`` (for ``accelerate launch``) and the ``dgzoo`` command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,15 @@ def add_unlearn_arguments(parser: argparse.ArgumentParser) -> None:
     """Every ``dgzoo unlearn`` flag, one per :class:`UnlearnConfig` field. Unset optional values fall back to the
     source run's recipe."""
     parser.add_argument("source", help="run directory or Hub repo id of a finished dgzoo run")
-    parser.add_argument("--forget", required=True, action="append", metavar="CLAUSE",
-                        help="what to forget: class=C, class=C:FRACTION, domain=D, indices=I,J,K-L, "
-                             "indices-file=PATH; repeat the flag to intersect class and domain clauses "
-                             "(--forget class=3 --forget domain=15)")
+    parser.add_argument(
+        "--forget",
+        required=True,
+        action="append",
+        metavar="CLAUSE",
+        help="what to forget: class=C, class=C:FRACTION, domain=D, indices=I,J,K-L, "
+        "indices-file=PATH; repeat the flag to intersect class and domain clauses "
+        "(--forget class=3 --forget domain=15)",
+    )
     add_dataclass_arguments(parser, UnlearnConfig, skip=("source", "forget"), choices={"method": METHOD_CHOICES})
 
 
@@ -45,7 +51,11 @@ def _unlearn(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     """Add ``dgzoo unlearn`` (called by ``dgzoo.cli`` through ``COMMAND_MODULES``)."""
-    parser = subparsers.add_parser("unlearn", help="remove a forget set from a trained run (SURE and baselines)",
-                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "unlearn",
+        help="remove a forget set from a trained run (SURE and baselines)",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_unlearn_arguments(parser)
     parser.set_defaults(handler=_unlearn)

@@ -6,6 +6,7 @@
 
 A thin layer over :mod:`dgzoo.experiments.zoo`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,30 +41,57 @@ def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     board = sub.add_parser("leaderboard", help="mean ± standard error over trial seeds, as `dgzoo report` gives it")
     _filters(board)
     board.add_argument("--format", choices=FORMATS, default="markdown", help="printed format (default: markdown)")
-    board.add_argument("--selection", nargs="+", choices=SELECTION_METHODS, default=list(SELECTION_METHODS),
-                       metavar="METHOD", help="model-selection methods (default: all)")
+    board.add_argument(
+        "--selection",
+        nargs="+",
+        choices=SELECTION_METHODS,
+        default=list(SELECTION_METHODS),
+        metavar="METHOD",
+        help="model-selection methods (default: all)",
+    )
     board.add_argument("--plot", metavar="DIR", help="also write one accuracy plot per dataset into DIR")
     board.set_defaults(handler=_leaderboard)
     top = sub.add_parser("best", help="print the repo id of the best checkpoint (top row, best trial)")
     _filters(top)
-    top.add_argument("--selection", choices=SELECTION_METHODS, default="training_domain_validation",
-                     help="model-selection method that ranks (default: training_domain_validation)")
+    top.add_argument(
+        "--selection",
+        choices=SELECTION_METHODS,
+        default="training_domain_validation",
+        help="model-selection method that ranks (default: training_domain_validation)",
+    )
     top.set_defaults(handler=_best)
 
 
 def _found(args: argparse.Namespace) -> list[Any]:
     from ..experiments.zoo import list_models
 
-    return list_models(dataset=args.dataset, held_out=args.held_out, algorithm=args.algorithm,
-                       backbone=args.backbone, author=args.author, token=args.token)
+    return list_models(
+        dataset=args.dataset,
+        held_out=args.held_out,
+        algorithm=args.algorithm,
+        backbone=args.backbone,
+        author=args.author,
+        token=args.token,
+    )
 
 
 def _list(args: argparse.Namespace) -> int:
     models = _found(args)
     if args.json:
         for m in models:
-            print(json.dumps({"repo_id": m.repo_id, "sha": m.sha, "dataset": m.dataset, "held_out": list(m.held_out),
-                              "algorithm": m.algorithm, "backbone": m.backbone, "accuracy": m.accuracy}))
+            print(
+                json.dumps(
+                    {
+                        "repo_id": m.repo_id,
+                        "sha": m.sha,
+                        "dataset": m.dataset,
+                        "held_out": list(m.held_out),
+                        "algorithm": m.algorithm,
+                        "backbone": m.backbone,
+                        "accuracy": m.accuracy,
+                    }
+                )
+            )
         return 0
     rows = [("repo", "dataset", "held-out", "algorithm", "backbone", "accuracy (%)")]
     rows += [(m.repo_id, m.dataset, "+".join(m.held_out), m.algorithm, m.backbone, f"{m.accuracy:.1f}") for m in models]

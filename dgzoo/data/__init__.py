@@ -1,4 +1,5 @@
 """Data: load DG datasets from the Hub, local files or the embedded set; split; transform; batch per domain."""
+
 from .loaders import (
     DomainImages,
     MultiDomainSet,
@@ -15,9 +16,32 @@ from .transforms import ToRGB, eval_transform, train_transform
 from .verify import ImageDecodeError, check_images, undecodable_rows
 
 __all__ = [
-    "ImageDecodeError", "check_images", "undecodable_rows",
-    "DGDataset", "DatasetSpec", "DomainImages", "DomainSplits", "MultiDomainSet", "Protocol", "REGISTRY",
-    "StepBatchSampler", "ToRGB", "collate_domains", "eval_loader", "eval_transform", "get_spec", "image_folder_table",
-    "load_dg_dataset", "loader_workers", "make_splits", "register_dataset", "resolve_domain", "resolve_hub_revision", "resolve_protocol", "seed_hash",
-    "split_rows", "train_loader", "train_transform",
+    "ImageDecodeError",
+    "check_images",
+    "undecodable_rows",
+    "DGDataset",
+    "DatasetSpec",
+    "DomainImages",
+    "DomainSplits",
+    "MultiDomainSet",
+    "Protocol",
+    "REGISTRY",
+    "StepBatchSampler",
+    "ToRGB",
+    "collate_domains",
+    "eval_loader",
+    "eval_transform",
+    "get_spec",
+    "image_folder_table",
+    "load_dg_dataset",
+    "loader_workers",
+    "make_splits",
+    "register_dataset",
+    "resolve_domain",
+    "resolve_hub_revision",
+    "resolve_protocol",
+    "seed_hash",
+    "split_rows",
+    "train_loader",
+    "train_transform",
 ]

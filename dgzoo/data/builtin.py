@@ -14,6 +14,7 @@ DomainBed's two colour channels are the red (colour 0) and green (colour 1) chan
 the two zeroed and blue always zero, since every dgzoo backbone reads RGB. A ``digit`` column keeps the original
 digit so the label noise can be checked.
 """
+
 from __future__ import annotations
 
 import io
@@ -54,7 +55,7 @@ def rotated_digits_rows() -> dict[str, list]:
     order = np.random.RandomState(0).permutation(len(digits.images))
     rows: dict[str, list] = {"image": [], "label": [], "domain": []}
     for d, angle in enumerate(ANGLES):
-        for i in order[d::len(ANGLES)]:
+        for i in order[d :: len(ANGLES)]:
             pixels = np.clip(digits.images[i] / 16.0 * 255.0, 0, 255).astype(np.uint8)
             digit = Image.fromarray(pixels, mode="L").resize((DIGIT, DIGIT), Image.Resampling.BILINEAR)
             canvas = Image.new("L", (CANVAS, CANVAS), 0)
@@ -72,11 +73,13 @@ def rotated_digits_path() -> Path:
     """Return the parquet file of rotated-digits, writing it on first use (atomically, so parallel processes agree)."""
     import datasets
 
-    features = datasets.Features({
-        "image": datasets.Image(),
-        "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
-        "domain": datasets.Value("string"),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
+            "domain": datasets.Value("string"),
+        }
+    )
     return _write_builtin(f"rotated-digits-{ROTATED_DIGITS_VERSION}", rotated_digits_rows, features)
 
 
@@ -91,16 +94,17 @@ def colored_digits_rows() -> dict[str, list]:
     rows: dict[str, list] = {"image": [], "label": [], "domain": [], "digit": []}
     offset = (COLORED_CANVAS - COLORED_DIGIT) // 2
     for d, (domain, e) in enumerate(COLORED_ENVIRONMENTS):
-        picked = order[d::len(COLORED_ENVIRONMENTS)]
+        picked = order[d :: len(COLORED_ENVIRONMENTS)]
         labels = (digits.target[picked] < 5).astype(np.int64)
         labels ^= (rng.random_sample(len(picked)) < COLORED_LABEL_NOISE).astype(np.int64)
         colors = labels ^ (rng.random_sample(len(picked)) < e).astype(np.int64)
         for i, label, color in zip(picked, labels, colors):
             pixels = np.clip(digits.images[i] / 16.0 * 255.0, 0, 255).astype(np.uint8)
-            digit = np.asarray(Image.fromarray(pixels, mode="L").resize((COLORED_DIGIT, COLORED_DIGIT),
-                                                                        Image.Resampling.BILINEAR))
+            digit = np.asarray(
+                Image.fromarray(pixels, mode="L").resize((COLORED_DIGIT, COLORED_DIGIT), Image.Resampling.BILINEAR)
+            )
             rgb = np.zeros((COLORED_CANVAS, COLORED_CANVAS, 3), dtype=np.uint8)
-            rgb[offset:offset + COLORED_DIGIT, offset:offset + COLORED_DIGIT, int(color)] = digit
+            rgb[offset : offset + COLORED_DIGIT, offset : offset + COLORED_DIGIT, int(color)] = digit
             buffer = io.BytesIO()
             Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
             rows["image"].append({"bytes": buffer.getvalue(), "path": None})
@@ -114,12 +118,14 @@ def colored_digits_path() -> Path:
     """Return the parquet file of colored-digits, writing it on first use (atomically)."""
     import datasets
 
-    features = datasets.Features({
-        "image": datasets.Image(),
-        "label": datasets.ClassLabel(names=["5-9", "0-4"]),  # DomainBed's y = (digit < 5), before the noise
-        "domain": datasets.Value("string"),
-        "digit": datasets.Value("int64"),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["5-9", "0-4"]),  # DomainBed's y = (digit < 5), before the noise
+            "domain": datasets.Value("string"),
+            "digit": datasets.Value("int64"),
+        }
+    )
     return _write_builtin(f"colored-digits-{COLORED_DIGITS_VERSION}", colored_digits_rows, features)
 
 

@@ -10,6 +10,7 @@ so a converted dataset's seeded splits are the same on every machine.
 The result is written as parquet shards (``data/train-0000i-of-0000n.parquet``) to a folder, pushed to a Hub
 dataset repo with a dataset card, or both; ``dgzoo train --dataset REPO_ID|FOLDER`` then trains from it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,8 +78,10 @@ def _find_root(path: Path, source: Path) -> Path:
     while not is_image_folder(path):
         children = [p for p in path.iterdir() if not p.name.startswith(".") and not p.name.startswith("__MACOSX")]
         if len(children) != 1 or not children[0].is_dir():
-            raise DGZooError(f"no image folders root/<domain>/<class>/<image> found in {source} (image types: "
-                             f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise DGZooError(
+                f"no image folders root/<domain>/<class>/<image> found in {source} (image types: "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
         path = children[0]
     return path
 
@@ -100,13 +103,17 @@ def convert_image_folders(root: str | Path) -> Any:
     table = image_folder_table(root)
     spec = known_spec(sorted(set(table["domain"])))
     if spec is not None and spec.classes and tuple(table.features["label"].names) != tuple(sorted(spec.classes)):
-        raise DGZooError(f"{root} has {spec.title}'s domains but classes {', '.join(table.features['label'].names)}, "
-                         f"not {', '.join(spec.classes)}; check the archive is complete")
+        raise DGZooError(
+            f"{root} has {spec.title}'s domains but classes {', '.join(table.features['label'].names)}, "
+            f"not {', '.join(spec.classes)}; check the archive is complete"
+        )
     bad = undecodable_rows(table, "image", range(len(table)))  # never pack (or publish) an image nobody can read
     if bad:
         files = ", ".join(f"{image_source(table, 'image', row)} ({why})" for row, why in bad[:3])
-        raise DGZooError(f"{len(bad)}{'+' if len(bad) >= 5 else ''} image(s) under {root} do not decode: {files}; "
-                         f"replace or remove them and convert again")
+        raise DGZooError(
+            f"{len(bad)}{'+' if len(bad) >= 5 else ''} image(s) under {root} do not decode: {files}; "
+            f"replace or remove them and convert again"
+        )
     _warn_wide_images(table, root)
     return table
 
@@ -125,9 +132,15 @@ def _warn_wide_images(table: Any, root: str | Path) -> None:
             if image.mode in WIDE_MODES:
                 wide.setdefault(image.mode, []).append(raw["path"])
     for mode, paths in wide.items():
-        logger.warning("warning: %d image(s) under %s are %s (more than 8 bits per pixel, e.g. %s); they are kept "
-                       "as they are and dgzoo scales them to 8 bits when it reads them (PIL's convert('RGB') would "
-                       "clip them to near-white)", len(paths), root, mode, paths[0])
+        logger.warning(
+            "warning: %d image(s) under %s are %s (more than 8 bits per pixel, e.g. %s); they are kept "
+            "as they are and dgzoo scales them to 8 bits when it reads them (PIL's convert('RGB') would "
+            "clip them to near-white)",
+            len(paths),
+            root,
+            mode,
+            paths[0],
+        )
 
 
 def domain_counts(table: Any) -> dict[str, int]:
@@ -146,8 +159,9 @@ def num_shards(table: Any, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
     return max(1, -(-sum(os.path.getsize(p["path"]) for p in paths) // shard_bytes))
 
 
-def write_parquet(table: Any, output_dir: str | Path, shards: int | None = None,
-                  progress: str | None = None) -> list[Path]:
+def write_parquet(
+    table: Any, output_dir: str | Path, shards: int | None = None, progress: str | None = None
+) -> list[Path]:
     """Write ``table`` with its image bytes embedded as ``output_dir/data/train-*.parquet``; return the files.
 
     Shards are written under temporary names and renamed at the end, so an interrupted conversion never leaves
@@ -176,20 +190,24 @@ def write_parquet(table: Any, output_dir: str | Path, shards: int | None = None,
             written.append(tmp)
             shard.with_format(None).to_parquet(str(tmp))
         bar.close()
-        final = [tmp.with_name(tmp.name[1:-len(".tmp")]) for tmp in written]
+        final = [tmp.with_name(tmp.name[1 : -len(".tmp")]) for tmp in written]
         for tmp, path in zip(written, final):
             os.replace(tmp, path)
     return final
 
 
-def dataset_card(table: Any, title: str, source: str, repo_id: str,
-                 spec: DatasetSpec | None) -> tuple[dict[str, Any], str]:
+def dataset_card(
+    table: Any, title: str, source: str, repo_id: str, spec: DatasetSpec | None
+) -> tuple[dict[str, Any], str]:
     """Front matter fields and body of the dataset card: what is in it, where it came from, how to train on it."""
     counts = domain_counts(table)
     domains, classes = list(counts), table.features["label"].names
-    fields: dict[str, Any] = {"pretty_name": title, "task_categories": ["image-classification"],
-                              "tags": ["domain-generalization", "dgzoo"],
-                              **hub_license(spec)}
+    fields: dict[str, Any] = {
+        "pretty_name": title,
+        "task_categories": ["image-classification"],
+        "tags": ["domain-generalization", "dgzoo"],
+        **hub_license(spec),
+    }
     rows = "\n".join(f"| {d} | {counts[d]} |" for d in domains)
     body = f"""# {title}
 
@@ -218,9 +236,17 @@ dgzoo train --dataset {repo_id} --target-domains "{domains[-1]}"
     return fields, body
 
 
-def push_dataset(table: Any, repo_id: str, title: str, source: str, private: bool = False,
-                 revision: str | None = None, commit_message: str | None = None, token: str | None = None,
-                 shards: int | None = None) -> str:
+def push_dataset(
+    table: Any,
+    repo_id: str,
+    title: str,
+    source: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    shards: int | None = None,
+) -> str:
     """Push ``table`` (images embedded) and its dataset card to the Hub dataset ``repo_id``; return the commit sha.
 
     ``datasets.push_to_hub`` writes the parquet shards and the card's ``dataset_info``; the card's description
@@ -230,14 +256,27 @@ def push_dataset(table: Any, repo_id: str, title: str, source: str, private: boo
 
     spec = known_spec(sorted(set(table["domain"])))
     message = commit_message or f"dgzoo datasets convert {Path(source).name}"
-    pushed = table.push_to_hub(repo_id, private=private or None, token=token, revision=revision,
-                               commit_message=message, num_shards=shards or num_shards(table))
-    card = DatasetCard.load(hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=pushed.oid,
-                                            token=token))
+    pushed = table.push_to_hub(
+        repo_id,
+        private=private or None,
+        token=token,
+        revision=revision,
+        commit_message=message,
+        num_shards=shards or num_shards(table),
+    )
+    card = DatasetCard.load(
+        hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=pushed.oid, token=token)
+    )
     fields, body = dataset_card(table, title, source, repo_id, spec)
     for key, value in fields.items():
         setattr(card.data, key, value)
     card.text = body
-    info = card.push_to_hub(repo_id, repo_type="dataset", token=token, revision=revision,
-                            commit_message="dgzoo: dataset card", parent_commit=pushed.oid)
+    info = card.push_to_hub(
+        repo_id,
+        repo_type="dataset",
+        token=token,
+        revision=revision,
+        commit_message="dgzoo: dataset card",
+        parent_commit=pushed.oid,
+    )
     return info.oid

@@ -9,6 +9,7 @@ Hashing reads every byte once. The answer is remembered in ``<dgzoo cache>/finge
 listing (relative path, size and modification time of every file), so later runs on unchanged data only list
 the files, as ``git status`` does.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,11 @@ def _files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
     # Hidden files and folders (``.cache``, ``.git``) are tools' bookkeeping, not the dataset.
-    return sorted(p for p in root.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def local_fingerprint(path: str | Path) -> str:

@@ -3,6 +3,7 @@
 Shared by the loader (``--dataset PATH``), the converter (``dgzoo datasets convert``) and the tarball datasets
 (:mod:`dgzoo.data.tarball`), so all three read a folder the same way.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,10 @@ def image_folder_table(root: str | Path) -> Any:
         raise DGZooError(f"no images found under {root}; expected root/<domain>/<class>/<image>.jpg")
     classes = sorted({c for _, c, _ in entries})
     index = {c: i for i, c in enumerate(classes)}  # a list lookup per image is quadratic on DomainNet-size folders
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes),
-                                  "domain": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"image": [e[0] for e in entries],
-                                       "label": [index[e[1]] for e in entries],
-                                       "domain": [e[2] for e in entries]}, features=features)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=classes), "domain": datasets.Value("string")}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": [e[0] for e in entries], "label": [index[e[1]] for e in entries], "domain": [e[2] for e in entries]},
+        features=features,
+    )

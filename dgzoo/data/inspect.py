@@ -8,6 +8,7 @@ the columns showing the same classes in every row, so the domain shift is someth
 ``dgzoo datasets inspect`` prints the first and writes the second; every run writes the sheet into its run
 directory for the model card (``samples_per_domain.png``).
 """
+
 from __future__ import annotations
 
 import io
@@ -30,13 +31,16 @@ PAD = 6
 LABEL_WIDTH = 120
 
 
-def columns_used(spec: DatasetSpec | None, image: str | None = None, label: str | None = None,
-                 domain: str | None = None) -> dict[str, str]:
+def columns_used(
+    spec: DatasetSpec | None, image: str | None = None, label: str | None = None, domain: str | None = None
+) -> dict[str, str]:
     """The image / label / domain column names a load reads: the given ones, else the registry's, else the
     standard names (the rule of :func:`dgzoo.data.load_dg_dataset`)."""
-    return {"image": image or (spec.image_column if spec else "image"),
-            "label": label or (spec.label_column if spec else "label"),
-            "domain": domain or (spec.domain_column if spec else "domain")}
+    return {
+        "image": image or (spec.image_column if spec else "image"),
+        "label": label or (spec.label_column if spec else "label"),
+        "domain": domain or (spec.domain_column if spec else "domain"),
+    }
 
 
 def spread(rows: np.ndarray, count: int) -> np.ndarray:
@@ -65,9 +69,11 @@ def image_headers(data: DGDataset, rows: np.ndarray) -> list[tuple[int, int, str
         except Exception as e:  # PIL's many error types (and a missing file): one line naming the image
             domain = data.domains[data.domain_of_row[int(row)]]
             where = f"file {item.get('path')}" if item.get("path") else "embedded bytes"
-            raise ImageDecodeError(f"image of domain '{domain}', row {int(row)} ({where}) cannot be read "
-                                   f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); replace or remove it "
-                                   f"and run again") from None
+            raise ImageDecodeError(
+                f"image of domain '{domain}', row {int(row)} ({where}) cannot be read "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); replace or remove it "
+                f"and run again"
+            ) from None
     return out
 
 
@@ -104,29 +110,52 @@ class DatasetSummary:
         return min(counts) / max(1, max(counts))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "title": self.title, "source": self.source, "repo_id": self.repo_id,
-                "revision": self.revision, "path": self.path, "columns": self.columns, "domains": self.domains,
-                "class_names": self.class_names, "images": self.total,
-                "counts": {d: dict(zip(self.class_names, c)) for d, c in self.counts.items()},
-                "majority": {d: self.majority(d) for d in self.domains},
-                "balance": {d: self.balance(d) for d in self.domains},
-                "sizes": self.sizes, "modes": self.modes}
+        return {
+            "name": self.name,
+            "title": self.title,
+            "source": self.source,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "path": self.path,
+            "columns": self.columns,
+            "domains": self.domains,
+            "class_names": self.class_names,
+            "images": self.total,
+            "counts": {d: dict(zip(self.class_names, c)) for d, c in self.counts.items()},
+            "majority": {d: self.majority(d) for d in self.domains},
+            "balance": {d: self.balance(d) for d in self.domains},
+            "sizes": self.sizes,
+            "modes": self.modes,
+        }
 
 
 def summarize(data: DGDataset, columns: dict[str, str], sample_per_domain: int = 200) -> DatasetSummary:
     """Count every domain's images per class and read the headers of up to ``sample_per_domain`` images per
     domain (evenly spaced) for their sizes and modes."""
-    counts = {d: np.bincount(data.labels[rows], minlength=data.num_classes).tolist()
-              for d, rows in data.rows_by_domain.items()}
+    counts = {
+        d: np.bincount(data.labels[rows], minlength=data.num_classes).tolist()
+        for d, rows in data.rows_by_domain.items()
+    }
     sizes, modes = {}, {}
     for domain, rows in data.rows_by_domain.items():
         headers = image_headers(data, spread(rows, sample_per_domain))
         sizes[domain] = dict(Counter(f"{w}x{h}" for w, h, _ in headers).most_common())
         modes[domain] = dict(Counter(m for _, _, m in headers).most_common())
     info = data.info()
-    return DatasetSummary(name=info["name"], title=info["title"], source=data.source, repo_id=data.repo_id,
-                          revision=data.revision, path=data.path, columns=columns, domains=list(data.domains),
-                          class_names=list(data.class_names), counts=counts, sizes=sizes, modes=modes)
+    return DatasetSummary(
+        name=info["name"],
+        title=info["title"],
+        source=data.source,
+        repo_id=data.repo_id,
+        revision=data.revision,
+        path=data.path,
+        columns=columns,
+        domains=list(data.domains),
+        class_names=list(data.class_names),
+        counts=counts,
+        sizes=sizes,
+        modes=modes,
+    )
 
 
 def _describe(counter: dict[str, int], limit: int = 3) -> str:
@@ -137,39 +166,59 @@ def _describe(counter: dict[str, int], limit: int = 3) -> str:
 
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
-            for row in rows]
+    return [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    ]
 
 
 def format_summary(summary: DatasetSummary) -> str:
     """The summary as ``dgzoo datasets inspect`` prints it: provenance, then one table row per domain (classes
     as columns; for more than 12 classes the per-class counts become a second table, one row per class)."""
-    where = {"builtin": "embedded (built from scikit-learn's digits; no revision)",
-             "hub": f"Hub dataset {summary.repo_id} at revision {summary.revision or 'main (unresolved: offline)'}"}
+    where = {
+        "builtin": "embedded (built from scikit-learn's digits; no revision)",
+        "hub": f"Hub dataset {summary.repo_id} at revision {summary.revision or 'main (unresolved: offline)'}",
+    }
     origin = where.get(summary.source, f"{summary.source} at {summary.path}")
     columns = ", ".join(f"{role}={name}" for role, name in summary.columns.items())
-    lines = [f"{summary.title} ({summary.name}): {summary.total} images, {len(summary.domains)} domains, "
-             f"{len(summary.class_names)} classes",
-             f"source: {origin}", f"columns: {columns}", ""]
+    lines = [
+        f"{summary.title} ({summary.name}): {summary.total} images, {len(summary.domains)} domains, "
+        f"{len(summary.class_names)} classes",
+        f"source: {origin}",
+        f"columns: {columns}",
+        "",
+    ]
     wide = len(summary.class_names) > 12
     head = ["domain", "images"] + ([] if wide else summary.class_names) + ["majority", "balance", "sizes", "modes"]
     rows = [head]
     for d in summary.domains:
         counts = summary.counts[d]
-        rows.append([d, str(sum(counts))] + ([] if wide else [str(c) for c in counts])
-                    + [f"{summary.majority(d):.2f}", f"{summary.balance(d):.2f}", _describe(summary.sizes[d]),
-                       _describe(summary.modes[d])])
+        rows.append(
+            [d, str(sum(counts))]
+            + ([] if wide else [str(c) for c in counts])
+            + [
+                f"{summary.majority(d):.2f}",
+                f"{summary.balance(d):.2f}",
+                _describe(summary.sizes[d]),
+                _describe(summary.modes[d]),
+            ]
+        )
     totals = [sum(summary.counts[d][i] for d in summary.domains) for i in range(len(summary.class_names))]
     rows.append(["total", str(summary.total)] + ([] if wide else [str(t) for t in totals]) + ["", "", "", ""])
     lines += _table(rows)
     if wide:
         lines += ["", "images per class and domain:"]
-        lines += _table([["class", *summary.domains]] + [[c, *[str(summary.counts[d][i]) for d in summary.domains]]
-                                                         for i, c in enumerate(summary.class_names)])
+        lines += _table(
+            [["class", *summary.domains]]
+            + [[c, *[str(summary.counts[d][i]) for d in summary.domains]] for i, c in enumerate(summary.class_names)]
+        )
     sampled = {sum(v.values()) for v in summary.sizes.values()}
-    lines += ["", f"majority: the largest class's share (chance accuracy of always predicting it); balance: smallest "
-                  f"/ largest class; sizes and modes from the headers of up to {max(sampled, default=0)} images "
-                  f"per domain"]
+    lines += [
+        "",
+        f"majority: the largest class's share (chance accuracy of always predicting it); balance: smallest "
+        f"/ largest class; sizes and modes from the headers of up to {max(sampled, default=0)} images "
+        f"per domain",
+    ]
     return "\n".join(lines)
 
 
@@ -181,8 +230,9 @@ def sheet_size(domains: int, per_domain: int) -> tuple[int, int]:
     return (LABEL_WIDTH + per_domain * (TILE + PAD) + PAD, PAD + domains * (TILE + CAPTION + PAD))
 
 
-def sample_rows(data: DGDataset, per_domain: int, seed: int = 0,
-                domains: list[str] | None = None) -> dict[str, list[int]]:
+def sample_rows(
+    data: DGDataset, per_domain: int, seed: int = 0, domains: list[str] | None = None
+) -> dict[str, list[int]]:
     """For every domain (or those in ``domains``), ``per_domain`` rows whose classes line up by column across domains.
 
     Column ``j`` shows the same class in every row (classes evenly spaced over the class list, repeating when
@@ -215,8 +265,14 @@ def _fit_text(draw: Any, text: str, font: Any, width: int) -> str:
     return text + "…"
 
 
-def contact_sheet(data: DGDataset, path: str | Path, per_domain: int = 8, seed: int = 0,
-                  roles: dict[str, str] | None = None, domains: list[str] | None = None) -> Path:
+def contact_sheet(
+    data: DGDataset,
+    path: str | Path,
+    per_domain: int = 8,
+    seed: int = 0,
+    roles: dict[str, str] | None = None,
+    domains: list[str] | None = None,
+) -> Path:
     """Write a PNG with one labelled row of ``per_domain`` samples per domain (every domain, or those in
     ``domains``, in the dataset's order) to ``path``; return the path.
 
@@ -239,8 +295,9 @@ def contact_sheet(data: DGDataset, path: str | Path, per_domain: int = 8, seed: 
         if roles and roles.get(domain):
             label.append(roles[domain])
         for i, line in enumerate(label):
-            draw.text((PAD, top + 4 + 14 * i), _fit_text(draw, line, font, LABEL_WIDTH - 2 * PAD), fill="black",
-                      font=font)
+            draw.text(
+                (PAD, top + 4 + 14 * i), _fit_text(draw, line, font, LABEL_WIDTH - 2 * PAD), fill="black", font=font
+            )
         for j, row in enumerate(picked):
             try:
                 image = to_rgb(data.table[row][data.image_column])
@@ -299,8 +356,7 @@ def size_outliers(data: DGDataset, per_domain: int = 8) -> list[tuple[int, int]]
     if not headers:
         return []
     side = _typical_side(headers)
-    return [(w, h) for w, h, _ in headers
-            if max(w, h) >= OUTLIER_FACTOR * side or OUTLIER_FACTOR * max(w, h) <= side]
+    return [(w, h) for w, h, _ in headers if max(w, h) >= OUTLIER_FACTOR * side or OUTLIER_FACTOR * max(w, h) <= side]
 
 
 def _typical_side(headers: list[tuple[int, int, Any]]) -> int:

@@ -7,12 +7,13 @@ state to save: a resumed run sees exactly the batches the uninterrupted run woul
 each take their contiguous share of the same global batch (so 2 processes train on what 1 process would);
 and the number of data-loading workers never changes the data.
 """
+
 from __future__ import annotations
 
 import os
 import random
-from typing import Any
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +32,9 @@ class DomainImages(Dataset):
     costs more than decoding a small image, so deterministic transforms skip it).
     """
 
-    def __init__(self, data: DGDataset, rows: np.ndarray, transform: Callable, domain: str | None = None,
-                 random: bool = True):
+    def __init__(
+        self, data: DGDataset, rows: np.ndarray, transform: Callable, domain: str | None = None, random: bool = True
+    ):
         self.data, self.rows, self.transform, self.domain = data, np.asarray(rows), transform, domain
         self.random = random
 
@@ -88,8 +90,16 @@ class StepBatchSampler:
     ``batch_size`` is the global per-domain batch; process ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)``.
     """
 
-    def __init__(self, domain_sizes: Sequence[int], batch_size: int, seed: int, steps: int, start_step: int = 0,
-                 process_index: int = 0, num_processes: int = 1):
+    def __init__(
+        self,
+        domain_sizes: Sequence[int],
+        batch_size: int,
+        seed: int,
+        steps: int,
+        start_step: int = 0,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ):
         if batch_size % num_processes:
             raise ValueError(f"batch size {batch_size} is not divisible by {num_processes} processes")
         self.sizes, self.batch_size, self.seed = list(domain_sizes), batch_size, seed
@@ -131,15 +141,30 @@ def collate_domains(samples: list[tuple[Any, int, int]]) -> list[tuple[torch.Ten
     return batches
 
 
-def train_loader(domains: Sequence[DomainImages], batch_size: int, seed: int, steps: int, start_step: int = 0,
-                 process_index: int = 0, num_processes: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False) -> DataLoader:
+def train_loader(
+    domains: Sequence[DomainImages],
+    batch_size: int,
+    seed: int,
+    steps: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    num_processes: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
     """One loader yielding, per step, a list of per-domain ``(x, y)`` minibatches of equal size."""
-    sampler = StepBatchSampler([len(d) for d in domains], batch_size, seed, steps, start_step, process_index,
-                               num_processes)
+    sampler = StepBatchSampler(
+        [len(d) for d in domains], batch_size, seed, steps, start_step, process_index, num_processes
+    )
     # A private generator: creating the iterator must not draw from the global RNG that checkpoints restore.
-    return DataLoader(MultiDomainSet(domains), batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_domains, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        MultiDomainSet(domains),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_domains,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def loader_workers(num_workers: int | None, device: torch.device) -> tuple[int, bool]:
@@ -152,8 +177,9 @@ def loader_workers(num_workers: int | None, device: torch.device) -> tuple[int, 
 MAX_DEFAULT_WORKERS = 8  # DomainBed's train.py uses 8 per domain loader; past that decode rarely limits one process
 
 
-def default_workers(accelerator: bool, cpus: int | None = None, local_processes: int | None = None,
-                    compute_threads: int | None = None) -> int:
+def default_workers(
+    accelerator: bool, cpus: int | None = None, local_processes: int | None = None, compute_threads: int | None = None
+) -> int:
     """Data-loading workers per process when ``--num-workers`` is not given, from the CPUs this process may use
     (``os.sched_getaffinity``: a Slurm or container CPU limit, not the machine's count) shared by the processes
     launched on this machine (``LOCAL_WORLD_SIZE``).
@@ -177,5 +203,12 @@ def eval_loader(dataset: DomainImages, batch_size: int, num_workers: int = 0, pi
     """A sequential loader over one domain split (sharded across processes by Accelerate when prepared), built once
     per run and iterated at every evaluation."""
     # Workers persist: a run evaluates the same splits many times, and starting workers each time costs seconds.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(0),
+    )

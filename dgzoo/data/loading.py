@@ -5,6 +5,7 @@ columns (pinned to a resolved commit sha), a local parquet file or folder, a ``s
 folders laid out ``root/<domain>/<class>/*``. Whatever the source, the result is a :class:`DGDataset` whose
 rows can be grouped by domain without decoding a single image: only the label and domain columns are read.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,15 +16,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import DGZooError
-from .folders import IMAGE_EXTENSIONS, image_folder_table  # noqa: F401  (re-exported)
+from . import builtin
 from .fingerprint import local_fingerprint, local_name
+from .folders import IMAGE_EXTENSIONS, image_folder_table  # noqa: F401  (re-exported)
 from .folders import is_image_folder as _is_image_folder
 from .registry import DatasetSpec, get_spec, unknown_dataset_error
 from .revisions import apply_layout, commit_of, resolve_pinned
-from . import builtin
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -59,8 +59,10 @@ class DGDataset:
         row into Python first (the per-sample cost a loader pays on every step)."""
         if self._stored_images is None:
             indices = self.table._indices
-            self._stored_images = (self.table.data.column(self.image_column),
-                                   None if indices is None else indices.column(0))
+            self._stored_images = (
+                self.table.data.column(self.image_column),
+                None if indices is None else indices.column(0),
+            )
         column, indices = self._stored_images
         position = int(row) if indices is None else indices[int(row)].as_py()
         return self.table.features[self.image_column].decode_example(column[position].as_py())
@@ -82,23 +84,37 @@ class DGDataset:
 
     def info(self) -> dict[str, Any]:
         """What results.json and the model card record about the data."""
-        return {"name": self.spec.name if self.spec else self.name, "title": self.spec.title if self.spec else self.name,
-                "source": self.source, "repo_id": self.repo_id, "revision": self.revision, "path": self.path,
-                "fingerprint": self.fingerprint,
-                "domains": self.domains, "class_names": self.class_names,
-                "domain_sizes": {d: int(len(r)) for d, r in self.rows_by_domain.items()}}
+        return {
+            "name": self.spec.name if self.spec else self.name,
+            "title": self.spec.title if self.spec else self.name,
+            "source": self.source,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "path": self.path,
+            "fingerprint": self.fingerprint,
+            "domains": self.domains,
+            "class_names": self.class_names,
+            "domain_sizes": {d: int(len(r)) for d, r in self.rows_by_domain.items()},
+        }
 
 
-def load_dg_dataset(name: str, revision: str | None = None, image_column: str | None = None,
-                    label_column: str | None = None, domain_column: str | None = None) -> DGDataset:
+def load_dg_dataset(
+    name: str,
+    revision: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    domain_column: str | None = None,
+) -> DGDataset:
     """Load ``name`` (registry name, Hub repo id, or local path) as a :class:`DGDataset`.
 
     Raises DGZooError with a one-line fix for a missing dataset, revision or domain column.
     """
     spec = get_spec(name)
-    columns = dict(image=image_column or (spec.image_column if spec else "image"),
-                   label=label_column or (spec.label_column if spec else "label"),
-                   domain=domain_column or (spec.domain_column if spec else "domain"))
+    columns = dict(
+        image=image_column or (spec.image_column if spec else "image"),
+        label=label_column or (spec.label_column if spec else "label"),
+        domain=domain_column or (spec.domain_column if spec else "domain"),
+    )
     local = Path(name).expanduser()
     if spec is not None and spec.kind == "builtin":
         path = builtin.BUILDERS[spec.name]()
@@ -107,11 +123,20 @@ def load_dg_dataset(name: str, revision: str | None = None, image_column: str | 
     if local.exists():
         table, source = _read_local(local)
         # Named by base name and content, not by where it lies on this machine (nothing else can use that).
-        return _normalize(table, local_name(local), source, columns, spec=spec, path=str(local.resolve()),
-                          fingerprint=local_fingerprint(local))
+        return _normalize(
+            table,
+            local_name(local),
+            source,
+            columns,
+            spec=spec,
+            path=str(local.resolve()),
+            fingerprint=local_fingerprint(local),
+        )
     if spec is not None and spec.kind == "imagefolder":
-        raise DGZooError(f"{spec.title} has no parquet copy on the Hub; download it ({spec.homepage}), extract it and "
-                         f"pass the folder root/<domain>/<class>/* with --dataset PATH")
+        raise DGZooError(
+            f"{spec.title} has no parquet copy on the Hub; download it ({spec.homepage}), extract it and "
+            f"pass the folder root/<domain>/<class>/* with --dataset PATH"
+        )
     if spec is not None and spec.kind == "tarball":  # an archive in a Hub repo, converted once into the cache
         from .tarball import load_archive
 
@@ -122,10 +147,12 @@ def load_dg_dataset(name: str, revision: str | None = None, image_column: str | 
         assert repo_id is not None  # a registry Hub dataset names its repo
         table, sha = _read_hub(repo_id, resolve_pinned(spec, revision) if spec else revision, spec)
         if spec is not None:  # the registry's column mapping at that commit, unless the user named the columns
-            table, columns = apply_layout(table, spec, sha, columns, dict(image=image_column, label=label_column,
-                                                                          domain=domain_column))
-        return _normalize(table, spec.title if spec else repo_id, "hub", columns, spec=spec, repo_id=repo_id,
-                          revision=sha)
+            table, columns = apply_layout(
+                table, spec, sha, columns, dict(image=image_column, label=label_column, domain=domain_column)
+            )
+        return _normalize(
+            table, spec.title if spec else repo_id, "hub", columns, spec=spec, repo_id=repo_id, revision=sha
+        )
     raise unknown_dataset_error(name)
 
 
@@ -146,8 +173,9 @@ def _read_parquet(files: list[Path]) -> Any:
         if "no data" not in str(e):
             raise
         names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
-        raise DGZooError(f"{names} hold(s) no rows; point --dataset at parquet files with images, labels and "
-                         f"domains") from None
+        raise DGZooError(
+            f"{names} hold(s) no rows; point --dataset at parquet files with images, labels and domains"
+        ) from None
 
 
 def _read_local(path: Path) -> tuple[Any, str]:
@@ -156,8 +184,10 @@ def _read_local(path: Path) -> tuple[Any, str]:
     if path.is_file():
         if path.suffix == ".parquet":
             return _read_parquet([path]), "parquet"
-        raise DGZooError(f"{path} is not a parquet file; pass a .parquet file, a parquet folder, a save_to_disk "
-                         f"folder or image folders root/<domain>/<class>/*")
+        raise DGZooError(
+            f"{path} is not a parquet file; pass a .parquet file, a parquet folder, a save_to_disk "
+            f"folder or image folders root/<domain>/<class>/*"
+        )
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
@@ -168,12 +198,15 @@ def _read_local(path: Path) -> tuple[Any, str]:
         return _read_parquet(parquet), "parquet"
     if _is_image_folder(path):
         return image_folder_table(path), "imagefolder"
-    raise DGZooError(f"{path} holds no parquet files, no save_to_disk dataset and no image folders "
-                     f"root/<domain>/<class>/*; point --dataset at one of those")
+    raise DGZooError(
+        f"{path} holds no parquet files, no save_to_disk dataset and no image folders "
+        f"root/<domain>/<class>/*; point --dataset at one of those"
+    )
 
 
-def resolve_hub_revision(repo_id: str, revision: str | None, repo_type: str = "dataset",
-                         token: str | None = None) -> str | None:
+def resolve_hub_revision(
+    repo_id: str, revision: str | None, repo_type: str = "dataset", token: str | None = None
+) -> str | None:
     """Resolve a branch or tag to its commit sha so a run loads, and records, exactly one commit.
 
     Returns None when huggingface_hub is in offline mode (the cache then decides). Errors become one-line
@@ -196,13 +229,17 @@ def _read_hub(repo_id: str, revision: str | None, spec: DatasetSpec | None) -> t
         import huggingface_hub
 
         if huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
-            raise DGZooError(f"Hub dataset {repo_id}@{sha or revision or 'main'} is not in the local cache "
-                             f"({datasets.config.HF_DATASETS_CACHE}) and HF_HUB_OFFLINE is set, so it cannot be "
-                             f"downloaded; unset HF_HUB_OFFLINE (once, with a connection) to cache it, or pass a "
-                             f"local copy with --dataset PATH") from None
-        raise DGZooError(f"could not load Hub dataset {repo_id}@{sha or revision or 'main'} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the repo holds "
-                         f"parquet data, or download it and pass a local path") from None
+            raise DGZooError(
+                f"Hub dataset {repo_id}@{sha or revision or 'main'} is not in the local cache "
+                f"({datasets.config.HF_DATASETS_CACHE}) and HF_HUB_OFFLINE is set, so it cannot be "
+                f"downloaded; unset HF_HUB_OFFLINE (once, with a connection) to cache it, or pass a "
+                f"local copy with --dataset PATH"
+            ) from None
+        raise DGZooError(
+            f"could not load Hub dataset {repo_id}@{sha or revision or 'main'} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the repo holds "
+            f"parquet data, or download it and pass a local path"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(spec.splits) if spec and spec.splits else sorted(loaded)
         missing = [n for n in names if n not in loaded]
@@ -222,18 +259,31 @@ def _normalize(table: Any, name: str, source: str, columns: dict[str, str], **kw
     for role in ("image", "label", "domain"):
         if columns[role] not in present:
             hint = {"domain": "; for image folders use root/<domain>/<class>/*"}.get(role, "")
-            raise DGZooError(f"dataset {name} has no {role} column '{columns[role]}' (columns: {', '.join(present)}); "
-                             f"pass --{role}-column NAME{hint}")
+            raise DGZooError(
+                f"dataset {name} has no {role} column '{columns[role]}' (columns: {', '.join(present)}); "
+                f"pass --{role}-column NAME{hint}"
+            )
     if _is_binary(table.features[columns["image"]]):  # encoded image bytes, stored without the Image type
         table = table.cast_column(columns["image"], datasets.Image())
     if not isinstance(table.features[columns["image"]], datasets.Image):
-        raise DGZooError(f"column '{columns['image']}' of {name} is not an image column "
-                         f"({table.features[columns['image']]}); pass --image-column NAME")
+        raise DGZooError(
+            f"column '{columns['image']}' of {name} is not an image column "
+            f"({table.features[columns['image']]}); pass --image-column NAME"
+        )
     spec: DatasetSpec | None = kw.get("spec")
     domains, domain_of_row = _domain_codes(table, columns["domain"], spec)
     class_names, labels = _label_codes(table, columns["label"], spec)
-    return DGDataset(name=name, source=source, table=table, image_column=columns["image"], labels=labels,
-                     domain_of_row=domain_of_row, domains=domains, class_names=class_names, **kw)
+    return DGDataset(
+        name=name,
+        source=source,
+        table=table,
+        image_column=columns["image"],
+        labels=labels,
+        domain_of_row=domain_of_row,
+        domains=domains,
+        class_names=class_names,
+        **kw,
+    )
 
 
 def _is_binary(feature: Any) -> bool:
@@ -266,8 +316,10 @@ def _codes(table: Any, column: str, role: str, name: str, valid: int | None = No
         missing = pc.or_(missing, pc.or_(pc.less(values, 0), pc.greater_equal(values, valid)))
     bad = np.flatnonzero(missing.fill_null(True).to_numpy(zero_copy_only=False))
     if len(bad):
-        raise DGZooError(f"{len(bad)} row(s) of {name} have no {role} in column '{column}' (first: row "
-                         f"{int(bad[0])}); remove or label those rows, or pass the right --{role}-column")
+        raise DGZooError(
+            f"{len(bad)} row(s) of {name} have no {role} in column '{column}' (first: row "
+            f"{int(bad[0])}); remove or label those rows, or pass the right --{role}-column"
+        )
     encoded = values.dictionary_encode()
     return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
@@ -277,8 +329,9 @@ def _domain_codes(table: Any, column: str, spec: DatasetSpec | None) -> tuple[li
 
     feature = table.features[column]
     is_label = isinstance(feature, datasets.ClassLabel)
-    uniques, codes = _codes(table, column, "domain", str(spec.name if spec else column),
-                            len(feature.names) if is_label else None)
+    uniques, codes = _codes(
+        table, column, "domain", str(spec.name if spec else column), len(feature.names) if is_label else None
+    )
     if is_label:
         raw = [feature.names[int(v)] for v in uniques]
     elif uniques and all(isinstance(v, int) for v in uniques) and spec is not None and len(spec.domains) > max(uniques):
@@ -299,8 +352,9 @@ def _label_codes(table: Any, column: str, spec: DatasetSpec | None) -> tuple[lis
 
     feature = table.features[column]
     is_label = isinstance(feature, datasets.ClassLabel)
-    uniques, codes = _codes(table, column, "label", str(spec.name if spec else column),
-                            len(feature.names) if is_label else None)
+    uniques, codes = _codes(
+        table, column, "label", str(spec.name if spec else column), len(feature.names) if is_label else None
+    )
     if is_label:
         names = list(feature.names)
         if spec is not None and spec.classes and tuple(names) != spec.classes:
@@ -322,4 +376,3 @@ def _is_number(text: str) -> bool:
         return True
     except ValueError:
         return False
-

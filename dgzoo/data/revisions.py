@@ -5,6 +5,7 @@ turns that pin (or the user's ``--revision``) into what the Hub should be asked 
 the Hub no longer serves the pinned commit. :func:`apply_layout` picks the entry's :class:`ColumnLayout` for the
 loaded commit and, where that commit has no domain column, derives the domain from each image's stored path.
 """
+
 from __future__ import annotations
 
 from pathlib import PurePosixPath
@@ -17,8 +18,9 @@ from .registry import DatasetSpec
 SHA_LENGTH = 40
 
 
-def resolve_pinned(spec: DatasetSpec, revision: str | None, repo_type: str = "dataset",
-                   token: str | None = None) -> str | None:
+def resolve_pinned(
+    spec: DatasetSpec, revision: str | None, repo_type: str = "dataset", token: str | None = None
+) -> str | None:
     """The revision to load for ``spec``: ``revision`` when the user gave one, else the pinned commit as a full sha.
 
     A pin the Hub no longer serves raises a one-line DGZooError naming it and ``--revision``. A short pin (a
@@ -31,8 +33,10 @@ def resolve_pinned(spec: DatasetSpec, revision: str | None, repo_type: str = "da
         return revision
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return spec.revision
-    gone = DGZooError(f"the Hub no longer serves {spec.repo_id} at dgzoo's pinned commit {spec.revision}; pass "
-                      f"--revision main (or another commit of {spec.repo_id}) to load what it serves now")
+    gone = DGZooError(
+        f"the Hub no longer serves {spec.repo_id} at dgzoo's pinned commit {spec.revision}; pass "
+        f"--revision main (or another commit of {spec.repo_id}) to load what it serves now"
+    )
     assert spec.repo_id is not None  # a pin is a commit of the spec's Hub repo
     api = huggingface_hub.HfApi(token=token)
     try:
@@ -45,17 +49,22 @@ def resolve_pinned(spec: DatasetSpec, revision: str | None, repo_type: str = "da
     except hf_errors.RevisionNotFoundError:
         raise gone from None
     except hf_errors.RepositoryNotFoundError:
-        raise DGZooError(f"Hub {repo_type} '{spec.repo_id}' does not exist or is private; log in with `hf auth login` "
-                         f"if it is private, or pass a local copy with --dataset PATH") from None
+        raise DGZooError(
+            f"Hub {repo_type} '{spec.repo_id}' does not exist or is private; log in with `hf auth login` "
+            f"if it is private, or pass a local copy with --dataset PATH"
+        ) from None
     except (hf_errors.HfHubHTTPError, OSError, getattr(hf_errors, "HTTPError", OSError)) as e:  # + httpx errors
-        raise DGZooError(f"cannot reach the Hub at {huggingface_hub.constants.ENDPOINT} to load {spec.repo_id} "
-                         f"({type(e).__name__}); check the connection, or set HF_HUB_OFFLINE=1 to use a cached "
-                         f"copy") from None
+        raise DGZooError(
+            f"cannot reach the Hub at {huggingface_hub.constants.ENDPOINT} to load {spec.repo_id} "
+            f"({type(e).__name__}); check the connection, or set HF_HUB_OFFLINE=1 to use a cached "
+            f"copy"
+        ) from None
     raise gone  # the short id matches no commit on main: the history was rewritten
 
 
-def apply_layout(table: Any, spec: DatasetSpec, sha: str | None, columns: dict[str, str],
-                 given: dict[str, str | None]) -> tuple[Any, dict[str, str]]:
+def apply_layout(
+    table: Any, spec: DatasetSpec, sha: str | None, columns: dict[str, str], given: dict[str, str | None]
+) -> tuple[Any, dict[str, str]]:
     """The table and the image/label/domain columns to read at commit ``sha`` of ``spec``'s repo.
 
     Columns the user named (``given``) win; the others follow the commit's layout. A layout without a domain
@@ -63,10 +72,15 @@ def apply_layout(table: Any, spec: DatasetSpec, sha: str | None, columns: dict[s
     """
     layout = spec.layout_at(sha, list(table.column_names))
     if not layout.images:
-        raise DGZooError(f"{spec.repo_id} at commit {sha} holds {layout.note or 'no images'}, so it cannot be "
-                         f"trained on; pass --revision {spec.revision} (dgzoo's pinned commit) or a later one")
-    out = {"image": given["image"] or layout.image, "label": given["label"] or layout.label,
-           "domain": given["domain"] or layout.domain or "domain"}
+        raise DGZooError(
+            f"{spec.repo_id} at commit {sha} holds {layout.note or 'no images'}, so it cannot be "
+            f"trained on; pass --revision {spec.revision} (dgzoo's pinned commit) or a later one"
+        )
+    out = {
+        "image": given["image"] or layout.image,
+        "label": given["label"] or layout.label,
+        "domain": given["domain"] or layout.domain or "domain",
+    }
     if not given["domain"] and layout.domain is None and "domain" not in table.column_names:
         table = table.add_column("domain", domains_from_paths(table, out["image"], spec))
     return table, {**columns, **out}
@@ -93,13 +107,13 @@ def domains_from_paths(table: Any, image_column: str, spec: DatasetSpec) -> list
     for row, item in enumerate(stored[image_column]):
         domain = domain_of_path((item or {}).get("path") or "", spec)
         if domain is None:
-            raise DGZooError(f"{spec.repo_id} has no domain column and row {row}'s image path "
-                             f"'{(item or {}).get('path')}' names no domain of {', '.join(spec.domains)}; pass "
-                             f"--domain-column NAME or --revision {spec.revision}")
+            raise DGZooError(
+                f"{spec.repo_id} has no domain column and row {row}'s image path "
+                f"'{(item or {}).get('path')}' names no domain of {', '.join(spec.domains)}; pass "
+                f"--domain-column NAME or --revision {spec.revision}"
+            )
         out.append(domain)
     return out
-
-
 
 
 def commit_of(repo_id: str, revision: str | None, repo_type: str = "dataset", token: str | None = None) -> str:
@@ -111,15 +125,21 @@ def commit_of(repo_id: str, revision: str | None, repo_type: str = "dataset", to
     try:
         sha = huggingface_hub.HfApi(token=token).repo_info(repo_id, repo_type=repo_type, revision=revision).sha
     except hf_errors.RevisionNotFoundError:
-        raise DGZooError(f"revision '{revision}' does not exist in the Hub {repo_type} {repo_id}; pass an existing "
-                         f"branch, tag or commit sha with --revision") from None
+        raise DGZooError(
+            f"revision '{revision}' does not exist in the Hub {repo_type} {repo_id}; pass an existing "
+            f"branch, tag or commit sha with --revision"
+        ) from None
     except hf_errors.RepositoryNotFoundError:
-        raise DGZooError(f"Hub {repo_type} '{repo_id}' does not exist or is private; check the id, or log in with "
-                         f"`hf auth login` for private repos") from None
+        raise DGZooError(
+            f"Hub {repo_type} '{repo_id}' does not exist or is private; check the id, or log in with "
+            f"`hf auth login` for private repos"
+        ) from None
     except (hf_errors.HfHubHTTPError, OSError, getattr(hf_errors, "HTTPError", OSError)) as e:
-        raise DGZooError(f"cannot reach the Hub at {huggingface_hub.constants.ENDPOINT} to load {repo_id} "
-                         f"({type(e).__name__}); check the connection, or set HF_HUB_OFFLINE=1 to use a cached "
-                         f"copy") from None
+        raise DGZooError(
+            f"cannot reach the Hub at {huggingface_hub.constants.ENDPOINT} to load {repo_id} "
+            f"({type(e).__name__}); check the connection, or set HF_HUB_OFFLINE=1 to use a cached "
+            f"copy"
+        ) from None
     assert sha is not None  # the Hub names the commit of every revision it resolves
     return sha
 

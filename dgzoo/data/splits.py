@@ -5,12 +5,13 @@ targets) and an ``out`` part (20%: validation for sources, the oracle's selectio
 as DomainBed does. The split of a domain depends only on (split seed, domain name, domain size): not on which
 other domains exist, nor on the order they were listed in, nor on the number of processes.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,7 +25,9 @@ def seed_hash(*args: object) -> int:
     return int(digest, 16) % (2**31)
 
 
-def split_rows(rows: np.ndarray, holdout_fraction: float, split_seed: int, domain: str) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(
+    rows: np.ndarray, holdout_fraction: float, split_seed: int, domain: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Split a domain's row indices into (in, out); ``out`` holds ``int(n * holdout_fraction)`` rows."""
     perm = np.random.RandomState(seed_hash(split_seed, domain)).permutation(len(rows))
     n_out = int(len(rows) * holdout_fraction)
@@ -43,17 +46,21 @@ class Protocol:
 def resolve_protocol(data: DGDataset, target_domains: list[str] | None, source_domains: list[str] | None) -> Protocol:
     """Turn ``--target-domains`` / ``--source-domains`` into a protocol, with one-line errors for bad names."""
     if len(data.domains) < 2:  # no protocol exists: say so, rather than advise flags that are refused in turn
-        raise DGZooError(f"{data.name} has a single domain ('{data.domains[0] if data.domains else 'none'}'): domain "
-                         f"generalization trains on some domains and tests on another, so it needs two or more; "
-                         f"lay the images out as root/<domain>/<class>/* with several domains, or pass the column "
-                         f"that holds the domain with --domain-column")
+        raise DGZooError(
+            f"{data.name} has a single domain ('{data.domains[0] if data.domains else 'none'}'): domain "
+            f"generalization trains on some domains and tests on another, so it needs two or more; "
+            f"lay the images out as root/<domain>/<class>/* with several domains, or pass the column "
+            f"that holds the domain with --domain-column"
+        )
     targets = [resolve_domain(data, d, "--target-domains") for d in target_domains or []]
     sources = [resolve_domain(data, d, "--source-domains") for d in source_domains or []]
     if not targets and not sources:
         defaults = data.spec.default_targets if data.spec else None
         if not defaults:
-            raise DGZooError(f"choose the held-out domain(s) of {data.name} with --target-domains "
-                             f"(one of: {', '.join(data.domains)}) or the training domain(s) with --source-domains")
+            raise DGZooError(
+                f"choose the held-out domain(s) of {data.name} with --target-domains "
+                f"(one of: {', '.join(data.domains)}) or the training domain(s) with --source-domains"
+            )
         targets = list(defaults)
     if len(set(targets)) != len(targets) or len(set(sources)) != len(sources):
         raise DGZooError("a domain is listed twice in --target-domains or --source-domains; list each once")
@@ -63,15 +70,18 @@ def resolve_protocol(data: DGDataset, target_domains: list[str] | None, source_d
     if not sources:
         sources = [d for d in data.domains if d not in targets]
         if not sources:
-            raise DGZooError(f"--target-domains {' '.join(targets)} leaves no source domain to train on; "
-                             f"hold out fewer of: {', '.join(data.domains)}")
+            raise DGZooError(
+                f"--target-domains {' '.join(targets)} leaves no source domain to train on; "
+                f"hold out fewer of: {', '.join(data.domains)}"
+            )
         name = "leave-domains-out"
     else:
         if not targets:
             targets = [d for d in data.domains if d not in sources]
         if not targets:
-            raise DGZooError(f"--source-domains uses every domain of {data.name}, leaving none to test on; "
-                             f"leave at least one out")
+            raise DGZooError(
+                f"--source-domains uses every domain of {data.name}, leaving none to test on; leave at least one out"
+            )
         name = "single-source" if len(sources) == 1 else "multi-source"
     order = {d: i for i, d in enumerate(data.domains)}
     # order.get: every name is one of data.domains (resolve_domain, or the registry's defaults for this dataset)
@@ -83,8 +93,10 @@ def resolve_domain(data: DGDataset, name: str, flag: str) -> str:
     listing the valid domains."""
     found = data.canonical_domain(str(name))
     if found is None:
-        raise DGZooError(f"{flag}: unknown domain '{name}' in {data.name}{suggest(str(name), data.domains)}; "
-                         f"valid domains: {', '.join(data.domains)}")
+        raise DGZooError(
+            f"{flag}: unknown domain '{name}' in {data.name}{suggest(str(name), data.domains)}; "
+            f"valid domains: {', '.join(data.domains)}"
+        )
     return found
 
 
@@ -96,8 +108,9 @@ class DomainSplits:
     out_rows: dict[str, np.ndarray]
 
 
-def make_splits(data: DGDataset, holdout_fraction: float, split_seed: int,
-                used: Sequence[str] | None = None) -> DomainSplits:
+def make_splits(
+    data: DGDataset, holdout_fraction: float, split_seed: int, used: Sequence[str] | None = None
+) -> DomainSplits:
     """Split every domain of ``data`` (sources and targets alike) into in/out parts.
 
     Each ``used`` domain (default: all) must get images on both sides: an empty validation split would be
@@ -109,13 +122,20 @@ def make_splits(data: DGDataset, holdout_fraction: float, split_seed: int,
         if used is not None and domain not in used:
             continue
         if len(rows) < 2:
-            raise DGZooError(f"domain '{domain}' has {len(rows)} image(s), too few for a training and a validation "
-                             f"split; add images, or leave it out with --source-domains and --target-domains")
+            raise DGZooError(
+                f"domain '{domain}' has {len(rows)} image(s), too few for a training and a validation "
+                f"split; add images, or leave it out with --source-domains and --target-domains"
+            )
         if len(in_rows[domain]) == 0 or len(out_rows[domain]) == 0:
             needed = math.ceil(1000 / len(rows)) / 1000  # rounded up, so int(n * needed) >= 1 holds
-            fix = (f"raise --holdout-fraction to at least {needed:.3g}" if len(out_rows[domain]) == 0
-                   else "lower --holdout-fraction")
-            raise DGZooError(f"domain '{domain}' has only {len(rows)} image(s): --holdout-fraction {holdout_fraction} "
-                             f"leaves its {'validation' if len(out_rows[domain]) == 0 else 'training'} split empty; "
-                             f"{fix}, or leave the domain out")
+            fix = (
+                f"raise --holdout-fraction to at least {needed:.3g}"
+                if len(out_rows[domain]) == 0
+                else "lower --holdout-fraction"
+            )
+            raise DGZooError(
+                f"domain '{domain}' has only {len(rows)} image(s): --holdout-fraction {holdout_fraction} "
+                f"leaves its {'validation' if len(out_rows[domain]) == 0 else 'training'} split empty; "
+                f"{fix}, or leave the domain out"
+            )
     return DomainSplits(in_rows, out_rows)

@@ -10,6 +10,7 @@ Later loads of that commit read the cache without touching the network: a commit
 the pinned (short) commit id is mapped to its full sha in ``pins.json`` when it is first resolved. The archive
 itself is downloaded into a temporary folder and deleted once converted, so the data is stored once.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,10 @@ def converted_archive(spec: DatasetSpec, revision: str | None = None, token: str
     import huggingface_hub
 
     if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise DGZooError(f"{spec.title} at {revision or spec.revision} is not in dgzoo's cache yet and HF_HUB_OFFLINE "
-                         f"is set; unset it once to download and convert {spec.archive} from {spec.repo_id}")
+        raise DGZooError(
+            f"{spec.title} at {revision or spec.revision} is not in dgzoo's cache yet and HF_HUB_OFFLINE "
+            f"is set; unset it once to download and convert {spec.archive} from {spec.repo_id}"
+        )
     if revision or not spec.revision:  # a given revision, or a dataset with no pin: the commit it points at now
         sha = commit_of(spec.repo_id, revision, token=token)
     else:  # the registry's pin as a full sha (resolve_pinned returns one, or raises, for a pinned spec)
@@ -103,27 +106,42 @@ def _download_and_convert(spec: DatasetSpec, sha: str, folder: Path, token: str 
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
     try:
-        logger.warning("%s: downloading %s from %s at %s and converting it to parquet (once)", spec.title,
-                       spec.archive, spec.repo_id, sha[:12])
+        logger.warning(
+            "%s: downloading %s from %s at %s and converting it to parquet (once)",
+            spec.title,
+            spec.archive,
+            spec.repo_id,
+            sha[:12],
+        )
         try:
-            archive = huggingface_hub.hf_hub_download(spec.repo_id, spec.archive, repo_type="dataset", revision=sha,
-                                                      token=token, local_dir=work / "download")
+            archive = huggingface_hub.hf_hub_download(
+                spec.repo_id, spec.archive, repo_type="dataset", revision=sha, token=token, local_dir=work / "download"
+            )
         except huggingface_hub.errors.EntryNotFoundError:
-            raise DGZooError(f"{spec.repo_id} at commit {sha} has no {spec.archive}; pass --revision with a commit "
-                             f"that has it") from None
+            raise DGZooError(
+                f"{spec.repo_id} at commit {sha} has no {spec.archive}; pass --revision with a commit that has it"
+            ) from None
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
-            raise DGZooError(f"could not download {spec.archive} from {spec.repo_id} ({type(e).__name__}: {first}); "
-                             f"check the connection and run again") from None
+            raise DGZooError(
+                f"could not download {spec.archive} from {spec.repo_id} ({type(e).__name__}: {first}); "
+                f"check the connection and run again"
+            ) from None
         with image_folder_root(archive) as root:
             table = convert_image_folders(root)
             unknown = sorted(set(table.unique("domain")) - set(spec.domains))
             if unknown:
-                raise DGZooError(f"{spec.archive} of {spec.repo_id} has folders {', '.join(unknown)}, which are not "
-                                 f"{spec.title} domains ({', '.join(spec.domains)}); check the archive")
+                raise DGZooError(
+                    f"{spec.archive} of {spec.repo_id} has folders {', '.join(unknown)}, which are not "
+                    f"{spec.title} domains ({', '.join(spec.domains)}); check the archive"
+                )
             write_parquet(table, work / "out", progress=f"{spec.title}: packing images")
-        (work / "out" / SOURCE_FILE).write_text(json.dumps(
-            {"repo_id": spec.repo_id, "revision": sha, "archive": spec.archive, "rows": len(table)}, indent=2) + "\n")
+        (work / "out" / SOURCE_FILE).write_text(
+            json.dumps(
+                {"repo_id": spec.repo_id, "revision": sha, "archive": spec.archive, "rows": len(table)}, indent=2
+            )
+            + "\n"
+        )
         if folder.exists():  # an interrupted earlier conversion (no source.json): replaced
             shutil.rmtree(folder)
         os.replace(work / "out", folder)

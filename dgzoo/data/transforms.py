@@ -5,14 +5,14 @@ size, the backbone's mean/std), so ``dgzoo.from_pretrained`` and plain timm rebu
 The DomainBed training augmentation (random resized crop 0.7-1.0, flip, colour jitter 0.3, 10% grayscale) is
 built with timm's own ``create_transform``.
 """
+
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import timm.data
 from torchvision import transforms as T
-
 
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per pixel: PIL's RGB clips them
 
@@ -72,7 +72,20 @@ def train_transform(data_config: dict[str, Any], augment: str) -> Callable:
         return T.Compose([ToRGB(), T.RandAugment(num_ops=2, magnitude=9), eval_transform(data_config)])
     if augment != "domainbed":
         raise ValueError(f"unknown augmentation {augment!r}")
-    return T.Compose([ToRGB(), timm.data.create_transform(
-        input_size=data_config["input_size"], is_training=True, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
-        color_jitter=(0.3, 0.3, 0.3, 0.3), grayscale_prob=0.1, interpolation=data_config["interpolation"],
-        mean=data_config["mean"], std=data_config["std"])])
+    return T.Compose(
+        [
+            ToRGB(),
+            timm.data.create_transform(
+                input_size=data_config["input_size"],
+                is_training=True,
+                scale=(0.7, 1.0),
+                ratio=(3 / 4, 4 / 3),
+                hflip=0.5,
+                color_jitter=(0.3, 0.3, 0.3, 0.3),
+                grayscale_prob=0.1,
+                interpolation=data_config["interpolation"],
+                mean=data_config["mean"],
+                std=data_config["std"],
+            ),
+        ]
+    )

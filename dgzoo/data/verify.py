@@ -6,6 +6,7 @@ decodes every image a run will read once, before anything is written, and rememb
 its table's fingerprint) in dgzoo's cache, so later runs on the same data skip the pass. :class:`ImageDecodeError`
 is the one-line error for both the pass and a decode failure during training.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,9 +14,9 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -76,8 +77,9 @@ def _decode_problem(raw: Any) -> str | None:
     return None
 
 
-def undecodable_rows(table: Any, image_column: str, rows: Iterable[int], limit: int = 5,
-                     threads: int | None = None) -> list[tuple[int, str]]:
+def undecodable_rows(
+    table: Any, image_column: str, rows: Iterable[int], limit: int = 5, threads: int | None = None
+) -> list[tuple[int, str]]:
     """Up to ``limit`` rows among ``rows`` whose image does not decode, with the reason, in row order.
 
     Chunks are decoded on a thread pool: PIL releases the GIL while decoding, so threads use every core without
@@ -85,7 +87,7 @@ def undecodable_rows(table: Any, image_column: str, rows: Iterable[int], limit: 
     """
     raw_table = _undecoded(table, image_column)
     rows = np.asarray(list(rows), dtype=np.int64)
-    chunks = [rows[i:i + 512] for i in range(0, len(rows), 512)]
+    chunks = [rows[i : i + 512] for i in range(0, len(rows), 512)]
 
     def scan(chunk: np.ndarray) -> list[tuple[int, str]]:
         found = []
@@ -150,8 +152,10 @@ def check_images(data: Any, domains: Sequence[str], remember: bool = True) -> No
         row, problem = bad[0]
         domain = data.domains[data.domain_of_row[row]]
         where = image_source(data.table, data.image_column, row)
-        raise ImageDecodeError(f"image of domain '{domain}', row {row} ({where}) does not decode ({problem}); "
-                               f"replace or remove it and run again")
+        raise ImageDecodeError(
+            f"image of domain '{domain}', row {row} ({where}) does not decode ({problem}); "
+            f"replace or remove it and run again"
+        )
     if not remember:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +167,8 @@ def row_decode_error(data: Any, row: int, domain: str | None, cause: BaseExcepti
     raw = _undecoded(data.table, data.image_column)[int(row)][data.image_column]
     problem = _decode_problem(raw) or f"{type(cause).__name__}: {cause}"
     where = f"domain '{domain}', " if domain else ""
-    return ImageDecodeError(f"image of {where}row {row} ({_describe_source(raw)}) does not decode ({problem}); "
-                            f"replace or remove it, then run the command again "
-                            f"(a training run continues from its last checkpoint with --resume)")
+    return ImageDecodeError(
+        f"image of {where}row {row} ({_describe_source(raw)}) does not decode ({problem}); "
+        f"replace or remove it, then run the command again "
+        f"(a training run continues from its last checkpoint with --resume)"
+    )

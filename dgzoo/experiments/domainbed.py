@@ -9,6 +9,7 @@ domains, the trial seed and hparam sample (from ``args``, as DomainBed's ``repor
 evaluation records in dgzoo's form ``{"step", "acc": {domain: {"in", "out"}}}``, so the same three selection
 methods apply unchanged.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,13 @@ ENVIRONMENTS: dict[str, tuple[str, ...]] = {
 }
 # DomainBed datasets that are the same images as a dgzoo registry entry (its MNIST ones are not: dgzoo's embedded
 # digits are scikit-learn's 8x8 digits, a different dataset, so they keep DomainBed's name).
-SAME_DATASET = {"VLCS": "vlcs", "PACS": "pacs", "OfficeHome": "office-home", "TerraIncognita": "terra-incognita",
-                "DomainNet": "domainnet"}
+SAME_DATASET = {
+    "VLCS": "vlcs",
+    "PACS": "pacs",
+    "OfficeHome": "office-home",
+    "TerraIncognita": "terra-incognita",
+    "DomainNet": "domainnet",
+}
 
 
 @dataclass(frozen=True)
@@ -98,19 +104,32 @@ def load_domainbed_run(path: Path) -> DomainBedRun:
     test_envs = [int(e) for e in args["test_envs"]]
     if any(not 0 <= e < n_envs for e in test_envs):
         raise ValueError(f"test_envs {test_envs} outside the {n_envs} environments")
-    records = tuple({"step": int(r["step"]),
-                     "acc": {d: {"in": float(r[f"env{i}_in_acc"]), "out": float(r[f"env{i}_out_acc"])}
-                             for i, d in enumerate(domains)}} for r in raw)
+    records = tuple(
+        {
+            "step": int(r["step"]),
+            "acc": {
+                d: {"in": float(r[f"env{i}_in_acc"]), "out": float(r[f"env{i}_out_acc"])} for i, d in enumerate(domains)
+            },
+        }
+        for r in raw
+    )
     hparams = dict(raw[0].get("hparams") or {})
     spec = get_spec(dataset)
     identity = {k: v for k, v in args.items() if k not in ("output_dir", "data_dir")}
     return DomainBedRun(
-        path=path, dataset=dataset, dataset_title=spec.title if spec else dataset, algorithm=str(args["algorithm"]),
-        backbone=_backbone(str(args["dataset"]), hparams), domains=domains,
-        targets=tuple(domains[e] for e in sorted(set(test_envs))), trial_seed=int(args["trial_seed"]),
-        hparams_seed=int(args["hparams_seed"]), hparams=hparams,
+        path=path,
+        dataset=dataset,
+        dataset_title=spec.title if spec else dataset,
+        algorithm=str(args["algorithm"]),
+        backbone=_backbone(str(args["dataset"]), hparams),
+        domains=domains,
+        targets=tuple(domains[e] for e in sorted(set(test_envs))),
+        trial_seed=int(args["trial_seed"]),
+        hparams_seed=int(args["hparams_seed"]),
+        hparams=hparams,
         fingerprint=json.dumps({"domainbed": identity, "hparams": hparams}, sort_keys=True, default=str),
-        records=tuple(sorted(records, key=lambda r: r["step"])))
+        records=tuple(sorted(records, key=lambda r: r["step"])),
+    )
 
 
 def _backbone(dataset: str, hparams: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ launcher, or a `dgzoo train` by hand) is reported "running elsewhere" and skippe
 dead process holds nothing (its claim goes stale). A failed run is retried at most ``max_retries`` times, resuming
 from its checkpoint when it has one.
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,20 +36,43 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
-from collections.abc import Callable, Sequence
 
 from ..errors import DGZooError, Interrupted, suggest
 from ..run.claim import CLAIM_TTL_S, EXIT_CLAIMED, RunDirClaimed, claim_run_dir
 from ..run.rundir import read_json, write_json
-from .slurm import (DEFAULT_MAX_REQUEUES, FAILED_STATES, FAILURE_FILE, UNKNOWN, check_time, job_states,
-                    read_failure, resolve_gpus, sbatch_refusal, write_failure)
-from .sweep import (DEFAULT_LAUNCH_PREFIX, SweepRun, SweepSpec, add_more_trials, check_slurm_options,
-                    describe_running, expand_all, holder_of, plan, prepare, status_line, sweep_claim_dir,
-                    train_command, write_manifest)
+from .slurm import (
+    DEFAULT_MAX_REQUEUES,
+    FAILED_STATES,
+    FAILURE_FILE,
+    UNKNOWN,
+    check_time,
+    job_states,
+    read_failure,
+    resolve_gpus,
+    sbatch_refusal,
+    write_failure,
+)
+from .sweep import (
+    DEFAULT_LAUNCH_PREFIX,
+    SweepRun,
+    SweepSpec,
+    add_more_trials,
+    check_slurm_options,
+    describe_running,
+    expand_all,
+    holder_of,
+    plan,
+    prepare,
+    status_line,
+    sweep_claim_dir,
+    train_command,
+    write_manifest,
+)
 
 LAUNCHERS = ("local", "subprocess", "print", "local-gpus", "slurm")
 SLURM_CLUSTERS = ("slurm", "local", "debug")  # submitit's: a real cluster, or this machine (to try a sweep)
@@ -56,8 +80,17 @@ SLURM_JOBS = "slurm_jobs.json"
 SLURM_FOLDER = "slurm"  # submitit's pickles and every job's stdout/stderr, <output_dir>/slurm/<job id>_*
 LAUNCH_LOGS = "launch_logs"  # local-gpus: <output_dir>/launch_logs/<run dir name>.log
 DEFAULT_SLURM_TIME_MIN = 24 * 60
-LIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
-                     "REQUEUE_HOLD", "REQUEUE_FED")
+LIVE_SLURM_STATES = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+    "RESIZING",
+    "SUSPENDED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+)
 ENDED_CHECK_S = 15.0  # --wait on Slurm: how often to look for jobs that ended without a result
 MAIN_PROCESS_PORT = 29500  # accelerate's default; slot i of a local-gpus pool uses port + i
 
@@ -74,12 +107,24 @@ class SweepOutcome:
     jobs: dict[str, str] = field(default_factory=dict)  # slurm: run directory name -> job id
 
 
-def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | None = None, fail_fast: bool = False,
-              log: Callable[[str], None] = print, max_retries: int = 0, gpus: Sequence[str] | None = None,
-              gpus_per_run: int = 1, slurm: dict[str, Any] | None = None, cluster: str = "slurm",
-              wait: bool | None = None, more_trials: int = 0, selection: str = "training_domain_validation",
-              train_fn: Callable[[Any], Any] | None = None, poll_s: float = 0.5,
-              runs_per_gpu: int = 1) -> SweepOutcome:
+def run_sweep(
+    spec: SweepSpec,
+    launcher: str = "local",
+    launch_prefix: str | None = None,
+    fail_fast: bool = False,
+    log: Callable[[str], None] = print,
+    max_retries: int = 0,
+    gpus: Sequence[str] | None = None,
+    gpus_per_run: int = 1,
+    slurm: dict[str, Any] | None = None,
+    cluster: str = "slurm",
+    wait: bool | None = None,
+    more_trials: int = 0,
+    selection: str = "training_domain_validation",
+    train_fn: Callable[[Any], Any] | None = None,
+    poll_s: float = 0.5,
+    runs_per_gpu: int = 1,
+) -> SweepOutcome:
     """Expand, plan and launch a sweep; return what was trained, failed, skipped and (``print``) the commands.
 
     ``more_trials``: first add N trial seeds of the selected samples (``selection``). ``max_retries``: how often a
@@ -100,15 +145,22 @@ def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | Non
     check_runs_per_gpu(runs_per_gpu, launcher)
     prefix = launch_prefix or DEFAULT_LAUNCH_PREFIX
     if launcher == "subprocess" and "recipes/train.py" in prefix and not Path("recipes/train.py").exists():
-        raise DGZooError("recipes/train.py is not in the current directory; run the sweep from a dgzoo checkout or "
-                         "pass --launch-prefix 'accelerate launch -m dgzoo.cli train'")
-    slots = pack_slots(device_slots(list(gpus) if gpus is not None else visible_gpus(), gpus_per_run),
-                       runs_per_gpu) if launcher == "local-gpus" else []
+        raise DGZooError(
+            "recipes/train.py is not in the current directory; run the sweep from a dgzoo checkout or "
+            "pass --launch-prefix 'accelerate launch -m dgzoo.cli train'"
+        )
+    slots = (
+        pack_slots(device_slots(list(gpus) if gpus is not None else visible_gpus(), gpus_per_run), runs_per_gpu)
+        if launcher == "local-gpus"
+        else []
+    )
     options = {**spec.slurm, **check_slurm_options(dict(slurm or {}), "the slurm flags")}
     if launcher == "slurm":
         if cluster not in SLURM_CLUSTERS:
-            raise DGZooError(f"--slurm-cluster '{cluster}' is not one of {', '.join(SLURM_CLUSTERS)}"
-                             f"{suggest(cluster, SLURM_CLUSTERS)}")
+            raise DGZooError(
+                f"--slurm-cluster '{cluster}' is not one of {', '.join(SLURM_CLUSTERS)}"
+                f"{suggest(cluster, SLURM_CLUSTERS)}"
+            )
         if cluster == "slurm":  # before anything is written: the time limit, and GPUs the partition has
             check_time(options.get("time", DEFAULT_SLURM_TIME_MIN))
             options["gpus"] = resolve_gpus(options, gpus_per_run, log)
@@ -134,16 +186,32 @@ def run_sweep(spec: SweepSpec, launcher: str = "local", launch_prefix: str | Non
     if launcher in ("local", "subprocess"):
         _sequential(pending, launcher, prefix, fail_fast, log, max_retries, train_fn, purpose, outcome)
     elif launcher == "local-gpus":
-        _pool(Path(spec.output_dir), pending, slots, launch_prefix, fail_fast, log, max_retries, purpose, outcome,
-              poll_s)
+        _pool(
+            Path(spec.output_dir), pending, slots, launch_prefix, fail_fast, log, max_retries, purpose, outcome, poll_s
+        )
     else:
         waiting = cluster != "slurm" if wait is None else wait  # a local "cluster" has no queue to return to
-        _submit(spec, pending, executor, cluster, gpus_per_run, max_retries, log, waiting, train_fn, purpose,
-                outcome, poll_s, runs_per_gpu)
+        _submit(
+            spec,
+            pending,
+            executor,
+            cluster,
+            gpus_per_run,
+            max_retries,
+            log,
+            waiting,
+            train_fn,
+            purpose,
+            outcome,
+            poll_s,
+            runs_per_gpu,
+        )
         if not waiting:
             return outcome
-    log(f"sweep {spec.output_dir}: {status_line(plan(runs))}"
-        + (f"; {len(outcome.failed)} failed (rerun the sweep to retry them)" if outcome.failed else ""))
+    log(
+        f"sweep {spec.output_dir}: {status_line(plan(runs))}"
+        + (f"; {len(outcome.failed)} failed (rerun the sweep to retry them)" if outcome.failed else "")
+    )
     if spec.soup:  # soups of the cells whose runs are all finished (torch loads only now: `dgzoo report` stays fast)
         from .soup import build_sweep_soups
 
@@ -181,8 +249,10 @@ def _task_failure(error: BaseException) -> str:
     """The one line a failed Slurm task records: dgzoo's own message, submitit's reason for not requeueing, or the
     exception (whose traceback goes to the job's log)."""
     if type(error).__name__ == "UncompletedJobError":
-        return (f"{error} (submitit requeues a job that runs out of time at most --slurm-max-requeues times, "
-                f"default {DEFAULT_MAX_REQUEUES}; raise it or --slurm-time, then rerun the sweep to resume)")
+        return (
+            f"{error} (submitit requeues a job that runs out of time at most --slurm-max-requeues times, "
+            f"default {DEFAULT_MAX_REQUEUES}; raise it or --slurm-time, then rerun the sweep to resume)"
+        )
     return _failure_reason(error)
 
 
@@ -197,8 +267,17 @@ def _failure_reason(error: BaseException) -> str:
 # ---------------------------------------------------------------------- one after another
 
 
-def _sequential(pending: list[SweepRun], launcher: str, prefix: str, fail_fast: bool, log: Callable[[str], None],
-                max_retries: int, train_fn: Callable[[Any], Any] | None, purpose: str, outcome: SweepOutcome) -> None:
+def _sequential(
+    pending: list[SweepRun],
+    launcher: str,
+    prefix: str,
+    fail_fast: bool,
+    log: Callable[[str], None],
+    max_retries: int,
+    train_fn: Callable[[Any], Any] | None,
+    purpose: str,
+    outcome: SweepOutcome,
+) -> None:
     """``local`` and ``subprocess``: each pending run in turn, claimed, re-planned, retried up to ``max_retries``."""
     for index, run in enumerate(pending, 1):
         for attempt in range(max_retries + 1):
@@ -217,6 +296,7 @@ def _sequential(pending: list[SweepRun], launcher: str, prefix: str, fail_fast: 
                     if launcher == "local":
                         if train_fn is None:
                             from ..training.engine import train as engine_train
+
                             train_fn = engine_train
                         train_fn(run.config)
                     else:
@@ -260,12 +340,15 @@ def visible_gpus() -> list[str]:
 def device_slots(gpus: Sequence[str], gpus_per_run: int) -> list[tuple[str, ...]]:
     """Split ``gpus`` into slots of ``gpus_per_run`` devices (left-over devices stay idle)."""
     if not gpus:
-        raise DGZooError("--launcher local-gpus found no GPU (CUDA_VISIBLE_DEVICES is empty and torch sees none); "
-                         "name them with --gpus 0,1,... or use --launcher local")
+        raise DGZooError(
+            "--launcher local-gpus found no GPU (CUDA_VISIBLE_DEVICES is empty and torch sees none); "
+            "name them with --gpus 0,1,... or use --launcher local"
+        )
     if gpus_per_run > len(gpus):
-        raise DGZooError(f"--gpus-per-run {gpus_per_run} needs at least that many GPUs; {len(gpus)} visible "
-                         f"({','.join(gpus)})")
-    return [tuple(gpus[i:i + gpus_per_run]) for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)]
+        raise DGZooError(
+            f"--gpus-per-run {gpus_per_run} needs at least that many GPUs; {len(gpus)} visible ({','.join(gpus)})"
+        )
+    return [tuple(gpus[i : i + gpus_per_run]) for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)]
 
 
 def check_runs_per_gpu(runs_per_gpu: Any, launcher: str) -> None:
@@ -273,8 +356,10 @@ def check_runs_per_gpu(runs_per_gpu: Any, launcher: str) -> None:
     if isinstance(runs_per_gpu, bool) or not isinstance(runs_per_gpu, int) or runs_per_gpu < 1:
         raise DGZooError(f"--runs-per-gpu must be a positive integer, got {runs_per_gpu!r}")
     if runs_per_gpu > 1 and launcher not in ("local-gpus", "slurm"):
-        raise DGZooError(f"--runs-per-gpu packs runs onto the GPUs of --launcher local-gpus or slurm, not "
-                         f"{launcher}; use one of those, or drop --runs-per-gpu")
+        raise DGZooError(
+            f"--runs-per-gpu packs runs onto the GPUs of --launcher local-gpus or slurm, not "
+            f"{launcher}; use one of those, or drop --runs-per-gpu"
+        )
 
 
 def pack_slots(slots: list[tuple[str, ...]], runs_per_gpu: int) -> list[tuple[str, ...]]:
@@ -292,8 +377,10 @@ def pool_prefix(gpus_per_run: int, slot: int) -> str:
     python = shlex.quote(sys.executable)
     if gpus_per_run == 1:
         return f"{python} -m dgzoo.cli train"
-    return (f"{python} -m accelerate.commands.launch --multi_gpu --num_processes {gpus_per_run} "
-            f"--main_process_port {MAIN_PROCESS_PORT + slot} -m dgzoo.cli train")
+    return (
+        f"{python} -m accelerate.commands.launch --multi_gpu --num_processes {gpus_per_run} "
+        f"--main_process_port {MAIN_PROCESS_PORT + slot} -m dgzoo.cli train"
+    )
 
 
 @dataclass
@@ -305,9 +392,18 @@ class _Slot:
     log_path: Path
 
 
-def _pool(root: Path, pending: list[SweepRun], slots: list[tuple[str, ...]], launch_prefix: str | None,
-          fail_fast: bool, log: Callable[[str], None], max_retries: int, purpose: str, outcome: SweepOutcome,
-          poll_s: float) -> None:
+def _pool(
+    root: Path,
+    pending: list[SweepRun],
+    slots: list[tuple[str, ...]],
+    launch_prefix: str | None,
+    fail_fast: bool,
+    log: Callable[[str], None],
+    max_retries: int,
+    purpose: str,
+    outcome: SweepOutcome,
+    poll_s: float,
+) -> None:
     """``local-gpus``: keep every device slot busy with one run until none is left."""
     queue = collections.deque(pending)
     attempts: collections.Counter[str] = collections.Counter()
@@ -349,8 +445,10 @@ def _pool(root: Path, pending: list[SweepRun], slots: list[tuple[str, ...]], lau
                     outcome.elsewhere.append(run)
                 elif attempts[str(run.output_dir)] < max_retries:
                     attempts[str(run.output_dir)] += 1
-                    log(f"run failed: {run.describe()}: exit status {code} (log: {slot.log_path}); retrying "
-                        f"({attempts[str(run.output_dir)]}/{max_retries})")
+                    log(
+                        f"run failed: {run.describe()}: exit status {code} (log: {slot.log_path}); retrying "
+                        f"({attempts[str(run.output_dir)]}/{max_retries})"
+                    )
                     queue.append(run)
                 else:
                     outcome.failed.append((run, f"exit status {code}; log: {slot.log_path}"))
@@ -360,8 +458,10 @@ def _pool(root: Path, pending: list[SweepRun], slots: list[tuple[str, ...]], lau
             counts = (len(outcome.trained), len(busy), len(outcome.failed), len(queue))
             if counts != last:
                 last = counts
-                log(f"progress: {counts[0]} done, {counts[1]} running, {counts[2]} failed, {counts[3]} queued "
-                    f"(of {total})")
+                log(
+                    f"progress: {counts[0]} done, {counts[1]} running, {counts[2]} failed, {counts[3]} queued "
+                    f"(of {total})"
+                )
             if busy:
                 time.sleep(poll_s)
     finally:
@@ -377,19 +477,32 @@ def _pool(root: Path, pending: list[SweepRun], slots: list[tuple[str, ...]], lau
             slot.claim.close()
 
 
-def _start(run: SweepRun, status: str, claim: contextlib.ExitStack, devices: tuple[str, ...], slot: int,
-           launch_prefix: str | None, logs: Path, log: Callable[[str], None]) -> _Slot:
+def _start(
+    run: SweepRun,
+    status: str,
+    claim: contextlib.ExitStack,
+    devices: tuple[str, ...],
+    slot: int,
+    launch_prefix: str | None,
+    logs: Path,
+    log: Callable[[str], None],
+) -> _Slot:
     command = train_command(run.config, launch_prefix or pool_prefix(len(devices), slot))
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{run.output_dir.name}.log"
     log_file = open(log_path, "a")
     visible = ",".join(devices)
-    log_file.write(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')} CUDA_VISIBLE_DEVICES={visible} "
-                   f"{command}\n")
+    log_file.write(
+        f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')} CUDA_VISIBLE_DEVICES={visible} {command}\n"
+    )
     log_file.flush()
     try:
-        process = subprocess.Popen(shlex.split(command), stdout=log_file, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "CUDA_VISIBLE_DEVICES": visible})
+        process = subprocess.Popen(
+            shlex.split(command),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": visible},
+        )
     except BaseException:
         log_file.close()
         claim.close()
@@ -406,8 +519,9 @@ def import_submitit() -> Any:
     try:
         import submitit
     except ImportError:
-        raise DGZooError("--launcher slurm needs submitit, which is not installed: pip install 'dgzoo[slurm]'") \
-            from None
+        raise DGZooError(
+            "--launcher slurm needs submitit, which is not installed: pip install 'dgzoo[slurm]'"
+        ) from None
     return submitit
 
 
@@ -478,6 +592,7 @@ class SlurmTask:
             train = self.train_fn
             if train is None:
                 from ..training.engine import train as engine_train
+
                 train = engine_train
             train(run.config)
             return
@@ -556,7 +671,7 @@ class PackedRun:
     def result(self) -> str:
         outcome = self.job.result()[self.index]
         if outcome.startswith("failed: "):
-            raise RuntimeError(outcome[len("failed: "):])
+            raise RuntimeError(outcome[len("failed: ") :])
         return outcome
 
 
@@ -565,7 +680,7 @@ def map_runs(executor: Any, task: SlurmTask, runs: list[SweepRun], runs_per_gpu:
     (:class:`PackedSlurmTask`); returns one job-like handle per run, in order."""
     if runs_per_gpu == 1:
         return list(executor.map_array(task, runs))
-    groups = [runs[i:i + runs_per_gpu] for i in range(0, len(runs), runs_per_gpu)]
+    groups = [runs[i : i + runs_per_gpu] for i in range(0, len(runs), runs_per_gpu)]
     jobs = executor.map_array(PackedSlurmTask(task), groups)
     return [PackedRun(job, i) for job, group in zip(jobs, groups) for i in range(len(group))]
 
@@ -573,13 +688,23 @@ def map_runs(executor: Any, task: SlurmTask, runs: list[SweepRun], runs_per_gpu:
 def _executor(root: Path, options: dict[str, Any], cluster: str, gpus_per_run: int) -> Any:
     submitit = import_submitit()
     try:
-        executor = submitit.AutoExecutor(folder=root / SLURM_FOLDER, cluster=cluster,
-                                         slurm_max_num_timeout=options.get("max_requeues", DEFAULT_MAX_REQUEUES))
+        executor = submitit.AutoExecutor(
+            folder=root / SLURM_FOLDER,
+            cluster=cluster,
+            slurm_max_num_timeout=options.get("max_requeues", DEFAULT_MAX_REQUEUES),
+        )
     except RuntimeError as e:  # no srun/sbatch on this machine
-        raise DGZooError(f"cannot submit to Slurm here ({e}); run on the cluster's login node, or pass "
-                         f"--slurm-cluster local to run the jobs on this machine") from None
-    params: dict[str, Any] = {"name": f"dgzoo-{root.name}", "timeout_min": options.get("time", DEFAULT_SLURM_TIME_MIN),
-                              "gpus_per_node": options.get("gpus", gpus_per_run), "tasks_per_node": 1, "nodes": 1}
+        raise DGZooError(
+            f"cannot submit to Slurm here ({e}); run on the cluster's login node, or pass "
+            f"--slurm-cluster local to run the jobs on this machine"
+        ) from None
+    params: dict[str, Any] = {
+        "name": f"dgzoo-{root.name}",
+        "timeout_min": options.get("time", DEFAULT_SLURM_TIME_MIN),
+        "gpus_per_node": options.get("gpus", gpus_per_run),
+        "tasks_per_node": 1,
+        "nodes": 1,
+    }
     if "cpus" in options:
         params["cpus_per_task"] = options["cpus"]
     if "mem" in options:
@@ -591,14 +716,27 @@ def _executor(root: Path, options: dict[str, Any], cluster: str, gpus_per_run: i
     return executor
 
 
-def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: str, gpus_per_run: int,
-            max_retries: int, log: Callable[[str], None], wait: bool, train_fn: Callable[[Any], Any] | None,
-            purpose: str, outcome: SweepOutcome, poll_s: float, runs_per_gpu: int = 1) -> None:
+def _submit(
+    spec: SweepSpec,
+    pending: list[SweepRun],
+    executor: Any,
+    cluster: str,
+    gpus_per_run: int,
+    max_retries: int,
+    log: Callable[[str], None],
+    wait: bool,
+    train_fn: Callable[[Any], Any] | None,
+    purpose: str,
+    outcome: SweepOutcome,
+    poll_s: float,
+    runs_per_gpu: int = 1,
+) -> None:
     """``slurm``: submit the pending runs that no live process holds and no live job will train, as one array."""
     root = Path(spec.output_dir)
     notes: list[str] = []
-    queued = {name: job for name, job in latest_jobs(root, notes).items()
-              if job["state"] in (*LIVE_SLURM_STATES, UNKNOWN)}  # UNKNOWN: possibly queued, never submitted twice
+    queued = {
+        name: job for name, job in latest_jobs(root, notes).items() if job["state"] in (*LIVE_SLURM_STATES, UNKNOWN)
+    }  # UNKNOWN: possibly queued, never submitted twice
     for note in notes:
         log(f"slurm: {note}")
     todo = []
@@ -608,8 +746,10 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
             outcome.elsewhere.append(run)
         elif run.output_dir.name in queued:
             job = queued[run.output_dir.name]
-            log(f"{'possibly queued' if job['state'] == UNKNOWN else 'queued elsewhere'}: {run.describe()} "
-                f"(job {job['job_id']}, {job['state']})")
+            log(
+                f"{'possibly queued' if job['state'] == UNKNOWN else 'queued elsewhere'}: {run.describe()} "
+                f"(job {job['job_id']}, {job['state']})"
+            )
             outcome.elsewhere.append(run)
         else:
             todo.append(run)
@@ -630,12 +770,20 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
     outcome.jobs = {run.output_dir.name: job.job_id for run, job in zip(todo, jobs)}
     path = root / SLURM_JOBS
     record = read_json(path) if path.exists() else {"submissions": []}
-    record["submissions"].append({"submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                  "cluster": cluster, "folder": str(root / SLURM_FOLDER), "jobs": outcome.jobs})
+    record["submissions"].append(
+        {
+            "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "cluster": cluster,
+            "folder": str(root / SLURM_FOLDER),
+            "jobs": outcome.jobs,
+        }
+    )
     write_json(path, record)
     array = jobs[0].job_id.split("_")[0] if cluster == "slurm" else ", ".join(dict.fromkeys(j.job_id for j in jobs))
-    log(f"slurm: submitted {len(jobs)} run(s) as job array {array} ({cluster}); logs in {root / SLURM_FOLDER}; "
-        f"states: dgzoo sweep SPEC --status")
+    log(
+        f"slurm: submitted {len(jobs)} run(s) as job array {array} ({cluster}); logs in {root / SLURM_FOLDER}; "
+        f"states: dgzoo sweep SPEC --status"
+    )
     if not wait:
         return
     states: dict[str, str] = {}
@@ -645,8 +793,9 @@ def _submit(spec: SweepSpec, pending: list[SweepRun], executor: Any, cluster: st
     while len(states) < len(jobs):
         if cluster == "slurm" and time.monotonic() - checked > ENDED_CHECK_S:
             checked = time.monotonic()
-            ended = {job: state for job, state in job_states([j.job_id for j in jobs])[0].items()
-                     if state in FAILED_STATES}
+            ended = {
+                job: state for job, state in job_states([j.job_id for j in jobs])[0].items() if state in FAILED_STATES
+            }
         for run, job in zip(todo, jobs):
             name = run.output_dir.name
             if name in states:
@@ -698,8 +847,11 @@ def latest_jobs(root: Path, notes: list[str] | None = None) -> dict[str, dict[st
         if note and notes is not None:
             notes.append(note)
     for job in latest.values():
-        job["state"] = slurm_states[job["job_id"]] if job["cluster"] == "slurm" else \
-            job_state(job["cluster"], job["folder"], job["job_id"])
+        job["state"] = (
+            slurm_states[job["job_id"]]
+            if job["cluster"] == "slurm"
+            else job_state(job["cluster"], job["folder"], job["job_id"])
+        )
     return latest
 
 

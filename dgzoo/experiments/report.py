@@ -27,6 +27,7 @@ naming it; identical runs (same resolved recipe, seeds, data and code, :mod:`dgz
 directory, an identical rerun) count once, with a warning, since a second copy is no new trial and would shrink the
 standard error.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,25 +35,26 @@ import io
 import json
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from ..errors import DGZooError, suggest
 from ..run.identity import identity_key
+from ..run.rundir import atomic_write_text, missing_outputs, read_json, read_records
 from ..run.selection import REPORT_SELECTION_METHODS, SELECTION_TITLES, LeaveOneDomainOut, select
 from .domainbed import DomainBedRun, is_finished, load_domainbed_run
-from ..run.rundir import atomic_write_text, missing_outputs, read_json, read_records
 
 SELECTION_METHODS = REPORT_SELECTION_METHODS  # the report's methods, in table order (dgzoo.run.selection)
 FORMATS = ("markdown", "latex", "csv")
 MISSING = "X"  # DomainBed's mark for a cell without a finished run
 PM_LATEX = "$\\pm$"
-SE_NOTE = ("± is the standard error of the mean over trial seeds (population standard deviation / √n, as "
-           "DomainBed reports it)")
+SE_NOTE = (
+    "± is the standard error of the mean over trial seeds (population standard deviation / √n, as DomainBed reports it)"
+)
 
 
 # ---------------------------------------------------------------------- reading runs
@@ -117,8 +119,9 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
             for entry in read_json(manifest).get("runs", []):
                 manifests[(manifest.parent / entry["run_dir"]).resolve()] = (manifest.parent, entry)
         except READ_ERRORS as e:
-            notes.append(f"skipped the broken sweep manifest {manifest} ({_reason(e)}); its runs are grouped by "
-                         f"their settings")
+            notes.append(
+                f"skipped the broken sweep manifest {manifest} ({_reason(e)}); its runs are grouped by their settings"
+            )
     if unfinished:
         notes.append(f"{unfinished} unfinished run(s) skipped")
     runs = []
@@ -134,8 +137,10 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
     runs = _drop_duplicates(sorted(runs, key=lambda r: str(r.path)), notes)
     if not runs:  # say why each candidate was skipped (a half-written results.json names itself there)
         skipped = f"; {'; '.join(notes)}" if notes else ""
-        raise DGZooError(f"no finished run (a directory with results.json and records.jsonl, or DomainBed's "
-                         f"results.jsonl and done) under {', '.join(map(str, paths))}{skipped}")
+        raise DGZooError(
+            f"no finished run (a directory with results.json and records.jsonl, or DomainBed's "
+            f"results.jsonl and done) under {', '.join(map(str, paths))}{skipped}"
+        )
     if len({run.backbone for run in runs}) > 1:  # several backbones: each (algorithm, backbone) is a row
         runs = [replace(run, row=f"{run.row} ({run.backbone})") for run in runs]
     return runs, notes
@@ -188,20 +193,35 @@ def _drop_duplicates(runs: list[Run], notes: list[str]) -> list[Run]:
     for run in runs:
         first = kept.setdefault(run.fingerprint, run) if run.fingerprint else run
         if first is not run:
-            notes.append(f"warning: {run.path} is identical to {first.path} (same recipe, seeds, data and code); "
-                         f"counted once")
+            notes.append(
+                f"warning: {run.path} is identical to {first.path} (same recipe, seeds, data and code); counted once"
+            )
     return [r for r in runs if not r.fingerprint or kept[r.fingerprint] is r]
 
 
 def _from_domainbed(run: DomainBedRun) -> Run:
-    return Run(path=run.path, dataset=run.dataset, dataset_title=run.dataset_title, algorithm=run.algorithm,
-               backbone=run.backbone, row=run.algorithm, domains=run.domains, sources=run.sources,
-               targets=run.targets, trial=str(run.trial_seed), sample=f"{run.path.parent}:hp{run.hparams_seed}",
-               hparams_seed=run.hparams_seed, records=run.records, hparams=run.hparams, fingerprint=run.fingerprint)
+    return Run(
+        path=run.path,
+        dataset=run.dataset,
+        dataset_title=run.dataset_title,
+        algorithm=run.algorithm,
+        backbone=run.backbone,
+        row=run.algorithm,
+        domains=run.domains,
+        sources=run.sources,
+        targets=run.targets,
+        trial=str(run.trial_seed),
+        sample=f"{run.path.parent}:hp{run.hparams_seed}",
+        hparams_seed=run.hparams_seed,
+        records=run.records,
+        hparams=run.hparams,
+        fingerprint=run.fingerprint,
+    )
 
 
-def _run(path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...],
-         sweep: tuple[Path, dict[str, Any]] | None) -> Run:
+def _run(
+    path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...], sweep: tuple[Path, dict[str, Any]] | None
+) -> Run:
     dataset = results["dataset"]
     if sweep is not None:
         folder, entry = sweep
@@ -211,20 +231,32 @@ def _run(path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...
         split_seed, seed = results.get("split_seed", results["seed"]), results["seed"]
         trial = str(seed) if split_seed == seed else f"{split_seed}/{seed}"
         hparams_seed = None
-        sample = json.dumps({k: results.get(k) for k in ("backbone", "pretrained", "steps", "hparams")},
-                            sort_keys=True, default=str)
+        sample = json.dumps(
+            {k: results.get(k) for k in ("backbone", "pretrained", "steps", "hparams")}, sort_keys=True, default=str
+        )
     row = results["algorithm"]
     soup = results.get("soup")
     if isinstance(soup, dict):  # a weight average (dgzoo soup): its own row, one run per trial (its split seed)
         method = f"top-{soup['k']}" if soup["method"] == "top-k" and soup.get("k") else soup["method"]
         row = f"{results['algorithm']} ({method} soup of {soup['candidates']})"
         trial, hparams_seed, sample = str(results.get("split_seed", results["seed"])), None, f"soup:{path}"
-    return Run(path=path, dataset=dataset["name"], dataset_title=dataset.get("title") or dataset["name"],
-               algorithm=results["algorithm"], backbone=results["backbone"], row=row,
-               domains=tuple(results["accuracy"]), sources=tuple(results["source_domains"]),
-               targets=tuple(results["target_domains"]), trial=trial, sample=sample, hparams_seed=hparams_seed,
-               records=records, hparams=dict(results.get("hparams") or {}),
-               fingerprint=identity_key(results))  # the one rule of dgzoo.run.identity, shared with the zoo
+    return Run(
+        path=path,
+        dataset=dataset["name"],
+        dataset_title=dataset.get("title") or dataset["name"],
+        algorithm=results["algorithm"],
+        backbone=results["backbone"],
+        row=row,
+        domains=tuple(results["accuracy"]),
+        sources=tuple(results["source_domains"]),
+        targets=tuple(results["target_domains"]),
+        trial=trial,
+        sample=sample,
+        hparams_seed=hparams_seed,
+        records=records,
+        hparams=dict(results.get("hparams") or {}),
+        fingerprint=identity_key(results),
+    )  # the one rule of dgzoo.run.identity, shared with the zoo
 
 
 # ---------------------------------------------------------------------- model selection
@@ -251,8 +283,9 @@ def leave_one_domain_out(run: Run, validators: dict[str, Run]) -> Pick | None:
     of the same hyperparameter sample and trial holding out T plus ``v`` (:meth:`LeaveOneDomainOut.validated_step`).
     None when a validator is missing."""
     others = [d for d in run.domains if d not in run.targets]
-    found = LeaveOneDomainOut.validated_step(run.records, run.targets, others,
-                                             {v: r.records for v, r in validators.items()})
+    found = LeaveOneDomainOut.validated_step(
+        run.records, run.targets, others, {v: r.records for v, r in validators.items()}
+    )
     return None if found is None else Pick(run, *found)
 
 
@@ -270,8 +303,10 @@ def column_sets(runs: Iterable[Run]) -> dict[str, list[tuple[str, ...]]]:
     for dataset, found in sets.items():
         size = min(len(s) for s in found)
         domains = order[dataset]
-        columns[dataset] = sorted((s for s in found if len(s) == size),
-                                  key=lambda s: [domains.index(d) if d in domains else len(domains) for d in s])
+        columns[dataset] = sorted(
+            (s for s in found if len(s) == size),
+            key=lambda s: [domains.index(d) if d in domains else len(domains) for d in s],
+        )
     return columns
 
 
@@ -281,8 +316,10 @@ def select_groups(runs: Sequence[Run], method: str) -> dict[GroupKey, Pick]:
     Ties between samples go to the lower hparam sample (sweep runs), else to the run directory listed first.
     """
     if method not in SELECTION_METHODS:
-        raise DGZooError(f"unknown selection method '{method}'{suggest(method, SELECTION_METHODS)}; "
-                         f"use one of {', '.join(SELECTION_METHODS)}")
+        raise DGZooError(
+            f"unknown selection method '{method}'{suggest(method, SELECTION_METHODS)}; "
+            f"use one of {', '.join(SELECTION_METHODS)}"
+        )
     columns = column_sets(runs)
     by_sample = {(r.dataset, r.row, r.trial, r.sample, frozenset(r.targets)): r for r in runs}
     groups: dict[GroupKey, list[Run]] = defaultdict(list)
@@ -295,9 +332,11 @@ def select_groups(runs: Sequence[Run], method: str) -> dict[GroupKey, Pick]:
         picks = []
         for run in candidates:
             if method == "leave_one_domain_out":
-                validators = {v: by_sample.get((run.dataset, run.row, run.trial, run.sample,
-                                                frozenset((*run.targets, v))))
-                              for v in run.domains if v not in run.targets}
+                validators = {
+                    v: by_sample.get((run.dataset, run.row, run.trial, run.sample, frozenset((*run.targets, v))))
+                    for v in run.domains
+                    if v not in run.targets
+                }
                 pick = leave_one_domain_out(run, {v: r for v, r in validators.items() if r is not None})
             else:
                 pick = select_in_run(run, method)
@@ -356,33 +395,52 @@ class Report:
 
     def markdown(self) -> str:
         """All tables as Markdown, each captioned with its dataset, selection method and trial count."""
-        lines = [f"{self.run_count} finished runs. Accuracy (%) on held-out domains. {SE_NOTE}. Avg: the mean over "
-                 "held-out domains within each trial seed, then mean ± standard error; in the averages table the last "
-                 f"column is the mean over datasets. {MISSING}: no finished run.", ""]
+        lines = [
+            f"{self.run_count} finished runs. Accuracy (%) on held-out domains. {SE_NOTE}. Avg: the mean over "
+            "held-out domains within each trial seed, then mean ± standard error; in the averages table the last "
+            f"column is the mean over datasets. {MISSING}: no finished run.",
+            "",
+        ]
         for table in self.tables:
-            lines += [f"### {table.title} ({_trials_label(table)})", "",
-                      "| Algorithm | " + " | ".join(table.columns) + " |",
-                      "|:--|" + "--:|" * len(table.columns)]
-            lines += ["| " + " | ".join([row, *(_format(c) for c in cells)]) + " |"
-                      for row, cells in table.rows.items()]
+            lines += [
+                f"### {table.title} ({_trials_label(table)})",
+                "",
+                "| Algorithm | " + " | ".join(table.columns) + " |",
+                "|:--|" + "--:|" * len(table.columns),
+            ]
+            lines += [
+                "| " + " | ".join([row, *(_format(c) for c in cells)]) + " |" for row, cells in table.rows.items()
+            ]
             lines.append("")
         lines += [f"- {note}" for note in self.notes]
         return "\n".join(lines).rstrip() + "\n"
 
     def latex(self) -> str:
         """All tables as LaTeX (booktabs + adjustbox, ``$\\pm$``), as DomainBed's ``results.tex``."""
-        out = ["% dgzoo report. Requires \\usepackage{booktabs} and \\usepackage{adjustbox}.",
-               f"% {SE_NOTE.replace('√', 'sqrt ')}.", ""]
+        out = [
+            "% dgzoo report. Requires \\usepackage{booktabs} and \\usepackage{adjustbox}.",
+            f"% {SE_NOTE.replace('√', 'sqrt ')}.",
+            "",
+        ]
         for table in self.tables:
-            caption = (f"{_tex(table.title)}: accuracy (\\%) on held-out domains, mean $\\pm$ standard error over "
-                       f"trial seeds ({_tex(_trials_label(table))}).")
-            out += ["\\begin{table}[t]", "\\centering", f"\\caption{{{caption}}}",
-                    "\\adjustbox{max width=\\textwidth}{%", f"\\begin{{tabular}}{{l{'c' * len(table.columns)}}}",
-                    "\\toprule",
-                    " & ".join(f"\\textbf{{{_tex(c)}}}" for c in ["Algorithm", *table.columns]) + " \\\\",
-                    "\\midrule"]
-            out += [" & ".join([_tex(row), *(_format(c, latex=True) for c in cells)]) + " \\\\"
-                    for row, cells in table.rows.items()]
+            caption = (
+                f"{_tex(table.title)}: accuracy (\\%) on held-out domains, mean $\\pm$ standard error over "
+                f"trial seeds ({_tex(_trials_label(table))})."
+            )
+            out += [
+                "\\begin{table}[t]",
+                "\\centering",
+                f"\\caption{{{caption}}}",
+                "\\adjustbox{max width=\\textwidth}{%",
+                f"\\begin{{tabular}}{{l{'c' * len(table.columns)}}}",
+                "\\toprule",
+                " & ".join(f"\\textbf{{{_tex(c)}}}" for c in ["Algorithm", *table.columns]) + " \\\\",
+                "\\midrule",
+            ]
+            out += [
+                " & ".join([_tex(row), *(_format(c, latex=True) for c in cells)]) + " \\\\"
+                for row, cells in table.rows.items()
+            ]
             out += ["\\bottomrule", "\\end{tabular}}", "\\end{table}", ""]
         return "\n".join(out)
 
@@ -394,22 +452,55 @@ class Report:
         for table in self.tables:
             for row, cells in table.rows.items():
                 for column, cell in zip(table.columns, cells):
-                    writer.writerow([table.method, table.dataset or "averages", row, column,
-                                     *(("", "", "") if cell is None else
-                                       (_round(cell.mean), "" if cell.se is None else _round(cell.se), cell.n))])
+                    writer.writerow(
+                        [
+                            table.method,
+                            table.dataset or "averages",
+                            row,
+                            column,
+                            *(
+                                ("", "", "")
+                                if cell is None
+                                else (_round(cell.mean), "" if cell.se is None else _round(cell.se), cell.n)
+                            ),
+                        ]
+                    )
         return buffer.getvalue()
 
     def selected_runs_csv(self) -> str:
         """Which run and step each method selected for each cell and trial seed: the audit trail of the tables."""
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["selection", "dataset", "algorithm", "test_domains", "trial", "hparams_seed", "run_dir",
-                         "step", "validation_accuracy", "test_accuracy"])
+        writer.writerow(
+            [
+                "selection",
+                "dataset",
+                "algorithm",
+                "test_domains",
+                "trial",
+                "hparams_seed",
+                "run_dir",
+                "step",
+                "validation_accuracy",
+                "test_accuracy",
+            ]
+        )
         for method, picks in self.picks.items():
             for (dataset, row, targets, trial), pick in sorted(picks.items(), key=lambda kv: kv[0]):
-                writer.writerow([method, dataset, row, "+".join(targets), trial,
-                                 "" if pick.run.hparams_seed is None else pick.run.hparams_seed, pick.run.path,
-                                 pick.step, _round(100 * pick.val), _round(100 * pick.test)])
+                writer.writerow(
+                    [
+                        method,
+                        dataset,
+                        row,
+                        "+".join(targets),
+                        trial,
+                        "" if pick.run.hparams_seed is None else pick.run.hparams_seed,
+                        pick.run.path,
+                        pick.step,
+                        _round(100 * pick.val),
+                        _round(100 * pick.test),
+                    ]
+                )
         return buffer.getvalue()
 
     def render(self, fmt: str) -> str:
@@ -432,16 +523,27 @@ class Report:
             if table.dataset is not None:
                 by_dataset[table.dataset].append(table)
         for dataset, tables in by_dataset.items():
-            fig, axes = plt.subplots(1, len(tables), figsize=(max(4.5, 1.0 * len(tables[0].columns) + 2) * len(tables),
-                                                              3.4), squeeze=False, sharey=True)
+            fig, axes = plt.subplots(
+                1,
+                len(tables),
+                figsize=(max(4.5, 1.0 * len(tables[0].columns) + 2) * len(tables), 3.4),
+                squeeze=False,
+                sharey=True,
+            )
             for ax, table in zip(axes[0], tables):
                 rows = list(table.rows)
                 width = 0.8 / max(len(rows), 1)
                 x = np.arange(len(table.columns))
                 for i, row in enumerate(rows):
                     cells = table.rows[row]
-                    ax.bar(x + (i - (len(rows) - 1) / 2) * width, [c.mean if c else np.nan for c in cells], width,
-                           yerr=[c.se if c and c.se is not None else 0.0 for c in cells], capsize=3, label=row)
+                    ax.bar(
+                        x + (i - (len(rows) - 1) / 2) * width,
+                        [c.mean if c else np.nan for c in cells],
+                        width,
+                        yerr=[c.se if c and c.se is not None else 0.0 for c in cells],
+                        capsize=3,
+                        label=row,
+                    )
                 ax.set_xticks(x, table.columns)
                 ax.set_xlabel("held-out domain")
                 ax.set_title(SELECTION_TITLES[table.method], fontsize=9)
@@ -463,15 +565,18 @@ class Report:
         """Write report.md, report.tex, report.csv, selected_runs.csv and the plots into ``out_dir``."""
         out_dir = Path(out_dir)
         written = []
-        for name, text in (("report.md", self.markdown()), ("report.tex", self.latex()), ("report.csv", self.csv()),
-                           ("selected_runs.csv", self.selected_runs_csv())):
+        for name, text in (
+            ("report.md", self.markdown()),
+            ("report.tex", self.latex()),
+            ("report.csv", self.csv()),
+            ("selected_runs.csv", self.selected_runs_csv()),
+        ):
             atomic_write_text(out_dir / name, text)
             written.append(out_dir / name)
         return written + self.plot(out_dir)
 
 
-def build_report(runs: Sequence[Run], methods: Sequence[str] = SELECTION_METHODS,
-                 notes: Sequence[str] = ()) -> Report:
+def build_report(runs: Sequence[Run], methods: Sequence[str] = SELECTION_METHODS, notes: Sequence[str] = ()) -> Report:
     """Select, aggregate over trial seeds and lay out the tables of ``runs`` for each selection method.
 
     Leave-one-domain-out is left out (with a note) when no run has the validators it needs.
@@ -486,8 +591,10 @@ def build_report(runs: Sequence[Run], methods: Sequence[str] = SELECTION_METHODS
         picks = select_groups(runs, method)
         if not picks:
             if method == "leave_one_domain_out":
-                report.notes.append("leave-one-domain-out needs runs that hold out each pair of domains "
-                                    "(sweep spec: test_domains: single_and_pairs); none found, table left out")
+                report.notes.append(
+                    "leave-one-domain-out needs runs that hold out each pair of domains "
+                    "(sweep spec: test_domains: single_and_pairs); none found, table left out"
+                )
             continue
         report.picks[method] = picks
         # (dataset, row, held-out set) -> {trial: the pick's test accuracy}, built once instead of per cell.
@@ -502,14 +609,16 @@ def build_report(runs: Sequence[Run], methods: Sequence[str] = SELECTION_METHODS
                 per_column = [cell_trials.get((dataset, row, s), {}) for s in columns[dataset]]
                 cells = [Cell.over_trials(list(trials.values())) if trials else None for trials in per_column]
                 complete = set.intersection(*(set(t) for t in per_column))
-                avg = Cell.over_trials([_mean(t[trial] for t in per_column) for trial in sorted(complete)]) \
-                    if complete else None
+                avg = (
+                    Cell.over_trials([_mean(t[trial] for t in per_column) for trial in sorted(complete)])
+                    if complete
+                    else None
+                )
                 table.rows[row] = [*cells, avg]
                 averages[row].append(avg)
                 _note_incomplete(report, method, dataset, row, labels, per_column)
             report.tables.append(table)
-        overall = Table(method, f"Averages — {SELECTION_TITLES[method]}",
-                        [*(titles[d] for d in datasets), "Avg"], {})
+        overall = Table(method, f"Averages — {SELECTION_TITLES[method]}", [*(titles[d] for d in datasets), "Avg"], {})
         for row, cells in averages.items():
             means = [c.mean for c in cells if c is not None]
             last = Cell(float(np.mean(means)), None, len(means)) if len(means) == len(cells) else None
@@ -524,13 +633,16 @@ def report_dirs(paths: Sequence[str | Path], methods: Sequence[str] = SELECTION_
     return build_report(runs, methods, notes)
 
 
-def _note_incomplete(report: Report, method: str, dataset: str, row: str, labels: list[str],
-                     per_column: list[dict[str, float]]) -> None:
+def _note_incomplete(
+    report: Report, method: str, dataset: str, row: str, labels: list[str], per_column: list[dict[str, float]]
+) -> None:
     trials = set().union(*per_column)
     for label, found in zip(labels, per_column):
         if found and set(found) != trials:
-            report.notes.append(f"{SELECTION_TITLES[method]}: {row} on {dataset} held-out {label} has "
-                                f"{len(found)} of {len(trials)} trial seeds")
+            report.notes.append(
+                f"{SELECTION_TITLES[method]}: {row} on {dataset} held-out {label} has "
+                f"{len(found)} of {len(trials)} trial seeds"
+            )
 
 
 def _trials_label(table: Table) -> str:
@@ -551,9 +663,20 @@ def _format(cell: Cell | None, latex: bool = False) -> str:
 
 
 def _tex(text: str) -> str:
-    for char, escaped in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("$", "\\$"), ("#", "\\#"),
-                          ("_", "\\_"), ("{", "\\{"), ("}", "\\}"), ("~", "\\textasciitilde{}"),
-                          ("^", "\\textasciicircum{}"), ("—", "---"), ("–", "--")):
+    for char, escaped in (
+        ("\\", "\\textbackslash{}"),
+        ("&", "\\&"),
+        ("%", "\\%"),
+        ("$", "\\$"),
+        ("#", "\\#"),
+        ("_", "\\_"),
+        ("{", "\\{"),
+        ("}", "\\}"),
+        ("~", "\\textasciitilde{}"),
+        ("^", "\\textasciicircum{}"),
+        ("—", "---"),
+        ("–", "--"),
+    ):
         text = text.replace(char, escaped)
     return text
 
@@ -598,19 +721,25 @@ def top_hparams(paths: Sequence[str | Path], methods: Sequence[str] = SELECTION_
         picks = select_groups(runs, method)
         lines.append(f"# {SELECTION_TITLES[method]}")
         if not picks:
-            lines.append("  no run can be selected by this method (leave-one-domain-out needs the pair runs of "
-                         "test_domains: single_and_pairs)")
+            lines.append(
+                "  no run can be selected by this method (leave-one-domain-out needs the pair runs of "
+                "test_domains: single_and_pairs)"
+            )
         group = None
-        for (dataset, row, targets, trial), pick in sorted(picks.items(),
-                                                          key=lambda kv: (*kv[0][:3], _trial_key(kv[0][3]))):
+        for (dataset, row, targets, trial), pick in sorted(
+            picks.items(), key=lambda kv: (*kv[0][:3], _trial_key(kv[0][3]))
+        ):
             if (dataset, row, targets) != group:
                 group = (dataset, row, targets)
                 lines.append(f"{dataset} {row} held-out {'+'.join(targets)}")
             sample = "" if pick.run.hparams_seed is None else f"hp{pick.run.hparams_seed} "
-            lines.append(f"  trial {trial}: {sample}val {100 * pick.val:.1f} test {100 * pick.test:.1f} step "
-                         f"{pick.step}  {pick.run.path}")
-            values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in sorted(pick.run.hparams.items()))
+            lines.append(
+                f"  trial {trial}: {sample}val {100 * pick.val:.1f} test {100 * pick.test:.1f} step "
+                f"{pick.step}  {pick.run.path}"
+            )
+            values = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(pick.run.hparams.items())
+            )
             lines.append(f"    {values or '(no hyperparameters recorded)'}")
     lines += [f"note: {note}" for note in notes]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@
 - A task that fails writes its reason, one line, to ``failure.txt`` in its run directory, for ``--status`` and
   ``--wait``.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,17 @@ MIN_TIME_MIN = math.ceil((SIGNAL_DELAY_S + MIN_WORK_S) / 60)
 DEFAULT_MAX_REQUEUES = 3  # submitit's max_num_timeout (submitit/core/core.py, Executor.__init__)
 UNKNOWN = "UNKNOWN"  # no answer from sacct nor squeue: possibly still queued
 ENDED = "ENDED"  # not in squeue any more and no accounting record: the job is over, its run directory says how
-FAILED_STATES = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "CANCELLED",
-                 "PREEMPTED", ENDED)
+FAILED_STATES = (
+    "FAILED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "CANCELLED",
+    "PREEMPTED",
+    ENDED,
+)
 FAILURE_FILE = "failure.txt"
 QUERY_TIMEOUT_S = 60
 
@@ -79,8 +89,10 @@ def partition_gpus(partition: str | None) -> tuple[str, int] | None:
     if chosen is None:
         return None
     if chosen not in gpus:
-        raise DGZooError(f"--slurm-partition {chosen}: no such partition on this cluster (sinfo lists "
-                         f"{', '.join(sorted(gpus))}); pass one of them")
+        raise DGZooError(
+            f"--slurm-partition {chosen}: no such partition on this cluster (sinfo lists "
+            f"{', '.join(sorted(gpus))}); pass one of them"
+        )
     return chosen, gpus[chosen]
 
 
@@ -95,14 +107,20 @@ def resolve_gpus(options: dict[str, Any], gpus_per_run: int, log: Callable[[str]
     name, available = found
     if available == 0:
         if gpus_per_run > 1:
-            raise DGZooError(f"--gpus-per-run {gpus_per_run}: partition {name} has no GPUs (sinfo lists no gpu "
-                             f"GRES); choose a GPU partition with --slurm-partition, or drop --gpus-per-run")
-        log(f"slurm: partition {name} has no GPUs (sinfo lists no gpu GRES): the jobs ask for none and train on "
-            f"CPUs; --slurm-gpus N asks for GPUs")
+            raise DGZooError(
+                f"--gpus-per-run {gpus_per_run}: partition {name} has no GPUs (sinfo lists no gpu "
+                f"GRES); choose a GPU partition with --slurm-partition, or drop --gpus-per-run"
+            )
+        log(
+            f"slurm: partition {name} has no GPUs (sinfo lists no gpu GRES): the jobs ask for none and train on "
+            f"CPUs; --slurm-gpus N asks for GPUs"
+        )
         return 0
     if available < gpus_per_run:
-        raise DGZooError(f"--gpus-per-run {gpus_per_run}: the nodes of partition {name} have at most {available} "
-                         f"GPU(s); pass --gpus-per-run {available} or another --slurm-partition")
+        raise DGZooError(
+            f"--gpus-per-run {gpus_per_run}: the nodes of partition {name} have at most {available} "
+            f"GPU(s); pass --gpus-per-run {available} or another --slurm-partition"
+        )
     return gpus_per_run
 
 
@@ -110,9 +128,11 @@ def check_time(minutes: int) -> None:
     """Refuse a time limit that leaves too little before Slurm's warning signal: the signal would reach a task
     before submitit's handler exists (or before a checkpoint), and the job would fail instead of requeueing."""
     if minutes * 60 < SIGNAL_DELAY_S + MIN_WORK_S:
-        raise DGZooError(f"--slurm-time {minutes} is too short: Slurm signals a job {SIGNAL_DELAY_S} s before its "
-                         f"limit so that it can checkpoint and requeue, which leaves {minutes * 60 - SIGNAL_DELAY_S} s "
-                         f"to start and train; pass --slurm-time {MIN_TIME_MIN} or more")
+        raise DGZooError(
+            f"--slurm-time {minutes} is too short: Slurm signals a job {SIGNAL_DELAY_S} s before its "
+            f"limit so that it can checkpoint and requeue, which leaves {minutes * 60 - SIGNAL_DELAY_S} s "
+            f"to start and train; pass --slurm-time {MIN_TIME_MIN} or more"
+        )
 
 
 # What sbatch says -> the flag to change. Checked in order: the specific messages before the generic ones.
@@ -137,8 +157,10 @@ def sbatch_refusal(message: str) -> str:
     errors = [e for e in errors if e] or [line.strip() for line in message.splitlines() if line.strip()][-1:]
     said = "; ".join(dict.fromkeys(errors)) or "no reason given"
     lowered = said.lower()
-    fix = next((flag for key, flag in SBATCH_REFUSALS if key in lowered),
-               "the --slurm-* flags (partition, gpus, cpus, mem, time, account)")
+    fix = next(
+        (flag for key, flag in SBATCH_REFUSALS if key in lowered),
+        "the --slurm-* flags (partition, gpus, cpus, mem, time, account)",
+    )
     return f"sbatch refused the job array: {said}; change {fix}"
 
 
@@ -175,12 +197,16 @@ def job_states(job_ids: Sequence[str]) -> tuple[dict[str, str], str | None]:
         states[job] = listed.get(job, ENDED) if answered else UNKNOWN
     why = "sacct has no record of them (this cluster keeps no accounting, or not yet)"
     if answered:
-        note = (f"job states of {len(missing)} job(s) from squeue: {why}; a job that has left the queue shows "
-                f"{ENDED}, its run directory tells how it ended")
+        note = (
+            f"job states of {len(missing)} job(s) from squeue: {why}; a job that has left the queue shows "
+            f"{ENDED}, its run directory tells how it ended"
+        )
     else:
         error = (squeue.stderr.strip().splitlines() or ["no answer"])[-1] if squeue is not None else "not runnable"
-        note = (f"{len(missing)} job state(s) {UNKNOWN}: {why} and squeue did not answer ({error}); they may still "
-                f"be queued, so a rerun does not submit them again (scancel them to resubmit)")
+        note = (
+            f"{len(missing)} job state(s) {UNKNOWN}: {why} and squeue did not answer ({error}); they may still "
+            f"be queued, so a rerun does not submit them again (scancel them to resubmit)"
+        )
     return states, note
 
 

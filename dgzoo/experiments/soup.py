@@ -22,6 +22,7 @@ them frozen (``--freeze-bn``). The soup is evaluated on every domain split as a 
 directory (timm weights, results.json with its ingredients, card, plots), so ``dgzoo push``, ``eval``, ``report`` and
 the zoo treat it like any run. See docs/soups.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,11 +32,11 @@ import re
 import shlex
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -50,12 +51,18 @@ from ..run.cards import plot_run, render_card
 from ..run.hub import CONFIG, WEIGHTS, hub_error_reason, resolve_checkpoint, resolve_token
 from ..run.identity import run_identity
 from ..run.provenance import code_version
-from ..run.rundir import (SAMPLES_IMAGE, atomic_write_text, is_run_dir, read_json, run_done, save_model,
-                          write_json)
 from ..run.results import RunResults
+from ..run.rundir import SAMPLES_IMAGE, atomic_write_text, is_run_dir, read_json, run_done, save_model, write_json
 from ..run.selection import SELECTION_METHODS, select
-from ..training.engine import (build_loop_data, claim_on_main, create_accelerator, device_name, plan_run,
-                               run_config_text, start_run_dir)
+from ..training.engine import (
+    build_loop_data,
+    claim_on_main,
+    create_accelerator,
+    device_name,
+    plan_run,
+    run_config_text,
+    start_run_dir,
+)
 from ..training.evaluation import evaluate
 from ..training.loop import source_batches
 from .sweep import SweepRun, SweepSpec
@@ -117,8 +124,14 @@ class Ingredient:
 def cell_name(results: dict[str, Any]) -> str:
     """The sweep cell a run belongs to: ``<dataset>/<algorithm>/<held-out domains>/trial<split seed>`` (a sweep's
     trial seed is its runs' split seed)."""
-    return "/".join([results["dataset"]["name"], results["algorithm"], "+".join(results["target_domains"]),
-                     f"trial{results.get('split_seed', results.get('seed'))}"])
+    return "/".join(
+        [
+            results["dataset"]["name"],
+            results["algorithm"],
+            "+".join(results["target_domains"]),
+            f"trial{results.get('split_seed', results.get('seed'))}",
+        ]
+    )
 
 
 def is_soup(results: dict[str, Any]) -> bool:
@@ -128,10 +141,16 @@ def is_soup(results: dict[str, Any]) -> bool:
 def _local_ingredient(path: Path) -> Ingredient:
     missing = [n for n in ("results.json", "train_config.json", CONFIG, WEIGHTS) if not (path / n).is_file()]
     if missing:
-        raise DGZooError(f"{path} is not a finished dgzoo run (no {', '.join(missing)}); soup finished runs only, "
-                         f"or finish it first")
-    return Ingredient(str(path.resolve()), path, read_json(path / "results.json"),
-                      read_json(path / "train_config.json"), run_dir=path.resolve())
+        raise DGZooError(
+            f"{path} is not a finished dgzoo run (no {', '.join(missing)}); soup finished runs only, or finish it first"
+        )
+    return Ingredient(
+        str(path.resolve()),
+        path,
+        read_json(path / "results.json"),
+        read_json(path / "train_config.json"),
+        run_dir=path.resolve(),
+    )
 
 
 def _finished_runs_under(root: Path) -> list[Path]:
@@ -153,8 +172,9 @@ def _finished_runs_under(root: Path) -> list[Path]:
 def _sweep_ingredients(root: Path, cell: str | None) -> list[Ingredient]:
     runs = [_local_ingredient(p) for p in _finished_runs_under(root)]
     if not runs:
-        raise DGZooError(f"{root} holds no finished dgzoo run; pass run directories, a sweep's output_dir or "
-                         f"Hub repos REPO@REV")
+        raise DGZooError(
+            f"{root} holds no finished dgzoo run; pass run directories, a sweep's output_dir or Hub repos REPO@REV"
+        )
     cells: dict[str, list[Ingredient]] = defaultdict(list)
     for run in runs:
         cells[cell_name(run.results)].append(run)
@@ -163,8 +183,9 @@ def _sweep_ingredients(root: Path, cell: str | None) -> list[Ingredient]:
             raise DGZooError(f"{root} has no cell '{cell}'; its cells: {', '.join(sorted(cells))}")
         return cells[cell]
     if len(cells) > 1:
-        raise DGZooError(f"{root} holds runs of {len(cells)} cells ({', '.join(sorted(cells))}); pass --cell with "
-                         f"one of them")
+        raise DGZooError(
+            f"{root} holds runs of {len(cells)} cells ({', '.join(sorted(cells))}); pass --cell with one of them"
+        )
     return runs
 
 
@@ -174,17 +195,28 @@ def _hub_ingredient(reference: str, token: str | None) -> Ingredient:
     folder, repo_id, revision = resolve_checkpoint(reference, None, token)
     assert repo_id is not None  # a reference that is not a local directory is a Hub repo
     try:
-        files = {name: Path(huggingface_hub.hf_hub_download(repo_id, name, revision=revision, token=token))
-                 for name in ("results.json", "train_config.json")}
+        files = {
+            name: Path(huggingface_hub.hf_hub_download(repo_id, name, revision=revision, token=token))
+            for name in ("results.json", "train_config.json")
+        }
     except Exception as e:
-        raise DGZooError(f"{reference} has no dgzoo results.json/train_config.json at {revision} "
-                         f"({hub_error_reason(e, token)}); soup dgzoo checkpoints only") from None
-    return Ingredient(f"{repo_id}@{revision}", folder, read_json(files["results.json"]),
-                      read_json(files["train_config.json"]), repo_id=repo_id, revision=revision)
+        raise DGZooError(
+            f"{reference} has no dgzoo results.json/train_config.json at {revision} "
+            f"({hub_error_reason(e, token)}); soup dgzoo checkpoints only"
+        ) from None
+    return Ingredient(
+        f"{repo_id}@{revision}",
+        folder,
+        read_json(files["results.json"]),
+        read_json(files["train_config.json"]),
+        repo_id=repo_id,
+        revision=revision,
+    )
 
 
-def collect_ingredients(references: Sequence[str | Path], cell: str | None = None,
-                        token: str | None = None) -> list[Ingredient]:
+def collect_ingredients(
+    references: Sequence[str | Path], cell: str | None = None, token: str | None = None
+) -> list[Ingredient]:
     """Resolve ``references`` (run directories, sweep folders, Hub repos ``REPO@REV``) into ingredients.
 
     A folder that is not itself a run is a sweep: its finished runs of one cell (``cell``, required when it holds
@@ -227,8 +259,10 @@ def check_compatible(ingredients: Sequence[Ingredient]) -> list[str]:
     """Refuse ingredients that cannot be averaged into one meaningful network (one line naming the first
     mismatch and the ingredient); return warnings (no shared initialisation)."""
     if len(ingredients) < 2:
-        raise DGZooError(f"a soup needs at least two ingredients, got {len(ingredients)}; pass more runs (or a sweep "
-                         f"folder with several finished runs of one cell)")
+        raise DGZooError(
+            f"a soup needs at least two ingredients, got {len(ingredients)}; pass more runs (or a sweep "
+            f"folder with several finished runs of one cell)"
+        )
     first = ingredients[0]
 
     def facts(i: Ingredient) -> dict[str, tuple[str, Any]]:
@@ -253,20 +287,26 @@ def check_compatible(ingredients: Sequence[Ingredient]) -> list[str]:
     for ingredient in ingredients[1:]:
         for key, (label, value) in facts(ingredient).items():
             if value != reference[key][1]:
-                raise DGZooError(f"{ingredient.name} has {label} {_show(value)}, {first.name} has "
-                                 f"{_show(reference[key][1])}; soup runs of one dataset, split and held-out set with "
-                                 f"the same network")
+                raise DGZooError(
+                    f"{ingredient.name} has {label} {_show(value)}, {first.name} has "
+                    f"{_show(reference[key][1])}; soup runs of one dataset, split and held-out set with "
+                    f"the same network"
+                )
         theirs = _shapes(ingredient)
         if theirs != shapes:
             key = next(iter(sorted(set(theirs) ^ set(shapes)) or [k for k in shapes if shapes[k] != theirs[k]]))
-            raise DGZooError(f"{ingredient.name} and {first.name} differ in tensor {key}; soup runs of the same "
-                             f"network (backbone, image size)")
+            raise DGZooError(
+                f"{ingredient.name} and {first.name} differ in tensor {key}; soup runs of the same "
+                f"network (backbone, image size)"
+            )
     inits = {_init_key(i.results) for i in ingredients}
     if len(inits) > 1:
         listed = ", ".join(sorted(f"{kind} {value}" for kind, value in inits)[:4])
-        return [f"the ingredients do not share an initialisation ({listed}{' ...' if len(inits) > 4 else ''}): "
-                f"averaging networks trained from unrelated starts usually fails (their weights are not linearly "
-                f"connected); train them from one checkpoint with init_from, or from the same pretrained weights"]
+        return [
+            f"the ingredients do not share an initialisation ({listed}{' ...' if len(inits) > 4 else ''}): "
+            f"averaging networks trained from unrelated starts usually fails (their weights are not linearly "
+            f"connected); train them from one checkpoint with init_from, or from the same pretrained weights"
+        ]
     return []
 
 
@@ -352,11 +392,18 @@ class SoupSettings:
             raise DGZooError(f"--bn-steps must be a whole number >= 0, got {self.bn_steps}")
 
 
-def soup_command(references: Sequence[str], output_dir: str | Path, settings: SoupSettings,
-                 cell: str | None = None) -> str:
+def soup_command(
+    references: Sequence[str], output_dir: str | Path, settings: SoupSettings, cell: str | None = None
+) -> str:
     """The ``dgzoo soup`` command line that makes this soup again."""
-    parts = ["dgzoo soup", *map(shlex.quote, map(str, references)), "--output-dir", shlex.quote(str(output_dir)),
-             "--method", settings.method]
+    parts = [
+        "dgzoo soup",
+        *map(shlex.quote, map(str, references)),
+        "--output-dir",
+        shlex.quote(str(output_dir)),
+        "--method",
+        settings.method,
+    ]
     if settings.k is not None:
         parts += ["--k", str(settings.k)]
     if cell:
@@ -368,10 +415,21 @@ def soup_command(references: Sequence[str], output_dir: str | Path, settings: So
     return " ".join(parts)
 
 
-def soup(ingredients: Sequence[str | Path], output_dir: str | Path, method: str = "uniform", k: int | None = None,
-         cell: str | None = None, bn_steps: int = DEFAULT_BN_STEPS, freeze_bn: bool | None = None,
-         overwrite: bool = False, seed: int = 0, eval_batch_size: int = 128, num_workers: int | None = None,
-         token: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def soup(
+    ingredients: Sequence[str | Path],
+    output_dir: str | Path,
+    method: str = "uniform",
+    k: int | None = None,
+    cell: str | None = None,
+    bn_steps: int = DEFAULT_BN_STEPS,
+    freeze_bn: bool | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    eval_batch_size: int = 128,
+    num_workers: int | None = None,
+    token: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Average the weights of ``ingredients`` (run directories, a sweep folder, Hub repos ``REPO@REV``) with
     ``method`` into a run directory ``output_dir``; return its results.json content.
 
@@ -388,8 +446,9 @@ def soup(ingredients: Sequence[str | Path], output_dir: str | Path, method: str 
     command = soup_command([str(r) for r in ingredients], output_dir, settings, cell)
     accelerator = create_accelerator("no")
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo soup {method}"):
-        start_run_dir(accelerator, plan.output_dir, overwrite, ("train_config.json", soup_config_text(plan, found)),
-                      "soup.log")
+        start_run_dir(
+            accelerator, plan.output_dir, overwrite, ("train_config.json", soup_config_text(plan, found)), "soup.log"
+        )
         say = log or logger.info
         for warning in warnings:
             logger.warning("warning: %s", warning)
@@ -409,16 +468,43 @@ def soup_config(first: Ingredient, output_dir: str | Path, overwrite: bool, sett
     """The recipe the soup is evaluated under: its first ingredient's (dataset, domains, split, backbone, batch
     size), writing to ``output_dir``; written as the soup's train_config.json so tools that read a run's recipe
     find the shared settings."""
-    values = {k: v for k, v in first.train_config.items()
-              if k not in ("output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision",
-                           "init_from", "dry_run", "pretrained")}
+    values = {
+        k: v
+        for k, v in first.train_config.items()
+        if k
+        not in (
+            "output_dir",
+            "overwrite",
+            "resume",
+            "push_to_hub",
+            "hub_private",
+            "hub_revision",
+            "init_from",
+            "dry_run",
+            "pretrained",
+        )
+    }
     cfg = TrainConfig.from_dict(values, source=f"train_config.json of {first.name}")
-    return dataclasses.replace(cfg, output_dir=str(output_dir), overwrite=overwrite, resume=False, log_with="none",
-                               eval_batch_size=settings.eval_batch_size, num_workers=settings.num_workers)
+    return dataclasses.replace(
+        cfg,
+        output_dir=str(output_dir),
+        overwrite=overwrite,
+        resume=False,
+        log_with="none",
+        eval_batch_size=settings.eval_batch_size,
+        num_workers=settings.num_workers,
+    )
 
 
-def _make_soup(found: Sequence[Ingredient], settings: SoupSettings, plan: Any, accelerator: Any,
-               warnings: list[str], command: str, say: Callable[[str], None]) -> dict[str, Any]:
+def _make_soup(
+    found: Sequence[Ingredient],
+    settings: SoupSettings,
+    plan: Any,
+    accelerator: Any,
+    warnings: list[str],
+    command: str,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     cfg, data, out = plan.config, plan.data, plan.output_dir
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
     device = accelerator.device
@@ -426,10 +512,13 @@ def _make_soup(found: Sequence[Ingredient], settings: SoupSettings, plan: Any, a
     preprocessing = data_config(network, plan.image_size)
     workers, pin = loader_workers(settings.num_workers, device)
     loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
-    eval_loaders: dict[str, dict[str, Iterable[Any]]] = {d: {split: eval_loader(DomainImages(data, rows[d], eval_tf, d), settings.eval_batch_size, workers,
-                                           pin)
-                        for split, rows in (("in", plan.splits.in_rows), ("out", plan.splits.out_rows))}
-                    for d in data.domains}
+    eval_loaders: dict[str, dict[str, Iterable[Any]]] = {
+        d: {
+            split: eval_loader(DomainImages(data, rows[d], eval_tf, d), settings.eval_batch_size, workers, pin)
+            for split, rows in (("in", plan.splits.in_rows), ("out", plan.splits.out_rows))
+        }
+        for d in data.domains
+    }
     source_loaders: dict[str, dict[str, Iterable[Any]]] = {d: {"out": eval_loaders[d]["out"]} for d in sources}
     batches = source_batches(loop_data, accelerator, settings.seed)
     like = {k: v.detach().cpu() for k, v in network.state_dict().items()}
@@ -455,8 +544,11 @@ def _make_soup(found: Sequence[Ingredient], settings: SoupSettings, plan: Any, a
         tick = time.perf_counter()
         load(ingredient.state_dict(), recompute=False)
         acc = evaluate(network, eval_loaders, device)
-        ingredient.scores = {"acc": acc, "source_val_acc": source_val(acc),
-                             "target_acc": sum(acc[d]["in"] for d in targets) / len(targets)}
+        ingredient.scores = {
+            "acc": acc,
+            "source_val_acc": source_val(acc),
+            "target_acc": sum(acc[d]["in"] for d in targets) / len(targets),
+        }
         timing["evaluate_ingredients"] += time.perf_counter() - tick
         say(f"ingredient {ingredient.name}: source val {ingredient.scores['source_val_acc']:.3f}")
     ranked = sorted(found, key=lambda i: -i.scores["source_val_acc"])  # stable: ties keep the given order
@@ -464,7 +556,7 @@ def _make_soup(found: Sequence[Ingredient], settings: SoupSettings, plan: Any, a
     if settings.method == "uniform":
         chosen = list(found)
     elif settings.method == "top-k":
-        chosen = ranked[:int(settings.k or 0)]
+        chosen = ranked[: int(settings.k or 0)]
     else:
         chosen, total = [ranked[0]], WeightSum()
         total.add(ranked[0].state_dict())
@@ -481,8 +573,9 @@ def _make_soup(found: Sequence[Ingredient], settings: SoupSettings, plan: Any, a
             timing["evaluate_candidates"] += time.perf_counter() - tick
             kept = score >= best
             trace.append({"ingredient": ingredient.name, "source_val_acc": score, "kept": kept})
-            say(f"greedy: with {ingredient.name} source val {score:.3f} vs {best:.3f}: "
-                f"{'kept' if kept else 'left out'}")
+            say(
+                f"greedy: with {ingredient.name} source val {score:.3f} vs {best:.3f}: {'kept' if kept else 'left out'}"
+            )
             if kept:
                 chosen.append(ingredient)
                 total, best = candidate, score
@@ -496,34 +589,74 @@ def _make_soup(found: Sequence[Ingredient], settings: SoupSettings, plan: Any, a
     timing["evaluate_soup"] += time.perf_counter() - tick
     seconds = time.perf_counter() - started
     steps = max(int(i.results.get("steps") or 0) for i in found)
-    record = {"step": steps, "epoch": 0.0, "acc": acc, "source_val_acc": source_val(acc),
-              "target_acc": sum(acc[d]["in"] for d in targets) / len(targets), "train_seconds": seconds}
+    record = {
+        "step": steps,
+        "epoch": 0.0,
+        "acc": acc,
+        "source_val_acc": source_val(acc),
+        "target_acc": sum(acc[d]["in"] for d in targets) / len(targets),
+        "train_seconds": seconds,
+    }
 
     first = found[0].results
-    metadata = {"algorithm": first["algorithm"], "dataset": data.info()["name"], "dataset_repo_id": data.repo_id,
-                "dataset_revision": data.revision, "source_domains": sources, "target_domains": targets,
-                "dataset_fingerprint": data.fingerprint,
-                "protocol": plan.protocol.name, "dgzoo_version": __version__, "code": code_version(),
-                "soup": {"method": settings.method, "ingredients": len(chosen)}}
+    metadata = {
+        "algorithm": first["algorithm"],
+        "dataset": data.info()["name"],
+        "dataset_repo_id": data.repo_id,
+        "dataset_revision": data.revision,
+        "source_domains": sources,
+        "target_domains": targets,
+        "dataset_fingerprint": data.fingerprint,
+        "protocol": plan.protocol.name,
+        "dgzoo_version": __version__,
+        "code": code_version(),
+        "soup": {"method": settings.method, "ingredients": len(chosen)},
+    }
     save_model(network, out, data.class_names, preprocessing, metadata)
     records = [record]
     atomic_write_text(out / "records.jsonl", json.dumps(record) + "\n")
-    results = _soup_results(found, chosen, settings, plan, record, records, trace, warnings, command, timing,
-                            seconds, bn_images, accelerator)
+    results = _soup_results(
+        found,
+        chosen,
+        settings,
+        plan,
+        record,
+        records,
+        trace,
+        warnings,
+        command,
+        timing,
+        seconds,
+        bn_images,
+        accelerator,
+    )
     plot_run(results, records, out)
     roles = {d: "held-out" if d in targets else "source" for d in [*sources, *targets]}
     contact_sheet(data, out / SAMPLES_IMAGE, roles=roles, domains=list(roles))
     atomic_write_text(out / "README.md", render_card(results, cfg.to_dict(), run_dir=out))
     write_json(out / "results.json", results)  # last: a directory with results.json is a finished run
-    say(f"{settings.method} soup of {len(chosen)}/{len(found)}: source val {record['source_val_acc']:.3f} | held-out "
-        f"{record['target_acc']:.3f} | made in {seconds:.1f} s | run directory: {out}")
+    say(
+        f"{settings.method} soup of {len(chosen)}/{len(found)}: source val {record['source_val_acc']:.3f} | held-out "
+        f"{record['target_acc']:.3f} | made in {seconds:.1f} s | run directory: {out}"
+    )
     return results
 
 
-def _soup_results(found: Sequence[Ingredient], chosen: Sequence[Ingredient], settings: SoupSettings, plan: Any,
-                  record: dict[str, Any], records: list[dict[str, Any]], trace: list[dict[str, Any]],
-                  warnings: list[str], command: str, timing: dict[str, float], seconds: float, bn_images: int,
-                  accelerator: Any) -> dict[str, Any]:
+def _soup_results(
+    found: Sequence[Ingredient],
+    chosen: Sequence[Ingredient],
+    settings: SoupSettings,
+    plan: Any,
+    record: dict[str, Any],
+    records: list[dict[str, Any]],
+    trace: list[dict[str, Any]],
+    warnings: list[str],
+    command: str,
+    timing: dict[str, float],
+    seconds: float,
+    bn_images: int,
+    accelerator: Any,
+) -> dict[str, Any]:
     """results.json of a soup: a run's fields (so every tool reads it as a run) plus ``soup``."""
     import timm
 
@@ -538,45 +671,96 @@ def _soup_results(found: Sequence[Ingredient], chosen: Sequence[Ingredient], set
     citations += [("DiWA", DIWA_CITATION), ("Model soups", SOUPS_CITATION)]
     chosen_names = {i.name for i in chosen}
     inits = sorted({"{} {}".format(*_init_key(i.results)) for i in found})
-    ingredients = [{**i.reference(), "name": i.name, "algorithm": i.results["algorithm"],
-                    "seed": i.results.get("seed"), "steps": i.results.get("steps"),
-                    "source_val_acc": i.scores["source_val_acc"], "target_acc": i.scores["target_acc"],
-                    "used": i.name in chosen_names, "identity": run_identity(i.results)} for i in found]
+    ingredients = [
+        {
+            **i.reference(),
+            "name": i.name,
+            "algorithm": i.results["algorithm"],
+            "seed": i.results.get("seed"),
+            "steps": i.results.get("steps"),
+            "source_val_acc": i.scores["source_val_acc"],
+            "target_acc": i.scores["target_acc"],
+            "used": i.name in chosen_names,
+            "identity": run_identity(i.results),
+        }
+        for i in found
+    ]
     data_info = plan.data.info()
-    return RunResults.create({
-        "algorithm": first["algorithm"], "host_algorithm": first.get("host_algorithm", first["algorithm"]),
-        "addons": list(first.get("addons") or []), "algorithm_title": f"{title} ({label})",
-        "backbone": first["backbone"], "pretrained": first.get("pretrained", False),
-        "base_model": first.get("base_model"),
-        "dataset": {k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path", "fingerprint")},
-        "class_names": plan.data.class_names, "protocol": plan.protocol.name,
-        "source_domains": sources, "target_domains": targets,
-        "seed": first.get("seed"), "split_seed": cfg.resolved_split_seed(), "steps": record["step"],
-        "init_from": first.get("init_from"),
-        "selection": {k: chosen_selection[k] for k in ("method", "step", "score")},
-        "accuracy": chosen_selection["accuracy"], "target_accuracy": chosen_selection["target_accuracy"],
-        "accuracy_splits": record["acc"], "selections": selections,
-        "hparams": {"soup.method": settings.method, **({"soup.k": settings.k} if settings.k is not None else {}),
-                    "soup.bn_steps": 0 if settings.freeze_bn else settings.bn_steps, "freeze_bn": settings.freeze_bn,
-                    "holdout_fraction": cfg.holdout_fraction, "batch_size": cfg.batch_size},
-        "soup": {"method": settings.method, "k": settings.k, "candidates": len(found), "used": len(chosen),
-                 "label": label, "ingredients": ingredients, "greedy": trace, "initialisation": inits,
-                 "shared_init": len(inits) == 1, "warnings": warnings,
-                 "batchnorm": "averaged (the ingredients kept them frozen)" if settings.freeze_bn
-                 else "averaged (--bn-steps 0)" if not settings.bn_steps
-                 else f"recomputed on {settings.bn_steps} source training batches",
-                 "bn_seed": settings.seed, "command": command,
-                 "seconds": {"total": seconds, **timing}, "bn_images": bn_images},
-        "derived": {}, "splits": {d: {"in": len(plan.splits.in_rows[d]), "out": len(plan.splits.out_rows[d])}
-                                  for d in plan.splits.in_rows},
-        "diagnostics": {}, "citations": citations,
-        "timing": {"train_seconds": seconds, "images_per_second": bn_images / max(seconds, 1e-9),
-                   "train_images": bn_images, "steps_per_second": 0.0},
-        "num_processes": 1, "device": device_name(accelerator.device),
-        "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
-        "code": code_version(),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }).to_json()
+    return RunResults.create(
+        {
+            "algorithm": first["algorithm"],
+            "host_algorithm": first.get("host_algorithm", first["algorithm"]),
+            "addons": list(first.get("addons") or []),
+            "algorithm_title": f"{title} ({label})",
+            "backbone": first["backbone"],
+            "pretrained": first.get("pretrained", False),
+            "base_model": first.get("base_model"),
+            "dataset": {
+                k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path", "fingerprint")
+            },
+            "class_names": plan.data.class_names,
+            "protocol": plan.protocol.name,
+            "source_domains": sources,
+            "target_domains": targets,
+            "seed": first.get("seed"),
+            "split_seed": cfg.resolved_split_seed(),
+            "steps": record["step"],
+            "init_from": first.get("init_from"),
+            "selection": {k: chosen_selection[k] for k in ("method", "step", "score")},
+            "accuracy": chosen_selection["accuracy"],
+            "target_accuracy": chosen_selection["target_accuracy"],
+            "accuracy_splits": record["acc"],
+            "selections": selections,
+            "hparams": {
+                "soup.method": settings.method,
+                **({"soup.k": settings.k} if settings.k is not None else {}),
+                "soup.bn_steps": 0 if settings.freeze_bn else settings.bn_steps,
+                "freeze_bn": settings.freeze_bn,
+                "holdout_fraction": cfg.holdout_fraction,
+                "batch_size": cfg.batch_size,
+            },
+            "soup": {
+                "method": settings.method,
+                "k": settings.k,
+                "candidates": len(found),
+                "used": len(chosen),
+                "label": label,
+                "ingredients": ingredients,
+                "greedy": trace,
+                "initialisation": inits,
+                "shared_init": len(inits) == 1,
+                "warnings": warnings,
+                "batchnorm": "averaged (the ingredients kept them frozen)"
+                if settings.freeze_bn
+                else "averaged (--bn-steps 0)"
+                if not settings.bn_steps
+                else f"recomputed on {settings.bn_steps} source training batches",
+                "bn_seed": settings.seed,
+                "command": command,
+                "seconds": {"total": seconds, **timing},
+                "bn_images": bn_images,
+            },
+            "derived": {},
+            "splits": {
+                d: {"in": len(plan.splits.in_rows[d]), "out": len(plan.splits.out_rows[d])} for d in plan.splits.in_rows
+            },
+            "diagnostics": {},
+            "citations": citations,
+            "timing": {
+                "train_seconds": seconds,
+                "images_per_second": bn_images / max(seconds, 1e-9),
+                "train_images": bn_images,
+                "steps_per_second": 0.0,
+            },
+            "num_processes": 1,
+            "device": device_name(accelerator.device),
+            "dgzoo_version": __version__,
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+            "code": code_version(),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    ).to_json()
 
 
 # ---------------------------------------------------------------------- soups of a sweep
@@ -587,13 +771,21 @@ SOUPS_DIR = "soups"  # under a sweep's output_dir: one run directory per cell an
 
 def soup_dir_name(dataset: str, algorithm: str, test_domains: Sequence[str], trial: int, method: str) -> str:
     """``<dataset>-<algorithm>-<held-out>-<method>_soup-trial<t>``, filesystem-safe (as a sweep's run names)."""
-    slug = "-".join([Path(dataset).name, algorithm.replace("+", "_"), "_".join(test_domains),
-                     f"{method.replace('-', '')}_soup", f"trial{trial}"])
+    slug = "-".join(
+        [
+            Path(dataset).name,
+            algorithm.replace("+", "_"),
+            "_".join(test_domains),
+            f"{method.replace('-', '')}_soup",
+            f"trial{trial}",
+        ]
+    )
     return re.sub(r"[^A-Za-z0-9._-]+", "_", slug)
 
 
-def build_sweep_soups(spec: SweepSpec, runs: Sequence[SweepRun], log: Callable[[str], None] = print
-                      ) -> list[tuple[Path, str]]:
+def build_sweep_soups(
+    spec: SweepSpec, runs: Sequence[SweepRun], log: Callable[[str], None] = print
+) -> list[tuple[Path, str]]:
     """The spec's ``soup`` section: for every cell (dataset, algorithm, held-out set, trial seed) whose grid runs are
     all finished, build each method's soup into ``<output_dir>/soups/``. A soup already built from the same
     ingredients is kept; one whose cell has changed (more samples) is rebuilt. Returns (soup dir, outcome) pairs;
@@ -620,14 +812,22 @@ def build_sweep_soups(spec: SweepSpec, runs: Sequence[SweepRun], log: Callable[[
                     done.append((out, "done"))
                     continue
             try:
-                result = soup(ingredients, out, method=method, k=settings.get("k") if method == "top-k" else None,
-                              bn_steps=settings.get("bn_steps", DEFAULT_BN_STEPS), freeze_bn=settings.get("freeze_bn"),
-                              overwrite=out.exists())
+                result = soup(
+                    ingredients,
+                    out,
+                    method=method,
+                    k=settings.get("k") if method == "top-k" else None,
+                    bn_steps=settings.get("bn_steps", DEFAULT_BN_STEPS),
+                    freeze_bn=settings.get("freeze_bn"),
+                    overwrite=out.exists(),
+                )
             except DGZooError as e:
                 log(f"soup {out.name} failed: {e}")
                 done.append((out, "failed"))
                 continue
-            log(f"soup {out.name}: {result['soup']['used']}/{len(ingredients)} ingredients, held-out "
-                f"{100 * result['target_accuracy']:.1f}% ({result['soup']['seconds']['total']:.0f} s)")
+            log(
+                f"soup {out.name}: {result['soup']['used']}/{len(ingredients)} ingredients, held-out "
+                f"{100 * result['target_accuracy']:.1f}% ({result['soup']['seconds']['total']:.0f} s)"
+            )
             done.append((out, "built"))
     return done

@@ -25,6 +25,7 @@ settings.
 ``--more-trials N`` adds, for every (dataset, algorithm, held-out set), the selected hyperparameter sample trained
 on N new trial seeds; the choice is written to ``more_trials.json`` once, so later invocations extend it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,16 +59,33 @@ TEST_DOMAIN_MODES = ("single", "single_and_pairs")
 DEFAULT_LAUNCH_PREFIX = "accelerate launch recipes/train.py"
 
 # Fields the sweep itself sets for every run; a spec's ``train`` section may not set them.
-SWEEP_FIELDS = ("dataset", "algorithm", "target_domains", "source_domains", "seed", "split_seed", "output_dir",
-                "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision")
+SWEEP_FIELDS = (
+    "dataset",
+    "algorithm",
+    "target_domains",
+    "source_domains",
+    "seed",
+    "split_seed",
+    "output_dir",
+    "overwrite",
+    "resume",
+    "push_to_hub",
+    "hub_private",
+    "hub_revision",
+)
 # The spec's ``slurm`` section (flags of the same names override it): key -> (type, meaning).
 SLURM_KEYS: dict[str, tuple[type, str]] = {
-    "partition": (str, "the Slurm partition"), "time": (int, "minutes per job (--time)"),
-    "gpus": (int, "GPUs per run (--gpus-per-node)"), "cpus": (int, "CPUs per run (--cpus-per-task)"),
-    "mem": (int, "memory per run in GB (--mem)"), "account": (str, "the account to charge (--account)"),
+    "partition": (str, "the Slurm partition"),
+    "time": (int, "minutes per job (--time)"),
+    "gpus": (int, "GPUs per run (--gpus-per-node)"),
+    "cpus": (int, "CPUs per run (--cpus-per-task)"),
+    "mem": (int, "memory per run in GB (--mem)"),
+    "account": (str, "the account to charge (--account)"),
     "array_parallelism": (int, "most runs of the array at once (--array=...%N)"),
-    "max_requeues": (int, "how often submitit requeues a job that ran out of time (default: 3; preemptions do "
-                          "not count)"),
+    "max_requeues": (
+        int,
+        "how often submitit requeues a job that ran out of time (default: 3; preemptions do not count)",
+    ),
 }
 # Fields every printed command states, even at their defaults, so a command says what it trains on its own.
 ALWAYS_IN_COMMANDS = ("dataset", "algorithm", "target_domains", "seed", "split_seed", "output_dir")
@@ -83,8 +101,9 @@ DATASET_SEARCH_SPACES: dict[str, dict[str, Distribution | None]] = {
 }
 
 
-def search_space(algorithm: str, dataset: str, overrides: dict[str, Distribution | None] | None = None
-                 ) -> dict[str, Distribution]:
+def search_space(
+    algorithm: str, dataset: str, overrides: dict[str, Distribution | None] | None = None
+) -> dict[str, Distribution]:
     """The distributions searched for ``algorithm`` on ``dataset``: training keys bare, algorithm keys namespaced.
 
     Layers, later winning: the declarations (TrainConfig's searched fields, then each component of
@@ -132,18 +151,19 @@ class SweepSpec:
     soup: dict[str, Any] = field(default_factory=dict)  # soups built per cell after the runs (docs/soups.md)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "sweep spec", base_dir: Path | None = None
-                  ) -> SweepSpec:
+    def from_dict(cls, values: dict[str, Any], source: str = "sweep spec", base_dir: Path | None = None) -> SweepSpec:
         """Build and validate a spec from a mapping; unknown keys are errors with a suggestion."""
         names = {f.name for f in fields(cls)}
         for key in values:
             if key not in names:
-                raise DGZooError(f"unknown key '{key}' in {source}{suggest(str(key), names)}; "
-                                 f"valid: {', '.join(sorted(names))}")
+                raise DGZooError(
+                    f"unknown key '{key}' in {source}{suggest(str(key), names)}; valid: {', '.join(sorted(names))}"
+                )
         for key in ("datasets", "algorithms"):
             if not values.get(key):
-                raise DGZooError(f"{source} needs '{key}': a list, e.g. {key}: "
-                                 f"[{'rotated-digits' if key == 'datasets' else 'erm'}]")
+                raise DGZooError(
+                    f"{source} needs '{key}': a list, e.g. {key}: [{'rotated-digits' if key == 'datasets' else 'erm'}]"
+                )
         train = dict(values.get("train") or {})
         if "config" in train:  # a recipe file the train section starts from
             recipe = Path(str(train.pop("config")))
@@ -152,16 +172,20 @@ class SweepSpec:
             train = {**load_yaml(recipe), **train}
         for key in train:
             if str(key).replace("-", "_") in SWEEP_FIELDS:
-                raise DGZooError(f"'{key}' cannot be set in the train section of {source}: the sweep sets it for "
-                                 f"every run (use datasets, algorithms, test_domains, n_trials or output_dir)")
+                raise DGZooError(
+                    f"'{key}' cannot be set in the train section of {source}: the sweep sets it for "
+                    f"every run (use datasets, algorithms, test_domains, n_trials or output_dir)"
+                )
         TrainConfig.from_dict(train, source=f"{source} train")  # unknown keys fail here
         search = {str(k): parse_distribution(v, str(k)) for k, v in (values.get("search") or {}).items()}
         train_fields = {f.name for f in fields(TrainConfig)}
         for key in search:
             if "." not in key and key not in train_fields:
-                raise DGZooError(f"search key '{key}' in {source} is neither a training setting"
-                                 f"{suggest(key, train_fields)} nor a namespaced algorithm hyperparameter "
-                                 f"(e.g. gga.rho)")
+                raise DGZooError(
+                    f"search key '{key}' in {source} is neither a training setting"
+                    f"{suggest(key, train_fields)} nor a namespaced algorithm hyperparameter "
+                    f"(e.g. gga.rho)"
+                )
             if key in SWEEP_FIELDS:
                 raise DGZooError(f"search key '{key}' in {source} is set by the sweep itself and cannot be searched")
         counts = {}
@@ -172,15 +196,27 @@ class SweepSpec:
             counts[key] = value
         slurm = check_slurm_options(values.get("slurm") or {}, f"the slurm section of {source}")
         soup = check_soup_section(values.get("soup"), f"the soup section of {source}")
-        spec = cls(soup=soup, datasets=_str_list(values["datasets"]), algorithms=_str_list(values["algorithms"]),
-                   output_dir=str(values.get("output_dir") or ""), test_domains=values.get("test_domains", "single"),
-                   train=train, search=search, slurm=slurm, **counts)
+        spec = cls(
+            soup=soup,
+            datasets=_str_list(values["datasets"]),
+            algorithms=_str_list(values["algorithms"]),
+            output_dir=str(values.get("output_dir") or ""),
+            test_domains=values.get("test_domains", "single"),
+            train=train,
+            search=search,
+            slurm=slurm,
+            **counts,
+        )
         if spec.n_hparams < 1 or spec.n_trials < 1:
-            raise DGZooError(f"n_hparams ({spec.n_hparams}) and n_trials ({spec.n_trials}) in {source} must be >= 1; "
-                             f"n_hparams: 1 trains the defaults only")
+            raise DGZooError(
+                f"n_hparams ({spec.n_hparams}) and n_trials ({spec.n_trials}) in {source} must be >= 1; "
+                f"n_hparams: 1 trains the defaults only"
+            )
         if isinstance(spec.test_domains, str) and spec.test_domains not in TEST_DOMAIN_MODES:
-            raise DGZooError(f"test_domains '{spec.test_domains}' in {source} is not one of "
-                             f"{', '.join(TEST_DOMAIN_MODES)} or a list{suggest(spec.test_domains, TEST_DOMAIN_MODES)}")
+            raise DGZooError(
+                f"test_domains '{spec.test_domains}' in {source} is not one of "
+                f"{', '.join(TEST_DOMAIN_MODES)} or a list{suggest(spec.test_domains, TEST_DOMAIN_MODES)}"
+            )
         if not spec.output_dir:
             raise DGZooError(f"{source} needs an output_dir (or pass --output-dir)")
         return spec
@@ -197,10 +233,18 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain values (distributions as text), for the manifest."""
-        return {"datasets": self.datasets, "algorithms": self.algorithms, "output_dir": self.output_dir,
-                "test_domains": self.test_domains, "n_hparams": self.n_hparams, "n_trials": self.n_trials,
-                "train": self.train, "search": {k: None if v is None else str(v) for k, v in self.search.items()},
-                "slurm": self.slurm, **({"soup": self.soup} if self.soup else {})}
+        return {
+            "datasets": self.datasets,
+            "algorithms": self.algorithms,
+            "output_dir": self.output_dir,
+            "test_domains": self.test_domains,
+            "n_hparams": self.n_hparams,
+            "n_trials": self.n_trials,
+            "train": self.train,
+            "search": {k: None if v is None else str(v) for k, v in self.search.items()},
+            "slurm": self.slurm,
+            **({"soup": self.soup} if self.soup else {}),
+        }
 
 
 def check_slurm_options(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -210,8 +254,9 @@ def check_slurm_options(values: dict[str, Any], source: str) -> dict[str, Any]:
     checked = {}
     for key, value in values.items():
         if key not in SLURM_KEYS:
-            raise DGZooError(f"unknown key '{key}' in {source}{suggest(str(key), SLURM_KEYS)}; valid: "
-                             f"{', '.join(SLURM_KEYS)}")
+            raise DGZooError(
+                f"unknown key '{key}' in {source}{suggest(str(key), SLURM_KEYS)}; valid: {', '.join(SLURM_KEYS)}"
+            )
         kind, meaning = SLURM_KEYS[key]
         if value is None:
             continue
@@ -223,8 +268,12 @@ def check_slurm_options(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 # The spec's ``soup`` section: key -> meaning (``dgzoo soup``'s flags of the same names).
-SOUP_KEYS = {"methods": "soups to build per cell: uniform, greedy, top-k", "k": "top-k: how many ingredients",
-             "bn_steps": "batches of the BatchNorm recomputation", "freeze_bn": "keep the averaged BatchNorm statistics"}
+SOUP_KEYS = {
+    "methods": "soups to build per cell: uniform, greedy, top-k",
+    "k": "top-k: how many ingredients",
+    "bn_steps": "batches of the BatchNorm recomputation",
+    "freeze_bn": "keep the averaged BatchNorm statistics",
+}
 SOUP_METHOD_NAMES = ("uniform", "greedy", "top-k")
 
 
@@ -236,13 +285,16 @@ def check_soup_section(values: Any, source: str) -> dict[str, Any]:
         raise DGZooError(f"{source} must be a mapping, e.g. soup: {{methods: [uniform, greedy]}}")
     for key in values:
         if key not in SOUP_KEYS:
-            raise DGZooError(f"unknown key '{key}' in {source}{suggest(str(key), SOUP_KEYS)}; valid: "
-                             f"{', '.join(SOUP_KEYS)}")
+            raise DGZooError(
+                f"unknown key '{key}' in {source}{suggest(str(key), SOUP_KEYS)}; valid: {', '.join(SOUP_KEYS)}"
+            )
     methods = _str_list(values.get("methods", ["uniform"]))
     for method in methods:
         if method not in SOUP_METHOD_NAMES:
-            raise DGZooError(f"soup method '{method}' in {source} is not one of {', '.join(SOUP_METHOD_NAMES)}"
-                             f"{suggest(method, SOUP_METHOD_NAMES)}")
+            raise DGZooError(
+                f"soup method '{method}' in {source} is not one of {', '.join(SOUP_METHOD_NAMES)}"
+                f"{suggest(method, SOUP_METHOD_NAMES)}"
+            )
     checked: dict[str, Any] = {"methods": methods}
     for key in ("k", "bn_steps"):
         value = values.get(key)
@@ -284,8 +336,10 @@ class SweepRun:
         return Path(self.config.output_dir)
 
     def describe(self) -> str:
-        return (f"{self.dataset} {self.algorithm} held-out {'+'.join(self.test_domains)} "
-                f"hp{self.hparams_seed} trial{self.trial_seed}")
+        return (
+            f"{self.dataset} {self.algorithm} held-out {'+'.join(self.test_domains)} "
+            f"hp{self.hparams_seed} trial{self.trial_seed}"
+        )
 
 
 def sample_hparams(space: dict[str, Distribution], hparams_seed: int, trial_seed: int) -> dict[str, Any]:
@@ -301,13 +355,15 @@ def dataset_domains(name: str, train: dict[str, Any]) -> tuple[str, list[str], C
     spec = get_spec(name)
     if spec is not None and spec.kind != "imagefolder":
         return spec.name, list(spec.domains), spec.canonical_domain
-    data = load_dg_dataset(name, train.get("revision"), train.get("image_column"), train.get("label_column"),
-                           train.get("domain_column"))
+    data = load_dg_dataset(
+        name, train.get("revision"), train.get("image_column"), train.get("label_column"), train.get("domain_column")
+    )
     return (spec.name if spec else name), list(data.domains), data.canonical_domain
 
 
-def held_out_sets(mode: str | list[Any], domains: list[str], canonical: Callable[[str], str | None],
-                     dataset: str) -> list[tuple[str, ...]]:
+def held_out_sets(
+    mode: str | list[Any], domains: list[str], canonical: Callable[[str], str | None], dataset: str
+) -> list[tuple[str, ...]]:
     """The held-out sets: each domain (``single``), plus every pair (``single_and_pairs``, DomainBed's order),
     or an explicit list whose items are a domain (held out alone) or a list of domains (held out together)."""
     if mode == "single":
@@ -315,7 +371,7 @@ def held_out_sets(mode: str | list[Any], domains: list[str], canonical: Callable
     if mode == "single_and_pairs":
         if len(domains) < 3:
             raise DGZooError(f"test_domains: single_and_pairs needs at least 3 domains; {dataset} has {len(domains)}")
-        return [s for i, d in enumerate(domains) for s in [(d,), *((d, e) for e in domains[i + 1:])]]
+        return [s for i, d in enumerate(domains) for s in [(d,), *((d, e) for e in domains[i + 1 :])]]
     sets = []
     for item in mode:
         names = item if isinstance(item, (list, tuple)) else [item]
@@ -323,8 +379,10 @@ def held_out_sets(mode: str | list[Any], domains: list[str], canonical: Callable
         for name in names:
             domain = canonical(str(name))
             if domain is None:
-                raise DGZooError(f"test_domains names '{name}', not a domain of {dataset}"
-                                 f"{suggest(str(name), domains)}; domains: {', '.join(domains)}")
+                raise DGZooError(
+                    f"test_domains names '{name}', not a domain of {dataset}"
+                    f"{suggest(str(name), domains)}; domains: {', '.join(domains)}"
+                )
             resolved.append(domain)
         if len(resolved) >= len(domains):
             raise DGZooError(f"test_domains {resolved} leaves no source domain of {dataset} to train on")
@@ -334,8 +392,15 @@ def held_out_sets(mode: str | list[Any], domains: list[str], canonical: Callable
 
 def run_name(dataset: str, algorithm: str, test_domains: Sequence[str], hparams_seed: int, trial_seed: int) -> str:
     """The run directory name: ``<dataset>-<algorithm>-<held-out>-hp<k>-trial<t>``, filesystem-safe."""
-    slug = "-".join([Path(dataset).name, algorithm.replace("+", "_"), "_".join(test_domains),
-                     f"hp{hparams_seed}", f"trial{trial_seed}"])
+    slug = "-".join(
+        [
+            Path(dataset).name,
+            algorithm.replace("+", "_"),
+            "_".join(test_domains),
+            f"hp{hparams_seed}",
+            f"trial{trial_seed}",
+        ]
+    )
     return re.sub(r"[^A-Za-z0-9._-]+", "_", slug)
 
 
@@ -365,10 +430,15 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
         for test_domains in test_sets:
             for k, sampled in enumerate(samples):
                 cfg = dataclasses.replace(
-                    base, dataset=dataset, algorithm=algorithm, target_domains=list(test_domains),
-                    seed=seed_hash(name, algorithm, list(test_domains), k, trial), split_seed=trial,
+                    base,
+                    dataset=dataset,
+                    algorithm=algorithm,
+                    target_domains=list(test_domains),
+                    seed=seed_hash(name, algorithm, list(test_domains), k, trial),
+                    split_seed=trial,
                     output_dir=str(root / run_name(name, algorithm, test_domains, k, trial)),
-                    hparams=dict(fixed))
+                    hparams=dict(fixed),
+                )
                 cfg.update({key: value for key, value in sampled.items() if "." not in key}, source="the search")
                 cfg.hparams.update({key: value for key, value in sampled.items() if "." in key})
                 cfg.validate()
@@ -377,8 +447,9 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
     seen: set[Path] = set()
     for run in runs:
         if run.output_dir in seen:
-            raise DGZooError(f"two runs of the sweep would share the run directory {run.output_dir}; give datasets "
-                             f"distinct names")
+            raise DGZooError(
+                f"two runs of the sweep would share the run directory {run.output_dir}; give datasets distinct names"
+            )
         seen.add(run.output_dir)
     return runs
 
@@ -401,12 +472,16 @@ def _check_namespaced_keys(spec: SweepSpec, fixed: dict[str, Any]) -> None:
             if not namespace:
                 continue
             if namespace not in components:
-                raise DGZooError(f"{where} '{key}': '{namespace}' is not part of any algorithm of the sweep"
-                                 f"{suggest(namespace, components)}; algorithms: {', '.join(spec.algorithms)}")
+                raise DGZooError(
+                    f"{where} '{key}': '{namespace}' is not part of any algorithm of the sweep"
+                    f"{suggest(namespace, components)}; algorithms: {', '.join(spec.algorithms)}"
+                )
             declared = components[namespace].HPARAMS
             if name not in declared:
-                raise DGZooError(f"{where} '{key}': {namespace} has no hyperparameter '{name}'"
-                                 f"{suggest(name, declared)}; valid: {', '.join(sorted(declared)) or 'none'}")
+                raise DGZooError(
+                    f"{where} '{key}': {namespace} has no hyperparameter '{name}'"
+                    f"{suggest(name, declared)}; valid: {', '.join(sorted(declared)) or 'none'}"
+                )
 
 
 # ---------------------------------------------------------------------- status and resumption
@@ -447,8 +522,10 @@ def run_status(run: SweepRun) -> str:
     if changed == ["steps"] and int(saved["steps"]) < run.config.steps and checkpoint:
         return "resume"  # the spec asks for more steps: train further from the last checkpoint
     if changed and (finished or checkpoint):
-        raise DGZooError(f"{out} holds a run trained with other settings than this sweep ({diffs}); write the "
-                         f"changed sweep to a new output_dir, or delete that run directory")
+        raise DGZooError(
+            f"{out} holds a run trained with other settings than this sweep ({diffs}); write the "
+            f"changed sweep to a new output_dir, or delete that run directory"
+        )
     if changed:
         return "restart"
     if missing == []:
@@ -474,8 +551,10 @@ def plan(runs: list[SweepRun]) -> list[SweepRun]:
 def status_line(runs: Sequence[SweepRun]) -> str:
     counts = {s: sum(r.status == s for r in runs) for s in ("done", "running", "resume", "restart", "new")}
     running = f"{counts['running']} running elsewhere, " if counts["running"] else ""
-    return (f"{len(runs)} runs: {counts['done']} done, {running}{counts['resume']} to resume, {counts['restart']} to "
-            f"restart, {counts['new']} to start")
+    return (
+        f"{len(runs)} runs: {counts['done']} done, {running}{counts['resume']} to resume, {counts['restart']} to "
+        f"restart, {counts['new']} to start"
+    )
 
 
 def describe_running(run: SweepRun) -> str:
@@ -496,13 +575,24 @@ def write_manifest(spec: SweepSpec, runs: Sequence[SweepRun], prefix: str = DEFA
     """Write ``sweep.json``: the spec, and for every run its grid position, sampled values, seeds and command."""
     root = Path(spec.output_dir)
     manifest = {
-        "dgzoo_version": __version__, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dgzoo_version": __version__,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "spec": spec.to_dict(),
-        "runs": [{"run_dir": r.output_dir.name, "dataset": r.dataset, "algorithm": r.algorithm,
-                  "test_domains": list(r.test_domains), "hparams_seed": r.hparams_seed, "trial_seed": r.trial_seed,
-                  "kind": r.kind, "seed": r.config.seed, "sampled": r.sampled,
-                  "command": train_command(dataclasses.replace(r.config, resume=False, overwrite=False), prefix)}
-                 for r in runs],
+        "runs": [
+            {
+                "run_dir": r.output_dir.name,
+                "dataset": r.dataset,
+                "algorithm": r.algorithm,
+                "test_domains": list(r.test_domains),
+                "hparams_seed": r.hparams_seed,
+                "trial_seed": r.trial_seed,
+                "kind": r.kind,
+                "seed": r.config.seed,
+                "sampled": r.sampled,
+                "command": train_command(dataclasses.replace(r.config, resume=False, overwrite=False), prefix),
+            }
+            for r in runs
+        ],
     }
     write_json(root / MANIFEST, manifest)
     return root / MANIFEST
@@ -532,18 +622,37 @@ def more_trial_runs(spec: SweepSpec, grid: Sequence[SweepRun], record: dict[str,
     for name in record["chosen"]:
         chosen = by_name.get(name)
         if chosen is None:
-            raise DGZooError(f"{Path(spec.output_dir) / MORE_TRIALS} names {name}, which is not a run of this spec "
-                             f"any more; move that file away to select again")
+            raise DGZooError(
+                f"{Path(spec.output_dir) / MORE_TRIALS} names {name}, which is not a run of this spec "
+                f"any more; move that file away to select again"
+            )
         k, test_domains = chosen.hparams_seed, chosen.test_domains
         for trial in range(spec.n_trials, spec.n_trials + int(record["n"])):
             cfg = dataclasses.replace(
-                chosen.config, seed=seed_hash(chosen.dataset, chosen.algorithm, list(test_domains), k, trial),
-                split_seed=trial, resume=False, overwrite=False, hparams=dict(chosen.config.hparams),
+                chosen.config,
+                seed=seed_hash(chosen.dataset, chosen.algorithm, list(test_domains), k, trial),
+                split_seed=trial,
+                resume=False,
+                overwrite=False,
+                hparams=dict(chosen.config.hparams),
                 target_domains=list(test_domains),
-                output_dir=str(Path(spec.output_dir) / (run_name(chosen.dataset, chosen.algorithm, test_domains, k,
-                                                                 trial) + "-more")))
-            runs.append(SweepRun(chosen.dataset, chosen.algorithm, test_domains, k, trial, cfg, dict(chosen.sampled),
-                                 kind="more_trials"))
+                output_dir=str(
+                    Path(spec.output_dir)
+                    / (run_name(chosen.dataset, chosen.algorithm, test_domains, k, trial) + "-more")
+                ),
+            )
+            runs.append(
+                SweepRun(
+                    chosen.dataset,
+                    chosen.algorithm,
+                    test_domains,
+                    k,
+                    trial,
+                    cfg,
+                    dict(chosen.sampled),
+                    kind="more_trials",
+                )
+            )
     return runs
 
 
@@ -573,14 +682,18 @@ def add_more_trials(spec: SweepSpec, n: int, method: str = "training_domain_vali
     path = Path(spec.output_dir) / MORE_TRIALS
     record = read_json(path) if path.exists() else None
     if record is not None and record["selection"] != method:
-        raise DGZooError(f"{path} chose its samples by {record['selection']}; pass --selection {record['selection']}, "
-                         f"or move that file away to choose again by {method}")
+        raise DGZooError(
+            f"{path} chose its samples by {record['selection']}; pass --selection {record['selection']}, "
+            f"or move that file away to choose again by {method}"
+        )
     if record is None:
         unfinished = [r for r in grid if r.status != "done"]
         if unfinished:
-            raise DGZooError(f"--more-trials selects among finished runs, and {len(unfinished)} of {len(grid)} runs of "
-                             f"{spec.output_dir} are not done; finish the sweep first (the same command without "
-                             f"--more-trials)")
+            raise DGZooError(
+                f"--more-trials selects among finished runs, and {len(unfinished)} of {len(grid)} runs of "
+                f"{spec.output_dir} are not done; finish the sweep first (the same command without "
+                f"--more-trials)"
+            )
         record = {"selection": method, "n": n, "chosen": choose_samples(spec, grid, method)}
     record["n"] = max(int(record["n"]), n)
     write_json(path, record)

@@ -13,6 +13,7 @@ gives for the same runs, mean ± standard error over trial seeds, whatever the c
 the report's tables and plots in the dataset repo ``PREFIX-results``, and a Hub collection holding them all.
 Every run is checked to load before anything is created on the Hub.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,10 +60,17 @@ class ZooModel:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-def _matches(meta: dict[str, Any], dataset: str | None, held_out: Sequence[str] | None, algorithm: str | None,
-             backbone: str | None) -> bool:
-    if dataset and dataset.lower() not in (str(meta.get("dataset", "")).lower(),
-                                           str(meta.get("dataset_repo") or "").lower()):
+def _matches(
+    meta: dict[str, Any],
+    dataset: str | None,
+    held_out: Sequence[str] | None,
+    algorithm: str | None,
+    backbone: str | None,
+) -> bool:
+    if dataset and dataset.lower() not in (
+        str(meta.get("dataset", "")).lower(),
+        str(meta.get("dataset_repo") or "").lower(),
+    ):
         return False
     if held_out and {d.lower() for d in held_out} != {str(d).lower() for d in meta.get("held_out", [])}:
         return False
@@ -71,9 +79,14 @@ def _matches(meta: dict[str, Any], dataset: str | None, held_out: Sequence[str] 
     return not backbone or backbone == meta.get("backbone")
 
 
-def list_models(dataset: str | None = None, held_out: Sequence[str] | str | None = None,
-                algorithm: str | None = None, backbone: str | None = None, author: str | None = None,
-                token: str | None = None) -> list[ZooModel]:
+def list_models(
+    dataset: str | None = None,
+    held_out: Sequence[str] | str | None = None,
+    algorithm: str | None = None,
+    backbone: str | None = None,
+    author: str | None = None,
+    token: str | None = None,
+) -> list[ZooModel]:
     """Published dgzoo checkpoints on the Hub, filtered by dataset (registry name or repo id), held-out domains,
     algorithm (e.g. ``erm`` or ``erm+gga``), backbone (timm name) and author (user or org)."""
     import huggingface_hub
@@ -81,8 +94,11 @@ def list_models(dataset: str | None = None, held_out: Sequence[str] | str | None
     held_out = [held_out] if isinstance(held_out, str) else held_out
     token = resolve_token(token)
     try:
-        infos = list(huggingface_hub.HfApi(token=token).list_models(
-            filter=list(ZOO_TAGS), author=author, cardData=True, full=True))
+        infos = list(
+            huggingface_hub.HfApi(token=token).list_models(
+                filter=list(ZOO_TAGS), author=author, cardData=True, full=True
+            )
+        )
     except Exception as e:
         raise DGZooError(f"could not list dgzoo models on the Hub: {hub_error_reason(e, token)}") from None
     found = []
@@ -91,10 +107,18 @@ def list_models(dataset: str | None = None, held_out: Sequence[str] | str | None
         meta = card.get("dgzoo")
         if not isinstance(meta, dict) or not _matches(meta, dataset, held_out, algorithm, backbone):
             continue
-        found.append(ZooModel(repo_id=info.id, sha=info.sha, dataset=str(meta.get("dataset")),
-                              held_out=tuple(meta.get("held_out", [])), algorithm=str(meta.get("algorithm")),
-                              backbone=str(meta.get("backbone")), accuracy=float(meta.get("held_out_accuracy", 0)),
-                              meta=meta))
+        found.append(
+            ZooModel(
+                repo_id=info.id,
+                sha=info.sha,
+                dataset=str(meta.get("dataset")),
+                held_out=tuple(meta.get("held_out", [])),
+                algorithm=str(meta.get("algorithm")),
+                backbone=str(meta.get("backbone")),
+                accuracy=float(meta.get("held_out_accuracy", 0)),
+                meta=meta,
+            )
+        )
     return found
 
 
@@ -110,8 +134,12 @@ class Leaderboard:
         return self.repo_of[Path(path).resolve()]
 
 
-def leaderboard(models: Sequence[ZooModel], methods: Sequence[str] = SELECTION_METHODS, token: str | None = None,
-                workdir: str | Path | None = None) -> Leaderboard:
+def leaderboard(
+    models: Sequence[ZooModel],
+    methods: Sequence[str] = SELECTION_METHODS,
+    token: str | None = None,
+    workdir: str | Path | None = None,
+) -> Leaderboard:
     """The ``dgzoo report`` tables of ``models``, computed from their published results and evaluation records.
 
     ``workdir`` keeps the mirrored run directories (default: a temporary folder, removed afterwards).
@@ -145,8 +173,10 @@ def _mirror(models: Sequence[ZooModel], root: Path, token: str | None) -> dict[P
             folder = f"sweep-{sweep}-{content_key(json.loads(files['results.json']))}"
             run_dir = root / folder / str(model.meta["run"])
             manifests.setdefault(folder, {})[run_dir.name] = {
-                "run_dir": run_dir.name, "trial_seed": model.meta["trial_seed"],
-                "hparams_seed": model.meta["hparams_seed"]}
+                "run_dir": run_dir.name,
+                "trial_seed": model.meta["trial_seed"],
+                "hparams_seed": model.meta["hparams_seed"],
+            }
         else:
             run_dir = root / SINGLE / model.repo_id.replace("/", "--")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,8 +198,9 @@ def _download(model: ZooModel, name: str, token: str | None) -> bytes | None:
     except huggingface_hub.errors.EntryNotFoundError:
         if name == "train_config.json":
             return None
-        raise DGZooError(f"{model.repo_id} has no {name}, so it cannot be ranked; publish it again with "
-                         f"`dgzoo push`") from None
+        raise DGZooError(
+            f"{model.repo_id} has no {name}, so it cannot be ranked; publish it again with `dgzoo push`"
+        ) from None
     except Exception as e:
         raise DGZooError(f"could not download {name} of {model.repo_id}: {hub_error_reason(e, token)}") from None
     return Path(path).read_bytes()
@@ -184,8 +215,9 @@ def best(board: Leaderboard, method: str = "training_domain_validation") -> str:
     cells = sorted({(dataset, targets) for dataset, _, targets, _ in picks})
     if len(cells) > 1:
         listed = "; ".join(f"{d} held-out {'+'.join(t)}" for d, t in cells)
-        raise DGZooError(f"the models span several datasets or held-out domains ({listed}); name one with "
-                         f"--dataset and --held-out")
+        raise DGZooError(
+            f"the models span several datasets or held-out domains ({listed}); name one with --dataset and --held-out"
+        )
     rows: dict[str, list[Any]] = {}
     for (_, row, _, _), pick in picks.items():
         rows.setdefault(row, []).append(pick)
@@ -208,13 +240,21 @@ def sweep_repo_ids(sweep_dir: Path, prefix: str) -> dict[Path, str]:
     if not ids:
         raise DGZooError(f"{sweep_dir} holds no finished run; run the sweep first (dgzoo sweep SPEC)")
     if any(len(r.split("/")[1]) > 96 for r in ids.values()):
-        raise DGZooError(f"'{prefix}' is too long: repo names like {next(iter(ids.values()))} exceed the Hub's 96 "
-                         f"characters; choose a shorter prefix")
+        raise DGZooError(
+            f"'{prefix}' is too long: repo names like {next(iter(ids.values()))} exceed the Hub's 96 "
+            f"characters; choose a shorter prefix"
+        )
     return ids
 
 
-def push_sweep(sweep_dir: str | Path, prefix: str, private: bool = False, token: str | None = None,
-               license: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def push_sweep(
+    sweep_dir: str | Path,
+    prefix: str,
+    private: bool = False,
+    token: str | None = None,
+    license: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Publish every finished run of a sweep, its report in ``PREFIX-results`` and a collection holding them.
 
     Nothing is created on the Hub unless every run loads (:func:`dgzoo.run.hub.check_run_loads`) and the report
@@ -225,19 +265,30 @@ def push_sweep(sweep_dir: str | Path, prefix: str, private: bool = False, token:
 
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "sweep.json").is_file():
-        raise DGZooError(f"{sweep_dir} has no sweep.json, so it is not a sweep; push one run with "
-                         f"`dgzoo push RUN_DIR REPO_ID`")
+        raise DGZooError(
+            f"{sweep_dir} has no sweep.json, so it is not a sweep; push one run with `dgzoo push RUN_DIR REPO_ID`"
+        )
     ids = sweep_repo_ids(sweep_dir, prefix)
     unfinished = len(read_json(sweep_dir / "sweep.json").get("runs", [])) - len(ids)
     if unfinished:
-        log(f"{unfinished} run(s) of {sweep_dir} are not finished and are not published; rerun the sweep, then push "
-            f"again to add them")
+        log(
+            f"{unfinished} run(s) of {sweep_dir} are not finished and are not published; rerun the sweep, then push "
+            f"again to add them"
+        )
     for run_dir in ids:
         check_finished_run(run_dir)
         check_run_loads(run_dir)
     report = report_dirs([sweep_dir])
-    retry = " ".join(["dgzoo", "push", shlex.quote(str(sweep_dir.resolve())), shlex.quote(prefix),
-                      *(["--private"] if private else []), *(["--license", shlex.quote(license)] if license else [])])
+    retry = " ".join(
+        [
+            "dgzoo",
+            "push",
+            shlex.quote(str(sweep_dir.resolve())),
+            shlex.quote(prefix),
+            *(["--private"] if private else []),
+            *(["--license", shlex.quote(license)] if license else []),
+        ]
+    )
     namespace, results_repo = prefix.split("/")[0], check_repo_id(f"{prefix}-results")
     token = resolve_token(token)
     try:
@@ -249,24 +300,37 @@ def push_sweep(sweep_dir: str | Path, prefix: str, private: bool = False, token:
             log(f"published {run_dir.name} to {repo_id}")
         _upload_results(api, sweep_dir, report, ids, results_repo, private, license)
         collection = api.create_collection(
-            title=f"dgzoo sweep: {prefix.split('/')[1]}"[:59], namespace=namespace, private=private, exists_ok=True,
-            description=f"{len(ids)} runs of a dgzoo sweep; the tables are in {results_repo}"[:150])
-        api.add_collection_item(collection.slug, results_repo, "dataset", exists_ok=True,
-                                note="dgzoo report: held-out accuracy, mean ± standard error over trial seeds")
+            title=f"dgzoo sweep: {prefix.split('/')[1]}"[:59],
+            namespace=namespace,
+            private=private,
+            exists_ok=True,
+            description=f"{len(ids)} runs of a dgzoo sweep; the tables are in {results_repo}"[:150],
+        )
+        api.add_collection_item(
+            collection.slug,
+            results_repo,
+            "dataset",
+            exists_ok=True,
+            note="dgzoo report: held-out accuracy, mean ± standard error over trial seeds",
+        )
         for run_dir, repo_id in ids.items():
             results = read_json(run_dir / "results.json")
-            note = (f"{results['algorithm']} {results['backbone']}, held-out {', '.join(results['target_domains'])}: "
-                    f"{100 * results['target_accuracy']:.1f}% ({run_dir.name})")
+            note = (
+                f"{results['algorithm']} {results['backbone']}, held-out {', '.join(results['target_domains'])}: "
+                f"{100 * results['target_accuracy']:.1f}% ({run_dir.name})"
+            )
             api.add_collection_item(collection.slug, repo_id, "model", note=note[:500], exists_ok=True)
     except Exception as e:
-        raise DGZooError(f"push of the sweep {sweep_dir} failed: {hub_error_reason(e, token)}. The run directories "
-                         f"are intact{retry_advice(e, retry)}") from None
-    return {"collection": collection.slug, "collection_url": collection.url, "results": results_repo,
-            "models": models}
+        raise DGZooError(
+            f"push of the sweep {sweep_dir} failed: {hub_error_reason(e, token)}. The run directories "
+            f"are intact{retry_advice(e, retry)}"
+        ) from None
+    return {"collection": collection.slug, "collection_url": collection.url, "results": results_repo, "models": models}
 
 
-def _upload_results(api: Any, sweep_dir: Path, report: Report, ids: dict[Path, str], repo_id: str, private: bool,
-                    license: str | None) -> None:
+def _upload_results(
+    api: Any, sweep_dir: Path, report: Report, ids: dict[Path, str], repo_id: str, private: bool, license: str | None
+) -> None:
     """The results dataset repo: the report in every format, the plots, and the sweep's manifest (no local paths)."""
     import huggingface_hub
 
@@ -279,36 +343,58 @@ def _upload_results(api: Any, sweep_dir: Path, report: Report, ids: dict[Path, s
         if path:
             local[str(path)] = Path(path).name
     manifest = read_json(sweep_dir / "sweep.json")
-    spec = without_local_paths({**manifest.get("spec", {}),
-                                "output_dir": Path(str(manifest.get("spec", {}).get("output_dir", ""))).name})
-    runs = [without_local_paths({k: v for k, v in entry.items() if k != "command"})
-            | {"repo_id": ids.get(sweep_dir / entry["run_dir"])} for entry in manifest.get("runs", [])]
+    spec = without_local_paths(
+        {**manifest.get("spec", {}), "output_dir": Path(str(manifest.get("spec", {}).get("output_dir", ""))).name}
+    )
+    runs = [
+        without_local_paths({k: v for k, v in entry.items() if k != "command"})
+        | {"repo_id": ids.get(sweep_dir / entry["run_dir"])}
+        for entry in manifest.get("runs", [])
+    ]
     import yaml
 
     first = read_json(next(iter(ids)) / "results.json")
     # `configs` tells `datasets.load_dataset(repo)` which files are its tables (the repo also holds Markdown, LaTeX,
     # JSON and plots, which it could not read as one table): the report, and the run each cell selected.
-    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": "report.csv"}]},
-               {"config_name": "selected_runs", "data_files": [{"split": "train", "path": "selected_runs.csv"}]}]
-    front = yaml.safe_dump({**card_license(first, license), "pretty_name": repo_id.split("/")[1],
-                            "tags": ["dgzoo", "domain-generalization", "leaderboard"], "configs": configs},
-                           sort_keys=False).strip()
-    readme = (f"---\n{front}\n---\n\n# {repo_id.split('/')[1]}\n\nThe `dgzoo report` of a sweep of {len(ids)} runs, "
-              f"each published as its own model repo ({', '.join(f'`{r}`' for r in ids.values())}).\n\n"
-              + report.markdown())
-    files = {"README.md": readme, "report.md": report.markdown(), "report.csv": report.csv(),
-             "report.tex": report.latex(), "selected_runs.csv": report.selected_runs_csv(),
-             "sweep.json": json.dumps({"spec": spec, "runs": runs}, indent=2, default=str) + "\n"}
+    configs = [
+        {"config_name": "default", "data_files": [{"split": "train", "path": "report.csv"}]},
+        {"config_name": "selected_runs", "data_files": [{"split": "train", "path": "selected_runs.csv"}]},
+    ]
+    front = yaml.safe_dump(
+        {
+            **card_license(first, license),
+            "pretty_name": repo_id.split("/")[1],
+            "tags": ["dgzoo", "domain-generalization", "leaderboard"],
+            "configs": configs,
+        },
+        sort_keys=False,
+    ).strip()
+    readme = (
+        f"---\n{front}\n---\n\n# {repo_id.split('/')[1]}\n\nThe `dgzoo report` of a sweep of {len(ids)} runs, "
+        f"each published as its own model repo ({', '.join(f'`{r}`' for r in ids.values())}).\n\n" + report.markdown()
+    )
+    files = {
+        "README.md": readme,
+        "report.md": report.markdown(),
+        "report.csv": report.csv(),
+        "report.tex": report.latex(),
+        "selected_runs.csv": report.selected_runs_csv(),
+        "sweep.json": json.dumps({"spec": spec, "runs": runs}, indent=2, default=str) + "\n",
+    }
     for name, text in files.items():
         for path, public in sorted(local.items(), key=lambda kv: -len(kv[0])):
             text = text.replace(path, public)
         files[name] = text
-    operations = [huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=text.encode())
-                  for name, text in files.items()]
+    operations = [
+        huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=text.encode())
+        for name, text in files.items()
+    ]
     with tempfile.TemporaryDirectory(prefix="dgzoo-plots-") as tmp:
         for plot in report.plot(tmp):
-            operations.append(huggingface_hub.CommitOperationAdd(path_in_repo=plot.name,
-                                                                 path_or_fileobj=plot.read_bytes()))
+            operations.append(
+                huggingface_hub.CommitOperationAdd(path_in_repo=plot.name, path_or_fileobj=plot.read_bytes())
+            )
         api.create_repo(repo_id, repo_type="dataset", private=private or None, exist_ok=True)
-        api.create_commit(repo_id, repo_type="dataset", operations=operations,
-                          commit_message=f"dgzoo: report of {len(ids)} runs")
+        api.create_commit(
+            repo_id, repo_type="dataset", operations=operations, commit_message=f"dgzoo: report of {len(ids)} runs"
+        )

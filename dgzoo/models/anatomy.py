@@ -5,6 +5,7 @@ this module knows where those parameters live in each backbone family (research 
 the algorithm itself stays backbone-agnostic. It is model knowledge, not an algorithm: it imports nothing above
 the models layer.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -111,22 +112,27 @@ class ChannelLayer:
                 self.slices = _resnet_stage_writers("layer4", model.layer4)
             elif isinstance(model, DenseNet):
                 last = [n for n, m in model.features.named_children() if isinstance(m, DenseBlock)][-1]
-                self.slices = (_densenet_block_writers(model, f"features.{last}")
-                               + _writer("features.norm5", model.features.norm5))
+                self.slices = _densenet_block_writers(model, f"features.{last}") + _writer(
+                    "features.norm5", model.features.norm5
+                )
             elif isinstance(model, VisionTransformer):
                 self.slices = _vit_block_writers(f"blocks.{len(model.blocks) - 1}", model.blocks[-1])
                 for norm in ("norm", "fc_norm"):
                     self.slices += _writer(norm, getattr(model, norm))
             else:
-                raise DGZooError(f"iu.layer=auto knows timm ResNet, DenseNet and VisionTransformer backbones, not "
-                                 f"{type(model).__name__}; use one of those backbones with +iu")
+                raise DGZooError(
+                    f"iu.layer=auto knows timm ResNet, DenseNet and VisionTransformer backbones, not "
+                    f"{type(model).__name__}; use one of those backbones with +iu"
+                )
             self.num_channels = model.num_features
         else:
             try:
                 module = model.get_submodule(layer)
             except AttributeError:
-                raise DGZooError(f"iu.layer={layer!r} is not a module of {type(model).__name__}; use 'auto' or a "
-                                 f"stage name such as layer3, blocks.5 or features.denseblock3") from None
+                raise DGZooError(
+                    f"iu.layer={layer!r} is not a module of {type(model).__name__}; use 'auto' or a "
+                    f"stage name such as layer3, blocks.5 or features.denseblock3"
+                ) from None
             if isinstance(model, ResNet) and layer in ("layer1", "layer2", "layer3", "layer4"):
                 self.slices = _resnet_stage_writers(layer, module)
             elif isinstance(model, VisionTransformer) and isinstance(module, Block):
@@ -134,14 +140,18 @@ class ChannelLayer:
             elif isinstance(model, DenseNet) and isinstance(module, DenseBlock):
                 self.slices = _densenet_block_writers(model, layer)
             else:
-                raise DGZooError(f"iu.layer={layer!r} is not a ResNet stage (layer1..layer4), a ViT block "
-                                 f"(blocks.N) or a DenseNet dense block (features.denseblockN)")
+                raise DGZooError(
+                    f"iu.layer={layer!r} is not a ResNet stage (layer1..layer4), a ViT block "
+                    f"(blocks.N) or a DenseNet dense block (features.denseblockN)"
+                )
             self.module = module
             self.num_channels = 1 + max(int(s.channel.max()) for s in self.slices)
         if include_head:
             if layer != "auto":
-                raise DGZooError("iu.include_head=true needs iu.layer=auto: the head's columns are the channels of "
-                                 "the penultimate features only")
+                raise DGZooError(
+                    "iu.include_head=true needs iu.layer=auto: the head's columns are the channels of "
+                    "the penultimate features only"
+                )
             head = classifier(model)
             columns = torch.arange(head.in_features, device="cpu" if head.weight.is_meta else head.weight.device)
             self.slices.append(ChannelSlice("head.weight", head.weight, 1, columns, columns))
@@ -161,8 +171,13 @@ class ChannelLayer:
         return list(seen.values())
 
 
-def masked_ascent(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor], slices: Sequence[ChannelSlice] | None,
-                  channel_mask: torch.Tensor | None, lr: float) -> None:
+def masked_ascent(
+    params: Sequence[nn.Parameter],
+    grads: Sequence[torch.Tensor],
+    slices: Sequence[ChannelSlice] | None,
+    channel_mask: torch.Tensor | None,
+    lr: float,
+) -> None:
     """``theta += lr * grad`` on the slices writing selected channels only (every parameter when ``slices`` is None).
 
     Other entries are not written at all, so they stay bit-identical; no optimizer (and no optimizer state)
@@ -177,9 +192,9 @@ def masked_ascent(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor],
         for s in slices:
             index = s.selected(channel_mask)
             if len(index):
-                s.param.index_add_(s.dim, index, grad_of[id(s.param)].index_select(s.dim, index).to(s.param.dtype),
-                                   alpha=lr)
-
+                s.param.index_add_(
+                    s.dim, index, grad_of[id(s.param)].index_select(s.dim, index).to(s.param.dtype), alpha=lr
+                )
 
 
 class ResNetTail:
@@ -205,11 +220,10 @@ class ResNetTail:
         edited = {s.name.split(".")[0] for s in layer.slices if s.name.split(".")[0] in names}
         if not edited:
             return None
-        return cls(model, names[min(names.index(n) for n in edited):])
+        return cls(model, names[min(names.index(n) for n in edited) :])
 
     def features(self, entry: torch.Tensor) -> torch.Tensor:
         h = entry
         for name in self.stages:
             h = self.model.get_submodule(name)(h)
         return self.model.forward_head(h, pre_logits=True)
-

@@ -5,6 +5,7 @@ so its state dict loads with ``timm.create_model("hf-hub:...", pretrained=True)`
 featurizer/classifier split is expressed through timm's own API: :func:`features` is
 ``forward_head(forward_features(x), pre_logits=True)`` and :func:`classifier` is ``get_classifier()``.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,12 +30,16 @@ def check_backbone(name: str) -> None:
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
         if not tag or tag in tags:
             return
-        raise DGZooError(f"backbone '{arch}' has no pretrained tag '{tag}'{suggest(tag, tags)}; "
-                         f"available: {', '.join(tags[:8]) or 'none'}")
+        raise DGZooError(
+            f"backbone '{arch}' has no pretrained tag '{tag}'{suggest(tag, tags)}; "
+            f"available: {', '.join(tags[:8]) or 'none'}"
+        )
     letters = re.match(r"[A-Za-z]*", arch)  # always matches, possibly the empty string
     family = (letters.group(0) if letters else "") or arch
-    raise DGZooError(f"unknown backbone '{name}'{suggest(arch, timm.list_models())}; list timm models with "
-                     f"`python -c \"import timm; print(timm.list_models('*{family}*'))\"`")
+    raise DGZooError(
+        f"unknown backbone '{name}'{suggest(arch, timm.list_models())}; list timm models with "
+        f"`python -c \"import timm; print(timm.list_models('*{family}*'))\"`"
+    )
 
 
 def has_fixed_input_size(name: str) -> bool:
@@ -47,8 +52,9 @@ def has_fixed_input_size(name: str) -> bool:
         return False
 
 
-def create_backbone(name: str, num_classes: int, pretrained: bool = False, image_size: int | None = None,
-                    dropout: float = 0.0) -> nn.Module:
+def create_backbone(
+    name: str, num_classes: int, pretrained: bool = False, image_size: int | None = None, dropout: float = 0.0
+) -> nn.Module:
     """Create a timm classifier with ``num_classes`` outputs.
 
     Fixed-input-size backbones (ViT) are built for ``image_size`` (timm resamples pretrained position
@@ -64,8 +70,10 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, image
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as e:
         if pretrained:
-            raise DGZooError(f"could not load pretrained weights for '{name}' ({type(e).__name__}); check the "
-                             f"connection to the Hub or the HF cache, or train with --no-pretrained") from None
+            raise DGZooError(
+                f"could not load pretrained weights for '{name}' ({type(e).__name__}); check the "
+                f"connection to the Hub or the HF cache, or train with --no-pretrained"
+            ) from None
         raise
 
 
@@ -126,8 +134,11 @@ def _keep_eval(module: nn.Module, _inputs: Any) -> None:
 
 def batchnorm_frozen(module: nn.Module) -> bool:
     """Whether :func:`freeze_batchnorm` froze ``module``'s BatchNorm layers (its running statistics never move)."""
-    return any(_keep_eval in m._forward_pre_hooks.values() for m in module.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    return any(
+        _keep_eval in m._forward_pre_hooks.values()
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    )
 
 
 def freeze_batchnorm(model: nn.Module) -> int:
@@ -144,4 +155,3 @@ def freeze_batchnorm(model: nn.Module) -> int:
             module.eval()
             count += 1
     return count
-

@@ -6,6 +6,7 @@ evaluation mode (where the hooks pass the output through), its plain timm logits
 plain backbone. The operations are pure functions of the feature map, the mixing weights and the partner of each
 sample, so they can be checked on known tensors.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -48,8 +49,9 @@ def efdmix(x: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> torch.T
     return (flat + (1 - lam) * (matched - flat.detach())).view_as(x)
 
 
-def partners(batch: int, mode: str, domain_sizes: Sequence[int] | None = None,
-             device: torch.device | str = "cpu") -> torch.Tensor:
+def partners(
+    batch: int, mode: str, domain_sizes: Sequence[int] | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The index of each sample's mixing partner, drawn from the global RNG.
 
     ``random``: a random permutation of the batch. ``crossdomain``: where the batch is the concatenation of
@@ -105,12 +107,16 @@ def mixing_stages(network: nn.Module, stages: Sequence[int], what: str = "featur
     ``layer1``..``layer4``, DenseNet's ``features.denseblock1``..``3`` and its final ``features.norm5``.
     Raises a one-line DGZooError on any other backbone or a stage it does not have."""
     if not isinstance(network, (ResNet, DenseNet)):
-        raise DGZooError(f"{what} is inserted after the stages of timm ResNet-family and DenseNet backbones; "
-                         f"{type(network).__name__} has none that dgzoo knows: use a backbone such as resnet50 or "
-                         f"densenet121")
+        raise DGZooError(
+            f"{what} is inserted after the stages of timm ResNet-family and DenseNet backbones; "
+            f"{type(network).__name__} has none that dgzoo knows: use a backbone such as resnet50 or "
+            f"densenet121"
+        )
     names = [info["module"] for info in network.feature_info][1:]  # entry 0 is the stem
     bad = [s for s in stages if not 1 <= s <= len(names)]
     if bad:
-        raise DGZooError(f"{what}: {type(network).__name__} has stages 1-{len(names)}, not {bad[0]}; choose layers "
-                         f"among {', '.join(map(str, range(1, len(names) + 1)))}")
+        raise DGZooError(
+            f"{what}: {type(network).__name__} has stages 1-{len(names)}, not {bad[0]}; choose layers "
+            f"among {', '.join(map(str, range(1, len(names) + 1)))}"
+        )
     return [names[s - 1] for s in stages]

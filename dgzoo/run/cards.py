@@ -12,6 +12,7 @@ result's ``split`` is the dataset's own split the images come from (``train``, o
 A ``dgzoo`` block in the front matter carries what ``dgzoo zoo`` filters and groups by (dataset, held-out domains,
 algorithm, backbone, seeds, the data's revision or fingerprint, the code version and the sweep a run belongs to).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -86,17 +87,25 @@ def dataset_split(results: dict[str, Any]) -> str:
 
 def held_out_args(results: dict[str, Any], domain: str) -> dict[str, Any]:
     """What a held-out result measured: the domain, and the part of it dgzoo's seeded split calls ``in``."""
-    return {"held_out_domain": domain, "source_domains": list(results["source_domains"]),
-            "split": "in", "split_seed": results.get("split_seed", results.get("seed")),
-            "holdout_fraction": results.get("hparams", {}).get("holdout_fraction", 0.2)}
+    return {
+        "held_out_domain": domain,
+        "source_domains": list(results["source_domains"]),
+        "split": "in",
+        "split_seed": results.get("split_seed", results.get("seed")),
+        "holdout_fraction": results.get("hparams", {}).get("holdout_fraction", 0.2),
+    }
 
 
 def held_out_dataset_args(results: dict[str, Any]) -> dict[str, Any]:
     """What the held-out results of a run measured: its held-out and source domains, and the part of each held-out
     domain dgzoo's seeded split calls ``in`` (the model-index result's ``dataset.args``)."""
-    return {"held_out_domains": list(results["target_domains"]), "source_domains": list(results["source_domains"]),
-            "split": "in", "split_seed": results.get("split_seed", results.get("seed")),
-            "holdout_fraction": results.get("hparams", {}).get("holdout_fraction", 0.2)}
+    return {
+        "held_out_domains": list(results["target_domains"]),
+        "source_domains": list(results["source_domains"]),
+        "split": "in",
+        "split_seed": results.get("split_seed", results.get("seed")),
+        "holdout_fraction": results.get("hparams", {}).get("holdout_fraction", 0.2),
+    }
 
 
 def sweep_entry(run_dir: str | Path | None) -> dict[str, Any] | None:
@@ -117,8 +126,12 @@ def sweep_entry(run_dir: str | Path | None) -> dict[str, Any] | None:
         return None
     spec = {**data.get("spec", {}), "output_dir": Path(str(data.get("spec", {}).get("output_dir", ""))).name}
     sweep_id = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return {"sweep": sweep_id, "run": run_dir.name, "trial_seed": entry["trial_seed"],
-            "hparams_seed": entry["hparams_seed"]}
+    return {
+        "sweep": sweep_id,
+        "run": run_dir.name,
+        "trial_seed": entry["trial_seed"],
+        "hparams_seed": entry["hparams_seed"],
+    }
 
 
 _T = TypeVar("_T")
@@ -127,8 +140,10 @@ _T = TypeVar("_T")
 def _finished(value: _T | None, key: str) -> _T:
     """A field every finished run's results.json has (old files may lack others, never these)."""
     if value is None:
-        raise DGZooError(f"results.json has no '{key}': it was not written by a finished dgzoo run; finish the run "
-                         f"(dgzoo train ... --resume) or train it again")
+        raise DGZooError(
+            f"results.json has no '{key}': it was not written by a finished dgzoo run; finish the run "
+            f"(dgzoo train ... --resume) or train it again"
+        )
     return value
 
 
@@ -136,15 +151,22 @@ def zoo_metadata(results: dict[str, Any], sweep: dict[str, Any] | None = None) -
     """The card's ``dgzoo`` block: what ``dgzoo zoo`` lists, filters and groups runs by."""
     res = RunResults.from_json(results)
     dataset = _finished(res.dataset, "dataset")
-    meta = {"dataset": dataset.name, "dataset_repo": dataset.repo_id,
-            "dataset_revision": dataset.revision, "dataset_fingerprint": dataset.fingerprint,
-            "code": res.code or {"dgzoo_version": res.dgzoo_version},
-            "held_out": list(res.target_domains),
-            "source_domains": list(res.source_domains), "algorithm": res.algorithm,
-            "backbone": res.backbone, "selection": _finished(res.selection, "selection").method,
-            "held_out_accuracy": round(100 * _finished(res.target_accuracy, "target_accuracy"), 4), "seed": res.seed,
-            "split_seed": res.split_seed,
-            "holdout_fraction": res.hparams.get("holdout_fraction", 0.2)}
+    meta = {
+        "dataset": dataset.name,
+        "dataset_repo": dataset.repo_id,
+        "dataset_revision": dataset.revision,
+        "dataset_fingerprint": dataset.fingerprint,
+        "code": res.code or {"dgzoo_version": res.dgzoo_version},
+        "held_out": list(res.target_domains),
+        "source_domains": list(res.source_domains),
+        "algorithm": res.algorithm,
+        "backbone": res.backbone,
+        "selection": _finished(res.selection, "selection").method,
+        "held_out_accuracy": round(100 * _finished(res.target_accuracy, "target_accuracy"), 4),
+        "seed": res.seed,
+        "split_seed": res.split_seed,
+        "holdout_fraction": res.hparams.get("holdout_fraction", 0.2),
+    }
     if isinstance(res.extra.get("soup"), dict):  # a weight average: the zoo lists it apart from single runs
         meta["soup"] = res.extra["soup"]["label"]
     return {**meta, **(sweep or {})}
@@ -170,8 +192,11 @@ def model_stats(run_dir: str | Path | None) -> dict[str, Any] | None:
             model(torch.zeros(1, *size))
     except Exception:
         return None
-    return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            "gmacs": round(counter.get_total_flops() / 2 / 1e9, 3), "image_size": f"{size[1]} x {size[2]}"}
+    return {
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "gmacs": round(counter.get_total_flops() / 2 / 1e9, 3),
+        "image_size": f"{size[1]} x {size[2]}",
+    }
 
 
 def _base_model_license(results: dict[str, Any], run_dir: str | Path | None) -> str | None:
@@ -182,8 +207,9 @@ def _base_model_license(results: dict[str, Any], run_dir: str | Path | None) -> 
     return (config.get("pretrained_cfg") or {}).get("license")
 
 
-def card_data(results: dict[str, Any], repo_id: str | None = None, license: str | None = None,
-              sweep: dict[str, Any] | None = None) -> Any:
+def card_data(
+    results: dict[str, Any], repo_id: str | None = None, license: str | None = None, sweep: dict[str, Any] | None = None
+) -> Any:
     """Front matter: library, pipeline, tags, datasets, base model, licence, per-domain model-index results and
     the ``dgzoo`` block (:func:`zoo_metadata`)."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -193,25 +219,50 @@ def card_data(results: dict[str, Any], repo_id: str | None = None, license: str 
     label = SELECTION_LABELS[results["selection"]["method"]]
     targets = results["target_domains"]
     eval_results = [
-        EvalResult(task_type="image-classification", task_name="Domain generalization", dataset_type=dataset_type,
-                   dataset_name=f"{dataset['title']} (held-out {', '.join(targets)})", dataset_config=DATASET_CONFIG,
-                   dataset_split=dataset_split(results), dataset_revision=dataset.get("revision"),
-                   dataset_args=held_out_dataset_args(results), metric_type="accuracy",
-                   metric_value=round(100 * results["accuracy"][domain], 2),
-                   metric_name=f"held-out accuracy: {domain} ({label})", metric_args={"held_out_domain": domain})
-        for domain in targets]
-    tags = ["image-classification", "timm", "domain-generalization", "dgzoo", results["host_algorithm"],
-            *results["addons"]]
+        EvalResult(
+            task_type="image-classification",
+            task_name="Domain generalization",
+            dataset_type=dataset_type,
+            dataset_name=f"{dataset['title']} (held-out {', '.join(targets)})",
+            dataset_config=DATASET_CONFIG,
+            dataset_split=dataset_split(results),
+            dataset_revision=dataset.get("revision"),
+            dataset_args=held_out_dataset_args(results),
+            metric_type="accuracy",
+            metric_value=round(100 * results["accuracy"][domain], 2),
+            metric_name=f"held-out accuracy: {domain} ({label})",
+            metric_args={"held_out_domain": domain},
+        )
+        for domain in targets
+    ]
+    tags = [
+        "image-classification",
+        "timm",
+        "domain-generalization",
+        "dgzoo",
+        results["host_algorithm"],
+        *results["addons"],
+    ]
     return ModelCardData(
-        library_name="timm", pipeline_tag="image-classification", **card_license(results, license), tags=tags,
+        library_name="timm",
+        pipeline_tag="image-classification",
+        **card_license(results, license),
+        tags=tags,
         datasets=[dataset["repo_id"]] if dataset.get("repo_id") else None,
-        base_model=results.get("base_model"), model_name=repo_id or model_name(results),
-        eval_results=eval_results, metrics=["accuracy"], dgzoo=zoo_metadata(results, sweep))
+        base_model=results.get("base_model"),
+        model_name=repo_id or model_name(results),
+        eval_results=eval_results,
+        metrics=["accuracy"],
+        dgzoo=zoo_metadata(results, sweep),
+    )
 
 
 def _license_text(fields: dict[str, str]) -> str:
-    return f"{fields['license_name']}, {fields.get('license_link', '')}".rstrip(", ") if "license_name" in fields \
+    return (
+        f"{fields['license_name']}, {fields.get('license_link', '')}".rstrip(", ")
+        if "license_name" in fields
         else fields["license"]
+    )
 
 
 def _dataset_ref(results: dict[str, Any], local: bool = False) -> str:
@@ -234,8 +285,16 @@ def _published_config(config: dict[str, Any], results: dict[str, Any]) -> dict[s
 
 def reproduce_command(config: dict[str, Any]) -> str:
     """The ``accelerate launch`` command that repeats a run: every setting that differs from the defaults."""
-    skip = {"output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "hub_revision", "log_with",
-            "num_workers"}
+    skip = {
+        "output_dir",
+        "overwrite",
+        "resume",
+        "push_to_hub",
+        "hub_private",
+        "hub_revision",
+        "log_with",
+        "num_workers",
+    }
     groups = flag_groups(config, TrainConfig().to_dict(), skip=skip, omit_empty=True)
     return command_line("accelerate launch recipes/train.py", groups, separator=" \\\n    ")
 
@@ -244,9 +303,15 @@ def _quote(value: Any) -> str:
     return shlex.quote(str(value))
 
 
-def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | None = None,
-                run_dir: str | Path | None = None, license: str | None = None,
-                sweep: dict[str, Any] | None = None, revision: str | None = None) -> str:
+def render_card(
+    results: dict[str, Any],
+    config: dict[str, Any],
+    repo_id: str | None = None,
+    run_dir: str | Path | None = None,
+    license: str | None = None,
+    sweep: dict[str, Any] | None = None,
+    revision: str | None = None,
+) -> str:
     """Render the model card for a run. ``repo_id`` (when published) makes the usage code point at the Hub, at
     ``revision`` (the branch pushed to) when it is not ``main``; ``license`` overrides the licence taken from the
     training data; ``sweep`` (:func:`sweep_entry`) records the run's place in a sweep. A published card names a
@@ -269,38 +334,61 @@ def render_card(results: dict[str, Any], config: dict[str, Any], repo_id: str | 
         config = _published_config(config, results)
     sweep = sweep if sweep is not None else sweep_entry(run_dir)
     card = ModelCard.from_template(
-        card_data(results, repo_id, license, sweep), template_path=str(template_path()),
+        card_data(results, repo_id, license, sweep),
+        template_path=str(template_path()),
         model_title=repo_id.split("/")[-1] if repo_id else model_name(results),
-        backbone=res.backbone, algorithm=res.algorithm, algorithm_title=res.algorithm_title,
-        dataset_title=dataset.title, dataset_repo=dataset.repo_id,
-        dataset_revision=dataset.revision, source_domains=sources, target_domains=targets,
-        pretrained=bool(res.base_model), base_model=res.base_model,
-        target_accuracy=res.target_accuracy, selection_label=SELECTION_LABELS[selection.method],
-        selected_step=selection.step, steps=res.steps,
+        backbone=res.backbone,
+        algorithm=res.algorithm,
+        algorithm_title=res.algorithm_title,
+        dataset_title=dataset.title,
+        dataset_repo=dataset.repo_id,
+        dataset_revision=dataset.revision,
+        source_domains=sources,
+        target_domains=targets,
+        pretrained=bool(res.base_model),
+        base_model=res.base_model,
+        target_accuracy=res.target_accuracy,
+        selection_label=SELECTION_LABELS[selection.method],
+        selected_step=selection.step,
+        steps=res.steps,
         domain_rows=[{"domain": d, "role": roles[d], "accuracy": a} for d, a in res.accuracy.items()],
-        selection_rows=[{"label": SELECTION_LABELS[m], "step": s.step, "target_accuracy": s.target_accuracy}
-                        for m, s in selections.items()],
+        selection_rows=[
+            {"label": SELECTION_LABELS[m], "step": s.step, "target_accuracy": s.target_accuracy}
+            for m, s in selections.items()
+        ],
         load_name=(f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")) if repo_id else f"local-dir:{load_id}",
-        load_id=load_id, load_revision=revision, code=res.code or {},
+        load_id=load_id,
+        load_revision=revision,
+        code=res.code or {},
         dataset_fingerprint=dataset.fingerprint,
-        class_names=res.class_names, soup=soup_rows(results),
+        class_names=res.class_names,
+        soup=soup_rows(results),
         command=res.extra["soup"]["command"] if res.extra.get("soup") else reproduce_command(config),
         recipe_rows=[(k, v) for k, v in res.hparams.items()],
-        train_seconds=timing.train_seconds, images_per_second=timing.images_per_second,
-        device=res.device, num_processes=res.num_processes, seed=res.seed,
+        train_seconds=timing.train_seconds,
+        images_per_second=timing.images_per_second,
+        device=res.device,
+        num_processes=res.num_processes,
+        seed=res.seed,
         split_seed=res.split_seed,
         diagnostics=json.dumps(res.diagnostics, indent=2) if res.diagnostics else "",
         act_rows=act_rows(results),
-        citations=citations, dgzoo_version=res.dgzoo_version,
-        license=card_license(results, license)["license"], license_override=bool(license),
-        data_license=_license_text(hub_license(spec)), base_license=_base_model_license(results, run_dir),
+        citations=citations,
+        dgzoo_version=res.dgzoo_version,
+        license=card_license(results, license)["license"],
+        license_override=bool(license),
+        data_license=_license_text(hub_license(spec)),
+        base_license=_base_model_license(results, run_dir),
         eval_domains=" ".join(_quote(d) for d in targets),
         eval_dataset=_quote(_dataset_ref(results, local=not repo_id)),
-        eval_split_seed=res.split_seed, eval_holdout=res.hparams.get("holdout_fraction", 0.2),
-        stats=model_stats(run_dir), dataset_split=dataset_split(results),
+        eval_split_seed=res.split_seed,
+        eval_holdout=res.hparams.get("holdout_fraction", 0.2),
+        stats=model_stats(run_dir),
+        dataset_split=dataset_split(results),
         dataset_name=_dataset_ref(results, local=not repo_id),
         license_fields=card_license(results, license),
-        samples_image=bool(run_dir and (Path(run_dir) / SAMPLES_IMAGE).is_file()))
+        samples_image=bool(run_dir and (Path(run_dir) / SAMPLES_IMAGE).is_file()),
+    )
     return str(card)
 
 
@@ -310,10 +398,17 @@ def soup_rows(results: dict[str, Any]) -> dict[str, Any] | None:
     soup = results.get("soup")
     if not isinstance(soup, dict):
         return None
-    rows = [{"name": f"[`{i['repo_id']}`](https://huggingface.co/{i['repo_id']}) @ `{str(i['revision'])[:12]}`"
-             if i.get("repo_id") else f"`{Path(str(i.get('run'))).name}`",
-             "source_val": 100 * i["source_val_acc"], "target": 100 * i["target_acc"], "used": i["used"]}
-            for i in soup["ingredients"]]
+    rows = [
+        {
+            "name": f"[`{i['repo_id']}`](https://huggingface.co/{i['repo_id']}) @ `{str(i['revision'])[:12]}`"
+            if i.get("repo_id")
+            else f"`{Path(str(i.get('run'))).name}`",
+            "source_val": 100 * i["source_val_acc"],
+            "target": 100 * i["target_acc"],
+            "used": i["used"],
+        }
+        for i in soup["ingredients"]
+    ]
     return {**soup, "rows": rows}
 
 
@@ -351,10 +446,12 @@ def plot_run(results: dict[str, Any], records: list[dict[str, Any]], run_dir: st
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     steps = [r["step"] for r in records]
     sources = results["source_domains"]
-    ax.plot(steps, [100 * sum(r["acc"][d]["out"] for d in sources) / len(sources) for r in records],
-            label="source validation")
-    ax.plot(steps, [100 * sum(r["acc"][d]["in"] for d in targets) / len(targets) for r in records],
-            label="held-out")
+    ax.plot(
+        steps,
+        [100 * sum(r["acc"][d]["out"] for d in sources) / len(sources) for r in records],
+        label="source validation",
+    )
+    ax.plot(steps, [100 * sum(r["acc"][d]["in"] for d in targets) / len(targets) for r in records], label="held-out")
     ax.axvline(results["selection"]["step"], color="grey", linestyle=":", label="selected step")
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy (%)")

@@ -16,6 +16,7 @@ The claim is written to a temporary file and linked into place, so it is never s
 started on a full disk fails with one line and leaves no claim); an unreadable claim is left over from a crash and
 is stale.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -137,8 +138,10 @@ def claimed_by_another(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def describe_holder(record: dict[str, Any]) -> str:
-    return (f"{record.get('purpose', 'a dgzoo process')} (pid {record.get('pid', '?')} on "
-            f"{record.get('host', '?')}, since {record.get('started', '?')})")
+    return (
+        f"{record.get('purpose', 'a dgzoo process')} (pid {record.get('pid', '?')} on "
+        f"{record.get('host', '?')}, since {record.get('started', '?')})"
+    )
 
 
 def _heartbeat(path: Path, stop: threading.Event) -> None:
@@ -191,16 +194,23 @@ def claim_run_dir(run_dir: str | Path, purpose: str) -> Iterator[Path]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CLAIM_FILE
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "process_start": _process_start(os.getpid()),
-              "heartbeat_s": CLAIM_TTL_S / 4}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "purpose": purpose,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "process_start": _process_start(os.getpid()),
+        "heartbeat_s": CLAIM_TTL_S / 4,
+    }
     for _ in range(3):
         if _create(path, json.dumps(record)):
             break
         holder = _read(path)
         if _live(path, holder):
-            raise RunDirClaimed(f"{run_dir} is in use by {describe_holder(holder or {})}; wait for it to finish "
-                                f"or choose another --output-dir") from None
+            raise RunDirClaimed(
+                f"{run_dir} is in use by {describe_holder(holder or {})}; wait for it to finish "
+                f"or choose another --output-dir"
+            ) from None
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # stale: its holder is gone
     else:

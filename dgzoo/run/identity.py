@@ -11,6 +11,7 @@ nothing; merging two runs that differ in code or data would average things that 
 :func:`content_key` is the part every run of one sweep shares (the data and the code): the leaderboard keeps the
 published runs of two sweeps of one spec apart when it differs, as the report keeps their run directories apart.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,16 @@ import json
 from typing import Any
 
 # results.json fields of the resolved recipe and seeds (``hparams`` holds every training and algorithm value used)
-RECIPE_FIELDS = ("algorithm", "backbone", "pretrained", "steps", "protocol", "source_domains", "target_domains",
-                 "hparams")
+RECIPE_FIELDS = (
+    "algorithm",
+    "backbone",
+    "pretrained",
+    "steps",
+    "protocol",
+    "source_domains",
+    "target_domains",
+    "hparams",
+)
 SEED_FIELDS = ("seed", "split_seed")
 DATA_FIELDS = ("name", "repo_id", "revision")  # a registry or Hub dataset; a local one is its fingerprint alone
 
@@ -33,15 +42,23 @@ def run_identity(results: dict[str, Any]) -> dict[str, Any]:
     """
     dataset = results.get("dataset") or {}
     code = results.get("code") or {"dgzoo_version": results.get("dgzoo_version")}
-    identity = {"recipe": {k: results.get(k) for k in RECIPE_FIELDS},
-                "seeds": {k: results.get(k) for k in SEED_FIELDS},
-                "data": ({"fingerprint": dataset["fingerprint"]} if dataset.get("fingerprint")
-                         else {k: dataset.get(k) for k in DATA_FIELDS}),
-                "code": {k: code.get(k) for k in ("dgzoo_version", "git_commit", "git_dirty")}}
+    identity = {
+        "recipe": {k: results.get(k) for k in RECIPE_FIELDS},
+        "seeds": {k: results.get(k) for k in SEED_FIELDS},
+        "data": (
+            {"fingerprint": dataset["fingerprint"]}
+            if dataset.get("fingerprint")
+            else {k: dataset.get(k) for k in DATA_FIELDS}
+        ),
+        "code": {k: code.get(k) for k in ("dgzoo_version", "git_commit", "git_dirty")},
+    }
     soup = results.get("soup")
     if isinstance(soup, dict):  # a weight average (dgzoo soup) is its recipe and the runs it averaged
-        identity["recipe"]["soup"] = [soup.get("method"), soup.get("k"),
-                                      sorted(_ingredient_key(i) for i in soup.get("ingredients") or [])]
+        identity["recipe"]["soup"] = [
+            soup.get("method"),
+            soup.get("k"),
+            sorted(_ingredient_key(i) for i in soup.get("ingredients") or []),
+        ]
     return identity
 
 

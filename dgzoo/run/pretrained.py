@@ -8,6 +8,7 @@ from that folder. dgzoo therefore never unpickles a downloaded file, whatever th
 Tokens come from where huggingface_hub looks (``HF_TOKEN``, then the login stored by ``hf auth login``), or
 from an explicit ``token`` argument. A token is never written to a file, a log, a card or an error message.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ def check_repo_id(repo_id: str, what: str = "Hub repo id") -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise DGZooError(f"{what} '{repo_id}' is invalid: use USER_OR_ORG/NAME with letters, digits, '-', '_' or "
-                         f"'.', e.g. me/pacs-resnet50-erm") from None
+        raise DGZooError(
+            f"{what} '{repo_id}' is invalid: use USER_OR_ORG/NAME with letters, digits, '-', '_' or "
+            f"'.', e.g. me/pacs-resnet50-erm"
+        ) from None
     if "/" not in repo_id:
         raise DGZooError(f"{what} '{repo_id}' has no namespace: write it as USER_OR_ORG/{repo_id}")
     return repo_id
@@ -81,8 +84,10 @@ def hub_error_reason(error: BaseException, token: str | None = None) -> str:
     if isinstance(error, hf_errors.HfHubHTTPError) and error.response is not None:
         status = error.response.status_code
         detail = (error.server_message or str(error).splitlines()[0]).strip().rstrip(".")
-        hint = {401: "the token is invalid or expired; run `hf auth login` or set HF_TOKEN",
-                403: "the token may not write to this repo"}.get(status)
+        hint = {
+            401: "the token is invalid or expired; run `hf auth login` or set HF_TOKEN",
+            403: "the token may not write to this repo",
+        }.get(status)
         text = f"HTTP {status}: {detail}" + (f"; {hint}" if hint else "")
     elif isinstance(error, DGZooError):
         text = str(error)
@@ -101,12 +106,12 @@ def _split_reference(name_or_path: str | Path, revision: str | None) -> tuple[Pa
     """Turn ``DIR``, ``local-dir:DIR``, ``REPO``, ``hf-hub:REPO`` or ``REPO@REV`` into (dir, repo id, revision)."""
     text = str(name_or_path)
     if text.startswith("local-dir:"):
-        return Path(text[len("local-dir:"):]).expanduser(), None, None
+        return Path(text[len("local-dir:") :]).expanduser(), None, None
     path = Path(text).expanduser()
     if path.is_dir():
         return path, None, None
     for prefix in ("hf-hub:", "hf_hub:"):
-        text = text[len(prefix):] if text.startswith(prefix) else text
+        text = text[len(prefix) :] if text.startswith(prefix) else text
     repo_id, _, at = text.partition("@")
     if at and revision and at != revision:
         raise DGZooError(f"'{name_or_path}' names revision {at} but revision={revision} was also given; pass one")
@@ -116,8 +121,9 @@ def _split_reference(name_or_path: str | Path, revision: str | None) -> tuple[Pa
     return None, repo_id, revision or at or None
 
 
-def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
-                       token: str | None = None) -> tuple[Path, str | None, str | None]:
+def resolve_checkpoint(
+    name_or_path: str | Path, revision: str | None = None, token: str | None = None
+) -> tuple[Path, str | None, str | None]:
     """Return ``(folder, repo_id, commit sha)``: a local folder holding ``config.json`` + ``model.safetensors``.
 
     Hub checkpoints are pinned to one commit, checked for safetensors weights, and only those two files are
@@ -143,16 +149,20 @@ def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None,
             files = set(huggingface_hub.HfApi(token=token).list_repo_files(repo_id, revision=revision))
             if WEIGHTS not in files:
                 pickled = sorted(f for f in files if f.endswith((".bin", ".pth", ".pt", ".ckpt", ".pkl")))
-                raise DGZooError(f"Hub repo {repo_id} has no {WEIGHTS}"
-                                 f"{' (only ' + ', '.join(pickled) + ')' if pickled else ''}; dgzoo loads "
-                                 f"safetensors weights only and never unpickles a download")
+                raise DGZooError(
+                    f"Hub repo {repo_id} has no {WEIGHTS}"
+                    f"{' (only ' + ', '.join(pickled) + ')' if pickled else ''}; dgzoo loads "
+                    f"safetensors weights only and never unpickles a download"
+                )
             if CONFIG not in files:
                 raise DGZooError(f"Hub repo {repo_id} has no {CONFIG}, so it is not a timm checkpoint")
-        paths = [huggingface_hub.hf_hub_download(repo_id, name, revision=revision, token=token)
-                 for name in (CONFIG, WEIGHTS)]
+        paths = [
+            huggingface_hub.hf_hub_download(repo_id, name, revision=revision, token=token) for name in (CONFIG, WEIGHTS)
+        ]
     except hf_errors.LocalEntryNotFoundError:
-        raise DGZooError(f"{repo_id} is not in the local cache and HF_HUB_OFFLINE is set; unset it to "
-                         f"download") from None
+        raise DGZooError(
+            f"{repo_id} is not in the local cache and HF_HUB_OFFLINE is set; unset it to download"
+        ) from None
     except DGZooError:
         raise
     except Exception as e:
@@ -171,17 +181,19 @@ def create_from_folder(folder: Path) -> nn.Module:
     if not arch:
         raise DGZooError(f"{folder / CONFIG} has no 'architecture', so it is not a timm checkpoint")
     if not timm.is_model(arch):
-        raise DGZooError(f"the checkpoint's architecture '{arch}' is unknown to timm {timm.__version__}; "
-                         f"upgrade timm")
+        raise DGZooError(f"the checkpoint's architecture '{arch}' is unknown to timm {timm.__version__}; upgrade timm")
     try:
         return timm.create_model(f"local-dir:{folder}", pretrained=True)
     except RuntimeError as e:
-        raise DGZooError(f"the weights in {folder / WEIGHTS} do not fit '{arch}' as {CONFIG} describes it "
-                         f"({str(e).splitlines()[0]})") from None
+        raise DGZooError(
+            f"the weights in {folder / WEIGHTS} do not fit '{arch}' as {CONFIG} describes it ({str(e).splitlines()[0]})"
+        ) from None
     except Exception as e:
-        raise DGZooError(f"{folder / WEIGHTS} cannot be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated or corrupt: re-export or "
-                         f"re-download it") from None
+        raise DGZooError(
+            f"{folder / WEIGHTS} cannot be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated or corrupt: re-export or "
+            f"re-download it"
+        ) from None
 
 
 def from_pretrained(name_or_path: str | Path, revision: str | None = None, token: str | None = None) -> Pretrained:

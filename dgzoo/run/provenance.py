@@ -13,6 +13,7 @@ A published number is only as good as the way back to what made it. Every run re
 ``dgzoo train --config train_config.json`` trains on the same commit with the same settings after the dataset's
 ``main`` has moved or a default has changed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,10 +33,20 @@ def _git_state() -> tuple[str | None, bool | None]:
     if not (PACKAGE_ROOT / ".git").exists():
         return None, None
     try:
-        commit = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "status", "--porcelain", "--untracked-files=no",
-                                 "--", "dgzoo"], capture_output=True, text=True, timeout=10, check=True).stdout
+        commit = subprocess.run(
+            ["git", "-C", str(PACKAGE_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(PACKAGE_ROOT), "status", "--porcelain", "--untracked-files=no", "--", "dgzoo"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):  # no git, or not a repository after all
         return None, None
     return (commit or None), bool(status.strip())
@@ -53,8 +64,12 @@ def data_provenance(info: dict[str, Any]) -> dict[str, Any]:
     return {k: info.get(k) for k in ("name", "source", "repo_id", "revision", "fingerprint")}
 
 
-def resolved_config(config: dict[str, Any], info: dict[str, Any], derived: dict[str, dict[str, Any]],
-                    hparams: dict[str, Any] | None = None) -> dict[str, Any]:
+def resolved_config(
+    config: dict[str, Any],
+    info: dict[str, Any],
+    derived: dict[str, dict[str, Any]],
+    hparams: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """``config`` (a TrainConfig as a dict) with what the run resolved written in, so it repeats this run exactly:
     the Hub dataset's commit sha as ``revision``, the held-out domains, split seed, augmentation and image size
     that were derived, and every algorithm hyperparameter at the value used (``hparams``: flat ``key: value``
@@ -120,9 +135,17 @@ def warn_if_not_a_repeat(recorded: dict[str, Any] | None, info: dict[str, Any]) 
     if differences:
         logging.getLogger("dgzoo").warning(
             "warning: this run repeats a recorded run's recipe with different %s; its results may differ from the "
-            "recorded run's", "; ".join(differences))
+            "recorded run's",
+            "; ".join(differences),
+        )
     return differences
 
 
-__all__ = ["code_version", "data_provenance", "provenance_block", "repeat_differences", "resolved_config",
-           "warn_if_not_a_repeat"]
+__all__ = [
+    "code_version",
+    "data_provenance",
+    "provenance_block",
+    "repeat_differences",
+    "resolved_config",
+    "warn_if_not_a_repeat",
+]

@@ -10,6 +10,7 @@ Before anything is created on the Hub, a push checks that the run loads as publi
 A sweep (:func:`dgzoo.run.zoo.push_sweep`; ``dgzoo push SWEEP_DIR PREFIX``) publishes every finished run as its own
 repo, the ``dgzoo report`` tables in a results dataset repo, and a Hub collection holding them all.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,17 @@ from .unlearning_card import render_unlearn_card
 
 # What a push uploads. Checkpoints (optimizer state, pickled RNG states) and logs are for resuming and
 # debugging on the training machine, and would make every download of the model larger.
-PUBLISHED_FILES = (CONFIG, WEIGHTS, "results.json", "records.jsonl", "train_config.json", "unlearn_config.json",
-                   "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE)
+PUBLISHED_FILES = (
+    CONFIG,
+    WEIGHTS,
+    "results.json",
+    "records.jsonl",
+    "train_config.json",
+    "unlearn_config.json",
+    "accuracy_per_domain.png",
+    "training_curves.png",
+    SAMPLES_IMAGE,
+)
 _SHA = re.compile(r"[0-9a-f]{40}")
 
 
@@ -39,8 +49,10 @@ _SHA = re.compile(r"[0-9a-f]{40}")
 def _check_branch(revision: str | None, flag: str = "--hub-revision") -> None:
     """Refuse a revision that is not a branch name; ``flag`` is the option of the command that took it."""
     if revision is not None and (_SHA.fullmatch(revision) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", revision)):
-        raise DGZooError(f"Hub revision '{revision}' cannot be pushed to: name a branch (created from main if "
-                         f"missing), e.g. {flag} v1")
+        raise DGZooError(
+            f"Hub revision '{revision}' cannot be pushed to: name a branch (created from main if "
+            f"missing), e.g. {flag} v1"
+        )
 
 
 def _is_launch_main() -> bool:
@@ -48,9 +60,14 @@ def _is_launch_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def check_push_target(repo_id: str, token: str | None = None, private: bool = False,
-                      revision: str | None = None, repo_type: str = "model", revision_flag: str = "--hub-revision"
-                      ) -> str:
+def check_push_target(
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    repo_type: str = "model",
+    revision_flag: str = "--hub-revision",
+) -> str:
     """Check, before any training or upload, that a push to ``repo_id`` can succeed; return the token to use.
 
     Offline: the repo id, branch name and the presence of a token. On the main process of a launch also
@@ -62,12 +79,16 @@ def check_push_target(repo_id: str, token: str | None = None, private: bool = Fa
     check_repo_id(repo_id)
     _check_branch(revision, revision_flag)
     if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise DGZooError("pushing to the Hub needs the network but HF_HUB_OFFLINE is set; unset it, or train "
-                         "without --push-to-hub and run `dgzoo push RUN_DIR REPO_ID` later")
+        raise DGZooError(
+            "pushing to the Hub needs the network but HF_HUB_OFFLINE is set; unset it, or train "
+            "without --push-to-hub and run `dgzoo push RUN_DIR REPO_ID` later"
+        )
     token = resolve_token(token)
     if not token:
-        raise DGZooError("pushing to the Hub needs a Hugging Face token with write access: run `hf auth login` or "
-                         "set HF_TOKEN (`dgzoo push` also takes --token)")
+        raise DGZooError(
+            "pushing to the Hub needs a Hugging Face token with write access: run `hf auth login` or "
+            "set HF_TOKEN (`dgzoo push` also takes --token)"
+        )
     if not _is_launch_main():
         return token
     api = huggingface_hub.HfApi(token=token)
@@ -77,13 +98,17 @@ def check_push_target(repo_id: str, token: str | None = None, private: bool = Fa
         raise DGZooError(f"could not check the Hugging Face token: {hub_error_reason(e, token)}") from None
     access = (me.get("auth") or {}).get("accessToken") or {}
     if access.get("role") == "read":
-        raise DGZooError("the Hugging Face token is read-only; create a token with write access and run "
-                         "`hf auth login` or set HF_TOKEN")
+        raise DGZooError(
+            "the Hugging Face token is read-only; create a token with write access and run "
+            "`hf auth login` or set HF_TOKEN"
+        )
     namespace = repo_id.split("/")[0]
     namespaces = [me.get("name")] + [org.get("name") for org in me.get("orgs") or []]
     if me.get("type") == "user" and namespace not in namespaces:
-        raise PushRefused(f"the token's user {me.get('name')} cannot write to '{namespace}/' (its namespaces: "
-                         f"{', '.join(filter(None, namespaces))}); push to one of those")
+        raise PushRefused(
+            f"the token's user {me.get('name')} cannot write to '{namespace}/' (its namespaces: "
+            f"{', '.join(filter(None, namespaces))}); push to one of those"
+        )
     _check_visibility(api, repo_id, repo_type, private, token)
     return token
 
@@ -99,11 +124,12 @@ def _check_visibility(api: Any, repo_id: str, repo_type: str, private: bool, tok
     except RepositoryNotFoundError:
         return
     except Exception as e:
-        raise DGZooError(f"could not read the Hub {repo_type} repo {repo_id}: "
-                         f"{hub_error_reason(e, token)}") from None
+        raise DGZooError(f"could not read the Hub {repo_type} repo {repo_id}: {hub_error_reason(e, token)}") from None
     if not info.private:
-        raise PushRefused(f"Hub {repo_type} repo {repo_id} exists and is public, so --private would not hide this "
-                         f"push; make the repo private in its settings first, or push to a new repo id")
+        raise PushRefused(
+            f"Hub {repo_type} repo {repo_id} exists and is public, so --private would not hide this "
+            f"push; make the repo private in its settings first, or push to a new repo id"
+        )
 
 
 class PushRefused(DGZooError):
@@ -137,8 +163,14 @@ def retry_advice(error: BaseException, retry: str) -> str:
 # ---------------------------------------------------------------------- publishing
 
 
-def retry_command(run_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-                  commit_message: str | None = None, license: str | None = None) -> str:
+def retry_command(
+    run_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    license: str | None = None,
+) -> str:
     """The ``dgzoo push`` command that repeats a push (it never includes the token)."""
     parts = ["dgzoo", "push", shlex.quote(str(Path(run_dir).resolve())), shlex.quote(repo_id)]
     if private:
@@ -152,8 +184,15 @@ def retry_command(run_dir: str | Path, repo_id: str, private: bool = False, revi
     return " ".join(parts)
 
 
-def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-             commit_message: str | None = None, token: str | None = None, license: str | None = None) -> str:
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    license: str | None = None,
+) -> str:
     """Publish a finished run directory to the Hub model repo ``repo_id``; return the URL of the commit.
 
     ``private`` applies when the repo is created (an existing public repo is refused rather than silently
@@ -173,15 +212,19 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
         token = check_push_target(repo_id, token, private, revision, revision_flag="--revision")
         return upload_run(run_dir, repo_id, private, revision, commit_message, token, license)
     except Exception as e:
-        raise DGZooError(f"push of {run_dir} to {repo_id} failed: {hub_error_reason(e, token)}. The run directory "
-                         f"is intact{retry_advice(e, retry)}") from None
+        raise DGZooError(
+            f"push of {run_dir} to {repo_id} failed: {hub_error_reason(e, token)}. The run directory "
+            f"is intact{retry_advice(e, retry)}"
+        ) from None
 
 
 def check_finished_run(run_dir: Path) -> None:
     """Refuse a directory that is not a finished run (one line naming what is missing)."""
     if not all((run_dir / name).is_file() for name in ("results.json", "train_config.json", CONFIG, WEIGHTS)):
-        raise DGZooError(f"{run_dir} is not a finished dgzoo run (it needs results.json, train_config.json, {CONFIG} "
-                         f"and {WEIGHTS}); train it first, or point at the run's --output-dir")
+        raise DGZooError(
+            f"{run_dir} is not a finished dgzoo run (it needs results.json, train_config.json, {CONFIG} "
+            f"and {WEIGHTS}); train it first, or point at the run's --output-dir"
+        )
 
 
 def check_run_loads(run_dir: str | Path) -> None:
@@ -201,34 +244,51 @@ def check_run_loads(run_dir: str | Path) -> None:
     try:
         json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError) as e:
-        raise DGZooError(f"{run_dir / 'results.json'} is not valid JSON ({str(e).splitlines()[0]}): the run stopped "
-                         f"while writing it; nothing was pushed: finish it (dgzoo train --config "
-                         f"{run_dir / 'train_config.json'} --resume), then push again") from None
+        raise DGZooError(
+            f"{run_dir / 'results.json'} is not valid JSON ({str(e).splitlines()[0]}): the run stopped "
+            f"while writing it; nothing was pushed: finish it (dgzoo train --config "
+            f"{run_dir / 'train_config.json'} --resume), then push again"
+        ) from None
     try:
         json.loads((run_dir / CONFIG).read_text())
     except (OSError, ValueError) as e:
-        raise DGZooError(f"{run_dir / CONFIG} is not valid JSON ({str(e).splitlines()[0]}), so the run would not "
-                         f"load; nothing was pushed: {fix}") from None
+        raise DGZooError(
+            f"{run_dir / CONFIG} is not valid JSON ({str(e).splitlines()[0]}), so the run would not "
+            f"load; nothing was pushed: {fix}"
+        ) from None
     try:
         state = load_file(str(run_dir / WEIGHTS))
     except Exception as e:
-        raise DGZooError(f"{run_dir / WEIGHTS} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); it is "
-                         f"truncated or corrupt and nothing was pushed: {fix}") from None
+        raise DGZooError(
+            f"{run_dir / WEIGHTS} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); it is "
+            f"truncated or corrupt and nothing was pushed: {fix}"
+        ) from None
     bad = nonfinite_tensors(state)
     if bad:
-        raise DGZooError(f"{run_dir / WEIGHTS} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
-                         f"diverged, so it is not published; train it again with a lower --lr (or --clip-grad-norm)")
+        raise DGZooError(
+            f"{run_dir / WEIGHTS} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
+            f"diverged, so it is not published; train it again with a lower --lr (or --clip-grad-norm)"
+        )
     try:
         create_from_folder(run_dir)
     except DGZooError as e:
         raise DGZooError(f"{e}; nothing was pushed") from None
     except Exception as e:
-        raise DGZooError(f"timm cannot build the model of {run_dir} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); nothing was pushed: {fix}") from None
+        raise DGZooError(
+            f"timm cannot build the model of {run_dir} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); nothing was pushed: {fix}"
+        ) from None
 
 
-def upload_run(run_dir: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
-                token: str | None, license: str | None) -> str:
+def upload_run(
+    run_dir: Path,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    token: str | None,
+    license: str | None,
+) -> str:
     """Create the repo (if missing) and upload the run's files in one commit; return the commit URL."""
     import huggingface_hub
 
@@ -236,9 +296,13 @@ def upload_run(run_dir: Path, repo_id: str, private: bool, revision: str | None,
     card, default_message = _card_for(run_dir, results, repo_id, license, revision)
     message = commit_message or default_message
     operations = [huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
-    operations += [huggingface_hub.CommitOperationAdd(
-                       path_in_repo=name, path_or_fileobj=_published_bytes(run_dir, name, repo_id, results, license))
-                   for name in PUBLISHED_FILES if (run_dir / name).is_file()]
+    operations += [
+        huggingface_hub.CommitOperationAdd(
+            path_in_repo=name, path_or_fileobj=_published_bytes(run_dir, name, repo_id, results, license)
+        )
+        for name in PUBLISHED_FILES
+        if (run_dir / name).is_file()
+    ]
     api = huggingface_hub.HfApi(token=token)
     api.create_repo(repo_id, private=private or None, exist_ok=True)
     if revision and revision != "main":
@@ -246,16 +310,22 @@ def upload_run(run_dir: Path, repo_id: str, private: bool, revision: str | None,
     return api.create_commit(repo_id, operations=operations, revision=revision, commit_message=message).commit_url
 
 
-def _published_bytes(run_dir: Path, name: str, repo_id: str | None = None, results: dict[str, Any] | None = None,
-                     license: str | None = None) -> bytes:
+def _published_bytes(
+    run_dir: Path,
+    name: str,
+    repo_id: str | None = None,
+    results: dict[str, Any] | None = None,
+    license: str | None = None,
+) -> bytes:
     """A run file as published: JSON files lose the absolute local paths they record (home and cache folders
     are nobody else's business and mean nothing on another machine); they keep the path's last component.
     ``config.json``'s ``pretrained_cfg`` describes the published weights (:func:`finetuned_pretrained_cfg`)."""
     data = (run_dir / name).read_bytes()
     if name == CONFIG and repo_id and results is not None:
         config = json.loads(data)
-        config["pretrained_cfg"] = finetuned_pretrained_cfg(config.get("pretrained_cfg") or {}, repo_id, results,
-                                                            card_license(results, license)["license"])
+        config["pretrained_cfg"] = finetuned_pretrained_cfg(
+            config.get("pretrained_cfg") or {}, repo_id, results, card_license(results, license)["license"]
+        )
         return (json.dumps(config, indent=2) + "\n").encode()
     if name not in ("results.json", "train_config.json", "unlearn_config.json"):
         return data
@@ -277,12 +347,24 @@ def without_local_paths(value: Any) -> Any:
 
 # timm pretrained_cfg fields that describe where a set of weights came from: true of the base weights a run
 # started from, false of the fine-tuned weights it publishes.
-_PROVENANCE_FIELDS = ("url", "hf_hub_id", "tag", "license", "origin_url", "paper_name", "paper_ids", "notes",
-                      "description", "hf_hub_filename", "source")
+_PROVENANCE_FIELDS = (
+    "url",
+    "hf_hub_id",
+    "tag",
+    "license",
+    "origin_url",
+    "paper_name",
+    "paper_ids",
+    "notes",
+    "description",
+    "hf_hub_filename",
+    "source",
+)
 
 
-def finetuned_pretrained_cfg(cfg: dict[str, Any], repo_id: str, results: dict[str, Any],
-                             license: str) -> dict[str, Any]:
+def finetuned_pretrained_cfg(
+    cfg: dict[str, Any], repo_id: str, results: dict[str, Any], license: str
+) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` for published dgzoo weights: the preprocessing fields (input size, mean, std,
     crop, interpolation, classifier) stay; the base weights' tag, licence, origin and papers are replaced by
     those of the fine-tuned weights (their repo, the card's licence, what they were trained for and from)."""
@@ -292,23 +374,40 @@ def finetuned_pretrained_cfg(cfg: dict[str, Any], repo_id: str, results: dict[st
     base = results.get("base_model")
     kind = "unlearned" if results.get("kind") == "unlearning" else "trained"
     out.update(
-        hf_hub_id=repo_id, license=license, origin_url=f"{huggingface_hub.constants.ENDPOINT}/{repo_id}",
-        description=(f"{results['backbone']} {kind} with dgzoo ({results['algorithm']}) on "
-                     f"{results['dataset']['title']}, held-out {', '.join(results['target_domains'])}"),
-        notes=[f"fine-tuned from {base}" if base else "trained from random initialisation"])
+        hf_hub_id=repo_id,
+        license=license,
+        origin_url=f"{huggingface_hub.constants.ENDPOINT}/{repo_id}",
+        description=(
+            f"{results['backbone']} {kind} with dgzoo ({results['algorithm']}) on "
+            f"{results['dataset']['title']}, held-out {', '.join(results['target_domains'])}"
+        ),
+        notes=[f"fine-tuned from {base}" if base else "trained from random initialisation"],
+    )
     return out
 
 
-def _card_for(run_dir: Path, results: dict[str, Any], repo_id: str, license: str | None,
-              revision: str | None = None) -> tuple[str, str]:
+def _card_for(
+    run_dir: Path, results: dict[str, Any], repo_id: str, license: str | None, revision: str | None = None
+) -> tuple[str, str]:
     """The card and default commit message of a run: a training run's, or an unlearning run's (``kind``)."""
     if results.get("kind") == "unlearning":
-        return (render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir, license=license),
-                f"dgzoo: unlearn {results['unlearning']['forget_spec']} with {results['algorithm']}")
+        return (
+            render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir, license=license),
+            f"dgzoo: unlearn {results['unlearning']['forget_spec']} with {results['algorithm']}",
+        )
     # The published card is rendered from what is published: a soup's command names its ingredients' directories
     # and a recipe's init_from a run directory, which mean nothing on another machine (the local card keeps them).
     results = without_local_paths(results)
-    card = render_card(results, without_local_paths(read_json(run_dir / "train_config.json")), repo_id=repo_id,
-                       run_dir=run_dir, license=license, sweep=sweep_entry(run_dir), revision=revision)
-    return card, (f"dgzoo: {results['algorithm']} {results['backbone']} on {results['dataset']['title']}, held-out "
-                  f"{', '.join(results['target_domains'])} {100 * results['target_accuracy']:.1f}%")
+    card = render_card(
+        results,
+        without_local_paths(read_json(run_dir / "train_config.json")),
+        repo_id=repo_id,
+        run_dir=run_dir,
+        license=license,
+        sweep=sweep_entry(run_dir),
+        revision=revision,
+    )
+    return card, (
+        f"dgzoo: {results['algorithm']} {results['backbone']} on {results['dataset']['title']}, held-out "
+        f"{', '.join(results['target_domains'])} {100 * results['target_accuracy']:.1f}%"
+    )

@@ -13,6 +13,7 @@ Compatibility rules, because results.json files live on in sweeps and Hub repos:
   where they were; known keys a file lacks are left out again rather than written as ``null``.
 - A file whose ``format_version`` is newer than this code knows is refused with one line saying to upgrade.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,10 @@ def _major(version: str) -> int:
     try:
         return int(str(version).split(".")[0])
     except ValueError:
-        raise DGZooError(f"results.json has an unreadable format_version {version!r}; "
-                         "rewrite it with the dgzoo version that produced it") from None
+        raise DGZooError(
+            f"results.json has an unreadable format_version {version!r}; "
+            "rewrite it with the dgzoo version that produced it"
+        ) from None
 
 
 @dataclass
@@ -58,8 +61,10 @@ class _Record:
     def from_json(cls, data: Mapping[str, Any]):
         """Build the record from a parsed JSON object; missing known keys take their defaults."""
         if not isinstance(data, Mapping):
-            raise DGZooError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}; "
-                             "check that the file is a dgzoo results.json")
+            raise DGZooError(
+                f"{cls.__name__} expects a JSON object, got {type(data).__name__}; "
+                "check that the file is a dgzoo results.json"
+            )
         known = cls._known()
         kwargs: dict[str, Any] = {}
         for name in known:
@@ -69,16 +74,29 @@ class _Record:
             if name in cls._nested and isinstance(value, Mapping):
                 value = cls._nested[name].from_json(value)
             elif name in cls._nested_maps and isinstance(value, Mapping):
-                value = {k: cls._nested_maps[name].from_json(v) if isinstance(v, Mapping) else v
-                         for k, v in value.items()}
+                value = {
+                    k: cls._nested_maps[name].from_json(v) if isinstance(v, Mapping) else v for k, v in value.items()
+                }
             kwargs[name] = value
-        missing = [f.name for f in dataclasses.fields(cls) if f.name in known and f.name not in data
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name in known
+            and f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
-            raise DGZooError(f"results.json lacks {', '.join(missing)} for {cls.__name__}; "
-                             "it was not written by dgzoo (re-run or re-export the run)")
-        return cls(**kwargs, extra={k: v for k, v in data.items() if k not in known},
-                   _order=tuple(data), _absent=frozenset(n for n in known if n not in data))
+            raise DGZooError(
+                f"results.json lacks {', '.join(missing)} for {cls.__name__}; "
+                "it was not written by dgzoo (re-run or re-export the run)"
+            )
+        return cls(
+            **kwargs,
+            extra={k: v for k, v in data.items() if k not in known},
+            _order=tuple(data),
+            _absent=frozenset(n for n in known if n not in data),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object, in the source's key order (field order for new records), known keys first."""
@@ -180,8 +198,7 @@ class RunResults(_Record):
     finished: str | None = None
     format_version: str = FORMAT_VERSION
 
-    _nested: ClassVar[dict[str, type[_Record]]] = {"dataset": DatasetRef, "selection": Selection,
-                                                  "timing": Timing}
+    _nested: ClassVar[dict[str, type[_Record]]] = {"dataset": DatasetRef, "selection": Selection, "timing": Timing}
     _nested_maps: ClassVar[dict[str, type[_Record]]] = {"selections": SelectionResult}
 
     @classmethod
@@ -189,8 +206,10 @@ class RunResults(_Record):
         """Read any results.json layout written so far (see the module docstring); refuse newer ones."""
         version = data.get("format_version", LEGACY_FORMAT_VERSION) if isinstance(data, Mapping) else None
         if version is not None and _major(version) > _major(FORMAT_VERSION):
-            raise DGZooError(f"results.json has format_version {version}, newer than this dgzoo reads "
-                             f"({FORMAT_VERSION}); upgrade dgzoo: pip install -U dgzoo")
+            raise DGZooError(
+                f"results.json has format_version {version}, newer than this dgzoo reads "
+                f"({FORMAT_VERSION}); upgrade dgzoo: pip install -U dgzoo"
+            )
         results = super().from_json(data)
         if "format_version" not in data:
             # A 0.1 file: report its version, and write it back without inventing the key's position.

@@ -15,6 +15,7 @@ Layout (the contract of ``--output-dir``)::
 Files are written atomically (temporary file, then rename), so an interrupted run never leaves a half-written
 ``model.safetensors`` or ``results.json`` behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,15 +32,34 @@ from .claim import CLAIM_FILE, RunDirClaimed, claim_holder, describe_holder
 
 RUN_MARKERS = ("train_config.json", "results.json", "checkpoints", "unlearn_config.json")
 SAMPLES_IMAGE = "samples_per_domain.png"  # one row of sample images per domain, embedded in the model card
-OUTPUT_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "train_config.json",
-                "records.jsonl", "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE, "train.log",
-                "unlearn_config.json", "unlearn.log",  # these two: unlearning runs (dgzoo unlearn)
-                "failure.txt",  # why the last Slurm task of the run failed (dgzoo.experiments.slurm)
-                "soup.log")  # soups (dgzoo soup)
+OUTPUT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    "results.json",
+    "train_config.json",
+    "records.jsonl",
+    "accuracy_per_domain.png",
+    "training_curves.png",
+    SAMPLES_IMAGE,
+    "train.log",
+    "unlearn_config.json",
+    "unlearn.log",  # these two: unlearning runs (dgzoo unlearn)
+    "failure.txt",  # why the last Slurm task of the run failed (dgzoo.experiments.slurm)
+    "soup.log",
+)  # soups (dgzoo soup)
 OUTPUT_DIRS = ("checkpoints", "logs")
 DONE_FILE = "results.json"  # written last: a run is done only when it and every file of RUN_OUTPUTS exist
-RUN_OUTPUTS = ("config.json", "model.safetensors", "README.md", "train_config.json", "records.jsonl",
-               "accuracy_per_domain.png", "training_curves.png", SAMPLES_IMAGE)
+RUN_OUTPUTS = (
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    "train_config.json",
+    "records.jsonl",
+    "accuracy_per_domain.png",
+    "training_curves.png",
+    SAMPLES_IMAGE,
+)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -74,8 +94,9 @@ def write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json_text(data))
 
 
-def save_model(model: nn.Module, run_dir: str | Path, class_names: list[str], data_config: dict[str, Any],
-               metadata: dict[str, Any]) -> None:
+def save_model(
+    model: nn.Module, run_dir: str | Path, class_names: list[str], data_config: dict[str, Any], metadata: dict[str, Any]
+) -> None:
     """Save ``model`` in timm's Hub layout (``config.json`` + ``model.safetensors``) into ``run_dir``.
 
     ``metadata`` lands under the ``dgzoo`` key of config.json, which timm ignores when loading.
@@ -84,17 +105,26 @@ def save_model(model: nn.Module, run_dir: str | Path, class_names: list[str], da
 
     bad = nonfinite_tensors(model.state_dict())
     if bad:
-        raise DGZooError(f"refusing to export non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); the run "
-                         f"diverged: lower --lr or set --clip-grad-norm and train again")
+        raise DGZooError(
+            f"refusing to export non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); the run "
+            f"diverged: lower --lr or set --clip-grad-norm and train again"
+        )
     run_dir = Path(run_dir)
     # safetensors stores contiguous tensors only: a channels-last network (--channels-last) is exported in the
     # default layout, the one every loader expects.
     handle = model.register_state_dict_post_hook(_contiguous_values)
     try:
-        with writing(run_dir / "model.safetensors"), \
-                tempfile.TemporaryDirectory(dir=_mkdir(run_dir), prefix=".export-") as tmp:
-            save_for_hf(model, tmp, model_config={"label_names": list(class_names), "dgzoo": metadata},
-                        safe_serialization=True, data_config=data_config)
+        with (
+            writing(run_dir / "model.safetensors"),
+            tempfile.TemporaryDirectory(dir=_mkdir(run_dir), prefix=".export-") as tmp,
+        ):
+            save_for_hf(
+                model,
+                tmp,
+                model_config={"label_names": list(class_names), "dgzoo": metadata},
+                safe_serialization=True,
+                data_config=data_config,
+            )
             for name in ("model.safetensors", "config.json"):
                 _default_permissions(Path(tmp) / name)
                 os.replace(Path(tmp) / name, run_dir / name)
@@ -118,8 +148,11 @@ def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
     """Names of the floating-point tensors in ``state_dict`` holding a NaN or an infinity."""
     import torch
 
-    return [name for name, t in state_dict.items()
-            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return [
+        name
+        for name, t in state_dict.items()
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -162,8 +195,9 @@ def check_output_dir(path: str | Path, resume: bool, overwrite: bool, can_resume
         raise DGZooError(f"--output-dir {path} is a file; choose a directory")
     holder = claim_holder(path)
     if holder is not None:
-        raise RunDirClaimed(f"{path} is in use by {describe_holder(holder)}; wait for it to finish or choose "
-                            f"another --output-dir")
+        raise RunDirClaimed(
+            f"{path} is in use by {describe_holder(holder)}; wait for it to finish or choose another --output-dir"
+        )
     if resume:
         if not latest_checkpoint(path) and not (path / "train_config.json").exists():
             raise DGZooError(f"nothing to resume in {path}: it holds no checkpoint; drop --resume to start a new run")
@@ -173,14 +207,20 @@ def check_output_dir(path: str | Path, resume: bool, overwrite: bool, can_resume
     if is_run_dir(path):
         if not overwrite:
             if not can_resume or not (path / "train_config.json").exists() and (path / "unlearn_config.json").exists():
-                raise DGZooError(f"--output-dir {path} already holds a run; pass --overwrite to replace it, or "
-                                 f"choose another --output-dir")
+                raise DGZooError(
+                    f"--output-dir {path} already holds a run; pass --overwrite to replace it, or "
+                    f"choose another --output-dir"
+                )
             if not latest_checkpoint(path) and not (path / "results.json").exists():
-                raise DGZooError(f"--output-dir {path} holds a run that stopped before its first checkpoint; pass "
-                                 f"--resume to start it again from step 0, --overwrite to replace it, or choose "
-                                 f"another --output-dir")
-            raise DGZooError(f"--output-dir {path} already holds a run; pass --resume to continue it, --overwrite "
-                             f"to replace it, or choose another --output-dir")
+                raise DGZooError(
+                    f"--output-dir {path} holds a run that stopped before its first checkpoint; pass "
+                    f"--resume to start it again from step 0, --overwrite to replace it, or choose "
+                    f"another --output-dir"
+                )
+            raise DGZooError(
+                f"--output-dir {path} already holds a run; pass --resume to continue it, --overwrite "
+                f"to replace it, or choose another --output-dir"
+            )
         return
     if not overwrite:
         raise DGZooError(f"--output-dir {path} is not empty and holds no dgzoo run; choose an empty or new directory")
@@ -220,8 +260,10 @@ def write_checkpoint_manifest(checkpoint: str | Path, extra: dict[str, Any] | No
     files = [p for p in sorted(checkpoint.rglob("*")) if p.is_file()]
     sizes = {str(p.relative_to(checkpoint)): p.stat().st_size for p in files}
     digests = {str(p.relative_to(checkpoint)): _sha256(p) for p in files}
-    write_json(checkpoint / CHECKPOINT_MANIFEST, {"format": CHECKPOINT_FORMAT, "files": sizes, "sha256": digests,
-                                                  **(extra or {})})
+    write_json(
+        checkpoint / CHECKPOINT_MANIFEST,
+        {"format": CHECKPOINT_FORMAT, "files": sizes, "sha256": digests, **(extra or {})},
+    )
 
 
 def checkpoint_format(checkpoint: str | Path) -> int | None:

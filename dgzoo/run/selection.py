@@ -15,6 +15,7 @@ Each evaluation produces a record ``{"step": s, "acc": {domain: {"in": a, "out":
 The accuracy a run reports for a domain is measured on data it never trained on: the ``in`` split (80%) of a
 target domain, as DomainBed reports, and the ``out`` split of a source domain.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,8 +32,7 @@ class SelectionMethod:
     per_run: ClassVar[bool] = True  # scores a run from its own records (results.json's ``selections``)
 
     @classmethod
-    def run_acc(cls, records: Sequence[Record], sources: Sequence[str],
-                targets: Sequence[str]) -> tuple[Record, float]:
+    def run_acc(cls, records: Sequence[Record], sources: Sequence[str], targets: Sequence[str]) -> tuple[Record, float]:
         """The chosen record of one run and the method's score for it."""
         raise NotImplementedError(f"{cls.name} cannot select from one run's records")
 
@@ -43,8 +43,13 @@ class SelectionMethod:
             raise ValueError("no evaluation records to select from")
         chosen, value = cls.run_acc(records, sources, targets)
         per_domain = reported_accuracy(chosen["acc"], sources)
-        return {"method": cls.name, "step": chosen["step"], "score": value, "accuracy": per_domain,
-                "target_accuracy": _mean(per_domain[d] for d in targets)}
+        return {
+            "method": cls.name,
+            "step": chosen["step"],
+            "score": value,
+            "accuracy": per_domain,
+            "target_accuracy": _mean(per_domain[d] for d in targets),
+        }
 
 
 class TrainingDomainValidation(SelectionMethod):
@@ -52,8 +57,7 @@ class TrainingDomainValidation(SelectionMethod):
     title = "training-domain validation set"
 
     @classmethod
-    def run_acc(cls, records: Sequence[Record], sources: Sequence[str],
-                targets: Sequence[str]) -> tuple[Record, float]:
+    def run_acc(cls, records: Sequence[Record], sources: Sequence[str], targets: Sequence[str]) -> tuple[Record, float]:
         score = lambda r: _mean(r["acc"][d]["out"] for d in sources)  # noqa: E731
         chosen = max(records, key=lambda r: (score(r), -r["step"]))
         return chosen, score(chosen)
@@ -64,8 +68,7 @@ class Oracle(SelectionMethod):
     title = "test-domain validation set (oracle)"
 
     @classmethod
-    def run_acc(cls, records: Sequence[Record], sources: Sequence[str],
-                targets: Sequence[str]) -> tuple[Record, float]:
+    def run_acc(cls, records: Sequence[Record], sources: Sequence[str], targets: Sequence[str]) -> tuple[Record, float]:
         chosen = max(records, key=lambda r: r["step"])
         return chosen, _mean(chosen["acc"][d]["out"] for d in targets)
 
@@ -75,8 +78,7 @@ class Last(SelectionMethod):
     title = "last step"
 
     @classmethod
-    def run_acc(cls, records: Sequence[Record], sources: Sequence[str],
-                targets: Sequence[str]) -> tuple[Record, float]:
+    def run_acc(cls, records: Sequence[Record], sources: Sequence[str], targets: Sequence[str]) -> tuple[Record, float]:
         chosen = max(records, key=lambda r: r["step"])
         return chosen, _mean(chosen["acc"][d]["out"] for d in sources)
 
@@ -87,8 +89,12 @@ class LeaveOneDomainOut(SelectionMethod):
     per_run = False
 
     @staticmethod
-    def validated_step(records: Sequence[Record], targets: Sequence[str], others: Sequence[str],
-                       validators: Mapping[str, Sequence[Record]]) -> tuple[int, float, float] | None:
+    def validated_step(
+        records: Sequence[Record],
+        targets: Sequence[str],
+        others: Sequence[str],
+        validators: Mapping[str, Sequence[Record]],
+    ) -> tuple[int, float, float] | None:
         """DomainBed's leave-one-domain-out cross-validation of a run holding out ``targets``.
 
         ``validators[v]`` are the records of the run of the same hyperparameter sample and trial holding out
@@ -108,8 +114,9 @@ class LeaveOneDomainOut(SelectionMethod):
         return step, scores[step], _mean(own[step]["acc"][t]["in"] for t in targets)
 
 
-SELECTION: dict[str, type[SelectionMethod]] = {m.name: m for m in (TrainingDomainValidation, Oracle, Last,
-                                                                   LeaveOneDomainOut)}
+SELECTION: dict[str, type[SelectionMethod]] = {
+    m.name: m for m in (TrainingDomainValidation, Oracle, Last, LeaveOneDomainOut)
+}
 SELECTION_METHODS = ("training_domain_validation", "oracle", "last")
 """The per-run methods every results.json records under ``selections``."""
 REPORT_SELECTION_METHODS = ("training_domain_validation", "leave_one_domain_out", "oracle")
@@ -122,8 +129,7 @@ def reported_accuracy(acc: dict[str, dict[str, float]], sources: Sequence[str]) 
     return {d: splits["out"] if d in sources else splits["in"] for d, splits in acc.items()}
 
 
-def select(records: Sequence[Record], method: str, sources: Sequence[str],
-           targets: Sequence[str]) -> dict[str, Any]:
+def select(records: Sequence[Record], method: str, sources: Sequence[str], targets: Sequence[str]) -> dict[str, Any]:
     """Apply a per-run selection method to a run's evaluation records (see :meth:`SelectionMethod.select`)."""
     if not records:
         raise ValueError("no evaluation records to select from")

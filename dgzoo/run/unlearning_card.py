@@ -4,6 +4,7 @@ The card says what was forgotten (the forget spec, its scenario and size), how (
 and how well: every headline number next to the original model and the retrained gold standard. Its front matter
 carries the same ``library_name: timm`` / ``model-index`` metadata as any dgzoo card.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,11 @@ HEADLINE = {  # the numbers every table and card shows: key -> (label, where in 
 }
 # The card's unlearning results, each under its own metric type: a leaderboard reading ``accuracy`` (higher is
 # better) must not pick up forget-set accuracy or an attack's accuracy, for which lower (or 50%) is the goal.
-UNLEARNING_METRICS = {"forget_acc": "forget-set-accuracy", "mia_loss": "loss-mia-accuracy",
-                      "mia_knn": "representation-knn-mia-accuracy"}
+UNLEARNING_METRICS = {
+    "forget_acc": "forget-set-accuracy",
+    "mia_loss": "loss-mia-accuracy",
+    "mia_knn": "representation-knn-mia-accuracy",
+}
 
 
 def model_name(results: dict[str, Any]) -> str:
@@ -50,31 +54,59 @@ def card_data(results: dict[str, Any], repo_id: str | None = None, license: str 
     # One dataset configuration (the one loaded, as every dgzoo card names it): the model-index groups these
     # results into one entry, each metric keeping its own name and args (the held-out domain, or the forget set).
     targets = results["target_domains"]
-    common = dict(task_type="image-classification", dataset_type=dataset_type, dataset_config=DATASET_CONFIG,
-                  dataset_revision=dataset.get("revision"), dataset_split=dataset_split(results),
-                  dataset_name=f"{dataset['title']} (held-out {', '.join(targets)})",
-                  dataset_args={**held_out_dataset_args(results), "forget": info["forget_spec"]})
+    common = dict(
+        task_type="image-classification",
+        dataset_type=dataset_type,
+        dataset_config=DATASET_CONFIG,
+        dataset_revision=dataset.get("revision"),
+        dataset_split=dataset_split(results),
+        dataset_name=f"{dataset['title']} (held-out {', '.join(targets)})",
+        dataset_args={**held_out_dataset_args(results), "forget": info["forget_spec"]},
+    )
     unlearned = info["comparison"]
     eval_results = [
-        EvalResult(task_name="Domain generalization", metric_type="accuracy",
-                   metric_value=round(100 * results["accuracy"][domain], 2),
-                   metric_name=f"held-out accuracy: {domain}", metric_args={"held_out_domain": domain}, **common)
-        for domain in targets]
+        EvalResult(
+            task_name="Domain generalization",
+            metric_type="accuracy",
+            metric_value=round(100 * results["accuracy"][domain], 2),
+            metric_name=f"held-out accuracy: {domain}",
+            metric_args={"held_out_domain": domain},
+            **common,
+        )
+        for domain in targets
+    ]
     for key, metric_type in UNLEARNING_METRICS.items():
         value = unlearned[key]["unlearned"]
         if value is not None:
-            eval_results.append(EvalResult(
-                task_name="Machine unlearning", metric_type=metric_type, metric_value=round(100 * value, 2),
-                metric_name=HEADLINE[key][0], metric_args={"forget": info["forget_spec"],
-                                                           "forget_fingerprint": info["fingerprint"]}, **common))
+            eval_results.append(
+                EvalResult(
+                    task_name="Machine unlearning",
+                    metric_type=metric_type,
+                    metric_value=round(100 * value, 2),
+                    metric_name=HEADLINE[key][0],
+                    metric_args={"forget": info["forget_spec"], "forget_fingerprint": info["fingerprint"]},
+                    **common,
+                )
+            )
     source = info["source"]
     return ModelCardData(
-        library_name="timm", pipeline_tag="image-classification", **card_license(results, license),
-        tags=["image-classification", "timm", "dgzoo", "machine-unlearning", "domain-generalization",
-              results["algorithm"]],
+        library_name="timm",
+        pipeline_tag="image-classification",
+        **card_license(results, license),
+        tags=[
+            "image-classification",
+            "timm",
+            "dgzoo",
+            "machine-unlearning",
+            "domain-generalization",
+            results["algorithm"],
+        ],
         datasets=[dataset["repo_id"]] if dataset.get("repo_id") else None,
-        base_model=source.get("repo_id") or results.get("base_model"), model_name=repo_id or model_name(results),
-        eval_results=eval_results, metrics=["accuracy", *UNLEARNING_METRICS.values()])
+        base_model=source.get("repo_id") or results.get("base_model"),
+        model_name=repo_id or model_name(results),
+        eval_results=eval_results,
+        metrics=["accuracy", *UNLEARNING_METRICS.values()],
+    )
 
 
 def reproduce_command(config: dict[str, Any], published: bool = False) -> str:
@@ -93,8 +125,9 @@ def reproduce_command(config: dict[str, Any], published: bool = False) -> str:
     return command_line(shlex.join(head), groups, separator=" \\\n    ")
 
 
-def render_unlearn_card(results: dict[str, Any], repo_id: str | None = None, run_dir: str | Path | None = None,
-                        license: str | None = None) -> str:
+def render_unlearn_card(
+    results: dict[str, Any], repo_id: str | None = None, run_dir: str | Path | None = None, license: str | None = None
+) -> str:
     """Render the card of an unlearned run; ``repo_id`` (when published) makes the usage code load from the Hub;
     ``license`` overrides the training data's licence (``dgzoo push --license``)."""
     from huggingface_hub import ModelCard
@@ -104,32 +137,54 @@ def render_unlearn_card(results: dict[str, Any], repo_id: str | None = None, run
     config = read_json(Path(run_dir) / "unlearn_config.json") if run_dir else None
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     gap = lambda v: "n/a" if v is None else f"{100 * v:+.1f}"  # noqa: E731
-    rows = [{"label": label, "unlearned": fmt(info["comparison"][key]["unlearned"]),
-             "original": fmt(info["comparison"][key]["original"]), "retrain": fmt(info["comparison"][key]["retrain"]),
-             "gap": gap(info["comparison"][key]["gap_to_retrain"])} for key, (label, _) in HEADLINE.items()]
+    rows = [
+        {
+            "label": label,
+            "unlearned": fmt(info["comparison"][key]["unlearned"]),
+            "original": fmt(info["comparison"][key]["original"]),
+            "retrain": fmt(info["comparison"][key]["retrain"]),
+            "gap": gap(info["comparison"][key]["gap_to_retrain"]),
+        }
+        for key, (label, _) in HEADLINE.items()
+    ]
     attacks = info["evaluation"]["unlearned"]["attacks"]
     source = info["source"]
     card = ModelCard.from_template(
-        card_data(results, repo_id, license), template_path=str(template_path("unlearn_card.md")),
+        card_data(results, repo_id, license),
+        template_path=str(template_path("unlearn_card.md")),
         model_title=repo_id.split("/")[-1] if repo_id else model_name(results),
-        backbone=results["backbone"], method=results["algorithm"], method_title=info["method_title"],
-        description=info["description"], forget_spec=info["forget_spec"], scenario=info["scenario"],
+        backbone=results["backbone"],
+        method=results["algorithm"],
+        method_title=info["method_title"],
+        description=info["description"],
+        forget_spec=info["forget_spec"],
+        scenario=info["scenario"],
         sizes=info["sizes"],
         sure_validation=results["hparams"]["validation"] if results["algorithm"] == "sure" else None,
-        dataset_title=results["dataset"]["title"], dataset_repo=results["dataset"].get("repo_id"),
-        source_name=source.get("repo_id") or source["name"], source_is_hub=bool(source.get("repo_id")),
-        source_algorithm=source["algorithm"], source_steps=source["steps"],
-        source_domains=results["source_domains"], target_domains=results["target_domains"],
-        metric_rows=rows, has_reference=info["evaluation"]["retrain"] is not None,
-        attack_rows=[{"name": name, "description": info["attacks"][name], "n": attacks[name]["n"]}
-                     for name in attacks],
-        train_seconds=results["timing"]["train_seconds"], time_fraction=info["time_fraction_of_retrain"],
-        device=results["device"], num_processes=results["num_processes"], steps=results["steps"],
+        dataset_title=results["dataset"]["title"],
+        dataset_repo=results["dataset"].get("repo_id"),
+        source_name=source.get("repo_id") or source["name"],
+        source_is_hub=bool(source.get("repo_id")),
+        source_algorithm=source["algorithm"],
+        source_steps=source["steps"],
+        source_domains=results["source_domains"],
+        target_domains=results["target_domains"],
+        metric_rows=rows,
+        has_reference=info["evaluation"]["retrain"] is not None,
+        attack_rows=[{"name": name, "description": info["attacks"][name], "n": attacks[name]["n"]} for name in attacks],
+        train_seconds=results["timing"]["train_seconds"],
+        time_fraction=info["time_fraction_of_retrain"],
+        device=results["device"],
+        num_processes=results["num_processes"],
+        steps=results["steps"],
         recipe_rows=list(results["hparams"].items()),
         command=reproduce_command(config, published=bool(repo_id)) if config else "",
         diagnostics=json.dumps({k: v for k, v in results["diagnostics"].items() if k != "curve"}, indent=2),
-        load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{load_id}", load_id=load_id,
-        class_names=results["class_names"], seed=results["seed"], citations=results["citations"],
-        dgzoo_version=results["dgzoo_version"])
+        load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{load_id}",
+        load_id=load_id,
+        class_names=results["class_names"],
+        seed=results["seed"],
+        citations=results["citations"],
+        dgzoo_version=results["dgzoo_version"],
+    )
     return str(card)
-

@@ -12,6 +12,7 @@ native 28 pixels). Larger images, and any images under a pretrained backbone (wh
 input size), take the backbone's input size, as timm's pretrained config gives it; when that enlarges the images
 of a from-scratch backbone by :data:`UPSAMPLE_WARNING` or more a side, the run warns and names ``--image-size``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,17 +51,23 @@ def resolve_image_size(cfg: TrainConfig, data: DGDataset) -> tuple[int | None, s
         return None, "the backbone's default input size; the images' sizes could not be read", None
     side, seen = native
     odd = size_outliers(data)
-    odd_warning = (f"{len(odd)} sampled image(s) are far from the typical {side}-pixel side (e.g. {odd[0][0]}x"
-                   f"{odd[0][1]}); the size is taken from the typical images and every image is resized to it; "
-                   f"check those images, or pass --image-size" if odd else None)
+    odd_warning = (
+        f"{len(odd)} sampled image(s) are far from the typical {side}-pixel side (e.g. {odd[0][0]}x"
+        f"{odd[0][1]}); the size is taken from the typical images and every image is resized to it; "
+        f"check those images, or pass --image-size"
+        if odd
+        else None
+    )
     if side <= SMALL_IMAGE_MAX and not cfg.pretrained:
         return side, f"the images: {seen}; small, and the backbone trains from scratch", odd_warning
     source = f"the backbone's default input size{f', {backbone}' if backbone else ''}; the images: {seen}"
     warning = None
     if backbone is not None and not cfg.pretrained and backbone >= UPSAMPLE_WARNING * side:
-        warning = (f"the from-scratch backbone {cfg.backbone} enlarges the {side}-pixel images to {backbone} "
-                   f"({(backbone / side) ** 2:.0f}x the pixels per image, and about as much compute); pass "
-                   f"--image-size {side} to train at the images' own size")
+        warning = (
+            f"the from-scratch backbone {cfg.backbone} enlarges the {side}-pixel images to {backbone} "
+            f"({(backbone / side) ** 2:.0f}x the pixels per image, and about as much compute); pass "
+            f"--image-size {side} to train at the images' own size"
+        )
     return None, source, "; ".join(w for w in (warning, odd_warning) if w) or None
 
 
@@ -68,8 +75,16 @@ def _given(cfg: TrainConfig, name: str) -> bool:
     return getattr(cfg, name) != getattr(TrainConfig(), name)
 
 
-def derived_values(cfg: TrainConfig, data: DGDataset, protocol: Protocol, augment: str, image_size: int | None,
-                   image_size_source: str, output_dir: str, small_images: bool) -> Derived:
+def derived_values(
+    cfg: TrainConfig,
+    data: DGDataset,
+    protocol: Protocol,
+    augment: str,
+    image_size: int | None,
+    image_size_source: str,
+    output_dir: str,
+    small_images: bool,
+) -> Derived:
     """Every value the run takes without being told, with its source (a given value says ``given``)."""
     spec = data.spec
     if cfg.augment != "auto":
@@ -86,28 +101,37 @@ def derived_values(cfg: TrainConfig, data: DGDataset, protocol: Protocol, augmen
         "image_size": {"value": image_size, "source": image_size_source},
         "augment": {"value": augment, "source": augment_source},
         "target_domains": {"value": list(protocol.targets), "source": held_out_source},
-        "selection": {"value": cfg.selection,
-                      "source": "--selection" if _given(cfg, "selection") else "default: DomainBed's "
-                                                                                "training-domain validation"},
-        "split_seed": {"value": cfg.resolved_split_seed(),
-                       "source": "--split-seed" if cfg.split_seed is not None else "= --seed"},
-        "checkpoint_every": {"value": cfg.resolved_checkpoint_every(),
-                             "source": "--checkpoint-every" if cfg.checkpoint_every else "= --eval-every"},
-        "hparam_defaults": {"value": "small-image" if small_images else "image",
-                            "source": "the registry marks the dataset small-image: DomainBed's MNIST-like "
-                                      "defaults" if small_images else "DomainBed's defaults for image datasets"},
-        "output_dir": {"value": output_dir, "source": "--output-dir" if cfg.output_dir else "default: "
-                                                                                          "runs/<recipe>"},
+        "selection": {
+            "value": cfg.selection,
+            "source": "--selection" if _given(cfg, "selection") else "default: DomainBed's training-domain validation",
+        },
+        "split_seed": {
+            "value": cfg.resolved_split_seed(),
+            "source": "--split-seed" if cfg.split_seed is not None else "= --seed",
+        },
+        "checkpoint_every": {
+            "value": cfg.resolved_checkpoint_every(),
+            "source": "--checkpoint-every" if cfg.checkpoint_every else "= --eval-every",
+        },
+        "hparam_defaults": {
+            "value": "small-image" if small_images else "image",
+            "source": "the registry marks the dataset small-image: DomainBed's MNIST-like defaults"
+            if small_images
+            else "DomainBed's defaults for image datasets",
+        },
+        "output_dir": {"value": output_dir, "source": "--output-dir" if cfg.output_dir else "default: runs/<recipe>"},
     }
     return values
 
 
 def derived_line(derived: Derived) -> str:
     """One log line stating every derived value and its source."""
+
     def shown(value: Any) -> str:
         if value is None:
             return "the backbone's"
         return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
-    return "derived: " + " | ".join(f"{name.replace('_', ' ')} {shown(item['value'])} ({item['source']})"
-                                    for name, item in derived.items())
+    return "derived: " + " | ".join(
+        f"{name.replace('_', ' ')} {shown(item['value'])} ({item['source']})" for name, item in derived.items()
+    )

@@ -15,6 +15,7 @@
 The engine knows no particular algorithm: what it evaluates and exports is the composition's
 ``evaluated_network()`` (the host's timm network, or an add-on's average of it).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,37 +34,87 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..algorithms import (AddOn, Algorithm, Composition, EvalContext, Recipe, check_algorithm, flat_hparams,
-                          parse_algorithm, resolve_hparams)
-from ..algorithms import Schedule, schedule_warnings
+from ..algorithms import (
+    AddOn,
+    Algorithm,
+    Composition,
+    EvalContext,
+    Recipe,
+    Schedule,
+    check_algorithm,
+    flat_hparams,
+    parse_algorithm,
+    resolve_hparams,
+    schedule_warnings,
+)
 from ..algorithms.base import with_acts
 from ..config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
-from ..data import (DGDataset, DomainImages, DomainSplits, Protocol, check_images, eval_loader, eval_transform,
-                    load_dg_dataset, loader_workers, make_splits, resolve_protocol, train_transform)
+from ..data import (
+    DGDataset,
+    DomainImages,
+    DomainSplits,
+    Protocol,
+    check_images,
+    eval_loader,
+    eval_transform,
+    load_dg_dataset,
+    loader_workers,
+    make_splits,
+    resolve_protocol,
+    train_transform,
+)
 from ..data.inspect import contact_sheet
 from ..errors import DGZooError, Interrupted, writing
 from ..models import check_backbone, create_backbone, data_config, freeze_batchnorm, meta_backbone
 from ..run.cards import plot_run, render_card
 from ..run.hub import check_push_target, push_run
 from ..run.provenance import code_version, provenance_block, resolved_config, warn_if_not_a_repeat
-from ..run.rundir import (CHECKPOINT_FORMAT, SAMPLES_IMAGE, atomic_write_text, check_output_dir, checkpoint_dirs,
-                          checkpoint_format, checkpoint_problem, latest_checkpoint, read_json,
-                          run_done, save_model, write_checkpoint_manifest,
-                          write_json)
 from ..run.results import RunResults
+from ..run.rundir import (
+    CHECKPOINT_FORMAT,
+    SAMPLES_IMAGE,
+    atomic_write_text,
+    check_output_dir,
+    checkpoint_dirs,
+    checkpoint_format,
+    checkpoint_problem,
+    latest_checkpoint,
+    read_json,
+    run_done,
+    save_model,
+    write_checkpoint_manifest,
+    write_json,
+)
 from ..run.selection import SELECTION_METHODS, select
 from .datachecks import check_classes
 from .derived import Derived, derived_line, derived_values, resolve_image_size
 from .evaluation import evaluate, source_loss
 from .fastpath import apply_memory_format, check_compile, compile_network, configure_cuda
 from .initialisation import InitSource, load_init, resolve_init
-from .loop import (LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit,
-                   source_batches)
+from .loop import (
+    LoopData,
+    NonFiniteTraining,
+    Optimisation,
+    TrainState,
+    build_algorithm,
+    check_finite,
+    fit,
+    source_batches,
+)
 from .optimisation import create_scheduler, current_lr
 from .peers import peer_failures
 from .resume import check_resume, data_record, recorded_data
-from .session import (_ProgressAwareHandler, check_process_split, claim_on_main, create_accelerator,  # noqa: F401
-                      device_name, multiprocess_cpu, run_timing, setup_logging, start_run_dir)
+from .session import (  # noqa: F401
+    _ProgressAwareHandler,
+    check_process_split,
+    claim_on_main,
+    create_accelerator,
+    device_name,
+    multiprocess_cpu,
+    run_timing,
+    setup_logging,
+    start_run_dir,
+)
 
 logger = logging.getLogger("dgzoo")
 
@@ -102,8 +153,10 @@ def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
     if cfg.compile:
         check_compile(host_cls, addon_classes)
     if cfg.grad_accumulation > 1 and host_cls.KIND != "loss":
-        raise DGZooError(f"--grad-accumulation applies to loss hosts; {host_cls.name} takes its own optimizer steps "
-                         f"(per-domain gradients, meta steps); drop the flag or lower --batch-size")
+        raise DGZooError(
+            f"--grad-accumulation applies to loss hosts; {host_cls.name} takes its own optimizer steps "
+            f"(per-domain gradients, meta steps); drop the flag or lower --batch-size"
+        )
     if cfg.push_to_hub:
         check_push_target(cfg.push_to_hub, private=cfg.hub_private, revision=cfg.hub_revision)
     if cfg.output_dir:  # fail before a possibly long dataset download when the answer is already known
@@ -116,10 +169,15 @@ def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
     check_images(data, used, remember_checks)  # a corrupt image fails now, not mid-run or at the first evaluation
     augment = resolve_augment(cfg, data)
     image_size, image_size_source, size_warning = resolve_image_size(cfg, data)
-    recipe = Recipe(num_domains=len(protocol.sources), num_classes=data.num_classes, augment=augment,
-                    mixed_precision=cfg.mixed_precision, small_images=is_small_images(data),
-                    network=meta_backbone(cfg.backbone, data.num_classes, image_size, cfg.dropout),
-                    pretrained=cfg.pretrained)
+    recipe = Recipe(
+        num_domains=len(protocol.sources),
+        num_classes=data.num_classes,
+        augment=augment,
+        mixed_precision=cfg.mixed_precision,
+        small_images=is_small_images(data),
+        network=meta_backbone(cfg.backbone, data.num_classes, image_size, cfg.dropout),
+        pretrained=cfg.pretrained,
+    )
     hparams = check_algorithm(cfg.algorithm, cfg.hparams, recipe)
     init = resolve_init(cfg.init_from, cfg.backbone, data.class_names, recipe.network) if cfg.init_from else None
     output_dir = Path(cfg.output_dir or cfg.default_output_dir(list(protocol.targets)))
@@ -127,13 +185,27 @@ def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
     if cfg.resume:
         _check_resume_config(cfg, output_dir)
         check_resume(cfg, output_dir, data)
-    derived = derived_values(cfg, data, protocol, augment, image_size, image_size_source, str(output_dir),
-                             is_small_images(data))
+    derived = derived_values(
+        cfg, data, protocol, augment, image_size, image_size_source, str(output_dir), is_small_images(data)
+    )
     steps_per_epoch = max(1, math.ceil(min(len(splits.in_rows[d]) for d in protocol.sources) / cfg.batch_size))
     warnings = [size_warning] if size_warning else []
     warnings += schedule_warnings(cfg.algorithm, hparams, Schedule(cfg.steps, cfg.eval_every, steps_per_epoch))
-    return RunPlan(cfg, data, protocol, splits, output_dir, hparams, host_cls, addon_classes, augment, image_size,
-                   derived, [*class_warnings, *warnings], init)
+    return RunPlan(
+        cfg,
+        data,
+        protocol,
+        splits,
+        output_dir,
+        hparams,
+        host_cls,
+        addon_classes,
+        augment,
+        image_size,
+        derived,
+        [*class_warnings, *warnings],
+        init,
+    )
 
 
 def is_small_images(data: DGDataset) -> bool:
@@ -151,8 +223,9 @@ def resolve_augment(cfg: TrainConfig, data: DGDataset) -> str:
 def resolved_run_config(plan: RunPlan) -> dict[str, Any]:
     """The recipe with everything the run resolved written in (:func:`dgzoo.run.provenance.resolved_config`): the
     Hub dataset's commit, the derived held-out domains, split seed, augmentation and image size, every hparam."""
-    return resolved_config(plan.config.to_dict(), plan.data.info(), plan.derived,
-                           flat_hparams(plan.hparams, plan.host.name))
+    return resolved_config(
+        plan.config.to_dict(), plan.data.info(), plan.derived, flat_hparams(plan.hparams, plan.host.name)
+    )
 
 
 def run_config_text(plan: RunPlan) -> str:
@@ -170,12 +243,15 @@ def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:
     if changed == ["revision"] and cfg.revision == (recorded_data(output_dir) or {}).get("revision"):
         changed = []  # pinning the commit the run trained on (what check_resume asks for) changes nothing
     if changed:
-        raise DGZooError(f"cannot resume {output_dir} with a different recipe ({diffs}); resume with the original "
-                         f"settings, or start a new run in another --output-dir")
+        raise DGZooError(
+            f"cannot resume {output_dir} with a different recipe ({diffs}); resume with the original "
+            f"settings, or start a new run in another --output-dir"
+        )
     done_step = saved.get("steps")
     if run_done(output_dir) and cfg.steps <= int(done_step or 0):  # a run missing files is finished by a resume
-        raise DGZooError(f"the run in {output_dir} already finished its {done_step} steps; pass a larger --steps "
-                         f"to train further")
+        raise DGZooError(
+            f"the run in {output_dir} already finished its {done_step} steps; pass a larger --steps to train further"
+        )
 
 
 def _trackers(cfg: TrainConfig) -> list[str] | None:
@@ -190,8 +266,9 @@ def _trackers(cfg: TrainConfig) -> list[str] | None:
 
 def optimisation(cfg: TrainConfig) -> Optimisation:
     """The recipe's optimisation settings."""
-    return Optimisation(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.grad_accumulation,
-                        cfg.clip_grad_norm)
+    return Optimisation(
+        cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.grad_accumulation, cfg.clip_grad_norm
+    )
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -201,11 +278,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     killed one does not block its rerun), and Ctrl-C ends it with one line naming the exact resume command.
     """
     if cfg.dry_run:  # the plan is dgzoo.training.dryrun's job, above the engine: never train on a dry run
-        raise DGZooError("dry_run is set: call dgzoo.training.dryrun.dry_run(cfg) (or `dgzoo train --dry-run`) to see "
-                         "the plan, or unset it to train")
+        raise DGZooError(
+            "dry_run is set: call dgzoo.training.dryrun.dry_run(cfg) (or `dgzoo train --dry-run`) to see "
+            "the plan, or unset it to train"
+        )
     plan = plan_run(cfg)
-    accelerator = create_accelerator(cfg.mixed_precision, _trackers(cfg), plan.output_dir,
-                                     plan.host.FIND_UNUSED_PARAMETERS)
+    accelerator = create_accelerator(
+        cfg.mixed_precision, _trackers(cfg), plan.output_dir, plan.host.FIND_UNUSED_PARAMETERS
+    )
     check_process_split(cfg.batch_size, cfg.grad_accumulation, accelerator.num_processes)
     if accelerator.is_main_process:
         warn_if_not_a_repeat(getattr(cfg, "recorded_provenance", None), plan.data.info())
@@ -216,8 +296,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         except KeyboardInterrupt:
             done = latest_checkpoint(plan.output_dir)
             kept = f"its checkpoint {done.name} is kept" if done else "it had no checkpoint yet (restarts at step 0)"
-            raise Interrupted(f"interrupted; {plan.output_dir}: {kept}; continue with: "
-                              f"{resume_command(plan)}") from None
+            raise Interrupted(
+                f"interrupted; {plan.output_dir}: {kept}; continue with: {resume_command(plan)}"
+            ) from None
 
 
 def resume_command(plan: RunPlan) -> str:
@@ -241,12 +322,16 @@ def build_loop_data(plan: RunPlan, preprocessing: dict[str, Any], workers: int, 
     eval_tf = eval_transform(preprocessing)
     random_tf = own_tf is not None or plan.augment != "none"
     loop_data = LoopData(
-        domains=sources, train_sets=[DomainImages(data, splits.in_rows[d], train_tf, d, random=random_tf)
-                                     for d in sources],
+        domains=sources,
+        train_sets=[DomainImages(data, splits.in_rows[d], train_tf, d, random=random_tf) for d in sources],
         # What post-epoch add-ons see: the source domains' splits with the evaluation transform.
         epoch_train=[DomainImages(data, splits.in_rows[d], eval_tf, d) for d in sources],
         epoch_val=[DomainImages(data, splits.out_rows[d], eval_tf, d) for d in sources],
-        batch_size=cfg.batch_size, seed=cfg.seed, workers=workers, pin_memory=pin)
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        workers=workers,
+        pin_memory=pin,
+    )
     return loop_data, eval_tf
 
 
@@ -279,13 +364,20 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     workers, pin = loader_workers(cfg.num_workers, accelerator.device)
     loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
     loop_data.channels_last = cfg.channels_last
-    eval_loaders = {d: {split: accelerator.prepare_data_loader(eval_loader(
-        DomainImages(data, rows[d], eval_tf, d), cfg.eval_batch_size, workers, pin))
-        for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))} for d in data.domains}
+    eval_loaders = {
+        d: {
+            split: accelerator.prepare_data_loader(
+                eval_loader(DomainImages(data, rows[d], eval_tf, d), cfg.eval_batch_size, workers, pin)
+            )
+            for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))
+        }
+        for d in data.domains
+    }
 
     # -- the algorithm and its optimisation
-    algorithm = build_algorithm(cfg.algorithm, network, data.num_classes, len(sources), plan.hparams, accelerator,
-                                optimisation(cfg))
+    algorithm = build_algorithm(
+        cfg.algorithm, network, data.num_classes, len(sources), plan.hparams, accelerator, optimisation(cfg)
+    )
     if cfg.compile:  # once the algorithm has added its modules and hooks to the network
         compile_network(network)
     scheduler = create_scheduler(algorithm.host.optimizer, cfg.lr_schedule, cfg.steps, cfg.warmup_steps)
@@ -298,14 +390,31 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         if accelerator.is_main_process:
             atomic_write_text(out / recipe[0], recipe[1])
         logger.info("resumed from %s at step %d", checkpoint, state.step)
-    metadata = {"algorithm": cfg.algorithm, "dataset": data.info()["name"], "dataset_repo_id": data.repo_id,
-                "dataset_revision": data.revision, "dataset_fingerprint": data.fingerprint,
-                "source_domains": sources, "target_domains": targets,
-                "protocol": plan.protocol.name, "dgzoo_version": __version__, "code": code_version()}
+    metadata = {
+        "algorithm": cfg.algorithm,
+        "dataset": data.info()["name"],
+        "dataset_repo_id": data.repo_id,
+        "dataset_revision": data.revision,
+        "dataset_fingerprint": data.fingerprint,
+        "source_domains": sources,
+        "target_domains": targets,
+        "protocol": plan.protocol.name,
+        "dgzoo_version": __version__,
+        "code": code_version(),
+    }
     if accelerator.is_main_process:
-        logger.info("dgzoo %s | %s on %s | sources %s -> held-out %s | %s, %d classes, %d process(es) on %s",
-                    __version__, cfg.algorithm, data.name, sources, targets, cfg.backbone, data.num_classes,
-                    accelerator.num_processes, accelerator.device)
+        logger.info(
+            "dgzoo %s | %s on %s | sources %s -> held-out %s | %s, %d classes, %d process(es) on %s",
+            __version__,
+            cfg.algorithm,
+            data.name,
+            sources,
+            targets,
+            cfg.backbone,
+            data.num_classes,
+            accelerator.num_processes,
+            accelerator.device,
+        )
         accelerator.init_trackers("dgzoo", config=_tracker_config(cfg))
 
     def source_val_loss(network: nn.Module) -> float:
@@ -315,16 +424,22 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     def evaluate_and_checkpoint(state: TrainState, metrics: dict[str, float]) -> None:
         if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
             # Add-ons act first (SWAD reads the online model's source-validation loss to move its window).
-            eval_metrics = algorithm.on_evaluate(EvalContext(
-                state.step, state.step == cfg.steps, source_val_loss,
-                source_batches(loop_data, accelerator, cfg.seed + state.step)))
+            eval_metrics = algorithm.on_evaluate(
+                EvalContext(
+                    state.step,
+                    state.step == cfg.steps,
+                    source_val_loss,
+                    source_batches(loop_data, accelerator, cfg.seed + state.step),
+                )
+            )
             network = algorithm.evaluated_network()
             algorithm.host.runtime.sync_buffers(network)
             check_finite(network, state.step)  # a diverged network is never evaluated, selected or exported
             with accelerator.autocast():
                 acc = evaluate(network, eval_loaders, accelerator.device, accelerator.gather_for_metrics)
-            record = _make_record(state, acc, sources, targets, loop_data.steps_per_epoch,
-                                  current_lr(algorithm.host.optimizer))
+            record = _make_record(
+                state, acc, sources, targets, loop_data.steps_per_epoch, current_lr(algorithm.host.optimizer)
+            )
             record.update(eval_metrics)
             state.interval = {}
             state.records.append(record)
@@ -336,10 +451,14 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
                 atomic_write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in state.records))
                 if new_best and cfg.selection == "training_domain_validation":
                     save_model(network, out, data.class_names, preprocessing, metadata)
-                logger.info("step %d: source val %.3f | held-out %.3f%s", state.step, score, record["target_acc"],
-                            " (best)" if new_best else "")
-            accelerator.log({"eval/source_val_acc": score, "eval/target_acc": record["target_acc"]},
-                            step=state.step)
+                logger.info(
+                    "step %d: source val %.3f | held-out %.3f%s",
+                    state.step,
+                    score,
+                    record["target_acc"],
+                    " (best)" if new_best else "",
+                )
+            accelerator.log({"eval/source_val_acc": score, "eval/target_acc": record["target_acc"]}, step=state.step)
         if state.step % cfg.resolved_checkpoint_every() == 0 or state.step == cfg.steps:
             _save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints, data_record(data))
 
@@ -348,8 +467,9 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     except NonFiniteTraining as e:
         done = latest_checkpoint(out)
         kept = f"checkpoints up to {done.name} are finite" if done else "no checkpoint was written"
-        raise DGZooError(f"{e}; {kept}; lower --lr or set --clip-grad-norm and train again with --overwrite or "
-                         f"another --output-dir") from None
+        raise DGZooError(
+            f"{e}; {kept}; lower --lr or set --clip-grad-norm and train again with --overwrite or another --output-dir"
+        ) from None
 
     # -- finalise the run directory
     if cfg.selection != "training_domain_validation" and accelerator.is_main_process:
@@ -361,8 +481,13 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
         contact_sheet(data, out / SAMPLES_IMAGE, roles=roles, domains=list(roles))  # the domains check_images read
         atomic_write_text(out / "README.md", render_card(results, resolved_run_config(plan), run_dir=out))
         write_json(out / "results.json", results)  # last: a run killed before this line is resumed, not done
-        logger.info("held-out accuracy %.3f (%s, step %d) | run directory: %s", results["target_accuracy"],
-                    cfg.selection, results["selection"]["step"], out)
+        logger.info(
+            "held-out accuracy %.3f (%s, step %d) | run directory: %s",
+            results["target_accuracy"],
+            cfg.selection,
+            results["selection"]["step"],
+            out,
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if cfg.push_to_hub and accelerator.is_main_process:
@@ -371,14 +496,24 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     return results
 
 
-def _make_record(state: TrainState, acc: dict[str, dict[str, float]], sources: list[str], targets: list[str],
-                 steps_per_epoch: int, lr: float) -> dict[str, Any]:
+def _make_record(
+    state: TrainState,
+    acc: dict[str, dict[str, float]],
+    sources: list[str],
+    targets: list[str],
+    steps_per_epoch: int,
+    lr: float,
+) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "step": state.step, "epoch": state.step / steps_per_epoch, "acc": acc,
+        "step": state.step,
+        "epoch": state.step / steps_per_epoch,
+        "acc": acc,
         "source_val_acc": sum(acc[d]["out"] for d in sources) / len(sources),
         "target_acc": sum(acc[d]["in"] for d in targets) / len(targets),
-        "lr": lr, "train_seconds": state.train_seconds,
-        "images_per_second": state.images / max(state.train_seconds, 1e-9)}
+        "lr": lr,
+        "train_seconds": state.train_seconds,
+        "images_per_second": state.images / max(state.train_seconds, 1e-9),
+    }
     # Step metrics are already averaged over processes (fit): here over the steps since the last evaluation.
     record.update({k: sum(v) / len(v) for k, v in sorted(state.interval.items())})
     return record
@@ -406,13 +541,18 @@ def resume_state(accelerator: Any, out: Path) -> Path:
         skipped.append(f"{checkpoint.name}: {problem}")
     if not damaged and all(checkpoint_format(c) is None for c in checkpoint_dirs(out)):  # not --overwrite: it
         # would delete a run that is only of an older format, not broken
-        kept = (f"its exported model still evaluates and pushes (dgzoo eval {out} --dataset DATASET; dgzoo push "
-                f"{out} REPO_ID); "
-                if (out / "model.safetensors").is_file() else "")
-        raise DGZooError(f"the checkpoints in {out} were written by an older dgzoo (before checkpoint format "
-                         f"{CHECKPOINT_FORMAT}) and cannot be resumed by dgzoo {__version__} ({'; '.join(skipped)}); "
-                         f"{kept}to train further, start a new run in another directory: dgzoo train --config "
-                         f"{shlex.quote(str(out / 'train_config.json'))} --output-dir NEW_DIR")
+        kept = (
+            f"its exported model still evaluates and pushes (dgzoo eval {out} --dataset DATASET; dgzoo push "
+            f"{out} REPO_ID); "
+            if (out / "model.safetensors").is_file()
+            else ""
+        )
+        raise DGZooError(
+            f"the checkpoints in {out} were written by an older dgzoo (before checkpoint format "
+            f"{CHECKPOINT_FORMAT}) and cannot be resumed by dgzoo {__version__} ({'; '.join(skipped)}); "
+            f"{kept}to train further, start a new run in another directory: dgzoo train --config "
+            f"{shlex.quote(str(out / 'train_config.json'))} --output-dir NEW_DIR"
+        )
     raise DGZooError(f"no intact checkpoint in {out} ({'; '.join(skipped)}); start the run again with --overwrite")
 
 
@@ -442,8 +582,9 @@ def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in cfg.to_dict().items():
         if key == "hparams":
-            flat.update({f"hparams.{k}": v if isinstance(v, (int, float, str, bool)) else str(v)
-                         for k, v in value.items()})
+            flat.update(
+                {f"hparams.{k}": v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in value.items()}
+            )
         elif isinstance(value, list):
             flat[key] = ",".join(map(str, value))
         elif value is None:
@@ -456,10 +597,19 @@ def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
 def training_hparams(plan: RunPlan) -> dict[str, Any]:
     """The recipe's training settings as results.json's ``hparams`` lists them (before the algorithm's own)."""
     cfg = plan.config
-    training = {"lr": cfg.lr, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
-                "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule, "dropout": cfg.dropout,
-                "freeze_bn": cfg.freeze_bn, "augment": plan.augment, "image_size": plan.image_size,
-                "holdout_fraction": cfg.holdout_fraction, "mixed_precision": cfg.mixed_precision}
+    training = {
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "optimizer": cfg.optimizer,
+        "weight_decay": cfg.weight_decay,
+        "lr_schedule": cfg.lr_schedule,
+        "dropout": cfg.dropout,
+        "freeze_bn": cfg.freeze_bn,
+        "augment": plan.augment,
+        "image_size": plan.image_size,
+        "holdout_fraction": cfg.holdout_fraction,
+        "mixed_precision": cfg.mixed_precision,
+    }
     if cfg.optimizer == "sgd":
         training["momentum"] = cfg.momentum
     for key in ("warmup_steps", "grad_accumulation", "clip_grad_norm"):  # listed when they change the recipe
@@ -473,8 +623,9 @@ def split_sizes(plan: RunPlan) -> dict[str, dict[str, int]]:
     return {d: {"in": len(plan.splits.in_rows[d]), "out": len(plan.splits.out_rows[d])} for d in plan.splits.in_rows}
 
 
-def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Composition, accelerator: Any,
-             model: nn.Module) -> dict[str, Any]:
+def _results(
+    cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Composition, accelerator: Any, model: nn.Module
+) -> dict[str, Any]:
     import timm
 
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
@@ -483,27 +634,43 @@ def _results(cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Comp
     host, addons = plan.host, plan.addons
     training = training_hparams(plan)
     data_info = plan.data.info()
-    return RunResults.create({
-        "algorithm": cfg.algorithm, "host_algorithm": host.name, "addons": [a.name for a in addons],
-        "algorithm_title": " + ".join([host.title or host.name, *[a.title or a.name for a in addons]]),
-        "backbone": cfg.backbone, "pretrained": cfg.pretrained,
-        "base_model": model.pretrained_cfg.get("hf_hub_id") if cfg.pretrained else None,
-        "dataset": {k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path", "fingerprint")},
-        "class_names": plan.data.class_names, "protocol": plan.protocol.name,
-        "source_domains": sources, "target_domains": targets,
-        "seed": cfg.seed, "split_seed": cfg.resolved_split_seed(), "steps": cfg.steps,
-        "init_from": plan.init.provenance() if plan.init else None,
-        "selection": {"method": chosen["method"], "step": chosen["step"], "score": chosen["score"]},
-        "accuracy": chosen["accuracy"], "target_accuracy": chosen["target_accuracy"],
-        "accuracy_splits": next(r["acc"] for r in state.records if r["step"] == chosen["step"]),
-        "selections": selections,
-        "hparams": {**training, **algorithm.hparams},
-        "derived": plan.derived, "splits": split_sizes(plan),
-        "diagnostics": with_acts(algorithm.summary(), [algorithm.host, *algorithm.addons]),
-        "citations": algorithm.citations(),
-        "timing": run_timing(state.train_seconds, state.images, state.step),
-        "num_processes": accelerator.num_processes, "device": device_name(accelerator.device),
-        "dgzoo_version": __version__, "timm_version": timm.__version__, "torch_version": torch.__version__,
-        "code": code_version(),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }).to_json()
+    return RunResults.create(
+        {
+            "algorithm": cfg.algorithm,
+            "host_algorithm": host.name,
+            "addons": [a.name for a in addons],
+            "algorithm_title": " + ".join([host.title or host.name, *[a.title or a.name for a in addons]]),
+            "backbone": cfg.backbone,
+            "pretrained": cfg.pretrained,
+            "base_model": model.pretrained_cfg.get("hf_hub_id") if cfg.pretrained else None,
+            "dataset": {
+                k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path", "fingerprint")
+            },
+            "class_names": plan.data.class_names,
+            "protocol": plan.protocol.name,
+            "source_domains": sources,
+            "target_domains": targets,
+            "seed": cfg.seed,
+            "split_seed": cfg.resolved_split_seed(),
+            "steps": cfg.steps,
+            "init_from": plan.init.provenance() if plan.init else None,
+            "selection": {"method": chosen["method"], "step": chosen["step"], "score": chosen["score"]},
+            "accuracy": chosen["accuracy"],
+            "target_accuracy": chosen["target_accuracy"],
+            "accuracy_splits": next(r["acc"] for r in state.records if r["step"] == chosen["step"]),
+            "selections": selections,
+            "hparams": {**training, **algorithm.hparams},
+            "derived": plan.derived,
+            "splits": split_sizes(plan),
+            "diagnostics": with_acts(algorithm.summary(), [algorithm.host, *algorithm.addons]),
+            "citations": algorithm.citations(),
+            "timing": run_timing(state.train_seconds, state.images, state.step),
+            "num_processes": accelerator.num_processes,
+            "device": device_name(accelerator.device),
+            "dgzoo_version": __version__,
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+            "code": code_version(),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    ).to_json()

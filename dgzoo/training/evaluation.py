@@ -2,20 +2,29 @@
 
 Model selection over the resulting records is :mod:`dgzoo.run.selection`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import timm
 import torch
 from torch import nn
 
-from ..data import DomainImages, eval_loader, eval_transform, load_dg_dataset, loader_workers, make_splits, resolve_domain
+from ..data import (
+    DomainImages,
+    eval_loader,
+    eval_transform,
+    load_dg_dataset,
+    loader_workers,
+    make_splits,
+    resolve_domain,
+)
 from ..errors import DGZooError
 from ..run.hub import CONFIG, WEIGHTS, create_from_folder, label_names, resolve_checkpoint
 from ..run.rundir import nonfinite_tensors
@@ -50,8 +59,13 @@ def mean_loss(model: nn.Module, loader: Iterable, device: torch.device, gather: 
     return total / max(count, 1)
 
 
-def source_loss(model: nn.Module, loaders: dict[str, dict[str, Iterable]], domains: Sequence[str],
-                device: torch.device, gather: Gather = lambda t: t) -> float:
+def source_loss(
+    model: nn.Module,
+    loaders: dict[str, dict[str, Iterable]],
+    domains: Sequence[str],
+    device: torch.device,
+    gather: Gather = lambda t: t,
+) -> float:
     """Mean over ``domains`` of ``model``'s mean cross-entropy on their ``out`` split, in eval mode: SWAD's
     source-validation loss (its ``tr_outloss``). Restores the model's mode."""
     was_training = model.training
@@ -62,14 +76,17 @@ def source_loss(model: nn.Module, loaders: dict[str, dict[str, Iterable]], domai
         model.train(was_training)
 
 
-def evaluate(model: nn.Module, loaders: dict[str, dict[str, Iterable]], device: torch.device,
-             gather: Gather = lambda t: t) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: nn.Module, loaders: dict[str, dict[str, Iterable]], device: torch.device, gather: Gather = lambda t: t
+) -> dict[str, dict[str, float]]:
     """Accuracy of every domain split: ``{domain: {"in": acc, "out": acc}}``. Restores the model's mode."""
     was_training = model.training
     model.eval()
     try:
-        return {domain: {split: accuracy(model, loader, device, gather) for split, loader in splits.items()}
-                for domain, splits in loaders.items()}
+        return {
+            domain: {split: accuracy(model, loader, device, gather) for split, loader in splits.items()}
+            for domain, splits in loaders.items()
+        }
     finally:
         model.train(was_training)
 
@@ -85,23 +102,36 @@ def label_mapping(model_classes: Sequence[str], data_classes: Sequence[str], num
     """
     if not model_classes:
         if num_outputs != len(data_classes):
-            raise DGZooError(f"the model has {num_outputs} outputs and no class names, the dataset {len(data_classes)} "
-                             f"classes; evaluate on a dataset with the model's classes")
+            raise DGZooError(
+                f"the model has {num_outputs} outputs and no class names, the dataset {len(data_classes)} "
+                f"classes; evaluate on a dataset with the model's classes"
+            )
         return np.arange(len(data_classes))
     index = {name: i for i, name in enumerate(model_classes)}
     missing = [c for c in data_classes if c not in index]
     if missing:
-        raise DGZooError(f"the dataset has classes the model does not predict: {', '.join(missing[:5])}"
-                         f"{' ...' if len(missing) > 5 else ''}; the model knows: {', '.join(model_classes[:8])}"
-                         f"{' ...' if len(model_classes) > 8 else ''}")
+        raise DGZooError(
+            f"the dataset has classes the model does not predict: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; the model knows: {', '.join(model_classes[:8])}"
+            f"{' ...' if len(model_classes) > 8 else ''}"
+        )
     return np.array([index[c] for c in data_classes], dtype=np.int64)
 
 
-def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequence[str] | None = None,
-                        split: str = "all", revision: str | None = None, dataset_revision: str | None = None,
-                        split_seed: int = 0, holdout_fraction: float = 0.2, batch_size: int = 128,
-                        device: str | None = None, num_workers: int | None = None,
-                        token: str | None = None) -> dict[str, Any]:
+def evaluate_pretrained(
+    name_or_path: str | Path,
+    dataset: str,
+    domains: Sequence[str] | None = None,
+    split: str = "all",
+    revision: str | None = None,
+    dataset_revision: str | None = None,
+    split_seed: int = 0,
+    holdout_fraction: float = 0.2,
+    batch_size: int = 128,
+    device: str | None = None,
+    num_workers: int | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
     """Top-1 accuracy of a checkpoint on domains of any dataset, with the checkpoint's own eval transform.
 
     ``split`` is ``all`` (every image of the domain), or the ``in``/``out`` part of dgzoo's seeded split
@@ -122,8 +152,10 @@ def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequenc
     model = create_from_folder(folder).eval()
     bad = nonfinite_tensors(model.state_dict())
     if bad:  # an accuracy of a diverged network means nothing (push refuses it too)
-        raise DGZooError(f"{folder / WEIGHTS} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
-                         f"diverged, so it is not evaluated; train it again with a lower --lr (or --clip-grad-norm)")
+        raise DGZooError(
+            f"{folder / WEIGHTS} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
+            f"diverged, so it is not evaluated; train it again with a lower --lr (or --clip-grad-norm)"
+        )
     mapping = label_mapping(label_names(model), data.class_names, model.num_classes)
     data = dataclasses.replace(data, labels=mapping[data.labels])
     if split == "all":
@@ -144,13 +176,30 @@ def evaluate_pretrained(name_or_path: str | Path, dataset: str, domains: Sequenc
 
     meta = json.loads((folder / CONFIG).read_text()).get("dgzoo") or {}  # timm's model drops this key
     info = data.info()
-    same_data = bool(meta) and (meta.get("dataset_repo_id") == data.repo_id if data.repo_id
-                                else meta.get("dataset") == info["name"])
-    roles = {d: ("source" if d in meta.get("source_domains", []) else
-                 "held-out" if d in meta.get("target_domains", []) else "unused") if same_data else "" for d in chosen}
-    return {"model": repo_id or str(folder), "revision": sha, "dataset": {k: info[k] for k in
-                                                                         ("name", "repo_id", "revision", "path")},
-            "split": split, "split_seed": split_seed if split != "all" else None,
-            "holdout_fraction": holdout_fraction if split != "all" else None,
-            "accuracy": acc, "images": sizes, "roles": roles,
-            "mean_accuracy": sum(acc.values()) / len(acc)}
+    same_data = bool(meta) and (
+        meta.get("dataset_repo_id") == data.repo_id if data.repo_id else meta.get("dataset") == info["name"]
+    )
+    roles = {
+        d: (
+            "source"
+            if d in meta.get("source_domains", [])
+            else "held-out"
+            if d in meta.get("target_domains", [])
+            else "unused"
+        )
+        if same_data
+        else ""
+        for d in chosen
+    }
+    return {
+        "model": repo_id or str(folder),
+        "revision": sha,
+        "dataset": {k: info[k] for k in ("name", "repo_id", "revision", "path")},
+        "split": split,
+        "split_seed": split_seed if split != "all" else None,
+        "holdout_fraction": holdout_fraction if split != "all" else None,
+        "accuracy": acc,
+        "images": sizes,
+        "roles": roles,
+        "mean_accuracy": sum(acc.values()) / len(acc),
+    }

@@ -14,6 +14,7 @@ Each is decided once per run, by the engine:
   fastest; a run's training batches all have one shape) and TF32 for float32 matrix products, as timm's own
   ``train.py`` does. Neither changes what is computed beyond float rounding, so they are not flags.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,11 +49,14 @@ def check_compile(host: type[Algorithm], addons: Sequence[type[AddOn]]) -> None:
     when no compiler is installed."""
     for component in (host, *addons):
         if not component.COMPILABLE:
-            raise DGZooError(f"--compile cannot be used with {component.name}: {component.COMPILE_REFUSAL}; "
-                             f"drop --compile")
+            raise DGZooError(
+                f"--compile cannot be used with {component.name}: {component.COMPILE_REFUSAL}; drop --compile"
+            )
     if not compiler_available():
-        raise DGZooError("--compile needs a C/C++ compiler (none of g++, c++, clang++, gcc, cc is on PATH); install "
-                         "one (Debian/Ubuntu: apt-get install build-essential) or drop --compile")
+        raise DGZooError(
+            "--compile needs a C/C++ compiler (none of g++, c++, clang++, gcc, cc is on PATH); install "
+            "one (Debian/Ubuntu: apt-get install build-essential) or drop --compile"
+        )
 
 
 def apply_memory_format(network: nn.Module, channels_last: bool) -> nn.Module:

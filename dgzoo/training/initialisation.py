@@ -10,6 +10,7 @@ Everything is checked before a run writes anything: the architecture against ``-
 the dataset's (so the head means the same classes in the same order), and every tensor's name and shape against the
 network the recipe builds.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,13 @@ class InitSource:
         return {"run": str(self.folder.resolve()), "architecture": self.architecture}
 
 
-def resolve_init(reference: str, backbone: str, class_names: Sequence[str], network: nn.Module | None = None,
-                 token: str | None = None) -> InitSource:
+def resolve_init(
+    reference: str,
+    backbone: str,
+    class_names: Sequence[str],
+    network: nn.Module | None = None,
+    token: str | None = None,
+) -> InitSource:
     """Resolve and check ``init_from`` against the recipe: architecture, label names and, when the recipe's
     ``network`` is given (built on the meta device), every tensor's name and shape. Downloads only the two timm
     files of a Hub checkpoint. Raises a one-line DGZooError naming the mismatch."""
@@ -51,22 +57,27 @@ def resolve_init(reference: str, backbone: str, class_names: Sequence[str], netw
     try:
         config = json.loads((folder / CONFIG).read_text())
     except (OSError, ValueError) as e:
-        raise DGZooError(f"--init-from {reference}: {CONFIG} is not valid JSON ({e}); re-export the checkpoint") \
-            from None
+        raise DGZooError(
+            f"--init-from {reference}: {CONFIG} is not valid JSON ({e}); re-export the checkpoint"
+        ) from None
     architecture = str(config.get("architecture") or "")
     wanted = backbone.removeprefix("timm/").partition(".")[0]
     if architecture != wanted:
-        raise DGZooError(f"--init-from {reference} holds a {architecture or 'model of unknown architecture'} and the "
-                         f"recipe's --backbone is {backbone}; pass --backbone {architecture} or a {wanted} checkpoint")
+        raise DGZooError(
+            f"--init-from {reference} holds a {architecture or 'model of unknown architecture'} and the "
+            f"recipe's --backbone is {backbone}; pass --backbone {architecture} or a {wanted} checkpoint"
+        )
     labels = list(config.get("label_names") or [])
     if labels != list(class_names):
         if sorted(labels) == sorted(class_names):
             detail = "the same classes in another order"
         else:
             detail = f"classes {', '.join(labels[:6]) or 'unnamed'}{' ...' if len(labels) > 6 else ''}"
-        raise DGZooError(f"--init-from {reference} predicts {detail}, the dataset has {', '.join(class_names[:6])}"
-                         f"{' ...' if len(class_names) > 6 else ''}; start from a checkpoint trained on this "
-                         f"dataset's labels")
+        raise DGZooError(
+            f"--init-from {reference} predicts {detail}, the dataset has {', '.join(class_names[:6])}"
+            f"{' ...' if len(class_names) > 6 else ''}; start from a checkpoint trained on this "
+            f"dataset's labels"
+        )
     source = InitSource(reference, folder, repo_id, revision, architecture)
     if network is not None:
         _check_shapes(source, {k: tuple(v.shape) for k, v in network.state_dict().items()})
@@ -80,12 +91,16 @@ def _check_shapes(source: InitSource, expected: dict[str, tuple[int, ...]]) -> N
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise DGZooError(f"--init-from {source.reference} lacks {len(missing)} tensors of the recipe's network "
-                         f"(e.g. {missing[0]}); start from a checkpoint of the same --backbone")
+        raise DGZooError(
+            f"--init-from {source.reference} lacks {len(missing)} tensors of the recipe's network "
+            f"(e.g. {missing[0]}); start from a checkpoint of the same --backbone"
+        )
     wrong = [k for k in expected if found[k] != expected[k]]
     if wrong:
-        raise DGZooError(f"--init-from {source.reference}: {wrong[0]} has shape {list(found[wrong[0]])}, the recipe's "
-                         f"network {list(expected[wrong[0]])}; use the checkpoint's --image-size and --backbone")
+        raise DGZooError(
+            f"--init-from {source.reference}: {wrong[0]} has shape {list(found[wrong[0]])}, the recipe's "
+            f"network {list(expected[wrong[0]])}; use the checkpoint's --image-size and --backbone"
+        )
 
 
 def load_init(network: nn.Module, source: InitSource) -> None:
@@ -97,5 +112,7 @@ def load_init(network: nn.Module, source: InitSource) -> None:
         with torch.no_grad():
             network.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise DGZooError(f"--init-from {source.reference} does not fit the recipe's network "
-                         f"({str(e).splitlines()[0]}); use the checkpoint's --backbone") from None
+        raise DGZooError(
+            f"--init-from {source.reference} does not fit the recipe's network "
+            f"({str(e).splitlines()[0]}); use the checkpoint's --backbone"
+        ) from None

@@ -5,6 +5,7 @@ network) and each optimizer it declares are prepared together, so DDP wraps the 
 loop: one ``update`` per step on one minibatch per domain, the schedule, add-on epoch events, metrics averaged over
 processes, and an ``after_step`` callback where the caller evaluates and checkpoints.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,11 @@ class AcceleratedLossStep:
     def __call__(self, host: Algorithm, minibatches: Minibatches, step: int) -> dict[str, float]:
         n = self.accumulation
         host.optimizer.zero_grad(set_to_none=True)
-        micro = [list(minibatches)] if n == 1 else [
-            [(x.tensor_split(n)[i], y.tensor_split(n)[i]) for x, y in minibatches] for i in range(n)]
+        micro = (
+            [list(minibatches)]
+            if n == 1
+            else [[(x.tensor_split(n)[i], y.tensor_split(n)[i]) for x, y in minibatches] for i in range(n)]
+        )
         totals: dict[str, float] = {}
         for i, chunk in enumerate(micro):
             last = i == n - 1
@@ -89,18 +93,33 @@ def clip_gradients(host: Algorithm, max_norm: float) -> Callable[[], None]:
     return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def build_algorithm(spec: str, network: torch.nn.Module, num_classes: int, num_domains: int,
-                    hparams: dict[str, dict[str, Any]], accelerator: Any, settings: Optimisation) -> Composition:
+def build_algorithm(
+    spec: str,
+    network: torch.nn.Module,
+    num_classes: int,
+    num_domains: int,
+    hparams: dict[str, dict[str, Any]],
+    accelerator: Any,
+    settings: Optimisation,
+) -> Composition:
     """``spec`` composed around ``network`` on ``accelerator``, with the recipe's optimizers (``hparams`` as
     resolved by :func:`~dgzoo.algorithms.check_algorithm`)."""
 
     def make_optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         return create_optimizer(groups, settings.optimizer, settings.lr, settings.weight_decay, settings.momentum)
 
-    algorithm = create_algorithm(spec, network, num_domains, hparams, num_classes=num_classes, resolved=True,
-                                 runtime=AccelerateRuntime(accelerator), make_optimizer=make_optimizer,
-                                 prepare=accelerator.prepare,
-                                 loss_step=AcceleratedLossStep(accelerator, settings.grad_accumulation))
+    algorithm = create_algorithm(
+        spec,
+        network,
+        num_domains,
+        hparams,
+        num_classes=num_classes,
+        resolved=True,
+        runtime=AccelerateRuntime(accelerator),
+        make_optimizer=make_optimizer,
+        prepare=accelerator.prepare,
+        loss_step=AcceleratedLossStep(accelerator, settings.grad_accumulation),
+    )
     if settings.clip_grad_norm:
         for name in algorithm.host.optimizers:
             algorithm.host.hook_optimizer_step(clip_gradients(algorithm.host, settings.clip_grad_norm), name)
@@ -132,41 +151,75 @@ def source_batches(data: LoopData, accelerator: Any, seed: int) -> Callable[[int
     process's share) drawn in the order of ``seed``: the data SWAD recomputes BatchNorm statistics on."""
 
     def batches(n: int) -> Iterator[torch.Tensor]:
-        loader = train_loader(data.train_sets, data.batch_size, seed, n, 0, accelerator.process_index,
-                              accelerator.num_processes, data.workers, data.pin_memory)
+        loader = train_loader(
+            data.train_sets,
+            data.batch_size,
+            seed,
+            n,
+            0,
+            accelerator.process_index,
+            accelerator.num_processes,
+            data.workers,
+            data.pin_memory,
+        )
         for minibatches in loader:
             yield torch.cat([x for x, _ in minibatches]).to(accelerator.device, non_blocking=True)
 
     return batches
 
 
-def fit(algorithm: Composition, data: LoopData, accelerator: Any, scheduler: Any, state: TrainState, steps: int,
-        after_step: Callable[[TrainState, dict[str, float]], None] | None = None, desc: str = "train") -> None:
+def fit(
+    algorithm: Composition,
+    data: LoopData,
+    accelerator: Any,
+    scheduler: Any,
+    state: TrainState,
+    steps: int,
+    after_step: Callable[[TrainState, dict[str, float]], None] | None = None,
+    desc: str = "train",
+) -> None:
     """Train ``algorithm`` from ``state.step`` to ``steps``; ``after_step(state, metrics)`` ends every step."""
     from tqdm.auto import tqdm
 
-    loader = train_loader(data.train_sets, data.batch_size, data.seed, steps, state.step, accelerator.process_index,
-                          accelerator.num_processes, data.workers, data.pin_memory)
+    loader = train_loader(
+        data.train_sets,
+        data.batch_size,
+        data.seed,
+        steps,
+        state.step,
+        accelerator.process_index,
+        accelerator.num_processes,
+        data.workers,
+        data.pin_memory,
+    )
     images_per_step = data.batch_size * len(data.train_sets)
     steps_per_epoch = data.steps_per_epoch
     runtime = algorithm.host.runtime
-    progress = tqdm(total=steps, initial=state.step, disable=not accelerator.is_local_main_process, desc=desc,
-                    dynamic_ncols=True)
+    progress = tqdm(
+        total=steps, initial=state.step, disable=not accelerator.is_local_main_process, desc=desc, dynamic_ncols=True
+    )
     tick = time.perf_counter()
     try:  # the bar is closed (its line ended) before any error or Ctrl-C message is printed
         for minibatches in loader:
-            minibatches = [(to_device(x, accelerator.device, data.channels_last),
-                            y.to(accelerator.device, non_blocking=True)) for x, y in minibatches]
+            minibatches = [
+                (to_device(x, accelerator.device, data.channels_last), y.to(accelerator.device, non_blocking=True))
+                for x, y in minibatches
+            ]
             metrics = algorithm.update(minibatches, state.step)
             state.step += 1
             scheduler.step_update(state.step)
             state.images += images_per_step
             if state.step % steps_per_epoch == 0:
-                context = EpochContext(epoch=state.step // steps_per_epoch, step=state.step,
-                                       steps_per_epoch=steps_per_epoch, source_domains=data.domains,
-                                       source_train=list(data.epoch_train), source_val=list(data.epoch_val),
-                                       make_loader=lambda ds, bs: eval_loader(ds, bs, data.workers, data.pin_memory),
-                                       batch_size=data.batch_size)
+                context = EpochContext(
+                    epoch=state.step // steps_per_epoch,
+                    step=state.step,
+                    steps_per_epoch=steps_per_epoch,
+                    source_domains=data.domains,
+                    source_train=list(data.epoch_train),
+                    source_val=list(data.epoch_val),
+                    make_loader=lambda ds, bs: eval_loader(ds, bs, data.workers, data.pin_memory),
+                    batch_size=data.batch_size,
+                )
                 metrics.update(algorithm.on_epoch_end(context))
             state.train_seconds += time.perf_counter() - tick
             metrics = process_mean(metrics, runtime)

@@ -7,6 +7,7 @@ process group is created with a timeout (``DGZOO_COLLECTIVE_TIMEOUT`` seconds, d
 main process to save a large checkpoint while the others wait), and :func:`peer_failures` turns the error a
 collective raises (a timeout, or a peer's closed connection) into one line saying what happened and how to go on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,17 @@ from ..errors import DGZooError
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = 900.0
 # Words in the errors torch.distributed raises when a peer is gone or silent (gloo, NCCL, the TCP store).
-_PEER_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "peer",
-                 "nccl communicator was aborted", "watchdog", "socket")
+_PEER_MARKERS = (
+    "timed out",
+    "timeout",
+    "connection closed",
+    "connection reset",
+    "broken pipe",
+    "peer",
+    "nccl communicator was aborted",
+    "watchdog",
+    "socket",
+)
 
 
 def collective_timeout() -> timedelta:
@@ -37,8 +47,12 @@ def is_peer_failure(error: BaseException) -> bool:
 
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
-    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _PEER_MARKERS) and \
-        dist.is_available() and dist.is_initialized()
+    return (
+        isinstance(error, RuntimeError)
+        and any(m in str(error).lower() for m in _PEER_MARKERS)
+        and dist.is_available()
+        and dist.is_initialized()
+    )
 
 
 @contextlib.contextmanager
@@ -50,7 +64,8 @@ def peer_failures(num_processes: int, continue_with: str) -> Iterator[None]:
         if num_processes <= 1 or not is_peer_failure(e):
             raise
         first = " ".join(str(e).split())[:160]
-        raise DGZooError(f"another process of this {num_processes}-process run stopped or stopped answering "
-                         f"(waited at most {collective_timeout().total_seconds():.0f} s; {type(e).__name__}: "
-                         f"{first}); look for the first error in the other processes' output; {continue_with}") \
-            from None
+        raise DGZooError(
+            f"another process of this {num_processes}-process run stopped or stopped answering "
+            f"(waited at most {collective_timeout().total_seconds():.0f} s; {type(e).__name__}: "
+            f"{first}); look for the first error in the other processes' output; {continue_with}"
+        ) from None

@@ -6,6 +6,7 @@ run would record only the new data. Every checkpoint's manifest records the data
 (:func:`data_record`); :func:`check_resume` compares it with the data about to be loaded, before anything is written,
 and refuses a change with the fix (the commit to pin, or a new run).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,15 @@ def data_fingerprint(data: DGDataset) -> str:
 
 def data_record(data: DGDataset) -> dict[str, Any]:
     """The manifest entry of a checkpoint naming the data it was trained on."""
-    return {"data": {"fingerprint": data_fingerprint(data), "revision": data.revision, "images": len(data.labels),
-                     "repo_id": data.repo_id, "path": data.path}}
+    return {
+        "data": {
+            "fingerprint": data_fingerprint(data),
+            "revision": data.revision,
+            "images": len(data.labels),
+            "repo_id": data.repo_id,
+            "path": data.path,
+        }
+    }
 
 
 def recorded_data(output_dir: str | Path) -> dict[str, Any] | None:
@@ -47,17 +55,23 @@ def check_resume(cfg: TrainConfig, output_dir: Path, data: DGDataset) -> None:
         return
     done = int(newest.name[5:])
     if cfg.steps < done:
-        raise DGZooError(f"--steps {cfg.steps} is fewer than the {done} steps {output_dir} has already trained "
-                         f"({newest.name}); resume with --steps {done} or more, or start a new run with --overwrite")
+        raise DGZooError(
+            f"--steps {cfg.steps} is fewer than the {done} steps {output_dir} has already trained "
+            f"({newest.name}); resume with --steps {done} or more, or start a new run with --overwrite"
+        )
     recorded = recorded_data(output_dir)
     if recorded is None:
         return
     if recorded.get("revision") and recorded["revision"] != data.revision:
-        raise DGZooError(f"the dataset {data.repo_id or data.name} is now at commit {data.revision}, but {output_dir} "
-                         f"trained on commit {recorded['revision']}; resume on the data it trained on with --revision "
-                         f"{recorded['revision']}, or start a new run with --overwrite")
+        raise DGZooError(
+            f"the dataset {data.repo_id or data.name} is now at commit {data.revision}, but {output_dir} "
+            f"trained on commit {recorded['revision']}; resume on the data it trained on with --revision "
+            f"{recorded['revision']}, or start a new run with --overwrite"
+        )
     if recorded.get("fingerprint") != data_fingerprint(data):
-        raise DGZooError(f"the dataset {data.path or data.name} changed since {output_dir} started ({recorded.get('images')}"
-                         f" images then, {len(data.labels)} now): resuming would redraw the splits and move images "
-                         f"trained on into validation; restore the dataset as it was, or start a new run with "
-                         f"--overwrite or another --output-dir")
+        raise DGZooError(
+            f"the dataset {data.path or data.name} changed since {output_dir} started ({recorded.get('images')}"
+            f" images then, {len(data.labels)} now): resuming would redraw the splits and move images "
+            f"trained on into validation; restore the dataset as it was, or start a new run with "
+            f"--overwrite or another --output-dir"
+        )

@@ -3,6 +3,7 @@
 The interface lives with the algorithms (they only ever see it); this implementation lives with the engine, the
 one place that knows Accelerate.
 """
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager

@@ -4,6 +4,7 @@ run directory's first write and claim, the device's name and the timing record.
 Moved out of :mod:`dgzoo.training.engine` unchanged, so that the engine holds the plan and the run's driver; the
 engine re-exports these names, so ``from dgzoo.training.engine import create_accelerator`` keeps working.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,12 @@ def multiprocess_cpu() -> bool:
     return not has_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def create_accelerator(mixed_precision: str, log_with: list[str] | None = None, project_dir: Path | None = None,
-                       find_unused_parameters: bool = False) -> Any:
+def create_accelerator(
+    mixed_precision: str,
+    log_with: list[str] | None = None,
+    project_dir: Path | None = None,
+    find_unused_parameters: bool = False,
+) -> Any:
     """An ``accelerate.Accelerator`` for one run of this process (training or unlearning).
 
     Accelerate keeps its settings in a process-wide singleton; a previous run in this process (a sweep, a test,
@@ -50,12 +55,20 @@ def create_accelerator(mixed_precision: str, log_with: list[str] | None = None, 
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    project = (ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs"))
-               if project_dir is not None else None)
+    project = (
+        ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs"))
+        if project_dir is not None
+        else None
+    )
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     group = InitProcessGroupKwargs(timeout=collective_timeout())  # a silent peer ends the run (peers.py)
-    return Accelerator(cpu=multiprocess_cpu(), mixed_precision=mixed_precision, log_with=log_with,
-                       project_config=project, kwargs_handlers=[ddp, group])
+    return Accelerator(
+        cpu=multiprocess_cpu(),
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        project_config=project,
+        kwargs_handlers=[ddp, group],
+    )
 
 
 class _ProgressAwareHandler(logging.StreamHandler):
@@ -88,8 +101,12 @@ def setup_logging(is_main: bool, logfile: Path) -> None:
 
 def run_timing(seconds: float, images: int, steps: int) -> dict[str, float]:
     """results.json's ``timing``: training time and throughput (training images only, evaluation excluded)."""
-    return {"train_seconds": seconds, "images_per_second": images / max(seconds, 1e-9), "train_images": images,
-            "steps_per_second": steps / max(seconds, 1e-9)}
+    return {
+        "train_seconds": seconds,
+        "images_per_second": images / max(seconds, 1e-9),
+        "train_images": images,
+        "steps_per_second": steps / max(seconds, 1e-9),
+    }
 
 
 def start_run_dir(accelerator: Any, out: Path, overwrite: bool, recipe: tuple[str, str] | None, logfile: str) -> None:
@@ -117,12 +134,16 @@ def device_name(device: torch.device) -> str:
 def check_process_split(batch_size: int, grad_accumulation: int, num_processes: int) -> None:
     """The global per-domain batch must split evenly over processes and then over micro-batches."""
     if batch_size % num_processes:
-        raise DGZooError(f"--batch-size {batch_size} (per domain, global) must be divisible by the "
-                         f"{num_processes} processes; use a multiple of {num_processes}")
+        raise DGZooError(
+            f"--batch-size {batch_size} (per domain, global) must be divisible by the "
+            f"{num_processes} processes; use a multiple of {num_processes}"
+        )
     if (batch_size // num_processes) % grad_accumulation:
-        raise DGZooError(f"--batch-size {batch_size} over {num_processes} processes leaves "
-                         f"{batch_size // num_processes} images per process, not divisible by --grad-accumulation "
-                         f"{grad_accumulation}; use a batch size that is a multiple of both")
+        raise DGZooError(
+            f"--batch-size {batch_size} over {num_processes} processes leaves "
+            f"{batch_size // num_processes} images per process, not divisible by --grad-accumulation "
+            f"{grad_accumulation}; use a batch size that is a multiple of both"
+        )
 
 
 @contextlib.contextmanager

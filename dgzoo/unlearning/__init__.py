@@ -8,6 +8,7 @@
 The unlearned model is written as a normal dgzoo run directory (timm weights, results.json, model card); SURE's
 domain classifier is never part of it. See docs/unlearning.md.
 """
+
 from ..config import UnlearnConfig
 from ..run.unlearning_card import render_unlearn_card
 from .forget import ForgetSpec, UnlearningData, parse_forget_spec, split_for_unlearning
@@ -15,7 +16,21 @@ from .methods import METHOD_CHOICES, METHODS, SURE, GradientReversal, Unlearning
 from .recipe import evaluate_model, load_source, plan_unlearning, unlearn
 
 __all__ = [
-    "ForgetSpec", "GradientReversal", "METHODS", "METHOD_CHOICES", "SURE", "UnlearnConfig", "UnlearningData",
-    "UnlearningMethod", "evaluate_model", "grad_reverse", "load_source", "parse_forget_spec", "plan_unlearning",
-    "register_method", "render_unlearn_card", "split_for_unlearning", "unlearn",
+    "ForgetSpec",
+    "GradientReversal",
+    "METHODS",
+    "METHOD_CHOICES",
+    "SURE",
+    "UnlearnConfig",
+    "UnlearningData",
+    "UnlearningMethod",
+    "evaluate_model",
+    "grad_reverse",
+    "load_source",
+    "parse_forget_spec",
+    "plan_unlearning",
+    "register_method",
+    "render_unlearn_card",
+    "split_for_unlearning",
+    "unlearn",
 ]

@@ -17,6 +17,7 @@ Each attack is trained and scored by stratified k-fold cross-validation on a bal
 subsampled to the size of the smaller), repeated over several seeded subsamples and averaged, because forget sets
 and matched test sets are often small.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -77,8 +78,9 @@ def collect(model: nn.Module, loader: Iterable, device: torch.device, gather: Ga
     return Outputs(torch.cat(logits), torch.cat(labels), torch.cat(feats))
 
 
-def attack_accuracy(members: np.ndarray, nonmembers: np.ndarray, attack: str, seed: int, repeats: int = 10,
-                    folds: int = 5) -> dict[str, Any]:
+def attack_accuracy(
+    members: np.ndarray, nonmembers: np.ndarray, attack: str, seed: int, repeats: int = 10, folds: int = 5
+) -> dict[str, Any]:
     """Cross-validated accuracy of ``attack`` telling ``members`` from ``nonmembers`` (rows are samples).
 
     Returns ``{"accuracy", "std" (over repeats), "n" (samples per group)}``; accuracy is None when either group
@@ -96,8 +98,12 @@ def attack_accuracy(members: np.ndarray, nonmembers: np.ndarray, attack: str, se
     scores = []
     for r in range(repeats):
         rng = np.random.default_rng([seed, r])
-        x = np.concatenate([members[rng.choice(len(members), n, replace=False)],
-                            nonmembers[rng.choice(len(nonmembers), n, replace=False)]])
+        x = np.concatenate(
+            [
+                members[rng.choice(len(members), n, replace=False)],
+                nonmembers[rng.choice(len(nonmembers), n, replace=False)],
+            ]
+        )
         y = np.concatenate([np.ones(n, dtype=int), np.zeros(n, dtype=int)])
         # n >= MIN_ATTACK_SAMPLES = folds keeps every training fold larger than the 5 neighbours.
         head = KNeighborsClassifier(n_neighbors=5) if attack == "representation_knn" else LogisticRegression()
@@ -108,9 +114,11 @@ def attack_accuracy(members: np.ndarray, nonmembers: np.ndarray, attack: str, se
 
 def attacks(forget: Outputs, unseen: Outputs, seed: int) -> dict[str, dict[str, Any]]:
     """Every attack of :data:`ATTACKS`: forget set (members) against matched unseen images (non-members)."""
-    inputs = {"loss": (forget.losses[:, None], unseen.losses[:, None]),
-              "representation_knn": (forget.features.numpy(), unseen.features.numpy()),
-              "representation_linear": (forget.features.numpy(), unseen.features.numpy())}
+    inputs = {
+        "loss": (forget.losses[:, None], unseen.losses[:, None]),
+        "representation_knn": (forget.features.numpy(), unseen.features.numpy()),
+        "representation_linear": (forget.features.numpy(), unseen.features.numpy()),
+    }
     return {name: attack_accuracy(*inputs[name], name, seed) for name in ATTACKS}
 
 

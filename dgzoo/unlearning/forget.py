@@ -22,6 +22,7 @@ fraction), then divided into:
 test rows are what the attacks compare the forget set with, the matched validation rows are SURE's default
 second domain.
 """
+
 from __future__ import annotations
 
 import re
@@ -71,14 +72,15 @@ def parse_forget_spec(text: str) -> ForgetSpec:
         if not sep or not value.strip():
             raise DGZooError(f"--forget clause '{clause}' is not KEY=VALUE; write {SYNTAX}")
         if key not in CLAUSES:
-            raise DGZooError(f"--forget clause '{clause}': unknown key '{key}'{suggest(key, CLAUSES)}; "
-                             f"write {SYNTAX}")
+            raise DGZooError(f"--forget clause '{clause}': unknown key '{key}'{suggest(key, CLAUSES)}; write {SYNTAX}")
         if key in values:
             raise DGZooError(f"--forget gives '{key}=' twice; list several values in one clause, e.g. {key}=a,b")
         values[key] = value.strip()
     if ("indices" in values or "indices-file" in values) and len(values) > 1:
-        raise DGZooError("--forget indices= / indices-file= cannot be combined with other clauses; the indices "
-                         "already name the exact rows to forget")
+        raise DGZooError(
+            "--forget indices= / indices-file= cannot be combined with other clauses; the indices "
+            "already name the exact rows to forget"
+        )
     if "indices" in values:
         return ForgetSpec(text, indices=_parse_indices(values["indices"], "indices="))
     if "indices-file" in values:
@@ -94,8 +96,10 @@ def parse_forget_spec(text: str) -> ForgetSpec:
             except ValueError:
                 fraction = float("nan")
             if not 0.0 < fraction <= 1.0:
-                raise DGZooError(f"--forget class={values['class']}: the fraction '{raw_fraction}' must be a number "
-                                 f"in (0, 1], e.g. class={names}:0.1 forgets 10% of the class")
+                raise DGZooError(
+                    f"--forget class={values['class']}: the fraction '{raw_fraction}' must be a number "
+                    f"in (0, 1], e.g. class={names}:0.1 forgets 10% of the class"
+                )
             if fraction == 1.0:
                 fraction = None
     domains = _split_names(values["domain"], "domain") if "domain" in values else ()
@@ -118,8 +122,10 @@ def _parse_indices(raw: str, where: str) -> tuple[int, ...]:
             continue
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", token)
         if not match:
-            raise DGZooError(f"--forget {where}: '{token}' is not a row index or a range such as 100-199 "
-                             f"(indices are non-negative integers)")
+            raise DGZooError(
+                f"--forget {where}: '{token}' is not a row index or a range such as 100-199 "
+                f"(indices are non-negative integers)"
+            )
         start, stop = int(match.group(1)), int(match.group(2) or match.group(1))
         if stop < start:
             raise DGZooError(f"--forget {where}: the range '{token}' ends before it starts; write LOW-HIGH")
@@ -154,15 +160,23 @@ class UnlearningData:
     description: str
 
     def sizes(self) -> dict[str, int]:
-        sets = ("forget", "retain", "validation", "test", "matched_validation", "matched_test",
-                "retained_validation")
+        sets = ("forget", "retain", "validation", "test", "matched_validation", "matched_test", "retained_validation")
         return {name: int(len(getattr(self, name))) for name in sets} | {
-            "held_out": int(sum(len(r) for r in self.held_out.values()))}
+            "held_out": int(sum(len(r) for r in self.held_out.values()))
+        }
 
 
-def split_for_unlearning(spec: ForgetSpec, data: DGDataset, splits: DomainSplits, sources: list[str],
-                         targets: list[str], validation_fraction: float, split_seed: int, seed: int,
-                         already_forgotten: np.ndarray | None = None) -> UnlearningData:
+def split_for_unlearning(
+    spec: ForgetSpec,
+    data: DGDataset,
+    splits: DomainSplits,
+    sources: list[str],
+    targets: list[str],
+    validation_fraction: float,
+    split_seed: int,
+    seed: int,
+    already_forgotten: np.ndarray | None = None,
+) -> UnlearningData:
     """Resolve ``spec`` against the source run's data and build every set (see the module docstring).
 
     ``split_seed`` is the source run's; it also seeds the validation/test split of the unseen rows, so every
@@ -203,18 +217,29 @@ def split_for_unlearning(spec: ForgetSpec, data: DGDataset, splits: DomainSplits
             forget = candidates
         description = _describe(data, classes, domains, spec.fraction, len(forget), len(candidates))
     if len(forget) == 0:
-        raise DGZooError(f"--forget {spec.text} selects no training image (the source run trained on "
-                         f"{', '.join(sources)}); check the class and domain names")
+        raise DGZooError(
+            f"--forget {spec.text} selects no training image (the source run trained on "
+            f"{', '.join(sources)}); check the class and domain names"
+        )
     retain = np.setdiff1d(train, forget)
     if len(retain) == 0:
-        raise DGZooError(f"--forget {spec.text} selects every training image, leaving nothing to retain; "
-                         f"forget a smaller set")
+        raise DGZooError(
+            f"--forget {spec.text} selects every training image, leaving nothing to retain; forget a smaller set"
+        )
     return UnlearningData(
-        spec=spec, forget=forget, retain=retain, validation=validation_rows, test=test_rows,
-        matched_validation=matched(validation_rows), matched_test=matched(test_rows),
+        spec=spec,
+        forget=forget,
+        retain=retain,
+        validation=validation_rows,
+        test=test_rows,
+        matched_validation=matched(validation_rows),
+        matched_test=matched(test_rows),
         retained_validation=validation_rows[~np.isin(data.labels[validation_rows], classes)],
-        held_out={d: splits.in_rows[d] for d in targets}, classes=classes, domains=domains,
-        description=description)
+        held_out={d: splits.in_rows[d] for d in targets},
+        classes=classes,
+        domains=domains,
+        description=description,
+    )
 
 
 def _class_index(data: DGDataset, name: str) -> int:
@@ -226,18 +251,24 @@ def _class_index(data: DGDataset, name: str) -> int:
     if name.isdigit() and int(name) < data.num_classes:
         return int(name)
     shown = ", ".join(data.class_names[:12]) + (", ..." if data.num_classes > 12 else "")
-    raise DGZooError(f"--forget: unknown class '{name}'{suggest(name, data.class_names)}; classes of "
-                     f"{data.name}: {shown} (or an index 0-{data.num_classes - 1})")
+    raise DGZooError(
+        f"--forget: unknown class '{name}'{suggest(name, data.class_names)}; classes of "
+        f"{data.name}: {shown} (or an index 0-{data.num_classes - 1})"
+    )
 
 
 def _source_domain(data: DGDataset, name: str, sources: list[str], targets: list[str]) -> str:
     found = data.canonical_domain(name)
     if found is None:
-        raise DGZooError(f"--forget: unknown domain '{name}'{suggest(name, data.domains)}; the source run "
-                         f"trained on: {', '.join(sources)}")
+        raise DGZooError(
+            f"--forget: unknown domain '{name}'{suggest(name, data.domains)}; the source run "
+            f"trained on: {', '.join(sources)}"
+        )
     if found not in sources:
-        raise DGZooError(f"--forget: domain '{found}' was {'held out' if found in targets else 'not used'} in the "
-                         f"source run, so there is nothing of it to forget; choose one of: {', '.join(sources)}")
+        raise DGZooError(
+            f"--forget: domain '{found}' was {'held out' if found in targets else 'not used'} in the "
+            f"source run, so there is nothing of it to forget; choose one of: {', '.join(sources)}"
+        )
     return found
 
 
@@ -245,18 +276,22 @@ def _training_indices(spec: ForgetSpec, data: DGDataset, train: np.ndarray) -> n
     rows = np.asarray(spec.indices, dtype=np.int64)
     outside = rows[rows >= len(data.labels)]
     if len(outside):
-        raise DGZooError(f"--forget: row index {int(outside[0])} is past the end of {data.name} "
-                         f"({len(data.labels)} rows)")
+        raise DGZooError(
+            f"--forget: row index {int(outside[0])} is past the end of {data.name} ({len(data.labels)} rows)"
+        )
     unseen = rows[~np.isin(rows, train)]
     if len(unseen):
         shown = ", ".join(str(int(r)) for r in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
-        raise DGZooError(f"--forget: {len(unseen)} of the {len(rows)} rows ({shown}) were never trained on "
-                         f"(validation rows or held-out domains); give training rows only")
+        raise DGZooError(
+            f"--forget: {len(unseen)} of the {len(rows)} rows ({shown}) were never trained on "
+            f"(validation rows or held-out domains); give training rows only"
+        )
     return rows
 
 
-def _sample_fraction(rows: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], fraction: float,
-                     seed: int) -> np.ndarray:
+def _sample_fraction(
+    rows: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], fraction: float, seed: int
+) -> np.ndarray:
     """A seeded ``fraction`` of each named class's rows, at least one image per class that has any."""
     rng = np.random.RandomState(seed)
     chosen = []
@@ -268,8 +303,14 @@ def _sample_fraction(rows: np.ndarray, labels: np.ndarray, classes: tuple[int, .
     return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
 
 
-def _describe(data: DGDataset, classes: tuple[int, ...], domains: tuple[str, ...], fraction: float | None,
-              count: int, candidates: int) -> str:
+def _describe(
+    data: DGDataset,
+    classes: tuple[int, ...],
+    domains: tuple[str, ...],
+    fraction: float | None,
+    count: int,
+    candidates: int,
+) -> str:
     what = " and ".join(f"class '{data.class_names[c]}'" for c in classes) or "all classes"
     where = f" of domain {', '.join(domains)}" if domains else ""
     if fraction is not None:

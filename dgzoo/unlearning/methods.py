@@ -9,12 +9,13 @@ reaches the published weights.
 ``retrain`` (the gold standard: train from scratch on the retain set with the source run's own recipe) is not a
 module here; the recipe runs the source run's DG algorithm for it.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, ClassVar
 from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +53,12 @@ def dann_ramp(progress: float) -> float:
 
 
 BN_MODES = ("batch", "train")
-BN_HELP = ("BatchNorm on forget/validation minibatches, which hold one class or domain only: 'batch' normalises "
-           "them with their own statistics but leaves the running statistics to the retain minibatches; 'train' "
-           "is plain train mode, whose running statistics then drift towards the forget set's and cost accuracy "
-           "everywhere (the paper does not say)")
+BN_HELP = (
+    "BatchNorm on forget/validation minibatches, which hold one class or domain only: 'batch' normalises "
+    "them with their own statistics but leaves the running statistics to the retain minibatches; 'train' "
+    "is plain train mode, whose running statistics then drift towards the forget set's and cost accuracy "
+    "everywhere (the paper does not say)"
+)
 
 
 @contextlib.contextmanager
@@ -108,7 +111,8 @@ class UnlearningMethod(nn.Module):
 
 
 METHODS: Registry[type[UnlearningMethod]] = Registry(
-    "unlearning method", describe=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
+    "unlearning method", describe=lambda cls: f"{cls.__module__}.{cls.__qualname__}"
+)
 
 
 def register_method(cls: type[UnlearningMethod], replace: bool = False) -> type[UnlearningMethod]:
@@ -148,25 +152,43 @@ class SURE(UnlearningMethod):
           Clark, James J. and Roy, Daniel M. and Dziugaite, Gintare Karolina},
   booktitle={ICLR}, year={2025}}"""
     HPARAMS = {
-        "lambda": HParam(1.0, "weight of the reversed domain-classifier gradient in the encoder (DANN's lambda); "
-                              "the paper tuned it by Bayesian optimisation, the research note proposes a constant"),
-        "lambda_schedule": HParam("constant", "constant lambda, or DANN's ramp 2/(1+exp(-10p))-1 over training; "
-                                              "whether SURE ramps is unknown", choices=("constant", "dann")),
-        "disc_hidden": HParam(256, "hidden width of the domain classifier MLP on penultimate features "
-                                   "(512-256-1 in the research note for ResNet-18); 0 = a linear classifier"),
-        "disc_lr_scale": HParam(1.0, "the domain classifier's learning rate as a multiple of --lr (the paper "
-                                     "tuned its learning rates; one shared rate is the plain DANN reading)"),
-        "validation": HParam("auto", "SURE's second domain: 'matched' = unseen images of the forget set's classes "
-                                     "and domains (the paper's 'same distribution'), 'retained' = unseen images of "
-                                     "the classes kept, 'all' = every unseen image; 'auto' = retained for "
-                                     "full-class forgetting, matched otherwise",
-                             choices=("auto", "matched", "retained", "all")),
-        "forget_bn": HParam("auto", "how BatchNorm treats the forget + validation batch. 'joint': one forward "
-                                    "with the retain batch, as DANN feeds source and target together; otherwise a "
-                                    "forward of its own, and " + BN_HELP + ". 'auto' = 'train' when the validation "
-                                    "set mixes classes (retained/all), 'batch' when it matches a single-class forget "
-                                    "set (measured on rotated-digits, docs/unlearning.md)",
-                            choices=("auto", "joint", *BN_MODES)),
+        "lambda": HParam(
+            1.0,
+            "weight of the reversed domain-classifier gradient in the encoder (DANN's lambda); "
+            "the paper tuned it by Bayesian optimisation, the research note proposes a constant",
+        ),
+        "lambda_schedule": HParam(
+            "constant",
+            "constant lambda, or DANN's ramp 2/(1+exp(-10p))-1 over training; whether SURE ramps is unknown",
+            choices=("constant", "dann"),
+        ),
+        "disc_hidden": HParam(
+            256,
+            "hidden width of the domain classifier MLP on penultimate features "
+            "(512-256-1 in the research note for ResNet-18); 0 = a linear classifier",
+        ),
+        "disc_lr_scale": HParam(
+            1.0,
+            "the domain classifier's learning rate as a multiple of --lr (the paper "
+            "tuned its learning rates; one shared rate is the plain DANN reading)",
+        ),
+        "validation": HParam(
+            "auto",
+            "SURE's second domain: 'matched' = unseen images of the forget set's classes "
+            "and domains (the paper's 'same distribution'), 'retained' = unseen images of "
+            "the classes kept, 'all' = every unseen image; 'auto' = retained for "
+            "full-class forgetting, matched otherwise",
+            choices=("auto", "matched", "retained", "all"),
+        ),
+        "forget_bn": HParam(
+            "auto",
+            "how BatchNorm treats the forget + validation batch. 'joint': one forward "
+            "with the retain batch, as DANN feeds source and target together; otherwise a "
+            "forward of its own, and " + BN_HELP + ". 'auto' = 'train' when the validation "
+            "set mixes classes (retained/all), 'batch' when it matches a single-class forget "
+            "set (measured on rotated-digits, docs/unlearning.md)",
+            choices=("auto", "joint", *BN_MODES),
+        ),
     }
 
     @classmethod
@@ -187,15 +209,19 @@ class SURE(UnlearningMethod):
         super().__init__(model, num_classes, hparams)
         width = model.num_features
         hidden = hparams["disc_hidden"]
-        self.discriminator = (nn.Linear(width, 1) if hidden == 0 else
-                              nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1)))
+        self.discriminator = (
+            nn.Linear(width, 1)
+            if hidden == 0
+            else nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        )
 
     def batches(self) -> tuple[str, ...]:
         return ("retain", "forget", "validation")
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return super().param_groups(lr) + [
-            {"params": list(self.discriminator.parameters()), "lr": lr * self.hparams["disc_lr_scale"]}]
+            {"params": list(self.discriminator.parameters()), "lr": lr * self.hparams["disc_lr_scale"]}
+        ]
 
     def reversal_scale(self, progress: float) -> float:
         ramp = dann_ramp(progress) if self.hparams["lambda_schedule"] == "dann" else 1.0
@@ -215,7 +241,7 @@ class SURE(UnlearningMethod):
         mode = self.hparams["forget_bn"]
         if mode == "joint":
             z = features(self.model, torch.cat([x_r, x_f, x_v]))
-            z_retain, z_pair = z[:len(x_r)], z[len(x_r):]
+            z_retain, z_pair = z[: len(x_r)], z[len(x_r) :]
         else:
             z_retain = features(self.model, x_r)
             with batchnorm_mode(self.model, mode):
@@ -224,9 +250,13 @@ class SURE(UnlearningMethod):
         scale = self.reversal_scale(progress)
         domain_loss, domain_acc = self.domain_loss(z_pair, len(x_f), scale)
         loss = retain_loss + domain_loss
-        return loss, {"loss": loss.detach(), "retain_loss": retain_loss.detach(),
-                      "domain_loss": domain_loss.detach(), "domain_acc": domain_acc,
-                      "lambda": torch.tensor(scale)}
+        return loss, {
+            "loss": loss.detach(),
+            "retain_loss": retain_loss.detach(),
+            "domain_loss": domain_loss.detach(),
+            "domain_acc": domain_acc,
+            "lambda": torch.tensor(scale),
+        }
 
 
 @register_method
@@ -268,8 +298,11 @@ class GradientAscent(ForgetSetMethod):
     title = "Gradient ascent on the forget set (NegGrad)"
     citation = _GOLATKAR
     HPARAMS = {
-        "retain_weight": HParam(0.0, "weight of gradient descent on the retain set alongside the ascent: 0 is plain "
-                                     "gradient ascent (NegGrad), 1 is NegGrad+"),
+        "retain_weight": HParam(
+            0.0,
+            "weight of gradient descent on the retain set alongside the ascent: 0 is plain "
+            "gradient ascent (NegGrad), 1 is NegGrad+",
+        ),
         "forget_bn": HParam("batch", BN_HELP, choices=BN_MODES),
     }
 
@@ -289,8 +322,11 @@ class RandomLabels(ForgetSetMethod):
   author={Graves, Laura and Nagisetty, Vineel and Ganesh, Vijay},
   booktitle={AAAI}, year={2021}}"""
     HPARAMS = {
-        "retain_weight": HParam(1.0, "weight of cross-entropy on the retain set alongside the random labels "
-                                     "(1 as in SalUn's RL baseline; 0 = relabelled forget set only)"),
+        "retain_weight": HParam(
+            1.0,
+            "weight of cross-entropy on the retain set alongside the random labels "
+            "(1 as in SalUn's RL baseline; 0 = relabelled forget set only)",
+        ),
         "forget_bn": HParam("batch", BN_HELP, choices=BN_MODES),
     }
 
@@ -309,17 +345,21 @@ def resolve_method_hparams(method: str, given: dict[str, Any]) -> dict[str, Any]
     """Fill and type-check a method's hyperparameters; unknown keys are one-line errors naming the valid ones."""
     known = (*METHODS, "retrain")  # the live registry: methods added with register_method count too
     if method not in known:
-        raise DGZooError(f"unknown unlearning method '{method}'{suggest(method, known)}; "
-                         f"choose one of: {', '.join(known)}")
+        raise DGZooError(
+            f"unknown unlearning method '{method}'{suggest(method, known)}; choose one of: {', '.join(known)}"
+        )
     declared = METHODS[method].HPARAMS if method in METHODS else {}
     if method == "retrain" and given:
-        raise DGZooError("--hparams do not apply to --method retrain: it repeats the source run's own recipe "
-                         "on the retain set")
+        raise DGZooError(
+            "--hparams do not apply to --method retrain: it repeats the source run's own recipe on the retain set"
+        )
     resolved = {key: h.default for key, h in declared.items()}
     for raw_key, value in given.items():
         namespace, _, key = str(raw_key).rpartition(".")
         if namespace not in ("", method) or key not in declared:
-            raise DGZooError(f"unknown hparam '{raw_key}' for {method}{suggest(key, declared)}; "
-                             f"valid: {', '.join(sorted(declared)) or 'none'}")
+            raise DGZooError(
+                f"unknown hparam '{raw_key}' for {method}{suggest(key, declared)}; "
+                f"valid: {', '.join(sorted(declared)) or 'none'}"
+            )
         resolved[key] = declared[key].coerce(value, str(raw_key))
     return resolved

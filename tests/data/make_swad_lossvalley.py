@@ -7,6 +7,7 @@ segments' weights. Not imported by the tests: it needs a khanrc/swad checkout ou
 then keep losses, segments, hparams, converge_step, dead and weights of each case in
 tests/data/swad_lossvalley_reference.json (the committed data came from commit 252190e).
 """
+
 import json
 import logging
 import random
@@ -47,18 +48,27 @@ def run(losses, steps_per_segment, n_converge, n_tolerance, tolerance_ratio):
     if hasattr(module, "module"):
         module = module.module
     weights = module.w.detach().tolist()
-    return {"losses": losses, "segments": segments, "n_converge": n_converge, "n_tolerance": n_tolerance,
-            "tolerance_ratio": tolerance_ratio, "converge_step": valley.converge_step,
-            "dead": bool(valley.dead_valley), "n_averaged": n_averaged,
-            "official_start_end": [getattr(final, "start_step", None), getattr(final, "end_step", None)],
-            "weights": weights}
+    return {
+        "losses": losses,
+        "segments": segments,
+        "n_converge": n_converge,
+        "n_tolerance": n_tolerance,
+        "tolerance_ratio": tolerance_ratio,
+        "converge_step": valley.converge_step,
+        "dead": bool(valley.dead_valley),
+        "n_averaged": n_averaged,
+        "official_start_end": [getattr(final, "start_step", None), getattr(final, "end_step", None)],
+        "weights": weights,
+    }
 
 
 cases = []
 # converges at its third evaluation (the oldest of the first three is the lowest)
 cases.append(run([0.5, 0.6, 0.7, 0.55, 0.6, 0.58, 0.62, 0.61, 0.66, 0.7], 2, 3, 6, 0.3))
 # the 60-step run of issue 23 (evaluations every 4 steps, converged at step 4)
-cases.append(run([0.40, 0.45, 0.50, 0.48, 0.47, 0.49, 0.50, 0.46, 0.52, 0.55, 0.51, 0.53, 0.50, 0.49, 0.54], 4, 3, 6, 0.3))
+cases.append(
+    run([0.40, 0.45, 0.50, 0.48, 0.47, 0.49, 0.50, 0.46, 0.52, 0.55, 0.51, 0.53, 0.50, 0.49, 0.54], 4, 3, 6, 0.3)
+)
 # the hand-worked curve of tests/test_averaging.py, 15 evaluations and cut at 12
 hand = [2.0, 1.5, 1.0, 0.8, 0.9, 0.85, 0.95, 1.0, 0.9, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]
 cases.append(run(hand, 2, 3, 6, 0.3))

@@ -13,6 +13,7 @@ and the losses it reported) together with the reference's git commit. Where the 
 it is handed the same timm network dgzoo uses, with the same initial weights, so only the update rule is compared.
 See docs/parity.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ from tinycase import NUM_CLASSES, NUM_DOMAINS, SHAPE, UPDATES
 
 
 def commit_of(path: Path) -> str:
-    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(path), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def reference_import(path: Path, site: Path | None) -> None:
@@ -50,21 +52,50 @@ def reference_import(path: Path, site: Path | None) -> None:
 
 # dgzoo host -> DomainBed class. ARM, ADRMX and URM are not dgzoo hosts; ERM++ neither.
 DOMAINBED = {
-    "andmask": "ANDMask", "cad": "CAD", "causirl_coral": "CausIRL_CORAL", "causirl_mmd": "CausIRL_MMD",
-    "cdann": "CDANN", "condcad": "CondCAD", "coral": "CORAL", "dann": "DANN", "eqrm": "EQRM", "erm": "ERM",
-    "fish": "Fish", "fishr": "Fishr", "groupdro": "GroupDRO", "ib_erm": "IB_ERM", "ib_irm": "IB_IRM", "iga": "IGA",
-    "irm": "IRM", "mixup": "Mixup", "mldg": "MLDG", "mmd": "MMD", "mtl": "MTL", "rdm": "RDM", "rsc": "RSC",
-    "sagnet": "SagNet", "sandmask": "SANDMask", "sd": "SD", "selfreg": "SelfReg", "transfer": "Transfer",
-    "trm": "TRM", "vrex": "VREx",
+    "andmask": "ANDMask",
+    "cad": "CAD",
+    "causirl_coral": "CausIRL_CORAL",
+    "causirl_mmd": "CausIRL_MMD",
+    "cdann": "CDANN",
+    "condcad": "CondCAD",
+    "coral": "CORAL",
+    "dann": "DANN",
+    "eqrm": "EQRM",
+    "erm": "ERM",
+    "fish": "Fish",
+    "fishr": "Fishr",
+    "groupdro": "GroupDRO",
+    "ib_erm": "IB_ERM",
+    "ib_irm": "IB_IRM",
+    "iga": "IGA",
+    "irm": "IRM",
+    "mixup": "Mixup",
+    "mldg": "MLDG",
+    "mmd": "MMD",
+    "mtl": "MTL",
+    "rdm": "RDM",
+    "rsc": "RSC",
+    "sagnet": "SagNet",
+    "sandmask": "SANDMask",
+    "sd": "SD",
+    "selfreg": "SelfReg",
+    "transfer": "Transfer",
+    "trm": "TRM",
+    "vrex": "VREx",
 }
 # Hyperparameters set for the tiny case on both sides (same names in DomainBed and dgzoo): penalties that anneal
 # in at step 500-2500 start at the second update here, so both branches of the rule (and the optimizer reset that
 # DomainBed does at the switch) are exercised; SANDMask's tau=1 would mask every entry (no update at all).
 OVERRIDES: dict[str, dict[str, Any]] = {
-    "irm": {"irm_penalty_anneal_iters": 1}, "vrex": {"vrex_penalty_anneal_iters": 1},
-    "ib_erm": {"ib_penalty_anneal_iters": 1}, "ib_irm": {"irm_penalty_anneal_iters": 1, "ib_penalty_anneal_iters": 1},
-    "rdm": {"rdm_penalty_anneal_iters": 1}, "fishr": {"penalty_anneal_iters": 1}, "eqrm": {"eqrm_burnin_iters": 1},
-    "trm": {"iters": 1}, "sandmask": {"tau": 0.5},
+    "irm": {"irm_penalty_anneal_iters": 1},
+    "vrex": {"vrex_penalty_anneal_iters": 1},
+    "ib_erm": {"ib_penalty_anneal_iters": 1},
+    "ib_irm": {"irm_penalty_anneal_iters": 1, "ib_penalty_anneal_iters": 1},
+    "rdm": {"rdm_penalty_anneal_iters": 1},
+    "fishr": {"penalty_anneal_iters": 1},
+    "eqrm": {"eqrm_burnin_iters": 1},
+    "trm": {"iters": 1},
+    "sandmask": {"tau": 0.5},
 }
 # Hosts whose dgzoo implementation computes in float32 whatever the parameters' dtype (the per-domain gradient
 # engine's buffers, GroupDRO's domain weights, TRM's and Transfer's heads; Fishr's BackPACK side too).
@@ -81,6 +112,7 @@ class TimmFeaturizer(nn.Module):
     def __init__(self, input_shape: tuple, hparams: dict[str, Any]):
         super().__init__()
         import timm
+
         self.net = timm.create_model(tinycase.BACKBONE, num_classes=0)
         self.n_outputs = self.net.num_features
 
@@ -94,18 +126,18 @@ def domainbed_key(host: str, key: str) -> tuple[str, Any] | None:
     backbone = {"fish": ("network.net.0.net.", "network.net.1."), "sagnet": ("network_f.net.", "network_c.")}
     features, classifier = backbone.get(host, ("featurizer.net.", "classifier."))
     if key.startswith("network.fc."):
-        rest = key[len("network.fc."):]
+        rest = key[len("network.fc.") :]
         if host == "mtl" and rest == "weight":  # DomainBed's MTL head reads [features, noise]: its first half
             return "classifier.weight", "first"
         return classifier + rest, None
     if key.startswith("network."):
-        return features + key[len("network."):], None
+        return features + key[len("network.") :], None
     if host == "mtl" and key == "noise_head.weight":
         return "classifier.weight", "second"
     renamed = {"transfer": {"adversary.": "adv_classifier."}, "sagnet": {"style_head.": "network_s."}}
     for prefix, theirs in renamed.get(host, {}).items():
         if key.startswith(prefix):
-            return theirs + key[len(prefix):], None
+            return theirs + key[len(prefix) :], None
     if host in ("dann", "cdann") and key.startswith(("discriminator.", "class_embeddings.")):
         return key, None
     if host == "selfreg" and key.startswith("cdpl."):
@@ -156,13 +188,17 @@ def domainbed(args: argparse.Namespace) -> None:
     nn.Module.cuda = lambda self, *a, **k: self  # TRM moves its heads with .cuda(); the tiny case runs on the CPU
     torch.Tensor.cuda = lambda self, *a, **k: self
     from domainbed import algorithms, hparams_registry, networks
+
     networks.Featurizer = TimmFeaturizer
 
     hosts = args.only or sorted(DOMAINBED)
     path = "domainbed.json"
     data = tinycase.load(path) if (tinycase.DATA / path).exists() and args.only else {"hosts": {}}
-    data["reference"] = {"repository": "https://github.com/facebookresearch/DomainBed",
-                         "commit": commit_of(args.domainbed), "file": "domainbed/algorithms.py"}
+    data["reference"] = {
+        "repository": "https://github.com/facebookresearch/DomainBed",
+        "commit": commit_of(args.domainbed),
+        "file": "domainbed/algorithms.py",
+    }
     for host in hosts:
         try:
             domainbed_host(host, data, algorithms, hparams_registry)
@@ -180,8 +216,9 @@ def domainbed_host(host: str, data: dict[str, Any], algorithms: Any, hparams_reg
     dtype = "float32" if host in FLOAT32 else "float64"
     with tinycase.numerics(dtype):
         ours = tinycase.build_dgzoo(host, overrides)
-        differing = {k: (v, hparams[k]) for k, v in ours.resolved_hparams[host].items()
-                     if k in hparams and hparams[k] != v}
+        differing = {
+            k: (v, hparams[k]) for k, v in ours.resolved_hparams[host].items() if k in hparams and hparams[k] != v
+        }
         if differing:
             print(f"  {host}: dgzoo's hparams (left) differ from DomainBed's: {differing}")
         initial = {k: v.detach().clone() for k, v in ours.host.state_dict().items()}
@@ -201,12 +238,21 @@ def domainbed_host(host: str, data: dict[str, Any], algorithms: Any, hparams_reg
             state = domainbed_state(host, theirs, keys, width)
             if COMPARE:
                 compare(host, update, state, ours)
-            updates.append({"metrics": {k: float(v) for k, v in metrics.items()},
-                            "state": tinycase.changes(state, {k: initial[k] for k in keys})})
+            updates.append(
+                {
+                    "metrics": {k: float(v) for k, v in metrics.items()},
+                    "state": tinycase.changes(state, {k: initial[k] for k in keys}),
+                }
+            )
     data["hosts"][host] = {
-        "domainbed": name, "hparams": hparams, "overrides": overrides, "dtype": dtype,
+        "domainbed": name,
+        "hparams": hparams,
+        "overrides": overrides,
+        "dtype": dtype,
         "tolerance": "float32" if host in FLOAT32 | FLOAT32_TERMS else "float64",
-        "initial": tinycase.total(tinycase.digests({k: initial[k] for k in keys})), "updates": updates}
+        "initial": tinycase.total(tinycase.digests({k: initial[k] for k in keys})),
+        "updates": updates,
+    }
     print(f"{host}: {len(keys)} tensors, losses {[u['metrics'] for u in updates]}")
 
 
@@ -258,10 +304,10 @@ def randomness_patches(host: str, ours: Any, update: int, algorithms: Any) -> li
         shim = types.SimpleNamespace(random=types.SimpleNamespace(beta=_Draws([lam for *_, lam in triples])))
         return [(algorithms, "np", shim), (algorithms, "random_pairs_of_minibatches", lambda mb: pairs)]
     if host == "mldg":
-        pairs = meta_train_test_pairs(len(batches), ours.host.hparams["n_meta_test"],
-                                      torch.Generator().manual_seed(seed))
-        return [(algorithms, "split_meta_train_test",
-                 lambda mb, num_meta_test=1: [(mb[i], mb[j]) for i, j in pairs])]
+        pairs = meta_train_test_pairs(
+            len(batches), ours.host.hparams["n_meta_test"], torch.Generator().manual_seed(seed)
+        )
+        return [(algorithms, "split_meta_train_test", lambda mb, num_meta_test=1: [(mb[i], mb[j]) for i, j in pairs])]
     if host == "fishr":
         # BackPACK 1.7 under torch 2.x fills grad_batch only when the backward pass reaches the classifier's input:
         # Fishr's `loss.backward(inputs=<classifier parameters>, ...)` stops short of it and BackPACK records
@@ -271,6 +317,7 @@ def randomness_patches(host: str, ours: Any, update: int, algorithms: Any) -> li
 
         def without_inputs(self: torch.Tensor, *args: Any, inputs: Any = None, **kwargs: Any) -> None:
             return backward(self, *args, **kwargs)
+
         return [(torch.Tensor, "backward", without_inputs)]
     if host == "selfreg":
         rng = np.random.default_rng(seed)
@@ -281,8 +328,7 @@ def randomness_patches(host: str, ours: Any, update: int, algorithms: Any) -> li
         draws = _Draws(perms)
         randperm = torch.randperm
         shim = types.SimpleNamespace(random=types.SimpleNamespace(beta=_Draws([lam])))
-        return [(algorithms, "np", shim),
-                (torch, "randperm", lambda n, *a, **k: draws() if n > 0 else randperm(0))]
+        return [(algorithms, "np", shim), (torch, "randperm", lambda n, *a, **k: draws() if n > 0 else randperm(0))]
     return []
 
 
@@ -299,8 +345,11 @@ def with_patches(patches: list[tuple[Any, str, Any]], fn: Callable[[], Any]) -> 
 
 # -- SAM, GSAM, SAGM: the official optimizers on ERM's pooled cross-entropy ------------------------------------------
 
-SHARPNESS = {"sam": "https://github.com/davda54/sam", "gsam": "https://github.com/juntang-zhuang/GSAM",
-             "sagm": "https://github.com/Wang-pengfei/SAGM"}
+SHARPNESS = {
+    "sam": "https://github.com/davda54/sam",
+    "gsam": "https://github.com/juntang-zhuang/GSAM",
+    "sagm": "https://github.com/Wang-pengfei/SAGM",
+}
 
 
 def sharpness(args: argparse.Namespace) -> None:
@@ -329,8 +378,14 @@ def sharpness(args: argparse.Namespace) -> None:
                 rho = LinearScheduler(T_max=5000, max_value=hp["rho"], min_value=hp["rho"])
                 base = adam(network.parameters(), lr=tinycase.LR)
                 cls, alpha = (GSAM, "gsam_alpha") if host == "gsam" else (SAGM, "alpha")
-                optimizer = cls(params=network.parameters(), base_optimizer=base, model=network,
-                                rho_scheduler=rho, adaptive=False, **{alpha: hp["alpha"]})
+                optimizer = cls(
+                    params=network.parameters(),
+                    base_optimizer=base,
+                    model=network,
+                    rho_scheduler=rho,
+                    adaptive=False,
+                    **{alpha: hp["alpha"]},
+                )
             updates = []
             for update in range(UPDATES):
                 tinycase.seed_everything(update)
@@ -348,14 +403,21 @@ def sharpness(args: argparse.Namespace) -> None:
                     optimizer.update_rho_t()
                 state = {f"network.{k}": v for k, v in network.state_dict().items()}
                 updates.append({"metrics": {"loss": float(loss.detach())}, "state": tinycase.changes(state, initial)})
-        data["hosts"][host] = {"reference": {"repository": repository, "commit": commit_of(paths[host])},
-                               "overrides": {}, "hparams": hp, "dtype": "float64", "tolerance": "float64",
-                               "initial": tinycase.total(tinycase.digests(initial)), "updates": updates}
+        data["hosts"][host] = {
+            "reference": {"repository": repository, "commit": commit_of(paths[host])},
+            "overrides": {},
+            "hparams": hp,
+            "dtype": "float64",
+            "tolerance": "float64",
+            "initial": tinycase.total(tinycase.digests(initial)),
+            "updates": updates,
+        }
         print(f"{host}: losses {[u['metrics'] for u in updates]}")
     tinycase.save("sharpness.json", data)
 
 
 # -- EMA: timm's ModelEmaV3 at a constant decay over ERM's trajectory -------------------------------------------------
+
 
 def erm_step(network: nn.Module, optimizer: torch.optim.Optimizer, update: int) -> torch.Tensor:
     """One step of DomainBed's ERM (pooled cross-entropy, Adam) on the tiny case's minibatches of ``update``."""
@@ -383,26 +445,38 @@ def ema(args: argparse.Namespace) -> None:
         ours = tinycase.build_dgzoo("erm+ema", overrides)
         network = copy.deepcopy(ours.host.network)
         average = ModelEmaV3(network, decay=EMA_DECAY)  # update(model) without a step: the constant decay
-        initial = {**{f"network.{k}": v.detach().clone() for k, v in network.state_dict().items()},
-                   **{f"evaluated.{k}": v.detach().clone() for k, v in network.state_dict().items()}}
+        initial = {
+            **{f"network.{k}": v.detach().clone() for k, v in network.state_dict().items()},
+            **{f"evaluated.{k}": v.detach().clone() for k, v in network.state_dict().items()},
+        }
         optimizer = torch.optim.Adam(network.parameters(), lr=tinycase.LR)
         updates = []
         for update in range(UPDATES):
             loss = erm_step(network, optimizer, update)
             average.update(network)
-            state = {**{f"network.{k}": v for k, v in network.state_dict().items()},
-                     **{f"evaluated.{k}": v for k, v in average.module.state_dict().items()}}
+            state = {
+                **{f"network.{k}": v for k, v in network.state_dict().items()},
+                **{f"evaluated.{k}": v for k, v in average.module.state_dict().items()},
+            }
             updates.append({"metrics": {"loss": float(loss)}, "state": tinycase.changes(state, initial)})
     data["hosts"]["erm+ema"] = {
-        "reference": {"repository": "https://github.com/huggingface/pytorch-image-models",
-                      "version": timm.__version__, "code": "timm.utils.model_ema.ModelEmaV3"},
-        "overrides": overrides, "dtype": "float64", "tolerance": "float64",
-        "initial": tinycase.total(tinycase.digests(initial)), "updates": updates}
+        "reference": {
+            "repository": "https://github.com/huggingface/pytorch-image-models",
+            "version": timm.__version__,
+            "code": "timm.utils.model_ema.ModelEmaV3",
+        },
+        "overrides": overrides,
+        "dtype": "float64",
+        "tolerance": "float64",
+        "initial": tinycase.total(tinycase.digests(initial)),
+        "updates": updates,
+    }
     print(f"erm+ema: losses {[u['metrics'] for u in updates]}")
     tinycase.save("ema.json", data)
 
 
 # -- SWAD: the official LossValley and AveragedModel on scripted validation-loss curves --------------------------------
+
 
 def swad_weights(step: int) -> torch.Tensor:
     """The scripted weights of the tiny SWAD model after ``step`` steps: distinct per step, so an average over a
@@ -417,15 +491,21 @@ SWAD_EVERY = 2
 SWAD_CURVES: dict[str, tuple[list[float], dict[str, Any]]] = {
     "converges at the third evaluation": ([0.5, 0.6, 0.7, 0.6, 0.55, 0.6, 0.7, 0.8, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], {}),
     "converges at the third evaluation, ends in the valley": ([0.5, 0.6, 0.7] + [0.6] * 27, {}),
-    "a valley after a descent": ([2.0, 1.5, 1.2, 1.0, 0.9, 0.85, 0.8, 0.82, 0.84, 0.83, 0.85, 0.9, 0.95, 1.0, 1.1,
-                                  1.2, 1.3, 1.5, 1.8, 2.2], {}),
+    "a valley after a descent": (
+        [2.0, 1.5, 1.2, 1.0, 0.9, 0.85, 0.8, 0.82, 0.84, 0.83, 0.85, 0.9, 0.95, 1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.2],
+        {},
+    ),
     "the valley dies": ([1.0, 0.9, 0.95, 0.97, 0.93, 0.95, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0], {}),
     "the run ends inside the valley": ([2.0, 1.5, 1.0, 1.1, 1.2, 1.05, 1.1, 1.0, 1.15], {}),
     "a descent that never converges": ([2.0, 1.8, 1.6, 1.4, 1.2, 1.0, 0.9, 0.8], {}),
-    "n_tolerance below n_converge": ([2.0, 1.0, 1.2, 1.1, 1.3, 1.2, 1.25, 2.5, 3.0, 3.5, 4.0],
-                                     {"n_converge": 4, "n_tolerance": 2}),
-    "n_tolerance above n_converge, high losses before": ([0.9, 5.0, 0.8, 0.7, 0.75, 0.72, 0.74, 0.73, 0.76, 0.8, 0.9,
-                                                          1.5, 2.0, 2.0, 2.0, 2.0, 2.0], {}),
+    "n_tolerance below n_converge": (
+        [2.0, 1.0, 1.2, 1.1, 1.3, 1.2, 1.25, 2.5, 3.0, 3.5, 4.0],
+        {"n_converge": 4, "n_tolerance": 2},
+    ),
+    "n_tolerance above n_converge, high losses before": (
+        [0.9, 5.0, 0.8, 0.7, 0.75, 0.72, 0.74, 0.73, 0.76, 0.8, 0.9, 1.5, 2.0, 2.0, 2.0, 2.0, 2.0],
+        {},
+    ),
 }
 SWAD_DEFAULTS = {"n_converge": 3, "n_tolerance": 6, "tolerance_ratio": 0.3}
 
@@ -440,10 +520,15 @@ def swad(args: argparse.Namespace) -> None:
         def error(self, message: str) -> None:
             print(f"  (LossValley: {message})")
 
-    data: dict[str, Any] = {"reference": {"repository": "https://github.com/khanrc/swad",
-                                          "commit": commit_of(args.swad),
-                                          "code": "domainbed/swad.py LossValley, domainbed/lib/swa_utils.py"},
-                            "every": SWAD_EVERY, "cases": {}}
+    data: dict[str, Any] = {
+        "reference": {
+            "repository": "https://github.com/khanrc/swad",
+            "commit": commit_of(args.swad),
+            "code": "domainbed/swad.py LossValley, domainbed/lib/swa_utils.py",
+        },
+        "every": SWAD_EVERY,
+        "cases": {},
+    }
     for name, (losses, overrides) in SWAD_CURVES.items():
         hp = {**SWAD_DEFAULTS, **overrides}
         model = nn.Linear(3, 1, bias=False).double()
@@ -461,14 +546,20 @@ def swad(args: argparse.Namespace) -> None:
         final = valley.get_final_model()
         averaged = isinstance(final, swa_utils.AveragedModel)
         weights = (final.module if averaged else final).weight.detach().flatten().tolist()
-        data["cases"][name] = {"losses": losses, "hparams": hp, "converged": valley.is_converged,
-                               "weights": weights, "n_averaged": int(final.n_averaged),
-                               "window": [int(final.start_step), int(final.end_step)]}
+        data["cases"][name] = {
+            "losses": losses,
+            "hparams": hp,
+            "converged": valley.is_converged,
+            "weights": weights,
+            "n_averaged": int(final.n_averaged),
+            "window": [int(final.start_step), int(final.end_step)],
+        }
         print(f"{name}: window {data['cases'][name]['window']} n={int(final.n_averaged)} weights {weights}")
     tinycase.save("swad.json", data)
 
 
 # -- MixStyle, EFDMix: the official modules after layer1..3, ERM's update ---------------------------------------------
+
 
 def load_file(path: Path, name: str) -> Any:
     """Import one reference source file as a module (the released MixStyle/EFDMix files stand alone). EFDM's
@@ -481,8 +572,10 @@ def load_file(path: Path, name: str) -> Any:
     return module
 
 
-MIXING = {"mixstyle": ("https://github.com/KaiyangZhou/mixstyle-release", "reid/models/mixstyle.py", "MixStyle"),
-          "efdmix": ("https://github.com/YBZh/EFDM", "DomainGeneralization/reid/models/efdmix.py", "EFDMix")}
+MIXING = {
+    "mixstyle": ("https://github.com/KaiyangZhou/mixstyle-release", "reid/models/mixstyle.py", "MixStyle"),
+    "efdmix": ("https://github.com/YBZh/EFDM", "DomainGeneralization/reid/models/efdmix.py", "EFDMix"),
+}
 # p = 1: every training pass mixes at every stage. dgzoo draws the p-decision from torch's RNG (torch.rand), the
 # official modules from Python's `random`; at p = 1 neither decides anything, and the reference draws (and drops)
 # one torch.rand before each module so that the Beta weights and the permutation come from the same torch stream.
@@ -511,6 +604,7 @@ def mixing(args: argparse.Namespace) -> None:
                     torch.rand(())
                     mixer.train(m.training)
                     return mixer(output)
+
                 module.register_forward_hook(hook)
             initial = {f"network.{k}": v.detach().clone() for k, v in network.state_dict().items()}
             optimizer = torch.optim.Adam(network.parameters(), lr=tinycase.LR)
@@ -521,13 +615,19 @@ def mixing(args: argparse.Namespace) -> None:
                 updates.append({"metrics": {"loss": float(loss)}, "state": tinycase.changes(state, initial)})
         data["hosts"][f"erm+{addon}"] = {
             "reference": {"repository": repository, "commit": commit_of(paths[addon]), "file": file},
-            "overrides": overrides, "hparams": hp, "dtype": "float64", "tolerance": "float64",
-            "initial": tinycase.total(tinycase.digests(initial)), "updates": updates}
+            "overrides": overrides,
+            "hparams": hp,
+            "dtype": "float64",
+            "tolerance": "float64",
+            "initial": tinycase.total(tinycase.digests(initial)),
+            "updates": updates,
+        }
         print(f"erm+{addon}: losses {[u['metrics'] for u in updates]}")
     tinycase.save("mixing.json", data)
 
 
 # -- MIRO: the official algorithm on the tiny network's ResNet taps ---------------------------------------------------
+
 
 class _HParams(dict):
     """The official MIRO reads its hyperparameters both as keys and as attributes."""
@@ -544,10 +644,17 @@ class TimmURFeaturizer(nn.Module):
 
     TAPS = ("maxpool", "layer1", "layer2", "layer3", "layer4")
 
-    def __init__(self, input_shape: tuple, hparams: Any, preserve_readout: bool = False, freeze: Any = None,
-                 feat_layers: Any = None):
+    def __init__(
+        self,
+        input_shape: tuple,
+        hparams: Any,
+        preserve_readout: bool = False,
+        freeze: Any = None,
+        feat_layers: Any = None,
+    ):
         super().__init__()
         import timm
+
         self.net = timm.create_model(tinycase.BACKBONE, num_classes=0)
         self.n_outputs = self.net.num_features
         self._features: list[torch.Tensor] = []
@@ -574,6 +681,7 @@ def miro(args: argparse.Namespace) -> None:
     reference_import(args.miro, None)
     sys.modules.setdefault("clip", types.ModuleType("clip"))  # imported by its backbones module for CLIP models only
     from domainbed.algorithms import miro as miro_module
+
     miro_module.URFeaturizer = TimmURFeaturizer
 
     data: dict[str, Any] = {"hosts": {}}
@@ -581,18 +689,25 @@ def miro(args: argparse.Namespace) -> None:
         ours = tinycase.build_dgzoo("miro", {})
         hp = ours.resolved_hparams["miro"]
         initial = {k: v.detach().clone() for k, v in ours.host.state_dict().items()}
-        hparams = _HParams(lr=tinycase.LR, weight_decay=0.0, optimizer="adam", ld=hp["ld"], lr_mult=hp["lr_mult"],
-                           feat_layers="stem_block", resnet_dropout=0.0)
+        hparams = _HParams(
+            lr=tinycase.LR,
+            weight_decay=0.0,
+            optimizer="adam",
+            ld=hp["ld"],
+            lr_mult=hp["lr_mult"],
+            feat_layers="stem_block",
+            resnet_dropout=0.0,
+        )
         torch.manual_seed(tinycase.INIT_SEED)
         theirs = miro_module.MIRO(SHAPE, NUM_CLASSES, NUM_DOMAINS, hparams)
         where = {}
         for key in initial:
             if key.startswith("network.fc."):
-                where[key] = "classifier." + key[len("network.fc."):]
+                where[key] = "classifier." + key[len("network.fc.") :]
             elif key.startswith("network."):
-                where[key] = "featurizer.net." + key[len("network."):]
+                where[key] = "featurizer.net." + key[len("network.") :]
             elif key.startswith("reference.") and not key.startswith("reference.fc."):
-                where[key] = "pre_featurizer.net." + key[len("reference."):]
+                where[key] = "pre_featurizer.net." + key[len("reference.") :]
             elif key.startswith("variances."):
                 where[key] = f"var_encoders.{key.split('.')[1]}.b"
         state = dict(theirs.state_dict(keep_vars=True))
@@ -605,13 +720,25 @@ def miro(args: argparse.Namespace) -> None:
             batches = tinycase.minibatches(update)
             metrics = theirs.update([b[0] for b in batches], [b[1] for b in batches])
             now = {k: state[t].detach().reshape(initial[k].shape) for k, t in where.items()}
-            updates.append({"metrics": {"loss": float(metrics["loss"])},
-                            "state": tinycase.changes(now, {k: initial[k] for k in where})})
+            updates.append(
+                {
+                    "metrics": {"loss": float(metrics["loss"])},
+                    "state": tinycase.changes(now, {k: initial[k] for k in where}),
+                }
+            )
     data["hosts"]["miro"] = {
-        "reference": {"repository": "https://github.com/kakaobrain/miro", "commit": commit_of(args.miro),
-                      "file": "domainbed/algorithms/miro.py"},
-        "overrides": {}, "hparams": dict(hparams), "dtype": "float64", "tolerance": "float64",
-        "initial": tinycase.total(tinycase.digests({k: initial[k] for k in where})), "updates": updates}
+        "reference": {
+            "repository": "https://github.com/kakaobrain/miro",
+            "commit": commit_of(args.miro),
+            "file": "domainbed/algorithms/miro.py",
+        },
+        "overrides": {},
+        "hparams": dict(hparams),
+        "dtype": "float64",
+        "tolerance": "float64",
+        "initial": tinycase.total(tinycase.digests({k: initial[k] for k in where})),
+        "updates": updates,
+    }
     print(f"miro: losses {[u['metrics'] for u in updates]}")
     tinycase.save("miro.json", data)
 

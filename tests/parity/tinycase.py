@@ -4,6 +4,7 @@ The reference numbers in ``data/`` were produced by running the reference implem
 (see ``docs/parity.md``); the tests build it again in dgzoo and compare. Everything runs in float64, so the two
 sides agree to rounding and a tight tolerance separates "same update rule" from "different rule".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,7 @@ def numerics(dtype: str = "float64") -> Iterator[None]:
     epsilon at ``ADAM_EPS``; restore both after."""
     previous = torch.get_default_dtype()
     defaults = torch.optim.Adam.__init__.__defaults__
-    names = list(inspect.signature(torch.optim.Adam.__init__).parameters)[2:2 + len(defaults)]
+    names = list(inspect.signature(torch.optim.Adam.__init__).parameters)[2 : 2 + len(defaults)]
     torch.set_default_dtype(getattr(torch, dtype))
     torch.optim.Adam.__init__.__defaults__ = tuple(ADAM_EPS if n == "eps" else d for n, d in zip(names, defaults))
     try:
@@ -51,12 +52,18 @@ def numerics(dtype: str = "float64") -> Iterator[None]:
         torch.optim.Adam.__init__.__defaults__ = defaults
 
 
-def minibatches(update: int, num_domains: int = NUM_DOMAINS, batch: int = BATCH) -> list[tuple[torch.Tensor,
-                                                                                               torch.Tensor]]:
+def minibatches(
+    update: int, num_domains: int = NUM_DOMAINS, batch: int = BATCH
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The fixed (x, y) minibatch of each domain at ``update`` (0, 1, ...): seeded Gaussian images, labels."""
     g = torch.Generator().manual_seed(100 + update)
-    return [(torch.randn(batch, *SHAPE, generator=g, dtype=torch.float64).to(torch.get_default_dtype()),
-             torch.randint(0, NUM_CLASSES, (batch,), generator=g)) for _ in range(num_domains)]
+    return [
+        (
+            torch.randn(batch, *SHAPE, generator=g, dtype=torch.float64).to(torch.get_default_dtype()),
+            torch.randint(0, NUM_CLASSES, (batch,), generator=g),
+        )
+        for _ in range(num_domains)
+    ]
 
 
 def seed_everything(update: int) -> None:
@@ -118,8 +125,14 @@ def build_dgzoo(spec: str, hparams: dict[str, Any], num_domains: int = NUM_DOMAI
 
     torch.manual_seed(INIT_SEED)
     network = create_backbone(BACKBONE, num_classes=NUM_CLASSES)
-    return create_algorithm(spec, network, num_domains, hparams, small_images=True,
-                            make_optimizer=lambda groups: torch.optim.Adam(groups, lr=LR, weight_decay=0.0))  # eps: numerics()
+    return create_algorithm(
+        spec,
+        network,
+        num_domains,
+        hparams,
+        small_images=True,
+        make_optimizer=lambda groups: torch.optim.Adam(groups, lr=LR, weight_decay=0.0),
+    )  # eps: numerics()
 
 
 def state_of(composition: Any) -> dict[str, torch.Tensor]:
@@ -132,8 +145,9 @@ def state_of(composition: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def run_dgzoo(composition: Any, updates: int = UPDATES, num_domains: int = NUM_DOMAINS
-              ) -> list[tuple[dict[str, float], dict[str, torch.Tensor]]]:
+def run_dgzoo(
+    composition: Any, updates: int = UPDATES, num_domains: int = NUM_DOMAINS
+) -> list[tuple[dict[str, float], dict[str, torch.Tensor]]]:
     """``updates`` training steps; after each, the metrics and a copy of the compared state (:func:`state_of`)."""
     out = []
     for update in range(updates):
@@ -143,8 +157,9 @@ def run_dgzoo(composition: Any, updates: int = UPDATES, num_domains: int = NUM_D
     return out
 
 
-def drift(spec: str, case: dict[str, Any], skipped: tuple[str, ...] = (), losses: dict[str, str] | None = None
-          ) -> list[str]:
+def drift(
+    spec: str, case: dict[str, Any], skipped: tuple[str, ...] = (), losses: dict[str, str] | None = None
+) -> list[str]:
     """Build ``spec`` in dgzoo on the tiny case, run its updates and list every way it drifted from the reference
     numbers in ``case`` (an entry of a data file): tensors whose change differs, losses that differ. ``skipped``
     ends the names of state entries not compared (a documented difference); ``losses`` maps dgzoo metrics to the
@@ -160,10 +175,12 @@ def drift(spec: str, case: dict[str, Any], skipped: tuple[str, ...] = (), losses
         for update, (metrics, state) in enumerate(run_dgzoo(algorithm)):
             expected = case["updates"][update]
             reference = {k: v for k, v in expected["state"].items() if not (skipped and k.endswith(skipped))}
-            out += [f"update {update + 1}: {m}" for m in mismatches(reference, changes(state, initial),
-                                                                    case["tolerance"])]
+            out += [
+                f"update {update + 1}: {m}" for m in mismatches(reference, changes(state, initial), case["tolerance"])
+            ]
             for ours, theirs in (losses if losses is not None else {"loss": "loss"}).items():
-                if theirs in expected["metrics"] and not np.isclose(metrics[ours], expected["metrics"][theirs],
-                                                                    rtol=rtol):
+                if theirs in expected["metrics"] and not np.isclose(
+                    metrics[ours], expected["metrics"][theirs], rtol=rtol
+                ):
                     out.append(f"update {update + 1}: {ours} {metrics[ours]} != {expected['metrics'][theirs]}")
         return out
