@@ -88,6 +88,21 @@ def run_processes(nproc: int, argv: list, cwd: Path | None = None):
     return proc
 
 
+# The train section of the sweeps the sweep, launcher and Slurm tests run: two steps of a tiny ResNet on 8 px images.
+TINY_SWEEP_TRAIN = dict(
+    backbone="test_resnet",
+    image_size=8,
+    steps=2,
+    eval_every=2,
+    checkpoint_every=1,
+    batch_size=8,
+    lr=3e-3,
+    eval_batch_size=512,
+    log_with="none",
+    num_workers=0,
+)
+
+
 def tiny_config(tmp_path: Path, **overrides):
     """A run small enough for a unit test: tiny timm ResNet, 8 images per domain, a few steps."""
     from dgzoo.config import TrainConfig

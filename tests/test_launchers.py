@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import dgzoo.training.engine
+from conftest import TINY_SWEEP_TRAIN
 from dgzoo.cli import main
 from dgzoo.errors import DGZooError
 from dgzoo.experiments.launchers import device_slots, run_sweep, sweep_status
@@ -22,18 +23,7 @@ from dgzoo.experiments.report import report_dirs
 from dgzoo.experiments.sweep import SweepSpec, expand, run_status, sweep_claim_dir
 from dgzoo.run.claim import CLAIM_FILE
 
-TINY = dict(
-    backbone="test_resnet",
-    image_size=8,
-    steps=2,
-    eval_every=2,
-    checkpoint_every=1,
-    batch_size=8,
-    lr=3e-3,
-    eval_batch_size=512,
-    log_with="none",
-    num_workers=0,
-)
+TINY = TINY_SWEEP_TRAIN
 TESTS = Path(__file__).resolve().parent
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import TINY_SWEEP_TRAIN
 from dgzoo.cli import main
 from dgzoo.errors import DGZooError
 from dgzoo.experiments import launchers
@@ -21,18 +22,7 @@ from dgzoo.experiments.sweep import SweepSpec, expand
 
 submitit = pytest.importorskip("submitit")
 
-TINY = dict(
-    backbone="test_resnet",
-    image_size=8,
-    steps=2,
-    eval_every=2,
-    checkpoint_every=1,
-    batch_size=8,
-    lr=3e-3,
-    eval_batch_size=512,
-    log_with="none",
-    num_workers=0,
-)
+TINY = TINY_SWEEP_TRAIN
 TESTS = Path(__file__).resolve().parent
 FAKES = {
     # each answers from a file beside it (absent: the command fails the way it does when the controller is down)

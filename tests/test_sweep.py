@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import dgzoo.training.engine
+from conftest import TINY_SWEEP_TRAIN
 from dgzoo.cli import build_parser, main
 from dgzoo.config import config_from_args
 from dgzoo.errors import DGZooError
@@ -18,18 +19,7 @@ from dgzoo.experiments.report import load_runs, report_dirs
 from dgzoo.experiments.sweep import SweepSpec, Uniform, expand, parse_distribution, run_status, seed_hash
 from dgzoo.run.rundir import RUN_OUTPUTS, missing_outputs
 
-TINY = dict(
-    backbone="test_resnet",
-    image_size=8,
-    steps=2,
-    eval_every=2,
-    checkpoint_every=1,
-    batch_size=8,
-    lr=3e-3,
-    eval_batch_size=512,
-    log_with="none",
-    num_workers=0,
-)
+TINY = TINY_SWEEP_TRAIN
 
 
 def spec(tmp_path, **values):
