@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -178,9 +178,11 @@ def fit(
     after_step: Callable[[TrainState, dict[str, float]], None] | None = None,
     desc: str = "train",
 ) -> None:
-    """Train ``algorithm`` from ``state.step`` to ``steps``; ``after_step(state, metrics)`` ends every step."""
-    from tqdm.auto import tqdm
+    """Train ``algorithm`` from ``state.step`` to ``steps``; ``after_step(state, metrics)`` ends every step.
 
+    A step is one ``update`` on one minibatch per domain, then the schedule, then at an epoch's end the add-ons'
+    epoch event; :func:`run_steps` is the loop around it.
+    """
     loader = train_loader(
         data.train_sets,
         data.batch_size,
@@ -192,38 +194,67 @@ def fit(
         data.workers,
         data.pin_memory,
     )
-    images_per_step = data.batch_size * len(data.train_sets)
     steps_per_epoch = data.steps_per_epoch
-    runtime = algorithm.host.runtime
+
+    def train_step(minibatches: Minibatches, step: int) -> dict[str, float]:
+        minibatches = [
+            (to_device(x, accelerator.device, data.channels_last), y.to(accelerator.device, non_blocking=True))
+            for x, y in minibatches
+        ]
+        metrics = algorithm.update(minibatches, step)
+        scheduler.step_update(step + 1)
+        if (step + 1) % steps_per_epoch == 0:
+            context = EpochContext(
+                epoch=(step + 1) // steps_per_epoch,
+                step=step + 1,
+                steps_per_epoch=steps_per_epoch,
+                source_domains=data.domains,
+                source_train=list(data.epoch_train),
+                source_val=list(data.epoch_val),
+                make_loader=lambda ds, bs: eval_loader(ds, bs, data.workers, data.pin_memory),
+                batch_size=data.batch_size,
+            )
+            metrics.update(algorithm.on_epoch_end(context))
+        return metrics
+
+    images_per_step = data.batch_size * len(data.train_sets)
+    run_steps(train_step, loader, accelerator, state, steps, images_per_step, after_step, desc)
+
+
+def run_steps(
+    step: Callable[[Any, int], dict[str, float]],
+    batches: Iterable[Any],
+    accelerator: Any,
+    state: TrainState,
+    steps: int,
+    images_per_step: int,
+    after_step: Callable[[TrainState, dict[str, float]], None] | None = None,
+    desc: str = "train",
+    stop_on_nonfinite_loss: bool = True,
+) -> None:
+    """The one step loop of every recipe: ``step(batch, state.step)`` on each of ``batches`` (``steps`` in all,
+    counted from ``state.step``), which returns the step's metrics; then the state's counters, the metrics averaged
+    over processes, a stop at a non-finite loss, the logs and the progress bar; ``after_step(state, metrics)`` ends
+    every step (where the caller evaluates, checkpoints or keeps a history).
+
+    :func:`fit` steps a DG algorithm with it; unlearning steps its methods with it.
+    """
+    from tqdm.auto import tqdm
+
+    runtime = AccelerateRuntime(accelerator)
     progress = tqdm(
         total=steps, initial=state.step, disable=not accelerator.is_local_main_process, desc=desc, dynamic_ncols=True
     )
     tick = time.perf_counter()
     try:  # the bar is closed (its line ended) before any error or Ctrl-C message is printed
-        for minibatches in loader:
-            minibatches = [
-                (to_device(x, accelerator.device, data.channels_last), y.to(accelerator.device, non_blocking=True))
-                for x, y in minibatches
-            ]
-            metrics = algorithm.update(minibatches, state.step)
+        for batch in batches:
+            metrics = step(batch, state.step)
             state.step += 1
-            scheduler.step_update(state.step)
             state.images += images_per_step
-            if state.step % steps_per_epoch == 0:
-                context = EpochContext(
-                    epoch=state.step // steps_per_epoch,
-                    step=state.step,
-                    steps_per_epoch=steps_per_epoch,
-                    source_domains=data.domains,
-                    source_train=list(data.epoch_train),
-                    source_val=list(data.epoch_val),
-                    make_loader=lambda ds, bs: eval_loader(ds, bs, data.workers, data.pin_memory),
-                    batch_size=data.batch_size,
-                )
-                metrics.update(algorithm.on_epoch_end(context))
             state.train_seconds += time.perf_counter() - tick
             metrics = process_mean(metrics, runtime)
-            check_finite_losses(metrics, state.step)
+            if stop_on_nonfinite_loss:
+                check_finite_losses(metrics, state.step)
             for key, value in metrics.items():
                 state.interval.setdefault(key, []).append(value)
             accelerator.log(metrics, step=state.step)

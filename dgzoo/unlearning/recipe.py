@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,7 +57,16 @@ from ..training.engine import (
     run_timing,
     start_run_dir,
 )
-from ..training.loop import LoopData, NonFiniteTraining, Optimisation, TrainState, build_algorithm, check_finite, fit
+from ..training.loop import (
+    LoopData,
+    NonFiniteTraining,
+    Optimisation,
+    TrainState,
+    build_algorithm,
+    check_finite,
+    fit,
+    run_steps,
+)
 from ..training.optimisation import create_optimizer, create_scheduler
 from ..training.peers import peer_failures
 from .evaluation import ATTACKS, Outputs, accuracy, attacks, collect, per_group_accuracy
@@ -453,9 +461,8 @@ def _run_unlearning(cfg: UnlearnConfig, plan: UnlearnPlan, accelerator: Any) -> 
 def _unlearn(
     plan: UnlearnPlan, accelerator: Any, preprocessing: dict[str, Any], workers: int, pin: bool
 ) -> tuple[nn.Module, dict[str, float], dict[str, Any]]:
-    """SURE or a baseline: ``steps`` joint steps on the method's named minibatches."""
-    from tqdm.auto import tqdm
-
+    """SURE or a baseline: ``steps`` joint steps on the method's named minibatches, on the training loop's
+    :func:`~dgzoo.training.loop.run_steps`."""
     cfg, settings = plan.config, plan.settings
     model = plan.source.model
     model.train()
@@ -473,36 +480,45 @@ def _unlearn(
         "validation": settings["forget_batch_size"],
     }
     streams = {
-        name: iter(
-            train_loader(
-                [DomainImages(plan.data, plan.rows[name], train_tf, name, random=augment != "none")],
-                sizes[name],
-                seed_hash(seed, name),
-                steps,
-                0,
-                accelerator.process_index,
-                accelerator.num_processes,
-                workers,
-                pin,
-            )
+        name: train_loader(
+            [DomainImages(plan.data, plan.rows[name], train_tf, name, random=augment != "none")],
+            sizes[name],
+            seed_hash(seed, name),
+            steps,
+            0,
+            accelerator.process_index,
+            accelerator.num_processes,
+            workers,
+            pin,
         )
         for name in method.batches()
     }
-    history: list[dict[str, float]] = []
-    tick = time.perf_counter()
-    for step in tqdm(range(steps), disable=not accelerator.is_main_process, desc=cfg.method, dynamic_ncols=True):
+    device = accelerator.device
+
+    def unlearning_step(named: dict[str, Any], step: int) -> dict[str, float]:
         batches = {
-            name: tuple(t.to(accelerator.device, non_blocking=True) for t in next(stream)[0])
-            for name, stream in streams.items()
+            name: tuple(t.to(device, non_blocking=True) for t in minibatches[0]) for name, minibatches in named.items()
         }
         loss, metrics = network(batches, step / steps)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
-        history.append({k: float(v) for k, v in metrics.items()})
-    seconds = time.perf_counter() - tick
-    images = steps * sum(sizes[name] for name in streams)
-    return accelerator.unwrap_model(network).model, run_timing(seconds, images, steps), _summarise(history, accelerator)
+        return {k: float(v) for k, v in metrics.items()}
+
+    state, history = TrainState(), []
+    run_steps(
+        unlearning_step,
+        (dict(zip(streams, minibatches)) for minibatches in zip(*streams.values())),
+        accelerator,
+        state,
+        steps,
+        sum(sizes[name] for name in streams),
+        lambda _, metrics: history.append(metrics),
+        desc=cfg.method,
+        stop_on_nonfinite_loss=False,  # as before: the weights are checked once, at the end
+    )
+    timing = run_timing(state.train_seconds, state.images, steps)
+    return accelerator.unwrap_model(network).model, timing, _summarise(history, accelerator)
 
 
 def _train_loop(
