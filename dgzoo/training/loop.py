@@ -230,7 +230,6 @@ def run_steps(
     images_per_step: int,
     after_step: Callable[[TrainState, dict[str, float]], None] | None = None,
     desc: str = "train",
-    stop_on_nonfinite_loss: bool = True,
 ) -> None:
     """The one step loop of every recipe: ``step(batch, state.step)`` on each of ``batches`` (``steps`` in all,
     counted from ``state.step``), which returns the step's metrics; then the state's counters, the metrics averaged
@@ -253,8 +252,7 @@ def run_steps(
             state.images += images_per_step
             state.train_seconds += time.perf_counter() - tick
             metrics = process_mean(metrics, runtime)
-            if stop_on_nonfinite_loss:
-                check_finite_losses(metrics, state.step)
+            check_finite_losses(metrics, state.step)
             for key, value in metrics.items():
                 state.interval.setdefault(key, []).append(value)
             accelerator.log(metrics, step=state.step)

@@ -515,7 +515,6 @@ def _unlearn(
         sum(sizes[name] for name in streams),
         lambda _, metrics: history.append(metrics),
         desc=cfg.method,
-        stop_on_nonfinite_loss=False,  # as before: the weights are checked once, at the end
     )
     timing = run_timing(state.train_seconds, state.images, steps)
     return accelerator.unwrap_model(network).model, timing, _summarise(history, accelerator)
