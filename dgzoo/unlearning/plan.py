@@ -22,7 +22,7 @@ from ..data import DGDataset, load_dg_dataset, make_splits
 from ..errors import DGZooError
 from ..models import meta_backbone
 from ..run.rundir import check_output_dir, read_json
-from ..training.engine import is_small_images, resolve_augment
+from ..training.plan import is_small_images, resolve_augment
 from .forget import UnlearningData, parse_forget_spec, split_for_unlearning
 from .methods import METHODS, resolve_method_hparams
 from .source import Source, load_source
