@@ -1,9 +1,12 @@
-"""The one training loop, shared by ``dgzoo train``, unlearning's retrain and its fine-tuning.
+"""The one training loop, shared by ``dgzoo train``, the dry run's timing and every unlearning method.
 
 :func:`build_algorithm` composes ``host+addon+...`` on Accelerate: the host (an ``nn.Module`` owning the timm
-network) and each optimizer it declares are prepared together, so DDP wraps the whole algorithm. :func:`fit` is the
-loop: one ``update`` per step on one minibatch per domain, the schedule, add-on epoch events, metrics averaged over
-processes, and an ``after_step`` callback where the caller evaluates and checkpoints.
+network) and each optimizer it declares are prepared together, so DDP wraps the whole algorithm.
+:func:`run_steps` is the loop: one step function per batch, the state's counters, metrics averaged over processes,
+a stop at the first non-finite loss, logs, the progress bar and an ``after_step`` callback where the caller
+evaluates and checkpoints. :func:`fit` steps a DG algorithm on it (one ``update`` on one minibatch per domain, the
+schedule, add-on epoch events); unlearning steps SURE and its baselines on it, and retrains and fine-tunes with
+:func:`fit`.
 """
 
 from __future__ import annotations
