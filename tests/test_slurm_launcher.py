@@ -19,6 +19,7 @@ from dgzoo.experiments import launchers
 from dgzoo.experiments.launchers import SlurmTask, run_sweep, sweep_status
 from dgzoo.experiments.slurm import DEFAULT_MAX_REQUEUES, FAILURE_FILE, gres_gpus, sbatch_refusal
 from dgzoo.experiments.sweep import SweepSpec, expand
+from dgzoo.training.engine import train
 
 submitit = pytest.importorskip("submitit")
 
@@ -280,3 +281,21 @@ def test_wait_prints_the_reason_the_failed_run_wrote(tmp_path, monkeypatch):
         line.startswith(f"run failed: {run.describe()}: job ") and "--lr 0.1 diverged" in line and "; log: " in line
         for line in lines
     )
+
+
+def test_a_slurm_task_retry_reads_the_status_again_and_skips_a_run_finished_meanwhile(tmp_path, monkeypatch):
+    s = spec(tmp_path / "sw", test_domains=["75"])
+    [run] = expand(s)
+    monkeypatch.setenv("SLURM_JOB_ID", "56")
+    calls: list[int] = []
+
+    def finishes_then_fails(cfg):
+        calls.append(1)
+        if len(calls) == 1:
+            train(cfg)  # the run is written to the end, then the node fails before the task can report it
+            raise RuntimeError("node lost after the run finished")
+        raise AssertionError("a finished run was trained again")
+
+    assert SlurmTask("test", max_retries=2, train_fn=finishes_then_fails)(run) == "done"
+    assert len(calls) == 1
+    assert not (run.output_dir / FAILURE_FILE).exists()

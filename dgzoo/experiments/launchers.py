@@ -549,24 +549,26 @@ class SlurmTask:
         # A requeued task may start on another node before the claims of its own previous attempt went stale;
         # a holder on another host cannot be checked by pid, so wait for its heartbeat to stop (or to prove it live).
         deadline = time.time() + 1.5 * CLAIM_TTL_S
-        while True:
-            try:
-                claim, status = acquire(run, purpose)
-            except DGZooError as e:  # e.g. the directory holds a run trained with other settings
-                write_failure(run.output_dir, str(e), job)
-                raise
-            holder = holder_of(run) or {}
-            if status == "running" and holder.get("host") != socket.gethostname() and time.time() < deadline:
-                time.sleep(5)
-                continue
-            break
-        if status == "done":
-            return "done"
-        if status == "running":
-            print(describe_running(run), flush=True)
-            return "running elsewhere"
-        with claim:
-            for attempt in range(self.max_retries + 1):
+        for attempt in range(self.max_retries + 1):
+            # Every attempt claims the run and reads its status again, as the local launchers do: a run that
+            # another process finished (or holds) while this one failed is not trained a second time.
+            while True:
+                try:
+                    claim, status = acquire(run, purpose)
+                except DGZooError as e:  # e.g. the directory holds a run trained with other settings
+                    write_failure(run.output_dir, str(e), job)
+                    raise
+                holder = holder_of(run) or {}
+                if status == "running" and holder.get("host") != socket.gethostname() and time.time() < deadline:
+                    time.sleep(5)
+                    continue
+                break
+            if status == "done":
+                return "done"
+            if status == "running":
+                print(describe_running(run), flush=True)
+                return "running elsewhere"
+            with claim:
                 try:
                     self._train(run)
                     (run.output_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure is history
@@ -584,7 +586,6 @@ class SlurmTask:
                         raise
                     traceback.print_exc()
                     print(f"retrying {run.describe()} ({attempt + 1}/{self.max_retries})", flush=True)
-                    prepare(run)  # resume from the checkpoint the failed attempt left, if any
         return "trained"
 
     def _train(self, run: SweepRun) -> None:
