@@ -191,8 +191,8 @@ def test_a_time_limit_shorter_than_the_warning_signal_allows_is_refused(fake_slu
 def test_the_requeue_limit_is_submitits_and_a_flag(fake_slurm, tmp_path):
     default = inspect.signature(submitit.SlurmExecutor.__init__).parameters["max_num_timeout"].default
     assert default == DEFAULT_MAX_REQUEUES == 3  # what docs/sweeps.md says
-    assert launchers._executor(tmp_path, {}, "slurm", 1)._executor.max_num_timeout == 3
-    assert launchers._executor(tmp_path, {"max_requeues": 10}, "slurm", 1)._executor.max_num_timeout == 10
+    assert launchers.slurm._executor(tmp_path, {}, "slurm", 1)._executor.max_num_timeout == 3
+    assert launchers.slurm._executor(tmp_path, {"max_requeues": 10}, "slurm", 1)._executor.max_num_timeout == 10
     assert main(["sweep", str(write_spec(tmp_path)), "--launcher", "slurm", "--slurm-max-requeues", "0"]) == 0
     with pytest.raises(DGZooError, match=r"max_requeues in the slurm flags .* must be an integer >= 0, got -1"):
         run_sweep(spec(tmp_path / "x"), "slurm", slurm={"max_requeues": -1})
