@@ -14,7 +14,8 @@ from typing import Any
 from ...errors import DGZooError, Interrupted, suggest
 from ...registry import Registry
 from ...run.claim import EXIT_CLAIMED, RunDirClaimed, claim_run_dir
-from ..sweep import DEFAULT_LAUNCH_PREFIX, SweepRun, SweepSpec, check_slurm_options, prepare, sweep_claim_dir
+from ..spec import check_slurm_options
+from ..sweep import DEFAULT_LAUNCH_PREFIX, SweepRun, SweepSpec, prepare, sweep_claim_dir
 
 # What an attempt, or a whole run's attempts, came to (a Slurm task returns these strings to the submitting side).
 TRAINED, DONE, ELSEWHERE, RETRY, FAILED = "trained", "done", "running elsewhere", "retry", "failed"

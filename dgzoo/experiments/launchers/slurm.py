@@ -41,7 +41,8 @@ from ..slurm import (
     sbatch_refusal,
     write_failure,
 )
-from ..sweep import SweepRun, SweepSpec, check_slurm_options, describe_running, holder_of, train_command
+from ..spec import check_slurm_options
+from ..sweep import SweepRun, SweepSpec, describe_running, holder_of, train_command
 from .base import (
     Attempts,
     Launch,
