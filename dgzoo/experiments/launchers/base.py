@@ -105,6 +105,8 @@ class SweepOutcome:
 Launch = Callable[[list[SweepRun], SweepOutcome], bool]
 """Launches the pending runs, recording them in the outcome; returns whether they ended in this invocation (then
 the sweep's final status line and soups follow; a Slurm submission without ``--wait`` returns False)."""
+Setup = Callable[[SweepSpec, LaunchOptions], Launch]
+"""A launcher: checks the spec and options before anything is written and returns its :data:`Launch`."""
 
 
 @dataclass(frozen=True)
@@ -113,19 +115,17 @@ class Launcher:
     do (one line) and returns the :data:`Launch` for the pending runs. ``script``: its output is a shell script, so
     the sweep's status lines become comments."""
 
-    setup: Callable[[SweepSpec, LaunchOptions], Launch]
+    setup: Setup
     script: bool = False
 
 
 LAUNCHER_REGISTRY: Registry[Launcher] = Registry("launcher", describe=lambda entry: entry.setup.__qualname__)
 
 
-def register_launcher(
-    name: str, script: bool = False, replace: bool = False
-) -> Callable[[Callable[[SweepSpec, LaunchOptions], Launch]], Callable[[SweepSpec, LaunchOptions], Launch]]:
+def register_launcher(name: str, script: bool = False, replace: bool = False) -> Callable[[Setup], Setup]:
     """Register ``setup`` as ``--launcher name`` (a taken name is refused unless ``replace``)."""
 
-    def add(setup: Callable[[SweepSpec, LaunchOptions], Launch]) -> Callable[[SweepSpec, LaunchOptions], Launch]:
+    def add(setup: Setup) -> Setup:
         LAUNCHER_REGISTRY.add(name, Launcher(setup, script), replace=replace)
         return setup
 
