@@ -13,10 +13,12 @@ from dgzoo.experiments.launchers import (
     LAUNCHER_REGISTRY,
     LAUNCHERS,
     LaunchOptions,
+    SlurmTask,
     register_launcher,
     run_sweep,
     sequential,
 )
+from dgzoo.experiments.slurm import FAILURE_FILE
 from dgzoo.experiments.sweep import SweepSpec, expand
 from dgzoo.registry import RegistryError
 
@@ -74,3 +76,33 @@ def test_launcher_names_are_refused_when_taken_or_unknown(tmp_path):
     with pytest.raises(DGZooError, match="--max-retries must be a whole number >= 0, got -1"):
         run_sweep(s, LaunchOptions(), max_retries=-1)
     assert not Path(tmp_path / "sw").exists()  # refused before anything is written
+
+
+def test_a_slurm_task_retries_in_its_job_but_never_after_submitit_gave_up(tmp_path, monkeypatch, capsys):
+    s = SweepSpec.from_dict({**SWEEP, "test_domains": ["75"], "output_dir": str(tmp_path / "sw")})
+    [run] = expand(s)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    calls: list[int] = []
+
+    def fails_once(cfg):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("flaky node")
+
+    assert SlurmTask("test", max_retries=1, train_fn=fails_once)(run) == "trained"
+    assert len(calls) == 2 and f"retrying {run.describe()} (1/1)" in capsys.readouterr().out
+    assert not (run.output_dir / FAILURE_FILE).exists()
+
+    class UncompletedJobError(RuntimeError):  # submitit's, raised when it will not requeue a job out of time
+        pass
+
+    def out_of_time(cfg):
+        calls.append(1)
+        raise UncompletedJobError("job 7 was not requeued")
+
+    calls.clear()
+    with pytest.raises(UncompletedJobError):
+        SlurmTask("test", max_retries=3, train_fn=out_of_time)(run)
+    assert len(calls) == 1  # retries left, but the job is over
+    reason = (run.output_dir / FAILURE_FILE).read_text()
+    assert reason.startswith("job 7: job 7 was not requeued (") and "--slurm-max-requeues" in reason
