@@ -31,13 +31,14 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import DGZooError, suggest
 from ..run.identity import identity_key
+from ..run.results import RunResults
 from ..run.rundir import missing_outputs, read_json, read_records
 from ..run.selection import REPORT_SELECTION_METHODS, LeaveOneDomainOut, select
 from .domainbed import DomainBedRun, is_finished, load_domainbed_run
@@ -91,9 +92,8 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         for manifest in [*root.rglob("sweep.json"), *(p / "sweep.json" for p in root.resolve().parents)]:
             if manifest.is_file():
                 manifest_files[manifest.resolve()] = None
-        for results in root.rglob("results.json"):
-            if missing_outputs(results.parent) == []:  # the sweep's "done": finalising was not cut short
-                found[results.parent.resolve()] = None
+        for run_dir in finished_run_dirs(root):
+            found[run_dir.resolve()] = None
         unfinished += sum(missing_outputs(c.parent) != [] for c in root.rglob("train_config.json"))
         for results in root.rglob("results.jsonl"):  # DomainBed's train.py output
             if is_finished(results.parent):
@@ -133,6 +133,15 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
     return runs, notes
 
 
+def finished_run_dirs(root: Path) -> Iterator[Path]:
+    """Every finished dgzoo run directory under ``root``, in the filesystem's order: the one scan of the report and
+    of a sweep's soups (the sweep's "done", :func:`dgzoo.run.rundir.missing_outputs`: finalising was not cut
+    short)."""
+    for results in root.rglob("results.json"):
+        if missing_outputs(results.parent) == []:
+            yield results.parent
+
+
 def _read_dgzoo_run(path: Path, sweep: tuple[Path, dict[str, Any]] | None, notes: list[str]) -> Run | None:
     """One dgzoo run directory as a Run, or None with a note when it is not a DG run or cannot be read."""
     stage = "results.json"
@@ -140,7 +149,8 @@ def _read_dgzoo_run(path: Path, sweep: tuple[Path, dict[str, Any]] | None, notes
         results = read_json(path / "results.json")
         if not isinstance(results, dict):
             raise ValueError("not a JSON object")
-        if results.get("kind") == "unlearning":  # not a DG training run: its own metrics are in results.json
+        typed = _typed(results, sweep)
+        if typed.kind == "unlearning":  # not a DG training run: its own metrics are in results.json
             notes.append(f"{path} is an unlearning run; skipped")
             return None
         stage = "records.jsonl"
@@ -149,11 +159,11 @@ def _read_dgzoo_run(path: Path, sweep: tuple[Path, dict[str, Any]] | None, notes
             notes.append(f"{path} has no evaluation records (records.jsonl); skipped")
             return None
         stage = "results.json"
-        run = _run(path, results, records, sweep)
+        run = _run(path, typed, results, records, sweep)
         stage = "records.jsonl"
         _check_records(run)
         return run
-    except READ_ERRORS as e:
+    except (*READ_ERRORS, DGZooError) as e:  # DGZooError: a results.json the typed schema cannot read
         notes.append(f"skipped broken run {path}: {stage}: {_reason(e)}")
         return None
 
@@ -206,43 +216,60 @@ def _from_domainbed(run: DomainBedRun) -> Run:
     )
 
 
+def _typed(results: dict[str, Any], sweep: tuple[Path, dict[str, Any]] | None) -> RunResults:
+    """The run's typed results, or a KeyError naming the first field the report needs that the file lacks."""
+    needed = ["dataset", *(["seed"] if sweep is None else []), "algorithm"]
+    missing = next((name for name in needed if name not in results), None)
+    if missing is None and isinstance(results["dataset"], dict) and "name" not in results["dataset"]:
+        missing = "name"
+    if missing is not None:
+        raise KeyError(missing)
+    return RunResults.from_json(results).require("backbone", "accuracy", "source_domains", "target_domains")
+
+
 def _run(
-    path: Path, results: dict[str, Any], records: tuple[dict[str, Any], ...], sweep: tuple[Path, dict[str, Any]] | None
+    path: Path,
+    results: RunResults,
+    raw: dict[str, Any],
+    records: tuple[dict[str, Any], ...],
+    sweep: tuple[Path, dict[str, Any]] | None,
 ) -> Run:
-    dataset = results["dataset"]
+    dataset = results.dataset
+    assert dataset is not None  # _typed required it
     if sweep is not None:
         folder, entry = sweep
         trial, hparams_seed = str(entry["trial_seed"]), int(entry["hparams_seed"])
         sample = f"{folder}:hp{hparams_seed}"  # sample k of two different sweeps are different samples
     else:
-        split_seed, seed = results.get("split_seed", results["seed"]), results["seed"]
+        split_seed, seed = results.data_split_seed, results.seed
         trial = str(seed) if split_seed == seed else f"{split_seed}/{seed}"
         hparams_seed = None
         sample = json.dumps(
-            {k: results.get(k) for k in ("backbone", "pretrained", "steps", "hparams")}, sort_keys=True, default=str
+            {k: raw.get(k) for k in ("backbone", "pretrained", "steps", "hparams")}, sort_keys=True, default=str
         )
-    row = results["algorithm"]
-    soup = results.get("soup")
-    if isinstance(soup, dict):  # a weight average (dgzoo soup): its own row, one run per trial (its split seed)
+    row = results.algorithm
+    soup = results.soup
+    if results.is_soup:  # a weight average (dgzoo soup): its own row, one run per trial (its split seed)
+        assert soup is not None
         method = f"top-{soup['k']}" if soup["method"] == "top-k" and soup.get("k") else soup["method"]
-        row = f"{results['algorithm']} ({method} soup of {soup['candidates']})"
-        trial, hparams_seed, sample = str(results.get("split_seed", results["seed"])), None, f"soup:{path}"
+        row = f"{results.algorithm} ({method} soup of {soup['candidates']})"
+        trial, hparams_seed, sample = str(results.data_split_seed), None, f"soup:{path}"
     return Run(
         path=path,
-        dataset=dataset["name"],
-        dataset_title=dataset.get("title") or dataset["name"],
-        algorithm=results["algorithm"],
-        backbone=results["backbone"],
+        dataset=dataset.name,
+        dataset_title=dataset.title or dataset.name,
+        algorithm=results.algorithm,
+        backbone=cast(str, results.backbone),  # _typed required it
         row=row,
-        domains=tuple(results["accuracy"]),
-        sources=tuple(results["source_domains"]),
-        targets=tuple(results["target_domains"]),
+        domains=tuple(results.accuracy),
+        sources=tuple(results.source_domains),
+        targets=tuple(results.target_domains),
         trial=trial,
         sample=sample,
         hparams_seed=hparams_seed,
         records=records,
-        hparams=dict(results.get("hparams") or {}),
-        fingerprint=identity_key(results),
+        hparams=dict(results.hparams or {}),
+        fingerprint=identity_key(raw),
     )  # the one rule of dgzoo.run.identity, shared with the zoo
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import DGZooError
-from ..run.rundir import read_json
+from ..run.results import RunResults
 from .soup_ingredients import Ingredient, cell_name, check_compatible, collect_ingredients, is_soup
 from .soup_run import (
     DEFAULT_BN_STEPS,
@@ -92,8 +92,8 @@ def build_sweep_soups(
             existing = out / "results.json"
             if existing.is_file():
                 try:
-                    built = [i["name"] for i in read_json(existing)["soup"]["ingredients"]]
-                except (OSError, ValueError, KeyError, TypeError):
+                    built = [i["name"] for i in (RunResults.load(existing).soup or {})["ingredients"]]
+                except (OSError, ValueError, KeyError, TypeError, DGZooError):  # no soup record: build it again
                     built = []
                 if sorted(built) == sorted(ingredients):
                     done.append((out, "done"))

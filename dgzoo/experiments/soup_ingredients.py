@@ -23,7 +23,9 @@ import torch
 
 from ..errors import DGZooError
 from ..run.hub import CONFIG, WEIGHTS, hub_error_reason, resolve_checkpoint, resolve_token
-from ..run.rundir import is_run_dir, read_json, run_done
+from ..run.results import RunResults
+from ..run.rundir import is_run_dir, read_json
+from .collect import finished_run_dirs
 
 # ---------------------------------------------------------------------- ingredients
 
@@ -34,7 +36,7 @@ class Ingredient:
 
     name: str  # how results.json and the card list it: the run directory, or REPO@COMMIT
     folder: Path  # holds config.json + model.safetensors
-    results: dict[str, Any]
+    results: RunResults
     train_config: dict[str, Any]
     run_dir: Path | None = None
     repo_id: str | None = None
@@ -57,21 +59,23 @@ class Ingredient:
         return {"run": str(self.run_dir)}
 
 
-def cell_name(results: dict[str, Any]) -> str:
+def cell_name(results: RunResults) -> str:
     """The sweep cell a run belongs to: ``<dataset>/<algorithm>/<held-out domains>/trial<split seed>`` (a sweep's
     trial seed is its runs' split seed)."""
+    assert results.dataset is not None, "a run's results.json names its dataset"
     return "/".join(
         [
-            results["dataset"]["name"],
-            results["algorithm"],
-            "+".join(results["target_domains"]),
-            f"trial{results.get('split_seed', results.get('seed'))}",
+            results.dataset.name,
+            results.algorithm,
+            "+".join(results.target_domains),
+            f"trial{results.data_split_seed}",
         ]
     )
 
 
-def is_soup(results: dict[str, Any]) -> bool:
-    return isinstance(results.get("soup"), dict)
+def is_soup(results: RunResults) -> bool:
+    """Whether the run is itself a soup (never an ingredient of a sweep's soup)."""
+    return results.is_soup
 
 
 def _local_ingredient(path: Path) -> Ingredient:
@@ -83,7 +87,7 @@ def _local_ingredient(path: Path) -> Ingredient:
     return Ingredient(
         str(path.resolve()),
         path,
-        read_json(path / "results.json"),
+        RunResults.load(path / "results.json"),
         read_json(path / "train_config.json"),
         run_dir=path.resolve(),
     )
@@ -92,15 +96,14 @@ def _local_ingredient(path: Path) -> Ingredient:
 def _finished_runs_under(root: Path) -> list[Path]:
     """Finished training runs under a folder (a sweep): not soups, not unlearning runs, not partial ones."""
     found = []
-    for results_path in sorted(root.rglob("results.json")):
-        path = results_path.parent
-        if not run_done(path) or not all((path / n).is_file() for n in ("train_config.json", CONFIG, WEIGHTS)):
+    for path in sorted(finished_run_dirs(root), key=lambda p: p / "results.json"):
+        if not all((path / n).is_file() for n in ("train_config.json", CONFIG, WEIGHTS)):
             continue  # cut short while finalising: not an ingredient until a rerun finishes it
         try:
-            results = read_json(results_path)
-        except (OSError, ValueError):
+            results = RunResults.load(path / "results.json")
+        except (OSError, ValueError, DGZooError):
             continue
-        if isinstance(results, dict) and not is_soup(results) and results.get("kind") != "unlearning":
+        if not is_soup(results) and results.kind != "unlearning":
             found.append(path)
     return found
 
@@ -143,7 +146,7 @@ def _hub_ingredient(reference: str, token: str | None) -> Ingredient:
     return Ingredient(
         f"{repo_id}@{revision}",
         folder,
-        read_json(files["results.json"]),
+        RunResults.load(files["results.json"]),
         read_json(files["train_config.json"]),
         repo_id=repo_id,
         revision=revision,
@@ -180,15 +183,15 @@ def collect_ingredients(
 # ---------------------------------------------------------------------- compatibility
 
 
-def init_key(results: dict[str, Any]) -> tuple[str, str]:
+def init_key(results: RunResults) -> tuple[str, str]:
     """What a run started from: its ``init_from`` checkpoint, its pretrained weights, or its seed."""
-    init = results.get("init_from")
+    init = results.init_from
     if init:
         where = f"{init['repo_id']}@{init['revision']}" if init.get("repo_id") else Path(str(init.get("run"))).name
         return "init_from", where
-    if results.get("pretrained"):
-        return "pretrained", str(results.get("base_model") or results["backbone"])
-    return "seed", str(results.get("seed"))
+    if results.pretrained:
+        return "pretrained", str(results.base_model or results.require("backbone").backbone)
+    return "seed", str(results.seed)
 
 
 def check_compatible(ingredients: Sequence[Ingredient]) -> list[str]:
@@ -202,20 +205,21 @@ def check_compatible(ingredients: Sequence[Ingredient]) -> list[str]:
     first = ingredients[0]
 
     def facts(i: Ingredient) -> dict[str, tuple[str, Any]]:
-        config, results = i.config, i.results
-        dataset = results["dataset"]
+        config, results = i.config, i.results.require("dataset")
+        dataset = results.dataset
+        assert dataset is not None
         pre = config.get("pretrained_cfg") or {}
         return {
             "architecture": ("architecture", config.get("architecture")),
             "head": ("head (number of classes)", config.get("num_classes")),
             "preprocessing": ("input preprocessing", [pre.get(k) for k in ("input_size", "mean", "std")]),
             "labels": ("label names", config.get("label_names")),
-            "dataset": ("dataset", [dataset.get("name"), dataset.get("repo_id"), dataset.get("path")]),
-            "revision": ("dataset revision", dataset.get("revision")),
-            "split_seed": ("split seed", results.get("split_seed", results.get("seed"))),
-            "holdout": ("holdout fraction", (results.get("hparams") or {}).get("holdout_fraction", 0.2)),
-            "targets": ("held-out domains", list(results["target_domains"])),
-            "sources": ("source domains", list(results["source_domains"])),
+            "dataset": ("dataset", [dataset.name, dataset.repo_id, dataset.path]),
+            "revision": ("dataset revision", dataset.revision),
+            "split_seed": ("split seed", results.data_split_seed),
+            "holdout": ("holdout fraction", (results.hparams or {}).get("holdout_fraction", 0.2)),
+            "targets": ("held-out domains", list(results.require("target_domains").target_domains)),
+            "sources": ("source domains", list(results.require("source_domains").source_domains)),
         }
 
     reference = facts(first)

@@ -159,7 +159,7 @@ def soup(
     cfg = soup_config(found[0], output_dir, overwrite, settings)
     plan = plan_run(cfg)  # the dataset, its splits and the output directory, checked; nothing written
     if settings.freeze_bn is None:
-        settings.freeze_bn = all(bool(i.results.get("hparams", {}).get("freeze_bn")) for i in found)
+        settings.freeze_bn = all(bool((i.results.hparams or {}).get("freeze_bn")) for i in found)
     command = soup_command([str(r) for r in ingredients], output_dir, settings, cell)
     accelerator = create_accelerator("no")
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo soup {method}"):
@@ -177,7 +177,7 @@ def soup_config_text(plan: Any, found: Sequence[Ingredient]) -> str:
     run writes (:func:`dgzoo.training.engine.run_config_text`), plus each ingredient's identity
     (:func:`dgzoo.run.identity.run_identity`): a soup is its method and the runs it averaged."""
     text = json.loads(run_config_text(plan))
-    text["provenance"]["ingredients"] = [run_identity(i.results) for i in found]
+    text["provenance"]["ingredients"] = [run_identity(i.results.to_json()) for i in found]
     return json.dumps(text, indent=2)
 
 
@@ -305,7 +305,7 @@ def _make_soup(
     acc = evaluate(network, eval_loaders, device)
     timing["evaluate_soup"] += time.perf_counter() - tick
     seconds = time.perf_counter() - started
-    steps = max(int(i.results.get("steps") or 0) for i in found)
+    steps = max(int(i.results.steps or 0) for i in found)
     record = {
         "step": steps,
         "epoch": 0.0,
@@ -317,7 +317,7 @@ def _make_soup(
 
     first = found[0].results
     metadata = {
-        "algorithm": first["algorithm"],
+        "algorithm": first.algorithm,
         "dataset": data.info()["name"],
         "dataset_repo_id": data.repo_id,
         "dataset_revision": data.revision,
@@ -382,9 +382,9 @@ def _soup_results(
     first = found[0].results
     selections = {m: select(records, m, sources, targets) for m in SELECTION_METHODS}
     chosen_selection = selections["training_domain_validation"]
-    title = first.get("algorithm_title") or first["algorithm"]
+    title = first.algorithm_title or first.algorithm
     label = f"{settings.method} soup of {len(found)}"
-    citations = [(t, b) for t, b in (first.get("citations") or [])]
+    citations = [(t, b) for t, b in (first.citations or [])]
     citations += [("DiWA", DIWA_CITATION), ("Model soups", SOUPS_CITATION)]
     chosen_names = {i.name for i in chosen}
     inits = sorted({"{} {}".format(*init_key(i.results)) for i in found})
@@ -392,26 +392,26 @@ def _soup_results(
         {
             **i.reference(),
             "name": i.name,
-            "algorithm": i.results["algorithm"],
-            "seed": i.results.get("seed"),
-            "steps": i.results.get("steps"),
+            "algorithm": i.results.algorithm,
+            "seed": i.results.seed,
+            "steps": i.results.steps,
             "source_val_acc": i.scores["source_val_acc"],
             "target_acc": i.scores["target_acc"],
             "used": i.name in chosen_names,
-            "identity": run_identity(i.results),
+            "identity": run_identity(i.results.to_json()),
         }
         for i in found
     ]
     data_info = plan.data.info()
     return RunResults.create(
         {
-            "algorithm": first["algorithm"],
-            "host_algorithm": first.get("host_algorithm", first["algorithm"]),
-            "addons": list(first.get("addons") or []),
+            "algorithm": first.algorithm,
+            "host_algorithm": first.algorithm if first.host_algorithm is None else first.host_algorithm,
+            "addons": list(first.addons or []),
             "algorithm_title": f"{title} ({label})",
-            "backbone": first["backbone"],
-            "pretrained": first.get("pretrained", False),
-            "base_model": first.get("base_model"),
+            "backbone": first.require("backbone").backbone,
+            "pretrained": False if first.pretrained is None else first.pretrained,
+            "base_model": first.base_model,
             "dataset": {
                 k: data_info[k] for k in ("name", "title", "source", "repo_id", "revision", "path", "fingerprint")
             },
@@ -419,10 +419,10 @@ def _soup_results(
             "protocol": plan.protocol.name,
             "source_domains": sources,
             "target_domains": targets,
-            "seed": first.get("seed"),
+            "seed": first.seed,
             "split_seed": cfg.resolved_split_seed(),
             "steps": record["step"],
-            "init_from": first.get("init_from"),
+            "init_from": first.init_from,
             "selection": {k: chosen_selection[k] for k in ("method", "step", "score")},
             "accuracy": chosen_selection["accuracy"],
             "target_accuracy": chosen_selection["target_accuracy"],
