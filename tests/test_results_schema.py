@@ -157,3 +157,20 @@ def test_cards_of_a_v0_1_run_read_its_soup_and_unlearning_blocks():
     assert zoo_metadata({**raw, "soup": {"label": "uniform soup of 2"}})["soup"] == "uniform soup of 2"
     unlearned = {**raw, "kind": "unlearning", "unlearning": {"forget_spec": "class=3 domain=0"}}
     assert model_name(unlearned) == f"{raw['backbone']}.erm-unlearned.rotated-digits-class3_domain0"
+
+
+def test_the_report_skips_a_run_written_by_a_newer_dgzoo_with_a_note_to_upgrade(tmp_path):
+    from dgzoo.experiments.report import load_runs
+
+    for name, raw in (
+        ("old", load("results_v0.1.json")),
+        ("newer", {**load("results_v1.0.json"), "format_version": "2.0"}),
+    ):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps(raw))
+        record = {"step": raw["steps"], "acc": {d: {"in": 0.5, "out": 0.25} for d in raw["accuracy"]}}
+        (run / "records.jsonl").write_text(json.dumps(record) + "\n")
+    runs, notes = load_runs([tmp_path])
+    assert [r.path.name for r in runs] == ["old"]
+    assert len(notes) == 1 and "newer" in notes[0] and "upgrade dgzoo" in notes[0]
