@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..errors import DGZooError, writing
 from ..run.rundir import (
     CHECKPOINT_FORMAT,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..algorithms import flat_hparams
 from ..config import TrainConfig
 from ..data import DomainImages, eval_loader, loader_workers

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..algorithms import ALGORITHMS
 from ..config import UnlearnConfig, dump_config
 from ..data import (

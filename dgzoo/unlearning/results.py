@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..run.results import RunResults
 from ..run.unlearning_card import HEADLINE
 from ..training.session import device_name
