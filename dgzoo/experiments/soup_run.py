@@ -27,7 +27,6 @@ import shlex
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +49,13 @@ from ..training.engine import (
     build_loop_data,
     claim_on_main,
     create_accelerator,
-    device_name,
     plan_run,
     run_config_text,
     start_run_dir,
 )
 from ..training.evaluation import evaluate
 from ..training.loop import source_batches
+from ..training.session import run_environment
 from .soup_ingredients import Ingredient, check_compatible, collect_ingredients, init_key
 from .soup_weights import WeightSum
 
@@ -375,7 +374,6 @@ def _soup_results(
     accelerator: Any,
 ) -> dict[str, Any]:
     """results.json of a soup: a run's fields (so every tool reads it as a run) plus ``soup``."""
-    import timm
 
     cfg = plan.config
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
@@ -469,12 +467,6 @@ def _soup_results(
                 "train_images": bn_images,
                 "steps_per_second": 0.0,
             },
-            "num_processes": 1,
-            "device": device_name(accelerator.device),
-            "dgzoo_version": __version__,
-            "timm_version": timm.__version__,
-            "torch_version": torch.__version__,
-            "code": code_version(),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **run_environment(accelerator.device, 1),
         }
     ).to_json()

@@ -26,11 +26,9 @@ import json
 import logging
 import shlex
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .._version import __version__
@@ -97,6 +95,7 @@ from .session import (  # noqa: F401
     create_accelerator,
     device_name,
     multiprocess_cpu,
+    run_environment,
     run_timing,
     setup_logging,
     start_run_dir,
@@ -419,7 +418,6 @@ def split_sizes(plan: RunPlan) -> dict[str, dict[str, int]]:
 def _results(
     cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Composition, accelerator: Any, model: nn.Module
 ) -> dict[str, Any]:
-    import timm
 
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
     selections = {m: select(state.records, m, sources, targets) for m in SELECTION_METHODS}
@@ -458,12 +456,6 @@ def _results(
             "diagnostics": with_acts(algorithm.summary(), [algorithm.host, *algorithm.addons]),
             "citations": algorithm.citations(),
             "timing": run_timing(state.train_seconds, state.images, state.step),
-            "num_processes": accelerator.num_processes,
-            "device": device_name(accelerator.device),
-            "dgzoo_version": __version__,
-            "timm_version": timm.__version__,
-            "torch_version": torch.__version__,
-            "code": code_version(),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **run_environment(accelerator.device, accelerator.num_processes),
         }
     ).to_json()
