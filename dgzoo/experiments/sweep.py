@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..algorithms import parse_algorithm, resolve_hparams
 from ..commandline import command_line, flag_groups
 from ..config import TrainConfig, changed_fields
