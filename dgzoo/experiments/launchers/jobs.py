@@ -14,6 +14,7 @@ from typing import Any
 from ...errors import DGZooError
 from ...run.rundir import read_json
 from ..slurm import FAILED_STATES, FAILURE_FILE, UNKNOWN, job_states, read_failure
+from ..slurm_fit import stuck_jobs
 from ..sweep import SweepRun, SweepSpec, expand_all, plan, status_line
 
 SLURM_JOBS = "slurm_jobs.json"
@@ -44,7 +45,8 @@ def import_submitit() -> Any:
 
 def latest_jobs(root: Path, notes: list[str] | None = None) -> dict[str, dict[str, str]]:
     """Per run directory name, the last job submitted for it: ``{"job_id", "cluster", "state"}``. ``notes``
-    receives one line when Slurm's accounting could not give every state (:func:`.slurm.job_states`)."""
+    receives one line when Slurm's accounting could not give every state (:func:`.slurm.job_states`). A pending
+    Slurm job that can never start also has ``"stuck"``: the line saying why (:func:`.slurm_fit.stuck_jobs`)."""
     path = Path(root) / SLURM_JOBS
     if not path.exists():
         return {}
@@ -64,6 +66,11 @@ def latest_jobs(root: Path, notes: list[str] | None = None) -> dict[str, dict[st
             if job["cluster"] == "slurm"
             else job_state(job["cluster"], job["folder"], job["job_id"])
         )
+    pending = [job["job_id"] for job in latest.values() if job["cluster"] == "slurm" and job["state"] == "PENDING"]
+    stuck = stuck_jobs(pending) if pending else {}
+    for job in latest.values():
+        if job["job_id"] in stuck:
+            job["stuck"] = stuck[job["job_id"]]
     return latest
 
 
@@ -105,6 +112,8 @@ def sweep_status(spec: SweepSpec, log: Callable[[str], None] = print) -> list[Sw
         log(f"{run.status:8} {state:28} {run.output_dir}")
         if run.status != "done" and job is not None and _failed(run, job):
             log(f"{'':9}{_failure_line(run, job)}")
+        elif run.status != "done" and job is not None and job.get("stuck"):
+            log(f"{'':9}stuck: {job['stuck']}")
     return runs
 
 

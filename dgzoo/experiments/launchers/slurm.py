@@ -41,6 +41,7 @@ from ..slurm import (
     sbatch_refusal,
     write_failure,
 )
+from ..slurm_fit import check_request, stuck_jobs
 from ..spec import check_slurm_options
 from ..sweep import SweepRun, SweepSpec, describe_running, holder_of, train_command
 from .base import (
@@ -74,6 +75,7 @@ def job_array(spec: SweepSpec, options: LaunchOptions) -> Launch:
     if cluster == "slurm":  # before anything is written: the time limit, and GPUs the partition has
         check_time(resources.get("time", DEFAULT_SLURM_TIME_MIN))
         resources["gpus"] = resolve_gpus(resources, options.gpus_per_run, options.log)
+        check_request(resources, options.runs_per_gpu)  # a job no node can run would pend for ever
     executor = _executor(Path(spec.output_dir), resources, cluster, options.gpus_per_run)  # no Slurm here: fail first
     waiting = cluster != "slurm" if options.wait is None else options.wait  # a local "cluster" has no queue
 
@@ -314,7 +316,7 @@ def _submit(
             job = queued[run.output_dir.name]
             log(
                 f"{'possibly queued' if job['state'] == UNKNOWN else 'queued elsewhere'}: {run.describe()} "
-                f"(job {job['job_id']}, {job['state']})"
+                f"(job {job['job_id']}, {job['state']})" + (f"; stuck: {job['stuck']}" if job.get("stuck") else "")
             )
             outcome.elsewhere.append(run)
         else:
@@ -355,16 +357,22 @@ def _submit(
     states: dict[str, str] = {}
     last = None
     ended: dict[str, str] = {}  # slurm: jobs that left the queue without a result (killed), by squeue/sacct
+    stuck: dict[str, str] = {}  # slurm: pending jobs no node can run, with the line saying why
     checked = time.monotonic()
     while len(states) < len(jobs):
         if cluster == "slurm" and time.monotonic() - checked > ENDED_CHECK_S:
             checked = time.monotonic()
-            ended = {
-                job: state for job, state in job_states([j.job_id for j in jobs])[0].items() if state in FAILED_STATES
-            }
+            now = job_states([j.job_id for j in jobs])[0]
+            ended = {job: state for job, state in now.items() if state in FAILED_STATES}
+            stuck = stuck_jobs([job for job, state in now.items() if state == "PENDING"])
         for run, job in zip(todo, jobs):
             name = run.output_dir.name
             if name in states:
+                continue
+            if job.job_id in stuck:  # it would never start: --wait says why and stops waiting for it
+                states[name] = "failed"
+                outcome.failed.append((run, stuck[job.job_id]))
+                log(f"run stuck: {run.describe()}: {stuck[job.job_id]}")
                 continue
             # On Slurm, a result file or a state that says the job is over: submitit's done() asks sacct, which
             # (without accounting) never answers and prints warnings on every call.
