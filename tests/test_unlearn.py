@@ -276,6 +276,8 @@ def test_results_compare_every_metric_with_the_retrained_model(unlearned):
     assert 0.0 <= attack["accuracy"] <= 1.0
     assert attack["n"] == min(info["sizes"]["forget"], info["sizes"]["matched_test"])
     assert info["time_fraction_of_retrain"] > 0
+    # the code it was computed with, as every training run records (the trust chain of an unlearned model)
+    assert saved["code"]["dgzoo_version"] == saved["dgzoo_version"] and "git_commit" in saved["code"]
     assert {"first_steps", "last_steps"} <= set(saved["diagnostics"])
     assert "domain_acc" in saved["diagnostics"]["last_steps"]
     card = ModelCard.load(tmp / "sure" / "README.md")

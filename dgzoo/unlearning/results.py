@@ -4,15 +4,11 @@ original model's and the retrained reference's, with the gap to retraining of ev
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 from typing import Any
 
-import torch
-
-from .._version import __version__
 from ..run.results import RunResults
 from ..run.unlearning_card import HEADLINE
-from ..training.session import device_name
+from ..training.session import run_environment
 from .evaluation import ATTACKS
 from .methods import METHODS, RETRAIN_TITLE
 from .plan import UnlearnPlan, fingerprint
@@ -39,7 +35,6 @@ def unlearning_results(
     diagnostics: dict[str, Any],
     accelerator: Any,
 ) -> dict[str, Any]:
-    import timm
 
     cfg, source, data, sets = plan.config, plan.source, plan.data, plan.sets
     res = source.results
@@ -128,12 +123,7 @@ def unlearning_results(
                 "attacks": ATTACKS,
                 "time_fraction_of_retrain": None if not retrain_seconds else timing["train_seconds"] / retrain_seconds,
             },
-            "num_processes": accelerator.num_processes,
-            "device": device_name(accelerator.device),
-            "dgzoo_version": __version__,
-            "timm_version": timm.__version__,
-            "torch_version": torch.__version__,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **run_environment(accelerator.device, accelerator.num_processes),
         }
     ).to_json()
 
