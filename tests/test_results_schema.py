@@ -174,3 +174,34 @@ def test_the_report_skips_a_run_written_by_a_newer_dgzoo_with_a_note_to_upgrade(
     runs, notes = load_runs([tmp_path])
     assert [r.path.name for r in runs] == ["old"]
     assert len(notes) == 1 and "newer" in notes[0] and "upgrade dgzoo" in notes[0]
+
+
+def test_has_tells_a_field_the_file_held_from_one_it_lacked():
+    raw = {**load("results_v0.1.json"), "pretrained": None}
+    raw.pop("base_model", None)
+    res = RunResults.from_json(raw)
+    assert res.has("pretrained") and res.pretrained is None  # held, as null: unlearning copies it as is
+    assert not res.has("base_model") and res.base_model is None  # lacked
+    assert not res.has("code") and res.has("algorithm")
+
+
+def test_unlearning_plans_from_a_v0_1_source_run(trained_run, tmp_path):
+    import shutil
+
+    from dgzoo.config import UnlearnConfig
+    from dgzoo.unlearning.plan import plan_unlearning
+
+    run_dir, _ = trained_run
+    old = tmp_path / "old_run"
+    shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("checkpoints"))
+    raw = json.loads((old / "results.json").read_text())
+    for key in ("format_version", "init_from", "derived", "splits", "code"):
+        raw.pop(key, None)
+    raw["dataset"].pop("fingerprint", None)
+    (old / "results.json").write_text(json.dumps(raw))
+    plan = plan_unlearning(
+        UnlearnConfig(str(old), "class=3", method="gradient_ascent", steps=1, output_dir=str(tmp_path / "out"))
+    )
+    assert isinstance(plan.source.results, RunResults) and plan.source.results.format_version == "0.1"
+    assert plan.source.results.to_json() == {**raw, "format_version": "0.1"}
+    assert plan.settings["steps"] == 1 and len(plan.sets.forget) > 0

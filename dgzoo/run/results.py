@@ -241,6 +241,10 @@ class RunResults(_Record):
         """Whether the run is a weight average of other runs (``dgzoo soup``)."""
         return isinstance(self.soup, dict)
 
+    def has(self, name: str) -> bool:
+        """Whether the file held the field ``name`` (a field it lacked reads as its default)."""
+        return name not in self._absent
+
     def require(self, *names: str) -> RunResults:
         """``self``, or a KeyError naming the first of ``names`` the file lacked: for readers that cannot use a run
         without those fields (the report skips such a run with a note naming the key)."""

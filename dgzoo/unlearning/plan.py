@@ -21,6 +21,7 @@ from ..config import OPTIMIZERS, PRECISIONS, TrainConfig, UnlearnConfig
 from ..data import DGDataset, load_dg_dataset, make_splits
 from ..errors import DGZooError
 from ..models import meta_backbone
+from ..run.results import RunResults
 from ..run.rundir import check_output_dir, read_json
 from ..training.plan import is_small_images, resolve_augment
 from .forget import UnlearningData, parse_forget_spec, split_for_unlearning
@@ -42,7 +43,7 @@ class UnlearnPlan:
     method_hparams: dict[str, Any]
     settings: dict[str, Any]  # resolved steps, batch sizes, optimizer...
     rows: dict[str, np.ndarray]  # the rows of each training set the method draws from
-    reference: dict[str, Any] | None
+    reference: RunResults | None  # the retrained run given as --reference
     output_dir: Path
     loop: tuple[str, dict[str, dict[str, Any]], dict[str, np.ndarray]] | None = None  # training-loop methods:
     # (algorithm, its resolved hparams, training rows per domain)
@@ -67,23 +68,26 @@ def plan_unlearning(cfg: UnlearnConfig) -> UnlearnPlan:
     _check_not_source(out, cfg.source)
     check_output_dir(out, resume=False, overwrite=cfg.overwrite, can_resume=False)
     source = load_source(cfg.source, cfg.revision)
-    tc, res = source.train_config, source.results
+    tc = source.train_config
+    # A KeyError naming the field, as before the typed schema, when the source's results.json lacks one of these.
+    res = source.results.require("dataset", "class_names", "source_domains", "target_domains")
+    assert res.dataset is not None  # required above
     data = load_dg_dataset(
-        tc.dataset, res["dataset"].get("revision") or tc.revision, tc.image_column, tc.label_column, tc.domain_column
+        tc.dataset, res.dataset.revision or tc.revision, tc.image_column, tc.label_column, tc.domain_column
     )
-    if list(data.class_names) != list(res["class_names"]):
+    if list(data.class_names) != list(res.class_names):
         raise DGZooError(
             f"the classes of {tc.dataset} changed since the source run was trained; unlearn with the "
             f"dataset revision it used (--revision of the run's dataset)"
         )
-    sources, targets = list(res["source_domains"]), list(res["target_domains"])
+    sources, targets = list(res.source_domains), list(res.target_domains)
     splits = make_splits(data, tc.holdout_fraction, tc.resolved_split_seed())
     seed = tc.seed if cfg.seed is None else cfg.seed
-    previously = np.asarray(res.get("unlearning", {}).get("forgotten_rows", []), dtype=np.int64)
+    previously = np.asarray(forgotten_rows(res), dtype=np.int64)
     sets = split_for_unlearning(
         spec, data, splits, sources, targets, cfg.validation_fraction, tc.resolved_split_seed(), seed, previously
     )
-    hp = res.get("hparams", {})
+    hp = res.hparams
     image_size = hp.get("image_size", tc.image_size)
     augment = hp.get("augment") or resolve_augment(tc, data)
     if cfg.method in METHODS:
@@ -205,15 +209,20 @@ def fingerprint(sets: UnlearningData) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_reference(name: str, sets: UnlearningData) -> dict[str, Any]:
+def forgotten_rows(results: RunResults) -> list[int]:
+    """The rows an unlearned source run has already forgotten (none for a trained run): they stay forgotten."""
+    return list((results.unlearning or {}).get("forgotten_rows", []))
+
+
+def _load_reference(name: str, sets: UnlearningData) -> RunResults:
     path = Path(name).expanduser() / "results.json"
     if not path.is_file():
         raise DGZooError(
             f"--reference {name} is not a finished run directory (no results.json); give the output "
             f"of `dgzoo unlearn SOURCE --forget ... --method retrain`"
         )
-    results = read_json(path)
-    info = results.get("unlearning") or {}
+    results = RunResults.from_json(read_json(path))
+    info = results.unlearning or {}
     if info.get("method") != "retrain":
         raise DGZooError(
             f"--reference {name} is not a retrained model (method: {info.get('method', 'none')}); "

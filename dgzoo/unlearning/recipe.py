@@ -138,24 +138,26 @@ def _run_unlearning(cfg: UnlearnConfig, plan: UnlearnPlan, accelerator: Any) -> 
             f"unlearning diverged: {e}; nothing was exported; lower --lr (or --steps) and run again with --overwrite"
         ) from None
     unlearned = evaluate_now(model)
-    results = unlearning_results(plan, unlearned, original, timing, diagnostics, accelerator)
+    typed = unlearning_results(plan, unlearned, original, timing, diagnostics, accelerator)
+    results = typed.to_json()
     if accelerator.is_main_process:
+        assert typed.dataset is not None  # copied from the source run, which must name it
         metadata = {
             "algorithm": cfg.method,
             "unlearned_from": plan.source.repo_id or str(plan.source.name),
             "forget": plan.sets.spec.text,
-            "dataset": results["dataset"]["name"],
+            "dataset": typed.dataset.name,
             "dataset_repo_id": data.repo_id,
             "dataset_revision": data.revision,
-            "source_domains": results["source_domains"],
-            "target_domains": results["target_domains"],
+            "source_domains": typed.source_domains,
+            "target_domains": typed.target_domains,
             "dgzoo_version": __version__,
         }
         save_model(model, out, data.class_names, preprocessing, metadata)
         write_json(out / "results.json", results)
         atomic_write_text(out / "train_config.json", dump_config(plan.source.train_config))
         atomic_write_text(out / "README.md", render_unlearn_card(results, run_dir=out))
-        log_summary(results)
+        log_summary(typed)
     accelerator.wait_for_everyone()
     if cfg.push_to_hub and accelerator.is_main_process:
         logger.info("published to %s", push_run(out, cfg.push_to_hub, private=cfg.hub_private))

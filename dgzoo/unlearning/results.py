@@ -11,7 +11,7 @@ from ..run.unlearning_card import HEADLINE
 from ..training.session import run_environment
 from .evaluation import ATTACKS
 from .methods import METHODS, RETRAIN_TITLE
-from .plan import UnlearnPlan, fingerprint
+from .plan import UnlearnPlan, fingerprint, forgotten_rows
 
 logger = logging.getLogger("dgzoo.unlearning")
 
@@ -27,6 +27,13 @@ def headline(evaluation: dict[str, Any] | None) -> dict[str, float | None]:
     return out
 
 
+def _retrained(reference: RunResults) -> tuple[dict[str, Any], float]:
+    """The retrained reference run's evaluation and training seconds (a KeyError naming a field it lacks)."""
+    reference.require("unlearning", "timing")
+    assert reference.unlearning is not None and reference.timing is not None  # required above
+    return reference.unlearning["evaluation"]["unlearned"], reference.timing.train_seconds
+
+
 def unlearning_results(
     plan: UnlearnPlan,
     unlearned: dict[str, Any],
@@ -34,19 +41,20 @@ def unlearning_results(
     timing: dict[str, float],
     diagnostics: dict[str, Any],
     accelerator: Any,
-) -> dict[str, Any]:
+) -> RunResults:
+    """The unlearned run's results: its evaluation beside the original's and the retrained reference's, and the
+    source run's recipe fields (read through the typed schema) it keeps."""
 
     cfg, source, data, sets = plan.config, plan.source, plan.data, plan.sets
-    res = source.results
-    reference = (
-        plan.reference["unlearning"]["evaluation"]["unlearned"]
+    # A KeyError naming the field, as before the typed schema, when the source's results.json lacks one of these.
+    res = source.results.require("backbone", "dataset", "protocol", "source_domains", "target_domains", "steps")
+    assert res.dataset is not None  # required above
+    reference, retrain_seconds = (
+        _retrained(plan.reference)
         if plan.reference
-        else (unlearned if cfg.method == "retrain" else None)
-    )
-    retrain_seconds = (
-        plan.reference["timing"]["train_seconds"]
-        if plan.reference
-        else (timing["train_seconds"] if cfg.method == "retrain" else None)
+        else (unlearned, timing["train_seconds"])
+        if cfg.method == "retrain"
+        else (None, None)
     )
     mine, retrained, before = headline(unlearned), headline(reference), headline(original)
     comparison = {
@@ -61,8 +69,8 @@ def unlearning_results(
     title = RETRAIN_TITLE if cfg.method == "retrain" else METHODS[cfg.method].title
     citation = None if cfg.method == "retrain" else METHODS[cfg.method].citation
     per_domain = {**unlearned["test_domains"], **unlearned["held_out_domains"]}
-    previously = res.get("unlearning", {}).get("forgotten_rows", [])
-    sources, targets = list(res["source_domains"]), list(res["target_domains"])
+    previously = forgotten_rows(res)
+    sources, targets = list(res.source_domains), list(res.target_domains)
     held_out = unlearned["accuracy"]["held_out"]
     return RunResults.create(
         {
@@ -71,16 +79,16 @@ def unlearning_results(
             "host_algorithm": cfg.method,
             "addons": [],
             "algorithm_title": title,
-            "backbone": res["backbone"],
-            "pretrained": res.get("pretrained", False),
-            "base_model": res.get("base_model"),
-            "dataset": res["dataset"],
+            "backbone": res.backbone,
+            "pretrained": res.pretrained if res.has("pretrained") else False,
+            "base_model": res.base_model,
+            "dataset": res.dataset.to_json(),
             "class_names": data.class_names,
-            "protocol": res["protocol"],
+            "protocol": res.protocol,
             "source_domains": sources,
             "target_domains": targets,
             "seed": plan.settings["seed"],
-            "split_seed": res.get("split_seed"),
+            "split_seed": res.split_seed,
             "steps": plan.settings["steps"],
             "selection": {"method": "last", "step": plan.settings["steps"], "score": unlearned["accuracy"]["test"]},
             "selections": {
@@ -113,9 +121,9 @@ def unlearning_results(
                     "name": source.name,
                     "repo_id": source.repo_id,
                     "revision": source.revision,
-                    "algorithm": res["algorithm"],
-                    "steps": res["steps"],
-                    "train_seconds": res.get("timing", {}).get("train_seconds"),
+                    "algorithm": res.algorithm,
+                    "steps": res.steps,
+                    "train_seconds": res.timing.train_seconds if res.timing else None,
                 },
                 "reference": None if not plan.reference else cfg.reference,
                 "evaluation": {"unlearned": unlearned, "original": original, "retrain": reference},
@@ -125,11 +133,13 @@ def unlearning_results(
             },
             **run_environment(accelerator.device, accelerator.num_processes),
         }
-    ).to_json()
+    )
 
 
-def log_summary(results: dict[str, Any]) -> None:
-    rows = results["unlearning"]["comparison"]
+def log_summary(results: RunResults) -> None:
+    """Log the unlearned, original and retrained headline numbers side by side, and the time it took."""
+    info = results.require("unlearning", "timing").unlearning or {}
+    rows = info["comparison"]
     fmt = lambda v: "  n/a" if v is None else f"{100 * v:5.1f}"  # noqa: E731
     logger.info("%-44s %9s %9s %9s", "", "unlearned", "original", "retrain")
     for key, (label, _) in HEADLINE.items():
@@ -140,9 +150,9 @@ def log_summary(results: dict[str, Any]) -> None:
             fmt(rows[key]["original"]),
             fmt(rows[key]["retrain"]),
         )
-    fraction = results["unlearning"]["time_fraction_of_retrain"]
+    fraction = info["time_fraction_of_retrain"]
     logger.info(
         "unlearning took %.1f s%s",
-        results["timing"]["train_seconds"],
+        results.timing.train_seconds if results.timing else None,
         f" ({100 * fraction:.1f}% of retraining)" if fraction else "",
     )

@@ -14,17 +14,18 @@ from torch import nn
 from ..config import TrainConfig
 from ..errors import DGZooError
 from ..run.hub import from_pretrained, resolve_checkpoint
+from ..run.results import RunResults
 from ..run.rundir import read_json
 
 
 @dataclass
 class Source:
-    """The trained run being unlearned: its model, recipe and results."""
+    """The trained run being unlearned: its model, recipe and results (read through the typed schema)."""
 
     name: str
     model: nn.Module
     train_config: TrainConfig
-    results: dict[str, Any]
+    results: RunResults
     repo_id: str | None = None
     revision: str | None = None
 
@@ -33,6 +34,8 @@ def load_source(name: str, revision: str | None = None) -> Source:
     """Load a finished dgzoo run (directory or Hub repo id): model through ``dgzoo.from_pretrained``, plus recipe.
 
     A Hub run is pinned to one commit: weights, recipe and results all come from the commit the revision names.
+    The results are read with :meth:`RunResults.from_json`, so a v0.1 file loads and one newer than this dgzoo
+    is refused with one line saying to upgrade.
     """
     local = Path(name.removeprefix("local-dir:")).expanduser()
     if local.is_dir():
@@ -49,7 +52,7 @@ def load_source(name: str, revision: str | None = None) -> Source:
     else:
         recipe, results = _run_json(folder / "train_config.json"), _run_json(folder / "results.json")
     config = TrainConfig.from_dict(recipe, source=f"{repo_id or folder}/train_config.json")
-    return Source(repo_id or str(folder), model, config, results, repo_id, sha)
+    return Source(repo_id or str(folder), model, config, RunResults.from_json(results), repo_id, sha)
 
 
 def _run_json(path: Path) -> dict[str, Any]:
