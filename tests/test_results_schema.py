@@ -205,3 +205,16 @@ def test_unlearning_plans_from_a_v0_1_source_run(trained_run, tmp_path):
     assert isinstance(plan.source.results, RunResults) and plan.source.results.format_version == "0.1"
     assert plan.source.results.to_json() == {**raw, "format_version": "0.1"}
     assert plan.settings["steps"] == 1 and len(plan.sets.forget) > 0
+
+
+@pytest.mark.parametrize("name", ["results_v0.1.json", "results_v1.0.json"])
+def test_a_runs_identity_is_the_same_read_typed_or_parsed(name):
+    from dgzoo.run.identity import identity_key, run_identity
+
+    raw = load(name)
+    typed = RunResults.from_json(raw)
+    assert RunResults.of(typed) is typed and RunResults.of(raw).to_json() == typed.to_json()
+    assert run_identity(typed) == run_identity(raw) and identity_key(typed) == identity_key(raw)
+    assert run_identity(typed)["seeds"] == {"seed": raw["seed"], "split_seed": raw.get("split_seed")}
+    del raw["hparams"]  # a field the file lacks counts as null, as it did before the schema, not as {}
+    assert run_identity(raw)["recipe"]["hparams"] is None

@@ -269,7 +269,7 @@ def _run(
         hparams_seed=hparams_seed,
         records=records,
         hparams=dict(results.hparams or {}),
-        fingerprint=identity_key(raw),
+        fingerprint=identity_key(results),
     )  # the one rule of dgzoo.run.identity, shared with the zoo
 
 

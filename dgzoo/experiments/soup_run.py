@@ -176,7 +176,7 @@ def soup_config_text(plan: Any, found: Sequence[Ingredient]) -> str:
     run writes (:func:`dgzoo.training.engine.run_config_text`), plus each ingredient's identity
     (:func:`dgzoo.run.identity.run_identity`): a soup is its method and the runs it averaged."""
     text = json.loads(run_config_text(plan))
-    text["provenance"]["ingredients"] = [run_identity(i.results.to_json()) for i in found]
+    text["provenance"]["ingredients"] = [run_identity(i.results) for i in found]
     return json.dumps(text, indent=2)
 
 
@@ -396,7 +396,7 @@ def _soup_results(
             "source_val_acc": i.scores["source_val_acc"],
             "target_acc": i.scores["target_acc"],
             "used": i.name in chosen_names,
-            "identity": run_identity(i.results.to_json()),
+            "identity": run_identity(i.results),
         }
         for i in found
     ]

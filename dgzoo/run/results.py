@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from ..errors import DGZooError
 
@@ -29,6 +29,9 @@ FORMAT_VERSION = "1.0"
 """Written into every new results.json. Files without the key are the 0.1 layout."""
 
 LEGACY_FORMAT_VERSION = "0.1"
+
+
+_R = TypeVar("_R", bound="_Record")
 
 
 def _major(version: str) -> int:
@@ -108,6 +111,18 @@ class _Record:
         values.update(self.extra)
         order = [k for k in self._order if k in values] + [k for k in values if k not in self._order]
         return {k: values[k] for k in order}
+
+    def has(self, name: str) -> bool:
+        """Whether the file held the field ``name`` (a field it lacked reads as its default)."""
+        return name not in self._absent
+
+    def require(self: _R, *names: str) -> _R:
+        """``self``, or a KeyError naming the first of ``names`` the file lacked: for readers that cannot use a run
+        without those fields (the report skips such a run with a note naming the key)."""
+        for name in names:
+            if name in self._absent:
+                raise KeyError(name)
+        return self
 
 
 def _plain(value: Any) -> Any:
@@ -221,6 +236,12 @@ class RunResults(_Record):
         return results
 
     @classmethod
+    def of(cls, results: RunResults | Mapping[str, Any]) -> RunResults:
+        """``results`` typed: itself, or a parsed results.json read with :meth:`from_json` (for readers that take
+        either)."""
+        return results if isinstance(results, RunResults) else cls.from_json(results)
+
+    @classmethod
     def create(cls, fields: Mapping[str, Any]) -> RunResults:
         """A new run's results from the writer's fields, in the current format (``format_version`` last)."""
         return cls.from_json({**fields, "format_version": FORMAT_VERSION})
@@ -240,18 +261,6 @@ class RunResults(_Record):
     def is_soup(self) -> bool:
         """Whether the run is a weight average of other runs (``dgzoo soup``)."""
         return isinstance(self.soup, dict)
-
-    def has(self, name: str) -> bool:
-        """Whether the file held the field ``name`` (a field it lacked reads as its default)."""
-        return name not in self._absent
-
-    def require(self, *names: str) -> RunResults:
-        """``self``, or a KeyError naming the first of ``names`` the file lacked: for readers that cannot use a run
-        without those fields (the report skips such a run with a note naming the key)."""
-        for name in names:
-            if name in self._absent:
-                raise KeyError(name)
-        return self
 
     @classmethod
     def load(cls, path: str | Path) -> RunResults:
