@@ -171,7 +171,7 @@ def _mirror(models: Sequence[ZooModel], root: Path, token: str | None) -> dict[P
         sweep = model.meta.get("sweep")
         assert files["results.json"] is not None  # only a missing train_config.json gives None (_download)
         if sweep:
-            folder = f"sweep-{sweep}-{content_key(RunResults.from_json(json.loads(files['results.json'])).to_json())}"
+            folder = f"sweep-{sweep}-{content_key(json.loads(files['results.json']))}"
             run_dir = root / folder / str(model.meta["run"])
             manifests.setdefault(folder, {})[run_dir.name] = {
                 "run_dir": run_dir.name,
@@ -357,7 +357,7 @@ def _upload_results(
     ]
     import yaml
 
-    first = RunResults.load(next(iter(ids)) / "results.json").to_json()
+    first = RunResults.load(next(iter(ids)) / "results.json")
     # `configs` tells `datasets.load_dataset(repo)` which files are its tables (the repo also holds Markdown, LaTeX,
     # JSON and plots, which it could not read as one table): the report, and the run each cell selected.
     configs = [

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,15 +54,17 @@ def model_name(results: dict[str, Any]) -> str:
     return f"{results['backbone']}.{results['algorithm']}.{results['dataset']['name']}-{targets}"
 
 
-def _dataset_spec(results: dict[str, Any]) -> Any:
-    dataset = results["dataset"]
-    if dataset["source"] not in ("hub", "builtin"):
+def _dataset_spec(results: RunResults | Mapping[str, Any]) -> Any:
+    # A KeyError naming the field, as before the typed schema, when the file lacks the dataset or its source.
+    dataset = RunResults.of(results).require("dataset").dataset
+    assert dataset is not None  # required above
+    if dataset.require("source").source not in ("hub", "builtin"):
         return None
     # By registry name first: one Hub repo may hold several registry datasets (DomainBed_EasyHard's tarballs).
-    return get_spec(dataset["name"]) or (get_spec(dataset["repo_id"]) if dataset.get("repo_id") else None)
+    return get_spec(dataset.name) or (get_spec(dataset.repo_id) if dataset.repo_id else None)
 
 
-def card_license(results: dict[str, Any], override: str | None = None) -> dict[str, Any]:
+def card_license(results: RunResults | Mapping[str, Any], override: str | None = None) -> dict[str, Any]:
     """The card's licence fields: ``override`` if given, else the licence of the training data.
 
     Weights inherit the terms of the data they were fitted to, so a registry dataset's own licence is used, as
@@ -78,7 +81,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", str(text).lower()).strip("-") or "default"
 
 
-def dataset_split(results: dict[str, Any]) -> str:
+def dataset_split(results: RunResults | Mapping[str, Any]) -> str:
     """The dataset's own split(s) the run's images come from: the registry's concatenated Hub splits (``train+test``
     for DomainNet, in ``datasets``' split syntax), else ``train``, the only split of the other DG datasets."""
     spec = _dataset_spec(results)
@@ -422,7 +425,7 @@ def act_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def plot_run(results: dict[str, Any], records: list[dict[str, Any]], run_dir: str | Path) -> list[Path]:
+def plot_run(results: RunResults | Mapping[str, Any], records: list[dict[str, Any]], run_dir: str | Path) -> list[Path]:
     """Write ``accuracy_per_domain.png`` and ``training_curves.png`` into ``run_dir``; return their paths."""
     import matplotlib
 
@@ -430,15 +433,17 @@ def plot_run(results: dict[str, Any], records: list[dict[str, Any]], run_dir: st
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    targets = set(results["target_domains"])
-    domains = list(results["accuracy"])
+    res = RunResults.of(results).require("target_domains", "accuracy", "dataset", "source_domains", "selection")
+    assert res.dataset is not None and res.selection is not None  # required above
+    targets = set(res.target_domains)
+    domains = list(res.accuracy)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(domains) + 1.5), 3.2))
     colors = ["#d1495b" if d in targets else "#00798c" for d in domains]
-    bars = ax.bar(domains, [100 * results["accuracy"][d] for d in domains], color=colors)
+    bars = ax.bar(domains, [100 * res.accuracy[d] for d in domains], color=colors)
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"{results['algorithm']} on {results['dataset']['title']} (red: held-out)", fontsize=10)
+    ax.set_title(f"{res.algorithm} on {res.dataset.require('title').title} (red: held-out)", fontsize=10)
     fig.tight_layout()
     per_domain = run_dir / "accuracy_per_domain.png"
     fig.savefig(per_domain, dpi=110)
@@ -446,14 +451,14 @@ def plot_run(results: dict[str, Any], records: list[dict[str, Any]], run_dir: st
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     steps = [r["step"] for r in records]
-    sources = results["source_domains"]
+    sources = res.source_domains
     ax.plot(
         steps,
         [100 * sum(r["acc"][d]["out"] for d in sources) / len(sources) for r in records],
         label="source validation",
     )
     ax.plot(steps, [100 * sum(r["acc"][d]["in"] for d in targets) / len(targets) for r in records], label="held-out")
-    ax.axvline(results["selection"]["step"], color="grey", linestyle=":", label="selected step")
+    ax.axvline(res.selection.step, color="grey", linestyle=":", label="selected step")
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8)
