@@ -1,8 +1,10 @@
 """The training loader alone against a bare decode + augment loop over the same images: what the loader adds.
 
 Contenders, each taking the same steps (DomainBed's per-domain draws, the same keys) of the same synthetic parquet
-dataset (benchmarks/startup.py's JPEGs) through the same transform, interleaved round by round (bare, inline,
-workers, bare, inline, workers, ...) so a change in the machine's load touches all alike:
+dataset (benchmarks/startup.py's JPEGs) through the same transform. The in-process ones are interleaved step by
+step (bare, inline, v2, bare, inline, v2, ...) so a change in the machine's load touches all alike; the one with
+worker processes runs alone after them in each round (interleaved, its workers would prefetch while the others
+run and it would look faster than it is):
 
 - ``bare``: a plain loop: decode each drawn image, transform it, stack each domain's tensors. No seeding, no
   DataLoader: the floor of the work a step needs.
@@ -14,7 +16,7 @@ workers, bare, inline, workers, ...) so a change in the machine's load touches a
   ``torchvision.transforms.v2``: the same crop, flip, colour jitter, grayscale and normalisation parameters),
   from bytes read out of the table beforehand: whether tensor augmentation would be the faster path on this CPU.
 
-Each contender's first step is left out of its timing (it starts the workers). Ratios are taken within a round.
+Each contender's first step is left out of its timing (it starts the loader). Ratios are taken within a round.
 
     python benchmarks/loader.py --image-size 64 --batch-size 32 --steps 20 --rounds 3
     python benchmarks/loader.py --image-size 224 --batch-size 32 --steps 10 --rounds 3
@@ -42,22 +44,20 @@ from startup import make_dataset
 PREPROCESSING = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
-def bare_steps(sets: list[DomainImages], sampler: StepBatchSampler) -> Callable[[], float]:
-    """Seconds for steps 1.. of a plain decode + transform + stack loop over the sampler's keys."""
+Step = Callable[[int], object]  # does step t's work
 
-    def run() -> float:
-        start = 0.0
-        for step in range(sampler.steps):
-            if step == 1:
-                start = time.perf_counter()
-            images: dict[int, list[torch.Tensor]] = {}
-            for d, position, _ in sampler.keys_at(step):
-                domain = sets[d]
-                images.setdefault(d, []).append(domain.transform(domain.data.decode_image(int(domain.rows[position]))))
-            [torch.stack(images[d]) for d in sorted(images)]
-        return time.perf_counter() - start
 
-    return run
+def bare_steps(sets: list[DomainImages], sampler: StepBatchSampler) -> Callable[[], Step]:
+    """A plain loop's step: decode each drawn image, transform it, stack each domain's tensors."""
+
+    def step(t: int) -> object:
+        images: dict[int, list[torch.Tensor]] = {}
+        for d, position, _ in sampler.keys_at(t):
+            domain = sets[d]
+            images.setdefault(d, []).append(domain.transform(domain.data.decode_image(int(domain.rows[position]))))
+        return [torch.stack(images[d]) for d in sorted(images)]
+
+    return lambda: step
 
 
 def v2_transform(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -91,31 +91,37 @@ def v2_steps(sets: list[DomainImages], sampler: StepBatchSampler, size: int) -> 
     ]
     transform = v2_transform(size)
 
-    def run() -> float:
-        start = 0.0
-        for step in range(sampler.steps):
-            if step == 1:
-                start = time.perf_counter()
-            images: dict[int, list[torch.Tensor]] = {}
-            for d, position, _ in sampler.keys_at(step):
-                images.setdefault(d, []).append(transform(decode_jpeg(raw[d][position])))
-            [torch.stack(images[d]) for d in sorted(images)]
-        return time.perf_counter() - start
+    def step(t: int) -> object:
+        images: dict[int, list[torch.Tensor]] = {}
+        for d, position, _ in sampler.keys_at(t):
+            images.setdefault(d, []).append(transform(decode_jpeg(raw[d][position])))
+        return [torch.stack(images[d]) for d in sorted(images)]
 
-    return run
+    return lambda: step
 
 
-def loader_steps(sets: list[DomainImages], batch_size: int, steps: int, workers: int) -> Callable[[], float]:
-    """Seconds for steps 1.. of dgzoo's training loader (a fresh one per round, its workers started by step 0)."""
+def loader_steps(sets: list[DomainImages], batch_size: int, steps: int, workers: int) -> Callable[[], Step]:
+    """A fresh dgzoo training loader per round; its step takes the next batch."""
 
-    def run() -> float:
-        start = 0.0
-        for step, _ in enumerate(train_loader(sets, batch_size, seed=0, steps=steps, num_workers=workers)):
-            if step == 0:
-                start = time.perf_counter()
-        return time.perf_counter() - start
+    def start() -> Step:
+        batches = iter(train_loader(sets, batch_size, seed=0, steps=steps, num_workers=workers))
+        return lambda t: next(batches)
 
-    return run
+    return start
+
+
+def timed(starters: dict[str, Callable[[], Step]], steps: int) -> dict[str, float]:
+    """Seconds of steps 1.. of each contender, taking one step of each in turn (A B C A B C ...); step 0 (which
+    starts a loader) is not timed."""
+    stepping = {name: start() for name, start in starters.items()}
+    seconds = dict.fromkeys(stepping, 0.0)
+    for t in range(steps):
+        for name, step in stepping.items():
+            begin = time.perf_counter()
+            step(t)
+            if t:
+                seconds[name] += time.perf_counter() - begin
+    return seconds
 
 
 def main() -> None:
@@ -143,17 +149,17 @@ def main() -> None:
     random = args.augment != "none"
     sets = [DomainImages(data, data.rows_by_domain[d], transform, d, random) for d in data.domains[: args.domains]]
     sampler = StepBatchSampler([len(s) for s in sets], args.batch_size, seed=0, steps=args.steps)
-    contenders = {
-        "bare": bare_steps(sets, sampler),
-        "inline": loader_steps(sets, args.batch_size, args.steps, 0),
-        "workers": loader_steps(sets, args.batch_size, args.steps, args.num_workers),
-    }
+    contenders = {"bare": bare_steps(sets, sampler), "inline": loader_steps(sets, args.batch_size, args.steps, 0)}
     if args.augment == "domainbed":
         contenders["v2"] = v2_steps(sets, sampler, args.image_size)
+    workers = loader_steps(sets, args.batch_size, args.steps, args.num_workers)
     images = (args.steps - 1) * args.batch_size * len(sets)
     rounds = []
     for _ in range(args.rounds):
-        rounds.append({name: images / run() for name, run in contenders.items()})
+        seconds = timed(contenders, args.steps)
+        # Alone: interleaved, its worker would prefetch while the others run and look faster than it is.
+        seconds.update(timed({"workers": workers}, args.steps))
+        rounds.append({name: images / s for name, s in seconds.items()})
 
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
@@ -161,7 +167,7 @@ def main() -> None:
         f"{args.batch_size} images, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, "
         f"workers contender: {args.num_workers} worker(s)"
     )
-    names = list(contenders)
+    names = list(rounds[0])
     print(
         "| round | "
         + " | ".join(f"{n} images/s" for n in names)
