@@ -145,7 +145,7 @@ def launch(argv: list[str], env: dict[str, str], timeout: float = 900) -> dict[i
     return marks
 
 
-def measure(sizes: list[int], rounds: int, work: Path, threads: int) -> dict:
+def measure(sizes: list[int], rounds: int, work: Path, threads: int, image_px: int = 64) -> dict:
     """Cold then interleaved warm start-ups for every size."""
     env_base = {
         **os.environ,
@@ -157,7 +157,7 @@ def measure(sizes: list[int], rounds: int, work: Path, threads: int) -> dict:
     }
     envs, datasets_ = {}, {}
     for n in sizes:
-        datasets_[n] = make_dataset(work / f"data-{n}", n)
+        datasets_[n] = make_dataset(work / f"data-{n}", n, image_px)
         cache = work / f"cache-{n}"
         shutil.rmtree(cache, ignore_errors=True)
         envs[n] = {**env_base, "HF_DATASETS_CACHE": str(cache / "hf"), "DGZOO_CACHE": str(cache / "dgzoo")}
@@ -250,7 +250,7 @@ def profile_child(n: int, dataset: str, rounds: int) -> None:
     print("PROFILE " + json.dumps(times), flush=True)
 
 
-def profile(sizes: list[int], rounds: int, work: Path, threads: int) -> dict:
+def profile(sizes: list[int], rounds: int, work: Path, threads: int, image_px: int = 64) -> dict:
     """:func:`profile_child` for every size, each in its own process on the caches :func:`measure` warmed."""
     result = {}
     for n in sizes:
@@ -266,7 +266,7 @@ def profile(sizes: list[int], rounds: int, work: Path, threads: int) -> dict:
             "DGZOO_BENCH_RUN": str(work / f"profile-run-{n}"),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])),
         }
-        dataset = str(make_dataset(work / f"data-{n}", n))
+        dataset = str(make_dataset(work / f"data-{n}", n, image_px))
         done = subprocess.run(
             [sys.executable, __file__, "--profile-child", str(n), dataset, str(rounds)],
             env=env,
@@ -313,16 +313,23 @@ def main() -> None:
         help="datasets, caches and run directories (outside the repository)",
     )
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument(
+        "--image-px",
+        type=int,
+        default=64,
+        help="side of the synthetic JPEGs (small ones make a DomainNet-sized table quick to write; use a --work of "
+        "its own, a size's dataset is written once per folder)",
+    )
     parser.add_argument("--profile", action="store_true", help="then profile the data stages in-process (see above)")
     parser.add_argument("--profile-only", action="store_true", help="only the profile (on caches warmed before)")
     args = parser.parse_args()
     sizes = sorted(args.sizes)
     result: dict = {"load_average": list(os.getloadavg())}
     if not args.profile_only:
-        result.update(measure(sizes, args.rounds, args.work, args.threads))
+        result.update(measure(sizes, args.rounds, args.work, args.threads, args.image_px))
         print(table(result))
     if args.profile or args.profile_only:
-        result["profile"] = profile(sizes, args.rounds, args.work, args.threads)
+        result["profile"] = profile(sizes, args.rounds, args.work, args.threads, args.image_px)
         print()
         print(profile_table(result["profile"]))
     result["load_average_after"] = list(os.getloadavg())
