@@ -19,6 +19,7 @@ from dgzoo.experiments import launchers
 from dgzoo.experiments.launchers import SlurmTask, run_sweep, sweep_status
 from dgzoo.experiments.slurm import DEFAULT_MAX_REQUEUES, FAILURE_FILE, gres_gpus, sbatch_refusal
 from dgzoo.experiments.sweep import SweepSpec, expand
+from dgzoo.training.engine import train
 
 submitit = pytest.importorskip("submitit")
 
@@ -190,8 +191,8 @@ def test_a_time_limit_shorter_than_the_warning_signal_allows_is_refused(fake_slu
 def test_the_requeue_limit_is_submitits_and_a_flag(fake_slurm, tmp_path):
     default = inspect.signature(submitit.SlurmExecutor.__init__).parameters["max_num_timeout"].default
     assert default == DEFAULT_MAX_REQUEUES == 3  # what docs/sweeps.md says
-    assert launchers._executor(tmp_path, {}, "slurm", 1)._executor.max_num_timeout == 3
-    assert launchers._executor(tmp_path, {"max_requeues": 10}, "slurm", 1)._executor.max_num_timeout == 10
+    assert launchers.slurm._executor(tmp_path, {}, "slurm", 1)._executor.max_num_timeout == 3
+    assert launchers.slurm._executor(tmp_path, {"max_requeues": 10}, "slurm", 1)._executor.max_num_timeout == 10
     assert main(["sweep", str(write_spec(tmp_path)), "--launcher", "slurm", "--slurm-max-requeues", "0"]) == 0
     with pytest.raises(DGZooError, match=r"max_requeues in the slurm flags .* must be an integer >= 0, got -1"):
         run_sweep(spec(tmp_path / "x"), "slurm", slurm={"max_requeues": -1})
@@ -280,3 +281,21 @@ def test_wait_prints_the_reason_the_failed_run_wrote(tmp_path, monkeypatch):
         line.startswith(f"run failed: {run.describe()}: job ") and "--lr 0.1 diverged" in line and "; log: " in line
         for line in lines
     )
+
+
+def test_a_slurm_task_retry_reads_the_status_again_and_skips_a_run_finished_meanwhile(tmp_path, monkeypatch):
+    s = spec(tmp_path / "sw", test_domains=["75"])
+    [run] = expand(s)
+    monkeypatch.setenv("SLURM_JOB_ID", "56")
+    calls: list[int] = []
+
+    def finishes_then_fails(cfg):
+        calls.append(1)
+        if len(calls) == 1:
+            train(cfg)  # the run is written to the end, then the node fails before the task can report it
+            raise RuntimeError("node lost after the run finished")
+        raise AssertionError("a finished run was trained again")
+
+    assert SlurmTask("test", max_retries=2, train_fn=finishes_then_fails)(run) == "done"
+    assert len(calls) == 1
+    assert not (run.output_dir / FAILURE_FILE).exists()

@@ -1,7 +1,7 @@
 """The session around a run, shared by training, unlearning, soups and the dry run: the Accelerator, logging, the
 run directory's first write and claim, the device's name and the timing record.
 
-Moved out of :mod:`dgzoo.training.engine` unchanged, so that the engine holds the plan and the run's driver; the
+Moved out of :mod:`dgzoo.training.engine` unchanged, so that the engine holds the run's driver; the
 engine re-exports these names, so ``from dgzoo.training.engine import create_accelerator`` keeps working.
 """
 
