@@ -1,5 +1,8 @@
 """One dataclass holds every field of a training recipe.
 
+Over 500 lines for one job: about half the file is the fields themselves, each with its help text, which the flags,
+the YAML reader and the docs are all generated from.
+
 A recipe is built in three layers, later ones winning: the defaults below (the embedded ``rotated-digits``
 job), a YAML file given with ``--config``, and command-line flags. The same fields back ``recipes/train.py``
 and ``dgzoo train``; the flags are generated from the dataclass so the two can never drift apart.

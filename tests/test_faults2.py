@@ -193,9 +193,9 @@ def test_resume_after_images_were_added_to_a_local_dataset_is_refused(tmp_path):
 
 
 def test_resume_after_a_new_commit_of_a_hub_dataset_is_refused_with_the_commit_to_pin(tmp_path, monkeypatch):
-    from dgzoo.training import engine
+    from dgzoo.training import engine, plan
 
-    real = engine.load_dg_dataset
+    real = plan.load_dg_dataset
     commit = {"now": "a" * 40}
 
     def hub_dataset(name, revision=None, *args):  # a Hub dataset whose main branch moves to a new commit
@@ -203,7 +203,7 @@ def test_resume_after_a_new_commit_of_a_hub_dataset_is_refused_with_the_commit_t
         data.revision, data.repo_id = revision or commit["now"], "me/set"
         return data
 
-    monkeypatch.setattr(engine, "load_dg_dataset", hub_dataset)
+    monkeypatch.setattr(plan, "load_dg_dataset", hub_dataset)
     base = dict(eval_every=3, checkpoint_every=3)
     engine.train(tiny_config(tmp_path, steps=3, **base))
     commit["now"] = "b" * 40

@@ -233,3 +233,35 @@ def test_a_preempted_slurm_run_resumes_exactly_and_a_rerun_never_resubmits_it(sl
     last = run_sweep(s, "slurm", slurm={"time": 10}, log=lines.append)
     assert last.jobs == {} and lines[-1] == "slurm: nothing to submit"
     print(f"real Slurm test: {time.time() - started:.0f} s")
+
+
+def test_a_request_larger_than_every_node_is_refused_before_submission(slurm_cluster, tmp_path):
+    from dgzoo.errors import DGZooError
+
+    cpus = os.cpu_count() or 1
+    s = spec(tmp_path / "big")
+    with pytest.raises(DGZooError, match=rf"^--slurm-cpus 64: the largest node of partition debug has {cpus} CPUs; "):
+        run_sweep(s, "slurm", slurm={"time": 10, "cpus": 64})
+    assert not (tmp_path / "big").exists() and not squeue("--states=all").strip()  # nothing written, nothing queued
+
+    # Such a job submitted anyway (by hand, or by an older dgzoo): this sbatch accepts it and it pends for good.
+    [run] = expand(s)
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--cpus-per-task=64", f"--output={tmp_path}/big.out", "--wrap", "true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "slurm_jobs.json").write_text(
+        json.dumps(
+            {"submissions": [{"submitted": "", "cluster": "slurm", "folder": "", "jobs": {run.output_dir.name: job}}]}
+        )
+    )
+    wait_for(lambda: "PartitionConfig" in squeue("--format=%r", f"--jobs={job}"), 30, "the job's reason", tmp_path)
+    status: list[str] = []
+    sweep_status(s, log=status.append)
+    assert status[-1].strip() == (
+        f"stuck: job {job} PENDING (PartitionConfig) never starts: --slurm-cpus 64: the largest node of partition "
+        f"debug has {cpus} CPUs; ask for at most {cpus}; scancel {job}, then rerun the sweep with that"
+    )

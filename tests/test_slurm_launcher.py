@@ -19,6 +19,7 @@ from dgzoo.experiments import launchers
 from dgzoo.experiments.launchers import SlurmTask, run_sweep, sweep_status
 from dgzoo.experiments.slurm import DEFAULT_MAX_REQUEUES, FAILURE_FILE, gres_gpus, sbatch_refusal
 from dgzoo.experiments.sweep import SweepSpec, expand
+from dgzoo.training.engine import train
 
 submitit = pytest.importorskip("submitit")
 
@@ -26,13 +27,16 @@ TINY = TINY_SWEEP_TRAIN
 TESTS = Path(__file__).resolve().parent
 FAKES = {
     # each answers from a file beside it (absent: the command fails the way it does when the controller is down)
-    "sinfo": 'f="$(dirname "$0")/sinfo.txt"; [ -f "$f" ] || { echo "sinfo: error: no controller" >&2; exit 1; }; '
-    'cat "$f"',
+    # sinfo --Node (one line per node: CPUs, memory) answers from sinfo_nodes.txt, squeue asked for pending
+    # reasons (%r) from squeue_pending.txt
+    "sinfo": 'f="$(dirname "$0")/sinfo.txt"; case "$*" in *--Node*) f="$(dirname "$0")/sinfo_nodes.txt";; esac; '
+    '[ -f "$f" ] || { echo "sinfo: error: no controller" >&2; exit 1; }; cat "$f"',
     "sbatch": 'd="$(dirname "$0")"; cp "$1" "$d/submitted.sh"; '
     'if [ -f "$d/sbatch_error.txt" ]; then cat "$d/sbatch_error.txt" >&2; exit 1; fi; '
     'echo "Submitted batch job 77"',
     "sacct": 'echo "Slurm accounting storage is disabled"',  # no accounting: sacct lists nothing
-    "squeue": 'f="$(dirname "$0")/squeue.txt"; [ -f "$f" ] || { echo "slurm_load_jobs error: Unable to contact '
+    "squeue": 'f="$(dirname "$0")/squeue.txt"; case "$*" in *%r*) f="$(dirname "$0")/squeue_pending.txt";; esac; '
+    '[ -f "$f" ] || { echo "slurm_load_jobs error: Unable to contact '
     'slurm controller (connect failure)" >&2; exit 1; }; cat "$f"',
     "srun": "exit 0",
     "scancel": "exit 0",
@@ -190,8 +194,8 @@ def test_a_time_limit_shorter_than_the_warning_signal_allows_is_refused(fake_slu
 def test_the_requeue_limit_is_submitits_and_a_flag(fake_slurm, tmp_path):
     default = inspect.signature(submitit.SlurmExecutor.__init__).parameters["max_num_timeout"].default
     assert default == DEFAULT_MAX_REQUEUES == 3  # what docs/sweeps.md says
-    assert launchers._executor(tmp_path, {}, "slurm", 1)._executor.max_num_timeout == 3
-    assert launchers._executor(tmp_path, {"max_requeues": 10}, "slurm", 1)._executor.max_num_timeout == 10
+    assert launchers.slurm._executor(tmp_path, {}, "slurm", 1)._executor.max_num_timeout == 3
+    assert launchers.slurm._executor(tmp_path, {"max_requeues": 10}, "slurm", 1)._executor.max_num_timeout == 10
     assert main(["sweep", str(write_spec(tmp_path)), "--launcher", "slurm", "--slurm-max-requeues", "0"]) == 0
     with pytest.raises(DGZooError, match=r"max_requeues in the slurm flags .* must be an integer >= 0, got -1"):
         run_sweep(spec(tmp_path / "x"), "slurm", slurm={"max_requeues": -1})
@@ -280,3 +284,122 @@ def test_wait_prints_the_reason_the_failed_run_wrote(tmp_path, monkeypatch):
         line.startswith(f"run failed: {run.describe()}: job ") and "--lr 0.1 diverged" in line and "; log: " in line
         for line in lines
     )
+
+
+def test_a_slurm_task_retry_reads_the_status_again_and_skips_a_run_finished_meanwhile(tmp_path, monkeypatch):
+    s = spec(tmp_path / "sw", test_domains=["75"])
+    [run] = expand(s)
+    monkeypatch.setenv("SLURM_JOB_ID", "56")
+    calls: list[int] = []
+
+    def finishes_then_fails(cfg):
+        calls.append(1)
+        if len(calls) == 1:
+            train(cfg)  # the run is written to the end, then the node fails before the task can report it
+            raise RuntimeError("node lost after the run finished")
+        raise AssertionError("a finished run was trained again")
+
+    assert SlurmTask("test", max_retries=2, train_fn=finishes_then_fails)(run) == "done"
+    assert len(calls) == 1
+    assert not (run.output_dir / FAILURE_FILE).exists()
+
+
+# ---------------------------------------------------------------------- requests no node can run
+
+NODES = "debug*|(null)|2|3800\ndebug*|(null)|2|3800\ngpu|gpu:a100:2(S:0-1)|16|64000\ngpu|(null)|32|2000\n"
+
+
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        (
+            ["--slurm-cpus", "64"],
+            "--slurm-cpus 64: the largest node of partition debug has 2 CPUs; ask for at most 2",
+        ),
+        (
+            ["--slurm-mem", "8"],
+            "--slurm-mem 8: the largest node of partition debug has 3 GB of memory; ask for at most 3",
+        ),
+        (
+            ["--slurm-gpus", "1"],
+            "--slurm-gpus 1: the largest node of partition debug has 0 GPUs; pass --slurm-gpus 0 or a GPU "
+            "--slurm-partition",
+        ),
+        (
+            ["--slurm-partition", "gpu", "--slurm-gpus", "4"],
+            "--slurm-gpus 4: the largest node of partition gpu has 2 GPUs; ask for at most 2",
+        ),
+        (  # each fits a node of gpu, never one node: 32 CPUs are on the node without GPUs
+            ["--slurm-partition", "gpu", "--slurm-gpus", "1", "--slurm-cpus", "32"],
+            "--slurm-cpus 32 --slurm-gpus 1: no node of partition gpu has all of it at once (one has 32 CPUs, "
+            "1 GB, 0 GPUs); ask for at most that",
+        ),
+        (
+            ["--slurm-cpus", "4", "--runs-per-gpu", "2"],
+            "--slurm-cpus 4 (per job: its 2 runs, --runs-per-gpu 2, share it): the largest node of partition debug "
+            "has 2 CPUs; ask for at most 2",
+        ),
+    ],
+)
+def test_a_request_no_node_has_is_refused_before_submission(fake_slurm, tmp_path, capsys, flags, line):
+    (fake_slurm / "sinfo.txt").write_text("debug*|(null)\ngpu|gpu:a100:2(S:0-1)\n")
+    (fake_slurm / "sinfo_nodes.txt").write_text(NODES)
+    assert main(["sweep", str(write_spec(tmp_path)), "--launcher", "slurm", *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"dgzoo: error: {line}"
+    assert not (fake_slurm / "submitted.sh").exists() and not (tmp_path / "sw").exists()
+
+
+def test_a_request_that_fits_or_that_sinfo_cannot_judge_is_submitted(fake_slurm, tmp_path):
+    (fake_slurm / "sinfo.txt").write_text("debug*|(null)\ngpu|gpu:a100:2(S:0-1)\n")
+    (fake_slurm / "sinfo_nodes.txt").write_text(NODES)
+    fits = {"partition": "gpu", "gpus": 2, "cpus": 16, "mem": 62}
+    assert run_sweep(spec(tmp_path / "a", test_domains=["75"]), "slurm", slurm=fits).jobs
+    (fake_slurm / "sinfo_nodes.txt").unlink()  # sinfo does not answer: submitted as before, sbatch judges
+    assert run_sweep(spec(tmp_path / "b", test_domains=["75"]), "slurm", slurm={"cpus": 64, "gpus": 0}).jobs
+
+
+def test_status_and_wait_name_a_pending_job_that_can_never_start(fake_slurm, tmp_path, monkeypatch):
+    s = spec(tmp_path / "sw")
+    names = [r.output_dir.name for r in expand(s)]
+    record_jobs(tmp_path / "sw", {names[0]: "55_0", names[1]: "55_1", names[2]: "55_2"})
+    (fake_slurm / "sinfo_nodes.txt").write_text(NODES)
+    (fake_slurm / "squeue.txt").write_text("55_0|PENDING\n55_1|PENDING\n55_2|PENDING\n")
+    (fake_slurm / "squeue_pending.txt").write_text(
+        "55_0|debug|64|1G|N/A|Resources\n"  # more CPUs than any node: never
+        "55_1|debug|2|1G|N/A|Resources\n"  # fits a busy node: waits, as a queue does
+        "55_2|debug|2|0|gres:gpu:1|ReqNodeNotAvail, UnavailableNodes:n[1-2]\n"  # a GPU on a partition without
+    )
+    status: list[str] = []
+    sweep_status(s, log=status.append)
+    stuck = [line.strip() for line in status if line.strip().startswith("stuck: ")]
+    assert stuck == [
+        "stuck: job 55_0 PENDING (Resources) never starts: --slurm-cpus 64: the largest node of partition debug "
+        "has 2 CPUs; ask for at most 2; scancel 55, then rerun the sweep with that",
+        "stuck: job 55_2 PENDING (ReqNodeNotAvail) never starts: --slurm-gpus 1: the largest node of partition "
+        "debug has 0 GPUs; pass --slurm-gpus 0 or a GPU --slurm-partition; scancel 55, then rerun the sweep with "
+        "that",
+    ]
+    assert status[status.index(next(x for x in status if "55_0" in x and "stuck" not in x)) + 1].strip() == stuck[0]
+
+    (fake_slurm / "squeue_pending.txt").write_text("55_1|debug|2|1G|N/A|PartitionConfig\n")
+    status = []
+    sweep_status(s, log=status.append)
+    assert [line.strip() for line in status if "stuck: " in line] == [
+        "stuck: job 55_1 PENDING (PartitionConfig): it asks for more than partition debug allows (scontrol show "
+        "partition debug lists its limits), so it never starts; scancel 55, then rerun the sweep with a smaller "
+        "--slurm-cpus, --slurm-mem, --slurm-gpus or --slurm-time or another --slurm-partition"
+    ]
+
+    # --wait: the submitted job pends for ever; the sweep says why and returns instead of waiting
+    monkeypatch.setattr(launchers.slurm, "ENDED_CHECK_S", 0.0)
+    (fake_slurm / "squeue.txt").write_text("77|PENDING\n")
+    (fake_slurm / "squeue_pending.txt").write_text("77|debug|2|0|N/A|PartitionTimeLimit\n")
+    lines: list[str] = []
+    outcome = run_sweep(
+        spec(tmp_path / "w", test_domains=["75"]), "slurm", slurm={"gpus": 0}, wait=True, poll_s=0.01, log=lines.append
+    )
+    [(run, reason)] = outcome.failed
+    assert reason.startswith("job 77 PENDING (PartitionTimeLimit): ") and reason.endswith(
+        "a smaller --slurm-time or another --slurm-partition"
+    )
+    assert f"run stuck: {run.describe()}: {reason}" in lines

@@ -1,6 +1,7 @@
 """Unlearning: forget specs, the data split, SURE's gradient reversal, and the unlearned run directory."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -275,6 +276,8 @@ def test_results_compare_every_metric_with_the_retrained_model(unlearned):
     assert 0.0 <= attack["accuracy"] <= 1.0
     assert attack["n"] == min(info["sizes"]["forget"], info["sizes"]["matched_test"])
     assert info["time_fraction_of_retrain"] > 0
+    # the code it was computed with, as every training run records (the trust chain of an unlearned model)
+    assert saved["code"]["dgzoo_version"] == saved["dgzoo_version"] and "git_commit" in saved["code"]
     assert {"first_steps", "last_steps"} <= set(saved["diagnostics"])
     assert "domain_acc" in saved["diagnostics"]["last_steps"]
     card = ModelCard.load(tmp / "sure" / "README.md")
@@ -319,6 +322,49 @@ def test_cli_reports_a_bad_forget_set_as_one_line(trained_run, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("dgzoo: error: --forget: unknown class 'banana'") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("diverge", ["huge_lr", "infinite_loss"])
+def test_a_loss_that_is_not_finite_stops_unlearning_at_that_step_with_one_line(
+    diverge, trained_run, tmp_path, monkeypatch
+):
+    from dgzoo.unlearning.methods import METHODS
+
+    source = trained_run[0]
+    source_files = _files(source)
+    out = tmp_path / "out"
+    cfg = dict(source=str(source), forget="class=3", method="gradient_ascent", steps=3, output_dir=str(out))
+    if diverge == "huge_lr":
+        given = dict(cfg, lr=1e30)
+    else:  # an infinite loss whose gradients stay finite (as under fp16 loss scaling): the weights never show it
+        real = METHODS["gradient_ascent"].forward
+
+        def infinite(self, batches, progress):
+            loss, metrics = real(self, batches, progress)
+            loss = loss + float("inf")
+            return loss, {**metrics, "loss": loss.detach()}
+
+        monkeypatch.setattr(METHODS["gradient_ascent"], "forward", infinite)
+        given = cfg
+    with pytest.raises(DGZooError) as error:
+        unlearn(UnlearnConfig(**given, num_workers=0))
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.fullmatch(
+        r"unlearning diverged: the training loss became (nan|inf) at step [12] \((\w+, )*loss(, \w+)*\); nothing was "
+        r"exported; lower --lr \(or --steps\) and run again with --overwrite",
+        message,
+    ), message
+    # As a diverged training run leaves it: its recipe and log, nothing exported, the source untouched.
+    assert sorted(p.name for p in out.iterdir()) == ["unlearn.log", "unlearn_config.json"]
+    assert _files(source) == source_files
+    if diverge == "infinite_loss":  # the fix it names works (once is enough)
+        monkeypatch.undo()
+        assert unlearn(UnlearnConfig(**cfg, overwrite=True, num_workers=0))["steps"] == 3
 
 
 HUB_ROUND_TRIP = r"""

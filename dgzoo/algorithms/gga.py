@@ -1,5 +1,8 @@
 """Gradient-Guided Annealing (Ballas & Diou, CVPR 2025) as add-ons that compose with any host algorithm.
 
+Over 500 lines for one job: GGA and GGA-L are one paper's two variants and share the agreement score, the scoring
+groups and the extra-pass guard; the file reads against docs/gga.md top to bottom.
+
 ``host+gga`` runs, before the host's own update at every step of an early window (default steps 100..200,
 inclusive; optionally a second window too, the official ``--extra_search``), the search of the official
 ``ERM_GGA.update_simulated_annealing`` in its corrected form (the first

@@ -1,5 +1,8 @@
 """Invariance penalties from DomainBed: IRM, V-REx, IB-ERM, IB-IRM, EQRM, Fishr and RDM.
 
+Over 500 lines for one job: seven hosts of one family share the annealed-penalty template and its helpers, and each
+reads against DomainBed's class of the same name; split per host they would each import the same base.
+
 Each is a loss host: the mean cross-entropy plus a penalty whose weight switches on after a number of steps
 (``*_penalty_anneal_iters``, EQRM's ``eqrm_burnin_iters``). DomainBed builds a fresh Adam at that step, "because it
 doesn't like the sharp jump in gradient magnitudes"; dgzoo empties the state of the recipe's optimizer at the same

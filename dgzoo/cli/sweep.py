@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DGZooError, Interrupted
-from ..experiments.launchers import LAUNCHERS, SLURM_CLUSTERS, run_sweep, sweep_status
+from ..experiments.launchers import LAUNCHER_REGISTRY, SLURM_CLUSTERS, LaunchOptions, run_sweep, sweep_status
 from ..experiments.report import FORMATS, SELECTION_METHODS, report_dirs, top_hparams
 from ..experiments.sweep import SLURM_KEYS, SweepSpec, expand_all, plan, search_space, status_line, unsearched_hparams
 
@@ -26,7 +26,7 @@ def register_cli(subparsers: Any, groups: dict[str, Any]) -> None:
     )
     sweep.add_argument(
         "--launcher",
-        choices=LAUNCHERS,
+        choices=tuple(LAUNCHER_REGISTRY),  # every registered launcher, built-in or added
         default="local",
         help="local: train one run after another in this process; subprocess: each run in a fresh "
         "process; print: print the training commands (a shell script); local-gpus: a pool with "
@@ -176,11 +176,10 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         slurm = {key: getattr(args, f"slurm_{key}") for key in SLURM_KEYS if getattr(args, f"slurm_{key}") is not None}
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-        outcome = run_sweep(
-            spec,
-            args.launcher,
-            args.launch_prefix,
-            args.fail_fast,
+        options = LaunchOptions(
+            launcher=args.launcher,
+            launch_prefix=args.launch_prefix,
+            fail_fast=args.fail_fast,
             max_retries=args.max_retries,
             gpus=gpus,
             gpus_per_run=args.gpus_per_run,
@@ -191,6 +190,7 @@ def _sweep(args: argparse.Namespace) -> int:
             more_trials=args.more_trials,
             selection=(args.selection or ["training_domain_validation"])[0],
         )
+        outcome = run_sweep(spec, options)
     except (KeyboardInterrupt, Interrupted):
         print(
             "\ninterrupted; run the same command again to resume: finished runs are skipped, the interrupted one "

@@ -38,6 +38,7 @@ from ..run.hub import (
     without_local_paths,
 )
 from ..run.identity import content_key
+from ..run.results import RunResults
 from ..run.rundir import read_json, run_done
 from .report import SELECTION_METHODS, Report, report_dirs
 
@@ -170,7 +171,7 @@ def _mirror(models: Sequence[ZooModel], root: Path, token: str | None) -> dict[P
         sweep = model.meta.get("sweep")
         assert files["results.json"] is not None  # only a missing train_config.json gives None (_download)
         if sweep:
-            folder = f"sweep-{sweep}-{content_key(json.loads(files['results.json']))}"
+            folder = f"sweep-{sweep}-{content_key(RunResults.from_json(json.loads(files['results.json'])).to_json())}"
             run_dir = root / folder / str(model.meta["run"])
             manifests.setdefault(folder, {})[run_dir.name] = {
                 "run_dir": run_dir.name,
@@ -314,10 +315,12 @@ def push_sweep(
             note="dgzoo report: held-out accuracy, mean ± standard error over trial seeds",
         )
         for run_dir, repo_id in ids.items():
-            results = read_json(run_dir / "results.json")
+            results = RunResults.load(run_dir / "results.json").require("backbone", "target_domains")
+            accuracy = results.require("target_accuracy").target_accuracy
+            assert accuracy is not None, "a finished run records its held-out accuracy"
             note = (
-                f"{results['algorithm']} {results['backbone']}, held-out {', '.join(results['target_domains'])}: "
-                f"{100 * results['target_accuracy']:.1f}% ({run_dir.name})"
+                f"{results.algorithm} {results.backbone}, held-out {', '.join(results.target_domains)}: "
+                f"{100 * accuracy:.1f}% ({run_dir.name})"
             )
             api.add_collection_item(collection.slug, repo_id, "model", note=note[:500], exists_ok=True)
     except Exception as e:
@@ -339,7 +342,8 @@ def _upload_results(
     local = {str(p.resolve()): r for p, r in ids.items()}
     local[str(sweep_dir.resolve())] = sweep_dir.resolve().name
     for run_dir in ids:
-        path = (read_json(run_dir / "results.json").get("dataset") or {}).get("path")
+        dataset = RunResults.load(run_dir / "results.json").dataset
+        path = dataset.path if dataset is not None else None
         if path:
             local[str(path)] = Path(path).name
     manifest = read_json(sweep_dir / "sweep.json")
@@ -353,7 +357,7 @@ def _upload_results(
     ]
     import yaml
 
-    first = read_json(next(iter(ids)) / "results.json")
+    first = RunResults.load(next(iter(ids)) / "results.json").to_json()
     # `configs` tells `datasets.load_dataset(repo)` which files are its tables (the repo also holds Markdown, LaTeX,
     # JSON and plots, which it could not read as one table): the report, and the run each cell selected.
     configs = [

@@ -167,8 +167,9 @@ def zoo_metadata(results: dict[str, Any], sweep: dict[str, Any] | None = None) -
         "split_seed": res.split_seed,
         "holdout_fraction": res.hparams.get("holdout_fraction", 0.2),
     }
-    if isinstance(res.extra.get("soup"), dict):  # a weight average: the zoo lists it apart from single runs
-        meta["soup"] = res.extra["soup"]["label"]
+    if res.is_soup:  # a weight average: the zoo lists it apart from single runs
+        assert res.soup is not None
+        meta["soup"] = res.soup["label"]
     return {**meta, **(sweep or {})}
 
 
@@ -363,7 +364,7 @@ def render_card(
         dataset_fingerprint=dataset.fingerprint,
         class_names=res.class_names,
         soup=soup_rows(results),
-        command=res.extra["soup"]["command"] if res.extra.get("soup") else reproduce_command(config),
+        command=res.soup["command"] if res.soup else reproduce_command(config),
         recipe_rows=[(k, v) for k, v in res.hparams.items()],
         train_seconds=timing.train_seconds,
         images_per_second=timing.images_per_second,

@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,6 +24,7 @@ from ..errors import DGZooError
 from .cards import card_license, render_card, sweep_entry
 from .claim import claimed_by_another, describe_holder
 from .pretrained import CONFIG, WEIGHTS, check_repo_id, create_from_folder, hub_error_reason, resolve_token
+from .results import DatasetRef, RunResults
 from .rundir import SAMPLES_IMAGE, nonfinite_tensors, read_json
 from .unlearning_card import render_unlearn_card
 
@@ -371,15 +372,16 @@ def finetuned_pretrained_cfg(
     import huggingface_hub
 
     out = {k: v for k, v in cfg.items() if k not in _PROVENANCE_FIELDS}
-    base = results.get("base_model")
-    kind = "unlearned" if results.get("kind") == "unlearning" else "trained"
+    res = RunResults.from_json(results)
+    base = res.base_model
+    kind = "unlearned" if res.kind == "unlearning" else "trained"
     out.update(
         hf_hub_id=repo_id,
         license=license,
         origin_url=f"{huggingface_hub.constants.ENDPOINT}/{repo_id}",
         description=(
-            f"{results['backbone']} {kind} with dgzoo ({results['algorithm']}) on "
-            f"{results['dataset']['title']}, held-out {', '.join(results['target_domains'])}"
+            f"{res.backbone} {kind} with dgzoo ({res.algorithm}) on "
+            f"{_dataset(res).title}, held-out {', '.join(res.target_domains)}"
         ),
         notes=[f"fine-tuned from {base}" if base else "trained from random initialisation"],
     )
@@ -390,10 +392,12 @@ def _card_for(
     run_dir: Path, results: dict[str, Any], repo_id: str, license: str | None, revision: str | None = None
 ) -> tuple[str, str]:
     """The card and default commit message of a run: a training run's, or an unlearning run's (``kind``)."""
-    if results.get("kind") == "unlearning":
+    res = RunResults.from_json(results)
+    if res.kind == "unlearning":
+        info = res.require("unlearning").unlearning or {}
         return (
             render_unlearn_card(results, repo_id=repo_id, run_dir=run_dir, license=license),
-            f"dgzoo: unlearn {results['unlearning']['forget_spec']} with {results['algorithm']}",
+            f"dgzoo: unlearn {info['forget_spec']} with {res.algorithm}",
         )
     # The published card is rendered from what is published: a soup's command names its ingredients' directories
     # and a recipe's init_from a run directory, which mean nothing on another machine (the local card keeps them).
@@ -407,7 +411,16 @@ def _card_for(
         sweep=sweep_entry(run_dir),
         revision=revision,
     )
+    accuracy = res.require("target_accuracy").target_accuracy
+    assert accuracy is not None, "a finished run records its held-out accuracy"
     return card, (
-        f"dgzoo: {results['algorithm']} {results['backbone']} on {results['dataset']['title']}, held-out "
-        f"{', '.join(results['target_domains'])} {100 * results['target_accuracy']:.1f}%"
+        f"dgzoo: {res.algorithm} {res.backbone} on {_dataset(res).title}, held-out "
+        f"{', '.join(res.target_domains)} {100 * accuracy:.1f}%"
     )
+
+
+def _dataset(res: RunResults) -> DatasetRef:
+    """The run's dataset (a KeyError if its results.json names none, as every finished run does)."""
+    dataset = res.require("dataset").dataset
+    assert dataset is not None
+    return dataset

@@ -197,6 +197,10 @@ class RunResults(_Record):
     code: dict[str, Any] | None = None
     finished: str | None = None
     format_version: str = FORMAT_VERSION
+    # The fields of the other kinds of run directory; written where the writer put them, like every field.
+    kind: str | None = None  # "unlearning" for dgzoo unlearn's runs; absent for trained runs and soups
+    soup: dict[str, Any] | None = None  # a weight average's method, ingredients and choice (dgzoo soup)
+    unlearning: dict[str, Any] | None = None  # an unlearning run's own metrics (dgzoo unlearn)
 
     _nested: ClassVar[dict[str, type[_Record]]] = {"dataset": DatasetRef, "selection": Selection, "timing": Timing}
     _nested_maps: ClassVar[dict[str, type[_Record]]] = {"selections": SelectionResult}
@@ -226,6 +230,24 @@ class RunResults(_Record):
         out = super().to_json()
         out["format_version"] = self.format_version
         return out
+
+    @property
+    def data_split_seed(self) -> int | None:
+        """The seed of the run's data split: ``split_seed``, or ``seed`` in a file written before runs had both."""
+        return self.seed if "split_seed" in self._absent else self.split_seed
+
+    @property
+    def is_soup(self) -> bool:
+        """Whether the run is a weight average of other runs (``dgzoo soup``)."""
+        return isinstance(self.soup, dict)
+
+    def require(self, *names: str) -> RunResults:
+        """``self``, or a KeyError naming the first of ``names`` the file lacked: for readers that cannot use a run
+        without those fields (the report skips such a run with a note naming the key)."""
+        for name in names:
+            if name in self._absent:
+                raise KeyError(name)
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> RunResults:

@@ -16,6 +16,7 @@ from typing import Any
 from ..commandline import command_line, flag_groups
 from ..config import UnlearnConfig
 from .cards import DATASET_CONFIG, card_license, dataset_split, held_out_dataset_args, template_path
+from .results import DatasetRef, RunResults, Timing
 from .rundir import read_json
 
 HEADLINE = {  # the numbers every table and card shows: key -> (label, where in an evaluation)
@@ -38,10 +39,18 @@ UNLEARNING_METRICS = {
 }
 
 
+def _unlearned(results: dict[str, Any]) -> tuple[RunResults, dict[str, Any], DatasetRef]:
+    """The typed results of an unlearning run, its ``unlearning`` block and its dataset (KeyError if it lacks one)."""
+    res = RunResults.from_json(results).require("unlearning", "dataset")
+    assert res.unlearning is not None and res.dataset is not None
+    return res, res.unlearning, res.dataset
+
+
 def model_name(results: dict[str, Any]) -> str:
     """``<backbone>.<method>-unlearned.<dataset>-<forget spec>``."""
-    spec = results["unlearning"]["forget_spec"].replace(" ", "_").replace("=", "").replace(",", "_")
-    return f"{results['backbone']}.{results['algorithm']}-unlearned.{results['dataset']['name']}-{spec}"
+    res, info, dataset = _unlearned(results)
+    spec = info["forget_spec"].replace(" ", "_").replace("=", "").replace(",", "_")
+    return f"{res.backbone}.{res.algorithm}-unlearned.{dataset.name}-{spec}"
 
 
 def card_data(results: dict[str, Any], repo_id: str | None = None, license: str | None = None) -> Any:
@@ -49,18 +58,18 @@ def card_data(results: dict[str, Any], repo_id: str | None = None, license: str 
     datasets, base model (the source when it is on the Hub), model-index."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    info, dataset = results["unlearning"], results["dataset"]
-    dataset_type = dataset.get("repo_id") or f"dgzoo/{dataset['name']}"
+    res, info, dataset = _unlearned(results)
+    dataset_type = dataset.repo_id or f"dgzoo/{dataset.name}"
     # One dataset configuration (the one loaded, as every dgzoo card names it): the model-index groups these
     # results into one entry, each metric keeping its own name and args (the held-out domain, or the forget set).
-    targets = results["target_domains"]
-    common = dict(
+    targets = res.target_domains
+    common: dict[str, Any] = dict(
         task_type="image-classification",
         dataset_type=dataset_type,
         dataset_config=DATASET_CONFIG,
-        dataset_revision=dataset.get("revision"),
+        dataset_revision=dataset.revision,
         dataset_split=dataset_split(results),
-        dataset_name=f"{dataset['title']} (held-out {', '.join(targets)})",
+        dataset_name=f"{dataset.title} (held-out {', '.join(targets)})",
         dataset_args={**held_out_dataset_args(results), "forget": info["forget_spec"]},
     )
     unlearned = info["comparison"]
@@ -68,7 +77,7 @@ def card_data(results: dict[str, Any], repo_id: str | None = None, license: str 
         EvalResult(
             task_name="Domain generalization",
             metric_type="accuracy",
-            metric_value=round(100 * results["accuracy"][domain], 2),
+            metric_value=round(100 * res.accuracy[domain], 2),
             metric_name=f"held-out accuracy: {domain}",
             metric_args={"held_out_domain": domain},
             **common,
@@ -99,10 +108,10 @@ def card_data(results: dict[str, Any], repo_id: str | None = None, license: str 
             "dgzoo",
             "machine-unlearning",
             "domain-generalization",
-            results["algorithm"],
+            res.algorithm,
         ],
-        datasets=[dataset["repo_id"]] if dataset.get("repo_id") else None,
-        base_model=source.get("repo_id") or results.get("base_model"),
+        datasets=[dataset.repo_id] if dataset.repo_id else None,
+        base_model=source.get("repo_id") or res.base_model,
         model_name=repo_id or model_name(results),
         eval_results=eval_results,
         metrics=["accuracy", *UNLEARNING_METRICS.values()],
@@ -132,7 +141,7 @@ def render_unlearn_card(
     ``license`` overrides the training data's licence (``dgzoo push --license``)."""
     from huggingface_hub import ModelCard
 
-    info = results["unlearning"]
+    res, info, dataset = _unlearned(results)
     load_id = repo_id or str(Path(run_dir).resolve() if run_dir else "path/to/run")
     config = read_json(Path(run_dir) / "unlearn_config.json") if run_dir else None
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
@@ -153,38 +162,43 @@ def render_unlearn_card(
         card_data(results, repo_id, license),
         template_path=str(template_path("unlearn_card.md")),
         model_title=repo_id.split("/")[-1] if repo_id else model_name(results),
-        backbone=results["backbone"],
-        method=results["algorithm"],
+        backbone=res.backbone,
+        method=res.algorithm,
         method_title=info["method_title"],
         description=info["description"],
         forget_spec=info["forget_spec"],
         scenario=info["scenario"],
         sizes=info["sizes"],
-        sure_validation=results["hparams"]["validation"] if results["algorithm"] == "sure" else None,
-        dataset_title=results["dataset"]["title"],
-        dataset_repo=results["dataset"].get("repo_id"),
+        sure_validation=res.hparams["validation"] if res.algorithm == "sure" else None,
+        dataset_title=dataset.title,
+        dataset_repo=dataset.repo_id,
         source_name=source.get("repo_id") or source["name"],
         source_is_hub=bool(source.get("repo_id")),
         source_algorithm=source["algorithm"],
         source_steps=source["steps"],
-        source_domains=results["source_domains"],
-        target_domains=results["target_domains"],
+        source_domains=res.source_domains,
+        target_domains=res.target_domains,
         metric_rows=rows,
         has_reference=info["evaluation"]["retrain"] is not None,
         attack_rows=[{"name": name, "description": info["attacks"][name], "n": attacks[name]["n"]} for name in attacks],
-        train_seconds=results["timing"]["train_seconds"],
+        train_seconds=_timing(res).train_seconds,
         time_fraction=info["time_fraction_of_retrain"],
-        device=results["device"],
-        num_processes=results["num_processes"],
-        steps=results["steps"],
-        recipe_rows=list(results["hparams"].items()),
+        device=res.device,
+        num_processes=res.num_processes,
+        steps=res.steps,
+        recipe_rows=list(res.hparams.items()),
         command=reproduce_command(config, published=bool(repo_id)) if config else "",
-        diagnostics=json.dumps({k: v for k, v in results["diagnostics"].items() if k != "curve"}, indent=2),
+        diagnostics=json.dumps({k: v for k, v in res.diagnostics.items() if k != "curve"}, indent=2),
         load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{load_id}",
         load_id=load_id,
-        class_names=results["class_names"],
-        seed=results["seed"],
-        citations=results["citations"],
-        dgzoo_version=results["dgzoo_version"],
+        class_names=res.class_names,
+        seed=res.seed,
+        citations=res.citations,
+        dgzoo_version=res.dgzoo_version,
     )
     return str(card)
+
+
+def _timing(res: RunResults) -> Timing:
+    assert res.timing is not None, "an unlearning run records its timing"
+    return res.timing

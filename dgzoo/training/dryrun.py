@@ -20,25 +20,17 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..algorithms import flat_hparams
 from ..config import TrainConfig
 from ..data import DomainImages, eval_loader, loader_workers
 from ..models import create_backbone, data_config, freeze_batchnorm
 from .derived import derived_line
-from .engine import (
-    RunPlan,
-    build_loop_data,
-    check_process_split,
-    create_accelerator,
-    device_name,
-    optimisation,
-    plan_run,
-    split_sizes,
-    training_hparams,
-)
+from .engine import build_loop_data, optimisation, split_sizes, training_hparams
 from .loop import TrainState, build_algorithm, fit
 from .optimisation import create_scheduler
+from .plan import RunPlan, plan_run
+from .session import check_process_split, create_accelerator, device_name
 
 TIMED_STEPS = 3  # after one untimed warm-up step (first-call set-up: allocations, kernel selection)
 

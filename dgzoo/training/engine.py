@@ -2,95 +2,70 @@
 
 :func:`train` reads top to bottom like an Accelerate example:
 
-1. :func:`plan_run` checks everything that can be wrong with the recipe *before* anything is written: config
-   values, backbone name, algorithm and hyperparameters (against the backbone itself, built on the meta device),
-   dataset, domains, output directory.
+1. :func:`~dgzoo.training.plan.plan_run` checks everything that can be wrong with the recipe *before* anything is
+   written: config values, backbone name, algorithm and hyperparameters (against the backbone itself, built on the
+   meta device), dataset, domains, output directory.
 2. The Accelerator, network and data are set up; the algorithm (with its add-ons) is composed and prepared.
 3. The loop (:func:`dgzoo.training.loop.fit`): one ``update`` per step on one minibatch per source domain; every
    ``eval_every`` steps every domain's in/out split is evaluated, the record is written to records.jsonl and the
    model selected by training-domain validation is exported; every ``checkpoint_every`` steps a resumable
-   checkpoint is saved.
+   checkpoint is saved (:mod:`~dgzoo.training.checkpoints`).
 4. The run directory is finalised: results.json, model card, plots; optionally pushed to the Hub.
 
 The engine knows no particular algorithm: what it evaluates and exports is the composition's
 ``evaluated_network()`` (the host's timm network, or an add-on's average of it).
+
+Its one job is the run's driver and what the run writes as it goes (records, the selected model, results.json); the
+plan (:mod:`~dgzoo.training.plan`), the session (:mod:`~dgzoo.training.session`), checkpoints and the loop are
+modules of their own, whose names the engine re-exports where callers import them from here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import shlex
-import shutil
 import sys
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..algorithms import (
-    AddOn,
-    Algorithm,
     Composition,
     EvalContext,
-    Recipe,
-    Schedule,
-    check_algorithm,
-    flat_hparams,
-    parse_algorithm,
-    resolve_hparams,
-    schedule_warnings,
 )
 from ..algorithms.base import with_acts
-from ..config import NON_RESULT_FIELDS, TrainConfig, changed_fields, dump_config
+from ..config import TrainConfig
 from ..data import (
-    DGDataset,
     DomainImages,
-    DomainSplits,
-    Protocol,
-    check_images,
     eval_transform,
     evaluation_loaders,
-    load_dg_dataset,
     loader_workers,
-    make_splits,
-    resolve_protocol,
     train_transform,
 )
 from ..data.inspect import contact_sheet
-from ..errors import DGZooError, Interrupted, writing
-from ..models import check_backbone, create_backbone, data_config, freeze_batchnorm, meta_backbone
+from ..errors import DGZooError, Interrupted
+from ..models import create_backbone, data_config, freeze_batchnorm
 from ..run.cards import plot_run, render_card
-from ..run.hub import check_push_target, push_run
-from ..run.provenance import code_version, provenance_block, resolved_config, warn_if_not_a_repeat
+from ..run.hub import push_run
+from ..run.provenance import code_version, warn_if_not_a_repeat
 from ..run.results import RunResults
 from ..run.rundir import (
-    CHECKPOINT_FORMAT,
     SAMPLES_IMAGE,
     atomic_write_text,
-    check_output_dir,
-    checkpoint_dirs,
-    checkpoint_format,
-    checkpoint_problem,
     latest_checkpoint,
-    read_json,
-    run_done,
     save_model,
-    write_checkpoint_manifest,
     write_json,
 )
 from ..run.selection import SELECTION_METHODS, select
-from .datachecks import check_classes
-from .derived import Derived, derived_line, derived_values, resolve_image_size
+from .checkpoints import resume_state
+from .checkpoints import save_checkpoint as _save_checkpoint  # the name tests stop a run at its checkpoint through
+from .derived import derived_line
 from .evaluation import evaluate, source_loss
-from .fastpath import apply_memory_format, check_compile, compile_network, configure_cuda
-from .initialisation import InitSource, load_init, resolve_init
+from .fastpath import apply_memory_format, compile_network, configure_cuda
+from .initialisation import load_init
 from .loop import (
     LoopData,
     NonFiniteTraining,
@@ -103,7 +78,16 @@ from .loop import (
 )
 from .optimisation import create_scheduler, current_lr
 from .peers import peer_failures
-from .resume import check_resume, data_record, recorded_data
+from .plan import (  # noqa: F401  (re-exported: dgzoo.training.engine.plan_run and the rest keep working)
+    RESUMABLE_CHANGES,
+    RunPlan,
+    is_small_images,
+    plan_run,
+    resolve_augment,
+    resolved_run_config,
+    run_config_text,
+)
+from .resume import data_record
 from .session import (  # noqa: F401
     _ProgressAwareHandler,
     check_process_split,
@@ -111,147 +95,13 @@ from .session import (  # noqa: F401
     create_accelerator,
     device_name,
     multiprocess_cpu,
+    run_environment,
     run_timing,
     setup_logging,
     start_run_dir,
 )
 
 logger = logging.getLogger("dgzoo")
-
-# Settings a resumed run may change without invalidating its checkpoint: more steps, and what changes no result.
-RESUMABLE_CHANGES = {*NON_RESULT_FIELDS, "steps"}
-
-
-@dataclass
-class RunPlan:
-    """A validated recipe: the config plus everything resolved from it, before any side effect."""
-
-    config: TrainConfig
-    data: DGDataset
-    protocol: Protocol
-    splits: DomainSplits
-    output_dir: Path
-    hparams: dict[str, dict[str, Any]]
-    host: type[Algorithm]
-    addons: list[type[AddOn]]
-    augment: str  # the resolved training augmentation
-    image_size: int | None  # the resolved input resolution (None: the backbone's own)
-    derived: Derived = field(default_factory=dict)  # every value taken without being told, with its source
-    warnings: list[str] = field(default_factory=list)  # said right after the first log line (e.g. upsampling)
-    init: InitSource | None = None  # the checkpoint ``init_from`` starts the network from
-
-
-def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
-    """Validate a recipe completely, loading the dataset index but writing nothing. Raises DGZooError.
-
-    ``remember_checks`` False (a dry run) leaves even dgzoo's cache untouched: the image check is not remembered.
-    """
-    cfg.validate()
-    check_backbone(cfg.backbone)
-    host_cls, addon_classes = parse_algorithm(cfg.algorithm)
-    resolve_hparams(cfg.algorithm, cfg.hparams)  # names and types fail before a possibly long dataset download
-    if cfg.compile:
-        check_compile(host_cls, addon_classes)
-    if cfg.grad_accumulation > 1 and host_cls.KIND != "loss":
-        raise DGZooError(
-            f"--grad-accumulation applies to loss hosts; {host_cls.name} takes its own optimizer steps "
-            f"(per-domain gradients, meta steps); drop the flag or lower --batch-size"
-        )
-    if cfg.push_to_hub:
-        check_push_target(cfg.push_to_hub, private=cfg.hub_private, revision=cfg.hub_revision)
-    if cfg.output_dir:  # fail before a possibly long dataset download when the answer is already known
-        check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
-    data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
-    protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
-    class_warnings = check_classes(data, protocol)
-    used = [*protocol.sources, *protocol.targets]
-    splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed(), used)  # a too-small domain fails here
-    check_images(data, used, remember_checks)  # a corrupt image fails now, not mid-run or at the first evaluation
-    augment = resolve_augment(cfg, data)
-    image_size, image_size_source, size_warning = resolve_image_size(cfg, data)
-    recipe = Recipe(
-        num_domains=len(protocol.sources),
-        num_classes=data.num_classes,
-        augment=augment,
-        mixed_precision=cfg.mixed_precision,
-        small_images=is_small_images(data),
-        network=meta_backbone(cfg.backbone, data.num_classes, image_size, cfg.dropout),
-        pretrained=cfg.pretrained,
-    )
-    hparams = check_algorithm(cfg.algorithm, cfg.hparams, recipe)
-    init = resolve_init(cfg.init_from, cfg.backbone, data.class_names, recipe.network) if cfg.init_from else None
-    output_dir = Path(cfg.output_dir or cfg.default_output_dir(list(protocol.targets)))
-    check_output_dir(output_dir, cfg.resume, cfg.overwrite)
-    if cfg.resume:
-        _check_resume_config(cfg, output_dir)
-        check_resume(cfg, output_dir, data)
-    derived = derived_values(
-        cfg, data, protocol, augment, image_size, image_size_source, str(output_dir), is_small_images(data)
-    )
-    steps_per_epoch = max(1, math.ceil(min(len(splits.in_rows[d]) for d in protocol.sources) / cfg.batch_size))
-    warnings = [size_warning] if size_warning else []
-    warnings += schedule_warnings(cfg.algorithm, hparams, Schedule(cfg.steps, cfg.eval_every, steps_per_epoch))
-    return RunPlan(
-        cfg,
-        data,
-        protocol,
-        splits,
-        output_dir,
-        hparams,
-        host_cls,
-        addon_classes,
-        augment,
-        image_size,
-        derived,
-        [*class_warnings, *warnings],
-        init,
-    )
-
-
-def is_small_images(data: DGDataset) -> bool:
-    """DomainBed's small-image datasets (its MNIST-likes): the ones whose hyperparameters it draws differently."""
-    return bool(data.spec and data.spec.small_images)
-
-
-def resolve_augment(cfg: TrainConfig, data: DGDataset) -> str:
-    """The training augmentation: ``--augment``, or for ``auto`` the dataset's default (DomainBed's otherwise)."""
-    if cfg.augment != "auto":
-        return cfg.augment
-    return data.spec.augment if data.spec else "domainbed"
-
-
-def resolved_run_config(plan: RunPlan) -> dict[str, Any]:
-    """The recipe with everything the run resolved written in (:func:`dgzoo.run.provenance.resolved_config`): the
-    Hub dataset's commit, the derived held-out domains, split seed, augmentation and image size, every hparam."""
-    return resolved_config(
-        plan.config.to_dict(), plan.data.info(), plan.derived, flat_hparams(plan.hparams, plan.host.name)
-    )
-
-
-def run_config_text(plan: RunPlan) -> str:
-    """``train_config.json``: the resolved recipe (``dgzoo train --config`` repeats the run on the same commit with
-    the same settings) and its provenance block (code version, data, the values given before resolution)."""
-    return dump_config(plan.config, resolved_run_config(plan), provenance_block(plan.data.info()))
-
-
-def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:
-    saved_path = output_dir / "train_config.json"
-    if not saved_path.exists():
-        raise DGZooError(f"{output_dir} has checkpoints but no train_config.json; it was not written by dgzoo train")
-    saved = read_json(saved_path)
-    changed, diffs = changed_fields(saved, cfg.to_dict(), RESUMABLE_CHANGES)
-    if changed == ["revision"] and cfg.revision == (recorded_data(output_dir) or {}).get("revision"):
-        changed = []  # pinning the commit the run trained on (what check_resume asks for) changes nothing
-    if changed:
-        raise DGZooError(
-            f"cannot resume {output_dir} with a different recipe ({diffs}); resume with the original "
-            f"settings, or start a new run in another --output-dir"
-        )
-    done_step = saved.get("steps")
-    if run_done(output_dir) and cfg.steps <= int(done_step or 0):  # a run missing files is finished by a resume
-        raise DGZooError(
-            f"the run in {output_dir} already finished its {done_step} steps; pass a larger --steps to train further"
-        )
 
 
 def _trackers(cfg: TrainConfig) -> list[str] | None:
@@ -523,64 +373,6 @@ def _make_record(
     return record
 
 
-def resume_state(accelerator: Any, out: Path) -> Path:
-    """Load the newest intact checkpoint of ``out``; log each newer one skipped and why (truncated, unloadable).
-
-    A failed load may leave objects half-loaded; the older checkpoint loaded next overwrites all of them.
-    """
-    skipped: list[str] = []
-    damaged = False  # a file missing or truncated: a damaged checkpoint, whatever its format
-    for checkpoint in reversed(checkpoint_dirs(out)):
-        problem = checkpoint_problem(checkpoint)
-        damaged = damaged or problem is not None
-        if problem is None:
-            try:
-                accelerator.load_state(str(checkpoint))
-            except Exception as e:  # corrupt in a way sizes cannot show; what the loader said, on one line
-                problem = f"it does not load ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
-        if problem is None:
-            for line in skipped:
-                logger.warning("skipped checkpoint %s", line)
-            return checkpoint
-        skipped.append(f"{checkpoint.name}: {problem}")
-    if not damaged and all(checkpoint_format(c) is None for c in checkpoint_dirs(out)):  # not --overwrite: it
-        # would delete a run that is only of an older format, not broken
-        kept = (
-            f"its exported model still evaluates and pushes (dgzoo eval {out} --dataset DATASET; dgzoo push "
-            f"{out} REPO_ID); "
-            if (out / "model.safetensors").is_file()
-            else ""
-        )
-        raise DGZooError(
-            f"the checkpoints in {out} were written by an older dgzoo (before checkpoint format "
-            f"{CHECKPOINT_FORMAT}) and cannot be resumed by dgzoo {__version__} ({'; '.join(skipped)}); "
-            f"{kept}to train further, start a new run in another directory: dgzoo train --config "
-            f"{shlex.quote(str(out / 'train_config.json'))} --output-dir NEW_DIR"
-        )
-    raise DGZooError(f"no intact checkpoint in {out} ({'; '.join(skipped)}); start the run again with --overwrite")
-
-
-def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int, extra: dict[str, Any] | None = None) -> None:
-    """Save a resumable checkpoint to checkpoints/step_N, atomically (written under a temporary name first)."""
-    root = out / "checkpoints"
-    tmp = root / f".tmp_step_{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    with writing(root / f"step_{step}", cleanup=[tmp]):  # a full disk: one line, no half-written checkpoint left
-        accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = root / f"step_{step}"
-        with writing(final, cleanup=[tmp]):
-            write_checkpoint_manifest(tmp, extra)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        for old in checkpoint_dirs(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
 def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     """Recipe values as scalars (TensorBoard's hparams accept no lists or None)."""
     flat: dict[str, Any] = {}
@@ -630,7 +422,6 @@ def split_sizes(plan: RunPlan) -> dict[str, dict[str, int]]:
 def _results(
     cfg: TrainConfig, plan: RunPlan, state: TrainState, algorithm: Composition, accelerator: Any, model: nn.Module
 ) -> dict[str, Any]:
-    import timm
 
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
     selections = {m: select(state.records, m, sources, targets) for m in SELECTION_METHODS}
@@ -669,12 +460,6 @@ def _results(
             "diagnostics": with_acts(algorithm.summary(), [algorithm.host, *algorithm.addons]),
             "citations": algorithm.citations(),
             "timing": run_timing(state.train_seconds, state.images, state.step),
-            "num_processes": accelerator.num_processes,
-            "device": device_name(accelerator.device),
-            "dgzoo_version": __version__,
-            "timm_version": timm.__version__,
-            "torch_version": torch.__version__,
-            "code": code_version(),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **run_environment(accelerator.device, accelerator.num_processes),
         }
     ).to_json()

@@ -1,9 +1,12 @@
-"""The one training loop, shared by ``dgzoo train``, unlearning's retrain and its fine-tuning.
+"""The one training loop, shared by ``dgzoo train``, the dry run's timing and every unlearning method.
 
 :func:`build_algorithm` composes ``host+addon+...`` on Accelerate: the host (an ``nn.Module`` owning the timm
-network) and each optimizer it declares are prepared together, so DDP wraps the whole algorithm. :func:`fit` is the
-loop: one ``update`` per step on one minibatch per domain, the schedule, add-on epoch events, metrics averaged over
-processes, and an ``after_step`` callback where the caller evaluates and checkpoints.
+network) and each optimizer it declares are prepared together, so DDP wraps the whole algorithm.
+:func:`run_steps` is the loop: one step function per batch, the state's counters, metrics averaged over processes,
+a stop at the first non-finite loss, logs, the progress bar and an ``after_step`` callback where the caller
+evaluates and checkpoints. :func:`fit` steps a DG algorithm on it (one ``update`` on one minibatch per domain, the
+schedule, add-on epoch events); unlearning steps SURE and its baselines on it, and retrains and fine-tunes with
+:func:`fit`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -178,9 +181,11 @@ def fit(
     after_step: Callable[[TrainState, dict[str, float]], None] | None = None,
     desc: str = "train",
 ) -> None:
-    """Train ``algorithm`` from ``state.step`` to ``steps``; ``after_step(state, metrics)`` ends every step."""
-    from tqdm.auto import tqdm
+    """Train ``algorithm`` from ``state.step`` to ``steps``; ``after_step(state, metrics)`` ends every step.
 
+    A step is one ``update`` on one minibatch per domain, then the schedule, then at an epoch's end the add-ons'
+    epoch event; :func:`run_steps` is the loop around it.
+    """
     loader = train_loader(
         data.train_sets,
         data.batch_size,
@@ -192,35 +197,62 @@ def fit(
         data.workers,
         data.pin_memory,
     )
-    images_per_step = data.batch_size * len(data.train_sets)
     steps_per_epoch = data.steps_per_epoch
-    runtime = algorithm.host.runtime
+
+    def train_step(minibatches: Minibatches, step: int) -> dict[str, float]:
+        minibatches = [
+            (to_device(x, accelerator.device, data.channels_last), y.to(accelerator.device, non_blocking=True))
+            for x, y in minibatches
+        ]
+        metrics = algorithm.update(minibatches, step)
+        scheduler.step_update(step + 1)
+        if (step + 1) % steps_per_epoch == 0:
+            context = EpochContext(
+                epoch=(step + 1) // steps_per_epoch,
+                step=step + 1,
+                steps_per_epoch=steps_per_epoch,
+                source_domains=data.domains,
+                source_train=list(data.epoch_train),
+                source_val=list(data.epoch_val),
+                make_loader=lambda ds, bs: eval_loader(ds, bs, data.workers, data.pin_memory),
+                batch_size=data.batch_size,
+            )
+            metrics.update(algorithm.on_epoch_end(context))
+        return metrics
+
+    images_per_step = data.batch_size * len(data.train_sets)
+    run_steps(train_step, loader, accelerator, state, steps, images_per_step, after_step, desc)
+
+
+def run_steps(
+    step: Callable[[Any, int], dict[str, float]],
+    batches: Iterable[Any],
+    accelerator: Any,
+    state: TrainState,
+    steps: int,
+    images_per_step: int,
+    after_step: Callable[[TrainState, dict[str, float]], None] | None = None,
+    desc: str = "train",
+) -> None:
+    """The one step loop of every recipe: ``step(batch, state.step)`` on each of ``batches`` (``steps`` in all,
+    counted from ``state.step``), which returns the step's metrics; then the state's counters, the metrics averaged
+    over processes, a stop at a non-finite loss, the logs and the progress bar; ``after_step(state, metrics)`` ends
+    every step (where the caller evaluates, checkpoints or keeps a history).
+
+    :func:`fit` steps a DG algorithm with it; unlearning steps its methods with it.
+    """
+    from tqdm.auto import tqdm
+
+    runtime = AccelerateRuntime(accelerator)
     progress = tqdm(
         total=steps, initial=state.step, disable=not accelerator.is_local_main_process, desc=desc, dynamic_ncols=True
     )
     tick = time.perf_counter()
     try:  # the bar is closed (its line ended) before any error or Ctrl-C message is printed
-        for minibatches in loader:
-            minibatches = [
-                (to_device(x, accelerator.device, data.channels_last), y.to(accelerator.device, non_blocking=True))
-                for x, y in minibatches
-            ]
-            metrics = algorithm.update(minibatches, state.step)
+        for batch in batches:
+            metrics = step(batch, state.step)
             state.step += 1
-            scheduler.step_update(state.step)
             state.images += images_per_step
-            if state.step % steps_per_epoch == 0:
-                context = EpochContext(
-                    epoch=state.step // steps_per_epoch,
-                    step=state.step,
-                    steps_per_epoch=steps_per_epoch,
-                    source_domains=data.domains,
-                    source_train=list(data.epoch_train),
-                    source_val=list(data.epoch_val),
-                    make_loader=lambda ds, bs: eval_loader(ds, bs, data.workers, data.pin_memory),
-                    batch_size=data.batch_size,
-                )
-                metrics.update(algorithm.on_epoch_end(context))
             state.train_seconds += time.perf_counter() - tick
             metrics = process_mean(metrics, runtime)
             check_finite_losses(metrics, state.step)

@@ -1,7 +1,7 @@
 """The session around a run, shared by training, unlearning, soups and the dry run: the Accelerator, logging, the
 run directory's first write and claim, the device's name and the timing record.
 
-Moved out of :mod:`dgzoo.training.engine` unchanged, so that the engine holds the plan and the run's driver; the
+Moved out of :mod:`dgzoo.training.engine` unchanged, so that the engine holds the run's driver; the
 engine re-exports these names, so ``from dgzoo.training.engine import create_accelerator`` keeps working.
 """
 
@@ -13,13 +13,17 @@ import os
 import platform
 import sys
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
+from .._version import __version__
 from ..errors import DGZooError
 from ..run.claim import RunDirClaimed, claim_run_dir
+from ..run.provenance import code_version
 from ..run.rundir import atomic_write_text, clear_run_dir
 from .peers import collective_timeout
 
@@ -129,6 +133,21 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+
+
+def run_environment(device: torch.device, num_processes: int) -> dict[str, Any]:
+    """Where and with what a run was computed, for its results.json: processes, device, library versions, the code
+    (:func:`dgzoo.run.provenance.code_version`) and when it finished. One block, so every kind of run records the
+    same fields the same way."""
+    return {
+        "num_processes": num_processes,
+        "device": device_name(device),
+        "dgzoo_version": __version__,
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+        "code": code_version(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def check_process_split(batch_size: int, grad_accumulation: int, num_processes: int) -> None:

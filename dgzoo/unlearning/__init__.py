@@ -11,9 +11,12 @@ domain classifier is never part of it. See docs/unlearning.md.
 
 from ..config import UnlearnConfig
 from ..run.unlearning_card import render_unlearn_card
+from .evaluation import evaluate_model
 from .forget import ForgetSpec, UnlearningData, parse_forget_spec, split_for_unlearning
 from .methods import METHOD_CHOICES, METHODS, SURE, GradientReversal, UnlearningMethod, grad_reverse, register_method
-from .recipe import evaluate_model, load_source, plan_unlearning, unlearn
+from .plan import plan_unlearning
+from .recipe import unlearn
+from .source import load_source
 
 __all__ = [
     "ForgetSpec",

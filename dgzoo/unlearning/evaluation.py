@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import DGDataset
 from ..models import classifier, features
 from ..training.evaluation import Gather
+from .forget import UnlearningData
 
 ATTACKS = {
     "loss": "logistic regression on the per-image cross-entropy loss",
@@ -130,3 +132,48 @@ def per_group_accuracy(outputs: Outputs, groups: np.ndarray) -> dict[Any, float]
     """Accuracy of every value of ``groups`` (one entry per image, e.g. its domain)."""
     correct = outputs.correct
     return {g: float(correct[groups == g].mean()) for g in dict.fromkeys(groups.tolist())}
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: DGDataset,
+    sets: UnlearningData,
+    make_loader: Any,
+    device: torch.device,
+    gather: Any,
+    seed: int,
+) -> dict[str, Any]:
+    """Accuracy on every set, per-domain test and held-out accuracy, and both attacks (see ``evaluation``)."""
+    outputs = {
+        name: collect(model, make_loader(getattr(sets, name)), device, gather)
+        for name in ("forget", "retain", "matched_validation", "test")
+    }
+    # The matched test rows are a subset of the test rows, in order: read them off instead of a second pass.
+    matched = torch.from_numpy(np.isin(sets.test, sets.matched_test))
+    test = outputs["test"]
+    outputs["matched_test"] = Outputs(test.logits[matched], test.labels[matched], test.features[matched])
+    for name, out in outputs.items():  # gathering keeps the loaders' order; the labels prove it
+        expected = data.labels[getattr(sets, name)]
+        if not np.array_equal(out.labels.numpy(), expected):
+            raise RuntimeError(f"evaluation of the {name} set returned images out of order")
+    held_out = {d: accuracy(collect(model, make_loader(rows), device, gather)) for d, rows in sets.held_out.items()}
+    test_domains = per_group_accuracy(outputs["test"], np.asarray(data.domains)[data.domain_of_row[sets.test]])
+    return {
+        "accuracy": {
+            "forget": accuracy(outputs["forget"]),
+            "retain": accuracy(outputs["retain"]),
+            "validation": accuracy(outputs["matched_validation"]),
+            "test": accuracy(outputs["test"]),
+            "matched_test": accuracy(outputs["matched_test"]),
+            "held_out": float(np.mean(list(held_out.values()))) if held_out else None,
+        },
+        "test_domains": test_domains,
+        "held_out_domains": held_out,
+        "mean_loss": {
+            "forget": float(outputs["forget"].losses.mean()),
+            "matched_test": float(outputs["matched_test"].losses.mean())
+            if len(outputs["matched_test"].labels)
+            else None,
+        },
+        "attacks": attacks(outputs["forget"], outputs["matched_test"], seed),
+    }
