@@ -9,6 +9,11 @@ ratio to the smallest size is taken within the round.
 
     python benchmarks/startup.py --sizes 1000 10000 50000 --rounds 3
     python benchmarks/startup.py --sizes 200 400 --rounds 1 --work /tmp/s   # smoke size (the tests)
+
+``--profile`` then times, in one process per size on the warm caches, the start-up stages that read the data
+(loading the table, the class and domain tables, the splits, the image check, the whole ``plan_run``), with
+dgzoo's plan cache (:mod:`dgzoo.data.plan_cache`) and without it (its entries moved aside: everything computed,
+as before the cache existed), the two interleaved; ``--profile-only`` skips the start-up runs.
 """
 
 from __future__ import annotations
@@ -140,7 +145,7 @@ def launch(argv: list[str], env: dict[str, str], timeout: float = 900) -> dict[i
     return marks
 
 
-def measure(sizes: list[int], rounds: int, work: Path, threads: int) -> dict:
+def measure(sizes: list[int], rounds: int, work: Path, threads: int, image_px: int = 64) -> dict:
     """Cold then interleaved warm start-ups for every size."""
     env_base = {
         **os.environ,
@@ -152,7 +157,7 @@ def measure(sizes: list[int], rounds: int, work: Path, threads: int) -> dict:
     }
     envs, datasets_ = {}, {}
     for n in sizes:
-        datasets_[n] = make_dataset(work / f"data-{n}", n)
+        datasets_[n] = make_dataset(work / f"data-{n}", n, image_px)
         cache = work / f"cache-{n}"
         shutil.rmtree(cache, ignore_errors=True)
         envs[n] = {**env_base, "HF_DATASETS_CACHE": str(cache / "hf"), "DGZOO_CACHE": str(cache / "dgzoo")}
@@ -192,9 +197,110 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+STAGES = ("load", "classes", "splits", "image check", "plan_run")
+
+
+def profile_child(n: int, dataset: str, rounds: int) -> None:
+    """In this process: the data stages of a warm start on ``dataset``, with the plan cache and without, interleaved;
+    prints one JSON line ``{"cached": {stage: [s...]}, "computed": {...}}``."""
+    import dgzoo.training.engine as engine
+    from dgzoo.config import TrainConfig
+    from dgzoo.data import check_images, load_dg_dataset, make_splits, plan_cache, resolve_protocol
+    from dgzoo.training.datachecks import check_classes
+
+    cfg = TrainConfig(  # the measured runs' recipe (train_arguments)
+        dataset=dataset,
+        target_domains=[DOMAINS[-1]],
+        backbone="resnet18",
+        pretrained=False,
+        image_size=64,
+        batch_size=32,
+        steps=1,
+        log_with="none",
+        output_dir=os.environ["DGZOO_BENCH_RUN"],
+        overwrite=True,
+    )
+    plans = plan_cache.plan_dir()
+    aside = plans.with_name("plans-aside")
+    times: dict[str, dict[str, list[float]]] = {m: {s: [] for s in STAGES} for m in ("cached", "computed")}
+    engine.plan_run(cfg)  # the plan cache filled (the start-up runs before this one filled the rest)
+    for _ in range(rounds):
+        for mode in ("cached", "computed"):
+            if mode == "computed":
+                plans.rename(aside)
+            try:
+                remember = mode == "cached"
+                marks = [time.perf_counter()]
+                data = load_dg_dataset(dataset, remember=remember)
+                marks.append(time.perf_counter())
+                protocol = resolve_protocol(data, [DOMAINS[-1]], None)
+                check_classes(data, protocol)
+                marks.append(time.perf_counter())
+                make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed(), list(data.domains), remember)
+                marks.append(time.perf_counter())
+                check_images(data, list(data.domains), remember)
+                marks.append(time.perf_counter())
+                engine.plan_run(cfg, remember_checks=remember)
+                marks.append(time.perf_counter())
+            finally:
+                if mode == "computed":
+                    aside.rename(plans)
+            for stage, start, end in zip(STAGES, marks, marks[1:]):
+                times[mode][stage].append(end - start)
+    print("PROFILE " + json.dumps(times), flush=True)
+
+
+def profile(sizes: list[int], rounds: int, work: Path, threads: int, image_px: int = 64) -> dict:
+    """:func:`profile_child` for every size, each in its own process on the caches :func:`measure` warmed."""
+    result = {}
+    for n in sizes:
+        cache = work / f"cache-{n}"
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads),
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TQDM_DISABLE": "1",
+            "HF_DATASETS_CACHE": str(cache / "hf"),
+            "DGZOO_CACHE": str(cache / "dgzoo"),
+            "DGZOO_BENCH_RUN": str(work / f"profile-run-{n}"),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+        }
+        dataset = str(make_dataset(work / f"data-{n}", n, image_px))
+        done = subprocess.run(
+            [sys.executable, __file__, "--profile-child", str(n), dataset, str(rounds)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("PROFILE ")]
+        if not lines:
+            raise RuntimeError(f"the profile of {n} images exited {done.returncode}:\n{done.stderr[-3000:]}")
+        result[n] = json.loads(lines[-1][len("PROFILE ") :])
+    return result
+
+
+def profile_table(result: dict) -> str:
+    """The in-process profile, markdown: median seconds (ms) of each stage, with the plan cache and without."""
+    lines = [
+        "| images | plan cache | " + " | ".join(f"{s}, ms" for s in STAGES) + " |",
+        "|---|---|" + "---|" * len(STAGES),
+    ]
+    for n, modes in result.items():
+        for mode, stages in modes.items():
+            cells = [f"{1000 * statistics.median(stages[s]):.1f}" for s in STAGES]
+            lines.append(f"| {n} | {'read' if mode == 'cached' else 'none (computed)'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--profile-child":
+        profile_child(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
@@ -207,12 +313,30 @@ def main() -> None:
         help="datasets, caches and run directories (outside the repository)",
     )
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument(
+        "--image-px",
+        type=int,
+        default=64,
+        help="side of the synthetic JPEGs (small ones make a DomainNet-sized table quick to write; use a --work of "
+        "its own, a size's dataset is written once per folder)",
+    )
+    parser.add_argument("--profile", action="store_true", help="then profile the data stages in-process (see above)")
+    parser.add_argument("--profile-only", action="store_true", help="only the profile (on caches warmed before)")
     args = parser.parse_args()
-    result = measure(sorted(args.sizes), args.rounds, args.work, args.threads)
+    sizes = sorted(args.sizes)
+    result: dict = {"load_average": list(os.getloadavg())}
+    if not args.profile_only:
+        result.update(measure(sizes, args.rounds, args.work, args.threads, args.image_px))
+        print(table(result))
+    if args.profile or args.profile_only:
+        result["profile"] = profile(sizes, args.rounds, args.work, args.threads, args.image_px)
+        print()
+        print(profile_table(result["profile"]))
+    result["load_average_after"] = list(os.getloadavg())
     result["machine"] = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(f"\nload average before {result['load_average']}, after {result['load_average_after']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result))
 
 
 if __name__ == "__main__":

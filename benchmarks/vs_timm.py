@@ -55,8 +55,10 @@ def stamped_run(command: list[str], env: dict[str, str], cwd: Path, timeout: flo
     return lines
 
 
-def dgzoo_run(dataset: Path, work: Path, steps: int, batch: int, env: dict[str, str]) -> dict[str, float]:
-    args = train_arguments(dataset, work / "dgzoo-run", steps, [])
+def dgzoo_run(
+    dataset: Path, work: Path, steps: int, batch: int, env: dict[str, str], extra: tuple[str, ...] = ()
+) -> dict[str, float]:
+    args = train_arguments(dataset, work / "dgzoo-run", steps, list(extra))
     args[args.index("--batch-size") + 1] = str(batch)
     lines = stamped_run(
         [sys.executable, str(Path(__file__).with_name("startup.py")), "--child", *args],
@@ -116,6 +118,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="dgzoo/timm pairs, alternated")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both")
     parser.add_argument("--work", type=Path, default=Path("/tmp/dgzoo-vs-timm"))
+    parser.add_argument(
+        "--dgzoo-args", default="", help="extra `dgzoo train` flags, e.g. '--augment none' (the augmentation's share)"
+    )
     args = parser.parse_args()
 
     # timm drops the last partial batch: one epoch of steps * 3B images is exactly `steps` steps
@@ -139,13 +144,15 @@ def main() -> None:
     if have_timm:
         timm_run(args.timm_train, dataset, args.work, 2, args.batch_size, env)
     rows = []
+    extra = tuple(args.dgzoo_args.split())
     for _ in range(args.pairs):
-        ours = dgzoo_run(dataset, args.work, args.steps, args.batch_size, env)
+        ours = dgzoo_run(dataset, args.work, args.steps, args.batch_size, env, extra)
         theirs = timm_run(args.timm_train, dataset, args.work, args.steps, args.batch_size, env) if have_timm else None
         rows.append((ours, theirs))
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores; resnet18 64 px, {args.steps} steps of "
         f"{args.batch_size * SOURCES} images, OMP_NUM_THREADS={args.threads}, {n} images"
+        + (f", dgzoo flags: {args.dgzoo_args}" if extra else "")
     )
     print("| pair | dgzoo images/s | timm images/s | ratio | dgzoo first step, s | timm first step, s | ratio |")
     print("|---|---|---|---|---|---|---|")

@@ -34,6 +34,7 @@ SCRIPTS = {
 }
 # Scripts whose --smoke run another test file already makes (not run twice): script -> that file.
 ELSEWHERE = {
+    "loader.py": "test_benchmarks_loader.py",
     "soups.py": "test_soup.py",
     "startup.py": "test_benchmarks_data.py",
     "vs_timm.py": "test_benchmarks_data.py",

@@ -46,10 +46,15 @@ def test_startup_benchmark_runs_at_a_smoke_size(tmp_path):
         str(tmp_path),
         "--json",
         str(tmp_path / "r.json"),
+        "--profile",
     )
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["cold"]["40"] > 0 and len(result["warm"]["40"]) == 1 and result["warm_ratio"]["40"] == [1.0]
     assert out.splitlines()[2].startswith("| 40 | ")
+    # the in-process profile, with the plan cache read back and without it, each stage timed
+    assert set(result["profile"]["40"]) == {"cached", "computed"}
+    assert all(len(v) == 1 and v[0] > 0 for v in result["profile"]["40"]["cached"].values())
+    assert "| 40 | read |" in out and "| 40 | none (computed) |" in out
 
 
 @pytest.mark.slow

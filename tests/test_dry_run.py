@@ -142,13 +142,20 @@ def test_the_issue_case_a_saved_32_pixel_dataset_trains_resnet18_at_32(tmp_path)
 
 
 def test_dry_run_leaves_the_cache_untouched_and_a_real_plan_remembers_the_image_check(tmp_path, monkeypatch):
-    from dgzoo.data import verify
+    from dgzoo.data import plan_cache, verify
 
     monkeypatch.setattr(verify, "cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setattr(plan_cache, "cache_root", lambda: tmp_path / "cache")
     dry_run(tiny_config(tmp_path), timed_steps=0)
-    assert not (tmp_path / "cache").exists()  # not even the note that the images decode
+    assert not (tmp_path / "cache").exists()  # not even the note that the images decode, nor the plan
     plan_run(tiny_config(tmp_path))  # a run's plan remembers it, so the next run skips the decode pass
     assert len(list((tmp_path / "cache" / "verified").iterdir())) == 1
+    # and the plan: class and domain tables, splits, the image check's verdict under the plan's key
+    stored = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "plans").iterdir())
+    assert stored == ["splits", "tables", "verified"]
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")}
+    dry_run(tiny_config(tmp_path), timed_steps=0)  # reads the plan back, writes nothing
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")} == before
 
 
 def test_cli_dry_run_ends_the_process_once_printed(tmp_path):

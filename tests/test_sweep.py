@@ -87,6 +87,10 @@ def test_distributions_parse_and_sample_in_range():
         ({"train": {"stepz": 3}}, "unknown sweep spec train key 'stepz' (did you mean: steps?)"),
         ({"test_domains": ["90"]}, "test_domains names '90', not a domain of rotated-digits"),
         ({"test_domains": "pairs"}, "test_domains 'pairs' in sweep spec is not one of single, single_and_pairs"),
+        # an empty YAML value (`test_domains:`) or list: every run needs a held-out domain, so say so (it crashed, or
+        # expanded to no run at all)
+        ({"test_domains": None}, "test_domains in sweep spec is empty; a sweep holds out a domain in every run"),
+        ({"test_domains": []}, "test_domains in sweep spec is empty; a sweep holds out a domain in every run"),
         ({"search": {"lrr": "U(0, 1)"}}, "search key 'lrr' in sweep spec is neither a training setting (did you mean"),
         (
             {"search": {"equilibrium.alpah": "U(0, 1)"}},

@@ -1,5 +1,6 @@
 """Data: load DG datasets from the Hub, local files or the embedded set; split; transform; batch per domain."""
 
+from .eval_loaders import SplitLoader, evaluation_loaders
 from .loaders import (
     DomainImages,
     MultiDomainSet,
@@ -26,11 +27,13 @@ __all__ = [
     "MultiDomainSet",
     "Protocol",
     "REGISTRY",
+    "SplitLoader",
     "StepBatchSampler",
     "ToRGB",
     "collate_domains",
     "eval_loader",
     "eval_transform",
+    "evaluation_loaders",
     "get_spec",
     "image_folder_table",
     "load_dg_dataset",

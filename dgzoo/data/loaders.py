@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -53,20 +55,31 @@ class DomainImages(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
         position, seed = key if isinstance(key, tuple) else (key, None)
-        image = self.image(position)
         if seed is None or not self.random:
-            return self.transform(image), self.label(position)
-        # Seed the transform's randomness (torch and Python's `random`, which timm's crops use) from the key,
-        # then restore both streams so the caller's RNG (dropout, checkpointed by Accelerate) is undisturbed.
-        generator = torch.default_generator
-        torch_state, python_state = generator.get_state(), random.getstate()
-        try:
-            generator.manual_seed(seed)
-            random.seed(seed)
-            return self.transform(image), self.label(position)
-        finally:
-            generator.set_state(torch_state)
-            random.setstate(python_state)
+            return self.transform(self.image(position)), self.label(position)
+        with caller_rng_kept():
+            return self.transformed(self.image(position), seed), self.label(position)
+
+    def transformed(self, image: Any, seed: int | None) -> Any:
+        """``image`` through the transform; with ``seed`` (and a random transform), after seeding torch's and Python's
+        global generators from it. The caller keeps their state (:func:`caller_rng_kept`)."""
+        if seed is not None and self.random:
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)  # timm's crops draw from Python's `random`
+        return self.transform(image)
+
+
+@contextmanager
+def caller_rng_kept() -> Iterator[None]:
+    """Restore torch's default generator and Python's ``random`` on leaving, so seeding transforms inside leaves the
+    caller's RNG (dropout, checkpointed by Accelerate) undisturbed. Saved once for a whole batch of samples."""
+    generator = torch.default_generator
+    torch_state, python_state = generator.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        generator.set_state(torch_state)
+        random.setstate(python_state)
 
 
 class MultiDomainSet(Dataset):
@@ -82,6 +95,26 @@ class MultiDomainSet(Dataset):
         d, position, seed = key
         x, y = self.domains[d][(position, seed)]
         return x, y, d
+
+    def __getitems__(self, keys: Sequence[Key]) -> list[tuple[Any, int, int]]:
+        """A whole step's samples (the DataLoader fetches a batch through this), each distinct image decoded once:
+        DomainBed's draws are with replacement, so a step may name a row twice (each use still gets its own
+        augmentation seed, and a fresh copy of the decoded image). The same samples as ``[self[k] for k in keys]``."""
+        uses = Counter((d, position) for d, position, _ in keys)
+        decoded: dict[tuple[int, int], Any] = {}
+        samples = []
+        with caller_rng_kept():
+            for d, position, seed in keys:
+                domain = self.domains[d]
+                image = decoded.get((d, position))
+                if image is None:
+                    image = domain.image(position)
+                    if uses[(d, position)] > 1:  # keep a pristine copy: a transform may change its input
+                        decoded[(d, position)] = image.copy() if hasattr(image, "copy") else image
+                else:
+                    image = image.copy() if hasattr(image, "copy") else image
+                samples.append((domain.transformed(image, seed), domain.label(position), d))
+        return samples
 
 
 class StepBatchSampler:

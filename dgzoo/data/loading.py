@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DGZooError
-from . import builtin
+from . import builtin, plan_cache
 from .fingerprint import local_fingerprint, local_name
 from .folders import IMAGE_EXTENSIONS, image_folder_table  # noqa: F401  (re-exported)
 from .folders import is_image_folder as _is_image_folder
@@ -43,11 +43,28 @@ class DGDataset:
     path: str | None = None  # a local source's absolute path: on this machine only, never published
     spec: DatasetSpec | None = None
     fingerprint: str | None = None  # a local source's content fingerprint (dgzoo.data.fingerprint)
-    rows_by_domain: dict[str, np.ndarray] = field(init=False)
+    plan_key: str | None = None  # names this table's plan in dgzoo.data.plan_cache; None: the plan is not cached
+    images_in_key: bool = False  # plan_key also names every image's content (a decode check may be remembered by it)
     _stored_images: Any = field(default=None, init=False, repr=False, compare=False)
+    _rows_by_domain: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
+    _class_presence: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.rows_by_domain = {d: np.flatnonzero(self.domain_of_row == i) for i, d in enumerate(self.domains)}
+    @property
+    def rows_by_domain(self) -> dict[str, np.ndarray]:
+        """The rows of every domain, ascending, in the order of :attr:`domains` (computed once, or read from the
+        plan cache)."""
+        if self._rows_by_domain is None:
+            self._rows_by_domain = {d: np.flatnonzero(self.domain_of_row == i) for i, d in enumerate(self.domains)}
+        return self._rows_by_domain
+
+    @property
+    def class_presence(self) -> np.ndarray:
+        """``(domains, classes)`` booleans: whether domain ``d`` has an image of class ``c``."""
+        if self._class_presence is None:
+            presence = np.zeros((len(self.domains), self.num_classes), dtype=bool)
+            presence[self.domain_of_row, self.labels] = True
+            self._class_presence = presence
+        return self._class_presence
 
     def __getstate__(self) -> dict[str, Any]:
         # A loader worker started by spawn rebuilds the Arrow view itself rather than receive a copy of every image.
@@ -104,9 +121,12 @@ def load_dg_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     domain_column: str | None = None,
+    remember: bool = True,
 ) -> DGDataset:
     """Load ``name`` (registry name, Hub repo id, or local path) as a :class:`DGDataset`.
 
+    Its class and domain tables are read from dgzoo's plan cache when an earlier run stored them for this very table
+    (:mod:`dgzoo.data.plan_cache`), else computed and, unless ``remember`` is False (a dry run), stored there.
     Raises DGZooError with a one-line fix for a missing dataset, revision or domain column.
     """
     spec = get_spec(name)
@@ -119,7 +139,7 @@ def load_dg_dataset(
     if spec is not None and spec.kind == "builtin":
         path = builtin.BUILDERS[spec.name]()
         table = _read_parquet([path])
-        return _normalize(table, spec.title, "builtin", columns, spec=spec)  # its cache path says nothing
+        return _normalize(table, spec.title, "builtin", columns, remember, spec=spec)  # its cache path says nothing
     if local.exists():
         table, source = _read_local(local)
         # Named by base name and content, not by where it lies on this machine (nothing else can use that).
@@ -128,6 +148,7 @@ def load_dg_dataset(
             local_name(local),
             source,
             columns,
+            remember,
             spec=spec,
             path=str(local.resolve()),
             fingerprint=local_fingerprint(local),
@@ -141,7 +162,9 @@ def load_dg_dataset(
         from .tarball import load_archive
 
         table, archive_sha = load_archive(spec, revision)
-        return _normalize(table, spec.title, "hub", columns, spec=spec, repo_id=spec.repo_id, revision=archive_sha)
+        return _normalize(
+            table, spec.title, "hub", columns, remember, spec=spec, repo_id=spec.repo_id, revision=archive_sha
+        )
     if spec is not None or _looks_like_repo_id(name):
         repo_id = spec.repo_id if spec else name
         assert repo_id is not None  # a registry Hub dataset names its repo
@@ -151,7 +174,7 @@ def load_dg_dataset(
                 table, spec, sha, columns, dict(image=image_column, label=label_column, domain=domain_column)
             )
         return _normalize(
-            table, spec.title if spec else repo_id, "hub", columns, spec=spec, repo_id=repo_id, revision=sha
+            table, spec.title if spec else repo_id, "hub", columns, remember, spec=spec, repo_id=repo_id, revision=sha
         )
     raise unknown_dataset_error(name)
 
@@ -252,7 +275,9 @@ def _read_hub(repo_id: str, revision: str | None, spec: DatasetSpec | None) -> t
 # ---------------------------------------------------------------------- normalization
 
 
-def _normalize(table: Any, name: str, source: str, columns: dict[str, str], **kw: Any) -> DGDataset:
+def _normalize(
+    table: Any, name: str, source: str, columns: dict[str, str], remember: bool = True, **kw: Any
+) -> DGDataset:
     import datasets
 
     present = list(table.column_names)
@@ -271,9 +296,16 @@ def _normalize(table: Any, name: str, source: str, columns: dict[str, str], **kw
             f"({table.features[columns['image']]}); pass --image-column NAME"
         )
     spec: DatasetSpec | None = kw.get("spec")
-    domains, domain_of_row = _domain_codes(table, columns["domain"], spec)
-    class_names, labels = _label_codes(table, columns["label"], spec)
-    return DGDataset(
+    _check_class_names(table, columns["label"], spec)
+    key = plan_cache.tables_key(table, source, columns, spec, kw.get("fingerprint"))
+    cached = plan_cache.load_tables(key, table.num_rows) if key is not None else None
+    if cached is not None:
+        domains, class_names = cached["domains"].tolist(), cached["class_names"].tolist()
+        domain_of_row, labels = cached["domain_of_row"], cached["labels"]
+    else:
+        domains, domain_of_row = _domain_codes(table, columns["domain"], spec)
+        class_names, labels = _label_codes(table, columns["label"], spec)
+    data = DGDataset(
         name=name,
         source=source,
         table=table,
@@ -282,8 +314,36 @@ def _normalize(table: Any, name: str, source: str, columns: dict[str, str], **kw
         domain_of_row=domain_of_row,
         domains=domains,
         class_names=class_names,
+        plan_key=None if key is None else plan_cache.key_hash("tables", key),
         **kw,
     )
+    if cached is not None:
+        bounds = np.concatenate([[0], np.cumsum(cached["domain_sizes"])])
+        data._rows_by_domain = {d: cached["by_domain"][bounds[i] : bounds[i + 1]] for i, d in enumerate(domains)}
+        data._class_presence = cached["class_presence"]
+        data.images_in_key = bool(cached["images_in_key"])
+    elif key is not None:
+        # Embedded bytes are covered by the table's fingerprint; an image folder's files by its content fingerprint.
+        data.images_in_key = plan_cache.all_embedded(table, columns["image"]) or (
+            source == "imagefolder" and data.fingerprint is not None
+        )
+        if remember:
+            plan_cache.save("tables", key, _tables_arrays(data))
+    return data
+
+
+def _tables_arrays(data: DGDataset) -> dict[str, np.ndarray]:
+    rows = data.rows_by_domain
+    return {
+        "domains": np.array(data.domains, dtype=str),
+        "class_names": np.array(data.class_names, dtype=str),
+        "labels": data.labels,
+        "domain_of_row": data.domain_of_row,
+        "by_domain": np.concatenate([rows[d] for d in data.domains]).astype(np.int64),
+        "domain_sizes": np.array([len(rows[d]) for d in data.domains], dtype=np.int64),
+        "class_presence": data.class_presence,
+        "images_in_key": np.array(data.images_in_key),
+    }
 
 
 def _is_binary(feature: Any) -> bool:
@@ -356,13 +416,20 @@ def _label_codes(table: Any, column: str, spec: DatasetSpec | None) -> tuple[lis
         table, column, "label", str(spec.name if spec else column), len(feature.names) if is_label else None
     )
     if is_label:
-        names = list(feature.names)
-        if spec is not None and spec.classes and tuple(names) != spec.classes:
-            logger.warning("class names of %s differ from the registry's; using the dataset's own", spec.name)
-        return names, np.array(uniques, dtype=np.int64)[codes]
+        return list(feature.names), np.array(uniques, dtype=np.int64)[codes]
     ordered = sorted(uniques, key=_natural_key)
     index = {v: i for i, v in enumerate(ordered)}
     return [str(u) for u in ordered], np.array([index[v] for v in uniques], dtype=np.int64)[codes]
+
+
+def _check_class_names(table: Any, column: str, spec: DatasetSpec | None) -> None:
+    """Warn when a class-label column names its classes otherwise than the registry (the dataset's names are used)."""
+    import datasets
+
+    feature = table.features[column]
+    if isinstance(feature, datasets.ClassLabel) and spec is not None and spec.classes:
+        if tuple(feature.names) != spec.classes:
+            logger.warning("class names of %s differ from the registry's; using the dataset's own", spec.name)
 
 
 def _natural_key(value: Any) -> tuple:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DGZooError, suggest
+from . import plan_cache
 from .loading import DGDataset
 
 
@@ -109,16 +110,32 @@ class DomainSplits:
 
 
 def make_splits(
-    data: DGDataset, holdout_fraction: float, split_seed: int, used: Sequence[str] | None = None
+    data: DGDataset,
+    holdout_fraction: float,
+    split_seed: int,
+    used: Sequence[str] | None = None,
+    remember: bool = True,
 ) -> DomainSplits:
     """Split every domain of ``data`` (sources and targets alike) into in/out parts.
 
     Each ``used`` domain (default: all) must get images on both sides: an empty validation split would be
-    scored 0.0 and averaged into model selection.
+    scored 0.0 and averaged into model selection. The splits are read from dgzoo's plan cache when an earlier run
+    stored them for this table, seed and fraction (:mod:`dgzoo.data.plan_cache`), else computed and, unless
+    ``remember`` is False (a dry run), stored there.
     """
-    in_rows, out_rows = {}, {}
+    key = None if data.plan_key is None else _splits_key(data, holdout_fraction, split_seed)
+    cached = _cached_splits(data, key) if key is not None else None
+    if cached is not None:
+        in_rows, out_rows = cached
+    else:
+        in_rows, out_rows = {}, {}
+        for domain, rows in data.rows_by_domain.items():
+            in_rows[domain], out_rows[domain] = split_rows(rows, holdout_fraction, split_seed, domain)
+        if key is not None and remember:
+            arrays = {f"in_{i}": in_rows[d] for i, d in enumerate(data.domains)}
+            arrays.update({f"out_{i}": out_rows[d] for i, d in enumerate(data.domains)})
+            plan_cache.save("splits", key, arrays)
     for domain, rows in data.rows_by_domain.items():
-        in_rows[domain], out_rows[domain] = split_rows(rows, holdout_fraction, split_seed, domain)
         if used is not None and domain not in used:
             continue
         if len(rows) < 2:
@@ -139,3 +156,29 @@ def make_splits(
                 f"{fix}, or leave the domain out"
             )
     return DomainSplits(in_rows, out_rows)
+
+
+def _splits_key(data: DGDataset, holdout_fraction: float, split_seed: int) -> dict[str, object]:
+    # repr keeps every digit of the fraction: 0.2 and 0.20000001 split differently
+    return {
+        "tables": data.plan_key,
+        "domains": data.domains,
+        "holdout": repr(float(holdout_fraction)),
+        "seed": split_seed,
+    }
+
+
+def _cached_splits(
+    data: DGDataset, key: dict[str, object]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """The stored splits, or None when missing or not splitting exactly this dataset's domains (then recomputed)."""
+    cached = plan_cache.load("splits", key)
+    if cached is None:
+        return None
+    in_rows, out_rows = {}, {}
+    for i, (domain, rows) in enumerate(data.rows_by_domain.items()):
+        inside, outside = cached.get(f"in_{i}"), cached.get(f"out_{i}")
+        if inside is None or outside is None or len(inside) + len(outside) != len(rows):
+            return None
+        in_rows[domain], out_rows[domain] = inside, outside
+    return in_rows, out_rows

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DGZooError
+from . import plan_cache
 from .builtin import cache_root
 
 logger = logging.getLogger(__name__)
@@ -140,11 +141,18 @@ def check_images(data: Any, domains: Sequence[str], remember: bool = True) -> No
     """Decode every image of ``domains`` once; raise :class:`ImageDecodeError` naming the first bad one.
 
     Checked datasets are remembered in ``<dgzoo cache>/verified/`` (unless ``remember`` is False: a dry run writes
-    nothing anywhere), so the pass costs once per dataset, not per run.
+    nothing anywhere), so the pass costs once per dataset, not per run. Where the dataset's plan key names every
+    image's content (:attr:`DGDataset.images_in_key`), the verdict is also kept in the plan cache under that key,
+    so a later run finds it without a pass over the rows to name them.
     """
+    verdict = _verdict_key(data, domains)
+    if verdict is not None and plan_cache.load("verified", verdict) is not None:
+        return
     rows = np.concatenate([data.rows_by_domain[d] for d in domains]) if domains else np.zeros(0, np.int64)
     marker = cache_root() / "verified" / f"{_fingerprint(data.table, data.image_column, rows)}.json"
     if marker.exists():
+        if remember and verdict is not None:
+            plan_cache.save("verified", verdict, {"images": np.array(len(rows))})
         return
     logger.info("checking that the %d images of %s decode (once per dataset)", len(rows), ", ".join(domains))
     bad = undecodable_rows(data.table, data.image_column, rows, limit=1)
@@ -160,6 +168,16 @@ def check_images(data: Any, domains: Sequence[str], remember: bool = True) -> No
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"images": int(len(rows)), "domains": list(domains)}) + "\n")
+    if verdict is not None:
+        plan_cache.save("verified", verdict, {"images": np.array(len(rows))})
+
+
+def _verdict_key(data: Any, domains: Sequence[str]) -> dict[str, Any] | None:
+    """The plan-cache key of "every image of ``domains`` decodes", or None when the dataset's plan key does not
+    cover its images' content (images named by path outside an image folder: their files' state must be read)."""
+    if getattr(data, "plan_key", None) is None or not getattr(data, "images_in_key", False):
+        return None
+    return {"tables": data.plan_key, "domains": sorted(domains)}
 
 
 def row_decode_error(data: Any, row: int, domain: str | None, cause: BaseException) -> ImageDecodeError:

@@ -170,6 +170,11 @@ class SweepSpec:
                 f"n_hparams ({spec.n_hparams}) and n_trials ({spec.n_trials}) in {source} must be >= 1; "
                 f"n_hparams: 1 trains the defaults only"
             )
+        if spec.test_domains is None or (isinstance(spec.test_domains, list) and not spec.test_domains):
+            raise DGZooError(
+                f"test_domains in {source} is empty; a sweep holds out a domain in every run: leave the key out "
+                f"(default: single, each domain in turn), or give {' or '.join(TEST_DOMAIN_MODES)} or a list of domains"
+            )
         if isinstance(spec.test_domains, str) and spec.test_domains not in TEST_DOMAIN_MODES:
             raise DGZooError(
                 f"test_domains '{spec.test_domains}' in {source} is not one of "

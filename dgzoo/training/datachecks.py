@@ -24,8 +24,8 @@ def check_classes(data: DGDataset, protocol: Protocol) -> list[str]:
         )
 
     def classes_of(domains: tuple[str, ...]) -> set[int]:
-        rows = [data.rows_by_domain[d] for d in domains]
-        return set(np.unique(data.labels[np.concatenate(rows)]).tolist()) if rows else set()
+        index = [data.domains.index(d) for d in domains]
+        return set(np.flatnonzero(data.class_presence[index].any(axis=0)).tolist()) if index else set()
 
     unseen = sorted(classes_of(protocol.targets) - classes_of(protocol.sources))
     if not unseen:

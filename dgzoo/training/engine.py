@@ -40,8 +40,8 @@ from ..algorithms.base import with_acts
 from ..config import TrainConfig
 from ..data import (
     DomainImages,
-    eval_loader,
     eval_transform,
+    evaluation_loaders,
     loader_workers,
     train_transform,
 )
@@ -214,15 +214,19 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     workers, pin = loader_workers(cfg.num_workers, accelerator.device)
     loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
     loop_data.channels_last = cfg.channels_last
-    eval_loaders = {
-        d: {
-            split: accelerator.prepare_data_loader(
-                eval_loader(DomainImages(data, rows[d], eval_tf, d), cfg.eval_batch_size, workers, pin)
-            )
-            for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))
-        }
-        for d in data.domains
-    }
+    eval_loaders = evaluation_loaders(  # one loader, one set of workers, for every domain split
+        {
+            d: {
+                split: DomainImages(data, rows[d], eval_tf, d)
+                for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))
+            }
+            for d in data.domains
+        },
+        cfg.eval_batch_size,
+        workers,
+        pin,
+        prepare=accelerator.prepare_data_loader,
+    )
 
     # -- the algorithm and its optimisation
     algorithm = build_algorithm(

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..data import (
     DomainImages,
-    eval_loader,
     eval_transform,
+    evaluation_loaders,
     load_dg_dataset,
     loader_workers,
     make_splits,
@@ -168,11 +168,10 @@ def evaluate_pretrained(
     model.to(device)
     workers, pin = loader_workers(num_workers, device)
     transform = eval_transform(timm.data.resolve_model_data_config(model))
-    acc, sizes = {}, {}
-    for d in chosen:
-        images = DomainImages(data, rows[d], transform, d)
-        sizes[d] = len(images)
-        acc[d] = accuracy(model, eval_loader(images, batch_size, workers, pin), device)
+    images = {d: {split: DomainImages(data, rows[d], transform, d)} for d in chosen}
+    loaders = evaluation_loaders(images, batch_size, workers, pin)  # one set of workers for every domain
+    acc = {d: accuracy(model, loaders[d][split], device) for d in chosen}
+    sizes = {d: len(images[d][split]) for d in chosen}
 
     meta = json.loads((folder / CONFIG).read_text()).get("dgzoo") or {}  # timm's model drops this key
     info = data.info()

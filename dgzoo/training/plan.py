@@ -72,7 +72,8 @@ class RunPlan:
 def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
     """Validate a recipe completely, loading the dataset index but writing nothing. Raises DGZooError.
 
-    ``remember_checks`` False (a dry run) leaves even dgzoo's cache untouched: the image check is not remembered.
+    ``remember_checks`` False (a dry run) leaves even dgzoo's cache untouched: neither the image check nor the plan
+    (class and domain tables, splits) is remembered.
     """
     cfg.validate()
     check_backbone(cfg.backbone)
@@ -89,11 +90,14 @@ def plan_run(cfg: TrainConfig, remember_checks: bool = True) -> RunPlan:
         check_push_target(cfg.push_to_hub, private=cfg.hub_private, revision=cfg.hub_revision)
     if cfg.output_dir:  # fail before a possibly long dataset download when the answer is already known
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
-    data = load_dg_dataset(cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column)
+    data = load_dg_dataset(
+        cfg.dataset, cfg.revision, cfg.image_column, cfg.label_column, cfg.domain_column, remember_checks
+    )
     protocol = resolve_protocol(data, cfg.target_domains, cfg.source_domains)
     class_warnings = check_classes(data, protocol)
     used = [*protocol.sources, *protocol.targets]
-    splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed(), used)  # a too-small domain fails here
+    # a too-small domain fails here
+    splits = make_splits(data, cfg.holdout_fraction, cfg.resolved_split_seed(), used, remember_checks)
     check_images(data, used, remember_checks)  # a corrupt image fails now, not mid-run or at the first evaluation
     augment = resolve_augment(cfg, data)
     image_size, image_size_source, size_warning = resolve_image_size(cfg, data)
