@@ -70,7 +70,15 @@ def dgzoo_run(
     return {"first_step": marks[1], "images_per_second": (steps - 1) * batch * SOURCES / (marks[steps] - marks[1])}
 
 
-def timm_run(timm_train: Path, dataset: Path, work: Path, steps: int, batch: int, env: dict[str, str]) -> dict:
+def timm_run(
+    timm_train: Path,
+    dataset: Path,
+    work: Path,
+    steps: int,
+    batch: int,
+    env: dict[str, str],
+    extra: tuple[str, ...] = (),
+) -> dict:
     total = batch * SOURCES
     command = [
         sys.executable,
@@ -100,6 +108,7 @@ def timm_run(timm_train: Path, dataset: Path, work: Path, steps: int, batch: int
         "--no-prefetcher",
         "--device",
         "cpu",
+        *extra,
     ]
     lines = stamped_run(command, env, work)
     marks = [(t, text) for t, text in lines if "Train: 0 [" in text]
@@ -120,6 +129,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/dgzoo-vs-timm"))
     parser.add_argument(
         "--dgzoo-args", default="", help="extra `dgzoo train` flags, e.g. '--augment none' (the augmentation's share)"
+    )
+    parser.add_argument(
+        "--timm-args",
+        default="",
+        help="extra timm train.py flags, e.g. '--opt adam --lr 5e-5 --weight-decay 0' (dgzoo's ERM optimizer: the "
+        "two then differ in the framework only, not in the optimizer's cost)",
     )
     args = parser.parse_args()
 
@@ -145,14 +160,20 @@ def main() -> None:
         timm_run(args.timm_train, dataset, args.work, 2, args.batch_size, env)
     rows = []
     extra = tuple(args.dgzoo_args.split())
+    timm_extra = tuple(args.timm_args.split())
     for _ in range(args.pairs):
         ours = dgzoo_run(dataset, args.work, args.steps, args.batch_size, env, extra)
-        theirs = timm_run(args.timm_train, dataset, args.work, args.steps, args.batch_size, env) if have_timm else None
+        theirs = (
+            timm_run(args.timm_train, dataset, args.work, args.steps, args.batch_size, env, timm_extra)
+            if have_timm
+            else None
+        )
         rows.append((ours, theirs))
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores; resnet18 64 px, {args.steps} steps of "
         f"{args.batch_size * SOURCES} images, OMP_NUM_THREADS={args.threads}, {n} images"
         + (f", dgzoo flags: {args.dgzoo_args}" if extra else "")
+        + (f", timm flags: {args.timm_args}" if timm_extra else "")
     )
     print("| pair | dgzoo images/s | timm images/s | ratio | dgzoo first step, s | timm first step, s | ratio |")
     print("|---|---|---|---|---|---|---|")
