@@ -33,14 +33,19 @@ LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("auto", "domainbed", "randaugment", "none")
 PRECISIONS = ("no", "fp16", "bf16")
 SELECTIONS = ("training_domain_validation", "oracle", "last")
-# Fields that do not change what a run computes: runs that differ only in these are the same run.
-NON_RESULT_FIELDS = (
+# Where a run is written and published, never what it computes: the fields every tool that repeats, compares or
+# re-homes a run (sweeps, soups, the card's command) sets or leaves out itself.
+PLACEMENT_FIELDS = (
     "output_dir",
     "overwrite",
     "resume",
     "push_to_hub",
     "hub_private",
     "hub_revision",
+)
+# Fields that do not change what a run computes: runs that differ only in these are the same run.
+NON_RESULT_FIELDS = (
+    *PLACEMENT_FIELDS,
     "num_workers",
     "log_with",
     "eval_batch_size",

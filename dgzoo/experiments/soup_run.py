@@ -34,7 +34,7 @@ import torch
 
 from .._version import __version__
 from ..algorithms.averaging import recompute_batchnorm
-from ..config import TrainConfig
+from ..config import PLACEMENT_FIELDS, TrainConfig
 from ..data import DomainImages, eval_loader, loader_workers
 from ..data.inspect import contact_sheet
 from ..errors import DGZooError
@@ -187,18 +187,7 @@ def soup_config(first: Ingredient, output_dir: str | Path, overwrite: bool, sett
     values = {
         k: v
         for k, v in first.train_config.items()
-        if k
-        not in (
-            "output_dir",
-            "overwrite",
-            "resume",
-            "push_to_hub",
-            "hub_private",
-            "hub_revision",
-            "init_from",
-            "dry_run",
-            "pretrained",
-        )
+        if k not in (*PLACEMENT_FIELDS, "init_from", "dry_run", "pretrained")
     }
     cfg = TrainConfig.from_dict(values, source=f"train_config.json of {first.name}")
     return dataclasses.replace(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..algorithms import parse_algorithm
-from ..config import TrainConfig, load_yaml, training_search_space
+from ..config import PLACEMENT_FIELDS, TrainConfig, load_yaml, training_search_space
 from ..data import get_spec
 from ..errors import DGZooError, suggest
 from ..hparams import Distribution, Uniform, parse_distribution
@@ -26,12 +26,7 @@ SWEEP_FIELDS = (
     "source_domains",
     "seed",
     "split_seed",
-    "output_dir",
-    "overwrite",
-    "resume",
-    "push_to_hub",
-    "hub_private",
-    "hub_revision",
+    *PLACEMENT_FIELDS,
 )
 # The spec's ``slurm`` section (flags of the same names override it): key -> (type, meaning).
 SLURM_KEYS: dict[str, tuple[type, str]] = {

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..commandline import command_line, flag_groups
-from ..config import TrainConfig
+from ..config import PLACEMENT_FIELDS, TrainConfig
 from ..data.registry import get_spec, hub_license
 from ..errors import DGZooError
 from .results import RunResults
@@ -289,16 +289,7 @@ def _published_config(config: dict[str, Any], results: dict[str, Any]) -> dict[s
 
 def reproduce_command(config: dict[str, Any]) -> str:
     """The ``accelerate launch`` command that repeats a run: every setting that differs from the defaults."""
-    skip = {
-        "output_dir",
-        "overwrite",
-        "resume",
-        "push_to_hub",
-        "hub_private",
-        "hub_revision",
-        "log_with",
-        "num_workers",
-    }
+    skip = {*PLACEMENT_FIELDS, "log_with", "num_workers"}
     groups = flag_groups(config, TrainConfig().to_dict(), skip=skip, omit_empty=True)
     return command_line("accelerate launch recipes/train.py", groups, separator=" \\\n    ")
 
