@@ -25,6 +25,7 @@ from ..errors import DGZooError
 from ..run.claim import RunDirClaimed, claim_run_dir
 from ..run.provenance import code_version
 from ..run.rundir import atomic_write_text, clear_run_dir
+from .hostmemory import keep_freed_host_memory
 from .peers import collective_timeout
 
 logger = logging.getLogger("dgzoo")
@@ -51,8 +52,10 @@ def create_accelerator(
     Accelerate keeps its settings in a process-wide singleton; a previous run in this process (a sweep, a test,
     a notebook) may have used other ones, so they are reset first, keeping the process group (PartialState).
     Tracker logs go to ``project_dir/logs``. ``find_unused_parameters`` is for hosts whose modules are not all in
-    every loss (DDP then looks for the unused ones each step).
+    every loss (DDP then looks for the unused ones each step). The process keeps the host memory its steps free
+    for the next ones (:mod:`dgzoo.training.hostmemory`).
     """
+    keep_freed_host_memory()
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
