@@ -11,6 +11,11 @@ the line that follows the first optimizer step (timm's ``Train: 0 [   0/...`` lo
 Images/s: the images of steps 2..N over the time between the first and the last step's line. Runs alternate
 (dgzoo, timm, dgzoo, timm, ...) and ratios are taken within each pair.
 
+``--control-env KEY=VALUE`` adds a third contender to every round: dgzoo again, with those variables set (e.g.
+``DGZOO_KEEP_HOST_MEMORY=0``, dgzoo without its host-memory setting), to tell what one of dgzoo's settings is worth
+against timm and against dgzoo itself; each round then starts with the next contender in turn. ``--timm-env`` sets
+variables for timm's runs (e.g. glibc's malloc settings, to give timm by hand what dgzoo sets itself).
+
 timm's ``train.py`` is not in the pip wheel; fetch it from github.com/huggingface/pytorch-image-models into a
 folder outside this repository and pass ``--timm-train PATH``. Without it only dgzoo's side runs.
 
@@ -131,6 +136,14 @@ def main() -> None:
         "--dgzoo-args", default="", help="extra `dgzoo train` flags, e.g. '--augment none' (the augmentation's share)"
     )
     parser.add_argument(
+        "--control-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="add a dgzoo run with these variables to every round (repeatable), e.g. DGZOO_KEEP_HOST_MEMORY=0",
+    )
+    parser.add_argument("--timm-env", action="append", default=[], metavar="KEY=VALUE", help="variables of timm's runs")
+    parser.add_argument(
         "--timm-args",
         default="",
         help="extra timm train.py flags, e.g. '--opt adam --lr 5e-5 --weight-decay 0' (dgzoo's ERM optimizer: the "
@@ -158,38 +171,55 @@ def main() -> None:
     dgzoo_run(dataset, args.work, 2, args.batch_size, env)
     if have_timm:
         timm_run(args.timm_train, dataset, args.work, 2, args.batch_size, env)
-    rows = []
     extra = tuple(args.dgzoo_args.split())
     timm_extra = tuple(args.timm_args.split())
-    for _ in range(args.pairs):
-        ours = dgzoo_run(dataset, args.work, args.steps, args.batch_size, env, extra)
-        theirs = (
-            timm_run(args.timm_train, dataset, args.work, args.steps, args.batch_size, env, timm_extra)
-            if have_timm
-            else None
+    control_env, timm_env = assignments(args.control_env), assignments(args.timm_env)
+    contenders = {"dgzoo": lambda: dgzoo_run(dataset, args.work, args.steps, args.batch_size, env, extra)}
+    if control_env:
+        contenders["control"] = lambda: dgzoo_run(
+            dataset, args.work, args.steps, args.batch_size, {**env, **control_env}, extra
         )
-        rows.append((ours, theirs))
+    if have_timm:
+        contenders["timm"] = lambda: timm_run(
+            args.timm_train, dataset, args.work, args.steps, args.batch_size, {**env, **timm_env}, timm_extra
+        )
+    names = list(contenders)
+    rows = []
+    for i in range(args.pairs):
+        order = names[i % len(names) :] + names[: i % len(names)] if control_env else names
+        rows.append({name: contenders[name]() for name in order})
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores; resnet18 64 px, {args.steps} steps of "
         f"{args.batch_size * SOURCES} images, OMP_NUM_THREADS={args.threads}, {n} images"
         + (f", dgzoo flags: {args.dgzoo_args}" if extra else "")
         + (f", timm flags: {args.timm_args}" if timm_extra else "")
+        + (f", control: dgzoo with {' '.join(args.control_env)}" if control_env else "")
+        + (f", timm with {' '.join(args.timm_env)}" if timm_env else "")
     )
-    print("| pair | dgzoo images/s | timm images/s | ratio | dgzoo first step, s | timm first step, s | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for i, (ours, theirs) in enumerate(rows):
-        if theirs is None:
-            print(f"| {i} | {ours['images_per_second']:.1f} | - | - | {ours['first_step']:.2f} | - | - |")
-            continue
-        print(
-            f"| {i} | {ours['images_per_second']:.1f} | {theirs['images_per_second']:.1f} | "
-            f"{ours['images_per_second'] / theirs['images_per_second']:.2f} | {ours['first_step']:.2f} | "
-            f"{theirs['first_step']:.2f} | {ours['first_step'] / theirs['first_step']:.2f} |"
-        )
-    if have_timm:
-        speed = statistics.median(o["images_per_second"] / t["images_per_second"] for o, t in rows)
-        start = statistics.median(o["first_step"] / t["first_step"] for o, t in rows)
-        print(f"median ratios (dgzoo / timm): images/s {speed:.2f}, time to first step {start:.2f}")
+    columns = [f"{name} images/s" for name in names] + [f"{name} first step, s" for name in names]
+    ratios = [("dgzoo", "timm"), ("control", "timm"), ("dgzoo", "control")]
+    ratios = [(a, b) for a, b in ratios if a in names and b in names]
+    columns += [f"{a}/{b} images/s" for a, b in ratios] + [f"{a}/{b} first step" for a, b in ratios]
+    print("| round | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for i, row in enumerate(rows):
+        cells = [f"{row[name]['images_per_second']:.1f}" for name in names]
+        cells += [f"{row[name]['first_step']:.2f}" for name in names]
+        cells += [f"{row[a]['images_per_second'] / row[b]['images_per_second']:.2f}" for a, b in ratios]
+        cells += [f"{row[a]['first_step'] / row[b]['first_step']:.2f}" for a, b in ratios]
+        print(f"| {i} | " + " | ".join(cells) + " |")
+    for a, b in ratios:
+        speed = statistics.median(r[a]["images_per_second"] / r[b]["images_per_second"] for r in rows)
+        start = statistics.median(r[a]["first_step"] / r[b]["first_step"] for r in rows)
+        print(f"median ratios ({a} / {b}): images/s {speed:.2f}, time to first step {start:.2f}")
+
+
+def assignments(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` arguments as a mapping (one line naming a malformed one)."""
+    bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0]]
+    if bad:
+        raise SystemExit(f"vs_timm.py: error: expected KEY=VALUE, got {bad[0]!r}")
+    return dict(p.split("=", 1) for p in pairs)
 
 
 if __name__ == "__main__":
