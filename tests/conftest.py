@@ -132,6 +132,21 @@ def trained_run(tmp_path_factory):
     return Path(cfg.output_dir), results
 
 
+def record_worker_starts(monkeypatch) -> list[str]:
+    """The dataset class of every DataLoader worker process started from now on (the list fills as they start)."""
+    import torch.multiprocessing
+
+    started: list[str] = []
+
+    class Recorded(torch.multiprocessing.Process):
+        def start(self):
+            started.append(type(self._args[1][0]).__name__)  # a worker's arguments: (kind, [dataset], ...)
+            super().start()
+
+    monkeypatch.setattr(torch.multiprocessing, "Process", Recorded)
+    return started
+
+
 def subprocess_env(**extra: str) -> dict:
     """Environment for a child Python process that sees the same caches and the repo's package."""
     env = {k: v for k, v in os.environ.items()}

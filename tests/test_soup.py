@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, plain_timm_logits, tiny_config
+from conftest import ROOT, plain_timm_logits, record_worker_starts, tiny_config
 from dgzoo.errors import DGZooError
 
 HELD_OUT = ["75"]
@@ -192,6 +192,19 @@ def test_greedy_keeps_the_best_ingredient_when_every_addition_lowers_source_vali
     # top-k picks by the ingredients' own source validation, the good one first.
     top = soup([cancel, good, reverse], tmp_path / "top1", method="top-k", k=1, bn_steps=2)
     assert [i["name"] for i in top["soup"]["ingredients"] if i["used"]] == [str(good.resolve())]
+
+
+def test_a_greedy_soup_starts_its_evaluation_workers_once(uniform_soup, tmp_path, monkeypatch):
+    """Every ingredient and every candidate is scored on every domain split through one evaluation loader, whose
+    workers start once per soup (before: one loader, with its own workers, per domain split)."""
+    from dgzoo.experiments.soup import soup
+
+    good = _copy_with(uniform_soup[0], tmp_path / "good")
+    other = _copy_with(good, tmp_path / "other")
+    started = record_worker_starts(monkeypatch)
+    results = soup([good, other], tmp_path / "greedy", method="greedy", bn_steps=2, num_workers=1)
+    assert len(results["soup"]["greedy"]) == 2
+    assert started.count("SplitsDataset") == 1 and "DomainImages" not in started, started
 
 
 # ---------------------------------------------------------------------- refusals

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import plain_timm_logits, subprocess_env
+from conftest import plain_timm_logits, record_worker_starts, subprocess_env
 from dgzoo.errors import DGZooError
 from dgzoo.unlearning import SURE, UnlearnConfig, parse_forget_spec, split_for_unlearning, unlearn
 from dgzoo.unlearning.methods import resolve_method_hparams
@@ -516,3 +516,16 @@ def test_unlearn_command_line_builds_the_config():
     )
     with pytest.raises(SystemExit):
         _unlearn_parser().parse_args(["runs/a", "--forget", "class=3", "--steps", "many"])
+
+
+def test_an_unlearning_run_starts_its_evaluation_workers_once(trained_run, tmp_path, monkeypatch):
+    """The original and the unlearned model are read, set by set, through one evaluation loader whose workers start
+    once per run (before: a loader and its workers per set at each of the two evaluations)."""
+    started = record_worker_starts(monkeypatch)
+    results = unlearn(
+        UnlearnConfig(
+            str(trained_run[0]), "class=3", method="finetune", steps=1, output_dir=str(tmp_path / "u"), num_workers=1
+        )
+    )
+    assert results["unlearning"]["sizes"]["forget"] > 0
+    assert started.count("SplitsDataset") == 1 and "DomainImages" not in started, started

@@ -35,7 +35,7 @@ import torch
 from .._version import __version__
 from ..algorithms.averaging import recompute_batchnorm
 from ..config import PLACEMENT_FIELDS, TrainConfig
-from ..data import DomainImages, eval_loader, loader_workers
+from ..data import DomainImages, evaluation_loaders, loader_workers
 from ..data.inspect import contact_sheet
 from ..errors import DGZooError
 from ..models import create_backbone, data_config
@@ -217,13 +217,18 @@ def _make_soup(
     preprocessing = data_config(network, plan.image_size)
     workers, pin = loader_workers(settings.num_workers, device)
     loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
-    eval_loaders: dict[str, dict[str, Iterable[Any]]] = {
-        d: {
-            split: eval_loader(DomainImages(data, rows[d], eval_tf, d), settings.eval_batch_size, workers, pin)
-            for split, rows in (("in", plan.splits.in_rows), ("out", plan.splits.out_rows))
-        }
-        for d in data.domains
-    }
+    eval_loaders = evaluation_loaders(  # one loader, one set of workers, for every evaluation of every candidate
+        {
+            d: {
+                split: DomainImages(data, rows[d], eval_tf, d)
+                for split, rows in (("in", plan.splits.in_rows), ("out", plan.splits.out_rows))
+            }
+            for d in data.domains
+        },
+        settings.eval_batch_size,
+        workers,
+        pin,
+    )
     source_loaders: dict[str, dict[str, Iterable[Any]]] = {d: {"out": eval_loaders[d]["out"]} for d in sources}
     batches = source_batches(loop_data, accelerator, settings.seed)
     like = {k: v.detach().cpu() for k, v in network.state_dict().items()}

@@ -20,7 +20,7 @@ and matched test sets are often small.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,20 +134,30 @@ def per_group_accuracy(outputs: Outputs, groups: np.ndarray) -> dict[Any, float]
     return {g: float(correct[groups == g].mean()) for g in dict.fromkeys(groups.tolist())}
 
 
+EVALUATED_SETS = ("forget", "retain", "matched_validation", "test")
+
+
+def evaluated_rows(sets: UnlearningData) -> dict[str, dict[str, np.ndarray]]:
+    """The rows every evaluation reads, as :func:`evaluate_model` takes their loaders: ``{"sets": {name: rows}}``
+    for :data:`EVALUATED_SETS` and ``{"held_out": {domain: rows}}``. A run builds their loaders once
+    (:func:`dgzoo.data.evaluation_loaders`, one set of workers) and evaluates the original and the unlearned model
+    with them."""
+    return {"sets": {name: getattr(sets, name) for name in EVALUATED_SETS}, "held_out": dict(sets.held_out)}
+
+
 def evaluate_model(
     model: nn.Module,
     data: DGDataset,
     sets: UnlearningData,
-    make_loader: Any,
+    loaders: Mapping[str, Mapping[str, Iterable[Any]]],
     device: torch.device,
     gather: Any,
     seed: int,
 ) -> dict[str, Any]:
-    """Accuracy on every set, per-domain test and held-out accuracy, and both attacks (see ``evaluation``)."""
-    outputs = {
-        name: collect(model, make_loader(getattr(sets, name)), device, gather)
-        for name in ("forget", "retain", "matched_validation", "test")
-    }
+    """Accuracy on every set, per-domain test and held-out accuracy, and both attacks (see ``evaluation``).
+
+    ``loaders`` are sequential loaders of :func:`evaluated_rows`, in its layout."""
+    outputs = {name: collect(model, loaders["sets"][name], device, gather) for name in EVALUATED_SETS}
     # The matched test rows are a subset of the test rows, in order: read them off instead of a second pass.
     matched = torch.from_numpy(np.isin(sets.test, sets.matched_test))
     test = outputs["test"]
@@ -156,7 +166,7 @@ def evaluate_model(
         expected = data.labels[getattr(sets, name)]
         if not np.array_equal(out.labels.numpy(), expected):
             raise RuntimeError(f"evaluation of the {name} set returned images out of order")
-    held_out = {d: accuracy(collect(model, make_loader(rows), device, gather)) for d, rows in sets.held_out.items()}
+    held_out = {d: accuracy(collect(model, loaders["held_out"][d], device, gather)) for d in sets.held_out}
     test_domains = per_group_accuracy(outputs["test"], np.asarray(data.domains)[data.domain_of_row[sets.test]])
     return {
         "accuracy": {

@@ -30,8 +30,8 @@ from ..algorithms import ALGORITHMS
 from ..config import UnlearnConfig, dump_config
 from ..data import (
     DomainImages,
-    eval_loader,
     eval_transform,
+    evaluation_loaders,
     loader_workers,
     seed_hash,
     train_loader,
@@ -55,7 +55,7 @@ from ..training.loop import (
 from ..training.optimisation import create_optimizer, create_scheduler
 from ..training.peers import peer_failures
 from ..training.session import claim_on_main, create_accelerator, run_timing, start_run_dir
-from .evaluation import evaluate_model
+from .evaluation import evaluate_model, evaluated_rows
 from .methods import METHODS
 from .plan import UnlearnPlan, plan_unlearning
 from .results import log_summary, unlearning_results
@@ -108,10 +108,16 @@ def _run_unlearning(cfg: UnlearnConfig, plan: UnlearnPlan, accelerator: Any) -> 
     eval_tf = eval_transform(preprocessing)
     workers, pin = loader_workers(cfg.num_workers, accelerator.device)
 
-    def make_eval_loader(rows: np.ndarray) -> Any:
-        return accelerator.prepare_data_loader(
-            eval_loader(DomainImages(data, rows, eval_tf), cfg.eval_batch_size, workers, pin)
-        )
+    eval_loaders = evaluation_loaders(  # built once: the original and the unlearned model are read with them
+        {
+            group: {name: DomainImages(data, rows, eval_tf) for name, rows in named.items()}
+            for group, named in evaluated_rows(plan.sets).items()
+        },
+        cfg.eval_batch_size,
+        workers,
+        pin,
+        prepare=accelerator.prepare_data_loader,
+    )
 
     def evaluate_now(model: nn.Module) -> dict[str, Any]:
         with accelerator.autocast():
@@ -119,7 +125,7 @@ def _run_unlearning(cfg: UnlearnConfig, plan: UnlearnPlan, accelerator: Any) -> 
                 model.to(accelerator.device),
                 data,
                 plan.sets,
-                make_eval_loader,
+                eval_loaders,
                 accelerator.device,
                 accelerator.gather_for_metrics,
                 settings["seed"],
