@@ -11,7 +11,7 @@ domain classifier is never part of it. See docs/unlearning.md.
 
 from ..config import UnlearnConfig
 from ..run.unlearning_card import render_unlearn_card
-from .evaluation import evaluate_model
+from .evaluation import evaluate_model, evaluated_rows
 from .forget import ForgetSpec, UnlearningData, parse_forget_spec, split_for_unlearning
 from .methods import METHOD_CHOICES, METHODS, SURE, GradientReversal, UnlearningMethod, grad_reverse, register_method
 from .plan import plan_unlearning
@@ -28,6 +28,7 @@ __all__ = [
     "UnlearningData",
     "UnlearningMethod",
     "evaluate_model",
+    "evaluated_rows",
     "grad_reverse",
     "load_source",
     "parse_forget_spec",
