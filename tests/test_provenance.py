@@ -260,6 +260,26 @@ def test_an_absolute_dataset_path_is_in_no_published_file(hub_server, tmp_path):
     assert hub_server.errors == []
 
 
+def test_a_cpu_run_records_its_compute_threads_and_a_repeat_with_others_is_named(trained_run):
+    """On a CPU the thread count fixes the order of torch's parallel sums, so the same code, data and machine give
+    other weights with another count (e.g. `accelerate launch`, one thread by default, against `python`, a thread
+    per core): a CPU run records it, and repeating its recipe with another count says so and how to match it."""
+    from dgzoo.data import load_dg_dataset
+    from dgzoo.run.provenance import repeat_differences
+
+    run_dir, results = trained_run
+    threads = torch.get_num_threads()
+    recorded = json.loads((run_dir / "train_config.json").read_text())["provenance"]
+    assert recorded["cpu_threads"] == threads
+    assert json.loads((run_dir / "results.json").read_text())["cpu_threads"] == threads
+    info = load_dg_dataset("rotated-digits").info()
+    assert repeat_differences(recorded, info, threads) == []
+    assert repeat_differences(recorded, info, None) == []  # repeated on an accelerator: the count plays no part
+    assert repeat_differences(recorded, info, threads + 1) == [
+        f"CPU compute threads {threads} -> {threads + 1} (set OMP_NUM_THREADS={threads} to match)"
+    ]
+
+
 @pytest.mark.slow
 def test_repeating_a_recorded_run_with_other_code_or_data_says_so_in_one_line_before_training(tmp_path):
     """`dgzoo train --config RUN/train_config.json`: silent when the code and data are the ones the run recorded,
@@ -279,6 +299,7 @@ def test_repeating_a_recorded_run_with_other_code_or_data_says_so_in_one_line_be
     saved = json.loads(recorded.read_text())
     saved["provenance"]["code"] = {**code_version(), "git_commit": "f" * 40, "dgzoo_version": "0.0.1"}
     saved["provenance"]["dataset"] = {**saved["provenance"]["dataset"], "fingerprint": "0" * 16}
+    saved["provenance"]["cpu_threads"] = torch.get_num_threads() + 3
     saved["output_dir"] = str(tmp_path / "moved")
     (tmp_path / "moved.json").write_text(json.dumps(saved))
     logger, records = logging.getLogger("dgzoo"), []
@@ -293,6 +314,7 @@ def test_repeating_a_recorded_run_with_other_code_or_data_says_so_in_one_line_be
     warned = [i for i, line in enumerate(lines) if "repeats a recorded run" in line]
     assert len(warned) == 1 and "\n" not in lines[warned[0]]
     assert "dgzoo 0.0.1 (commit ffffffffffff" in lines[warned[0]] and "0" * 16 in lines[warned[0]]
+    assert f"CPU compute threads {torch.get_num_threads() + 3} -> {torch.get_num_threads()}" in lines[warned[0]]
     # The run's own logging replaces the handler: what it caught was said before the run set up, let alone trained.
     assert not any(line.startswith("step ") for line in lines)
 

@@ -91,9 +91,14 @@ def resolved_config(
     return out
 
 
-def provenance_block(info: dict[str, Any]) -> dict[str, Any]:
-    """The ``provenance`` block of ``train_config.json``: the code and the data (read back only to compare)."""
-    return {"code": code_version(), "dataset": data_provenance(info)}
+def provenance_block(info: dict[str, Any], cpu_threads: int | None = None) -> dict[str, Any]:
+    """The ``provenance`` block of ``train_config.json``: the code and the data (read back only to compare), and for
+    a run computed on a CPU, torch's compute threads (``cpu_threads``): they fix the order in which its parallel
+    sums add up, so the same code and data on the same CPU give other weights with another thread count."""
+    block: dict[str, Any] = {"code": code_version(), "dataset": data_provenance(info)}
+    if cpu_threads is not None:
+        block["cpu_threads"] = cpu_threads
+    return block
 
 
 def _code_text(code: dict[str, Any]) -> str:
@@ -110,12 +115,21 @@ def _data_text(data: dict[str, Any]) -> str | None:
     return None  # a registry dataset built into dgzoo: its bytes are the code's
 
 
-def repeat_differences(recorded: dict[str, Any] | None, info: dict[str, Any]) -> list[str]:
+def repeat_differences(
+    recorded: dict[str, Any] | None, info: dict[str, Any], cpu_threads: int | None = None
+) -> list[str]:
     """How a run about to train on ``info`` (a dataset's ``info()``) with this code differs from the run whose
     ``train_config.json`` ``provenance`` block is ``recorded``: ``what: recorded -> now`` for the code (version,
-    git commit, dirty flag) and the data (local fingerprint or Hub commit). Empty when nothing recorded differs."""
+    git commit, dirty flag), the data (local fingerprint or Hub commit) and, when both compute on a CPU, torch's
+    compute threads (``cpu_threads``: this run's, None on an accelerator). Empty when nothing recorded differs."""
     if not isinstance(recorded, dict):
         return []
+    threads = recorded.get("cpu_threads")
+    thread_change = (
+        [f"CPU compute threads {threads} -> {cpu_threads} (set OMP_NUM_THREADS={threads} to match)"]
+        if isinstance(threads, int) and cpu_threads is not None and threads != cpu_threads
+        else []
+    )
     out = []
     code, now = recorded.get("code"), code_version()
     if isinstance(code, dict) and any(code.get(k) != now[k] for k in now):
@@ -124,14 +138,16 @@ def repeat_differences(recorded: dict[str, Any] | None, info: dict[str, Any]) ->
     before, after = (_data_text(data), _data_text(info)) if isinstance(data, dict) else (None, None)
     if before is not None and before != after:
         out.append(f"data {before} -> {after or info.get('name')}")
-    return out
+    return out + thread_change
 
 
-def warn_if_not_a_repeat(recorded: dict[str, Any] | None, info: dict[str, Any]) -> list[str]:
+def warn_if_not_a_repeat(
+    recorded: dict[str, Any] | None, info: dict[str, Any], cpu_threads: int | None = None
+) -> list[str]:
     """Log one warning line when a recipe read from a run's ``train_config.json`` (its ``provenance`` block
-    ``recorded``) will train with other code or data than that run did: the repeat is then not bit for bit.
-    Returns the differences (:func:`repeat_differences`)."""
-    differences = repeat_differences(recorded, info)
+    ``recorded``) will train with other code, data or CPU compute threads than that run did: the repeat is then
+    not bit for bit. Returns the differences (:func:`repeat_differences`)."""
+    differences = repeat_differences(recorded, info, cpu_threads)
     if differences:
         logging.getLogger("dgzoo").warning(
             "warning: this run repeats a recorded run's recipe with different %s; its results may differ from the "

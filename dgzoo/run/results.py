@@ -206,6 +206,7 @@ class RunResults(_Record):
     timing: Timing | None = None
     num_processes: int | None = None
     device: str | None = None
+    cpu_threads: int | None = None  # torch's compute threads of a run computed on a CPU (absent on accelerators)
     dgzoo_version: str | None = None
     timm_version: str | None = None
     torch_version: str | None = None

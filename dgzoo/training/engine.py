@@ -92,6 +92,7 @@ from .session import (  # noqa: F401
     _ProgressAwareHandler,
     check_process_split,
     claim_on_main,
+    cpu_threads,
     create_accelerator,
     device_name,
     multiprocess_cpu,
@@ -138,7 +139,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     check_process_split(cfg.batch_size, cfg.grad_accumulation, accelerator.num_processes)
     if accelerator.is_main_process:
-        warn_if_not_a_repeat(getattr(cfg, "recorded_provenance", None), plan.data.info())
+        warn_if_not_a_repeat(
+            getattr(cfg, "recorded_provenance", None), plan.data.info(), cpu_threads(accelerator.device)
+        )
     with claim_on_main(accelerator, plan.output_dir, f"dgzoo train {cfg.algorithm}"):
         try:
             with peer_failures(accelerator.num_processes, f"continue with: {resume_command(plan)}"):
@@ -191,7 +194,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     out = plan.output_dir
     sources, targets = list(plan.protocol.sources), list(plan.protocol.targets)
     restart = cfg.resume and latest_checkpoint(out) is None  # killed before its first checkpoint: nothing to keep
-    recipe = ("train_config.json", run_config_text(plan))
+    recipe = ("train_config.json", run_config_text(plan, cpu_threads(accelerator.device)))
     resuming = cfg.resume and not restart  # its recipe is rewritten only once a checkpoint has loaded
     start_run_dir(accelerator, out, cfg.overwrite or restart, None if resuming else recipe, "train.log")
     if accelerator.is_main_process:  # the first log line: what was chosen on the user's behalf, and why

@@ -160,10 +160,11 @@ def resolved_run_config(plan: RunPlan) -> dict[str, Any]:
     )
 
 
-def run_config_text(plan: RunPlan) -> str:
+def run_config_text(plan: RunPlan, cpu_threads: int | None = None) -> str:
     """``train_config.json``: the resolved recipe (``dgzoo train --config`` repeats the run on the same commit with
-    the same settings) and its provenance block (code version, data, the values given before resolution)."""
-    return dump_config(plan.config, resolved_run_config(plan), provenance_block(plan.data.info()))
+    the same settings) and its provenance block (code version, data, the values given before resolution, and a CPU
+    run's compute threads, ``cpu_threads``)."""
+    return dump_config(plan.config, resolved_run_config(plan), provenance_block(plan.data.info(), cpu_threads))
 
 
 def _check_resume_config(cfg: TrainConfig, output_dir: Path) -> None:

@@ -138,13 +138,21 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
 
 
+def cpu_threads(device: torch.device) -> int | None:
+    """torch's compute threads when ``device`` is a CPU (they fix the order of its parallel sums, so they are part
+    of what makes a CPU run repeat bit for bit); None on an accelerator."""
+    return torch.get_num_threads() if device.type == "cpu" else None
+
+
 def run_environment(device: torch.device, num_processes: int) -> dict[str, Any]:
-    """Where and with what a run was computed, for its results.json: processes, device, library versions, the code
-    (:func:`dgzoo.run.provenance.code_version`) and when it finished. One block, so every kind of run records the
-    same fields the same way."""
+    """Where and with what a run was computed, for its results.json: processes, device (and on a CPU its compute
+    threads), library versions, the code (:func:`dgzoo.run.provenance.code_version`) and when it finished. One
+    block, so every kind of run records the same fields the same way."""
+    threads = cpu_threads(device)
     return {
         "num_processes": num_processes,
         "device": device_name(device),
+        **({"cpu_threads": threads} if threads is not None else {}),
         "dgzoo_version": __version__,
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
