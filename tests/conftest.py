@@ -132,6 +132,25 @@ def trained_run(tmp_path_factory):
     return Path(cfg.output_dir), results
 
 
+# A 16 px preprocessing (timm's data config layout) for tests that run images through the transforms.
+PREPROCESSING = {
+    "input_size": (3, 16, 16),
+    "interpolation": "bilinear",
+    "mean": (0.5,) * 3,
+    "std": (0.5,) * 3,
+    "crop_pct": 1.0,
+    "crop_mode": "squash",
+}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The embedded rotated-digits dataset (a module overrides it where it needs its splits too)."""
+    from dgzoo.data import load_dg_dataset
+
+    return load_dg_dataset("rotated-digits")
+
+
 def record_worker_starts(monkeypatch) -> list[str]:
     """The dataset class of every DataLoader worker process started from now on (the list fills as they start)."""
     import torch.multiprocessing

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PREPROCESSING
 from dgzoo.data import (
     DomainImages,
     StepBatchSampler,
@@ -18,20 +19,6 @@ from dgzoo.data import (
 from dgzoo.data.builtin import rotated_digits_rows
 from dgzoo.data.transforms import eval_transform, train_transform
 from dgzoo.errors import DGZooError
-
-PREPROCESSING = {
-    "input_size": (3, 16, 16),
-    "interpolation": "bilinear",
-    "mean": (0.5,) * 3,
-    "std": (0.5,) * 3,
-    "crop_pct": 1.0,
-    "crop_mode": "squash",
-}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dg_dataset("rotated-digits")
 
 
 def make_images(n, size=12, seed=0):

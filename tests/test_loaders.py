@@ -4,33 +4,19 @@ workers serves every domain split with the accuracies of a loader per split."""
 import pytest
 import torch
 
+from conftest import PREPROCESSING
 from dgzoo.data import (
     DomainImages,
     MultiDomainSet,
     StepBatchSampler,
     eval_loader,
     evaluation_loaders,
-    load_dg_dataset,
     make_splits,
     train_loader,
 )
 from dgzoo.data.transforms import eval_transform, train_transform
 from dgzoo.models import create_backbone
 from dgzoo.training.evaluation import evaluate, source_loss
-
-PREPROCESSING = {
-    "input_size": (3, 16, 16),
-    "interpolation": "bilinear",
-    "mean": (0.5,) * 3,
-    "std": (0.5,) * 3,
-    "crop_pct": 1.0,
-    "crop_mode": "squash",
-}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dg_dataset("rotated-digits")
 
 
 def test_a_step_decodes_each_drawn_image_once_and_keeps_its_samples(digits, monkeypatch):

@@ -1,6 +1,6 @@
 """Data: load DG datasets from the Hub, local files or the embedded set; split; transform; batch per domain."""
 
-from .eval_loaders import SplitLoader, evaluation_loaders
+from .eval_loaders import SplitLoader, domain_split_images, evaluation_loaders
 from .loaders import (
     DomainImages,
     MultiDomainSet,
@@ -31,6 +31,7 @@ __all__ = [
     "StepBatchSampler",
     "ToRGB",
     "collate_domains",
+    "domain_split_images",
     "eval_loader",
     "eval_transform",
     "evaluation_loaders",

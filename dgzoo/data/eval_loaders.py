@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .loaders import DomainImages
+from .loading import DGDataset
+from .splits import DomainSplits
 
 SplitKey = tuple[int, int]  # (split index, position within the split)
 
@@ -129,3 +131,17 @@ def evaluation_loaders(
     for index, (domain, name) in enumerate(names):
         views[domain][name] = SplitLoader(shared, index)
     return views
+
+
+def domain_split_images(
+    data: DGDataset, splits: DomainSplits, transform: Callable[[Any], Any]
+) -> dict[str, dict[str, DomainImages]]:
+    """Every domain's ``in`` and ``out`` split of ``data`` as images through ``transform``, in the layout
+    :func:`evaluation_loaders` takes: what a run (or a soup) evaluates at every evaluation."""
+    return {
+        d: {
+            split: DomainImages(data, rows[d], transform, d)
+            for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))
+        }
+        for d in data.domains
+    }

@@ -110,11 +110,16 @@ class MultiDomainSet(Dataset):
                 if image is None:
                     image = domain.image(position)
                     if uses[(d, position)] > 1:  # keep a pristine copy: a transform may change its input
-                        decoded[(d, position)] = image.copy() if hasattr(image, "copy") else image
+                        decoded[(d, position)] = _copy(image)
                 else:
-                    image = image.copy() if hasattr(image, "copy") else image
+                    image = _copy(image)
                 samples.append((domain.transformed(image, seed), domain.label(position), d))
         return samples
+
+
+def _copy(image: Any) -> Any:
+    """A copy of a decoded image (PIL image or array) that a transform may change without touching the original."""
+    return image.copy() if hasattr(image, "copy") else image
 
 
 class StepBatchSampler:

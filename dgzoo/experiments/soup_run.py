@@ -35,7 +35,7 @@ import torch
 from .._version import __version__
 from ..algorithms.averaging import recompute_batchnorm
 from ..config import PLACEMENT_FIELDS, TrainConfig
-from ..data import DomainImages, evaluation_loaders, loader_workers
+from ..data import domain_split_images, evaluation_loaders, loader_workers
 from ..data.inspect import contact_sheet
 from ..errors import DGZooError
 from ..models import create_backbone, data_config
@@ -218,13 +218,7 @@ def _make_soup(
     workers, pin = loader_workers(settings.num_workers, device)
     loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
     eval_loaders = evaluation_loaders(  # one loader, one set of workers, for every evaluation of every candidate
-        {
-            d: {
-                split: DomainImages(data, rows[d], eval_tf, d)
-                for split, rows in (("in", plan.splits.in_rows), ("out", plan.splits.out_rows))
-            }
-            for d in data.domains
-        },
+        domain_split_images(data, plan.splits, eval_tf),
         settings.eval_batch_size,
         workers,
         pin,

@@ -124,12 +124,6 @@ def repeat_differences(
     compute threads (``cpu_threads``: this run's, None on an accelerator). Empty when nothing recorded differs."""
     if not isinstance(recorded, dict):
         return []
-    threads = recorded.get("cpu_threads")
-    thread_change = (
-        [f"CPU compute threads {threads} -> {cpu_threads} (set OMP_NUM_THREADS={threads} to match)"]
-        if isinstance(threads, int) and cpu_threads is not None and threads != cpu_threads
-        else []
-    )
     out = []
     code, now = recorded.get("code"), code_version()
     if isinstance(code, dict) and any(code.get(k) != now[k] for k in now):
@@ -138,7 +132,10 @@ def repeat_differences(
     before, after = (_data_text(data), _data_text(info)) if isinstance(data, dict) else (None, None)
     if before is not None and before != after:
         out.append(f"data {before} -> {after or info.get('name')}")
-    return out + thread_change
+    threads = recorded.get("cpu_threads")
+    if isinstance(threads, int) and cpu_threads is not None and threads != cpu_threads:
+        out.append(f"CPU compute threads {threads} -> {cpu_threads} (set OMP_NUM_THREADS={threads} to match)")
+    return out
 
 
 def warn_if_not_a_repeat(

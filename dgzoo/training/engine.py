@@ -40,6 +40,7 @@ from ..algorithms.base import with_acts
 from ..config import TrainConfig
 from ..data import (
     DomainImages,
+    domain_split_images,
     eval_transform,
     evaluation_loaders,
     loader_workers,
@@ -218,13 +219,7 @@ def _train(cfg: TrainConfig, plan: RunPlan, accelerator: Any) -> dict[str, Any]:
     loop_data, eval_tf = build_loop_data(plan, preprocessing, workers, pin)
     loop_data.channels_last = cfg.channels_last
     eval_loaders = evaluation_loaders(  # one loader, one set of workers, for every domain split
-        {
-            d: {
-                split: DomainImages(data, rows[d], eval_tf, d)
-                for split, rows in (("in", splits.in_rows), ("out", splits.out_rows))
-            }
-            for d in data.domains
-        },
+        domain_split_images(data, splits, eval_tf),
         cfg.eval_batch_size,
         workers,
         pin,
